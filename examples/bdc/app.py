@@ -1,0 +1,5 @@
+"""The example service's Celery app."""
+
+from taskyard import create_app
+
+app = create_app("bdc", include=["examples.bdc.tasks"])

@@ -1,0 +1,53 @@
+"""A demo producer: a realistic mixed workload through all five levels, until stopped."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import time
+from datetime import datetime
+
+from examples.bdc import tasks
+from examples.bdc.db import seed
+
+log = logging.getLogger("bdc.demo")
+
+
+def run(rate_per_s: float = 20.0, seed_value: int = 11) -> None:
+    seed()
+    rng = random.Random(seed_value)
+    running = True
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal running
+        running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sent = 0
+    month = datetime.utcnow().strftime("%Y-%m")
+    while running:
+        roll = rng.random()
+        user = rng.randint(11, 210)
+        if roll < 0.02:
+            tasks.revoke_sessions.delay(user)
+        elif roll < 0.12:
+            tasks.send_urgent_notification.delay(user, "Your appointment starts in 15 minutes")
+        elif roll < 0.45:
+            tasks.reschedule_appointment.delay(rng.randint(1, 600), rng.choice([-30, 30, 60]))
+        elif roll < 0.47:
+            tasks.monthly_report.delay(month)
+        else:
+            send_batch = getattr(tasks, "send_notification_batch", None)
+            if send_batch is not None:
+                send_batch.delay({"user_id": user, "channel": "email", "template": "digest"})
+        sent += 1
+        if sent % 200 == 0:
+            log.info("demo producer: %d messages sent", sent)
+        time.sleep(rng.expovariate(rate_per_s))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run()

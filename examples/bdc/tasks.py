@@ -1,0 +1,77 @@
+"""Tasks of the example service, one or more at every level."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from examples.bdc.db import session
+from examples.bdc.models import Appointment, Evaluation, Notification, Report, User
+from taskyard import priority_task
+
+
+@priority_task(priority="critical")
+def revoke_sessions(user_id: int) -> int:
+    """Security: invalidate every session of a user at once; returns the new session version."""
+    with session() as db:
+        db.execute(update(User).where(User.id == user_id)
+                   .values(session_version=User.session_version + 1))
+        return int(db.scalar(select(User.session_version).where(User.id == user_id)) or 0)
+
+
+@priority_task(priority="critical")
+def lock_account(user_id: int) -> None:
+    """Security: deactivate an account and revoke its sessions."""
+    with session() as db:
+        db.execute(update(User).where(User.id == user_id)
+                   .values(is_active=False, session_version=User.session_version + 1))
+
+
+@priority_task(priority="high")
+def send_urgent_notification(user_id: int, message: str) -> int:
+    """Real-time notification; returns the notification id."""
+    with session() as db:
+        note = Notification(user_id=user_id, channel="push", message=message, urgent=True)
+        db.add(note)
+        db.flush()
+        return int(note.id)
+
+
+@priority_task  # user-facing operation: normal
+def reschedule_appointment(appointment_id: int, shift_minutes: int) -> str | None:
+    """Move an appointment; returns its new start time (ISO) or None if it does not exist."""
+    with session() as db:
+        appointment = db.get(Appointment, appointment_id)
+        if appointment is None:
+            return None
+        delta = timedelta(minutes=shift_minutes)
+        appointment.start_time += delta
+        appointment.end_time += delta
+        appointment.status = "scheduled"
+        return appointment.start_time.isoformat()
+
+
+@priority_task(priority="low")
+def monthly_report(month: str) -> dict[str, int]:
+    """Background report: appointments and evaluations of a month ("YYYY-MM"), per trainer."""
+    start = datetime.strptime(month, "%Y-%m")
+    end = (start + timedelta(days=32)).replace(day=1)
+    with session() as db:
+        rows = db.execute(
+            select(Appointment.trainer_id, func.count(),
+                   func.sum((Appointment.status == "completed").cast(int)))
+            .where(Appointment.start_time >= start, Appointment.start_time < end)
+            .group_by(Appointment.trainer_id)
+        ).all()
+        done = dict(db.execute(
+            select(Evaluation.trainer_id, func.count())
+            .where(Evaluation.status == "done", Evaluation.due_date >= start,
+                   Evaluation.due_date < end)
+            .group_by(Evaluation.trainer_id)
+        ).all())
+        for trainer_id, total, completed in rows:
+            db.add(Report(month=month, trainer_id=trainer_id, appointments=total,
+                          completed=int(completed or 0),
+                          evaluations_done=int(done.get(trainer_id, 0))))
+        return {"trainers": len(rows), "appointments": sum(int(r[1]) for r in rows)}

@@ -1,0 +1,122 @@
+"""``create_app``: a Celery app configured for the five-level platform.
+
+The configuration lives in the app, not in the command line, so a plain
+``celery -A APP worker -Q critical`` behaves exactly like ``taskyard worker --profile critical``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from taskyard.config import Settings, load_settings
+from taskyard.keys import Keys
+from taskyard.routing.levels import build_queues, parse_level
+from taskyard.routing.rules import CompiledRule, Router
+from taskyard.routing.task import TaskyardTask
+from taskyard.runtime import Runtime, attach
+
+
+def _is_redis(url: str) -> bool:
+    return url.split("://", 1)[0] in {"redis", "rediss", "redis+socket", "sentinel"}
+
+
+def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
+    """Celery settings for the platform, derived from taskyard's settings."""
+    broker = settings.effective_broker_url
+    default = router.default.value
+    config: dict[str, Any] = {
+        "broker_url": broker,
+        "result_backend": settings.result_backend,
+        "task_ignore_result": settings.result_backend is None,
+        # JSON only: no pickle is accepted anywhere, by tasks, results or events.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_queues": build_queues(),
+        "task_default_queue": default,
+        "task_default_exchange": "taskyard",
+        "task_default_exchange_type": "direct",
+        "task_default_routing_key": default,
+        "task_create_missing_queues": False,
+        "task_routes": (router,),
+        # Levels are separate queues; message priorities inside a queue are not used, so every
+        # message carries the same explicit priority.
+        "task_default_priority": 0,
+        # A worker reserves one message per process and acknowledges after the task: a critical
+        # message never waits behind prefetched low work, and a killed worker's task runs again.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Flower and the monitoring see every task from the moment it is sent.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        # .delay() with the broker down fails in bounded time instead of hanging.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": settings.publish_max_retries,
+            "interval_start": 0,
+            "interval_step": settings.publish_retry_interval_s,
+            "interval_max": settings.publish_retry_interval_s,
+        },
+        "broker_connection_timeout": settings.broker_connect_timeout_s,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": True,
+    }
+    if _is_redis(broker):
+        config["broker_transport_options"] = {
+            # Poll queues strictly in -Q order (kombu >= 5.7 keeps that order).
+            "queue_order_strategy": "priority",
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": settings.broker_connect_timeout_s,
+        }
+        config["result_backend_transport_options"] = {
+            "visibility_timeout": settings.visibility_timeout_s
+        }
+    else:
+        config["broker_transport_options"] = {
+            "connect_timeout": settings.broker_connect_timeout_s,
+        }
+    return config
+
+
+def _install_subsystems(app: Celery, runtime: Runtime) -> None:
+    """Let each subsystem register its tasks, signal handlers and beat entries."""
+
+
+def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
+               **overrides: Any) -> Celery:
+    """Return a Celery app configured for taskyard.
+
+    Keyword overrides that name a taskyard setting (``broker_url``, ``routing_rules``, ...)
+    override the environment; any other keyword is set on the Celery configuration.
+
+    Raises:
+        ConfigurationError: a setting is malformed (the message names the variable).
+        RoutingError: a routing rule, the default level or a worker profile names an unknown level.
+    """
+    setting_names = set(Settings.model_fields)
+    settings = load_settings(**{k: v for k, v in overrides.items() if k in setting_names})
+    celery_overrides = {k: v for k, v in overrides.items() if k not in setting_names}
+
+    default = parse_level(settings.default_level, where="TASKYARD_DEFAULT_LEVEL")
+    rules = [
+        CompiledRule.from_rule(rule, source="TASKYARD_ROUTING_RULES rule")
+        for rule in settings.routing_rules
+    ]
+    for profile, queues in settings.worker_profiles.items():
+        for queue in queues:
+            parse_level(queue, where=f"queue in TASKYARD_WORKER_PROFILES[{profile!r}]:")
+    router = Router(rules, default)
+
+    app = Celery(name, include=list(include or ()), task_cls=TaskyardTask)
+    app.conf.update(celery_config(settings, router))
+    app.conf.update(celery_overrides)
+    runtime = Runtime(settings=settings, keys=Keys(settings.namespace), router=router)
+    attach(app, runtime)
+    _install_subsystems(app, runtime)
+    return app

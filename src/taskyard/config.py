@@ -1,0 +1,264 @@
+"""Settings: the only place in taskyard that reads the environment.
+
+Every field reads ``TASKYARD_<FIELD>``; fields of a section read ``TASKYARD_<SECTION>__<FIELD>``
+(for example ``TASKYARD_GUARD__MEMORY_WARNING_PCT=75``). Lists and mappings are given as JSON.
+Time is in seconds, memory in megabytes, ratios in percent, as the field names say.
+
+Importing this module does no I/O; :func:`load_settings` reads the environment when called and
+turns any malformed value into a :class:`~taskyard.errors.ConfigurationError` that names the
+variable and what it expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from taskyard.errors import ConfigurationError
+
+ENV_PREFIX = "TASKYARD_"
+NESTED_DELIMITER = "__"
+
+#: Redis the platform falls back to when nothing is configured: the local server, database 0.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class RoutingRule(BaseModel):
+    """One routing rule: task names matching ``pattern`` go to ``level``.
+
+    ``kind="glob"`` matches with shell wildcards (``bdc.tasks.report_*``); ``kind="regex"`` with a
+    regular expression that must match the whole task name.
+    """
+
+    pattern: str
+    level: str
+    kind: Literal["glob", "regex"] = "glob"
+
+
+class BatchSettings(BaseModel):
+    """Redis batch buffers behind ``@batch_task``."""
+
+    # Items one batch name may hold before .delay() raises BatchBufferFull: bounds Redis memory
+    # (100,000 items of 1 KB is about 100 MB).
+    max_buffered: int = Field(100_000, ge=1)
+    # Largest encoded item, bytes. Items are meant to be small; big payloads belong in storage.
+    max_item_bytes: int = Field(64 * 1024, ge=16)
+    # A claimed batch whose worker has not finished within this lease is republished by the
+    # reaper (s). Longer than the slowest batch function, shorter than a tolerable redelivery delay.
+    lease_s: float = Field(300.0, gt=0)
+    # How often the flusher/reaper scans for aged buffers and expired leases (s). Bounds how late
+    # an age flush can be beyond max_wait.
+    reaper_interval_s: float = Field(0.5, gt=0)
+    # Retries of a failing batch before it goes to the dead-letter store.
+    max_retries: int = Field(3, ge=0)
+    # First retry delay (s); doubles on each further retry.
+    retry_backoff_s: float = Field(1.0, ge=0)
+
+
+class GuardSettings(BaseModel):
+    """Resource guards: admission of tasks by memory and CPU, consumer back-pressure."""
+
+    enabled: bool = True
+    # Sampler period (s): readings are at most this old when a task is admitted.
+    sample_interval_s: float = Field(0.5, gt=0)
+    # CPU is averaged over this window (s) so a single busy instant does not defer work.
+    cpu_window_s: float = Field(5.0, gt=0)
+    # Thresholds (percent of the limit: the cgroup's when there is one, else the host's).
+    memory_warning_pct: float = Field(80.0, gt=0, le=100)
+    memory_critical_pct: float = Field(90.0, gt=0, le=100)
+    cpu_warning_pct: float = Field(80.0, gt=0, le=100)
+    cpu_critical_pct: float = Field(90.0, gt=0, le=100)
+    # Paused queues resume once the reading drops below this (hysteresis, percent).
+    resume_pct: float = Field(70.0, gt=0, le=100)
+    # Levels whose consumers are paused above the warning threshold.
+    pausable_levels: list[str] = ["low", "batch"]
+    # Per level: the pressure at which its tasks are held back: "never", "warning" or "critical".
+    level_policy: dict[str, Literal["never", "warning", "critical"]] = {
+        "critical": "never",
+        "high": "critical",
+        "normal": "warning",
+        "low": "warning",
+        "batch": "warning",
+    }
+    # A held-back task is re-published after this delay plus up to defer_jitter_s (s).
+    defer_countdown_s: float = Field(2.0, gt=0)
+    defer_jitter_s: float = Field(1.0, ge=0)
+    # A task deferred for longer than this runs anyway, logged as "overdue" (s).
+    max_defer_age_s: float = Field(600.0, gt=0)
+    # Worker heartbeat period (s); the Redis record lives for twice this.
+    heartbeat_interval_s: float = Field(5.0, gt=0)
+
+
+class CacheSettings(BaseModel):
+    """Redis cache-aside with tag invalidation and warmers."""
+
+    # Time to live per resource type (s): user data 15 min to 1 h, beneficiary data 5 to 15 min,
+    # system settings 1 h, analytics 15 min to 1 h (the service this platform serves).
+    ttl_s: dict[str, float] = {
+        "default": 900.0,
+        "user": 1800.0,
+        "beneficiary": 600.0,
+        "settings": 3600.0,
+        "analytics": 1800.0,
+    }
+    # How long a reader waits for another process recomputing the same key (s).
+    stampede_wait_s: float = Field(5.0, gt=0)
+    # Period of the cache-warming job (s).
+    warm_interval_s: float = Field(300.0, gt=0)
+
+
+class MaintenanceSettings(BaseModel):
+    """Index maintenance of the application database."""
+
+    # "module:attribute" of the SQLAlchemy MetaData whose declared indexes are maintained.
+    metadata: str = "examples.bdc.models:Base.metadata"
+    # Period of the maintenance job (s): daily.
+    interval_s: float = Field(86_400.0, gt=0)
+    # lock_timeout for DDL (s) and how many times a timed-out statement is retried.
+    lock_timeout_s: float = Field(5.0, gt=0)
+    lock_retries: int = Field(3, ge=0)
+    # Estimated bloat above which REINDEX CONCURRENTLY runs when reindex is enabled (percent).
+    reindex_bloat_pct: float = Field(30.0, gt=0)
+    reindex: bool = False
+    # Statements slower than this are counted per task (s).
+    slow_statement_s: float = Field(0.5, gt=0)
+    # Engine pool of the service this platform serves.
+    pool_size: int = Field(20, ge=1)
+    max_overflow: int = Field(30, ge=0)
+    pool_timeout_s: float = Field(30.0, gt=0)
+    pool_recycle_s: float = Field(3600.0, gt=0)
+
+
+class MonitoringSettings(BaseModel):
+    """Metric capture, stats collection, alerts, the stats API, Flower."""
+
+    # Period of the stats collection job (s).
+    stats_interval_s: float = Field(10.0, gt=0)
+    # Worker-side metric buffers are written to Redis at most this often (s).
+    flush_interval_s: float = Field(1.0, gt=0)
+    # Snapshots kept in Redis per series, and days of history kept in the history database.
+    series_length: int = Field(720, ge=10)
+    history_retention_days: float = Field(30.0, gt=0)
+    # Stats API bind address and admin bearer token (admin POSTs are refused when unset).
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_token: str | None = None
+    # Flower bind address and basic-auth credentials ("user:password").
+    flower_port: int = Field(5555, ge=1, le=65535)
+    flower_basic_auth: str = "admin:taskyard"
+    # Alert thresholds (defaults of the service this platform serves).
+    alert_memory_warning_pct: float = 80.0
+    alert_memory_critical_pct: float = 90.0
+    alert_cpu_warning_pct: float = 80.0
+    alert_cpu_critical_pct: float = 90.0
+    alert_slow_queries: int = 10
+    alert_cache_hit_rate_pct: float = 50.0
+    alert_slow_task_rate_pct: float = 10.0
+    alert_queue_depth: int = 1000
+
+
+class Settings(BaseSettings):
+    """All taskyard settings, read from ``TASKYARD_*`` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=NESTED_DELIMITER,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # Redis for buffers, cache, live stats. None: the local default, or the embedded server that
+    # `taskyard up` starts.
+    redis_url: str | None = None
+    # Celery broker. None: the Redis URL. RabbitMQ works too ("amqp://guest:guest@host//").
+    broker_url: str | None = None
+    # Celery result backend. None: results are not stored (tasks report through their effects).
+    result_backend: str | None = None
+    # Application database: history of the platform and the database whose indexes are
+    # maintained. SQLite by default so the stack runs with nothing installed.
+    database_url: str = "sqlite:///taskyard.db"
+    # History database when it must differ from database_url.
+    history_database_url: str | None = None
+    # Redis key prefix, so several deployments can share one Redis.
+    namespace: str = Field("taskyard", pattern=r"^[A-Za-z0-9_.-]+$")
+    # Redis broker: a message not acknowledged within this is redelivered (s). Must exceed the
+    # longest countdown the platform itself schedules (deferrals, batch retries) and the longest
+    # task; one hour by default.
+    visibility_timeout_s: float = Field(3600.0, gt=0)
+    # Publishing: retries when the broker is unreachable, and the pause between them (s), so
+    # .delay() fails with BrokerUnavailable in bounded time instead of hanging.
+    publish_max_retries: int = Field(3, ge=0)
+    publish_retry_interval_s: float = Field(0.2, ge=0)
+    # Connecting to the broker gives up after this (s).
+    broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # Level of a task that no decorator or rule places.
+    default_level: str = "normal"
+    # Ordered rules task name -> level, as JSON: [{"pattern": "bdc.tasks.report_*", "level": "low"}].
+    routing_rules: list[RoutingRule] = []
+    # Worker profiles: name -> queues in strict priority order.
+    worker_profiles: dict[str, list[str]] = {
+        "critical": ["critical", "high"],
+        "default": ["normal", "low"],
+        "batch": ["batch"],
+        "all": ["critical", "high", "normal", "low", "batch"],
+    }
+
+    batch: BatchSettings = BatchSettings()
+    guard: GuardSettings = GuardSettings()
+    cache: CacheSettings = CacheSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+
+    @field_validator("worker_profiles")
+    @classmethod
+    def _profiles_not_empty(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, queues in value.items():
+            if not queues:
+                raise ValueError(f"profile {name!r} lists no queues")
+        return value
+
+    @property
+    def effective_redis_url(self) -> str:
+        """Redis URL in use: the configured one or the local default."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    @property
+    def effective_broker_url(self) -> str:
+        """Broker URL in use: the configured one or the Redis URL."""
+        return self.broker_url or self.effective_redis_url
+
+    @property
+    def effective_history_url(self) -> str:
+        """History database URL in use."""
+        return self.history_database_url or self.database_url
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + NESTED_DELIMITER.join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment, with keyword overrides taking precedence.
+
+    Raises:
+        ConfigurationError: a value is malformed; the message names the variable and what it
+            expected.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        first_loc: tuple[int | str, ...] = ()
+        first_value: Any = None
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            if not first_loc:
+                first_loc, first_value = loc, err.get("input")
+            problems.append(f"{_variable_name(loc)}={err.get('input')!r}: {err['msg']}")
+        raise ConfigurationError(
+            "invalid settings: " + "; ".join(problems),
+            setting=_variable_name(first_loc),
+            value=first_value,
+        ) from None

@@ -1,0 +1,120 @@
+"""The one exception hierarchy of taskyard.
+
+Every error a caller can see derives from :class:`TaskyardError`. Each carries the offending value
+as a typed attribute so callers and tests can inspect it without parsing the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class TaskyardError(Exception):
+    """Base class of every taskyard error."""
+
+
+class ConfigurationError(TaskyardError):
+    """A setting or decorator option has a value that taskyard cannot use."""
+
+    def __init__(self, message: str, *, setting: str | None = None, value: Any = None) -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.value = value
+
+
+class RoutingError(ConfigurationError):
+    """A priority level, queue or routing rule is unknown or malformed."""
+
+    def __init__(self, value: Any, valid: Iterable[str], *, where: str = "priority level") -> None:
+        self.valid = tuple(valid)
+        super().__init__(
+            f"unknown {where} {value!r}; valid levels are: {', '.join(self.valid)}",
+            value=value,
+        )
+
+
+class EnqueueError(TaskyardError):
+    """A task could not be sent; nothing was published."""
+
+
+class TaskArgumentError(EnqueueError):
+    """A task argument cannot be encoded as JSON."""
+
+    def __init__(self, task_name: str, reason: str) -> None:
+        super().__init__(f"cannot send {task_name}: arguments are not JSON-encodable ({reason})")
+        self.task_name = task_name
+        self.reason = reason
+
+
+class BrokerUnavailable(EnqueueError):
+    """The broker could not be reached within the configured publish retries."""
+
+    def __init__(self, task_name: str, broker: str, reason: str) -> None:
+        super().__init__(f"cannot send {task_name}: broker {broker} unreachable ({reason})")
+        self.task_name = task_name
+        self.broker = broker
+        self.reason = reason
+
+
+class BatchError(TaskyardError):
+    """A batch buffer operation failed."""
+
+
+class BatchBufferFull(BatchError):
+    """A batch buffer already holds its ``max_buffered`` items; the item was not accepted."""
+
+    def __init__(self, batch_name: str, buffered: int, limit: int) -> None:
+        super().__init__(
+            f"batch {batch_name!r} holds {buffered} items, its limit max_buffered={limit}; "
+            "item not accepted"
+        )
+        self.batch_name = batch_name
+        self.buffered = buffered
+        self.limit = limit
+
+
+class BatchItemError(BatchError):
+    """A batch item is not JSON-encodable or exceeds the item size limit."""
+
+    def __init__(self, batch_name: str, message: str, *, item_type: str, size: int | None = None):
+        super().__init__(f"batch {batch_name!r}: {message}")
+        self.batch_name = batch_name
+        self.item_type = item_type
+        self.size = size
+
+
+class ResourceGuardError(TaskyardError):
+    """A resource guard stopped or refused a task."""
+
+
+class TaskMemoryLimitExceeded(ResourceGuardError):
+    """A task grew its process memory beyond its ``memory_limit_mb``."""
+
+    def __init__(self, task_name: str, used_mb: float, limit_mb: float) -> None:
+        super().__init__(
+            f"task {task_name} used {used_mb:.0f} MB of memory, over its limit of {limit_mb:.0f} MB"
+        )
+        self.task_name = task_name
+        self.used_mb = used_mb
+        self.limit_mb = limit_mb
+
+
+class TaskCpuLimitExceeded(ResourceGuardError):
+    """A task used more CPU time than its ``cpu_time_limit_s``."""
+
+    def __init__(self, task_name: str, used_s: float, limit_s: float) -> None:
+        super().__init__(
+            f"task {task_name} used {used_s:.2f} s of CPU time, over its limit of {limit_s:.2f} s"
+        )
+        self.task_name = task_name
+        self.used_s = used_s
+        self.limit_s = limit_s
+
+
+class MaintenanceError(TaskyardError):
+    """A database maintenance step failed."""
+
+
+class CacheError(TaskyardError):
+    """A cache operation was given a value it cannot store."""

@@ -1,0 +1,120 @@
+"""The Redis key schema: every key taskyard writes, behind one namespace prefix.
+
+All keys of one batch buffer share a ``{hash tag}`` (``{<namespace>:b:<batch>:<key>}``) so the
+Lua scripts that touch several of them also run on Redis Cluster. Each method's docstring gives
+the structure and its lifetime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace (``Settings.namespace``)."""
+
+    namespace: str = "taskyard"
+
+    # --- batching -------------------------------------------------------------------------
+    def batch_tag(self, batch_name: str, group: str = "") -> str:
+        """Hash tag shared by every key of one buffer (batch name plus grouping key)."""
+        return f"{{{self.namespace}:b:{batch_name}:{group}}}"
+
+    def batch_buffer(self, batch_name: str, group: str = "") -> str:
+        """LIST of encoded items waiting to be batched. Lives until drained; bounded by
+        ``max_buffered``."""
+        return f"{self.batch_tag(batch_name, group)}:buffer"
+
+    def batch_first_at(self, batch_name: str, group: str = "") -> str:
+        """STRING: arrival time (s since epoch) of the oldest buffered item. Deleted when the
+        buffer empties."""
+        return f"{self.batch_tag(batch_name, group)}:first"
+
+    def batch_inflight(self, batch_name: str, group: str = "") -> str:
+        """ZSET batch id -> lease deadline (s since epoch) of claimed, unfinished batches. A member
+        leaves when its batch succeeds or goes dead."""
+        return f"{self.batch_tag(batch_name, group)}:inflight"
+
+    def batch_items(self, batch_name: str, group: str, batch_id: str) -> str:
+        """LIST of the items of one claimed batch. Deleted when the batch succeeds."""
+        return f"{self.batch_tag(batch_name, group)}:items:{batch_id}"
+
+    def batch_meta(self, batch_name: str, group: str, batch_id: str) -> str:
+        """HASH of one claimed batch: attempts, deliveries, flush reason, created. Deleted with the
+        batch."""
+        return f"{self.batch_tag(batch_name, group)}:meta:{batch_id}"
+
+    def batch_dead(self, batch_name: str, group: str = "") -> str:
+        """ZSET batch id -> time it died, of batches that exhausted their retries. Kept until
+        requeued or purged by an operator."""
+        return f"{self.batch_tag(batch_name, group)}:dead"
+
+    def batch_stats(self, batch_name: str, group: str = "") -> str:
+        """HASH of counters (processed, failed, duplicates, flush_size, flush_age, ...). Kept."""
+        return f"{self.batch_tag(batch_name, group)}:stats"
+
+    def batch_registry(self) -> str:
+        """SET of "batch_name\\x1fgroup" pairs that ever buffered items, for the flusher and
+        the inspection commands. Kept."""
+        return f"{self.namespace}:batches"
+
+    # --- workers and guards ---------------------------------------------------------------
+    def worker_heartbeat(self, hostname: str) -> str:
+        """STRING (JSON) with a worker's readings, paused queues and deferral counts. Expires
+        after twice the heartbeat interval, so a dead worker disappears."""
+        return f"{self.namespace}:worker:{hostname}"
+
+    def workers(self) -> str:
+        """ZSET hostname -> last heartbeat time, for listing workers. Members older than the
+        heartbeat TTL are pruned by the readers."""
+        return f"{self.namespace}:workers"
+
+    def task_resources(self) -> str:
+        """HASH task name -> JSON of accumulated memory growth and CPU time. Kept."""
+        return f"{self.namespace}:resources"
+
+    # --- periodic jobs ----------------------------------------------------------------------
+    def lock(self, name: str) -> str:
+        """STRING holding the owner token of a single-flight lock. Expires with the lock's TTL."""
+        return f"{self.namespace}:lock:{name}"
+
+    def period_claim(self, job: str, period: int) -> str:
+        """STRING claiming one period of a periodic job, so duplicated beats run it once.
+        Expires after two periods."""
+        return f"{self.namespace}:period:{job}:{period}"
+
+    def cache_value(self, cache_namespace: str, key: str) -> str:
+        """STRING: one cached value (JSON envelope). Expires with its TTL."""
+        return f"{self.namespace}:cache:{cache_namespace}:{key}"
+
+    def cache_tag_version(self, tag: str) -> str:
+        """STRING counter: current version of a tag; bumping it invalidates every entry stored
+        under older versions. One key per tag, never grows."""
+        return f"{self.namespace}:cache-tag:{tag}"
+
+    def cache_stats(self, cache_namespace: str) -> str:
+        """HASH of hit, miss, and latency counters for one cache namespace. Kept."""
+        return f"{self.namespace}:cache-stats:{cache_namespace}"
+
+    def maintenance_last(self) -> str:
+        """STRING (JSON): the last maintenance run's report. Kept; history lives in the DB."""
+        return f"{self.namespace}:maintenance:last"
+
+    # --- monitoring ---------------------------------------------------------------------------
+    def task_counts(self) -> str:
+        """HASH "<task>\\x1f<queue>\\x1f<event>" -> count, written by workers in batches. Kept."""
+        return f"{self.namespace}:stats:counts"
+
+    def task_histogram(self, kind: str) -> str:
+        """HASH "<task>\\x1f<queue>\\x1f<bucket>" -> count for runtime or wait histograms. Kept."""
+        return f"{self.namespace}:stats:hist:{kind}"
+
+    def series(self, name: str) -> str:
+        """LIST of JSON snapshots, newest first, capped at ``series_length`` by LTRIM."""
+        return f"{self.namespace}:series:{name}"
+
+    def alerts(self) -> str:
+        """HASH alert id -> JSON state (firing since, resolved at). Resolved alerts are pruned
+        after the history retention."""
+        return f"{self.namespace}:alerts"

@@ -1,0 +1,60 @@
+"""The base task class of taskyard apps: level-aware sending with clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+from celery.canvas import Signature
+from kombu.exceptions import EncodeError, OperationalError
+
+from taskyard.errors import BrokerUnavailable, TaskArgumentError
+from taskyard.routing.levels import Priority, parse_level
+
+
+class TaskyardTask(Task):  # type: ignore[misc]
+    """Celery task with a priority level and per-task resource needs.
+
+    Every task of an app made by :func:`taskyard.create_app` uses this class, so ``level=`` and
+    :meth:`at` work on any of them, decorated with ``@priority_task`` or not.
+    """
+
+    #: Level the decorator gave this task; None lets routing rules decide.
+    taskyard_level: Priority | None = None
+    #: Memory (MB) that must be available before the task starts (resource guards).
+    requires_memory_mb: float | None = None
+    #: The task fails with TaskMemoryLimitExceeded when its process grows past this (MB).
+    memory_limit_mb: float | None = None
+    #: The task fails with TaskCpuLimitExceeded after using this much CPU time (s).
+    cpu_time_limit_s: float | None = None
+
+    def apply_async(
+        self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+        producer: Any = None, link: Any = None, link_error: Any = None, shadow: Any = None,
+        *, level: str | Priority | None = None, **options: Any,
+    ) -> Any:
+        """Send the task; ``level=`` sends this one call to another level's queue.
+
+        Raises:
+            RoutingError: ``level`` is not one of the five levels.
+            TaskArgumentError: an argument cannot be encoded as JSON (nothing was sent).
+            BrokerUnavailable: the broker stayed unreachable through the publish retries.
+        """
+        if level is not None:
+            queue = parse_level(level).value
+            options["queue"] = queue
+            options["routing_key"] = queue
+        try:
+            return super().apply_async(
+                args, kwargs, task_id, producer, link, link_error, shadow, **options
+            )
+        except EncodeError as exc:
+            raise TaskArgumentError(self.name, str(exc)) from exc
+        except OperationalError as exc:
+            broker = self.app.connection_for_write().as_uri()
+            raise BrokerUnavailable(self.name, broker, str(exc)) from exc
+
+    def at(self, level: str | Priority) -> Signature:
+        """A signature that sends to ``level``: ``task.at("critical").delay(...)``."""
+        queue = parse_level(level).value
+        return self.signature(queue=queue, routing_key=queue)

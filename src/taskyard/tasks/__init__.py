@@ -1,0 +1,1 @@
+"""taskyard tasks."""

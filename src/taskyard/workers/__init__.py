@@ -1,0 +1,5 @@
+"""Worker profiles and resource guards."""
+
+from taskyard.workers.profiles import WorkerProfile, celery_worker_argv, get_profile
+
+__all__ = ["WorkerProfile", "celery_worker_argv", "get_profile"]

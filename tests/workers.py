@@ -1,0 +1,91 @@
+"""Real `celery worker` processes for tests, with bounded waits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05,
+               message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {message}")
+        time.sleep(interval_s)
+
+
+def child_env(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKYARD_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+class Worker:
+    """A running celery worker process (its own process group)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextmanager
+def celery_worker(app: str, queues: str, env: Mapping[str, str], tmp_path: Path, *,
+                  concurrency: int = 2, name: str = "test", pool: str = "prefork",
+                  extra: tuple[str, ...] = (), ready_timeout_s: float = 30.0) -> Iterator[Worker]:
+    """Start ``celery -A app worker -Q queues``; wait until it is ready; stop it afterwards."""
+    log = tmp_path / f"worker-{name}-{time.monotonic_ns()}.log"
+    argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues,
+            "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h", "--loglevel", "INFO",
+            "--without-gossip", "--without-mingle", *extra]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, env=child_env(env), stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True, cwd=ROOT)
+    worker = Worker(process, log)
+    try:
+        wait_until(lambda: " ready." in worker.output() or process.poll() is not None,
+                   ready_timeout_s, 0.1, f"worker {name} to be ready")
+        if process.poll() is not None:
+            raise AssertionError(f"worker {name} exited:\n{worker.output()[-3000:]}")
+        yield worker
+    finally:
+        worker.stop()
