@@ -1,4 +1,7 @@
-"""Real `celery worker` processes for tests, with bounded waits."""
+"""Helpers for tests and benchmarks: real `celery worker` processes with bounded waits.
+
+Not used by the platform itself.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+#: Project checkout the worker runs in (so test and example apps import).
+ROOT = Path.cwd()
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05,
@@ -69,11 +73,11 @@ class Worker:
 
 
 @contextmanager
-def celery_worker(app: str, queues: str, env: Mapping[str, str], tmp_path: Path, *,
+def celery_worker(app: str, queues: str, env: Mapping[str, str], log_dir: Path, *,
                   concurrency: int = 2, name: str = "test", pool: str = "prefork",
                   extra: tuple[str, ...] = (), ready_timeout_s: float = 30.0) -> Iterator[Worker]:
     """Start ``celery -A app worker -Q queues``; wait until it is ready; stop it afterwards."""
-    log = tmp_path / f"worker-{name}-{time.monotonic_ns()}.log"
+    log = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
     argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues,
             "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", *extra]

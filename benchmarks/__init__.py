@@ -1,0 +1,1 @@
+"""taskyard benchmarks: each compares taskyard with plain Celery in the same run."""
