@@ -11,10 +11,11 @@ variable and what it expected.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from taskyard.errors import ConfigurationError
 
@@ -131,6 +132,19 @@ class MaintenanceSettings(BaseModel):
     pool_recycle_s: float = Field(3600.0, gt=0)
 
 
+class ScheduleSettings(BaseModel):
+    """The beat schedule of the platform's periodic jobs (intervals default to each job's section)."""
+
+    # Task names left out of the beat schedule, e.g. ["taskyard.maintenance.run"] where another
+    # system maintains the database.
+    disabled: list[str] = []
+    # Interval overrides per task name (s), e.g. {"taskyard.cache.warm": 60}. Intervals under 1 s
+    # are raised to 1 s: beat cannot usefully tick faster.
+    intervals_s: dict[str, float] = {}
+    # Run the cache warmers once when the workers start (once cluster-wide, not once per worker).
+    warm_on_start: bool = True
+
+
 class MonitoringSettings(BaseModel):
     """Metric capture, stats collection, alerts, the stats API, Flower."""
 
@@ -147,6 +161,8 @@ class MonitoringSettings(BaseModel):
     api_token: str | None = None
     # Flower bind address and basic-auth credentials ("user:password").
     flower_port: int = Field(5555, ge=1, le=65535)
+    # Flower bind address: loopback by default; "0.0.0.0" in a container so its port publishes.
+    flower_host: str = "127.0.0.1"
     flower_basic_auth: str = "admin:taskyard"
     # Alert thresholds (defaults of the service this platform serves).
     alert_memory_warning_pct: float = 80.0
@@ -210,6 +226,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    schedule: ScheduleSettings = ScheduleSettings()
 
     @field_validator("worker_profiles")
     @classmethod
@@ -248,6 +265,14 @@ def load_settings(**overrides: Any) -> Settings:
     """
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        # Raised for list and mapping fields whose environment value is not JSON.
+        match = re.search(r'field "([^"]+)"', str(exc))
+        variable = _variable_name(tuple(match.group(1).split("."))) if match else ENV_PREFIX
+        raise ConfigurationError(
+            f"invalid settings: {variable} is not valid JSON; expected a JSON list or object",
+            setting=variable,
+        ) from None
     except ValidationError as exc:
         problems = []
         first_loc: tuple[int | str, ...] = ()

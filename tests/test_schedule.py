@@ -1,0 +1,100 @@
+"""Single-flight claims and the aligned beat schedule (real Redis)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from taskyard.runtime import runtime_of
+from taskyard.tasks import schedule
+from taskyard.tasks.schedule import (
+    aligned_every,
+    beat_entries,
+    claim_period,
+    period_index,
+    single_flight,
+)
+
+
+def test_period_index_rounds_to_nearest_boundary() -> None:
+    assert period_index(10, 100.0) == 10
+    assert period_index(10, 104.9) == 10
+    assert period_index(10, 105.1) == 11
+    assert period_index(10, 99.0) == 10
+    with pytest.raises(ValueError):
+        period_index(0, 1.0)
+
+
+def test_claim_period_once_per_period(make_app: Any) -> None:
+    runtime = runtime_of(make_app())
+    assert claim_period(runtime, "job", 10, now=100.0)
+    assert not claim_period(runtime, "job", 10, now=101.0)
+    assert not claim_period(runtime, "job", 10, now=104.0)
+    assert claim_period(runtime, "job", 10, now=110.5)
+    assert claim_period(runtime, "other", 10, now=101.0)
+    ttl = runtime.redis.pttl(runtime.keys.period_claim("job", 10))
+    assert 0 < ttl <= 20_000
+
+
+def test_claim_period_concurrent_threads_one_winner(make_app: Any) -> None:
+    runtime = runtime_of(make_app())
+    wins: list[bool] = []
+    barrier = threading.Barrier(16)
+
+    def contend() -> None:
+        barrier.wait()
+        wins.append(claim_period(runtime, "race", 60, now=6000.0))
+
+    threads = [threading.Thread(target=contend) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(wins) == [False] * 15 + [True]
+
+
+def test_single_flight_lock_skips_overlapping_run(make_app: Any) -> None:
+    runtime = runtime_of(make_app())
+    with single_flight(runtime, "long", 10, lock_ttl_s=30, now=100.0) as first:
+        assert first.acquired and first.reason == "claimed"
+        # The next period starts while the first run is still going: it must not overlap.
+        with single_flight(runtime, "long", 10, lock_ttl_s=30, now=110.0) as second:
+            assert not second.acquired and second.reason == "still-running"
+            assert second.report()["skipped"] is True
+    assert not runtime.redis.exists(runtime.keys.lock("long"))
+    with single_flight(runtime, "long", 10, lock_ttl_s=30, now=120.0) as third:
+        assert third.acquired
+    with single_flight(runtime, "long", 10, now=121.0) as again:
+        assert not again.acquired and again.reason == "period-taken"
+
+
+def test_aligned_every_fires_at_boundaries() -> None:
+    clock = {"now": datetime.fromtimestamp(1000.2, UTC)}
+    every = aligned_every(10, nowfun=lambda: clock["now"])
+    due, nxt = every.is_due(datetime.fromtimestamp(995.0, UTC))
+    assert due and nxt == pytest.approx(9.8)
+    due, nxt = every.is_due(datetime.fromtimestamp(1000.1, UTC))
+    assert not due and nxt == pytest.approx(9.8)
+    clock["now"] = datetime.fromtimestamp(1010.0, UTC)
+    due, _ = every.is_due(datetime.fromtimestamp(1000.1, UTC))
+    assert due
+    # Celery's persistent scheduler pickles entries.
+    import pickle
+
+    restored = pickle.loads(pickle.dumps(aligned_every(10)))
+    assert isinstance(restored, aligned_every) and restored.seconds == 10
+
+
+def test_beat_entries_from_settings(make_app: Any) -> None:
+    app = make_app(schedule={"disabled": ["taskyard.maintenance.run"],
+                             "intervals_s": {"taskyard.cache.warm": 42}})
+    entries = beat_entries(runtime_of(app).settings)
+    assert set(entries) == {schedule.CACHE_WARM_TASK, schedule.BATCH_REAP_TASK,
+                            schedule.STATS_COLLECT_TASK}
+    assert entries[schedule.CACHE_WARM_TASK]["schedule"].seconds == 42
+    # The reaper's 0.5 s default is raised to beat's 1 s floor.
+    assert entries[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
+    assert all(e["task"] == name for name, e in entries.items())
