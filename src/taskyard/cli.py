@@ -108,5 +108,9 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
     sys.exit(code)
 
 
+from taskyard.monitoring.flower import flower as flower_command  # noqa: E402
+
+main.add_command(flower_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,134 @@
+"""``taskyard flower -A APP``: Flower on the app's broker, behind basic auth, showing five queues.
+
+Flower runs in this process (``celery -A APP flower``), so the app's own configuration (broker,
+transport options, the five kombu queues) is what Flower sees. Two things are added:
+
+* basic auth from ``MonitoringSettings.flower_basic_auth``, handed over through Flower's
+  ``FLOWER_BASIC_AUTH`` environment variable so the password never shows in ``ps``;
+* the Broker tab and ``/api/queues/length`` always list the app's queues. Flower only lists the
+  queues that live workers consume, so a level whose workers are down (the moment its queue
+  grows) would vanish from the view; here it stays, with its length.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import click
+
+from taskyard.config import Settings, load_settings
+from taskyard.errors import TaskyardError
+
+#: Flower reads its basic-auth credentials from this variable ("user:password[,user:password]").
+FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
+
+_PATCH_MARK = "_taskyard_app_queues"
+
+
+def app_queue_names(capp: Any) -> list[str]:
+    """Names of the queues an app declares, in declaration order (most urgent level first)."""
+    names: list[str] = []
+    for queue in capp.conf.task_queues or ():
+        if queue.name and queue.name not in names:
+            names.append(queue.name)
+    default = capp.conf.task_default_queue
+    if default and default not in names:
+        names.append(default)
+    return names
+
+
+def merge_queue_names(declared: Sequence[str], consumed: Iterable[str]) -> list[str]:
+    """The declared queues in their order, then any other queue a worker consumes, sorted."""
+    extra = sorted(set(consumed) - set(declared))
+    return [*declared, *extra]
+
+
+def show_app_queues() -> None:
+    """Make Flower's queue views list the app's queues besides those that workers consume.
+
+    Idempotent; only affects the current process (the one running Flower).
+    """
+    from flower.views import BaseHandler
+
+    original: Callable[[Any], list[str]] = BaseHandler.get_active_queue_names
+    if getattr(original, _PATCH_MARK, False):
+        return
+
+    def get_active_queue_names(self: Any) -> list[str]:
+        return merge_queue_names(app_queue_names(self.capp), original(self))
+
+    setattr(get_active_queue_names, _PATCH_MARK, True)
+    BaseHandler.get_active_queue_names = get_active_queue_names
+
+
+def check_basic_auth(value: str) -> str:
+    """Validate ``flower_basic_auth``: comma-separated ``user:password`` pairs, or empty (off).
+
+    Raises:
+        click.BadParameter: a pair lacks its colon, user or password.
+    """
+    for pair in filter(None, value.split(",")):
+        user, sep, password = pair.partition(":")
+        if not (sep and user and password):
+            raise click.BadParameter(
+                f"{pair.split(':')[0]!r}... is not 'user:password'; set "
+                "TASKYARD_MONITORING__FLOWER_BASIC_AUTH to user:password[,user:password]",
+                param_hint="flower_basic_auth",
+            )
+    return value
+
+
+def flower_args(app_path: str, settings: Settings, port: int | None = None,
+                address: str | None = None, broker_api: str | None = None,
+                extra: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``celery`` that run Flower for ``app_path`` (without the credentials)."""
+    monitoring = settings.monitoring
+    args = ["-A", app_path, "flower",
+            f"--port={port if port is not None else monitoring.flower_port}",
+            f"--address={address if address is not None else monitoring.flower_host}"]
+    if broker_api:
+        args.append(f"--broker_api={broker_api}")
+    return [*args, *extra]
+
+
+def flower_url(settings: Settings) -> str:
+    """Address of the Flower that ``taskyard flower`` starts with these settings."""
+    host = settings.monitoring.flower_host
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return f"http://{shown}:{settings.monitoring.flower_port}/"
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
+@click.option("--port", type=int, default=None,
+              help="Port (default: TASKYARD_MONITORING__FLOWER_PORT).")
+@click.option("--address", default=None,
+              help="Bind address (default: TASKYARD_MONITORING__FLOWER_HOST).")
+@click.option("--broker-api", default=None, metavar="URL",
+              help="RabbitMQ management API for the Broker tab, e.g. "
+                   "http://guest:guest@localhost:15672/api/ (Redis needs none).")
+@click.argument("flower_extra", nargs=-1, type=click.UNPROCESSED)
+def flower(app_path: str, port: int | None, address: str | None, broker_api: str | None,
+           flower_extra: tuple[str, ...]) -> None:
+    """Run Flower for an app, with basic auth from settings; extra arguments go to Flower."""
+    try:
+        settings = load_settings()
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+    auth = check_basic_auth(settings.monitoring.flower_basic_auth)
+    if auth:
+        os.environ[FLOWER_AUTH_ENV] = auth
+    else:
+        os.environ.pop(FLOWER_AUTH_ENV, None)
+        click.echo("taskyard flower: basic auth is OFF (flower_basic_auth is empty)", err=True)
+    show_app_queues()
+
+    from celery.bin.celery import celery as celery_main
+
+    args = flower_args(app_path, settings, port, address, broker_api, flower_extra)
+    # Flower parses its own options from sys.argv[0] plus the arguments after "flower".
+    sys.argv = ["celery", *args]
+    celery_main.main(args=args, prog_name="celery", auto_envvar_prefix="CELERY")

@@ -1,0 +1,166 @@
+"""`taskyard flower`: a real Flower process against real Redis and a real worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import pytest
+import redis
+
+from taskyard.config import load_settings
+from taskyard.monitoring.flower import (
+    app_queue_names,
+    check_basic_auth,
+    flower_args,
+    flower_url,
+    merge_queue_names,
+)
+from taskyard.stack import free_port
+from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+
+LEVELS = ["critical", "high", "normal", "low", "batch"]
+APP = "tests.apps.fivelevels"
+AUTH = ("watcher", "s3cret-pw")
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+def test_app_queue_names_are_the_five_levels_in_order(make_app: Any) -> None:
+    assert app_queue_names(make_app("flowerq")) == LEVELS
+
+
+def test_merge_keeps_declared_order_and_adds_consumed_extras() -> None:
+    assert merge_queue_names(LEVELS, ["critical"]) == LEVELS
+    assert merge_queue_names(LEVELS, ["zeta", "alpha", "low"]) == [*LEVELS, "alpha", "zeta"]
+
+
+def test_basic_auth_setting_is_checked() -> None:
+    assert check_basic_auth("a:b,c:d") == "a:b,c:d"
+    assert check_basic_auth("") == ""
+    for bad in ("nocolon", "user:", ":pw", "a:b,broken"):
+        with pytest.raises(click.BadParameter, match="user:password"):
+            check_basic_auth(bad)
+
+
+def test_flower_args_come_from_settings_and_keep_credentials_out() -> None:
+    settings = load_settings(monitoring={"flower_port": 5601, "flower_host": "0.0.0.0",
+                                         "flower_basic_auth": "u:topsecret"})
+    args = flower_args("bdc", settings, extra=("--persistent=False",))
+    assert args[:3] == ["-A", "bdc", "flower"]
+    assert "--port=5601" in args and "--address=0.0.0.0" in args
+    assert args[-1] == "--persistent=False"
+    assert not any("topsecret" in a for a in args)
+    assert flower_url(settings) == "http://127.0.0.1:5601/"
+    assert "--broker_api=http://h:15672/api/" in flower_args(
+        "bdc", settings, broker_api="http://h:15672/api/")
+
+
+# --- a real Flower -----------------------------------------------------------------------------
+
+class Flower:
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    def get(self, path: str, auth: tuple[str, str] | None = AUTH, **params: Any) -> httpx.Response:
+        return httpx.get(self.url + path, auth=auth, params=params, timeout=10.0)
+
+
+@pytest.fixture
+def flower(redis_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+    port = free_port()
+    env = child_env({**redis_env, "TASKYARD_MONITORING__FLOWER_PORT": str(port),
+                     "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"})
+    log = tmp_path / "flower.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "flower", "-A", APP],
+                                   env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    fl = Flower(process, f"http://127.0.0.1:{port}", log)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError("flower exited:\n" + log.read_text(errors="replace"))
+        try:
+            return fl.get("/healthcheck", auth=None).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 30, 0.2, "flower to answer")
+        yield fl
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert AUTH[1] not in " ".join(process.args)  # type: ignore[arg-type]
+
+
+def _send(app: Any, level: str, i: int) -> None:
+    app.send_task(f"{APP}.on_{level}", args=[i], queue=level, routing_key=level)
+
+
+@pytest.mark.slow
+def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_broker_view(
+    flower: Flower, make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    # Basic auth from settings: refused without or with wrong credentials.
+    assert flower.get("/api/tasks", auth=None).status_code == 401
+    assert flower.get("/api/tasks", auth=(AUTH[0], "wrong")).status_code == 401
+    assert flower.get("/broker", auth=None).status_code == 401
+    assert flower.get("/api/tasks").status_code == 200
+
+    producer = make_app("flower-producer")
+
+    # Only a critical-only worker runs: Flower itself would list just "critical" (the queues
+    # live workers consume); ours lists all five, with the backlog of the unconsumed one.
+    with celery_worker(APP, "critical", redis_env, tmp_path, concurrency=1, name="crit"):
+        def sees_worker() -> bool:
+            workers = flower.get("/api/workers", refresh="1").json()
+            return any(name.startswith("crit@") for name in workers)
+
+        wait_until(sees_worker, 30, 0.5, "flower to see the critical worker")
+        workers = flower.get("/api/workers").json()
+        consumed = {q["name"] for name, w in workers.items() if name.startswith("crit@")
+                    for q in w.get("active_queues", [])}
+        assert consumed == {"critical"}
+        for i in range(3):
+            _send(producer, "low", i)
+        lengths = flower.get("/api/queues/length").json()["active_queues"]
+        assert [q["name"] for q in lengths] == LEVELS
+        assert {q["name"]: q["messages"] for q in lengths}["low"] == 3
+        page = flower.get("/broker")
+        assert page.status_code == 200
+        for level in LEVELS:
+            assert f'<tr id="{level}">' in page.text
+
+    # A worker on all five queues drains the backlog and runs two more tasks per level.
+    with celery_worker(APP, ",".join(LEVELS), redis_env, tmp_path, concurrency=2, name="all"):
+        for level in LEVELS:
+            for i in range(2):
+                _send(producer, level, 100 + i)
+
+        def succeeded_by_queue() -> dict[str, int]:
+            tasks = flower.get("/api/tasks", state="SUCCESS").json()
+            counts: dict[str, int] = {}
+            for task in tasks.values():
+                counts[task["routing_key"]] = counts.get(task["routing_key"], 0) + 1
+            return counts
+
+        expected = {"critical": 2, "high": 2, "normal": 2, "low": 5, "batch": 2}
+        wait_until(lambda: succeeded_by_queue() == expected, 40, 0.5,
+                   "flower to list the succeeded tasks of all five queues")
+        tasks = flower.get("/api/tasks").json()
+        assert {t["name"] for t in tasks.values()} == {f"{APP}.on_{lv}" for lv in LEVELS}
+        assert all(t["worker"].startswith("all@") for t in tasks.values())
+        lengths = flower.get("/api/queues/length").json()["active_queues"]
+        assert {q["name"]: q["messages"] for q in lengths} == dict.fromkeys(LEVELS, 0)
