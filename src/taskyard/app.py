@@ -72,6 +72,9 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             # Poll queues strictly in -Q order (kombu >= 5.7 keeps that order).
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for abandoned messages on every interval, not on every tenth (kombu's default).
+            "unacked_restore_interval": settings.unacked_restore_interval_s,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
         }
         config["result_backend_transport_options"] = {
@@ -116,6 +119,7 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
     app = Celery(name, include=list(include or ()), task_cls=TaskyardTask)
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
+    router.app = app
     runtime = Runtime(settings=settings, keys=Keys(settings.namespace), router=router)
     attach(app, runtime)
     _install_subsystems(app, runtime)

@@ -159,6 +159,9 @@ class MonitoringSettings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_token: str | None = None
+    # Stats API responses (overview, lists, /metrics) are reused for this long (s): a burst of
+    # requests or scrapes costs one store read. 0 reads the store on every request.
+    api_cache_s: float = Field(1.0, ge=0, le=60)
     # Flower bind address and basic-auth credentials ("user:password").
     flower_port: int = Field(5555, ge=1, le=65535)
     # Flower bind address: loopback by default; "0.0.0.0" in a container so its port publishes.
@@ -173,6 +176,18 @@ class MonitoringSettings(BaseModel):
     alert_cache_hit_rate_pct: float = 50.0
     alert_slow_task_rate_pct: float = 10.0
     alert_queue_depth: int = 1000
+    # Capture of per-task metrics in workers; off only to measure its overhead or to debug.
+    capture_enabled: bool = True
+    # Raw snapshots stay in the history database this long (s); older ones are rolled up to the
+    # last snapshot of each history_rollup_s window, so a month of history stays small.
+    history_raw_keep_s: float = Field(86_400.0, gt=0)
+    history_rollup_s: float = Field(300.0, gt=0)
+    # A task running longer than this counts as slow for the slow-task-rate alert (s).
+    slow_task_s: float = Field(1.0, gt=0)
+    # A worker whose heartbeat stopped stays listed (and alerted on as missing) this long, then
+    # it is forgotten (s): long enough for an operator to notice, short enough that scaled-down
+    # workers do not alert forever.
+    worker_forget_after_s: float = Field(3600.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -203,6 +218,9 @@ class Settings(BaseSettings):
     # longest countdown the platform itself schedules (deferrals, batch retries) and the longest
     # task; one hour by default.
     visibility_timeout_s: float = Field(3600.0, gt=0)
+    # Redis broker: how often a worker sweeps for messages whose holder died (s). A message of a
+    # SIGKILLed worker runs again within visibility_timeout_s plus this.
+    unacked_restore_interval_s: int = Field(10, ge=1)
     # Publishing: retries when the broker is unreachable, and the pause between them (s), so
     # .delay() fails with BrokerUnavailable in bounded time instead of hanging.
     publish_max_retries: int = Field(3, ge=0)

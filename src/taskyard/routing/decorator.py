@@ -32,8 +32,8 @@ def _check_resources(options: dict[str, Any]) -> dict[str, float]:
 
 
 def _place(task: Any, level: Priority, attributes: dict[str, Any]) -> None:
-    task.queue = level.value
-    task.routing_key = level.value
+    # The level is an attribute the router reads, not Celery's deprecated ``queue`` attribute:
+    # a call's own queue still wins, as Celery merges call options over routes.
     task.taskyard_level = level
     for name, value in attributes.items():
         setattr(task, name, value)
@@ -78,7 +78,7 @@ def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORM
                 f"@priority_task decorates a function or a Celery task, not {type(target).__name__}"
             )
         return shared_task(
-            base=TaskyardTask, queue=level.value, routing_key=level.value, taskyard_level=level,
+            base=TaskyardTask, taskyard_level=level,
             **resources, **options,
         )(target)
 

@@ -45,12 +45,17 @@ class CompiledRule:
 
 
 class Router:
-    """Celery router: the first matching rule's level, else the default level."""
+    """Celery router: the decorator's level, else the first matching rule's, else the default.
+
+    A call's own ``queue`` option needs nothing here: Celery merges call options over the route.
+    """
 
     def __init__(self, rules: Iterable[CompiledRule], default: Priority) -> None:
         self._rules: list[CompiledRule] = list(rules)
         self.default = default
         self._lookup = lru_cache(maxsize=4096)(self._resolve)
+        #: The app, to find a task sent by name only (beat, send_task) in its registry.
+        self.app: Any = None
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:
@@ -76,5 +81,7 @@ class Router:
         self, name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None,
         **kw: Any,
     ) -> dict[str, str]:
-        level = self.level_for(name)
+        if task is None and self.app is not None:
+            task = self.app.tasks.get(name)
+        level = getattr(task, "taskyard_level", None) or self.level_for(name)
         return {"queue": level.value, "routing_key": level.value}

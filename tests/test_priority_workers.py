@@ -1,0 +1,124 @@
+"""Real workers: strict priority across queues, redelivery after SIGKILL, worker profiles."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection
+
+from taskyard.routing import LEVEL_NAMES
+from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from tests import servers
+
+pytestmark = pytest.mark.slow
+
+ALL_QUEUES = ",".join(LEVEL_NAMES)
+
+
+def _order(client: redis.Redis) -> list[str]:
+    return [item.decode().split(":")[0] for item in client.lrange("test:order", 0, -1)]
+
+
+def _purge_rabbitmq() -> None:
+    with Connection(servers.RABBITMQ_URL) as conn:
+        channel = conn.channel()
+        for name in LEVEL_NAMES:
+            try:
+                channel.queue_purge(name)
+            except Exception:  # noqa: BLE001 - a queue not declared yet has nothing to purge
+                channel = conn.channel()
+
+
+def _send(env: dict[str, str], code: str) -> None:
+    """Send tasks from a separate producer process using the test app's configuration."""
+    subprocess.run([sys.executable, "-c", f"from tests.apps import prio\n{code}"],
+                   env=child_env(env), cwd=ROOT, check=True, timeout=60)
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_critical_overtakes_low_backlog(broker: str, redis_client: redis.Redis,
+                                        redis_env: dict[str, str], tmp_path: Path) -> None:
+    env = dict(redis_env)
+    if broker == "rabbitmq":
+        servers.require("rabbitmq")
+        env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
+        _purge_rabbitmq()
+    backlog = 300
+    # The backlog is queued before any worker exists.
+    _send(env, f"for i in range({backlog}): prio.low_work.delay(i, 0.01)")
+    with celery_worker("tests.apps.prio", ALL_QUEUES, env, tmp_path, concurrency=2):
+        wait_until(lambda: redis_client.llen("test:order") >= 20, 30, message="low tasks to run")
+        _send(env, "for i in range(5): prio.critical_work.delay(i)")
+        started_before = redis_client.llen("test:order")
+        wait_until(lambda: sum(1 for x in _order(redis_client) if x.startswith("critical")) == 5,
+                   30, message="critical tasks")
+        order = _order(redis_client)
+        positions = [i for i, label in enumerate(order) if label.startswith("critical")]
+        # Each critical task starts within a few slots of being sent (the two busy processes
+        # finish their current low task first), far ahead of the rest of the backlog.
+        assert max(positions) <= started_before + 5 + 6, (started_before, positions)
+        wait_until(lambda: redis_client.llen("test:order") == backlog + 5, 60,
+                   message="the whole backlog")
+    lows = [label for label in _order(redis_client) if label.startswith("low")]
+    assert sorted(lows) == sorted(f"low-{i}" for i in range(backlog))
+
+
+@pytest.mark.parametrize("target", ["pool child", "whole worker"])
+def test_task_of_killed_worker_runs_again(target: str, redis_client: redis.Redis,
+                                          redis_env: dict[str, str], tmp_path: Path) -> None:
+    # A short visibility timeout so a message held by a dead worker is redelivered quickly.
+    env = {**redis_env, "TASKYARD_VISIBILITY_TIMEOUT_S": "3",
+           "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1"}
+    _send(env, "prio.slow_work.delay(1, 2.0)")
+    with celery_worker("tests.apps.prio", "normal", env, tmp_path, concurrency=1,
+                       name="doomed") as doomed:
+        wait_until(lambda: b"start-1" in b"".join(redis_client.lrange("test:order", 0, -1)), 30,
+                   message="the task to start")
+        if target == "pool child":
+            for pid in doomed.children():
+                os.kill(pid, signal.SIGKILL)
+        else:
+            doomed.kill(signal.SIGKILL)
+        with celery_worker("tests.apps.prio", "normal", env, tmp_path, concurrency=1,
+                           name="rescuer"):
+            wait_until(lambda: "done-1" in _order(redis_client), 45,
+                       message="the task to run again and finish")
+    labels = _order(redis_client)
+    assert labels.count("start-1") >= 2 and labels.count("done-1") >= 1
+
+
+def test_taskyard_worker_profile_runs_its_queues(redis_client: redis.Redis,
+                                                 redis_env: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    log = tmp_path / "profile.log"
+    argv = [sys.executable, "-m", "taskyard.cli", "worker", "--profile", "critical",
+            "-A", "tests.apps.prio", "-c", "1", "--without-gossip", "--without-mingle"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(argv, env=child_env(redis_env), cwd=ROOT, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: " ready." in log.read_text(errors="replace"), 30,
+                   message="profile worker ready")
+        text = log.read_text()
+        assert "critical@" in text  # recognisable node name
+        assert "exchange=taskyard(direct) key=critical" in text
+        assert "key=high" in text and "key=low" not in text
+        _send(redis_env, "prio.critical_work.delay(42)")
+        wait_until(lambda: "critical-42" in _order(redis_client), 20, message="critical task")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(20)
+
+
+def test_unknown_profile_is_a_clear_error(redis_env: dict[str, str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "taskyard.cli", "worker", "--profile", "turbo",
+                          "-A", "tests.apps.prio"], env=child_env(redis_env), cwd=ROOT,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "turbo" in out.stderr and "critical" in out.stderr

@@ -1,0 +1,56 @@
+"""Bad input and an unreachable broker at .delay(): clear errors, nothing half-sent, no hang."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+
+import pytest
+import redis
+
+from taskyard import BrokerUnavailable, TaskArgumentError, priority_task
+from tests.servers import REDIS_URL
+
+
+@priority_task(priority="high", name="t.notify")
+def notify(user_id: object, message: str = "") -> None: ...
+
+
+def _queued(client: redis.Redis) -> int:
+    return sum(int(client.llen(key)) for key in client.scan_iter("high*"))
+
+
+@pytest.mark.parametrize(("argument", "type_name"), [({1, 2}, "set"), (datetime.now, "builtin"),
+                                                     (object(), "object")])
+def test_unencodable_argument_names_its_type(make_app, redis_client, argument, type_name) -> None:
+    make_app("send-errors", redis_url=REDIS_URL)
+    with pytest.raises(TaskArgumentError) as info:
+        notify.delay(argument, "hi")
+    assert type_name in str(info.value)
+    assert "t.notify" in str(info.value)
+    assert _queued(redis_client) == 0  # nothing half-sent
+
+
+def test_unencodable_keyword_argument(make_app, redis_client) -> None:
+    make_app("send-errors", redis_url=REDIS_URL)
+    with pytest.raises(TaskArgumentError, match="set"):
+        notify.apply_async((7,), {"message": {"a"}})
+    assert _queued(redis_client) == 0
+
+
+def test_broker_unreachable_fails_in_bounded_time(make_app) -> None:
+    make_app("send-errors", redis_url="redis://127.0.0.1:1/0", publish_max_retries=2,
+             publish_retry_interval_s=0.1, broker_connect_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable) as info:
+        notify.delay(7, "hi")
+    elapsed = time.monotonic() - started
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert "127.0.0.1:1" in str(info.value)
+    assert info.value.task_name == "t.notify"
+
+
+def test_good_call_lands_on_its_queue(make_app, redis_client) -> None:
+    make_app("send-errors", redis_url=REDIS_URL)
+    notify.delay(7, "hi")
+    assert redis_client.llen("high") == 1
