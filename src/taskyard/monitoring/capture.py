@@ -1,0 +1,332 @@
+"""Per-task metrics captured from Celery signals, buffered in process, flushed to Redis in batches.
+
+Counters (received, started, succeeded, failed, retried, deferred) and histograms (runtime,
+queue wait = sent -> started) are kept per task name and queue in plain dicts; a daemon thread
+writes them every ``flush_interval_s`` with one pipelined round trip of HINCRBY/HINCRBYFLOAT, so
+no task waits on Redis. Increments are additive, so every prefork child (and the parent, which
+sees ``task_received``) flushes its own buffer; each process starts its own flusher on first use
+after a fork and flushes once more at exit (``worker_process_shutdown`` / ``worker_shutdown``).
+A failing hook is logged and never reaches the task; a failing flush keeps the counts for the
+next one.
+
+The sent time travels in the ``taskyard_sent_at`` message header, set by ``before_task_publish``;
+a message with an ETA counts its wait from the ETA.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import logging
+import os
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+from celery import Celery, signals
+
+from taskyard import signals as taskyard_signals
+from taskyard.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Upper bounds (s) of the runtime and wait histogram buckets (Prometheus' defaults widened to
+#: a minute, since batch and report tasks run long); one more bucket holds everything above.
+BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                              30.0, 60.0)
+#: Bucket labels as stored in Redis: each bound's text, then "+Inf".
+BUCKET_LABELS: tuple[str, ...] = (*(repr(b) for b in BUCKETS), "+Inf")
+#: Counter events, in the order they are reported.
+EVENTS: tuple[str, ...] = ("received", "started", "succeeded", "failed", "retried", "deferred")
+#: Histogram kinds.
+KINDS: tuple[str, ...] = ("runtime", "wait")
+#: Separator of the parts of a stats field name ("<task>\x1f<queue>\x1f<event or bucket>").
+SEP = "\x1f"
+#: Message header carrying the time (s since epoch) the task was sent.
+SENT_HEADER = "taskyard_sent_at"
+
+_STATE_EVENT = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
+# Attributes the capture keeps on the task's request between prerun and postrun.
+_KEY_ATTR = "_taskyard_capture_key"
+_START_ATTR = "_taskyard_capture_start"
+
+
+def bucket_index(value: float) -> int:
+    """Index of the bucket ``value`` falls in (``len(BUCKETS)`` for the overflow bucket)."""
+    return bisect.bisect_left(BUCKETS, value)
+
+
+class Capture:
+    """In-process metric buffer of one app, with its background flusher."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.keys = runtime.keys
+        self.interval_s = runtime.settings.monitoring.flush_interval_s
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._hist: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
+        self._sums: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+        self._start_lock = threading.Lock()
+        self._pid = -1
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    # --- recording (hot path: dict updates under a lock, no I/O) -------------------------------
+    def _ensure_flusher(self) -> None:
+        if self._running:
+            return
+        with self._start_lock:
+            if self._running:
+                return
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="taskyard-capture-flush",
+                                            daemon=True)
+            self._thread.start()
+            self._pid = os.getpid()
+            self._running = True
+
+    def _after_fork(self) -> None:
+        # A forked child inherits the parent's unflushed buffer (the parent flushes it) and
+        # possibly a lock held by the parent's flusher thread: start afresh, flusher included.
+        self._lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._counts = {}
+        self._hist = {kind: {} for kind in KINDS}
+        self._sums = {kind: {} for kind in KINDS}
+        self._thread = None
+        self._running = False
+        self._pid = -1
+
+    def count(self, name: str, queue: str, event: str, n: int = 1) -> None:
+        """Add ``n`` to one counter."""
+        self._ensure_flusher()
+        field = f"{name}{SEP}{queue}{SEP}{event}"
+        with self._lock:
+            self._counts[field] = self._counts.get(field, 0) + n
+
+    def observe(self, name: str, queue: str, kind: str, value: float) -> None:
+        """Record one histogram observation (s)."""
+        self._ensure_flusher()
+        prefix = f"{name}{SEP}{queue}{SEP}"
+        field = prefix + BUCKET_LABELS[bucket_index(value)]
+        with self._lock:
+            hist = self._hist[kind]
+            hist[field] = hist.get(field, 0) + 1
+            sums = self._sums[kind]
+            sums[prefix] = sums.get(prefix, 0.0) + value
+
+    def started(self, name: str, queue: str, wait_s: float | None) -> None:
+        """A task started; one lock round for its counter and its wait."""
+        self._ensure_flusher()
+        prefix = f"{name}{SEP}{queue}{SEP}"
+        with self._lock:
+            counts = self._counts
+            field = prefix + "started"
+            counts[field] = counts.get(field, 0) + 1
+            if wait_s is not None:
+                hist = self._hist["wait"]
+                field = prefix + BUCKET_LABELS[bisect.bisect_left(BUCKETS, wait_s)]
+                hist[field] = hist.get(field, 0) + 1
+                sums = self._sums["wait"]
+                sums[prefix] = sums.get(prefix, 0.0) + wait_s
+
+    def finished(self, name: str, queue: str, event: str | None, runtime_s: float | None) -> None:
+        """A task finished with ``event`` (succeeded/failed/retried or None); one lock round."""
+        self._ensure_flusher()
+        prefix = f"{name}{SEP}{queue}{SEP}"
+        with self._lock:
+            if event is not None:
+                counts = self._counts
+                field = prefix + event
+                counts[field] = counts.get(field, 0) + 1
+            if runtime_s is not None:
+                hist = self._hist["runtime"]
+                field = prefix + BUCKET_LABELS[bisect.bisect_left(BUCKETS, runtime_s)]
+                hist[field] = hist.get(field, 0) + 1
+                sums = self._sums["runtime"]
+                sums[prefix] = sums.get(prefix, 0.0) + runtime_s
+
+    # --- flushing ----------------------------------------------------------------------------
+    def _take(self) -> tuple[
+        dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, float]]
+    ]:
+        with self._lock:
+            taken = self._counts, self._hist, self._sums
+            self._counts = {}
+            self._hist = {kind: {} for kind in KINDS}
+            self._sums = {kind: {} for kind in KINDS}
+        return taken
+
+    def _give_back(self, counts: dict[str, int], hist: dict[str, dict[str, int]],
+                   sums: dict[str, dict[str, float]]) -> None:
+        with self._lock:
+            for field, n in counts.items():
+                self._counts[field] = self._counts.get(field, 0) + n
+            for kind in KINDS:
+                for field, n in hist[kind].items():
+                    self._hist[kind][field] = self._hist[kind].get(field, 0) + n
+                for field, s in sums[kind].items():
+                    self._sums[kind][field] = self._sums[kind].get(field, 0.0) + s
+
+    def flush(self) -> int:
+        """Write the buffer to Redis in one pipelined round trip; returns the fields written.
+
+        A failed write is logged and its counts kept for the next flush.
+        """
+        counts, hist, sums = self._take()
+        fields = len(counts) + sum(len(h) + len(sums[k]) for k, h in hist.items())
+        if not fields:
+            return 0
+        try:
+            with self.runtime.redis.pipeline(transaction=False) as pipe:
+                counts_key = self.keys.task_counts()
+                for field, n in counts.items():
+                    pipe.hincrby(counts_key, field, n)
+                for kind in KINDS:
+                    key = self.keys.task_histogram(kind)
+                    for field, n in hist[kind].items():
+                        pipe.hincrby(key, field, n)
+                    for prefix, total in sums[kind].items():
+                        pipe.hincrbyfloat(key, prefix + "sum", total)
+                pipe.execute()
+        except Exception:
+            logger.warning("taskyard capture: flush of %d fields failed; kept for the next one",
+                           fields, exc_info=True)
+            self._give_back(counts, hist, sums)
+            return 0
+        return fields
+
+    def _run(self) -> None:
+        stop = self._stop
+        while not stop.wait(self.interval_s):
+            self.flush()
+
+    def close(self) -> None:
+        """Flush what is buffered (at process exit)."""
+        if self._pid == os.getpid():
+            self._stop.set()
+            self.flush()
+
+
+# --- signal receivers -----------------------------------------------------------------------
+def _queue_of(request: Any, default: str) -> str:
+    info = getattr(request, "delivery_info", None)
+    if info:
+        queue = info.get("routing_key") or info.get("queue")
+        if queue:
+            return str(queue)
+    return default
+
+
+def _sent_at(request: Any) -> float | None:
+    sent = getattr(request, SENT_HEADER, None)
+    if sent is None:
+        headers = getattr(request, "headers", None) or {}
+        sent = headers.get(SENT_HEADER)
+    eta = getattr(request, "eta", None)
+    if eta:
+        try:
+            eta_s = (eta if isinstance(eta, datetime) else datetime.fromisoformat(eta)).timestamp()
+        except (TypeError, ValueError):
+            eta_s = None
+        if eta_s is not None and (sent is None or eta_s > float(sent)):
+            return eta_s
+    return float(sent) if sent is not None else None
+
+
+def _set_sent_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if headers is not None and SENT_HEADER not in headers:
+        headers[SENT_HEADER] = time.time()
+
+
+class _Receivers:
+    """Signal receivers bound to one app and its capture."""
+
+    def __init__(self, app: Celery, capture: Capture) -> None:
+        self.app = app
+        self.capture = capture
+
+    def received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        try:
+            if request is None or getattr(sender, "app", self.app) is not self.app:
+                return
+            name = request.name
+            self.capture.count(name, _queue_of(request, "unknown"), "received")
+        except Exception:
+            logger.warning("taskyard capture: task_received hook failed", exc_info=True)
+
+    def prerun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
+        try:
+            if task is None or task.app is not self.app:
+                return
+            now = time.time()
+            request = task.request
+            key = (task.name, _queue_of(request, getattr(task, "queue", None) or "unknown"))
+            setattr(request, _KEY_ATTR, key)
+            setattr(request, _START_ATTR, time.perf_counter())
+            sent = _sent_at(request)
+            self.capture.started(key[0], key[1], None if sent is None else max(0.0, now - sent))
+        except Exception:
+            logger.warning("taskyard capture: task_prerun hook failed", exc_info=True)
+
+    def postrun(self, sender: Any = None, task: Any = None, state: str | None = None,
+                **_: Any) -> None:
+        try:
+            if task is None or task.app is not self.app:
+                return
+            request = task.request
+            key = getattr(request, _KEY_ATTR, None)
+            if key is None:
+                return
+            start = getattr(request, _START_ATTR, None)
+            runtime_s = None if start is None else time.perf_counter() - start
+            self.capture.finished(key[0], key[1], _STATE_EVENT.get(state or ""), runtime_s)
+        except Exception:
+            logger.warning("taskyard capture: task_postrun hook failed", exc_info=True)
+
+    def deferred(self, sender: Any = None, level: Any = None, **_: Any) -> None:
+        try:
+            name = str(sender)
+            if name not in self.app.tasks:
+                return
+            queue = str(getattr(level, "value", level) or "unknown")
+            self.capture.count(name, queue, "deferred")
+        except Exception:
+            logger.warning("taskyard capture: task_deferred hook failed", exc_info=True)
+
+    def shutdown(self, **_: Any) -> None:
+        try:
+            self.capture.close()
+        except Exception:
+            logger.warning("taskyard capture: final flush failed", exc_info=True)
+
+
+def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
+    """Connect the capture receivers for ``app`` (no I/O); None when capture is disabled."""
+    if not runtime.settings.monitoring.capture_enabled:
+        return None
+    capture = Capture(runtime)
+    receivers = _Receivers(app, capture)
+    uid = f"taskyard.capture.{id(app)}"
+    signals.before_task_publish.connect(_set_sent_header, weak=False,
+                                        dispatch_uid="taskyard.capture.sent_at")
+    signals.task_received.connect(receivers.received, weak=False, dispatch_uid=uid + ".received")
+    signals.task_prerun.connect(receivers.prerun, weak=False, dispatch_uid=uid + ".prerun")
+    signals.task_postrun.connect(receivers.postrun, weak=False, dispatch_uid=uid + ".postrun")
+    taskyard_signals.task_deferred.connect(receivers.deferred, weak=False,
+                                           dispatch_uid=uid + ".deferred")
+    signals.worker_process_shutdown.connect(receivers.shutdown, weak=False,
+                                            dispatch_uid=uid + ".process_shutdown")
+    signals.worker_shutdown.connect(receivers.shutdown, weak=False, dispatch_uid=uid + ".shutdown")
+    atexit.register(receivers.shutdown)
+    app._taskyard_capture = capture
+    return capture
+
+
+def capture_of(app: Celery) -> Capture | None:
+    """The capture installed on ``app``, if any."""
+    return getattr(app, "_taskyard_capture", None)

@@ -1,0 +1,387 @@
+"""The read side of monitoring: what the stats API, /metrics and the dashboard show.
+
+Everything here reads Redis (live counters, heartbeats, series, alerts), the broker (queue
+depth) and the history database (older series); nothing writes except the history schema
+creation. Every method returns plain JSON-able dicts and lists and lets the client's error
+(``redis.ConnectionError``, ...) propagate when Redis is down, so the API can answer 503.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from kombu.connection import Connection
+from redis import Redis
+from sqlalchemy.engine import Engine
+
+from taskyard.monitoring import history
+from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, EVENTS, KINDS, SEP
+from taskyard.monitoring.queues import (
+    amqp_depths,
+    broker_redis_client,
+    is_redis_url,
+    redis_depths,
+)
+from taskyard.routing.levels import LEVEL_NAMES
+from taskyard.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Series the stats collection writes (``keys.series(name)``), each a list of JSON snapshots.
+SERIES: tuple[str, ...] = ("overview", "queues", "throughput", "latency", "tasks", "workers",
+                           "batches", "cache", "slow_statements", "guards", "maintenance",
+                           "alerts")
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+_PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
+
+
+def quantile(counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of a bucketed histogram, interpolating inside the bucket as
+    Prometheus' ``histogram_quantile`` does; the overflow bucket reports its lower bound."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(counts):
+        if n and seen + n >= rank:
+            if i >= len(BUCKETS):
+                return BUCKETS[-1]
+            lower = BUCKETS[i - 1] if i else 0.0
+            return lower + (BUCKETS[i] - lower) * ((rank - seen) / n)
+        seen += n
+    return BUCKETS[-1]
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def parse_counts(raw: dict[bytes, bytes]) -> dict[tuple[str, str], dict[str, int]]:
+    """``task_counts`` HASH -> {(name, queue): {event: count}}."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for field, value in raw.items():
+        name, queue, event = _decode(field).rsplit(SEP, 2)
+        out.setdefault((name, queue), dict.fromkeys(EVENTS, 0))[event] = int(value)
+    return out
+
+
+def parse_histogram(raw: dict[bytes, bytes]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``task_histogram`` HASH -> {(name, queue): {"counts": [...], "sum": s, "count": n}}."""
+    index = {label: i for i, label in enumerate(BUCKET_LABELS)}
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for field, value in raw.items():
+        name, queue, part = _decode(field).rsplit(SEP, 2)
+        entry = out.setdefault((name, queue), {"counts": [0] * len(BUCKET_LABELS), "sum": 0.0})
+        if part == "sum":
+            entry["sum"] = float(value)
+        elif part in index:
+            entry["counts"][index[part]] = int(value)
+    for entry in out.values():
+        entry["count"] = sum(entry["counts"])
+    return out
+
+
+class StatsStore:
+    """Read access to taskyard's live stats, series, alerts and history."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings
+        self.keys = runtime.keys
+        self._broker_redis: Redis | None = None
+        self._engine: Engine | None = None
+
+    @property
+    def redis(self) -> Redis:
+        return self.runtime.redis
+
+    @property
+    def engine(self) -> Engine:
+        """History database engine, schema created on first use."""
+        if self._engine is None:
+            engine = history.engine_for(self.settings.effective_history_url)
+            history.ensure_schema(engine)
+            self._engine = engine
+        return self._engine
+
+    def _broker_client(self) -> Redis:
+        broker = self.settings.effective_broker_url
+        if broker == self.settings.effective_redis_url:
+            return self.redis
+        if self._broker_redis is None:
+            self._broker_redis = broker_redis_client(broker,
+                                                     self.settings.broker_connect_timeout_s)
+        return self._broker_redis
+
+    # --- live readings -----------------------------------------------------------------------
+    def queues(self) -> list[dict[str, Any]]:
+        """Depth of the five queues: ready (all priority lists) plus reserved (unacked)."""
+        broker = self.settings.effective_broker_url
+        if is_redis_url(broker):
+            depths = redis_depths(self._broker_client(), LEVEL_NAMES)
+        else:
+            depths = amqp_depths(broker, LEVEL_NAMES, self.settings.broker_connect_timeout_s)
+        return [d.as_dict() for d in depths]
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Known workers: their last heartbeat plus ``alive`` and ``age_s``."""
+        now = time.time()
+        raw_members: list[tuple[bytes, float]] = self.redis.zrange(
+            self.keys.workers(), 0, -1, withscores=True)  # type: ignore[assignment]
+        forget = self.settings.monitoring.worker_forget_after_s
+        members = [(_decode(m), float(s)) for m, s in raw_members if now - float(s) <= forget]
+        if not members:
+            return []
+        raws = self.redis.mget([self.keys.worker_heartbeat(h) for h, _ in members])
+        ttl = 2 * self.settings.guard.heartbeat_interval_s
+        out = []
+        for (hostname, seen), raw in zip(members, raws, strict=True):
+            beat: dict[str, Any] = {"hostname": hostname, "at": seen}
+            if raw:
+                try:
+                    beat.update(json.loads(raw))
+                except ValueError:
+                    logger.warning("unreadable heartbeat of worker %s", hostname)
+            at = float(beat.get("at") or seen)
+            age = max(0.0, now - at)
+            beat["age_s"] = round(age, 3)
+            beat["alive"] = bool(raw) and age <= ttl
+            out.append(beat)
+        out.sort(key=lambda w: str(w["hostname"]))
+        return out
+
+    def _raw_stats(self) -> tuple[dict[bytes, bytes], dict[str, dict[bytes, bytes]]]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.task_counts())
+            for kind in KINDS:
+                pipe.hgetall(self.keys.task_histogram(kind))
+            replies = pipe.execute()
+        return replies[0], dict(zip(KINDS, replies[1:], strict=True))
+
+    def histograms(self) -> dict[str, Any]:
+        """Raw histogram buckets per (name, queue), for Prometheus.
+
+        ``{"buckets": [upper bounds (s)], "runtime": [{"name", "queue", "counts", "sum",
+        "count"}], "wait": [...]}``; ``counts`` are per bucket (not cumulative) and have one
+        more entry than ``buckets``: the overflow (+Inf) bucket.
+        """
+        _counts, hists = self._raw_stats()
+        out: dict[str, Any] = {"buckets": list(BUCKETS)}
+        for kind in KINDS:
+            parsed = parse_histogram(hists[kind])
+            out[kind] = [{"name": name, "queue": queue, **entry}
+                         for (name, queue), entry in sorted(parsed.items())]
+        return out
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """Counters and latency percentiles (s) per task name and queue."""
+        counts_raw, hists = self._raw_stats()
+        counts = parse_counts(counts_raw)
+        parsed = {kind: parse_histogram(hists[kind]) for kind in KINDS}
+        keys = set(counts) | set(parsed["runtime"]) | set(parsed["wait"])
+        out = []
+        for name, queue in sorted(keys):
+            row: dict[str, Any] = {"name": name, "queue": queue}
+            row.update(counts.get((name, queue), dict.fromkeys(EVENTS, 0)))
+            for kind in KINDS:
+                buckets = parsed[kind].get((name, queue), {}).get("counts", [])
+                for label, q in _PERCENTILES:
+                    row[f"{kind}_{label}"] = quantile(buckets, q) if buckets else None
+            out.append(row)
+        return out
+
+    def batches(self) -> list[dict[str, Any]]:
+        """Batch buffers: the batching package's inspection when present, else read here."""
+        try:
+            from taskyard.batching import inspect_batches  # type: ignore[attr-defined]
+        except (ImportError, AttributeError):
+            inspect_batches = None
+        if inspect_batches is not None:
+            try:
+                return [dict(b) for b in inspect_batches(self.runtime)]
+            except (TypeError, AttributeError):
+                logger.warning("taskyard.batching.inspect_batches unusable; reading buffers",
+                               exc_info=True)
+        return self._read_batches()
+
+    def _read_batches(self) -> list[dict[str, Any]]:
+        members = sorted(_decode(m) for m in self.redis.smembers(self.keys.batch_registry()))
+        if not members:
+            return []
+        pairs = [tuple(m.split("\x1f", 1)) if "\x1f" in m else (m, "") for m in members]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name, group in pairs:
+                pipe.llen(self.keys.batch_buffer(name, group))
+                pipe.get(self.keys.batch_first_at(name, group))
+                pipe.zcard(self.keys.batch_inflight(name, group))
+                pipe.zcard(self.keys.batch_dead(name, group))
+            replies = pipe.execute()
+        now = time.time()
+        out = []
+        for i, (name, group) in enumerate(pairs):
+            buffered, first, inflight, dead = replies[4 * i:4 * i + 4]
+            out.append({"batch_name": name, "group": group, "buffered": int(buffered),
+                        "oldest_age_s": round(now - float(first), 3) if first else None,
+                        "inflight": int(inflight), "dead": int(dead)})
+        return out
+
+    def cache(self) -> list[dict[str, Any]]:
+        """Cache namespaces with hits, misses and hit rate (percent)."""
+        try:
+            from taskyard.tasks.cache import cache_stats  # type: ignore[import-not-found]
+        except (ImportError, AttributeError):
+            cache_stats = None
+        if cache_stats is not None:
+            try:
+                return [dict(c) for c in cache_stats(self.runtime)]
+            except (TypeError, AttributeError):
+                logger.warning("taskyard.tasks.cache.cache_stats unusable; reading counters",
+                               exc_info=True)
+        return self._read_cache()
+
+    def _read_cache(self) -> list[dict[str, Any]]:
+        prefix = self.keys.cache_stats("")
+        keys = sorted(_decode(k) for k in self.redis.scan_iter(match=prefix + "*", count=500))
+        if not keys:
+            return []
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hgetall(key)
+            replies = pipe.execute()
+        out = []
+        for key, raw in zip(keys, replies, strict=True):
+            fields = {_decode(k): _decode(v) for k, v in raw.items()}
+            hits = int(float(fields.get("hits", fields.get("hit", 0))))
+            misses = int(float(fields.get("misses", fields.get("miss", 0))))
+            total = hits + misses
+            out.append({"namespace": key.removeprefix(prefix), "hits": hits, "misses": misses,
+                        "hit_rate_pct": round(100.0 * hits / total, 2) if total else None})
+        return out
+
+    def maintenance(self) -> list[dict[str, Any]]:
+        """Recent maintenance runs, newest first."""
+        runs = self._series_redis("maintenance")
+        if not runs:
+            raw = self.redis.get(self.keys.maintenance_last())
+            if raw:
+                try:
+                    runs = [json.loads(raw)]
+                except ValueError:
+                    logger.warning("unreadable maintenance report in %s",
+                                   self.keys.maintenance_last())
+        return runs[:50]
+
+    def alerts(self, include_resolved: bool = False) -> list[dict[str, Any]]:
+        """Alerts, firing first (critical before warning), then newest first."""
+        raw = self.redis.hgetall(self.keys.alerts())
+        alerts = [json.loads(v) for v in raw.values()]
+        if not include_resolved:
+            alerts = [a for a in alerts if a.get("state") == "firing"]
+        alerts.sort(key=lambda a: (a.get("state") != "firing",
+                                   _SEVERITY_ORDER.get(a.get("severity", ""), 9),
+                                   -float(a.get("since") or 0)))
+        return alerts
+
+    def overview(self) -> dict[str, Any]:
+        """One-glance summary: totals, depth per queue, workers, firing alerts, throughput,
+        latency percentiles over all tasks."""
+        tasks = self.tasks()
+        totals = {event: sum(int(t[event]) for t in tasks) for event in EVENTS}
+        queues = self.queues()
+        workers = self.workers()
+        firing = self.alerts()
+        hists = self.histograms()
+        latency: dict[str, float | None] = {}
+        for kind in KINDS:
+            merged = [0] * len(BUCKET_LABELS)
+            for entry in hists[kind]:
+                merged = [a + b for a, b in zip(merged, entry["counts"], strict=True)]
+            for label, q in _PERCENTILES:
+                latency[f"{kind}_{label}"] = quantile(merged, q)
+        latest = self._series_redis("throughput", limit=1)
+        rates = latest[0] if latest else {}
+        return {
+            "at": time.time(),
+            "totals": totals,
+            "queues": {q["queue"]: q["depth"] for q in queues},
+            "queue_depth_total": sum(q["depth"] for q in queues),
+            "workers_alive": sum(1 for w in workers if w["alive"]),
+            "workers_total": len(workers),
+            "alerts_firing": len(firing),
+            "alerts_critical": sum(1 for a in firing if a.get("severity") == "critical"),
+            "throughput_per_s": float(rates.get("per_s", 0.0)),
+            "succeeded_per_s": float(rates.get("succeeded_per_s", 0.0)),
+            "failed_per_s": float(rates.get("failed_per_s", 0.0)),
+            "latency": latency,
+        }
+
+    # --- series and history ------------------------------------------------------------------
+    def _series_redis(self, name: str, limit: int = -1) -> list[dict[str, Any]]:
+        end = -1 if limit < 0 else limit - 1
+        return [json.loads(v) for v in self.redis.lrange(self.keys.series(name), 0, end)]
+
+    def series(self, name: str, since: float | None = None, until: float | None = None,
+               limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Snapshots of series ``name`` in ``[since, until]``, newest first: the recent ones from
+        Redis, older ones from the history database.
+
+        Raises:
+            ValueError: ``name`` is not a known series, or limit/offset are negative.
+        """
+        if name not in SERIES:
+            raise ValueError(f"unknown series {name!r}; known series: {', '.join(SERIES)}")
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit={limit} and offset={offset} must not be negative")
+        recent = self._series_redis(name)
+        oldest = float(recent[-1]["at"]) if recent else None
+        picked = [s for s in recent if (since is None or s["at"] >= since)
+                  and (until is None or s["at"] <= until)]
+        out = picked[offset:offset + limit]
+        if len(out) >= limit:
+            return out
+        if oldest is not None and since is not None and since >= oldest:
+            return out  # Redis covers the whole range
+        # Older than what Redis keeps: the history database, strictly before Redis' oldest.
+        db_until = until
+        if oldest is not None:
+            db_until = min(until, oldest - 1e-6) if until is not None else oldest - 1e-6
+        db_offset = max(0, offset - len(picked))
+        out.extend(history.read_snapshots(self.engine, name, since, db_until,
+                                          limit - len(out), db_offset))
+        return out
+
+    def alert_history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Alert episodes from the history database, most recent first."""
+        return history.read_alert_episodes(self.engine, limit)
+
+    # --- readiness ---------------------------------------------------------------------------
+    def check_ready(self) -> dict[str, str | None]:
+        """None per part that answers, else the error text: Redis, history database, broker."""
+        result: dict[str, str | None] = {}
+        try:
+            self.redis.ping()
+            result["redis"] = None
+        except Exception as exc:
+            result["redis"] = f"{type(exc).__name__}: {exc}"
+        try:
+            history.check(self.engine)
+            result["database"] = None
+        except Exception as exc:
+            self._engine = None
+            result["database"] = f"{type(exc).__name__}: {exc}"
+        broker = self.settings.effective_broker_url
+        try:
+            if is_redis_url(broker):
+                self._broker_client().ping()
+            else:
+                timeout = self.settings.broker_connect_timeout_s
+                with Connection(broker, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
+                    conn.ensure_connection(max_retries=1)
+            result["broker"] = None
+        except Exception as exc:
+            result["broker"] = f"{type(exc).__name__}: {exc}"
+        return result
