@@ -215,8 +215,8 @@ def test_env_example_names_real_settings_with_valid_values(
 def test_dockerfile_installs_the_project_and_runs_unprivileged() -> None:
     text = DOCKERFILE.read_text()
     lines = [line.strip() for line in text.splitlines()]
-    assert lines[[i for i, ln in enumerate(lines) if ln and not ln.startswith("#")][0]] \
-        .startswith("FROM python:3.11")
+    first = next(line for line in lines if line and not line.startswith("#"))
+    assert first.startswith("FROM python:3.11")
     assert "COPY src ./src" in text and "COPY examples ./examples" in text
     assert "pip install" in text
     assert any(line.startswith("USER ") and "root" not in line for line in lines)
