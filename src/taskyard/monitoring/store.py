@@ -195,53 +195,25 @@ class StatsStore:
         return out
 
     def batches(self) -> list[dict[str, Any]]:
-        """Batch buffers: the batching package's inspection when present, else read here."""
+        """Batch buffers, as ``taskyard.batching.inspect_batches`` reports them (empty when the
+        batching package does not provide it)."""
         try:
             from taskyard.batching import inspect_batches  # type: ignore[attr-defined]
         except (ImportError, AttributeError):
-            inspect_batches = None
-        if inspect_batches is not None:
-            try:
-                return [dict(b) for b in inspect_batches(self.runtime)]
-            except (TypeError, AttributeError):
-                logger.warning("taskyard.batching.inspect_batches unusable; reading buffers",
-                               exc_info=True)
-        return self._read_batches()
-
-    def _read_batches(self) -> list[dict[str, Any]]:
-        members = sorted(_decode(m) for m in self.redis.smembers(self.keys.batch_registry()))
-        if not members:
             return []
-        pairs = [tuple(m.split("\x1f", 1)) if "\x1f" in m else (m, "") for m in members]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name, group in pairs:
-                pipe.llen(self.keys.batch_buffer(name, group))
-                pipe.get(self.keys.batch_first_at(name, group))
-                pipe.zcard(self.keys.batch_inflight(name, group))
-                pipe.zcard(self.keys.batch_dead(name, group))
-            replies = pipe.execute()
-        now = time.time()
-        out = []
-        for i, (name, group) in enumerate(pairs):
-            buffered, first, inflight, dead = replies[4 * i:4 * i + 4]
-            out.append({"batch_name": name, "group": group, "buffered": int(buffered),
-                        "oldest_age_s": round(now - float(first), 3) if first else None,
-                        "inflight": int(inflight), "dead": int(dead)})
-        return out
+        return [dict(b) for b in inspect_batches(self.runtime)]
 
     def cache(self) -> list[dict[str, Any]]:
-        """Cache namespaces with hits, misses and hit rate (percent)."""
+        """Cache namespaces with hits, misses and hit rate (percent), from
+        ``taskyard.tasks.cache.cache_stats`` when present, else from the counters directly."""
         try:
-            from taskyard.tasks.cache import cache_stats  # type: ignore[import-not-found]
+            from taskyard.tasks.cache import cache_stats
         except (ImportError, AttributeError):
-            cache_stats = None
-        if cache_stats is not None:
-            try:
-                return [dict(c) for c in cache_stats(self.runtime)]
-            except (TypeError, AttributeError):
-                logger.warning("taskyard.tasks.cache.cache_stats unusable; reading counters",
-                               exc_info=True)
-        return self._read_cache()
+            return self._read_cache()
+        stats: Any = cache_stats(self.runtime)
+        if isinstance(stats, dict):
+            return [{"namespace": ns, **dict(v)} for ns, v in sorted(stats.items())]
+        return [dict(v) for v in stats]
 
     def _read_cache(self) -> list[dict[str, Any]]:
         prefix = self.keys.cache_stats("")
