@@ -112,5 +112,9 @@ from taskyard.monitoring.flower import flower as flower_command  # noqa: E402
 
 main.add_command(flower_command)
 
+from taskyard.monitoring.apicli import api_command  # noqa: E402
+
+main.add_command(api_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

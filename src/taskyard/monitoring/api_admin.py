@@ -1,0 +1,110 @@
+"""Admin endpoints of the stats API: POSTs behind the bearer token.
+
+They call into the periodic-jobs and batching packages, imported when a request arrives; an
+installation without one of them answers 501 naming what is missing instead of failing to start.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Path
+from pydantic import BaseModel, Field
+
+from taskyard.monitoring import api_models as m
+
+if TYPE_CHECKING:
+    from taskyard.monitoring.api import ApiState
+
+log = logging.getLogger(__name__)
+
+#: Celery task that runs index maintenance now (registered by taskyard.tasks.maintenance).
+MAINTENANCE_TASK = "taskyard.maintenance.run"
+
+
+class CacheInvalidation(BaseModel):
+    """Tags whose cache entries are invalidated."""
+
+    tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=100, description="Cache tags, e.g. ['user:7'].")
+
+
+class BatchRequeue(BaseModel):
+    """Dead batches of one batch buffer to put back into work."""
+
+    group: str = Field("", max_length=200, description="Grouping key of the buffer ('' none).")
+    batch_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None, max_length=1000, description="Dead batch ids to requeue; null requeues all.")
+
+
+def capability(module: str, attribute: str, what: str) -> Callable[..., Any]:
+    """``module.attribute``, or a 501 naming what this installation lacks."""
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except ImportError as exc:
+        raise HTTPException(501, f"{what} is not available: cannot import {module} ({exc})") \
+            from None
+    except AttributeError:
+        raise HTTPException(501, f"{what} is not available: {module} has no {attribute}") \
+            from None
+    return found  # type: ignore[no-any-return]
+
+
+def admin_router(state: ApiState) -> APIRouter:
+    """Routes under ``/admin``, every one requiring the admin token."""
+    errors: dict[int | str, dict[str, Any]] = {
+        401: {"model": m.ErrorBody, "description": "No bearer token sent."},
+        403: {"model": m.ErrorBody,
+              "description": "Wrong token, or admin endpoints disabled (no token configured)."},
+        501: {"model": m.ErrorBody, "description": "The capability is not installed."},
+    }
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(state.auth)],
+                       responses=errors)
+
+    @router.post("/cache/invalidate", response_model=m.AdminResult)
+    def invalidate_cache(request: Annotated[CacheInvalidation, Body()]) -> m.AdminResult:
+        """Invalidate the cache entries stored under the given tags and delete them."""
+        cache_for = capability("taskyard.tasks.cache", "cache_for", "the cache")
+        cache = cache_for(state.runtime)
+        deleted = {tag: int(cache.clear_tag(tag)) for tag in request.tags}
+        state.cache.clear()
+        log.info("stats API: cache tags cleared: %s", request.tags)
+        return m.AdminResult(action="cache.invalidate", detail={"deleted": deleted})
+
+    @router.post("/maintenance/run", response_model=m.AdminResult, status_code=202)
+    def run_maintenance() -> m.AdminResult:
+        """Queue an index-maintenance run now (the job itself runs on a worker)."""
+        name = getattr(capability("taskyard.tasks.maintenance", "MAINTENANCE_TASK",
+                                  "index maintenance"), "__str__", lambda: MAINTENANCE_TASK)()
+        result = state.celery().send_task(name)
+        log.info("stats API: maintenance run queued as %s", result.id)
+        return m.AdminResult(action="maintenance.run", detail={"task": name,
+                                                               "task_id": result.id})
+
+    @router.post("/batches/{batch_name}/requeue", response_model=m.AdminResult)
+    def requeue_dead_batch(
+        batch_name: Annotated[str, Path(min_length=1, max_length=200)],
+        request: Annotated[BatchRequeue, Body()] = BatchRequeue(),  # noqa: B008
+    ) -> m.AdminResult:
+        """Put dead batches of a buffer back into work (all of them, or the ids given)."""
+        requeue = capability("taskyard.batching", "requeue_dead", "dead-batch requeue")
+        result = requeue(state.runtime, batch_name, request.group, request.batch_ids)
+        state.cache.clear()
+        log.info("stats API: dead batches of %s requeued", batch_name)
+        return m.AdminResult(action="batches.requeue",
+                             detail={"batch_name": batch_name, "group": request.group,
+                                     "result": _plain(result)})
+
+    return router
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-friendly rendering of what a capability returned."""
+    if value is None or isinstance(value, str | int | float | bool | list | dict):
+        return value
+    if hasattr(value, "__dict__"):
+        return {k: v for k, v in vars(value).items() if not k.startswith("_")}
+    return str(value)

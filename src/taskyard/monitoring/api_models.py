@@ -1,0 +1,145 @@
+"""Response models of the stats API: they document the OpenAPI schema and name the fields that
+``?fields=`` may select.
+
+The rows come from :class:`taskyard.monitoring.store.StatsStore`; models allow extra keys so a
+field the store adds later reaches clients before it is documented here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class QueueStats(_Row):
+    """One level's queue: true depth on the broker."""
+
+    queue: str = Field(description="Queue (level) name: critical, high, normal, low or batch.")
+    depth: int = Field(description="Messages waiting plus reserved and not yet acknowledged.")
+    ready: int = Field(description="Messages waiting in the queue (all priority sub-lists).")
+    reserved: int = Field(description="Messages delivered to a worker, not yet acknowledged.")
+    reserved_known: bool = Field(
+        True, description="False on RabbitMQ without the management plugin: reserved is 0 "
+        "because the broker does not report it.")
+
+
+class WorkerStats(_Row):
+    """A worker from its heartbeat."""
+
+    hostname: str
+    alive: bool = Field(description="Heartbeat younger than its time to live.")
+    age_s: float | None = Field(None, description="Seconds since the last heartbeat.")
+    memory_percent: float | None = Field(None, description="Memory use, percent of the limit.")
+    cpu_percent: float | None = Field(None, description="CPU use, percent, averaged.")
+
+
+class TaskStats(_Row):
+    """Counts and latency percentiles of one task name on one queue."""
+
+    name: str
+    queue: str
+    received: int = 0
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    deferred: int = 0
+    runtime_p50: float | None = Field(None, description="Runtime median, seconds.")
+    runtime_p95: float | None = Field(None, description="Runtime 95th percentile, seconds.")
+    runtime_p99: float | None = Field(None, description="Runtime 99th percentile, seconds.")
+    wait_p50: float | None = Field(None, description="Queue wait (sent -> started) median, s.")
+    wait_p95: float | None = Field(None, description="Queue wait 95th percentile, seconds.")
+    wait_p99: float | None = Field(None, description="Queue wait 99th percentile, seconds.")
+
+
+class BatchStats(_Row):
+    """A batch buffer: items waiting, batches in flight and dead."""
+
+    batch_name: str
+    group: str = ""
+    buffered: int = Field(0, description="Items waiting in the Redis buffer.")
+    oldest_age_s: float | None = Field(None, description="Age of the oldest buffered item, s.")
+    inflight: int = Field(0, description="Claimed batches not yet finished.")
+    dead: int = Field(0, description="Batches that exhausted their retries.")
+
+
+class CacheStats(_Row):
+    """Hit and miss counters of one cache namespace."""
+
+    namespace: str
+    hits: int = 0
+    misses: int = 0
+    hit_rate_pct: float | None = Field(None, description="hits / (hits + misses), percent.")
+
+
+class MaintenanceRun(_Row):
+    """One index-maintenance run, as reported by the maintenance job."""
+
+    started_at: float | None = Field(None, description="Seconds since the epoch.")
+    finished_at: float | None = Field(None, description="Seconds since the epoch.")
+    status: str | None = None
+
+
+class Alert(_Row):
+    """An alert with its state: firing since, resolved at."""
+
+    id: str
+    alertname: str
+    severity: str = Field(description="warning or critical.")
+    state: str = Field(description="firing or resolved.")
+    since: float = Field(description="Firing since, seconds since the epoch.")
+    resolved_at: float | None = Field(None, description="Seconds since the epoch, when resolved.")
+    value: float | None = None
+    threshold: float | None = None
+    labels: dict[str, str] = {}
+    summary: str = ""
+
+
+class Overview(_Row):
+    """The whole platform at a glance."""
+
+
+class HistoryPage(BaseModel):
+    """One page of a stats time series, newest first."""
+
+    series: str
+    since: float | None = Field(description="Lower time bound used, seconds since the epoch.")
+    until: float | None = Field(description="Upper time bound used, seconds since the epoch.")
+    limit: int
+    offset: int
+    items: list[dict[str, Any]]
+    next_offset: int | None = Field(description="Offset of the next page; null on the last.")
+
+
+class Health(BaseModel):
+    """Liveness or readiness, with each dependency's state."""
+
+    status: str = Field(description="live, ready or unavailable.")
+    checks: dict[str, str] = Field(
+        {}, description="Dependency -> 'ok' or the reason it failed (redis, database, broker)."
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a short code and a readable detail."""
+
+    error: str
+    detail: Any
+
+
+class AdminResult(BaseModel):
+    """What an admin action did."""
+
+    action: str
+    detail: dict[str, Any] = {}
+
+
+#: Field names each list endpoint's ``?fields=`` accepts.
+def field_names(model: type[BaseModel]) -> tuple[str, ...]:
+    """Declared field names of ``model``, in declaration order."""
+    return tuple(model.model_fields)

@@ -1,0 +1,241 @@
+"""``/metrics``: Prometheus exposition of the stats store, read at scrape time.
+
+A custom collector turns the store's rows into metric families on each scrape; each API instance
+has its own :class:`~prometheus_client.CollectorRegistry`, so nothing leaks between apps through
+prometheus_client's global registry. Names follow celery-exporter where one exists
+(``celery_task_succeeded_total{name,queue_name}``, ``celery_queue_length{queue_name}``) and
+``taskyard_`` otherwise; values are in base units (seconds, counts, percent as documented).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from taskyard.monitoring.api import ApiState, StatsSource
+
+#: Task events the store counts -> (metric name without _total, help).
+TASK_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    ("received", "celery_task_received", "Tasks received by a worker."),
+    ("started", "celery_task_started", "Tasks started by a worker."),
+    ("succeeded", "celery_task_succeeded", "Tasks that succeeded."),
+    ("failed", "celery_task_failed", "Tasks that failed."),
+    ("retried", "celery_task_retried", "Tasks that asked to be retried."),
+    ("deferred", "taskyard_task_deferred", "Tasks held back by a resource guard."),
+)
+
+HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("runtime", "celery_task_runtime_seconds", "Task runtime (started -> finished)."),
+    ("wait", "celery_task_wait_seconds", "Queue wait of a task (sent -> started)."),
+)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None if value is None else float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class StoreCollector(Collector):
+    """Collects every taskyard metric from a stats store when the registry is scraped."""
+
+    def __init__(self, store: StatsSource) -> None:
+        self.store = store
+
+    def describe(self) -> Iterable[Metric]:
+        # Families are known only at scrape time; describing nothing keeps registration free of
+        # I/O (the registry is created with auto_describe=False).
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._queues(self.store.queues())
+        tasks = self.store.tasks()
+        yield from self._task_counters(tasks)
+        yield from self._histograms(self.store.histograms())
+        yield from self._workers(self.store.workers())
+        yield from self._batches(self.store.batches())
+        yield from self._cache(self.store.cache())
+        yield from self._alerts(self.store.alerts(include_resolved=False))
+
+    @staticmethod
+    def _queues(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        length = GaugeMetricFamily(
+            "celery_queue_length",
+            "Messages in a queue: every priority sub-list plus reserved, unacknowledged ones.",
+            labels=["queue_name"])
+        ready = GaugeMetricFamily("taskyard_queue_ready_messages",
+                                  "Messages waiting in a queue.", labels=["queue_name"])
+        reserved = GaugeMetricFamily(
+            "taskyard_queue_reserved_messages",
+            "Messages delivered to a worker and not yet acknowledged.", labels=["queue_name"])
+        for row in rows:
+            queue = [_text(row.get("queue"))]
+            for family, key in ((length, "depth"), (ready, "ready"), (reserved, "reserved")):
+                value = _number(row.get(key))
+                if value is not None:
+                    family.add_metric(queue, value)
+        yield from (length, ready, reserved)
+
+    @staticmethod
+    def _task_counters(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        for key, name, documentation in TASK_COUNTERS:
+            family = CounterMetricFamily(name, documentation, labels=["name", "queue_name"])
+            for row in rows:
+                value = _number(row.get(key))
+                if value is not None:
+                    family.add_metric([_text(row.get("name")), _text(row.get("queue"))], value)
+            yield family
+
+    @staticmethod
+    def _histograms(data: Mapping[str, Any]) -> Iterator[Metric]:
+        for kind, name, documentation in HISTOGRAMS:
+            family = HistogramMetricFamily(name, documentation, labels=["name", "queue_name"])
+            for series in histogram_series(data, kind):
+                family.add_metric([series["name"], series["queue"]], series["buckets"],
+                                  series["sum"])
+            yield family
+
+    @staticmethod
+    def _workers(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        alive = GaugeMetricFamily("celery_workers_alive",
+                                  "Workers whose heartbeat is current.")
+        up = GaugeMetricFamily("celery_worker_up", "1 while a worker's heartbeat is current.",
+                               labels=["hostname"])
+        memory = GaugeMetricFamily("taskyard_worker_memory_percent",
+                                   "Worker memory use, percent of its limit.",
+                                   labels=["hostname"])
+        cpu = GaugeMetricFamily("taskyard_worker_cpu_percent",
+                                "Worker CPU use, percent, averaged over the guard window.",
+                                labels=["hostname"])
+        count = 0
+        for row in rows:
+            host = [_text(row.get("hostname"))]
+            is_alive = bool(row.get("alive"))
+            count += is_alive
+            up.add_metric(host, 1.0 if is_alive else 0.0)
+            for family, key in ((memory, "memory_percent"), (cpu, "cpu_percent")):
+                value = _number(row.get(key))
+                if value is not None:
+                    family.add_metric(host, value)
+        alive.add_metric([], float(count))
+        yield from (alive, up, memory, cpu)
+
+    @staticmethod
+    def _batches(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        families = {
+            "buffered": GaugeMetricFamily("taskyard_batch_buffered_items",
+                                          "Items waiting in a batch buffer.",
+                                          labels=["batch_name"]),
+            "inflight": GaugeMetricFamily("taskyard_batch_inflight_batches",
+                                          "Claimed batches not yet finished.",
+                                          labels=["batch_name"]),
+            "dead": GaugeMetricFamily("taskyard_batch_dead_batches",
+                                      "Batches that exhausted their retries.",
+                                      labels=["batch_name"]),
+        }
+        totals: dict[str, dict[str, float]] = {key: {} for key in families}
+        for row in rows:
+            # Grouped buffers of one batch name add up: the label is the batch name.
+            batch = _text(row.get("batch_name"))
+            for key in families:
+                value = _number(row.get(key))
+                if value is not None:
+                    totals[key][batch] = totals[key].get(batch, 0.0) + value
+        for key, family in families.items():
+            for batch, value in totals[key].items():
+                family.add_metric([batch], value)
+            yield family
+
+    @staticmethod
+    def _cache(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        hits = CounterMetricFamily("taskyard_cache_hits", "Cache reads served from Redis.",
+                                   labels=["namespace"])
+        misses = CounterMetricFamily("taskyard_cache_misses", "Cache reads that recomputed.",
+                                     labels=["namespace"])
+        for row in rows:
+            namespace = [_text(row.get("namespace"))]
+            for family, key in ((hits, "hits"), (misses, "misses")):
+                value = _number(row.get(key))
+                if value is not None:
+                    family.add_metric(namespace, value)
+        yield from (hits, misses)
+
+    @staticmethod
+    def _alerts(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+        active = GaugeMetricFamily("taskyard_alert_active", "1 for each firing alert.",
+                                   labels=["alertname", "severity"])
+        firing: dict[tuple[str, str], float] = {}
+        for row in rows:
+            if row.get("state") != "firing":
+                continue
+            key = (_text(row.get("alertname")), _text(row.get("severity")))
+            # Several instances of one rule (one per worker, say) share a series: count them.
+            firing[key] = firing.get(key, 0.0) + 1.0
+        for (alertname, severity), value in sorted(firing.items()):
+            active.add_metric([alertname, severity], value)
+        yield active
+
+
+def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    """Cumulative Prometheus buckets of one histogram kind from :meth:`StatsStore.histograms`.
+
+    The store gives the upper bounds once (``data["buckets"]``) and per (name, queue) the count
+    in each bucket, not cumulative, with one extra entry for the overflow (+Inf) bucket.
+    """
+    bounds = [float(b) for b in data.get("buckets") or ()]
+    labels = [*(_bound(b) for b in bounds), "+Inf"]
+    for row in data.get(kind) or ():
+        counts = [_number(c) or 0.0 for c in row.get("counts") or ()]
+        counts = (counts + [0.0] * len(labels))[:len(labels)]
+        cumulative, running = [], 0.0
+        for label, count in zip(labels, counts, strict=True):
+            running += count
+            cumulative.append((label, running))
+        yield {"name": _text(row.get("name")), "queue": _text(row.get("queue")),
+               "buckets": cumulative, "sum": _number(row.get("sum")) or 0.0}
+
+
+def _bound(value: float) -> str:
+    # Prometheus' own rendering of a bucket bound ("0.005", "1.0", "60.0").
+    return repr(float(value))
+
+
+def metrics_registry(store: StatsSource) -> CollectorRegistry:
+    """A registry of its own holding one collector over ``store``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoreCollector(store))
+    return registry
+
+
+def add_metrics_route(api: FastAPI, state: ApiState) -> None:
+    """Serve ``/metrics`` from ``state.store`` through the API's response cache."""
+    registry = metrics_registry(state.store)
+
+    @api.get("/metrics", tags=["metrics"], response_class=Response, responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition format 0.0.4."}})
+    async def metrics() -> Response:
+        """Prometheus metrics of queues, tasks, workers, batches, cache and alerts."""
+        body = await state.cache.get("metrics", lambda: generate_latest(registry))
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
