@@ -159,6 +159,9 @@ def create_api(source: Settings | Runtime | Any | None = None, *,
 
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
+    from taskyard.monitoring import dashboard
+
+    api.include_router(dashboard.router)
     return api
 
 

@@ -1,0 +1,211 @@
+"""Dashboard rendering: pure functions over the store's plain dicts, and the route."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from taskyard.config import load_settings
+from taskyard.monitoring import charts, dashboard
+
+LEVELS = ["critical", "high", "normal", "low", "batch"]
+NOW = 1_800_000_000.0
+THRESHOLDS = {"memory_warning_pct": 80.0, "memory_critical_pct": 90.0,
+              "cpu_warning_pct": 80.0, "cpu_critical_pct": 90.0}
+
+
+def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
+    """Data in the shapes StatsStore returns and the stats collection writes."""
+    queues_series, throughput, latency, workers_series, batches_series = [], [], [], [], []
+    for i in range(points):
+        at = now - 10 * i
+        queues_series.append({"at": at, "queues": {
+            lv: {"depth": (i * (k + 1)) % 40, "ready": (i * (k + 1)) % 40, "reserved": 0}
+            for k, lv in enumerate(LEVELS)}})
+        throughput.append({"at": at, "per_s": 12.0 + i % 5, "succeeded_per_s": 11.0 + i % 5,
+                           "failed_per_s": 1.0, "received_per_s": 13.0, "window_s": 10.0})
+        latency.append({"at": at, "runtime_p50": 0.004, "runtime_p95": 0.02 + i / 1000,
+                        "runtime_p99": 0.09, "wait_p50": 0.01, "wait_p95": 0.2,
+                        "wait_p99": None if i == 7 else 0.5})
+        workers_series.append({"at": at, "workers": [
+            {"hostname": "critical@h", "alive": True, "memory_pct": 40 + i, "cpu_pct": 20.0}]})
+        batches_series.append({"at": at, "batches": [
+            {"batch_name": "emails", "group": "", "buffered": i, "inflight": 1, "dead": 0}]})
+    return {
+        "now": now, "window_s": 3600.0, "thresholds": THRESHOLDS, "problems": [],
+        "queues": [{"queue": lv, "depth": 5 + k, "ready": 4 + k, "reserved": 1}
+                   for k, lv in enumerate(LEVELS)],
+        "workers": [
+            {"hostname": "critical@h", "pid": 10, "alive": True, "age_s": 1.2, "memory_pct": 93.5,
+             "cpu_pct": 12.0, "state": "critical", "queues": ["critical", "high"]},
+            {"hostname": "batch@h", "pid": 11, "alive": False, "age_s": 45.0, "memory_pct": None},
+        ],
+        "tasks": [{"name": "bdc.tasks.send", "queue": "high", "received": 10, "started": 10,
+                   "succeeded": 9, "failed": 1, "retried": 0, "deferred": 2,
+                   "runtime_p50": 0.004, "runtime_p95": 0.05, "runtime_p99": 1.5,
+                   "wait_p50": 0.01, "wait_p95": 0.2, "wait_p99": None}],
+        "batches": [{"batch_name": "emails", "group": "", "buffered": 42, "oldest_age_s": 1.0,
+                     "inflight": 3, "dead": 1}],
+        "alerts": [{"id": "WorkerMemoryHigh{hostname=critical@h}", "alertname": "WorkerMemoryHigh",
+                    "severity": "critical", "state": "firing", "since": now - 120,
+                    "summary": "memory 93.5% above 90% on <critical@h>"}],
+        "series": {"queues": queues_series, "throughput": throughput, "latency": latency,
+                   "workers": workers_series, "batches": batches_series},
+    }
+
+
+def svgs(html: str) -> list[ET.Element]:
+    """Every <svg> of a page, parsed as XML (so each is well-formed)."""
+    return [ET.fromstring(m) for m in re.findall(r"<svg\b.*?</svg>", html, flags=re.S)]
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
+    html = dashboard.render_page(sample(), refresh_s=5)
+    charts_ = svgs(html)
+    titles = [c.find(f"{SVG}title").text for c in charts_]  # type: ignore[union-attr]
+    for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
+                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now",
+                  "Worker resources (percent of limit)", "Worker resources over time"):
+        assert title in titles
+    depth = charts_[titles.index("Queue depth per level (messages)")]
+    drawn = [p.get("data-label") for p in depth.iter(f"{SVG}path")]
+    assert drawn == LEVELS
+    assert "WorkerMemoryHigh" in html and "CRITICAL" in html
+    # Alert text is escaped, never markup.
+    assert "&lt;critical@h&gt;" in html and "<critical@h>" not in html
+    assert 'http-equiv="refresh" content="5"' in html
+    assert "bdc.tasks.send" in html and "1.5 s" in html
+    # Nothing is loaded from anywhere: no external src/href.
+    assert not re.search(r'(src|href)="(https?:)?//', html)
+
+
+def test_a_gap_in_the_series_breaks_the_line() -> None:
+    html = dashboard.latency_chart(sample(), "wait")
+    p99 = next(p for p in ET.fromstring(html).iter(f"{SVG}path")
+               if p.get("data-label") == "wait p99")
+    assert p99.get("d", "").count("M") == 2  # one None splits the line in two strokes
+
+
+def test_worker_bars_show_percent_and_threshold_markers() -> None:
+    svg = ET.fromstring(dashboard.worker_chart(sample()))
+    bars = {r.get("data-label"): float(r.get("width", 0)) for r in svg.iter(f"{SVG}rect")
+            if r.get("class") == "bar"}
+    assert set(bars) == {"critical@h memory", "critical@h cpu"}  # a None reading draws no bar
+    assert bars["critical@h memory"] > bars["critical@h cpu"] * 7
+    assert len([ln for ln in svg.iter(f"{SVG}line")]) == 8  # warning + critical per bar row
+    text = " ".join(t.text or "" for t in svg.iter(f"{SVG}text"))
+    assert "93.5%" in text and "silent 45 s" in text
+
+
+def test_queue_now_bars_stack_ready_and_reserved() -> None:
+    svg = ET.fromstring(dashboard.queue_now_chart(sample()))
+    labels = [t.text for t in svg.iter(f"{SVG}text")]
+    for level in LEVELS:
+        assert level in labels
+    assert "9 (1 reserved)" in labels
+
+
+def test_empty_store_renders_placeholders_not_errors() -> None:
+    data = {"now": NOW, "window_s": 900.0, "thresholds": THRESHOLDS, "problems": [],
+            "queues": [], "workers": [], "tasks": [], "batches": [], "alerts": [],
+            "series": {}}
+    html = dashboard.render_page(data, refresh_s=0)
+    assert "No alert is firing." in html
+    assert "no data yet" in html and "no worker heartbeats" in html
+    assert "http-equiv" not in html
+    assert len(svgs(html)) >= 7
+
+
+def test_problems_are_listed_on_the_page() -> None:
+    data = sample()
+    data["problems"] = ["workers: ConnectionError: refused"]
+    assert "workers: ConnectionError: refused" in dashboard.render_board(data)
+
+
+def test_nice_ceiling_and_format_value() -> None:
+    assert [charts.nice_ceiling(v) for v in (0, 0.7, 1, 3, 7, 11, 2600)] == \
+        [1, 1, 1, 5, 10, 20, 5000]
+    assert charts.format_value(0.0042, "s") == "4.2 ms"
+    assert charts.format_value(2.5, "s") == "2.5 s"
+    assert charts.format_value(12_345) == "12.3k"
+    assert charts.format_value(None) == "-"
+    assert [charts.duration(s) for s in (900, 3600, 5400, 86400)] == \
+        ["15 min", "1 h", "1 h 30 min", "24 h"]
+    assert charts.format_value(float("nan"), "%") == "-"
+
+
+def test_time_chart_clamps_to_the_window_and_scales_to_a_round_maximum() -> None:
+    line = charts.Line("x", "#000", [(NOW - 7200, 1e9), (NOW - 60, 30.0), (NOW, 45.0)])
+    svg = ET.fromstring(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))
+    labels = [t.text for t in svg.iter(f"{SVG}text")]
+    assert "50" in labels and "1000M" not in labels  # the point outside the window is ignored
+
+
+class FakeStore:
+    """Answers like StatsStore, from :func:`sample`; ``down`` raises as Redis down would."""
+
+    def __init__(self, down: bool = False) -> None:
+        self.data, self.down = sample(), down
+        self.series_calls: list[tuple[str, float | None, int]] = []
+
+    def _get(self, key: str) -> Any:
+        if self.down:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
+        return self.data[key]
+
+    def queues(self) -> Any: return self._get("queues")
+    def workers(self) -> Any: return self._get("workers")
+    def tasks(self) -> Any: return self._get("tasks")
+    def batches(self) -> Any: return self._get("batches")
+    def alerts(self) -> Any: return self._get("alerts")
+
+    def series(self, name: str, since: float | None, until: float | None, limit: int,
+               offset: int) -> Any:
+        self.series_calls.append((name, since, limit))
+        return self._get("series")[name]
+
+
+def client_for(store: FakeStore) -> TestClient:
+    from types import SimpleNamespace
+
+    app = FastAPI()
+    runtime = SimpleNamespace(settings=load_settings())
+    app.state.taskyard = SimpleNamespace(store=store, runtime=runtime)
+    app.include_router(dashboard.router)
+    return TestClient(app)
+
+
+def test_route_serves_page_and_fragment_with_bounded_window() -> None:
+    store = FakeStore()
+    client = client_for(store)
+    page = client.get("/dashboard", params={"window": 900})
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert page.text.startswith("<!DOCTYPE html>") and "Queue depth per level" in page.text
+    assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
+    assert all(limit == dashboard.MAX_POINTS for _, _, limit in store.series_calls)
+    fragment = client.get("/dashboard", params={"fragment": "true"})
+    assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")
+    for bad in ({"window": "abc"}, {"window": 5}, {"refresh": -1}):
+        assert client.get("/dashboard", params=bad).status_code == 422
+
+
+def test_route_answers_503_page_when_the_store_is_down() -> None:
+    response = client_for(FakeStore(down=True)).get("/dashboard")
+    assert response.status_code == 503
+    assert "Connection refused" in response.text
+    assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("refresh", [0, 30])
+def test_refresh_setting_reaches_the_script(refresh: int) -> None:
+    html = dashboard.render_page(sample(), refresh_s=refresh)
+    assert f"var s={refresh};" in html
