@@ -33,9 +33,8 @@ class CacheInvalidation(BaseModel):
 
 
 class BatchRequeue(BaseModel):
-    """Dead batches of one batch buffer to put back into work."""
+    """Dead batches of one batch name to put back into work."""
 
-    group: str = Field("", max_length=200, description="Grouping key of the buffer ('' none).")
     batch_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, max_length=1000, description="Dead batch ids to requeue; null requeues all.")
 
@@ -77,34 +76,32 @@ def admin_router(state: ApiState) -> APIRouter:
     @router.post("/maintenance/run", response_model=m.AdminResult, status_code=202)
     def run_maintenance() -> m.AdminResult:
         """Queue an index-maintenance run now (the job itself runs on a worker)."""
-        name = getattr(capability("taskyard.tasks.maintenance", "MAINTENANCE_TASK",
-                                  "index maintenance"), "__str__", lambda: MAINTENANCE_TASK)()
+        # The task is registered by the periodic-jobs package; without it no worker runs it.
+        capability("taskyard.tasks.maintenance", "__name__", "index maintenance")
+        name = MAINTENANCE_TASK
         result = state.celery().send_task(name)
         log.info("stats API: maintenance run queued as %s", result.id)
         return m.AdminResult(action="maintenance.run", detail={"task": name,
                                                                "task_id": result.id})
 
-    @router.post("/batches/{batch_name}/requeue", response_model=m.AdminResult)
+    @router.post("/batches/{batch_name}/requeue", response_model=m.AdminResult,
+                 responses={404: {"model": m.ErrorBody, "description": "Unknown batch name."}})
     def requeue_dead_batch(
         batch_name: Annotated[str, Path(min_length=1, max_length=200)],
         request: Annotated[BatchRequeue, Body()] = BatchRequeue(),  # noqa: B008
     ) -> m.AdminResult:
-        """Put dead batches of a buffer back into work (all of them, or the ids given)."""
+        """Put dead batches back into work with fresh retries (all of them, or the ids given)."""
         requeue = capability("taskyard.batching", "requeue_dead", "dead-batch requeue")
-        result = requeue(state.runtime, batch_name, request.group, request.batch_ids)
+        from taskyard.errors import BatchError
+
+        try:
+            requeued = requeue(state.celery(), batch_name, request.batch_ids)
+        except BatchError as exc:
+            raise HTTPException(404, str(exc)) from None
         state.cache.clear()
-        log.info("stats API: dead batches of %s requeued", batch_name)
+        log.info("stats API: %d dead batch(es) of %s requeued", len(requeued), batch_name)
         return m.AdminResult(action="batches.requeue",
-                             detail={"batch_name": batch_name, "group": request.group,
-                                     "result": _plain(result)})
+                             detail={"batch_name": batch_name, "requeued": list(requeued)})
 
     return router
 
-
-def _plain(value: Any) -> Any:
-    """A JSON-friendly rendering of what a capability returned."""
-    if value is None or isinstance(value, str | int | float | bool | list | dict):
-        return value
-    if hasattr(value, "__dict__"):
-        return {k: v for k, v in vars(value).items() if not k.startswith("_")}
-    return str(value)

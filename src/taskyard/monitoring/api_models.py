@@ -58,14 +58,22 @@ class TaskStats(_Row):
 
 
 class BatchStats(_Row):
-    """A batch buffer: items waiting, batches in flight and dead."""
+    """One batch name: items waiting, batches in flight and dead, counters (all groups)."""
 
     batch_name: str
-    group: str = ""
-    buffered: int = Field(0, description="Items waiting in the Redis buffer.")
-    oldest_age_s: float | None = Field(None, description="Age of the oldest buffered item, s.")
-    inflight: int = Field(0, description="Claimed batches not yet finished.")
+    task: str | None = Field(None, description="Task that receives the batches.")
+    level: str | None = Field(None, description="Queue the batches are published to.")
+    batch_size: int | None = None
+    max_wait_s: float | None = None
+    buffered: int = Field(0, description="Items waiting in the Redis buffers.")
+    oldest_age_s: float | None = Field(None, description="Age of the oldest waiting item, s.")
+    in_flight: int = Field(0, description="Claimed batches not yet finished.")
+    in_flight_items: int = 0
     dead: int = Field(0, description="Batches that exhausted their retries.")
+    dead_items: int = 0
+    processed: int = Field(0, description="Items processed successfully.")
+    failed: int = Field(0, description="Items of failed batch runs.")
+    groups: list[dict[str, Any]] = Field([], description="The same figures per group key.")
 
 
 class CacheStats(_Row):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,6 +23,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector, CollectorRegistry
+
+#: The classic text format: every name here is a legal legacy name, so every scraper reads it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 if TYPE_CHECKING:
     from taskyard.monitoring.api import ApiState, StatsSource
@@ -134,8 +137,8 @@ class StoreCollector(Collector):
             is_alive = bool(row.get("alive"))
             count += is_alive
             up.add_metric(host, 1.0 if is_alive else 0.0)
-            for family, key in ((memory, "memory_percent"), (cpu, "cpu_percent")):
-                value = _number(row.get(key))
+            for family, kind in ((memory, "memory"), (cpu, "cpu")):
+                value = worker_percent(row, kind)
                 if value is not None:
                     family.add_metric(host, value)
         alive.add_metric([], float(count))
@@ -143,16 +146,22 @@ class StoreCollector(Collector):
 
     @staticmethod
     def _batches(rows: list[dict[str, Any]]) -> Iterator[Metric]:
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "buffered": GaugeMetricFamily("taskyard_batch_buffered_items",
                                           "Items waiting in a batch buffer.",
                                           labels=["batch_name"]),
-            "inflight": GaugeMetricFamily("taskyard_batch_inflight_batches",
+            "in_flight": GaugeMetricFamily("taskyard_batch_in_flight_batches",
                                           "Claimed batches not yet finished.",
                                           labels=["batch_name"]),
             "dead": GaugeMetricFamily("taskyard_batch_dead_batches",
                                       "Batches that exhausted their retries.",
                                       labels=["batch_name"]),
+            "processed": CounterMetricFamily("taskyard_batch_processed_items",
+                                             "Batch items processed successfully.",
+                                             labels=["batch_name"]),
+            "failed": CounterMetricFamily("taskyard_batch_failed_items",
+                                          "Batch items of failed batch runs.",
+                                          labels=["batch_name"]),
         }
         totals: dict[str, dict[str, float]] = {key: {} for key in families}
         for row in rows:
@@ -197,6 +206,18 @@ class StoreCollector(Collector):
         yield active
 
 
+def worker_percent(row: Mapping[str, Any], kind: str) -> float | None:
+    """A worker's ``memory`` or ``cpu`` percent from its heartbeat: top level or inside its
+    readings (the guards publish ``memory_pct``/``cpu_pct``)."""
+    for source in (row, row.get("reading"), row.get("readings"), row.get("resources")):
+        if isinstance(source, Mapping):
+            for key in (f"{kind}_percent", f"{kind}_pct"):
+                value = _number(source.get(key))
+                if value is not None:
+                    return value
+    return None
+
+
 def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, Any]]:
     """Cumulative Prometheus buckets of one histogram kind from :meth:`StatsStore.histograms`.
 
@@ -233,9 +254,9 @@ def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     registry = metrics_registry(state.store)
 
     @api.get("/metrics", tags=["metrics"], response_class=Response, responses={
-        200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
               "description": "Prometheus text exposition format 0.0.4."}})
     async def metrics() -> Response:
         """Prometheus metrics of queues, tasks, workers, batches, cache and alerts."""
         body = await state.cache.get("metrics", lambda: generate_latest(registry))
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
+        return Response(body, media_type=CONTENT_TYPE)
