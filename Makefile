@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint services install clean
+.PHONY: run test test-fast bench lint services browser install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/taskyard up -A examples.bdc --producer examples.bdc.demo
 
 ## The whole suite against real Redis, PostgreSQL and RabbitMQ (started when not running).
-test: $(STAMP) services
+test: $(STAMP) services browser
 	$(BIN)/python -m pytest
 
 ## Unit tests only (no worker processes).
@@ -28,6 +28,10 @@ test-fast: $(STAMP)
 
 services:
 	./scripts/ensure-services.sh
+
+## Headless Chromium for the dashboard tests (Debian's chromium package).
+browser:
+	./scripts/ensure-browser.sh
 
 bench: $(STAMP) services
 	$(BIN)/python -m benchmarks

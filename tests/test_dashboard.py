@@ -209,3 +209,14 @@ def test_route_answers_503_page_when_the_store_is_down() -> None:
 def test_refresh_setting_reaches_the_script(refresh: int) -> None:
     html = dashboard.render_page(sample(), refresh_s=refresh)
     assert f"var s={refresh};" in html
+
+
+def test_time_chart_zooms_in_on_short_history_but_not_below_the_minimum_span() -> None:
+    line = charts.Line("x", "#000", [(NOW - 60, 1.0), (NOW, 2.0)])
+    svg = ET.fromstring(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))
+    labels = [t.text for t in svg.iter(f"{SVG}text")]
+    assert charts.clock(NOW - 3600) not in labels
+    assert charts.clock(NOW - 63) in labels  # 60 s of data plus a 5 % margin
+    short = charts.Line("x", "#000", [(NOW - 2, 1.0), (NOW, 2.0)])
+    svg = ET.fromstring(charts.time_chart("t", [short], start=NOW - 3600, end=NOW))
+    assert charts.clock(NOW - 10.1) in [t.text for t in svg.iter(f"{SVG}text")]

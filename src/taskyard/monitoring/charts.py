@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from html import escape
 
 #: Plot margins (px): left leaves room for the y labels, bottom for the time labels.
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 10, 24
+_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 28, 24
+#: Shortest time span a chart zooms in to (s).
+MIN_SPAN_S = 10.0
 _FONT = 'font-family="system-ui,sans-serif" font-size="11"'
 _MUTED = "#6b7280"
 _GRID = "#e5e7eb"
@@ -90,13 +92,15 @@ def clock(at: float) -> str:
 def _svg_open(width: int, height: int, title: str) -> str:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'aria-label="{escape(title)}"><title>{escape(title)}</title>')
+            f'aria-label="{escape(title)}"><title>{escape(title)}</title>'
+            f'<text class="caption" x="4" y="15" fill="#374151" font-weight="600" '
+            f'{_FONT}>{escape(title)}</text>')
 
 
 def _empty(width: int, height: int, title: str, message: str) -> str:
     return (_svg_open(width, height, title)
-            + f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" fill="#f9fafb" '
-            f'stroke="{_GRID}"/><text x="{width / 2:.0f}" y="{height / 2:.0f}" '
+            + f'<rect x="0.5" y="20.5" width="{width - 1}" height="{height - 21}" fill="#f9fafb" '
+            f'stroke="{_GRID}"/><text x="{width / 2:.0f}" y="{height / 2 + 10:.0f}" '
             f'text-anchor="middle" fill="{_MUTED}" {_FONT}>{escape(message)}</text></svg>')
 
 
@@ -112,6 +116,10 @@ def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
               if v is not None and math.isfinite(v) and start <= t <= end]
     if not values or end <= start:
         return _empty(width, height, title, empty)
+    # Less history than the window: zoom in on what there is rather than squeeze it right.
+    first = min(t for line in lines for t, v in line.points if v is not None and start <= t)
+    if first - start > MIN_SPAN_S:
+        start = max(start, min(first, end - MIN_SPAN_S) - 0.05 * (end - first))
     top = nice_ceiling(max([*values, *(t for t, _ in thresholds)]))
     # Axis labels carry only short units; the chart title names the others.
     axis_unit = unit if unit in ("s", "%") else ""
@@ -178,7 +186,7 @@ def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float
               width: int = 560, empty: str = "nothing to show") -> str:
     """Horizontal bars, one row per :class:`Bar`, stacked parts, optional marker lines."""
     if not bars:
-        return _empty(width, 60, title, empty)
+        return _empty(width, 70, title, empty)
     row_h, label_w, note_w = 26, 150, 190
     height = _TOP + row_h * len(bars) + 6
     totals = [sum(v for v, _, _ in bar.parts) for bar in bars]

@@ -1,0 +1,189 @@
+"""The dashboard in headless Chromium: a real worker, real stats collection, a real uvicorn.
+
+Needs /usr/bin/chromium (scripts/ensure-browser.sh installs it; `make test` runs that first).
+The screenshot is kept in test-artifacts/dashboard.png.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from taskyard.runtime import runtime_of
+from taskyard.stack import free_port
+from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from tests import servers
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+LEVELS = ["critical", "high", "normal", "low", "batch"]
+APP = "tests.apps.fivelevels"
+#: Chromium with nothing that reaches out: the page must work offline.
+BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"]
+#: A queue deeper than this fires QueueDepthHigh in this test (the default is 1000).
+DEPTH_LIMIT = 5
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def require_browser() -> None:
+    if os.access(CHROMIUM, os.X_OK):
+        return
+    reason = f"{CHROMIUM} is missing (run scripts/ensure-browser.sh)"
+    if servers.in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def env(redis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {**redis_env,
+            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
+            "TASKYARD_MONITORING__ALERT_QUEUE_DEPTH": str(DEPTH_LIMIT),
+            "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
+            "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "1",
+            # The machine's load is not this test's subject: no task is held back for it.
+            "TASKYARD_GUARD__CPU_WARNING_PCT": "100", "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",
+            "TASKYARD_GUARD__MEMORY_WARNING_PCT": "100",
+            "TASKYARD_GUARD__MEMORY_CRITICAL_PCT": "100"}
+
+
+@pytest.fixture
+def api_url(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """`taskyard api` in its own process (uvicorn), on a free port."""
+    port = free_port()
+    log = tmp_path / "api.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
+            env=child_env(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def live() -> bool:
+        if process.poll() is not None:
+            raise AssertionError("taskyard api exited:\n" + log.read_text(errors="replace"))
+        try:
+            return httpx.get(url + "/health/live", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(live, 30, 0.2, "the stats API to answer")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _send(app: Any, level: str, i: int, name: str | None = None) -> None:
+    task = name or f"{APP}.on_{level}"
+    app.send_task(task, args=[i], queue=level, routing_key=level)
+
+
+def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
+    make_app: Any, env: dict[str, str], api_url: str, redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from taskyard.monitoring.store import StatsStore
+    from taskyard.tasks.stats import collect
+
+    app = make_app("dash", database_url=env["TASKYARD_DATABASE_URL"],
+                   monitoring={"alert_queue_depth": DEPTH_LIMIT})
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+
+    # A worker on four levels; batch work piles up (no consumer) and fires QueueDepthHigh.
+    with celery_worker(APP, "critical,high,normal,low", env, tmp_path, name="dash"):
+        finished = 0
+        for round_ in range(4):
+            for level in LEVELS:
+                for i in range(3):
+                    _send(app, level, 10 * round_ + i)
+            app.send_task(f"{APP}.fails", args=[round_], queue="normal", routing_key="normal")
+            finished += 4 * 3 + 1
+
+            def done(expected: int = finished) -> bool:
+                rows = store.tasks()
+                return sum(int(r["succeeded"]) + int(r["failed"]) for r in rows) >= expected
+
+            wait_until(done, 30, 0.1, f"{finished} tasks to be counted")
+            wait_until(lambda: bool(store.workers()), 15, 0.1, "a worker heartbeat")
+            collect(runtime)
+        firing = [a["alertname"] for a in store.alerts()]
+        assert "QueueDepthHigh" in firing
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                requested: list[str] = []
+                page.on("request", lambda request: requested.append(request.url))
+                response = page.goto(f"{api_url}/dashboard?window=60&refresh=1")
+                assert response is not None and response.status == 200
+                page.wait_for_selector("svg.chart")
+                check_page(page)
+                page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+                # The inline refresh swaps in new data without a reload: more batch backlog.
+                before = page.inner_text(".kpi:first-child b")
+                for i in range(4):
+                    _send(app, "batch", 100 + i)
+                collect(runtime)
+                page.wait_for_function(
+                    "b => document.querySelector('.kpi:first-child b').textContent !== b",
+                    arg=before, timeout=10_000)
+                assert int(page.inner_text(".kpi:first-child b")) == int(before) + 4
+                check_page(page)
+                # Offline: every request the page made went to the API itself.
+                assert requested and all(u.startswith(api_url + "/") for u in requested), \
+                    requested
+            finally:
+                browser.close()
+
+
+def check_page(page: Any) -> None:
+    titles = page.eval_on_selector_all("svg.chart > title", "els => els.map(e => e.textContent)")
+    for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
+                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now",
+                  "Worker resources (percent of limit)"):
+        assert title in titles, titles
+    lines = page.eval_on_selector_all(
+        "svg[aria-label='Queue depth per level (messages)'] path.series",
+        "els => els.map(e => e.dataset.label)")
+    assert lines == LEVELS
+    queue_bars = page.eval_on_selector_all(
+        "svg[aria-label='Queue depth now: ready and reserved'] rect.bar",
+        "els => els.map(e => e.dataset.label)")
+    assert "batch" in queue_bars
+    text = page.inner_text("main")
+    for level in LEVELS:
+        assert level in text
+    alert = page.inner_text("ul.alerts")
+    assert "QueueDepthHigh" in alert and "queue batch holds" in alert
+    # Throughput and latency charts drew lines from the real snapshots.
+    for chart in ("Throughput (tasks per second)", "Run time percentiles"):
+        drawn = page.eval_on_selector_all(f"svg[aria-label='{chart}'] path.series", "e => e.length")
+        assert drawn >= 1, chart
+    workers = page.eval_on_selector_all(
+        "svg[aria-label='Worker resources (percent of limit)'] rect.bar", "e => e.length")
+    assert workers >= 1
+    assert f"{APP}.on_normal" in page.inner_text("table.tasks")
