@@ -89,6 +89,9 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
 
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     """Let each subsystem register its tasks, signal handlers and beat entries."""
+    from taskyard import tasks  # periodic jobs: cache warming, maintenance, beat schedule
+
+    tasks.install(app, runtime)
 
 
 def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,

@@ -106,6 +106,9 @@ class CacheSettings(BaseModel):
     }
     # How long a reader waits for another process recomputing the same key (s).
     stampede_wait_s: float = Field(5.0, gt=0)
+    # An expired entry stays in Redis this much longer (s) so readers can be served it while
+    # one process recomputes it, instead of all waiting.
+    stale_grace_s: float = Field(60.0, ge=0)
     # Period of the cache-warming job (s).
     warm_interval_s: float = Field(300.0, gt=0)
 

@@ -93,6 +93,25 @@ class Keys:
         under older versions. One key per tag, never grows."""
         return f"{self.namespace}:cache-tag:{tag}"
 
+    def cache_recompute(self, cache_namespace: str, key: str) -> str:
+        """STRING: token of the one process recomputing a cache entry (stampede protection).
+        Expires after ``cache.stampede_wait_s``; deleted when the value is stored."""
+        return f"{self.namespace}:cache-lock:{cache_namespace}:{key}"
+
+    def cache_namespaces(self) -> str:
+        """SET of cache namespaces that have statistics, for the stats API. Kept; one member per
+        namespace."""
+        return f"{self.namespace}:cache-namespaces"
+
+    def cache_warm_last(self) -> str:
+        """STRING (JSON): report of the last cache-warming run. Kept; overwritten each run."""
+        return f"{self.namespace}:cache-warm:last"
+
+    def slow_statements(self) -> str:
+        """HASH "<task>" -> count and "<task>\x1fseconds" -> total seconds of SQL statements
+        slower than ``maintenance.slow_statement_s``, per task ("-" outside tasks). Kept."""
+        return f"{self.namespace}:db:slow"
+
     def cache_stats(self, cache_namespace: str) -> str:
         """HASH of hit, miss, and latency counters for one cache namespace. Kept."""
         return f"{self.namespace}:cache-stats:{cache_namespace}"
