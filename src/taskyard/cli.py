@@ -67,6 +67,9 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
                                                      "--loglevel", "INFO")))
     if producer:
         services.append(Service("producer", [sys.executable, "-m", producer]))
+    from taskyard.monitoring.services import monitoring_services
+
+    services.extend(monitoring_services(app_path, settings))
     return services
 
 
@@ -76,7 +79,7 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
               help="Also run `python -m MODULE` (a demo workload) as part of the stack.")
 @click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat.")
 def up(app_path: str, producer: str | None, beat: bool) -> None:
-    """Run a development stack: Redis (embedded if none is configured), workers, beat."""
+    """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard."""
     settings = _settings()
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
@@ -95,6 +98,10 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
             supervisor.start(service)
             assert service.process is not None
             rows.append((service.name, str(service.process.pid), service.address))
+            if service.name == "stats api":
+                from taskyard.monitoring.services import dashboard_url
+
+                rows.append(("dashboard", str(service.process.pid), dashboard_url(service)))
         click.echo(f"taskyard up: broker {settings.effective_broker_url}\n")
         click.echo(format_table(rows))
         click.echo("\nPress Ctrl-C to stop everything.", err=True)
