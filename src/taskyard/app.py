@@ -92,6 +92,9 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     from taskyard import tasks  # periodic jobs: cache warming, maintenance, beat schedule
 
     tasks.install(app, runtime)
+    from taskyard.workers import guards  # resource guards: admission, back-pressure, heartbeat
+
+    guards.install(app, runtime)
 
 
 def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,

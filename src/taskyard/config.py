@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from taskyard.errors import ConfigurationError
@@ -61,35 +61,63 @@ class BatchSettings(BaseModel):
 class GuardSettings(BaseModel):
     """Resource guards: admission of tasks by memory and CPU, consumer back-pressure."""
 
+    # Admission, deferral and back-pressure on or off. Heartbeats and accounting run either way.
     enabled: bool = True
+    # Where memory and CPU are read: "auto" uses the cgroup v2 limit/quota when one binds this
+    # process, else the host; "cgroup" or "host" force one (auto falls back to host anyway).
+    memory_source: Literal["auto", "cgroup", "host"] = "auto"
     # Sampler period (s): readings are at most this old when a task is admitted.
     sample_interval_s: float = Field(0.5, gt=0)
     # CPU is averaged over this window (s) so a single busy instant does not defer work.
     cpu_window_s: float = Field(5.0, gt=0)
-    # Thresholds (percent of the limit: the cgroup's when there is one, else the host's).
+    # Thresholds (percent of the limit: the cgroup's when there is one, else the host's); a
+    # reading strictly above a threshold counts, so 100 switches that threshold off.
     memory_warning_pct: float = Field(80.0, gt=0, le=100)
     memory_critical_pct: float = Field(90.0, gt=0, le=100)
     cpu_warning_pct: float = Field(80.0, gt=0, le=100)
     cpu_critical_pct: float = Field(90.0, gt=0, le=100)
-    # Paused queues resume once the reading drops below this (hysteresis, percent).
+    # Paused queues resume once memory drops below this (hysteresis, percent).
     resume_pct: float = Field(70.0, gt=0, le=100)
-    # Levels whose consumers are paused above the warning threshold.
+    # ... and CPU below this (percent); separate so CPU can be switched off with 100/99.
+    cpu_resume_pct: float = Field(70.0, gt=0, le=100)
+    # Levels whose consumers are paused above the warning threshold (critical never is).
     pausable_levels: list[str] = ["low", "batch"]
-    # Per level: the pressure at which its tasks are held back: "never", "warning" or "critical".
-    level_policy: dict[str, Literal["never", "warning", "critical"]] = {
+    # Per level: when its tasks are held back: "never", "warning", "critical" (memory or CPU
+    # above that threshold), "memory_warning", "memory_critical" (memory only).
+    level_policy: dict[
+        str, Literal["never", "warning", "critical", "memory_warning", "memory_critical"]
+    ] = {
         "critical": "never",
-        "high": "critical",
+        "high": "memory_critical",
         "normal": "warning",
         "low": "warning",
         "batch": "warning",
     }
-    # A held-back task is re-published after this delay plus up to defer_jitter_s (s).
-    defer_countdown_s: float = Field(2.0, gt=0)
-    defer_jitter_s: float = Field(1.0, ge=0)
+    # A held-back task is re-published after this delay plus up to defer_jitter_s (s). Both
+    # must stay far below the broker's visibility timeout (the Redis broker redelivers after it).
+    defer_countdown_s: float = Field(2.0, gt=0, le=300)
+    defer_jitter_s: float = Field(1.0, ge=0, le=300)
     # A task deferred for longer than this runs anyway, logged as "overdue" (s).
     max_defer_age_s: float = Field(600.0, gt=0)
-    # Worker heartbeat period (s); the Redis record lives for twice this.
+    # Worker heartbeat period (s); the Redis record lives for the period plus the slack (s).
     heartbeat_interval_s: float = Field(5.0, gt=0)
+    heartbeat_slack_s: float = Field(5.0, gt=0)
+    # Per-task RSS growth and CPU time, aggregated per task name in Redis.
+    accounting: bool = True
+    # A pool process writes its aggregates at most this often (s): one Redis call per period.
+    accounting_flush_interval_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GuardSettings:
+        if self.memory_warning_pct > self.memory_critical_pct:
+            raise ValueError("memory_warning_pct must not exceed memory_critical_pct")
+        if self.cpu_warning_pct > self.cpu_critical_pct:
+            raise ValueError("cpu_warning_pct must not exceed cpu_critical_pct")
+        if self.resume_pct >= self.memory_warning_pct:
+            raise ValueError("resume_pct must be below memory_warning_pct (hysteresis)")
+        if self.cpu_resume_pct >= self.cpu_warning_pct:
+            raise ValueError("cpu_resume_pct must be below cpu_warning_pct (hysteresis)")
+        return self
 
 
 class CacheSettings(BaseModel):

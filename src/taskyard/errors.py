@@ -99,6 +99,10 @@ class TaskMemoryLimitExceeded(ResourceGuardError):
         self.used_mb = used_mb
         self.limit_mb = limit_mb
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its attributes, so a pool child's failure keeps its class (Celery pickles).
+        return type(self), (self.task_name, self.used_mb, self.limit_mb)
+
 
 class TaskCpuLimitExceeded(ResourceGuardError):
     """A task used more CPU time than its ``cpu_time_limit_s``."""
@@ -110,6 +114,9 @@ class TaskCpuLimitExceeded(ResourceGuardError):
         self.task_name = task_name
         self.used_s = used_s
         self.limit_s = limit_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.task_name, self.used_s, self.limit_s)
 
 
 class MaintenanceError(TaskyardError):

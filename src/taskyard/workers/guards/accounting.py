@@ -1,0 +1,233 @@
+"""Per-task accounting (RSS growth, CPU time) and per-task limits, in each pool process.
+
+A run is measured from ``before_start`` to ``after_return`` with two cheap reads (``statm`` through
+a kept-open descriptor and ``time.process_time``), aggregated per task name in memory and merged
+into one Redis hash at most every ``accounting_flush_interval_s`` by a Lua script (atomic, so the
+pool processes of every worker add up without losing updates).
+
+Limits (``memory_limit_mb``: growth of the process during the run; ``cpu_time_limit_s``) are
+checked by the sampler thread; on a breach it signals the main thread, whose handler raises
+:class:`~taskyard.errors.TaskMemoryLimitExceeded` or :class:`~taskyard.errors.TaskCpuLimitExceeded`
+inside the task. The pool child is then retired (SIGTERM once idle) and the pool starts a fresh
+one, as Celery does after a hard time limit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from taskyard.errors import ResourceGuardError, TaskCpuLimitExceeded, TaskMemoryLimitExceeded
+
+log = logging.getLogger("taskyard.guards")
+
+MB = 1024 * 1024
+#: Signal the sampler thread sends to the main thread to stop an over-limit task. SIGUSR1 is
+#: billiard's soft time limit; SIGUSR2 is free in pool children.
+LIMIT_SIGNAL = signal.SIGUSR2
+
+# Merges per-task deltas into the JSON values of one hash. Atomic: the whole merge is one script,
+# so concurrent flushes from many processes never lose an update.
+# KEYS[1] = task_resources hash; ARGV[1] = now; then pairs (task name, JSON {"sum":{},"max":{}}).
+MERGE_LUA = """
+local now = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local name = ARGV[i]
+  local delta = cjson.decode(ARGV[i + 1])
+  local raw = redis.call('HGET', KEYS[1], name)
+  local cur = {}
+  if raw then cur = cjson.decode(raw) end
+  for k, v in pairs(delta['sum']) do cur[k] = (tonumber(cur[k]) or 0) + v end
+  for k, v in pairs(delta['max']) do
+    local old = tonumber(cur[k])
+    if old == nil or v > old then cur[k] = v end
+  end
+  cur['updated_at'] = now
+  redis.call('HSET', KEYS[1], name, cjson.encode(cur))
+end
+return #ARGV
+"""
+
+SUM_FIELDS = ("runs", "cpu_s", "rss_growth_mb", "memory_limit_exceeded", "cpu_limit_exceeded")
+MAX_FIELDS = ("cpu_max_s", "rss_growth_max_mb")
+
+
+@dataclass
+class _Aggregate:
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(SUM_FIELDS, 0.0))
+    maxes: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MAX_FIELDS, 0.0))
+
+
+class _Rss:
+    """Resident set size of this process from /proc/self/statm (one pread, ~1 us)."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._pid = -1
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def __call__(self) -> float:
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            # /proc/self resolves when opened: a descriptor inherited over fork reads the parent.
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            try:
+                self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+            except OSError:
+                return _psutil_rss()
+            self._pid = pid
+        data = os.pread(self._fd, 128, 0)
+        return float(int(data.split()[1]) * self._page)
+
+
+def _psutil_rss() -> float:
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class _Run:
+    name: str
+    task_id: str
+    rss0: float
+    cpu0: float
+    memory_limit_mb: float | None
+    cpu_time_limit_s: float | None
+
+
+class TaskMeter:
+    """Measures task runs of this process, aggregates them and enforces per-task limits."""
+
+    def __init__(self, redis_of: Callable[[], redis.Redis], key: str, flush_interval_s: float,
+                 counters_add: Callable[[int], None] | None = None) -> None:
+        self._redis_of = redis_of
+        self.key = key
+        self.flush_interval_s = flush_interval_s
+        self.rss = _Rss()
+        self.current: _Run | None = None
+        self.pending: dict[str, _Aggregate] = {}
+        self._last_flush = time.monotonic()
+        self._breach: ResourceGuardError | None = None
+        self._breach_task: str | None = None
+        self.retire = False
+        self.enforce = False
+        self.idle_since = time.monotonic()
+        self._main_ident: int | None = None
+        self._counters_add = counters_add
+        self._script: Any = None
+
+    # --- run boundaries (task thread) ------------------------------------------------------
+    def start(self, task: Any, task_id: str) -> None:
+        self.current = _Run(task.name, task_id, self.rss(), time.process_time(),
+                            task.memory_limit_mb, task.cpu_time_limit_s)
+
+    def stop(self, failed: bool) -> None:
+        run = self.current
+        if run is None:
+            return
+        self.current = None
+        self.idle_since = time.monotonic()
+        growth_mb = max(0.0, (self.rss() - run.rss0) / MB)
+        cpu_s = max(0.0, time.process_time() - run.cpu0)
+        agg = self.pending.get(run.name)
+        if agg is None:
+            agg = self.pending[run.name] = _Aggregate()
+        sums, maxes = agg.sums, agg.maxes
+        sums["runs"] += 1
+        sums["cpu_s"] += cpu_s
+        sums["rss_growth_mb"] += growth_mb
+        if cpu_s > maxes["cpu_max_s"]:
+            maxes["cpu_max_s"] = cpu_s
+        if growth_mb > maxes["rss_growth_max_mb"]:
+            maxes["rss_growth_max_mb"] = growth_mb
+        breach = self._breach
+        if breach is not None and self._breach_task == run.task_id:
+            self._breach = None
+            field_name = ("memory_limit_exceeded" if isinstance(breach, TaskMemoryLimitExceeded)
+                          else "cpu_limit_exceeded")
+            sums[field_name] += 1
+            if self.enforce:
+                # The process may hold on to what the task grew; a fresh child starts clean.
+                self.retire = True
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    # --- Redis -----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the pending aggregates (one Lua call); kept for the next try when Redis fails."""
+        self._last_flush = time.monotonic()
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        argv: list[Any] = [time.time()]
+        for name, agg in pending.items():
+            argv.append(name)
+            argv.append(json.dumps({"sum": agg.sums, "max": agg.maxes}))
+        try:
+            client = self._redis_of()
+            if self._script is None:
+                self._script = client.register_script(MERGE_LUA)
+            self._script(keys=[self.key], args=argv, client=client)
+        except redis.RedisError as exc:
+            log.warning("task accounting: flush to Redis failed (%s); kept for the next flush",
+                        exc)
+            for name, agg in pending.items():
+                mine = self.pending.setdefault(name, _Aggregate())
+                for k, v in agg.sums.items():
+                    mine.sums[k] += v
+                for k, v in agg.maxes.items():
+                    mine.maxes[k] = max(mine.maxes[k], v)
+
+    # --- limits (sampler thread + signal handler) -----------------------------------------
+    def install_enforcement(self) -> None:
+        """Arm limit enforcement in this process (call from its main thread: pool children)."""
+        self._main_ident = threading.main_thread().ident
+        signal.signal(LIMIT_SIGNAL, self._on_signal)
+        self.enforce = True
+
+    def check_limits(self, _reading: object = None) -> None:
+        """Sampler hook: stop the current run if it is over a limit; retire an idle process."""
+        run = self.current
+        if run is None:
+            if self.retire and time.monotonic() - self.idle_since > 0.2:
+                self.retire = False
+                log.warning("pool process %d retired after a task exceeded its resource limit",
+                            os.getpid())
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+        if self._breach is not None or not self.enforce or self._main_ident is None:
+            return
+        breach: ResourceGuardError | None = None
+        if run.memory_limit_mb is not None:
+            used_mb = (self.rss() - run.rss0) / MB
+            if used_mb > run.memory_limit_mb:
+                breach = TaskMemoryLimitExceeded(run.name, used_mb, run.memory_limit_mb)
+        if breach is None and run.cpu_time_limit_s is not None:
+            used_s = time.process_time() - run.cpu0
+            if used_s > run.cpu_time_limit_s:
+                breach = TaskCpuLimitExceeded(run.name, used_s, run.cpu_time_limit_s)
+        if breach is None:
+            return
+        self._breach, self._breach_task = breach, run.task_id
+        if self._counters_add is not None:
+            self._counters_add(1)
+        log.error("task %s[%s] stopped: %s", run.name, run.task_id, breach)
+        signal.pthread_kill(self._main_ident, LIMIT_SIGNAL)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        breach = self._breach
+        run = self.current
+        if breach is not None and run is not None and self._breach_task == run.task_id:
+            raise breach

@@ -1,0 +1,152 @@
+"""The guard of one app: admission before every task, accounting, heartbeat, back-pressure.
+
+One :class:`Guard` per app (``app._taskyard_guard``). ``TaskyardTask.before_start`` calls
+:meth:`Guard.before_task` in the process that runs the task; the worker's main process runs the
+heartbeat and the back-pressure valve (:mod:`.backpressure`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from taskyard.errors import ConfigurationError
+from taskyard.runtime import Runtime
+from taskyard.workers.guards.accounting import TaskMeter
+from taskyard.workers.guards.backpressure import Hysteresis, Valve
+from taskyard.workers.guards.defer import DEFERRED, LIMITED, OVERDUE, Counters, Deferrer
+from taskyard.workers.guards.heartbeat import Heartbeat, base_record
+from taskyard.workers.guards.policy import Policy
+from taskyard.workers.guards.readings import Probe, ReadingSource, Sampler
+
+log = logging.getLogger("taskyard.guards")
+
+
+def _finite(value: float) -> float | None:
+    return round(value, 2) if math.isfinite(value) else None
+
+
+class Guard:
+    """Resource guard state of one app in one process (reset for pool children by fork)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        settings = runtime.settings.guard
+        self.settings = settings
+        self.enabled = settings.enabled
+        limit = runtime.settings.visibility_timeout_s / 2
+        if settings.defer_countdown_s + settings.defer_jitter_s >= limit:
+            raise ConfigurationError(
+                f"TASKYARD_GUARD__DEFER_COUNTDOWN_S + DEFER_JITTER_S = "
+                f"{settings.defer_countdown_s + settings.defer_jitter_s:g} s must stay below half "
+                f"the broker visibility timeout ({limit:g} s)",
+                setting="TASKYARD_GUARD__DEFER_COUNTDOWN_S", value=settings.defer_countdown_s,
+            )
+        self.default_level = runtime.settings.default_level
+        self.policy = Policy(settings, self.default_level)
+        self.sampler = Sampler(Probe(settings.memory_source), settings.sample_interval_s,
+                               settings.cpu_window_s)
+        #: Where admission and the valve read from; tests put a MemoryReadings here.
+        self.source: ReadingSource = self.sampler
+        self.counters = Counters()
+        self.deferrer = Deferrer(settings.defer_countdown_s, settings.defer_jitter_s,
+                                 settings.max_defer_age_s, self.counters)
+        self.meter: TaskMeter | None = None
+        if settings.accounting:
+            self.meter = TaskMeter(lambda: runtime.redis, runtime.keys.task_resources(),
+                                   settings.accounting_flush_interval_s,
+                                   counters_add=lambda n: self.counters.add(LIMITED, n))
+        self.valve: Valve | None = None
+        if settings.enabled:
+            self.valve = Valve(
+                Hysteresis(settings.memory_warning_pct, settings.cpu_warning_pct,
+                           settings.resume_pct, settings.cpu_resume_pct),
+                settings.pausable_levels,
+            )
+        self.heartbeat = Heartbeat(lambda: runtime.redis, runtime.keys.worker_heartbeat,
+                                   runtime.keys.workers(), settings.heartbeat_interval_s,
+                                   settings.heartbeat_slack_s, self.record)
+        #: Set in the worker's main process by worker_init; inherited by pool children.
+        self.in_worker = False
+        self.queues: list[str] = []
+
+    # --- task path (the process that runs the task) --------------------------------------
+    def before_task(self, task: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Admit, defer (raises ``Ignore``) or run overdue; then start measuring the run."""
+        request = task.request
+        if request.is_eager:
+            return
+        if self.enabled:
+            if self.sampler.idle:
+                self.sampler.ensure_running()
+            delivery = request.delivery_info
+            level = (delivery.get("routing_key") if delivery else None) or self.default_level
+            reason = self.policy.check(level, self.source.current(), task.requires_memory_mb)
+            if reason is not None:
+                self.deferrer.hold(task, args, kwargs, level, reason)
+        if self.meter is not None:
+            self.meter.start(task, task_id)
+
+    def after_task(self, task: Any, status: str) -> None:
+        if self.meter is not None and not task.request.is_eager:
+            self.meter.stop(status == "FAILURE")
+
+    # --- worker life cycle ---------------------------------------------------------------
+    def on_worker_init(self) -> None:
+        """Main process, before the pool forks: share counters, start sampling."""
+        self.in_worker = True
+        self.counters.share()
+        self.sampler.ensure_running()
+
+    def on_process_init(self) -> None:
+        """A pool child just forked: its own sampler thread and limit enforcement."""
+        if not self.in_worker:
+            return
+        if self.meter is not None:
+            self.meter.install_enforcement()
+            self.sampler.hooks.append(self.meter.check_limits)
+        self.sampler.ensure_running()
+
+    def on_process_shutdown(self) -> None:
+        if self.meter is not None:
+            self.meter.flush()
+
+    def on_consumer_start(self, consumer: Any) -> None:
+        self.in_worker = True
+        self.queues = [q.name for q in consumer.task_consumer.queues]
+        if self.valve is not None:
+            self.valve.bind(self.queues)
+        self.sampler.ensure_running()
+        self.heartbeat.start(consumer.hostname)
+
+    def on_consumer_shutdown(self) -> None:
+        self.heartbeat.stop(remove=True)
+        if self.meter is not None:
+            self.meter.flush()
+        self.sampler.stop()
+
+    def valve_tick(self, consumer: Any) -> None:
+        if self.valve is not None:
+            self.valve.tick(consumer, self.source.current())
+
+    def record(self) -> dict[str, Any]:
+        """The heartbeat record (see docs/guards.md for the fields)."""
+        reading = self.source.current()
+        hostname = self.heartbeat.hostname or ""
+        data = base_record(hostname)
+        data.update(
+            queues=list(self.queues),
+            paused_queues=list(self.valve.paused) if self.valve is not None else [],
+            memory_pct=round(reading.memory_pct, 2),
+            cpu_pct=round(reading.cpu_pct, 2),
+            memory_source=reading.memory_source,
+            memory_available_mb=_finite(reading.memory_available_mb),
+            memory_total_mb=_finite(reading.memory_total_mb),
+            state=self.policy.pressure(reading).label,
+            deferred=self.counters.get(DEFERRED),
+            overdue=self.counters.get(OVERDUE),
+            limit_exceeded=self.counters.get(LIMITED),
+            guards_enabled=self.enabled,
+            interval_s=self.heartbeat.interval_s,
+        )
+        return data

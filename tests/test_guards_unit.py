@@ -1,0 +1,544 @@
+"""Resource guards without worker processes: policy, hysteresis, cgroup parsing, sampler,
+deferral (real Redis broker), accounting merge and heartbeat (real Redis)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery.exceptions import Ignore
+
+from taskyard.config import GuardSettings, load_settings
+from taskyard.errors import ConfigurationError
+from taskyard.workers.guards import (
+    HEADER_DEFERRALS,
+    HEADER_SINCE,
+    Counters,
+    Hysteresis,
+    MemoryReadings,
+    Policy,
+    Pressure,
+    Probe,
+    Reading,
+    Sampler,
+    Valve,
+    guard_of,
+)
+from taskyard.workers.guards.accounting import TaskMeter
+from taskyard.workers.guards.cgroup import (
+    CgroupV2,
+    find_v2_mount,
+    parse_cpu_max,
+    parse_flat_keyed,
+    parse_memory_max,
+    parse_proc_cgroup,
+)
+from taskyard.workers.guards.defer import DEFERRED, OVERDUE
+from taskyard.workers.guards.readings import Measurement
+
+DATA = Path(__file__).parent / "data" / "cgroup"
+
+
+def reading(memory: float = 10.0, cpu: float = 5.0, available_mb: float = 8000.0) -> Reading:
+    return Reading(memory, available_mb, 10000.0, "host", cpu, time.time())
+
+
+# --- policy -------------------------------------------------------------------------------
+
+@pytest.fixture
+def policy() -> Policy:
+    return Policy(GuardSettings())
+
+
+def test_quiet_machine_admits_every_level(policy: Policy) -> None:
+    for level in ("critical", "high", "normal", "low", "batch"):
+        assert policy.check(level, reading(50, 50)) is None
+    assert policy.pressure(reading(50, 50)) is Pressure.OK
+
+
+@pytest.mark.parametrize("level", ["normal", "low", "batch"])
+def test_warning_holds_normal_low_batch_by_memory_or_cpu(policy: Policy, level: str) -> None:
+    assert policy.check(level, reading(memory=80.0)) is None  # at the threshold: not above it
+    reason = policy.check(level, reading(memory=80.5))
+    assert reason is not None and "memory 80.5% above 80%" in reason
+    reason = policy.check(level, reading(cpu=85.0))
+    assert reason is not None and reason.startswith("cpu 85.0%")
+
+
+def test_high_waits_only_at_memory_critical(policy: Policy) -> None:
+    assert policy.check("high", reading(memory=89.0)) is None
+    assert policy.check("high", reading(cpu=99.0)) is None  # CPU never holds high work
+    assert policy.check("high", reading(memory=90.5)) is not None
+
+
+def test_critical_always_runs_even_when_short_of_memory(policy: Policy) -> None:
+    assert policy.check("critical", reading(memory=99.9, cpu=100.0, available_mb=1.0),
+                        requires_memory_mb=4096) is None
+
+
+def test_requires_memory_waits_until_available(policy: Policy) -> None:
+    reason = policy.check("low", reading(available_mb=300.0), requires_memory_mb=512)
+    assert reason == "needs 512 MB, 300 MB available"
+    assert policy.check("low", reading(available_mb=600.0), requires_memory_mb=512) is None
+    assert policy.check("high", reading(available_mb=100.0), requires_memory_mb=512) is not None
+
+
+def test_pressure_levels(policy: Policy) -> None:
+    assert policy.pressure(reading(memory=85)) is Pressure.WARNING
+    assert policy.pressure(reading(cpu=95)) is Pressure.CRITICAL
+    assert policy.pressure(reading(memory=91, cpu=10)).label == "critical"
+
+
+def test_level_policy_is_overridable() -> None:
+    settings = GuardSettings(level_policy={"critical": "never", "high": "warning",
+                                           "normal": "critical", "low": "memory_warning",
+                                           "batch": "never"})
+    policy = Policy(settings)
+    assert policy.check("high", reading(cpu=85)) is not None
+    assert policy.check("normal", reading(memory=85)) is None
+    assert policy.check("normal", reading(memory=91)) is not None
+    assert policy.check("low", reading(cpu=99)) is None
+    assert policy.check("low", reading(memory=81)) is not None
+    assert policy.check("batch", reading(memory=99)) is None
+
+
+def test_unlisted_and_foreign_levels_follow_the_default_level() -> None:
+    policy = Policy(GuardSettings(level_policy={"critical": "never"}), default_level="normal")
+    assert policy.check("celery", reading(memory=85)) is not None
+    assert policy.check("low", reading(memory=85)) is not None
+    assert policy.check("critical", reading(memory=99)) is None
+
+
+def test_bad_level_policy_names_the_value() -> None:
+    with pytest.raises(ConfigurationError, match="unknown level 'urgent'"):
+        Policy(GuardSettings(level_policy={"urgent": "never"}))
+
+
+def test_settings_reject_inverted_thresholds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKYARD_GUARD__RESUME_PCT", "85")
+    with pytest.raises(ConfigurationError, match="resume_pct must be below"):
+        load_settings()
+    monkeypatch.setenv("TASKYARD_GUARD__RESUME_PCT", "70")
+    monkeypatch.setenv("TASKYARD_GUARD__MEMORY_WARNING_PCT", "95")
+    with pytest.raises(ConfigurationError, match="memory_warning_pct must not exceed"):
+        load_settings()
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKYARD_GUARD__MEMORY_WARNING_PCT", "60")
+    monkeypatch.setenv("TASKYARD_GUARD__RESUME_PCT", "50")
+    monkeypatch.setenv("TASKYARD_GUARD__LEVEL_POLICY", '{"critical": "never", "high": "never"}')
+    guard = load_settings().guard
+    assert guard.memory_warning_pct == 60 and guard.resume_pct == 50
+    assert Policy(guard).check("high", reading(memory=99)) is None
+
+
+# --- hysteresis and the valve -------------------------------------------------------------
+
+def hysteresis() -> Hysteresis:
+    return Hysteresis(memory_warning_pct=80, cpu_warning_pct=80, memory_resume_pct=70,
+                      cpu_resume_pct=70)
+
+
+def test_hysteresis_pauses_above_warning_and_resumes_below_resume() -> None:
+    h = hysteresis()
+    assert h.update(reading(memory=79)) is None
+    assert h.update(reading(memory=81)) is True
+    # Between resume and warning: stays paused (no flapping around one value).
+    for value in (79, 75, 71, 70):
+        assert h.update(reading(memory=value)) is None
+    assert h.paused
+    assert h.update(reading(memory=69.9)) is False
+    assert h.update(reading(memory=75)) is None  # below warning: stays resumed
+    assert not h.paused
+
+
+def test_hysteresis_needs_both_memory_and_cpu_below_resume() -> None:
+    h = hysteresis()
+    assert h.update(reading(memory=10, cpu=90)) is True
+    assert h.update(reading(memory=10, cpu=72)) is None
+    assert h.update(reading(memory=10, cpu=60)) is False
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.calls.append(("cancel", queue))
+
+    def add_task_queue(self, queue: str) -> None:
+        self.calls.append(("add", queue))
+
+
+def test_valve_pauses_only_pausable_queues_and_never_critical(
+        caplog: pytest.LogCaptureFixture) -> None:
+    valve = Valve(hysteresis(), ["low", "batch", "critical"])
+    valve.bind(["critical", "high", "low", "batch"])
+    consumer = FakeConsumer()
+    with caplog.at_level("WARNING", logger="taskyard.guards"):
+        valve.tick(consumer, reading(memory=85))
+        valve.tick(consumer, reading(memory=75))
+        valve.tick(consumer, reading(memory=60))
+    assert consumer.calls == [("cancel", "low"), ("cancel", "batch"), ("add", "low"),
+                              ("add", "batch")]
+    assert valve.paused == [] and valve.transitions == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("paused queues low,batch (memory 85.0%" in m for m in messages)
+    assert any("resumed queues low,batch (memory 60.0%" in m for m in messages)
+
+
+def test_valve_skips_queues_the_worker_does_not_consume() -> None:
+    valve = Valve(hysteresis(), ["low", "batch"])
+    valve.bind(["critical", "high"])
+    consumer = FakeConsumer()
+    valve.tick(consumer, reading(memory=95))
+    assert consumer.calls == [] and valve.paused == []
+
+
+# --- cgroup parsing on sample files --------------------------------------------------------
+
+def test_parse_cgroup_files() -> None:
+    assert parse_memory_max("max\n") is None
+    assert parse_memory_max("1073741824\n") == 1073741824
+    assert parse_memory_max("9223372036854771712") is None
+    assert parse_cpu_max("max 100000") is None
+    assert parse_cpu_max("150000 100000\n") == 1.5
+    assert parse_cpu_max("50000") == 0.5
+    stat = parse_flat_keyed((DATA / "limited/kubepods/pod1/memory.stat").read_text())
+    assert stat["inactive_file"] == 268435456 and stat["anon"] == 600000000
+    assert parse_proc_cgroup((DATA / "limited.proc_cgroup").read_text()) == "/kubepods/pod1/ctr"
+    assert parse_proc_cgroup((DATA / "unlimited.proc_cgroup").read_text()) == "/"
+    assert parse_proc_cgroup("4:memory:/x\n") is None
+    assert find_v2_mount((DATA / "mounts").read_text()) == Path("/sys/fs/cgroup/unified")
+    assert find_v2_mount("proc /proc proc rw 0 0\n") is None
+
+
+def test_discover_takes_the_tightest_limit_on_the_path() -> None:
+    cgroup = CgroupV2.discover(mount=DATA / "limited", relative="/kubepods/pod1/ctr")
+    assert cgroup is not None and cgroup.limited
+    # The pod's 1 GiB binds, not the container's 2 GiB; the container's 1.5 CPUs bind.
+    assert cgroup.memory_dir == DATA / "limited/kubepods/pod1"
+    assert cgroup.memory_limit_bytes == 1073741824
+    assert cgroup.cpus == 1.5 and cgroup.cpu_dir == DATA / "limited/kubepods/pod1/ctr"
+    # Working set: memory.current less inactive_file.
+    assert cgroup.memory_used_bytes() == 805306368 - 268435456
+    assert cgroup.cpu_usage_s() == pytest.approx(123.456789)
+
+
+def test_discover_without_limits() -> None:
+    cgroup = CgroupV2.discover(mount=DATA / "unlimited", relative="/")
+    assert cgroup is not None and not cgroup.limited
+    assert cgroup.memory_used_bytes() is None and cgroup.cpu_usage_s() is None
+
+
+def test_discover_in_a_cgroup_namespace_falls_back_to_the_mount() -> None:
+    cgroup = CgroupV2.discover(mount=DATA / "unlimited", relative="/not/visible/here")
+    assert cgroup is not None and cgroup.memory_dir is None
+
+
+def test_probe_uses_the_cgroup_when_it_binds() -> None:
+    cgroup = CgroupV2.discover(mount=DATA / "limited", relative="/kubepods/pod1/ctr")
+    m = Probe(cgroup=cgroup).measure()
+    assert m.memory_source == "cgroup"
+    assert m.memory_total_bytes == 1073741824
+    assert m.memory_used_bytes == 536870912
+    assert m.cpu_busy_s == pytest.approx(123.456789)
+
+
+def test_probe_uses_the_host_without_a_binding_limit() -> None:
+    cgroup = CgroupV2.discover(mount=DATA / "unlimited", relative="/")
+    m = Probe(cgroup=cgroup).measure()
+    assert m.memory_source == "host" and m.memory_total_bytes > 0
+    assert Probe(prefer="host").measure().memory_source == "host"
+
+
+# --- sampler -------------------------------------------------------------------------------
+
+class ScriptedProbe(Probe):
+    """Cumulative CPU counters that advance as the test says."""
+
+    def __init__(self) -> None:
+        super().__init__(prefer="host", cgroup=None)
+        self.busy = 0.0
+        self.capacity = 0.0
+        self.used = 512.0 * 2**20
+
+    def measure(self) -> Measurement:
+        return Measurement(self.used, 1024.0 * 2**20, "host", self.busy, self.capacity)
+
+
+def test_sampler_averages_cpu_over_its_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("taskyard.workers.guards.readings.time.monotonic", lambda: clock[0])
+    probe = ScriptedProbe()
+    sampler = Sampler(probe, interval_s=1.0, window_s=3.0)
+    first = sampler.sample()
+    assert first.cpu_pct == 0.0 and first.memory_pct == 50.0
+    assert first.memory_available_mb == 512.0
+    for busy_share in (1.0, 1.0, 0.0, 0.0, 0.0):
+        clock[0] += 1.0
+        probe.busy += 2.0 * busy_share
+        probe.capacity += 2.0
+        last = sampler.sample()
+    # Window of 3 s: the last three seconds were idle.
+    assert last.cpu_pct == 0.0
+    clock[0] += 1.0
+    probe.busy += 1.0
+    probe.capacity += 2.0
+    assert sampler.sample().cpu_pct == pytest.approx(100.0 / 6)
+    assert sampler.current() is sampler.latest
+
+
+def test_sampler_thread_runs_hooks_and_stops() -> None:
+    probe = ScriptedProbe()
+    sampler = Sampler(probe, interval_s=0.02, window_s=1.0)
+    seen: list[Reading] = []
+    sampler.hooks.append(seen.append)
+    assert sampler.idle
+    sampler.ensure_running()
+    try:
+        deadline = time.monotonic() + 5
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) >= 3 and sampler.running
+    finally:
+        sampler.stop()
+    assert not sampler.running
+
+
+def test_real_probe_gives_plausible_readings() -> None:
+    sampler = Sampler(Probe(), interval_s=0.05, window_s=1.0)
+    sampler.sample()
+    time.sleep(0.1)
+    r = sampler.sample()
+    assert 0.0 < r.memory_pct < 100.0 and 0.0 <= r.cpu_pct <= 100.0
+    assert r.memory_available_mb > 0 and r.memory_source in ("host", "cgroup")
+
+
+# --- deferral through a real Redis broker ---------------------------------------------------
+
+def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+
+
+@pytest.fixture
+def guarded(make_app: Any) -> Any:
+    app = make_app("guardunit", guard={"defer_countdown_s": 1.0, "defer_jitter_s": 0.5,
+                                       "max_defer_age_s": 60.0})
+
+    @app.task(name="unit.low", bind=True)
+    def low_task(self: Any, x: int, y: int = 0) -> int:
+        return x + y
+
+    guard = guard_of(app)
+    assert guard is not None
+    guard.source = MemoryReadings(reading(memory=95.0))
+    return app, low_task, guard
+
+
+def test_deferral_republishes_same_id_args_level_and_counts(
+        guarded: Any, redis_client: redis.Redis) -> None:
+    from taskyard.signals import task_deferred
+
+    app, task, guard = guarded
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any = None, **kwargs: Any) -> None:
+        seen.append({"sender": sender, **kwargs})
+
+    task_deferred.connect(receiver, weak=False)
+    try:
+        task.push_request(id="abc-1", args=[1], kwargs={"y": 2},
+                          delivery_info={"routing_key": "low", "exchange": "taskyard"})
+        try:
+            with pytest.raises(Ignore):
+                task.before_start("abc-1", [1], {"y": 2})
+        finally:
+            task.pop_request()
+    finally:
+        task_deferred.disconnect(receiver)
+    [message] = _queued(redis_client, "low")
+    headers = message["headers"]
+    assert headers["id"] == "abc-1" and headers["task"] == "unit.low"
+    assert headers[HEADER_DEFERRALS] == 1 and headers[HEADER_SINCE] > time.time() - 10
+    assert headers["eta"] is not None  # re-published with a countdown, not spinning hot
+    body = json.loads(__import__("base64").b64decode(message["body"]))
+    assert body[0] == [1] and body[1] == {"y": 2}
+    assert guard.counters.get(DEFERRED) == 1
+    assert seen == [{"sender": "unit.low", "task_id": "abc-1", "level": "low",
+                     "reason": "memory 95.0% above 80%", "deferrals": 1,
+                     "signal": task_deferred}]
+
+
+def test_per_call_level_is_kept_on_deferral(guarded: Any, redis_client: redis.Redis) -> None:
+    _, task, _ = guarded
+    task.push_request(id="abc-2", args=[1], kwargs={}, delivery_info={"routing_key": "batch"},
+                      **{HEADER_DEFERRALS: 3, HEADER_SINCE: time.time() - 5})
+    try:
+        with pytest.raises(Ignore):
+            task.before_start("abc-2", [1], {})
+    finally:
+        task.pop_request()
+    [message] = _queued(redis_client, "batch")
+    assert message["headers"][HEADER_DEFERRALS] == 4
+    assert redis_client.llen("low") == 0
+
+
+def test_overdue_task_runs_and_is_counted(guarded: Any, redis_client: redis.Redis,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    _, task, guard = guarded
+    task.push_request(id="abc-3", args=[1], kwargs={}, delivery_info={"routing_key": "low"},
+                      **{HEADER_DEFERRALS: 7, HEADER_SINCE: time.time() - 120})
+    try:
+        with caplog.at_level("WARNING", logger="taskyard.guards"):
+            task.before_start("abc-3", [1], {})  # no Ignore: it runs
+    finally:
+        task.pop_request()
+    assert redis_client.llen("low") == 0
+    assert guard.counters.get(OVERDUE) == 1
+    assert any("overdue: deferred 7 times" in r.getMessage() for r in caplog.records)
+
+
+def test_admitted_and_critical_tasks_are_not_deferred(guarded: Any,
+                                                      redis_client: redis.Redis) -> None:
+    _, task, guard = guarded
+    task.push_request(id="abc-4", args=[1], kwargs={}, delivery_info={"routing_key": "critical"})
+    try:
+        task.before_start("abc-4", [1], {})
+    finally:
+        task.pop_request()
+    guard.source.set(memory_pct=10.0)
+    task.push_request(id="abc-5", args=[1], kwargs={}, delivery_info={"routing_key": "low"})
+    try:
+        task.before_start("abc-5", [1], {})
+    finally:
+        task.pop_request()
+    assert not redis_client.keys("low") and guard.counters.get(DEFERRED) == 0
+
+
+def test_requires_memory_defers_until_available(make_app: Any, redis_client: redis.Redis) -> None:
+    from taskyard import priority_task
+
+    app = make_app("guardneeds")
+
+    @priority_task(priority="normal", requires_memory_mb=512)
+    def needy() -> None:
+        pass
+
+    task = app.tasks[needy.name]
+    guard = guard_of(app)
+    assert guard is not None
+    guard.source = MemoryReadings(reading(memory=10.0, available_mb=300.0))
+    task.push_request(id="n-1", args=[], kwargs={}, delivery_info={"routing_key": "normal"})
+    try:
+        with pytest.raises(Ignore):
+            task.before_start("n-1", [], {})
+        guard.source.set(memory_available_mb=2048.0)
+        task.before_start("n-1", [], {})
+    finally:
+        task.pop_request()
+    assert redis_client.llen("normal") == 1
+
+
+def test_countdown_must_stay_below_the_visibility_timeout(make_app: Any) -> None:
+    with pytest.raises(ConfigurationError, match="visibility timeout"):
+        make_app("guardbad", visibility_timeout_s=100.0,
+                 guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0})
+
+
+def test_guards_disabled_admit_everything(make_app: Any, redis_client: redis.Redis) -> None:
+    app = make_app("guardoff", guard={"enabled": False})
+
+    @app.task(name="unit.off", bind=True)
+    def off(self: Any) -> None:
+        pass
+
+    guard = guard_of(app)
+    assert guard is not None and guard.valve is None
+    guard.source = MemoryReadings(reading(memory=99.0))
+    off.push_request(id="o-1", args=[], kwargs={}, delivery_info={"routing_key": "low"})
+    try:
+        off.before_start("o-1", [], {})
+    finally:
+        off.pop_request()
+    assert redis_client.llen("low") == 0
+
+
+# --- counters, accounting, heartbeat --------------------------------------------------------
+
+def test_shared_counters_add_up_across_a_fork() -> None:
+    import os
+
+    counters = Counters()
+    counters.share()
+    counters.add(DEFERRED)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        counters.add(DEFERRED, 5)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert counters.get(DEFERRED) == 6
+
+
+class _Task:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.memory_limit_mb = None
+        self.cpu_time_limit_s = None
+
+
+def test_accounting_merges_runs_atomically_in_redis(redis_client: redis.Redis) -> None:
+    from tests import servers
+
+    client = redis.Redis.from_url(servers.REDIS_URL)
+    meters = [TaskMeter(lambda: client, "t:resources", flush_interval_s=3600) for _ in range(2)]
+    for meter in meters:
+        for _ in range(3):
+            meter.start(_Task("app.work"), "id")
+            block = bytearray(4 * 2**20)
+            block[::4096] = b"\x01" * len(block[::4096])
+            sum(range(20000))
+            meter.stop(failed=False)
+            del block
+        meter.flush()
+    data = json.loads(redis_client.hget("t:resources", "app.work"))
+    assert data["runs"] == 6
+    assert data["cpu_s"] > 0 and data["cpu_max_s"] <= data["cpu_s"]
+    assert data["rss_growth_mb"] >= data["rss_growth_max_mb"] >= 0
+    assert data["memory_limit_exceeded"] == 0 and data["updated_at"] > 0
+
+
+def test_accounting_keeps_aggregates_when_redis_is_down() -> None:
+    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    meter = TaskMeter(lambda: down, "t:resources", flush_interval_s=3600)
+    meter.start(_Task("app.work"), "id")
+    meter.stop(failed=False)
+    meter.flush()
+    assert meter.pending["app.work"].sums["runs"] == 1
+
+
+def test_heartbeat_record_in_redis(make_app: Any, redis_client: redis.Redis) -> None:
+    app = make_app("guardbeat", guard={"heartbeat_interval_s": 2.0, "heartbeat_slack_s": 3.0})
+    guard = guard_of(app)
+    assert guard is not None
+    guard.source = MemoryReadings(reading(memory=85.0, cpu=12.5))
+    guard.queues = ["critical", "low"]
+    guard.heartbeat.hostname = "unit@host"
+    data = guard.heartbeat.publish()
+    stored = json.loads(redis_client.get("taskyard:worker:unit@host"))
+    assert stored == data
+    for field in ("hostname", "pid", "at", "queues", "paused_queues", "memory_pct", "cpu_pct",
+                  "memory_source", "memory_available_mb", "state", "deferred", "overdue"):
+        assert field in stored
+    assert stored["state"] == "warning" and stored["memory_pct"] == 85.0
+    assert stored["queues"] == ["critical", "low"] and stored["paused_queues"] == []
+    assert 0 < redis_client.ttl("taskyard:worker:unit@host") <= 5
+    assert redis_client.zscore("taskyard:workers", "unit@host") == pytest.approx(stored["at"])
+    guard.heartbeat.stop(remove=True)
+    assert redis_client.get("taskyard:worker:unit@host") is None
+    assert redis_client.zscore("taskyard:workers", "unit@host") is None
