@@ -1,9 +1,11 @@
 """taskyard: Celery task orchestration with priority queues, batching, guards and monitoring."""
 
 from taskyard.app import create_app
+from taskyard.batching import PartialFailure, batch_task
 from taskyard.errors import (
     BatchBufferFull,
     BatchError,
+    BatchItemError,
     BrokerUnavailable,
     ConfigurationError,
     ResourceGuardError,
@@ -16,13 +18,16 @@ from taskyard.routing import Priority, priority_task
 __all__ = [
     "BatchBufferFull",
     "BatchError",
+    "BatchItemError",
     "BrokerUnavailable",
     "ConfigurationError",
+    "PartialFailure",
     "Priority",
     "ResourceGuardError",
     "RoutingError",
     "TaskArgumentError",
     "TaskyardError",
+    "batch_task",
     "create_app",
     "priority_task",
 ]

@@ -89,6 +89,9 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
 
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     """Let each subsystem register its tasks, signal handlers and beat entries."""
+    from taskyard.batching import install as install_batching  # reaper task, flusher thread
+
+    install_batching(app, runtime)
     from taskyard import tasks  # periodic jobs: cache warming, maintenance, beat schedule
 
     tasks.install(app, runtime)

@@ -46,12 +46,16 @@ class BatchSettings(BaseModel):
     max_buffered: int = Field(100_000, ge=1)
     # Largest encoded item, bytes. Items are meant to be small; big payloads belong in storage.
     max_item_bytes: int = Field(64 * 1024, ge=16)
-    # A claimed batch whose worker has not finished within this lease is republished by the
-    # reaper (s). Longer than the slowest batch function, shorter than a tolerable redelivery delay.
-    lease_s: float = Field(300.0, gt=0)
+    # A claimed batch whose lease runs out is republished by the reaper (s). The worker running
+    # a batch renews the lease every lease_s/3, so this bounds how long a crashed worker's batch
+    # waits, not how long a batch may run; an unstarted batch also waits this long in a queue
+    # before a (harmless, deduplicated) second message is published.
+    lease_s: float = Field(60.0, gt=0)
     # How often the flusher/reaper scans for aged buffers and expired leases (s). Bounds how late
     # an age flush can be beyond max_wait.
     reaper_interval_s: float = Field(0.5, gt=0)
+    # Run the flusher thread in every worker's main process (the age flush needs no producer).
+    worker_flusher: bool = True
     # Retries of a failing batch before it goes to the dead-letter store.
     max_retries: int = Field(3, ge=0)
     # First retry delay (s); doubles on each further retry.

@@ -64,14 +64,19 @@ class BatchError(TaskyardError):
 class BatchBufferFull(BatchError):
     """A batch buffer already holds its ``max_buffered`` items; the item was not accepted."""
 
-    def __init__(self, batch_name: str, buffered: int, limit: int) -> None:
+    def __init__(self, batch_name: str, buffered: int, limit: int, *,
+                 accepted: int = 0, rejected: tuple[int, ...] = ()) -> None:
+        tail = (f"; {accepted} items of this call were accepted, {len(rejected)} not"
+                if accepted else "; item not accepted")
         super().__init__(
-            f"batch {batch_name!r} holds {buffered} items, its limit max_buffered={limit}; "
-            "item not accepted"
+            f"batch {batch_name!r} holds {buffered} items, its limit max_buffered={limit}{tail}"
         )
         self.batch_name = batch_name
         self.buffered = buffered
         self.limit = limit
+        #: add_many: how many items of the call were accepted, and the indices of the others.
+        self.accepted = accepted
+        self.rejected = rejected
 
 
 class BatchItemError(BatchError):
@@ -82,6 +87,17 @@ class BatchItemError(BatchError):
         self.batch_name = batch_name
         self.item_type = item_type
         self.size = size
+
+
+class PartialFailure(BatchError):
+    """Raised or returned by a batch function: the items at ``failed`` (indices) failed."""
+
+    def __init__(self, failed: Iterable[int], reason: str = "") -> None:
+        self.failed = tuple(sorted({int(i) for i in failed}))
+        self.reason = reason
+        super().__init__(
+            f"{len(self.failed)} items of the batch failed" + (f": {reason}" if reason else "")
+        )
 
 
 class ResourceGuardError(TaskyardError):

@@ -1,6 +1,6 @@
 """The Redis key schema: every key taskyard writes, behind one namespace prefix.
 
-All keys of one batch buffer share a ``{hash tag}`` (``{<namespace>:b:<batch>:<key>}``) so the
+All keys of one batch name share a ``{hash tag}`` (``{<namespace>:b:<batch>}``) so the
 Lua scripts that touch several of them also run on Redis Cluster. Each method's docstring gives
 the structure and its lifetime.
 """
@@ -17,46 +17,73 @@ class Keys:
     namespace: str = "taskyard"
 
     # --- batching -------------------------------------------------------------------------
-    def batch_tag(self, batch_name: str, group: str = "") -> str:
-        """Hash tag shared by every key of one buffer (batch name plus grouping key)."""
-        return f"{{{self.namespace}:b:{batch_name}:{group}}}"
+    # Every key of one batch name shares the hash tag ``{<namespace>:b:<batch>}``: the Lua
+    # scripts of batching/buffer.py touch several of them atomically (and build the per-group
+    # and per-batch names from batch_prefix), which Redis Cluster allows only within one slot.
+    def batch_tag(self, batch_name: str) -> str:
+        """Hash tag shared by every key of one batch name (all its groups and batches)."""
+        return f"{{{self.namespace}:b:{batch_name}}}"
+
+    def batch_prefix(self, batch_name: str) -> str:
+        """Prefix of every key of one batch name; the Lua scripts append the suffixes below."""
+        return f"{self.batch_tag(batch_name)}:"
 
     def batch_buffer(self, batch_name: str, group: str = "") -> str:
-        """LIST of encoded items waiting to be batched. Lives until drained; bounded by
-        ``max_buffered``."""
-        return f"{self.batch_tag(batch_name, group)}:buffer"
+        """LIST of JSON items of one group waiting to be batched, oldest first. Renamed into a
+        batch when full; at rest shorter than batch_size; all groups bounded by max_buffered."""
+        return f"{self.batch_prefix(batch_name)}buf:{group}"
 
-    def batch_first_at(self, batch_name: str, group: str = "") -> str:
-        """STRING: arrival time (s since epoch) of the oldest buffered item. Deleted when the
-        buffer empties."""
-        return f"{self.batch_tag(batch_name, group)}:first"
+    def batch_oldest(self, batch_name: str) -> str:
+        """ZSET group -> arrival (ms since epoch, Redis clock) of its oldest buffered item; only
+        groups with a non-empty buffer. The age-flush index the reaper scans."""
+        return f"{self.batch_prefix(batch_name)}oldest"
 
-    def batch_inflight(self, batch_name: str, group: str = "") -> str:
-        """ZSET batch id -> lease deadline (s since epoch) of claimed, unfinished batches. A member
-        leaves when its batch succeeds or goes dead."""
-        return f"{self.batch_tag(batch_name, group)}:inflight"
+    def batch_groups(self, batch_name: str) -> str:
+        """SET of the groups (key-function values) that ever buffered items, for inspection.
+        Kept; one member per distinct key."""
+        return f"{self.batch_prefix(batch_name)}groups"
 
-    def batch_items(self, batch_name: str, group: str, batch_id: str) -> str:
-        """LIST of the items of one claimed batch. Deleted when the batch succeeds."""
-        return f"{self.batch_tag(batch_name, group)}:items:{batch_id}"
+    def batch_seq(self, batch_name: str) -> str:
+        """STRING counter giving batch ids (unique per batch name). Kept."""
+        return f"{self.batch_prefix(batch_name)}seq"
 
-    def batch_meta(self, batch_name: str, group: str, batch_id: str) -> str:
-        """HASH of one claimed batch: attempts, deliveries, flush reason, created. Deleted with the
-        batch."""
-        return f"{self.batch_tag(batch_name, group)}:meta:{batch_id}"
+    def batch_items(self, batch_name: str, batch_id: str) -> str:
+        """LIST of the JSON items of one claimed batch. Deleted when the batch succeeds or is
+        purged from the dead letters."""
+        return f"{self.batch_prefix(batch_name)}items:{batch_id}"
 
-    def batch_dead(self, batch_name: str, group: str = "") -> str:
-        """ZSET batch id -> time it died, of batches that exhausted their retries. Kept until
-        requeued or purged by an operator."""
-        return f"{self.batch_tag(batch_name, group)}:dead"
+    def batch_meta(self, batch_name: str, batch_id: str) -> str:
+        """HASH of one claimed batch: group, size, reason, created, state (queued, running,
+        retry, dead), attempts, deliveries, owner, error. Deleted with the batch's items."""
+        return f"{self.batch_prefix(batch_name)}meta:{batch_id}"
 
-    def batch_stats(self, batch_name: str, group: str = "") -> str:
-        """HASH of counters (processed, failed, duplicates, flush_size, flush_age, ...). Kept."""
-        return f"{self.batch_tag(batch_name, group)}:stats"
+    def batch_leases(self, batch_name: str) -> str:
+        """ZSET batch id -> lease deadline (ms since epoch) of claimed, unfinished batches; the
+        reaper republishes members past their deadline. A member leaves on success or death."""
+        return f"{self.batch_prefix(batch_name)}leases"
+
+    def batch_dead(self, batch_name: str) -> str:
+        """ZSET batch id -> time it died (ms since epoch) of batches that exhausted their
+        retries. Kept until requeued or purged by an operator."""
+        return f"{self.batch_prefix(batch_name)}dead"
+
+    def batch_pending(self, batch_name: str) -> str:
+        """STRING count of accepted, unfinished items (buffered plus in flight), checked against
+        max_buffered. Kept."""
+        return f"{self.batch_prefix(batch_name)}pending"
+
+    def batch_stats(self, batch_name: str) -> str:
+        """HASH "<counter>:<group>" -> count (processed, failed, dead_items, duplicates,
+        flush_size, flush_age, ...). Kept."""
+        return f"{self.batch_prefix(batch_name)}stats"
+
+    def batch_conf(self, batch_name: str) -> str:
+        """HASH of a batch's definition (task, level, batch_size, max_wait_ms, lease_ms) so any
+        process can reap it without importing its code. Rewritten by each producer process."""
+        return f"{self.batch_prefix(batch_name)}conf"
 
     def batch_registry(self) -> str:
-        """SET of "batch_name\\x1fgroup" pairs that ever buffered items, for the flusher and
-        the inspection commands. Kept."""
+        """SET of batch names that ever buffered items, for the reaper and inspection. Kept."""
         return f"{self.namespace}:batches"
 
     # --- workers and guards ---------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""Hooking batching into an app: the reaper task and the worker flusher thread."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from taskyard.batching.reaper import REAP_TASK, Flusher, reap
+from taskyard.routing.levels import Priority
+from taskyard.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def install(app: Celery, runtime: Runtime) -> None:
+    """Register the reaper task; run a flusher thread in each worker's main process."""
+    settings = runtime.settings.batch
+
+    def reap_batches() -> dict[str, int]:
+        """Flush aged batch buffers and republish batches whose lease ran out."""
+        return reap(app)
+
+    # Level high: a backlog of batches must not delay the runs that flush them. Not acked late:
+    # a lost run is simply the next one. Beat sends it (the periodic-jobs schedule lists it by
+    # name, every reaper_interval_s).
+    # shared=False: each app's reaper task reaps that app, never another app of the process.
+    register: Any = app.task(name=REAP_TASK, ignore_result=True, taskyard_level=Priority.HIGH,
+                             acks_late=False, shared=False)
+    register(reap_batches)
+
+    if not settings.worker_flusher:
+        return
+    flushers: list[Flusher] = []
+
+    def start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app or flushers:
+            return
+        flusher = Flusher(app, settings.reaper_interval_s)
+        flusher.start()
+        flushers.append(flusher)
+        log.info("batch flusher started (every %.2f s)", settings.reaper_interval_s)
+
+    def stop(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        while flushers:
+            flushers.pop().stop()
+
+    worker_ready.connect(start, weak=False)
+    worker_shutdown.connect(stop, weak=False)

@@ -1,0 +1,129 @@
+"""The reaper: age flushes and expired leases, independent of producers.
+
+:func:`reap` claims every buffer whose oldest item has waited ``max_wait`` and republishes every
+batch whose lease ran out, for all batch names registered in Redis. It reads each batch's
+definition from Redis (``Keys.batch_conf``), so it needs none of the application's modules, and
+it is safe to run from many processes at once: each claim and each re-armed lease is one atomic
+script, so concurrent reapers never claim an item twice or republish a batch twice per lease.
+
+It runs in two places: a :class:`Flusher` thread in each worker's main process (started on
+``worker_ready``, every ``reaper_interval_s``), and the ``taskyard.batching.reap`` task that beat
+sends (the periodic-jobs schedule) as a safety net.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from taskyard.batching.buffer import BatchBuffer
+from taskyard.batching.decorator import publish
+from taskyard.runtime import runtime_of
+
+log = logging.getLogger(__name__)
+
+#: Name of the periodic reaper task (the beat schedule refers to it by this name).
+REAP_TASK = "taskyard.batching.reap"
+#: A batch's definition is re-read from Redis at most this often (s).
+_CONF_TTL_S = 5.0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Confs:
+    """Definitions of the registered batch names, each re-read after a few seconds."""
+
+    def __init__(self) -> None:
+        self.confs: dict[str, tuple[float, dict[str, str]]] = {}
+
+
+_cache: dict[int, _Confs] = {}
+
+
+def _definitions(app: Any) -> dict[str, dict[str, str]]:
+    # The registry is read on every pass, so a new batch name is reaped at once.
+    runtime = runtime_of(app)
+    cached = _cache.setdefault(id(runtime), _Confs())
+    client, keys = runtime.redis, runtime.keys
+    names = sorted(_text(n) for n in client.smembers(keys.batch_registry()))
+    now = time.monotonic()
+    stale = [n for n in names if n not in cached.confs or not cached.confs[n][1]
+             or now - cached.confs[n][0] >= _CONF_TTL_S]
+    if stale:
+        pipe = client.pipeline(transaction=False)
+        for name in stale:
+            pipe.hgetall(keys.batch_conf(name))
+        for name, conf in zip(stale, pipe.execute(), strict=True):
+            cached.confs[name] = (now, {_text(k): _text(v) for k, v in conf.items()})
+    return {name: cached.confs[name][1] for name in names if cached.confs[name][1]}
+
+
+def reap(app: Any) -> dict[str, int]:
+    """Flush aged buffers and republish expired batches of every batch name, once.
+
+    Returns counts: ``claimed`` batches (age flushes) and ``republished`` batches.
+    """
+    runtime = runtime_of(app)
+    confs = _definitions(app)
+    if not confs:
+        return {"claimed": 0, "republished": 0}
+    buffers = {name: BatchBuffer(runtime.redis, runtime.keys, name) for name in confs}
+    first = next(iter(buffers.values()))
+    first.ensure_scripts()
+    pipe = runtime.redis.pipeline(transaction=False)
+    for name, conf in confs.items():
+        buffers[name].queue_reap(pipe, max_wait_ms=int(conf["max_wait_ms"]),
+                                 batch_size=int(conf["batch_size"]),
+                                 lease_ms=int(conf["lease_ms"]))
+    claimed = republished = 0
+    for (name, conf), reply in zip(confs.items(), pipe.execute(), strict=True):
+        new, expired = BatchBuffer.reap_result(reply)
+        if new:
+            publish(app, conf["task"], conf["level"], name, new, "age")
+            claimed += len(new)
+        if expired:
+            publish(app, conf["task"], conf["level"], name, expired, None)
+            republished += len(expired)
+            log.info("batch %s: republished %d batches whose lease ran out: %s", name,
+                     len(expired), ", ".join(c.batch_id for c in expired[:10]))
+    return {"claimed": claimed, "republished": republished}
+
+
+def forget_definitions(app: Any) -> None:
+    """Drop the cached definitions, so the next :func:`reap` reads them again."""
+    _cache.pop(id(runtime_of(app)), None)
+
+
+class Flusher(threading.Thread):
+    """Runs :func:`reap` every ``interval_s`` until stopped (a daemon thread)."""
+
+    def __init__(self, app: Any, interval_s: float) -> None:
+        super().__init__(daemon=True, name="taskyard-batch-flusher")
+        self.app = app
+        self.interval_s = interval_s
+        self._stop_event = threading.Event()
+        self._failing = False
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                reap(self.app)
+                if self._failing:
+                    log.info("batch flusher: Redis reachable again")
+                self._failing = False
+            except Exception as exc:
+                # Logged once per outage, not every half second.
+                if not self._failing:
+                    log.warning("batch flusher: reap failed (%s); retrying every %.1f s", exc,
+                                self.interval_s)
+                self._failing = True
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self._stop_event.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout_s)
+
