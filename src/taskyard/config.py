@@ -158,6 +158,12 @@ class MaintenanceSettings(BaseModel):
     # Estimated bloat above which REINDEX CONCURRENTLY runs when reindex is enabled (percent).
     reindex_bloat_pct: float = Field(30.0, gt=0)
     reindex: bool = False
+    # Indexes smaller than this are never reindexed for bloat (MB): rebuilding them gains nothing
+    # and their bloat estimate is noise.
+    reindex_min_mb: float = Field(1.0, ge=0)
+    # statement_timeout of maintenance statements (s): a build that runs longer is cancelled and
+    # the run recorded as failed rather than holding a connection indefinitely.
+    statement_timeout_s: float = Field(3600.0, gt=0)
     # Statements slower than this are counted per task (s).
     slow_statement_s: float = Field(0.5, gt=0)
     # Engine pool of the service this platform serves.

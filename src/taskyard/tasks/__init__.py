@@ -9,7 +9,9 @@ from taskyard.runtime import Runtime
 
 def install(app: Any, runtime: Runtime) -> None:
     """Register the periodic tasks, the database hooks and the beat schedule (no I/O)."""
-    from taskyard.tasks import schedule, warming
+    from taskyard.tasks import db, maintenance, schedule, warming
 
+    db.install(app, runtime)
     warming.install(app, runtime)
+    maintenance.install(app, runtime)
     schedule.install(app, runtime)
