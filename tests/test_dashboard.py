@@ -72,7 +72,7 @@ def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
     charts_ = svgs(html)
     titles = [c.find(f"{SVG}title").text for c in charts_]  # type: ignore[union-attr]
     for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
-                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now",
+                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now (items)",
                   "Worker resources (percent of limit)", "Worker resources over time"):
         assert title in titles
     depth = charts_[titles.index("Queue depth per level (messages)")]
@@ -220,3 +220,32 @@ def test_time_chart_zooms_in_on_short_history_but_not_below_the_minimum_span() -
     short = charts.Line("x", "#000", [(NOW - 2, 1.0), (NOW, 2.0)])
     svg = ET.fromstring(charts.time_chart("t", [short], start=NOW - 3600, end=NOW))
     assert charts.clock(NOW - 10.1) in [t.text for t in svg.iter(f"{SVG}text")]
+
+
+def test_batch_bars_read_the_batching_package_shape_and_the_store_fallback() -> None:
+    data = sample()
+    data["batches"] = [
+        # taskyard.batching.inspect_batches: per-name totals plus a list of groups.
+        {"batch_name": "emails", "buffered": 40, "oldest_age_s": 1.5, "in_flight": 2,
+         "in_flight_items": 200, "dead": 1, "dead_items": 100, "groups": [{"group": ""}]},
+        # StatsStore's own reading when the batching package is absent.
+        {"batch_name": "sms", "group": "eu", "buffered": 3, "inflight": 1, "dead": 0},
+    ]
+    svg = ET.fromstring(dashboard.batch_chart(data))
+    text = [t.text for t in svg.iter(f"{SVG}text")]
+    assert "emails" in text and "sms [eu]" in text
+    assert "40 buffered, 200 in flight, 1 dead, oldest 1.5 s" in text
+    assert "3 buffered, 1 in flight, oldest -" not in text
+    widths = {r.get("data-label"): float(r.get("width", 0)) for r in svg.iter(f"{SVG}rect")
+              if r.get("class") == "bar" and "in flight" in (r.findtext(f"{SVG}title") or "")}
+    assert widths["emails"] > widths["sms [eu]"]
+
+
+def test_gridlines_land_on_round_values() -> None:
+    assert [charts.grid_steps(t) for t in (1, 10, 20, 25, 50, 100, 250, 0.5)] == \
+        [5, 5, 4, 5, 5, 5, 5, 5]
+    svg = ET.fromstring(charts.time_chart(
+        "t", [charts.Line("x", "#000", [(NOW - 60, 3.0), (NOW, 24.0)])], start=NOW - 60,
+        end=NOW))
+    labels = [t.text for t in svg.iter(f"{SVG}text")]
+    assert {"0", "5", "10", "15", "20", "25"} <= set(labels)

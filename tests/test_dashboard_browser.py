@@ -102,6 +102,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
     require_browser()
     from playwright.sync_api import sync_playwright
 
+    from taskyard import batch_task
     from taskyard.monitoring.store import StatsStore
     from taskyard.tasks.stats import collect
 
@@ -109,6 +110,11 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                    monitoring={"alert_queue_depth": DEPTH_LIMIT})
     runtime = runtime_of(app)
     store = StatsStore(runtime)
+
+    # Items that wait in a batch buffer for the whole test (neither size nor age is reached).
+    @batch_task(batch_name="dash_emails", batch_size=1000, max_wait=600.0)
+    def dash_emails(items: list[Any]) -> None:  # pragma: no cover - never flushed here
+        pass
 
     # A worker on four levels; batch work piles up (no consumer) and fires QueueDepthHigh.
     with celery_worker(APP, "critical,high,normal,low", env, tmp_path, name="dash"):
@@ -118,6 +124,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                 for i in range(3):
                     _send(app, level, 10 * round_ + i)
             app.send_task(f"{APP}.fails", args=[round_], queue="normal", routing_key="normal")
+            dash_emails.add_many([{"user": 10 * round_ + i} for i in range(5 + round_)])
             finished += 4 * 3 + 1
 
             def done(expected: int = finished) -> bool:
@@ -163,7 +170,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
 def check_page(page: Any) -> None:
     titles = page.eval_on_selector_all("svg.chart > title", "els => els.map(e => e.textContent)")
     for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
-                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now",
+                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now (items)",
                   "Worker resources (percent of limit)"):
         assert title in titles, titles
     lines = page.eval_on_selector_all(
@@ -187,3 +194,8 @@ def check_page(page: Any) -> None:
         "svg[aria-label='Worker resources (percent of limit)'] rect.bar", "e => e.length")
     assert workers >= 1
     assert f"{APP}.on_normal" in page.inner_text("table.tasks")
+    batches = page.text_content("svg[aria-label='Batch buffers now (items)']") or ""
+    assert "dash_emails" in batches and "26 buffered" in batches  # 5 + 6 + 7 + 8 items
+    drawn = page.eval_on_selector_all(
+        "svg[aria-label='Buffered batch items over time'] path.series", "e => e.length")
+    assert drawn == 1

@@ -75,6 +75,13 @@ def format_value(value: float | None, unit: str = "") -> str:
     return f"{value:.3g}{suffix}"
 
 
+def grid_steps(top: float) -> int:
+    """Gridline intervals for an axis up to ``top`` (from :func:`nice_ceiling`) that land on
+    round values: 10 -> 5 (2, 4, ...), 20 -> 4 (5, 10, ...), 25 -> 5, 50 -> 5."""
+    lead = top / 10.0 ** math.floor(math.log10(top)) if top > 0 else 1.0
+    return 4 if abs(lead - 2.0) < 1e-9 else 5
+
+
 def duration(seconds: float) -> str:
     """A span in words: 900 -> "15 min", 5400 -> "1 h 30 min", 86400 -> "24 h"."""
     minutes = round(seconds / 60)
@@ -132,8 +139,9 @@ def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
         return _TOP + plot_h * (1 - min(v, top) / top)
 
     out = [_svg_open(width, height, title)]
-    for i in range(5):
-        value = top * i / 4
+    steps = grid_steps(top)
+    for i in range(steps + 1):
+        value = top * i / steps
         y = y_of(value)
         out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{width - _RIGHT}" y2="{y:.1f}" '
                    f'stroke="{_GRID}"/>')
@@ -187,7 +195,11 @@ def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float
     """Horizontal bars, one row per :class:`Bar`, stacked parts, optional marker lines."""
     if not bars:
         return _empty(width, 70, title, empty)
-    row_h, label_w, note_w = 26, 150, 190
+    notes = [bar.note or format_value(total, unit) for bar, total in
+             zip(bars, (sum(v for v, _, _ in b.parts) for b in bars), strict=True)]
+    # Room for the longest note (about 6 px per character at 11 px), within bounds.
+    row_h, label_w = 26, 150
+    note_w = min(300, max(90, 6 * max(len(n) for n in notes) + 12))
     height = _TOP + row_h * len(bars) + 6
     totals = [sum(v for v, _, _ in bar.parts) for bar in bars]
     marks = [m for bar in bars for m, _ in bar.markers]
@@ -218,7 +230,7 @@ def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float
             x = x_of(value)
             out.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + 21}" '
                        f'stroke="{color}" stroke-width="2"/>')
-        note = bar.note or format_value(totals[i], unit)
+        note = notes[i]
         out.append(f'<text x="{label_w + plot_w + 8}" y="{y + 15}" fill="#111827" '
                    f'{_FONT}>{escape(note)}</text>')
     out.append("</svg>")

@@ -142,16 +142,27 @@ def latency_chart(data: dict[str, Any], kind: str) -> str:
                       unit="s")
 
 
+def _in_flight_items(b: dict[str, Any]) -> float:
+    """Items of claimed, unfinished batches: the batching package's field, or the store's."""
+    return float(b.get("in_flight_items", b.get("inflight")) or 0)
+
+
 def batch_chart(data: dict[str, Any]) -> str:
     bars = []
     for b in data["batches"]:
-        name = str(b.get("batch_name", "?")) + (f" [{b['group']}]" if b.get("group") else "")
-        note = f"{b.get('buffered', 0)} buffered, {b.get('inflight', 0)} in flight"
+        group = b.get("group")
+        name = str(b.get("batch_name", "?")) + (f" [{group}]" if isinstance(group, str)
+                                                and group else "")
+        buffered, flying = float(b.get("buffered") or 0), _in_flight_items(b)
+        note = f"{buffered:.0f} buffered, {flying:.0f} in flight"
         if b.get("dead"):
             note += f", {b['dead']} dead"
-        bars.append(Bar(name, [(float(b.get("buffered", 0)), "#9333ea", "buffered"),
-                               (float(b.get("inflight", 0)), "#c4b5fd", "in flight")], note=note))
-    return bar_chart("Batch buffers now", bars, unit="items", empty="no batch buffers")
+        age = _num(b.get("oldest_age_s"))
+        if age is not None and buffered:
+            note += f", oldest {format_value(age, 's')}"
+        bars.append(Bar(name, [(buffered, "#9333ea", "buffered"),
+                               (flying, "#c4b5fd", "in flight")], note=note))
+    return bar_chart("Batch buffers now (items)", bars, unit="items", empty="no batch buffers")
 
 
 def batch_history_chart(data: dict[str, Any]) -> str:
