@@ -31,7 +31,7 @@ def _purge_rabbitmq() -> None:
         for name in LEVEL_NAMES:
             try:
                 channel.queue_purge(name)
-            except Exception:  # noqa: BLE001 - a queue not declared yet has nothing to purge
+            except Exception:
                 channel = conn.channel()
 
 

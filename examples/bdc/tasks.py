@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 
 from examples.bdc.db import session
 from examples.bdc.models import Appointment, Evaluation, Notification, Report, User
-from taskyard import priority_task
+from taskyard import batch_task, priority_task
 
 
 @priority_task(priority="critical")
@@ -75,3 +76,16 @@ def monthly_report(month: str) -> dict[str, int]:
                           completed=int(completed or 0),
                           evaluations_done=int(done.get(trainer_id, 0))))
         return {"trainers": len(rows), "appointments": sum(int(r[1]) for r in rows)}
+
+
+@batch_task(batch_name="email_notifications", batch_size=100, max_wait=2.0)
+def send_notification_batch(items: list[dict[str, Any]]) -> int:
+    """Digest e-mails, buffered: one INSERT per batch of up to 100; returns how many."""
+    with session() as db:
+        db.add_all([
+            Notification(user_id=int(item["user_id"]), channel=str(item.get("channel", "email")),
+                         message=str(item.get("message") or item.get("template", "digest")),
+                         urgent=False)
+            for item in items
+        ])
+    return len(items)

@@ -99,6 +99,10 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
 
     guards.install(app, runtime)
 
+    from taskyard.monitoring import install as install_monitoring  # capture, stats collection
+
+    install_monitoring(app, runtime)
+
 
 def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
                **overrides: Any) -> Celery:

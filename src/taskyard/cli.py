@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -111,6 +112,7 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         supervisor.stop()
         if embedded is not None:
             embedded.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
         click.echo("taskyard up: stopped.", err=True)
     sys.exit(code)
 
@@ -122,6 +124,10 @@ main.add_command(flower_command)
 from taskyard.monitoring.apicli import api_command  # noqa: E402
 
 main.add_command(api_command)
+
+from taskyard.batching.cli import batches as batches_command  # noqa: E402
+
+main.add_command(batches_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

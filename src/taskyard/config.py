@@ -174,7 +174,7 @@ class MaintenanceSettings(BaseModel):
 
 
 class ScheduleSettings(BaseModel):
-    """The beat schedule of the platform's periodic jobs (intervals default to each job's section)."""
+    """The beat schedule of the platform's periodic jobs (intervals default to each section's)."""
 
     # Task names left out of the beat schedule, e.g. ["taskyard.maintenance.run"] where another
     # system maintains the database.
@@ -270,7 +270,8 @@ class Settings(BaseSettings):
     broker_connect_timeout_s: float = Field(4.0, gt=0)
     # Level of a task that no decorator or rule places.
     default_level: str = "normal"
-    # Ordered rules task name -> level, as JSON: [{"pattern": "bdc.tasks.report_*", "level": "low"}].
+    # Ordered rules task name -> level, as JSON:
+    # [{"pattern": "bdc.tasks.report_*", "level": "low"}, {"pattern": "...", "kind": "regex", ...}].
     routing_rules: list[RoutingRule] = []
     # Worker profiles: name -> queues in strict priority order.
     worker_profiles: dict[str, list[str]] = {

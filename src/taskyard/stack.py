@@ -7,6 +7,7 @@ itself dies, so no process outlives the stack.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -90,10 +91,8 @@ class Supervisor:
     def _signal_group(service: Service, sig: signal.Signals) -> None:
         if service.process is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(service.process.pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 class EmbeddedRedis:
@@ -190,4 +189,5 @@ def run_until_signalled(
 
 def format_table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     for row in rows)

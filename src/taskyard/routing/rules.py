@@ -63,7 +63,7 @@ class Router:
 
     def add_rule(self, pattern: str, level: str | Priority, *, kind: str = "glob") -> None:
         """Append a rule from code; later rules lose to earlier ones."""
-        rule = RoutingRule(pattern=pattern, level=str(level), kind=kind)  # type: ignore[arg-type]
+        rule = RoutingRule(pattern=pattern, level=str(level), kind=kind)
         self._rules.append(CompiledRule.from_rule(rule, source="routing rule"))
         self._lookup.cache_clear()
 
