@@ -2,9 +2,11 @@
 
 from taskyard.app import create_app
 from taskyard.batching import PartialFailure, batch_task
+from taskyard.batching import PartialFailure, batch_task
 from taskyard.errors import (
     BatchBufferFull,
     BatchError,
+    BatchItemError,
     BatchItemError,
     BrokerUnavailable,
     ConfigurationError,
@@ -19,14 +21,17 @@ __all__ = [
     "BatchBufferFull",
     "BatchError",
     "BatchItemError",
+    "BatchItemError",
     "BrokerUnavailable",
     "ConfigurationError",
+    "PartialFailure",
     "PartialFailure",
     "Priority",
     "ResourceGuardError",
     "RoutingError",
     "TaskArgumentError",
     "TaskyardError",
+    "batch_task",
     "batch_task",
     "create_app",
     "priority_task",

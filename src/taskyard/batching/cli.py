@@ -1,0 +1,143 @@
+"""``taskyard batches``: batch buffers per name and key, dead letters, requeue and purge."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from taskyard.errors import TaskyardError
+
+
+def _app(app_path: str | None) -> Any:
+    """The app named by ``-A`` (as for ``celery -A``), or one built from TASKYARD_* settings."""
+    try:
+        if app_path is None:
+            from taskyard.app import create_app
+
+            return create_app("taskyard-batches")
+        from celery.app.utils import find_app
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return find_app(app_path)
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _age(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}s"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in rows)
+
+
+def render(states: list[dict[str, Any]]) -> str:
+    """The ``taskyard batches`` table: one row per batch name and one per key of it."""
+    if not states:
+        return "no batches yet (nothing was ever buffered)"
+    rows = [("batch", "key", "buffered", "oldest", "in flight", "dead", "processed", "failed",
+             "flushes size/age/manual", "duplicates")]
+    for state in states:
+        groups = state["groups"]
+        lines = [state] if len(groups) <= 1 else [state, *groups]
+        for entry in lines:
+            name = state["batch_name"] if entry is state else ""
+            key = "(all)" if entry is state and len(groups) > 1 else entry.get("group", "")
+            if entry is state and len(groups) == 1:
+                key = groups[0]["group"]
+            reasons = entry["flush_reasons"]
+            rows.append((
+                name, key or "-", str(entry["buffered"]), _age(entry["oldest_age_s"]),
+                f"{entry['in_flight']} ({entry['in_flight_items']} items)",
+                f"{entry['dead']} ({entry['dead_items']} items)",
+                str(entry["processed"]), str(entry["failed"]),
+                f"{reasons.get('size', 0)}/{reasons.get('age', 0)}/{reasons.get('manual', 0)}",
+                str(entry["duplicates"]),
+            ))
+    return _table(rows)
+
+
+@click.group("batches", invoke_without_command=True)
+@click.option("-A", "--app", "app_path", default=None,
+              help="taskyard Celery app, as for `celery -A` (default: settings from the "
+              "environment).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def batches(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
+    """Batch buffers: items waiting, oldest age, in flight, dead, counters, per name and key."""
+    ctx.obj = {"app_path": app_path, "json": as_json}
+    if ctx.invoked_subcommand is not None:
+        return
+    from taskyard.batching.inspect import inspect_batches
+
+    try:
+        states = inspect_batches(_app(app_path))
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(states, indent=2) if as_json else render(states))
+
+
+@batches.command("dead")
+@click.argument("batch_name", required=False)
+@click.option("--items", default=3, show_default=True, help="Items shown per dead batch.")
+@click.pass_context
+def dead(ctx: click.Context, batch_name: str | None, items: int) -> None:
+    """List dead batches (of BATCH_NAME, or all) with their last error."""
+    from taskyard.batching.inspect import list_dead
+
+    found = list_dead(_app(ctx.obj["app_path"]), batch_name, items=items)
+    if ctx.obj["json"]:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no dead batches")
+        return
+    for entry in found:
+        click.echo(f"{entry['batch_name']}/{entry['batch_id']} key={entry['group'] or '-'} "
+                   f"items={entry['size']} attempts={entry['attempts']}: {entry['error']}")
+        for item in entry["items"]:
+            click.echo(f"    {item}")
+
+
+def _ids(batch_ids: tuple[str, ...], every: bool) -> list[str] | None:
+    if bool(batch_ids) == every:
+        raise click.UsageError("give batch ids, or --all (not both)")
+    return None if every else list(batch_ids)
+
+
+@batches.command("requeue")
+@click.argument("batch_name")
+@click.argument("batch_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead batch of BATCH_NAME.")
+@click.pass_context
+def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...],
+            every: bool) -> None:
+    """Put dead batches back into work with fresh retries."""
+    from taskyard.batching.inspect import requeue_dead
+
+    try:
+        done = requeue_dead(_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"requeued {len(done)} batches of {batch_name}: {' '.join(done) or '-'}")
+
+
+@batches.command("purge")
+@click.argument("batch_name")
+@click.argument("batch_ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead batch of BATCH_NAME.")
+@click.pass_context
+def purge(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], every: bool) -> None:
+    """Delete dead batches for good."""
+    from taskyard.batching.inspect import purge_dead
+
+    deleted = purge_dead(_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+    click.echo(f"purged {deleted} items of dead batches of {batch_name}")
