@@ -2,11 +2,9 @@
 
 from taskyard.app import create_app
 from taskyard.batching import PartialFailure, batch_task
-from taskyard.batching import PartialFailure, batch_task
 from taskyard.errors import (
     BatchBufferFull,
     BatchError,
-    BatchItemError,
     BatchItemError,
     BrokerUnavailable,
     ConfigurationError,
@@ -21,17 +19,14 @@ __all__ = [
     "BatchBufferFull",
     "BatchError",
     "BatchItemError",
-    "BatchItemError",
     "BrokerUnavailable",
     "ConfigurationError",
-    "PartialFailure",
     "PartialFailure",
     "Priority",
     "ResourceGuardError",
     "RoutingError",
     "TaskArgumentError",
     "TaskyardError",
-    "batch_task",
     "batch_task",
     "create_app",
     "priority_task",

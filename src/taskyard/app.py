@@ -92,9 +92,6 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     from taskyard.batching import install as install_batching  # reaper task, flusher thread
 
     install_batching(app, runtime)
-    from taskyard.batching import install as install_batching  # reaper task, flusher thread
-
-    install_batching(app, runtime)
     from taskyard import tasks  # periodic jobs: cache warming, maintenance, beat schedule
 
     tasks.install(app, runtime)
