@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from examples.bdc.models import Base
 from sqlalchemy import create_engine, text
 
-from examples.bdc.models import Base
 from taskyard.errors import ConfigurationError
 from taskyard.runtime import runtime_of
 from taskyard.tasks.maintenance import last_report, recent_runs, run_maintenance

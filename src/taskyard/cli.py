@@ -129,9 +129,5 @@ from taskyard.batching.cli import batches as batches_command  # noqa: E402
 
 main.add_command(batches_command)
 
-from taskyard.batching.cli import batches as batches_command  # noqa: E402
-
-main.add_command(batches_command)
-
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -162,7 +162,12 @@ class PostgresMaintenance:
         for table in self.metadata.sorted_tables:
             if table.key in tables:
                 target = self._qualified_table(conn, table)
-                self._execute("analyze", target, f"ANALYZE {target}")
+                if tables[table.key] in building:
+                    # ANALYZE would queue behind the build's lock (and block writers behind it).
+                    self._skip("analyze", target, f"ANALYZE {target}",
+                               "an index build is in progress on this table")
+                else:
+                    self._execute("analyze", target, f"ANALYZE {target}")
 
         self._findings(conn, list(tables.values()))
 
