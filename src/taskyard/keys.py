@@ -164,3 +164,8 @@ class Keys:
         """HASH alert id -> JSON state (firing since, resolved at). Resolved alerts are pruned
         after the history retention."""
         return f"{self.namespace}:alerts"
+
+    def stats_state(self) -> str:
+        """STRING (JSON): the previous stats collection's cumulative counters and histograms,
+        from which the next run derives rates and window percentiles. Overwritten each run."""
+        return f"{self.namespace}:stats:state"

@@ -1,1 +1,20 @@
-"""taskyard monitoring."""
+"""Monitoring: capture in workers, true queue depth, stats collection, alerts, the read store.
+
+``install`` is what ``create_app`` calls: it connects the capture receivers and registers the
+``taskyard.stats.collect`` task. It does no I/O.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from taskyard.runtime import Runtime
+
+
+def install(app: Celery, runtime: Runtime) -> None:
+    """Connect metric capture and register the stats collection task on ``app``."""
+    from taskyard.monitoring.capture import install_capture
+    from taskyard.tasks.stats import register
+
+    install_capture(app, runtime)
+    register(app, runtime)

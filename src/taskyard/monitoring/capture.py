@@ -25,6 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from celery import Celery, signals
+from celery._state import get_current_app, get_current_worker_task
 
 from taskyard import signals as taskyard_signals
 from taskyard.runtime import Runtime
@@ -291,7 +292,11 @@ class _Receivers:
     def deferred(self, sender: Any = None, level: Any = None, **_: Any) -> None:
         try:
             name = str(sender)
-            if name not in self.app.tasks:
+            # The signal names the task only; several apps in one process (and shared tasks
+            # registered on each) must not all count it: the app running the task does.
+            running = get_current_worker_task()
+            owner = running.app if running is not None else get_current_app()
+            if owner is not self.app or name not in self.app.tasks:
                 return
             queue = str(getattr(level, "value", level) or "unknown")
             self.capture.count(name, queue, "deferred")

@@ -114,7 +114,7 @@ def amqp_depths(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
         kombu.exceptions.OperationalError, OSError: the broker is unreachable.
     """
     depths: list[QueueDepth] = []
-    with Connection(broker_url, connect_timeout=timeout_s) as conn:  # type: ignore[no-untyped-call]
+    with Connection(broker_url, connect_timeout=timeout_s) as conn:
         conn.ensure_connection(max_retries=1)
         channel = conn.channel()
         try:

@@ -198,7 +198,7 @@ class StatsStore:
         """Batch buffers, as ``taskyard.batching.inspect_batches`` reports them (empty when the
         batching package does not provide it)."""
         try:
-            from taskyard.batching import inspect_batches  # type: ignore[attr-defined]
+            from taskyard.batching import inspect_batches
         except (ImportError, AttributeError):
             return []
         return [dict(b) for b in inspect_batches(self.runtime)]
@@ -351,7 +351,7 @@ class StatsStore:
                 self._broker_client().ping()
             else:
                 timeout = self.settings.broker_connect_timeout_s
-                with Connection(broker, connect_timeout=timeout) as conn:  # type: ignore[no-untyped-call]
+                with Connection(broker, connect_timeout=timeout) as conn:
                     conn.ensure_connection(max_retries=1)
             result["broker"] = None
         except Exception as exc:

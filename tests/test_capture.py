@@ -1,0 +1,125 @@
+"""Capture: the in-process buffer, its batched flush, and exact counts from a real worker."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from taskyard.monitoring.capture import BUCKET_LABELS, SEP, Capture, bucket_index
+from taskyard.monitoring.store import StatsStore, parse_counts, parse_histogram, quantile
+from taskyard.runtime import runtime_of
+from taskyard.testing import celery_worker, wait_until
+from tests import servers
+
+
+def test_bucket_index_edges() -> None:
+    assert bucket_index(0.0) == 0
+    assert bucket_index(0.005) == 0  # upper bounds are inclusive, like Prometheus' "le"
+    assert bucket_index(0.0051) == 1
+    assert bucket_index(1e9) == len(BUCKET_LABELS) - 1
+
+
+def test_quantile_interpolates_inside_bucket() -> None:
+    counts = [0] * len(BUCKET_LABELS)
+    counts[bucket_index(0.3)] = 100  # all in (0.25, 0.5]
+    assert quantile(counts, 0.5) == pytest.approx(0.375)
+    assert quantile([0] * len(BUCKET_LABELS), 0.5) is None
+
+
+def test_flush_writes_buffer_in_one_batch(make_app: Any, redis_client: redis.Redis) -> None:
+    app = make_app("cap")
+    runtime = runtime_of(app)
+    capture = Capture(runtime)
+    for _ in range(7):
+        capture.count("t.a", "high", "received")
+    capture.started("t.a", "high", 0.02)
+    capture.finished("t.a", "high", "succeeded", 0.3)
+    capture.finished("t.a", "high", "failed", 3.0)
+    assert redis_client.hlen(runtime.keys.task_counts()) == 0  # nothing before the flush
+    assert capture.flush() > 0
+    counts = parse_counts(redis_client.hgetall(runtime.keys.task_counts()))
+    assert counts[("t.a", "high")]["received"] == 7
+    assert counts[("t.a", "high")]["succeeded"] == 1
+    assert counts[("t.a", "high")]["failed"] == 1
+    runtime_hist = parse_histogram(redis_client.hgetall(runtime.keys.task_histogram("runtime")))
+    entry = runtime_hist[("t.a", "high")]
+    assert entry["count"] == 2
+    assert entry["sum"] == pytest.approx(3.3)
+    assert entry["counts"][bucket_index(0.3)] == 1
+    assert capture.flush() == 0  # buffer emptied
+
+
+def test_failed_flush_keeps_counts(make_app: Any, redis_client: redis.Redis) -> None:
+    app = make_app("cap-down")
+    runtime = runtime_of(app)
+    capture = Capture(runtime)
+    capture.count("t.b", "low", "started", 3)
+    good = runtime.redis
+    runtime._redis = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    try:
+        assert capture.flush() == 0  # logged, not raised
+    finally:
+        runtime._redis = good
+    capture.count("t.b", "low", "started", 2)
+    capture.flush()
+    field = f"t.b{SEP}low{SEP}started"
+    assert int(redis_client.hget(runtime.keys.task_counts(), field) or 0) == 5
+
+
+N = 8
+
+
+@pytest.mark.slow
+def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str, str],
+                                             tmp_path: Path) -> None:
+    from tests.apps import monitor
+
+    servers.require("redis")
+    producer = make_app("monitor")  # same settings as the worker's app, on the test database
+    store = StatsStore(runtime_of(producer))
+    env = {**redis_env, "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
+           # The shared test machine is often CPU-busy: no resource guard holds work back here.
+           "TASKYARD_GUARD__ENABLED": "false"}
+    with celery_worker("tests.apps.monitor", "critical,high,normal,low,batch", env, tmp_path,
+                       concurrency=2, name="monitor"):
+        for i in range(N):
+            producer.send_task(monitor.ok.name, args=(i,))
+            producer.send_task(monitor.boom.name, args=(i,))
+            producer.send_task(monitor.retry_once.name, args=(i,))
+            producer.send_task(monitor.deferred_once.name, args=(i,))
+        expected = {
+            ("tests.apps.monitor.ok", "normal"): {"received": N, "started": N, "succeeded": N},
+            ("tests.apps.monitor.boom", "normal"): {"received": N, "started": N, "failed": N},
+            ("tests.apps.monitor.retry_once", "normal"): {
+                "received": 2 * N, "started": 2 * N, "retried": N, "succeeded": N},
+            ("tests.apps.monitor.deferred_once", "low"): {
+                "received": N, "started": N, "succeeded": N, "deferred": N},
+        }
+
+        def rows() -> dict[tuple[str, str], dict[str, Any]]:
+            return {(t["name"], t["queue"]): t for t in store.tasks()}
+
+        def matches() -> bool:
+            got = rows()
+            return all(key in got and all(got[key][e] == n for e, n in want.items())
+                       for key, want in expected.items())
+
+        wait_until(matches, 60, 0.2, f"counts {expected}, have {rows()}")
+        time.sleep(0.6)  # a few more flushes: nothing is counted twice
+        got = rows()
+    for key, want in expected.items():
+        for event in ("received", "started", "succeeded", "failed", "retried", "deferred"):
+            assert got[key][event] == want.get(event, 0), (key, event, got[key])
+    hist = store.histograms()
+    runtime_counts = {(h["name"], h["queue"]): h["count"] for h in hist["runtime"]}
+    wait_counts = {(h["name"], h["queue"]): h["count"] for h in hist["wait"]}
+    for key, want in expected.items():
+        assert runtime_counts[key] == want["started"]  # one runtime per run, whatever its end
+        assert wait_counts[key] == want["started"]  # every message carried its sent time
+    row = got[("tests.apps.monitor.ok", "normal")]
+    assert row["runtime_p50"] is not None and row["runtime_p50"] < 0.5
+    assert row["wait_p99"] is not None and row["wait_p99"] < 60

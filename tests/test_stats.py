@@ -1,0 +1,141 @@
+"""Stats collection: series in Redis, history in SQLite/PostgreSQL, rollup, retention, rates."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import sqlalchemy as sa
+
+from taskyard.monitoring import history
+from taskyard.monitoring.capture import Capture
+from taskyard.monitoring.store import StatsStore
+from taskyard.runtime import runtime_of
+from taskyard.tasks.stats import TASK_NAME, collect
+from tests import servers
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A history database: a fresh SQLite file, or a fresh schema on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'history.db'}"
+        return
+    servers.require("postgresql")
+    schema = f"ty_stats_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(servers.POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in servers.POSTGRES_URL else "?"
+    yield f"{servers.POSTGRES_URL}{sep}options=-csearch_path%3D{schema}"
+    for url in [u for u in history._engines if schema in u]:
+        history._engines.pop(url).dispose()
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def test_rollup_and_retention(history_url: str) -> None:
+    engine = history.engine_for(history_url)
+    history.ensure_schema(engine)
+    day = 86_400.0
+    now = 100 * day
+    rows = []
+    # Two days ago: one snapshot every 10 s for 20 minutes = 4 rollup windows of 300 s.
+    for i in range(120):
+        rows.append(("queues", now - 2 * day + i * 10.0, {"n": i}))
+    rows.append(("queues", now - 60.0, {"n": "recent"}))  # within the raw window: untouched
+    rows.append(("queues", now - 40 * day, {"n": "ancient"}))  # beyond retention
+    history.write_snapshots(engine, rows)
+    deleted = history.rollup(engine, now, raw_keep_s=day, window_s=300.0)
+    kept = history.read_snapshots(engine, "queues", now - 3 * day, now - day, 100, 0)
+    assert len({int(s["at"] // 300) for s in kept}) == len(kept)  # one per window
+    assert len(kept) == len({int((now - 2 * day + i * 10.0) // 300) for i in range(120)})
+    assert deleted == 120 - len(kept)
+    assert all(s["resolution_s"] == 300.0 for s in kept)
+    # The last snapshot of each window is the one kept.
+    last_in_window: dict[int, int] = {}
+    for i in range(120):
+        last_in_window[int((now - 2 * day + i * 10.0) // 300)] = i
+    assert sorted(s["n"] for s in kept) == sorted(last_in_window.values())
+    assert history.rollup(engine, now, raw_keep_s=day, window_s=300.0) == 0  # idempotent
+    assert history.prune(engine, now, retention_s=30 * day) == 1
+    remaining = history.read_snapshots(engine, "queues", None, None, 1000, 0)
+    assert remaining[0]["n"] == "recent"
+    assert "ancient" not in [s["n"] for s in remaining]
+
+
+def test_collect_writes_series_and_history(make_app: Any, redis_client: redis.Redis,
+                                           history_url: str) -> None:
+    app = make_app("stats", database_url=history_url, monitoring={"series_length": 10})
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+    capture = Capture(runtime)
+    t0 = 1_000_000.0
+    for i in range(15):
+        capture.count("t.x", "normal", "received", 10)
+        capture.finished("t.x", "normal", "succeeded", 0.02)
+        for _ in range(9):
+            capture.finished("t.x", "normal", "succeeded", 2.0)  # slow: over slow_task_s
+        capture.flush()
+        collect(runtime, now=t0 + 10.0 * i)
+    # Redis keeps the newest 10, the history database all 15; series() joins them, no overlap.
+    assert redis_client.llen(runtime.keys.series("overview")) == 10
+    series = store.series("overview", None, None, 100, 0)
+    assert [s["at"] for s in series] == [t0 + 10.0 * i for i in reversed(range(15))]
+    page = store.series("overview", None, None, 4, 8)  # crosses from Redis into the database
+    assert [s["at"] for s in page] == [t0 + 10.0 * i for i in (6, 5, 4, 3)]
+    ranged = store.series("overview", t0 + 15.0, t0 + 45.0, 100, 0)
+    assert [s["at"] for s in ranged] == [t0 + 40.0, t0 + 30.0, t0 + 20.0]
+    old = store.series("throughput", t0, t0 + 20.0, 100, 0)
+    assert [s["at"] for s in old] == [t0 + 20.0, t0 + 10.0, t0]
+    # Rates come from counter deltas over the 10 s window: 10 finished per 10 s.
+    assert old[0]["succeeded_per_s"] == pytest.approx(1.0)
+    assert old[0]["received_per_s"] == pytest.approx(1.0)
+    assert store.overview()["throughput_per_s"] == pytest.approx(1.0)
+    # 9 of 10 runs were slow in every window: the slow-task-rate alert fires.
+    firing = store.alerts()
+    assert [a["alertname"] for a in firing] == ["SlowTaskRate"]
+    assert firing[0]["value"] == pytest.approx(90.0)
+    latency = store.series("latency", None, None, 1, 0)[0]
+    assert 1.0 < latency["runtime_p50"] <= 2.5
+    tasks = store.series("tasks", None, None, 1, 0)[0]["tasks"]
+    assert tasks[0]["succeeded"] == 150
+
+
+def test_unknown_series_is_rejected(make_app: Any) -> None:
+    store = StatsStore(runtime_of(make_app("stats-bad")))
+    with pytest.raises(ValueError, match="unknown series 'nope'"):
+        store.series("nope", None, None, 10, 0)
+
+
+def test_collect_task_is_single_flight(make_app: Any, redis_client: redis.Redis,
+                                       tmp_path: Path) -> None:
+    app = make_app("stats-sf", database_url=f"sqlite:///{tmp_path / 'h.db'}",
+                   monitoring={"stats_interval_s": 3600})
+    task = app.tasks[TASK_NAME]
+    assert app.amqp.router.route({}, TASK_NAME)["queue"].name == "critical"
+    first = task.run()
+    second = task.run()
+    assert "series" in first
+    assert second["skipped"] is True
+    runtime = runtime_of(app)
+    assert redis_client.llen(runtime.keys.series("overview")) == 1
+
+
+def test_maintenance_reports_become_a_series(make_app: Any, redis_client: redis.Redis,
+                                             tmp_path: Path) -> None:
+    app = make_app("stats-mnt", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+    redis_client.set(runtime.keys.maintenance_last(), json.dumps({"run": 1, "ok": True}))
+    collect(runtime, now=1000.0)
+    collect(runtime, now=1010.0)  # same report: not recorded twice
+    redis_client.set(runtime.keys.maintenance_last(), json.dumps({"run": 2, "ok": False}))
+    collect(runtime, now=1020.0)
+    assert [m["run"] for m in store.maintenance()] == [2, 1]
