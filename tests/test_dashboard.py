@@ -249,3 +249,13 @@ def test_gridlines_land_on_round_values() -> None:
         end=NOW))
     labels = [t.text for t in svg.iter(f"{SVG}text")]
     assert {"0", "5", "10", "15", "20", "25"} <= set(labels)
+
+
+def test_a_window_longer_than_the_point_limit_says_what_it_shows() -> None:
+    data = sample(points=dashboard.MAX_POINTS)  # 10 s apart: 2 h of snapshots
+    data["window_s"] = 6 * 3600.0
+    board = dashboard.render_board(data)
+    oldest = NOW - 10 * (dashboard.MAX_POINTS - 1)
+    assert f"newest {dashboard.MAX_POINTS} snapshots (since {charts.clock(oldest)} UTC)" in board
+    data["window_s"] = 3600.0
+    assert "newest" not in dashboard.render_board(data)

@@ -285,13 +285,23 @@ def _card(title: str, *parts: str, wide: bool = False) -> str:
             f'{"".join(parts)}</section>')
 
 
+def coverage_note(data: dict[str, Any]) -> str:
+    """Says so when a series hit the point limit before reaching the window's start."""
+    starts = [float(snaps[-1]["at"]) for snaps in data["series"].values()
+              if len(snaps) >= MAX_POINTS and snaps and "at" in snaps[-1]]
+    if not starts or max(starts) <= data["now"] - data["window_s"]:
+        return ""
+    return (f" · charts show the newest {MAX_POINTS} snapshots (since "
+            f"{clock(max(starts))} UTC)")
+
+
 def render_board(data: dict[str, Any]) -> str:
     """The refreshable part of the page: KPIs, charts, alerts, task table."""
     problems = "".join(f"<li>{escape(p)}</li>" for p in data["problems"])
     level_legend = legend([(lv, LEVEL_COLORS[lv]) for lv in LEVEL_NAMES])
     return "".join([
         f'<p class="muted">updated {clock(data["now"])} UTC · window '
-        f'{duration(data["window_s"])}</p>',
+        f'{duration(data["window_s"])}{coverage_note(data)}</p>',
         f'<ul class="problems">{problems}</ul>' if problems else "",
         kpis_html(data),
         '<div class="grid">',
