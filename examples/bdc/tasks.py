@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 
 from examples.bdc.db import session
 from examples.bdc.models import Appointment, Evaluation, Notification, Report, User
@@ -61,7 +61,7 @@ def monthly_report(month: str) -> dict[str, int]:
     with session() as db:
         rows = db.execute(
             select(Appointment.trainer_id, func.count(),
-                   func.sum((Appointment.status == "completed").cast(int)))
+                   func.sum(case((Appointment.status == "completed", 1), else_=0)))
             .where(Appointment.start_time >= start, Appointment.start_time < end)
             .group_by(Appointment.trainer_id)
         ).all()
