@@ -2,4 +2,4 @@
 
 from taskyard import create_app
 
-app = create_app("bdc", include=["examples.bdc.tasks"])
+app = create_app("bdc", include=["examples.bdc.tasks", "examples.bdc.warmers"])

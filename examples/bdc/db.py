@@ -6,18 +6,20 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.bdc.models import Appointment, Base, Beneficiary, Evaluation, Trainer, User
-from taskyard.config import load_settings
+from taskyard.runtime import runtime_of
+from taskyard.tasks.db import engine as task_engine
 
 
-@lru_cache(maxsize=1)
 def engine() -> Engine:
-    return create_engine(load_settings().database_url, pool_pre_ping=True)
+    """The app's engine from taskyard (pool from settings, one per worker process)."""
+    from examples.bdc.app import app
+
+    return task_engine(runtime_of(app))
 
 
 @contextmanager

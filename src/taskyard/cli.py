@@ -129,5 +129,10 @@ from taskyard.batching.cli import batches as batches_command  # noqa: E402
 
 main.add_command(batches_command)
 
+from taskyard.tasks.cli import cache as cache_command, maintenance as maintenance_command  # noqa: E402, I001
+
+main.add_command(cache_command)
+main.add_command(maintenance_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -373,7 +373,9 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
     namespace ``namespace`` (default: the resource type, else "default"), which is also the unit
     of the hit/miss statistics. ``app`` defaults to the current Celery app.
 
-    The wrapper has ``.invalidate(*args, **kwargs)`` to drop one call's entry.
+    The wrapper has ``.invalidate(*args, **kwargs)`` to drop one call's entry and
+    ``.prime(value, *args, **kwargs)`` to store a value computed elsewhere (warmers loading many
+    entries with one query).
 
     Raises:
         ConfigurationError: at decoration, a non-positive ttl or a tag naming no argument.
@@ -417,7 +419,12 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
             key, _ = locate(args, kwargs)
             return cache_for(app).delete(ns, key)
 
+        def prime(value: Any, *args: Any, **kwargs: Any) -> None:
+            key, call_tags = locate(args, kwargs)
+            cache_for(app).set(ns, key, value, ttl=ttl, resource=resource, tags=call_tags)
+
         wrapper.invalidate = invalidate  # type: ignore[attr-defined]
+        wrapper.prime = prime  # type: ignore[attr-defined]
         wrapper.cache_namespace = ns  # type: ignore[attr-defined]
         return wrapper
 
