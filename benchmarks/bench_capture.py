@@ -117,6 +117,40 @@ def _drain(variant: str, n: int, log_dir: Path, timeout_s: float) -> float:
             proc.wait(5)
 
 
+def hook_cost_us(n: int) -> float:
+    """In-process cost (microseconds) of the capture receivers for one task: received, prerun
+    and postrun, on a fake task and request, net of building the request."""
+    from celery.app.task import Context
+
+    from taskyard.monitoring.capture import SENT_HEADER, Capture, _Receivers
+    from taskyard.runtime import runtime_of
+
+    app = create_app("bench_capture_hooks", redis_url=BENCH_REDIS_URL)
+    capture = Capture(runtime_of(app))
+    receivers = _Receivers(app, capture)
+    task = type("FakeTask", (), {"app": app, "name": "bench.noop", "queue": "normal"})()
+    consumer = type("FakeConsumer", (), {"app": app})()
+    request = type("FakeRequest", (), {"name": "bench.noop",
+                                       "delivery_info": {"routing_key": "normal"}})()
+
+    def context() -> Context:
+        return Context({"delivery_info": {"routing_key": "normal"}, SENT_HEADER: time.time()})
+
+    started = time.perf_counter()
+    for _ in range(n):
+        task.request = context()
+    baseline = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(n):
+        task.request = context()
+        receivers.received(sender=consumer, request=request)
+        receivers.prerun(sender=task, task=task)
+        receivers.postrun(sender=task, task=task, state="SUCCESS")
+    elapsed = time.perf_counter() - started - baseline
+    capture.close()
+    return elapsed / n * 1e6
+
+
 def run(quick: bool) -> list[Result]:
     n = 1500 if quick else 4000
     rounds = 1 if quick else 3
@@ -130,6 +164,8 @@ def run(quick: bool) -> list[Result]:
             best[variant].append(_drain(variant, n, log_dir, timeout_s=120))
             client.flushdb()
     on, off, plain = (max(best[v]) for v in ("on", "off", "plain"))
+    cost_us = min(hook_cost_us(20_000 if quick else 100_000) for _ in range(3))
+    per_task_us = 1e6 / off
     rounds_note = ", ".join(f"{v}={[round(x) for x in best[v]]}" for v in best)
     return [
         Result("monitoring.capture_overhead", "no-op tasks/s, capture on vs capture off",
@@ -139,6 +175,12 @@ def run(quick: bool) -> list[Result]:
         Result("monitoring.capture_vs_celery", "no-op tasks/s, capture on vs plain Celery",
                "tasks/s", on, plain,
                notes="reference: plain Celery app, same delivery settings, same run"),
+        Result("monitoring.capture_hook_cost", "capture receivers per task (in process)",
+               "us", cost_us, goal="<= 3 % of a no-op task",
+               higher_is_better=False,
+               notes=f"received+prerun+postrun hooks; {100 * cost_us / per_task_us:.2f} % of "
+                     f"the {per_task_us:.0f} us a no-op task takes with capture off, i.e. an "
+                     f"expected on/off ratio of {per_task_us / (per_task_us + cost_us):.3f}"),
         Result("monitoring.capture_off_vs_celery", "no-op tasks/s, capture off vs plain Celery",
                "tasks/s", off, plain, notes="taskyard without capture (other subsystems on)"),
     ]
