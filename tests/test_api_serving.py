@@ -41,10 +41,10 @@ def test_cache_single_flight_one_computation_for_concurrent_requests() -> None:
     assert calls == 1
 
 
-def test_cache_expires_and_does_not_keep_errors() -> None:
+def test_cache_expires_revalidates_and_does_not_keep_errors() -> None:
     now = [100.0]
-    cache = ResponseCache(ttl_s=1.0, clock=lambda: now[0])
-    values = iter([ValueError("down"), 1, 2])
+    cache = ResponseCache(ttl_s=1.0, clock=lambda: now[0], stale_factor=3.0)
+    values = iter([ValueError("down"), 1, 2, 3])
 
     def compute() -> int:
         value = next(values)
@@ -54,14 +54,20 @@ def test_cache_expires_and_does_not_keep_errors() -> None:
 
     async def scenario() -> list[int]:
         with pytest.raises(ValueError):
-            await cache.get("k", compute)
-        first = await cache.get("k", compute)
+            await cache.get("k", compute)  # errors are not cached...
+        seen = [await cache.get("k", compute)]  # ...the next request computes again
         now[0] += 0.5
-        cached = await cache.get("k", compute)
+        seen.append(await cache.get("k", compute))  # fresh: cached
         now[0] += 1.0
-        return [first, cached, await cache.get("k", compute)]
+        seen.append(await cache.get("k", compute))  # expired: stale now, refresh behind
+        while cache._inflight or cache._background:
+            await asyncio.sleep(0.01)
+        seen.append(await cache.get("k", compute))  # the refreshed value
+        now[0] += 10.0
+        seen.append(await cache.get("k", compute))  # too old to serve: waits for a new one
+        return seen
 
-    assert asyncio.run(scenario()) == [1, 1, 2]
+    assert asyncio.run(scenario()) == [1, 1, 1, 2, 3]
 
 
 def test_cache_is_bounded() -> None:

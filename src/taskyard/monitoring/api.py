@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Path, Query
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import Response
 from pydantic import BaseModel
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from taskyard.config import Settings, load_settings
 from taskyard.monitoring import api_models as m
 from taskyard.monitoring.api_query import (
+    Body,
     ResponseCache,
     check_range,
     invalid,
@@ -71,6 +72,18 @@ class ApiState:
     auth: AdminAuth
     celery_app: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    async def respond(self, request: Request, key: Hashable, compute: Callable[[], bytes],
+                      media_type: str = "application/json") -> Response:
+        """The cached body of ``key`` (computed by ``compute`` when due), gzipped for clients
+        that accept it. The gzip form is made once per computation, not per request; the
+        middleware leaves a response that already has a Content-Encoding alone."""
+        body = await self.cache.get(
+            key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
+        if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
+            return Response(body.gzipped, media_type=media_type,
+                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return Response(body.raw, media_type=media_type)
 
     def celery(self) -> Any:
         """The Celery app admin actions send tasks with (built on first use)."""
@@ -190,10 +203,10 @@ def _list_view(api: FastAPI, state: ApiState, path: str, model: type[BaseModel],
                read: Callable[[], Sequence[dict[str, Any]]], summary: str) -> None:
     allowed = m.field_names(model)
 
-    async def endpoint(fields: FieldsQuery = None) -> Response:
+    async def endpoint(request: Request, fields: FieldsQuery = None) -> Response:
         chosen = parse_fields(fields, allowed)
-        return _json(await state.cache.get(
-            (path, chosen), lambda: json_body(select(read(), chosen))))
+        return await state.respond(request, (path, chosen),
+                                   lambda: json_body(select(read(), chosen)))
 
     endpoint.__doc__ = summary
     api.add_api_route(API_PREFIX + path, endpoint, methods=["GET"],
@@ -205,9 +218,9 @@ def _add_views(api: FastAPI, state: ApiState) -> None:
     store = state.store
 
     @api.get(API_PREFIX + "/overview", response_model=m.Overview, tags=["stats"])
-    async def overview() -> Response:
+    async def overview(request: Request) -> Response:
         """Totals, queue depths, workers alive and firing alerts at a glance."""
-        return _json(await state.cache.get("overview", lambda: json_body(store.overview())))
+        return await state.respond(request, "overview", lambda: json_body(store.overview()))
 
     _list_view(api, state, "/queues", m.QueueStats, store.queues,
                "True depth of each level's queue (priority sub-lists and reserved messages).")
@@ -226,20 +239,22 @@ def _add_views(api: FastAPI, state: ApiState) -> None:
 
     @api.get(API_PREFIX + "/alerts", response_model=list[m.Alert], tags=["stats"])
     async def alerts(
+        request: Request,
         include_resolved: Annotated[bool, Query(
             description="Also list resolved alerts (kept for the history retention).")] = False,
         fields: FieldsQuery = None,
     ) -> Response:
         """Firing alerts (and resolved ones on request), most recent first."""
         chosen = parse_fields(fields, alert_fields)
-        return _json(await state.cache.get(
-            ("alerts", include_resolved, chosen),
-            lambda: json_body(select(store.alerts(include_resolved=include_resolved), chosen))))
+        return await state.respond(
+            request, ("alerts", include_resolved, chosen),
+            lambda: json_body(select(store.alerts(include_resolved=include_resolved), chosen)))
 
 
 def _add_history(api: FastAPI, state: ApiState) -> None:
     @api.get(API_PREFIX + "/history/{series}", response_model=m.HistoryPage, tags=["history"])
     async def history(
+        request: Request,
         series: Annotated[str, Path(description="Series the stats collection writes.",
                                     json_schema_extra={"enum": list(SERIES)})],
         since: Annotated[str | None, Query(
@@ -276,8 +291,8 @@ def _add_history(api: FastAPI, state: ApiState) -> None:
                     "next_offset": offset + limit if more else None}
             return json_body(page)
 
-        return _json(await state.cache.get(
-            ("history", name, start, end, limit, offset, names), compute))
+        return await state.respond(
+            request, ("history", name, start, end, limit, offset, names), compute)
 
 
 def _field_list(value: str | None) -> tuple[str, ...] | None:

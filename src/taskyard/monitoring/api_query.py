@@ -7,9 +7,12 @@ as the same 422 body FastAPI gives for its own checks, naming the parameter and 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -17,6 +20,7 @@ import anyio.to_thread
 from fastapi.exceptions import RequestValidationError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def invalid(parameter: str, value: Any, message: str) -> RequestValidationError:
@@ -89,21 +93,39 @@ def select(rows: Sequence[Mapping[str, Any]], fields: tuple[str, ...] | None) ->
     return [{name: row.get(name) for name in fields} for row in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class Body:
+    """A response body, with its gzip form made once when it is worth compressing."""
+
+    raw: bytes
+    gzipped: bytes | None = None
+
+    @classmethod
+    def of(cls, raw: bytes, minimum_size: int = 500, level: int = 6) -> Body:
+        return cls(raw, gzip.compress(raw, level) if len(raw) >= minimum_size else None)
+
+
 class ResponseCache:
-    """Per-process cache of computed responses, a short time to live, one computation at a time.
+    """Per-process cache of computed responses: a short time to live, one computation at a time,
+    stale-while-revalidate.
 
     Concurrent requests for a key that is being computed wait for that computation instead of
-    starting their own, so a burst of scrapes costs one store read. The computation runs in a
-    worker thread: store reads are blocking Redis I/O and must not stall the event loop.
+    starting their own, so a burst of scrapes costs one store read. Once an entry expires, the
+    next request starts a refresh in the background and is answered with the expired value
+    while it is at most ``stale_factor`` times the time to live old; older entries (and missing
+    ones) are waited for. The computation runs in a worker thread: store reads are blocking
+    Redis I/O and must not stall the event loop. Errors are never cached.
     """
 
     def __init__(self, ttl_s: float, max_entries: int = 256,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, stale_factor: float = 3.0) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.stale_factor = stale_factor
         self._clock = clock
         self._entries: dict[Hashable, tuple[float, Any]] = {}
         self._inflight: dict[Hashable, asyncio.Future[Any]] = {}
+        self._background: set[asyncio.Task[Any]] = set()
 
     def clear(self) -> None:
         """Forget every cached response (after an admin action changed the data)."""
@@ -113,12 +135,29 @@ class ResponseCache:
         """The cached value of ``key``, computing it in a thread when missing or expired."""
         if self.ttl_s > 0:
             entry = self._entries.get(key)
-            if entry is not None and self._clock() - entry[0] < self.ttl_s:
-                return entry[1]  # type: ignore[no-any-return]
+            if entry is not None:
+                age = self._clock() - entry[0]
+                if age < self.ttl_s:
+                    return entry[1]  # type: ignore[no-any-return]
+                if age < self.ttl_s * self.stale_factor:
+                    if key not in self._inflight:
+                        task = asyncio.create_task(self._refresh(key, compute))
+                        self._background.add(task)
+                        task.add_done_callback(self._background.discard)
+                    return entry[1]  # type: ignore[no-any-return]
         pending = self._inflight.get(key)
         if pending is not None:
             # shield: a cancelled waiter must not cancel the computation others wait for.
             return await asyncio.shield(pending)
+        return await self._compute(key, compute)
+
+    async def _refresh(self, key: Hashable, compute: Callable[[], Any]) -> None:
+        try:
+            await self._compute(key, compute)
+        except Exception as exc:  # the entry expires; the next request waits and sees the error
+            log.debug("background refresh of %r failed: %s", key, exc)
+
+    async def _compute(self, key: Hashable, compute: Callable[[], T]) -> T:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -139,8 +178,10 @@ class ResponseCache:
 
     def _store(self, key: Hashable, value: Any) -> None:
         now = self._clock()
+        self._entries.pop(key, None)
         if len(self._entries) >= self.max_entries:
-            self._entries = {k: v for k, v in self._entries.items() if now - v[0] < self.ttl_s}
+            keep = self.ttl_s * self.stale_factor
+            self._entries = {k: v for k, v in self._entries.items() if now - v[0] < keep}
             if len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (now, value)

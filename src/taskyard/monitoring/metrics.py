@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import generate_latest
 from prometheus_client.core import (
@@ -256,7 +256,7 @@ def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     @api.get("/metrics", tags=["metrics"], response_class=Response, responses={
         200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
               "description": "Prometheus text exposition format 0.0.4."}})
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         """Prometheus metrics of queues, tasks, workers, batches, cache and alerts."""
-        body = await state.cache.get("metrics", lambda: generate_latest(registry))
-        return Response(body, media_type=CONTENT_TYPE)
+        return await state.respond(request, "metrics", lambda: generate_latest(registry),
+                                   media_type=CONTENT_TYPE)

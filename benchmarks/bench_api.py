@@ -1,0 +1,259 @@
+"""Stats API under load: 50 concurrent keep-alive connections on one uvicorn worker.
+
+``taskyard api`` runs as a real process (one uvicorn worker) over Redis DB 12 holding a
+realistic state (20 task names x 5 queues with histograms, 4 workers, alerts, queued messages).
+A load generator in a separate process (asyncio, raw HTTP/1.1 keep-alive, so the client costs
+little CPU) drives ``/api/v1/overview`` and ``/metrics`` for ``DURATION_S`` each and reports
+p50/p99 latency and requests/s. Goals: p99 <= 50 ms and >= 500 requests/s each.
+
+Plain Celery has no stats API; its nearest equivalent is Flower's ``/metrics``, served from the
+same machine over the same broker and loaded the same way (the "celery" column of the /metrics
+rows). The overview rows have no plain-Celery figure.
+
+``python -m benchmarks.bench_api --load HOST PORT PATH SECONDS CONNECTIONS`` is the load
+generator's own entry point (it prints one JSON line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from benchmarks.common import BENCH_REDIS_URL, Result, percentile
+
+CONNECTIONS = 50
+DURATION_S = 10.0
+QUICK_DURATION_S = 3.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- load generator (runs in its own process) -----------------------------------------------
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    """Read one HTTP/1.1 response (Content-Length or chunked); returns the status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length, chunked = 0, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    else:
+        await reader.readexactly(length)
+    return head[9:12]
+
+
+async def _connection(host: str, port: int, path: str, deadline: float,
+                      latencies: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: gzip\r\n\r\n".encode()
+    try:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            writer.write(request)
+            try:
+                status = await asyncio.wait_for(_response(reader), timeout=10.0)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                errors.append(type(exc).__name__)
+                return
+            latencies.append(time.perf_counter() - started)
+            if status != b"200":
+                errors.append(status.decode())
+    finally:
+        writer.close()
+
+
+async def _load(host: str, port: int, path: str, seconds: float,
+                connections: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    started = time.perf_counter()
+    deadline = started + seconds
+    await asyncio.gather(*(_connection(host, port, path, deadline, latencies, errors)
+                           for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    return {"requests": len(latencies), "elapsed_s": elapsed, "errors": len(errors),
+            "rps": len(latencies) / elapsed,
+            "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000}
+
+
+def _load_main(argv: list[str]) -> None:
+    host, port, path, seconds, connections = argv
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
+        pass
+    print(json.dumps(asyncio.run(_load(host, int(port), path, float(seconds),
+                                       int(connections)))))
+
+
+def load(port: int, path: str, seconds: float) -> dict[str, Any]:
+    """Run the load generator in a separate process against 127.0.0.1:port."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_api", "--load", "127.0.0.1", str(port), path,
+         str(seconds), str(CONNECTIONS)],
+        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+# --- servers ------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def _seed(url: str, database_url: str) -> None:
+    """A realistic state: task counters and histograms, workers, alerts, queued messages."""
+    from taskyard.config import load_settings
+    from taskyard.keys import Keys
+    from taskyard.monitoring.api import _resolve
+    from taskyard.monitoring.capture import Capture
+
+    settings = load_settings(redis_url=url, database_url=database_url)
+    runtime, _app = _resolve(settings)
+    capture = Capture(runtime)
+    for t in range(20):
+        for queue in ("critical", "high", "normal", "low", "batch"):
+            name = f"bench.task_{t}"
+            for i in range(20):
+                capture.count(name, queue, "received")
+                capture.count(name, queue, "succeeded" if i % 10 else "failed")
+                capture.observe(name, queue, "runtime", 0.001 * (i + 1) * (t + 1))
+                capture.observe(name, queue, "wait", 0.002 * (i + 1))
+    capture.flush()
+    capture.close()
+    client = redis.Redis.from_url(url)
+    keys = Keys(settings.namespace)
+    now = time.time()
+    for w in range(4):
+        host = f"worker{w}@bench"
+        client.zadd(keys.workers(), {host: now})
+        client.set(keys.worker_heartbeat(host), json.dumps(
+            {"hostname": host, "at": now, "memory_pct": 40.0 + w, "cpu_pct": 20.0 + w}), ex=600)
+    client.hset(keys.alerts(), "queue_depth@normal", json.dumps({
+        "id": "queue_depth@normal", "alertname": "queue_depth", "severity": "warning",
+        "state": "firing", "since": now, "resolved_at": None, "value": 1200.0,
+        "threshold": 1000.0, "labels": {"queue": "normal"}, "summary": "normal is deep"}))
+    client.lpush("normal", *[b"{}"] * 50)
+    client.close()
+
+
+def _flower(port: int) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "celery", "-A", "benchmarks.apps.core_plain", "flower",
+            f"--port={port}", "--address=127.0.0.1", "--logging=warning"]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def run(quick: bool) -> list[Result]:
+    seconds = QUICK_DURATION_S if quick else DURATION_S
+    client = redis.Redis.from_url(BENCH_REDIS_URL)
+    client.flushdb()
+    workdir = Path(tempfile.mkdtemp(prefix="taskyard-bench-api-"))
+    database_url = f"sqlite:///{workdir / 'history.db'}"
+    _seed(BENCH_REDIS_URL, database_url)
+
+    port = _free_port()
+    env = {**os.environ, "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
+           "TASKYARD_DATABASE_URL": database_url, "TASKYARD_MONITORING__API_PORT": str(port)}
+    api = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "api", "--log-level",
+                            "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health/live", api)
+        for path in ("/api/v1/overview", "/metrics"):
+            load(port, path, 1.0)  # warm up: imports, connections, first store reads
+            figures[path] = load(port, path, seconds)
+    finally:
+        _stop(api)
+
+    flower_port = _free_port()
+    flower = _flower(flower_port)
+    flower_figures: dict[str, Any] | None = None
+    flower_note = ""
+    try:
+        _wait_http(f"http://127.0.0.1:{flower_port}/metrics", flower)
+        load(flower_port, "/metrics", 1.0)
+        flower_figures = load(flower_port, "/metrics", seconds)
+    except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
+        flower_note = f"Flower not measured: {exc}"
+    finally:
+        _stop(flower)
+    client.flushdb()
+    client.close()
+
+    rows = []
+    setup = (f"{CONNECTIONS} keep-alive connections, {seconds:.0f} s, one uvicorn worker, "
+             f"api_cache_s=1.0, 2 shared cores")
+    for path, label in (("/api/v1/overview", "overview"), ("/metrics", "metrics")):
+        mine = figures[path]
+        other = flower_figures if path == "/metrics" else None
+        note = (f"{setup}; {mine['requests']} requests, {mine['errors']} non-200")
+        if path == "/metrics":
+            note += ("; celery = Flower /metrics, same load" if other
+                     else f"; {flower_note or 'Flower not measured'}")
+        else:
+            note += "; plain Celery has no stats API (celery: none)"
+        rows.append(Result(f"monitoring.api.{label}", "requests/s", "req/s", mine["rps"],
+                           other["rps"] if other else None, ">= 500 req/s", True, note))
+        rows.append(Result(f"monitoring.api.{label}", "p99 latency", "ms", mine["p99_ms"],
+                           other["p99_ms"] if other else None, "<= 50 ms", False,
+                           f"p50 {mine['p50_ms']:.1f} ms"
+                           + (f"; Flower p50 {other['p50_ms']:.1f} ms" if other else "")))
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--load"]:
+        _load_main(sys.argv[2:])
+    else:
+        for row in run(quick="--quick" in sys.argv):
+            print(row)
