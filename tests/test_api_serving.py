@@ -70,6 +70,30 @@ def test_cache_expires_revalidates_and_does_not_keep_errors() -> None:
     assert asyncio.run(scenario()) == [1, 1, 1, 2, 3]
 
 
+def test_cache_refreshes_once_when_many_requests_find_it_expired() -> None:
+    now = [0.0]
+    calls = 0
+
+    def compute() -> int:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.02)
+        return calls
+
+    async def scenario() -> list[int]:
+        cache = ResponseCache(ttl_s=1.0, clock=lambda: now[0])
+        await cache.get("k", compute)
+        now[0] += 1.5
+        served = await asyncio.gather(*(cache.get("k", compute) for _ in range(50)))
+        while cache._background:
+            await asyncio.sleep(0.01)
+        return [*served, await cache.get("k", compute)]
+
+    served = asyncio.run(scenario())
+    assert served == [1] * 50 + [2]  # stale answers while one refresh ran
+    assert calls == 2
+
+
 def test_cache_is_bounded() -> None:
     cache = ResponseCache(ttl_s=60.0, max_entries=8)
 

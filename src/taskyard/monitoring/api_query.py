@@ -141,40 +141,42 @@ class ResponseCache:
                     return entry[1]  # type: ignore[no-any-return]
                 if age < self.ttl_s * self.stale_factor:
                     if key not in self._inflight:
-                        task = asyncio.create_task(self._refresh(key, compute))
-                        self._background.add(task)
-                        task.add_done_callback(self._background.discard)
+                        self._start(key, compute)
                     return entry[1]  # type: ignore[no-any-return]
         pending = self._inflight.get(key)
-        if pending is not None:
-            # shield: a cancelled waiter must not cancel the computation others wait for.
-            return await asyncio.shield(pending)
-        return await self._compute(key, compute)
+        if pending is None:
+            pending = self._start(key, compute)
+        # shield: a cancelled waiter must not cancel the computation others wait for.
+        return await asyncio.shield(pending)
 
-    async def _refresh(self, key: Hashable, compute: Callable[[], Any]) -> None:
-        try:
-            await self._compute(key, compute)
-        except Exception as exc:  # the entry expires; the next request waits and sees the error
-            log.debug("background refresh of %r failed: %s", key, exc)
-
-    async def _compute(self, key: Hashable, compute: Callable[[], T]) -> T:
+    def _start(self, key: Hashable, compute: Callable[[], Any]) -> asyncio.Future[Any]:
+        # Registered before the task first runs, so every request of this loop iteration sees
+        # the computation in flight and none starts another.
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
+        task = asyncio.create_task(self._run(key, compute, future))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return future
+
+    async def _run(self, key: Hashable, compute: Callable[[], Any],
+                   future: asyncio.Future[Any]) -> None:
         try:
             value = await anyio.to_thread.run_sync(compute)
         except Exception as exc:
+            self._inflight.pop(key, None)
+            log.debug("computing %r failed: %s", key, exc)
             future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, get it raised anyway
-            raise
+            future.exception()  # retrieved here: waiters get it raised; a refresh has none
+            return
         except BaseException:
+            self._inflight.pop(key, None)
             future.cancel()
             raise
-        finally:
-            del self._inflight[key]
-        future.set_result(value)
+        self._inflight.pop(key, None)
         if self.ttl_s > 0:
             self._store(key, value)
-        return value
+        future.set_result(value)
 
     def _store(self, key: Hashable, value: Any) -> None:
         now = self._clock()
