@@ -115,6 +115,7 @@ def test_every_read_endpoint_has_its_documented_shape(client: TestClient, settin
     assert tasks[("app.fail", "high")]["failed"] == 2
     [worker] = client.get("/api/v1/workers").json()
     assert worker["hostname"] == "w1@host" and worker["alive"] is True
+    assert (worker["memory_pct"], worker["cpu_pct"]) == (42.5, 12.0)
     firing = client.get("/api/v1/alerts").json()
     assert [a["id"] for a in firing] == ["mem@w1"]
     every = client.get("/api/v1/alerts", params={"include_resolved": "true"}).json()

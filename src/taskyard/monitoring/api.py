@@ -86,17 +86,10 @@ class ApiState:
         return Response(body.raw, media_type=media_type)
 
     def celery(self) -> Any:
-        """The Celery app admin actions send tasks with (built on first use)."""
+        """The Celery app admin actions send tasks with (built on first use). It is a full
+        taskyard app, so the router places a task sent by name on its declared level."""
         if self.celery_app is None:
-            from celery import Celery
-
-            from taskyard.app import celery_config
-            from taskyard.runtime import attach
-
-            app = Celery("taskyard-api")
-            app.conf.update(celery_config(self.runtime.settings, self.runtime.router))
-            attach(app, self.runtime)
-            self.celery_app = app
+            self.celery_app = _runtime_for(self.runtime.settings)[1]
         return self.celery_app
 
 

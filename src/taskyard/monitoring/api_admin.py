@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
@@ -20,10 +19,6 @@ if TYPE_CHECKING:
     from taskyard.monitoring.api import ApiState
 
 log = logging.getLogger(__name__)
-
-#: Celery task that runs index maintenance now (registered by taskyard.tasks.maintenance).
-MAINTENANCE_TASK = "taskyard.maintenance.run"
-
 
 class CacheInvalidation(BaseModel):
     """Tags whose cache entries are invalidated."""
@@ -39,7 +34,7 @@ class BatchRequeue(BaseModel):
         None, max_length=1000, description="Dead batch ids to requeue; null requeues all.")
 
 
-def capability(module: str, attribute: str, what: str) -> Callable[..., Any]:
+def capability(module: str, attribute: str, what: str) -> Any:
     """``module.attribute``, or a 501 naming what this installation lacks."""
     try:
         found = getattr(importlib.import_module(module), attribute)
@@ -49,7 +44,7 @@ def capability(module: str, attribute: str, what: str) -> Callable[..., Any]:
     except AttributeError:
         raise HTTPException(501, f"{what} is not available: {module} has no {attribute}") \
             from None
-    return found  # type: ignore[no-any-return]
+    return found
 
 
 def admin_router(state: ApiState) -> APIRouter:
@@ -76,9 +71,10 @@ def admin_router(state: ApiState) -> APIRouter:
     @router.post("/maintenance/run", response_model=m.AdminResult, status_code=202)
     def run_maintenance() -> m.AdminResult:
         """Queue an index-maintenance run now (the job itself runs on a worker)."""
-        # The task is registered by the periodic-jobs package; without it no worker runs it.
-        capability("taskyard.tasks.maintenance", "__name__", "index maintenance")
-        name = MAINTENANCE_TASK
+        # The task is defined by the periodic-jobs package; without it no worker runs it.
+        capability("taskyard.tasks.maintenance", "install", "index maintenance")
+        name = str(capability("taskyard.tasks.schedule", "MAINTENANCE_TASK",
+                              "index maintenance"))
         result = state.celery().send_task(name)
         log.info("stats API: maintenance run queued as %s", result.id)
         return m.AdminResult(action="maintenance.run", detail={"task": name,

@@ -29,13 +29,18 @@ class QueueStats(_Row):
 
 
 class WorkerStats(_Row):
-    """A worker from its heartbeat."""
+    """A worker from its heartbeat (written by the resource guards)."""
 
     hostname: str
     alive: bool = Field(description="Heartbeat younger than its time to live.")
     age_s: float | None = Field(None, description="Seconds since the last heartbeat.")
-    memory_percent: float | None = Field(None, description="Memory use, percent of the limit.")
-    cpu_percent: float | None = Field(None, description="CPU use, percent, averaged.")
+    at: float | None = Field(None, description="Last heartbeat, seconds since the epoch.")
+    queues: list[str] = Field([], description="Queues it consumes, in priority order.")
+    paused_queues: list[str] = Field([], description="Queues paused by back-pressure.")
+    memory_pct: float | None = Field(None, description="Memory use, percent of the limit.")
+    cpu_pct: float | None = Field(None, description="CPU use, percent, averaged.")
+    state: str | None = Field(None, description="Resource pressure: ok, warning or critical.")
+    deferred: int | None = Field(None, description="Tasks it held back since it started.")
 
 
 class TaskStats(_Row):

@@ -207,15 +207,9 @@ class StoreCollector(Collector):
 
 
 def worker_percent(row: Mapping[str, Any], kind: str) -> float | None:
-    """A worker's ``memory`` or ``cpu`` percent from its heartbeat: top level or inside its
-    readings (the guards publish ``memory_pct``/``cpu_pct``)."""
-    for source in (row, row.get("reading"), row.get("readings"), row.get("resources")):
-        if isinstance(source, Mapping):
-            for key in (f"{kind}_percent", f"{kind}_pct"):
-                value = _number(source.get(key))
-                if value is not None:
-                    return value
-    return None
+    """A worker's ``memory`` or ``cpu`` percent from its heartbeat (``memory_pct``,
+    ``cpu_pct``)."""
+    return _number(row.get(f"{kind}_pct"))
 
 
 def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, Any]]:
