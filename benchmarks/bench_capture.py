@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,8 +157,7 @@ def run(quick: bool) -> list[Result]:
     rounds = 1 if quick else 3
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     client.flushdb()
-    log_dir = Path(ROOT / "benchmarks" / ".logs")
-    log_dir.mkdir(exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="taskyard-bench-capture-"))
     best: dict[str, list[float]] = {"on": [], "off": [], "plain": []}
     for _ in range(rounds):
         for variant in ("off", "on", "plain"):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from taskyard.config import load_settings
@@ -15,6 +16,7 @@ from taskyard.monitoring.alerts import Breach, evaluate, transition
 from taskyard.monitoring.store import StatsStore
 from taskyard.runtime import runtime_of
 from taskyard.tasks.stats import collect
+from taskyard.testing import celery_worker, wait_until
 
 
 def _worker(host: str, **readings: Any) -> dict[str, Any]:
@@ -119,3 +121,36 @@ def test_collection_fires_and_resolves(make_app: Any, redis_client: redis.Redis,
     series = store.series("alerts", None, None, 10, 0)
     assert [s["firing"] for s in series] == [0, 3]
     history._engines.clear()
+
+
+@pytest.mark.slow
+def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    app = make_app("monitor", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
+           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.3",
+           "TASKYARD_GUARD__HEARTBEAT_SLACK_S": "0.5"}
+
+    def hb_alerts() -> list[dict[str, Any]]:
+        return [a for a in store.alerts(include_resolved=True)
+                if a["alertname"] == "WorkerHeartbeatMissing"]
+
+    with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1,
+                       name="hb") as worker:
+        wait_until(lambda: any(w["alive"] for w in store.workers()), 20, 0.1, "a heartbeat")
+        (host,) = [w["hostname"] for w in store.workers()]
+        collect(runtime)
+        assert hb_alerts() == []
+        worker.kill()  # SIGKILL: no clean removal of its record
+    wait_until(lambda: not store.workers()[0]["alive"], 20, 0.1, "the heartbeat to expire")
+    collect(runtime)
+    (alert,) = hb_alerts()
+    assert (alert["state"], alert["severity"], alert["labels"]) == (
+        "firing", "critical", {"worker": host})
+    with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1, name="hb"):
+        wait_until(lambda: store.workers()[0]["alive"], 20, 0.1, "the worker to come back")
+        collect(runtime)
+    (alert,) = hb_alerts()
+    assert alert["state"] == "resolved" and alert["resolved_at"] >= alert["since"]

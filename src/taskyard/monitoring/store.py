@@ -137,7 +137,6 @@ class StatsStore:
         if not members:
             return []
         raws = self.redis.mget([self.keys.worker_heartbeat(h) for h, _ in members])
-        ttl = 2 * self.settings.guard.heartbeat_interval_s
         out = []
         for (hostname, seen), raw in zip(members, raws, strict=True):
             beat: dict[str, Any] = {"hostname": hostname, "at": seen}
@@ -149,7 +148,8 @@ class StatsStore:
             at = float(beat.get("at") or seen)
             age = max(0.0, now - at)
             beat["age_s"] = round(age, 3)
-            beat["alive"] = bool(raw) and age <= ttl
+            # The record expires with the heartbeat TTL: present means alive.
+            beat["alive"] = bool(raw)
             out.append(beat)
         out.sort(key=lambda w: str(w["hostname"]))
         return out
@@ -180,8 +180,13 @@ class StatsStore:
     def tasks(self) -> list[dict[str, Any]]:
         """Counters and latency percentiles (s) per task name and queue."""
         counts_raw, hists = self._raw_stats()
+        return self._task_rows(counts_raw, {k: parse_histogram(hists[k]) for k in KINDS})
+
+    @staticmethod
+    def _task_rows(counts_raw: dict[bytes, bytes],
+                   parsed: dict[str, dict[tuple[str, str], dict[str, Any]]]
+                   ) -> list[dict[str, Any]]:
         counts = parse_counts(counts_raw)
-        parsed = {kind: parse_histogram(hists[kind]) for kind in KINDS}
         keys = set(counts) | set(parsed["runtime"]) | set(parsed["wait"])
         out = []
         for name, queue in sorted(keys):
@@ -261,16 +266,17 @@ class StatsStore:
     def overview(self) -> dict[str, Any]:
         """One-glance summary: totals, depth per queue, workers, firing alerts, throughput,
         latency percentiles over all tasks."""
-        tasks = self.tasks()
+        counts_raw, raw_hists = self._raw_stats()
+        parsed = {kind: parse_histogram(raw_hists[kind]) for kind in KINDS}
+        tasks = self._task_rows(counts_raw, parsed)
         totals = {event: sum(int(t[event]) for t in tasks) for event in EVENTS}
         queues = self.queues()
         workers = self.workers()
         firing = self.alerts()
-        hists = self.histograms()
         latency: dict[str, float | None] = {}
         for kind in KINDS:
             merged = [0] * len(BUCKET_LABELS)
-            for entry in hists[kind]:
+            for entry in parsed[kind].values():
                 merged = [a + b for a, b in zip(merged, entry["counts"], strict=True)]
             for label, q in _PERCENTILES:
                 latency[f"{kind}_{label}"] = quantile(merged, q)
