@@ -223,6 +223,38 @@ def test_redis_down_is_503_json_never_500(tmp_path: Path) -> None:
             assert "127.0.0.1:1" in body["detail"] and "Traceback" not in body["detail"]
 
 
+def test_database_down_is_503_naming_it(tmp_path: Path, redis_client: redis.Redis) -> None:
+    closed = load_settings(redis_url=servers.REDIS_URL,
+                           database_url="postgresql+psycopg2://postgres@127.0.0.1:1/test",
+                           monitoring={"api_cache_s": 0.0})
+    with TestClient(create_api(closed), raise_server_exceptions=False) as down:
+        ready = down.get("/health/ready")
+        assert ready.status_code == 503
+        checks = ready.json()["checks"]
+        assert checks["redis"] == "ok" and checks["broker"] == "ok"
+        assert "OperationalError" in checks["database"]
+        # Redis holds no snapshots, so the page is read from the history database.
+        history = down.get("/api/v1/history/queues", params={"since": 0})
+        assert history.status_code == 503, history.text
+        assert history.json()["error"] == "database_unavailable"
+        assert down.get("/api/v1/queues").status_code == 200  # Redis-only reads go on
+
+
+def test_broker_down_is_503_naming_it(tmp_path: Path, redis_client: redis.Redis) -> None:
+    closed = load_settings(redis_url=servers.REDIS_URL,
+                           broker_url="amqp://guest:guest@127.0.0.1:1//",
+                           broker_connect_timeout_s=1.0,
+                           database_url=f"sqlite:///{tmp_path / 'h.db'}",
+                           monitoring={"api_cache_s": 0.0})
+    with TestClient(create_api(closed), raise_server_exceptions=False) as down:
+        ready = down.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["checks"]["broker"] not in (None, "ok")
+        queues = down.get("/api/v1/queues")
+        assert queues.status_code == 503, queues.text
+        assert queues.json()["error"] == "broker_unavailable"
+
+
 def _reading_redis(paths: Iterable[str]) -> list[str]:
     """Endpoints that read Redis in this installation (batches only with the batching package's
     inspection)."""
