@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -123,3 +125,33 @@ def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str,
     row = got[("tests.apps.monitor.ok", "normal")]
     assert row["runtime_p50"] is not None and row["runtime_p50"] < 0.5
     assert row["wait_p99"] is not None and row["wait_p99"] < 60
+
+
+@pytest.mark.slow
+def test_children_flush_when_they_exit(make_app: Any, redis_env: dict[str, str],
+                                       tmp_path: Path) -> None:
+    """With a flush interval far beyond the test, counts can only come from exit flushes:
+    each child is replaced after one task and the parent flushes at shutdown."""
+    from tests.apps import monitor
+
+    producer = make_app("monitor")
+    store = StatsStore(runtime_of(producer))
+    env = {**redis_env, "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "3600",
+           "TASKYARD_GUARD__ENABLED": "false"}
+    with celery_worker("tests.apps.monitor", "normal", env, tmp_path, concurrency=2,
+                       name="recycle", extra=("--max-tasks-per-child", "1")) as worker:
+        for i in range(6):
+            producer.send_task(monitor.ok.name, args=(i,))
+
+        def started() -> int:
+            return sum(t["started"] for t in store.tasks())
+
+        # Each child exits (and flushes) after its one task; the parent, which counts
+        # "received", flushes only when it shuts down.
+        wait_until(lambda: started() == 6, 60, 0.2, f"exit flushes, have {store.tasks()}")
+        assert store.tasks()[0]["received"] == 0
+        # SIGTERM to the parent: warm shutdown, every process flushes on its way out.
+        os.kill(worker.pid, signal.SIGTERM)
+        worker.process.wait(30)
+    (row,) = store.tasks()
+    assert (row["received"], row["started"], row["succeeded"]) == (6, 6, 6)

@@ -139,3 +139,26 @@ def test_maintenance_reports_become_a_series(make_app: Any, redis_client: redis.
     redis_client.set(runtime.keys.maintenance_last(), json.dumps({"run": 2, "ok": False}))
     collect(runtime, now=1020.0)
     assert [m["run"] for m in store.maintenance()] == [2, 1]
+
+
+def test_redis_down_raises_clear_errors(make_app: Any, tmp_path: Path) -> None:
+    app = make_app("stats-down", redis_url="redis://127.0.0.1:1/0",
+                   database_url=f"sqlite:///{tmp_path / 'h.db'}", broker_connect_timeout_s=0.5)
+    store = StatsStore(runtime_of(app))
+    calls = [store.queues, store.workers, store.tasks, store.histograms, store.alerts,
+             store.overview, store.maintenance, lambda: store.series("queues", None, None, 5, 0)]
+    for call in calls:
+        with pytest.raises(redis.ConnectionError):
+            call()
+    ready = store.check_ready()
+    assert ready["database"] is None
+    assert ready["redis"] and "ConnectionError" in ready["redis"]
+    assert ready["broker"] and "ConnectionError" in ready["broker"]
+
+
+def test_ready_reports_a_database_that_is_down(make_app: Any) -> None:
+    app = make_app("stats-db-down",
+                   database_url="postgresql+psycopg2://postgres@127.0.0.1:1/none")
+    ready = StatsStore(runtime_of(app)).check_ready()
+    assert ready["redis"] is None and ready["broker"] is None
+    assert ready["database"] and "OperationalError" in ready["database"]
