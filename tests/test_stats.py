@@ -162,3 +162,20 @@ def test_ready_reports_a_database_that_is_down(make_app: Any) -> None:
     ready = StatsStore(runtime_of(app)).check_ready()
     assert ready["redis"] is None and ready["broker"] is None
     assert ready["database"] and "OperationalError" in ready["database"]
+
+
+def test_pg_stat_statements_only_where_installed(tmp_path: Path) -> None:
+    from taskyard.tasks.stats import _pg_stat_statements
+
+    assert _pg_stat_statements(f"sqlite:///{tmp_path / 'x.db'}", 0.5) == []
+    servers.require("postgresql")
+    engine = sa.create_engine(servers.POSTGRES_URL)
+    with engine.connect() as conn:
+        installed = conn.execute(sa.text(
+            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")).first()
+    engine.dispose()
+    rows = _pg_stat_statements(servers.POSTGRES_URL, 0.0)
+    if installed is None:
+        assert rows == []
+    else:  # where the server preloads it, every row is a slow statement with its figures
+        assert all({"query", "calls", "mean_s", "total_s"} <= set(r) for r in rows)

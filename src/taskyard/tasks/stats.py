@@ -75,10 +75,16 @@ def _pg_stat_statements(url: str, slow_s: float) -> list[dict[str, Any]]:
             "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")).first()
         if not installed:
             return []
-        rows = conn.execute(sa.text(
-            "SELECT left(query, 300) AS query, calls, mean_exec_time, total_exec_time "
-            "FROM pg_stat_statements WHERE mean_exec_time > :ms "
-            "ORDER BY mean_exec_time DESC LIMIT 20"), {"ms": slow_s * 1000.0}).mappings().all()
+        try:
+            rows = conn.execute(sa.text(
+                "SELECT left(query, 300) AS query, calls, mean_exec_time, total_exec_time "
+                "FROM pg_stat_statements WHERE mean_exec_time > :ms "
+                "ORDER BY mean_exec_time DESC LIMIT 20"), {"ms": slow_s * 1000.0}
+            ).mappings().all()
+        except sa.exc.DBAPIError as exc:
+            # Created but not in shared_preload_libraries: the view exists and cannot be read.
+            logger.debug("stats: pg_stat_statements unreadable: %s", exc)
+            return []
     return [{"query": r["query"], "calls": int(r["calls"]),
              "mean_s": float(r["mean_exec_time"]) / 1000.0,
              "total_s": float(r["total_exec_time"]) / 1000.0} for r in rows]
