@@ -97,7 +97,10 @@ def test_collect_writes_series_and_history(make_app: Any, redis_client: redis.Re
     # Rates come from counter deltas over the 10 s window: 10 finished per 10 s.
     assert old[0]["succeeded_per_s"] == pytest.approx(1.0)
     assert old[0]["received_per_s"] == pytest.approx(1.0)
-    assert store.overview()["throughput_per_s"] == pytest.approx(1.0)
+    overview = store.overview()
+    assert overview["throughput_per_s"] == pytest.approx(1.0)
+    assert overview["totals"]["succeeded"] == 150
+    assert 1.0 < overview["latency_window"]["runtime_p50"] <= 2.5
     # 9 of 10 runs were slow in every window: the slow-task-rate alert fires.
     firing = store.alerts()
     assert [a["alertname"] for a in firing] == ["SlowTaskRate"]

@@ -265,7 +265,7 @@ class StatsStore:
 
     def overview(self) -> dict[str, Any]:
         """One-glance summary: totals, depth per queue, workers, firing alerts, throughput,
-        latency percentiles over all tasks."""
+        latency percentiles over all tasks (all time, and over the last collection window)."""
         counts_raw, raw_hists = self._raw_stats()
         parsed = {kind: parse_histogram(raw_hists[kind]) for kind in KINDS}
         tasks = self._task_rows(counts_raw, parsed)
@@ -280,6 +280,7 @@ class StatsStore:
                 merged = [a + b for a, b in zip(merged, entry["counts"], strict=True)]
             for label, q in _PERCENTILES:
                 latency[f"{kind}_{label}"] = quantile(merged, q)
+        window = self._series_redis("latency", limit=1)
         latest = self._series_redis("throughput", limit=1)
         rates = latest[0] if latest else {}
         return {
@@ -295,6 +296,8 @@ class StatsStore:
             "succeeded_per_s": float(rates.get("succeeded_per_s", 0.0)),
             "failed_per_s": float(rates.get("failed_per_s", 0.0)),
             "latency": latency,
+            # Percentiles over the last collection window (the "latency" series), when there is one.
+            "latency_window": {k: v for k, v in (window[0] if window else {}).items() if k != "at"},
         }
 
     # --- series and history ------------------------------------------------------------------
