@@ -116,6 +116,22 @@ class Alert(_Row):
 class Overview(_Row):
     """The whole platform at a glance."""
 
+    at: float = Field(description="When it was computed, seconds since the epoch.")
+    totals: dict[str, int] = Field(
+        description="Counters over all tasks: received, started, succeeded, failed, retried, "
+        "deferred.")
+    queues: dict[str, int] = Field(description="Queue -> true depth.")
+    queue_depth_total: int
+    workers_alive: int
+    workers_total: int
+    alerts_firing: int
+    alerts_critical: int
+    throughput_per_s: float = Field(description="Tasks finished per second (last collection).")
+    succeeded_per_s: float
+    failed_per_s: float
+    latency: dict[str, float | None] = Field(
+        description="runtime_p50/p95/p99 and wait_p50/p95/p99 over all tasks, seconds.")
+
 
 class HistoryPage(BaseModel):
     """One page of a stats time series, newest first."""
