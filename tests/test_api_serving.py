@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -164,3 +165,48 @@ def test_taskyard_api_serves_over_real_uvicorn(tmp_path: Path, redis_client: red
     output = (tmp_path / "api.log").read_text()
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Traceback" not in output
+
+
+class SlowCountingStore:
+    """The real store, with each overview read slowed down and counted."""
+
+    def __init__(self, store: Any, delay_s: float) -> None:
+        self._store = store
+        self.delay_s = delay_s
+        self.overview_reads = 0
+
+    def overview(self) -> dict[str, Any]:
+        self.overview_reads += 1
+        time.sleep(self.delay_s)  # blocking, like a slow Redis
+        return self._store.overview()  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_slow_store_reads_do_not_block_the_event_loop_and_are_shared(
+        tmp_path: Path, redis_client: redis.Redis) -> None:
+    from taskyard.monitoring.api import _resolve, create_api
+    from taskyard.monitoring.store import StatsStore
+    from tests.test_api import api_settings
+
+    settings = api_settings(tmp_path, api_cache_s=5.0)
+    runtime, _ = _resolve(settings)
+    store = SlowCountingStore(StatsStore(runtime), delay_s=1.0)
+    api = create_api(runtime, store=store)  # type: ignore[arg-type]
+
+    async def scenario() -> tuple[float, list[int]]:
+        transport = httpx.ASGITransport(app=api)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            burst = [asyncio.create_task(client.get("/api/v1/overview")) for _ in range(20)]
+            await asyncio.sleep(0.1)
+            started = time.perf_counter()
+            live = await client.get("/health/live")
+            live_s = time.perf_counter() - started
+            assert live.status_code == 200
+            return live_s, [r.status_code for r in await asyncio.gather(*burst)]
+
+    live_s, statuses = asyncio.run(scenario())
+    assert live_s < 0.5, f"/health/live waited {live_s:.2f} s behind a blocking store read"
+    assert statuses == [200] * 20
+    assert store.overview_reads == 1  # twenty concurrent requests, one store read
