@@ -130,7 +130,7 @@ def test_expired_entry_served_stale_while_one_recomputes(make_app: Any) -> None:
     @cached(ttl=0.3, app=app)
     def settings_blob() -> int:
         computations.append(version["v"])
-        time.sleep(0.4)
+        time.sleep(1.0)  # long enough that every reader arrives during the recomputation
         return version["v"]
 
     assert settings_blob() == 1
@@ -140,7 +140,7 @@ def test_expired_entry_served_stale_while_one_recomputes(make_app: Any) -> None:
     results = _concurrent(10, settings_blob)
     assert computations == [1, 2]
     assert sorted(results) == [1] * 9 + [2]  # one recomputed, nine served stale at once
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3
     cache_for(app).flush_stats()
     stats = cache_stats(runtime_of(app))["default"]
     assert stats["stale_served"] == 9

@@ -24,8 +24,8 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, overload
 
 import redis
@@ -46,27 +46,54 @@ STATS_FLUSH_INTERVAL_S = 1.0
 _POLL_S = 0.01
 
 
-@dataclass
 class _Counters:
-    values: dict[str, dict[str, float]] = field(default_factory=dict)
-    last_flush: float = field(default_factory=time.monotonic)
-    pid: int = field(default_factory=os.getpid)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Per-process counters per cache namespace, taken by the flush."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, float]] = {}
+        self.last_flush = time.monotonic()
+        self.lock = threading.Lock()
+        _ALL_COUNTERS.add(self)
 
     def add(self, namespace: str, **counts: float) -> None:
         with self.lock:
-            if self.pid != os.getpid():
-                # A forked child inherits the parent's unflushed counts; they are not its own.
-                self.values, self.pid = {}, os.getpid()
-            bucket = self.values.setdefault(namespace, {})
+            bucket = self.values.get(namespace)
+            if bucket is None:
+                bucket = self.values[namespace] = {}
             for name, amount in counts.items():
                 bucket[name] = bucket.get(name, 0.0) + amount
+
+    def hit(self, namespace: str, latency_us: float) -> None:
+        """add(hits=1, reads=1, latency_us=...) without building keyword dicts: the hot path."""
+        with self.lock:
+            bucket = self.values.get(namespace)
+            if bucket is None:
+                bucket = self.values[namespace] = {}
+            bucket["hits"] = bucket.get("hits", 0.0) + 1
+            bucket["reads"] = bucket.get("reads", 0.0) + 1
+            bucket["latency_us"] = bucket.get("latency_us", 0.0) + latency_us
 
     def take(self) -> dict[str, dict[str, float]]:
         with self.lock:
             taken, self.values = self.values, {}
             self.last_flush = time.monotonic()
             return taken
+
+    def forget(self) -> None:
+        # A forked child inherits the parent's unflushed counts; they are not its own.
+        self.values = {}
+        self.lock = threading.Lock()
+
+
+_ALL_COUNTERS: weakref.WeakSet[_Counters] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for counters in list(_ALL_COUNTERS):
+        counters.forget()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Cache:
@@ -77,6 +104,9 @@ class Cache:
         self.keys = runtime.keys
         self.settings = runtime.settings.cache
         self._counters = _Counters()
+        # Key prefixes, so the hit path formats strings instead of calling the key schema.
+        self._value_prefix = self.keys.cache_value("", "")[:-1]
+        self._tag_prefix = self.keys.cache_tag_version("")
 
     # --- configuration --------------------------------------------------------------------
     def ttl_for(self, resource: str | None) -> float:
@@ -97,22 +127,43 @@ class Cache:
         return float(table[name])
 
     # --- reading --------------------------------------------------------------------------
+    def _mget(self, names: list[str]) -> list[Any]:
+        """MGET on a pooled connection directly: the hit path's one round trip.
+
+        redis-py's client wrapper costs about as much as the command itself on loopback; a
+        connection or timeout error falls back to the client, which retries.
+        """
+        client = self.runtime.redis
+        pool = client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command("MGET", *names)  # type: ignore[no-untyped-call]
+            return conn.read_response()  # type: ignore[no-any-return]
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()  # type: ignore[no-untyped-call]
+            return client.mget(names)
+        finally:
+            pool.release(conn)
+
     def _fetch(self, namespace: str, key: str, tags: Sequence[str]) -> tuple[Any, str]:
         """(value, state): state is "fresh", "stale" (expired, servable), "invalid" or "miss"."""
-        names = [self.keys.cache_value(namespace, key)]
-        names.extend(self.keys.cache_tag_version(tag) for tag in tags)
-        raw, *versions = self.runtime.redis.mget(names)
+        tag_prefix = self._tag_prefix
+        names = [f"{self._value_prefix}{namespace}:{key}"]
+        names.extend([tag_prefix + tag for tag in tags])
+        raw, *versions = self._mget(names)
         if raw is None:
             return _MISSING, "miss"
         envelope = json.loads(raw)
-        stored: dict[str, int] = envelope.get("t", {})
-        current = {tag: int(v or 0) for tag, v in zip(tags, versions, strict=True)}
-        unknown = [tag for tag in stored if tag not in current]
-        if unknown:  # the caller did not name every tag of the entry: one more round trip
-            extra = self.runtime.redis.mget([self.keys.cache_tag_version(t) for t in unknown])
-            current.update({tag: int(v or 0) for tag, v in zip(unknown, extra, strict=True)})
-        if any(current[tag] != version for tag, version in stored.items()):
-            return envelope["v"], "invalid"
+        stored: dict[str, int] = envelope["t"]
+        if stored:
+            current = {tag: int(v or 0) for tag, v in zip(tags, versions, strict=True)}
+            unknown = [tag for tag in stored if tag not in current]
+            if unknown:  # the caller did not name every tag of the entry: one more round trip
+                extra = self._mget([tag_prefix + t for t in unknown])
+                current.update({tag: int(v or 0) for tag, v in zip(unknown, extra, strict=True)})
+            for tag, version in stored.items():
+                if current[tag] != version:
+                    return envelope["v"], "invalid"
         if envelope["e"] < time.time():
             return envelope["v"], "stale"
         return envelope["v"], "fresh"
@@ -181,7 +232,10 @@ class Cache:
         started = time.perf_counter()
         value, state = self._fetch(namespace, key, tags)
         if state == "fresh":
-            self._count(namespace, started, hits=1)
+            counters = self._counters
+            counters.hit(namespace, (time.perf_counter() - started) * 1e6)
+            if time.monotonic() - counters.last_flush >= STATS_FLUSH_INTERVAL_S:
+                self.flush_stats()
             return value
         lock_key = self.keys.cache_recompute(namespace, key)
         wait_s = self.settings.stampede_wait_s
@@ -348,9 +402,13 @@ def _text(value: bytes | str) -> str:
 
 
 # --- the decorator ----------------------------------------------------------------------------
+_KEY_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def _key_of(args: dict[str, Any]) -> str:
+    # Arguments come in signature order, so the same call always gives the same key.
     try:
-        return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
+        return _KEY_ENCODER.encode(args)
     except (TypeError, ValueError) as exc:
         raise CacheError(f"cannot build a cache key from arguments {args!r}: {exc}") from None
 
@@ -399,18 +457,38 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
         prefix = f"{fn.__module__}.{fn.__qualname__}"
         templated = any("{" in tag for tag in tags)
 
+        names = tuple(signature.parameters)
+        # Plain parameters only (no *args/**kwargs): a call giving every argument positionally
+        # maps to its arguments without inspect's bind, the costliest step of a cache hit.
+        plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+                    for p in signature.parameters.values())
+        static_tags = list(tags)
+
         def locate(args: Any, kwargs: Any) -> tuple[str, list[str]]:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            key = f"{prefix}:{_key_of(bound.arguments)}"
+            if plain and not kwargs and len(args) == len(names):
+                arguments = dict(zip(names, args, strict=True))
+            else:
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+            key = f"{prefix}:{_key_of(arguments)}"
             if templated:
-                return key, [tag.format(**bound.arguments) for tag in tags]
-            return key, list(tags)
+                return key, [tag.format(**arguments) for tag in tags]
+            return key, static_tags
+
+        resolved: list[Cache] = []
+
+        def current_cache() -> Cache:
+            if app is None:
+                return cache_for(None)  # the current app may change between calls
+            if not resolved:
+                resolved.append(cache_for(app))
+            return resolved[0]
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             key, call_tags = locate(args, kwargs)
-            cache = cache_for(app)
+            cache = current_cache()
             result: R = cache.get_or_compute(ns, key, lambda: fn(*args, **kwargs), ttl=ttl,
                                              resource=resource, tags=call_tags)
             return result
