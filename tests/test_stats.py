@@ -97,6 +97,8 @@ def test_collect_writes_series_and_history(make_app: Any, redis_client: redis.Re
     # Rates come from counter deltas over the 10 s window: 10 finished per 10 s.
     assert old[0]["succeeded_per_s"] == pytest.approx(1.0)
     assert old[0]["received_per_s"] == pytest.approx(1.0)
+    (per_task,) = old[0]["tasks"]
+    assert (per_task["name"], per_task["per_s"], per_task["slow"]) == ("t.x", 1.0, 9)
     overview = store.overview()
     assert overview["throughput_per_s"] == pytest.approx(1.0)
     assert overview["totals"]["succeeded"] == 150

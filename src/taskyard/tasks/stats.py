@@ -123,6 +123,10 @@ def _window(tasks: list[dict[str, Any]], hists: dict[str, Any], previous: dict[s
              for event, n in totals.items()}
     finished = totals["succeeded"] + totals["failed"]
     rates["per_s"] = round(finished / seconds, 3) if seconds else 0.0
+    if seconds is None:
+        # First run: no previous reading, so no window; all-time counts would mislead alerts.
+        per_task = []
+        latency = dict.fromkeys(latency)
     return {"seconds": seconds, "totals": totals, "rates": rates, "latency": latency,
             "tasks": per_task}
 
@@ -165,7 +169,9 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
                      "throughput_per_s": window["rates"]["per_s"]},
         "queues": {"queues": {q["queue"]: {k: q[k] for k in ("depth", "ready", "reserved")}
                               for q in queues}},
-        "throughput": {**window["rates"], "window_s": window["seconds"]},
+        "throughput": {**window["rates"], "window_s": window["seconds"],
+                       "tasks": [{**t, "per_s": round(t["finished"] / window["seconds"], 3)
+                                  if window["seconds"] else 0.0} for t in window["tasks"]]},
         "latency": window["latency"],
         "tasks": {"tasks": tasks},
         "workers": {"workers": workers},
