@@ -144,7 +144,7 @@ def last_warm_report(runtime: Runtime) -> dict[str, Any] | None:
 def install(app: Any, runtime: Runtime) -> None:
     """Register ``taskyard.cache.warm`` and the warm-at-start hook."""
 
-    @app.task(name=CACHE_WARM_TASK, bind=True, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
+    @app.task(name=CACHE_WARM_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
     def warm_task(self: Any, trigger: str = "beat") -> dict[str, Any]:
         return warm(runtime_of(self.app), trigger=trigger)
 

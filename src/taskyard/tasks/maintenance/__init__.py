@@ -156,7 +156,7 @@ def periodic_run(runtime: Runtime) -> dict[str, Any]:
 def install(app: Any, runtime: Runtime) -> None:
     """Register ``taskyard.maintenance.run``; check the metadata setting when a worker starts."""
 
-    @app.task(name=MAINTENANCE_TASK, bind=True, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
+    @app.task(name=MAINTENANCE_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
     def maintenance_task(self: Any) -> dict[str, Any]:
         return periodic_run(runtime_of(self.app))
 
