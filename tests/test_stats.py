@@ -184,3 +184,31 @@ def test_pg_stat_statements_only_where_installed(tmp_path: Path) -> None:
         assert rows == []
     else:  # where the server preloads it, every row is a slow statement with its figures
         assert all({"query", "calls", "mean_s", "total_s"} <= set(r) for r in rows)
+
+
+@pytest.mark.slow
+def test_beat_runs_collection_on_a_worker(make_app: Any, redis_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    from taskyard.testing import celery_worker, wait_until
+
+    app = make_app("monitor", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
+           "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+           "TASKYARD_MONITORING__STATS_INTERVAL_S": "1",
+           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5"}
+    with celery_worker("tests.apps.monitor", "critical,normal", env, tmp_path, concurrency=1,
+                       name="beat", extra=("-B", "-s", str(tmp_path / "beat-schedule"))):
+        app.send_task("tests.apps.monitor.ok", args=(1,))
+
+        def overview_len() -> int:
+            return int(runtime.redis.llen(runtime.keys.series("overview")))
+
+        wait_until(lambda: overview_len() >= 3, 30, 0.2, "three collections")
+        latest = store.series("overview", None, None, 1, 0)[0]
+    assert latest["workers_alive"] == 1
+    assert latest["totals"]["succeeded"] >= 1  # the ok task (and the collections themselves)
+    history_rows = history.count_snapshots(history.engine_for(f"sqlite:///{tmp_path / 'h.db'}"),
+                                           "overview")
+    assert history_rows >= 3
