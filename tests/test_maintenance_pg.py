@@ -307,3 +307,34 @@ def test_statement_timeout_and_unreachable_are_recorded_failed(
                            url="postgresql+psycopg2://postgres@127.0.0.1:1/test")
     assert down.status == "failed" and "database unreachable" in (down.reason or "")
     assert [r["status"] for r in recent_runs(runtime)] == ["failed", "ok", "failed"]
+
+
+def test_bloated_index_reindexed_concurrently_when_enabled(
+        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    engine, schema = pg
+    md = _events(schema)
+    _create(engine, md, rows=100_000)
+    with engine.connect() as conn:
+        # Most rows gone: the index keeps its pages (VACUUM frees them for reuse only).
+        conn.execute(text(f"DELETE FROM {schema}.events WHERE id % 10 <> 0"))
+        conn.execute(text(f"VACUUM {schema}.events"))
+
+    def size() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(text(
+                f"SELECT pg_relation_size('{schema}.ix_events_account_created')")).scalar())
+
+    before = size()
+    observed = run_maintenance(_runtime(make_app, tmp_path), metadata=md)
+    bloat = {b["index"]: b["bloat_pct"] for b in observed.findings["bloat"]}
+    assert bloat["ix_events_account_created"] > 50
+    assert not [a for a in observed.actions if a.kind == "reindex"]  # reindex is off by default
+    report = run_maintenance(_runtime(make_app, tmp_path, reindex=True, reindex_min_mb=0.1,
+                                      reindex_bloat_pct=50), metadata=md)
+    assert report.status == "ok", report.errors
+    reindexed = {a.target.split(".")[-1] for a in report.actions if a.kind == "reindex"}
+    assert "ix_events_account_created" in reindexed
+    assert all(a.statement.startswith("REINDEX INDEX CONCURRENTLY") for a in report.actions
+               if a.kind == "reindex")
+    assert size() < before / 3
+    assert _index(engine, schema, "ix_events_account_created")["indisvalid"]  # type: ignore[index]
