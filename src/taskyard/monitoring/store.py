@@ -240,7 +240,11 @@ class StatsStore:
         return out
 
     def maintenance(self) -> list[dict[str, Any]]:
-        """Recent maintenance runs, newest first."""
+        """Recent maintenance runs, newest first: the run history the maintenance job keeps in
+        the history database, else the reports the stats collection recorded from Redis."""
+        runs = self._maintenance_history()
+        if runs:
+            return runs
         runs = self._series_redis("maintenance")
         if not runs:
             raw = self.redis.get(self.keys.maintenance_last())
@@ -251,6 +255,17 @@ class StatsStore:
                     logger.warning("unreadable maintenance report in %s",
                                    self.keys.maintenance_last())
         return runs[:50]
+
+    def _maintenance_history(self) -> list[dict[str, Any]]:
+        try:
+            from taskyard.tasks.maintenance import recent_runs
+        except (ImportError, AttributeError):
+            return []
+        try:
+            return [dict(r) for r in recent_runs(self.runtime, 50)]
+        except Exception:
+            logger.warning("maintenance run history unreadable; using Redis", exc_info=True)
+            return []
 
     def alerts(self, include_resolved: bool = False) -> list[dict[str, Any]]:
         """Alerts, firing first (critical before warning), then newest first."""
