@@ -133,24 +133,28 @@ def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: di
            "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.3",
            "TASKYARD_GUARD__HEARTBEAT_SLACK_S": "0.5"}
 
+    def mine() -> list[dict[str, Any]]:
+        return [w for w in store.workers() if w["hostname"].startswith("hb@")]
+
     def hb_alerts() -> list[dict[str, Any]]:
         return [a for a in store.alerts(include_resolved=True)
-                if a["alertname"] == "WorkerHeartbeatMissing"]
+                if a["alertname"] == "WorkerHeartbeatMissing"
+                and a["labels"]["worker"].startswith("hb@")]
 
     with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1,
                        name="hb") as worker:
-        wait_until(lambda: any(w["alive"] for w in store.workers()), 20, 0.1, "a heartbeat")
-        (host,) = [w["hostname"] for w in store.workers()]
+        wait_until(lambda: bool(mine()) and mine()[0]["alive"], 20, 0.1, "a heartbeat")
+        host = mine()[0]["hostname"]
         collect(runtime)
         assert hb_alerts() == []
         worker.kill()  # SIGKILL: no clean removal of its record
-    wait_until(lambda: not store.workers()[0]["alive"], 20, 0.1, "the heartbeat to expire")
+    wait_until(lambda: not mine()[0]["alive"], 20, 0.1, "the heartbeat to expire")
     collect(runtime)
     (alert,) = hb_alerts()
     assert (alert["state"], alert["severity"], alert["labels"]) == (
         "firing", "critical", {"worker": host})
     with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1, name="hb"):
-        wait_until(lambda: store.workers()[0]["alive"], 20, 0.1, "the worker to come back")
+        wait_until(lambda: mine()[0]["alive"], 20, 0.1, "the worker to come back")
         collect(runtime)
     (alert,) = hb_alerts()
     assert alert["state"] == "resolved" and alert["resolved_at"] >= alert["since"]
