@@ -226,3 +226,28 @@ def test_maintenance_lists_the_run_history(make_app: Any, redis_client: redis.Re
     second = run_maintenance(runtime, dry_run=True)
     runs = StatsStore(runtime).maintenance()
     assert [r["run_id"] for r in runs[:2]] == [second.run_id, first.run_id]
+
+
+def test_stats_cli_show_and_collect(make_app: Any, redis_client: redis.Redis,
+                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from taskyard.cli import main
+
+    monkeypatch.setenv("TASKYARD_REDIS_URL", servers.REDIS_URL)
+    monkeypatch.setenv("TASKYARD_DATABASE_URL", f"sqlite:///{tmp_path / 'h.db'}")
+    redis_client.lpush("high\x06\x166", b"{}", b"{}")
+    runner = CliRunner()
+    collected = runner.invoke(main, ["stats", "collect"])
+    assert collected.exit_code == 0, collected.output
+    assert "overview" in json.loads(collected.output)["series"]
+    shown = runner.invoke(main, ["stats", "show", "--json"])
+    assert shown.exit_code == 0, shown.output
+    high = next(q for q in json.loads(shown.output)["queues"] if q["queue"] == "high")
+    assert high["depth"] == 2
+    table = runner.invoke(main, ["stats", "show"])
+    assert table.exit_code == 0 and "high      2" in table.output
+    monkeypatch.setenv("TASKYARD_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("TASKYARD_BROKER_CONNECT_TIMEOUT_S", "0.5")
+    down = runner.invoke(main, ["stats", "show"])
+    assert down.exit_code == 1 and "stats unavailable" in down.output

@@ -134,5 +134,9 @@ from taskyard.tasks.cli import cache as cache_command, maintenance as maintenanc
 main.add_command(cache_command)
 main.add_command(maintenance_command)
 
+from taskyard.monitoring.stats_cli import stats as stats_command  # noqa: E402
+
+main.add_command(stats_command)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,110 @@
+"""``taskyard stats``: the live stats in a terminal, and one collection on demand."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from taskyard.errors import TaskyardError
+
+
+def _runtime(app_path: str | None) -> Any:
+    """Runtime of the app named by ``-A`` (as for ``celery -A``), or of one built from settings."""
+    from taskyard.runtime import runtime_of
+
+    try:
+        if app_path is None:
+            from taskyard.app import create_app
+
+            return runtime_of(create_app("taskyard-stats"))
+        from celery.app.utils import find_app
+
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        return runtime_of(find_app(app_path))
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}{unit}"
+    return f"{value}{unit}"
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    click.echo(click.style(title, bold=True))
+    if not rows:
+        click.echo("  (none)\n")
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in [header, *rows]:
+        click.echo(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+                   .rstrip())
+    click.echo("")
+
+
+@click.group("stats")
+def stats() -> None:
+    """Queue depths, workers, task counters and alerts from taskyard's stats."""
+
+
+@stats.command("show")
+@click.option("-A", "--app", "app_path", default=None,
+              help="taskyard Celery app, as for `celery -A` (default: settings from the "
+              "environment).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def show(app_path: str | None, as_json: bool) -> None:
+    """Print live queue depths, workers, per-task counters and firing alerts."""
+    import redis
+
+    from taskyard.monitoring.store import StatsStore
+
+    store = StatsStore(_runtime(app_path))
+    try:
+        data = {"queues": store.queues(), "workers": store.workers(), "tasks": store.tasks(),
+                "alerts": store.alerts()}
+    except (redis.RedisError, OSError) as exc:
+        raise click.ClickException(f"stats unavailable: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    _table("queues", ["queue", "depth", "ready", "reserved"],
+           [[q["queue"], str(q["depth"]), str(q["ready"]),
+             str(q["reserved"]) if q.get("reserved_known", True) else "?"]
+            for q in data["queues"]])
+    _table("workers", ["worker", "alive", "age", "memory", "cpu", "paused"],
+           [[str(w["hostname"]), "yes" if w["alive"] else "NO", _fmt(w.get("age_s"), " s"),
+             _fmt(w.get("memory_pct"), " %"), _fmt(w.get("cpu_pct"), " %"),
+             ",".join(w.get("paused_queues") or []) or "-"] for w in data["workers"]])
+    _table("tasks", ["task", "queue", "ok", "failed", "retried", "deferred", "run p95",
+                     "wait p95"],
+           [[t["name"], t["queue"], str(t["succeeded"]), str(t["failed"]), str(t["retried"]),
+             str(t["deferred"]), _fmt(t["runtime_p95"], " s"), _fmt(t["wait_p95"], " s")]
+            for t in data["tasks"]])
+    _table("firing alerts", ["severity", "alert", "since", "summary"],
+           [[a["severity"], a["alertname"], _fmt(a["since"]), a["summary"]]
+            for a in data["alerts"]])
+
+
+@stats.command("collect")
+@click.option("-A", "--app", "app_path", default=None,
+              help="taskyard Celery app, as for `celery -A` (default: settings from the "
+              "environment).")
+def collect_now(app_path: str | None) -> None:
+    """Run one stats collection now (as the periodic job does) and print its summary."""
+    import redis
+
+    from taskyard.tasks.stats import collect
+
+    try:
+        summary = collect(_runtime(app_path))
+    except (redis.RedisError, OSError) as exc:
+        raise click.ClickException(f"collection failed: {exc}") from None
+    click.echo(json.dumps(summary, indent=2))
