@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import time
 from typing import Any
@@ -172,3 +174,34 @@ def test_clear_tag_deletes_entries_with_progress(make_app: Any, redis_client: An
     assert seen[-1] == (1200, 600) and len(seen) >= 6
     assert cache.get("user", "u1") == 1
     assert redis_client.exists(cache.keys.cache_value("user", "u0")) == 0
+
+
+def _reader_process(start_at: float, results: Any) -> None:
+    from taskyard import create_app
+    from tests.servers import REDIS_URL
+
+    app = create_app("cache-proc", redis_url=REDIS_URL)
+    client = runtime_of(app).redis
+
+    @cached(ttl=60, tags=["proc"], app=app)
+    def expensive() -> str:
+        client.incr("test:computations")
+        time.sleep(0.5)
+        return f"computed by {os.getpid()}"
+
+    time.sleep(max(0.0, start_at - time.time()))
+    results.put(expensive())
+
+
+def test_stampede_across_processes(redis_client: Any) -> None:
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    start_at = time.time() + 1.0
+    procs = [ctx.Process(target=_reader_process, args=(start_at, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    values = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert int(redis_client.get("test:computations")) == 1
+    assert len(set(values)) == 1  # every process got the one computed value
