@@ -205,3 +205,17 @@ def test_stampede_across_processes(redis_client: Any) -> None:
         p.join(10)
     assert int(redis_client.get("test:computations")) == 1
     assert len(set(values)) == 1  # every process got the one computed value
+
+
+def test_unreachable_redis_computes_without_the_cache(make_app: Any) -> None:
+    app = make_app("cache-down", redis_url="redis://127.0.0.1:1/0", broker_connect_timeout_s=0.2)
+    calls: list[int] = []
+
+    @cached(ttl=60, app=app)
+    def value(x: int) -> int:
+        calls.append(x)
+        return x * 2
+
+    assert value(2) == 4
+    assert value(2) == 4
+    assert calls == [2, 2]

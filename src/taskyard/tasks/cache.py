@@ -228,7 +228,22 @@ class Cache:
     def get_or_compute(self, namespace: str, key: str, compute: Callable[[], Any], *,
                        ttl: float | None = None, resource: str | None = None,
                        tags: Sequence[str] = ()) -> Any:
-        """The cached value, or ``compute()`` stored: one computation at a time per key."""
+        """The cached value, or ``compute()`` stored: one computation at a time per key.
+
+        With Redis unreachable the value is computed without the cache (logged): the cache
+        speeds the application up, it must not take it down.
+        """
+        computed: list[Any] = []
+        try:
+            return self._get_or_compute(namespace, key, compute, ttl, resource, tags, computed)
+        except redis.RedisError as exc:
+            log.warning("cache %s:%s unavailable, computing without it: %s", namespace, key, exc)
+            self._counters.add(namespace, errors=1)
+            return computed[0] if computed else compute()
+
+    def _get_or_compute(self, namespace: str, key: str, compute: Callable[[], Any],
+                        ttl: float | None, resource: str | None, tags: Sequence[str],
+                        computed: list[Any]) -> Any:
         started = time.perf_counter()
         value, state = self._fetch(namespace, key, tags)
         if state == "fresh":
@@ -249,7 +264,8 @@ class Cache:
                     if state == "fresh":
                         self._count(namespace, started, hits=1, waited=1)
                         return value
-                    return self._compute(namespace, key, compute, ttl, resource, tags, started)
+                    return self._compute(namespace, key, compute, ttl, resource, tags, started,
+                                         computed)
                 finally:
                     _release(self.runtime.redis, lock_key, token)
             if state == "stale":
@@ -259,7 +275,8 @@ class Cache:
             if time.monotonic() >= deadline:
                 log.warning("cache %s:%s: recompute by another process exceeded %.1f s, "
                             "computing here", namespace, key, wait_s)
-                return self._compute(namespace, key, compute, ttl, resource, tags, started)
+                return self._compute(namespace, key, compute, ttl, resource, tags, started,
+                                     computed)
             time.sleep(_POLL_S)
             value, state = self._fetch(namespace, key, tags)
             if state == "fresh":
@@ -267,12 +284,14 @@ class Cache:
                 return value
 
     def _compute(self, namespace: str, key: str, compute: Callable[[], Any], ttl: float | None,
-                 resource: str | None, tags: Sequence[str], started: float) -> Any:
+                 resource: str | None, tags: Sequence[str], started: float,
+                 computed: list[Any]) -> Any:
         # Versions are read before computing: an invalidation during the computation leaves
         # the new entry already stale instead of hiding the change.
         versions = self._tag_versions(tags)
         computed_at = time.perf_counter()
         value = compute()
+        computed.append(value)  # a Redis failure from here on must not compute it again
         compute_s = time.perf_counter() - computed_at
         self.set(namespace, key, value, ttl=ttl, resource=resource, tags=tags, _versions=versions)
         self._count(namespace, started, misses=1, compute_s=compute_s)
@@ -390,6 +409,7 @@ def cache_stats(runtime: Runtime) -> dict[str, dict[str, float]]:
             "stale_served": counts.get("stale", 0.0),
             "waited": counts.get("waited", 0.0),
             "sets": counts.get("sets", 0.0),
+            "errors": counts.get("errors", 0.0),
             "hit_rate_pct": 100.0 * hits / (hits + misses) if hits + misses else 0.0,
             "avg_latency_ms": counts.get("latency_us", 0.0) / reads / 1000 if reads else 0.0,
             "compute_s_total": counts.get("compute_s", 0.0),

@@ -136,9 +136,10 @@ def recent_runs(runtime: Runtime, limit: int = 10) -> list[dict[str, Any]]:
 def periodic_run(runtime: Runtime) -> dict[str, Any]:
     """The periodic job: one run per maintenance period cluster-wide."""
     period_s = runtime.settings.maintenance.interval_s
-    # The Redis lock only spares a second worker the connection attempt: the advisory lock in
-    # the database is what keeps runs apart, whoever starts them.
-    with single_flight(runtime, MAINTENANCE_JOB, period_s, lock_ttl_s=period_s) as flight:
+    # No Redis lock on top of the claim: the advisory lock in the database keeps runs apart,
+    # whoever starts them, and dies with a crashed run's connection, where a Redis lock would
+    # outlive the crash and make the next day's run skip.
+    with single_flight(runtime, MAINTENANCE_JOB, period_s) as flight:
         if not flight.acquired:
             return flight.report()
         try:
