@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from taskyard.runtime import runtime_of
+from taskyard.tasks.maintenance import recent_runs
 from taskyard.tasks.schedule import period_index
 from taskyard.testing import ROOT, celery_worker, child_env, wait_until
 from tests.apps.periodic import RUNS_KEY
@@ -90,3 +92,25 @@ def test_warmers_run_once_cluster_wide_when_workers_start(
     report = json.loads(redis_client.get("taskyard:cache-warm:last"))
     assert report["trigger"] == "startup" and report["keys"] == 5
     assert report["warmers"][0]["name"] == "periodic_test"
+
+
+@pytest.mark.slow
+def test_failed_maintenance_is_recorded_and_worker_keeps_running(
+        redis_client: Any, redis_env: dict[str, str], make_app: Any, tmp_path: Path) -> None:
+    history = f"sqlite:///{tmp_path / 'history.db'}"
+    env = {**redis_env, **NO_GUARDS, "TASKYARD_SCHEDULE__DISABLED": OTHER_JOBS,
+           "TASKYARD_SCHEDULE__WARM_ON_START": "false",
+           "TASKYARD_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/test",
+           "TASKYARD_HISTORY_DATABASE_URL": history}
+    sender = make_app("sender", database_url="sqlite://", history_database_url=history)
+    with celery_worker("tests.apps.periodic", "low", env, tmp_path, concurrency=1,
+                       name="maint") as worker:
+        sender.send_task("taskyard.maintenance.run")
+        wait_until(lambda: bool(recent_runs(runtime_of(sender))), 30, 0.2, "a recorded run")
+        run = recent_runs(runtime_of(sender))[0]
+        assert run["status"] == "failed" and "database unreachable" in run["reason"]
+        sender.send_task("taskyard.cache.warm", kwargs={"trigger": "after-failure"})
+        wait_until(lambda: bool(redis_client.llen(RUNS_KEY)), 30, 0.1, "the next task to run")
+        assert worker.process.poll() is None
+    report = json.loads(redis_client.get("taskyard:maintenance:last"))
+    assert report["status"] == "failed"
