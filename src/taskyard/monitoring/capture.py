@@ -283,9 +283,12 @@ class _Receivers:
             key = getattr(request, _KEY_ATTR, None)
             if key is None:
                 return
+            event = _STATE_EVENT.get(state or "")
             start = getattr(request, _START_ATTR, None)
-            runtime_s = None if start is None else time.perf_counter() - start
-            self.capture.finished(key[0], key[1], _STATE_EVENT.get(state or ""), runtime_s)
+            # An ignored or rejected run (a guard's deferral raises Ignore) did no work: its
+            # runtime would drag the percentiles towards zero.
+            runtime_s = None if start is None or event is None else time.perf_counter() - start
+            self.capture.finished(key[0], key[1], event, runtime_s)
         except Exception:
             logger.warning("taskyard capture: task_postrun hook failed", exc_info=True)
 
