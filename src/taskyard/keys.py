@@ -88,17 +88,23 @@ class Keys:
 
     # --- workers and guards ---------------------------------------------------------------
     def worker_heartbeat(self, hostname: str) -> str:
-        """STRING (JSON) with a worker's readings, paused queues and deferral counts. Expires
-        after twice the heartbeat interval, so a dead worker disappears."""
+        """STRING (JSON) with a worker's readings, paused queues and deferral counts: hostname,
+        pid, at (s since epoch), queues, paused_queues, memory_pct, cpu_pct, memory_source
+        ("cgroup"|"host"), memory_available_mb, memory_total_mb, state ("ok"|"warning"|
+        "critical"), deferred, overdue, limit_exceeded, guards_enabled, interval_s. Rewritten
+        every heartbeat interval; expires after interval + slack, so a dead worker disappears;
+        deleted on a clean shutdown."""
         return f"{self.namespace}:worker:{hostname}"
 
     def workers(self) -> str:
-        """ZSET hostname -> last heartbeat time, for listing workers. Members older than the
-        heartbeat TTL are pruned by the readers."""
+        """ZSET hostname -> last heartbeat time, for listing workers. A clean shutdown removes
+        its member; members older than the heartbeat TTL are stale and pruned by the readers."""
         return f"{self.namespace}:workers"
 
     def task_resources(self) -> str:
-        """HASH task name -> JSON of accumulated memory growth and CPU time. Kept."""
+        """HASH task name -> JSON {runs, cpu_s, cpu_max_s, rss_growth_mb, rss_growth_max_mb,
+        memory_limit_exceeded, cpu_limit_exceeded, updated_at}: totals and maxima over every run
+        of every worker, merged by a Lua script. Kept."""
         return f"{self.namespace}:resources"
 
     # --- periodic jobs ----------------------------------------------------------------------
