@@ -24,7 +24,6 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -32,8 +31,11 @@ import redis
 
 from taskyard.errors import CacheError, ConfigurationError
 from taskyard.runtime import Runtime, runtime_of
+from taskyard.tasks.cache_stats import Counters, cache_stats
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Cache", "cache_for", "cache_stats", "cached"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,56 +48,6 @@ STATS_FLUSH_INTERVAL_S = 1.0
 _POLL_S = 0.01
 
 
-class _Counters:
-    """Per-process counters per cache namespace, taken by the flush."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, dict[str, float]] = {}
-        self.last_flush = time.monotonic()
-        self.lock = threading.Lock()
-        _ALL_COUNTERS.add(self)
-
-    def add(self, namespace: str, **counts: float) -> None:
-        with self.lock:
-            bucket = self.values.get(namespace)
-            if bucket is None:
-                bucket = self.values[namespace] = {}
-            for name, amount in counts.items():
-                bucket[name] = bucket.get(name, 0.0) + amount
-
-    def hit(self, namespace: str, latency_us: float) -> None:
-        """add(hits=1, reads=1, latency_us=...) without building keyword dicts: the hot path."""
-        with self.lock:
-            bucket = self.values.get(namespace)
-            if bucket is None:
-                bucket = self.values[namespace] = {}
-            bucket["hits"] = bucket.get("hits", 0.0) + 1
-            bucket["reads"] = bucket.get("reads", 0.0) + 1
-            bucket["latency_us"] = bucket.get("latency_us", 0.0) + latency_us
-
-    def take(self) -> dict[str, dict[str, float]]:
-        with self.lock:
-            taken, self.values = self.values, {}
-            self.last_flush = time.monotonic()
-            return taken
-
-    def forget(self) -> None:
-        # A forked child inherits the parent's unflushed counts; they are not its own.
-        self.values = {}
-        self.lock = threading.Lock()
-
-
-_ALL_COUNTERS: weakref.WeakSet[_Counters] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for counters in list(_ALL_COUNTERS):
-        counters.forget()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Cache:
     """Cache-aside over the runtime's Redis (one per app; see :func:`cache_for`)."""
 
@@ -103,7 +55,7 @@ class Cache:
         self.runtime = runtime
         self.keys = runtime.keys
         self.settings = runtime.settings.cache
-        self._counters = _Counters()
+        self._counters = Counters()
         # Key prefixes, so the hit path formats strings instead of calling the key schema.
         self._value_prefix = self.keys.cache_value("", "")[:-1]
         self._tag_prefix = self.keys.cache_tag_version("")
@@ -388,37 +340,6 @@ def cache_for(app_or_runtime: Any = None) -> Cache:
             if cache is None or cache.runtime is not runtime:
                 cache = _CACHES[id(runtime)] = Cache(runtime)
     return cache
-
-
-def cache_stats(runtime: Runtime) -> dict[str, dict[str, float]]:
-    """Hit, miss and latency figures per cache namespace, as plain dicts (for the stats API)."""
-    client = runtime.redis
-    members = client.smembers(runtime.keys.cache_namespaces())
-    namespaces = sorted(_text(n) for n in members)
-    pipe = client.pipeline(transaction=False)
-    for namespace in namespaces:
-        pipe.hgetall(runtime.keys.cache_stats(namespace))
-    result: dict[str, dict[str, float]] = {}
-    for namespace, raw in zip(namespaces, pipe.execute(), strict=True):
-        counts = {_text(k): float(v) for k, v in raw.items()}
-        hits, misses = counts.get("hits", 0.0), counts.get("misses", 0.0)
-        reads = counts.get("reads", 0.0)
-        result[namespace] = {
-            "hits": hits,
-            "misses": misses,
-            "stale_served": counts.get("stale", 0.0),
-            "waited": counts.get("waited", 0.0),
-            "sets": counts.get("sets", 0.0),
-            "errors": counts.get("errors", 0.0),
-            "hit_rate_pct": 100.0 * hits / (hits + misses) if hits + misses else 0.0,
-            "avg_latency_ms": counts.get("latency_us", 0.0) / reads / 1000 if reads else 0.0,
-            "compute_s_total": counts.get("compute_s", 0.0),
-        }
-    return result
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # --- the decorator ----------------------------------------------------------------------------
