@@ -117,7 +117,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
         pass
 
     # A worker on four levels; batch work piles up (no consumer) and fires QueueDepthHigh.
-    with celery_worker(APP, "critical,high,normal,low", env, tmp_path, name="dash"):
+    with celery_worker(APP, "critical,high,normal,low", env, tmp_path, name="dash") as worker:
         finished = 0
         for round_ in range(4):
             for level in LEVELS:
@@ -131,7 +131,11 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                 rows = store.tasks()
                 return sum(int(r["succeeded"]) + int(r["failed"]) for r in rows) >= expected
 
-            wait_until(done, 30, 0.1, f"{finished} tasks to be counted")
+            try:
+                wait_until(done, 30, 0.1, f"{finished} tasks to be counted")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\ncounted: {store.tasks()}\nqueues: {store.queues()}"
+                                     f"\nworker log:\n{worker.output()[-4000:]}") from None
             wait_until(lambda: bool(store.workers()), 15, 0.1, "a worker heartbeat")
             collect(runtime)
         firing = [a["alertname"] for a in store.alerts()]

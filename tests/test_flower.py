@@ -120,10 +120,13 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
     assert flower.get("/api/tasks").status_code == 200
 
     producer = make_app("flower-producer")
+    # The machine's load is not this test's subject: the guards hold nothing back for it.
+    worker_env = {**redis_env, **{f"TASKYARD_GUARD__{name}": "100" for name in (
+        "CPU_WARNING_PCT", "CPU_CRITICAL_PCT", "MEMORY_WARNING_PCT", "MEMORY_CRITICAL_PCT")}}
 
     # Only a critical-only worker runs: Flower itself would list just "critical" (the queues
     # live workers consume); ours lists all five, with the backlog of the unconsumed one.
-    with celery_worker(APP, "critical", redis_env, tmp_path, concurrency=1, name="crit"):
+    with celery_worker(APP, "critical", worker_env, tmp_path, concurrency=1, name="crit"):
         def sees_worker() -> bool:
             workers = flower.get("/api/workers", refresh="1").json()
             return any(name.startswith("crit@") for name in workers)
@@ -144,7 +147,8 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
             assert f'<tr id="{level}">' in page.text
 
     # A worker on all five queues drains the backlog and runs two more tasks per level.
-    with celery_worker(APP, ",".join(LEVELS), redis_env, tmp_path, concurrency=2, name="all"):
+    with celery_worker(APP, ",".join(LEVELS), worker_env, tmp_path, concurrency=2,
+                       name="all") as worker:
         for level in LEVELS:
             for i in range(2):
                 _send(producer, level, 100 + i)
@@ -157,8 +161,14 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
             return counts
 
         expected = {"critical": 2, "high": 2, "normal": 2, "low": 5, "batch": 2}
-        wait_until(lambda: succeeded_by_queue() == expected, 40, 0.5,
-                   "flower to list the succeeded tasks of all five queues")
+        try:
+            wait_until(lambda: succeeded_by_queue() == expected, 40, 0.5,
+                       "flower to list the succeeded tasks of all five queues")
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}\nflower lists {succeeded_by_queue()}\nworker log:\n"
+                f"{worker.output()[-4000:]}\nflower log:\n"
+                f"{flower.log.read_text(errors='replace')[-2000:]}") from None
         tasks = flower.get("/api/tasks").json()
         assert {t["name"] for t in tasks.values()} == {f"{APP}.on_{lv}" for lv in LEVELS}
         assert all(t["worker"].startswith("all@") for t in tasks.values())
