@@ -338,3 +338,18 @@ def test_bloated_index_reindexed_concurrently_when_enabled(
                if a.kind == "reindex")
     assert size() < before / 3
     assert _index(engine, schema, "ix_events_account_created")["indisvalid"]  # type: ignore[index]
+
+
+def test_failed_create_never_drops_an_existing_index_of_that_name(
+        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    engine, schema = pg
+    md = _events(schema)
+    _create(engine, md, drop=("ix_events_account_created",), rows=100)
+    with engine.connect() as conn:
+        # The name is taken by an index of another table (index names are per schema).
+        conn.execute(text(f"CREATE TABLE {schema}.other (x int)"))
+        conn.execute(text(f"CREATE INDEX ix_events_account_created ON {schema}.other (x)"))
+    report = run_maintenance(_runtime(make_app, tmp_path, lock_retries=0), metadata=md)
+    assert report.status == "failed" and "already exists" in report.errors[0]
+    kept = _index(engine, schema, "ix_events_account_created")
+    assert kept is not None and "other" in kept["definition"]

@@ -138,14 +138,14 @@ class PostgresMaintenance:
                 self._skip("create" if row is None else "rebuild", target, create,
                            "an index build is in progress on this table")
             elif row is None:
-                self._execute("create", target, create, cleanup=drop)
+                self._execute("create", target, create, cleanup=True)
             elif not row["indisvalid"]:
                 if not row["indislive"]:
                     self._skip("rebuild", target, create, "index is being dropped")
                     continue
                 self.echo(f"-- {target} is INVALID (a failed concurrent build): rebuilding")
                 if self._execute("drop", target, drop):
-                    self._execute("create", target, create, cleanup=drop)
+                    self._execute("create", target, create, cleanup=True)
 
         for row in existing:
             if row["indisvalid"] or (row["table_oid"], row["index_name"]) in declared_names:
@@ -217,7 +217,7 @@ class PostgresMaintenance:
         self.report.actions.append(Action(kind, target, statement, status="skipped", error=why))
 
     def _execute(self, kind: str, target: str, statement: str, *,
-                 cleanup: str | None = None) -> bool:
+                 cleanup: bool = False) -> bool:
         """Run one DDL statement with lock_timeout and retries; True when it succeeded."""
         action = Action(kind, target, statement)
         self.report.actions.append(action)
@@ -247,11 +247,11 @@ class PostgresMaintenance:
                             log.warning("maintenance: %s waited too long for a lock (attempt %d),"
                                         " retrying in %.1f s", target, attempt, pause)
                             if cleanup:
-                                conn.execute(text(cleanup))
+                                _drop_if_invalid(conn, target)
                             time.sleep(pause)
                             continue
                         if cleanup:
-                            _try(conn, cleanup)
+                            _drop_if_invalid(conn, target)
                         what = ("statement timeout" if code == QUERY_CANCELED
                                 else "lock timeout" if code == LOCK_NOT_AVAILABLE else "error")
                         action.status = "failed"
@@ -339,11 +339,19 @@ def _quote(conn: Connection, name: str) -> str:
     return str(conn.dialect.identifier_preparer.quote(name))
 
 
-def _try(conn: Connection, statement: str) -> None:
+def _drop_if_invalid(conn: Connection, target: str) -> None:
+    """Drop what a failed concurrent build left: ``target`` only if it exists and is INVALID.
+
+    A build can also fail because an index of that name already exists; that one is kept.
+    """
     try:
-        conn.execute(text(statement))
+        invalid = conn.execute(text(
+            "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": target}).scalar()
+        if invalid:
+            conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {target}"))
     except SQLAlchemyError as exc:
-        log.warning("maintenance cleanup %r failed: %s", statement, exc)
+        log.warning("maintenance: leftover of the failed build of %s not dropped: %s", target, exc)
 
 
 def _reason(exc: BaseException) -> str:
