@@ -16,7 +16,7 @@ from taskyard.monitoring import charts, dashboard
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 NOW = 1_800_000_000.0
 THRESHOLDS = {"memory_warning_pct": 80.0, "memory_critical_pct": 90.0,
-              "cpu_warning_pct": 80.0, "cpu_critical_pct": 90.0}
+              "cpu_warning_pct": 80.0, "cpu_critical_pct": 90.0, "cache_hit_rate_pct": 50.0}
 
 
 def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
@@ -42,7 +42,8 @@ def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
                    for k, lv in enumerate(LEVELS)],
         "workers": [
             {"hostname": "critical@h", "pid": 10, "alive": True, "age_s": 1.2, "memory_pct": 93.5,
-             "cpu_pct": 12.0, "state": "critical", "queues": ["critical", "high"]},
+             "cpu_pct": 12.0, "state": "critical", "queues": ["critical", "high"],
+             "paused_queues": ["low", "batch"]},
             {"hostname": "batch@h", "pid": 11, "alive": False, "age_s": 45.0, "memory_pct": None},
         ],
         "tasks": [{"name": "bdc.tasks.send", "queue": "high", "received": 10, "started": 10,
@@ -54,6 +55,8 @@ def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
         "alerts": [{"id": "WorkerMemoryHigh{hostname=critical@h}", "alertname": "WorkerMemoryHigh",
                     "severity": "critical", "state": "firing", "since": now - 120,
                     "summary": "memory 93.5% above 90% on <critical@h>"}],
+        "cache": [{"namespace": "user", "hits": 90, "misses": 10, "hit_rate_pct": 90.0},
+                  {"namespace": "analytics", "hits": 10, "misses": 30, "hit_rate_pct": 25.0}],
         "series": {"queues": queues_series, "throughput": throughput, "latency": latency,
                    "workers": workers_series, "batches": batches_series},
     }
@@ -166,6 +169,7 @@ class FakeStore:
     def tasks(self) -> Any: return self._get("tasks")
     def batches(self) -> Any: return self._get("batches")
     def alerts(self) -> Any: return self._get("alerts")
+    def cache(self) -> Any: return self._get("cache")
 
     def series(self, name: str, since: float | None, until: float | None, limit: int,
                offset: int) -> Any:
@@ -259,3 +263,13 @@ def test_a_window_longer_than_the_point_limit_says_what_it_shows() -> None:
     assert f"newest {dashboard.MAX_POINTS} snapshots (since {charts.clock(oldest)} UTC)" in board
     data["window_s"] = 3600.0
     assert "newest" not in dashboard.render_board(data)
+
+
+def test_cache_bars_mark_namespaces_below_the_alert_threshold() -> None:
+    svg = ET.fromstring(dashboard.cache_chart(sample()))
+    fills = {r.get("data-label"): r.get("fill") for r in svg.iter(f"{SVG}rect")
+             if r.get("class") == "bar"}
+    assert fills == {"user": "#16a34a", "analytics": "#d97706"}
+    text = [t.text for t in svg.iter(f"{SVG}text")]
+    assert "25% of 40 lookups" in text
+    assert "paused low,batch" in dashboard.worker_chart(sample())

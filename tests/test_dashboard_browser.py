@@ -104,12 +104,19 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
 
     from taskyard import batch_task
     from taskyard.monitoring.store import StatsStore
+    from taskyard.tasks.cache import Cache
     from taskyard.tasks.stats import collect
 
     app = make_app("dash", database_url=env["TASKYARD_DATABASE_URL"],
                    monitoring={"alert_queue_depth": DEPTH_LIMIT})
     runtime = runtime_of(app)
     store = StatsStore(runtime)
+
+    # Real cache lookups: 4 keys read 3 times each, so 4 misses and 8 hits.
+    cache = Cache(runtime)
+    for i in range(12):
+        cache.get_or_compute("profiles", f"user-{i % 4}", lambda: {"name": "x"})
+    cache.flush_stats()
 
     # Items that wait in a batch buffer for the whole test (neither size nor age is reached).
     @batch_task(batch_name="dash_emails", batch_size=1000, max_wait=600.0)
@@ -203,3 +210,5 @@ def check_page(page: Any) -> None:
     drawn = page.eval_on_selector_all(
         "svg[aria-label='Buffered batch items over time'] path.series", "e => e.length")
     assert drawn == 1
+    cache = page.text_content("svg[aria-label='Cache hit rate (percent)']") or ""
+    assert "profiles" in cache and "66.7% of 12 lookups" in cache

@@ -67,6 +67,7 @@ def gather(store: Any, thresholds: dict[str, float], window_s: float,
         "tasks": _safe(store.tasks, [], "task stats", problems),
         "batches": _safe(store.batches, [], "batch buffers", problems),
         "alerts": _safe(store.alerts, [], "alerts", problems),
+        "cache": _safe(store.cache, [], "cache", problems),
     }
     data["series"] = {
         name: _safe(partial(store.series, name, since, None, MAX_POINTS, 0), [],
@@ -194,12 +195,29 @@ def worker_chart(data: dict[str, Any]) -> str:
             value = _num(w.get(f"{what}_pct"))
             markers = [(t.get(f"{what}_warning_pct", 80.0), "#d97706"),
                        (t.get(f"{what}_critical_pct", 90.0), "#dc2626")]
-            bars.append(Bar(f"{host} {what}", [(value or 0.0, color, what)],
-                            note=f"{format_value(value, '%')} · {state}"
-                            + (f" · {w['state']}" if w.get("state") else ""),
+            note = f"{format_value(value, '%')} · {state}"
+            if w.get("state"):
+                note += f" · {w['state']}"
+            if what == "memory" and w.get("paused_queues"):
+                note += " · paused " + ",".join(str(q) for q in w["paused_queues"])
+            bars.append(Bar(f"{host} {what}", [(value or 0.0, color, what)], note=note,
                             markers=markers))
     return bar_chart("Worker resources (percent of limit)", bars, unit="%", maximum=100.0,
                      empty="no worker heartbeats")
+
+
+def cache_chart(data: dict[str, Any]) -> str:
+    limit = data["thresholds"].get("cache_hit_rate_pct", 50.0)
+    bars = []
+    for c in data.get("cache", []):
+        rate = _num(c.get("hit_rate_pct"))
+        hits, misses = int(c.get("hits") or 0), int(c.get("misses") or 0)
+        color = "#16a34a" if rate is None or rate >= limit else "#d97706"
+        bars.append(Bar(str(c.get("namespace", "?")), [(rate or 0.0, color, "hit rate")],
+                        note=f"{format_value(rate, '%')} of {hits + misses} lookups",
+                        markers=[(limit, "#d97706")]))
+    return bar_chart("Cache hit rate (percent)", bars, unit="%", maximum=100.0,
+                     empty="no cache lookups yet")
 
 
 def worker_history_chart(data: dict[str, Any]) -> str:
@@ -316,6 +334,8 @@ def render_board(data: dict[str, Any]) -> str:
         _card("Workers", worker_chart(data), worker_history_chart(data),
               legend([("memory", "#0891b2"), ("cpu", "#4f46e5"), ("warning", "#d97706"),
                       ("critical", "#dc2626")])),
+        _card("Cache", cache_chart(data),
+              legend([("hit rate", "#16a34a"), ("below the alert threshold", "#d97706")])),
         _card("Tasks", tasks_html(data), wide=True),
         "</div>",
     ])
@@ -381,7 +401,8 @@ def _thresholds(settings: Any) -> dict[str, float]:
     return {"memory_warning_pct": m.alert_memory_warning_pct,
             "memory_critical_pct": m.alert_memory_critical_pct,
             "cpu_warning_pct": m.alert_cpu_warning_pct,
-            "cpu_critical_pct": m.alert_cpu_critical_pct}
+            "cpu_critical_pct": m.alert_cpu_critical_pct,
+            "cache_hit_rate_pct": m.alert_cache_hit_rate_pct}
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
