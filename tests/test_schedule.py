@@ -98,3 +98,10 @@ def test_beat_entries_from_settings(make_app: Any) -> None:
     # The reaper's 0.5 s default is raised to beat's 1 s floor.
     assert entries[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
     assert all(e["task"] == name for name, e in entries.items())
+
+
+def test_install_keeps_a_scheduler_the_user_chose(make_app: Any) -> None:
+    assert make_app().conf.beat_scheduler == "taskyard.tasks.schedule:Scheduler"
+    chosen = make_app(beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler")
+    assert chosen.conf.beat_scheduler == "django_celery_beat.schedulers:DatabaseScheduler"
+    assert "taskyard.cache.warm" in chosen.conf.beat_schedule

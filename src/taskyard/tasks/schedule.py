@@ -182,4 +182,5 @@ def install(app: Any, runtime: Runtime) -> None:
     for name, entry in beat_entries(runtime.settings).items():
         schedule_conf.setdefault(name, entry)
     app.conf.beat_schedule = schedule_conf
-    app.conf.beat_scheduler = f"{__name__}:Scheduler"
+    if app.conf.beat_scheduler == "celery.beat:PersistentScheduler":  # not chosen by the user
+        app.conf.beat_scheduler = f"{__name__}:Scheduler"
