@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import redis
 
 from taskyard.config import load_settings
 from taskyard.monitoring.flower import (
+    amqp_queue_rows,
     app_queue_names,
     check_basic_auth,
     flower_args,
@@ -23,6 +25,7 @@ from taskyard.monitoring.flower import (
 )
 from taskyard.stack import free_port
 from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from tests import servers
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 APP = "tests.apps.fivelevels"
@@ -71,12 +74,13 @@ class Flower:
         return httpx.get(self.url + path, auth=auth, params=params, timeout=10.0)
 
 
-@pytest.fixture
-def flower(redis_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+@contextmanager
+def running_flower(extra_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+    """`taskyard flower -A APP` in its own process, on a free port, until the block ends."""
     port = free_port()
-    env = child_env({**redis_env, "TASKYARD_MONITORING__FLOWER_PORT": str(port),
+    env = child_env({**extra_env, "TASKYARD_MONITORING__FLOWER_PORT": str(port),
                      "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"})
-    log = tmp_path / "flower.log"
+    log = tmp_path / f"flower-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "flower", "-A", APP],
                                    env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
@@ -102,6 +106,12 @@ def flower(redis_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
             process.kill()
             process.wait()
     assert AUTH[1] not in " ".join(process.args)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def flower(redis_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
+    with running_flower(redis_env, tmp_path) as fl:
+        yield fl
 
 
 def _send(app: Any, level: str, i: int) -> None:
@@ -174,3 +184,27 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
         assert all(t["worker"].startswith("all@") for t in tasks.values())
         lengths = flower.get("/api/queues/length").json()["active_queues"]
         assert {q["name"]: q["messages"] for q in lengths} == dict.fromkeys(LEVELS, 0)
+
+
+@pytest.mark.slow
+def test_broker_view_on_rabbitmq_counts_the_five_queues_over_amqp(
+        redis_env: dict[str, str], tmp_path: Path) -> None:
+    """Flower reads RabbitMQ queue lengths only from the management API; without it (as here)
+    its Broker tab is empty. Ours falls back to AMQP passive declares."""
+    servers.require("rabbitmq")
+    env = {**redis_env, "TASKYARD_BROKER_URL": servers.RABBITMQ_URL}
+    with running_flower(env, tmp_path) as fl:
+        assert fl.get("/api/queues/length", auth=None).status_code == 401
+        for _ in range(3):  # other clients of the shared broker may move messages meanwhile
+            shown = fl.get("/api/queues/length").json()["active_queues"]
+            direct = amqp_queue_rows(servers.RABBITMQ_URL, LEVELS)
+            if shown == direct:
+                break
+        assert [q["name"] for q in shown] == LEVELS
+        assert shown == direct
+        assert all(isinstance(q["messages"], int) and isinstance(q["consumers"], int)
+                   for q in shown)
+        page = fl.get("/broker")
+        assert page.status_code == 200
+        for row in shown:
+            assert f'<tr id="{row["name"]}">' in page.text

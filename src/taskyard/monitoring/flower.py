@@ -7,11 +7,14 @@ transport options, the five kombu queues) is what Flower sees. Two things are ad
   ``FLOWER_BASIC_AUTH`` environment variable so the password never shows in ``ps``;
 * the Broker tab and ``/api/queues/length`` always list the app's queues. Flower only lists the
   queues that live workers consume, so a level whose workers are down (the moment its queue
-  grows) would vanish from the view; here it stays, with its length.
+  grows) would vanish from the view; here it stays, with its length;
+* on RabbitMQ without a reachable management API (Flower's only source there), the Broker tab
+  falls back to AMQP passive declares: ready messages and consumers per queue.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -47,10 +50,11 @@ def merge_queue_names(declared: Sequence[str], consumed: Iterable[str]) -> list[
 
 
 def show_app_queues() -> None:
-    """Make Flower's queue views list the app's queues besides those that workers consume.
+    """Patch this process's Flower: the app's queues always listed, AMQP counts as fallback.
 
     Idempotent; only affects the current process (the one running Flower).
     """
+    import flower.views as flower_views
     from flower.views import BaseHandler
 
     original: Callable[[Any], list[str]] = BaseHandler.get_active_queue_names
@@ -62,6 +66,60 @@ def show_app_queues() -> None:
 
     setattr(get_active_queue_names, _PATCH_MARK, True)
     BaseHandler.get_active_queue_names = get_active_queue_names
+    # BaseHandler.get_broker builds its broker through this module-level name.
+    flower_views.Broker = _broker_with_amqp_fallback()
+
+
+def amqp_queue_rows(broker_url: str, names: Sequence[str],
+                    timeout_s: float = 2.0) -> list[dict[str, Any]]:
+    """Broker-tab rows from AMQP passive declares: ready messages and consumers per queue.
+
+    Unacknowledged messages are not visible over AMQP, so that column stays empty. A queue that
+    does not exist yet shows 0.
+    """
+    from kombu.connection import Connection
+
+    rows: list[dict[str, Any]] = []
+    with Connection(broker_url, connect_timeout=timeout_s) as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.channel()
+        try:
+            for name in names:
+                try:
+                    _queue, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                except conn.channel_errors:
+                    # NOT_FOUND closes the channel: the queue was never declared, so it is empty.
+                    channel = conn.channel()
+                    ready, consumers = 0, 0
+                rows.append({"name": name, "messages": int(ready), "messages_ready": int(ready),
+                             "consumers": int(consumers)})
+        finally:
+            channel.close()
+    return rows
+
+
+def _broker_with_amqp_fallback() -> Any:
+    """A stand-in for Flower's ``Broker`` factory whose RabbitMQ falls back to AMQP counts."""
+    from flower.utils.broker import Broker, RabbitMQ
+
+    class RabbitMQWithFallback(RabbitMQ):  # type: ignore[misc]
+        def __init__(self, broker_url: str, http_api: str | None, **kwargs: Any) -> None:
+            super().__init__(broker_url, http_api, **kwargs)
+            self.amqp_url = broker_url
+
+        async def queues(self, names: Sequence[str]) -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = await super().queues(names)
+            if rows:
+                return rows
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, amqp_queue_rows, self.amqp_url, list(names))
+
+    def factory(broker_url: str, *args: Any, **kwargs: Any) -> Any:
+        if broker_url.split("://", 1)[0] in ("amqp", "amqps"):
+            return RabbitMQWithFallback(broker_url, *args, **kwargs)
+        return Broker(broker_url, *args, **kwargs)
+
+    return factory
 
 
 def check_basic_auth(value: str) -> str:
