@@ -273,3 +273,11 @@ def test_cache_bars_mark_namespaces_below_the_alert_threshold() -> None:
     text = [t.text for t in svg.iter(f"{SVG}text")]
     assert "25% of 40 lookups" in text
     assert "paused low,batch" in dashboard.worker_chart(sample())
+
+
+def test_queue_bars_say_when_reserved_messages_are_not_visible() -> None:
+    data = sample()
+    data["queues"] = [{"queue": lv, "depth": 3, "ready": 3, "reserved": 0,
+                       "reserved_known": False} for lv in LEVELS]
+    labels = [t.text for t in ET.fromstring(dashboard.queue_now_chart(data)).iter(f"{SVG}text")]
+    assert "3 (reserved unknown)" in labels and "3 (0 reserved)" not in labels

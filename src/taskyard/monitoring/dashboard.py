@@ -114,11 +114,15 @@ def queue_depth_chart(data: dict[str, Any]) -> str:
 
 
 def queue_now_chart(data: dict[str, Any]) -> str:
-    bars = [Bar(q["queue"], [(float(q.get("ready", 0)), LEVEL_COLORS.get(q["queue"], "#6b7280"),
-                              "ready"),
-                             (float(q.get("reserved", 0)), "#9ca3af", "reserved")],
-                note=f"{q.get('depth', 0)} ({q.get('reserved', 0)} reserved)")
-            for q in data["queues"]]
+    bars = []
+    for q in data["queues"]:
+        # Over AMQP only ready messages are visible: say so rather than show "0 reserved".
+        reserved = (f"{q.get('reserved', 0)} reserved" if q.get("reserved_known", True)
+                    else "reserved unknown")
+        bars.append(Bar(q["queue"], [(float(q.get("ready", 0)),
+                                      LEVEL_COLORS.get(q["queue"], "#6b7280"), "ready"),
+                                     (float(q.get("reserved", 0)), "#9ca3af", "reserved")],
+                        note=f"{q.get('depth', 0)} ({reserved})"))
     return bar_chart("Queue depth now: ready and reserved", bars, unit="msg",
                      empty="queue depths unavailable")
 
