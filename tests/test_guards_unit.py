@@ -345,7 +345,7 @@ def test_deferral_republishes_same_id_args_level_and_counts(
         guarded: Any, redis_client: redis.Redis) -> None:
     from taskyard.signals import task_deferred
 
-    app, task, guard = guarded
+    _, task, guard = guarded
     seen: list[dict[str, Any]] = []
 
     def receiver(sender: Any = None, **kwargs: Any) -> None:
@@ -542,3 +542,26 @@ def test_heartbeat_record_in_redis(make_app: Any, redis_client: redis.Redis) -> 
     guard.heartbeat.stop(remove=True)
     assert redis_client.get("taskyard:worker:unit@host") is None
     assert redis_client.zscore("taskyard:workers", "unit@host") is None
+
+
+def test_deferral_falls_back_to_requeue_when_publishing_fails(
+        guarded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.canvas import Signature
+    from celery.exceptions import Reject
+
+    from taskyard.errors import BrokerUnavailable
+
+    _, task, guard = guarded
+
+    def fail(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise BrokerUnavailable("unit.low", "redis://down", "connection refused")
+
+    monkeypatch.setattr(Signature, "apply_async", fail)
+    task.push_request(id="abc-6", args=[1], kwargs={}, delivery_info={"routing_key": "low"})
+    try:
+        with pytest.raises(Reject) as info:
+            task.before_start("abc-6", [1], {})
+    finally:
+        task.pop_request()
+    assert info.value.requeue is True
+    assert guard.counters.get(DEFERRED) == 0

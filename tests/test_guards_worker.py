@@ -65,8 +65,8 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
     hog_pct = 100.0 * hog_mb / total_mb
     # Thresholds relative to the machine's current use: the hog crosses the warning threshold,
     # releasing it brings memory back below the resume threshold.
-    warning = used_pct + 0.45 * hog_pct
-    resume = used_pct + 0.25 * hog_pct
+    warning = used_pct + 0.5 * hog_pct
+    resume = used_pct + 0.3 * hog_pct
     env = {
         **redis_env,
         "TASKYARD_GUARD__MEMORY_WARNING_PCT": f"{warning:.3f}",
@@ -120,13 +120,14 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
 
         wait_until(lambda: len(labels("low-")) == 20 and len(labels("batch-")) == 5, 60,
                    message="all low and batch tasks")
-        released = _hog_events(redis_client)["released"]
+        released = _hog_events(redis_client)["releasing"]
         runs = _runs(redis_client)
         counts = collections.Counter(r["label"] for r in runs)
         assert all(n == 1 for n in counts.values()), counts
         assert len(counts) == 35
         held = [r for r in runs if r["label"].startswith(("low-", "batch-"))]
-        assert all(r["at"] > released for r in held), "low/batch work ran under pressure"
+        early = [r for r in held if r["at"] <= released]
+        assert not early, f"low/batch work ran under pressure: {early}, released at {released}"
         assert all(r["at"] < released for r in runs if r["label"].startswith("critical-"))
         assert max(r["deferrals"] for r in held if r["label"].startswith("low-")) >= 1
 

@@ -33,6 +33,8 @@ def hog(self: object, size_mb: int, hold_s: float) -> None:
     block = b"\x01" * (size_mb * 1024 * 1024)
     redis.rpush(HOG_KEY, json.dumps({"event": "holding", "at": time.time()}))
     time.sleep(hold_s)
+    # Marked before letting go: nothing held back may have started before this instant.
+    redis.rpush(HOG_KEY, json.dumps({"event": "releasing", "at": time.time()}))
     del block
     redis.rpush(HOG_KEY, json.dumps({"event": "released", "at": time.time()}))
 

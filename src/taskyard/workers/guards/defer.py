@@ -15,7 +15,7 @@ import random
 import time
 from typing import Any
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from taskyard.signals import task_deferred
 
@@ -110,7 +110,14 @@ class Deferrer:
         options["routing_key"] = level
         options.pop("exchange", None)
         options.pop("redelivered", None)
-        signature.apply_async()
+        try:
+            signature.apply_async()
+        except Exception as exc:
+            # Not re-published: hand the delivery back to the broker unacknowledged instead, so
+            # it is redelivered (at once when the broker is back) and never lost.
+            log.warning("task %s[%s] could not be re-published (%s); requeued instead",
+                        task.name, request.id, exc)
+            raise Reject(f"deferred: {reason}", requeue=True) from exc
         self.counters.add(DEFERRED)
         log.info("task %s[%s] deferred (%d) for %.1f s: %s", task.name, request.id, count,
                  countdown, reason)
