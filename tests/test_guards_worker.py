@@ -29,6 +29,11 @@ def _heartbeat(client: redis.Redis, hostname: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def _hostname(client: redis.Redis, prefix: str) -> str:
+    names = [m.decode() for m in client.zrange("taskyard:workers", 0, -1)]
+    return next((n for n in names if n.startswith(prefix)), prefix + "?")
+
+
 RUNS_KEY = "test:guard:runs"
 HOG_KEY = "test:guard:hog"
 
@@ -150,10 +155,18 @@ def test_limits_stop_tasks_and_replace_the_child(
         make_app: Any) -> None:
     send = Sender(make_app("guardproducer"))
 
-    env = {**redis_env, "TASKYARD_GUARD__SAMPLE_INTERVAL_S": "0.1",
+    # Admission off: limits, accounting and the heartbeat work without it.
+    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
+           "TASKYARD_GUARD__SAMPLE_INTERVAL_S": "0.1",
+           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5",
            "TASKYARD_GUARD__ACCOUNTING_FLUSH_INTERVAL_S": "0.1"}
     with celery_worker("tests.apps.guard", QUEUES, env, tmp_path, concurrency=1,
                        name="guardlimit") as worker:
+        wait_until(lambda: _heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
+                   is not None, 10, message="heartbeat")
+        beat = _heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
+        assert beat is not None and beat["guards_enabled"] is False
+        assert beat["paused_queues"] == [] and beat["pid"] == worker.pid
         wait_until(lambda: bool(worker.children()), 10, message="pool child")
         first_child = worker.children()
         send("grow_past_limit", "normal", 300)
@@ -180,3 +193,9 @@ def test_limits_stop_tasks_and_replace_the_child(
         log = worker.output()
         assert "used 3" in log and "over its limit of 100 MB" in log
         assert "over its limit of 0.50 s" in log
+        wait_until(lambda: (_heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
+                            or {}).get("limit_exceeded") == 2, 10, message="limits counted")
+    # A clean shutdown removes the worker's record.
+    assert not redis_client.keys("taskyard:worker:guardlimit@*")
+    assert not [m for m in redis_client.zrange("taskyard:workers", 0, -1)
+                if m.startswith(b"guardlimit@")]
