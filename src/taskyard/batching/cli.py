@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -32,7 +33,7 @@ def _age(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}s"
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
@@ -43,8 +44,9 @@ def render(states: list[dict[str, Any]]) -> str:
     """The ``taskyard batches`` table: one row per batch name and one per key of it."""
     if not states:
         return "no batches yet (nothing was ever buffered)"
-    rows = [("batch", "key", "buffered", "oldest", "in flight", "dead", "processed", "failed",
-             "flushes size/age/manual", "duplicates")]
+    header = ("batch", "key", "buffered", "oldest", "in flight", "dead", "processed", "failed",
+              "flushes size/age/manual", "duplicates")
+    rows: list[tuple[str, ...]] = [header]
     for state in states:
         groups = state["groups"]
         lines = [state] if len(groups) <= 1 else [state, *groups]
