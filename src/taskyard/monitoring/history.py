@@ -11,6 +11,7 @@ portable SQLAlchemy Core is used.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -53,6 +54,19 @@ alert_episodes = sa.Table(
 _engines: dict[str, Engine] = {}
 _created: set[str] = set()
 _lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # Connections opened by the parent must not be used, nor closed, by a forked child (closing
+    # would end the parent's sessions): forget them, and let the child open its own.
+    global _lock
+    _lock = threading.Lock()
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def engine_for(url: str) -> Engine:
