@@ -9,7 +9,7 @@ import redis
 from benchmarks.common import BENCH_REDIS_URL
 from taskyard import create_app, priority_task
 
-app = create_app("bench-taskyard")
+app = create_app("bench-taskyard", redis_url=BENCH_REDIS_URL)
 _redis = redis.Redis.from_url(BENCH_REDIS_URL)
 
 

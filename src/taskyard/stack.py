@@ -25,7 +25,7 @@ import redis
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: receive SIGTERM when the parent process dies (Linux)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -62,7 +62,7 @@ class Supervisor:
     def start(self, service: Service) -> Service:
         env = {**self.base_env, **service.env}
         service.process = subprocess.Popen(
-            service.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent
+            service.argv, env=env, start_new_session=True, preexec_fn=die_with_parent
         )
         self.services.append(service)
         return service
@@ -121,7 +121,7 @@ class EmbeddedRedis:
             "--daemonize", "no", "--logfile", str(Path(self.directory) / "redis.log"),
         ]
         self.process = subprocess.Popen(
-            argv, start_new_session=True, preexec_fn=_die_with_parent,
+            argv, start_new_session=True, preexec_fn=die_with_parent,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)

@@ -11,8 +11,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+from taskyard.stack import die_with_parent
 
 #: Project checkout the worker runs in (so test and example apps import).
 ROOT = Path.cwd()
@@ -53,10 +55,8 @@ class Worker:
         return [int(p) for p in out.stdout.split()]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             self.process.wait(15)
         except subprocess.TimeoutExpired:
@@ -66,10 +66,8 @@ class Worker:
     def stop(self) -> None:
         if self.process.poll() is None:
             self.kill(signal.SIGTERM)
-        try:
+        with suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @contextmanager
@@ -83,7 +81,8 @@ def celery_worker(app: str, queues: str, env: Mapping[str, str], log_dir: Path, 
             "--without-gossip", "--without-mingle", *extra]
     with log.open("wb") as sink:
         process = subprocess.Popen(argv, env=child_env(env), stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=ROOT)
+                                   start_new_session=True, cwd=ROOT,
+                                   preexec_fn=die_with_parent)
     worker = Worker(process, log)
     try:
         wait_until(lambda: " ready." in worker.output() or process.poll() is not None,
