@@ -251,3 +251,50 @@ def test_stats_cli_show_and_collect(make_app: Any, redis_client: redis.Redis,
     monkeypatch.setenv("TASKYARD_BROKER_CONNECT_TIMEOUT_S", "0.5")
     down = runner.invoke(main, ["stats", "show"])
     assert down.exit_code == 1 and "stats unavailable" in down.output
+
+
+def test_collect_reads_slow_statements_cache_and_batches(make_app: Any, redis_client: redis.Redis,
+                                                        tmp_path: Path) -> None:
+    """What the periodic-jobs and batching packages publish reaches the series and alerts."""
+    from taskyard import batch_task
+    from taskyard.tasks.cache import Cache
+    from taskyard.tasks.db import engine
+
+    app = make_app("stats-sub", database_url=f"sqlite:///{tmp_path / 'app.db'}",
+                   maintenance={"slow_statement_s": 1e-9})  # every statement is "slow"
+    runtime = runtime_of(app)
+    store = StatsStore(runtime)
+    collect(runtime, now=1000.0)  # baseline: windows start here
+
+    with engine(runtime).connect() as conn:  # the tasks' engine counts slow statements
+        for _ in range(12):
+            conn.execute(sa.text("SELECT 1"))
+    cache = Cache(runtime)
+    for i in range(30):
+        cache.get("users", f"missing-{i}")
+    cache.set("users", "present", 1)
+    for _ in range(5):
+        cache.get("users", "present")
+    cache.flush_stats()
+
+    @batch_task(batch_name="stats_sub_emails", batch_size=100, max_wait=600)
+    def send(items: list[dict[str, int]]) -> None:
+        return None
+
+    for i in range(3):
+        send.delay({"i": i})
+
+    collect(runtime, now=1010.0)
+    firing = {a["alertname"]: a for a in store.alerts()}
+    assert firing["SlowQueries"]["labels"] == {"task": "-"}  # statements outside any task
+    assert firing["SlowQueries"]["value"] >= 12
+    assert firing["CacheHitRateLow"]["labels"] == {"namespace": "users"}
+    assert firing["CacheHitRateLow"]["value"] == pytest.approx(100 * 5 / 35, abs=0.1)
+    (batch,) = [b for b in store.series("batches", None, None, 1, 0)[0]["batches"]
+                if b["batch_name"] == "stats_sub_emails"]
+    assert batch["buffered"] == 3
+    slow = store.series("slow_statements", None, None, 1, 0)[0]["tasks"]
+    assert next(s for s in slow if s["task"] == "-")["window_count"] >= 12
+
+    collect(runtime, now=1020.0)  # no new slow statements in this window
+    assert "SlowQueries" not in {a["alertname"] for a in store.alerts()}

@@ -52,13 +52,14 @@ def _slow_statements(runtime: Runtime, previous: dict[str, Any]) -> list[dict[st
     raw = {(k.decode() if isinstance(k, bytes) else str(k)): float(v)
            for k, v in runtime.redis.hgetall(key_of()).items()}
     before = previous.get("slow_statements", {})
+    first = "at" not in previous  # no previous reading: no window to count in
     out = []
     for name, count in sorted(raw.items()):
         if "\x1f" in name:
             continue
         total = int(count)
         out.append({"task": name, "count": total, "seconds": raw.get(f"{name}\x1fseconds", 0.0),
-                    "window_count": max(0, total - int(before.get(name, 0)))})
+                    "window_count": 0 if first else max(0, total - int(before.get(name, 0)))})
     return out
 
 
