@@ -327,3 +327,21 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
     assert len(seen) == len(expected) and set(seen) == expected
     [state] = inspect_batches(app)
     assert state["pending"] == len(expected)
+
+
+def test_scripts_are_reloaded_after_a_redis_restart(make_app: Any,
+                                                    redis_client: redis.Redis) -> None:
+    app = make_app("b14")
+
+    @batch_task(batch_name="restart", batch_size=2, max_wait=0.1)
+    def restart(items: list[Any]) -> None: ...
+
+    restart.delay(1)
+    redis_client.script_flush()  # what a restart does to the script cache
+    assert restart.delay(2).batch_ids == ("1",)
+    redis_client.script_flush()
+    assert restart.add_many([3]).accepted == 1
+    redis_client.script_flush()
+    time.sleep(0.15)
+    assert reap(app)["claimed"] == 1
+    assert batch_items(redis_client, app, "restart", "2") == [3]

@@ -11,7 +11,7 @@ import hashlib
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,41 @@ INSPECT = _Script("inspect", lua.INSPECT)
 ALL_SCRIPTS = (APPEND, REAP, ACQUIRE, RENEW, COMPLETE, FAIL, REQUEUE, PURGE, INSPECT)
 
 
+_scripts_loaded: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
+
+
+def load_scripts(client: redis.Redis, *, force: bool = False) -> None:
+    """Load every script into ``client``'s server (once per client unless ``force``)."""
+    if force or not _scripts_loaded.get(client):
+        pipe = client.pipeline(transaction=False)
+        for script in ALL_SCRIPTS:
+            pipe.script_load(script.source)
+        pipe.execute()
+        _scripts_loaded[client] = True
+
+
+def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list[Any]:
+    """Execute a pipeline that ``build`` fills with script calls (and idempotent commands).
+
+    After a Redis restart the script cache is empty and every EVALSHA of the pipeline fails
+    with NOSCRIPT without running, so loading the scripts and running it again is safe.
+    """
+    load_scripts(client)
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        build(pipe)
+        replies = pipe.execute(raise_on_error=False)
+        missing = any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
+        if not missing:
+            break
+        if attempt == 1:
+            load_scripts(client, force=True)
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return list(replies)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -152,17 +187,11 @@ class BatchBuffer:
         self.keys = keys
         self.batch_name = batch_name
         self.prefix = keys.batch_prefix(batch_name)
-        self._loaded = False
 
     # --- producers --------------------------------------------------------------------------
     def ensure_scripts(self) -> None:
-        """Load every script once, so pipelined EVALSHA calls find them."""
-        if not self._loaded:
-            pipe = self.client.pipeline(transaction=False)
-            for script in ALL_SCRIPTS:
-                pipe.script_load(script.source)
-            pipe.execute()
-            self._loaded = True
+        """Load every script once per client, so pipelined EVALSHA calls find them."""
+        load_scripts(self.client)
 
     def append(self, group: str, entries: Sequence[str], *, batch_size: int, max_buffered: int,
                lease_ms: int, register: Mapping[str, Any] | None = None) -> AppendResult:
@@ -175,11 +204,11 @@ class BatchBuffer:
         key = self.keys.batch_buffer(self.batch_name, group)
         if register is None:
             return self._append_result(APPEND.fast(self.client, (key,), args))
-        self.ensure_scripts()
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_register(pipe, register)
-        APPEND.queue(pipe, (key,), args)
-        return self._append_result(pipe.execute()[-1])
+        def build(pipe: Any) -> None:
+            self._queue_register(pipe, register)
+            APPEND.queue(pipe, (key,), args)
+
+        return self._append_result(run_pipeline(self.client, build)[-1])
 
     def append_many(self, chunks: Iterable[tuple[str, Sequence[str]]], *, batch_size: int,
                     max_buffered: int, lease_ms: int,
@@ -188,18 +217,18 @@ class BatchBuffer:
 
         Each chunk is atomic (all accepted or none); chunks are independent of each other.
         """
-        self.ensure_scripts()
-        pipe = self.client.pipeline(transaction=False)
-        if register is not None:
-            self._queue_register(pipe, register)
-        count = 0
-        for group, entries in chunks:
-            key = self.keys.batch_buffer(self.batch_name, group)
-            APPEND.queue(pipe, (key,), (self.prefix, group, batch_size, max_buffered, lease_ms,
-                                        *entries))
-            count += 1
-        replies = pipe.execute()
-        return [self._append_result(reply) for reply in replies[len(replies) - count:]]
+        chunk_list = list(chunks)
+
+        def build(pipe: Any) -> None:
+            if register is not None:
+                self._queue_register(pipe, register)
+            for group, entries in chunk_list:
+                key = self.keys.batch_buffer(self.batch_name, group)
+                APPEND.queue(pipe, (key,), (self.prefix, group, batch_size, max_buffered,
+                                            lease_ms, *entries))
+
+        replies = run_pipeline(self.client, build)
+        return [self._append_result(r) for r in replies[len(replies) - len(chunk_list):]]
 
     def _queue_register(self, pipe: Any, register: Mapping[str, Any]) -> None:
         pipe.hset(self.keys.batch_conf(self.batch_name), mapping=dict(register))

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from taskyard.batching.buffer import BatchBuffer
+from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.decorator import publish
 from taskyard.runtime import runtime_of
 
@@ -72,15 +72,16 @@ def reap(app: Any) -> dict[str, int]:
     if not confs:
         return {"claimed": 0, "republished": 0}
     buffers = {name: BatchBuffer(runtime.redis, runtime.keys, name) for name in confs}
-    first = next(iter(buffers.values()))
-    first.ensure_scripts()
-    pipe = runtime.redis.pipeline(transaction=False)
-    for name, conf in confs.items():
-        buffers[name].queue_reap(pipe, max_wait_ms=int(conf["max_wait_ms"]),
-                                 batch_size=int(conf["batch_size"]),
-                                 lease_ms=int(conf["lease_ms"]))
+
+    def build(pipe: Any) -> None:
+        for name, conf in confs.items():
+            buffers[name].queue_reap(pipe, max_wait_ms=int(conf["max_wait_ms"]),
+                                     batch_size=int(conf["batch_size"]),
+                                     lease_ms=int(conf["lease_ms"]))
+
+    replies = run_pipeline(runtime.redis, build)
     claimed = republished = 0
-    for (name, conf), reply in zip(confs.items(), pipe.execute(), strict=True):
+    for (name, conf), reply in zip(confs.items(), replies, strict=True):
         new, expired = BatchBuffer.reap_result(reply)
         if new:
             publish(app, conf["task"], conf["level"], name, new, "age")
