@@ -345,3 +345,28 @@ def test_scripts_are_reloaded_after_a_redis_restart(make_app: Any,
     time.sleep(0.15)
     assert reap(app)["claimed"] == 1
     assert batch_items(redis_client, app, "restart", "2") == [3]
+
+
+def test_bare_decorator_and_direct_call(make_app: Any, redis_client: redis.Redis) -> None:
+    make_app("b15")
+
+    @batch_task
+    def audit_rows(items: list[Any]) -> int:
+        return len(items)
+
+    assert audit_rows.batch_name == "audit_rows" and audit_rows.batch_size == 100
+    assert audit_rows.level.value == "batch" and audit_rows([1, 2]) == 2
+    assert audit_rows.add_many(range(250)).batch_ids == ("1", "2")
+    assert audit_rows.flush().batch_ids == ("3",)
+    assert [args for _, args in messages(redis_client)] == [["1"], ["2"], ["3"]]
+
+
+def test_a_failing_key_function_names_the_item_type(make_app: Any) -> None:
+    make_app("b16")
+
+    @batch_task(batch_name="keyed", key=lambda item: item["tenant"])
+    def keyed(items: list[Any]) -> None: ...
+
+    with pytest.raises(BatchItemError) as info:
+        keyed.delay({"no": "tenant"})
+    assert "key function failed on an item of type dict" in str(info.value)
