@@ -97,10 +97,26 @@ def test_amqp_depth_by_passive_declare() -> None:
             for i in range(3):
                 producer.publish({"i": i}, exchange=queue.exchange, routing_key=name,
                                  declare=[queue])
-            depths = {d.queue: d for d in amqp_depths(servers.RABBITMQ_URL, [name, name + "-x"])}
+            def depths_now() -> dict[str, Any]:
+                return {d.queue: d for d in amqp_depths(servers.RABBITMQ_URL,
+                                                        [name, name + "-x"])}
+
+            # Publishing is asynchronous (no confirms): the broker's count catches up shortly.
+            wait_until(lambda: depths_now()[name].ready == 3, 10, 0.05, "3 messages counted")
+            depths = depths_now()
             assert depths[name].ready == 3 and depths[name].depth == 3
             assert depths[name].reserved_known is False
             assert depths[name + "-x"].depth == 0  # missing queue: empty, not an error
         finally:
             bound.delete()
             queue.exchange(conn.default_channel).delete()
+
+
+def test_store_reads_rabbitmq_broker_counts(make_app: Any) -> None:
+    servers.require("rabbitmq")
+    app = make_app("depth-amqp", broker_url=servers.RABBITMQ_URL)
+    store = StatsStore(runtime_of(app))
+    queues = store.queues()
+    assert [q["queue"] for q in queues] == ["critical", "high", "normal", "low", "batch"]
+    assert all(q["reserved_known"] is False and q["depth"] == q["ready"] >= 0 for q in queues)
+    assert store.check_ready()["broker"] is None
