@@ -107,8 +107,22 @@ def admission_costs(quick: bool) -> dict[str, float]:
     return {"admission": admission, "hook": hook_us, "psutil": psutil_us}
 
 
-def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> float:
-    """Tasks/s of one worker draining ``n`` queued no-op tasks (10 % -> 90 % done)."""
+def _tree_cpu_s(pid: int) -> float:
+    """CPU time (user + system, s) of a process and its children."""
+    total = 0.0
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[float, float]:
+    """(tasks/s, worker CPU us per task) of one worker draining ``n`` queued no-op tasks,
+    measured between 10 % and 90 % done."""
     app_module, queue, extra = VARIANTS[variant]
     client.flushdb()
     # A producer of its own on the benchmark database (the apps read their broker at import).
@@ -119,14 +133,14 @@ def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> floa
     producer.close()
     lo, hi = int(n * 0.1), int(n * 0.9)
     with celery_worker(app_module, queue, {**BASE_ENV, **extra}, log_dir, concurrency=2,
-                       name=f"bg-{variant.replace(' ', '-')}"):
+                       name=f"bg-{variant.replace(' ', '-')}") as worker:
         wait_until(lambda: int(client.get(DONE) or 0) >= lo, 300, 0.002, "10 %")
-        started = time.perf_counter()
+        started, cpu0 = time.perf_counter(), _tree_cpu_s(worker.pid)
         wait_until(lambda: int(client.get(DONE) or 0) >= hi, 600, 0.002, "90 %")
-        elapsed = time.perf_counter() - started
+        elapsed, cpu1 = time.perf_counter() - started, _tree_cpu_s(worker.pid)
         wait_until(lambda: int(client.get(DONE) or 0) >= n, 300, 0.01, "all")
     client.flushdb()
-    return (hi - lo) / elapsed
+    return (hi - lo) / elapsed, (cpu1 - cpu0) / (hi - lo) * 1e6
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -143,14 +157,17 @@ def run(quick: bool = False) -> list[Result]:
                notes="before_start + after_return: admission, level lookup, accounting "
                      "(statm pread + process_time twice)"),
     ]
-    n = 3_000 if quick else 10_000
-    reps = 1 if quick else 3
+    n = 3_000 if quick else 6_000
+    reps = 1 if quick else 5
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpus: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="bench-guards-") as tmp:
         # Interleaved and best-of, to damp the shared machine's noise.
         for _ in range(reps):
             for variant in VARIANTS:
-                rates[variant].append(drain_rate(variant, n, client, Path(tmp)))
+                rate, cpu = drain_rate(variant, n, client, Path(tmp))
+                rates[variant].append(rate)
+                cpus[variant].append(cpu)
     on, off, plain = (max(rates[v]) for v in ("guards on", "guards off", "plain celery"))
     note = (f"N={n} queued no-op tasks, one worker -c 2 prefork, best of {reps}; "
             f"all runs: " + "; ".join(f"{v}: " + ", ".join(f"{r:.0f}" for r in rs)
@@ -159,4 +176,10 @@ def run(quick: bool = False) -> list[Result]:
                        "ratio >= 0.97", notes=note))
     rows.append(Result("guards.throughput", "no-op rate, guards on vs plain Celery", "tasks/s",
                        on, plain, "", notes="plain Celery app with default settings"))
+    cpu_on, cpu_off, cpu_plain = (min(cpus[v]) for v in ("guards on", "guards off",
+                                                         "plain celery"))
+    rows.append(Result("guards.throughput", "worker CPU per task, guards on vs off", "us",
+                       cpu_on, cpu_off, "", higher_is_better=False,
+                       notes="CPU time of the worker and its pool between 10 % and 90 % done, "
+                             f"least of {reps}; plain Celery: {cpu_plain:.0f} us"))
     return rows

@@ -14,12 +14,14 @@ one, as Celery does after a hard time limit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,23 +74,35 @@ class _Rss:
 
     def __init__(self) -> None:
         self._fd: int | None = None
-        self._pid = -1
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        _RSS_READERS.add(self)
 
     def __call__(self) -> float:
-        pid = os.getpid()
-        if self._fd is None or self._pid != pid:
-            # /proc/self resolves when opened: a descriptor inherited over fork reads the parent.
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        fd = self._fd
+        if fd is None:
             try:
-                self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+                fd = self._fd = os.open("/proc/self/statm", os.O_RDONLY)
             except OSError:
                 return _psutil_rss()
-            self._pid = pid
-        data = os.pread(self._fd, 128, 0)
-        return float(int(data.split()[1]) * self._page)
+        return float(int(os.pread(fd, 128, 0).split()[1]) * self._page)
+
+    def _after_fork(self) -> None:
+        # /proc/self resolves when opened: the inherited descriptor reads the parent.
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+_RSS_READERS: weakref.WeakSet[_Rss] = weakref.WeakSet()
+
+
+def _reset_rss_after_fork() -> None:
+    for reader in list(_RSS_READERS):
+        reader._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_rss_after_fork)
 
 
 def _psutil_rss() -> float:
@@ -97,7 +111,7 @@ def _psutil_rss() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
     name: str
     task_id: str

@@ -113,7 +113,9 @@ class Guard:
 
     def on_consumer_start(self, consumer: Any) -> None:
         self.in_worker = True
-        self.queues = [q.name for q in consumer.task_consumer.queues]
+        if not self.queues:
+            # First start only: after a reconnect the consumer lacks the queues paused now.
+            self.queues = [q.name for q in consumer.task_consumer.queues]
         if self.valve is not None:
             self.valve.bind(self.queues)
         self.sampler.ensure_running()
