@@ -155,3 +155,37 @@ def test_children_flush_when_they_exit(make_app: Any, redis_env: dict[str, str],
         worker.process.wait(30)
     (row,) = store.tasks()
     assert (row["received"], row["started"], row["succeeded"]) == (6, 6, 6)
+
+
+def test_failing_hook_is_logged_not_raised(make_app: Any, caplog: pytest.LogCaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.app.task import Context
+
+    from taskyard.monitoring.capture import _Receivers
+
+    app = make_app("cap-hook")
+    capture = Capture(runtime_of(app))
+    receivers = _Receivers(app, capture)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("capture bug")
+
+    monkeypatch.setattr(capture, "started", broken)
+    task = type("T", (), {"app": app, "name": "t.x", "queue": "normal"})()
+    task.request = Context({"delivery_info": {"routing_key": "normal"}})
+    receivers.prerun(sender=task, task=task)  # must not raise
+    assert "task_prerun hook failed" in caplog.text
+
+
+def test_wait_is_measured_from_the_eta() -> None:
+    from datetime import UTC, datetime
+
+    from celery.app.task import Context
+
+    from taskyard.monitoring.capture import SENT_HEADER, _sent_at
+
+    sent = 1_000.0
+    eta = datetime.fromtimestamp(1_030.0, tz=UTC).isoformat()
+    assert _sent_at(Context({SENT_HEADER: sent})) == sent
+    assert _sent_at(Context({SENT_HEADER: sent, "eta": eta})) == 1_030.0
+    assert _sent_at(Context({})) is None
