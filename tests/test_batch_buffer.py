@@ -370,3 +370,23 @@ def test_a_failing_key_function_names_the_item_type(make_app: Any) -> None:
     with pytest.raises(BatchItemError) as info:
         keyed.delay({"no": "tenant"})
     assert "key function failed on an item of type dict" in str(info.value)
+
+
+def test_broker_down_at_flush_time_loses_nothing(make_app: Any, redis_client: redis.Redis,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # The buffers' Redis answers, the broker does not: the claimed batch waits under its lease.
+    down = make_app("b17", broker_url="redis://127.0.0.1:1/0", publish_max_retries=0,
+                    broker_connect_timeout_s=0.5)
+
+    @batch_task(batch_name="unsent", batch_size=2, max_wait=60, lease_s=0.3)
+    def unsent(items: list[Any]) -> None: ...
+
+    unsent.delay(1)
+    assert unsent.delay(2).batch_ids == ("1",)  # accepted: no error for the producer
+    assert "not published" in caplog.text
+    assert redis_client.llen("batch") == 0
+    up = make_app("b17-up")
+    time.sleep(0.35)
+    assert reap(up)["republished"] == 1
+    assert messages(redis_client) == [(unsent.name, ["1"])]
+    assert runtime_of(down).redis.llen(runtime_of(down).keys.batch_items("unsent", "1")) == 2

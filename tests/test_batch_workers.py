@@ -158,3 +158,16 @@ def test_retries_partial_failures_dead_letters_and_requeue(
     assert state["dead"] == 0 and state["processed"] == 13 and state["requeued"] == 1
     attempts = {int(k): int(v) for k, v in redis_client.hgetall("test:batch:attempts").items()}
     assert attempts[12] == 4 and attempts[8] == 2 and attempts[0] == 2 and attempts[1] == 1
+
+
+def test_a_batch_longer_than_its_lease_keeps_it(producer: Any, broker_env: dict[str, str],
+                                                redis_client: redis.Redis,
+                                                tmp_path: Path) -> None:
+    with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2):
+        batch_app.long_running.add_many([{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}])
+        wait_until(lambda: len(processed(redis_client)) == 4, 20, message="the long batches")
+        time.sleep(0.5)  # a duplicate would have been republished by now
+    state = state_of(producer, "long")
+    assert processed(redis_client) == Counter(range(4))
+    assert state["duplicates"] == 0 and state["lease_expired"] == 0
+    assert state["busy_deliveries"] == 0 and state["processed"] == 4

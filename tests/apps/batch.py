@@ -74,3 +74,10 @@ def flaky(items: list[dict[str, Any]]) -> PartialFailure | None:
         raise RuntimeError(f"batch failed on items {failed}")
     _record("flaky", [item for index, item in enumerate(items) if index not in failed])
     return PartialFailure(failed, "some items failed") if failed else None
+
+
+@batch_task(batch_name="long", batch_size=2, max_wait=0.3, lease_s=0.6)
+def long_running(items: list[dict[str, Any]]) -> None:
+    """Runs 2 s, three times its lease: only the lease renewal keeps it from being republished."""
+    time.sleep(2.0)
+    _record("long", items)
