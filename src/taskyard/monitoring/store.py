@@ -169,18 +169,21 @@ class StatsStore:
         "count"}], "wait": [...]}``; ``counts`` are per bucket (not cumulative) and have one
         more entry than ``buckets``: the overflow (+Inf) bucket.
         """
-        _counts, hists = self._raw_stats()
-        out: dict[str, Any] = {"buckets": list(BUCKETS)}
-        for kind in KINDS:
-            parsed = parse_histogram(hists[kind])
-            out[kind] = [{"name": name, "queue": queue, **entry}
-                         for (name, queue), entry in sorted(parsed.items())]
-        return out
+        return self.tasks_and_histograms()[1]
 
     def tasks(self) -> list[dict[str, Any]]:
         """Counters and latency percentiles (s) per task name and queue."""
+        return self.tasks_and_histograms()[0]
+
+    def tasks_and_histograms(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """:meth:`tasks` and :meth:`histograms` from one consistent read."""
         counts_raw, hists = self._raw_stats()
-        return self._task_rows(counts_raw, {k: parse_histogram(hists[k]) for k in KINDS})
+        parsed = {kind: parse_histogram(hists[kind]) for kind in KINDS}
+        histograms: dict[str, Any] = {"buckets": list(BUCKETS)}
+        for kind in KINDS:
+            histograms[kind] = [{"name": name, "queue": queue, **entry}
+                                for (name, queue), entry in sorted(parsed[kind].items())]
+        return self._task_rows(counts_raw, parsed), histograms
 
     @staticmethod
     def _task_rows(counts_raw: dict[bytes, bytes],

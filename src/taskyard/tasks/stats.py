@@ -143,8 +143,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
 
     queues = store.queues()
     workers = store.workers()
-    tasks = store.tasks()
-    hists = store.histograms()
+    tasks, hists = store.tasks_and_histograms()
     batches = _guarded("batches", store.batches, [])
     cache = _guarded("cache", store.cache, [])
     slow = _guarded("slow statements", lambda: _slow_statements(runtime, previous), [])
