@@ -79,8 +79,9 @@ N = 8
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str, str],
-                                             tmp_path: Path) -> None:
+                                             tmp_path: Path, pool: str) -> None:
     from tests.apps import monitor
 
     servers.require("redis")
@@ -90,7 +91,7 @@ def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str,
            # The shared test machine is often CPU-busy: no resource guard holds work back here.
            "TASKYARD_GUARD__ENABLED": "false"}
     with celery_worker("tests.apps.monitor", "critical,high,normal,low,batch", env, tmp_path,
-                       concurrency=2, name="monitor"):
+                       concurrency=2, name="monitor", pool=pool):
         for i in range(N):
             producer.send_task(monitor.ok.name, args=(i,))
             producer.send_task(monitor.boom.name, args=(i,))
