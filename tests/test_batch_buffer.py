@@ -390,3 +390,22 @@ def test_broker_down_at_flush_time_loses_nothing(make_app: Any, redis_client: re
     assert reap(up)["republished"] == 1
     assert messages(redis_client) == [(unsent.name, ["1"])]
     assert runtime_of(down).redis.llen(runtime_of(down).keys.batch_items("unsent", "1")) == 2
+
+
+def test_eager_mode_runs_batches_in_place(make_app: Any, redis_client: redis.Redis) -> None:
+    app = make_app("b18", task_always_eager=True,
+                   batch={"retry_backoff_s": 0, "max_retries": 1})
+    seen: list[list[Any]] = []
+
+    @batch_task(batch_name="eager", batch_size=3, max_wait=60)
+    def eager(items: list[Any]) -> None:
+        seen.append(items)
+        if "bad" in items:
+            raise ValueError("bad item")
+
+    eager.add_many([1, 2, 3, 4])
+    assert seen == [[1, 2, 3]] and redis_client.llen("batch") == 0
+    eager.add_many(["bad", 5])
+    assert seen[1:] == [[4, "bad", 5], [4, "bad", 5]]  # one retry, then the dead letters
+    [state] = inspect_batches(app)
+    assert state["processed"] == 3 and state["dead_items"] == 3 and state["pending"] == 0

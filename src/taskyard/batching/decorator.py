@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, overload
 from celery import current_app
 
 from taskyard.batching.buffer import BatchBuffer, Claimed
+from taskyard.batching.flush import make_flush_task
 from taskyard.config import Settings
 from taskyard.errors import BatchBufferFull, BatchItemError, ConfigurationError
 from taskyard.routing.levels import Priority, parse_level
@@ -109,8 +110,6 @@ class BatchTask:
         self._states: dict[int, _AppState] = {}
         self._last: _AppState | None = None
         self._registered_for: _AppState | None = None
-        from taskyard.batching.flush import make_flush_task
-
         self.task = make_flush_task(self, celery_options)
 
     def __call__(self, items: list[Any]) -> Any:
@@ -301,6 +300,18 @@ def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[
     under a lease, and the reaper republishes it when the lease runs out. Returns how many were
     published.
     """
+    if reason is not None:
+        for claim in claims:
+            batch_flushed.send(sender=batch_name, group=claim.group, batch_id=claim.batch_id,
+                               size=claim.size, reason=reason)
+    if not claims:
+        return 0
+    task = app.tasks.get(task_name) if app.conf.task_always_eager else None
+    if task is not None:
+        # Eager mode (unit tests, scripts): the batches run here and now, like eager tasks.
+        for claim in claims:
+            task.apply(args=[claim.batch_id])
+        return len(claims)
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
@@ -312,10 +323,6 @@ def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[
         log.warning("batch %s: %d flush messages not published (%s); the reaper republishes "
                     "them when their lease runs out", batch_name, len(claims) - sent, exc,
                     exc_info=True)
-    if reason is not None:
-        for claim in claims:
-            batch_flushed.send(sender=batch_name, group=claim.group, batch_id=claim.batch_id,
-                               size=claim.size, reason=reason)
     return sent
 
 
