@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -409,3 +410,35 @@ def test_eager_mode_runs_batches_in_place(make_app: Any, redis_client: redis.Red
     assert seen[1:] == [[4, "bad", 5], [4, "bad", 5]]  # one retry, then the dead letters
     [state] = inspect_batches(app)
     assert state["processed"] == 3 and state["dead_items"] == 3 and state["pending"] == 0
+
+
+def test_bulk_flushes_still_send_their_task_sent_events(make_app: Any,
+                                                       redis_client: redis.Redis) -> None:
+    # add_many sends the task-sent events of its flush messages as one list message.
+    app = make_app("b19")
+
+    @batch_task(batch_name="evented", batch_size=2, max_wait=60)
+    def evented(items: list[Any]) -> None: ...
+
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as conn:
+            receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append})
+            ready.set()
+            with contextlib.suppress(TimeoutError):  # the assertions below say what was missed
+                receiver.capture(limit=4, timeout=10, wakeup=False)
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.5)  # the receiver's subscription is in place
+    evented.add_many(range(6))
+    evented.delay(6)
+    evented.delay(7)
+    thread.join(15)
+    sent_ids = {args[0] for _, args in messages(redis_client)}
+    assert sent_ids == {"1", "2", "3", "4"}
+    assert sorted(e["name"] for e in seen) == [evented.name] * 4
+    assert {e["queue"] for e in seen} == {"batch"}
