@@ -169,7 +169,9 @@ def run(quick: bool = False) -> list[Result]:
                 rates[variant].append(rate)
                 cpus[variant].append(cpu)
     on, off, plain = (max(rates[v]) for v in ("guards on", "guards off", "plain celery"))
+    pairs = sorted(a / b for a, b in zip(rates["guards on"], rates["guards off"], strict=True))
     note = (f"N={n} queued no-op tasks, one worker -c 2 prefork, best of {reps}; "
+            f"median of the on/off ratios of back-to-back runs: {pairs[len(pairs) // 2]:.2f}; "
             f"all runs: " + "; ".join(f"{v}: " + ", ".join(f"{r:.0f}" for r in rs)
                                      for v, rs in rates.items()))
     rows.append(Result("guards.throughput", "no-op rate, guards on vs off", "tasks/s", on, off,

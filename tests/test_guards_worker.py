@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import redis
 
 from taskyard.testing import celery_worker, wait_until
+from taskyard.workers.guards import Probe, Sampler
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,10 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
         make_app: Any) -> None:
     send = Sender(make_app("guardproducer"))
 
-    vm = psutil.virtual_memory()
-    total_mb = vm.total / 2**20
-    used_pct = 100.0 * (vm.total - vm.available) / vm.total
-    hog_mb = int(min(2048.0, 0.25 * vm.available / 2**20))
+    # The worker's own view (cgroup or host), so the thresholds match what it will read.
+    now = Sampler(Probe()).sample()
+    total_mb, used_pct = now.memory_total_mb, now.memory_pct
+    hog_mb = int(min(2048.0, 0.25 * now.memory_available_mb))
     hog_pct = 100.0 * hog_mb / total_mb
     # Thresholds relative to the machine's current use: the hog crosses the warning threshold,
     # releasing it brings memory back below the resume threshold.
