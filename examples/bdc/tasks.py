@@ -53,7 +53,7 @@ def reschedule_appointment(appointment_id: int, shift_minutes: int) -> str | Non
         return appointment.start_time.isoformat()
 
 
-@priority_task(priority="low")
+@priority_task(priority="low", requires_memory_mb=256)  # waits for 256 MB free
 def monthly_report(month: str) -> dict[str, int]:
     """Background report: appointments and evaluations of a month ("YYYY-MM"), per trainer."""
     start = datetime.strptime(month, "%Y-%m")
