@@ -565,3 +565,42 @@ def test_deferral_falls_back_to_requeue_when_publishing_fails(
         task.pop_request()
     assert info.value.requeue is True
     assert guard.counters.get(DEFERRED) == 0
+
+
+@pytest.mark.parametrize("kind", ["cpu", "memory"])
+def test_limit_breach_is_raised_inside_the_running_task(kind: str) -> None:
+    import signal
+    import threading
+
+    from taskyard.errors import TaskCpuLimitExceeded, TaskMemoryLimitExceeded
+    from taskyard.workers.guards.accounting import LIMIT_SIGNAL
+
+    meter = TaskMeter(lambda: redis.Redis(port=1), "t:resources", flush_interval_s=3600)
+    previous = signal.getsignal(LIMIT_SIGNAL)
+    meter.install_enforcement()
+    task = _Task("app.greedy")
+    expected: type[Exception]
+    if kind == "cpu":
+        task.cpu_time_limit_s = 0.05  # type: ignore[assignment]
+        expected = TaskCpuLimitExceeded
+    else:
+        task.memory_limit_mb = 50  # type: ignore[assignment]
+        expected = TaskMemoryLimitExceeded
+    checker = threading.Thread(target=lambda: (time.sleep(0.3), meter.check_limits()))
+    try:
+        meter.start(task, "id-1")
+        with pytest.raises(expected) as info:
+            checker.start()
+            block = b"\x01" * (120 * 2**20) if kind == "memory" else b""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # burn CPU until the sampler thread stops us
+                pass
+            del block
+        meter.stop(failed=True)
+    finally:
+        checker.join()
+        signal.signal(LIMIT_SIGNAL, previous)
+    assert info.value.task_name == "app.greedy"  # type: ignore[union-attr]
+    field = f"{kind}_limit_exceeded"
+    assert meter.pending["app.greedy"].sums[field] == 1
+    assert meter.retire is True  # the pool child would now be replaced
