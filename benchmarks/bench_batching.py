@@ -55,15 +55,42 @@ def _rate(n: int, send: Any) -> float:
     return n / (time.perf_counter() - started)
 
 
+#: The two sides run in alternating rounds, so a change of load on the shared machine during
+#: the run weighs on both alike.
+ROUNDS = 5
+
+
+def _interleaved(n: int, ours: Any, theirs: Any) -> tuple[float, float]:
+    """Items/s of each side over ROUNDS alternating rounds of n/ROUNDS items each."""
+    per_round = n // ROUNDS
+    spent = {"ours": 0.0, "theirs": 0.0}
+    for round_no in range(ROUNDS):
+        offset = round_no * per_round
+        for side, send in (("ours", ours), ("theirs", theirs)):
+            started = time.perf_counter()
+            send(offset, per_round)
+            spent[side] += time.perf_counter() - started
+    total = per_round * ROUNDS
+    return total / spent["ours"], total / spent["theirs"]
+
+
 def delay_rates(n: int, client: redis.Redis) -> tuple[float, float]:
     """Items/s of ``.delay(item)`` and of plain ``apply_async`` per item, no worker running."""
     client.flushdb()
     sink.delay(_item(-1))  # connect and load the scripts first
     plain_item.apply_async(args=[_item(-1)])
-    ours = _rate(n, lambda: [sink.delay(_item(i)) for i in range(n)])
-    theirs = _rate(n, lambda: [plain_item.apply_async(args=[_item(i)]) for i in range(n)])
+
+    def ours(offset: int, count: int) -> None:
+        for i in range(offset, offset + count):
+            sink.delay(_item(i))
+
+    def theirs(offset: int, count: int) -> None:
+        for i in range(offset, offset + count):
+            plain_item.apply_async(args=[_item(i)])
+
+    rates = _interleaved(n, ours, theirs)
     client.flushdb()
-    return ours, theirs
+    return rates
 
 
 def add_many_rates(n: int, client: redis.Redis, chunk: int = 5000) -> tuple[float, float]:
@@ -73,16 +100,16 @@ def add_many_rates(n: int, client: redis.Redis, chunk: int = 5000) -> tuple[floa
     items = [_item(i) for i in range(n)]
     sink.add_many(items[:10])
 
-    def ours() -> None:
-        for start in range(0, n, chunk):
-            sink.add_many(items[start:start + chunk])
+    def ours(offset: int, count: int) -> None:
+        for start in range(offset, offset + count, chunk):
+            sink.add_many(items[start:min(offset + count, start + chunk)])
 
-    def theirs() -> None:
+    def theirs(offset: int, count: int) -> None:
         with plain_app.producer_or_acquire() as producer:
-            for item in items:
+            for item in items[offset:offset + count]:
                 plain_item.apply_async(args=[item], producer=producer)
 
-    rates = _rate(n, ours), _rate(n, theirs)
+    rates = _interleaved(n, ours, theirs)
     client.flushdb()
     return rates
 
@@ -138,12 +165,13 @@ def run(quick: bool = False) -> list[Result]:
     delay_ours, delay_celery = delay_rates(n, client)
     rows.append(Result("batching.enqueue", ".delay(item) rate", "items/s", delay_ours,
                        delay_celery, ">= 5x plain apply_async",
-                       notes=f"N={n}, one process, no worker; plain Celery: apply_async per item"))
+                       notes=f"N={n}, one process, no worker, {ROUNDS} alternating rounds; plain "
+                             "Celery: apply_async per item"))
     many_ours, many_celery = add_many_rates(n, client)
     rows.append(Result("batching.enqueue", ".add_many rate", "items/s", many_ours, many_celery,
                        ">= 100,000 items/s",
-                       notes=f"N={n} in calls of 5,000; plain Celery: apply_async per item "
-                             "over one held producer"))
+                       notes=f"N={n} in calls of 5,000, {ROUNDS} alternating rounds; plain "
+                             "Celery: apply_async per item over one held producer"))
     rows.append(Result("batching.enqueue", ".add_many rate without flush messages", "items/s",
                        add_many_buffer_only_rate(n, client), None, "diagnostic",
                        notes="encode + pipelined Lua append + claims; the flush messages "
