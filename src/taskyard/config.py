@@ -268,6 +268,11 @@ class Settings(BaseSettings):
     publish_retry_interval_s: float = Field(0.2, ge=0)
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
+    task_events: bool = True
+    # Events are published in batches at most this often (s): a few ms of Flower latency for a
+    # broker round trip saved per event.
+    event_flush_interval_s: float = Field(0.1, gt=0, le=5)
     # Level of a task that no decorator or rule places.
     default_level: str = "normal"
     # Ordered rules task name -> level, as JSON:
