@@ -95,7 +95,7 @@ class SentEvents:
                 producer.publish(batch, exchange=exchange.name, routing_key="task.multi",
                                  declare=[exchange], serializer="json", retry=False,
                                  headers={"hostname": self.hostname})
-        except Exception:  # noqa: BLE001 - events are best-effort and must not kill the thread
+        except Exception:  # events are best-effort and must not kill the thread
             log.warning("dropped %d task-sent events: the broker refused them", len(batch),
                         exc_info=True)
 
