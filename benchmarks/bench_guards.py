@@ -107,6 +107,45 @@ def admission_costs(quick: bool) -> dict[str, float]:
     return {"admission": admission, "hook": hook_us, "psutil": psutil_us}
 
 
+def tracer_costs(quick: bool) -> dict[str, float]:
+    """Microseconds per no-op task through Celery's own tracer (what a pool child runs per task),
+    guards on, admission only, and off; same process, alternating, best of 5."""
+    from celery.app.trace import build_tracer
+
+    from taskyard.workers.guards import guard_of
+
+    def traced(name: str, **guard: Any) -> Any:
+        app = create_app(f"bench-guards-trace-{name}", redis_url=REDIS_URL,
+                         guard={"cpu_warning_pct": 100, "cpu_critical_pct": 100,
+                                "cpu_resume_pct": 99, **guard})
+
+        @app.task(name="bench.guards.traced", shared=False)
+        def traced_noop() -> None:
+            pass
+
+        app.finalize()
+        g = guard_of(app)
+        assert g is not None
+        g.sampler.sample()
+        g.sampler._thread = object()  # type: ignore[assignment]  # readings stay as sampled
+        if g.meter is not None:
+            g.meter.flush_interval_s = 1e9  # measure the run, not Redis
+        task = app.tasks["bench.guards.traced"]
+        tracer = build_tracer(task.name, task, app=app, eager=False, propagate=False)
+        request = {"id": "t", "hostname": "bench",
+                   "delivery_info": {"routing_key": "normal", "exchange": "taskyard"}}
+        return lambda: tracer("t", (), {}, request)
+
+    variants = {"on": traced("on"), "admission": traced("admission", accounting=False),
+                "off": traced("off", enabled=False, accounting=False)}
+    n = 5_000 if quick else 20_000
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(5):
+        for name, call in variants.items():
+            best[name] = min(best[name], timeit.timeit(call, number=n) / n * 1e6)
+    return best
+
+
 def _tree_cpu_s(pid: int) -> float:
     """CPU time (user + system, s) of a process and its children."""
     total = 0.0
@@ -157,6 +196,11 @@ def run(quick: bool = False) -> list[Result]:
                notes="before_start + after_return: admission, level lookup, accounting "
                      "(statm pread + process_time twice)"),
     ]
+    trace = tracer_costs(quick)
+    rows.append(Result("guards.worker_cost", "per-task execution (Celery tracer), guards on vs off",
+                       "us", trace["on"], trace["off"], "", higher_is_better=False,
+                       notes=f"no-op task through build_tracer in one process; admission only "
+                             f"(accounting off): {trace['admission']:.1f} us"))
     n = 3_000 if quick else 6_000
     reps = 1 if quick else 5
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
