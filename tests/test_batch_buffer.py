@@ -17,6 +17,7 @@ from taskyard.batching import inspect_batches, list_dead, purge_dead, reap, requ
 from taskyard.batching.buffer import BatchBuffer
 from taskyard.runtime import runtime_of
 from taskyard.signals import batch_flushed
+from taskyard.testing import wait_until
 
 
 def messages(client: redis.Redis, queue: str = "batch") -> list[tuple[str, list[Any]]]:
@@ -421,24 +422,38 @@ def test_bulk_flushes_still_send_their_task_sent_events(make_app: Any,
     def evented(items: list[Any]) -> None: ...
 
     seen: list[dict[str, Any]] = []
-    ready = threading.Event()
+    probes: list[dict[str, Any]] = []
+    receivers: list[Any] = []
+
+    failures: list[BaseException] = []
 
     def listen() -> None:
-        with app.connection_for_read() as conn:
-            receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append})
-            ready.set()
-            with contextlib.suppress(TimeoutError):  # the assertions below say what was missed
-                receiver.capture(limit=4, timeout=10, wakeup=False)
+        try:
+            with app.connection_for_read() as conn:
+                receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append,
+                                                               "taskyard-probe": probes.append})
+                receivers.append(receiver)
+                with contextlib.suppress(TimeoutError):
+                    receiver.capture(limit=None, timeout=20, wakeup=False)
+        except BaseException as exc:
+            failures.append(exc)
 
     thread = threading.Thread(target=listen, daemon=True)
     thread.start()
-    ready.wait(5)
-    time.sleep(0.5)  # the receiver's subscription is in place
+    # Probe until the receiver's subscription is in place (pub/sub drops what came before).
+    with app.events.default_dispatcher() as dispatcher:
+        wait_until(lambda: dispatcher.send("taskyard-probe") or bool(probes) or bool(failures),
+                   15, 0.1, message="the event receiver")
+    assert not failures, failures
     evented.add_many(range(6))
     evented.delay(6)
     evented.delay(7)
-    thread.join(15)
+    # Events are published in batches, so a late one of an earlier test may arrive too.
+    mine = lambda: [e for e in seen if e["name"] == evented.name]  # noqa: E731
+    wait_until(lambda: len(mine()) >= 4, 15, message="4 task-sent events")
+    receivers[0].should_stop = True
+    thread.join(25)
     sent_ids = {args[0] for _, args in messages(redis_client)}
     assert sent_ids == {"1", "2", "3", "4"}
-    assert sorted(e["name"] for e in seen) == [evented.name] * 4
-    assert {e["queue"] for e in seen} == {"batch"}
+    assert len(mine()) == 4
+    assert {e["queue"] for e in mine()} == {"batch"}

@@ -12,7 +12,7 @@ from celery import Celery
 from celery.signals import after_task_publish
 
 from taskyard.config import Settings, load_settings
-from taskyard.events import EventBatching, SentEvents, on_after_task_publish
+from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
 from taskyard.keys import Keys
 from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
@@ -91,6 +91,17 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
     return config
 
 
+class TaskyardCelery(Celery):  # type: ignore[misc]
+    """Celery app that tells the batched task-sent events which app sent a task."""
+
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        token = sending_app.set(self)
+        try:
+            return super().send_task(*args, **kwargs)
+        finally:
+            sending_app.reset(token)
+
+
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     """Let each subsystem register its tasks, signal handlers and beat entries."""
     from taskyard.batching import install as install_batching  # reaper task, flusher thread
@@ -133,7 +144,7 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
             parse_level(queue, where=f"queue in TASKYARD_WORKER_PROFILES[{profile!r}]:")
     router = Router(rules, default)
 
-    app = Celery(name, include=list(include or ()), task_cls=TaskyardTask)
+    app = TaskyardCelery(name, include=list(include or ()), task_cls=TaskyardTask)
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
     router.app = app

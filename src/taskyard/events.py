@@ -30,7 +30,7 @@ from celery.events.event import Event, get_exchange
 
 log = logging.getLogger(__name__)
 
-#: The app whose task is being sent right now (set by TaskyardTask.apply_async).
+#: The app whose task is being sent right now (set by the app's send_task).
 sending_app: ContextVar[Any] = ContextVar("taskyard_sending_app", default=None)
 
 #: Events a producer holds at most; beyond this the oldest are dropped (events are best-effort).

@@ -9,7 +9,6 @@ from celery.canvas import Signature
 from kombu.exceptions import EncodeError, OperationalError
 
 from taskyard.errors import BrokerUnavailable, TaskArgumentError
-from taskyard.events import sending_app
 from taskyard.routing.levels import Priority, parse_level
 
 
@@ -62,7 +61,6 @@ class TaskyardTask(Task):  # type: ignore[misc]
             queue = parse_level(level).value
             options["queue"] = queue
             options["routing_key"] = queue
-        token = sending_app.set(self.app)
         try:
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
@@ -72,8 +70,6 @@ class TaskyardTask(Task):  # type: ignore[misc]
         except OperationalError as exc:
             broker = self.app.connection_for_write().as_uri()
             raise BrokerUnavailable(self.name, broker, str(exc)) from exc
-        finally:
-            sending_app.reset(token)
 
     def at(self, level: str | Priority) -> Signature:
         """A signature that sends to ``level``: ``task.at("critical").delay(...)``."""
