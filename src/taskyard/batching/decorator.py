@@ -292,25 +292,6 @@ class BatchTask:
         return AddResult(0, tuple(c.batch_id for c in claims))
 
 
-class _SentEvents:
-    """Celery's event dispatcher for a run of flush publishes: the ``task-sent`` events are
-    collected and sent afterwards as one ``task.multi`` message (a list, which Celery's event
-    receivers, Flower's included, unpack) instead of one message per flush task."""
-
-    def __init__(self, app: Any) -> None:
-        self.dispatcher = app.amqp._event_dispatcher
-        self.events: list[Any] = []
-
-    def publish(self, type: str, fields: dict[str, Any], producer: Any, blind: bool = False,
-                **_: Any) -> None:
-        self.events.append(self.dispatcher._prepare_event(type, fields, blind=blind))
-
-    def flush(self, producer: Any) -> None:
-        if self.events:
-            self.dispatcher._publish(self.events, producer, routing_key="task.multi")
-            self.events = []
-
-
 def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[Claimed],
             reason: str | None) -> int:
     """Publish one flush message per claimed batch; announce new batches (``reason`` set).
@@ -334,13 +315,10 @@ def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
-            events = _SentEvents(app) if len(claims) > 1 else None
             for claim in claims:
                 app.send_task(task_name, args=[claim.batch_id], queue=queue, routing_key=queue,
-                              producer=producer, event_dispatcher=events)
+                              producer=producer)
                 sent += 1
-            if events is not None:
-                events.flush(producer)
     except Exception as exc:
         log.warning("batch %s: %d flush messages not published (%s); the reaper republishes "
                     "them when their lease runs out", batch_name, len(claims) - sent, exc,
