@@ -243,7 +243,7 @@ def test_discover_in_a_cgroup_namespace_falls_back_to_the_mount() -> None:
 
 def test_probe_uses_the_cgroup_when_it_binds() -> None:
     cgroup = CgroupV2.discover(mount=DATA / "limited", relative="/kubepods/pod1/ctr")
-    m = Probe(cgroup=cgroup).measure()
+    m = Probe(cgroup=cgroup, exclude_own_cpu=False).measure()
     assert m.memory_source == "cgroup"
     assert m.memory_total_bytes == 1073741824
     assert m.memory_used_bytes == 536870912
@@ -604,3 +604,22 @@ def test_limit_breach_is_raised_inside_the_running_task(kind: str) -> None:
     field = f"{kind}_limit_exceeded"
     assert meter.pending["app.greedy"].sums[field] == 1
     assert meter.retire is True  # the pool child would now be replaced
+
+
+def test_cpu_pressure_leaves_out_the_workers_own_processes() -> None:
+    import time as _time
+
+    from taskyard.workers.guards.readings import Probe
+
+    own, whole = Probe("host", exclude_own_cpu=True), Probe("host", exclude_own_cpu=False)
+    before_own, before_whole, before_self = own.measure(), whole.measure(), own.own_cpu_s()
+    deadline = _time.process_time() + 0.4
+    while _time.process_time() < deadline:  # this process (the "worker") keeps a core busy
+        pass
+    after_own, after_whole, after_self = own.measure(), whole.measure(), own.own_cpu_s()
+    burned = after_self - before_self
+    assert burned >= 0.35
+    busy_own = after_own.cpu_busy_s - before_own.cpu_busy_s
+    busy_whole = after_whole.cpu_busy_s - before_whole.cpu_busy_s
+    # The whole-machine figure includes the loop; the worker's view leaves it out.
+    assert busy_whole - busy_own >= 0.3

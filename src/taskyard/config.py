@@ -70,6 +70,9 @@ class GuardSettings(BaseModel):
     # Where memory and CPU are read: "auto" uses the cgroup v2 limit/quota when one binds this
     # process, else the host; "cgroup" or "host" force one (auto falls back to host anyway).
     memory_source: Literal["auto", "cgroup", "host"] = "auto"
+    # CPU pressure leaves out this worker's own processes: a worker never holds work back because
+    # it is busy with work (its concurrency bounds that); it yields to everything else's load.
+    cpu_exclude_own: bool = True
     # Sampler period (s): readings are at most this old when a task is admitted.
     sample_interval_s: float = Field(0.5, gt=0)
     # CPU is averaged over this window (s) so a single busy instant does not defer work.

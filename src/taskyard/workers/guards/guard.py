@@ -44,8 +44,8 @@ class Guard:
             )
         self.default_level = runtime.settings.default_level
         self.policy = Policy(settings, self.default_level)
-        self.sampler = Sampler(Probe(settings.memory_source), settings.sample_interval_s,
-                               settings.cpu_window_s)
+        probe = Probe(settings.memory_source, exclude_own_cpu=settings.cpu_exclude_own)
+        self.sampler = Sampler(probe, settings.sample_interval_s, settings.cpu_window_s)
         #: Where admission and the valve read from; tests put a MemoryReadings here.
         self.source: ReadingSource = self.sampler
         self.counters = Counters()

@@ -4,6 +4,12 @@ A psutil call costs tens of microseconds; admission reads :attr:`Sampler.latest`
 CPU is the busy share over a window of cumulative counters (never psutil's first
 ``cpu_percent(None)``, which is a meaningless 0.0). Under a cgroup v2 memory limit or CPU quota the
 cgroup's figures are used, otherwise the host's.
+
+CPU pressure leaves out the CPU this worker itself uses (its main process and pool children):
+its concurrency already bounds that, and holding work back because the worker is busy with work
+would only lower its own throughput. What remains is the load of everything else on the machine
+or in the container (other workers, the database, other services), which is what lower-level
+work should yield to. Memory is counted whole: a worker filling memory itself must stop too.
 """
 
 from __future__ import annotations
@@ -80,11 +86,36 @@ class Probe:
     """Reads the counters, from the cgroup when it limits this process, else from the host."""
 
     def __init__(self, prefer: Literal["auto", "cgroup", "host"] = "auto",
-                 cgroup: CgroupV2 | None = None) -> None:
+                 cgroup: CgroupV2 | None = None, exclude_own_cpu: bool = True) -> None:
         self.prefer = prefer
         self._cgroup = cgroup
         self._discovered = cgroup is not None
         self._host_cpus = host_cpu_count()
+        # Created in the worker's main process, before the pool forks: pool children inherit
+        # this pid and so measure the same process tree.
+        self._worker_pid = os.getpid() if exclude_own_cpu else None
+        self._own_cpu_s: dict[int, float] = {}
+
+    def own_cpu_s(self) -> float:
+        """CPU time (s) the worker's processes have used, cumulative and never decreasing.
+
+        A pool child that exits takes its counter with it; keeping each pid's last figure keeps
+        the total monotonic, so the window never sees the worker's own load as someone else's.
+        """
+        if self._worker_pid is None:
+            return 0.0
+        try:
+            root = psutil.Process(self._worker_pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return sum(self._own_cpu_s.values())
+        for process in family:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            self._own_cpu_s[process.pid] = times.user + times.system
+        return sum(self._own_cpu_s.values())
 
     @property
     def cgroup(self) -> CgroupV2 | None:
@@ -114,7 +145,7 @@ class Probe:
             idle = times.idle + getattr(times, "iowait", 0.0)
             capacity = sum(times)
             busy = capacity - idle
-        return Measurement(used, total, source, busy, capacity)
+        return Measurement(used, total, source, busy - self.own_cpu_s(), capacity)
 
 
 class Sampler:
