@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import redis
 
@@ -27,9 +28,16 @@ def _module(side: str) -> ModuleType:
     return importlib.import_module(SIDES[side][0])
 
 
+def _task(side: str, name: str) -> Any:
+    """The task object of ``side``'s own app (both apps live in this process)."""
+    module = _module(side)
+    prefix = "bench.ty." if side == "taskyard" else "bench."
+    return module.app.tasks[prefix + name]
+
+
 def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
     """Tasks/s that .delay() sends from one process, no worker running."""
-    task = _module(side).noop
+    task = _task(side, "noop")
     task.delay()  # connect first
     client.flushdb()
     started = time.perf_counter()
@@ -43,7 +51,7 @@ def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
 def end_to_end_rate(side: str, n: int, client: redis.Redis, log_dir: Path) -> float:
     """Tasks/s from the first send until the worker has run all ``n``."""
     app_module, queue = SIDES[side]
-    task = _module(side).noop
+    task = _task(side, "noop")
     client.flushdb()
     with celery_worker(app_module, queue, ENV, log_dir, concurrency=2, name=f"tp-{side}"):
         started = time.perf_counter()
@@ -60,14 +68,14 @@ def critical_waits(side: str, flood: int, criticals: int, client: redis.Redis,
                    log_dir: Path) -> list[float]:
     """Waits (s, sent -> started) of critical tasks sent after a flood of 5 ms low tasks."""
     app_module, queue = SIDES[side]
-    module = _module(side)
+    low, critical = _task(side, "low"), _task(side, "critical")
     client.flushdb()
     queues = ALL if side == "taskyard" else queue
     with celery_worker(app_module, queues, ENV, log_dir, concurrency=2, name=f"iso-{side}"):
         for _ in range(flood):
-            module.low.delay(0.005)
+            low.delay(0.005)
         for _ in range(criticals):
-            module.critical.delay(time.time())
+            critical.delay(time.time())
             time.sleep(0.02)
         wait_until(lambda: client.llen("bench:waits") >= criticals, 900, 0.05,
                    f"{side} critical tasks")

@@ -128,3 +128,14 @@ def test_unknown_profile_is_a_clear_error(redis_env: dict[str, str]) -> None:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "turbo" in out.stderr and "critical" in out.stderr
+
+
+@pytest.mark.parametrize(("queues", "prefetch"), [("normal,low", 4), ("critical,normal", 1)])
+def test_prefetch_follows_the_queues_a_worker_consumes(queues: str, prefetch: int,
+                                                       redis_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    with celery_worker("tests.apps.prio", queues, {**redis_env, **NO_GUARDS}, tmp_path,
+                       concurrency=2, name="prefetch") as worker:
+        wait_until(lambda: "prefetch" in worker.output() or prefetch == 1, 10)
+        announced = "prefetch 8 (x4 per process)" in worker.output()
+    assert announced is (prefetch == 4)

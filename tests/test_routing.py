@@ -196,3 +196,12 @@ def test_task_sent_by_name_keeps_its_decorator_level(app: Celery) -> None:
 
     route_ = app.amqp.router.route({}, "t.by_name", (), {}, None)
     assert route_["queue"].name == "critical"
+
+
+@pytest.mark.parametrize(("queues", "bulk"), [({"normal", "low"}, True), ({"batch"}, True),
+                                              ({"critical", "high"}, False),
+                                              ({"high", "low"}, False), (set(), False)])
+def test_bulk_prefetch_only_without_urgent_queues(queues: set[str], bulk: bool) -> None:
+    from taskyard.workers.prefetch import bulk_only
+
+    assert bulk_only(queues) is bulk

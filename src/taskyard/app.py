@@ -18,6 +18,7 @@ from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
 from taskyard.runtime import Runtime, attach
+from taskyard.workers.prefetch import BulkPrefetch
 
 
 def _is_redis(url: str) -> bool:
@@ -58,6 +59,7 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
+        "taskyard_bulk_prefetch_multiplier": settings.bulk_prefetch_multiplier,
         "task_track_started": True,
         # .delay() with the broker down fails in bounded time instead of hanging.
         "task_publish_retry": True,
@@ -155,5 +157,6 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
         after_task_publish.connect(on_after_task_publish, dispatch_uid="taskyard.sent_events",
                                    weak=False)
         app.steps["consumer"].add(EventBatching)
+    app.steps["consumer"].add(BulkPrefetch)
     _install_subsystems(app, runtime)
     return app

@@ -276,6 +276,10 @@ class Settings(BaseSettings):
     # Events are published in batches at most this often (s): a few ms of Flower latency for a
     # broker round trip saved per event.
     event_flush_interval_s: float = Field(0.1, gt=0, le=5)
+    # Messages each pool process of a worker reserves when that worker consumes neither the
+    # critical nor the high queue (workers that do reserve one). Celery's default, 4: such a
+    # worker has no urgent work to protect and would otherwise idle while fetching. 1 disables.
+    bulk_prefetch_multiplier: int = Field(4, ge=1, le=64)
     # Level of a task that no decorator or rule places.
     default_level: str = "normal"
     # Ordered rules task name -> level, as JSON:

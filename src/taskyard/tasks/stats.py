@@ -259,5 +259,5 @@ def register(app: Celery, runtime: Runtime) -> None:
             return collect(runtime)
 
     # shared=False: the task belongs to this app only, whatever other apps the process makes.
-    app.task(name=TASK_NAME, ignore_result=True, shared=False, taskyard_level=Priority.CRITICAL,
-             queue=Priority.CRITICAL.value)(collect_task)
+    app.task(name=TASK_NAME, ignore_result=True, shared=False,
+             taskyard_level=Priority.CRITICAL)(collect_task)

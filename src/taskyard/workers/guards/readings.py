@@ -31,6 +31,8 @@ from taskyard.workers.guards.cgroup import CgroupV2, host_cpu_count
 log = logging.getLogger("taskyard.guards")
 
 MB = 1024 * 1024
+#: How often the list of the worker's processes is refreshed (s); pool children change rarely.
+FAMILY_REFRESH_S = 10.0
 MemorySource = Literal["cgroup", "host"]
 
 
@@ -95,6 +97,8 @@ class Probe:
         # this pid and so measure the same process tree.
         self._worker_pid = os.getpid() if exclude_own_cpu else None
         self._own_cpu_s: dict[int, float] = {}
+        self._family: list[psutil.Process] = []
+        self._family_at = -FAMILY_REFRESH_S
 
     def own_cpu_s(self) -> float:
         """CPU time (s) the worker's processes have used, cumulative and never decreasing.
@@ -104,12 +108,16 @@ class Probe:
         """
         if self._worker_pid is None:
             return 0.0
-        try:
-            root = psutil.Process(self._worker_pid)
-            family = [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return sum(self._own_cpu_s.values())
-        for process in family:
+        now = time.monotonic()
+        if now - self._family_at > FAMILY_REFRESH_S:
+            # Listing children scans every process of the machine: done rarely, not per sample.
+            try:
+                root = psutil.Process(self._worker_pid)
+                self._family = [root, *root.children(recursive=True)]
+                self._family_at = now
+            except psutil.Error:
+                return sum(self._own_cpu_s.values())
+        for process in self._family:
             try:
                 times = process.cpu_times()
             except psutil.Error:
