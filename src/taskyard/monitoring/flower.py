@@ -74,28 +74,12 @@ def amqp_queue_rows(broker_url: str, names: Sequence[str],
                     timeout_s: float = 2.0) -> list[dict[str, Any]]:
     """Broker-tab rows from AMQP passive declares: ready messages and consumers per queue.
 
-    Unacknowledged messages are not visible over AMQP, so that column stays empty. A queue that
-    does not exist yet shows 0.
+    Unacknowledged messages are not visible over AMQP, so that column stays empty.
     """
-    from kombu.connection import Connection
+    from taskyard.monitoring.queues import amqp_queue_counts
 
-    rows: list[dict[str, Any]] = []
-    with Connection(broker_url, connect_timeout=timeout_s) as conn:
-        conn.ensure_connection(max_retries=1)
-        channel = conn.channel()
-        try:
-            for name in names:
-                try:
-                    _queue, ready, consumers = channel.queue_declare(queue=name, passive=True)
-                except conn.channel_errors:
-                    # NOT_FOUND closes the channel: the queue was never declared, so it is empty.
-                    channel = conn.channel()
-                    ready, consumers = 0, 0
-                rows.append({"name": name, "messages": int(ready), "messages_ready": int(ready),
-                             "consumers": int(consumers)})
-        finally:
-            channel.close()
-    return rows
+    return [{"name": name, "messages": ready, "messages_ready": ready, "consumers": consumers}
+            for name, ready, consumers in amqp_queue_counts(broker_url, names, timeout_s)]
 
 
 def _broker_with_amqp_fallback() -> Any:

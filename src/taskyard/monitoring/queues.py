@@ -103,32 +103,42 @@ def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
     ]
 
 
-def amqp_depths(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
-                timeout_s: float = 4.0) -> list[QueueDepth]:
-    """Ready messages of each queue on an AMQP broker, by passive ``queue_declare``.
+def amqp_queue_counts(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
+                      timeout_s: float = 4.0) -> list[tuple[str, int, int]]:
+    """(queue, ready messages, consumers) of each queue on an AMQP broker, by passive declare.
 
-    A queue that does not exist yet has depth 0. Unacknowledged messages are not visible over
-    AMQP, so they are reported as unknown (``reserved_known=False``).
+    A queue that does not exist yet counts 0 and 0.
 
     Raises:
         kombu.exceptions.OperationalError, OSError: the broker is unreachable.
     """
-    depths: list[QueueDepth] = []
+    counts: list[tuple[str, int, int]] = []
     with Connection(broker_url, connect_timeout=timeout_s) as conn:
         conn.ensure_connection(max_retries=1)
         channel = conn.channel()
         try:
             for queue in queues:
                 try:
-                    _name, ready, _consumers = channel.queue_declare(queue=queue, passive=True)
+                    _name, ready, consumers = channel.queue_declare(queue=queue, passive=True)
                 except conn.channel_errors:
                     # 404 NOT_FOUND closes the channel; the queue simply has no messages yet.
                     channel = conn.channel()
-                    ready = 0
-                depths.append(QueueDepth(queue, int(ready), 0, reserved_known=False))
+                    ready, consumers = 0, 0
+                counts.append((queue, int(ready), int(consumers)))
         finally:
             channel.close()
-    return depths
+    return counts
+
+
+def amqp_depths(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
+                timeout_s: float = 4.0) -> list[QueueDepth]:
+    """Ready messages of each queue on an AMQP broker.
+
+    Unacknowledged messages are not visible over AMQP, so they are reported as unknown
+    (``reserved_known=False``).
+    """
+    return [QueueDepth(queue, ready, 0, reserved_known=False)
+            for queue, ready, _consumers in amqp_queue_counts(broker_url, queues, timeout_s)]
 
 
 def broker_redis_client(broker_url: str, timeout_s: float) -> redis.Redis:
