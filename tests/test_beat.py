@@ -17,7 +17,7 @@ import pytest
 from taskyard.runtime import runtime_of
 from taskyard.tasks.maintenance import recent_runs
 from taskyard.tasks.schedule import period_index
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
 from tests.apps.periodic import RUNS_KEY
 
 OTHER_JOBS = json.dumps(["taskyard.maintenance.run", "taskyard.batching.reap",
@@ -39,12 +39,7 @@ def beat(env: dict[str, str], tmp_path: Path, name: str) -> Iterator[Path]:
     try:
         yield log
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        terminate(process)
 
 
 def _runs(redis_client: Any) -> list[float]:

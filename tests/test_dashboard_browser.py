@@ -19,7 +19,7 @@ import redis
 
 from taskyard.runtime import runtime_of
 from taskyard.stack import free_port
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
 from tests import servers
 
 CHROMIUM = "/usr/bin/chromium"
@@ -82,12 +82,7 @@ def api_url(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
         wait_until(live, 30, 0.2, "the stats API to answer")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
 
 def _send(app: Any, level: str, i: int, name: str | None = None) -> None:

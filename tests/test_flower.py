@@ -24,7 +24,7 @@ from taskyard.monitoring.flower import (
     merge_queue_names,
 )
 from taskyard.stack import free_port
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
 from tests import servers
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
@@ -99,12 +99,7 @@ def running_flower(extra_env: dict[str, str], tmp_path: Path) -> Iterator[Flower
         wait_until(up, 30, 0.2, "flower to answer")
         yield fl
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
     assert AUTH[1] not in " ".join(process.args)  # type: ignore[arg-type]
 
 
