@@ -98,7 +98,7 @@ def run(quick: bool = False) -> list[Result]:
     n = 2_000 if quick else 5_000
     flood = 1_000 if quick else 5_000
     criticals = 20 if quick else 50
-    rounds = 3
+    rounds = 5
     client = redis.Redis.from_url(BENCH_REDIS_URL)
     client.flushdb()
     rows: list[Result] = []

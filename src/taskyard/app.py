@@ -105,20 +105,20 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
 
 
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
-    """Let each subsystem register its tasks, signal handlers and beat entries."""
-    from taskyard.batching import install as install_batching  # reaper task, flusher thread
+    """Let each subsystem register its tasks, signal handlers and beat entries.
 
-    install_batching(app, runtime)
-    from taskyard import tasks  # periodic jobs: cache warming, maintenance, beat schedule
+    Imported here, not at the top: the subsystems import the public package, which imports this
+    module.
+    """
+    from taskyard import tasks
+    from taskyard.batching import install as install_batching
+    from taskyard.monitoring import install as install_monitoring
+    from taskyard.workers import guards
 
-    tasks.install(app, runtime)
-    from taskyard.workers import guards  # resource guards: admission, back-pressure, heartbeat
-
-    guards.install(app, runtime)
-
-    from taskyard.monitoring import install as install_monitoring  # capture, stats collection
-
-    install_monitoring(app, runtime)
+    install_batching(app, runtime)  # the flush and reaper tasks, the worker flusher thread
+    tasks.install(app, runtime)  # cache warming, index maintenance, the beat schedule
+    guards.install(app, runtime)  # admission, back-pressure, accounting, heartbeat
+    install_monitoring(app, runtime)  # metric capture, stats collection
 
 
 def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
