@@ -44,3 +44,18 @@ def require(server: str) -> None:
     if in_ci():
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+def purge_rabbitmq() -> None:
+    """Empty the five level queues on the suite's RabbitMQ (they outlive a test run)."""
+    from kombu import Connection
+
+    from taskyard.routing import LEVEL_NAMES
+
+    with Connection(RABBITMQ_URL) as conn:
+        channel = conn.channel()
+        for name in LEVEL_NAMES:
+            try:
+                channel.queue_purge(name)
+            except Exception:  # a queue not declared yet has nothing to purge
+                channel = conn.channel()

@@ -14,10 +14,8 @@ from typing import Any
 
 import pytest
 import redis
-from kombu import Connection
 
 from taskyard.batching import inspect_batches, list_dead, requeue_dead
-from taskyard.routing import LEVEL_NAMES
 from taskyard.testing import ROOT, celery_worker, child_env, wait_until
 from tests import servers
 from tests.apps import batch as batch_app
@@ -27,16 +25,6 @@ pytestmark = pytest.mark.slow
 APP = "tests.apps.batch"
 
 
-def _purge_rabbitmq() -> None:
-    with Connection(servers.RABBITMQ_URL) as conn:
-        channel = conn.channel()
-        for name in LEVEL_NAMES:
-            try:
-                channel.queue_purge(name)
-            except Exception:  # a queue not declared yet has nothing to purge
-                channel = conn.channel()
-
-
 @pytest.fixture(params=["redis", "rabbitmq"])
 def broker_env(request: pytest.FixtureRequest, redis_env: dict[str, str]) -> dict[str, str]:
     """Worker environment; buffers in the suite's Redis, broker Redis or RabbitMQ."""
@@ -44,7 +32,7 @@ def broker_env(request: pytest.FixtureRequest, redis_env: dict[str, str]) -> dic
     if request.param == "rabbitmq":
         servers.require("rabbitmq")
         env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
-        _purge_rabbitmq()
+        servers.purge_rabbitmq()
     return env
 
 

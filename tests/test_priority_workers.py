@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from kombu import Connection
 
 from taskyard.routing import LEVEL_NAMES
 from taskyard.testing import ROOT, celery_worker, child_env, wait_until
@@ -28,16 +27,6 @@ def _order(client: redis.Redis) -> list[str]:
     return [item.decode().split(":")[0] for item in client.lrange("test:order", 0, -1)]
 
 
-def _purge_rabbitmq() -> None:
-    with Connection(servers.RABBITMQ_URL) as conn:
-        channel = conn.channel()
-        for name in LEVEL_NAMES:
-            try:
-                channel.queue_purge(name)
-            except Exception:
-                channel = conn.channel()
-
-
 def _send(env: dict[str, str], code: str) -> None:
     """Send tasks from a separate producer process using the test app's configuration."""
     subprocess.run([sys.executable, "-c", f"from tests.apps import prio\n{code}"],
@@ -51,7 +40,7 @@ def test_critical_overtakes_low_backlog(broker: str, redis_client: redis.Redis,
     if broker == "rabbitmq":
         servers.require("rabbitmq")
         env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
-        _purge_rabbitmq()
+        servers.purge_rabbitmq()
     backlog = 300
     # The backlog is queued before any worker exists.
     _send(env, f"for i in range({backlog}): prio.low_work.delay(i, 0.01)")

@@ -129,11 +129,7 @@ class Capture:
             field = prefix + "started"
             counts[field] = counts.get(field, 0) + 1
             if wait_s is not None:
-                hist = self._hist["wait"]
-                field = prefix + BUCKET_LABELS[bisect.bisect_left(BUCKETS, wait_s)]
-                hist[field] = hist.get(field, 0) + 1
-                sums = self._sums["wait"]
-                sums[prefix] = sums.get(prefix, 0.0) + wait_s
+                self._observe("wait", prefix, wait_s)
 
     def finished(self, name: str, queue: str, event: str | None, runtime_s: float | None) -> None:
         """A task finished with ``event`` (succeeded/failed/retried or None); one lock round."""
@@ -145,11 +141,15 @@ class Capture:
                 field = prefix + event
                 counts[field] = counts.get(field, 0) + 1
             if runtime_s is not None:
-                hist = self._hist["runtime"]
-                field = prefix + BUCKET_LABELS[bisect.bisect_left(BUCKETS, runtime_s)]
-                hist[field] = hist.get(field, 0) + 1
-                sums = self._sums["runtime"]
-                sums[prefix] = sums.get(prefix, 0.0) + runtime_s
+                self._observe("runtime", prefix, runtime_s)
+
+    def _observe(self, kind: str, prefix: str, value_s: float) -> None:
+        """Count ``value_s`` in its bucket of the ``kind`` histogram; the caller holds the lock."""
+        hist = self._hist[kind]
+        field = prefix + BUCKET_LABELS[bisect.bisect_left(BUCKETS, value_s)]
+        hist[field] = hist.get(field, 0) + 1
+        sums = self._sums[kind]
+        sums[prefix] = sums.get(prefix, 0.0) + value_s
 
     # --- flushing ----------------------------------------------------------------------------
     def _take(self) -> tuple[
