@@ -6,7 +6,8 @@ batches of crashed workers (:mod:`~taskyard.batching.reaper`); :func:`inspect_ba
 ``taskyard batches`` show it all.
 """
 
-from taskyard.batching.decorator import AddResult, BatchTask, batch_task
+from taskyard.batching.decorator import BatchTask, batch_task
+from taskyard.batching.definition import AddResult, BatchDefinition
 from taskyard.batching.inspect import inspect_batches, list_dead, purge_dead, requeue_dead
 from taskyard.batching.install import install
 from taskyard.batching.reaper import REAP_TASK, reap
@@ -15,6 +16,7 @@ from taskyard.errors import PartialFailure
 __all__ = [
     "REAP_TASK",
     "AddResult",
+    "BatchDefinition",
     "BatchTask",
     "PartialFailure",
     "batch_task",

@@ -22,7 +22,7 @@ from taskyard.errors import PartialFailure
 from taskyard.routing.task import TaskyardTask
 
 if TYPE_CHECKING:
-    from taskyard.batching.decorator import BatchOptions, BatchTask
+    from taskyard.batching.definition import BatchDefinition, BatchOptions
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +33,14 @@ _ERROR_CHARS = 2000
 class BatchFlushTask(TaskyardTask):
     """Task class of the flush tasks: carries the batch definition it serves."""
 
-    taskyard_batch: BatchTask | None = None
+    taskyard_batch: BatchDefinition | None = None
     # A killed worker's batch must run again: acknowledge after the function, and requeue when
     # the pool child is lost (the lease covers a lost worker as well).
     acks_late = True
     reject_on_worker_lost = True
 
 
-def make_flush_task(batch: BatchTask, celery_options: dict[str, Any]) -> Any:
+def make_flush_task(batch: BatchDefinition, celery_options: dict[str, Any]) -> Any:
     """The Celery task (registered in every app, like ``shared_task``) that runs ``batch``."""
 
     def flush_batch(self: BatchFlushTask, batch_id: str) -> dict[str, Any]:
@@ -86,7 +86,7 @@ class LeaseKeeper:
                 log.warning("batch lease %s not renewed: %s", self.batch_id, exc)
 
 
-def _valid_indices(failure: PartialFailure, size: int, batch: BatchTask,
+def _valid_indices(failure: PartialFailure, size: int, batch: BatchDefinition,
                    batch_id: str) -> list[int] | None:
     indices = [i for i in failure.failed if 0 <= i < size]
     if len(indices) != len(failure.failed):
@@ -96,7 +96,7 @@ def _valid_indices(failure: PartialFailure, size: int, batch: BatchTask,
     return indices or None
 
 
-def run_batch(task: Any, batch: BatchTask, batch_id: str) -> dict[str, Any]:
+def run_batch(task: Any, batch: BatchDefinition, batch_id: str) -> dict[str, Any]:
     """Process batch ``batch_id`` of ``batch`` inside the flush task ``task``."""
     state = batch.state(task.app)
     opts, buffer = state.options, state.buffer
@@ -125,7 +125,7 @@ def run_batch(task: Any, batch: BatchTask, batch_id: str) -> dict[str, Any]:
             "group": got.group, "duplicate": got.duplicate}
 
 
-def _failed(task: Any, batch: BatchTask, buffer: BatchBuffer, opts: BatchOptions,
+def _failed(task: Any, batch: BatchDefinition, buffer: BatchBuffer, opts: BatchOptions,
             got: Acquired, batch_id: str, token: str, exc: BaseException,
             indices: list[int] | None) -> dict[str, Any]:
     backoff_s = opts.retry_backoff_s * (2 ** got.attempts)

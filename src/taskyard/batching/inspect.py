@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer
-from taskyard.batching.decorator import publish
+from taskyard.batching.definition import publish
 from taskyard.errors import BatchError
 from taskyard.runtime import Runtime, runtime_of
 

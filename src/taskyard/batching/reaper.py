@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
-from taskyard.batching.decorator import publish
+from taskyard.batching.definition import publish
 from taskyard.runtime import runtime_of
 
 log = logging.getLogger(__name__)

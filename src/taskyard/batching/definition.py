@@ -1,0 +1,328 @@
+"""A batch definition: its options, per-app resolution, and the append/claim/publish calls.
+
+The flush task, the reaper and inspection depend on this module; the ``@batch_task`` decorator
+(:mod:`taskyard.batching.decorator`) builds a definition and binds its flush task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from celery import current_app
+
+from taskyard.batching.buffer import BatchBuffer, Claimed
+from taskyard.config import Settings
+from taskyard.errors import BatchBufferFull, BatchItemError, ConfigurationError
+from taskyard.routing.levels import Priority
+from taskyard.runtime import Runtime, runtime_of
+from taskyard.signals import batch_flushed
+
+log = logging.getLogger(__name__)
+
+#: Items per APPEND call of add_many: large enough to amortise the call, small enough that one
+#: script never holds Redis for long (about a millisecond).
+_CHUNK = 2000
+_MAX_GROUP_CHARS = 256
+
+
+class AddResult(NamedTuple):
+    """What ``.delay``/``.add_many`` did: items accepted, batches it flushed (ids)."""
+
+    accepted: int
+    batch_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOptions:
+    """A batch's options resolved for one app: decorator value, else the app's setting."""
+
+    batch_size: int
+    max_wait_s: float
+    level: Priority
+    max_buffered: int
+    max_item_bytes: int
+    lease_s: float
+    max_retries: int
+    retry_backoff_s: float
+
+    @property
+    def lease_ms(self) -> int:
+        return max(1, int(self.lease_s * 1000))
+
+    def registration(self, task_name: str) -> dict[str, Any]:
+        """The definition stored in Redis, so any process can reap this batch name."""
+        return {"task": task_name, "level": self.level.value, "batch_size": self.batch_size,
+                "max_wait_ms": int(self.max_wait_s * 1000), "lease_ms": self.lease_ms,
+                "max_buffered": self.max_buffered}
+
+
+def check_number(name: str, value: Any, *, minimum: float, strict: bool, integer: bool = False,
+            allowed: str) -> None:
+    if value is None:
+        return
+    bad = isinstance(value, bool) or not isinstance(value, int if integer else int | float)
+    if not bad:
+        bad = value <= minimum if strict else value < minimum
+    if bad:
+        raise ConfigurationError(f"{name}={value!r} is not allowed; expected {allowed}",
+                                 setting=name, value=value)
+
+
+class _AppState(NamedTuple):
+    app: Any
+    runtime: Runtime
+    buffer: BatchBuffer
+    options: BatchOptions
+
+
+class BatchDefinition:
+    """A function fed with batches of items, with its options and producer calls.
+
+    ``.delay(item)`` and ``.add_many(items)`` buffer items; calling the object calls the
+    function directly with a list. ``.task`` (the Celery task that processes one batch) is bound
+    by :func:`taskyard.batching.decorator.batch_task`.
+    """
+
+    task: Any
+
+    def __init__(self, fn: Callable[[list[Any]], Any], *, batch_name: str, batch_size: int,
+                 max_wait: float, level: Priority, key: Callable[[Any], Any] | None,
+                 max_buffered: int | None, max_item_bytes: int | None, lease_s: float | None,
+                 max_retries: int | None, retry_backoff_s: float | None,
+                 name: str | None = None) -> None:
+        self.fn = fn
+        self.batch_name = batch_name
+        self.batch_size = batch_size
+        self.max_wait = float(max_wait)
+        self.level = level
+        self.key = key
+        # None: the app's TASKYARD_BATCH__* setting applies (resolved in options()).
+        self.max_buffered = max_buffered
+        self.max_item_bytes = max_item_bytes
+        self.lease_s = lease_s
+        self.max_retries = max_retries
+        self.retry_backoff_s = retry_backoff_s
+        self.__name__ = getattr(fn, "__name__", batch_name)
+        self.__doc__ = fn.__doc__
+        self.__module__ = fn.__module__
+        self.name = name or f"{fn.__module__}.{self.__name__}"
+        self._states: dict[int, _AppState] = {}
+        self._last: _AppState | None = None
+        self._registered_for: _AppState | None = None
+
+    def __call__(self, items: list[Any]) -> Any:
+        return self.fn(items)
+
+    def __repr__(self) -> str:
+        return f"<batch_task {self.name} batch_name={self.batch_name!r}>"
+
+    # --- options ----------------------------------------------------------------------------
+    def options(self, settings: Settings) -> BatchOptions:
+        """This batch's options for an app with ``settings`` (decorator > app setting)."""
+        defaults = settings.batch
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return BatchOptions(
+            batch_size=self.batch_size,
+            max_wait_s=self.max_wait,
+            level=self.level,
+            max_buffered=int(pick(self.max_buffered, defaults.max_buffered)),
+            max_item_bytes=int(pick(self.max_item_bytes, defaults.max_item_bytes)),
+            lease_s=float(pick(self.lease_s, defaults.lease_s)),
+            max_retries=int(pick(self.max_retries, defaults.max_retries)),
+            retry_backoff_s=float(pick(self.retry_backoff_s, defaults.retry_backoff_s)),
+        )
+
+    def state(self, app: Any = None) -> _AppState:
+        """Runtime, buffer and options of this batch for ``app`` (default: the current app).
+
+        Celery's current app is per thread: in a thread where it is not a taskyard app (one
+        that never called ``app.set_default()``), the app this batch last used is taken.
+        """
+        last = self._last
+        if app is None:
+            app = current_app._get_current_object()
+            if last is not None and not hasattr(app, "_taskyard_runtime"):
+                return last
+        if last is not None and last.app is app:
+            return last
+        state = self._states.get(id(app))
+        if state is None or state.app is not app:
+            runtime = runtime_of(app)
+            state = _AppState(app, runtime,
+                              BatchBuffer(runtime.redis, runtime.keys, self.batch_name),
+                              self.options(runtime.settings))
+            self._states[id(app)] = state
+        self._last = state
+        return state
+
+    # --- producers --------------------------------------------------------------------------
+    def encode(self, item: Any, limit: int) -> str:
+        """The item as compact JSON text.
+
+        Raises:
+            BatchItemError: not JSON-encodable, or longer than ``limit`` bytes.
+        """
+        try:
+            text = json.dumps(item, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise BatchItemError(
+                self.batch_name, f"an item of type {type(item).__name__} is not JSON-encodable "
+                f"({exc})", item_type=type(item).__name__) from None
+        if len(text) > limit:  # ASCII-only JSON: characters are bytes
+            raise BatchItemError(
+                self.batch_name, f"an item of type {type(item).__name__} encodes to {len(text)} "
+                f"bytes, over max_item_bytes={limit}", item_type=type(item).__name__,
+                size=len(text))
+        return text
+
+    def group_of(self, item: Any) -> str:
+        """The buffer (grouping key) an item goes to: "" without a key function."""
+        if self.key is None:
+            return ""
+        try:
+            group = self.key(item)
+        except Exception as exc:
+            raise BatchItemError(self.batch_name, f"key function failed on an item of type "
+                                 f"{type(item).__name__}: {exc!r}",
+                                 item_type=type(item).__name__) from exc
+        text = group if isinstance(group, str) else str(group)
+        if len(text) > _MAX_GROUP_CHARS:
+            raise BatchItemError(self.batch_name, f"key {text[:40]!r}... is {len(text)} "
+                                 f"characters, over {_MAX_GROUP_CHARS}",
+                                 item_type=type(item).__name__)
+        return text
+
+    def _registration(self, state: _AppState) -> dict[str, Any] | None:
+        # The definition goes to Redis with the first append of each process and app.
+        if self._registered_for is state:
+            return None
+        self._registered_for = state
+        return state.options.registration(self.name)
+
+    def delay(self, item: Any) -> AddResult:
+        """Append one item to its buffer in one Redis round trip.
+
+        When the buffer reaches ``batch_size`` the same script claims the batch, and one Celery
+        message carrying the batch id is published to the batch's level.
+
+        Raises:
+            BatchItemError: the item is not JSON-encodable or is too large.
+            BatchBufferFull: the batch name already holds ``max_buffered`` items.
+        """
+        state = self.state()
+        opts = state.options
+        entry = self.encode(item, opts.max_item_bytes)
+        group = self.group_of(item)
+        result = state.buffer.append(group, (entry,), batch_size=opts.batch_size,
+                                     max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
+                                     register=self._registration(state))
+        if not result.accepted:
+            raise BatchBufferFull(self.batch_name, result.pending, opts.max_buffered)
+        if result.unregistered:
+            state.buffer.register(opts.registration(self.name))
+        if result.claimed:
+            claims = [Claimed(c.batch_id, group, c.size) for c in result.claimed]
+            publish(state.app, self.name, opts.level.value, self.batch_name, claims, "size")
+        return AddResult(1, tuple(c.batch_id for c in result.claimed))
+
+    def add_many(self, items: Iterable[Any]) -> AddResult:
+        """Append many items in one pipelined round trip, forming every full batch.
+
+        Items are appended in chunks, each atomic; when ``max_buffered`` refuses a chunk the
+        other chunks still count, and :class:`BatchBufferFull` says how many were accepted.
+
+        Raises:
+            BatchItemError: an item is not JSON-encodable or too large (nothing was appended).
+            BatchBufferFull: some items were refused (``accepted``/``rejected`` on the error).
+        """
+        state = self.state()
+        opts = state.options
+        groups: dict[str, tuple[list[str], list[int]]] = {}
+        encode = self.encode
+        limit = opts.max_item_bytes
+        if self.key is None:
+            entries = [encode(item, limit) for item in items]
+            groups[""] = (entries, list(range(len(entries))))
+        else:
+            for index, item in enumerate(items):
+                bucket = groups.setdefault(self.group_of(item), ([], []))
+                bucket[0].append(encode(item, limit))
+                bucket[1].append(index)
+        chunks: list[tuple[str, list[str], list[int]]] = []
+        for group, (entries, indices) in groups.items():
+            for start in range(0, len(entries), _CHUNK):
+                chunks.append((group, entries[start:start + _CHUNK],
+                               indices[start:start + _CHUNK]))
+        if not chunks or not chunks[0][1]:
+            return AddResult(0, ())
+        results = state.buffer.append_many(
+            ((g, e) for g, e, _ in chunks), batch_size=opts.batch_size,
+            max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
+            register=self._registration(state))
+        claims: list[Claimed] = []
+        accepted, rejected, pending = 0, [], 0
+        if any(r.unregistered for r in results):
+            state.buffer.register(opts.registration(self.name))
+        for (group, entries, indices), result in zip(chunks, results, strict=True):
+            pending = max(pending, result.pending)
+            if result.accepted:
+                accepted += len(entries)
+                claims.extend(Claimed(c.batch_id, group, c.size) for c in result.claimed)
+            else:
+                rejected.extend(indices)
+        if claims:
+            publish(state.app, self.name, opts.level.value, self.batch_name, claims, "size")
+        if rejected:
+            raise BatchBufferFull(self.batch_name, pending, opts.max_buffered,
+                                  accepted=accepted, rejected=tuple(sorted(rejected)))
+        return AddResult(accepted, tuple(c.batch_id for c in claims))
+
+    def flush(self) -> AddResult:
+        """Claim every buffered item now, whatever its age (reason "manual")."""
+        state = self.state()
+        opts = state.options
+        claims, _ = state.buffer.reap(max_wait_ms=-1, batch_size=opts.batch_size,
+                                      lease_ms=opts.lease_ms, reason="manual", leases=False)
+        publish(state.app, self.name, opts.level.value, self.batch_name, claims, "manual")
+        return AddResult(0, tuple(c.batch_id for c in claims))
+
+
+def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[Claimed],
+            reason: str | None) -> int:
+    """Publish one flush message per claimed batch; announce new batches (``reason`` set).
+
+    A message that cannot be published is not an error for the caller: its batch is in flight
+    under a lease, and the reaper republishes it when the lease runs out. Returns how many were
+    published.
+    """
+    if reason is not None:
+        for claim in claims:
+            batch_flushed.send(sender=batch_name, group=claim.group, batch_id=claim.batch_id,
+                               size=claim.size, reason=reason)
+    if not claims:
+        return 0
+    task = app.tasks.get(task_name) if app.conf.task_always_eager else None
+    if task is not None:
+        # Eager mode (unit tests, scripts): the batches run here and now, like eager tasks.
+        for claim in claims:
+            task.apply(args=[claim.batch_id])
+        return len(claims)
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for claim in claims:
+                app.send_task(task_name, args=[claim.batch_id], queue=queue, routing_key=queue,
+                              producer=producer)
+                sent += 1
+    except Exception as exc:
+        log.warning("batch %s: %d flush messages not published (%s); the reaper republishes "
+                    "them when their lease runs out", batch_name, len(claims) - sent, exc,
+                    exc_info=True)
+    return sent
