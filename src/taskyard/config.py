@@ -234,6 +234,33 @@ class MonitoringSettings(BaseModel):
     worker_forget_after_s: float = Field(3600.0, gt=0)
 
 
+class DeadLetterSettings(BaseModel):
+    """The dead-letter store, poison quarantine and task timelines (taskyard.deadletters)."""
+
+    # Entries kept at most; the oldest go first: bounds Redis memory (10,000 entries of a few
+    # KB each is tens of MB).
+    max_entries: int = Field(10_000, ge=1)
+    # Entries older than this are dropped (s): a week, long enough to notice and replay.
+    retention_s: float = Field(7 * 86_400.0, gt=0)
+    # Largest args/kwargs text and raw poison body kept per entry (bytes): a huge payload must
+    # not fill Redis; the head is enough to identify it.
+    max_payload_bytes: int = Field(16 * 1024, ge=256)
+    # Largest traceback kept per entry (characters).
+    max_traceback_chars: int = Field(8_000, ge=256)
+    # Terminal failures (after the task's retries) and expired tasks are recorded; off, only
+    # crashed and poison messages are (those would otherwise be lost).
+    record_failures: bool = True
+    record_expired: bool = True
+    # Delivery counts of redelivered messages live this long after their last redelivery (s):
+    # far longer than the visibility timeout, so every redelivery of one message counts.
+    delivery_count_ttl_s: float = Field(86_400.0, gt=0)
+    # Task timelines (sent, received, started, ... dead) kept in the history database (s).
+    timeline_retention_s: float = Field(7 * 86_400.0, gt=0)
+    # Timeline events waiting in Redis for the stats collection to move them to the database;
+    # beyond this the oldest are dropped (events are best-effort, like Celery's).
+    timeline_max_pending: int = Field(200_000, ge=100)
+
+
 class Settings(BaseSettings):
     """All taskyard settings, read from ``TASKYARD_*`` environment variables."""
 
@@ -265,6 +292,10 @@ class Settings(BaseSettings):
     # Redis broker: how often a worker sweeps for messages whose holder died (s). A message of a
     # SIGKILLed worker runs again within visibility_timeout_s plus this.
     unacked_restore_interval_s: int = Field(10, ge=1)
+    # A message delivered this many times without an acknowledgement (its execution killed its
+    # process: segfault, OOM killer, os._exit) goes to the dead letters as "crashed" instead of
+    # running again; 5 tolerates a few unrelated worker deaths. Per task: max_deliveries=.
+    max_deliveries: int = Field(5, ge=1)
     # Publishing: retries when the broker is unreachable, and the pause between them (s), so
     # .delay() fails with BrokerUnavailable in bounded time instead of hanging.
     publish_max_retries: int = Field(3, ge=0)
@@ -299,6 +330,7 @@ class Settings(BaseSettings):
     maintenance: MaintenanceSettings = MaintenanceSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     schedule: ScheduleSettings = ScheduleSettings()
+    dead_letters: DeadLetterSettings = DeadLetterSettings()
 
     @field_validator("worker_profiles")
     @classmethod
