@@ -175,3 +175,42 @@ class Keys:
         """STRING (JSON): the previous stats collection's cumulative counters and histograms,
         from which the next run derives rates and window percentiles. Overwritten each run."""
         return f"{self.namespace}:stats:state"
+
+    # --- dead letters, delivery counts, timelines ---------------------------------------------
+    # Every dead-letter key shares the hash tag ``{<namespace>:dead}``: the Lua scripts of
+    # deadletters/store.py change the entries, their indexes and the counts in one step.
+    def dead_prefix(self) -> str:
+        """Prefix of every dead-letter key; the Lua scripts append the index suffixes."""
+        return f"{{{self.namespace}:dead}}:"
+
+    def dead_entries(self) -> str:
+        """HASH entry id (the task id) -> JSON entry. Bounded by dead_letters.max_entries and
+        retention_s; an entry leaves when trimmed or purged (a replayed one stays, marked)."""
+        return f"{self.dead_prefix()}entries"
+
+    def dead_index(self) -> str:
+        """ZSET entry id -> time of its last death (s since epoch), every entry: the age and
+        count bound, and the time order of listings."""
+        return f"{self.dead_prefix()}index"
+
+    def dead_by(self, field: str, value: str) -> str:
+        """ZSET entry id -> last death time of the entries whose ``field`` (name, queue, reason,
+        exception, state) is ``value``: search without a scan. Kept in step by the scripts."""
+        return f"{self.dead_prefix()}by:{field}:{value}"
+
+    def dead_counts(self) -> str:
+        """HASH "<queue>\\x1f<name>\\x1f<reason>" -> entries in state "dead", for the
+        taskyard_dead_tasks gauge. Kept in step by the scripts; a field at 0 is deleted."""
+        return f"{self.dead_prefix()}counts"
+
+    def deliveries(self, task_id: str) -> str:
+        """STRING count of redeliveries of one task message (first deliveries are not
+        counted). Expires dead_letters.delivery_count_ttl_s after the last redelivery; deleted
+        when the message goes to the dead letters."""
+        return f"{self.namespace}:deliveries:{task_id}"
+
+    def timeline_pending(self) -> str:
+        """LIST of packed task timeline events written by the capture's flush, oldest first,
+        capped at dead_letters.timeline_max_pending; drained into the history database by the
+        stats collection."""
+        return f"{self.namespace}:timeline:pending"
