@@ -141,3 +141,11 @@ class MaintenanceError(TaskyardError):
 
 class CacheError(TaskyardError):
     """A cache operation was given a value it cannot store."""
+
+
+class DeadLetterError(TaskyardError):
+    """A dead-letter entry is unknown, or a search or replay was given a value it cannot use."""
+
+    def __init__(self, message: str, *, value: Any = None) -> None:
+        super().__init__(message)
+        self.value = value
