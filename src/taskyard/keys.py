@@ -86,6 +86,18 @@ class Keys:
         """SET of batch names that ever buffered items, for the reaper and inspection. Kept."""
         return f"{self.namespace}:batches"
 
+    # --- broker-side delays (in the broker's Redis, under kombu's global_keyprefix) ---------
+    def delayed(self, queue: str) -> str:
+        """ZSET of one queue's messages waiting for their ETA: member "<priority step>:<kombu
+        message JSON>", score = due time (ms since epoch). A member leaves when the mover pushes
+        it onto its queue's priority sub-list."""
+        return f"{self.namespace}:delayed:{queue}"
+
+    def delayed_queues(self) -> str:
+        """SET of the queue names that ever had a delayed message, so a mover needs no list of
+        queues. Kept; one member per queue."""
+        return f"{self.namespace}:delayed"
+
     # --- workers and guards ---------------------------------------------------------------
     def worker_heartbeat(self, hostname: str) -> str:
         """STRING (JSON) with a worker's readings, paused queues and deferral counts: hostname,
