@@ -113,6 +113,26 @@ class GuardSettings(BaseModel):
     accounting: bool = True
     # A pool process writes its aggregates at most this often (s): one Redis call per period.
     accounting_flush_interval_s: float = Field(1.0, gt=0)
+    # CPU pressure is handled by scheduling, not by re-publishing: above cpu_warning_pct these
+    # levels' consumers are paused (until CPU drops below cpu_resume_pct) ...
+    cpu_pause_levels: list[str] = ["low", "batch"]
+    # ... and above cpu_critical_pct these as well (until below cpu_critical_resume_pct, %).
+    # Critical and high are never paused for CPU, whatever these lists say.
+    cpu_critical_pause_levels: list[str] = ["normal"]
+    cpu_critical_resume_pct: float = Field(85.0, gt=0, le=100)
+    # A queue paused for CPU is consumed again for cpu_release_s after being paused this long
+    # (s): CPU pressure from a neighbour that never stops must slow held levels, not starve them
+    # (a paused worker uses no CPU, so "everyone else's CPU" would never drop below resume).
+    cpu_max_hold_s: float = Field(3.0, gt=0)
+    cpu_release_s: float = Field(3.0, gt=0)
+    # OS nice value added to the pool processes of workers that consume only nice_levels, so the
+    # kernel gives low and batch work the CPU that nobody else wants (0 switches it off; 10 is
+    # about a tenth of a nice-0 process's share under CFS).
+    pool_nice: int = Field(10, ge=0, le=19)
+    nice_levels: list[str] = ["low", "batch"]
+    # Memory deferrals back off exponentially: the n-th waits (countdown + jitter) * 2^(n-1),
+    # at most this long (s); must stay below half the broker visibility timeout.
+    defer_max_countdown_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> GuardSettings:
@@ -124,6 +144,8 @@ class GuardSettings(BaseModel):
             raise ValueError("resume_pct must be below memory_warning_pct (hysteresis)")
         if self.cpu_resume_pct >= self.cpu_warning_pct:
             raise ValueError("cpu_resume_pct must be below cpu_warning_pct (hysteresis)")
+        if self.cpu_critical_resume_pct >= self.cpu_critical_pct and self.cpu_critical_pct < 100:
+            raise ValueError("cpu_critical_resume_pct must be below cpu_critical_pct (hysteresis)")
         return self
 
 
@@ -220,6 +242,18 @@ class MonitoringSettings(BaseModel):
     alert_cache_hit_rate_pct: float = 50.0
     alert_slow_task_rate_pct: float = 10.0
     alert_queue_depth: int = 1000
+    # Prometheus semantics: a condition must hold this long before its alert fires (pending until
+    # then) and be gone this long before it resolves (s), so one noisy reading neither fires nor
+    # resolves an alert. Per rule in alert_timing ({"HostCpuHigh": {"for_s": 120}}): CPU on a
+    # shared host is bursty, a missing heartbeat already waited two heartbeat intervals.
+    alert_for_s: float = Field(30.0, ge=0)
+    alert_resolve_s: float = Field(60.0, ge=0)
+    alert_timing: dict[str, dict[str, float]] = {
+        "HostCpuHigh": {"for_s": 120.0, "resolve_s": 120.0},
+        "WorkerHeartbeatMissing": {"for_s": 0.0, "resolve_s": 0.0},
+    }
+    # Alert state changes kept in the Redis history list (entries): the dashboard's recent past.
+    alert_history_length: int = Field(500, ge=10)
     # Capture of per-task metrics in workers; off only to measure its overhead or to debug.
     capture_enabled: bool = True
     # Raw snapshots stay in the history database this long (s); older ones are rolled up to the
