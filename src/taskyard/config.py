@@ -326,6 +326,12 @@ class Settings(BaseSettings):
     # Redis broker: how often a worker sweeps for messages whose holder died (s). A message of a
     # SIGKILLed worker runs again within visibility_timeout_s plus this.
     unacked_restore_interval_s: int = Field(10, ge=1)
+    # Redis broker: a countdown/ETA message waits in Redis (a delayed set) instead of in a
+    # worker's memory; off keeps Celery's behaviour (the worker holds it unacknowledged).
+    broker_delays: bool = True
+    # Redis broker: every worker and beat moves due delayed messages into their queues this often
+    # (s): a task starts within about this of its ETA; each move is one small Lua call.
+    delay_move_interval_s: float = Field(0.25, gt=0, le=5)
     # A message delivered this many times without an acknowledgement (its execution killed its
     # process: segfault, OOM killer, os._exit) goes to the dead letters as "crashed" instead of
     # running again; 5 tolerates a few unrelated worker deaths. Per task: max_deliveries=.
