@@ -153,7 +153,7 @@ def _seed(url: str, database_url: str) -> None:
     """A realistic state: task counters and histograms, workers, alerts, queued messages."""
     from taskyard.config import load_settings
     from taskyard.keys import Keys
-    from taskyard.monitoring.api import _resolve
+    from taskyard.monitoring.http.api import _resolve
     from taskyard.monitoring.capture import Capture
 
     settings = load_settings(redis_url=url, database_url=database_url)

@@ -13,9 +13,9 @@ import redis
 from taskyard.config import load_settings
 from taskyard.monitoring import history
 from taskyard.monitoring.alerts import Breach, evaluate, transition
+from taskyard.monitoring.collect import collect
 from taskyard.monitoring.store import StatsStore
 from taskyard.runtime import runtime_of
-from taskyard.tasks.stats import collect
 from taskyard.testing import celery_worker, wait_until
 
 

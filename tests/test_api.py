@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
 
 from taskyard.config import Settings, load_settings
-from taskyard.monitoring import api_models as m
-from taskyard.monitoring.api import MAX_PAGE_SIZE, create_api
 from taskyard.monitoring.capture import Capture
+from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.api import MAX_PAGE_SIZE, create_api
 from tests import servers
 
 TOKEN = "s3cret-token"
@@ -51,7 +51,7 @@ def seed(settings: Settings, client: redis.Redis) -> float:
     """A known state: task counts and histograms, queue messages, a worker, a batch buffer, a
     cache namespace, alerts and a series; returns the time it was written."""
     from taskyard.keys import Keys
-    from taskyard.monitoring.api import _resolve
+    from taskyard.monitoring.http.api import _resolve
 
     runtime, _app = _resolve(settings)
     capture = Capture(runtime)

@@ -14,8 +14,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from taskyard.config import Settings
-from taskyard.monitoring.api import create_api
-from taskyard.monitoring.auth import AdminAuth
+from taskyard.monitoring.http.api import create_api
+from taskyard.monitoring.http.auth import AdminAuth
 from taskyard.runtime import runtime_of
 from tests.test_api import TOKEN, api_settings
 
@@ -73,7 +73,7 @@ def test_token_comparison_is_constant_time_and_exact() -> None:
 
     from fastapi.security import HTTPAuthorizationCredentials
 
-    with mock.patch("taskyard.monitoring.auth.hmac.compare_digest",
+    with mock.patch("taskyard.monitoring.http.auth.hmac.compare_digest",
                     wraps=hmac.compare_digest) as compare:
         auth.check(HTTPAuthorizationCredentials(scheme="Bearer", credentials="abc"))
     compare.assert_called_once_with(b"abc", b"abc")
@@ -81,7 +81,7 @@ def test_token_comparison_is_constant_time_and_exact() -> None:
 
 def test_clear_cache_by_tag_with_the_right_token(client: TestClient, settings: Settings,
                                                   redis_client: redis.Redis) -> None:
-    from taskyard.monitoring.api import _resolve
+    from taskyard.monitoring.http.api import _resolve
     from taskyard.tasks.cache import cache_for
 
     runtime, _ = _resolve(settings)

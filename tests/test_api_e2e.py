@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import TypeAdapter
 
-from taskyard.monitoring import api_models as m
-from taskyard.monitoring.api import create_api
+from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.api import create_api
 from taskyard.testing import celery_worker, wait_until
 from tests.test_api import api_settings
 

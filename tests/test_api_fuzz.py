@@ -18,7 +18,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import response_schema_conformance
 
-from taskyard.monitoring.api import create_api
+from taskyard.monitoring.http.api import create_api
 from tests.test_api import TOKEN, api_settings, seed
 
 #: Examples per operation and mode: 14 operations x 2 modes stay well under a minute.

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from taskyard.monitoring.api_query import ResponseCache, parse_time
+from taskyard.monitoring.http.query import ResponseCache, parse_time
 from tests import servers
 
 
@@ -186,7 +186,7 @@ class SlowCountingStore:
 
 def test_slow_store_reads_do_not_block_the_event_loop_and_are_shared(
         tmp_path: Path, redis_client: redis.Redis) -> None:
-    from taskyard.monitoring.api import _resolve, create_api
+    from taskyard.monitoring.http.api import _resolve, create_api
     from taskyard.monitoring.store import StatsStore
     from tests.test_api import api_settings
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from taskyard.config import load_settings
-from taskyard.monitoring import charts, dashboard
+from taskyard.monitoring.http import charts, dashboard
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 NOW = 1_800_000_000.0

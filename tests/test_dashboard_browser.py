@@ -98,9 +98,9 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
     from playwright.sync_api import sync_playwright
 
     from taskyard import batch_task
+    from taskyard.monitoring.collect import collect
     from taskyard.monitoring.store import StatsStore
     from taskyard.tasks.cache import Cache
-    from taskyard.tasks.stats import collect
 
     app = make_app("dash", database_url=env["TASKYARD_DATABASE_URL"],
                    monitoring={"alert_queue_depth": DEPTH_LIMIT})

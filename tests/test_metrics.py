@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from taskyard.config import Settings
 from taskyard.keys import Keys
-from taskyard.monitoring.api import create_api
-from taskyard.monitoring.metrics import histogram_series
+from taskyard.monitoring.http.api import create_api
+from taskyard.monitoring.http.metrics import histogram_series
 from tests.test_api import api_settings, seed
 
 EXPECTED = {

@@ -14,9 +14,9 @@ import sqlalchemy as sa
 
 from taskyard.monitoring import history
 from taskyard.monitoring.capture import Capture
+from taskyard.monitoring.collect import TASK_NAME, collect
 from taskyard.monitoring.store import StatsStore
 from taskyard.runtime import runtime_of
-from taskyard.tasks.stats import TASK_NAME, collect
 from tests import servers
 
 
@@ -170,7 +170,7 @@ def test_ready_reports_a_database_that_is_down(make_app: Any) -> None:
 
 
 def test_pg_stat_statements_only_where_installed(tmp_path: Path) -> None:
-    from taskyard.tasks.stats import _pg_stat_statements
+    from taskyard.monitoring.collect import _pg_stat_statements
 
     assert _pg_stat_statements(f"sqlite:///{tmp_path / 'x.db'}", 0.5) == []
     servers.require("postgresql")

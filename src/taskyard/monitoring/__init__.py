@@ -14,7 +14,7 @@ from taskyard.runtime import Runtime
 def install(app: Celery, runtime: Runtime) -> None:
     """Connect metric capture and register the stats collection task on ``app``."""
     from taskyard.monitoring.capture import install_capture
-    from taskyard.tasks.stats import register
+    from taskyard.monitoring.collect import register
 
     install_capture(app, runtime)
     register(app, runtime)

@@ -77,7 +77,7 @@ def _resource_breaches(workers: list[dict[str, Any]], m: Any) -> Iterable[Breach
 
 
 def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
-    """Breaches shown by one snapshot (see ``taskyard.tasks.stats`` for its shape)."""
+    """Breaches shown by one snapshot (see ``taskyard.monitoring.collect`` for its shape)."""
     m = settings.monitoring
     breaches = list(_resource_breaches(snapshot.get("workers", []), m))
     for q in snapshot.get("queues", []):

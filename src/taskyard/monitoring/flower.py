@@ -15,15 +15,12 @@ transport options, the five kombu queues) is what Flower sees. Two things are ad
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import click
 
-from taskyard.config import Settings, load_settings
-from taskyard.errors import TaskyardError
+from taskyard.config import Settings
 
 #: Flower reads its basic-auth credentials from this variable ("user:password[,user:password]").
 FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"
@@ -141,36 +138,3 @@ def flower_url(settings: Settings) -> str:
     host = settings.monitoring.flower_host
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
     return f"http://{shown}:{settings.monitoring.flower_port}/"
-
-
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
-@click.option("--port", type=int, default=None,
-              help="Port (default: TASKYARD_MONITORING__FLOWER_PORT).")
-@click.option("--address", default=None,
-              help="Bind address (default: TASKYARD_MONITORING__FLOWER_HOST).")
-@click.option("--broker-api", default=None, metavar="URL",
-              help="RabbitMQ management API for the Broker tab, e.g. "
-                   "http://guest:guest@localhost:15672/api/ (Redis needs none).")
-@click.argument("flower_extra", nargs=-1, type=click.UNPROCESSED)
-def flower(app_path: str, port: int | None, address: str | None, broker_api: str | None,
-           flower_extra: tuple[str, ...]) -> None:
-    """Run Flower for an app, with basic auth from settings; extra arguments go to Flower."""
-    try:
-        settings = load_settings()
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
-    auth = check_basic_auth(settings.monitoring.flower_basic_auth)
-    if auth:
-        os.environ[FLOWER_AUTH_ENV] = auth
-    else:
-        os.environ.pop(FLOWER_AUTH_ENV, None)
-        click.echo("taskyard flower: basic auth is OFF (flower_basic_auth is empty)", err=True)
-    show_app_queues()
-
-    from celery.bin.celery import celery as celery_main
-
-    args = flower_args(app_path, settings, port, address, broker_api, flower_extra)
-    # Flower parses its own options from sys.argv[0] plus the arguments after "flower".
-    sys.argv = ["celery", *args]
-    celery_main.main(args=args, prog_name="celery", auto_envvar_prefix="CELERY")

@@ -17,6 +17,7 @@ from kombu.connection import Connection
 from redis import Redis
 from sqlalchemy.engine import Engine
 
+from taskyard.batching import inspect_batches
 from taskyard.monitoring import history
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, EVENTS, KINDS, SEP
 from taskyard.monitoring.queues import (
@@ -27,6 +28,8 @@ from taskyard.monitoring.queues import (
 )
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import Runtime
+from taskyard.tasks.cache import cache_stats
+from taskyard.tasks.maintenance import recent_runs
 
 logger = logging.getLogger(__name__)
 
@@ -203,44 +206,13 @@ class StatsStore:
         return out
 
     def batches(self) -> list[dict[str, Any]]:
-        """Batch buffers, as ``taskyard.batching.inspect_batches`` reports them (empty when the
-        batching package does not provide it)."""
-        try:
-            from taskyard.batching import inspect_batches
-        except (ImportError, AttributeError):
-            return []
+        """Batch buffers, as :func:`taskyard.batching.inspect_batches` reports them."""
         return [dict(b) for b in inspect_batches(self.runtime)]
 
     def cache(self) -> list[dict[str, Any]]:
-        """Cache namespaces with hits, misses and hit rate (percent), from
-        ``taskyard.tasks.cache.cache_stats`` when present, else from the counters directly."""
-        try:
-            from taskyard.tasks.cache import cache_stats
-        except (ImportError, AttributeError):
-            return self._read_cache()
-        stats: Any = cache_stats(self.runtime)
-        if isinstance(stats, dict):
-            return [{"namespace": ns, **dict(v)} for ns, v in sorted(stats.items())]
-        return [dict(v) for v in stats]
-
-    def _read_cache(self) -> list[dict[str, Any]]:
-        prefix = self.keys.cache_stats("")
-        keys = sorted(_decode(k) for k in self.redis.scan_iter(match=prefix + "*", count=500))
-        if not keys:
-            return []
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            replies = pipe.execute()
-        out = []
-        for key, raw in zip(keys, replies, strict=True):
-            fields = {_decode(k): _decode(v) for k, v in raw.items()}
-            hits = int(float(fields.get("hits", fields.get("hit", 0))))
-            misses = int(float(fields.get("misses", fields.get("miss", 0))))
-            total = hits + misses
-            out.append({"namespace": key.removeprefix(prefix), "hits": hits, "misses": misses,
-                        "hit_rate_pct": round(100.0 * hits / total, 2) if total else None})
-        return out
+        """Cache namespaces with hits, misses and hit rate (percent)."""
+        stats = cache_stats(self.runtime)
+        return [{"namespace": ns, **dict(v)} for ns, v in sorted(stats.items())]
 
     def maintenance(self) -> list[dict[str, Any]]:
         """Recent maintenance runs, newest first: the run history the maintenance job keeps in
@@ -260,10 +232,6 @@ class StatsStore:
         return runs[:50]
 
     def _maintenance_history(self) -> list[dict[str, Any]]:
-        try:
-            from taskyard.tasks.maintenance import recent_runs
-        except (ImportError, AttributeError):
-            return []
         try:
             return [dict(r) for r in recent_runs(self.runtime, 50)]
         except Exception:

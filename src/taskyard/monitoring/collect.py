@@ -30,6 +30,7 @@ from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime
+from taskyard.tasks.schedule import single_flight
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +249,6 @@ def _write_history(runtime: Runtime, entries: dict[str, dict[str, Any]],
 
 def register(app: Celery, runtime: Runtime) -> None:
     """Register ``taskyard.stats.collect`` on ``app`` (no I/O)."""
-    from taskyard.tasks.schedule import single_flight
-
     def collect_task() -> dict[str, Any]:
         interval = runtime.settings.monitoring.stats_interval_s
         with single_flight(runtime, "stats.collect", interval,

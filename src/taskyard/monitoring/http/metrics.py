@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -24,11 +24,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from taskyard.monitoring.http.state import ApiState, StatsSource
+
 #: The classic text format: every name here is a legal legacy name, so every scraper reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-if TYPE_CHECKING:
-    from taskyard.monitoring.api import ApiState, StatsSource
 
 #: Task events the store counts -> (metric name without _total, help).
 TASK_COUNTERS: tuple[tuple[str, str, str], ...] = (

@@ -8,11 +8,9 @@ unreachable Redis, database or broker is a 503 naming it, never a 500 traceback.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.middleware.gzip import GZipMiddleware
@@ -20,9 +18,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from taskyard.config import Settings, load_settings
-from taskyard.monitoring import api_models as m
-from taskyard.monitoring.api_query import (
-    Body,
+from taskyard.monitoring.http import dashboard
+from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.admin import admin_router
+from taskyard.monitoring.http.auth import AdminAuth
+from taskyard.monitoring.http.errors import install_error_handlers
+from taskyard.monitoring.http.metrics import add_metrics_route
+from taskyard.monitoring.http.query import (
     ResponseCache,
     check_range,
     invalid,
@@ -30,107 +32,34 @@ from taskyard.monitoring.api_query import (
     parse_time,
     select,
 )
-from taskyard.monitoring.auth import AdminAuth
+from taskyard.monitoring.http.state import (
+    API_PREFIX,
+    GZIP_LEVEL,
+    GZIP_MIN_BYTES,
+    MAX_PAGE_SIZE,
+    ApiState,
+    StatsSource,
+    json_body,
+    json_response,
+)
 from taskyard.monitoring.store import SERIES, StatsStore
-from taskyard.runtime import Runtime
+from taskyard.runtime import Runtime, runtime_of
 
 log = logging.getLogger(__name__)
-
-API_PREFIX = "/api/v1"
-#: Largest page of a history query: bounds the work and the body of one request.
-MAX_PAGE_SIZE = 500
-#: Responses at least this large (bytes) are gzip-compressed for clients that accept it.
-GZIP_MIN_BYTES = 500
-#: Level 6: nearly level 9's ratio on JSON and Prometheus text for a third of the CPU.
-GZIP_LEVEL = 6
-
-
-class StatsSource(Protocol):
-    """What the API reads: :class:`taskyard.monitoring.store.StatsStore` provides it."""
-
-    def queues(self) -> list[dict[str, Any]]: ...
-    def workers(self) -> list[dict[str, Any]]: ...
-    def tasks(self) -> list[dict[str, Any]]: ...
-    def histograms(self) -> dict[str, Any]: ...
-    def batches(self) -> list[dict[str, Any]]: ...
-    def cache(self) -> list[dict[str, Any]]: ...
-    def maintenance(self) -> list[dict[str, Any]]: ...
-    def alerts(self, include_resolved: bool = False) -> list[dict[str, Any]]: ...
-    def overview(self) -> dict[str, Any]: ...
-    def series(self, name: str, since: float | None, until: float | None, limit: int,
-               offset: int) -> list[dict[str, Any]]: ...
-    def check_ready(self) -> dict[str, str | None]: ...
-
-
-@dataclass
-class ApiState:
-    """What the endpoints of one API instance share (``app.state.taskyard``)."""
-
-    runtime: Runtime
-    store: StatsSource
-    cache: ResponseCache
-    auth: AdminAuth
-    celery_app: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    async def respond(self, request: Request, key: Hashable, compute: Callable[[], bytes],
-                      media_type: str = "application/json") -> Response:
-        """The cached body of ``key`` (computed by ``compute`` when due), gzipped for clients
-        that accept it. The gzip form is made once per computation, not per request; the
-        middleware leaves a response that already has a Content-Encoding alone."""
-        body = await self.cache.get(
-            key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
-        if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
-            return Response(body.gzipped, media_type=media_type,
-                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
-        return Response(body.raw, media_type=media_type)
-
-    def celery(self) -> Any:
-        """The Celery app admin actions send tasks with (built on first use). It is a full
-        taskyard app, so the router places a task sent by name on its declared level."""
-        if self.celery_app is None:
-            self.celery_app = _runtime_for(self.runtime.settings)[1]
-        return self.celery_app
-
-
-def _runtime_for(settings: Settings) -> tuple[Runtime, Any]:
-    """Runtime (and Celery app) for the API process, built as create_app builds it."""
-    from taskyard.app import create_app
-    from taskyard.runtime import runtime_of
-
-    app = create_app("taskyard-api", **settings.model_dump())
-    return runtime_of(app), app
 
 
 def _resolve(source: Settings | Runtime | Any | None) -> tuple[Runtime, Any]:
     if source is None:
         source = load_settings()
     if isinstance(source, Settings):
-        return _runtime_for(source)
+        # The API's one app: it reads the stats and sends admin tasks by name, so the router
+        # places them on their declared level.
+        from taskyard.app import create_app
+
+        source = create_app("taskyard-api", **source.model_dump())
     if isinstance(source, Runtime):
         return source, None
-    from taskyard.runtime import runtime_of
-
     return runtime_of(source), source  # a Celery app made by create_app
-
-
-def json_body(payload: Any) -> bytes:
-    """Compact JSON of a store payload; non-finite floats become null (JSON has no NaN)."""
-    return json.dumps(_finite(payload), separators=(",", ":"), default=str).encode()
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json(body: bytes, status_code: int = 200) -> Response:
-    return Response(body, status_code=status_code, media_type="application/json")
 
 
 def create_api(source: Settings | Runtime | Any | None = None, *,
@@ -154,19 +83,12 @@ def create_api(source: Settings | Runtime | Any | None = None, *,
     )
     api.state.taskyard = state
     api.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
-    from taskyard.monitoring.api_errors import install_error_handlers
-
     install_error_handlers(api)
     _add_health(api, state)
     _add_views(api, state)
     _add_history(api, state)
-    from taskyard.monitoring.api_admin import admin_router
-    from taskyard.monitoring.metrics import add_metrics_route
-
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
-    from taskyard.monitoring import dashboard
-
     api.include_router(dashboard.router)
     return api
 
@@ -185,7 +107,7 @@ def _add_health(api: FastAPI, state: ApiState) -> None:
         failing = {part: error for part, error in checks.items() if error}
         body = m.Health(status="unavailable" if failing else "ready",
                         checks={part: error or "ok" for part, error in checks.items()})
-        return _json(body.model_dump_json().encode(), 503 if failing else 200)
+        return json_response(body.model_dump_json().encode(), 503 if failing else 200)
 
 
 FieldsQuery = Annotated[str | None, Query(

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
 
-from taskyard.monitoring.charts import (
+from taskyard.monitoring.http.charts import (
     Bar,
     Line,
     bar_chart,

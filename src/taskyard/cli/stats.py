@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any
 
 import click
 
-from taskyard.errors import TaskyardError
-
-
-def _runtime(app_path: str | None) -> Any:
-    """Runtime of the app named by ``-A`` (as for ``celery -A``), or of one built from settings."""
-    from taskyard.runtime import runtime_of
-
-    try:
-        if app_path is None:
-            from taskyard.app import create_app
-
-            return runtime_of(create_app("taskyard-stats"))
-        from celery.app.utils import find_app
-
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return runtime_of(find_app(app_path))
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
+from taskyard.cli.loader import APP_OPTION, load_runtime
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -56,9 +36,7 @@ def stats() -> None:
 
 
 @stats.command("show")
-@click.option("-A", "--app", "app_path", default=None,
-              help="taskyard Celery app, as for `celery -A` (default: settings from the "
-              "environment).")
+@APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def show(app_path: str | None, as_json: bool) -> None:
     """Print live queue depths, workers, per-task counters and firing alerts."""
@@ -66,7 +44,7 @@ def show(app_path: str | None, as_json: bool) -> None:
 
     from taskyard.monitoring.store import StatsStore
 
-    store = StatsStore(_runtime(app_path))
+    store = StatsStore(load_runtime(app_path, default_name="taskyard-stats"))
     try:
         data = {"queues": store.queues(), "workers": store.workers(), "tasks": store.tasks(),
                 "alerts": store.alerts()}
@@ -94,17 +72,15 @@ def show(app_path: str | None, as_json: bool) -> None:
 
 
 @stats.command("collect")
-@click.option("-A", "--app", "app_path", default=None,
-              help="taskyard Celery app, as for `celery -A` (default: settings from the "
-              "environment).")
+@APP_OPTION
 def collect_now(app_path: str | None) -> None:
     """Run one stats collection now (as the periodic job does) and print its summary."""
     import redis
 
-    from taskyard.tasks.stats import collect
+    from taskyard.monitoring.collect import collect
 
     try:
-        summary = collect(_runtime(app_path))
+        summary = collect(load_runtime(app_path, default_name="taskyard-stats"))
     except (redis.RedisError, OSError) as exc:
         raise click.ClickException(f"collection failed: {exc}") from None
     click.echo(json.dumps(summary, indent=2))

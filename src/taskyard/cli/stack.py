@@ -1,4 +1,4 @@
-"""The ``taskyard`` command."""
+"""``taskyard worker`` and ``taskyard up``: one worker profile, or the whole dev stack."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import click
 
+from taskyard.cli.loader import settings as cli_settings
 from taskyard.config import Settings, load_settings
 from taskyard.errors import TaskyardError
+from taskyard.monitoring.services import dashboard_url, monitoring_services
 from taskyard.stack import (
     EmbeddedRedis,
     Service,
@@ -26,27 +28,14 @@ from taskyard.workers.profiles import celery_worker_argv, get_profile
 UP_PROFILES = ("critical", "default", "batch")
 
 
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-@click.group()
-@click.version_option(package_name="taskyard")
-def main() -> None:
-    """taskyard: Celery task orchestration with five priority levels."""
-
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--profile", "-p", default="all", show_default=True,
               help="Worker profile: which queues, in strict priority order.")
 @click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
     """Run `celery worker` for a profile; extra arguments go to Celery unchanged."""
-    settings = _settings()
+    settings = cli_settings()
     try:
         chosen = get_profile(settings, profile)
     except TaskyardError as exc:
@@ -68,20 +57,18 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
                                                      "--loglevel", "INFO")))
     if producer:
         services.append(Service("producer", [sys.executable, "-m", producer]))
-    from taskyard.monitoring.services import monitoring_services
-
     services.extend(monitoring_services(app_path, settings))
     return services
 
 
-@main.command()
+@click.command()
 @click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
 @click.option("--producer", default=None, metavar="MODULE",
               help="Also run `python -m MODULE` (a demo workload) as part of the stack.")
 @click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat.")
 def up(app_path: str, producer: str | None, beat: bool) -> None:
     """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard."""
-    settings = _settings()
+    settings = cli_settings()
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     workdir = Path(tempfile.mkdtemp(prefix="taskyard-up-"))
@@ -100,8 +87,6 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
             assert service.process is not None
             rows.append((service.name, str(service.process.pid), service.address))
             if service.name == "stats api":
-                from taskyard.monitoring.services import dashboard_url
-
                 rows.append(("dashboard", str(service.process.pid), dashboard_url(service)))
         click.echo(f"taskyard up: broker {settings.effective_broker_url}\n")
         click.echo(format_table(rows))
@@ -115,28 +100,3 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         click.echo("taskyard up: stopped.", err=True)
     sys.exit(code)
-
-
-from taskyard.monitoring.flower import flower as flower_command  # noqa: E402
-
-main.add_command(flower_command)
-
-from taskyard.monitoring.apicli import api_command  # noqa: E402
-
-main.add_command(api_command)
-
-from taskyard.batching.cli import batches as batches_command  # noqa: E402
-
-main.add_command(batches_command)
-
-from taskyard.tasks.cli import cache as cache_command, maintenance as maintenance_command  # noqa: E402, I001
-
-main.add_command(cache_command)
-main.add_command(maintenance_command)
-
-from taskyard.monitoring.stats_cli import stats as stats_command  # noqa: E402
-
-main.add_command(stats_command)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import click
 
+from taskyard.cli.loader import APP_OPTION, load_app
 from taskyard.errors import TaskyardError
-
-
-def _app(app_path: str | None) -> Any:
-    """The app named by ``-A`` (as for ``celery -A``), or one built from TASKYARD_* settings."""
-    try:
-        if app_path is None:
-            from taskyard.app import create_app
-
-            return create_app("taskyard-batches")
-        from celery.app.utils import find_app
-
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        return find_app(app_path)
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _age(value: float | None) -> str:
@@ -68,9 +51,7 @@ def render(states: list[dict[str, Any]]) -> str:
 
 
 @click.group("batches", invoke_without_command=True)
-@click.option("-A", "--app", "app_path", default=None,
-              help="taskyard Celery app, as for `celery -A` (default: settings from the "
-              "environment).")
+@APP_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_context
 def batches(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
@@ -81,7 +62,7 @@ def batches(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
     from taskyard.batching.inspect import inspect_batches
 
     try:
-        states = inspect_batches(_app(app_path))
+        states = inspect_batches(load_app(app_path))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(states, indent=2) if as_json else render(states))
@@ -95,7 +76,7 @@ def dead(ctx: click.Context, batch_name: str | None, items: int) -> None:
     """List dead batches (of BATCH_NAME, or all) with their last error."""
     from taskyard.batching.inspect import list_dead
 
-    found = list_dead(_app(ctx.obj["app_path"]), batch_name, items=items)
+    found = list_dead(load_app(ctx.obj["app_path"]), batch_name, items=items)
     if ctx.obj["json"]:
         click.echo(json.dumps(found, indent=2))
         return
@@ -126,7 +107,7 @@ def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...],
     from taskyard.batching.inspect import requeue_dead
 
     try:
-        done = requeue_dead(_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+        done = requeue_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"requeued {len(done)} batches of {batch_name}: {' '.join(done) or '-'}")
@@ -141,5 +122,5 @@ def purge(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], every
     """Delete dead batches for good."""
     from taskyard.batching.inspect import purge_dead
 
-    deleted = purge_dead(_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+    deleted = purge_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
     click.echo(f"purged {deleted} items of dead batches of {batch_name}")

@@ -1,22 +1,23 @@
 """Admin endpoints of the stats API: POSTs behind the bearer token.
 
-They call into the periodic-jobs and batching packages, imported when a request arrives; an
-installation without one of them answers 501 naming what is missing instead of failing to start.
+They call into the periodic-jobs and batching packages: clear cache tags, queue an index
+maintenance run, requeue dead batches.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path
 from pydantic import BaseModel, Field
 
-from taskyard.monitoring import api_models as m
-
-if TYPE_CHECKING:
-    from taskyard.monitoring.api import ApiState
+from taskyard.batching import requeue_dead
+from taskyard.errors import BatchError
+from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.state import ApiState
+from taskyard.tasks.cache import cache_for
+from taskyard.tasks.schedule import MAINTENANCE_TASK
 
 log = logging.getLogger(__name__)
 
@@ -34,26 +35,12 @@ class BatchRequeue(BaseModel):
         None, max_length=1000, description="Dead batch ids to requeue; null requeues all.")
 
 
-def capability(module: str, attribute: str, what: str) -> Any:
-    """``module.attribute``, or a 501 naming what this installation lacks."""
-    try:
-        found = getattr(importlib.import_module(module), attribute)
-    except ImportError as exc:
-        raise HTTPException(501, f"{what} is not available: cannot import {module} ({exc})") \
-            from None
-    except AttributeError:
-        raise HTTPException(501, f"{what} is not available: {module} has no {attribute}") \
-            from None
-    return found
-
-
 def admin_router(state: ApiState) -> APIRouter:
     """Routes under ``/admin``, every one requiring the admin token."""
     errors: dict[int | str, dict[str, Any]] = {
         401: {"model": m.ErrorBody, "description": "No bearer token sent."},
         403: {"model": m.ErrorBody,
               "description": "Wrong token, or admin endpoints disabled (no token configured)."},
-        501: {"model": m.ErrorBody, "description": "The capability is not installed."},
     }
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(state.auth)],
                        responses=errors)
@@ -61,7 +48,6 @@ def admin_router(state: ApiState) -> APIRouter:
     @router.post("/cache/invalidate", response_model=m.AdminResult)
     def invalidate_cache(request: Annotated[CacheInvalidation, Body()]) -> m.AdminResult:
         """Invalidate the cache entries stored under the given tags and delete them."""
-        cache_for = capability("taskyard.tasks.cache", "cache_for", "the cache")
         cache = cache_for(state.runtime)
         deleted = {tag: int(cache.clear_tag(tag)) for tag in request.tags}
         state.cache.clear()
@@ -71,10 +57,7 @@ def admin_router(state: ApiState) -> APIRouter:
     @router.post("/maintenance/run", response_model=m.AdminResult, status_code=202)
     def run_maintenance() -> m.AdminResult:
         """Queue an index-maintenance run now (the job itself runs on a worker)."""
-        # The task is defined by the periodic-jobs package; without it no worker runs it.
-        capability("taskyard.tasks.maintenance", "install", "index maintenance")
-        name = str(capability("taskyard.tasks.schedule", "MAINTENANCE_TASK",
-                              "index maintenance"))
+        name = MAINTENANCE_TASK
         result = state.celery().send_task(name)
         log.info("stats API: maintenance run queued as %s", result.id)
         return m.AdminResult(action="maintenance.run", detail={"task": name,
@@ -87,11 +70,8 @@ def admin_router(state: ApiState) -> APIRouter:
         request: Annotated[BatchRequeue, Body()] = BatchRequeue(),  # noqa: B008
     ) -> m.AdminResult:
         """Put dead batches back into work with fresh retries (all of them, or the ids given)."""
-        requeue = capability("taskyard.batching", "requeue_dead", "dead-batch requeue")
-        from taskyard.errors import BatchError
-
         try:
-            requeued = requeue(state.celery(), batch_name, request.batch_ids)
+            requeued = requeue_dead(state.celery(), batch_name, request.batch_ids)
         except BatchError as exc:
             raise HTTPException(404, str(exc)) from None
         state.cache.clear()

@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
+from taskyard.cli.loader import APP_OPTION, load_app
 from taskyard.errors import TaskyardError
 
 
-def _source(app_path: str | None) -> Any:
-    """The taskyard Celery app named by ``-A``, or settings from the environment."""
-    from taskyard.config import load_settings
-
-    if app_path is None:
-        return load_settings()
-    import os
-    import sys
-
-    from celery.app.utils import find_app
-
-    # As `celery -A` does: apps are found relative to the working directory.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    return find_app(app_path)
-
-
 @click.command("api")
-@click.option("-A", "--app", "app_path", default=None,
-              help="taskyard Celery app, as for `celery -A` (default: settings from the "
-              "environment).")
+@APP_OPTION
 @click.option("--host", default=None,
               help="Bind address [default: TASKYARD_MONITORING__API_HOST, 127.0.0.1].")
 @click.option("--port", type=int, default=None,
@@ -43,10 +23,10 @@ def api_command(app_path: str | None, host: str | None, port: int | None, log_le
     """Serve the stats API, /metrics and the OpenAPI schema with uvicorn."""
     import uvicorn
 
-    from taskyard.monitoring.api import create_api
+    from taskyard.monitoring.http.api import create_api
 
     try:
-        api = create_api(_source(app_path))
+        api = create_api(load_app(app_path, default_name="taskyard-api"))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     settings = api.state.taskyard.runtime.settings.monitoring

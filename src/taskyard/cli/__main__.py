@@ -1,0 +1,5 @@
+"""``python -m taskyard.cli``: the ``taskyard`` command, as ``taskyard up`` starts its children."""
+
+from taskyard.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""``taskyard maintenance run``: index maintenance of the application database."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.errors import TaskyardError
+
+
+@click.group()
+def maintenance() -> None:
+    """Index maintenance of the application database."""
+
+
+@maintenance.command("run")
+@click.option("--dry-run", is_flag=True, help="Print the statements; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@APP_OPTION
+def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
+    """Create missing indexes, repair invalid ones, ANALYZE, report unused/duplicate/bloated."""
+    from taskyard.tasks.maintenance import run_maintenance
+
+    runtime = load_runtime(app_path, import_tasks=True)
+    echo = (lambda line: click.echo(line)) if dry_run and not as_json else None
+    try:
+        report = run_maintenance(runtime, dry_run=dry_run, echo=echo)
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        click.echo(f"\nmaintenance {report.run_id} on {report.database} ({report.dialect})"
+                   f"{' DRY RUN' if dry_run else ''}: {report.status} in "
+                   f"{report.duration_s:.2f} s")
+        for action in report.actions:
+            note = f"  ({action.error})" if action.error else ""
+            click.echo(f"  {action.status:8} {action.kind:8} {action.target}{note}")
+        for name in ("unused", "duplicates", "redundant", "invalid", "missing_tables"):
+            found = report.findings.get(name)
+            if found:
+                click.echo(f"  {name}: {json.dumps(found, default=str)}")
+        bloated = [b for b in report.findings.get("bloat", []) if b["bloat_pct"] >= 20]
+        if bloated:
+            click.echo(f"  bloat >= 20 %: {json.dumps(bloated)}")
+        for error in report.errors:
+            click.echo(f"  error: {error}", err=True)
+    if report.status == "failed":
+        sys.exit(1)
