@@ -6,18 +6,30 @@ Time is in seconds, memory in megabytes, ratios in percent, as the field names s
 
 Importing this module does no I/O; :func:`load_settings` reads the environment when called and
 turns any malformed value into a :class:`~taskyard.errors.ConfigurationError` that names the
-variable and what it expected.
+variable and what it expected. Settings are strict: an unknown ``TASKYARD_*`` variable (other than
+the ``TASKYARD_TEST_*``/``TASKYARD_BENCH_*`` ones of the test suite and benchmarks, and
+``TASKYARD_BIND`` of docker compose), an unknown field of a section, a URL whose scheme does not
+fit its role, and a NaN or infinite number are refused.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Literal
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, Literal, get_origin
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from taskyard.errors import ConfigurationError
+from taskyard.errors import ConfigurationError, did_you_mean
 
 ENV_PREFIX = "TASKYARD_"
 NESTED_DELIMITER = "__"
@@ -25,8 +37,78 @@ NESTED_DELIMITER = "__"
 #: Redis the platform falls back to when nothing is configured: the local server, database 0.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+#: URL schemes per role, the one place they are listed. Redis for buffers, cache and stats is
+#: reached through redis-py (redis, rediss, unix; kombu's redis+socket is rewritten to unix).
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
+#: The broker is a kombu transport: Redis (a socket is redis+socket, Sentinel is sentinel) or
+#: RabbitMQ.
+REDIS_BROKER_SCHEMES = frozenset({"redis", "rediss", "redis+socket", "sentinel"})
+BROKER_SCHEMES = REDIS_BROKER_SCHEMES | {"amqp", "amqps", "pyamqp"}
 
-class RoutingRule(BaseModel):
+#: TASKYARD_* variables that are not settings: the test suite's and benchmarks' own, and the
+#: bind address docker compose substitutes into its port mappings.
+NOT_SETTINGS_PREFIXES = ("TASKYARD_TEST_", "TASKYARD_BENCH_")
+NOT_SETTINGS = frozenset({"TASKYARD_BIND"})
+
+#: A period of a beat job (s): positive and at least one second, as beat cannot usefully tick
+#: faster.
+BeatInterval = Annotated[float, Field(ge=1.0)]
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of ``url`` in lower case ("" when it has none)."""
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def is_redis_url(url: str) -> bool:
+    """Whether a broker URL is Redis (which gets Redis transport options)."""
+    return url_scheme(url) in REDIS_BROKER_SCHEMES
+
+
+def redis_client_url(url: str) -> str:
+    """``url`` as redis-py's ``from_url`` takes it (kombu's ``redis+socket://`` as ``unix://``)."""
+    if url_scheme(url) == "redis+socket":
+        return "unix://" + url.split("://", 1)[1]
+    return url
+
+
+def redis_broker_url(url: str) -> str:
+    """A Redis URL as kombu takes it as a broker (redis-py's ``unix://`` as ``redis+socket://``)."""
+    if url_scheme(url) == "unix":
+        return "redis+socket://" + url.split("://", 1)[1]
+    return url
+
+
+def _check_scheme(url: str, schemes: frozenset[str], role: str) -> str:
+    scheme = url_scheme(url)
+    if scheme not in schemes:
+        shown = f"scheme {scheme!r}" if scheme else "no scheme"
+        raise ValueError(f"{role} {url!r} has {shown}; expected one of "
+                         f"{', '.join(s + '://' for s in sorted(schemes))}")
+    return url
+
+
+def _check_database_url(url: str) -> str:
+    # Imported here: SQLAlchemy is only needed once settings are read, not to import config.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ValueError(f"database URL {url!r} is not a SQLAlchemy URL of an installed "
+                         f"dialect (sqlite:///file.db, postgresql+psycopg2://...): {exc}") from None
+    return url
+
+
+class Section(BaseModel):
+    """Base of the settings sections: unknown fields and NaN/infinite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RoutingRule(Section):
     """One routing rule: task names matching ``pattern`` go to ``level``.
 
     ``kind="glob"`` matches with shell wildcards (``bdc.tasks.report_*``); ``kind="regex"`` with a
@@ -38,7 +120,7 @@ class RoutingRule(BaseModel):
     kind: Literal["glob", "regex"] = "glob"
 
 
-class BatchSettings(BaseModel):
+class BatchSettings(Section):
     """Redis batch buffers behind ``@batch_task``."""
 
     # Items one batch name may hold before .delay() raises BatchBufferFull: bounds Redis memory
@@ -62,7 +144,7 @@ class BatchSettings(BaseModel):
     retry_backoff_s: float = Field(1.0, ge=0)
 
 
-class GuardSettings(BaseModel):
+class GuardSettings(Section):
     """Resource guards: admission of tasks by memory and CPU, consumer back-pressure."""
 
     # Admission, deferral and back-pressure on or off. Heartbeats and accounting run either way.
@@ -149,7 +231,7 @@ class GuardSettings(BaseModel):
         return self
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(Section):
     """Redis cache-aside with tag invalidation and warmers."""
 
     # Time to live per resource type (s): user data 15 min to 1 h, beneficiary data 5 to 15 min,
@@ -170,7 +252,7 @@ class CacheSettings(BaseModel):
     warm_interval_s: float = Field(300.0, gt=0)
 
 
-class MaintenanceSettings(BaseModel):
+class MaintenanceSettings(Section):
     """Index maintenance of the application database."""
 
     # "module:attribute" of the SQLAlchemy MetaData whose declared indexes are maintained.
@@ -198,20 +280,21 @@ class MaintenanceSettings(BaseModel):
     pool_recycle_s: float = Field(3600.0, gt=0)
 
 
-class ScheduleSettings(BaseModel):
+class ScheduleSettings(Section):
     """The beat schedule of the platform's periodic jobs (intervals default to each section's)."""
 
     # Task names left out of the beat schedule, e.g. ["taskyard.maintenance.run"] where another
     # system maintains the database.
     disabled: list[str] = []
-    # Interval overrides per task name (s), e.g. {"taskyard.cache.warm": 60}. Intervals under 1 s
-    # are raised to 1 s: beat cannot usefully tick faster.
-    intervals_s: dict[str, float] = {}
+    # Interval overrides per task name (s), e.g. {"taskyard.cache.warm": 60}; at least 1 s, as
+    # beat cannot usefully tick faster. Names are checked against the platform's jobs when the
+    # app is created (taskyard.tasks.schedule).
+    intervals_s: dict[str, BeatInterval] = {}
     # Run the cache warmers once when the workers start (once cluster-wide, not once per worker).
     warm_on_start: bool = True
 
 
-class MonitoringSettings(BaseModel):
+class MonitoringSettings(Section):
     """Metric capture, stats collection, alerts, the stats API, Flower."""
 
     # Period of the stats collection job (s).
@@ -232,7 +315,13 @@ class MonitoringSettings(BaseModel):
     flower_port: int = Field(5555, ge=1, le=65535)
     # Flower bind address: loopback by default; "0.0.0.0" in a container so its port publishes.
     flower_host: str = "127.0.0.1"
-    flower_basic_auth: str = "admin:taskyard"
+    # Flower basic auth, "user:password[,user:password]". No built-in password: unset, `taskyard
+    # flower` / `taskyard up` generate one at start, print it once and write it to the stack
+    # file, so Flower never runs open or with a well-known password.
+    flower_basic_auth: str | None = None
+    # Flower's address as a browser reaches it, for the dashboard's links to Flower's task and
+    # worker pages. None: http://<flower_host>:<flower_port> (loopback when bound to 0.0.0.0).
+    flower_url: str | None = None
     # Alert thresholds (defaults of the service this platform serves).
     alert_memory_warning_pct: float = 80.0
     alert_memory_critical_pct: float = 90.0
@@ -268,7 +357,7 @@ class MonitoringSettings(BaseModel):
     worker_forget_after_s: float = Field(3600.0, gt=0)
 
 
-class DeadLetterSettings(BaseModel):
+class DeadLetterSettings(Section):
     """The dead-letter store, poison quarantine and task timelines (taskyard.deadletters)."""
 
     # Entries kept at most; the oldest go first: bounds Redis memory (10,000 entries of a few
@@ -301,7 +390,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=NESTED_DELIMITER,
-        extra="ignore",
+        # Unknown fields are refused here; unknown variables by _check_variables (the
+        # environment source only reads the variables of known fields).
+        extra="forbid",
+        allow_inf_nan=False,
         validate_default=True,
     )
 
@@ -372,6 +464,21 @@ class Settings(BaseSettings):
     schedule: ScheduleSettings = ScheduleSettings()
     dead_letters: DeadLetterSettings = DeadLetterSettings()
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_scheme(value, REDIS_SCHEMES, "Redis URL")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_scheme(value, BROKER_SCHEMES, "broker URL")
+
+    @field_validator("database_url", "history_database_url")
+    @classmethod
+    def _database(cls, value: str | None) -> str | None:
+        return None if value is None else _check_database_url(value)
+
     @field_validator("worker_profiles")
     @classmethod
     def _profiles_not_empty(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -388,7 +495,7 @@ class Settings(BaseSettings):
     @property
     def effective_broker_url(self) -> str:
         """Broker URL in use: the configured one or the Redis URL."""
-        return self.broker_url or self.effective_redis_url
+        return self.broker_url or redis_broker_url(self.effective_redis_url)
 
     @property
     def effective_history_url(self) -> str:
@@ -400,6 +507,52 @@ def _variable_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + NESTED_DELIMITER.join(str(part).upper() for part in loc)
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
+
+
+def variable_names() -> Iterator[str]:
+    """Every ``TASKYARD_*`` variable that names a setting (sections as ``SECTION__FIELD``)."""
+    for name, field in Settings.model_fields.items():
+        section = _section(field.annotation)
+        if section is None:
+            yield _variable_name((name,))
+        else:
+            for inner in section.model_fields:
+                yield _variable_name((name, inner))
+
+
+def _check_variables(environ: Mapping[str, str]) -> None:
+    """Refuse a ``TASKYARD_*`` variable that names no setting, naming the closest one."""
+    known = set(variable_names())
+    for variable in environ:
+        upper = variable.upper()
+        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS
+                or upper.startswith(NOT_SETTINGS_PREFIXES)):
+            continue
+        # Deeper parts are keys of a mapping field (TASKYARD_CACHE__TTL_S__USER).
+        parts = upper[len(ENV_PREFIX):].split(NESTED_DELIMITER)
+        if _mapping_key(parts):
+            continue
+        raise ConfigurationError(
+            f"unknown setting {variable}{did_you_mean(upper, known)}",
+            setting=variable, value=environ[variable])
+
+
+def _mapping_key(parts: list[str]) -> bool:
+    fields: dict[str, Any] = dict(Settings.model_fields)
+    for depth, part in enumerate(parts):
+        field = fields.get(part.lower())
+        if field is None:
+            return False
+        section = _section(field.annotation)
+        if section is not None:
+            fields = dict(section.model_fields)
+            continue
+        return depth < len(parts) - 1 and get_origin(field.annotation) is dict
+    return False
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read settings from the environment, with keyword overrides taking precedence.
 
@@ -407,6 +560,7 @@ def load_settings(**overrides: Any) -> Settings:
         ConfigurationError: a value is malformed; the message names the variable and what it
             expected.
     """
+    _check_variables(os.environ)
     try:
         return Settings(**overrides)
     except SettingsError as exc:
@@ -425,7 +579,11 @@ def load_settings(**overrides: Any) -> Settings:
             loc = tuple(err["loc"])
             if not first_loc:
                 first_loc, first_value = loc, err.get("input")
-            problems.append(f"{_variable_name(loc)}={err.get('input')!r}: {err['msg']}")
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown setting {_variable_name(loc)}"
+                                f"{did_you_mean(_variable_name(loc), variable_names())}")
+            else:
+                problems.append(f"{_variable_name(loc)}={err.get('input')!r}: {err['msg']}")
         raise ConfigurationError(
             "invalid settings: " + "; ".join(problems),
             setting=_variable_name(first_loc),

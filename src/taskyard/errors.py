@@ -7,7 +7,14 @@ as a typed attribute so callers and tests can inspect it without parsing the mes
 from __future__ import annotations
 
 from collections.abc import Iterable
+from difflib import get_close_matches
 from typing import Any
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""`` when none is close."""
+    close = get_close_matches(value, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 class TaskyardError(Exception):
@@ -59,6 +66,19 @@ class BrokerUnavailable(EnqueueError):
 
 class BatchError(TaskyardError):
     """A batch buffer operation failed."""
+
+
+class BufferUnavailable(BrokerUnavailable, BatchError):
+    """Redis, which holds the batch buffers, could not be reached; the items are not accepted."""
+
+    def __init__(self, batch_name: str, redis_url: str, reason: str) -> None:
+        TaskyardError.__init__(
+            self, f"cannot buffer items of batch {batch_name!r}: Redis {redis_url} unreachable "
+            f"({reason}); the items were not accepted")
+        self.task_name = batch_name
+        self.batch_name = batch_name
+        self.broker = redis_url
+        self.reason = reason
 
 
 class BatchBufferFull(BatchError):
