@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -83,10 +83,14 @@ class Worker:
 @contextmanager
 def celery_worker(app: str, queues: str, env: Mapping[str, str], log_dir: Path, *,
                   concurrency: int = 2, name: str = "test", pool: str = "prefork",
-                  extra: tuple[str, ...] = (), ready_timeout_s: float = 30.0) -> Iterator[Worker]:
-    """Start ``celery -A app worker -Q queues``; wait until it is ready; stop it afterwards."""
+                  extra: tuple[str, ...] = (), ready_timeout_s: float = 30.0,
+                  prefix: Sequence[str] = ()) -> Iterator[Worker]:
+    """Start ``celery -A app worker -Q queues``; wait until it is ready; stop it afterwards.
+
+    ``prefix`` runs the worker through another program, e.g. ``ip netns exec HOST``.
+    """
     log = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues,
+    argv = [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues,
             "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h", "--loglevel", "INFO",
             "--without-gossip", "--without-mingle", *extra]
     with log.open("wb") as sink:
