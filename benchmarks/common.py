@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-#: Redis database the benchmarks own (flushed by each benchmark before it runs).
-BENCH_REDIS_URL = "redis://127.0.0.1:6379/12"
+#: Redis database the benchmarks own (flushed by each benchmark before it runs); apart from the
+#: test suite's databases, so a benchmark and the tests can run at the same time.
+BENCH_REDIS_URL = os.environ.get("TASKYARD_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
 BENCH_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 
