@@ -110,7 +110,7 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     Imported here, not at the top: the subsystems import the public package, which imports this
     module.
     """
-    from taskyard import tasks
+    from taskyard import deadletters, tasks
     from taskyard.batching import install as install_batching
     from taskyard.monitoring import install as install_monitoring
     from taskyard.workers import guards
@@ -118,6 +118,7 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     install_batching(app, runtime)  # the flush and reaper tasks, the worker flusher thread
     tasks.install(app, runtime)  # cache warming, index maintenance, the beat schedule
     guards.install(app, runtime)  # admission, back-pressure, accounting, heartbeat
+    deadletters.install(app, runtime)  # poison quarantine, bounded redelivery, dead letters
     install_monitoring(app, runtime)  # metric capture, stats collection
 
 
