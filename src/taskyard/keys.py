@@ -183,6 +183,11 @@ class Keys:
         after the history retention."""
         return f"{self.namespace}:alerts"
 
+    def alert_history(self) -> str:
+        """LIST of JSON alert state changes (fired, severity changed, resolved), newest first,
+        capped at ``alert_history_length`` by LTRIM: the dashboard's recent alert history."""
+        return f"{self.namespace}:alerts:history"
+
     def stats_state(self) -> str:
         """STRING (JSON): the previous stats collection's cumulative counters and histograms,
         from which the next run derives rates and window percentiles. Overwritten each run."""
