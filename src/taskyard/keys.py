@@ -231,3 +231,15 @@ class Keys:
         capped at dead_letters.timeline_max_pending; drained into the history database by the
         stats collection."""
         return f"{self.namespace}:timeline:pending"
+
+    # --- broker (taskyard's Redis transport; under kombu's global_keyprefix too) ------------
+    def wake_stream(self, queue: str) -> str:
+        """STREAM of wake entries of one queue: a producer adds one when it makes one of the
+        queue's lists non-empty, and idle workers block on XREAD of it. Capped at about 100
+        entries (XADD MAXLEN ~); no entry is ever read as data."""
+        return f"{self.namespace}:wake:{queue}"
+
+    def broker_quarantine(self) -> str:
+        """LIST of raw queue items the fetch script could not read as kombu messages (not
+        JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""
+        return f"{self.namespace}:broker:undecodable"
