@@ -17,8 +17,8 @@ from taskyard.errors import ConfigurationError
 from taskyard.workers.guards import (
     HEADER_DEFERRALS,
     HEADER_SINCE,
+    Band,
     Counters,
-    Hysteresis,
     MemoryReadings,
     Policy,
     Pressure,
@@ -61,12 +61,13 @@ def test_quiet_machine_admits_every_level(policy: Policy) -> None:
 
 
 @pytest.mark.parametrize("level", ["normal", "low", "batch"])
-def test_warning_holds_normal_low_batch_by_memory_or_cpu(policy: Policy, level: str) -> None:
+def test_warning_holds_normal_low_batch_by_memory_never_by_cpu(policy: Policy, level: str) -> None:
     assert policy.check(level, reading(memory=80.0)) is None  # at the threshold: not above it
-    reason = policy.check(level, reading(memory=80.5))
-    assert reason is not None and "memory 80.5% above 80%" in reason
-    reason = policy.check(level, reading(cpu=85.0))
-    assert reason is not None and reason.startswith("cpu 85.0%")
+    held = policy.hold(level, reading(memory=80.5))
+    assert held is not None and held.kind == "memory"
+    assert held.text == "memory 80.5% above 80%"
+    # CPU pressure is handled at the source (paused consumers, nice), never by deferral.
+    assert policy.check(level, reading(cpu=100.0)) is None
 
 
 def test_high_waits_only_at_memory_critical(policy: Policy) -> None:
@@ -81,8 +82,8 @@ def test_critical_always_runs_even_when_short_of_memory(policy: Policy) -> None:
 
 
 def test_requires_memory_waits_until_available(policy: Policy) -> None:
-    reason = policy.check("low", reading(available_mb=300.0), requires_memory_mb=512)
-    assert reason == "needs 512 MB, 300 MB available"
+    held = policy.hold("low", reading(available_mb=300.0), requires_memory_mb=512)
+    assert held == ("requires_memory", "needs 512 MB, 300 MB available")
     assert policy.check("low", reading(available_mb=600.0), requires_memory_mb=512) is None
     assert policy.check("high", reading(available_mb=100.0), requires_memory_mb=512) is not None
 
@@ -98,7 +99,8 @@ def test_level_policy_is_overridable() -> None:
                                            "normal": "critical", "low": "memory_warning",
                                            "batch": "never"})
     policy = Policy(settings)
-    assert policy.check("high", reading(cpu=85)) is not None
+    assert policy.check("high", reading(memory=85)) is not None
+    assert policy.check("high", reading(cpu=99)) is None
     assert policy.check("normal", reading(memory=85)) is None
     assert policy.check("normal", reading(memory=91)) is not None
     assert policy.check("low", reading(cpu=99)) is None
@@ -139,29 +141,17 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- hysteresis and the valve -------------------------------------------------------------
 
-def hysteresis() -> Hysteresis:
-    return Hysteresis(memory_warning_pct=80, cpu_warning_pct=80, memory_resume_pct=70,
-                      cpu_resume_pct=70)
-
-
-def test_hysteresis_pauses_above_warning_and_resumes_below_resume() -> None:
-    h = hysteresis()
-    assert h.update(reading(memory=79)) is None
-    assert h.update(reading(memory=81)) is True
-    # Between resume and warning: stays paused (no flapping around one value).
+def test_band_pauses_above_and_resumes_only_below_the_lower_threshold() -> None:
+    band = Band(80, 70)
+    assert band.update(79) is False
+    assert band.update(81) is True
+    # Between resume and warning: stays on (no flapping around one value).
     for value in (79, 75, 71, 70):
-        assert h.update(reading(memory=value)) is None
-    assert h.paused
-    assert h.update(reading(memory=69.9)) is False
-    assert h.update(reading(memory=75)) is None  # below warning: stays resumed
-    assert not h.paused
-
-
-def test_hysteresis_needs_both_memory_and_cpu_below_resume() -> None:
-    h = hysteresis()
-    assert h.update(reading(memory=10, cpu=90)) is True
-    assert h.update(reading(memory=10, cpu=72)) is None
-    assert h.update(reading(memory=10, cpu=60)) is False
+        assert band.update(value) is True
+    assert band.update(69.9) is False
+    assert band.update(75) is False  # below warning: stays off
+    with pytest.raises(ValueError, match="resume threshold 90 must not exceed"):
+        Band(80, 90)
 
 
 class FakeConsumer:
@@ -175,10 +165,24 @@ class FakeConsumer:
         self.calls.append(("add", queue))
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def valve_of(queues: list[str], clock: Clock | None = None, **settings: Any) -> Valve:
+    valve = Valve(GuardSettings(**settings), clock or Clock())
+    valve.bind(queues)
+    return valve
+
+
 def test_valve_pauses_only_pausable_queues_and_never_critical(
         caplog: pytest.LogCaptureFixture) -> None:
-    valve = Valve(hysteresis(), ["low", "batch", "critical"])
-    valve.bind(["critical", "high", "low", "batch"])
+    valve = valve_of(["critical", "high", "low", "batch"],
+                     pausable_levels=["low", "batch", "critical"])
     consumer = FakeConsumer()
     with caplog.at_level("WARNING", logger="taskyard.guards"):
         valve.tick(consumer, reading(memory=85))
@@ -193,11 +197,80 @@ def test_valve_pauses_only_pausable_queues_and_never_critical(
 
 
 def test_valve_skips_queues_the_worker_does_not_consume() -> None:
-    valve = Valve(hysteresis(), ["low", "batch"])
-    valve.bind(["critical", "high"])
+    valve = valve_of(["critical", "high"])
     consumer = FakeConsumer()
-    valve.tick(consumer, reading(memory=95))
+    valve.tick(consumer, reading(memory=95, cpu=100))
     assert consumer.calls == [] and valve.paused == []
+
+
+def test_cpu_warning_pauses_low_and_batch_critical_adds_normal_never_high() -> None:
+    clock = Clock()
+    valve = valve_of(["critical", "high", "normal", "low", "batch"], clock,
+                     cpu_pause_levels=["low", "batch", "high"],
+                     cpu_critical_pause_levels=["normal", "critical"])
+    consumer = FakeConsumer()
+    valve.tick(consumer, reading(cpu=85))
+    assert valve.reasons == {"low": "cpu", "batch": "cpu"}
+    clock.now += 1
+    valve.tick(consumer, reading(cpu=95))
+    assert valve.reasons == {"normal": "cpu-critical", "low": "cpu", "batch": "cpu"}
+    clock.now += 0.5
+    valve.tick(consumer, reading(cpu=87))  # above critical's resume (85): normal stays held
+    assert "normal" in valve.reasons
+    clock.now += 0.5
+    valve.tick(consumer, reading(cpu=84))
+    assert valve.reasons == {"low": "cpu", "batch": "cpu"}
+    clock.now += 0.5
+    valve.tick(consumer, reading(cpu=72))  # between 70 and 80: still held
+    assert valve.paused == ["low", "batch"]
+    valve.tick(consumer, reading(cpu=69))
+    assert valve.paused == []
+    assert ("cancel", "critical") not in consumer.calls
+    assert ("cancel", "high") not in consumer.calls
+
+
+def test_cpu_hold_is_released_periodically_so_held_levels_never_starve() -> None:
+    clock = Clock()
+    valve = valve_of(["normal", "low"], clock, cpu_max_hold_s=3.0, cpu_release_s=2.0)
+    consumer = FakeConsumer()
+    held = []
+    for _ in range(24):  # 12 s of a neighbour keeping the CPU at 100 %
+        valve.tick(consumer, reading(cpu=100))
+        held.append(bool(valve.paused))
+        clock.now += 0.5
+    # 3 s held, 2 s consumed, 3 s held, ...: a duty cycle, never a permanent pause.
+    assert held[:6] == [True] * 6 and held[6:10] == [False] * 4 and held[10:16] == [True] * 6
+    assert held.count(False) >= 8
+    # Released together and re-added in -Q order.
+    adds = [q for op, q in consumer.calls if op == "add"]
+    assert adds[:2] == ["normal", "low"]
+
+
+def test_memory_hold_has_no_release_window() -> None:
+    clock = Clock()
+    valve = valve_of(["low"], clock, cpu_max_hold_s=1.0, cpu_release_s=1.0)
+    consumer = FakeConsumer()
+    for _ in range(20):
+        valve.tick(consumer, reading(memory=95, cpu=100))
+        assert valve.reasons == {"low": "memory"}
+        clock.now += 0.5
+
+
+def test_resumed_queue_is_put_back_in_priority_order() -> None:
+    clock = Clock()
+    valve = valve_of(["normal", "low", "batch"], clock)
+    consumer = FakeConsumer()
+    valve.tick(consumer, reading(memory=85))  # low, batch paused for memory
+    valve.tick(consumer, reading(memory=60, cpu=95))  # memory over; cpu critical: all three
+    assert valve.paused == ["normal", "low", "batch"]
+    consumer.calls.clear()
+    valve.tick(consumer, reading(memory=60, cpu=60))
+    assert consumer.calls == [("add", "normal"), ("add", "low"), ("add", "batch")]
+    # normal released alone, then low: low must not end up ahead of batch's position rules.
+    valve.tick(consumer, reading(memory=85, cpu=60))
+    consumer.calls.clear()
+    valve.tick(consumer, reading(memory=60, cpu=60))
+    assert consumer.calls == [("add", "low"), ("add", "batch")]
 
 
 # --- cgroup parsing on sample files --------------------------------------------------------
@@ -371,8 +444,9 @@ def test_deferral_republishes_same_id_args_level_and_counts(
     assert body[0] == [1] and body[1] == {"y": 2}
     assert guard.counters.get(DEFERRED) == 1
     assert seen == [{"sender": "unit.low", "task_id": "abc-1", "level": "low",
-                     "reason": "memory 95.0% above 80%", "deferrals": 1,
+                     "reason": "memory 95.0% above 80%", "deferrals": 1, "kind": "memory",
                      "signal": task_deferred}]
+    assert guard.counters.by_reason() == {"memory": 1, "requires_memory": 0}
 
 
 def test_per_call_level_is_kept_on_deferral(guarded: Any, redis_client: redis.Redis) -> None:
@@ -623,3 +697,80 @@ def test_cpu_pressure_leaves_out_the_workers_own_processes() -> None:
     busy_whole = after_whole.cpu_busy_s - before_whole.cpu_busy_s
     # The whole-machine figure includes the loop; the worker's view leaves it out.
     assert busy_whole - busy_own >= 0.3
+
+
+# --- CPU by scheduling: backoff, per-reason counts, pool priority ----------------------------
+
+def test_deferral_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
+    from taskyard.workers.guards import Deferrer
+
+    top = Deferrer(2.0, 1.0, 600.0, Counters(), 60.0, rand=lambda a, b: b)
+    assert [top.countdown(n) for n in (1, 2, 3, 4, 5, 6, 20)] == [3, 6, 12, 24, 48, 60, 60]
+    bottom = Deferrer(2.0, 1.0, 600.0, Counters(), 60.0, rand=lambda a, b: a)
+    assert [bottom.countdown(n) for n in (1, 2, 3)] == [2, 4, 8]
+    real = Deferrer(2.0, 1.0, 600.0, Counters(), 60.0)
+    spread = {round(real.countdown(3), 3) for _ in range(50)}
+    assert len(spread) > 10 and all(8.0 <= c <= 12.0 for c in spread)
+
+
+def test_default_backoff_cap_follows_a_short_visibility_timeout(make_app: Any) -> None:
+    app = make_app("guardshortvt", visibility_timeout_s=3.0,
+                   guard={"defer_countdown_s": 0.5, "defer_jitter_s": 0.2})
+    guard = guard_of(app)
+    assert guard is not None and guard.deferrer.max_countdown_s == pytest.approx(1.35)
+    with pytest.raises(ConfigurationError, match="DEFER_MAX_COUNTDOWN_S = 30 s"):
+        make_app("guardbadcap", visibility_timeout_s=40.0, guard={"defer_max_countdown_s": 30})
+
+
+def test_requires_memory_deferrals_are_counted_under_their_own_reason(
+        make_app: Any, redis_client: redis.Redis) -> None:
+    from taskyard import priority_task
+
+    app = make_app("guardreasons")
+
+    @priority_task(priority="low", requires_memory_mb=4096, name="unit.reasons")
+    def needs_much() -> None:
+        pass
+
+    task = app.tasks[needs_much.name]
+    guard = guard_of(app)
+    assert guard is not None
+    guard.source = MemoryReadings(reading(memory=10.0, available_mb=100.0))
+    for n in range(3):
+        task.push_request(id=f"r-{n}", args=[], kwargs={}, delivery_info={"routing_key": "low"})
+        try:
+            with pytest.raises(Ignore):
+                task.before_start(f"r-{n}", [], {})
+        finally:
+            task.pop_request()
+    guard.source.set(memory_pct=95.0, memory_available_mb=9000.0)
+    task.push_request(id="r-m", args=[], kwargs={}, delivery_info={"routing_key": "low"})
+    try:
+        with pytest.raises(Ignore):
+            task.before_start("r-m", [], {})
+    finally:
+        task.pop_request()
+    assert guard.counters.by_reason() == {"memory": 1, "requires_memory": 3}
+    assert guard.record()["deferred_by_reason"] == {"memory": 1, "requires_memory": 3}
+    assert guard.counters.get(DEFERRED) == 4
+
+
+class FakeWorker:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+
+@pytest.mark.parametrize(("queues", "nice"), [(["low", "batch"], 10), (["batch"], 10),
+                                              (["normal", "low"], 0), (["critical"], 0)])
+def test_only_low_and_batch_workers_run_their_pool_at_lower_priority(
+        make_app: Any, queues: list[str], nice: int) -> None:
+    app = make_app(f"guardnice{len(queues)}{nice}")
+    app.amqp.queues.select(queues)
+    guard = guard_of(app)
+    assert guard is not None
+    try:
+        guard.on_worker_init(FakeWorker(app))
+        assert guard.pool_nice == nice
+        assert guard.record()["pool_nice"] == nice
+    finally:
+        guard.sampler.stop()

@@ -1,9 +1,20 @@
-"""Worker back-pressure: stop consuming the low and batch queues under load, with hysteresis.
+"""Worker back-pressure: lower levels held back at the source, with hysteresis.
 
-Deferring a task costs a round trip to the broker; pausing the consumer of the pausable queues
-means the worker does not pull that work at all while it is loaded. The worker pauses when memory
-or CPU goes above its warning threshold and resumes only when both are below the lower resume
-thresholds, so it does not flap around one value. The critical queue is never paused.
+Deferring a task costs a round trip to the broker; pausing the consumer of a queue means the
+worker does not pull that work at all while it is loaded. Three bands, each pausing above its
+threshold and resuming only below a lower one, so the valve does not flap around one value:
+
+* memory above ``memory_warning_pct`` pauses ``pausable_levels`` (low, batch) until memory drops
+  below ``resume_pct``;
+* CPU above ``cpu_warning_pct`` pauses ``cpu_pause_levels`` (low, batch) until below
+  ``cpu_resume_pct``;
+* CPU above ``cpu_critical_pct`` also pauses ``cpu_critical_pause_levels`` (normal) until below
+  ``cpu_critical_resume_pct``.
+
+Critical and high are never paused for CPU, critical never at all. The CPU reading is everyone
+else's load (the worker's own is left out), so a worker that paused its queues never sees it
+drop; a queue paused for CPU is therefore consumed again for ``cpu_release_s`` after being held
+``cpu_max_hold_s``: held levels slow down under a neighbour that never stops, they do not starve.
 
 Runs in the worker's main process: :class:`GuardStep` is a consumer bootstep whose timer callback
 runs in the consumer's own event loop, where ``cancel_task_queue``/``add_task_queue`` are safe.
@@ -12,76 +23,155 @@ runs in the consumer's own event loop, where ``cancel_task_queue``/``add_task_qu
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
 
+from taskyard.config import GuardSettings
 from taskyard.workers.guards.readings import Reading
 
 log = logging.getLogger("taskyard.guards")
 
+#: Never paused for CPU: their latency is what holding the rest back protects.
+NEVER_FOR_CPU = frozenset({"critical", "high"})
+#: Why a queue is paused, as shown in logs and the heartbeat.
+MEMORY, CPU, CPU_CRITICAL = "memory", "cpu", "cpu-critical"
 
-class Hysteresis:
-    """Pause above the warning thresholds; resume below the resume thresholds."""
 
-    def __init__(self, memory_warning_pct: float, cpu_warning_pct: float,
-                 memory_resume_pct: float, cpu_resume_pct: float) -> None:
-        self.memory_warning_pct = memory_warning_pct
-        self.cpu_warning_pct = cpu_warning_pct
-        self.memory_resume_pct = memory_resume_pct
-        self.cpu_resume_pct = cpu_resume_pct
-        self.paused = False
+class Band:
+    """One reading against a pause threshold and a lower resume threshold."""
 
-    def update(self, reading: Reading) -> bool | None:
-        """True when the consumers must pause now, False when they must resume, else None."""
-        if not self.paused:
-            if (reading.memory_pct > self.memory_warning_pct
-                    or reading.cpu_pct > self.cpu_warning_pct):
-                self.paused = True
-                return True
-            return None
-        if reading.memory_pct < self.memory_resume_pct and reading.cpu_pct < self.cpu_resume_pct:
-            self.paused = False
-            return False
-        return None
+    def __init__(self, above: float, below: float) -> None:
+        if below > above:
+            raise ValueError(f"resume threshold {below:g} must not exceed pause threshold "
+                             f"{above:g}")
+        self.above = above
+        self.below = below
+        self.active = False
+
+    def update(self, value: float) -> bool:
+        """Whether the band holds now: on strictly above ``above``, off strictly below ``below``."""
+        if self.active:
+            if value < self.below:
+                self.active = False
+        elif value > self.above:
+            self.active = True
+        return self.active
 
 
 class Valve:
-    """Applies the hysteresis to one consumer's pausable queues."""
+    """Decides which of one consumer's queues are paused, and applies it."""
 
-    def __init__(self, hysteresis: Hysteresis, pausable: list[str]) -> None:
-        self.hysteresis = hysteresis
+    def __init__(self, settings: GuardSettings,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.memory = Band(settings.memory_warning_pct, settings.resume_pct)
+        self.cpu = Band(settings.cpu_warning_pct, settings.cpu_resume_pct)
+        self.cpu_critical = Band(settings.cpu_critical_pct,
+                                 min(settings.cpu_critical_resume_pct, settings.cpu_critical_pct))
         # Critical is never paused, whatever the settings say.
-        self.pausable = [q for q in pausable if q != "critical"]
+        self.memory_levels = frozenset(settings.pausable_levels) - {"critical"}
+        self.cpu_levels = frozenset(settings.cpu_pause_levels) - NEVER_FOR_CPU
+        self.cpu_critical_levels = (self.cpu_levels
+                                    | frozenset(settings.cpu_critical_pause_levels)) - NEVER_FOR_CPU
+        self.max_hold_s = settings.cpu_max_hold_s
+        self.release_s = settings.cpu_release_s
+        self.clock = clock
         self.queues: list[str] = []
-        self.paused: list[str] = []
+        #: Paused queue -> why (MEMORY, CPU or CPU_CRITICAL), in ``-Q`` order.
+        self.reasons: dict[str, str] = {}
+        #: Band changes (pressure started or ended); release windows are not counted.
         self.transitions = 0
+        self._bands = (False, False, False)
+        # The CPU hold runs one cycle for all its queues, so they are released together and
+        # re-added in -Q order.
+        self._hold_started: float | None = None
+        self._released_until: float | None = None
+        # The order of the queues the consumer has now (re-added ones come last).
+        self._order: list[str] = []
+
+    @property
+    def paused(self) -> list[str]:
+        return list(self.reasons)
 
     def bind(self, queues: list[str]) -> None:
         """The queues the worker consumes (its -Q, in order), before any pause."""
         if not self.queues:
             self.queues = list(queues)
+            self._order = list(queues)
+
+    def _cpu_held(self, now: float) -> bool:
+        """Whether the CPU hold is in its holding phase (else released for a while)."""
+        if self._released_until is not None:
+            if now < self._released_until:
+                return False
+            self._released_until = None
+        if self._hold_started is None:
+            self._hold_started = now
+        if now - self._hold_started >= self.max_hold_s:
+            self._hold_started = None
+            self._released_until = now + self.release_s
+            return False
+        return True
+
+    def wanted(self, reading: Reading) -> dict[str, str]:
+        """Queue -> reason for every queue that must be paused after this reading."""
+        memory = self.memory.update(reading.memory_pct)
+        cpu = self.cpu.update(reading.cpu_pct)
+        critical = self.cpu_critical.update(reading.cpu_pct)
+        cpu_levels = (self.cpu_critical_levels if critical else
+                      self.cpu_levels if cpu else frozenset())
+        out: dict[str, str] = {}
+        cpu_queues = [q for q in self.queues if q in cpu_levels]
+        if not cpu_queues:
+            self._hold_started = self._released_until = None
+        held = bool(cpu_queues) and self._cpu_held(self.clock())
+        for queue in self.queues:
+            if memory and queue in self.memory_levels:
+                # Memory is a hard limit: held for as long as it lasts (no release window).
+                out[queue] = MEMORY
+            elif held and queue in cpu_levels:
+                out[queue] = CPU if queue in self.cpu_levels else CPU_CRITICAL
+        return out
 
     def tick(self, consumer: Any, reading: Reading) -> None:
-        change = self.hysteresis.update(reading)
-        if change is True:
-            targets = [q for q in self.queues if q in self.pausable and q not in self.paused]
-            for queue in targets:
+        wanted = self.wanted(reading)
+        pause = [q for q in self._order if q in wanted]
+        resume = [q for q in self.queues if q in self.reasons and q not in wanted]
+        for queue in pause:
+            consumer.cancel_task_queue(queue)
+        current = [q for q in self._order if q not in wanted]
+        if resume:
+            # Celery appends a re-added queue after the ones it consumes; to keep the -Q order
+            # the queues after the first misplaced one are cancelled and added again, in order.
+            target = [q for q in self.queues if q in current or q in resume]
+            keep = 0
+            while keep < len(current) and current[keep] == target[keep]:
+                keep += 1
+            for queue in current[keep:]:
                 consumer.cancel_task_queue(queue)
-                self.paused.append(queue)
-            self.transitions += 1
-            log.warning("back-pressure: paused queues %s (memory %.1f%%, cpu %.1f%%, %s)",
-                        ",".join(targets) or "-", reading.memory_pct, reading.cpu_pct,
-                        reading.memory_source)
-        elif change is False:
-            resumed = [q for q in self.queues if q in self.paused]
-            for queue in resumed:
+            for queue in target[keep:]:
                 consumer.add_task_queue(queue)
-            self.paused = []
+            current = target
+        self._order = current
+        newly = {q: wanted[q] for q in pause}
+        self.reasons = {q: wanted[q] for q in self.queues if q in wanted}
+        bands = (self.memory.active, self.cpu.active, self.cpu_critical.active)
+        # Pressure starting or ending is logged at WARNING; the CPU hold's release windows,
+        # every few seconds while a neighbour keeps the CPU busy, at DEBUG.
+        level = logging.WARNING if bands != self._bands else logging.DEBUG
+        if bands != self._bands:
+            self._bands = bands
             self.transitions += 1
-            log.warning("back-pressure: resumed queues %s (memory %.1f%%, cpu %.1f%%, %s)",
-                        ",".join(resumed) or "-", reading.memory_pct, reading.cpu_pct,
-                        reading.memory_source)
+        figures = (reading.memory_pct, reading.cpu_pct, reading.memory_source)
+        if newly:
+            log.log(level, "back-pressure: paused queues %s (memory %.1f%%, cpu %.1f%%, %s): %s",
+                    ",".join(newly), *figures,
+                    ", ".join(f"{q} for {r}" for q, r in newly.items()))
+        if resume:
+            log.log(level, "back-pressure: resumed queues %s (memory %.1f%%, cpu %.1f%%, %s)",
+                    ",".join(resume), *figures)
 
 
 class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]

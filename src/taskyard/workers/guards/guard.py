@@ -9,18 +9,38 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from typing import Any
 
 from taskyard.errors import ConfigurationError
 from taskyard.runtime import Runtime
 from taskyard.workers.guards.accounting import TaskMeter
-from taskyard.workers.guards.backpressure import Hysteresis, Valve
+from taskyard.workers.guards.backpressure import Valve
 from taskyard.workers.guards.defer import DEFERRED, LIMITED, OVERDUE, Counters, Deferrer
 from taskyard.workers.guards.heartbeat import Heartbeat, base_record
 from taskyard.workers.guards.policy import Policy
 from taskyard.workers.guards.readings import Probe, ReadingSource, Sampler
 
 log = logging.getLogger("taskyard.guards")
+
+
+#: The machine this process runs on: host-level alerts group workers by it.
+HOST = socket.gethostname()
+
+
+def consumed_queues(worker: Any) -> list[str]:
+    """Names of the queues a worker consumes (its ``-Q``), from the app's selection.
+
+    ``WorkController.setup_queues`` selects them on ``app.amqp.queues`` before the pool forks.
+    """
+    app = getattr(worker, "app", None)
+    if app is None:
+        return []
+    try:
+        return list(app.amqp.queues.consume_from or app.amqp.queues)
+    except Exception:  # an app without a configured amqp: nothing to decide from
+        return []
 
 
 def _finite(value: float) -> float | None:
@@ -42,6 +62,18 @@ class Guard:
                 f"the broker visibility timeout ({limit:g} s)",
                 setting="TASKYARD_GUARD__DEFER_COUNTDOWN_S", value=settings.defer_countdown_s,
             )
+        max_countdown = settings.defer_max_countdown_s
+        if "defer_max_countdown_s" not in settings.model_fields_set:
+            # The default cap follows a short visibility timeout down instead of refusing it.
+            max_countdown = min(max_countdown, max(settings.defer_countdown_s
+                                                   + settings.defer_jitter_s, 0.9 * limit))
+        elif max_countdown >= limit:
+            raise ConfigurationError(
+                f"TASKYARD_GUARD__DEFER_MAX_COUNTDOWN_S = {settings.defer_max_countdown_s:g} s "
+                f"must stay below half the broker visibility timeout ({limit:g} s)",
+                setting="TASKYARD_GUARD__DEFER_MAX_COUNTDOWN_S",
+                value=settings.defer_max_countdown_s,
+            )
         self.default_level = runtime.settings.default_level
         self.policy = Policy(settings, self.default_level)
         probe = Probe(settings.memory_source, exclude_own_cpu=settings.cpu_exclude_own)
@@ -50,7 +82,8 @@ class Guard:
         self.source: ReadingSource = self.sampler
         self.counters = Counters()
         self.deferrer = Deferrer(settings.defer_countdown_s, settings.defer_jitter_s,
-                                 settings.max_defer_age_s, self.counters)
+                                 settings.max_defer_age_s, self.counters,
+                                 max(max_countdown, settings.defer_countdown_s))
         self.meter: TaskMeter | None = None
         if settings.accounting:
             self.meter = TaskMeter(lambda: runtime.redis, runtime.keys.task_resources(),
@@ -58,17 +91,15 @@ class Guard:
                                    counters_add=lambda n: self.counters.add(LIMITED, n))
         self.valve: Valve | None = None
         if settings.enabled:
-            self.valve = Valve(
-                Hysteresis(settings.memory_warning_pct, settings.cpu_warning_pct,
-                           settings.resume_pct, settings.cpu_resume_pct),
-                settings.pausable_levels,
-            )
+            self.valve = Valve(settings)
         self.heartbeat = Heartbeat(lambda: runtime.redis, runtime.keys.worker_heartbeat,
                                    runtime.keys.workers(), settings.heartbeat_interval_s,
                                    settings.heartbeat_slack_s, self.record)
         #: Set in the worker's main process by worker_init; inherited by pool children.
         self.in_worker = False
         self.queues: list[str] = []
+        #: Nice value added to this worker's pool processes (0: none; see :meth:`on_worker_init`).
+        self.pool_nice = 0
 
     # --- task path (the process that runs the task) --------------------------------------
     def before_task(self, task: Any, task_id: str, args: Any, kwargs: Any) -> None:
@@ -81,9 +112,9 @@ class Guard:
                 self.sampler.ensure_running()
             delivery = request.delivery_info
             level = (delivery.get("routing_key") if delivery else None) or self.default_level
-            reason = self.policy.check(level, self.source.current(), task.requires_memory_mb)
-            if reason is not None:
-                self.deferrer.hold(task, args, kwargs, level, reason)
+            held = self.policy.hold(level, self.source.current(), task.requires_memory_mb)
+            if held is not None:
+                self.deferrer.hold(task, args, kwargs, level, held.text, held.kind)
         if self.meter is not None:
             self.meter.start(task, task_id)
 
@@ -92,16 +123,29 @@ class Guard:
             self.meter.stop(status == "FAILURE")
 
     # --- worker life cycle ---------------------------------------------------------------
-    def on_worker_init(self) -> None:
-        """Main process, before the pool forks: share counters, start sampling."""
+    def on_worker_init(self, worker: Any = None) -> None:
+        """Main process, before the pool forks: share counters, start sampling, and decide
+        whether the pool runs at a lower OS priority (the worker consumes only nice levels)."""
         self.in_worker = True
         self.counters.share()
         self.sampler.ensure_running()
+        queues = consumed_queues(worker)
+        if (self.enabled and queues and self.settings.pool_nice > 0
+                and all(q in self.settings.nice_levels for q in queues)):
+            self.pool_nice = self.settings.pool_nice
 
     def on_process_init(self) -> None:
-        """A pool child just forked: its own sampler thread and limit enforcement."""
+        """A pool child just forked: lower priority, its own sampler thread, limit enforcement."""
         if not self.in_worker:
             return
+        if self.pool_nice:
+            try:
+                # Only the pool child: the main process keeps consuming, acking and sending
+                # heartbeats at full priority, so a niced worker is slow, never unresponsive.
+                os.nice(self.pool_nice)
+            except OSError as exc:
+                log.warning("pool process %d: could not lower its priority (%s)", os.getpid(),
+                            exc)
         if self.meter is not None:
             self.meter.install_enforcement()
             self.sampler.hooks.append(self.meter.check_limits)
@@ -139,6 +183,10 @@ class Guard:
         data.update(
             queues=list(self.queues),
             paused_queues=list(self.valve.paused) if self.valve is not None else [],
+            paused_reasons=dict(self.valve.reasons) if self.valve is not None else {},
+            host=HOST,
+            host_cpu_pct=round(reading.host_cpu_pct, 2),
+            pool_nice=self.pool_nice,
             memory_pct=round(reading.memory_pct, 2),
             cpu_pct=round(reading.cpu_pct, 2),
             memory_source=reading.memory_source,
@@ -146,6 +194,7 @@ class Guard:
             memory_total_mb=_finite(reading.memory_total_mb),
             state=self.policy.pressure(reading).label,
             deferred=self.counters.get(DEFERRED),
+            deferred_by_reason=self.counters.by_reason(),
             overdue=self.counters.get(OVERDUE),
             limit_exceeded=self.counters.get(LIMITED),
             guards_enabled=self.enabled,

@@ -35,7 +35,7 @@ def install(app: Celery, runtime: Runtime) -> Guard:
     def on_worker_init(sender: Any = None, **_: Any) -> None:
         g = guard_ref()
         if g is not None and getattr(sender, "app", None) is app_ref():
-            g.on_worker_init()
+            g.on_worker_init(sender)
 
     def on_process_init(**_: Any) -> None:
         g = guard_ref()

@@ -1,20 +1,27 @@
-"""Admission decisions: does a task of this level run now, given the current reading?
+"""Admission decisions: does a task of this level run now, given the current memory reading?
 
-Each level has a rule (``GuardSettings.level_policy``):
+Admission is about memory only. CPU pressure never re-publishes a task: a CPU-bound host still
+makes progress, so lower levels are held back at the source instead (their consumers paused, see
+:mod:`.backpressure`) and low/batch workers run at a lower OS priority. Re-publishing a fetched
+task costs a broker round trip and CPU on work that is not being done, and under a neighbour
+that keeps the CPU busy the same task would come back and be deferred again and again.
+
+Each level has a rule (``GuardSettings.level_policy``); for admission the rules read memory:
 
 ``never``            always runs (critical work, also ignores ``requires_memory_mb``)
-``critical``         held while memory or CPU is above its critical threshold
-``warning``          held while memory or CPU is above its warning threshold
-``memory_critical``  held while memory is above its critical threshold (CPU does not matter)
-``memory_warning``   held while memory is above its warning threshold
+``warning``          held while memory is above its warning threshold
+``critical``         held while memory is above its critical threshold
+``memory_warning``   the same as ``warning``
+``memory_critical``  the same as ``critical``
 
 A task with ``requires_memory_mb`` is also held until that much memory is available. The rules are
-turned into two numbers per level once, so a decision is two comparisons.
+turned into one number per level once, so a decision is two comparisons.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import NamedTuple
 
 from taskyard.config import GuardSettings
 from taskyard.errors import ConfigurationError
@@ -23,6 +30,17 @@ from taskyard.workers.guards.readings import Reading
 INF = float("inf")
 RULES = ("never", "warning", "critical", "memory_warning", "memory_critical")
 LEVELS = ("critical", "high", "normal", "low", "batch")
+#: Why a task was deferred, as counted per reason in heartbeats, the stats API and /metrics.
+REASON_MEMORY = "memory"
+REASON_REQUIRES_MEMORY = "requires_memory"
+REASONS = (REASON_MEMORY, REASON_REQUIRES_MEMORY)
+
+
+class Hold(NamedTuple):
+    """Why a task must wait: the reason kind (``REASONS``) and a readable text."""
+
+    kind: str
+    text: str
 
 
 class Pressure(IntEnum):
@@ -86,9 +104,9 @@ class Policy:
             return Pressure.WARNING
         return Pressure.OK
 
-    def check(self, level: str, reading: Reading,
-              requires_memory_mb: float | None = None) -> str | None:
-        """None when a task of ``level`` may start now, else why it must wait."""
+    def hold(self, level: str, reading: Reading,
+             requires_memory_mb: float | None = None) -> Hold | None:
+        """None when a task of ``level`` may start now, else why it must wait (memory only)."""
         limits = self._limits.get(level)
         if limits is None:
             limits = self._default
@@ -96,12 +114,18 @@ class Policy:
                 return None
         elif level in self._never:
             return None
-        memory_limit, cpu_limit = limits
+        memory_limit = limits[0]
         if reading.memory_pct > memory_limit:
-            return f"memory {reading.memory_pct:.1f}% above {memory_limit:g}%"
-        if reading.cpu_pct > cpu_limit:
-            return f"cpu {reading.cpu_pct:.1f}% above {cpu_limit:g}%"
+            return Hold(REASON_MEMORY,
+                        f"memory {reading.memory_pct:.1f}% above {memory_limit:g}%")
         if requires_memory_mb is not None and reading.memory_available_mb < requires_memory_mb:
-            return (f"needs {requires_memory_mb:g} MB, "
-                    f"{reading.memory_available_mb:.0f} MB available")
+            return Hold(REASON_REQUIRES_MEMORY,
+                        f"needs {requires_memory_mb:g} MB, "
+                        f"{reading.memory_available_mb:.0f} MB available")
         return None
+
+    def check(self, level: str, reading: Reading,
+              requires_memory_mb: float | None = None) -> str | None:
+        """The text of :meth:`hold` (None: may start now)."""
+        held = self.hold(level, reading, requires_memory_mb)
+        return None if held is None else held.text

@@ -47,6 +47,9 @@ class Reading:
     cpu_pct: float
     #: When the snapshot was taken (s since the epoch).
     at: float
+    #: Busy share of the whole host or cgroup, this worker included (percent): what host-level
+    #: alerts report; ``cpu_pct`` (everyone else's load) is what admission and the valve use.
+    host_cpu_pct: float = 0.0
 
 
 #: What admission sees before the first sample: nothing is under pressure.
@@ -82,6 +85,8 @@ class Measurement:
     memory_source: MemorySource
     cpu_busy_s: float
     cpu_capacity_s: float
+    #: Busy time of everything, the worker's own processes included (s).
+    cpu_total_busy_s: float | None = None
 
 
 class Probe:
@@ -153,7 +158,7 @@ class Probe:
             idle = times.idle + getattr(times, "iowait", 0.0)
             capacity = sum(times)
             busy = capacity - idle
-        return Measurement(used, total, source, busy - self.own_cpu_s(), capacity)
+        return Measurement(used, total, source, busy - self.own_cpu_s(), capacity, busy)
 
 
 class Sampler:
@@ -170,7 +175,7 @@ class Sampler:
         self.window_s = window_s
         self.latest: Reading = IDLE
         self.hooks: list[Callable[[Reading], None]] = []
-        self._window: deque[tuple[float, float, float]] = deque()
+        self._window: deque[tuple[float, float, float, float]] = deque()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -184,15 +189,17 @@ class Sampler:
         m = self.probe.measure()
         now = time.monotonic()
         window = self._window
-        window.append((now, m.cpu_busy_s, m.cpu_capacity_s))
+        total_busy = m.cpu_busy_s if m.cpu_total_busy_s is None else m.cpu_total_busy_s
+        window.append((now, m.cpu_busy_s, m.cpu_capacity_s, total_busy))
         while len(window) > 2 and window[1][0] <= now - self.window_s:
             window.popleft()
-        cpu = 0.0
+        cpu = host_cpu = 0.0
         if len(window) >= 2:
-            _, busy0, cap0 = window[0]
-            _, busy1, cap1 = window[-1]
+            _, busy0, cap0, all0 = window[0]
+            _, busy1, cap1, all1 = window[-1]
             if cap1 > cap0:
                 cpu = min(100.0, max(0.0, 100.0 * (busy1 - busy0) / (cap1 - cap0)))
+                host_cpu = min(100.0, max(0.0, 100.0 * (all1 - all0) / (cap1 - cap0)))
         total = m.memory_total_bytes
         used_pct = 100.0 * m.memory_used_bytes / total if total else 0.0
         self.latest = Reading(
@@ -202,6 +209,7 @@ class Sampler:
             memory_source=m.memory_source,
             cpu_pct=cpu,
             at=time.time(),
+            host_cpu_pct=host_cpu,
         )
         return self.latest
 
