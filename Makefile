@@ -20,6 +20,7 @@ run: $(STAMP)
 
 ## The whole suite against real Redis, PostgreSQL and RabbitMQ (started when not running).
 test: $(STAMP) services browser
+	./scripts/ensure-prometheus.sh
 	$(BIN)/python -m pytest
 
 ## Unit tests only (no worker processes).
