@@ -411,13 +411,20 @@ class Settings(BaseSettings):
     history_database_url: str | None = None
     # Redis key prefix, so several deployments can share one Redis.
     namespace: str = Field("taskyard", pattern=r"^[A-Za-z0-9_.-]+$")
-    # Redis broker: a message not acknowledged within this is redelivered (s). Must exceed the
-    # longest countdown the platform itself schedules (deferrals, batch retries) and the longest
-    # task; one hour by default.
+    # Redis broker with leases off (reservation_lease_s = 0), and the Redis result backend: a
+    # message not acknowledged within this is redelivered (s). Must then exceed the longest
+    # countdown the platform itself schedules (deferrals, batch retries) and the longest task.
     visibility_timeout_s: float = Field(3600.0, gt=0)
     # Redis broker: how often a worker sweeps for messages whose holder died (s). A message of a
-    # SIGKILLed worker runs again within visibility_timeout_s plus this.
+    # SIGKILLed worker runs again within reservation_lease_s (visibility_timeout_s when leases
+    # are off) plus this.
     unacked_restore_interval_s: int = Field(10, ge=1)
+    # Redis broker: lease of a reserved message (s). A live worker renews every message it holds
+    # (reserved, running, waiting for its ETA) every third of this, and the lease replaces
+    # visibility_timeout_s, so a SIGKILLed worker's messages are back in their queues within it
+    # plus one sweep, while a task running for hours on a live worker is never redelivered.
+    # 30 s: recovery within 40 s, at one renewal round trip per worker every 10 s. 0: off.
+    reservation_lease_s: float = Field(30.0, ge=0)
     # Redis broker: a countdown/ETA message waits in Redis (a delayed set) instead of in a
     # worker's memory; off keeps Celery's behaviour (the worker holds it unacknowledged).
     broker_delays: bool = True
