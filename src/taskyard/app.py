@@ -11,6 +11,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_task_publish
 
+from taskyard.broker.delays import install as install_delays
 from taskyard.config import Settings, load_settings
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
 from taskyard.keys import Keys
@@ -60,6 +61,7 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "task_send_sent_event": False,
         "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
         "taskyard_bulk_prefetch_multiplier": settings.bulk_prefetch_multiplier,
+        "taskyard_delay_move_interval_s": settings.delay_move_interval_s,
         "task_track_started": True,
         # .delay() with the broker down fails in bounded time instead of hanging.
         "task_publish_retry": True,
@@ -81,6 +83,9 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             # Sweep for abandoned messages on every interval, not on every tenth (kombu's default).
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # Broker-side delays (taskyard.broker.delays): countdown/ETA messages wait in Redis.
+            "taskyard_namespace": settings.namespace,
+            "taskyard_delays": settings.broker_delays,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
         }
         config["result_backend_transport_options"] = {
@@ -159,5 +164,6 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
                                    weak=False)
         app.steps["consumer"].add(EventBatching)
     app.steps["consumer"].add(BulkPrefetch)
+    install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     _install_subsystems(app, runtime)
     return app

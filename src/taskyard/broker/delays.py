@@ -1,0 +1,301 @@
+"""Broker-side delays: a countdown/ETA message waits in Redis, not in a worker's memory.
+
+Celery's worker reserves a message with a future ETA at once and holds it unacknowledged until it
+is due, so 10,000 countdown tasks fill a worker's memory, and one held past the visibility
+timeout runs twice. On taskyard's Redis transport the channel's ``_put`` calls
+:func:`maybe_delay` first: a message whose ``eta`` header (Celery protocol 2) lies in the future
+goes into the delayed set of its queue instead of the queue's list. :func:`move_due`, run by
+every worker (:class:`DelayMover`, a timer in the consumer's event loop) and by beat
+(:func:`install`), pushes due messages onto their queue's priority sub-list in one Lua script.
+
+Clocks: the score is the ETA the producer wrote (Celery computes it from the producer's clock),
+and "due" is decided by the Redis server's clock (``TIME`` inside the script), so every mover
+agrees on when a message is due whatever its own clock says; only producer-vs-Redis skew shifts a
+start.
+
+The moved message no longer carries its ``eta`` header (the original is kept in
+``taskyard_eta``): Celery's worker treats any ETA, even a past one, as a timer entry and raises
+its prefetch by one per such message until the timer fires (``celery/worker/strategy.py``
+``task_message_handler``: ``qos.increment_eventually`` + ``call_at``), so a burst of due
+messages would be reserved beyond the prefetch limit. Without the header a due message is an
+ordinary message and the prefetch bound holds.
+
+On RabbitMQ (or any other transport) nothing here runs: Celery's own behaviour is kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import redis
+from celery import bootsteps
+from kombu.utils.json import dumps
+
+from taskyard.keys import Keys
+
+log = logging.getLogger("taskyard.broker.delays")
+
+#: Header keeping the original ETA of a delayed message (the ``eta`` header is removed).
+HEADER_ORIGINAL_ETA = "taskyard_eta"
+#: Transport options that carry taskyard's namespace and the on/off switch to the channel.
+OPTION_NAMESPACE = "taskyard_namespace"
+OPTION_ENABLED = "taskyard_delays"
+#: Messages one script call moves at most, so Redis is never blocked for long by a backlog.
+MOVE_BATCH = 500
+#: Script calls one :func:`move_due` makes at most (bounds one tick: 100,000 messages).
+MOVE_ROUNDS = 200
+#: Namespace of an app that does not name one (``Settings.namespace``'s default).
+DEFAULT_NAMESPACE = "taskyard"
+#: Default mover period (s); the app's ``delay_move_interval_s`` overrides it.
+DEFAULT_INTERVAL_S = 0.25
+
+# Moves due members of every registered delayed set onto their queue's list, oldest due first.
+# Atomic: one script, so a member is removed and pushed together, and many movers running at
+# once (every worker, beat) move each message exactly once.
+# KEYS[1] = the registry SET of queue names (its key is the only one a prefixing client
+# rewrites: kombu's PrefixedStrictRedis prefixes only the first key of EVALSHA).
+# ARGV[1] = kombu global_keyprefix, ARGV[2] = delayed-set prefix ("<namespace>:delayed:"),
+# ARGV[3] = priority separator, ARGV[4] = most members to move, ARGV[5] = now (ms) or "" for
+# the Redis clock. Returns the number moved.
+MOVE_LUA = """
+-- "now" stays a string: a Lua number of 13 digits would be passed to Redis as 1.7e+12.
+local now = ARGV[5]
+if now == '' then
+  local t = redis.call('TIME')
+  now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
+end
+local prefix, zprefix, sep = ARGV[1], ARGV[2], ARGV[3]
+local limit = tonumber(ARGV[4])
+local moved = 0
+for _, queue in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local zkey = prefix .. zprefix .. queue
+  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, limit - moved)
+  for _, member in ipairs(due) do
+    local cut = string.find(member, ':', 1, true)
+    local step = string.sub(member, 1, cut - 1)
+    local target = prefix .. queue
+    if step ~= '0' then target = target .. sep .. step end
+    redis.call('LPUSH', target, string.sub(member, cut + 1))
+  end
+  if #due > 0 then
+    redis.call('ZREM', zkey, unpack(due))
+    moved = moved + #due
+  end
+  if moved >= limit then break end
+end
+return moved
+"""
+MOVE_SHA = hashlib.sha1(MOVE_LUA.encode()).hexdigest()
+
+
+def eta_timestamp(value: Any) -> float | None:
+    """Seconds since the epoch of an ``eta`` header (ISO 8601), or None when absent/unreadable.
+
+    A naive ETA is read as the local time, as Celery's worker reads one (``to_system_tz``).
+    """
+    if not value or not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _options(channel: Any) -> dict[str, Any]:
+    # kombu: Channel.connection is the Transport, Transport.client the kombu Connection whose
+    # transport_options are the app's broker_transport_options.
+    try:
+        return dict(channel.connection.client.transport_options or {})
+    except AttributeError:
+        return {}
+
+
+def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) -> bool:
+    """Put ``message`` into ``queue``'s delayed set when its ETA is in the future.
+
+    ``pipe`` is the channel's Redis client or a pipeline on it (executed by the caller).
+    Returns True when the message went into the delayed set: the caller must not also push it
+    onto the queue. A message without a future ``eta`` header is left alone (False).
+    """
+    headers = message.get("headers") or {}
+    due = eta_timestamp(headers.get("eta"))
+    if due is None or due <= time.time():
+        return False
+    options = _options(channel)
+    if not options.get(OPTION_ENABLED):
+        # Only an app that runs the movers (create_app sets the option) may park messages.
+        return False
+    keys = Keys(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE)
+    # kombu internals: _get_message_priority + priority() give the step _q_for_pri names.
+    step = channel.priority(channel._get_message_priority(message, reverse=False))
+    stored = {**message, "headers": {**headers, "eta": None,
+                                     HEADER_ORIGINAL_ETA: headers.get("eta")}}
+    # Registry first: a set whose registration was lost would never be moved; an extra
+    # registration is harmless.
+    pipe.sadd(keys.delayed_queues(), queue)
+    pipe.zadd(keys.delayed(queue), {f"{int(step)}:{dumps(stored)}": int(due * 1000)})
+    return True
+
+
+def move_due(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
+             global_keyprefix: str | None = None, now: float | None = None,
+             sep: str = "\x06\x16") -> int:
+    """Move every due delayed message onto its queue; return how many moved.
+
+    ``client`` may be kombu's prefixing client (its prefix is then used) or a plain one with
+    ``global_keyprefix`` given. ``now`` (s since the epoch) replaces the Redis clock in tests.
+    Safe to run from any number of processes at once.
+    """
+    keys = keys if isinstance(keys, Keys) else Keys(keys)
+    client_prefix = getattr(client, "global_keyprefix", "") or ""
+    prefix = client_prefix if global_keyprefix is None else global_keyprefix
+    registry = keys.delayed_queues()
+    # A prefixing client adds its prefix to KEYS[1] itself; a plain one needs it here.
+    key = registry if client_prefix else prefix + registry
+    args = [prefix, keys.delayed(""), sep, MOVE_BATCH, "" if now is None else int(now * 1000)]
+    total = 0
+    for _ in range(MOVE_ROUNDS):
+        try:
+            moved = int(client.evalsha(MOVE_SHA, 1, key, *args))
+        except redis.exceptions.NoScriptError:
+            client.script_load(MOVE_LUA)
+            moved = int(client.evalsha(MOVE_SHA, 1, key, *args))
+        total += moved
+        if moved < MOVE_BATCH:
+            break
+    return total
+
+
+def scheduled_counts(client: redis.Redis, queues: list[str],
+                     keys: Keys | str = DEFAULT_NAMESPACE) -> dict[str, int]:
+    """Delayed (scheduled, not yet due or not yet moved) messages per queue."""
+    keys = keys if isinstance(keys, Keys) else Keys(keys)
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.zcard(keys.delayed(queue))
+        replies = pipe.execute()
+    return {queue: int(n) for queue, n in zip(queues, replies, strict=True)}
+
+
+class _Mover:
+    """Runs :func:`move_due` on a kombu connection of its own, logging failures (rarely)."""
+
+    def __init__(self, app: Any, namespace: str) -> None:
+        self.app = app
+        self.keys = Keys(namespace)
+        self.connection: Any = None
+        self._last_warning = 0.0
+        self.moved = 0
+
+    def __call__(self) -> int:
+        try:
+            if self.connection is None:
+                self.connection = self.app.connection_for_write()
+            channel = self.connection.default_channel
+            # kombu internal: conn_or_acquire gives a client on the channel's (sync) pool, with
+            # the global_keyprefix and Sentinel handling of the transport, as restore_visible
+            # uses; never the channel's async client, which may be blocked in a fetch.
+            with channel.conn_or_acquire() as client:
+                moved = move_due(client, self.keys, sep=getattr(channel, "sep", "\x06\x16"))
+        except Exception as exc:  # the mover must never stop the event loop or beat
+            now = time.monotonic()
+            if now - self._last_warning > 30:
+                self._last_warning = now
+                log.warning("moving due delayed messages failed (retrying every tick): %r", exc)
+            self.close()
+            return 0
+        self.moved += moved
+        return moved
+
+    def close(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:  # already broken; nothing left to release
+                log.debug("releasing the mover connection failed", exc_info=True)
+
+
+def _settings_of(app: Any) -> tuple[bool, str, float]:
+    """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on."""
+    options = dict(app.conf.broker_transport_options or {})
+    interval = float(app.conf.get("taskyard_delay_move_interval_s") or DEFAULT_INTERVAL_S)
+    return (bool(options.get(OPTION_ENABLED)),
+            str(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE), interval)
+
+
+class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Consumer bootstep: move due delayed messages every ``delay_move_interval_s``."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.entry: Any = None
+        self.mover: _Mover | None = None
+
+    def start(self, c: Any) -> None:
+        applies, namespace, interval = _settings_of(c.app)
+        if not applies or c.timer is None:
+            return
+        self.mover = _Mover(c.app, namespace)
+        self.entry = c.timer.call_repeatedly(interval, self.mover)
+        log.info("moving due delayed messages every %g s", interval)
+
+    def stop(self, c: Any) -> None:
+        if self.entry is not None:
+            self.entry.cancel()
+            self.entry = None
+        if self.mover is not None:
+            self.mover.close()
+            self.mover = None
+
+    shutdown = stop
+
+
+class BeatMover:
+    """Beat-side mover: a daemon thread moving due messages while beat runs."""
+
+    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
+        self.mover = _Mover(app, namespace)
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            self.mover()
+        self.mover.close()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def _on_beat_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is None or getattr(app, "_taskyard_delay_installed", False) is not True:
+        return
+    applies, namespace, interval = _settings_of(app)
+    if applies:
+        mover = BeatMover(app, namespace, interval)
+        app._taskyard_beat_mover = mover
+        mover.start()
+        log.info("beat moves due delayed messages every %g s", interval)
+
+
+def install(app: Any) -> None:
+    """Register the worker mover (consumer bootstep) and the beat mover of ``app``."""
+    from celery.signals import beat_init
+
+    app.steps["consumer"].add(DelayMover)
+    app._taskyard_delay_installed = True
+    beat_init.connect(_on_beat_init, dispatch_uid="taskyard.delays.beat", weak=False)
