@@ -331,15 +331,19 @@ class MonitoringSettings(Section):
     alert_cache_hit_rate_pct: float = 50.0
     alert_slow_task_rate_pct: float = 10.0
     alert_queue_depth: int = 1000
-    # Prometheus semantics: a condition must hold this long before its alert fires (pending until
-    # then) and be gone this long before it resolves (s), so one noisy reading neither fires nor
-    # resolves an alert. Per rule in alert_timing ({"HostCpuHigh": {"for_s": 120}}): CPU on a
-    # shared host is bursty, a missing heartbeat already waited two heartbeat intervals.
-    alert_for_s: float = Field(30.0, ge=0)
-    alert_resolve_s: float = Field(60.0, ge=0)
+    # Prometheus semantics: a condition must hold for_s before its alert fires (pending until
+    # then) and be gone resolve_s before it resolves (s), so one noisy reading neither fires nor
+    # resolves an alert. Per rule in alert_timing, over alert_for_s/alert_resolve_s. The rules on
+    # instantaneous readings wait (CPU on a shared host is bursty: 2 min; memory and queue depth
+    # 30 s); rules not listed act on the collection that sees the change: a missing heartbeat
+    # already waited two heartbeat intervals, the windowed rules (slow queries, slow task rate,
+    # cache hit rate) already aggregate a whole collection window.
+    alert_for_s: float = Field(0.0, ge=0)
+    alert_resolve_s: float = Field(0.0, ge=0)
     alert_timing: dict[str, dict[str, float]] = {
         "HostCpuHigh": {"for_s": 120.0, "resolve_s": 120.0},
-        "WorkerHeartbeatMissing": {"for_s": 0.0, "resolve_s": 0.0},
+        "HostMemoryHigh": {"for_s": 30.0, "resolve_s": 60.0},
+        "QueueDepthHigh": {"for_s": 30.0, "resolve_s": 60.0},
     }
     # Alert state changes kept in the Redis history list (entries): the dashboard's recent past.
     alert_history_length: int = Field(500, ge=10)
