@@ -27,6 +27,9 @@ class TaskyardTask(Task):  # type: ignore[misc]
     memory_limit_mb: float | None = None
     #: The task fails with TaskCpuLimitExceeded after using this much CPU time (s).
     cpu_time_limit_s: float | None = None
+    #: Deliveries without an acknowledgement (each killed its process) before the message goes
+    #: to the dead letters as "crashed"; None: TASKYARD_MAX_DELIVERIES.
+    max_deliveries: int | None = None
     #: Resource guard of the app (workers/guards), looked up once per task object; False: none.
     _taskyard_guard: Any = None
 
