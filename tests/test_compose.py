@@ -12,7 +12,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from taskyard.cli import UP_PROFILES, main
+from taskyard.cli import main
+from taskyard.cli.stack import UP_PROFILES
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,13 +101,37 @@ def test_postgres_has_a_healthcheck_and_a_volume(services: dict[str, dict[str, A
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
     env = env_example()
-    for name in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"):
+    for name in ("POSTGRES_USER", "POSTGRES_DB"):
         assert env[name]
-    # The database URL the platform uses names the same user, password and database.
-    url = env["TASKYARD_DATABASE_URL"]
-    assert url.startswith("postgresql")
-    assert f"{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/" in url
-    assert url.endswith("/" + env["POSTGRES_DB"])
+    # The password comes from .env or the shell only; compose refuses to start without it.
+    required = "${POSTGRES_PASSWORD:?"
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith(required)
+    # Every app service gets a database URL naming the same user, password and database.
+    for name in APP_SERVICES:
+        url = services[name]["environment"]["TASKYARD_DATABASE_URL"]
+        assert url.startswith("postgresql"), name
+        assert required in url and "@postgres:5432/" in url, name
+        assert "${POSTGRES_USER:-" + env["POSTGRES_USER"] + "}" in url, name
+        assert url.endswith("/${POSTGRES_DB:-" + env["POSTGRES_DB"] + "}"), name
+
+
+def test_env_example_holds_no_working_secret() -> None:
+    env = env_example()
+    for name in ("POSTGRES_PASSWORD", "TASKYARD_MONITORING__FLOWER_BASIC_AUTH",
+                 "TASKYARD_MONITORING__API_TOKEN"):
+        assert not env.get(name), f"{name} must be set in .env, not in .env.example"
+    for name, value in env.items():
+        # No URL with user:password@ either.
+        assert "@" not in value, f"{name} carries credentials: {value!r}"
+
+
+def test_published_ports_bind_to_loopback_unless_configured(
+        services: dict[str, dict[str, Any]]) -> None:
+    published = {name: svc["ports"] for name, svc in services.items() if "ports" in svc}
+    assert set(published) == {"flower", "api"}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("${TASKYARD_BIND:-127.0.0.1}:"), (name, port)
 
 
 def test_one_worker_service_per_profile_scalable(services: dict[str, dict[str, Any]]) -> None:
@@ -141,14 +166,12 @@ def test_flower_and_api_run_taskyard_commands_with_auth(
     assert command(services["api"])[:2] == ["taskyard", "api"]
     assert services["flower"]["environment"]["TASKYARD_MONITORING__FLOWER_HOST"] == "0.0.0.0"
     assert services["api"]["environment"]["TASKYARD_MONITORING__API_HOST"] == "0.0.0.0"
-    assert services["flower"]["ports"] == ["5555:5555"]
-    assert services["api"]["ports"] == ["8000:8000"]
-    env = env_example()
-    user, _, password = env["TASKYARD_MONITORING__FLOWER_BASIC_AUTH"].partition(":")
-    assert user and password, "Flower must run with basic auth"
-    assert env["TASKYARD_MONITORING__API_TOKEN"]
+    assert services["flower"]["ports"] == ["${TASKYARD_BIND:-127.0.0.1}:5555:5555"]
+    assert services["api"]["ports"] == ["${TASKYARD_BIND:-127.0.0.1}:8000:8000"]
     assert "/health/live" in " ".join(services["api"]["healthcheck"]["test"])
-    assert "/healthcheck" in " ".join(services["flower"]["healthcheck"]["test"])
+    # Flower refuses every route without credentials: its healthcheck takes a 401 as "up".
+    check = " ".join(services["flower"]["healthcheck"]["test"])
+    assert "/healthcheck" in check and "401" in check
 
 
 def test_taskyard_commands_exist_in_the_cli(services: dict[str, dict[str, Any]]) -> None:
@@ -209,7 +232,8 @@ def test_env_example_names_real_settings_with_valid_values(
         monkeypatch.setenv(name, env[name])
     settings = load_settings()
     assert settings.effective_broker_url == "redis://redis:6379/0"
-    assert settings.monitoring.flower_basic_auth == env["TASKYARD_MONITORING__FLOWER_BASIC_AUTH"]
+    # No built-in password: Flower generates one at start when none is configured.
+    assert not settings.monitoring.flower_basic_auth
 
 
 def test_dockerfile_installs_the_project_and_runs_unprivileged() -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,8 +22,10 @@ from taskyard.monitoring.flower import (
     amqp_queue_rows,
     app_queue_names,
     check_basic_auth,
+    credentials_match,
     flower_args,
     flower_url,
+    generate_basic_auth,
     merge_queue_names,
 )
 from taskyard.stack import free_port
@@ -45,10 +50,30 @@ def test_merge_keeps_declared_order_and_adds_consumed_extras() -> None:
 
 def test_basic_auth_setting_is_checked() -> None:
     assert check_basic_auth("a:b,c:d") == "a:b,c:d"
-    assert check_basic_auth("") == ""
-    for bad in ("nocolon", "user:", ":pw", "a:b,broken"):
+    for bad in ("", ",", "nocolon", "user:", ":pw", "a:b,broken"):
         with pytest.raises(click.BadParameter, match="user:password"):
             check_basic_auth(bad)
+
+
+def test_no_built_in_password_and_generated_ones_are_fresh() -> None:
+    assert load_settings().monitoring.flower_basic_auth is None
+    first, second = generate_basic_auth(), generate_basic_auth()
+    assert first != second
+    user, _, password = first.partition(":")
+    assert user == "admin" and len(password) >= 20
+    assert check_basic_auth(first) == first
+
+
+def test_credentials_match_only_the_exact_pair() -> None:
+    def header(pair: str) -> str:
+        return "Basic " + base64.b64encode(pair.encode()).decode()
+
+    allowed = ["u:pw", "v:other"]
+    assert credentials_match(header("u:pw"), allowed)
+    assert credentials_match(header("v:other"), allowed)
+    for given in (None, "", "Basic", "Bearer u:pw", header("u:pw2"), header("u:"),
+                  "Basic !!!not-base64", header("v:pw")):
+        assert not credentials_match(given, allowed), given
 
 
 def test_flower_args_come_from_settings_and_keep_credentials_out() -> None:
@@ -75,15 +100,23 @@ class Flower:
 
 
 @contextmanager
-def running_flower(extra_env: dict[str, str], tmp_path: Path) -> Iterator[Flower]:
-    """`taskyard flower -A APP` in its own process, on a free port, until the block ends."""
+def running_flower(extra_env: dict[str, str], tmp_path: Path, *,
+                   auth: tuple[str, str] | None = AUTH,
+                   cwd: Path = ROOT) -> Iterator[Flower]:
+    """`taskyard flower -A APP` in its own process, on a free port, until the block ends.
+
+    ``auth=None`` configures no credentials (Flower generates them)."""
     port = free_port()
-    env = child_env({**extra_env, "TASKYARD_MONITORING__FLOWER_PORT": str(port),
-                     "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"})
+    settings = {**extra_env, "TASKYARD_MONITORING__FLOWER_PORT": str(port)}
+    if auth is not None:
+        settings["TASKYARD_MONITORING__FLOWER_BASIC_AUTH"] = f"{auth[0]}:{auth[1]}"
+    env = child_env(settings)
+    if auth is None:
+        env.pop("TASKYARD_MONITORING__FLOWER_BASIC_AUTH", None)
     log = tmp_path / f"flower-{port}.log"
     with log.open("wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "flower", "-A", APP],
-                                   env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     fl = Flower(process, f"http://127.0.0.1:{port}", log)
 
@@ -91,7 +124,8 @@ def running_flower(extra_env: dict[str, str], tmp_path: Path) -> Iterator[Flower
         if process.poll() is not None:
             raise AssertionError("flower exited:\n" + log.read_text(errors="replace"))
         try:
-            return fl.get("/healthcheck", auth=None).status_code == 200
+            # Every route needs the credentials: a 401 already proves Flower serves.
+            return fl.get("/healthcheck", auth=None).status_code == 401
         except httpx.HTTPError:
             return False
 
@@ -101,6 +135,74 @@ def running_flower(extra_env: dict[str, str], tmp_path: Path) -> Iterator[Flower
     finally:
         terminate(process)
     assert AUTH[1] not in " ".join(process.args)  # type: ignore[arg-type]
+
+
+#: One path per route of Flower's URL table (flower.urls.handlers), plus tornado's own static
+#: routes and a path no route names.
+EVERY_ROUTE = ["/", "/workers", "/worker/w1@host", "/task/abc", "/tasks", "/tasks/datatable",
+               "/broker", "/api/workers", "/api/worker/shutdown/w1@host",
+               "/api/worker/pool/restart/w1@host", "/api/worker/pool/grow/w1@host",
+               "/api/worker/pool/shrink/w1@host", "/api/worker/pool/autoscale/w1@host",
+               "/api/worker/queue/add-consumer/w1@host",
+               "/api/worker/queue/cancel-consumer/w1@host", "/api/tasks", "/api/task/types",
+               "/api/queues/length", "/api/task/info/abc", "/api/task/apply/x.y",
+               "/api/task/async-apply/x.y", "/api/task/send-task/x.y", "/api/task/result/abc",
+               "/api/task/abort/abc", "/api/task/timeout/x.y", "/api/task/rate-limit/x.y",
+               "/api/task/revoke/abc", "/metrics", "/healthcheck", "/static/css/flower.css",
+               "/favicon.ico", "/robots.txt", "/login", "/logout", "/no/such/page"]
+
+
+def test_every_route_list_covers_flowers_url_table() -> None:
+    """The list above tracks Flower's own table, so a new Flower route cannot slip past."""
+    import flower.urls
+
+    def matched(pattern: str) -> bool:
+        return any(re.fullmatch(pattern, path) for path in EVERY_ROUTE)
+
+    for entry in flower.urls.handlers:
+        pattern = entry.regex.pattern if hasattr(entry, "regex") else entry[0]
+        assert matched(pattern.rstrip("$")), pattern
+
+
+@pytest.mark.slow
+def test_flower_refuses_every_route_without_credentials_metrics_included(
+        redis_env: dict[str, str], tmp_path: Path) -> None:
+    with running_flower(redis_env, tmp_path) as fl:
+        for path in EVERY_ROUTE:
+            for method in ("GET", "POST"):
+                for auth in (None, (AUTH[0], "wrong"), ("other", AUTH[1])):
+                    response = httpx.request(method, fl.url + path, auth=auth, timeout=10.0)
+                    assert response.status_code == 401, (method, path, auth,
+                                                         response.status_code)
+                    assert response.headers.get("WWW-Authenticate", "").startswith("Basic"), (
+                        method, path, auth, response.headers)
+        metrics = fl.get("/metrics")
+        assert metrics.status_code == 200 and "flower_" in metrics.text
+        assert fl.get("/healthcheck").text == "OK"
+        assert fl.get("/static/css/flower.css").status_code == 200
+        assert fl.get("/api/workers").status_code == 200
+        assert fl.get("/").status_code == 200
+
+
+@pytest.mark.slow
+def test_flower_without_credentials_generates_a_password_that_works(
+        redis_env: dict[str, str], tmp_path: Path) -> None:
+    with running_flower(redis_env, tmp_path, auth=None, cwd=tmp_path) as fl:
+        text = fl.log.read_text()
+        found = re.search(r"generated user (\S+) password (\S+) ", text)
+        assert found, text
+        generated = (found.group(1), found.group(2))
+        # Printed once, and kept in the stack file of the working directory (owner-only).
+        assert text.count(generated[1]) == 1
+        stack_file = tmp_path / ".taskyard-stack.json"
+        assert stack_file.stat().st_mode & 0o077 == 0
+        recorded = json.loads(stack_file.read_text())
+        assert recorded["env"]["TASKYARD_MONITORING__FLOWER_BASIC_AUTH"] == ":".join(generated)
+        assert recorded["urls"]["flower"].startswith("http://127.0.0.1:")
+        for path in ("/", "/metrics", "/api/workers", "/healthcheck"):
+            assert fl.get(path, auth=None).status_code == 401, path
+            assert fl.get(path, auth=("admin", "taskyard")).status_code == 401, path
+            assert fl.get(path, auth=generated).status_code == 200, path
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""``taskyard flower -A APP``: Flower on the app's broker, behind basic auth."""
+"""``taskyard flower -A APP``: Flower on the app's broker, every route behind basic auth."""
 
 from __future__ import annotations
 
@@ -7,13 +7,36 @@ import sys
 
 import click
 
+from taskyard.cli import stackfile
 from taskyard.cli.loader import settings as load_cli_settings
+from taskyard.config import ENV_PREFIX, NESTED_DELIMITER
 from taskyard.monitoring.flower import (
     FLOWER_AUTH_ENV,
     check_basic_auth,
     flower_args,
+    flower_url,
+    generate_basic_auth,
+    require_auth_on_every_route,
     show_app_queues,
 )
+
+#: The setting's variable, as the stack file records it.
+AUTH_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}FLOWER_BASIC_AUTH"
+
+
+def record_generated(auth: str, url: str) -> stackfile.StackFile:
+    """Put generated credentials in the stack file here: the running stack's, or a new one."""
+    path = stackfile.stack_path()
+    try:
+        stack = stackfile.read(path)
+    except stackfile.StackFileError:
+        stack = None
+    if stack is None or not stack.alive:
+        stack = stackfile.new(path, {}, {})
+    stack.env[AUTH_VARIABLE] = auth
+    stack.urls["flower"] = url
+    stackfile.write(stack)
+    return stack
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -28,15 +51,26 @@ from taskyard.monitoring.flower import (
 @click.argument("flower_extra", nargs=-1, type=click.UNPROCESSED)
 def flower(app_path: str, port: int | None, address: str | None, broker_api: str | None,
            flower_extra: tuple[str, ...]) -> None:
-    """Run Flower for an app, with basic auth from settings; extra arguments go to Flower."""
+    """Run Flower for an app behind basic auth; extra arguments go to Flower.
+
+    Without configured credentials a password is generated, printed once and written to the
+    stack file.
+    """
     settings = load_cli_settings()
-    auth = check_basic_auth(settings.monitoring.flower_basic_auth)
-    if auth:
-        os.environ[FLOWER_AUTH_ENV] = auth
+    configured = settings.monitoring.flower_basic_auth
+    if configured is None:
+        auth = generate_basic_auth()
+        url = flower_url(settings) if port is None else f"http://127.0.0.1:{port}/"
+        stack = record_generated(auth, url)
+        user, _, password = auth.partition(":")
+        click.echo(f"taskyard flower: no credentials configured; generated user {user} password "
+                   f"{password} (kept in {stack.path}; set {AUTH_VARIABLE} to choose them)",
+                   err=True)
     else:
-        os.environ.pop(FLOWER_AUTH_ENV, None)
-        click.echo("taskyard flower: basic auth is OFF (flower_basic_auth is empty)", err=True)
+        auth = check_basic_auth(configured)
+    os.environ[FLOWER_AUTH_ENV] = auth
     show_app_queues()
+    require_auth_on_every_route()
 
     from celery.bin.celery import celery as celery_main
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -10,10 +11,13 @@ from pathlib import Path
 
 import click
 
+from taskyard.cli import stackfile
+from taskyard.cli.flower import AUTH_VARIABLE
 from taskyard.cli.loader import settings as cli_settings
-from taskyard.config import Settings, load_settings
+from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
 from taskyard.errors import TaskyardError
-from taskyard.monitoring.services import dashboard_url, monitoring_services
+from taskyard.monitoring.flower import generate_basic_auth
+from taskyard.monitoring.services import api_base_url, dashboard_url, monitoring_services
 from taskyard.stack import (
     EmbeddedRedis,
     Service,
@@ -26,6 +30,8 @@ from taskyard.workers.profiles import celery_worker_argv, get_profile
 
 #: Profiles `taskyard up` starts, one worker each: together they consume all five queues.
 UP_PROFILES = ("critical", "default", "batch")
+#: The admin token's variable, as the stack file records it.
+TOKEN_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}API_TOKEN"
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -42,6 +48,14 @@ def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
         raise click.BadParameter(str(exc), param_hint="--profile") from None
     argv = celery_argv(*celery_worker_argv(app_path, chosen, celery_args))
     os.execv(argv[0], argv)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A relative SQLite URL made absolute, so a shell in another directory opens the same file."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
 
 
 def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str | None,
@@ -67,29 +81,80 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
               help="Also run `python -m MODULE` (a demo workload) as part of the stack.")
 @click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat.")
 def up(app_path: str, producer: str | None, beat: bool) -> None:
-    """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard."""
+    """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard.
+
+    Writes .taskyard-stack.json here, so `taskyard` commands in this directory find the stack.
+    """
     settings = cli_settings()
+    path = stackfile.stack_path()
+    try:
+        running = stackfile.read(path)
+    except stackfile.StackFileError:
+        running = None  # a broken file is replaced
+    if running is not None and running.alive and running.pid != os.getpid():
+        raise click.ClickException(
+            f"a stack already runs from this directory (pid {running.pid}, {path.name}); "
+            "stop it first or start this one in another directory")
     env = dict(os.environ)
+    # What a second shell needs, as variables; credentials are generated when none are set.
+    recorded: dict[str, str] = {}
+    generated: list[str] = []
     embedded: EmbeddedRedis | None = None
     workdir = Path(tempfile.mkdtemp(prefix="taskyard-up-"))
+    overrides: dict[str, object] = {}
     if settings.redis_url is None:
         embedded = EmbeddedRedis(directory=str(workdir)).start()
-        env["TASKYARD_REDIS_URL"] = embedded.url
-        settings = load_settings(redis_url=embedded.url)
+        overrides["redis_url"] = embedded.url
+    monitoring: dict[str, object] = {}
+    if settings.monitoring.flower_basic_auth is None:
+        monitoring["flower_basic_auth"] = generate_basic_auth()
+        generated.append("Flower password")
+    if settings.monitoring.api_token is None:
+        monitoring["api_token"] = secrets.token_urlsafe(24)
+        generated.append("API token")
+    if monitoring:
+        overrides["monitoring"] = monitoring
+    if overrides:
+        settings = load_settings(**overrides)
+    recorded[f"{ENV_PREFIX}REDIS_URL"] = settings.effective_redis_url
+    recorded[f"{ENV_PREFIX}BROKER_URL"] = settings.effective_broker_url
+    recorded[f"{ENV_PREFIX}DATABASE_URL"] = _absolute_sqlite(settings.database_url)
+    recorded[f"{ENV_PREFIX}NAMESPACE"] = settings.namespace
+    recorded[AUTH_VARIABLE] = str(settings.monitoring.flower_basic_auth)
+    recorded[TOKEN_VARIABLE] = str(settings.monitoring.api_token)
+    env.update(recorded)
     supervisor = Supervisor(env)
     rows = [("service", "pid", "where")]
     if embedded is not None:
         assert embedded.process is not None
         rows.append(("redis (embedded)", str(embedded.process.pid), embedded.url))
+    urls: dict[str, str] = {}
     try:
         for service in _up_services(app_path, settings, workdir, producer, beat):
             supervisor.start(service)
             assert service.process is not None
-            rows.append((service.name, str(service.process.pid), service.address))
+            address = service.address
+            if service.name == "flower":
+                urls["flower"] = service.address
+                user = str(settings.monitoring.flower_basic_auth).partition(":")[0]
+                address += f"  (user {user})"
+            rows.append((service.name, str(service.process.pid), address))
             if service.name == "stats api":
+                base = api_base_url(service)
+                urls.update(api=base + "/api/v1/overview", docs=base + "/docs",
+                            metrics=base + "/metrics", dashboard=dashboard_url(service))
                 rows.append(("dashboard", str(service.process.pid), dashboard_url(service)))
+        stack = stackfile.new(path, recorded, urls, app=app_path)
+        stackfile.write(stack)
         click.echo(f"taskyard up: broker {settings.effective_broker_url}\n")
         click.echo(format_table(rows))
+        click.echo(f"\nStack file: {path} (taskyard commands run in this directory use it).")
+        if generated:
+            click.echo(f"Generated {' and '.join(generated)} (shown once; also in the stack "
+                       "file). For a shell elsewhere:")
+        else:
+            click.echo("For a shell elsewhere:")
+        click.echo("\n".join("  " + line for line in stack.export_lines()))
         click.echo("\nPress Ctrl-C to stop everything.", err=True)
         code = run_until_signalled(supervisor)
     finally:
@@ -98,5 +163,6 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         if embedded is not None:
             embedded.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+        stackfile.remove_if_owned(path, os.getpid())
         click.echo("taskyard up: stopped.", err=True)
     sys.exit(code)

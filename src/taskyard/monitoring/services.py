@@ -9,7 +9,7 @@ from __future__ import annotations
 import socket
 import sys
 
-from taskyard.config import Settings
+from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings
 from taskyard.stack import Service, free_port
 
 
@@ -37,13 +37,12 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
     command = [sys.executable, "-m", "taskyard.cli"]
     flower_host = m.flower_host or "127.0.0.1"
     flower_port = port_or_free(flower_host, m.flower_port)
-    user = m.flower_basic_auth.partition(":")[0]
-    login = f" (user {user}, password from flower_basic_auth)" if user else " (no auth)"
+    flower_address = m.flower_url or f"http://{_shown(flower_host)}:{flower_port}/"
     flower = Service(
         "flower",
         [*command, "flower", "-A", app_path, "--port", str(flower_port),
          "--address", flower_host],
-        f"http://{_shown(flower_host)}:{flower_port}/{login}",
+        flower_address,
     )
     api_port = port_or_free(m.api_host, m.api_port)
     base = f"http://{_shown(m.api_host)}:{api_port}"
@@ -51,8 +50,15 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
         "stats api",
         [*command, "api", "-A", app_path, "--host", m.api_host, "--port", str(api_port)],
         f"{base}/api/v1/overview  (docs {base}/docs, metrics {base}/metrics)",
+        # The dashboard links to Flower's task and worker pages at the port it really got.
+        env={f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}FLOWER_URL": flower_address},
     )
     return [flower, api]
+
+
+def api_base_url(api: Service) -> str:
+    """The stats API's base address (``http://host:port``)."""
+    return api.address.split("/api/", 1)[0]
 
 
 def dashboard_url(api: Service) -> str:
