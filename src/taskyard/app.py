@@ -12,6 +12,7 @@ from celery import Celery
 from celery.signals import after_task_publish
 
 from taskyard.broker.delays import install as install_delays
+from taskyard.broker import broker_transport_config
 from taskyard.config import Settings, load_settings
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
 from taskyard.keys import Keys
@@ -83,11 +84,17 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             # Sweep for abandoned messages on every interval, not on every tenth (kombu's default).
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # Leased reservations (taskyard.broker.transport): a live worker renews what it
+            # holds and the lease replaces visibility_timeout in the restore sweep. 0: off.
+            "reservation_lease": settings.reservation_lease_s,
             # Broker-side delays (taskyard.broker.delays): countdown/ETA messages wait in Redis.
             "taskyard_namespace": settings.namespace,
             "taskyard_delays": settings.broker_delays,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
         }
+        # taskyard's own Redis transport (atomic fetch, batched acks, leases); Celery hands
+        # broker_transport to kombu.Connection, where it wins over the URL scheme.
+        config.update(broker_transport_config(broker))
         config["result_backend_transport_options"] = {
             "visibility_timeout": settings.visibility_timeout_s
         }

@@ -1,0 +1,642 @@
+"""taskyard's Redis transport: kombu's, with one atomic fetch, batched acks and leases.
+
+A subclass of ``kombu.transport.redis.Transport`` selected by the app's ``broker_transport``
+setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), so plain
+``celery -A app worker -Q ...`` and every producer of the app use it. What changes:
+
+* One Redis client per channel, reused by every command (kombu builds a new ``redis.Redis``
+  per call in ``conn_or_acquire``), producers included.
+* A fetch is one Lua call (:data:`taskyard.broker.lua.FETCH`): it applies the acks gathered
+  since the last fetch, pops from the first non-empty list in ``-Q`` order (each queue's
+  priority sub-lists, then the next queue's) and records the message in kombu's own
+  ``unacked`` HASH and ``unacked_index`` ZSET in the same step, so no message is lost between
+  pop and record. Only when every list is empty does the channel block, on ``XREAD`` of the
+  queues' wake streams from ids read by that same call; producers add a wake entry when they
+  make a list non-empty, and the read times out after ``brpop_timeout`` (1 s) for messages
+  pushed by other producers.
+* Acks are carried on the next fetch; a hub timer (``ack_flush_delay``, 5 ms) applies them
+  when no fetch follows in time, and closing the channel applies the rest (a clean stop
+  re-runs nothing). Acks from threads other than the event loop's are applied at once.
+* Leases (``reservation_lease`` > 0, s): every held message (reserved, running, waiting for
+  its ETA) has its ``unacked_index`` score rewritten every third of the lease by a thread of
+  the channel, and the lease replaces ``visibility_timeout``, so kombu's own
+  ``restore_visible`` sweep returns a dead worker's messages within the lease plus one sweep.
+
+Everything else is kombu's: the message format, rejects and requeues, fanout over pub/sub,
+``global_keyprefix``, queue expiry, the restore sweep. The kombu internals this relies on are
+named where they are used and tested in ``tests/test_broker_transport.py``; the tested range is
+pinned in ``pyproject.toml`` (kombu 5.7).
+
+Extra transport options: ``taskyard_namespace`` (key namespace of the wake streams and the
+quarantine list), ``reservation_lease``, ``ack_flush_delay``, ``wake_maxlen`` (approximate
+length cap of a wake stream), ``binding_cache_ttl`` (s a channel reuses an exchange's binding
+table instead of reading it on every publish), ``fetch_batch`` (most messages one fetch pops
+when prefetch allows several).
+"""
+
+# kombu's transport classes are unannotated; untyped_calls_exclude does not reach calls made
+# through super() on their subclasses, so this module lets those calls through.
+# mypy: disable-error-code="no-untyped-call"
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import cached_property
+from queue import Empty
+from time import monotonic, time
+from types import ModuleType
+from typing import Any
+
+import redis
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from taskyard.broker.lease import Maintenance
+from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
+from taskyard.keys import Keys
+
+_delays: ModuleType | None
+try:  # Broker-side delays (broker/delays.py) are built beside this module.
+    from taskyard.broker import delays as _delays
+except ImportError:  # pragma: no cover - until broker/delays.py lands
+    _delays = None
+
+logger = logging.getLogger(__name__)
+
+#: Most acks one fetch carries; the rest ride on the next one.
+MAX_ACKS_PER_CALL = 5000
+
+_FETCH, _WAKE = "fetch", "wake"
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPlan:
+    """Keys of one fetch over a set of queues, in consumption order."""
+
+    keys: tuple[str, ...]
+    list_queues: tuple[str, ...]  # the queue of each list key, in order
+    wake_keys: tuple[str, ...]
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, with acks batched by the channel and fetch-recorded deliveries."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Tags the FETCH script already recorded in the unacked HASH and index.
+        self._prerecorded: set[str] = set()
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self._prerecorded:
+            self._prerecorded.discard(delivery_tag)
+            # virtual.QoS.append: only the in-memory bookkeeping (kombu's Redis QoS.append
+            # would write the unacked records a second time).
+            virtual.QoS.append(self, message, delivery_tag)
+        else:
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self.channel.queue_ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            # kombu's semantics: LPUSHed back (the far end from consumers), in one transaction.
+            super().reject(delivery_tag, requeue=True)
+        else:
+            self.ack(delivery_tag)
+
+    def held_tags(self) -> list[str]:
+        """Tags delivered and not yet acknowledged (safe to call from another thread)."""
+        for _ in range(10):
+            try:
+                # _delivered/_dirty are kombu's virtual.QoS bookkeeping, mutated by the
+                # consuming thread; a copy that races a mutation is retried.
+                dirty = set(self._dirty)
+                return [tag for tag in list(self._delivered) if tag not in dirty]
+            except RuntimeError:
+                continue
+        return []
+
+
+class Poller(kombu_redis.MultiChannelPoller):
+    """kombu's poller, registering each channel's fetch client instead of ``channel.client``.
+
+    kombu keys the BRPOP registration on ``channel.client``; here that is the reused client
+    of ordinary commands, and the blocking reads go through ``channel.fetch_client``.
+    """
+
+    def _register_BRPOP(self, channel: Channel) -> None:
+        client = channel.fetch_client
+        if not self._client_registered(channel, client, "BRPOP"):
+            channel._in_poll = False
+            self._register(channel, client, "BRPOP")
+        if not channel._in_poll:
+            channel._brpop_start()
+
+    def _pause_brpop(self, channel: Channel, fileno: int) -> None:
+        if fileno not in self._paused_brpop:
+            connection = channel._in_poll
+            self._unregister_from_poll(fileno)
+            self._paused_brpop[fileno] = (channel, channel.fetch_client, connection,
+                                          connection._sock)
+
+    def on_readable(self, fileno: int) -> None:
+        if fileno in self._paused_brpop:
+            return
+        chan_type = self._fd_to_chan.get(fileno)
+        if chan_type is None:
+            return
+        chan, kind = chan_type
+        if chan.qos.can_consume():
+            chan.handlers[kind]()
+        elif kind == "BRPOP":
+            if chan._in_poll:
+                self._pause_brpop(chan, fileno)
+            else:
+                chan.fetch_client.connection.disconnect()
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with the atomic fetch, a reused client and batched acks."""
+
+    QoS = QoS
+
+    _own_options = ("taskyard_namespace", "reservation_lease", "ack_flush_delay", "wake_maxlen",
+                    "binding_cache_ttl", "fetch_batch")
+    # kombu's attribute is typed as a tuple of its own length, hence the ignore.
+    from_transport_options = (
+        kombu_redis.Channel.from_transport_options + _own_options)  # type: ignore[assignment]
+    # kombu's class defaults (False, None) hold a connection and a monotonic time here.
+    _in_poll: Any
+    _brpop_sent_at: Any
+    visibility_timeout: float  # type: ignore[assignment]  # kombu's default is an int
+
+    taskyard_namespace = "taskyard"
+    reservation_lease = 0.0
+    ack_flush_delay = 0.005
+    wake_maxlen = 100
+    binding_cache_ttl = 5.0
+    fetch_batch = 16
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending_acks: deque[str] = deque()
+        self._inflight_acks: list[str] = []
+        self._ack_timer_armed = False
+        self._fetch_state: str | None = None
+        self._fetch_plan: FetchPlan | None = None
+        self._plans: dict[tuple[str, ...], FetchPlan] = {}
+        self._tables: dict[str, tuple[float, list[Any]]] = {}
+        self._no_ack_queues: set[str] = set()
+        self._maintenance: Maintenance | None = None
+        #: Callables the channel's maintenance thread runs about every 0.25 s while the
+        #: channel consumes (broker-side delay movers register here).
+        self.on_tick: list[Callable[[], None]] = []
+        super().__init__(*args, **kwargs)
+        if self.reservation_lease:
+            # kombu's restore_visible sweep compares delivery times with visibility_timeout;
+            # with leases the score is the last renewal, so the lease is the timeout.
+            self.visibility_timeout = float(self.reservation_lease)
+        self._keys = Keys(self.taskyard_namespace)
+
+    # --- clients ----------------------------------------------------------------------------
+    @cached_property
+    def client(self) -> redis.Redis:
+        """The channel's reused client for every non-blocking command (thread-safe pool)."""
+        client: redis.Redis = self._create_client()
+        return client
+
+    @cached_property
+    def fetch_client(self) -> redis.Redis:
+        """Client pinned to the connection the event loop polls for fetch replies."""
+        client: redis.Redis = self._create_client(asynchronous=True)
+        return client
+
+    @contextmanager
+    def conn_or_acquire(self, client: redis.Redis | None = None) -> Iterator[redis.Redis]:
+        # kombu calls this for every command of its own (restore, purge, size, acks).
+        yield client or self.client
+
+    @property
+    def keyprefix(self) -> str:
+        """kombu's global key prefix; the scripts and raw commands get full key names."""
+        return str(self.global_keyprefix or "")
+
+    def full_key(self, name: str) -> str:
+        return self.keyprefix + name
+
+    def wake_key(self, queue: str) -> str:
+        """Full name of ``queue``'s wake stream."""
+        return self.full_key(self._keys.wake_stream(queue))
+
+    # --- consuming ----------------------------------------------------------------------------
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        if self.active_queues and self._maintenance is None:
+            self._maintenance = Maintenance(self, float(self.reservation_lease))
+            self._maintenance.start()
+        return result
+
+    def _plan(self, queues: tuple[str, ...]) -> FetchPlan:
+        plan = self._plans.get(queues)
+        if plan is None:
+            lists = [(queue, self._q_for_pri(queue, pri))
+                     for queue in queues for pri in self.priority_steps]
+            wake = tuple(self.wake_key(queue) for queue in queues)
+            keys = (self.full_key(self.unacked_key), self.full_key(self.unacked_index_key),
+                    self.full_key(self._keys.broker_quarantine()),
+                    *(self.full_key(name) for _, name in lists), *wake)
+            plan = FetchPlan(keys, tuple(queue for queue, _ in lists), wake)
+            self._plans[queues] = plan
+        return plan
+
+    def _fetch_args(self, plan: FetchPlan, want: int, record: bool,
+                    acks: list[str]) -> list[Any]:
+        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks),
+                *acks]
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
+        # may consume and has no read outstanding: sends one FETCH without waiting for it.
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        plan = self._plan(tuple(queues))
+        estimate = self.qos.can_consume_max_estimate()
+        want = self.fetch_batch if estimate is None else max(1, min(estimate, self.fetch_batch))
+        record = any(queue not in self._no_ack_queues for queue in queues)
+        acks = self._take_acks()
+        connection: Any = self.fetch_client.connection
+        self._inflight_acks = acks
+        self._fetch_plan = plan
+        self._fetch_state = _FETCH
+        self._in_poll = connection
+        self._brpop_sent_at = monotonic()
+        try:
+            connection.send_command(*FETCH_SCRIPT.command(plan.keys, self._fetch_args(
+                plan, want, record, acks)))
+        except BaseException:
+            self._end_read(failed=True)
+            raise
+
+    def _brpop_read(self, **options: Any) -> bool:
+        client = self.fetch_client
+        connection: Any = client.connection
+        state = self._fetch_state
+        try:
+            reply = client.parse_response(connection, "EVALSHA" if state == _FETCH else "XREAD",
+                                          **options)
+        except redis.exceptions.NoScriptError:
+            # The server lost its scripts (restart, SCRIPT FLUSH): load and fetch again.
+            self._end_read(failed=True)
+            FETCH_SCRIPT.load(self.client)
+            raise Empty() from None
+        except self.connection_errors:
+            self._end_read(failed=True)
+            connection.disconnect()
+            raise
+        except BaseException:
+            self._end_read(failed=True)
+            raise
+        if state != _FETCH:
+            self._end_read()
+            raise Empty()
+        self._inflight_acks = []
+        kind = reply[0]
+        if kind == 0:
+            self._wait_for_wake(connection, reply[1:])
+            raise Empty()
+        plan = self._fetch_plan
+        self._end_read()
+        if kind == 2:
+            logger.warning("moved %d undecodable message(s) to %s", reply[1],
+                           self.full_key(self._keys.broker_quarantine()))
+            raise Empty()
+        assert plan is not None
+        self._deliver_fetched(plan, reply[1:])
+        return True
+
+    def _deliver_fetched(self, plan: FetchPlan, flat: list[Any]) -> None:
+        pairs = [(plan.list_queues[int(flat[i]) - 1], flat[i + 1]) for i in range(0, len(flat), 2)]
+        tags = []
+        for _, raw in pairs:
+            payload = loads(bytes_to_str(raw))
+            tags.append((payload, payload["properties"]["delivery_tag"]))
+        prerecorded = self.qos._prerecorded
+        for index, ((queue, _), (payload, tag)) in enumerate(zip(pairs, tags, strict=True)):
+            prerecorded.add(tag)
+            try:
+                self._queue_cycle.rotate(queue)
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                # The rest are recorded but not delivered: back to the consuming end of their lists.
+                prerecorded.discard(tag)
+                for _, later in tags[index + 1:]:
+                    self.qos.restore_by_tag(later)
+                raise
+            if tag in prerecorded:
+                # Delivered to a no-ack consumer (no QoS.append): drop the record.
+                prerecorded.discard(tag)
+                self.queue_ack(tag)
+
+    def _wait_for_wake(self, connection: Any, ids: list[Any]) -> None:
+        # Every list was empty: block on the wake streams from the ids read in that same
+        # atomic call. The read is sent on the fetch connection, still registered with the
+        # poller, so the event loop is woken by a publish or by the timeout.
+        plan = self._fetch_plan
+        assert plan is not None
+        if self._pending_acks:
+            self._flush_acks()  # idle: nothing to carry them on
+        timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
+        self._fetch_state = _WAKE
+        self._brpop_sent_at = monotonic()
+        try:
+            connection.send_command("XREAD", "BLOCK", timeout_ms, "STREAMS", *plan.wake_keys,
+                                    *ids)
+        except BaseException:
+            self._end_read()
+            raise
+
+    def _end_read(self, failed: bool = False) -> None:
+        if failed and self._inflight_acks:
+            # Unknown whether the script ran: apply them again (acks are idempotent).
+            self._pending_acks.extendleft(reversed(self._inflight_acks))
+        self._inflight_acks = []
+        self._fetch_state = None
+        self._in_poll = None
+        self._flush_brpop_reauth()
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        plan = self._plan((queue,))
+        acks = self._take_acks()
+        try:
+            reply = FETCH_SCRIPT(self.client, plan.keys, self._fetch_args(plan, 1, not no_ack,
+                                                                           acks))
+        except BaseException:
+            self._pending_acks.extendleft(reversed(acks))
+            raise
+        if reply[0] != 1:
+            return None
+        message = self.Message(loads(bytes_to_str(reply[2])), channel=self)
+        if not no_ack:
+            self.qos._prerecorded.add(message.delivery_tag)
+            self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        if type == "LISTEN":
+            return super()._poll_error(type, **options)
+        return self._brpop_read(**options)
+
+    def _on_connection_disconnect(self, connection: Any) -> None:
+        if self._in_poll is connection and self._inflight_acks:
+            self._pending_acks.extendleft(reversed(self._inflight_acks))
+            self._inflight_acks = []
+            self._fetch_state = None
+        super()._on_connection_disconnect(connection)
+
+    def _flush_brpop_reauth(self) -> None:
+        # kombu's version reads the pending re-auth token of channel.client's connection;
+        # here the long-lived connection is the fetch client's.
+        if self._in_poll:
+            return
+        client = self.__dict__.get("fetch_client")
+        connection: Any = getattr(client, "connection", None)
+        if self._pending_reauth_token(connection) is None:
+            return
+        if getattr(connection, "_sock", None) is None:
+            return
+        try:
+            connection.re_auth()
+        except (*self.connection_errors, self.ResponseError):
+            logger.warning("Redis re-auth failed on the fetch connection; reconnecting",
+                           exc_info=True)
+            with suppress(AttributeError):
+                connection.set_re_auth_token(None)
+            with suppress(*self.connection_errors):
+                connection.disconnect()
+
+    # --- acks -------------------------------------------------------------------------------
+    def queue_ack(self, tag: str) -> None:
+        """Remove ``tag``'s unacked records soon: on the next fetch, else within the delay."""
+        self._pending_acks.append(tag)
+        transport = self.connection
+        loop = getattr(transport, "_taskyard_loop", None)
+        if loop is None or threading.get_ident() != transport._taskyard_loop_thread:
+            self._flush_acks()
+            return
+        if not self._ack_timer_armed:
+            self._ack_timer_armed = True
+            loop.call_later(self.ack_flush_delay, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer_armed = False
+        try:
+            self._flush_acks()
+        except self.connection_errors:
+            logger.warning("could not apply acknowledgements; retrying", exc_info=True)
+            loop = getattr(self.connection, "_taskyard_loop", None)
+            if loop is not None and not self._ack_timer_armed and not self.closed:
+                self._ack_timer_armed = True
+                loop.call_later(max(self.ack_flush_delay, 0.5), self._on_ack_timer)
+
+    def _take_acks(self) -> list[str]:
+        pending = self._pending_acks
+        taken: list[str] = []
+        with suppress(IndexError):
+            for _ in range(min(len(pending), MAX_ACKS_PER_CALL)):
+                taken.append(pending.popleft())
+        return taken
+
+    def _flush_acks(self) -> None:
+        while self._pending_acks:
+            tags = self._take_acks()
+            try:
+                ACK_SCRIPT(self.client, [self.full_key(self.unacked_key),
+                                         self.full_key(self.unacked_index_key)], tags)
+            except BaseException:
+                self._pending_acks.extendleft(reversed(tags))
+                raise
+
+    def renew_leases(self) -> int:
+        """Rewrite the delivery time of every message this channel holds; returns how many."""
+        tags = self.qos.held_tags()
+        if not tags:
+            return 0
+        now = repr(time())
+        key = self.full_key(self.unacked_index_key)
+        for start in range(0, len(tags), 1000):
+            chunk = tags[start:start + 1000]
+            words: list[Any] = []
+            for tag in chunk:
+                words += (now, tag)
+            # XX: never re-adds a message that was acknowledged or restored meanwhile.
+            redis.Redis.execute_command(self.client, "ZADD", key, "XX", *words)
+        return len(tags)
+
+    # --- publishing -------------------------------------------------------------------------
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        publish_batch = kwargs.get("_publish_batch")
+        if publish_batch is not None or queue in self._expires:
+            # kombu's own path (batched publish, queue TTLs), through the reused client.
+            super()._put(queue, message, **kwargs)
+            if publish_batch is not None:
+                publish_batch.add("xadd", self.wake_key(queue), {"w": 1}, "*", self.wake_maxlen,
+                                  True)
+            else:
+                self._wake(queue)
+            return
+        headers = message.get("headers") or {}
+        if _delays is not None and headers.get("eta"):
+            # Broker-side delays: a message due later waits in Redis, not in a worker.
+            # kombu's prefixing pipeline (when global_keyprefix is set): delays.py names keys
+            # without the prefix, as kombu's own commands do.
+            pipe = self.client.pipeline(transaction=False)
+            if _delays.maybe_delay(pipe, self, queue, message):
+                pipe.execute()
+                return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        PUBLISH_SCRIPT(self.client, (self.full_key(key), self.wake_key(queue)),
+                       (dumps(message), self.wake_maxlen))
+
+    def _wake(self, queue: str, pipe: Any = None) -> None:
+        target = pipe if pipe is not None else self.client
+        # Called unbound on redis.Redis so kombu's prefixing client leaves the full key alone.
+        command = ("XADD", self.wake_key(queue), "MAXLEN", "~", self.wake_maxlen, "*", "w", 1)
+        if pipe is not None:
+            target.execute_command(*command)
+        else:
+            redis.Redis.execute_command(target, *command)
+
+    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
+                            leftmost: bool = False) -> None:
+        # kombu pushes the message back inside its restore transaction; the wake entry goes
+        # into the same transaction so idle workers see it at once.
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        for queue in self._lookup(exchange, routing_key):
+            self._wake(queue, pipe)
+
+    # --- bindings ---------------------------------------------------------------------------
+    def get_table(self, exchange: str) -> list[Any]:
+        # kombu reads the binding table (SMEMBERS) on every publish; the table changes only
+        # when queues are bound or deleted, so it is reused for binding_cache_ttl seconds.
+        now = monotonic()
+        cached = self._tables.get(exchange)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        table: list[Any] = super().get_table(exchange)
+        if table and self.binding_cache_ttl > 0:
+            self._tables[exchange] = (now + self.binding_cache_ttl, table)
+        return table
+
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        queues: list[str] = super()._lookup(exchange, routing_key, default)
+        if not queues and self._tables.pop(exchange, None) is not None:
+            # A binding made elsewhere after the table was cached: read it again.
+            queues = super()._lookup(exchange, routing_key, default)
+        return queues
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        self._tables.pop(exchange, None)
+        super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    def _delete(self, queue: str, exchange: str, *args: Any, **kwargs: Any) -> None:
+        self._tables.pop(exchange, None)
+        super()._delete(queue, exchange, *args, **kwargs)
+
+    # --- closing ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if not self.closed:
+            self._closing = True
+            if self._maintenance is not None:
+                self._maintenance.stop()
+                self._maintenance = None
+            self._abandon_read()
+            try:
+                self._flush_acks()
+            except self.connection_errors:
+                logger.warning("could not apply %d acknowledgement(s) at close; those "
+                               "messages run again after the lease", len(self._pending_acks),
+                               exc_info=True)
+        super().close()
+
+    def _abandon_read(self) -> None:
+        """Settle an outstanding read before closing (kombu would deliver its message)."""
+        if not self._in_poll:
+            return
+        connection: Any = self.fetch_client.connection
+        if self._fetch_state != _FETCH:
+            self._end_read()
+            with suppress(*self.connection_errors):
+                connection.disconnect()
+            return
+        try:
+            reply = self.fetch_client.parse_response(connection, "EVALSHA")
+        except Exception:
+            self._end_read(failed=True)
+            with suppress(*self.connection_errors):
+                connection.disconnect()
+            return
+        self._inflight_acks = []
+        self._end_read()
+        if reply and reply[0] == 1:
+            for raw in reply[2::2]:
+                tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
+                self.qos.restore_by_tag(tag)
+
+    def _close_clients(self) -> None:
+        super()._close_clients()
+        for attr in ("fetch_client", "client"):
+            client = self.__dict__.get(attr)
+            if client is None:
+                continue
+            connection, client.connection = client.connection, None
+            if connection is not None:
+                with suppress(Exception):
+                    connection.disconnect()
+            with suppress(Exception):
+                client.connection_pool.disconnect()
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The same channel on a Sentinel-managed master (``sentinel://`` URLs)."""
+
+    from_transport_options = (
+        kombu_redis.SentinelChannel.from_transport_options  # type: ignore[assignment]
+        + Channel._own_options)
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with taskyard's channel (``broker_transport`` names it)."""
+
+    Channel = Channel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycle: Any = Poller()
+        self._taskyard_loop: Any = None
+        self._taskyard_loop_thread: int | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        # Acks made on the loop's thread wait for the next fetch, with a loop timer behind.
+        self._taskyard_loop = loop
+        self._taskyard_loop_thread = threading.get_ident()
+
+
+class SentinelTransport(Transport):
+    """Sentinel variant (``sentinel://host:26379;sentinel://...`` with ``master_name``)."""
+
+    default_port = 26379  # type: ignore[assignment]  # kombu's class default is None
+    Channel = SentinelChannel

@@ -1,0 +1,429 @@
+"""taskyard's Redis transport on a real Redis, through kombu: the fetch, acks, leases, seams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.transport import redis as kombu_redis
+
+from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
+from taskyard.broker.transport import Channel, QoS, SentinelTransport, Transport
+from taskyard.keys import Keys
+from taskyard.testing import terminate, wait_until
+from tests import servers
+
+EXCHANGE = Exchange("taskyard", "direct")
+LEVELS = ("critical", "high", "normal")
+OPTIONS = {"queue_order_strategy": "priority", "reservation_lease": 30}
+
+
+def _queues() -> list[Queue]:
+    return [Queue(name, EXCHANGE, routing_key=name) for name in LEVELS]
+
+
+@pytest.fixture
+def connect(redis_client: redis.Redis) -> Iterator[Any]:
+    """Factory of kombu connections on the suite's database with taskyard's transport."""
+    opened: list[Connection] = []
+
+    def factory(url: str = servers.REDIS_URL, **options: Any) -> Connection:
+        conn = Connection(url, transport=Transport, transport_options={**OPTIONS, **options})
+        opened.append(conn)
+        return conn
+
+    yield factory
+    for conn in opened:
+        conn.release()
+
+
+def _declare(conn: Connection) -> Producer:
+    channel = conn.channel()
+    for queue in _queues():
+        queue(channel).declare()
+    return Producer(channel, EXCHANGE)
+
+
+def _drain(conn: Connection, queues: list[Queue], count: int, ack: bool = True,
+           timeout_s: float = 10) -> list[Any]:
+    got: list[Any] = []
+
+    def on_message(body: Any, message: Any) -> None:
+        got.append((body, message))
+        if ack:
+            message.ack()
+
+    consumer = Consumer(conn.channel(), queues, callbacks=[on_message])
+    consumer.qos(prefetch_count=count)
+    deadline = time.monotonic() + timeout_s
+    with consumer:
+        while len(got) < count and time.monotonic() < deadline:
+            try:
+                conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+    return got
+
+
+# --- selection by the app's configuration ---------------------------------------------------
+def test_app_configuration_selects_the_transport(make_app: Any) -> None:
+    app = make_app("sel")
+    assert app.conf.broker_transport == REDIS_TRANSPORT
+    assert app.conf.broker_transport_options["reservation_lease"] == 30.0
+    with app.connection_for_write() as conn:
+        # Celery's _connection passes broker_transport to kombu.Connection, which keeps it over
+        # the URL scheme (kombu.Connection.__init__).
+        assert isinstance(conn.transport, Transport)
+        channel = conn.default_channel
+        assert isinstance(channel, Channel)
+        assert channel.visibility_timeout == 30.0  # the lease replaces visibility_timeout
+
+
+def test_urls_map_to_transports() -> None:
+    assert broker_transport_config("redis://h:6379/0") == {"broker_transport": REDIS_TRANSPORT}
+    assert broker_transport_config("sentinel://h:26379")["broker_transport"] == \
+        SENTINEL_TRANSPORT
+    assert broker_transport_config("rediss://h:6380/0")["broker_transport"] == REDIS_TRANSPORT
+    assert broker_transport_config("amqp://guest@h//") == {}
+    assert broker_transport_config("redis+socket:///tmp/r.sock") == {}
+
+
+def test_leases_off_keeps_the_visibility_timeout(make_app: Any) -> None:
+    app = make_app("nolease", reservation_lease_s=0, visibility_timeout_s=5000)
+    with app.connection_for_write() as conn:
+        assert conn.default_channel.visibility_timeout == 5000
+
+
+# --- the seams of kombu this relies on ----------------------------------------------------
+def test_kombu_seams_are_where_the_transport_expects_them() -> None:
+    # Poller hooks, fetch entry points, restore path and QoS bookkeeping named in transport.py.
+    for name in ("_register_BRPOP", "_pause_brpop", "on_readable", "_client_registered",
+                 "_register", "_paused_brpop", "_update_brpop_polling"):
+        assert hasattr(kombu_redis.MultiChannelPoller, name) or name == "_paused_brpop"
+    for name in ("_brpop_start", "_brpop_read", "_do_restore_message", "_q_for_pri",
+                 "_queue_cycle", "_get_message_priority", "_create_client", "_flush_brpop_reauth",
+                 "_pending_reauth_token", "_close_clients", "_on_connection_disconnect",
+                 "get_table", "_lookup", "_queue_bind", "_delete", "_put"):
+        assert hasattr(kombu_redis.Channel, name) or name == "_queue_cycle", name
+    for name in ("restore_by_tag", "restore_visible", "restore_unacked", "_remove_from_indices"):
+        assert hasattr(kombu_redis.QoS, name)
+    assert kombu_redis.Channel.unacked_key == "unacked"
+    assert kombu_redis.Channel.unacked_index_key == "unacked_index"
+    assert kombu_redis.PRIORITY_STEPS == [0, 3, 6, 9]
+    assert kombu_redis.Channel.sep == "\x06\x16"
+    assert issubclass(QoS, kombu_redis.QoS)
+    assert issubclass(SentinelTransport.Channel, kombu_redis.SentinelChannel)
+
+
+def test_one_client_per_channel_for_every_command(connect: Any,
+                                                  redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    channel = producer.channel
+    client = channel.client
+    with channel.conn_or_acquire() as acquired:
+        assert acquired is client
+    for i in range(5):
+        producer.publish({"i": i}, routing_key="normal")
+    assert channel.client is client
+    assert channel.fetch_client is not client  # the blocking reads have their own connection
+    assert redis_client.llen("normal") == 5
+
+
+# --- fetch --------------------------------------------------------------------------------
+def test_strict_queue_order_across_priority_sub_lists(connect: Any,
+                                                      redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"m": "normal-0"}, routing_key="normal", priority=0)
+    producer.publish({"m": "high-9"}, routing_key="high", priority=9)
+    producer.publish({"m": "high-0"}, routing_key="high", priority=0)
+    producer.publish({"m": "critical-9"}, routing_key="critical", priority=9)
+    producer.publish({"m": "critical-3"}, routing_key="critical", priority=3)
+    # Sub-lists as kombu names them (Channel._q_for_pri).
+    assert redis_client.llen("critical\x06\x169") == 1
+    assert redis_client.llen("critical\x06\x163") == 1
+    got = _drain(conn, _queues(), 5)
+    assert [body["m"] for body, _ in got] == ["critical-3", "critical-9", "high-0", "high-9",
+                                              "normal-0"]
+
+
+def test_a_fetched_message_is_recorded_as_kombu_records_it(connect: Any,
+                                                           redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"x": 1}, routing_key="high")
+    before = time.time()
+    (body, message), = _drain(conn, _queues(), 1, ack=False)
+    tag = message.delivery_tag
+    raw, exchange, routing_key = json.loads(redis_client.hget("unacked", tag))
+    assert (exchange, routing_key) == ("taskyard", "high")
+    assert raw["properties"]["delivery_tag"] == tag
+    assert before - 1 <= redis_client.zscore("unacked_index", tag) <= time.time() + 1
+    assert redis_client.llen("high") == 0
+    # kombu's own restore path reads that record back into the queue.
+    message.channel.qos.restore_by_tag(tag)
+    assert redis_client.llen("high") == 1
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_fetch_pops_several_when_prefetch_allows(connect: Any,
+                                                 redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    for i in range(20):
+        producer.publish({"i": i}, routing_key="normal")
+    got = _drain(conn, _queues(), 20)
+    assert [body["i"] for body, _ in got] == list(range(20))
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_idle_consumer_is_woken_by_a_publish(connect: Any) -> None:
+    conn = connect()
+    _declare(conn)
+    sender = connect()
+    producer = _declare(sender)
+    received: list[float] = []
+
+    def publish_later() -> None:
+        time.sleep(0.4)
+        received.append(time.monotonic())
+        producer.publish({"late": 1}, routing_key="normal")
+
+    thread = threading.Thread(target=publish_later)
+    thread.start()
+    got = _drain(conn, _queues(), 1, timeout_s=5)
+    arrived = time.monotonic()
+    thread.join()
+    assert got and got[0][0] == {"late": 1}
+    # The XREAD on the wake stream returns at once; its timeout fallback is 1 s.
+    assert arrived - received[0] < 0.5
+
+
+def test_undecodable_items_are_kept_aside_not_lost(connect: Any,
+                                                   redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    redis_client.lpush("normal", b"not json", json.dumps({"no": "properties"}))
+    producer.publish({"ok": 1}, routing_key="normal")
+    got = _drain(conn, _queues(), 1)
+    assert [body for body, _ in got] == [{"ok": 1}]
+    assert sorted(redis_client.lrange(Keys().broker_quarantine(), 0, -1)) == \
+        sorted([b"not json", json.dumps({"no": "properties"}).encode()])
+
+
+def test_basic_get_records_and_no_ack_does_not(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"a": 1}, routing_key="normal")
+    producer.publish({"b": 2}, routing_key="normal")
+    channel = conn.channel()
+    message = channel.basic_get("normal")
+    assert message is not None and redis_client.hexists("unacked", message.delivery_tag)
+    message.ack()
+    assert redis_client.hlen("unacked") == 0
+    assert channel.basic_get("normal", no_ack=True) is not None
+    assert redis_client.hlen("unacked") == 0
+    assert channel.basic_get("normal") is None
+
+
+# --- acks ---------------------------------------------------------------------------------
+class _Loop:
+    """Stand-in for Celery's hub: records the timers the channel asks for."""
+
+    def __init__(self) -> None:
+        self.timers: list[tuple[float, Any]] = []
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.timers.append((delay, callback))
+
+
+def test_acks_on_the_loop_thread_ride_on_the_next_fetch(connect: Any,
+                                                        redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    for i in range(3):
+        producer.publish({"i": i}, routing_key="normal")
+    channel = conn.channel()
+    first, second = channel.basic_get("normal"), channel.basic_get("normal")
+    loop = _Loop()
+    transport = conn.transport
+    transport._taskyard_loop, transport._taskyard_loop_thread = loop, threading.get_ident()
+    first.ack()
+    second.ack()
+    assert redis_client.hlen("unacked") == 2  # pending, not yet applied
+    assert len(loop.timers) == 1 and loop.timers[0][0] == pytest.approx(0.005)
+    third = channel.basic_get("normal")  # carries both acks
+    assert set(redis_client.hkeys("unacked")) == {third.delivery_tag.encode()}
+    assert redis_client.zcard("unacked_index") == 1
+    third.ack()
+    loop.timers[0][1]()  # the timer fallback applies what no fetch carried
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_acks_from_another_thread_apply_at_once(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    channel = conn.channel()
+    message = channel.basic_get("normal")
+    transport = conn.transport
+    transport._taskyard_loop, transport._taskyard_loop_thread = _Loop(), -1
+    thread = threading.Thread(target=message.ack)
+    thread.start()
+    thread.join()
+    assert redis_client.hlen("unacked") == 0
+
+
+def test_close_applies_pending_acks(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    channel = conn.channel()
+    message = channel.basic_get("normal")
+    transport = conn.transport
+    transport._taskyard_loop, transport._taskyard_loop_thread = _Loop(), threading.get_ident()
+    message.ack()
+    assert redis_client.hlen("unacked") == 1
+    channel.close()
+    assert redis_client.hlen("unacked") == 0
+    assert redis_client.llen("normal") == 0  # acked, so not restored at close
+
+
+def test_reject_with_requeue_keeps_kombu_semantics(connect: Any,
+                                                   redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    producer.publish({"i": 2}, routing_key="normal")
+    channel = conn.channel()
+    message = channel.basic_get("normal")
+    message.reject(requeue=True)
+    assert redis_client.hlen("unacked") == 0
+    # kombu LPUSHes a requeued message: consumers pop from the other end, so it comes last.
+    assert channel.basic_get("normal").payload == {"i": 2}
+    again = channel.basic_get("normal")
+    assert again.payload == {"i": 1}
+    again.reject(requeue=False)
+    assert redis_client.hlen("unacked") == 1 and redis_client.llen("normal") == 0
+
+
+# --- leases -------------------------------------------------------------------------------
+def test_renewal_rewrites_held_scores_only(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    producer.publish({"i": 2}, routing_key="normal")
+    channel = conn.channel()
+    held, done = channel.basic_get("normal"), channel.basic_get("normal")
+    redis_client.zadd("unacked_index", {held.delivery_tag: 1.0, done.delivery_tag: 1.0})
+    done.ack()
+    assert channel.renew_leases() == 1
+    assert redis_client.zscore("unacked_index", held.delivery_tag) > time.time() - 5
+    assert redis_client.zscore("unacked_index", done.delivery_tag) is None  # ZADD XX
+
+
+def test_kombu_sweep_restores_an_expired_lease(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect(reservation_lease=1)
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="high", priority=6)
+    dead = conn.channel()
+    assert dead.basic_get("high") is not None  # held by a "worker" that never renews
+    time.sleep(1.3)
+    survivor = connect(reservation_lease=1).channel()
+    # kombu's own sweep, as its event-loop timer calls it.
+    survivor.qos.restore_visible(num=None, interval=1)
+    assert redis_client.llen("high\x06\x166") == 1  # back in its queue and priority sub-list
+    assert redis_client.hlen("unacked") == 0
+    assert redis_client.xlen(Keys().wake_stream("high")) >= 1  # idle workers are woken
+
+
+def test_maintenance_thread_renews_while_a_consumer_holds(connect: Any,
+                                                          redis_client: redis.Redis) -> None:
+    conn = connect(reservation_lease=0.6)
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    got = _drain(conn, _queues(), 1, ack=False)
+    tag = got[0][1].delivery_tag
+    first = redis_client.zscore("unacked_index", tag)
+    wait_until(lambda: redis_client.zscore("unacked_index", tag) > first, 3, 0.05,
+               "a lease renewal")
+
+
+# --- key prefix and Sentinel ------------------------------------------------------------------
+def test_global_keyprefix(connect: Any, redis_client: redis.Redis) -> None:
+    conn = connect(global_keyprefix="pfx:", reservation_lease=1)
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    assert redis_client.llen("pfx:normal") == 1
+    assert redis_client.xlen("pfx:" + Keys().wake_stream("normal")) == 1
+    channel = conn.channel()
+    message = channel.basic_get("normal")
+    assert redis_client.hexists("pfx:unacked", message.delivery_tag)
+    assert redis_client.zscore("pfx:unacked_index", message.delivery_tag) is not None
+    time.sleep(1.2)
+    connect(global_keyprefix="pfx:", reservation_lease=1).channel().qos.restore_visible(
+        num=None, interval=1)
+    assert redis_client.llen("pfx:normal") == 1
+    got = _drain(conn, _queues(), 1)
+    assert got[0][0] == {"i": 1}
+    assert redis_client.hlen("pfx:unacked") == 0
+    assert not redis_client.exists("normal", "unacked")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def sentinel_url(tmp_path: Path) -> Iterator[str]:
+    """A real Redis master and a real Sentinel watching it, on spare ports."""
+    if shutil.which("redis-server") is None:
+        if servers.in_ci():
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    master, sentinel = _free_port(), _free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\n"
+                    f"sentinel monitor tymaster 127.0.0.1 {master} 1\n")
+    procs = [subprocess.Popen(["redis-server", "--port", str(master), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL),
+             subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                              stdout=subprocess.DEVNULL)]
+    try:
+        wait_until(lambda: servers.answers(master) and servers.answers(sentinel), 10)
+        yield f"sentinel://127.0.0.1:{sentinel}/0"
+    finally:
+        for proc in procs:
+            terminate(proc)
+
+
+def test_sentinel(sentinel_url: str) -> None:
+    conn = Connection(sentinel_url, transport=SentinelTransport,
+                      transport_options={**OPTIONS, "master_name": "tymaster"})
+    try:
+        producer = _declare(conn)
+        producer.publish({"via": "sentinel"}, routing_key="critical")
+        got = _drain(conn, _queues(), 1)
+        assert got[0][0] == {"via": "sentinel"}
+        client = producer.channel.client
+        assert client.hlen("unacked") == 0
+    finally:
+        conn.release()
+
+
+def test_sentinel_app_configuration(make_app: Any) -> None:
+    app = make_app("sent", broker_url="sentinel://127.0.0.1:26399/0")
+    assert app.conf.broker_transport == SENTINEL_TRANSPORT
