@@ -58,7 +58,7 @@ def test_celery_configuration_for_redis() -> None:
     app = create_app("x", redis_url="redis://127.0.0.1:6379/3", visibility_timeout_s=5000)
     conf = app.conf
     assert conf.broker_url == "redis://127.0.0.1:6379/3"
-    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert conf.accept_content == ["json"] and conf.task_serializer == "taskyard-json"
     assert conf.result_accept_content == ["json"] and conf.event_serializer == "json"
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1

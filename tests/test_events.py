@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery import Celery
 
+from taskyard.runtime import runtime_of
 from taskyard.testing import celery_worker, wait_until
 from tests import servers
 from tests.apps import prio
@@ -66,7 +67,7 @@ def test_every_task_is_seen_sent_received_started_succeeded(
 
 def test_sent_events_are_batched(make_app: Any, redis_client: redis.Redis) -> None:
     app = make_app("events-batch", redis_url=servers.REDIS_URL, event_flush_interval_s=5)
-    buffer = app._taskyard_sent_events
+    buffer = runtime_of(app).sent_events
     published: list[Any] = []
     pubsub = redis_client.pubsub()
     pubsub.psubscribe("*celeryev*")

@@ -9,11 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.app import defaults as celery_defaults
 from celery.signals import after_task_publish
 
+from taskyard import serialization
 from taskyard.broker.delays import install as install_delays
 from taskyard.broker import broker_transport_config
-from taskyard.config import Settings, load_settings
+from taskyard.config import Settings, is_redis_url, load_settings
+from taskyard.errors import ConfigurationError, did_you_mean
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
 from taskyard.keys import Keys
 from taskyard.routing.levels import build_queues, parse_level
@@ -23,8 +26,9 @@ from taskyard.runtime import Runtime, attach
 from taskyard.workers.prefetch import BulkPrefetch
 
 
-def _is_redis(url: str) -> bool:
-    return url.split("://", 1)[0] in {"redis", "rediss", "redis+socket", "sentinel"}
+#: Keywords of create_app that are Celery settings: new-style names, and the old upper-case
+#: ones (celery.app.defaults; _TO_NEW_KEY maps each old name to its new one).
+CELERY_SETTINGS = frozenset(celery_defaults.SETTING_KEYS) | frozenset(celery_defaults._TO_NEW_KEY)
 
 
 def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
@@ -35,8 +39,10 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "broker_url": broker,
         "result_backend": settings.result_backend,
         "task_ignore_result": settings.result_backend is None,
-        # JSON only: no pickle is accepted anywhere, by tasks, results or events.
-        "task_serializer": "json",
+        # JSON only: no pickle is accepted anywhere, by tasks, results or events. Task arguments
+        # follow taskyard's JSON policy (taskyard.serialization: no NaN/infinity), still sent as
+        # application/json, which "json" accepts.
+        "task_serializer": serialization.SERIALIZER,
         "result_serializer": "json",
         "event_serializer": "json",
         "accept_content": ["json"],
@@ -76,7 +82,7 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_hijack_root_logger": True,
     }
-    if _is_redis(broker):
+    if is_redis_url(broker):
         config["broker_transport_options"] = {
             # Poll queues strictly in -Q order (kombu >= 5.7 keeps that order).
             "queue_order_strategy": "priority",
@@ -139,13 +145,21 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
     """Return a Celery app configured for taskyard.
 
     Keyword overrides that name a taskyard setting (``broker_url``, ``routing_rules``, ...)
-    override the environment; any other keyword is set on the Celery configuration.
+    override the environment; those that name a Celery setting (``task_time_limit``, ...) are
+    set on the Celery configuration.
 
     Raises:
-        ConfigurationError: a setting is malformed (the message names the variable).
+        ConfigurationError: a setting is malformed (the message names the variable), or a
+            keyword is neither a taskyard nor a Celery setting (the message names the closest).
         RoutingError: a routing rule, the default level or a worker profile names an unknown level.
     """
     setting_names = set(Settings.model_fields)
+    for key, value in overrides.items():
+        if key not in setting_names and key not in CELERY_SETTINGS:
+            raise ConfigurationError(
+                f"create_app() got {key}={value!r}, which is neither a taskyard setting nor a "
+                f"Celery setting{did_you_mean(key, setting_names | CELERY_SETTINGS)}",
+                setting=key, value=value)
     settings = load_settings(**{k: v for k, v in overrides.items() if k in setting_names})
     celery_overrides = {k: v for k, v in overrides.items() if k not in setting_names}
 
@@ -159,14 +173,16 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
             parse_level(queue, where=f"queue in TASKYARD_WORKER_PROFILES[{profile!r}]:")
     router = Router(rules, default)
 
+    serialization.register()
     app = TaskyardCelery(name, include=list(include or ()), task_cls=TaskyardTask)
+    # Attached first: the app is a taskyard app from here on, whenever Celery finalizes it.
+    runtime = Runtime(settings=settings, keys=Keys(settings.namespace), router=router)
+    attach(app, runtime)
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
     router.app = app
-    runtime = Runtime(settings=settings, keys=Keys(settings.namespace), router=router)
-    attach(app, runtime)
     if settings.task_events:
-        app._taskyard_sent_events = SentEvents(app, settings.event_flush_interval_s)
+        runtime.sent_events = SentEvents(app, settings.event_flush_interval_s)
         after_task_publish.connect(on_after_task_publish, dispatch_uid="taskyard.sent_events",
                                    weak=False)
         app.steps["consumer"].add(EventBatching)

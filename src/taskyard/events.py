@@ -28,6 +28,8 @@ from typing import Any
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
+from taskyard.runtime import find_runtime
+
 log = logging.getLogger(__name__)
 
 #: The app whose task is being sent right now (set by the app's send_task).
@@ -106,7 +108,8 @@ def on_after_task_publish(headers: dict[str, Any] | None = None, exchange: str =
     app = sending_app.get()
     if app is None or headers is None:
         return
-    events: SentEvents | None = getattr(app, "_taskyard_sent_events", None)
+    runtime = find_runtime(app)
+    events: SentEvents | None = runtime.sent_events if runtime is not None else None
     if events is not None:
         events.add(headers, exchange, routing_key)
 

@@ -1,25 +1,32 @@
-"""What an app made by :func:`taskyard.create_app` carries: settings, keys, router, Redis.
+"""What an app made by :func:`taskyard.create_app` carries: settings, keys, router, Redis, and
+the per-app services of the subsystems (guard, metric capture, sent events, database engines).
 
 Subsystems reach these through :func:`runtime_of` (``runtime_of(task.app)``) rather than reading
-the environment again.
+the environment again. :func:`current_taskyard_app` is the app taskyard's decorators use.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery import _state
 
-from taskyard.config import Settings
+from taskyard.config import Settings, redis_client_url
 from taskyard.errors import ConfigurationError
 from taskyard.keys import Keys
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
     from taskyard.routing.rules import Router
 
 _ATTRIBUTE = "_taskyard_runtime"
+#: The taskyard app created last in this process (a weak reference: apps of finished tests go).
+_latest: weakref.ref[Any] | None = None
 
 
 @dataclass
@@ -29,6 +36,15 @@ class Runtime:
     settings: Settings
     keys: Keys
     router: Router
+    #: Resource guard (taskyard.workers.guards.Guard), metric capture
+    #: (taskyard.monitoring.capture.Capture) and task-sent event buffer (taskyard.events.SentEvents)
+    #: of this app: set by their installers, None when not installed. Typed Any: the runtime is
+    #: below those packages and does not import them.
+    guard: Any = None
+    capture: Any = None
+    sent_events: Any = None
+    #: SQLAlchemy engines of this app per database URL (taskyard.tasks.db), per process.
+    engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     _redis: redis.Redis | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -40,7 +56,7 @@ class Runtime:
             with self._lock:
                 if self._redis is None:
                     self._redis = redis.Redis.from_url(
-                        self.settings.effective_redis_url,
+                        redis_client_url(self.settings.effective_redis_url),
                         socket_connect_timeout=self.settings.broker_connect_timeout_s,
                         health_check_interval=30,
                     )
@@ -48,7 +64,44 @@ class Runtime:
 
 
 def attach(app: Any, runtime: Runtime) -> None:
+    """Make ``runtime`` the runtime of ``app``, and ``app`` the taskyard app created last."""
+    global _latest
     setattr(app, _ATTRIBUTE, runtime)
+    _latest = weakref.ref(app)
+
+
+def find_runtime(app: Any) -> Runtime | None:
+    """The runtime of ``app``, or None when ``create_app`` did not make it."""
+    return getattr(app, _ATTRIBUTE, None)
+
+
+def is_taskyard_app(app: Any) -> bool:
+    """Whether ``app`` was made by ``taskyard.create_app``."""
+    return getattr(app, _ATTRIBUTE, None) is not None
+
+
+def current_taskyard_app() -> Any:
+    """The taskyard app that taskyard's decorators use now, in any thread.
+
+    This thread's current Celery app when ``create_app`` made it, else the taskyard app created
+    last: a plain ``Celery()`` created later (it becomes Celery's current app) and a thread that
+    never called ``set_default()`` still get the taskyard app.
+
+    Raises:
+        ConfigurationError: no taskyard app exists in this process.
+    """
+    # Celery internals: _tls.current_app is the thread's current app (None in a new thread) and
+    # default_app the process default; read directly because get_current_app() would create a
+    # fallback plain app.
+    app = getattr(_state._tls, "current_app", None) or _state.default_app
+    if app is not None and getattr(app, _ATTRIBUTE, None) is not None:
+        return app
+    latest = _latest() if _latest is not None else None
+    if latest is None:
+        raise ConfigurationError(
+            "no taskyard app in this process: create one with taskyard.create_app(...) before "
+            "sending taskyard tasks")
+    return latest
 
 
 def runtime_of(app: Any) -> Runtime:

@@ -10,19 +10,27 @@ from taskyard.batching.definition import BatchDefinition, check_number
 from taskyard.batching.flush import make_flush_task
 from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority, parse_level
+from taskyard.routing.options import check_options
 from taskyard.routing.task import TaskyardTask
 
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+#: taskyard's own options of @batch_task (beside Celery's task options for the flush task).
+OWN_OPTIONS = ("batch_name", "batch_size", "max_wait", "priority", "key", "max_buffered",
+               "max_item_bytes", "lease_s", "max_retries", "retry_backoff_s", "app")
+_REFUSED = {
+    "bind": "the flush task is bound already; the function receives the list of items",
+    "base": "the flush task uses its app's task class",
+}
 
 
 class BatchTask(BatchDefinition):
     """What ``@batch_task`` returns: a batch definition bound to its Celery flush task."""
 
     def __init__(self, fn: Callable[[list[Any]], Any], *, celery_options: dict[str, Any],
-                 **definition: Any) -> None:
+                 app: Any = None, **definition: Any) -> None:
         options = dict(celery_options)
-        super().__init__(fn, name=options.pop("name", None), **definition)
-        self.task = make_flush_task(self, options)
+        super().__init__(fn, name=options.pop("name", None), app=app, **definition)
+        self.task = make_flush_task(self, options, app=app)
 
 
 @overload
@@ -34,7 +42,8 @@ def batch_task(
     *, batch_name: str | None = ..., batch_size: int = ..., max_wait: float = ...,
     priority: str | Priority = ..., key: Callable[[Any], Any] | None = ...,
     max_buffered: int | None = ..., max_item_bytes: int | None = ..., lease_s: float | None = ...,
-    max_retries: int | None = ..., retry_backoff_s: float | None = ..., **celery_options: Any,
+    max_retries: int | None = ..., retry_backoff_s: float | None = ..., app: Any = ...,
+    **celery_options: Any,
 ) -> Callable[[Callable[[list[Any]], Any]], BatchTask]: ...
 
 
@@ -43,7 +52,7 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                key: Callable[[Any], Any] | None = None, max_buffered: int | None = None,
                max_item_bytes: int | None = None, lease_s: float | None = None,
                max_retries: int | None = None, retry_backoff_s: float | None = None,
-               **celery_options: Any) -> Any:
+               app: Any = None, **celery_options: Any) -> Any:
     """Make ``fn(items: list)`` a batch task fed by ``.delay(item)`` and ``.add_many(items)``.
 
     Works bare (``@batch_task``: batch name = function name, 100 items, 2 s) or called. Options
@@ -61,24 +70,29 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
         lease_s: a batch whose worker stops renewing its lease is republished after this.
         max_retries, retry_backoff_s: retries of a failing batch (delay doubles each time)
             before it goes to the dead letters.
+        app: the taskyard app of this batch; default: the current taskyard app at each call.
+
+    Other keywords are Celery's task options for the flush task (``name=``, ``time_limit=``...).
 
     Raises:
-        ConfigurationError: an option is out of range (the message names value and range).
+        ConfigurationError: an option is unknown (the message names the closest valid one) or
+            out of range (the message names value and range), or ``app`` is not a taskyard app.
         RoutingError: ``priority`` is not one of the five levels.
     """
     level = parse_level(priority)
+    check_options("@batch_task", celery_options, OWN_OPTIONS, _REFUSED)
     check_number("batch_size", batch_size, minimum=1, strict=False, integer=True,
-            allowed="an integer >= 1")
+                 allowed="an integer >= 1")
     check_number("max_wait", max_wait, minimum=0, strict=True, allowed="a number of seconds > 0")
     check_number("max_buffered", max_buffered, minimum=1, strict=False, integer=True,
-            allowed="an integer >= 1")
+                 allowed="an integer >= 1")
     check_number("max_item_bytes", max_item_bytes, minimum=16, strict=False, integer=True,
-            allowed="an integer >= 16")
+                 allowed="an integer >= 16")
     check_number("lease_s", lease_s, minimum=0, strict=True, allowed="a number of seconds > 0")
     check_number("max_retries", max_retries, minimum=0, strict=False, integer=True,
-            allowed="an integer >= 0")
+                 allowed="an integer >= 0")
     check_number("retry_backoff_s", retry_backoff_s, minimum=0, strict=False,
-            allowed="a number of seconds >= 0")
+                 allowed="a number of seconds >= 0")
     if max_buffered is not None and max_buffered < batch_size:
         raise ConfigurationError(
             f"max_buffered={max_buffered} is smaller than batch_size={batch_size}; a batch "
@@ -105,7 +119,7 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                          level=level, key=key, max_buffered=max_buffered,
                          max_item_bytes=max_item_bytes, lease_s=lease_s,
                          max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-                         celery_options=dict(celery_options))
+                         celery_options=dict(celery_options), app=app)
 
     if fn is not None:
         return decorate(fn)

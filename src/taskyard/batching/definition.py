@@ -6,19 +6,21 @@ The flush task, the reaper and inspection depend on this module; the ``@batch_ta
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
-from celery import current_app
+from kombu.utils.url import maybe_sanitize_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from taskyard import serialization
 from taskyard.batching.buffer import BatchBuffer, Claimed
 from taskyard.config import Settings
-from taskyard.errors import BatchBufferFull, BatchItemError, ConfigurationError
+from taskyard.errors import BatchBufferFull, BatchItemError, BufferUnavailable, ConfigurationError
 from taskyard.routing.levels import Priority
-from taskyard.runtime import Runtime, runtime_of
+from taskyard.runtime import Runtime, current_taskyard_app, runtime_of
 from taskyard.signals import batch_flushed
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,8 @@ log = logging.getLogger(__name__)
 #: script never holds Redis for long (about a millisecond).
 _CHUNK = 2000
 _MAX_GROUP_CHARS = 256
+#: Redis errors meaning the buffers cannot be reached (BusyLoadingError is a ConnectionError).
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError)
 
 
 class AddResult(NamedTuple):
@@ -93,7 +97,7 @@ class BatchDefinition:
                  max_wait: float, level: Priority, key: Callable[[Any], Any] | None,
                  max_buffered: int | None, max_item_bytes: int | None, lease_s: float | None,
                  max_retries: int | None, retry_backoff_s: float | None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, app: Any = None) -> None:
         self.fn = fn
         self.batch_name = batch_name
         self.batch_size = batch_size
@@ -110,6 +114,8 @@ class BatchDefinition:
         self.__doc__ = fn.__doc__
         self.__module__ = fn.__module__
         self.name = name or f"{fn.__module__}.{self.__name__}"
+        #: The taskyard app given as ``app=``; None: the current taskyard app.
+        self.app = app
         self._states: dict[int, _AppState] = {}
         self._last: _AppState | None = None
         self._registered_for: _AppState | None = None
@@ -140,20 +146,18 @@ class BatchDefinition:
         )
 
     def state(self, app: Any = None) -> _AppState:
-        """Runtime, buffer and options of this batch for ``app`` (default: the current app).
+        """Runtime, buffer and options of this batch for ``app``.
 
-        Celery's current app is per thread: in a thread where it is not a taskyard app (one
-        that never called ``app.set_default()``), the app this batch last used is taken.
+        Default: the app given as ``app=``, else the current taskyard app (never a plain Celery
+        app, in any thread; see :func:`~taskyard.runtime.current_taskyard_app`).
         """
-        last = self._last
         if app is None:
-            app = current_app._get_current_object()
-            if last is not None and not hasattr(app, "_taskyard_runtime"):
-                return last
+            app = self.app if self.app is not None else current_taskyard_app()
+        last = self._last
         if last is not None and last.app is app:
             return last
         state = self._states.get(id(app))
-        if state is None or state.app is not app:
+        if state is None or state.app is not app:  # an id reused by a new app: a new state
             runtime = runtime_of(app)
             state = _AppState(app, runtime,
                               BatchBuffer(runtime.redis, runtime.keys, self.batch_name),
@@ -161,6 +165,10 @@ class BatchDefinition:
             self._states[id(app)] = state
         self._last = state
         return state
+
+    def _unavailable(self, state: _AppState, exc: Exception) -> NoReturn:
+        url = maybe_sanitize_url(state.runtime.settings.effective_redis_url)
+        raise BufferUnavailable(self.batch_name, url, f"{type(exc).__name__}: {exc}") from exc
 
     # --- producers --------------------------------------------------------------------------
     def encode(self, item: Any, limit: int) -> str:
@@ -170,8 +178,12 @@ class BatchDefinition:
             BatchItemError: not JSON-encodable, or longer than ``limit`` bytes.
         """
         try:
-            text = json.dumps(item, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            text = serialization.dumps(item)
+        except RecursionError:
+            raise BatchItemError(
+                self.batch_name, f"an item of type {type(item).__name__} is nested too deeply to "
+                "encode as JSON", item_type=type(item).__name__) from None
+        except serialization.ENCODE_ERRORS as exc:
             raise BatchItemError(
                 self.batch_name, f"an item of type {type(item).__name__} is not JSON-encodable "
                 f"({exc})", item_type=type(item).__name__) from None
@@ -213,20 +225,25 @@ class BatchDefinition:
         message carrying the batch id is published to the batch's level.
 
         Raises:
-            BatchItemError: the item is not JSON-encodable or is too large.
+            BatchItemError: the item is not JSON-encodable, nested too deeply, or too large.
             BatchBufferFull: the batch name already holds ``max_buffered`` items.
+            BufferUnavailable: Redis cannot be reached (a ``BrokerUnavailable``).
         """
         state = self.state()
         opts = state.options
         entry = self.encode(item, opts.max_item_bytes)
         group = self.group_of(item)
-        result = state.buffer.append(group, (entry,), batch_size=opts.batch_size,
-                                     max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
-                                     register=self._registration(state))
+        try:
+            result = state.buffer.append(group, (entry,), batch_size=opts.batch_size,
+                                         max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
+                                         register=self._registration(state))
+            if result.unregistered:
+                state.buffer.register(opts.registration(self.name))
+        except _UNREACHABLE as exc:
+            self._registered_for = None  # the definition may not have reached Redis
+            self._unavailable(state, exc)
         if not result.accepted:
             raise BatchBufferFull(self.batch_name, result.pending, opts.max_buffered)
-        if result.unregistered:
-            state.buffer.register(opts.registration(self.name))
         if result.claimed:
             claims = [Claimed(c.batch_id, group, c.size) for c in result.claimed]
             publish(state.app, self.name, opts.level.value, self.batch_name, claims, "size")
@@ -239,8 +256,10 @@ class BatchDefinition:
         other chunks still count, and :class:`BatchBufferFull` says how many were accepted.
 
         Raises:
-            BatchItemError: an item is not JSON-encodable or too large (nothing was appended).
+            BatchItemError: an item is not JSON-encodable, nested too deeply, or too large
+                (nothing was appended).
             BatchBufferFull: some items were refused (``accepted``/``rejected`` on the error).
+            BufferUnavailable: Redis cannot be reached (a ``BrokerUnavailable``).
         """
         state = self.state()
         opts = state.options
@@ -262,14 +281,18 @@ class BatchDefinition:
                                indices[start:start + _CHUNK]))
         if not chunks or not chunks[0][1]:
             return AddResult(0, ())
-        results = state.buffer.append_many(
-            ((g, e) for g, e, _ in chunks), batch_size=opts.batch_size,
-            max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
-            register=self._registration(state))
+        try:
+            results = state.buffer.append_many(
+                ((g, e) for g, e, _ in chunks), batch_size=opts.batch_size,
+                max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
+                register=self._registration(state))
+            if any(r.unregistered for r in results):
+                state.buffer.register(opts.registration(self.name))
+        except _UNREACHABLE as exc:
+            self._registered_for = None
+            self._unavailable(state, exc)
         claims: list[Claimed] = []
         accepted, rejected, pending = 0, [], 0
-        if any(r.unregistered for r in results):
-            state.buffer.register(opts.registration(self.name))
         for (group, entries, indices), result in zip(chunks, results, strict=True):
             pending = max(pending, result.pending)
             if result.accepted:
@@ -288,8 +311,11 @@ class BatchDefinition:
         """Claim every buffered item now, whatever its age (reason "manual")."""
         state = self.state()
         opts = state.options
-        claims, _ = state.buffer.reap(max_wait_ms=-1, batch_size=opts.batch_size,
-                                      lease_ms=opts.lease_ms, reason="manual", leases=False)
+        try:
+            claims, _ = state.buffer.reap(max_wait_ms=-1, batch_size=opts.batch_size,
+                                          lease_ms=opts.lease_ms, reason="manual", leases=False)
+        except _UNREACHABLE as exc:
+            self._unavailable(state, exc)
         publish(state.app, self.name, opts.level.value, self.batch_name, claims, "manual")
         return AddResult(0, tuple(c.batch_id for c in claims))
 

@@ -9,17 +9,15 @@ republished by the reaper and counted as a duplicate when it runs again.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from celery import shared_task
-
+from taskyard import serialization
 from taskyard.batching.buffer import Acquired, BatchBuffer
 from taskyard.errors import PartialFailure
-from taskyard.routing.task import TaskyardTask
+from taskyard.routing.binding import bind_task
 
 if TYPE_CHECKING:
     from taskyard.batching.definition import BatchDefinition, BatchOptions
@@ -30,27 +28,27 @@ log = logging.getLogger(__name__)
 _ERROR_CHARS = 2000
 
 
-class BatchFlushTask(TaskyardTask):
-    """Task class of the flush tasks: carries the batch definition it serves."""
-
-    taskyard_batch: BatchDefinition | None = None
-    # A killed worker's batch must run again: acknowledge after the function, and requeue when
-    # the pool child is lost (the lease covers a lost worker as well).
-    acks_late = True
-    reject_on_worker_lost = True
+#: Class attributes of every flush task. A killed worker's batch must run again: acknowledge
+#: after the function, and requeue when the pool child is lost (the lease covers a lost worker
+#: as well).
+FLUSH_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
 
 
-def make_flush_task(batch: BatchDefinition, celery_options: dict[str, Any]) -> Any:
-    """The Celery task (registered in every app, like ``shared_task``) that runs ``batch``."""
+def make_flush_task(batch: BatchDefinition, celery_options: dict[str, Any], *,
+                    app: Any = None) -> Any:
+    """The Celery task that runs ``batch``: of ``app``, or of every taskyard app.
 
-    def flush_batch(self: BatchFlushTask, batch_id: str) -> dict[str, Any]:
-        assert self.taskyard_batch is not None
+    The task is of the app's own task class, like any other taskyard task, and carries the
+    definition it serves as ``taskyard_batch``.
+    """
+
+    def flush_batch(self: Any, batch_id: str) -> dict[str, Any]:
         return run_batch(self, self.taskyard_batch, str(batch_id))
 
     flush_batch.__doc__ = f"Process one batch of {batch.batch_name!r}: calls {batch.name}."
-    return shared_task(name=batch.name, bind=True, base=BatchFlushTask,
-                       taskyard_level=batch.level, taskyard_batch=batch,
-                       **celery_options)(flush_batch)
+    options = {**FLUSH_TASK_OPTIONS, **celery_options}
+    return bind_task(flush_batch, app=app, decorator="@batch_task", name=batch.name, bind=True,
+                     taskyard_level=batch.level, taskyard_batch=batch, **options)
 
 
 class LeaseKeeper:
@@ -107,7 +105,7 @@ def run_batch(task: Any, batch: BatchDefinition, batch_id: str) -> dict[str, Any
         # "dead": in the dead letters. Nothing to do, and nothing to retry.
         log.info("batch %s/%s not processed here: %s", batch.batch_name, batch_id, got.status)
         return {"batch_id": batch_id, "status": got.status}
-    items = [json.loads(entry) for entry in got.entries]
+    items = [serialization.loads(entry) for entry in got.entries]
     outcome: Any
     with LeaseKeeper(buffer, batch_id, token, opts.lease_ms):
         try:

@@ -5,16 +5,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
-from celery import Task, shared_task
+from celery import Task
 from celery.local import PromiseProxy
 
 from taskyard.errors import ConfigurationError
+from taskyard.routing.binding import bind_task
 from taskyard.routing.levels import Priority, parse_level
-from taskyard.routing.task import TaskyardTask
+from taskyard.routing.options import check_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _RESOURCE_OPTIONS = ("requires_memory_mb", "memory_limit_mb", "cpu_time_limit_s")
+#: taskyard's own options of @priority_task (beside Celery's task options).
+OWN_OPTIONS = ("priority", "app", *_RESOURCE_OPTIONS)
+_REFUSED = {"base": "taskyard tasks use their app's task class (TaskyardTask)"}
 
 
 def _check_resources(options: dict[str, Any]) -> dict[str, float]:
@@ -45,24 +49,28 @@ def priority_task(fn: F, /) -> Any: ...
 
 @overload
 def priority_task(
-    *, priority: str | Priority = ..., requires_memory_mb: float | None = ...,
+    *, priority: str | Priority = ..., app: Any = ..., requires_memory_mb: float | None = ...,
     memory_limit_mb: float | None = ..., cpu_time_limit_s: float | None = ..., **options: Any,
 ) -> Callable[[Any], Any]: ...
 
 
 def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORMAL,
-                  **options: Any) -> Any:
+                  app: Any = None, **options: Any) -> Any:
     """Make ``fn`` a Celery task on ``priority``'s queue.
 
     Works bare (``@priority_task``, level normal) or called (``@priority_task(priority="high")``),
-    on a plain function (any other keyword goes to Celery's task decorator) or stacked on an
-    existing ``@app.task``. The level is checked here, when the module is imported.
+    on a plain function (Celery's task options go to Celery's task decorator) or stacked on an
+    existing ``@app.task``. The task belongs to ``app`` when given, else to every taskyard app
+    and is used through the current taskyard app (never a plain Celery app). Options are
+    checked here, when the module is imported.
 
     Raises:
         RoutingError: ``priority`` is not one of the five levels.
-        ConfigurationError: a resource option is not a positive number.
+        ConfigurationError: an option is unknown (the message names the closest valid one), a
+            resource option is not a positive number, or ``app`` is not a taskyard app.
     """
     level = parse_level(priority)
+    check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
     resources = _check_resources(options)
 
     def decorate(target: Any) -> Any:
@@ -77,10 +85,8 @@ def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORM
             raise ConfigurationError(
                 f"@priority_task decorates a function or a Celery task, not {type(target).__name__}"
             )
-        return shared_task(
-            base=TaskyardTask, taskyard_level=level,
-            **resources, **options,
-        )(target)
+        return bind_task(target, app=app, decorator="@priority_task", taskyard_level=level,
+                         **resources, **options)
 
     if fn is not None:
         return decorate(fn)

@@ -30,24 +30,6 @@ class TaskyardTask(Task):  # type: ignore[misc]
     #: Deliveries without an acknowledgement (each killed its process) before the message goes
     #: to the dead letters as "crashed"; None: TASKYARD_MAX_DELIVERIES.
     max_deliveries: int | None = None
-    #: Resource guard of the app (workers/guards), looked up once per task object; False: none.
-    _taskyard_guard: Any = None
-
-    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
-        """Admission by the resource guards: may defer this delivery (raises ``Ignore``)."""
-        guard = self._taskyard_guard
-        if guard is None:
-            guard = self._taskyard_guard = getattr(self.app, "_taskyard_guard", None) or False
-        if guard:
-            guard.before_task(self, task_id, args, kwargs)
-
-    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
-                     einfo: Any) -> None:
-        """Ends the resource accounting of this run."""
-        guard = self._taskyard_guard
-        if guard:
-            guard.after_task(self, status)
-
     def apply_async(
         self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
         producer: Any = None, link: Any = None, link_error: Any = None, shadow: Any = None,

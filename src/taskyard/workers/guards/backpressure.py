@@ -30,6 +30,7 @@ from typing import Any
 from celery import bootsteps
 
 from taskyard.config import GuardSettings
+from taskyard.runtime import runtime_of
 from taskyard.workers.guards.readings import Reading
 
 log = logging.getLogger("taskyard.guards")
@@ -184,7 +185,7 @@ class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.tref: Any = None
 
     def start(self, parent: Any) -> None:
-        guard = getattr(parent.app, "_taskyard_guard", None)
+        guard = runtime_of(parent.app).guard
         if guard is None:
             return
         guard.on_consumer_start(parent)
@@ -199,6 +200,6 @@ class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def shutdown(self, parent: Any) -> None:
         self.stop(parent)
-        guard = getattr(parent.app, "_taskyard_guard", None)
+        guard = runtime_of(parent.app).guard
         if guard is not None:
             guard.on_consumer_shutdown()

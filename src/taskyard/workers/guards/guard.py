@@ -1,8 +1,9 @@
 """The guard of one app: admission before every task, accounting, heartbeat, back-pressure.
 
-One :class:`Guard` per app (``app._taskyard_guard``). ``TaskyardTask.before_start`` calls
-:meth:`Guard.before_task` in the process that runs the task; the worker's main process runs the
-heartbeat and the back-pressure valve (:mod:`.backpressure`).
+One :class:`Guard` per app (``runtime.guard``). The app task class's ``before_start``
+(installed by :mod:`.install`) calls :meth:`Guard.before_task` in the process that runs the
+task; the worker's main process runs the heartbeat and the back-pressure valve
+(:mod:`.backpressure`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""Wire the resource guards into an app: the guard object, the consumer bootstep, signals.
+"""Wire the resource guards into an app: the guard object, the task hooks, the consumer
+bootstep, signals.
+
+The guard is the app's ``runtime.guard``. It reaches the app's tasks through the app's own task
+class (``app.Task``, which every task of the app made by ``@priority_task`` or ``@app.task``
+derives from): its ``before_start`` admits or defers the delivery, its ``after_return`` ends the
+accounting. Celery's tracer calls both inside its traced block, where an ``Ignore`` marks the
+delivery ignored; a signal receiver could not do that (Celery logs and swallows its errors).
 
 Does no I/O: the sampler, heartbeat and enforcement start only inside a worker.
 """
@@ -11,23 +18,45 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from taskyard.runtime import Runtime
+from taskyard.runtime import Runtime, is_taskyard_app, runtime_of
 from taskyard.workers.guards.backpressure import GuardStep
 from taskyard.workers.guards.guard import Guard
-
-ATTRIBUTE = "_taskyard_guard"
 
 
 def guard_of(app: Any) -> Guard | None:
     """The guard installed on ``app``, if any."""
-    guard = getattr(app, ATTRIBUTE, None)
+    if not is_taskyard_app(app):
+        return None
+    guard = runtime_of(app).guard
     return guard if isinstance(guard, Guard) else None
 
 
+def _hook_tasks(app: Celery, guard: Guard) -> None:
+    """Give the app's task class the guard's admission and accounting."""
+    if not (guard.enabled or guard.meter is not None):
+        return  # nothing to do per task: Celery's tracer then skips both hooks entirely
+    before_task, after_task = guard.before_task, guard.after_task
+
+    def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        before_task(self, task_id, args, kwargs)
+
+    def after_return(self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
+                     einfo: Any) -> None:
+        after_task(self, status)
+
+    # Celery internals: the tracer calls before_start/after_return only when a class below
+    # celery.Task defines them (celery.app.trace.task_has_custom), looked up when it builds a
+    # task's tracer; app.Task is this app's own subclass of its task_cls.
+    task_cls = app.Task
+    task_cls.before_start = before_start
+    task_cls.after_return = after_return
+
+
 def install(app: Celery, runtime: Runtime) -> Guard:
-    """Attach a :class:`Guard` to ``app`` and connect it to the worker's life cycle."""
+    """Make a :class:`Guard` the app's guard and connect it to its tasks and worker life cycle."""
     guard = Guard(runtime)
-    setattr(app, ATTRIBUTE, guard)
+    runtime.guard = guard
+    _hook_tasks(app, guard)
     app.steps["consumer"].add(GuardStep)
     app_ref = weakref.ref(app)
     guard_ref = weakref.ref(guard)
