@@ -30,7 +30,7 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     env["TASKYARD_DATABASE_URL"] = f"sqlite:///{tmp_path / 'up.db'}"
     with log.open("wb") as sink:
         up = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.prio"],
-                              env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+                              env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
                    60, message="the stack to start")

@@ -16,7 +16,7 @@ import pytest
 from taskyard.config import load_settings
 from taskyard.monitoring.services import dashboard_url, monitoring_services, port_or_free
 from taskyard.stack import free_port
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import child_env, wait_until
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 
@@ -37,9 +37,10 @@ def test_services_run_the_taskyard_commands_and_name_their_addresses() -> None:
     flower, api = monitoring_services("examples.bdc", settings)
     assert flower.argv[1:6] == ["-m", "taskyard.cli", "flower", "-A", "examples.bdc"]
     assert api.argv[1:6] == ["-m", "taskyard.cli", "api", "-A", "examples.bdc"]
-    assert flower.address.startswith(f"http://127.0.0.1:{settings.monitoring.flower_port}/")
-    assert "user admin" in flower.address and "taskyard" not in flower.address  # no password
+    assert flower.address == f"http://127.0.0.1:{settings.monitoring.flower_port}/"
     assert dashboard_url(api) == f"http://127.0.0.1:{settings.monitoring.api_port}/dashboard"
+    # The dashboard links to the Flower this stack really started.
+    assert api.env == {"TASKYARD_MONITORING__FLOWER_URL": flower.address}
 
 
 @pytest.mark.slow
@@ -57,7 +58,7 @@ def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
     with log.open("wb") as sink:
         up = subprocess.Popen(
             [sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.fivelevels",
-             "--no-beat"], env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+             "--no-beat"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
     descendants: list[psutil.Process] = []
     try:
         wait_until(lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
@@ -79,7 +80,8 @@ def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
                 return False
 
         wait_until(lambda: answers(api_url + "/health/live"), 60, 0.3, "the stats API")
-        wait_until(lambda: answers(flower_url + "healthcheck"), 60, 0.3, "Flower")
+        wait_until(lambda: answers(flower_url + "healthcheck", auth=("ops", "pw-for-test")), 60,
+                   0.3, "Flower")
         page = httpx.get(api_url + "/dashboard", timeout=10)
         assert page.status_code == 200 and "<svg" in page.text
         for level in LEVELS:

@@ -106,12 +106,18 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         embedded = EmbeddedRedis(directory=str(workdir)).start()
         overrides["redis_url"] = embedded.url
     monitoring: dict[str, object] = {}
+    # Credentials the user configured are recorded but never echoed back.
+    configured_secrets = []
     if settings.monitoring.flower_basic_auth is None:
         monitoring["flower_basic_auth"] = generate_basic_auth()
         generated.append("Flower password")
+    else:
+        configured_secrets.append(AUTH_VARIABLE)
     if settings.monitoring.api_token is None:
         monitoring["api_token"] = secrets.token_urlsafe(24)
         generated.append("API token")
+    else:
+        configured_secrets.append(TOKEN_VARIABLE)
     if monitoring:
         overrides["monitoring"] = monitoring
     if overrides:
@@ -154,7 +160,7 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
                        "file). For a shell elsewhere:")
         else:
             click.echo("For a shell elsewhere:")
-        click.echo("\n".join("  " + line for line in stack.export_lines()))
+        click.echo("\n".join("  " + line for line in stack.export_lines(configured_secrets)))
         click.echo("\nPress Ctrl-C to stop everything.", err=True)
         code = run_until_signalled(supervisor)
     finally:

@@ -15,7 +15,7 @@ import json
 import os
 import shlex
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,9 +48,11 @@ class StackFile:
         return {"version": VERSION, "pid": self.pid, "started_at": self.started_at,
                 "app": self.app, "env": self.env, "urls": self.urls}
 
-    def export_lines(self) -> list[str]:
-        """``export NAME=value`` lines for a POSIX shell, values quoted."""
-        return [f"export {name}={shlex.quote(value)}" for name, value in sorted(self.env.items())]
+    def export_lines(self, leave_out: Container[str] = ()) -> list[str]:
+        """``export NAME=value`` lines for a POSIX shell, values quoted, without ``leave_out``
+        (secrets the user configured: they are not echoed back)."""
+        return [f"export {name}={shlex.quote(value)}" for name, value in sorted(self.env.items())
+                if name not in leave_out]
 
 
 class StackFileError(ValueError):
