@@ -103,7 +103,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
     from taskyard.tasks.cache import Cache
 
     app = make_app("dash", database_url=env["TASKYARD_DATABASE_URL"],
-                   monitoring={"alert_queue_depth": DEPTH_LIMIT})
+                   monitoring={"alert_queue_depth": DEPTH_LIMIT, "alert_timing": {}})
     runtime = runtime_of(app)
     store = StatsStore(runtime)
 

@@ -1,35 +1,52 @@
-"""Alert rules evaluated on each stats snapshot, and each alert's firing/resolved state.
+"""Alert rules evaluated on each stats snapshot, with Prometheus semantics, and their history.
 
 Rules take their thresholds from ``MonitoringSettings`` (defaults of the service this platform
-serves). :func:`evaluate` turns a snapshot into the breaches it shows; :func:`transition` moves
-the stored alerts on: a new breach starts firing (``since``), a breach still present keeps its
-``since`` and updates value and severity, a firing alert without a breach is resolved
-(``resolved_at``). A later breach of a resolved alert starts a new episode. Both are pure
-functions; :class:`AlertBook` keeps the state in Redis (``keys.alerts``) and the episodes in
-the history database.
+serves). :func:`evaluate` turns a snapshot into the conditions it shows (:class:`Breach`);
+:func:`transition` moves the stored alerts on as Prometheus does:
+
+* a new condition makes a **pending** alert (``active_since``); it **fires** once the condition
+  has held for the rule's ``for_s`` (``since``), and a pending alert whose condition goes away
+  is dropped without ever having fired;
+* a firing alert whose condition goes away keeps firing until it has been gone for the rule's
+  ``resolve_s`` (Prometheus' ``keep_firing_for``), then it is **resolved** (``resolved_at``);
+  the condition coming back within that delay continues the same episode;
+* a firing alert escalates to a higher severity at once, and steps back down only after the
+  higher condition has been gone for ``resolve_s``.
+
+So a reading that hovers around a threshold neither fires nor resolves an alert on every
+collection. Host-level readings (memory, CPU) make one alert per host, not one per worker: the
+workers of one machine read the same memory and CPU. Every state change (fired, severity
+changed, resolved) goes into a capped Redis list (``keys.alert_history``) for the stats API and
+the dashboard, and into the history database's alert episodes. The same rules ship as a
+Prometheus rules file over ``/metrics`` (``deploy/prometheus/taskyard-rules.yml``).
+
+Both :func:`evaluate` and :func:`transition` are pure; :class:`AlertBook` keeps the state.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis import Redis
 
-from taskyard.config import Settings
+from taskyard.config import MonitoringSettings, Settings
 from taskyard.keys import Keys
 
 #: Fewer finished tasks than this in one collection window say nothing about the slow-task rate.
 MIN_SAMPLES = 5
 #: Fewer cache lookups than this say nothing about the hit rate.
 MIN_LOOKUPS = 20
+SEVERITIES = {"warning": 1, "critical": 2}
+
+PENDING, FIRING, RESOLVED = "pending", "firing", "resolved"
 
 
 @dataclass(frozen=True)
 class Breach:
-    """One rule breached now: what, how bad, by how much."""
+    """One rule's condition holding now: what, how bad, by how much."""
 
     alertname: str
     severity: str
@@ -44,6 +61,23 @@ class Breach:
         return f"{self.alertname}{{{labels}}}"
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How long a rule's condition must hold before it fires, and be gone before it resolves."""
+
+    for_s: float
+    resolve_s: float
+
+
+def timing_of(m: MonitoringSettings) -> Callable[[str], Timing]:
+    """Per-rule timing: ``alert_timing`` overrides over ``alert_for_s``/``alert_resolve_s``."""
+    def timing(alertname: str) -> Timing:
+        rule = m.alert_timing.get(alertname, {})
+        return Timing(float(rule.get("for_s", m.alert_for_s)),
+                      float(rule.get("resolve_s", m.alert_resolve_s)))
+    return timing
+
+
 def _level(value: float, warning: float, critical: float) -> tuple[str, float] | None:
     if value > critical:
         return "critical", critical
@@ -52,28 +86,47 @@ def _level(value: float, warning: float, critical: float) -> tuple[str, float] |
     return None
 
 
+def host_of(worker: dict[str, Any]) -> str:
+    """The machine a worker runs on: its heartbeat's ``host``, else its node name's host part."""
+    host = worker.get("host")
+    if host:
+        return str(host)
+    return str(worker.get("hostname") or "").rpartition("@")[2] or "unknown"
+
+
 def _resource_breaches(workers: list[dict[str, Any]], m: Any) -> Iterable[Breach]:
+    by_host: dict[str, list[dict[str, Any]]] = {}
     for w in workers:
-        host = str(w.get("hostname"))
+        name = str(w.get("hostname"))
         if not w.get("alive"):
             yield Breach("WorkerHeartbeatMissing", "critical", float(w.get("age_s") or 0.0),
-                         0.0, f"worker {host} sent no heartbeat for {w.get('age_s', 0):.0f} s",
-                         {"worker": host})
+                         0.0, f"worker {name} sent no heartbeat for {w.get('age_s', 0):.0f} s",
+                         {"worker": name})
             continue
-        for metric, name, warn, crit in (
-            ("memory_pct", "WorkerMemoryHigh", m.alert_memory_warning_pct,
+        by_host.setdefault(host_of(w), []).append(w)
+    for host, members in sorted(by_host.items()):
+        names = sorted(str(w.get("hostname")) for w in members)
+        for keys, name, what, warn, crit in (
+            (("memory_pct",), "HostMemoryHigh", "memory", m.alert_memory_warning_pct,
              m.alert_memory_critical_pct),
-            ("cpu_pct", "WorkerCpuHigh", m.alert_cpu_warning_pct, m.alert_cpu_critical_pct),
+            # The whole host's CPU (host_cpu_pct); cpu_pct of older heartbeats leaves out the
+            # reading worker's own processes.
+            (("host_cpu_pct", "cpu_pct"), "HostCpuHigh", "CPU", m.alert_cpu_warning_pct,
+             m.alert_cpu_critical_pct),
         ):
-            value = w.get(metric)
-            if value is None:
+            values = [float(v) for w in members
+                      if (v := next((w[k] for k in keys if w.get(k) is not None), None))
+                      is not None]
+            if not values:
                 continue
-            hit = _level(float(value), warn, crit)
+            # The workers of one host read the same figure a moment apart: the highest counts.
+            value = max(values)
+            hit = _level(value, warn, crit)
             if hit is not None:
-                what = metric.removesuffix("_pct")
-                yield Breach(name, hit[0], float(value), hit[1],
-                             f"worker {host} {what} at {float(value):.1f} % (> {hit[1]:g} %)",
-                             {"worker": host})
+                readers = ", ".join(names) if len(names) <= 3 else f"{len(names)} workers"
+                yield Breach(name, hit[0], round(value, 2), hit[1],
+                             f"host {host} {what} at {value:.1f} % (> {hit[1]:g} %), "
+                             f"read by {readers}", {"host": host})
 
 
 def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
@@ -117,52 +170,98 @@ def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
     return breaches
 
 
-def transition(previous: dict[str, dict[str, Any]], breaches: list[Breach], now: float
+def transition(previous: dict[str, dict[str, Any]], breaches: list[Breach], now: float,
+               timing: Callable[[str], Timing] | None = None,
                ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """The alerts after this evaluation, and those that changed (started, resolved, or changed
-    severity) for the history."""
+    """The alerts after this evaluation, and those whose state changed (fired, changed
+    severity, resolved) for the history. Without ``timing`` every rule fires and resolves at
+    once."""
+    timing = timing or (lambda _name: Timing(0.0, 0.0))
     current = {k: dict(v) for k, v in previous.items()}
     changed: list[dict[str, Any]] = []
     seen = set()
     for b in breaches:
         seen.add(b.id)
+        rule = timing(b.alertname)
         old = current.get(b.id)
-        firing = old is not None and old.get("state") == "firing"
-        alert = {
-            "id": b.id, "alertname": b.alertname, "severity": b.severity, "state": "firing",
-            "since": old["since"] if firing and old else now, "resolved_at": None,
-            "value": b.value, "threshold": b.threshold, "labels": dict(b.labels),
-            "summary": b.summary, "updated_at": now,
+        state = old.get("state") if old else None
+        alert: dict[str, Any] = dict(old) if old and state in (PENDING, FIRING) else {
+            "id": b.id, "alertname": b.alertname, "state": PENDING, "active_since": now,
+            "since": None, "resolved_at": None, "severity": b.severity, "severity_at": now,
         }
+        alert.update(value=b.value, threshold=b.threshold, labels=dict(b.labels),
+                     summary=b.summary, updated_at=now, last_seen=now, for_s=rule.for_s,
+                     resolve_s=rule.resolve_s)
+        rank, held = SEVERITIES.get(b.severity, 0), SEVERITIES.get(alert["severity"], 0)
+        severity_changed = False
+        if rank >= held:
+            severity_changed = rank > held
+            alert["severity"], alert["severity_at"] = b.severity, now
+        elif now - float(alert.get("severity_at") or now) >= rule.resolve_s:
+            # The higher condition has been gone long enough: step down.
+            severity_changed = True
+            alert["severity"], alert["severity_at"] = b.severity, now
+        if alert["state"] == PENDING and now - float(alert["active_since"]) >= rule.for_s:
+            alert.update(state=FIRING, since=now)
+            changed.append(alert)
+        elif alert["state"] == FIRING and severity_changed:
+            changed.append(alert)
         current[b.id] = alert
-        if not firing or (old and old.get("severity") != b.severity):
-            changed.append(alert)
-    for alert_id, alert in current.items():
-        if alert_id not in seen and alert.get("state") == "firing":
-            alert.update(state="resolved", resolved_at=now, updated_at=now)
-            changed.append(alert)
+    for alert_id, alert in list(current.items()):
+        if alert_id in seen:
+            continue
+        if alert.get("state") == PENDING:
+            # Never fired: nothing to resolve, nothing for the history.
+            del current[alert_id]
+        elif alert.get("state") == FIRING:
+            resolve_s = timing(str(alert.get("alertname"))).resolve_s
+            last_seen = float(alert.get("last_seen") or alert.get("updated_at") or now)
+            if now - last_seen >= resolve_s:
+                alert.update(state=RESOLVED, resolved_at=now, updated_at=now)
+                changed.append(alert)
     return current, changed
 
 
+def history_entry(alert: dict[str, Any], now: float) -> dict[str, Any]:
+    """One state change as kept in the Redis history list."""
+    return {"at": now, **{k: alert.get(k) for k in (
+        "id", "alertname", "state", "severity", "since", "resolved_at", "value", "threshold",
+        "labels", "summary")}}
+
+
 class AlertBook:
-    """Alert state in Redis: ``keys.alerts`` HASH alert id -> JSON."""
+    """Alert state in Redis (``keys.alerts`` HASH alert id -> JSON) and the capped history list
+    of state changes (``keys.alert_history``)."""
 
     def __init__(self, client: Redis, keys: Keys) -> None:
         self.client = client
         self.key = keys.alerts()
+        self.history_key = keys.alert_history()
 
     def load(self) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self.key)
         return {k.decode() if isinstance(k, bytes) else k: json.loads(v) for k, v in raw.items()}
 
-    def save(self, alerts: dict[str, dict[str, Any]], now: float, retention_s: float) -> None:
-        """Write every alert; drop resolved ones older than the retention."""
-        stale = [k for k, a in alerts.items() if a.get("state") == "resolved"
+    def save(self, alerts: dict[str, dict[str, Any]], now: float, retention_s: float,
+             changed: list[dict[str, Any]] | None = None, history_length: int = 500) -> None:
+        """Write every alert, drop resolved ones older than the retention and ones gone from
+        ``alerts`` (a pending alert whose condition went away); record ``changed``."""
+        stale = [k for k, a in alerts.items() if a.get("state") == RESOLVED
                  and float(a.get("resolved_at") or now) < now - retention_s]
+        stored = {k.decode() if isinstance(k, bytes) else k for k in self.client.hkeys(self.key)}
+        gone = [k for k in stored if k not in alerts]
         with self.client.pipeline(transaction=True) as pipe:
             live = {k: json.dumps(a) for k, a in alerts.items() if k not in stale}
             if live:
                 pipe.hset(self.key, mapping=live)  # type: ignore[arg-type]
-            if stale:
-                pipe.hdel(self.key, *stale)
+            if stale or gone:
+                pipe.hdel(self.key, *stale, *gone)
+            if changed:
+                pipe.lpush(self.history_key, *(json.dumps(history_entry(a, now))
+                                                for a in changed))
+                pipe.ltrim(self.history_key, 0, history_length - 1)
             pipe.execute()
+
+    def history(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Recent state changes, newest first."""
+        return [json.loads(raw) for raw in self.client.lrange(self.history_key, 0, limit - 1)]

@@ -25,12 +25,12 @@ from typing import Any
 from celery import Celery
 
 from taskyard.monitoring import history
-from taskyard.monitoring.alerts import AlertBook, evaluate, transition
+from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime
-from taskyard.tasks.schedule import single_flight
+from taskyard.tasks.schedule import job_interval_s, single_flight
 
 logger = logging.getLogger(__name__)
 
@@ -156,9 +156,10 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
 
     snapshot = {"at": now, "queues": queues, "workers": workers, "cache": cache,
                 "slow_statements": slow, "window": window}
-    alerts_before = AlertBook(client, keys).load()
-    alerts, changed = transition(alerts_before, evaluate(snapshot, settings), now)
-    AlertBook(client, keys).save(alerts, now, m.history_retention_days * 86_400.0)
+    book = AlertBook(client, keys)
+    alerts, changed = transition(book.load(), evaluate(snapshot, settings), now, timing_of(m))
+    book.save(alerts, now, m.history_retention_days * 86_400.0, changed,
+              m.alert_history_length)
     firing = [a for a in alerts.values() if a["state"] == "firing"]
 
     totals = {e: sum(int(t[e]) for t in tasks) for e in
@@ -179,9 +180,9 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "batches": {"batches": batches},
         "cache": {"cache": cache},
         "slow_statements": {"tasks": slow, "pg_stat_statements": pg_slow},
-        "guards": {"workers": [{k: w.get(k) for k in ("hostname", "alive", "state",
-                                                       "paused_queues", "deferred", "overdue")}
-                               for w in workers]},
+        "guards": {"workers": [{k: w.get(k) for k in (
+            "hostname", "host", "alive", "state", "paused_queues", "paused_reasons", "deferred",
+            "deferred_by_reason", "overdue", "pool_nice")} for w in workers]},
         "alerts": {"firing": len(firing), "alerts": firing},
     }
     if maintenance_raw and maintenance_raw != previous.get("maintenance"):
@@ -250,7 +251,7 @@ def _write_history(runtime: Runtime, entries: dict[str, dict[str, Any]],
 def register(app: Celery, runtime: Runtime) -> None:
     """Register ``taskyard.stats.collect`` on ``app`` (no I/O)."""
     def collect_task() -> dict[str, Any]:
-        interval = runtime.settings.monitoring.stats_interval_s
+        interval = job_interval_s(runtime.settings, TASK_NAME)
         with single_flight(runtime, "stats.collect", interval,
                            lock_ttl_s=max(5.0, 3 * interval)) as flight:
             if not flight.acquired:
