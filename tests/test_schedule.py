@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -92,12 +93,59 @@ def test_beat_entries_from_settings(make_app: Any) -> None:
     app = make_app(schedule={"disabled": ["taskyard.maintenance.run"],
                              "intervals_s": {"taskyard.cache.warm": 42}})
     entries = beat_entries(runtime_of(app).settings)
-    assert set(entries) == {schedule.CACHE_WARM_TASK, schedule.BATCH_REAP_TASK,
-                            schedule.STATS_COLLECT_TASK}
+    # Every worker runs a flusher (the default): the reaper is not sent through beat as well.
+    assert set(entries) == {schedule.CACHE_WARM_TASK, schedule.STATS_COLLECT_TASK}
     assert entries[schedule.CACHE_WARM_TASK]["schedule"].seconds == 42
-    # The reaper's 0.5 s default is raised to beat's 1 s floor.
-    assert entries[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
     assert all(e["task"] == name for name, e in entries.items())
+
+
+def test_reaper_is_scheduled_only_without_worker_flushers_or_when_named(make_app: Any) -> None:
+    no_flusher = beat_entries(runtime_of(make_app(batch={"worker_flusher": False})).settings)
+    # The reaper's 0.5 s default is raised to beat's 1 s floor.
+    assert no_flusher[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
+    named = beat_entries(runtime_of(make_app(
+        schedule={"intervals_s": {schedule.BATCH_REAP_TASK: 30}})).settings)
+    assert named[schedule.BATCH_REAP_TASK]["schedule"].seconds == 30
+
+
+def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
+    from taskyard.tasks.maintenance import periodic_run
+    from taskyard.tasks.warming import WARM_JOB, warm
+
+    app = make_app(schedule={"intervals_s": {schedule.CACHE_WARM_TASK: 3,
+                                             schedule.STATS_COLLECT_TASK: 2,
+                                             schedule.MAINTENANCE_TASK: 5}})
+    runtime = runtime_of(app)
+    settings = runtime.settings
+    assert settings.cache.warm_interval_s == 300  # the section's own setting is unchanged
+    assert schedule.job_interval_s(settings, schedule.CACHE_WARM_TASK) == 3
+    assert schedule.job_interval_s(settings, schedule.STATS_COLLECT_TASK) == 2
+    assert schedule.job_interval_s(settings, schedule.MAINTENANCE_TASK) == 5
+    entries = beat_entries(settings)
+    assert entries[schedule.CACHE_WARM_TASK]["schedule"].seconds == 3
+
+    # A 3 s warm override runs once per 3 s period (it ran once per 300 s period before).
+    runs = []
+    deadline = time.time() + 8
+    while time.time() < deadline:
+        report = warm(runtime)
+        if not report.get("skipped"):
+            runs.append(report["period"])
+        time.sleep(0.25)
+    assert len(runs) >= 2 and len(set(runs)) == len(runs)
+    assert all(r * 3 <= time.time() + 3 for r in runs)
+    claim = runtime.keys.period_claim(WARM_JOB, runs[-1])
+    assert 0 < runtime.redis.pttl(claim) <= 6_000
+
+    app.tasks[schedule.STATS_COLLECT_TASK]()
+    stats_claims = runtime.redis.keys(runtime.keys.period_claim("stats.collect", 0)[:-1] + "*")
+    # Claimed for a 2 s period (TTL two periods), not the 10 s stats_interval_s.
+    assert len(stats_claims) == 1 and 0 < runtime.redis.pttl(stats_claims[0]) <= 4_000
+
+    periodic_run(runtime)
+    (maintenance_claim,) = runtime.redis.keys(
+        runtime.keys.period_claim("maintenance.run", 0)[:-1] + "*")
+    assert 0 < runtime.redis.pttl(maintenance_claim) <= 10_000
 
 
 def test_install_keeps_a_scheduler_the_user_chose(make_app: Any) -> None:

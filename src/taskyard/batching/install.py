@@ -24,8 +24,9 @@ def install(app: Celery, runtime: Runtime) -> None:
         return reap(app)
 
     # Level high: a backlog of batches must not delay the runs that flush them. Not acked late:
-    # a lost run is simply the next one. Beat sends it (the periodic-jobs schedule lists it by
-    # name, every reaper_interval_s).
+    # a lost run is simply the next one. Beat sends it every reaper_interval_s only when the
+    # workers run no flusher (worker_flusher=false) or the schedule names it: a flusher in every
+    # worker's main process already scans as often, without a task on the broker per scan.
     # shared=False: each app's reaper task reaps that app, never another app of the process.
     register: Any = app.task(name=REAP_TASK, ignore_result=True, taskyard_level=Priority.HIGH,
                              acks_late=False, shared=False)

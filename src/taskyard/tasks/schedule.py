@@ -134,25 +134,53 @@ class aligned_every(schedule):  # type: ignore[misc]
         return f"<aligned every {self.human_seconds}>"
 
 
-def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Beat entries of the platform's periodic jobs, from settings (disabled ones left out)."""
-    schedule_settings = settings.schedule
-    intervals = {
+def default_intervals(settings: Settings) -> dict[str, float]:
+    """Each platform job's period from its own section's setting (s)."""
+    return {
         CACHE_WARM_TASK: settings.cache.warm_interval_s,
         MAINTENANCE_TASK: settings.maintenance.interval_s,
         BATCH_REAP_TASK: settings.batch.reaper_interval_s,
         STATS_COLLECT_TASK: settings.monitoring.stats_interval_s,
     }
+
+
+def job_interval_s(settings: Settings, task: str) -> float:
+    """The period (s) beat sends ``task`` at, and so the period its single-flight claims.
+
+    ``TASKYARD_SCHEDULE__INTERVALS_S`` overrides the section's setting. The claim must use the
+    same period as beat: a 3 s override claimed against a 300 s period would run once per 300 s.
+    """
+    interval = settings.schedule.intervals_s.get(task)
+    if interval is None:
+        interval = default_intervals(settings)[task]
+    return max(MIN_BEAT_INTERVAL_S, interval)
+
+
+def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Beat entries of the platform's periodic jobs, from settings (disabled ones left out).
+
+    The batch reaper is left out while every worker runs a flusher thread
+    (``TASKYARD_BATCH__WORKER_FLUSHER``, the default): the flusher does the same scan in each
+    worker's main process, so sending it through beat as well only put one high-level task per
+    second on the broker (a third of the high queue's traffic in the demo). An explicit
+    ``intervals_s`` entry for it keeps it scheduled.
+    """
+    schedule_settings = settings.schedule
+    intervals = default_intervals(settings)
+    if settings.batch.worker_flusher and BATCH_REAP_TASK not in schedule_settings.intervals_s:
+        del intervals[BATCH_REAP_TASK]
     intervals.update(schedule_settings.intervals_s)
     entries: dict[str, dict[str, Any]] = {}
-    for task, interval in intervals.items():
+    for task in intervals:
         if task in schedule_settings.disabled:
             continue
+        # The same figure job_interval_s gives the job's single-flight claim.
+        interval = max(MIN_BEAT_INTERVAL_S, intervals[task])
         entries[task] = {
             "task": task,
-            "schedule": aligned_every(max(MIN_BEAT_INTERVAL_S, interval)),
+            "schedule": aligned_every(interval),
             # A run that could not start within its period is stale: the next one replaces it.
-            "options": {"expires": max(MIN_BEAT_INTERVAL_S, interval)},
+            "options": {"expires": interval},
         }
     return entries
 

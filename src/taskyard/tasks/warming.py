@@ -22,7 +22,7 @@ from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime, runtime_of
 from taskyard.tasks.cache import Cache, cache_for
-from taskyard.tasks.schedule import CACHE_WARM_TASK, single_flight
+from taskyard.tasks.schedule import CACHE_WARM_TASK, job_interval_s, single_flight
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def run_warmers(runtime: Runtime, names: Iterable[str] | None = None,
 
 def warm(runtime: Runtime, *, trigger: str = "beat") -> dict[str, Any]:
     """The periodic job: run every warmer once per warm period cluster-wide."""
-    period_s = runtime.settings.cache.warm_interval_s
+    period_s = job_interval_s(runtime.settings, CACHE_WARM_TASK)
     with single_flight(runtime, WARM_JOB, period_s, lock_ttl_s=period_s) as flight:
         if not flight.acquired:
             return {**flight.report(), "trigger": trigger}

@@ -26,7 +26,7 @@ from taskyard.runtime import Runtime, runtime_of
 from taskyard.tasks.maintenance.postgres import PostgresMaintenance
 from taskyard.tasks.maintenance.report import RunReport, last_runs, record, safe_url
 from taskyard.tasks.maintenance.sqlite import SqliteMaintenance
-from taskyard.tasks.schedule import MAINTENANCE_TASK, single_flight
+from taskyard.tasks.schedule import MAINTENANCE_TASK, job_interval_s, single_flight
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def recent_runs(runtime: Runtime, limit: int = 10) -> list[dict[str, Any]]:
 
 def periodic_run(runtime: Runtime) -> dict[str, Any]:
     """The periodic job: one run per maintenance period cluster-wide."""
-    period_s = runtime.settings.maintenance.interval_s
+    period_s = job_interval_s(runtime.settings, MAINTENANCE_TASK)
     # No Redis lock on top of the claim: the advisory lock in the database keeps runs apart,
     # whoever starts them, and dies with a crashed run's connection, where a Redis lock would
     # outlive the crash and make the next day's run skip.
