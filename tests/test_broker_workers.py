@@ -1,0 +1,137 @@
+"""Real workers on taskyard's Redis transport: SIGKILL loops, leases, clean stops."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from taskyard.routing import LEVEL_NAMES
+from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+ALL_QUEUES = ",".join(LEVEL_NAMES)
+RUNS, STARTED, GATE = "test:runs", "test:started", "test:gate"
+#: Short leases and sweeps so recovery is quick; guards out of the way on a busy machine.
+LEASE_S, SWEEP_S = 2.0, 1
+
+
+def _env(redis_env: dict[str, str], lease_s: float = LEASE_S) -> dict[str, str]:
+    return {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
+            "TASKYARD_RESERVATION_LEASE_S": str(lease_s),
+            "TASKYARD_UNACKED_RESTORE_INTERVAL_S": str(SWEEP_S)}
+
+
+def _send(env: dict[str, str], code: str) -> None:
+    subprocess.run([sys.executable, "-c", f"from tests.apps import broker\n{code}"],
+                   env=child_env(env), cwd=ROOT, check=True, timeout=120)
+
+
+def _runs(client: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in client.hgetall(RUNS).items()}
+
+
+def test_sigkill_in_a_loop_under_load_loses_nothing(redis_client: redis.Redis,
+                                                    redis_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    env = _env(redis_env)
+    total = 400
+    _send(env, f"for i in range({total}):\n"
+               f"    broker.WORK[{list(LEVEL_NAMES)!r}[i % 5]].delay(f'k{{i}}', 0.01)")
+    kills = 0
+    for round_ in range(4):
+        with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                           name=f"victim{round_}") as worker:
+            time.sleep(1.0 + 0.3 * round_)
+            worker.kill(signal.SIGKILL)  # the whole process group, mid-fetch or mid-task
+            kills += 1
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                       name="survivor"):
+        wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "every task to run")
+        wait_until(lambda: redis_client.hlen("unacked") == 0, 30, 0.2, "nothing held")
+    runs = _runs(redis_client)
+    assert kills == 4
+    assert set(runs) == {f"k{i}" for i in range(total)}
+    for level in LEVEL_NAMES:
+        assert redis_client.llen(level) == 0
+    # At-least-once: a task killed mid-run runs again; a handful of such repeats per kill.
+    assert sum(runs.values()) - total <= 4 * 2 * 8
+
+
+def test_whole_worker_killed_with_reserved_work_of_every_level(redis_client: redis.Redis,
+                                                               redis_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    lease = 3.0
+    env = _env(redis_env, lease)
+    redis_client.set(GATE, 1)
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=1,
+                       name="holder", extra=("--prefetch-multiplier", "10")) as holder:
+        _send(env, "broker.hold.delay('blocker')")
+        wait_until(lambda: redis_client.hget(RUNS, "blocker") is not None, 30, 0.1,
+                   "the blocker to start")
+        _send(env, "for level, task in broker.WORK.items(): task.delay(level)")
+        # Every level's message reserved (recorded unacked), none left in the lists.
+        wait_until(lambda: redis_client.hlen("unacked") == 6, 30, 0.1, "six reserved")
+        assert not any(redis_client.llen(level) for level in LEVEL_NAMES)
+        time.sleep(lease)  # reserved past a whole lease: the renewals kept them
+        assert redis_client.hlen("unacked") == 6
+        assert len(_runs(redis_client)) == 1
+        holder.kill(signal.SIGKILL)
+        killed_at = time.monotonic()
+    redis_client.delete(GATE)
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                       name="rescuer"):
+        wait_until(lambda: all(redis_client.hget(RUNS, level) for level in LEVEL_NAMES),
+                   lease + SWEEP_S + 30, 0.1, "the reserved work to run again")
+        recovered_s = time.monotonic() - killed_at
+    # Within the lease plus one sweep, plus this machine's worker start-up time.
+    assert recovered_s <= lease + SWEEP_S + 15, recovered_s
+    started = [entry.decode().split(":") for entry in redis_client.lrange(STARTED, 0, -1)]
+    for key, queue, _ in started:
+        if key in LEVEL_NAMES:
+            assert queue == key  # back in its own level
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_long_task_on_a_live_worker_runs_once(pool: str, redis_client: redis.Redis,
+                                              redis_env: dict[str, str], tmp_path: Path) -> None:
+    lease = 1.0
+    env = _env(redis_env, lease)
+    redis_client.set(GATE, 1)
+    with celery_worker("tests.apps.broker", "normal", env, tmp_path, concurrency=1, pool=pool,
+                       name="runner"), \
+            celery_worker("tests.apps.broker", "normal", env, tmp_path, concurrency=1,
+                          name="sweeper"):
+        _send(env, "broker.hold.delay('long')")
+        wait_until(lambda: redis_client.hget(RUNS, "long") is not None, 30, 0.1, "the start")
+        time.sleep(10 * lease)  # ten leases; the idle sweeper sweeps every second
+        redis_client.delete(GATE)
+        wait_until(lambda: redis_client.hlen("unacked") == 0, 30, 0.1, "the ack")
+        time.sleep(lease + 2 * SWEEP_S)
+    assert _runs(redis_client) == {"long": 1}
+
+
+def test_clean_stop_reruns_nothing(redis_client: redis.Redis, redis_env: dict[str, str],
+                                   tmp_path: Path) -> None:
+    env = _env(redis_env, 1.0)
+    total = 300
+    _send(env, f"for i in range({total}): broker.WORK['normal'].delay(f'k{{i}}', 0.02)")
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                       name="stopped") as worker:
+        wait_until(lambda: len(_runs(redis_client)) >= 30, 60, 0.05, "some tasks to run")
+        worker.process.send_signal(signal.SIGTERM)  # warm shutdown: finish, ack, restore
+        worker.process.wait(30)
+    # Everything the stopped worker held is acknowledged or back in its list.
+    assert redis_client.hlen("unacked") == 0
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                       name="after"):
+        wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "the rest to run")
+        time.sleep(1.0 + 2 * SWEEP_S)  # past a lease and two sweeps: nothing comes back
+    runs = _runs(redis_client)
+    assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
