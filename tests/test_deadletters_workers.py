@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 
+from taskyard.batching import inspect_batches, list_dead
 from taskyard.deadletters import Query, RedisDeadLetterStore
 from taskyard.runtime import runtime_of
 from taskyard.testing import celery_worker, wait_until
@@ -165,3 +166,24 @@ def test_failed_and_expired_tasks_are_recorded(producer: Any, broker_env: dict[s
     assert late is not None and late.reason == "expired" and late.args == '["late"]'
     assert "ok-late" not in ran(redis_client)
     assert {e.reason for e in store.search()} == {"failed", "expired"}
+
+
+def test_crashing_batch_goes_dead_after_max_deliveries(producer: Any,
+                                                       broker_env: dict[str, str],
+                                                       redis_client: redis.Redis,
+                                                       tmp_path: Path) -> None:
+    with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=1) as worker:
+        dead_app.crashy.add_many([{"i": 0, "crash": True}, {"i": 1}, {"i": 2}])
+        dead_app.crashy.add_many([{"i": i} for i in range(3, 9)])
+        wait_until(lambda: len(list_dead(producer, "crashy")) == 1, 90, 0.2,
+                   "the crashing batch in the dead letters")
+        wait_until(lambda: sum(x.startswith("crashy-") and x != "crashy-crash"
+                               for x in ran(redis_client)) == 6, 30, message="the other batches")
+        assert worker.process.poll() is None
+    dead = list_dead(producer, "crashy")[0]
+    assert dead["size"] == 3 and dead["error"].startswith("crashed: 2 runs")
+    # max_deliveries=2: the batch ran twice, each run killed its process; never a third time.
+    assert ran(redis_client).count("crashy-crash") == 2
+    state = next(s for s in inspect_batches(producer) if s["batch_name"] == "crashy")
+    assert state["crashed"] == 1 and state["dead_items"] == 3 and state["processed"] == 6
+    assert state["pending"] == 0

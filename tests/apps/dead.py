@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from taskyard import create_app, priority_task
+from taskyard import batch_task, create_app, priority_task
 from taskyard.runtime import runtime_of
 
 # Resource guards off: on a busy test machine they would hold tasks back and blur the timings.
-SETTINGS: dict[str, Any] = {"guard": {"enabled": False}}
+SETTINGS: dict[str, Any] = {"guard": {"enabled": False},
+                            "batch": {"lease_s": 2.0, "reaper_interval_s": 0.2}}
 
 app = create_app("deadtest", include=["tests.apps.dead"], **SETTINGS)
 
@@ -47,3 +48,13 @@ def flaky(self: Any, label: str) -> None:
         raise KeyError(label)
     except KeyError as exc:
         raise self.retry(exc=exc) from exc
+
+
+@batch_task(batch_name="crashy", batch_size=3, max_wait=0.3, max_deliveries=2)
+def crashy(items: list[dict[str, Any]]) -> None:
+    """A batch holding an item {"crash": true} kills its process; the others record items."""
+    if any(item.get("crash") for item in items):
+        _ran("crashy-crash")
+        os._exit(13)
+    for item in items:
+        _ran(f"crashy-{item['i']}")

@@ -272,11 +272,15 @@ class BatchBuffer:
     reap_result = _reap_result
 
     # --- workers ----------------------------------------------------------------------------
-    def acquire(self, batch_id: str, token: str, lease_ms: int) -> Acquired:
-        """Take a batch for processing under a lease owned by ``token``."""
+    def acquire(self, batch_id: str, token: str, lease_ms: int,
+                max_deliveries: int = 0) -> Acquired:
+        """Take a batch for processing under a lease owned by ``token``; "crashed" when its
+        runs already killed their process ``max_deliveries`` times (0: no bound)."""
         reply = ACQUIRE(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
-                        (self.prefix, batch_id, token, lease_ms))
+                        (self.prefix, batch_id, token, lease_ms, max_deliveries))
         status = _text(reply[0])
+        if status == "crashed":
+            return Acquired(status, deliveries=int(reply[1]))
         if status != "ok":
             return Acquired(status)
         return Acquired(status, _text(reply[1]), int(reply[2] or 0), int(reply[3]),

@@ -16,7 +16,8 @@ from taskyard.routing.task import TaskyardTask
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 #: taskyard's own options of @batch_task (beside Celery's task options for the flush task).
 OWN_OPTIONS = ("batch_name", "batch_size", "max_wait", "priority", "key", "max_buffered",
-               "max_item_bytes", "lease_s", "max_retries", "retry_backoff_s", "app")
+               "max_item_bytes", "lease_s", "max_retries", "retry_backoff_s", "max_deliveries",
+               "app")
 _REFUSED = {
     "bind": "the flush task is bound already; the function receives the list of items",
     "base": "the flush task uses its app's task class",
@@ -42,8 +43,8 @@ def batch_task(
     *, batch_name: str | None = ..., batch_size: int = ..., max_wait: float = ...,
     priority: str | Priority = ..., key: Callable[[Any], Any] | None = ...,
     max_buffered: int | None = ..., max_item_bytes: int | None = ..., lease_s: float | None = ...,
-    max_retries: int | None = ..., retry_backoff_s: float | None = ..., app: Any = ...,
-    **celery_options: Any,
+    max_retries: int | None = ..., retry_backoff_s: float | None = ...,
+    max_deliveries: int | None = ..., app: Any = ..., **celery_options: Any,
 ) -> Callable[[Callable[[list[Any]], Any]], BatchTask]: ...
 
 
@@ -52,7 +53,8 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                key: Callable[[Any], Any] | None = None, max_buffered: int | None = None,
                max_item_bytes: int | None = None, lease_s: float | None = None,
                max_retries: int | None = None, retry_backoff_s: float | None = None,
-               app: Any = None, **celery_options: Any) -> Any:
+               max_deliveries: int | None = None, app: Any = None,
+               **celery_options: Any) -> Any:
     """Make ``fn(items: list)`` a batch task fed by ``.delay(item)`` and ``.add_many(items)``.
 
     Works bare (``@batch_task``: batch name = function name, 100 items, 2 s) or called. Options
@@ -70,6 +72,8 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
         lease_s: a batch whose worker stops renewing its lease is republished after this.
         max_retries, retry_backoff_s: retries of a failing batch (delay doubles each time)
             before it goes to the dead letters.
+        max_deliveries: runs that killed their process (segfault, OOM killer) before the batch
+            goes to the dead letters as "crashed" (default ``TASKYARD_MAX_DELIVERIES``).
         app: the taskyard app of this batch; default: the current taskyard app at each call.
 
     Other keywords are Celery's task options for the flush task (``name=``, ``time_limit=``...).
@@ -93,6 +97,8 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                  allowed="an integer >= 0")
     check_number("retry_backoff_s", retry_backoff_s, minimum=0, strict=False,
                  allowed="a number of seconds >= 0")
+    check_number("max_deliveries", max_deliveries, minimum=1, strict=False, integer=True,
+                 allowed="an integer >= 1")
     if max_buffered is not None and max_buffered < batch_size:
         raise ConfigurationError(
             f"max_buffered={max_buffered} is smaller than batch_size={batch_size}; a batch "
@@ -119,7 +125,8 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                          level=level, key=key, max_buffered=max_buffered,
                          max_item_bytes=max_item_bytes, lease_s=lease_s,
                          max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-                         celery_options=dict(celery_options), app=app)
+                         max_deliveries=max_deliveries, celery_options=dict(celery_options),
+                         app=app)
 
     if fn is not None:
         return decorate(fn)

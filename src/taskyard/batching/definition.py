@@ -52,6 +52,8 @@ class BatchOptions:
     lease_s: float
     max_retries: int
     retry_backoff_s: float
+    #: Runs that killed their process before the batch goes dead as "crashed".
+    max_deliveries: int = 5
 
     @property
     def lease_ms(self) -> int:
@@ -97,7 +99,8 @@ class BatchDefinition:
                  max_wait: float, level: Priority, key: Callable[[Any], Any] | None,
                  max_buffered: int | None, max_item_bytes: int | None, lease_s: float | None,
                  max_retries: int | None, retry_backoff_s: float | None,
-                 name: str | None = None, app: Any = None) -> None:
+                 name: str | None = None, app: Any = None,
+                 max_deliveries: int | None = None) -> None:
         self.fn = fn
         self.batch_name = batch_name
         self.batch_size = batch_size
@@ -110,6 +113,7 @@ class BatchDefinition:
         self.lease_s = lease_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
+        self.max_deliveries = max_deliveries
         self.__name__ = getattr(fn, "__name__", batch_name)
         self.__doc__ = fn.__doc__
         self.__module__ = fn.__module__
@@ -143,6 +147,7 @@ class BatchDefinition:
             lease_s=float(pick(self.lease_s, defaults.lease_s)),
             max_retries=int(pick(self.max_retries, defaults.max_retries)),
             retry_backoff_s=float(pick(self.retry_backoff_s, defaults.retry_backoff_s)),
+            max_deliveries=int(pick(self.max_deliveries, settings.max_deliveries)),
         )
 
     def state(self, app: Any = None) -> _AppState:

@@ -99,7 +99,12 @@ def run_batch(task: Any, batch: BatchDefinition, batch_id: str) -> dict[str, Any
     state = batch.state(task.app)
     opts, buffer = state.options, state.buffer
     token = task.request.id or uuid.uuid4().hex
-    got = buffer.acquire(batch_id, token, opts.lease_ms)
+    got = buffer.acquire(batch_id, token, opts.lease_ms, opts.max_deliveries)
+    if got.status == "crashed":
+        # Its earlier runs killed their process max_deliveries times: dead letters, not a loop.
+        log.error("batch %s/%s: %d runs ended with their process dead; moved to the dead "
+                  "letters (crashed)", batch.batch_name, batch_id, got.deliveries)
+        return {"batch_id": batch_id, "status": "crashed"}
     if got.status != "ok":
         # "gone": already finished (a duplicate message); "busy": another live worker holds it;
         # "dead": in the dead letters. Nothing to do, and nothing to retry.

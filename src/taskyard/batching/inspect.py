@@ -13,7 +13,7 @@ from taskyard.runtime import Runtime, runtime_of
 #: Counters kept per batch name and group (``Keys.batch_stats``), all reported (0 when unset).
 COUNTERS = ("processed", "batches", "failed", "retries", "dead_items", "dead_batches",
             "duplicates", "duplicate_items", "lease_expired", "republished", "busy_deliveries",
-            "requeued", "purged_items", "flush_size", "flush_age", "flush_manual")
+            "requeued", "purged_items", "crashed", "flush_size", "flush_age", "flush_manual")
 
 
 def _runtime(runtime_or_app: Any) -> Runtime:

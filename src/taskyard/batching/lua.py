@@ -160,9 +160,12 @@ return {claimed, republished}
 
 #: Take a batch for processing. Atomic: the state check and the lease, so two deliveries of one
 #: batch (a republished message beside the original) never run it at once while its holder
-#: renews the lease; a delivery after the holder died takes it over and is counted as duplicate.
-#: KEYS[1] meta; ARGV: prefix, id, token (Celery task id), lease_ms.
-#: Returns {'ok', group, attempts, deliveries, duplicate, item...} or {'gone'|'dead'|'busy'}.
+#: renews the lease; a delivery after the holder died takes it over and is counted as duplicate,
+#: and as one crash: once a batch's runs killed their process max_deliveries times it goes to
+#: the dead letters (reason "crashed") instead of running again, in the same step.
+#: KEYS[1] meta; ARGV: prefix, id, token (Celery task id), lease_ms, max_deliveries (0: no bound).
+#: Returns {'ok', group, attempts, deliveries, duplicate, item...}, {'crashed', crashes, items}
+#: or {'gone'|'dead'|'busy'}.
 ACQUIRE = _PRELUDE + """
 local meta = KEYS[1]
 local id = ARGV[2]
@@ -187,6 +190,25 @@ if state == 'running' then
     return {'busy'}
   end
   lost = true
+end
+if lost then
+  -- The previous run of this batch ended without a result: its process died under it.
+  local crashes = redis.call('HINCRBY', meta, 'crashes', 1)
+  local max_deliveries = tonumber(ARGV[5] or '0') or 0
+  if max_deliveries > 0 and crashes >= max_deliveries then
+    local n = redis.call('LLEN', prefix .. 'items:' .. id)
+    redis.call('HSET', meta, 'state', 'dead', 'died', now, 'dead_reason', 'crashed',
+               'error', 'crashed: ' .. crashes .. ' runs ended with their process dead ' ..
+               '(max_deliveries=' .. max_deliveries .. ')')
+    redis.call('HDEL', meta, 'lost', 'owner')
+    redis.call('ZREM', leases, id)
+    redis.call('ZADD', prefix .. 'dead', now, id)
+    redis.call('DECRBY', prefix .. 'pending', n)
+    stat('dead_items', group, n)
+    stat('dead_batches', group, 1)
+    stat('crashed', group, 1)
+    return {'crashed', crashes, n}
+  end
 end
 redis.call('HSET', meta, 'state', 'running', 'owner', token, 'started', now)
 redis.call('HDEL', meta, 'lost')
