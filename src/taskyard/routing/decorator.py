@@ -72,6 +72,11 @@ def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORM
     level = parse_level(priority)
     check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
     resources = _check_resources(options)
+    deliveries = options.get("max_deliveries")
+    if deliveries is not None and (isinstance(deliveries, bool) or not isinstance(deliveries, int)
+                                   or deliveries < 1):
+        raise ConfigurationError(f"max_deliveries={deliveries!r} is not allowed; expected an "
+                                 "integer >= 1", setting="max_deliveries", value=deliveries)
 
     def decorate(target: Any) -> Any:
         if isinstance(target, PromiseProxy):
