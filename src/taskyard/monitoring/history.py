@@ -51,6 +51,23 @@ alert_episodes = sa.Table(
     sa.Index("ix_taskyard_alert_episodes_since", "since"),
 )
 
+task_events = sa.Table(
+    "taskyard_task_events",
+    metadata,
+    # One row per event of one task's timeline (sent, received, started, deferred, retried,
+    # succeeded, failed, dead), moved here from Redis by the stats collection (timeline.py).
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("task_id", sa.String(255), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("event", sa.String(32), nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("queue", sa.String(255), nullable=False),
+    sa.Column("worker", sa.String(255), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Index("ix_taskyard_task_events_task_id", "task_id"),
+    sa.Index("ix_taskyard_task_events_at", "at"),
+)
+
 _engines: dict[str, Engine] = {}
 _created: set[str] = set()
 _lock = threading.Lock()
