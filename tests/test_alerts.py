@@ -18,6 +18,7 @@ from taskyard.monitoring.collect import collect
 from taskyard.monitoring.store import StatsStore
 from taskyard.runtime import runtime_of
 from taskyard.testing import celery_worker, wait_until
+from tests import servers
 
 
 def _worker(name: str, **readings: Any) -> dict[str, Any]:
@@ -321,3 +322,50 @@ def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: di
         collect(runtime)
     (alert,) = hb_alerts()
     assert alert["state"] == "resolved" and alert["resolved_at"] >= alert["since"]
+
+
+def test_host_readings_deferrals_and_alert_history_in_the_api_metrics_and_dashboard(
+        tmp_path: Path, redis_client: redis.Redis, make_app: Any) -> None:
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from taskyard.keys import Keys
+    from taskyard.monitoring.http.api import create_api
+
+    settings = load_settings(redis_url=servers.REDIS_URL,
+                             database_url=f"sqlite:///{tmp_path / 'h.db'}",
+                             monitoring={"api_cache_s": 0.0, "alert_timing": {}})
+    keys = Keys(settings.namespace)
+    for name, cpu, deferred in (("a@web1", 97.0, {"memory": 4, "requires_memory": 1}),
+                                ("b@web1", 99.0, {"memory": 2, "requires_memory": 0}),
+                                ("c@web1", 98.0, {"memory": 0, "requires_memory": 0})):
+        beat = {"hostname": name, "host": "web1", "pid": 1, "at": time.time(),
+                "memory_pct": 50.0, "cpu_pct": 30.0, "host_cpu_pct": cpu,
+                "deferred": sum(deferred.values()), "deferred_by_reason": deferred,
+                "paused_queues": ["low"], "paused_reasons": {"low": "cpu"}}
+        redis_client.set(keys.worker_heartbeat(name), json.dumps(beat), ex=30)
+        redis_client.zadd(keys.workers(), {name: beat["at"]})
+    runtime = runtime_of(make_app("alertapi", database_url=settings.database_url,
+                                  monitoring={"alert_timing": {}}))
+    collect(runtime)
+    with TestClient(create_api(settings)) as client:
+        overview = client.get("/api/v1/overview").json()
+        assert overview["deferred_by_reason"] == {"memory": 6, "requires_memory": 1}
+        workers = {w["hostname"]: w for w in client.get("/api/v1/workers").json()}
+        assert workers["a@web1"]["deferred_by_reason"] == {"memory": 4, "requires_memory": 1}
+        assert workers["b@web1"]["paused_reasons"] == {"low": "cpu"}
+        (change,) = client.get("/api/v1/alerts/history").json()
+        assert change["alertname"] == "HostCpuHigh" and change["state"] == "firing"
+        assert change["summary"].startswith("host web1 CPU at 99.0 %")
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        cpu = [(s.labels, s.value) for s in families["taskyard_host_cpu_percent"].samples]
+        assert cpu == [({"host": "web1"}, 99.0)]
+        deferred = {(s.labels["hostname"], s.labels["reason"]): s.value
+                    for s in families["taskyard_worker_deferred"].samples
+                    if s.name.endswith("_total")}
+        assert deferred[("a@web1", "requires_memory")] == 1 and len(deferred) == 6
+        paused = families["taskyard_worker_paused_queue"].samples
+        assert {(s.labels["hostname"], s.labels["queue_name"], s.labels["reason"])
+                for s in paused} == {(n, "low", "cpu") for n in ("a@web1", "b@web1", "c@web1")}
+        page = client.get("/dashboard").text
+        assert 'id="alert-history"' in page and "HostCpuHigh" in page

@@ -244,6 +244,9 @@ class StatsStore:
         alerts = [json.loads(v) for v in raw.values()]
         if not include_resolved:
             alerts = [a for a in alerts if a.get("state") == "firing"]
+        else:
+            # Pending ones have not fired (their rule's for duration has not passed yet).
+            alerts = [a for a in alerts if a.get("state") in ("firing", "resolved")]
         alerts.sort(key=lambda a: (a.get("state") != "firing",
                                    _SEVERITY_ORDER.get(a.get("severity", ""), 9),
                                    -float(a.get("since") or 0)))
@@ -278,6 +281,7 @@ class StatsStore:
             "workers_total": len(workers),
             "alerts_firing": len(firing),
             "alerts_critical": sum(1 for a in firing if a.get("severity") == "critical"),
+            "deferred_by_reason": deferred_by_reason(workers),
             "throughput_per_s": float(rates.get("per_s", 0.0)),
             "succeeded_per_s": float(rates.get("succeeded_per_s", 0.0)),
             "failed_per_s": float(rates.get("failed_per_s", 0.0)),
@@ -321,6 +325,12 @@ class StatsStore:
                                           limit - len(out), db_offset))
         return out
 
+    def alert_changes(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Recent alert state changes (fired, severity changed, resolved), newest first, from the
+        capped Redis list the stats collection writes."""
+        return [json.loads(raw) for raw in
+                self.redis.lrange(self.keys.alert_history(), 0, max(0, limit - 1))]
+
     def alert_history(self, limit: int = 100) -> list[dict[str, Any]]:
         """Alert episodes from the history database, most recent first."""
         return history.read_alert_episodes(self.engine, limit)
@@ -352,3 +362,12 @@ class StatsStore:
         except Exception as exc:
             result["broker"] = f"{type(exc).__name__}: {exc}"
         return result
+
+
+def deferred_by_reason(workers: list[dict[str, Any]]) -> dict[str, int]:
+    """Deferrals per reason (memory, requires_memory), summed over the workers' heartbeats."""
+    totals: dict[str, int] = {}
+    for worker in workers:
+        for reason, count in (worker.get("deferred_by_reason") or {}).items():
+            totals[str(reason)] = totals.get(str(reason), 0) + int(count or 0)
+    return totals

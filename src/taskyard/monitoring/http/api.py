@@ -80,10 +80,15 @@ def create_api(source: Settings | Runtime | Any | None = None, *,
         "taskyard deployment; Prometheus metrics at /metrics.",
         responses={503: {"model": m.ErrorBody, "description": "Redis, the database or the "
                                                                "broker is unreachable."}},
+        # Served offline by install_docs below (FastAPI's own pages load from a CDN).
+        docs_url=None, redoc_url=None,
     )
     api.state.taskyard = state
     api.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
     install_error_handlers(api)
+    from taskyard.monitoring.http.docs import install_docs
+
+    install_docs(api)
     _add_health(api, state)
     _add_views(api, state)
     _add_history(api, state)
@@ -151,6 +156,17 @@ def _add_views(api: FastAPI, state: ApiState) -> None:
                "Recent index-maintenance runs.")
 
     alert_fields = m.field_names(m.Alert)
+
+    @api.get(API_PREFIX + "/alerts/history", response_model=list[m.AlertChange], tags=["stats"])
+    async def alert_changes(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=500, description="Changes to return.")] = 100,
+    ) -> Response:
+        """Recent alert state changes (fired, severity changed, resolved), newest first."""
+        read = getattr(store, "alert_changes", None)
+        return await state.respond(
+            request, ("alert_changes", limit),
+            lambda: json_body(read(limit) if read is not None else []))
 
     @api.get(API_PREFIX + "/alerts", response_model=list[m.Alert], tags=["stats"])
     async def alerts(

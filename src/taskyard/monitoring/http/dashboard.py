@@ -67,6 +67,8 @@ def gather(store: Any, thresholds: dict[str, float], window_s: float,
         "tasks": _safe(store.tasks, [], "task stats", problems),
         "batches": _safe(store.batches, [], "batch buffers", problems),
         "alerts": _safe(store.alerts, [], "alerts", problems),
+        "alert_changes": _safe(getattr(store, "alert_changes", lambda: []), [],
+                               "alert history", problems),
         "cache": _safe(store.cache, [], "cache", problems),
     }
     data["series"] = {
@@ -266,6 +268,30 @@ def alerts_html(data: dict[str, Any]) -> str:
     return f'<ul class="alerts">{"".join(rows)}</ul>'
 
 
+def alert_history_html(data: dict[str, Any], limit: int = 15) -> str:
+    """The latest alert state changes: when each alert fired and resolved."""
+    changes = list(data.get("alert_changes") or [])[:limit]
+    if not changes:
+        return '<p class="muted" id="no-alert-history">No alert has fired yet.</p>'
+    rows = []
+    for c in changes:
+        state = str(c.get("state", ""))
+        severity = str(c.get("severity") or "")
+        color = "#16a34a" if state == "resolved" else _SEVERITY_COLORS.get(severity, "#6b7280")
+        what = "resolved" if state == "resolved" else f"{severity} firing"
+        held = ""
+        since, at = _num(c.get("since")), _num(c.get("at"))
+        if state == "resolved" and since is not None and at is not None:
+            held = f" after {duration(max(0.0, at - since))}"
+        rows.append(
+            f'<tr><td class="n">{clock(_num(c.get("at")) or data["now"])}</td>'
+            f'<td style="color:{color}">{escape(what)}{escape(held)}</td>'
+            f'<td class="name">{escape(str(c.get("alertname", "?")))}</td>'
+            f'<td>{escape(str(c.get("summary", "")))}</td></tr>')
+    return ('<table class="tasks" id="alert-history"><thead><tr><th>at (UTC)</th><th>change</th>'
+            f'<th>alert</th><th>summary</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
 def tasks_html(data: dict[str, Any], limit: int = 12) -> str:
     rows = sorted(data["tasks"], key=lambda t: -(int(t.get("succeeded") or 0)
                                                   + int(t.get("failed") or 0)))[:limit]
@@ -328,6 +354,7 @@ def render_board(data: dict[str, Any]) -> str:
         kpis_html(data),
         '<div class="grid">',
         _card("Firing alerts", alerts_html(data), wide=True),
+        _card("Alert history", alert_history_html(data), wide=True),
         _card("Queues", queue_depth_chart(data), level_legend, queue_now_chart(data)),
         _card("Throughput", throughput_chart(data),
               legend([("succeeded/s", "#16a34a"), ("failed/s", "#dc2626"),

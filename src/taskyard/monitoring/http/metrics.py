@@ -24,6 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from taskyard.monitoring.alerts import host_of
 from taskyard.monitoring.http.state import ApiState, StatsSource
 
 #: The classic text format: every name here is a legal legacy name, so every scraper reads it.
@@ -131,6 +132,12 @@ class StoreCollector(Collector):
         cpu = GaugeMetricFamily("taskyard_worker_cpu_percent",
                                 "Worker CPU use, percent, averaged over the guard window.",
                                 labels=["hostname"])
+        deferred = CounterMetricFamily(
+            "taskyard_worker_deferred", "Tasks a worker deferred (re-published) since it "
+            "started, per reason: memory, requires_memory.", labels=["hostname", "reason"])
+        paused = GaugeMetricFamily(
+            "taskyard_worker_paused_queue", "1 for each queue a worker holds back, with why: "
+            "memory, cpu or cpu-critical.", labels=["hostname", "queue_name", "reason"])
         count = 0
         for row in rows:
             host = [_text(row.get("hostname"))]
@@ -141,8 +148,15 @@ class StoreCollector(Collector):
                 value = worker_percent(row, kind)
                 if value is not None:
                     family.add_metric(host, value)
+            for reason, n in sorted((row.get("deferred_by_reason") or {}).items()):
+                number = _number(n)
+                if number is not None:
+                    deferred.add_metric([*host, _text(reason)], number)
+            if is_alive:
+                for queue, reason in sorted((row.get("paused_reasons") or {}).items()):
+                    paused.add_metric([*host, _text(queue), _text(reason)], 1.0)
         alive.add_metric([], float(count))
-        yield from (alive, up, memory, cpu)
+        yield from (alive, up, memory, cpu, deferred, paused, *_host_families(rows))
 
     @staticmethod
     def _batches(rows: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -204,6 +218,31 @@ class StoreCollector(Collector):
         for (alertname, severity), value in sorted(firing.items()):
             active.add_metric([alertname, severity], value)
         yield active
+
+
+def _host_families(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Memory and CPU per machine: the highest reading of its live workers (they read the same
+    host a moment apart), what the host-level alert rules are written over."""
+    memory = GaugeMetricFamily("taskyard_host_memory_percent",
+                               "Memory use of a worker host (or its cgroup), percent.",
+                               labels=["host"])
+    cpu = GaugeMetricFamily("taskyard_host_cpu_percent",
+                            "CPU busy of a worker host (or its cgroup), percent, every process "
+                            "included, averaged over the guard window.", labels=["host"])
+    readings: dict[str, dict[str, float]] = {}
+    for row in rows:
+        if not row.get("alive"):
+            continue
+        seen = readings.setdefault(host_of(row), {})
+        for name, keys in (("memory", ("memory_pct",)), ("cpu", ("host_cpu_pct", "cpu_pct"))):
+            value = next((v for k in keys if (v := _number(row.get(k))) is not None), None)
+            if value is not None:
+                seen[name] = max(seen.get(name, value), value)
+    for host, values in sorted(readings.items()):
+        for family, name in ((memory, "memory"), (cpu, "cpu")):
+            if name in values:
+                family.add_metric([host], values[name])
+    yield from (memory, cpu)
 
 
 def worker_percent(row: Mapping[str, Any], kind: str) -> float | None:

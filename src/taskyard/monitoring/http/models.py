@@ -41,6 +41,16 @@ class WorkerStats(_Row):
     cpu_pct: float | None = Field(None, description="CPU use, percent, averaged.")
     state: str | None = Field(None, description="Resource pressure: ok, warning or critical.")
     deferred: int | None = Field(None, description="Tasks it held back since it started.")
+    deferred_by_reason: dict[str, int] = Field(
+        {}, description="Deferrals per reason: memory (the level's memory threshold), "
+        "requires_memory (a task's requires_memory_mb).")
+    paused_reasons: dict[str, str] = Field(
+        {}, description="Paused queue -> why: memory, cpu or cpu-critical.")
+    host: str | None = Field(None, description="The machine it runs on (host-level alerts).")
+    host_cpu_pct: float | None = Field(
+        None, description="The whole host's (or cgroup's) CPU busy, percent, this worker "
+        "included; cpu_pct leaves the worker's own processes out.")
+    pool_nice: int | None = Field(None, description="Nice value added to its pool processes.")
 
 
 class TaskStats(_Row):
@@ -106,7 +116,26 @@ class Alert(_Row):
     severity: str = Field(description="warning or critical.")
     state: str = Field(description="firing or resolved.")
     since: float = Field(description="Firing since, seconds since the epoch.")
+    active_since: float | None = Field(
+        None, description="When the condition was first seen (it fires after the rule's for "
+        "duration), seconds since the epoch.")
     resolved_at: float | None = Field(None, description="Seconds since the epoch, when resolved.")
+    value: float | None = None
+    threshold: float | None = None
+    labels: dict[str, str] = {}
+    summary: str = ""
+
+
+class AlertChange(_Row):
+    """One alert state change: fired, changed severity, or resolved."""
+
+    at: float = Field(description="When the change was recorded, seconds since the epoch.")
+    id: str
+    alertname: str
+    state: str = Field(description="firing or resolved.")
+    severity: str | None = None
+    since: float | None = Field(None, description="Firing since, seconds since the epoch.")
+    resolved_at: float | None = None
     value: float | None = None
     threshold: float | None = None
     labels: dict[str, str] = {}
@@ -126,6 +155,8 @@ class Overview(_Row):
     workers_total: int
     alerts_firing: int
     alerts_critical: int
+    deferred_by_reason: dict[str, int] = Field(
+        {}, description="Deferrals per reason over the known workers: memory, requires_memory.")
     throughput_per_s: float = Field(description="Tasks finished per second (last collection).")
     succeeded_per_s: float
     failed_per_s: float
