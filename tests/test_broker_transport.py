@@ -427,3 +427,37 @@ def test_sentinel(sentinel_url: str) -> None:
 def test_sentinel_app_configuration(make_app: Any) -> None:
     app = make_app("sent", broker_url="sentinel://127.0.0.1:26399/0")
     assert app.conf.broker_transport == SENTINEL_TRANSPORT
+
+
+# --- the fast profile -------------------------------------------------------------------------
+def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
+    from taskyard.config import load_settings
+    from taskyard.errors import ConfigurationError
+    from taskyard.workers.profiles import (
+        FAST_QUEUES_FROM,
+        fast_worker_argvs,
+        get_profile,
+        hard_time_limited_tasks,
+        split_processes,
+    )
+
+    profile = get_profile(load_settings(), FAST_QUEUES_FROM)
+    argvs = fast_worker_argvs("bdc", profile, 2, ("--loglevel", "INFO"))
+    assert [argv[argv.index("-n") + 1] for argv in argvs] == ["fast1@%h", "fast2@%h"]
+    assert all(argv[argv.index("-P") + 1] == "solo" for argv in argvs)
+    assert argvs[0][argvs[0].index("-Q") + 1] == "critical,high,normal,low,batch"
+    assert split_processes(("-c", "3", "--loglevel", "INFO"), 2) == (3, ("--loglevel", "INFO"))
+    assert split_processes(("--concurrency=4",), 2) == (4, ())
+    with pytest.raises(ConfigurationError, match="whole number"):
+        split_processes(("-c", "many"), 2)
+    with pytest.raises(ConfigurationError, match="at least 1"):
+        fast_worker_argvs("bdc", profile, 0)
+    app = make_app("limits")
+
+    @app.task(name="limits.bounded", time_limit=5)
+    def bounded() -> None: ...
+
+    @app.task(name="limits.free")
+    def free() -> None: ...
+
+    assert hard_time_limited_tasks(app) == ["limits.bounded"]

@@ -135,3 +135,32 @@ def test_clean_stop_reruns_nothing(redis_client: redis.Redis, redis_env: dict[st
         time.sleep(1.0 + 2 * SWEEP_S)  # past a lease and two sweeps: nothing comes back
     runs = _runs(redis_client)
     assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
+
+
+def test_fast_profile_runs_solo_processes(redis_client: redis.Redis, redis_env: dict[str, str],
+                                          tmp_path: Path) -> None:
+    env = _env(redis_env)
+    log = tmp_path / "fast.log"
+    with log.open("wb") as sink:
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "worker", "--profile", "fast", "-A",
+             "tests.apps.broker", "-c", "2", "--loglevel", "INFO", "--without-gossip",
+             "--without-mingle"],
+            env=child_env(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        wait_until(lambda: log.read_text(errors="replace").count(" ready.") == 2, 60, 0.2,
+                   "two fast processes")
+        text = log.read_text(errors="replace")
+        assert "fast1@" in text and "fast2@" in text and "solo" in text
+        _send(env, "for i in range(100): broker.WORK['low'].delay(f'k{i}')\n"
+                   "broker.WORK['critical'].delay('urgent')")
+        wait_until(lambda: len(_runs(redis_client)) == 101, 60, 0.1, "the fast workers")
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(30) == 0
+    finally:
+        if launcher.poll() is None:
+            import os
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert redis_client.hlen("unacked") == 0
+    assert set(_runs(redis_client).values()) == {1}

@@ -26,7 +26,7 @@ from taskyard.stack import (
     format_table,
     run_until_signalled,
 )
-from taskyard.workers.profiles import celery_worker_argv, get_profile
+from taskyard.workers.profiles import FAST, celery_worker_argv, get_profile, launch_fast
 
 #: Profiles `taskyard up` starts, one worker each: together they consume all five queues.
 UP_PROFILES = ("critical", "default", "batch")
@@ -42,6 +42,11 @@ TOKEN_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}API_TOKEN"
 def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
     """Run `celery worker` for a profile; extra arguments go to Celery unchanged."""
     settings = cli_settings()
+    if profile == FAST:
+        try:
+            sys.exit(launch_fast(app_path, settings, celery_args))
+        except TaskyardError as exc:
+            raise click.UsageError(str(exc)) from None
     try:
         chosen = get_profile(settings, profile)
     except TaskyardError as exc:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import subprocess
+import threading
+from contextlib import suppress
 from dataclasses import dataclass
+from typing import Any
 
 from taskyard.config import Settings
 from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority, order_levels
+
+log = logging.getLogger("taskyard.workers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,3 +56,120 @@ def celery_worker_argv(app: str, profile: WorkerProfile, extra: tuple[str, ...] 
     """Arguments of the ``celery worker`` command that runs ``profile`` for ``app``."""
     argv = ["-A", app, "worker", "-Q", profile.queue_arg, "-n", profile.node_name, "-O", "fair"]
     return [*argv, *extra]
+
+
+# --- the fast profile: several single-process consumers instead of a prefork pool ------------
+#: Name of the profile that runs ``processes`` solo-pool workers on the queues of ``all``.
+FAST = "fast"
+#: Profile whose queues the fast profile consumes.
+FAST_QUEUES_FROM = "all"
+#: Pause before a fast-profile process that died is started again (s): bounds a crash loop's
+#: pace; its reserved messages come back through the leases meanwhile.
+RESTART_DELAY_S = 1.0
+
+
+def fast_worker_argvs(app: str, profile: WorkerProfile, processes: int,
+                      extra: tuple[str, ...] = ()) -> list[list[str]]:
+    """``celery worker`` arguments of each process of the fast profile.
+
+    Each process is a solo-pool worker (the task runs in the consumer's own process: no pool
+    round trip, no result pipe), so the processes together use the cores a prefork pool would.
+    """
+    if processes < 1:
+        raise ConfigurationError(f"the fast profile needs at least 1 process, got {processes}",
+                                 value=processes)
+    return [["-A", app, "worker", "-Q", profile.queue_arg, "-P", "solo", "-c", "1",
+             "-n", f"{FAST}{index}@%h", *extra] for index in range(1, processes + 1)]
+
+
+def hard_time_limited_tasks(app: Any) -> list[str]:
+    """Tasks of ``app`` with a hard time limit, which a solo pool cannot enforce."""
+    default = app.conf.task_time_limit
+    return sorted(name for name, task in app.tasks.items()
+                  if (getattr(task, "time_limit", None) or default) and
+                  not name.startswith("celery."))
+
+
+def split_processes(extra: tuple[str, ...], default: int) -> tuple[int, tuple[str, ...]]:
+    """The ``-c N``/``--concurrency N`` of ``extra`` as the process count, and the rest."""
+    rest: list[str] = []
+    processes = default
+    args = iter(extra)
+    for arg in args:
+        if arg in ("-c", "--concurrency"):
+            value = next(args, "")
+        elif arg.startswith("--concurrency="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        try:
+            processes = int(value)
+        except ValueError:
+            raise ConfigurationError(f"-c/--concurrency of the fast profile must be a whole "
+                                     f"number of processes, got {value!r}", value=value) from None
+    return processes, tuple(rest)
+
+
+def run_processes(argvs: list[list[str]], *, restart_delay_s: float = RESTART_DELAY_S) -> int:
+    """Run each argv as a child in this process group until SIGTERM/SIGINT; returns 0.
+
+    A child that exits on its own is started again after ``restart_delay_s``. The children
+    share this process's group, so signalling the group reaches every one of them.
+    """
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = threading.Event()
+
+    def start(index: int) -> None:
+        children[index] = subprocess.Popen(argvs[index])
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.set()
+        for child in children.values():
+            with suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for index in range(len(argvs)):
+            start(index)
+        while not stopping.wait(0.2):
+            for index, child in list(children.items()):
+                if child.poll() is not None and not stopping.is_set():
+                    log.warning("fast worker process %d exited with %s; starting it again",
+                                index + 1, child.returncode)
+                    if not stopping.wait(restart_delay_s):
+                        start(index)
+        for child in children.values():
+            child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def launch_fast(app_path: str, settings: Settings, extra: tuple[str, ...] = (),
+                processes: int | None = None) -> int:
+    """``taskyard worker --profile fast``: solo-pool processes, one per core by default.
+
+    Raises:
+        ConfigurationError: a task of the app has a hard time limit (a solo pool cannot kill
+            a task that overruns it), or the process count is not a positive number.
+    """
+    import os
+    import sys
+
+    from celery.app.utils import find_app
+
+    count, rest = split_processes(extra, processes or os.cpu_count() or 1)
+    limited = hard_time_limited_tasks(find_app(app_path))
+    if limited:
+        raise ConfigurationError(
+            "the fast profile runs tasks in solo-pool processes, which cannot enforce a hard "
+            f"time limit; tasks with one: {', '.join(limited)}. Use a prefork profile for them",
+            value=limited)
+    profile = get_profile(settings, FAST_QUEUES_FROM)
+    argvs = [[sys.executable, "-m", "celery", *argv]
+             for argv in fast_worker_argvs(app_path, profile, count, rest)]
+    log.info("fast profile: %d solo processes on %s", count, profile.queue_arg)
+    return run_processes(argvs)
