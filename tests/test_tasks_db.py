@@ -29,13 +29,19 @@ def test_pool_settings_for_servers_not_sqlite(make_app: Any, tmp_path: Path) -> 
         assert db.execute(text("SELECT 1")).scalar() == 1
 
 
-def _child(url: str, runtime_id: int, queue: Any) -> None:
-    from taskyard.tasks import db as task_db
-
+def _child(runtime: Any, queue: Any) -> None:
     # What a prefork child does when it starts.
     signals.worker_process_init.send(sender=None)
-    with task_db._ENGINES[(url, runtime_id)].connect() as conn:
+    with runtime.engines[servers.POSTGRES_URL].connect() as conn:
         queue.put(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+
+
+def test_engines_belong_to_their_runtime(make_app: Any, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    first = runtime_of(make_app("db-a", database_url=url))
+    second = runtime_of(make_app("db-b", database_url=url))
+    assert engine(first) is engine(first) is first.engines[url]
+    assert engine(second) is not engine(first)
 
 
 def test_prefork_child_gets_its_own_connections(make_app: Any) -> None:
@@ -47,7 +53,7 @@ def test_prefork_child_gets_its_own_connections(make_app: Any) -> None:
     assert eng.pool.checkedin() == 1  # a pooled connection the child would inherit
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_child, args=(servers.POSTGRES_URL, id(runtime), queue))
+    child = ctx.Process(target=_child, args=(runtime, queue))
     child.start()
     child_pid = queue.get(timeout=20)
     child.join(20)

@@ -1,10 +1,11 @@
 """A SQLAlchemy engine and sessions for tasks, from settings.
 
 The pool follows the service this platform serves (``maintenance.pool_size`` 20, overflow 30,
-timeout 30 s, recycle 3600 s, pre-ping). Prefork children inherit the parent's engines; each
-child disposes them when it starts (``worker_process_init``) so no connection is ever shared
-between processes. SQLite engines keep SQLAlchemy's own pool: the server pool options do not
-apply to a file.
+timeout 30 s, recycle 3600 s, pre-ping). Engines belong to the app's runtime
+(``runtime.engines``, per URL), so two apps never share one. Prefork children inherit the
+parent's engines; each child disposes them when it starts (``worker_process_init``) so no
+connection is ever shared between processes. SQLite engines keep SQLAlchemy's own pool: the
+server pool options do not apply to a file.
 
 Statements slower than ``maintenance.slow_statement_s`` are counted per task (the running Celery
 task's name, "-" outside tasks) in ``keys.slow_statements()`` for the stats API.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +32,6 @@ from taskyard.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-_ENGINES: dict[tuple[str, int], Engine] = {}
 _LOCK = threading.Lock()
 
 
@@ -49,18 +50,18 @@ def engine_options(url: str, settings: Settings) -> dict[str, Any]:
 
 
 def engine(runtime: Runtime, url: str | None = None) -> Engine:
-    """The process's engine for ``url`` (default ``database_url``), created on first use."""
+    """The runtime's engine for ``url`` (default ``database_url``), created on first use."""
     target = url or runtime.settings.database_url
-    slot = (target, id(runtime))
-    found = _ENGINES.get(slot)
+    engines = runtime.engines
+    found = engines.get(target)
     if found is not None:
         return found
     with _LOCK:
-        found = _ENGINES.get(slot)
+        found = engines.get(target)
         if found is None:
             found = create_engine(target, **engine_options(target, runtime.settings))
             _count_slow_statements(found, runtime)
-            _ENGINES[slot] = found
+            engines[target] = found
     return found
 
 
@@ -71,10 +72,11 @@ def session(runtime: Runtime, url: str | None = None) -> Iterator[Session]:
         yield db
 
 
-def dispose_all() -> None:
-    """Drop every pooled connection this process inherited (without closing the parent's)."""
+def dispose_all(runtime: Runtime) -> None:
+    """Drop every pooled connection of ``runtime`` this process inherited (without closing the
+    parent's)."""
     with _LOCK:
-        for eng in _ENGINES.values():
+        for eng in runtime.engines.values():
             # close=False: the sockets belong to the parent; the child only forgets them.
             eng.dispose(close=False)
 
@@ -136,8 +138,11 @@ def slow_statements(runtime: Runtime) -> dict[str, dict[str, float]]:
 
 def install(app: Any, runtime: Runtime) -> None:
     """Dispose inherited engines in every prefork child."""
+    runtime_ref = weakref.ref(runtime)  # the receiver must not keep a finished app alive
 
     def on_process_init(**_: Any) -> None:
-        dispose_all()
+        target = runtime_ref()
+        if target is not None:
+            dispose_all(target)
 
     signals.worker_process_init.connect(on_process_init, weak=False)
