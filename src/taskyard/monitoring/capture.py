@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +29,9 @@ from celery import Celery, signals
 from celery._state import get_current_app, get_current_worker_task
 
 from taskyard import signals as taskyard_signals
-from taskyard.runtime import Runtime, find_runtime
+from taskyard.events import sending_app
+from taskyard.monitoring import timeline
+from taskyard.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ SEP = "\x1f"
 SENT_HEADER = "taskyard_sent_at"
 
 _STATE_EVENT = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
+#: Timeline events one process holds at most between flushes; beyond this the oldest are dropped
+#: (timelines are best-effort, like Celery's events).
+MAX_TIMELINE_EVENTS = 100_000
 # Attributes the capture keeps on the task's request between prerun and postrun.
 _KEY_ATTR = "_taskyard_capture_key"
 _START_ATTR = "_taskyard_capture_start"
@@ -69,6 +75,8 @@ class Capture:
         self._counts: dict[str, int] = {}
         self._hist: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
         self._sums: dict[str, dict[str, float]] = {kind: {} for kind in KINDS}
+        # Packed timeline events; deque appends and pops are atomic, so no lock is taken.
+        self._events: deque[str] = deque(maxlen=MAX_TIMELINE_EVENTS)
         self._start_lock = threading.Lock()
         self._pid = -1
         self._running = False
@@ -98,9 +106,17 @@ class Capture:
         self._counts = {}
         self._hist = {kind: {} for kind in KINDS}
         self._sums = {kind: {} for kind in KINDS}
+        self._events = deque(maxlen=MAX_TIMELINE_EVENTS)
         self._thread = None
         self._running = False
         self._pid = -1
+
+    def event(self, task_id: str, event: str, name: str, queue: str, worker: str,
+              detail: str = "") -> None:
+        """One step of a task's timeline (no I/O, no lock)."""
+        self._ensure_flusher()
+        self._events.append(timeline.pack(task_id, time.time(), event, name, queue, worker,
+                                          detail))
 
     def count(self, name: str, queue: str, event: str, n: int = 1) -> None:
         """Add ``n`` to one counter."""
@@ -179,11 +195,14 @@ class Capture:
         A failed write is logged and its counts kept for the next flush.
         """
         counts, hist, sums = self._take()
+        events = self._take_events()
         fields = len(counts) + sum(len(h) + len(sums[k]) for k, h in hist.items())
-        if not fields:
+        if not fields and not events:
             return 0
         try:
             with self.runtime.redis.pipeline(transaction=False) as pipe:
+                if events:
+                    timeline.append(pipe, self.runtime, events)
                 counts_key = self.keys.task_counts()
                 for field, n in counts.items():
                     pipe.hincrby(counts_key, field, n)
@@ -198,8 +217,18 @@ class Capture:
             logger.warning("taskyard capture: flush of %d fields failed; kept for the next one",
                            fields, exc_info=True)
             self._give_back(counts, hist, sums)
+            self._events.extendleft(reversed(events))
             return 0
-        return fields
+        return fields + len(events)
+
+    def _take_events(self) -> list[str]:
+        taken: list[str] = []
+        pop = self._events.popleft
+        try:
+            while True:
+                taken.append(pop())
+        except IndexError:
+            return taken
 
     def _run(self) -> None:
         stop = self._stop
@@ -256,7 +285,10 @@ class _Receivers:
             if request is None or getattr(sender, "app", self.app) is not self.app:
                 return
             name = request.name
-            self.capture.count(name, _queue_of(request, "unknown"), "received")
+            queue = _queue_of(request, "unknown")
+            self.capture.count(name, queue, "received")
+            self.capture.event(request.id, "received", name, queue,
+                               str(getattr(request, "hostname", "") or ""))
         except Exception:
             logger.warning("taskyard capture: task_received hook failed", exc_info=True)
 
@@ -271,6 +303,8 @@ class _Receivers:
             setattr(request, _START_ATTR, time.perf_counter())
             sent = _sent_at(request)
             self.capture.started(key[0], key[1], None if sent is None else max(0.0, now - sent))
+            self.capture.event(request.id, "started", key[0], key[1],
+                               str(request.hostname or ""), str(request.retries or ""))
         except Exception:
             logger.warning("taskyard capture: task_prerun hook failed", exc_info=True)
 
@@ -289,10 +323,36 @@ class _Receivers:
             # runtime would drag the percentiles towards zero.
             runtime_s = None if start is None or event is None else time.perf_counter() - start
             self.capture.finished(key[0], key[1], event, runtime_s)
+            if event is not None:
+                self.capture.event(request.id, event, key[0], key[1], str(request.hostname or ""),
+                                   "" if runtime_s is None else f"{runtime_s:.6f}")
         except Exception:
             logger.warning("taskyard capture: task_postrun hook failed", exc_info=True)
 
-    def deferred(self, sender: Any = None, level: Any = None, **_: Any) -> None:
+    def sent(self, sender: Any = None, headers: dict[str, Any] | None = None,
+             routing_key: str | None = None, **_: Any) -> None:
+        try:
+            owner = sending_app.get()
+            if headers is None or (owner is not None and owner is not self.app):
+                return
+            task_id = headers.get("id")
+            if task_id:
+                self.capture.event(str(task_id), "sent", str(headers.get("task") or sender),
+                                   str(routing_key or ""), str(headers.get("origin") or ""))
+        except Exception:
+            logger.warning("taskyard capture: after_task_publish hook failed", exc_info=True)
+
+    def dead(self, sender: Any = None, task_id: str | None = None, reason: str = "",
+             queue: str = "", detail: str = "", **_: Any) -> None:
+        try:
+            if task_id is None or get_current_app() is not self.app:
+                return
+            self.capture.event(task_id, "dead", str(sender), queue, "", f"{reason}: {detail}")
+        except Exception:
+            logger.warning("taskyard capture: task_dead hook failed", exc_info=True)
+
+    def deferred(self, sender: Any = None, level: Any = None, task_id: str | None = None,
+                 reason: str = "", **_: Any) -> None:
         try:
             name = str(sender)
             # The signal names the task only; several apps in one process (and shared tasks
@@ -303,6 +363,8 @@ class _Receivers:
                 return
             queue = str(getattr(level, "value", level) or "unknown")
             self.capture.count(name, queue, "deferred")
+            if task_id:
+                self.capture.event(str(task_id), "deferred", name, queue, "", str(reason))
         except Exception:
             logger.warning("taskyard capture: task_deferred hook failed", exc_info=True)
 
@@ -327,15 +389,16 @@ def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
     signals.task_postrun.connect(receivers.postrun, weak=False, dispatch_uid=uid + ".postrun")
     taskyard_signals.task_deferred.connect(receivers.deferred, weak=False,
                                            dispatch_uid=uid + ".deferred")
+    signals.after_task_publish.connect(receivers.sent, weak=False, dispatch_uid=uid + ".sent")
+    taskyard_signals.task_dead.connect(receivers.dead, weak=False, dispatch_uid=uid + ".dead")
     signals.worker_process_shutdown.connect(receivers.shutdown, weak=False,
                                             dispatch_uid=uid + ".process_shutdown")
     signals.worker_shutdown.connect(receivers.shutdown, weak=False, dispatch_uid=uid + ".shutdown")
     atexit.register(receivers.shutdown)
-    runtime.capture = capture
+    app._taskyard_capture = capture
     return capture
 
 
 def capture_of(app: Celery) -> Capture | None:
     """The capture installed on ``app``, if any."""
-    runtime = find_runtime(app)
-    return runtime.capture if runtime is not None else None
+    return getattr(app, "_taskyard_capture", None)

@@ -1,0 +1,145 @@
+"""Task timelines: what happened to one task id, persisted in the history database.
+
+The capture buffers one packed event per step of a task (sent, received, started, deferred,
+retried, succeeded, failed, dead) in process and its background flush appends them to a capped
+Redis list (``Keys.timeline_pending``) in the same round trip as the counters; the stats
+collection moves them into the history database (``taskyard_task_events``) and prunes rows
+older than ``TASKYARD_DEAD_LETTERS__TIMELINE_RETENTION_S``. A lookup reads both, so a task is
+found the moment its events are flushed, and still after Redis or Flower restarted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from taskyard.monitoring import history
+from taskyard.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Separator of a packed event's fields: task_id, at, event, name, queue, worker, detail.
+SEP = "\x1f"
+#: Events in the order a timeline is usually read; "state" is the last of these seen.
+EVENTS: tuple[str, ...] = ("sent", "received", "started", "deferred", "retried", "succeeded",
+                           "failed", "dead")
+_TERMINAL = ("succeeded", "failed", "dead")
+#: Events moved per database transaction.
+_DRAIN_CHUNK = 5000
+
+
+def pack(task_id: str, at: float, event: str, name: str, queue: str, worker: str,
+         detail: str = "") -> str:
+    """One event as stored in Redis (cheap: one join)."""
+    return SEP.join((task_id, f"{at:.6f}", event, name, queue, worker, detail.replace(SEP, " ")))
+
+
+def unpack(packed: str | bytes) -> dict[str, Any] | None:
+    text = packed.decode(errors="replace") if isinstance(packed, bytes) else packed
+    parts = text.split(SEP)
+    if len(parts) != 7:
+        return None
+    try:
+        at = float(parts[1])
+    except ValueError:
+        return None
+    return {"task_id": parts[0], "at": at, "event": parts[2], "name": parts[3],
+            "queue": parts[4], "worker": parts[5], "detail": parts[6]}
+
+
+def append(pipe: Any, runtime: Runtime, events: list[str]) -> None:
+    """Queue the RPUSH and cap of ``events`` on ``pipe`` (the capture's flush pipeline)."""
+    key = runtime.keys.timeline_pending()
+    for start in range(0, len(events), 1000):
+        pipe.rpush(key, *events[start:start + 1000])
+    pipe.ltrim(key, -runtime.settings.dead_letters.timeline_max_pending, -1)
+
+
+def _take(runtime: Runtime, n: int) -> list[bytes]:
+    key = runtime.keys.timeline_pending()
+    # MULTI/EXEC: read and remove the same head, so two collections never move an event twice.
+    with runtime.redis.pipeline(transaction=True) as pipe:
+        pipe.lrange(key, 0, n - 1)
+        pipe.ltrim(key, n, -1)
+        taken, _ = pipe.execute()
+    return list(taken)
+
+
+def drain(runtime: Runtime, engine: Engine, limit: int = 200_000) -> int:
+    """Move pending events from Redis into the history database; returns how many.
+
+    A failed insert puts the chunk back at the head of the list (order kept), for the next run.
+    """
+    moved = 0
+    while moved < limit:
+        taken = _take(runtime, _DRAIN_CHUNK)
+        if not taken:
+            break
+        rows = [row for row in map(unpack, taken) if row is not None]
+        try:
+            if rows:
+                with engine.begin() as conn:
+                    conn.execute(history.task_events.insert(), rows)
+        except Exception:
+            runtime.redis.lpush(runtime.keys.timeline_pending(), *reversed(taken))
+            raise
+        moved += len(rows)
+        if len(taken) < _DRAIN_CHUNK:
+            break
+    return moved
+
+
+def prune(engine: Engine, now: float, retention_s: float) -> int:
+    """Delete events older than the retention; returns rows deleted."""
+    with engine.begin() as conn:
+        result = conn.execute(history.task_events.delete().where(
+            history.task_events.c.at < now - retention_s))
+    return int(result.rowcount or 0)
+
+
+def lookup(runtime: Runtime, engine: Engine | None, task_id: str,
+           limit: int = 1000) -> dict[str, Any] | None:
+    """The timeline of ``task_id`` (database rows and events not yet moved), or None."""
+    events: list[dict[str, Any]] = []
+    if engine is not None:
+        history.ensure_schema(engine)
+        t = history.task_events
+        query = sa.select(t.c.at, t.c.event, t.c.name, t.c.queue, t.c.worker, t.c.detail).where(
+            t.c.task_id == task_id).order_by(t.c.at, t.c.id).limit(limit)
+        with engine.connect() as conn:
+            events.extend(dict(row._mapping) for row in conn.execute(query))
+    try:
+        pending = runtime.redis.lrange(runtime.keys.timeline_pending(), 0, -1)
+    except Exception:
+        logger.warning("timeline: pending events unreadable", exc_info=True)
+        pending = []
+    prefix = task_id + SEP
+    for packed in pending:
+        text = packed.decode(errors="replace") if isinstance(packed, bytes) else str(packed)
+        if text.startswith(prefix):
+            row = unpack(text)
+            if row is not None:
+                row.pop("task_id")
+                events.append(row)
+    if not events:
+        return None
+    events.sort(key=lambda e: e["at"])
+    return summarize(task_id, events)
+
+
+def summarize(task_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Timeline plus its summary: name, queue, state (the latest step), counts per event."""
+    counts = {name: 0 for name in EVENTS}
+    for event in events:
+        counts[event["event"]] = counts.get(event["event"], 0) + 1
+    terminal = [e for e in events if e["event"] in _TERMINAL]
+    latest = terminal[-1] if terminal else events[-1]
+    name = next((e["name"] for e in reversed(events) if e["name"]), "")
+    queue = next((e["queue"] for e in reversed(events) if e["queue"]), "")
+    started = next((e["at"] for e in events if e["event"] == "started"), None)
+    return {"task_id": task_id, "name": name, "queue": queue, "state": latest["event"],
+            "first_at": events[0]["at"], "last_at": events[-1]["at"],
+            "started_at": started, "counts": counts, "events": events}
