@@ -24,7 +24,8 @@ from typing import Any
 
 from celery import Celery
 
-from taskyard.monitoring import history
+from taskyard.deadletters.store import RedisDeadLetterStore
+from taskyard.monitoring import history, timeline
 from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
@@ -201,6 +202,8 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "maintenance": maintenance_raw,
         "rolled_up_at": previous.get("rolled_up_at", 0.0),
     }
+    # The dead letters' age bound also applies when nothing new dies.
+    _guarded("dead letters", lambda: RedisDeadLetterStore.for_runtime(runtime).trim(now), 0)
     history_error = _write_history(runtime, entries, changed, now, state)
     with client.pipeline(transaction=False) as pipe:
         for name, entry in entries.items():
@@ -238,9 +241,11 @@ def _write_history(runtime: Runtime, entries: dict[str, dict[str, Any]],
         history.ensure_schema(engine)
         history.write_snapshots(engine, ((name, now, e) for name, e in entries.items()))
         history.save_alerts(engine, changed)
+        timeline.drain(runtime, engine)
         if now - float(state["rolled_up_at"]) >= m.history_rollup_s:
             history.rollup(engine, now, m.history_raw_keep_s, m.history_rollup_s)
             history.prune(engine, now, m.history_retention_days * 86_400.0)
+            timeline.prune(engine, now, runtime.settings.dead_letters.timeline_retention_s)
             state["rolled_up_at"] = now
     except Exception as exc:
         logger.warning("stats: writing history failed", exc_info=True)
