@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
+import pytest
 import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -121,3 +122,47 @@ def test_histogram_series_is_cumulative_with_overflow() -> None:
     assert series["buckets"] == [("0.1", 2.0), ("1.0", 2.0), ("+Inf", 7.0)]
     assert series["sum"] == 42.0
     assert list(histogram_series(data, "wait")) == []
+
+
+def test_per_queue_depth_oldest_ready_age_and_wait_histogram(
+        tmp_path: Path, redis_client: redis.Redis, make_app: Any) -> None:
+    """Real messages sent through a taskyard app: the oldest one's age per queue, read from the
+    tail of the priority sub-lists, and the wait histogram summed over task names per queue."""
+    from taskyard.monitoring.capture import Capture
+    from taskyard.monitoring.http.metrics import queue_wait
+    from taskyard.runtime import runtime_of
+
+    settings: Settings = api_settings(tmp_path)
+    app = make_app("ages", database_url=settings.database_url)
+    app.send_task("t.first", queue="low", routing_key="low")
+    time.sleep(0.3)
+    app.send_task("t.second", queue="low", routing_key="low", priority=9)
+    app.send_task("t.third", queue="high", routing_key="high")
+    capture = Capture(runtime_of(app))
+    for name, queue, wait in (("a", "normal", 0.003), ("b", "normal", 0.2), ("c", "low", 7.0)):
+        capture.count(name, queue, "started")
+        capture.observe(name, queue, "wait", wait)
+    capture.flush()
+    capture.close()
+    with TestClient(create_api(settings)) as client:
+        rows = {q["queue"]: q for q in client.get("/api/v1/queues").json()}
+        families = scrape(client)
+    assert rows["low"]["ready"] == 2 and rows["critical"]["oldest_ready_age_s"] is None
+    low_age, high_age = rows["low"]["oldest_ready_age_s"], rows["high"]["oldest_ready_age_s"]
+    assert 0.3 <= low_age < 30 and 0 <= high_age < low_age - 0.2
+    assert value(families, "taskyard_queue_oldest_ready_age_seconds",
+                 queue_name="low") >= 0.3
+    assert not [s for s in families["taskyard_queue_oldest_ready_age_seconds"].samples
+                if s.labels["queue_name"] == "critical"]  # empty: no sample, not 0
+    assert value(families, "celery_queue_length", queue_name="low") == 2
+    assert "taskyard_queue_scheduled_messages" in families
+    # The normal queue's two tasks, one histogram: 0.003 s falls in le=0.005, 0.2 s in le=0.25.
+    assert value(families, "taskyard_queue_wait_seconds_count", queue_name="normal") == 2
+    assert value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal",
+                 le="0.005") == 1
+    assert value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal",
+                 le="0.25") == 2
+    assert value(families, "taskyard_queue_wait_seconds_sum", queue_name="normal") == \
+        pytest.approx(0.203)
+    assert value(families, "taskyard_queue_wait_seconds_count", queue_name="low") == 1
+    assert queue_wait({"buckets": [], "wait": []}) == {}

@@ -125,10 +125,15 @@ class StatsStore:
         """Depth of the five queues: ready (all priority lists) plus reserved (unacked)."""
         broker = self.settings.effective_broker_url
         if is_redis_url(broker):
-            depths = redis_depths(self._broker_client(), LEVEL_NAMES)
+            from taskyard.monitoring.queue_age import oldest_ready_ages
+
+            client = self._broker_client()
+            depths = redis_depths(client, LEVEL_NAMES)
+            ages = oldest_ready_ages(client, LEVEL_NAMES)
         else:
             depths = amqp_depths(broker, LEVEL_NAMES, self.settings.broker_connect_timeout_s)
-        return [d.as_dict() for d in depths]
+            ages = {}  # AMQP shows counts only, not the messages
+        return [{**d.as_dict(), "oldest_ready_age_s": ages.get(d.queue)} for d in depths]
 
     def workers(self) -> list[dict[str, Any]]:
         """Known workers: their last heartbeat plus ``alive`` and ``age_s``."""

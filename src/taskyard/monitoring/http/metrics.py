@@ -93,13 +93,22 @@ class StoreCollector(Collector):
         reserved = GaugeMetricFamily(
             "taskyard_queue_reserved_messages",
             "Messages delivered to a worker and not yet acknowledged.", labels=["queue_name"])
+        scheduled = GaugeMetricFamily(
+            "taskyard_queue_scheduled_messages",
+            "Messages with a countdown or ETA waiting in the broker-side delayed set.",
+            labels=["queue_name"])
+        oldest = GaugeMetricFamily(
+            "taskyard_queue_oldest_ready_age_seconds",
+            "Seconds the oldest ready message of a queue has waited (absent when empty).",
+            labels=["queue_name"])
         for row in rows:
             queue = [_text(row.get("queue"))]
-            for family, key in ((length, "depth"), (ready, "ready"), (reserved, "reserved")):
+            for family, key in ((length, "depth"), (ready, "ready"), (reserved, "reserved"),
+                                (scheduled, "scheduled"), (oldest, "oldest_ready_age_s")):
                 value = _number(row.get(key))
                 if value is not None:
                     family.add_metric(queue, value)
-        yield from (length, ready, reserved)
+        yield from (length, ready, reserved, scheduled, oldest)
 
     @staticmethod
     def _task_counters(rows: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -119,6 +128,14 @@ class StoreCollector(Collector):
                 family.add_metric([series["name"], series["queue"]], series["buckets"],
                                   series["sum"])
             yield family
+        # Per queue, over all task names: what an autoscaler of one worker profile reads.
+        per_queue = HistogramMetricFamily(
+            "taskyard_queue_wait_seconds",
+            "Queue wait (sent -> started) of the tasks of a queue, all task names.",
+            labels=["queue_name"])
+        for queue, (buckets, total) in sorted(queue_wait(data).items()):
+            per_queue.add_metric([queue], buckets, total)
+        yield per_queue
 
     @staticmethod
     def _workers(rows: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -268,6 +285,20 @@ def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, A
             cumulative.append((label, running))
         yield {"name": _text(row.get("name")), "queue": _text(row.get("queue")),
                "buckets": cumulative, "sum": _number(row.get("sum")) or 0.0}
+
+
+def queue_wait(data: Mapping[str, Any]) -> dict[str, tuple[list[tuple[str, float]], float]]:
+    """The wait histogram summed over task names, per queue: cumulative buckets and sum."""
+    out: dict[str, tuple[list[tuple[str, float]], float]] = {}
+    for series in histogram_series(data, "wait"):
+        queue = series["queue"]
+        if queue not in out:
+            out[queue] = ([(label, 0.0) for label, _ in series["buckets"]], 0.0)
+        buckets, total = out[queue]
+        summed = [(label, have + count) for (label, have), (_, count)
+                  in zip(buckets, series["buckets"], strict=True)]
+        out[queue] = (summed, total + series["sum"])
+    return out
 
 
 def _bound(value: float) -> str:

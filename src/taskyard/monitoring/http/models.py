@@ -26,6 +26,9 @@ class QueueStats(_Row):
     reserved_known: bool = Field(
         True, description="False on RabbitMQ without the management plugin: reserved is 0 "
         "because the broker does not report it.")
+    oldest_ready_age_s: float | None = Field(
+        None, description="Seconds the oldest ready message has waited (from its sent time); "
+        "null when the queue is empty, on RabbitMQ, or for messages sent without capture.")
 
 
 class WorkerStats(_Row):
