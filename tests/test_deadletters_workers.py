@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -187,3 +188,46 @@ def test_crashing_batch_goes_dead_after_max_deliveries(producer: Any,
     state = next(s for s in inspect_batches(producer) if s["batch_name"] == "crashy")
     assert state["crashed"] == 1 and state["dead_items"] == 3 and state["processed"] == 6
     assert state["pending"] == 0
+
+
+def test_task_timeline_is_kept_in_the_history_database(make_app: Any, redis_env: dict[str, str],
+                                                       redis_client: redis.Redis,
+                                                       tmp_path: Path) -> None:
+    from taskyard.monitoring import history, timeline
+    from taskyard.monitoring.collect import collect
+
+    url = f"sqlite:///{tmp_path / 'history.db'}"
+    app = make_app("deadtest", include=["tests.apps.dead"], history_database_url=url,
+                   **dead_app.SETTINGS)
+    runtime = runtime_of(app)
+    with celery_worker(APP, "normal", redis_env, tmp_path, concurrency=1):
+        retried = dead_app.flaky.delay("t")
+        done = dead_app.ok.delay("t")
+        wait_until(lambda: store_of(app).get(retried.id) is not None, 60, 0.2, "flaky dead")
+        wait_until(lambda: (timeline.lookup(runtime, None, retried.id) or {}).get("counts", {})
+                   .get("dead") == 1, 30, 0.2, "the dead step flushed")
+        wait_until(lambda: (timeline.lookup(runtime, None, done.id) or {}).get("state")
+                   == "succeeded", 30, 0.2, "the ok task's timeline")
+    capture = runtime.capture if hasattr(runtime, "capture") else None
+    if capture is not None:
+        capture.flush()  # this process's "sent" events
+    else:
+        from taskyard.monitoring.capture import capture_of
+        found = capture_of(app)
+        assert found is not None
+        found.flush()
+    collect(runtime)
+    assert redis_client.llen(runtime.keys.timeline_pending()) == 0
+    engine = history.engine_for(url)
+    # Read from the database alone: Redis holds none of it any more.
+    flaky = timeline.lookup(runtime, engine, retried.id)
+    assert flaky is not None and flaky["name"] == dead_app.flaky.name
+    steps = [e["event"] for e in flaky["events"]]
+    assert steps[0] == "sent" and set(steps[-2:]) == {"failed", "dead"}, steps
+    assert flaky["counts"]["started"] == 3 and flaky["counts"]["retried"] == 2
+    assert flaky["counts"]["failed"] == 1 and flaky["state"] == "dead"
+    ok = timeline.lookup(runtime, engine, done.id)
+    assert ok is not None and [e["event"] for e in ok["events"]] == [
+        "sent", "received", "started", "succeeded"]
+    assert timeline.lookup(runtime, engine, "no-such-task") is None
+    assert timeline.prune(engine, time.time() + 10, 5) == len(flaky["events"]) + 4

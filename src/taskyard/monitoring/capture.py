@@ -112,11 +112,11 @@ class Capture:
         self._pid = -1
 
     def event(self, task_id: str, event: str, name: str, queue: str, worker: str,
-              detail: str = "") -> None:
+              detail: str = "", at: float | None = None) -> None:
         """One step of a task's timeline (no I/O, no lock)."""
         self._ensure_flusher()
-        self._events.append(timeline.pack(task_id, time.time(), event, name, queue, worker,
-                                          detail))
+        self._events.append(timeline.pack(task_id, time.time() if at is None else at, event,
+                                          name, queue, worker, detail))
 
     def count(self, name: str, queue: str, event: str, n: int = 1) -> None:
         """Add ``n`` to one counter."""
@@ -337,8 +337,11 @@ class _Receivers:
                 return
             task_id = headers.get("id")
             if task_id:
+                # The time set before publishing: a worker may receive it before this runs.
+                sent_at = headers.get(SENT_HEADER)
                 self.capture.event(str(task_id), "sent", str(headers.get("task") or sender),
-                                   str(routing_key or ""), str(headers.get("origin") or ""))
+                                   str(routing_key or ""), str(headers.get("origin") or ""),
+                                   at=float(sent_at) if sent_at is not None else None)
         except Exception:
             logger.warning("taskyard capture: after_task_publish hook failed", exc_info=True)
 

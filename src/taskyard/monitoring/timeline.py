@@ -137,9 +137,12 @@ def summarize(task_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
         counts[event["event"]] = counts.get(event["event"], 0) + 1
     terminal = [e for e in events if e["event"] in _TERMINAL]
     latest = terminal[-1] if terminal else events[-1]
+    # A task fails, then is recorded dead in the same instant (the failure hook runs before
+    # the postrun that reports "failed"): dead is where it ended.
+    state = "dead" if counts["dead"] else latest["event"]
     name = next((e["name"] for e in reversed(events) if e["name"]), "")
     queue = next((e["queue"] for e in reversed(events) if e["queue"]), "")
     started = next((e["at"] for e in events if e["event"] == "started"), None)
-    return {"task_id": task_id, "name": name, "queue": queue, "state": latest["event"],
+    return {"task_id": task_id, "name": name, "queue": queue, "state": state,
             "first_at": events[0]["at"], "last_at": events[-1]["at"],
             "started_at": started, "counts": counts, "events": events}
