@@ -10,11 +10,13 @@ import click
 from taskyard.cli.api import api_command
 from taskyard.cli.batches import batches
 from taskyard.cli.cache import cache
+from taskyard.cli.dead import dead
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
+from taskyard.cli.task import task_command
 from taskyard.errors import TaskyardError
 
 #: Exit status of every error that is the user's to fix (bad option, bad -A, unreachable Redis).
@@ -68,5 +70,6 @@ def main(ctx: click.Context) -> None:
         use_stack_file()
 
 
-for command in (worker, up, flower, api_command, batches, cache, maintenance, stats):
+for command in (worker, up, flower, api_command, batches, dead, task_command, cache, maintenance,
+                stats):
     main.add_command(command)
