@@ -23,14 +23,13 @@ from taskyard.broker import delays
 from taskyard.keys import Keys
 from taskyard.testing import terminate, wait_until
 from tests import servers
-from tests.apps.delays import TRANSPORT_OVERRIDES
 
 KEYS = Keys()
 
 
 @pytest.fixture
 def app(make_app: Any) -> Any:
-    return make_app("delayunit", **TRANSPORT_OVERRIDES)
+    return make_app("delayunit")
 
 
 def _messages(client: redis.Redis, key: str) -> list[dict[str, Any]]:
@@ -81,7 +80,7 @@ def test_message_priority_lands_on_its_sub_list(app: Any, redis_client: redis.Re
 
 def test_switched_off_keeps_celerys_behaviour(make_app: Any,
                                               redis_client: redis.Redis) -> None:
-    app = make_app("delayoff", broker_delays=False, **TRANSPORT_OVERRIDES)
+    app = make_app("delayoff", broker_delays=False)
     app.send_task("t.later", (), countdown=30, queue="normal")
     assert redis_client.llen("normal") == 1
     assert redis_client.exists(KEYS.delayed("normal")) == 0
@@ -110,7 +109,7 @@ def test_unreadable_eta_is_left_to_celery() -> None:
 
 
 def test_namespace_and_global_keyprefix(make_app: Any, redis_client: redis.Redis) -> None:
-    app = make_app("delayprefix", namespace="ns2", **TRANSPORT_OVERRIDES,
+    app = make_app("delayprefix", namespace="ns2",
                    broker_transport_options={
                        **_redis_options(make_app), "global_keyprefix": "pfx:",
                        delays.OPTION_NAMESPACE: "ns2"})
@@ -239,3 +238,30 @@ def test_a_backlog_larger_than_one_script_call_moves_in_one_tick(
         redis_client: redis.Redis) -> None:
     _fill(redis_client, ["batch"], delays.MOVE_BATCH * 3 + 7)
     assert delays.move_due(redis_client) == delays.MOVE_BATCH * 3 + 7
+
+
+def test_the_mover_reports_when_the_next_message_is_due(redis_client: redis.Redis) -> None:
+    assert delays.move_due_next(redis_client) == (0, None)
+    now = time.time()
+    redis_client.sadd(KEYS.delayed_queues(), "normal", "low")
+    redis_client.zadd(KEYS.delayed("normal"), {"0:{}": int((now + 5) * 1000)})
+    redis_client.zadd(KEYS.delayed("low"), {"0:{}": int((now + 2) * 1000)})
+    moved, next_in = delays.move_due_next(redis_client, now=now)
+    assert moved == 0 and next_in == pytest.approx(2, abs=0.01)
+
+
+def test_a_move_wakes_workers_idle_on_the_transports_wake_stream(
+        app: Any, redis_client: redis.Redis) -> None:
+    app.send_task("t.later", (), countdown=5, queue="normal")
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        # taskyard's transport: idle workers block on XREAD of the queue's wake stream.
+        wake_key = channel.wake_key("normal")
+        maxlen = channel.wake_maxlen
+    before = redis_client.xlen(wake_key)
+    assert delays.move_due(redis_client, now=time.time() + 10, wake_maxlen=maxlen) == 1
+    assert redis_client.xlen(wake_key) == before + 1
+    # Into a list that already holds messages: nobody idles on it, no wake entry.
+    app.send_task("t.later", (), countdown=5, queue="normal")
+    assert delays.move_due(redis_client, now=time.time() + 10, wake_maxlen=maxlen) == 1
+    assert redis_client.xlen(wake_key) == before + 1

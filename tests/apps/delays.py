@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -11,13 +10,7 @@ from typing import Any
 from taskyard import create_app, priority_task
 from taskyard.runtime import runtime_of
 
-#: taskyard's own transport once it exists; until then the tests' minimal one.
-TRANSPORT_OVERRIDES: dict[str, Any] = (
-    {} if importlib.util.find_spec("taskyard.broker.transport")
-    else {"broker_transport": "tests.apps.delays_transport:Transport"}
-)
-
-app = create_app("delaytest", **TRANSPORT_OVERRIDES)
+app = create_app("delaytest")
 
 RUNS = "test:delays:runs"
 RETRIES = "test:delays:retries"

@@ -51,6 +51,8 @@ MOVE_BATCH = 500
 MOVE_ROUNDS = 200
 #: Namespace of an app that does not name one (``Settings.namespace``'s default).
 DEFAULT_NAMESPACE = "taskyard"
+#: A mover never calls again sooner than this (s), however soon the next message is due.
+MIN_TICK_S = 0.02
 #: Default mover period (s); the app's ``delay_move_interval_s`` overrides it.
 DEFAULT_INTERVAL_S = 0.25
 
@@ -61,7 +63,10 @@ DEFAULT_INTERVAL_S = 0.25
 # rewrites: kombu's PrefixedStrictRedis prefixes only the first key of EVALSHA).
 # ARGV[1] = kombu global_keyprefix, ARGV[2] = delayed-set prefix ("<namespace>:delayed:"),
 # ARGV[3] = priority separator, ARGV[4] = most members to move, ARGV[5] = now (ms) or "" for
-# the Redis clock. Returns the number moved.
+# the Redis clock, ARGV[6] = wake-stream prefix ("<namespace>:wake:", "" for none), ARGV[7] =
+# wake-stream length cap. A push that makes a list non-empty adds a wake entry to its queue's
+# stream in the same step, as taskyard's transport's own publish does, so workers idle on
+# XREAD take the message at once. Returns {moved, now (ms), earliest score left or false}.
 MOVE_LUA = """
 -- "now" stays a string: a Lua number of 13 digits would be passed to Redis as 1.7e+12.
 local now = ARGV[5]
@@ -72,23 +77,34 @@ end
 local prefix, zprefix, sep = ARGV[1], ARGV[2], ARGV[3]
 local limit = tonumber(ARGV[4])
 local moved = 0
+local earliest = false
 for _, queue in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local zkey = prefix .. zprefix .. queue
-  local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, limit - moved)
-  for _, member in ipairs(due) do
-    local cut = string.find(member, ':', 1, true)
-    local step = string.sub(member, 1, cut - 1)
-    local target = prefix .. queue
-    if step ~= '0' then target = target .. sep .. step end
-    redis.call('LPUSH', target, string.sub(member, cut + 1))
+  if moved < limit then
+    local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, limit - moved)
+    local woken = false
+    for _, member in ipairs(due) do
+      local cut = string.find(member, ':', 1, true)
+      local step = string.sub(member, 1, cut - 1)
+      local target = prefix .. queue
+      if step ~= '0' then target = target .. sep .. step end
+      if redis.call('LPUSH', target, string.sub(member, cut + 1)) == 1 and not woken
+          and ARGV[6] ~= '' then
+        redis.call('XADD', prefix .. ARGV[6] .. queue, 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
+        woken = true
+      end
+    end
+    if #due > 0 then
+      redis.call('ZREM', zkey, unpack(due))
+      moved = moved + #due
+    end
   end
-  if #due > 0 then
-    redis.call('ZREM', zkey, unpack(due))
-    moved = moved + #due
+  local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+  if first[2] and (not earliest or tonumber(first[2]) < tonumber(earliest)) then
+    earliest = first[2]
   end
-  if moved >= limit then break end
 end
-return moved
+return {moved, now, earliest}
 """
 MOVE_SHA = hashlib.sha1(MOVE_LUA.encode()).hexdigest()
 
@@ -144,31 +160,44 @@ def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) ->
 
 def move_due(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
              global_keyprefix: str | None = None, now: float | None = None,
-             sep: str = "\x06\x16") -> int:
+             sep: str = "\x06\x16", wake_maxlen: int = 0) -> int:
     """Move every due delayed message onto its queue; return how many moved.
 
     ``client`` may be kombu's prefixing client (its prefix is then used) or a plain one with
     ``global_keyprefix`` given. ``now`` (s since the epoch) replaces the Redis clock in tests.
+    ``wake_maxlen`` > 0 adds wake entries for taskyard's transport (its ``wake_maxlen``).
     Safe to run from any number of processes at once.
     """
+    return move_due_next(client, keys, global_keyprefix=global_keyprefix, now=now, sep=sep,
+                         wake_maxlen=wake_maxlen)[0]
+
+
+def move_due_next(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
+                  global_keyprefix: str | None = None, now: float | None = None,
+                  sep: str = "\x06\x16", wake_maxlen: int = 0) -> tuple[int, float | None]:
+    """:func:`move_due`, also returning the seconds until the next message is due (or None)."""
     keys = keys if isinstance(keys, Keys) else Keys(keys)
     client_prefix = getattr(client, "global_keyprefix", "") or ""
     prefix = client_prefix if global_keyprefix is None else global_keyprefix
     registry = keys.delayed_queues()
     # A prefixing client adds its prefix to KEYS[1] itself; a plain one needs it here.
     key = registry if client_prefix else prefix + registry
-    args = [prefix, keys.delayed(""), sep, MOVE_BATCH, "" if now is None else int(now * 1000)]
+    args = [prefix, keys.delayed(""), sep, MOVE_BATCH, "" if now is None else int(now * 1000),
+            keys.wake_stream("") if wake_maxlen > 0 else "", wake_maxlen]
     total = 0
     for _ in range(MOVE_ROUNDS):
         try:
-            moved = int(client.evalsha(MOVE_SHA, 1, key, *args))
+            reply = client.evalsha(MOVE_SHA, 1, key, *args)
         except redis.exceptions.NoScriptError:
             client.script_load(MOVE_LUA)
-            moved = int(client.evalsha(MOVE_SHA, 1, key, *args))
+            reply = client.evalsha(MOVE_SHA, 1, key, *args)
+        moved, at_ms = int(reply[0]), float(reply[1])
+        earliest = reply[2] if len(reply) > 2 else None  # Lua false arrives as None
         total += moved
         if moved < MOVE_BATCH:
             break
-    return total
+    next_in = None if not earliest else max(0.0, (float(earliest) - at_ms) / 1000)
+    return total, next_in
 
 
 def scheduled_counts(client: redis.Redis, queues: list[str],
@@ -183,16 +212,22 @@ def scheduled_counts(client: redis.Redis, queues: list[str],
 
 
 class _Mover:
-    """Runs :func:`move_due` on a kombu connection of its own, logging failures (rarely)."""
+    """Runs :func:`move_due` on a kombu connection of its own, logging failures (rarely).
 
-    def __init__(self, app: Any, namespace: str) -> None:
+    Each call returns when to call again: the interval, or sooner (never under
+    :data:`MIN_TICK_S`) when the next delayed message is due sooner, so a message waits for
+    the mover a few milliseconds rather than up to a whole interval.
+    """
+
+    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
         self.app = app
         self.keys = Keys(namespace)
+        self.interval_s = interval_s
         self.connection: Any = None
         self._last_warning = 0.0
         self.moved = 0
 
-    def __call__(self) -> int:
+    def __call__(self) -> float:
         try:
             if self.connection is None:
                 self.connection = self.app.connection_for_write()
@@ -200,17 +235,23 @@ class _Mover:
             # kombu internal: conn_or_acquire gives a client on the channel's (sync) pool, with
             # the global_keyprefix and Sentinel handling of the transport, as restore_visible
             # uses; never the channel's async client, which may be blocked in a fetch.
+            # taskyard's transport wakes idle workers through per-queue streams (wake_maxlen
+            # is its option); on kombu's own transport workers poll with BRPOP and need none.
+            wake = int(getattr(channel, "wake_maxlen", 0)) if hasattr(channel, "wake_key") else 0
             with channel.conn_or_acquire() as client:
-                moved = move_due(client, self.keys, sep=getattr(channel, "sep", "\x06\x16"))
+                moved, next_in = move_due_next(client, self.keys, wake_maxlen=wake,
+                                               sep=getattr(channel, "sep", "\x06\x16"))
         except Exception as exc:  # the mover must never stop the event loop or beat
             now = time.monotonic()
             if now - self._last_warning > 30:
                 self._last_warning = now
                 log.warning("moving due delayed messages failed (retrying every tick): %r", exc)
             self.close()
-            return 0
+            return self.interval_s
         self.moved += moved
-        return moved
+        if next_in is None:
+            return self.interval_s
+        return min(self.interval_s, max(MIN_TICK_S, next_in))
 
     def close(self) -> None:
         connection, self.connection = self.connection, None
@@ -230,7 +271,7 @@ def _settings_of(app: Any) -> tuple[bool, str, float]:
 
 
 class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Consumer bootstep: move due delayed messages every ``delay_move_interval_s``."""
+    """Consumer bootstep: move due delayed messages from the worker's event loop (its timer)."""
 
     requires = ("celery.worker.consumer.connection:Connection",)
 
@@ -243,17 +284,22 @@ class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
         applies, namespace, interval = _settings_of(c.app)
         if not applies or c.timer is None:
             return
-        self.mover = _Mover(c.app, namespace)
-        self.entry = c.timer.call_repeatedly(interval, self.mover)
+        mover = self.mover = _Mover(c.app, namespace, interval)
+
+        def tick() -> None:
+            if self.mover is mover:
+                self.entry = c.timer.call_after(mover(), tick)
+
+        self.entry = c.timer.call_after(0, tick)
         log.info("moving due delayed messages every %g s", interval)
 
     def stop(self, c: Any) -> None:
+        mover, self.mover = self.mover, None
         if self.entry is not None:
             self.entry.cancel()
             self.entry = None
-        if self.mover is not None:
-            self.mover.close()
-            self.mover = None
+        if mover is not None:
+            mover.close()
 
     shutdown = stop
 
@@ -262,8 +308,7 @@ class BeatMover:
     """Beat-side mover: a daemon thread moving due messages while beat runs."""
 
     def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
-        self.mover = _Mover(app, namespace)
-        self.interval_s = interval_s
+        self.mover = _Mover(app, namespace, interval_s)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover",
                                        daemon=True)
@@ -272,8 +317,9 @@ class BeatMover:
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.stopped.wait(self.interval_s):
-            self.mover()
+        delay = 0.0
+        while not self.stopped.wait(delay):
+            delay = self.mover()
         self.mover.close()
 
     def stop(self) -> None:
