@@ -396,7 +396,12 @@ def test_real_probe_gives_plausible_readings() -> None:
 # --- deferral through a real Redis broker ---------------------------------------------------
 
 def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    """Messages published to ``queue``: its list, and (taskyard's Redis transport holds a
+    countdown in Redis) its delayed set, whose members are ``"<step>:<message JSON>"``."""
+    ready = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
+    delayed = [json.loads(raw.split(b":", 1)[1])
+               for raw in client.zrange(f"taskyard:delayed:{queue}", 0, -1)]
+    return ready + delayed
 
 
 @pytest.fixture
@@ -439,7 +444,8 @@ def test_deferral_republishes_same_id_args_level_and_counts(
     headers = message["headers"]
     assert headers["id"] == "abc-1" and headers["task"] == "unit.low"
     assert headers[HEADER_DEFERRALS] == 1 and headers[HEADER_SINCE] > time.time() - 10
-    assert headers["eta"] is not None  # re-published with a countdown, not spinning hot
+    # Re-published with a countdown, not spinning hot (the delayed set keeps it as taskyard_eta).
+    assert (headers.get("eta") or headers.get("taskyard_eta")) is not None
     body = json.loads(__import__("base64").b64decode(message["body"]))
     assert body[0] == [1] and body[1] == {"y": 2}
     assert guard.counters.get(DEFERRED) == 1
@@ -492,7 +498,7 @@ def test_admitted_and_critical_tasks_are_not_deferred(guarded: Any,
         task.before_start("abc-5", [1], {})
     finally:
         task.pop_request()
-    assert not redis_client.keys("low") and guard.counters.get(DEFERRED) == 0
+    assert not _queued(redis_client, "low") and guard.counters.get(DEFERRED) == 0
 
 
 def test_requires_memory_defers_until_available(make_app: Any, redis_client: redis.Redis) -> None:
@@ -516,7 +522,7 @@ def test_requires_memory_defers_until_available(make_app: Any, redis_client: red
         task.before_start("n-1", [], {})
     finally:
         task.pop_request()
-    assert redis_client.llen("normal") == 1
+    assert len(_queued(redis_client, "normal")) == 1
 
 
 def test_countdown_must_stay_below_the_visibility_timeout(make_app: Any) -> None:
@@ -763,7 +769,12 @@ class FakeWorker:
 @pytest.mark.parametrize(("queues", "nice"), [(["low", "batch"], 10), (["batch"], 10),
                                               (["normal", "low"], 0), (["critical"], 0)])
 def test_only_low_and_batch_workers_run_their_pool_at_lower_priority(
-        make_app: Any, queues: list[str], nice: int) -> None:
+        make_app: Any, queues: list[str], nice: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskyard.workers.guards import guard as guard_module
+
+    lowered: list[int] = []
+    # The test process's own session must not be slowed down.
+    monkeypatch.setattr(guard_module, "lower_autogroup", lowered.append)
     app = make_app(f"guardnice{len(queues)}{nice}")
     app.amqp.queues.select(queues)
     guard = guard_of(app)
@@ -772,5 +783,21 @@ def test_only_low_and_batch_workers_run_their_pool_at_lower_priority(
         guard.on_worker_init(FakeWorker(app))
         assert guard.pool_nice == nice
         assert guard.record()["pool_nice"] == nice
+        assert lowered == ([nice] if nice else [])
     finally:
         guard.sampler.stop()
+
+
+def test_autogroup_is_left_alone_when_the_process_does_not_lead_its_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from taskyard.workers.guards import guard as guard_module
+
+    switch = tmp_path / "switch"
+    switch.write_text("1\n")
+    monkeypatch.setattr(guard_module, "AUTOGROUP_SWITCH", str(switch))
+    monkeypatch.setattr(os, "getsid", lambda _pid: os.getpid() + 1)
+    assert guard_module.lower_autogroup(10) is False
+    switch.write_text("0\n")
+    assert guard_module.lower_autogroup(10) is False

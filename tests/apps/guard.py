@@ -74,3 +74,30 @@ def spin(seconds: float) -> None:
 @priority_task(priority="normal")
 def noop() -> None:
     """Does nothing: accounting and throughput."""
+
+
+@priority_task(priority="high", bind=True)
+def record_high(self: object, i: int) -> None:
+    _record(f"high-{i}", deferrals=_deferrals(self))
+
+
+@priority_task(priority="normal", bind=True)
+def record_normal(self: object, i: int) -> None:
+    _record(f"normal-{i}", deferrals=_deferrals(self))
+
+
+@priority_task(priority="batch", bind=True)
+def burn(self: object, i: int, seconds: float) -> None:
+    """Burns CPU for ``seconds`` of wall time, then records its process's nice value."""
+    import os
+
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+    _record(f"burn-{i}", nice=os.nice(0), pid=os.getpid())
+
+
+@priority_task(priority="low", requires_memory_mb=10**9)
+def needs_a_petabyte() -> None:
+    """Never admitted: deferred for requires_memory until overdue."""

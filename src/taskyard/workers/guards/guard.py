@@ -44,6 +44,37 @@ def consumed_queues(worker: Any) -> list[str]:
         return []
 
 
+AUTOGROUP_SWITCH = "/proc/sys/kernel/sched_autogroup_enabled"
+
+
+def lower_autogroup(nice: int) -> bool:
+    """Lower this session's CPU share where the kernel schedules by session (autogroup).
+
+    With autogroup scheduling (processes in the root cgroup, as on most VMs and desktops) the
+    kernel first shares the CPU equally between sessions, and a nice value only orders the
+    processes inside one session: measured here, two niced pool processes still took a third of
+    both cores beside two busy loops in other sessions, the same as un-niced. Writing the nice
+    value to ``/proc/self/autogroup`` lowers the whole session's share. Done only when this
+    process leads its session (``taskyard up``, a supervisor's child): a worker started from a
+    shell shares the shell's session, which must not be slowed. Under a cgroup (systemd,
+    containers) autogroup does not apply and the per-process nice already works.
+    """
+    try:
+        with open(AUTOGROUP_SWITCH) as switch:
+            if switch.read().strip() != "1":
+                return False
+        if os.getsid(0) != os.getpid():
+            log.info("pool nice %d: this worker shares its session with others, so only its "
+                     "pool processes are niced (autogroup scheduling)", nice)
+            return False
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(nice))
+    except OSError as exc:
+        log.info("pool nice %d: autogroup left as it is (%s)", nice, exc)
+        return False
+    return True
+
+
 def _finite(value: float) -> float | None:
     return round(value, 2) if math.isfinite(value) else None
 
@@ -134,6 +165,7 @@ class Guard:
         if (self.enabled and queues and self.settings.pool_nice > 0
                 and all(q in self.settings.nice_levels for q in queues)):
             self.pool_nice = self.settings.pool_nice
+            lower_autogroup(self.pool_nice)
 
     def on_process_init(self) -> None:
         """A pool child just forked: lower priority, its own sampler thread, limit enforcement."""
