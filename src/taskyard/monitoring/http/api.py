@@ -22,6 +22,7 @@ from taskyard.monitoring.http import dashboard
 from taskyard.monitoring.http import models as m
 from taskyard.monitoring.http.admin import admin_router
 from taskyard.monitoring.http.auth import AdminAuth
+from taskyard.monitoring.http.dead import install_dead
 from taskyard.monitoring.http.errors import install_error_handlers
 from taskyard.monitoring.http.metrics import add_metrics_route
 from taskyard.monitoring.http.query import (
@@ -92,6 +93,7 @@ def create_api(source: Settings | Runtime | Any | None = None, *,
     _add_health(api, state)
     _add_views(api, state)
     _add_history(api, state)
+    install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(dashboard.router)

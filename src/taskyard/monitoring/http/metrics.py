@@ -316,6 +316,9 @@ def metrics_registry(store: StatsSource) -> CollectorRegistry:
 def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     """Serve ``/metrics`` from ``state.store`` through the API's response cache."""
     registry = metrics_registry(state.store)
+    # Collectors other parts added (the dead letters' gauge, monitoring/http/dead.py).
+    for collector in state.extras.get("collectors", ()):
+        registry.register(collector)
 
     @api.get("/metrics", tags=["metrics"], response_class=Response, responses={
         200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},

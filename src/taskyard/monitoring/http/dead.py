@@ -1,0 +1,261 @@
+"""Dead letters and task lookup in the stats API, their gauge in ``/metrics``, their page.
+
+Reads: ``GET /api/v1/dead`` (search), ``GET /api/v1/dead/{id}``, ``GET /api/v1/tasks/{id}``
+(the timeline from the history database). Writes, behind the admin token like every admin
+route: ``POST /api/v1/dead/replay`` and ``POST /api/v1/dead/purge``. The gauge
+``taskyard_dead_tasks{queue_name,name,reason}`` counts entries waiting in state "dead"; dead
+batches stay in ``taskyard_batch_dead_batches``. The page is ``/dashboard/dead``.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query
+from fastapi.responses import HTMLResponse
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, Field
+
+from taskyard.deadletters import DeadLetterStore, RedisDeadLetterStore
+from taskyard.deadletters import Query as DeadQuery
+from taskyard.deadletters.batches import batch_dead_letters, purge_batches, replay_batches
+from taskyard.deadletters.replay import replay, replay_one
+from taskyard.errors import TaskyardError
+from taskyard.monitoring import history, timeline
+from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.state import API_PREFIX, ApiState
+
+log = logging.getLogger(__name__)
+
+Reason = Literal["failed", "crashed", "poison", "expired"]
+
+
+class DeadSelection(BaseModel):
+    """Which dead letters a replay or purge takes: ids, a filter, or all (exactly one)."""
+
+    ids: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
+        None, max_length=10_000, description="Entry ids (task ids).")
+    name: str | None = Field(None, max_length=300, description="Task name (exact).")
+    queue: str | None = Field(None, max_length=200)
+    reason: Reason | None = None
+    exception: str | None = Field(None, max_length=300, description="Exception type.")
+    since: float | None = Field(None, description="Died at or after (s since epoch).")
+    until: float | None = Field(None, description="Died at or before (s since epoch).")
+    all: bool = Field(False, description="Every dead letter (purge: replayed ones too).")
+    batch: str | None = Field(None, max_length=400,
+                              description="NAME or NAME/ID: dead batches instead of tasks.")
+
+    def query(self, state: str | None = "dead") -> DeadQuery:
+        return DeadQuery(name=self.name, queue=self.queue, reason=self.reason,
+                         exception_type=self.exception, since=self.since, until=self.until,
+                         state=state)
+
+    def check(self) -> None:
+        filtered = any(v is not None for v in (self.name, self.queue, self.reason,
+                                               self.exception, self.since, self.until))
+        if self.batch is None and (bool(self.ids) + self.all + filtered) != 1:
+            raise HTTPException(422, "give ids, filter fields or all=true (exactly one)")
+
+
+def dead_store(state: ApiState) -> DeadLetterStore:
+    store = state.extras.get("dead_store")
+    if store is None:
+        store = state.extras["dead_store"] = RedisDeadLetterStore.for_runtime(state.runtime)
+    return store
+
+
+class DeadLetterCollector(Collector):
+    """``taskyard_dead_tasks``, read at scrape time; an unreachable store leaves it out."""
+
+    def __init__(self, counts: Callable[[], dict[tuple[str, str, str], int]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("taskyard_dead_tasks",
+                                   "Dead letters waiting for an operator (state dead).",
+                                   labels=["queue_name", "name", "reason"])
+        try:
+            counts = self.counts()
+        except Exception:
+            log.warning("metrics: dead-letter counts unreadable", exc_info=True)
+            return
+        for (queue, name, reason), n in sorted(counts.items()):
+            family.add_metric([queue, name, reason], float(n))
+        yield family
+
+
+def _raise(exc: TaskyardError, status: int = 400) -> None:
+    raise HTTPException(status, str(exc)) from None
+
+
+def dead_router(state: ApiState) -> APIRouter:
+    """The read and admin routes of the dead letters and task lookup."""
+    router = APIRouter(tags=["dead letters"])
+    admin = [Depends(state.auth)]
+
+    @router.get("/dead")
+    def search(name: str | None = None, queue: str | None = None,
+               reason: Reason | None = None,
+               exception: Annotated[str | None, Query(description="Exception type.")] = None,
+               since: float | None = None, until: float | None = None,
+               state_: Annotated[Literal["dead", "replayed", "all"],
+                                 Query(alias="state")] = "dead",
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+               offset: Annotated[int, Query(ge=0)] = 0,
+               batches: bool = True) -> dict[str, Any]:
+        """Dead letters, newest first, with the dead batches beside them."""
+        try:
+            query = DeadQuery(name=name, queue=queue, reason=reason, exception_type=exception,
+                              since=since, until=until,
+                              state=None if state_ == "all" else state_)
+        except TaskyardError as exc:
+            _raise(exc, 422)
+        store = dead_store(state)
+        entries = store.search(query, limit=limit, offset=offset)
+        plain = name is None and queue is None and exception is None
+        return {"total": store.count(query), "limit": limit, "offset": offset,
+                "entries": [e.to_dict() for e in entries],
+                "batches": batch_dead_letters(state.runtime) if batches and plain else []}
+
+    @router.get("/dead/{entry_id}", responses={404: {"model": m.ErrorBody}})
+    def entry(entry_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
+        """One dead letter in full."""
+        found = dead_store(state).get(entry_id)
+        if found is None:
+            raise HTTPException(404, f"no dead letter {entry_id!r}")
+        return found.to_dict()
+
+    @router.get("/tasks/{task_id}", responses={404: {"model": m.ErrorBody}})
+    def task(task_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
+        """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
+        engine = history.engine_for(state.runtime.settings.effective_history_url)
+        found = timeline.lookup(state.runtime, engine, task_id)
+        dead = dead_store(state).get(task_id)
+        if found is None and dead is None:
+            raise HTTPException(404, f"no task {task_id!r} in the timelines or dead letters")
+        return {**(found or {"task_id": task_id, "events": []}),
+                "dead": dead.to_dict() if dead else None}
+
+    @router.post("/dead/replay", dependencies=admin, response_model=m.AdminResult)
+    def replay_route(selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
+        """Send dead tasks again to their own level (each links back to its entry)."""
+        selection.check()
+        app = state.celery()
+        store = dead_store(state)
+        try:
+            if selection.batch is not None:
+                refs = replay_batches(app, selection.batch)
+                return m.AdminResult(action="dead.replay", detail={"batches": refs})
+            if selection.ids:
+                done = {i: replay_one(app, store, i) for i in selection.ids}
+                report_detail: dict[str, Any] = {"replayed": done, "skipped": {}}
+            else:
+                report = replay(app, store, selection.query())
+                report_detail = {"replayed": report.replayed, "skipped": report.skipped}
+        except TaskyardError as exc:
+            _raise(exc, 404 if "no dead letter" in str(exc) else 409)
+        state.cache.clear()
+        log.info("stats API: %d dead letter(s) replayed", len(report_detail["replayed"]))
+        return m.AdminResult(action="dead.replay", detail=report_detail)
+
+    @router.post("/dead/purge", dependencies=admin, response_model=m.AdminResult)
+    def purge_route(selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
+        """Delete dead letters for good."""
+        selection.check()
+        store = dead_store(state)
+        try:
+            if selection.batch is not None:
+                items = purge_batches(state.runtime, selection.batch)
+                return m.AdminResult(action="dead.purge", detail={"batch_items": items})
+            if selection.ids:
+                purged = store.delete(list(selection.ids))
+            else:
+                purged = store.purge(selection.query(None if selection.all else "dead"))
+        except TaskyardError as exc:
+            _raise(exc)
+        state.cache.clear()
+        log.info("stats API: %d dead letter(s) purged", purged)
+        return m.AdminResult(action="dead.purge", detail={"purged": purged})
+
+    return router
+
+
+# --- the page -----------------------------------------------------------------------------------
+
+_CSS = ("body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}"
+        "header{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;background:#1d2330;"
+        "color:#fff}header a{color:#9cc3ff}main{padding:1em}section{background:#fff;"
+        "border-radius:6px;padding:.6em 1em;margin-bottom:1em}table{border-collapse:collapse;"
+        "width:100%}td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid #e3e6ea;"
+        "vertical-align:top}.muted{color:#8a93a3}code{background:#eef1f5;padding:0 .3em}")
+
+
+def _cell(value: Any) -> str:
+    return f"<td>{html.escape(str(value))}</td>"
+
+
+def render_dead_page(store: DeadLetterStore, batches: list[dict[str, Any]],
+                     limit: int = 100) -> str:
+    """The dead-letters page: counts per queue, task and reason, the newest entries, batches."""
+    counts = store.counts()
+    rows = "".join(f"<tr>{_cell(q or '-')}{_cell(n or '-')}{_cell(r)}{_cell(c)}</tr>"
+                   for (q, n, r), c in sorted(counts.items(), key=lambda kv: -kv[1]))
+    entries = store.search(limit=limit)
+    listed = "".join(
+        "<tr>" + _cell(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_at)))
+        + _cell(e.id) + _cell(e.name or "-") + _cell(e.queue or "-") + _cell(e.reason)
+        + _cell(e.exception_type or "-") + _cell((e.exception or e.detail)[:160])
+        + _cell(e.deliveries) + _cell(e.attempts) + "</tr>" for e in entries)
+    dead_batches = "".join(
+        "<tr>" + _cell(b["id"]) + _cell(b["reason"]) + _cell(b["size"])
+        + _cell(b["attempts"]) + _cell(b["error"][:160]) + "</tr>" for b in batches)
+    total = sum(counts.values())
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>taskyard dead letters</title><style>{_CSS}</style></head><body>"
+        '<header><h1>taskyard dead letters</h1><nav><a href="/dashboard">dashboard</a>'
+        f'</nav><span class="muted">{total} dead tasks, {len(batches)} dead batches</span>'
+        "</header><main>"
+        "<section><h2>By queue, task and reason</h2><table><thead><tr><th>queue</th>"
+        "<th>task</th><th>reason</th><th>entries</th></tr></thead>"
+        f"<tbody>{rows or '<tr><td colspan=4>none</td></tr>'}</tbody></table></section>"
+        f"<section><h2>Newest {len(entries)}</h2><table><thead><tr><th>died</th><th>id</th>"
+        "<th>task</th><th>queue</th><th>reason</th><th>exception</th><th>message</th>"
+        "<th>deliveries</th><th>attempts</th></tr></thead>"
+        f"<tbody>{listed or '<tr><td colspan=9>none</td></tr>'}</tbody></table></section>"
+        "<section><h2>Dead batches</h2><table><thead><tr><th>batch</th><th>reason</th>"
+        "<th>items</th><th>attempts</th><th>error</th></tr></thead>"
+        f"<tbody>{dead_batches or '<tr><td colspan=5>none</td></tr>'}</tbody></table>"
+        "</section><p class=\"muted\">Replay or purge: <code>taskyard dead replay|purge"
+        "</code> or POST /api/v1/dead/replay|purge with the admin token.</p></main>"
+        "</body></html>")
+
+
+def install_dead(api: FastAPI, state: ApiState) -> None:
+    """Add the routes, the page and the gauge's collector (before ``/metrics`` is built)."""
+    api.include_router(dead_router(state), prefix=API_PREFIX)
+    counts = getattr(state.store, "dead_counts", None)
+    if counts is None:
+        def counts() -> dict[tuple[str, str, str], int]:
+            return dead_store(state).counts()
+    state.extras.setdefault("collectors", []).append(DeadLetterCollector(counts))
+
+    @api.get("/dashboard/dead", response_class=HTMLResponse, include_in_schema=False)
+    def dead_page() -> HTMLResponse:
+        """The dead-letters page (thread pool: the store does blocking I/O)."""
+        try:
+            body = render_dead_page(dead_store(state), batch_dead_letters(state.runtime))
+        except Exception as exc:
+            log.warning("dead-letters page: store unreadable", exc_info=True)
+            return HTMLResponse(f"<p>dead letters unavailable: {html.escape(str(exc))}</p>",
+                                status_code=503)
+        return HTMLResponse(body, headers={"Cache-Control": "no-store"})
