@@ -70,35 +70,62 @@ def svgs(html: str) -> list[ET.Element]:
 SVG = "{http://www.w3.org/2000/svg}"
 
 
+def tcharts(html: str) -> dict[str, dict[str, Any]]:
+    """Every uPlot time chart of a page: title -> its data (the JSON the browser draws)."""
+    import json
+
+    found = re.findall(r'<figure class="tchart"[^>]*>.*?<script type="application/json">(.*?)'
+                       r"</script></figure>", html, flags=re.S)
+    specs = [json.loads(raw) for raw in found]
+    return {spec["title"]: spec for spec in specs}
+
+
+def series_of(spec: dict[str, Any], label: str) -> list[float | None]:
+    return next(s["values"] for s in spec["series"] if s["label"] == label)
+
+
 def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
     html = dashboard.render_page(sample(), refresh_s=5)
-    charts_ = svgs(html)
-    titles = [c.find(f"{SVG}title").text for c in charts_]  # type: ignore[union-attr]
+    bars = [c.find(f"{SVG}title").text for c in svgs(html)]  # type: ignore[union-attr]
+    lines = tcharts(html)
+    for title in ("Batch buffers now (items)", "Worker resources (percent of limit)"):
+        assert title in bars
     for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
-                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now (items)",
-                  "Worker resources (percent of limit)", "Worker resources over time"):
-        assert title in titles
-    depth = charts_[titles.index("Queue depth per level (messages)")]
-    drawn = [p.get("data-label") for p in depth.iter(f"{SVG}path")]
-    assert drawn == LEVELS
+                  "Run time percentiles", "Queue wait percentiles",
+                  "Memory per worker (percent of limit)", "CPU per worker (percent of limit)"):
+        assert title in lines, sorted(lines)
+    depth = lines["Queue depth per level (messages)"]
+    assert [s["label"] for s in depth["series"]] == LEVELS
+    assert len(depth["x"]) == 30 and all(len(s["values"]) == 30 for s in depth["series"])
+    # Every time chart has a hover title with each line's latest value.
+    assert 'title="Queue depth per level (messages) (latest) · critical: 0 msg ·' in html
     assert "WorkerMemoryHigh" in html and "CRITICAL" in html
     # Alert text is escaped, never markup.
     assert "&lt;critical@h&gt;" in html and "<critical@h>" not in html
-    assert 'http-equiv="refresh" content="5"' in html
+    assert 'http-equiv="refresh" content="5"' in html and 'data-refresh="5"' in html
     assert "bdc.tasks.send" in html and "1.5 s" in html
-    # Nothing is loaded from anywhere: no external src/href.
+    # Nothing is loaded from anywhere: no external src/href; no inline script either.
     assert not re.search(r'(src|href)="(https?:)?//', html)
+    assert re.findall(r'<script src="([^"]+)"', html) == [
+        "/static/taskyard/uplot/uPlot.iife.min.js", "/static/taskyard/dashboard.js"]
+    assert "<script>" not in html
+    # Task names link to their page.
+    assert '<a href="/dashboard/tasks/bdc.tasks.send">bdc.tasks.send</a>' in html
 
 
 def test_a_gap_in_the_series_breaks_the_line() -> None:
-    html = dashboard.latency_chart(sample(), "wait")
-    p99 = next(p for p in ET.fromstring(html).iter(f"{SVG}path")
-               if p.get("data-label") == "wait p99")
-    assert p99.get("d", "").count("M") == 2  # one None splits the line in two strokes
+    spec = tcharts(dashboard.latency_chart(sample(), "wait"))["Queue wait percentiles"]
+    p99 = series_of(spec, "wait p99")
+    assert p99.count(None) == 1 and p99[0] is not None  # one None splits the line in two
+    # A collection gap of more than three steps breaks the line too.
+    line = charts.Line("x", "#000", [(NOW - 100, 1.0), (NOW - 90, 2.0), (NOW - 80, 3.0),
+                                      (NOW, 4.0)])
+    gapped = tcharts(charts.time_chart("g", [line], start=NOW - 120, end=NOW))["g"]
+    assert series_of(gapped, "x") == [1.0, 2.0, 3.0, None, 4.0]
 
 
 def test_worker_bars_show_percent_and_threshold_markers() -> None:
-    svg = ET.fromstring(dashboard.worker_chart(sample()))
+    svg = ET.fromstring(dashboard.worker_bars(sample()))
     bars = {r.get("data-label"): float(r.get("width", 0)) for r in svg.iter(f"{SVG}rect")
             if r.get("class") == "bar"}
     assert set(bars) == {"critical@h memory", "critical@h cpu"}  # a None reading draws no bar
@@ -147,9 +174,9 @@ def test_nice_ceiling_and_format_value() -> None:
 
 def test_time_chart_clamps_to_the_window_and_scales_to_a_round_maximum() -> None:
     line = charts.Line("x", "#000", [(NOW - 7200, 1e9), (NOW - 60, 30.0), (NOW, 45.0)])
-    svg = ET.fromstring(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))
-    labels = [t.text for t in svg.iter(f"{SVG}text")]
-    assert "50" in labels and "1000M" not in labels  # the point outside the window is ignored
+    spec = tcharts(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))["t"]
+    assert series_of(spec, "x") == [30.0, 45.0]  # the point outside the window is ignored
+    assert spec["x"] == [NOW - 60, NOW] and spec["end"] == NOW
 
 
 class FakeStore:
@@ -180,9 +207,15 @@ class FakeStore:
 def client_for(store: FakeStore) -> TestClient:
     from types import SimpleNamespace
 
+    from taskyard.monitoring.http.auth import AdminAuth
+    from taskyard.monitoring.http.query import ResponseCache
+    from taskyard.monitoring.http.state import ApiState
+
     app = FastAPI()
     runtime = SimpleNamespace(settings=load_settings())
-    app.state.taskyard = SimpleNamespace(store=store, runtime=runtime)
+    app.state.taskyard = ApiState(runtime=runtime, store=store,  # type: ignore[arg-type]
+                                  cache=ResponseCache(0), auth=AdminAuth(None),
+                                  celery_app=None)
     app.include_router(dashboard.router)
     return TestClient(app)
 
@@ -194,6 +227,7 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     assert page.status_code == 200
     assert page.headers["content-type"].startswith("text/html")
     assert page.text.startswith("<!DOCTYPE html>") and "Queue depth per level" in page.text
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
     assert all(limit == dashboard.MAX_POINTS for _, _, limit in store.series_calls)
     fragment = client.get("/dashboard", params={"fragment": "true"})
@@ -212,18 +246,16 @@ def test_route_answers_503_page_when_the_store_is_down() -> None:
 @pytest.mark.parametrize("refresh", [0, 30])
 def test_refresh_setting_reaches_the_script(refresh: int) -> None:
     html = dashboard.render_page(sample(), refresh_s=refresh)
-    assert f"var s={refresh};" in html
+    assert f'<body data-refresh="{refresh}">' in html
 
 
 def test_time_chart_zooms_in_on_short_history_but_not_below_the_minimum_span() -> None:
     line = charts.Line("x", "#000", [(NOW - 60, 1.0), (NOW, 2.0)])
-    svg = ET.fromstring(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))
-    labels = [t.text for t in svg.iter(f"{SVG}text")]
-    assert charts.clock(NOW - 3600) not in labels
-    assert charts.clock(NOW - 63) in labels  # 60 s of data plus a 5 % margin
+    spec = tcharts(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))["t"]
+    assert spec["start"] == pytest.approx(NOW - 63)  # 60 s of data plus a 5 % margin
     short = charts.Line("x", "#000", [(NOW - 2, 1.0), (NOW, 2.0)])
-    svg = ET.fromstring(charts.time_chart("t", [short], start=NOW - 3600, end=NOW))
-    assert charts.clock(NOW - 10.1) in [t.text for t in svg.iter(f"{SVG}text")]
+    spec = tcharts(charts.time_chart("t", [short], start=NOW - 3600, end=NOW))["t"]
+    assert spec["start"] == pytest.approx(NOW - 10.1)
 
 
 def test_batch_bars_read_the_batching_package_shape_and_the_store_fallback() -> None:
@@ -248,11 +280,6 @@ def test_batch_bars_read_the_batching_package_shape_and_the_store_fallback() -> 
 def test_gridlines_land_on_round_values() -> None:
     assert [charts.grid_steps(t) for t in (1, 10, 20, 25, 50, 100, 250, 0.5)] == \
         [5, 5, 4, 5, 5, 5, 5, 5]
-    svg = ET.fromstring(charts.time_chart(
-        "t", [charts.Line("x", "#000", [(NOW - 60, 3.0), (NOW, 24.0)])], start=NOW - 60,
-        end=NOW))
-    labels = [t.text for t in svg.iter(f"{SVG}text")]
-    assert {"0", "5", "10", "15", "20", "25"} <= set(labels)
 
 
 def test_a_window_longer_than_the_point_limit_says_what_it_shows() -> None:
@@ -272,7 +299,7 @@ def test_cache_bars_mark_namespaces_below_the_alert_threshold() -> None:
     assert fills == {"user": "#16a34a", "analytics": "#d97706"}
     text = [t.text for t in svg.iter(f"{SVG}text")]
     assert "25% of 40 lookups" in text
-    assert "paused low,batch" in dashboard.worker_chart(sample())
+    assert "paused low,batch" in dashboard.worker_bars(sample())
 
 
 def test_queue_bars_say_when_reserved_messages_are_not_visible() -> None:

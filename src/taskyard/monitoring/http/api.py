@@ -97,6 +97,9 @@ def create_api(source: Settings | Runtime | Any | None = None, *,
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(dashboard.router)
+    from taskyard.monitoring.http import pages
+
+    api.include_router(pages.router)
     return api
 
 

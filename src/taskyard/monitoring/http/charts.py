@@ -1,15 +1,19 @@
-"""Server-rendered SVG charts for the dashboard: pure functions from numbers to markup.
+"""The dashboard's charts: pure functions from numbers to markup.
 
-No JavaScript and nothing fetched: each chart is a self-contained ``<svg>`` element, so the page
-works offline and in any browser. All text goes through :func:`html.escape`.
+Bar charts are self-contained server-rendered ``<svg>`` elements with a ``<title>`` (hover text)
+on every bar. Time charts carry their data as JSON and are drawn in the browser by uPlot
+(vendored under ``static/uplot``, served by the API itself), which shows the value of every line
+at the hovered time; nothing is fetched from elsewhere. All text goes through
+:func:`html.escape`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from html import escape
 
@@ -114,8 +118,11 @@ def _empty(width: int, height: int, title: str, message: str) -> str:
 def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
                unit: str = "", width: int = 560, height: int = 200,
                thresholds: Sequence[tuple[float, str]] = (), empty: str = "no data yet") -> str:
-    """A line chart over ``[start, end]`` (s since epoch); y from 0 to a round maximum.
+    """A line chart over ``[start, end]`` (s since epoch), drawn in the browser by uPlot.
 
+    The markup is a ``<figure class="tchart">`` holding the data as JSON; ``dashboard.js``
+    draws it with the vendored uPlot, whose legend shows every line's value at the hovered time.
+    The figure's ``title`` (the hover text without JavaScript) gives each line's latest value.
     ``None`` values and points more than three median steps apart break the line, so a gap in
     collection shows as a gap, not as a straight ramp.
     """
@@ -127,67 +134,49 @@ def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
     first = min(t for line in lines for t, v in line.points if v is not None and start <= t)
     if first - start > MIN_SPAN_S:
         start = max(start, min(first, end - MIN_SPAN_S) - 0.05 * (end - first))
-    top = nice_ceiling(max([*values, *(t for t, _ in thresholds)]))
-    # Axis labels carry only short units; the chart title names the others.
-    axis_unit = unit if unit in ("s", "%") else ""
-    plot_w, plot_h = width - _LEFT - _RIGHT, height - _TOP - _BOTTOM
-
-    def x_of(t: float) -> float:
-        return _LEFT + plot_w * (t - start) / (end - start)
-
-    def y_of(v: float) -> float:
-        return _TOP + plot_h * (1 - min(v, top) / top)
-
-    out = [_svg_open(width, height, title)]
-    steps = grid_steps(top)
-    for i in range(steps + 1):
-        value = top * i / steps
-        y = y_of(value)
-        out.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{width - _RIGHT}" y2="{y:.1f}" '
-                   f'stroke="{_GRID}"/>')
-        out.append(f'<text x="{_LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="{_MUTED}" '
-                   f'{_FONT}>{escape(format_value(value, axis_unit))}</text>')
-    for i in range(4):
-        t = start + (end - start) * i / 3
-        anchor = ("start", "middle", "middle", "end")[i]
-        out.append(f'<text x="{x_of(t):.1f}" y="{height - 6}" text-anchor="{anchor}" '
-                   f'fill="{_MUTED}" {_FONT}>{clock(t)}</text>')
-    for value, color in thresholds:
-        y = y_of(value)
-        out.append(f'<line class="threshold" x1="{_LEFT}" y1="{y:.1f}" x2="{width - _RIGHT}" '
-                   f'y2="{y:.1f}" stroke="{color}" stroke-dasharray="6 4"/>')
-    for line in lines:
-        path = _path(line.points, start, end, x_of, y_of)
-        if not path:
-            continue
-        dash = ' stroke-dasharray="5 3"' if line.dashed else ""
-        out.append(f'<path class="series" data-label="{escape(line.label)}" d="{path}" '
-                   f'fill="none" stroke="{line.color}" stroke-width="2" stroke-linecap="round"'
-                   f' stroke-linejoin="round"{dash}>'
-                   f'<title>{escape(line.label)}</title></path>')
-    out.append("</svg>")
-    return "".join(out)
+    xs, columns = align(lines, start, end)
+    latest = []
+    for line, column in zip(lines, columns, strict=True):
+        last = next((v for v in reversed(column) if v is not None), None)
+        latest.append(f"{line.label}: {format_value(last, unit)}")
+    spec = {"title": title, "unit": unit, "start": start, "end": end, "height": height,
+            "x": xs, "thresholds": [{"value": v, "color": c} for v, c in thresholds],
+            "series": [{"label": line.label, "color": line.color, "dash": line.dashed,
+                        "values": column} for line, column in zip(lines, columns, strict=True)]}
+    hover = f"{title} (latest) · " + " · ".join(latest)
+    data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
+    return (f'<figure class="tchart" aria-label="{escape(title)}" title="{escape(hover)}" '
+            f'data-title="{escape(title)}"><figcaption>{escape(title)}</figcaption>'
+            f'<script type="application/json">{data}</script></figure>')
 
 
-def _path(points: Sequence[tuple[float, float | None]], start: float, end: float,
-          x_of: Callable[[float], float], y_of: Callable[[float], float]) -> str:
-    inside = sorted((t, v) for t, v in points if start <= t <= end)
-    steps = sorted(b[0] - a[0] for a, b in itertools.pairwise(inside))
+def align(lines: Sequence[Line], start: float,
+          end: float) -> tuple[list[float], list[list[float | None]]]:
+    """One time axis for all lines (sorted, within the window) and each line's values on it.
+
+    A null is put after a point whose successor is more than three median steps away, so the
+    chart breaks the line there.
+    """
+    inside = [[(t, v if v is None or math.isfinite(v) else None) for t, v in line.points
+               if start <= t <= end] for line in lines]
+    times = sorted({round(t, 3) for points in inside for t, _ in points})
+    steps = sorted(b - a for a, b in itertools.pairwise(times))
     gap = 3 * steps[len(steps) // 2] if steps else math.inf
-    parts: list[str] = []
-    previous: float | None = None
-    for t, v in inside:
-        if v is None or not math.isfinite(v):
-            previous = None
-            continue
-        x, y = x_of(t), y_of(v)
-        if previous is None or t - previous > gap:
-            # A new stroke; the tiny step makes a lone point visible as a round dot.
-            parts.append(f"M{x:.1f},{y:.1f} h0.01")
-        else:
-            parts.append(f"L{x:.1f},{y:.1f}")
-        previous = t
-    return " ".join(parts)
+    xs: list[float] = []
+    for a, b in itertools.pairwise(times):
+        xs.append(a)
+        if b - a > gap:
+            xs.append((a + b) / 2)  # a break: every line is null here
+    if times:
+        xs.append(times[-1])
+    index = {t: i for i, t in enumerate(xs)}
+    columns: list[list[float | None]] = []
+    for points in inside:
+        column: list[float | None] = [None] * len(xs)
+        for t, v in points:
+            column[index[round(t, 3)]] = None if v is None else round(v, 6)
+        columns.append(column)
+    return xs, columns
 
 
 def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float | None = None,

@@ -1,9 +1,11 @@
-"""The dashboard at ``/dashboard``: one server-rendered HTML page of SVG charts.
+"""The dashboard's overview at ``/dashboard``: queues, throughput, latency, workers, alerts.
 
 :func:`gather` reads the stats store; :func:`render_page` turns those plain dicts into HTML and is
-pure, so it is tested on sample data. The page has no external resource at all (works offline);
-a ten-line inline script re-fetches the board every ``refresh`` seconds, and without JavaScript a
-``<meta refresh>`` reloads the page instead.
+pure, so it is tested on sample data. Bars are server-rendered SVG with a hover title on each;
+time charts are drawn by the vendored uPlot, whose legend shows every line's value at the hovered
+time. The page loads nothing from elsewhere (works offline); ``dashboard.js`` re-fetches the
+board every ``refresh`` seconds, and without JavaScript a ``<meta refresh>`` reloads the page.
+The other pages (workers, task names, one task) are in :mod:`.pages`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from html import escape
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from taskyard.monitoring.http.charts import (
     Bar,
@@ -28,6 +31,8 @@ from taskyard.monitoring.http.charts import (
     legend,
     time_chart,
 )
+from taskyard.monitoring.http.layout import CSS, PAGE_POLICY, covered_since, page, ranges
+from taskyard.monitoring.http.series_charts import task_rate_chart, worker_chart
 from taskyard.routing.levels import LEVEL_NAMES
 
 logger = logging.getLogger(__name__)
@@ -36,12 +41,13 @@ logger = logging.getLogger(__name__)
 LEVEL_COLORS = {"critical": "#dc2626", "high": "#ea580c", "normal": "#2563eb",
                 "low": "#16a34a", "batch": "#9333ea"}
 #: Series the charts draw over time.
-CHART_SERIES = ("queues", "throughput", "latency", "batches", "workers")
+CHART_SERIES = ("queues", "throughput", "latency", "batches", "workers", "tasks")
 #: Most snapshots read per series: series_length's default, 2 h at the default 10 s.
 MAX_POINTS = 720
-WINDOWS = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"), (24 * 3600, "24 h"))
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 _SEVERITY_COLORS = {"critical": "#dc2626", "warning": "#d97706"}
+#: The pages' style sheet, for pages that build their own shell (layout.page builds one).
+_CSS = CSS
 
 
 def _safe(read: Callable[[], Any], default: Any, what: str, problems: list[str]) -> Any:
@@ -191,7 +197,7 @@ def batch_history_chart(data: dict[str, Any]) -> str:
                       end=data["now"], unit="items", empty="no batch buffers yet")
 
 
-def worker_chart(data: dict[str, Any]) -> str:
+def worker_bars(data: dict[str, Any]) -> str:
     t = data["thresholds"]
     bars = []
     for w in data["workers"]:
@@ -226,21 +232,28 @@ def cache_chart(data: dict[str, Any]) -> str:
                      empty="no cache lookups yet")
 
 
-def worker_history_chart(data: dict[str, Any]) -> str:
-    snaps = data["series"].get("workers", [])
-
-    def peak(snap: dict[str, Any], key: str) -> float | None:
-        values = [_num(w.get(key)) for w in snap.get("workers") or [] if w.get("alive", True)]
-        present = [v for v in values if v is not None]
-        return max(present) if present else None
-
-    lines = [Line("max memory %", "#0891b2", _points(snaps, lambda s: peak(s, "memory_pct"))),
-             Line("max cpu %", "#4f46e5", _points(snaps, lambda s: peak(s, "cpu_pct")))]
+def worker_history_chart(data: dict[str, Any], key: str = "memory_pct",
+                         by_host: bool = False) -> str:
+    """One line per worker (or per host) of its memory or CPU over time."""
     t = data["thresholds"]
-    return time_chart("Worker resources over time", lines, start=data["now"] - data["window_s"],
-                      end=data["now"], unit="%",
-                      thresholds=[(t.get("memory_warning_pct", 80.0), "#d97706"),
-                                  (t.get("memory_critical_pct", 90.0), "#dc2626")])
+    what = "memory" if key == "memory_pct" else "cpu"
+    per = "host" if by_host else "worker"
+    title = "Memory" if what == "memory" else "CPU"
+    return worker_chart(f"{title} per {per} (percent of limit)",
+                        data["series"].get("workers", []), key,
+                        start=data["now"] - data["window_s"], end=data["now"], by_host=by_host,
+                        thresholds=[(t.get(f"{what}_warning_pct", 80.0), "#d97706"),
+                                    (t.get(f"{what}_critical_pct", 90.0), "#dc2626")])
+
+
+def task_charts(data: dict[str, Any]) -> str:
+    """Succeeded and failed per second, one line per task name (the busiest)."""
+    snaps = data["series"].get("tasks", [])
+    start, end = data["now"] - data["window_s"], data["now"]
+    return (task_rate_chart("Succeeded per task (per second)", snaps, "succeeded", start=start,
+                            end=end)
+            + task_rate_chart("Failed per task (per second)", snaps, "failed", start=start,
+                              end=end, empty="no task failed in this window"))
 
 
 # --- HTML -------------------------------------------------------------------------------------
@@ -300,7 +313,8 @@ def tasks_html(data: dict[str, Any], limit: int = 12) -> str:
     head = ("task", "queue", "succeeded", "failed", "retried", "deferred", "run p50", "run p95",
             "run p99", "wait p95")
     body = "".join(
-        "<tr>" + f'<td class="name">{escape(str(t.get("name", "?")))}</td>'
+        "<tr>" + f'<td class="name"><a href="/dashboard/tasks/{quote(str(t.get("name", "?")))}">'
+        f'{escape(str(t.get("name", "?")))}</a></td>'
         f'<td><i class="dot" style="background:{LEVEL_COLORS.get(str(t.get("queue")), "#999")}">'
         f'</i>{escape(str(t.get("queue", "")))}</td>'
         + "".join(f'<td class="n">{int(t.get(k) or 0)}</td>'
@@ -362,9 +376,11 @@ def render_board(data: dict[str, Any]) -> str:
         _card("Latency", latency_chart(data, "runtime"), latency_chart(data, "wait"),
               legend([("p50", "#2563eb"), ("p95", "#d97706"), ("p99", "#dc2626")])),
         _card("Batch buffers", batch_chart(data), batch_history_chart(data)),
-        _card("Workers", worker_chart(data), worker_history_chart(data),
+        _card("Workers", worker_bars(data),
               legend([("memory", "#0891b2"), ("cpu", "#4f46e5"), ("warning", "#d97706"),
-                      ("critical", "#dc2626")])),
+                      ("critical", "#dc2626")]), worker_history_chart(data, "memory_pct"),
+              worker_history_chart(data, "cpu_pct")),
+        _card("Tasks over time", task_charts(data)),
         _card("Cache", cache_chart(data),
               legend([("hit rate", "#16a34a"), ("below the alert threshold", "#d97706")])),
         _card("Tasks", tasks_html(data), wide=True),
@@ -372,54 +388,12 @@ def render_board(data: dict[str, Any]) -> str:
     ])
 
 
-_CSS = """
-body{font:14px system-ui,sans-serif;margin:0;background:#f3f4f6;color:#111827}
-header{background:#111827;color:#fff;padding:10px 20px;display:flex;gap:20px;align-items:center}
-header h1{font-size:18px;margin:0}header a{color:#93c5fd;margin-right:8px}
-main{padding:12px 20px}.muted{color:#6b7280}.grid{display:grid;gap:12px;
-grid-template-columns:repeat(auto-fill,minmax(590px,1fr))}
-.card{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0002}
-.card.wide{grid-column:1/-1}.card h2{font-size:15px;margin:2px 0 8px}
-.kpis{display:flex;gap:12px;margin:8px 0 12px;flex-wrap:wrap}
-.kpi{background:#fff;border-radius:8px;padding:8px 16px;min-width:110px;box-shadow:0 1px 2px #0002}
-.kpi span{display:block;color:#6b7280;font-size:12px}.kpi b{font-size:22px}
-.kpi.warn b{color:#d97706}.kpi.bad b{color:#dc2626}
-.legend{display:flex;gap:14px;font-size:12px;margin:2px 0 8px 52px;flex-wrap:wrap}
-.legend i,.dot{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
-.alerts{list-style:none;padding:0;margin:0}
-.alert{border-left:4px solid;padding:4px 10px;margin:4px 0;background:#fef2f2}
-.alert.warning{background:#fffbeb}.ok{color:#16a34a;font-weight:600}
-.problems{color:#b91c1c}table.tasks{border-collapse:collapse;width:100%;font-size:13px}
-.tasks th,.tasks td{padding:3px 8px;border-bottom:1px solid #e5e7eb;text-align:left}
-.tasks td.n{text-align:right;font-variant-numeric:tabular-nums}.stale{color:#b91c1c}
-"""
-
-_SCRIPT = """
-(function(){var s=%d;if(!s)return;setInterval(function(){
-var u=new URL(location.href);u.searchParams.set('fragment','1');
-fetch(u).then(function(r){if(!r.ok)throw r.status;return r.text()}).then(function(t){
-document.getElementById('board').innerHTML=t;document.getElementById('stale').textContent=''})
-.catch(function(e){document.getElementById('stale').textContent='refresh failed ('+e+')'})
-},s*1000)})();
-"""
-
-
-def render_page(data: dict[str, Any], refresh_s: int) -> str:
-    """The whole dashboard page (HTML) for :func:`gather`'s data."""
-    windows = " ".join(f'<a href="?window={seconds}&amp;refresh={refresh_s}">{label}</a>'
-                       for seconds, label in WINDOWS)
-    fallback = (f'<noscript><meta http-equiv="refresh" content="{refresh_s}"></noscript>'
-                if refresh_s else "")
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>taskyard dashboard</title>{fallback}<style>{_CSS}</style></head><body>"
-        f'<header><h1>taskyard</h1><nav>{windows}</nav>'
-        f'<span class="muted">auto-refresh {refresh_s or "off"}{" s" if refresh_s else ""}'
-        '</span><span id="stale" class="stale"></span></header>'
-        f'<main id="board">{render_board(data)}</main>'
-        f"<script>{_SCRIPT % refresh_s}</script></body></html>"
-    )
+def render_page(data: dict[str, Any], refresh_s: int, request: Any = None,
+                settings: Any = None) -> str:
+    """The whole overview page (HTML) for :func:`gather`'s data."""
+    header = ranges(request, data["window_s"], data.get("covered_since"), data["now"])
+    return page("dashboard", render_board(data), request=request, active="/dashboard",
+                settings=settings, refresh_s=refresh_s, header_extra=header)
 
 
 # --- route ------------------------------------------------------------------------------------
@@ -437,17 +411,37 @@ def _thresholds(settings: Any) -> dict[str, float]:
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
-def dashboard(
+async def dashboard(
     request: Request,
     window: Annotated[int, Query(ge=60, le=30 * 86_400, description="Seconds of history.")] = 3600,
     refresh: Annotated[int, Query(ge=0, le=3600, description="Seconds; 0: off.")] = 5,
     fragment: Annotated[bool, Query(description="Only the board, for the refresh.")] = False,
-) -> HTMLResponse:
-    """The dashboard page (runs in the thread pool: the store does blocking I/O)."""
+) -> Response:
+    """The overview page, reused for ``api_cache_s`` like the API's answers (one store read per
+    period however many browsers refresh)."""
     state = getattr(request.app.state, "taskyard", None)
     if state is None:
         return HTMLResponse("<p>the stats API has no store configured</p>", status_code=503)
-    data = gather(state.store, _thresholds(state.runtime.settings), float(window))
-    status = 503 if len(data["problems"]) > len(CHART_SERIES) else 200
-    body = render_board(data) if fragment else render_page(data, refresh)
-    return HTMLResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+    settings = state.runtime.settings
+
+    def compute() -> bytes:
+        data = gather(state.store, _thresholds(settings), float(window))
+        data["covered_since"] = covered_since(state.store)
+        body = render_board(data) if fragment else render_page(data, refresh, request, settings)
+        if len(data["problems"]) > len(CHART_SERIES):
+            raise StoreDown(body)
+        return body.encode()
+
+    response: Response
+    try:
+        response = await state.respond(request, ("dashboard", window, refresh, fragment),
+                                       compute, media_type="text/html; charset=utf-8")
+    except StoreDown as down:
+        response = HTMLResponse(str(down), status_code=503)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    return response
+
+
+class StoreDown(Exception):
+    """Every reading failed: the page (carrying the problems) is answered with 503, uncached."""

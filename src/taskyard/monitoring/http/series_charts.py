@@ -1,0 +1,106 @@
+"""Time charts per task name and per worker, from the snapshots of the stats collection.
+
+The ``tasks`` series holds each task name's cumulative counters per snapshot; a rate is the
+difference between two consecutive snapshots over the time between them (a counter that went
+down, after a Redis flush, restarts from zero rather than showing a negative rate). The
+``workers`` series holds every worker's heartbeat reading per snapshot.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from taskyard.monitoring.http.charts import Line, time_chart
+
+PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563",
+           "#ca8a04", "#db2777", "#0d9488")
+#: Most task names (or workers) drawn in one chart: more lines are unreadable.
+MAX_LINES = len(PALETTE)
+
+
+def _num(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _per_name(snap: dict[str, Any], event: str) -> dict[str, float]:
+    """A snapshot's cumulative count of ``event`` per task name (summed over queues)."""
+    out: dict[str, float] = {}
+    for row in snap.get("tasks") or []:
+        name = str(row.get("name", "?"))
+        out[name] = out.get(name, 0.0) + (_num(row.get(event)) or 0.0)
+    return out
+
+
+def task_rates(snapshots: Sequence[dict[str, Any]],
+               event: str) -> dict[str, list[tuple[float, float | None]]]:
+    """Per task name: (time, ``event`` per second since the previous snapshot)."""
+    ordered = sorted((s for s in snapshots if _num(s.get("at")) is not None),
+                     key=lambda s: float(s["at"]))
+    out: dict[str, list[tuple[float, float | None]]] = {}
+    for before, after in itertools.pairwise(ordered):
+        dt = float(after["at"]) - float(before["at"])
+        if dt <= 0:
+            continue
+        old, new = _per_name(before, event), _per_name(after, event)
+        for name, count in new.items():
+            delta = count - old.get(name, 0.0)
+            out.setdefault(name, []).append((float(after["at"]), max(delta, 0.0) / dt))
+    return out
+
+
+def busiest(rates: dict[str, list[tuple[float, float | None]]],
+            limit: int = MAX_LINES) -> list[str]:
+    """Names with the most events over the window, most first."""
+    return sorted(rates, key=lambda n: -sum(v or 0.0 for _, v in rates[n]))[:limit]
+
+
+def task_rate_chart(title: str, snapshots: Sequence[dict[str, Any]], event: str, *,
+                    start: float, end: float, names: Iterable[str] | None = None,
+                    empty: str = "no task has run in this window") -> str:
+    """One line per task name of ``event`` per second."""
+    rates = task_rates(snapshots, event)
+    chosen = list(names) if names is not None else busiest(rates)
+    lines = [Line(name, PALETTE[i % len(PALETTE)], rates.get(name, []))
+             for i, name in enumerate(chosen[:MAX_LINES])]
+    return time_chart(title, lines, start=start, end=end, unit="/s", empty=empty)
+
+
+def worker_lines(snapshots: Sequence[dict[str, Any]], key: str,
+                 by_host: bool = False) -> dict[str, list[tuple[float, float | None]]]:
+    """Per worker (or per host: the highest of its workers): (time, reading of ``key``)."""
+    out: dict[str, list[tuple[float, float | None]]] = {}
+    for snap in snapshots:
+        at = _num(snap.get("at"))
+        if at is None:
+            continue
+        readings: dict[str, float] = {}
+        for worker in snap.get("workers") or []:
+            if not worker.get("alive", True):
+                continue
+            value = _num(worker.get(key))
+            if value is None:
+                continue
+            name = str(worker.get("hostname", "?"))
+            if by_host:
+                name = str(worker.get("host") or name.rpartition("@")[2])
+            readings[name] = max(value, readings.get(name, value))
+        for name, value in readings.items():
+            out.setdefault(name, []).append((at, value))
+    return out
+
+
+def worker_chart(title: str, snapshots: Sequence[dict[str, Any]], key: str, *, start: float,
+                 end: float, by_host: bool = False,
+                 thresholds: Sequence[tuple[float, str]] = ()) -> str:
+    """One line per worker (or host) of a percent reading."""
+    lines_by_name = worker_lines(snapshots, key, by_host)
+    names = sorted(lines_by_name)[:MAX_LINES]
+    lines = [Line(name, PALETTE[i % len(PALETTE)], lines_by_name[name])
+             for i, name in enumerate(names)]
+    return time_chart(title, lines, start=start, end=end, unit="%", thresholds=thresholds,
+                      empty="no worker heartbeats in this window")
