@@ -72,7 +72,8 @@ def test_warm_job_runs_once_per_period_and_reports(make_app: Any, warmers: list[
 
 
 def test_maintenance_job_single_flight(make_app: Any, tmp_path: Path) -> None:
-    app = make_app("maint-job", database_url=f"sqlite:///{tmp_path / 'a.db'}")
+    app = make_app("maint-job", database_url=f"sqlite:///{tmp_path / 'a.db'}",
+                   maintenance={"metadata": "examples.bdc.models:Base.metadata"})
     runtime = runtime_of(app)
     first = periodic_run(runtime)
     assert first["skipped"] is False and first["status"] == "ok"
@@ -99,7 +100,8 @@ def test_cli_maintenance_and_cache(tmp_path: Path, redis_client: Any) -> None:
     servers.require("redis")
     env = {"TASKYARD_REDIS_URL": servers.REDIS_URL,
            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-           "TASKYARD_HISTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'hist.db'}"}
+           "TASKYARD_HISTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'hist.db'}",
+           "TASKYARD_MAINTENANCE__METADATA": "examples.bdc.models:Base.metadata"}
     runner = CliRunner()
     from examples.bdc.models import Base
     from sqlalchemy import create_engine

@@ -24,6 +24,7 @@ def _setup(tmp_path: Path, make_app: Any, **overrides: Any) -> tuple[Any, str]:
         for name in DROPPED:
             conn.execute(text(f'DROP INDEX "{name}"'))
     engine.dispose()
+    overrides.setdefault("maintenance", {"metadata": "examples.bdc.models:Base.metadata"})
     app = make_app("maint-sqlite", database_url=url,
                    history_database_url=f"sqlite:///{tmp_path / 'history.db'}", **overrides)
     return runtime_of(app), url
@@ -84,7 +85,8 @@ def test_unknown_metadata_path_names_the_setting(tmp_path: Path, make_app: Any) 
 
 def test_unreachable_database_is_recorded_failed(tmp_path: Path, make_app: Any) -> None:
     app = make_app("maint-sqlite", database_url=f"sqlite:///{tmp_path}/missing/dir/app.db",
-                   history_database_url=f"sqlite:///{tmp_path / 'history.db'}")
+                   history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
+                   maintenance={"metadata": "examples.bdc.models:Base.metadata"})
     report = run_maintenance(runtime_of(app))
     assert report.status == "failed"
     assert "unable to open database file" in (report.reason or "")

@@ -309,3 +309,33 @@ def test_runtime_owns_the_guard_and_sent_events(make_app: Any) -> None:
     assert runtime.capture is not None
     for private in ("_taskyard_guard", "_taskyard_sent_events", "_taskyard_capture"):
         assert not hasattr(app, private)
+
+
+@pytest.mark.parametrize(("variable", "value", "job"), [
+    ("TASKYARD_SCHEDULE__INTERVALS_S", '{"taskyard.cache.wram": 60}', "taskyard.cache.wram"),
+    ("TASKYARD_SCHEDULE__DISABLED", '["taskyard.maintenance.runn"]', "taskyard.maintenance.runn"),
+])
+def test_schedule_job_names_checked(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+                                    job: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as info:
+        create_app("strict-schedule")
+    message = str(info.value)
+    assert f"{variable} names {job!r}, which is not a periodic job of the platform" in message
+    assert "did you mean 'taskyard." in message and info.value.setting == variable
+
+
+def test_schedule_accepts_real_job_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKYARD_SCHEDULE__INTERVALS_S", '{"taskyard.cache.warm": 60}')
+    monkeypatch.setenv("TASKYARD_SCHEDULE__DISABLED", '["taskyard.maintenance.run"]')
+    create_app("strict-schedule")
+
+
+def test_maintained_metadata_is_empty_by_default(make_app: Any) -> None:
+    from taskyard.tasks.maintenance import run_maintenance
+
+    runtime = runtime_of(make_app("strict-maint"))
+    assert runtime.settings.maintenance.metadata == ""
+    report = run_maintenance(runtime)
+    assert report.status == "skipped"
+    assert "TASKYARD_MAINTENANCE__METADATA is not set" in (report.reason or "")

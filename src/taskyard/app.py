@@ -13,8 +13,8 @@ from celery.app import defaults as celery_defaults
 from celery.signals import after_task_publish
 
 from taskyard import serialization
-from taskyard.broker.delays import install as install_delays
 from taskyard.broker import broker_transport_config
+from taskyard.broker.delays import install as install_delays
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
@@ -24,7 +24,6 @@ from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
 from taskyard.runtime import Runtime, attach
 from taskyard.workers.prefetch import BulkPrefetch
-
 
 #: Keywords of create_app that are Celery settings: new-style names, and the old upper-case
 #: ones (celery.app.defaults; _TO_NEW_KEY maps each old name to its new one).
@@ -122,6 +121,22 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
             sending_app.reset(token)
 
 
+def _check_schedule(settings: Settings) -> None:
+    """Refuse a schedule setting that names no periodic job of the platform."""
+    from taskyard.tasks.schedule import default_intervals  # late: see _install_subsystems
+
+    jobs = sorted(default_intervals(settings))
+    named = (("TASKYARD_SCHEDULE__INTERVALS_S", list(settings.schedule.intervals_s)),
+             ("TASKYARD_SCHEDULE__DISABLED", settings.schedule.disabled))
+    for variable, names in named:
+        for job in names:
+            if job not in jobs:
+                raise ConfigurationError(
+                    f"{variable} names {job!r}, which is not a periodic job of the platform"
+                    f"{did_you_mean(job, jobs)}; the jobs are: {', '.join(jobs)}",
+                    setting=variable, value=job)
+
+
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     """Let each subsystem register its tasks, signal handlers and beat entries.
 
@@ -162,6 +177,7 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
                 setting=key, value=value)
     settings = load_settings(**{k: v for k, v in overrides.items() if k in setting_names})
     celery_overrides = {k: v for k, v in overrides.items() if k not in setting_names}
+    _check_schedule(settings)
 
     default = parse_level(settings.default_level, where="TASKYARD_DEFAULT_LEVEL")
     rules = [

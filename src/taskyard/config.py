@@ -255,8 +255,10 @@ class CacheSettings(Section):
 class MaintenanceSettings(Section):
     """Index maintenance of the application database."""
 
-    # "module:attribute" of the SQLAlchemy MetaData whose declared indexes are maintained.
-    metadata: str = "examples.bdc.models:Base.metadata"
+    # "module:attribute" of the SQLAlchemy MetaData whose declared indexes are maintained. Empty:
+    # nothing is maintained (each run is recorded as skipped); the application names its own
+    # (the example service: "examples.bdc.models:Base.metadata").
+    metadata: str = ""
     # Period of the maintenance job (s): daily.
     interval_s: float = Field(86_400.0, gt=0)
     # lock_timeout for DDL (s) and how many times a timed-out statement is retried.

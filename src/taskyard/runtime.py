@@ -45,6 +45,9 @@ class Runtime:
     sent_events: Any = None
     #: SQLAlchemy engines of this app per database URL (taskyard.tasks.db), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
+    #: Per-app state of subsystems without a field of their own, by "<subsystem>.<what>" (the
+    #: batch reaper's cache of batch definitions, ...).
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
     _redis: redis.Redis | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

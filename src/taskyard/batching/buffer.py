@@ -19,6 +19,7 @@ import redis
 
 from taskyard.batching import lua
 from taskyard.keys import Keys
+from taskyard.serialization import text
 
 
 class _Script:
@@ -134,10 +135,6 @@ def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list[Any]
     return list(replies)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A batch that a script moved in flight: the caller publishes its flush task."""
@@ -189,10 +186,6 @@ class BatchBuffer:
         self.prefix = keys.batch_prefix(batch_name)
 
     # --- producers --------------------------------------------------------------------------
-    def ensure_scripts(self) -> None:
-        """Load every script once per client, so pipelined EVALSHA calls find them."""
-        load_scripts(self.client)
-
     def append(self, group: str, entries: Sequence[str], *, batch_size: int, max_buffered: int,
                lease_ms: int, register: Mapping[str, Any] | None = None) -> AppendResult:
         """Append encoded items to ``group``'s buffer in one round trip; claim full batches.
@@ -238,7 +231,7 @@ class BatchBuffer:
     def _append_result(reply: list[Any]) -> AppendResult:
         if int(reply[0]) < 0:
             return AppendResult(False, int(reply[1]))
-        claimed = [Claimed(_text(reply[i]), "", int(reply[i + 1]))
+        claimed = [Claimed(text(reply[i]), "", int(reply[i + 1]))
                    for i in range(2, len(reply), 2)]
         return AppendResult(True, int(reply[1]), claimed, int(reply[0]) == 1)
 
@@ -266,8 +259,8 @@ class BatchBuffer:
     @staticmethod
     def _reap_result(reply: list[Any]) -> tuple[list[Claimed], list[Claimed]]:
         claimed, republished = reply
-        return ([Claimed(_text(c[0]), _text(c[1]), int(c[2])) for c in claimed],
-                [Claimed(_text(c[0]), _text(c[1]), int(c[2] or 0)) for c in republished])
+        return ([Claimed(text(c[0]), text(c[1]), int(c[2])) for c in claimed],
+                [Claimed(text(c[0]), text(c[1]), int(c[2] or 0)) for c in republished])
 
     reap_result = _reap_result
 
@@ -278,12 +271,12 @@ class BatchBuffer:
         runs already killed their process ``max_deliveries`` times (0: no bound)."""
         reply = ACQUIRE(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
                         (self.prefix, batch_id, token, lease_ms, max_deliveries))
-        status = _text(reply[0])
+        status = text(reply[0])
         if status == "crashed":
             return Acquired(status, deliveries=int(reply[1]))
         if status != "ok":
             return Acquired(status)
-        return Acquired(status, _text(reply[1]), int(reply[2] or 0), int(reply[3]),
+        return Acquired(status, text(reply[1]), int(reply[2] or 0), int(reply[3]),
                         bool(int(reply[4])), tuple(reply[5:]))
 
     def renew(self, batch_id: str, token: str, lease_ms: int) -> bool:
@@ -303,13 +296,13 @@ class BatchBuffer:
         reply = FAIL(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
                      (self.prefix, batch_id, token, max_retries, backoff_ms, lease_ms, error,
                       *(partial or ("0",))))
-        return Failed(_text(reply[0]), int(reply[1]), int(reply[2]))
+        return Failed(text(reply[0]), int(reply[1]), int(reply[2]))
 
     # --- dead letters -----------------------------------------------------------------------
     def dead_ids(self, limit: int = 1000) -> list[str]:
         """Ids of dead batches, oldest death first."""
         ids = self.client.zrange(self.keys.batch_dead(self.batch_name), 0, limit - 1)
-        return [_text(i) for i in ids]
+        return [text(i) for i in ids]
 
     def describe(self, batch_id: str, *, items: int = 0) -> dict[str, Any] | None:
         """The meta fields of a batch, plus its first ``items`` items (raw JSON text)."""
@@ -319,9 +312,9 @@ class BatchBuffer:
         meta, entries = pipe.execute()
         if not meta:
             return None
-        out: dict[str, Any] = {_text(k): _text(v) for k, v in meta.items()}
+        out: dict[str, Any] = {text(k): text(v) for k, v in meta.items()}
         if items:
-            out["items"] = [_text(e) for e in entries]
+            out["items"] = [text(e) for e in entries]
         return out
 
     def requeue(self, batch_id: str, lease_ms: int) -> Claimed | None:
@@ -330,7 +323,7 @@ class BatchBuffer:
                         (self.prefix, batch_id, lease_ms))
         if not reply:
             return None
-        return Claimed(_text(reply[0]), _text(reply[1]), int(reply[2]))
+        return Claimed(text(reply[0]), text(reply[1]), int(reply[2]))
 
     def purge(self, batch_id: str) -> int:
         """Delete a dead batch; its item count, or -1 when it is not dead."""
@@ -342,13 +335,13 @@ class BatchBuffer:
         """Raw state of the batch name: groups, in-flight and dead batches, counters."""
         now, groups, inflight, dead, stats, pending = INSPECT(
             self.client, (self.keys.batch_groups(self.batch_name),), (self.prefix, limit))
-        flat = [_text(v) for v in stats]
+        flat = [text(v) for v in stats]
         return {
             "now_ms": int(now),
-            "groups": [(_text(g), int(n), int(_text(o)) if _text(o) else None)
+            "groups": [(text(g), int(n), int(text(o)) if text(o) else None)
                        for g, n, o in groups],
-            "inflight": [(_text(g), _text(s), int(n or 0)) for g, s, n in inflight],
-            "dead": [(_text(g), _text(s), int(n or 0)) for g, s, n in dead],
+            "inflight": [(text(g), text(s), int(n or 0)) for g, s, n in inflight],
+            "dead": [(text(g), text(s), int(n or 0)) for g, s, n in dead],
             "stats": {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)},
             "pending": int(pending),
         }

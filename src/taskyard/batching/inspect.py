@@ -9,6 +9,7 @@ from taskyard.batching.buffer import BatchBuffer
 from taskyard.batching.definition import publish
 from taskyard.errors import BatchError
 from taskyard.runtime import Runtime, runtime_of
+from taskyard.serialization import text
 
 #: Counters kept per batch name and group (``Keys.batch_stats``), all reported (0 when unset).
 COUNTERS = ("processed", "batches", "failed", "retries", "dead_items", "dead_batches",
@@ -20,14 +21,10 @@ def _runtime(runtime_or_app: Any) -> Runtime:
     return runtime_or_app if isinstance(runtime_or_app, Runtime) else runtime_of(runtime_or_app)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def batch_names(runtime_or_app: Any) -> list[str]:
     """Batch names that ever buffered items (sorted)."""
     runtime = _runtime(runtime_or_app)
-    return sorted(_text(n) for n in runtime.redis.smembers(runtime.keys.batch_registry()))
+    return sorted(text(n) for n in runtime.redis.smembers(runtime.keys.batch_registry()))
 
 
 def _empty_group(group: str) -> dict[str, Any]:
@@ -49,7 +46,7 @@ def inspect_batch(runtime_or_app: Any, batch_name: str) -> dict[str, Any]:
     runtime = _runtime(runtime_or_app)
     buffer = BatchBuffer(runtime.redis, runtime.keys, batch_name)
     snap = buffer.snapshot()
-    conf = {_text(k): _text(v)
+    conf = {text(k): text(v)
             for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()}
     now = snap["now_ms"]
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: _empty_group(""))
@@ -136,7 +133,7 @@ def list_dead(runtime_or_app: Any, batch_name: str | None = None, *, items: int 
 
 
 def _conf(runtime: Runtime, batch_name: str) -> dict[str, str]:
-    conf = {_text(k): _text(v)
+    conf = {text(k): text(v)
             for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()}
     if not conf:
         raise BatchError(f"batch {batch_name!r} is unknown: no definition in Redis "

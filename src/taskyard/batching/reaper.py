@@ -21,6 +21,7 @@ from typing import Any
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.definition import publish
 from taskyard.runtime import runtime_of
+from taskyard.serialization import text
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,6 @@ REAP_TASK = "taskyard.batching.reap"
 _CONF_TTL_S = 5.0
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class _Confs:
     """Definitions of the registered batch names, each re-read after a few seconds."""
 
@@ -41,15 +38,14 @@ class _Confs:
         self.confs: dict[str, tuple[float, dict[str, str]]] = {}
 
 
-_cache: dict[int, _Confs] = {}
-
-
 def _definitions(app: Any) -> dict[str, dict[str, str]]:
     # The registry is read on every pass, so a new batch name is reaped at once.
     runtime = runtime_of(app)
-    cached = _cache.setdefault(id(runtime), _Confs())
+    cached = runtime.state.get("batching.definitions")
+    if cached is None:
+        cached = runtime.state["batching.definitions"] = _Confs()
     client, keys = runtime.redis, runtime.keys
-    names = sorted(_text(n) for n in client.smembers(keys.batch_registry()))
+    names = sorted(text(n) for n in client.smembers(keys.batch_registry()))
     now = time.monotonic()
     stale = [n for n in names if n not in cached.confs or not cached.confs[n][1]
              or now - cached.confs[n][0] >= _CONF_TTL_S]
@@ -58,7 +54,7 @@ def _definitions(app: Any) -> dict[str, dict[str, str]]:
         for name in stale:
             pipe.hgetall(keys.batch_conf(name))
         for name, conf in zip(stale, pipe.execute(), strict=True):
-            cached.confs[name] = (now, {_text(k): _text(v) for k, v in conf.items()})
+            cached.confs[name] = (now, {text(k): text(v) for k, v in conf.items()})
     return {name: cached.confs[name][1] for name in names if cached.confs[name][1]}
 
 
@@ -94,11 +90,6 @@ def reap(app: Any) -> dict[str, int]:
     return {"claimed": claimed, "republished": republished}
 
 
-def forget_definitions(app: Any) -> None:
-    """Drop the cached definitions, so the next :func:`reap` reads them again."""
-    _cache.pop(id(runtime_of(app)), None)
-
-
 class Flusher(threading.Thread):
     """Runs :func:`reap` every ``interval_s`` until stopped (a daemon thread)."""
 
@@ -127,4 +118,3 @@ class Flusher(threading.Thread):
         self._stop_event.set()
         if self.is_alive() and self is not threading.current_thread():
             self.join(timeout_s)
-

@@ -31,6 +31,7 @@ from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime
+from taskyard.serialization import text
 from taskyard.tasks.schedule import job_interval_s, single_flight
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _slow_statements(runtime: Runtime, previous: dict[str, Any]) -> list[dict[st
     key_of = getattr(runtime.keys, "slow_statements", None)
     if key_of is None:
         return []
-    raw = {(k.decode() if isinstance(k, bytes) else str(k)): float(v)
+    raw = {text(k): float(v)
            for k, v in runtime.redis.hgetall(key_of()).items()}
     before = previous.get("slow_statements", {})
     first = "at" not in previous  # no previous reading: no window to count in
@@ -153,7 +154,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         settings.database_url, settings.maintenance.slow_statement_s), [])
     window = _window(tasks, hists, previous, now, m.slow_task_s)
     maintenance_bytes = client.get(keys.maintenance_last())
-    maintenance_raw = _text(maintenance_bytes) if maintenance_bytes else None
+    maintenance_raw = text(maintenance_bytes) if maintenance_bytes else None
 
     snapshot = {"at": now, "queues": queues, "workers": workers, "cache": cache,
                 "slow_statements": slow, "window": window}
@@ -216,10 +217,6 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
     return {"at": now, "series": sorted(entries), "alerts_firing": len(firing),
             "alerts_changed": [f"{a['id']}:{a['state']}" for a in changed],
             "history_error": history_error}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _guarded(what: str, read: Any, default: Any) -> Any:

@@ -13,6 +13,7 @@ import time
 import weakref
 
 from taskyard.runtime import Runtime
+from taskyard.serialization import text
 
 
 class Counters:
@@ -69,13 +70,13 @@ def cache_stats(runtime: Runtime) -> dict[str, dict[str, float]]:
     """Hit, miss and latency figures per cache namespace, as plain dicts (for the stats API)."""
     client = runtime.redis
     members = client.smembers(runtime.keys.cache_namespaces())
-    namespaces = sorted(_text(n) for n in members)
+    namespaces = sorted(text(n) for n in members)
     pipe = client.pipeline(transaction=False)
     for namespace in namespaces:
         pipe.hgetall(runtime.keys.cache_stats(namespace))
     result: dict[str, dict[str, float]] = {}
     for namespace, raw in zip(namespaces, pipe.execute(), strict=True):
-        counts = {_text(k): float(v) for k, v in raw.items()}
+        counts = {text(k): float(v) for k, v in raw.items()}
         hits, misses = counts.get("hits", 0.0), counts.get("misses", 0.0)
         reads = counts.get("reads", 0.0)
         result[namespace] = {
@@ -90,7 +91,3 @@ def cache_stats(runtime: Runtime) -> dict[str, dict[str, float]]:
             "compute_s_total": counts.get("compute_s", 0.0),
         }
     return result
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

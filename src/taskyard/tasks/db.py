@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from taskyard.config import Settings
 from taskyard.runtime import Runtime
+from taskyard.serialization import text
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def slow_statements(runtime: Runtime) -> dict[str, dict[str, float]]:
     raw = runtime.redis.hgetall(runtime.keys.slow_statements())
     result: dict[str, dict[str, float]] = {}
     for field_name, value in raw.items():
-        name = field_name.decode() if isinstance(field_name, bytes) else str(field_name)
+        name = text(field_name)
         task, _, kind = name.partition("\x1f")
         entry = result.setdefault(task, {"count": 0.0, "seconds": 0.0})
         entry["seconds" if kind == "seconds" else "count"] = float(value)

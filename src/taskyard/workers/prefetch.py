@@ -16,10 +16,12 @@ from typing import Any
 
 from celery import bootsteps
 
+from taskyard.routing.levels import Priority
+
 log = logging.getLogger("taskyard.workers")
 
 #: Queues whose presence keeps a worker at one reserved message per process.
-URGENT_QUEUES = frozenset({"critical", "high"})
+URGENT_QUEUES = frozenset({Priority.CRITICAL.value, Priority.HIGH.value})
 
 
 def bulk_only(queue_names: set[str]) -> bool:

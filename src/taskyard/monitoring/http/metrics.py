@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from taskyard.monitoring.alerts import host_of
 from taskyard.monitoring.http.state import ApiState, StatsSource
+from taskyard.serialization import text
 
 #: The classic text format: every name here is a legal legacy name, so every scraper reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -55,10 +56,6 @@ def _number(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value)
 
 
 class StoreCollector(Collector):
@@ -102,7 +99,7 @@ class StoreCollector(Collector):
             "Seconds the oldest ready message of a queue has waited (absent when empty).",
             labels=["queue_name"])
         for row in rows:
-            queue = [_text(row.get("queue"))]
+            queue = [text(row.get("queue"))]
             for family, key in ((length, "depth"), (ready, "ready"), (reserved, "reserved"),
                                 (scheduled, "scheduled"), (oldest, "oldest_ready_age_s")):
                 value = _number(row.get(key))
@@ -117,7 +114,7 @@ class StoreCollector(Collector):
             for row in rows:
                 value = _number(row.get(key))
                 if value is not None:
-                    family.add_metric([_text(row.get("name")), _text(row.get("queue"))], value)
+                    family.add_metric([text(row.get("name")), text(row.get("queue"))], value)
             yield family
 
     @staticmethod
@@ -157,7 +154,7 @@ class StoreCollector(Collector):
             "memory, cpu or cpu-critical.", labels=["hostname", "queue_name", "reason"])
         count = 0
         for row in rows:
-            host = [_text(row.get("hostname"))]
+            host = [text(row.get("hostname"))]
             is_alive = bool(row.get("alive"))
             count += is_alive
             up.add_metric(host, 1.0 if is_alive else 0.0)
@@ -168,10 +165,10 @@ class StoreCollector(Collector):
             for reason, n in sorted((row.get("deferred_by_reason") or {}).items()):
                 number = _number(n)
                 if number is not None:
-                    deferred.add_metric([*host, _text(reason)], number)
+                    deferred.add_metric([*host, text(reason)], number)
             if is_alive:
                 for queue, reason in sorted((row.get("paused_reasons") or {}).items()):
-                    paused.add_metric([*host, _text(queue), _text(reason)], 1.0)
+                    paused.add_metric([*host, text(queue), text(reason)], 1.0)
         alive.add_metric([], float(count))
         yield from (alive, up, memory, cpu, deferred, paused, *_host_families(rows))
 
@@ -197,7 +194,7 @@ class StoreCollector(Collector):
         totals: dict[str, dict[str, float]] = {key: {} for key in families}
         for row in rows:
             # Grouped buffers of one batch name add up: the label is the batch name.
-            batch = _text(row.get("batch_name"))
+            batch = text(row.get("batch_name"))
             for key in families:
                 value = _number(row.get(key))
                 if value is not None:
@@ -214,7 +211,7 @@ class StoreCollector(Collector):
         misses = CounterMetricFamily("taskyard_cache_misses", "Cache reads that recomputed.",
                                      labels=["namespace"])
         for row in rows:
-            namespace = [_text(row.get("namespace"))]
+            namespace = [text(row.get("namespace"))]
             for family, key in ((hits, "hits"), (misses, "misses")):
                 value = _number(row.get(key))
                 if value is not None:
@@ -229,7 +226,7 @@ class StoreCollector(Collector):
         for row in rows:
             if row.get("state") != "firing":
                 continue
-            key = (_text(row.get("alertname")), _text(row.get("severity")))
+            key = (text(row.get("alertname")), text(row.get("severity")))
             # Several instances of one rule (one per worker, say) share a series: count them.
             firing[key] = firing.get(key, 0.0) + 1.0
         for (alertname, severity), value in sorted(firing.items()):
@@ -283,7 +280,7 @@ def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, A
         for label, count in zip(labels, counts, strict=True):
             running += count
             cumulative.append((label, running))
-        yield {"name": _text(row.get("name")), "queue": _text(row.get("queue")),
+        yield {"name": text(row.get("name")), "queue": text(row.get("queue")),
                "buckets": cumulative, "sum": _number(row.get("sum")) or 0.0}
 
 

@@ -82,6 +82,15 @@ def run_maintenance(runtime: Runtime, *, dry_run: bool = False,
     """
     settings = runtime.settings
     target_url = url or settings.database_url
+    if metadata is None and not settings.maintenance.metadata:
+        report = RunReport(dialect="", database=safe_url(target_url), dry_run=dry_run,
+                           status="skipped", reason=f"{METADATA_SETTING} is not set: no "
+                           "declared indexes to maintain")
+        if not record(settings.effective_history_url, report):
+            report.errors.append("run not recorded in the history database")
+        _publish(runtime, report)
+        log.info("maintenance skipped: %s", report.reason)
+        return report
     declared = metadata if metadata is not None else load_metadata(settings.maintenance.metadata)
     try:
         dialect = make_url(target_url).get_backend_name()
@@ -162,7 +171,7 @@ def install(app: Any, runtime: Runtime) -> None:
         return periodic_run(runtime_of(self.app))
 
     def on_worker_init(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app:
+        if getattr(sender, "app", None) is not app or not runtime.settings.maintenance.metadata:
             return
         try:
             load_metadata(runtime.settings.maintenance.metadata)

@@ -72,7 +72,8 @@ class RunReport:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     started_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
-    #: "ok", "failed" (any error; see errors) or "skipped" (another run holds the lock).
+    #: "ok", "failed" (any error; see errors) or "skipped" (another run holds the lock, or no
+    #: metadata is configured).
     status: str = "ok"
     reason: str | None = None
     actions: list[Action] = field(default_factory=list)
@@ -84,9 +85,6 @@ class RunReport:
         self.errors.append(reason)
         self.status = "failed"
         self.reason = self.reason or reason
-
-    def statements(self) -> list[str]:
-        return [a.statement for a in self.actions]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -30,13 +30,14 @@ from typing import Any
 from celery import bootsteps
 
 from taskyard.config import GuardSettings
+from taskyard.routing.levels import Priority
 from taskyard.runtime import runtime_of
 from taskyard.workers.guards.readings import Reading
 
 log = logging.getLogger("taskyard.guards")
 
 #: Never paused for CPU: their latency is what holding the rest back protects.
-NEVER_FOR_CPU = frozenset({"critical", "high"})
+NEVER_FOR_CPU = frozenset({Priority.CRITICAL.value, Priority.HIGH.value})
 #: Why a queue is paused, as shown in logs and the heartbeat.
 MEMORY, CPU, CPU_CRITICAL = "memory", "cpu", "cpu-critical"
 
@@ -72,7 +73,7 @@ class Valve:
         self.cpu_critical = Band(settings.cpu_critical_pct,
                                  min(settings.cpu_critical_resume_pct, settings.cpu_critical_pct))
         # Critical is never paused, whatever the settings say.
-        self.memory_levels = frozenset(settings.pausable_levels) - {"critical"}
+        self.memory_levels = frozenset(settings.pausable_levels) - {Priority.CRITICAL.value}
         self.cpu_levels = frozenset(settings.cpu_pause_levels) - NEVER_FOR_CPU
         self.cpu_critical_levels = (self.cpu_levels
                                     | frozenset(settings.cpu_critical_pause_levels)) - NEVER_FOR_CPU

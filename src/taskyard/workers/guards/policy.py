@@ -25,11 +25,12 @@ from typing import NamedTuple
 
 from taskyard.config import GuardSettings
 from taskyard.errors import ConfigurationError
+from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.workers.guards.readings import Reading
 
 INF = float("inf")
 RULES = ("never", "warning", "critical", "memory_warning", "memory_critical")
-LEVELS = ("critical", "high", "normal", "low", "batch")
+LEVELS = LEVEL_NAMES
 #: Why a task was deferred, as counted per reason in heartbeats, the stats API and /metrics.
 REASON_MEMORY = "memory"
 REASON_REQUIRES_MEMORY = "requires_memory"
