@@ -28,6 +28,7 @@ from taskyard.monitoring.queues import (
 )
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import Runtime
+from taskyard.serialization import text
 from taskyard.tasks.cache import cache_stats
 from taskyard.tasks.maintenance import recent_runs
 
@@ -59,15 +60,11 @@ def quantile(counts: list[int], q: float) -> float | None:
     return BUCKETS[-1]
 
 
-def _decode(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def parse_counts(raw: dict[bytes, bytes]) -> dict[tuple[str, str], dict[str, int]]:
     """``task_counts`` HASH -> {(name, queue): {event: count}}."""
     out: dict[tuple[str, str], dict[str, int]] = {}
     for field, value in raw.items():
-        name, queue, event = _decode(field).rsplit(SEP, 2)
+        name, queue, event = text(field).rsplit(SEP, 2)
         out.setdefault((name, queue), dict.fromkeys(EVENTS, 0))[event] = int(value)
     return out
 
@@ -77,7 +74,7 @@ def parse_histogram(raw: dict[bytes, bytes]) -> dict[tuple[str, str], dict[str, 
     index = {label: i for i, label in enumerate(BUCKET_LABELS)}
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for field, value in raw.items():
-        name, queue, part = _decode(field).rsplit(SEP, 2)
+        name, queue, part = text(field).rsplit(SEP, 2)
         entry = out.setdefault((name, queue), {"counts": [0] * len(BUCKET_LABELS), "sum": 0.0})
         if part == "sum":
             entry["sum"] = float(value)
@@ -141,7 +138,7 @@ class StatsStore:
         raw_members: list[tuple[bytes, float]] = self.redis.zrange(
             self.keys.workers(), 0, -1, withscores=True)  # type: ignore[assignment]
         forget = self.settings.monitoring.worker_forget_after_s
-        members = [(_decode(m), float(s)) for m, s in raw_members if now - float(s) <= forget]
+        members = [(text(m), float(s)) for m, s in raw_members if now - float(s) <= forget]
         if not members:
             return []
         raws = self.redis.mget([self.keys.worker_heartbeat(h) for h, _ in members])
