@@ -169,10 +169,11 @@ class GuardSettings(Section):
     resume_pct: float = Field(70.0, gt=0, le=100)
     # ... and CPU below this (percent); separate so CPU can be switched off with 100/99.
     cpu_resume_pct: float = Field(70.0, gt=0, le=100)
-    # Levels whose consumers are paused above the warning threshold (critical never is).
+    # Levels whose consumers are paused above the memory warning threshold (critical never is).
     pausable_levels: list[str] = ["low", "batch"]
-    # Per level: when its tasks are held back: "never", "warning", "critical" (memory or CPU
-    # above that threshold), "memory_warning", "memory_critical" (memory only).
+    # Per level: when its tasks are deferred (re-published) for memory: "never", "warning" or
+    # "memory_warning" (memory above its warning threshold), "critical" or "memory_critical"
+    # (above its critical threshold). CPU never defers: see the cpu_* pause settings below.
     level_policy: dict[
         str, Literal["never", "warning", "critical", "memory_warning", "memory_critical"]
     ] = {
