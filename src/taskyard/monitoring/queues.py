@@ -20,6 +20,7 @@ import redis
 from kombu.connection import Connection
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
+from taskyard.config import REDIS_SCHEMES, redis_client_url, url_scheme
 from taskyard.routing.levels import LEVEL_NAMES
 
 #: Separator kombu puts between a queue name and its priority step.
@@ -27,7 +28,6 @@ PRIORITY_SEP: str = Channel.sep
 #: HASH of reserved (delivered, not yet acknowledged) messages of kombu's Redis transport.
 UNACKED_KEY: str = Channel.unacked_key
 
-_REDIS_SCHEMES = {"redis", "rediss", "redis+socket", "unix"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,8 @@ def priority_lists(queue: str, steps: Iterable[int] = PRIORITY_STEPS) -> list[st
 
 
 def is_redis_url(url: str) -> bool:
-    return url.split("://", 1)[0] in _REDIS_SCHEMES
+    """Whether redis-py can read the broker's lists at ``url`` (Sentinel URLs it cannot)."""
+    return url_scheme(url) in REDIS_SCHEMES
 
 
 def _reserved_queue(raw: bytes, known: set[str]) -> str | None:
@@ -143,8 +144,5 @@ def amqp_depths(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
 
 def broker_redis_client(broker_url: str, timeout_s: float) -> redis.Redis:
     """A Redis client on the broker's database (it may differ from taskyard's stats Redis)."""
-    url: str = broker_url
-    if url.startswith("redis+socket://"):
-        url = "unix://" + url.removeprefix("redis+socket://")
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+    return redis.Redis.from_url(redis_client_url(broker_url), socket_connect_timeout=timeout_s,
                                 socket_timeout=max(timeout_s, 5.0))
