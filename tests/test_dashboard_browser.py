@@ -1,7 +1,7 @@
 """The dashboard in headless Chromium: a real worker, real stats collection, a real uvicorn.
 
 Needs /usr/bin/chromium (scripts/ensure-browser.sh installs it; `make test` runs that first).
-The screenshot is kept in test-artifacts/dashboard.png.
+Screenshots of every page are kept in test-artifacts/ (dashboard*.png).
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                 assert response is not None and response.status == 200
                 page.wait_for_selector("svg.chart")
                 check_page(page)
+                check_hover(page, "Queue depth per level (messages)", "batch")
                 page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
 
                 # The inline refresh swaps in new data without a reload: more batch backlog.
@@ -169,20 +170,56 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                 # Offline: every request the page made went to the API itself.
                 assert requested and all(u.startswith(api_url + "/") for u in requested), \
                     requested
+                check_other_pages(page, api_url)
+                elsewhere = [u for u in requested if not u.startswith(api_url + "/")]
+                assert not elsewhere, elsewhere
             finally:
                 browser.close()
 
 
+def chart_series(page: Any, title: str) -> list[str]:
+    """Labels of the lines uPlot drew in the time chart ``title`` (its legend)."""
+    selector = f"figure.tchart[aria-label='{title}']"
+    page.wait_for_selector(f"{selector} .u-legend", timeout=10_000)
+    labels: list[str] = page.eval_on_selector_all(
+        f"{selector} .u-legend .u-series .u-label", "els => els.map(e => e.textContent)")
+    return labels[1:]  # the first is the time axis
+
+
+def check_hover(page: Any, title: str, label: str) -> None:
+    """Hovering a chart shows each line's value at that time in its legend."""
+    selector = f"figure.tchart[aria-label='{title}']"
+    box = page.locator(f"{selector} .u-over").bounding_box()
+    assert box is not None, title
+    page.mouse.move(box["x"] + box["width"] * 0.97, box["y"] + box["height"] / 2)
+    page.wait_for_function(
+        """([sel, label]) => [...document.querySelectorAll(sel + ' .u-legend .u-series')]
+             .some(r => r.querySelector('.u-label')?.textContent === label
+                        && r.querySelector('.u-value')?.textContent !== '-'
+                        && r.querySelector('.u-value')?.textContent !== '--')""",
+        arg=[selector, label], timeout=5_000)
+    hovered = page.eval_on_selector_all(
+        f"{selector} .u-legend .u-series",
+        "rows => rows.map(r => [r.querySelector('.u-label').textContent,"
+        " r.querySelector('.u-value').textContent])")
+    assert hovered[0][1].endswith("UTC"), hovered  # the time under the cursor
+    title_text = page.get_attribute(selector, "title") or ""
+    assert title_text.startswith(f"{title} (latest)") and label in title_text
+
+
 def check_page(page: Any) -> None:
-    titles = page.eval_on_selector_all("svg.chart > title", "els => els.map(e => e.textContent)")
+    bars = page.eval_on_selector_all("svg.chart > title", "els => els.map(e => e.textContent)")
+    for title in ("Batch buffers now (items)", "Worker resources (percent of limit)",
+                  "Queue depth now: ready and reserved"):
+        assert title in bars, bars
     for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
-                  "Run time percentiles", "Queue wait percentiles", "Batch buffers now (items)",
-                  "Worker resources (percent of limit)"):
-        assert title in titles, titles
-    lines = page.eval_on_selector_all(
-        "svg[aria-label='Queue depth per level (messages)'] path.series",
-        "els => els.map(e => e.dataset.label)")
-    assert lines == LEVELS
+                  "Run time percentiles", "Queue wait percentiles"):
+        page.wait_for_selector(f"figure.tchart[aria-label='{title}'] canvas", timeout=10_000)
+    assert chart_series(page, "Queue depth per level (messages)") == LEVELS
+    # Every bar has a hover title with its value.
+    bar_titles = page.eval_on_selector_all("svg.chart rect.bar > title",
+                                           "els => els.map(e => e.textContent)")
+    assert bar_titles and all(":" in t for t in bar_titles), bar_titles
     queue_bars = page.eval_on_selector_all(
         "svg[aria-label='Queue depth now: ready and reserved'] rect.bar",
         "els => els.map(e => e.dataset.label)")
@@ -192,18 +229,57 @@ def check_page(page: Any) -> None:
         assert level in text
     alert = page.inner_text("ul.alerts")
     assert "QueueDepthHigh" in alert and "queue batch holds" in alert
-    # Throughput and latency charts drew lines from the real snapshots.
     for chart in ("Throughput (tasks per second)", "Run time percentiles"):
-        drawn = page.eval_on_selector_all(f"svg[aria-label='{chart}'] path.series", "e => e.length")
-        assert drawn >= 1, chart
+        assert chart_series(page, chart), chart
+    # Per worker, and per task name (the failing task's line is in the failures chart).
+    assert any(label.startswith("dash@") for label in
+               chart_series(page, "Memory per worker (percent of limit)"))
+    assert f"{APP}.fails" in chart_series(page, "Failed per task (per second)")
+    assert f"{APP}.on_normal" in chart_series(page, "Succeeded per task (per second)")
     workers = page.eval_on_selector_all(
         "svg[aria-label='Worker resources (percent of limit)'] rect.bar", "e => e.length")
     assert workers >= 1
-    assert f"{APP}.on_normal" in page.inner_text("table.tasks")
+    assert page.locator(f"table.tasks a:text('{APP}.on_normal')").count() == 1
     batches = page.text_content("svg[aria-label='Batch buffers now (items)']") or ""
     assert "dash_emails" in batches and "26 buffered" in batches  # 5 + 6 + 7 + 8 items
-    drawn = page.eval_on_selector_all(
-        "svg[aria-label='Buffered batch items over time'] path.series", "e => e.length")
-    assert drawn == 1
+    assert chart_series(page, "Buffered batch items over time") == ["dash_emails"]
     cache = page.text_content("svg[aria-label='Cache hit rate (percent)']") or ""
     assert "profiles" in cache and "66.7% of 12 lookups" in cache
+    nav = page.eval_on_selector_all("header nav a", "els => els.map(e => e.textContent)")
+    assert nav[:3] == ["Overview", "Workers", "Tasks"] and "Flower" in nav
+
+
+def check_other_pages(page: Any, api_url: str) -> None:
+    """Workers, task names, the failing task's page and one of its tasks."""
+    page.click("header nav a:text('Workers')")
+    page.wait_for_selector("figure.tchart[aria-label='Memory per worker (percent of limit)'] "
+                           "canvas", timeout=10_000)
+    assert any(label.startswith("dash@")
+               for label in chart_series(page, "CPU per host (highest of its workers, percent)")
+               ) is False  # per host: the host name, not the worker's
+    assert chart_series(page, "Memory per host (highest of its workers, percent)")
+    flower = page.get_attribute("#workers a", "href") or ""
+    assert "/worker/dash%40" in flower, flower
+    check_hover(page, "Memory per worker (percent of limit)",
+                chart_series(page, "Memory per worker (percent of limit)")[0])
+    page.screenshot(path=str(ARTIFACTS / "dashboard-workers.png"), full_page=True)
+
+    page.click("header nav a:text('Tasks')")
+    page.wait_for_selector("#task-names")
+    page.click(f"#task-names a:text('{APP}.fails')")
+    page.wait_for_selector("#task-name")
+    assert page.inner_text("#task-name") == f"{APP}.fails"
+    assert chart_series(page, f"{APP}.fails: failed per second") == [f"{APP}.fails"]
+    failures = page.inner_text("#failures")
+    assert "ValueError" in failures and "fails on purpose" in failures, failures
+    page.screenshot(path=str(ARTIFACTS / "dashboard-task-name.png"), full_page=True)
+
+    page.click("#failures tbody tr:first-child td:nth-child(2) a")
+    page.wait_for_selector("#task-id")
+    assert page.inner_text("#task-state") == "dead"
+    assert "ValueError: task" in page.inner_text("#traceback")
+    timeline = page.inner_text("#timeline")
+    assert "started" in timeline and "dead" in timeline, timeline
+    in_flower = page.get_attribute("a:text('this task in Flower')", "href") or ""
+    assert "/task/" in in_flower
+    page.screenshot(path=str(ARTIFACTS / "dashboard-task.png"), full_page=True)

@@ -3,19 +3,26 @@
 (function () {
   "use strict";
 
+  // Significant digits without trailing zeros after a decimal point ("1.50" -> "1.5").
+  function sig(v) {
+    var s = v.toPrecision(3);
+    if (s.indexOf("e") >= 0) s = String(Number(s));
+    return s.indexOf(".") >= 0 ? s.replace(/\.?0+$/, "") : s;
+  }
+
   function fmt(v, unit) {
     if (v === null || v === undefined || !isFinite(v)) return "-";
     if (unit === "s") {
       if (v === 0) return "0 s";
-      if (Math.abs(v) < 1) return (v * 1000).toPrecision(3).replace(/\.?0+$/, "") + " ms";
-      return v.toPrecision(3).replace(/\.?0+$/, "") + " s";
+      if (Math.abs(v) < 1) return sig(v * 1000) + " ms";
+      return sig(v) + " s";
     }
     var suffix = unit && unit !== "%" ? " " + unit : unit || "";
     var m = Math.abs(v);
-    if (m >= 1e6) return (v / 1e6).toPrecision(3).replace(/\.?0+$/, "") + "M" + suffix;
-    if (m >= 1e4) return (v / 1e3).toPrecision(3).replace(/\.?0+$/, "") + "k" + suffix;
+    if (m >= 1e6) return sig(v / 1e6) + "M" + suffix;
+    if (m >= 1e4) return sig(v / 1e3) + "k" + suffix;
     if (m >= 100 || v === Math.round(v)) return v.toFixed(0) + suffix;
-    return v.toPrecision(3).replace(/\.?0+$/, "") + suffix;
+    return sig(v) + suffix;
   }
 
   function niceCeiling(v) {
