@@ -1,4 +1,10 @@
-"""A demo producer: a realistic mixed workload through all five levels, until stopped."""
+"""A demo producer: a realistic mixed workload through all five levels, until stopped.
+
+Besides sending tasks it reads the service's cached functions (a user's profile, a beneficiary's
+upcoming appointments, the system settings) as the service's request handlers do, so the
+dashboard's cache panel shows real hit rates: misses at first, then mostly hits once the
+warmers and earlier reads have filled the cache.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import signal
 import time
 from datetime import datetime
 
-from examples.bdc import tasks
+from examples.bdc import tasks, warmers
 from examples.bdc.db import seed
 
 log = logging.getLogger("bdc.demo")
@@ -42,6 +48,14 @@ def run(rate_per_s: float = 20.0, seed_value: int = 11) -> None:
             send_batch = getattr(tasks, "send_notification_batch", None)
             if send_batch is not None:
                 send_batch.delay({"user_id": user, "channel": "email", "template": "digest"})
+        # A request handler of the service reads through the cache.
+        read = rng.random()
+        if read < 0.6:
+            warmers.user_profile(user)
+        elif read < 0.9:
+            warmers.upcoming_appointments(rng.randint(1, 200))
+        elif read < 0.95:
+            warmers.system_settings()
         sent += 1
         if sent % 200 == 0:
             log.info("demo producer: %d messages sent", sent)
