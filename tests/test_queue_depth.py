@@ -41,8 +41,10 @@ def test_depth_counts_every_priority_list(make_app: Any, redis_client: redis.Red
     store = StatsStore(runtime_of(app))
     low = next(q for q in store.queues() if q["queue"] == "low")
     assert naive == 3
-    assert low == {"queue": "low", "depth": 8, "ready": 8, "reserved": 0,
-                   "reserved_known": True}
+    assert {k: low[k] for k in ("queue", "depth", "ready", "reserved", "reserved_known",
+                                "scheduled")} == {
+        "queue": "low", "depth": 8, "ready": 8, "reserved": 0, "reserved_known": True,
+        "scheduled": 0}
     assert all(q["depth"] == 0 for q in store.queues() if q["queue"] != "low")
 
 
@@ -78,11 +80,23 @@ def test_depth_with_worker_holding_reserved_messages(make_app: Any, redis_env: d
 
         # prefetch 1 x concurrency 2: the worker reserves two, three stay in the broker.
         wait_until(lambda: high()["reserved"] == 2, 30, 0.1, f"2 reserved, have {high()}")
-        assert high() == {"queue": "high", "depth": 5, "ready": 3, "reserved": 2,
-                          "reserved_known": True}
+        assert {k: high()[k] for k in ("queue", "depth", "ready", "reserved",
+                                       "reserved_known")} == {
+            "queue": "high", "depth": 5, "ready": 3, "reserved": 2, "reserved_known": True}
         worker.kill()
     # SIGKILLed before acknowledging: the reserved two are still owed to the queue.
     assert high()["depth"] == 5
+
+
+def test_countdown_messages_count_as_scheduled_not_depth(make_app: Any,
+                                                         redis_client: redis.Redis) -> None:
+    app = make_app("depth-delays")
+    for level, countdown in (("normal", 60), ("normal", 60), ("low", 30), ("low", None)):
+        app.send_task("depth.later", (), countdown=countdown, queue=level)
+    queues = {q["queue"]: q for q in StatsStore(runtime_of(app)).queues()}
+    assert (queues["normal"]["scheduled"], queues["normal"]["depth"]) == (2, 0)
+    assert (queues["low"]["scheduled"], queues["low"]["depth"]) == (1, 1)
+    assert queues["critical"]["scheduled"] == 0
 
 
 def test_amqp_depth_by_passive_declare() -> None:
@@ -119,4 +133,6 @@ def test_store_reads_rabbitmq_broker_counts(make_app: Any) -> None:
     queues = store.queues()
     assert [q["queue"] for q in queues] == ["critical", "high", "normal", "low", "batch"]
     assert all(q["reserved_known"] is False and q["depth"] == q["ready"] >= 0 for q in queues)
+    # Celery's ETA handling on RabbitMQ: a worker holds them; the broker counts none apart.
+    assert all(q["scheduled"] is None for q in queues)
     assert store.check_ready()["broker"] is None

@@ -7,6 +7,11 @@ delivered-but-unacknowledged message in the ``unacked`` HASH (delivery tag -> JS
 Flower and celery-exporter do) misses both. On RabbitMQ the broker counts for us: a passive
 ``queue_declare`` returns the ready messages; unacknowledged ones need the management plugin,
 which may not be enabled, so they are reported as unknown.
+
+Countdown/ETA messages wait in taskyard's delayed sets on a Redis broker
+(:mod:`taskyard.broker.delays`) and are counted as ``scheduled``, apart from the depth: they
+are not ready yet. On RabbitMQ they sit unacknowledged in a worker (Celery's behaviour), so
+``scheduled`` is unknown (None) there.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from kombu.connection import Connection
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from taskyard.config import REDIS_SCHEMES, redis_client_url, url_scheme
+from taskyard.keys import Keys
 from taskyard.routing.levels import LEVEL_NAMES
 
 #: Separator kombu puts between a queue name and its priority step.
@@ -38,6 +44,8 @@ class QueueDepth:
     ready: int
     reserved: int
     reserved_known: bool = True
+    #: Messages waiting for their ETA in the delayed set; None where the broker keeps none.
+    scheduled: int | None = None
 
     @property
     def depth(self) -> int:
@@ -45,7 +53,8 @@ class QueueDepth:
 
     def as_dict(self) -> dict[str, Any]:
         return {"queue": self.queue, "depth": self.depth, "ready": self.ready,
-                "reserved": self.reserved, "reserved_known": self.reserved_known}
+                "reserved": self.reserved, "reserved_known": self.reserved_known,
+                "scheduled": self.scheduled}
 
 
 def priority_lists(queue: str, steps: Iterable[int] = PRIORITY_STEPS) -> list[str]:
@@ -75,21 +84,27 @@ def _reserved_queue(raw: bytes, known: set[str]) -> str | None:
 
 
 def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
-                 steps: Iterable[int] = PRIORITY_STEPS) -> list[QueueDepth]:
-    """Depth of each queue on a Redis broker (one pipelined round trip plus the unacked HASH).
+                 steps: Iterable[int] = PRIORITY_STEPS,
+                 namespace: str = "taskyard") -> list[QueueDepth]:
+    """Depth of each queue on a Redis broker (one pipelined round trip plus the unacked HASH),
+    and its scheduled messages (the delayed set of ``namespace``).
 
     Raises:
         redis.RedisError: Redis is unreachable.
     """
     names = list(queues)
     steps = list(steps)
+    keys = Keys(namespace)
     with client.pipeline(transaction=False) as pipe:
         for queue in names:
             for key in priority_lists(queue, steps):
                 pipe.llen(key)
+        for queue in names:
+            pipe.zcard(keys.delayed(queue))
         pipe.hvals(UNACKED_KEY)
         replies = pipe.execute()
     unacked: list[bytes] = replies.pop()
+    scheduled = [int(n) for n in replies[-len(names):]] if names else []
     reserved = dict.fromkeys(names, 0)
     known = set(names)
     for raw in unacked:
@@ -99,7 +114,7 @@ def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
     per_queue = len(steps)
     return [
         QueueDepth(queue, sum(int(n) for n in replies[i * per_queue:(i + 1) * per_queue]),
-                   reserved[queue])
+                   reserved[queue], scheduled=scheduled[i])
         for i, queue in enumerate(names)
     ]
 

@@ -125,7 +125,7 @@ class StatsStore:
             from taskyard.monitoring.queue_age import oldest_ready_ages
 
             client = self._broker_client()
-            depths = redis_depths(client, LEVEL_NAMES)
+            depths = redis_depths(client, LEVEL_NAMES, namespace=self.settings.namespace)
             ages = oldest_ready_ages(client, LEVEL_NAMES)
         else:
             depths = amqp_depths(broker, LEVEL_NAMES, self.settings.broker_connect_timeout_s)

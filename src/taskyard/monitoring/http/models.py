@@ -26,6 +26,9 @@ class QueueStats(_Row):
     reserved_known: bool = Field(
         True, description="False on RabbitMQ without the management plugin: reserved is 0 "
         "because the broker does not report it.")
+    scheduled: int | None = Field(
+        None, description="Messages with a countdown or ETA waiting in the broker-side delayed "
+        "set, not yet due (not part of depth); null on RabbitMQ, where a worker holds them.")
     oldest_ready_age_s: float | None = Field(
         None, description="Seconds the oldest ready message has waited (from its sent time); "
         "null when the queue is empty, on RabbitMQ, or for messages sent without capture.")
