@@ -17,7 +17,7 @@ _BATCH_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 #: taskyard's own options of @batch_task (beside Celery's task options for the flush task).
 OWN_OPTIONS = ("batch_name", "batch_size", "max_wait", "priority", "key", "max_buffered",
                "max_item_bytes", "lease_s", "max_retries", "retry_backoff_s", "max_deliveries",
-               "app")
+               "app", "linger_ms")
 _REFUSED = {
     "bind": "the flush task is bound already; the function receives the list of items",
     "base": "the flush task uses its app's task class",
@@ -44,7 +44,8 @@ def batch_task(
     priority: str | Priority = ..., key: Callable[[Any], Any] | None = ...,
     max_buffered: int | None = ..., max_item_bytes: int | None = ..., lease_s: float | None = ...,
     max_retries: int | None = ..., retry_backoff_s: float | None = ...,
-    max_deliveries: int | None = ..., app: Any = ..., **celery_options: Any,
+    max_deliveries: int | None = ..., app: Any = ..., linger_ms: float | None = ...,
+    **celery_options: Any,
 ) -> Callable[[Callable[[list[Any]], Any]], BatchTask]: ...
 
 
@@ -54,7 +55,7 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                max_item_bytes: int | None = None, lease_s: float | None = None,
                max_retries: int | None = None, retry_backoff_s: float | None = None,
                max_deliveries: int | None = None, app: Any = None,
-               **celery_options: Any) -> Any:
+               linger_ms: float | None = None, **celery_options: Any) -> Any:
     """Make ``fn(items: list)`` a batch task fed by ``.delay(item)`` and ``.add_many(items)``.
 
     Works bare (``@batch_task``: batch name = function name, 100 items, 2 s) or called. Options
@@ -75,6 +76,9 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
         max_deliveries: runs that killed their process (segfault, OOM killer) before the batch
             goes to the dead letters as "crashed" (default ``TASKYARD_MAX_DELIVERIES``).
         app: the taskyard app of this batch; default: the current taskyard app at each call.
+        linger_ms: opt-in buffered producer: ``.delay`` checks and encodes the item, and a
+            background thread appends every ``linger_ms``; durable once ``.buffered().flush()``
+            returns (see :mod:`taskyard.batching.buffered`). None: ``.delay`` is durable on return.
 
     Other keywords are Celery's task options for the flush task (``name=``, ``time_limit=``...).
 
@@ -99,6 +103,12 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                  allowed="a number of seconds >= 0")
     check_number("max_deliveries", max_deliveries, minimum=1, strict=False, integer=True,
                  allowed="an integer >= 1")
+    check_number("linger_ms", linger_ms, minimum=0, strict=False,
+                 allowed="a number of milliseconds >= 0 (or None: no buffering)")
+    if linger_ms is not None and linger_ms > 10_000:
+        raise ConfigurationError(
+            f"linger_ms={linger_ms!r} is not allowed; expected at most 10000 ms (items wait in "
+            "the process, lost on a crash, for that long)", setting="linger_ms", value=linger_ms)
     if max_buffered is not None and max_buffered < batch_size:
         raise ConfigurationError(
             f"max_buffered={max_buffered} is smaller than batch_size={batch_size}; a batch "
@@ -126,7 +136,7 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
                          max_item_bytes=max_item_bytes, lease_s=lease_s,
                          max_retries=max_retries, retry_backoff_s=retry_backoff_s,
                          max_deliveries=max_deliveries, celery_options=dict(celery_options),
-                         app=app)
+                         app=app, linger_ms=linger_ms)
 
     if fn is not None:
         return decorate(fn)

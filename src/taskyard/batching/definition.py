@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from kombu.utils.url import maybe_sanitize_url
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,6 +22,9 @@ from taskyard.errors import BatchBufferFull, BatchItemError, BufferUnavailable, 
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime, current_taskyard_app, runtime_of
 from taskyard.signals import batch_flushed
+
+if TYPE_CHECKING:
+    from taskyard.batching.buffered import BufferedProducer
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,7 @@ class BatchDefinition:
                  max_buffered: int | None, max_item_bytes: int | None, lease_s: float | None,
                  max_retries: int | None, retry_backoff_s: float | None,
                  name: str | None = None, app: Any = None,
-                 max_deliveries: int | None = None) -> None:
+                 max_deliveries: int | None = None, linger_ms: float | None = None) -> None:
         self.fn = fn
         self.batch_name = batch_name
         self.batch_size = batch_size
@@ -114,6 +117,8 @@ class BatchDefinition:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.max_deliveries = max_deliveries
+        #: Not None: .delay() goes through the process's buffered producer (batching/buffered.py).
+        self.linger_ms = linger_ms
         self.__name__ = getattr(fn, "__name__", batch_name)
         self.__doc__ = fn.__doc__
         self.__module__ = fn.__module__
@@ -234,6 +239,8 @@ class BatchDefinition:
             BatchBufferFull: the batch name already holds ``max_buffered`` items.
             BufferUnavailable: Redis cannot be reached (a ``BrokerUnavailable``).
         """
+        if self.linger_ms is not None:  # opt-in: durable after buffered().flush()
+            return self.buffered().delay(item)
         state = self.state()
         opts = state.options
         entry = self.encode(item, opts.max_item_bytes)
@@ -312,10 +319,23 @@ class BatchDefinition:
                                   accepted=accepted, rejected=tuple(sorted(rejected)))
         return AddResult(accepted, tuple(c.batch_id for c in claims))
 
+    def buffered(self, app: Any = None, *, linger_ms: float | None = None) -> BufferedProducer:
+        """This process's buffered producer of this batch: ``.delay`` without a round trip per
+        item, durable after its ``flush()`` (see :mod:`taskyard.batching.buffered`)."""
+        from taskyard.batching.buffered import producer_for
+
+        return producer_for(self, self.state(app).app,
+                            self.linger_ms if linger_ms is None else linger_ms)
+
     def flush(self) -> AddResult:
         """Claim every buffered item now, whatever its age (reason "manual")."""
+        from taskyard.batching.buffered import existing_producer
+
         state = self.state()
         opts = state.options
+        producer = existing_producer(self, state.app)
+        if producer is not None:  # this process's held items first
+            producer.flush()
         try:
             claims, _ = state.buffer.reap(max_wait_ms=-1, batch_size=opts.batch_size,
                                           lease_ms=opts.lease_ms, reason="manual", leases=False)

@@ -1,0 +1,305 @@
+"""The buffered batch producer (opt-in): ``.delay(item)`` without a Redis round trip per item.
+
+``@batch_task(..., linger_ms=5)`` (or ``with send_notification_batch.buffered() as buf:``)
+checks and encodes each item at once, as ``.delay`` does, so a bad item raises in the caller,
+then a background thread appends what gathered every ``linger_ms`` through the same pipelined
+append that ``.add_many`` uses. What that changes, and how each case is handled:
+
+- **Durability**: an item is in Redis (where ``.delay`` puts it) only once :meth:`flush`
+  returns; until then it lives in this process. The default ``.delay`` stays durable on return.
+- **Exit**: an ``atexit`` hook flushes every producer, so a script that appends and returns
+  loses nothing. ``os._exit``, SIGKILL or a crash lose what was not flushed yet.
+- **Fork**: the child starts with an empty buffer and its own thread (started by its first
+  item); the parent's pending items stay the parent's, so none is appended twice.
+- **Full buffers**: Redis refuses items once the batch name holds ``max_buffered``. The refusal
+  is found by the background append; it is counted (:attr:`BufferedProducer.rejected`), logged,
+  and raised to the next caller of :meth:`flush` as :class:`BatchBufferFull` (``accepted`` and
+  the ``rejected`` positions among the items given since the previous flush).
+- **Redis unreachable**: nothing is dropped; the items stay buffered and are retried, and
+  :meth:`flush` raises ``BufferUnavailable``. At most ``max_pending`` items are held: the item
+  that finds the buffer full flushes in the caller's thread (back-pressure), raising if Redis
+  is still down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from taskyard.batching.buffer import Claimed
+from taskyard.batching.definition import _CHUNK, _UNREACHABLE, AddResult, publish
+from taskyard.errors import BatchBufferFull, BufferUnavailable
+
+if TYPE_CHECKING:
+    from taskyard.batching.definition import BatchDefinition, _AppState
+
+log = logging.getLogger(__name__)
+
+#: Default linger of :meth:`BatchDefinition.buffered` (ms): items wait at most this long in
+#: the process before the background thread appends them.
+DEFAULT_LINGER_MS = 5.0
+#: Items one producer holds at most (also capped by the batch's max_buffered): bounds the
+#: process's memory and the loss on a crash.
+MAX_PENDING = 100_000
+#: Pause of the background thread after Redis could not be reached (s).
+RETRY_PAUSE_S = 0.5
+
+_producers: weakref.WeakSet[BufferedProducer] = weakref.WeakSet()
+_by_definition: weakref.WeakKeyDictionary[BatchDefinition, dict[int, BufferedProducer]] = (
+    weakref.WeakKeyDictionary())
+_hooks_installed = False
+
+
+class BufferedProducer:
+    """An in-process buffer in front of one batch definition on one app."""
+
+    def __init__(self, definition: BatchDefinition, app: Any, linger_ms: float,
+                 max_pending: int = MAX_PENDING) -> None:
+        self.definition = definition
+        self.app = app
+        self.linger_s = max(0.0, float(linger_ms)) / 1000
+        self.max_pending = max_pending
+        #: Items appended to Redis, refused by a full buffer, and appends that found Redis
+        #: unreachable, since this producer started (in this process).
+        self.appended = 0
+        self.rejected = 0
+        self.unavailable = 0
+        self._reset()
+        _producers.add(self)
+        _install_hooks()
+
+    def _reset(self) -> None:
+        # Also the fork hook: the child's locks are new (a parent's thread may have held the
+        # old ones at fork time) and its buffer is empty.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._drain_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: (position since the last flush, group, encoded item), oldest first.
+        self._pending: list[tuple[int, str, str]] = []
+        self._given = 0
+        self._accepted_since_flush = 0
+        self._refused: list[int] = []
+        self._buffered_at_refusal = 0
+
+    # --- producing ----------------------------------------------------------------------------
+    def delay(self, item: Any) -> AddResult:
+        """Check and encode ``item`` now, append it to Redis soon (durable after :meth:`flush`).
+
+        Raises:
+            BatchItemError: the item is not JSON-encodable, too deep or too large (at once).
+            BatchBufferFull, BufferUnavailable: only when the local buffer was full and the
+                flush this call then made failed.
+        """
+        if self._pid != os.getpid():
+            self._reset()
+        definition = self.definition
+        state = definition.state(self.app)
+        entry = definition.encode(item, state.options.max_item_bytes)
+        group = definition.group_of(item)
+        with self._lock:
+            self._pending.append((self._given, group, entry))
+            self._given += 1
+            held = len(self._pending)
+            if self._thread is None:
+                self._start()
+        if held == 1:
+            self._wake.set()
+        if held >= min(self.max_pending, state.options.max_buffered):
+            self.flush()
+        return AddResult(1, ())
+
+    def add_many(self, items: Any) -> AddResult:
+        """:meth:`delay` for each of ``items``; returns how many were taken."""
+        n = 0
+        for item in items:
+            self.delay(item)
+            n += 1
+        return AddResult(n, ())
+
+    @property
+    def pending(self) -> int:
+        """Items held in this process, not yet appended to Redis."""
+        return len(self._pending) if self._pid == os.getpid() else 0
+
+    # --- flushing -----------------------------------------------------------------------------
+    def flush(self) -> int:
+        """Append everything held now; return once it is in Redis. Returns how many it took.
+
+        Raises:
+            BatchBufferFull: Redis refused items since the previous flush (full buffer); the
+                error says how many were accepted and which positions were refused.
+            BufferUnavailable: Redis cannot be reached; the items stay held and are retried.
+        """
+        if self._pid != os.getpid():
+            self._reset()
+        appended = self._drain()
+        with self._lock:
+            refused, self._refused = self._refused, []
+            accepted, self._accepted_since_flush = self._accepted_since_flush, 0
+            buffered = self._buffered_at_refusal
+            self._given = len(self._pending)
+            self._pending = [(i, g, e) for i, (_, g, e) in enumerate(self._pending)]
+        if refused:
+            opts = self.definition.state(self.app).options
+            raise BatchBufferFull(self.definition.batch_name, buffered, opts.max_buffered,
+                                  accepted=accepted, rejected=tuple(refused))
+        return appended
+
+    def _drain(self) -> int:
+        """Append what is held (one pipelined round trip per 2,000-item chunk); thread-safe."""
+        with self._drain_lock:
+            with self._lock:
+                taken, self._pending = self._pending, []
+            if not taken:
+                return 0
+            try:
+                self._append(taken)
+            except BufferUnavailable:
+                with self._lock:
+                    self._pending[:0] = taken  # nothing accepted: keep them, oldest first
+                    self.unavailable += 1
+                raise
+            return len(taken)
+
+    def _append(self, taken: list[tuple[int, str, str]]) -> None:
+        definition = self.definition
+        state: _AppState = definition.state(self.app)
+        opts = state.options
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for position, group, entry in taken:
+            groups.setdefault(group, []).append((position, entry))
+        chunks = [(group, rows[start:start + _CHUNK]) for group, rows in groups.items()
+                  for start in range(0, len(rows), _CHUNK)]
+        try:
+            results = state.buffer.append_many(
+                ((group, [entry for _, entry in rows]) for group, rows in chunks),
+                batch_size=opts.batch_size, max_buffered=opts.max_buffered,
+                lease_ms=opts.lease_ms, register=definition._registration(state))
+            if any(r.unregistered for r in results):
+                state.buffer.register(opts.registration(definition.name))
+        except _UNREACHABLE as exc:
+            definition._registered_for = None  # the definition may not have reached Redis
+            definition._unavailable(state, exc)  # raises BufferUnavailable
+        claims: list[Claimed] = []
+        accepted, buffered = 0, 0
+        refused: list[int] = []
+        for (group, rows), result in zip(chunks, results, strict=True):
+            if result.accepted:
+                accepted += len(rows)
+                claims.extend(Claimed(c.batch_id, group, c.size) for c in result.claimed)
+            else:
+                refused.extend(position for position, _ in rows)
+                buffered = max(buffered, result.pending)
+        with self._lock:
+            self.appended += accepted
+            self._accepted_since_flush += accepted
+            if refused:
+                self.rejected += len(refused)
+                self._refused.extend(refused)
+                self._buffered_at_refusal = buffered
+        if refused:
+            log.warning("batch %s: %d buffered items refused, the batch name holds %d "
+                        "(max_buffered=%d); raised by the next flush()", definition.batch_name,
+                        len(refused), buffered, opts.max_buffered)
+        if claims:
+            publish(state.app, definition.name, opts.level.value, definition.batch_name,
+                    claims, "size")
+
+    # --- the background thread ------------------------------------------------------------------
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, name=f"taskyard-buffer-"
+                                  f"{self.definition.batch_name}", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            self._wake.wait()
+            self._wake.clear()
+            if self.linger_s:
+                time.sleep(self.linger_s)  # the linger: let items gather into one append
+            try:
+                self._drain()
+            except BufferUnavailable:
+                time.sleep(RETRY_PAUSE_S)
+            except Exception:  # never let the thread die: the items stay held for flush()
+                log.exception("batch %s: background append failed",
+                              self.definition.batch_name)
+                time.sleep(RETRY_PAUSE_S)
+            if self._pending:
+                self._wake.set()
+
+    # --- context manager --------------------------------------------------------------------
+    def __enter__(self) -> BufferedProducer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if kind is None:
+            self.flush()
+            return
+        try:  # an exception is already on its way: flush what we can, without masking it
+            self.flush()
+        except Exception:
+            log.exception("batch %s: flush on leaving the buffered block failed",
+                          self.definition.batch_name)
+
+    def __repr__(self) -> str:
+        return (f"<BufferedProducer {self.definition.batch_name} linger_ms="
+                f"{self.linger_s * 1000:g} pending={self.pending}>")
+
+
+def producer_for(definition: BatchDefinition, app: Any, linger_ms: float | None) -> (
+        BufferedProducer):
+    """The producer of ``definition`` on ``app`` (one per pair); ``linger_ms`` None keeps the
+    producer's linger (:data:`DEFAULT_LINGER_MS` for a new one)."""
+    producers = _by_definition.setdefault(definition, {})
+    producer = producers.get(id(app))
+    if producer is None or producer.app is not app:
+        producer = BufferedProducer(definition, app,
+                                    DEFAULT_LINGER_MS if linger_ms is None else linger_ms)
+        producers[id(app)] = producer
+    elif linger_ms is not None:
+        producer.linger_s = max(0.0, float(linger_ms)) / 1000
+    return producer
+
+
+def existing_producer(definition: BatchDefinition, app: Any) -> BufferedProducer | None:
+    """The producer of ``definition`` on ``app`` if this process made one."""
+    producer = _by_definition.get(definition, {}).get(id(app))
+    return producer if producer is not None and producer.app is app else None
+
+
+def flush_all() -> None:
+    """Flush every producer of this process (the exit hook); failures are logged."""
+    for producer in list(_producers):
+        if producer._pid != os.getpid() or (not producer._pending and not producer._refused):
+            continue
+        try:
+            producer.flush()
+        except Exception as exc:
+            log.error("batch %s: %d buffered items not appended at exit: %s",
+                      producer.definition.batch_name, producer.pending, exc)
+
+
+def _after_fork_in_child() -> None:
+    for producer in list(_producers):
+        producer._reset()
+
+
+def _install_hooks() -> None:
+    # Installed with the first producer, not on import: importing the module changes nothing.
+    global _hooks_installed
+    if not _hooks_installed:
+        _hooks_installed = True
+        atexit.register(flush_all)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
