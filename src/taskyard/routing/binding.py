@@ -54,11 +54,19 @@ def bind_task(fn: Callable[..., Any], *, app: Any = None, decorator: str,
                 create(active)
 
     name = options.get("name")
+    # The task of the app resolved last: every call resolves again (a proxy has no state of its
+    # own), and most calls meet the same app as the one before.
+    last: list[Any] = [None, None]
 
     def resolve() -> Any:
         current = current_taskyard_app()
+        if last[0] is current:
+            return last[1]
         task_name = name or current.gen_task_name(fn.__name__, fn.__module__)
         task = current.tasks.get(task_name)  # finalizes the app, which registers the task
-        return task if task is not None else create(current)
+        if task is None:
+            task = create(current)
+        last[:] = [current, task]
+        return task
 
     return Proxy(resolve)
