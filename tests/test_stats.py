@@ -238,19 +238,22 @@ def test_stats_cli_show_and_collect(make_app: Any, redis_client: redis.Redis,
     monkeypatch.setenv("TASKYARD_DATABASE_URL", f"sqlite:///{tmp_path / 'h.db'}")
     redis_client.lpush("high\x06\x166", b"{}", b"{}")
     runner = CliRunner()
-    collected = runner.invoke(main, ["stats", "collect"])
+    collected = runner.invoke(main, ["stats", "collect", "--json"])
     assert collected.exit_code == 0, collected.output
-    assert "overview" in json.loads(collected.output)["series"]
+    assert "overview" in json.loads(collected.stdout)["series"]
+    human = runner.invoke(main, ["stats", "collect"])
+    assert human.exit_code == 0, human.output
+    assert human.output.startswith("collection\n") and " UTC (" in human.output
     shown = runner.invoke(main, ["stats", "show", "--json"])
     assert shown.exit_code == 0, shown.output
-    high = next(q for q in json.loads(shown.output)["queues"] if q["queue"] == "high")
+    high = next(q for q in json.loads(shown.stdout)["queues"] if q["queue"] == "high")
     assert high["depth"] == 2
     table = runner.invoke(main, ["stats", "show"])
     assert table.exit_code == 0 and "high      2" in table.output
     monkeypatch.setenv("TASKYARD_REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("TASKYARD_BROKER_CONNECT_TIMEOUT_S", "0.5")
     down = runner.invoke(main, ["stats", "show"])
-    assert down.exit_code == 1 and "stats unavailable" in down.output
+    assert down.exit_code == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in down.output
 
 
 def test_collect_reads_slow_statements_cache_and_batches(make_app: Any, redis_client: redis.Redis,

@@ -44,11 +44,12 @@ def configured(settings: Settings, variable: str) -> bool:
 
 
 def use_stack_file() -> stackfile.Resolution:
-    """Fill the settings the environment leaves unset from the stack file here (once)."""
-    global _resolution
-    if _resolution is None:
-        from_env = settings()
-        _resolution = stackfile.apply(os.environ, lambda name: configured(from_env, name))
+    """Fill the settings the environment leaves unset from the stack file here; called once per
+    command (the group's callback), which also re-arms the one-line Redis notice."""
+    global _resolution, _announced
+    from_env = settings()
+    _resolution = stackfile.apply(os.environ, lambda name: configured(from_env, name))
+    _announced = False
     return _resolution
 
 

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.output import cell, records, table
 from taskyard.errors import TaskyardError
+
+
+def _findings(title: str, found: Any) -> None:
+    """One kind of finding as a table (a list of records), or one value per line."""
+    items = list(found) if isinstance(found, list | tuple) else [found]
+    if items and all(isinstance(item, dict) for item in items):
+        records(title, items)
+    else:
+        table(title, ["value"], [[cell(item)] for item in items])
 
 
 @click.group()
@@ -39,13 +50,14 @@ def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
         for action in report.actions:
             note = f"  ({action.error})" if action.error else ""
             click.echo(f"  {action.status:8} {action.kind:8} {action.target}{note}")
+        click.echo("")
         for name in ("unused", "duplicates", "redundant", "invalid", "missing_tables"):
             found = report.findings.get(name)
             if found:
-                click.echo(f"  {name}: {json.dumps(found, default=str)}")
+                _findings(name.replace("_", " "), found)
         bloated = [b for b in report.findings.get("bloat", []) if b["bloat_pct"] >= 20]
         if bloated:
-            click.echo(f"  bloat >= 20 %: {json.dumps(bloated)}")
+            _findings("bloat >= 20 %", bloated)
         for error in report.errors:
             click.echo(f"  error: {error}", err=True)
     if report.status == "failed":
