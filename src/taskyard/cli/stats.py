@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.output import cell, records, table, when
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -67,13 +68,14 @@ def show(app_path: str | None, as_json: bool) -> None:
              str(t["deferred"]), _fmt(t["runtime_p95"], " s"), _fmt(t["wait_p95"], " s")]
             for t in data["tasks"]])
     _table("firing alerts", ["severity", "alert", "since", "summary"],
-           [[a["severity"], a["alertname"], _fmt(a["since"]), a["summary"]]
+           [[a["severity"], a["alertname"], when(a["since"]), a["summary"]]
             for a in data["alerts"]])
 
 
 @stats.command("collect")
 @APP_OPTION
-def collect_now(app_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def collect_now(app_path: str | None, as_json: bool) -> None:
     """Run one stats collection now (as the periodic job does) and print its summary."""
     import redis
 
@@ -83,4 +85,17 @@ def collect_now(app_path: str | None) -> None:
         summary = collect(load_runtime(app_path, default_name="taskyard-stats"))
     except (redis.RedisError, OSError) as exc:
         raise click.ClickException(f"collection failed: {exc}") from None
-    click.echo(json.dumps(summary, indent=2))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    plain = {k: v for k, v in summary.items() if not isinstance(v, list | dict)}
+    if "at" in plain:
+        plain["at"] = when(plain["at"])
+    table("collection", ["field", "value"], [[k, cell(v)] for k, v in plain.items()])
+    for key, value in summary.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            records(key, value)
+        elif isinstance(value, dict) and value:
+            table(key, ["field", "value"], [[str(k), cell(v)] for k, v in value.items()])
+        elif isinstance(value, list):
+            table(key, ["value"], [[cell(v)] for v in value])
