@@ -1,4 +1,4 @@
-"""Stats API under load: 50 concurrent keep-alive connections on one uvicorn worker.
+"""Stats API and dashboard under load: 50 concurrent keep-alive connections on one uvicorn worker.
 
 ``taskyard api`` runs as a real process (one uvicorn worker) over Redis DB 12 holding a
 realistic state (20 task names x 5 queues with histograms, 4 workers, alerts, queued messages).
@@ -9,6 +9,12 @@ p50/p99 latency and requests/s. Goals: p99 <= 50 ms and >= 500 requests/s each.
 Plain Celery has no stats API; its nearest equivalent is Flower's ``/metrics``, served from the
 same machine over the same broker and loaded the same way (the "celery" column of the /metrics
 rows). The overview rows have no plain-Celery figure.
+
+The dashboard rows load ``/dashboard`` (the overview page) and ``/metrics`` beside Flower's
+main page (``/``, its workers page) and Flower's ``/metrics``, in alternating rounds, while a
+real ``celery worker`` (with events, so Flower has live work to show) runs a steady stream of
+no-op tasks on the same Redis. Each row also reports the server's CPU time per request
+(user + sys of its process). Goals: p99 <= 50 ms and ahead of Flower on both.
 
 ``python -m benchmarks.bench_api --load HOST PORT PATH SECONDS CONNECTIONS`` is the load
 generator's own entry point (it prints one JSON line).
@@ -36,6 +42,11 @@ from benchmarks.common import BENCH_REDIS_URL, Result, percentile
 CONNECTIONS = 50
 DURATION_S = 10.0
 QUICK_DURATION_S = 3.0
+#: Dashboard-vs-Flower rounds (alternating targets) and seconds per target and round.
+PAGE_ROUNDS, QUICK_PAGE_ROUNDS = 3, 1
+PAGE_SECONDS, QUICK_PAGE_SECONDS = 5.0, 2.0
+#: Tasks per second the producer sends to the running worker during the page rounds.
+WORKLOAD_PER_S = 100.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -153,8 +164,8 @@ def _seed(url: str, database_url: str) -> None:
     """A realistic state: task counters and histograms, workers, alerts, queued messages."""
     from taskyard.config import load_settings
     from taskyard.keys import Keys
-    from taskyard.monitoring.http.api import _resolve
     from taskyard.monitoring.capture import Capture
+    from taskyard.monitoring.http.api import _resolve
 
     settings = load_settings(redis_url=url, database_url=database_url)
     runtime, _app = _resolve(settings)
@@ -192,6 +203,118 @@ def _flower(port: int) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _seed_series(url: str, database_url: str) -> None:
+    """Three stats collections 10 s apart (back-dated), so the dashboard draws real lines."""
+    from taskyard.config import load_settings
+    from taskyard.monitoring.collect import collect
+    from taskyard.monitoring.http.api import _resolve
+
+    runtime, _app = _resolve(load_settings(redis_url=url, database_url=database_url))
+    now = time.time()
+    for back in (20.0, 10.0, 0.0):
+        collect(runtime, now=now - back)
+
+
+def _cpu_s(process: subprocess.Popen[bytes]) -> float:
+    """User + sys CPU seconds of a server process and its children so far."""
+    import psutil
+
+    try:
+        proc = psutil.Process(process.pid)
+        total = sum(proc.cpu_times()[:2])
+        for child in proc.children(recursive=True):
+            total += sum(child.cpu_times()[:2])
+        return float(total)
+    except psutil.Error:
+        return float("nan")
+
+
+class _Workload:
+    """A plain `celery worker -E` and a producer sending no-op tasks at a steady rate."""
+
+    def __init__(self, workdir: Path) -> None:
+        env = {**os.environ, "BENCH_CORE_REDIS_URL": BENCH_REDIS_URL}
+        self.worker = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "benchmarks.apps.core_plain", "worker",
+             "-c", "1", "-E", "--loglevel", "WARNING", "-n", "bench-api@%h",
+             "--without-gossip", "--without-mingle"], cwd=ROOT, env=env,
+            stdout=(workdir / "worker.log").open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        self.producer = subprocess.Popen(
+            [sys.executable, "-c", (
+                "import time\nfrom benchmarks.apps.core_plain import noop\n"
+                f"gap = 1.0 / {WORKLOAD_PER_S}\nnext_at = time.monotonic()\n"
+                "while True:\n    noop.delay()\n    next_at += gap\n"
+                "    time.sleep(max(0.0, next_at - time.monotonic()))\n")],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def done(self) -> int:
+        client = redis.Redis.from_url(BENCH_REDIS_URL)
+        try:
+            return int(client.get("bench:done") or 0)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for process in (self.producer, self.worker):
+            _stop(process)
+
+
+def _pages(api_port: int, api: subprocess.Popen[bytes], flower_port: int,
+           flower: subprocess.Popen[bytes], rounds: int, seconds: float) -> dict[str, Any]:
+    """Alternating rounds: our dashboard and /metrics beside Flower's page and /metrics."""
+    targets = {"dashboard": (api_port, api, "/dashboard?refresh=0"),
+               "flower_page": (flower_port, flower, "/"),
+               "metrics": (api_port, api, "/metrics"),
+               "flower_metrics": (flower_port, flower, "/metrics")}
+    for port, _process, path in targets.values():
+        load(port, path, 1.0)  # warm up
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for _ in range(rounds):
+        for name, (port, process, path) in targets.items():
+            before = _cpu_s(process)
+            figures = load(port, path, seconds)
+            figures["cpu_ms_per_request"] = ((_cpu_s(process) - before) * 1000
+                                            / max(1, figures["requests"]))
+            runs[name].append(figures)
+    import statistics
+
+    out: dict[str, Any] = {}
+    for name, results in runs.items():
+        out[name] = {key: statistics.median(r[key] for r in results)
+                     for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")}
+        out[name]["requests"] = sum(r["requests"] for r in results)
+        out[name]["errors"] = sum(r["errors"] for r in results)
+        out[name]["p99_rounds"] = [round(r["p99_ms"], 1) for r in results]
+    return out
+
+
+def _page_rows(pages: dict[str, Any], rounds: int, seconds: float, done: int) -> list[Result]:
+    setup = (f"{CONNECTIONS} keep-alive connections, {rounds} alternating round(s) of "
+             f"{seconds:.0f} s per target, one uvicorn worker (api_cache_s=1.0) vs one Flower, "
+             f"a celery worker -E running {WORKLOAD_PER_S:.0f} no-op tasks/s ({done} done), "
+             "2 shared cores")
+    rows = []
+    for mine, theirs, label, what in (
+            ("dashboard", "flower_page", "dashboard", "/dashboard vs Flower's / (workers page)"),
+            ("metrics", "flower_metrics", "metrics_under_work",
+             "/metrics vs Flower's /metrics")):
+        a, b = pages[mine], pages[theirs]
+        note = (f"{what}; {setup}; p99 per round {a['p99_rounds']} vs {b['p99_rounds']} ms; "
+                f"{a['requests']} vs {b['requests']} requests, {a['errors']} vs {b['errors']} "
+                "errors")
+        rows.append(Result(f"monitoring.api.{label}", "p99 latency", "ms", a["p99_ms"],
+                           b["p99_ms"], "<= 50 ms and below Flower's", False,
+                           f"p50 {a['p50_ms']:.1f} vs {b['p50_ms']:.1f} ms; {note}"))
+        rows.append(Result(f"monitoring.api.{label}", "requests/s", "req/s", a["rps"], b["rps"],
+                           "", True, note))
+        rows.append(Result(f"monitoring.api.{label}", "server CPU per request", "ms",
+                           a["cpu_ms_per_request"], b["cpu_ms_per_request"], "", False,
+                           "user+sys of the server process / requests served"))
+    return rows
+
+
 def run(quick: bool) -> list[Result]:
     seconds = QUICK_DURATION_S if quick else DURATION_S
     client = redis.Redis.from_url(BENCH_REDIS_URL)
@@ -199,6 +322,7 @@ def run(quick: bool) -> list[Result]:
     workdir = Path(tempfile.mkdtemp(prefix="taskyard-bench-api-"))
     database_url = f"sqlite:///{workdir / 'history.db'}"
     _seed(BENCH_REDIS_URL, database_url)
+    _seed_series(BENCH_REDIS_URL, database_url)
 
     port = _free_port()
     env = {**os.environ, "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
@@ -227,6 +351,25 @@ def run(quick: bool) -> list[Result]:
         flower_note = f"Flower not measured: {exc}"
     finally:
         _stop(flower)
+
+    # The dashboard and /metrics beside Flower's page and /metrics, while a worker runs.
+    rounds = QUICK_PAGE_ROUNDS if quick else PAGE_ROUNDS
+    page_s = QUICK_PAGE_SECONDS if quick else PAGE_SECONDS
+    workload = _Workload(workdir)
+    api = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "api", "--log-level",
+                            "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    flower = _flower(flower_port)
+    page_rows: list[Result] = []
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health/live", api)
+        _wait_http(f"http://127.0.0.1:{flower_port}/metrics", flower)
+        pages = _pages(port, api, flower_port, flower, rounds, page_s)
+        page_rows = _page_rows(pages, rounds, page_s, workload.done())
+    finally:
+        _stop(api)
+        _stop(flower)
+        workload.stop()
     client.flushdb()
     client.close()
 
@@ -248,7 +391,7 @@ def run(quick: bool) -> list[Result]:
                            other["p99_ms"] if other else None, "<= 50 ms", False,
                            f"p50 {mine['p50_ms']:.1f} ms"
                            + (f"; Flower p50 {other['p50_ms']:.1f} ms" if other else "")))
-    return rows
+    return rows + page_rows
 
 
 if __name__ == "__main__":
