@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from queue import Empty
 from time import monotonic, time
-from types import ModuleType
 from typing import Any
 
 import redis
@@ -58,15 +57,10 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from taskyard.broker import delays as _delays
 from taskyard.broker.lease import Maintenance
 from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
 from taskyard.keys import Keys
-
-_delays: ModuleType | None
-try:  # Broker-side delays (broker/delays.py) are built beside this module.
-    from taskyard.broker import delays as _delays
-except ImportError:  # pragma: no cover - until broker/delays.py lands
-    _delays = None
 
 logger = logging.getLogger(__name__)
 
@@ -498,7 +492,7 @@ class Channel(kombu_redis.Channel):
                 self._wake(queue)
             return
         headers = message.get("headers") or {}
-        if _delays is not None and headers.get("eta"):
+        if headers.get("eta"):
             # Broker-side delays: a message due later waits in Redis, not in a worker.
             # kombu's prefixing pipeline (when global_keyprefix is set): delays.py names keys
             # without the prefix, as kombu's own commands do.

@@ -18,6 +18,7 @@ import redis
 from taskyard.deadletters import lua
 from taskyard.deadletters.entry import DeadLetter, Query
 from taskyard.keys import Keys
+from taskyard.serialization import text
 
 #: Separator of the parts of a gauge field ("<queue>\x1f<name>\x1f<reason>").
 SEP = "\x1f"
@@ -113,10 +114,6 @@ class DeadLetterStore(ABC):
         return total
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class RedisDeadLetterStore(DeadLetterStore):
     """The store in Redis: a hash of JSON entries, sorted-set indexes, a gauge hash."""
 
@@ -164,7 +161,7 @@ class RedisDeadLetterStore(DeadLetterStore):
         start = 0
         while True:
             ids = self.client.zrevrangebyscore(key, high, low, start=start, num=_PAGE)
-            yield from (_text(i) for i in ids)
+            yield from (text(i) for i in ids)
             if len(ids) < _PAGE:
                 return
             start += _PAGE
@@ -186,7 +183,7 @@ class RedisDeadLetterStore(DeadLetterStore):
     def counts(self) -> dict[tuple[str, str, str], int]:
         out: dict[tuple[str, str, str], int] = {}
         for field, value in self.client.hgetall(self.keys.dead_counts()).items():
-            queue, name, reason = [*_text(field).split(SEP), "", "", ""][:3]
+            queue, name, reason = [*text(field).split(SEP), "", "", ""][:3]
             if int(value) > 0:
                 out[(queue, name, reason)] = int(value)
         return out

@@ -34,6 +34,7 @@ from redis import Redis
 
 from taskyard.config import MonitoringSettings, Settings
 from taskyard.keys import Keys
+from taskyard.serialization import text
 
 #: Fewer finished tasks than this in one collection window say nothing about the slow-task rate.
 MIN_SAMPLES = 5
@@ -240,7 +241,7 @@ class AlertBook:
 
     def load(self) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self.key)
-        return {k.decode() if isinstance(k, bytes) else k: json.loads(v) for k, v in raw.items()}
+        return {text(k): json.loads(v) for k, v in raw.items()}
 
     def save(self, alerts: dict[str, dict[str, Any]], now: float, retention_s: float,
              changed: list[dict[str, Any]] | None = None, history_length: int = 500) -> None:
@@ -248,7 +249,7 @@ class AlertBook:
         ``alerts`` (a pending alert whose condition went away); record ``changed``."""
         stale = [k for k, a in alerts.items() if a.get("state") == RESOLVED
                  and float(a.get("resolved_at") or now) < now - retention_s]
-        stored = {k.decode() if isinstance(k, bytes) else k for k in self.client.hkeys(self.key)}
+        stored = {text(k) for k in self.client.hkeys(self.key)}
         gone = [k for k in stored if k not in alerts]
         with self.client.pipeline(transaction=True) as pipe:
             live = {k: json.dumps(a) for k, a in alerts.items() if k not in stale}

@@ -21,6 +21,8 @@ from urllib.parse import quote
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from taskyard.deadletters.entry import Query as DeadQuery
+from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.monitoring.http.charts import Line, clock, format_value, time_chart
 from taskyard.monitoring.http.layout import (
     PAGE_POLICY,
@@ -31,6 +33,7 @@ from taskyard.monitoring.http.layout import (
     table,
 )
 from taskyard.monitoring.http.series_charts import task_rate_chart, worker_chart
+from taskyard.monitoring.timeline import lookup
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +210,6 @@ async def tasks_page(request: Request, window: WindowQuery = 3600, refresh: Refr
 def dead_letters(runtime: Any, **query: Any) -> tuple[list[Any], str]:
     """Dead letters matching ``query`` from the dead-letter store, or why there are none."""
     try:
-        from taskyard.deadletters.entry import Query as DeadQuery
-        from taskyard.deadletters.store import RedisDeadLetterStore
-    except ImportError:  # pragma: no cover - the store ships with taskyard
-        return [], "the dead-letter store is not installed"
-    try:
         store = RedisDeadLetterStore.for_runtime(runtime)
         return list(store.search(DeadQuery(state=None, **query), limit=FAILURES_LISTED)), ""
     except Exception as exc:
@@ -293,10 +291,6 @@ async def task_name_page(request: Request, name: Annotated[str, Path(max_length=
 def task_timeline(state: Any, task_id: str) -> tuple[dict[str, Any] | None, str]:
     """The task lookup's timeline of ``task_id``, or why there is none."""
     try:
-        from taskyard.monitoring.timeline import lookup
-    except ImportError:  # pragma: no cover - the lookup ships with taskyard
-        return None, "the task lookup is not installed"
-    try:
         engine = getattr(state.store, "engine", None)
         return lookup(state.runtime, engine, task_id), ""
     except Exception as exc:
@@ -306,8 +300,6 @@ def task_timeline(state: Any, task_id: str) -> tuple[dict[str, Any] | None, str]
 
 def _dead_entry(runtime: Any, task_id: str) -> Any:
     try:
-        from taskyard.deadletters.store import RedisDeadLetterStore
-
         return RedisDeadLetterStore.for_runtime(runtime).get(task_id)
     except Exception:
         logger.warning("dashboard: dead letter %s unreadable", task_id, exc_info=True)
