@@ -66,6 +66,9 @@ logger = logging.getLogger(__name__)
 
 #: Most acks one fetch carries; the rest ride on the next one.
 MAX_ACKS_PER_CALL = 5000
+#: Times the ack timer leaves pending acks to an imminent fetch before applying them itself:
+#: bounds an ack's delay to about this many ack_flush_delay periods.
+MAX_ACK_DEFERRALS = 20
 
 _FETCH, _WAKE = "fetch", "wake"
 
@@ -184,10 +187,12 @@ class Channel(kombu_redis.Channel):
         self._pending_acks: deque[str] = deque()
         self._inflight_acks: list[str] = []
         self._ack_timer_armed = False
+        self._ack_timer_deferrals = 0
         self._fetch_state: str | None = None
         self._fetch_plan: FetchPlan | None = None
         self._plans: dict[tuple[str, ...], FetchPlan] = {}
         self._tables: dict[str, tuple[float, list[Any]]] = {}
+        self._empty_refresh: dict[str, float] = {}
         self._no_ack_queues: set[str] = set()
         self._maintenance: Maintenance | None = None
         #: Callables the channel's maintenance thread runs about every 0.25 s while the
@@ -271,6 +276,8 @@ class Channel(kombu_redis.Channel):
         want = self.fetch_batch if estimate is None else max(1, min(estimate, self.fetch_batch))
         record = any(queue not in self._no_ack_queues for queue in queues)
         acks = self._take_acks()
+        if acks:
+            self._ack_timer_deferrals = 0
         connection: Any = self.fetch_client.connection
         self._inflight_acks = acks
         self._fetch_plan = plan
@@ -436,6 +443,19 @@ class Channel(kombu_redis.Channel):
 
     def _on_ack_timer(self) -> None:
         self._ack_timer_armed = False
+        if not self._pending_acks:
+            return
+        loop = getattr(self.connection, "_taskyard_loop", None)
+        fetching = self._fetch_state == _FETCH or (
+            not self._in_poll and self.active_queues and self.qos.can_consume())
+        if fetching and loop is not None and self._ack_timer_deferrals < MAX_ACK_DEFERRALS:
+            # A fetch is in flight, or the poller sends one on this loop turn (timers run
+            # first): it carries the acks. Looked at again after another delay.
+            self._ack_timer_deferrals += 1
+            self._ack_timer_armed = True
+            loop.call_later(self.ack_flush_delay, self._on_ack_timer)
+            return
+        self._ack_timer_deferrals = 0
         try:
             self._flush_acks()
         except self.connection_errors:
@@ -536,9 +556,15 @@ class Channel(kombu_redis.Channel):
 
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
         queues: list[str] = super()._lookup(exchange, routing_key, default)
-        if not queues and self._tables.pop(exchange, None) is not None:
-            # A binding made elsewhere after the table was cached: read it again.
-            queues = super()._lookup(exchange, routing_key, default)
+        if not queues and exchange in self._tables:
+            # Maybe a binding made elsewhere after the table was cached: read it again, at most
+            # once a second per exchange, since some routing keys match no queue by design
+            # (monitoring events nobody listens to) and would otherwise defeat the cache.
+            now = monotonic()
+            if now - self._empty_refresh.get(exchange, float("-inf")) >= 1.0:
+                self._empty_refresh[exchange] = now
+                self._tables.pop(exchange, None)
+                queues = super()._lookup(exchange, routing_key, default)
         return queues
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
