@@ -8,6 +8,7 @@
 * ``deadletters.gate_check_us``: the gate's own cost per first delivery, in process, on real
   kombu messages whose payload is decoded already (Celery's strategy decodes it anyway and kombu
   caches it, so that work is not the gate's). Best of three.
+* ``deadletters.timeline_event_us``: the capture's cost per timeline step (in process).
 * ``deadletters.redelivery_count_us``, ``record_us``: one redelivered message counted (INCR +
   EXPIRE round trip), one dead letter recorded (the Lua script), against the benchmark Redis.
 """
@@ -162,6 +163,24 @@ def record_us(n: int) -> float:
     return elapsed
 
 
+def timeline_event_us(n: int) -> float:
+    """The capture's cost per timeline step (µs), no flush: what each task pays up to 4 times."""
+    from benchmarks.apps.dead_app import app
+    from taskyard.monitoring.capture import capture_of
+
+    capture = capture_of(app)
+    assert capture is not None
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for i in range(n):
+            capture.event("0f2a4e6c-7b1d-4c3e-9a8b-5d6e7f809a1b", "started", "bench.dead.noop",
+                          "normal", "bench@host", str(i))
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+        capture._take_events()
+    return best
+
+
 def run(quick: bool) -> list[Result]:
     n = 1000 if quick else 3000
     rounds = 2 if quick else 5
@@ -188,6 +207,10 @@ def run(quick: bool) -> list[Result]:
         Result("deadletters.gate_check_us", "gate cost per first delivery (in process)",
                "us", gate_check_us(micro_n), higher_is_better=False,
                notes=f"{micro_n} real kombu messages, payload already decoded; best of 3"),
+        Result("deadletters.timeline_event_us", "task timeline: one step buffered",
+               "us", timeline_event_us(micro_n), higher_is_better=False,
+               notes="capture.event (a deque append of one packed string), best of 3; each "
+                     "task records received, started and its outcome in the worker"),
         Result("deadletters.redelivery_count_us", "counting one redelivered message",
                "us", redelivery_us(min(micro_n, 2000)), higher_is_better=False,
                notes="INCR + EXPIRE pipeline against the benchmark Redis; redeliveries only"),
