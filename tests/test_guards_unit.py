@@ -527,8 +527,11 @@ def test_requires_memory_defers_until_available(make_app: Any, redis_client: red
 
 def test_countdown_must_stay_below_the_visibility_timeout(make_app: Any) -> None:
     with pytest.raises(ConfigurationError, match="visibility timeout"):
-        make_app("guardbad", visibility_timeout_s=100.0,
+        make_app("guardbad", visibility_timeout_s=100.0, reservation_lease_s=0,
                  guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0})
+    # Leased reservations (the default) renew held countdown messages: no bound applies.
+    make_app("guardlease", visibility_timeout_s=100.0,
+             guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0})
 
 
 def test_guards_disabled_admit_everything(make_app: Any, redis_client: redis.Redis) -> None:
@@ -720,12 +723,13 @@ def test_deferral_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
 
 
 def test_default_backoff_cap_follows_a_short_visibility_timeout(make_app: Any) -> None:
-    app = make_app("guardshortvt", visibility_timeout_s=3.0,
+    app = make_app("guardshortvt", visibility_timeout_s=3.0, reservation_lease_s=0,
                    guard={"defer_countdown_s": 0.5, "defer_jitter_s": 0.2})
     guard = guard_of(app)
     assert guard is not None and guard.deferrer.max_countdown_s == pytest.approx(1.35)
     with pytest.raises(ConfigurationError, match="DEFER_MAX_COUNTDOWN_S = 30 s"):
-        make_app("guardbadcap", visibility_timeout_s=40.0, guard={"defer_max_countdown_s": 30})
+        make_app("guardbadcap", visibility_timeout_s=40.0, reservation_lease_s=0,
+                 guard={"defer_max_countdown_s": 30})
 
 
 def test_requires_memory_deferrals_are_counted_under_their_own_reason(

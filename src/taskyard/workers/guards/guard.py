@@ -86,7 +86,10 @@ class Guard:
         settings = runtime.settings.guard
         self.settings = settings
         self.enabled = settings.enabled
-        limit = runtime.settings.visibility_timeout_s / 2
+        # With leased reservations (taskyard.broker) a held countdown message is renewed, never
+        # redelivered; only without them does the visibility timeout bound countdowns.
+        limit = (math.inf if runtime.settings.reservation_lease_s
+                 else runtime.settings.visibility_timeout_s / 2)
         if settings.defer_countdown_s + settings.defer_jitter_s >= limit:
             raise ConfigurationError(
                 f"TASKYARD_GUARD__DEFER_COUNTDOWN_S + DEFER_JITTER_S = "
