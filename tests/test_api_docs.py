@@ -151,3 +151,38 @@ def test_docs_render_in_chromium_with_nothing_fetched_from_elsewhere(api_url: st
             assert requested and not elsewhere, (elsewhere, failed, finished)
         finally:
             browser.close()
+
+
+def test_monitoring_doc_names_every_endpoint_parameter_and_metric(
+        spec: dict[str, Any], tmp_path: Path) -> None:
+    import re
+
+    doc = (ROOT / "docs" / "monitoring.md").read_text()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            assert f"`{method.upper()} {path}`" in doc, f"{method.upper()} {path} undocumented"
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "query":
+                    assert f"`{parameter['name']}`" in doc, (path, parameter["name"])
+    assert "TASKYARD_MONITORING__API_TOKEN" in doc and "Authorization: Bearer" in doc
+    # Every metric family /metrics exposes, by name (a family may be listed as a suffix group).
+    import redis as redis_lib
+    from fastapi.testclient import TestClient as Client
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests import servers
+    from tests.test_api import api_settings, seed
+
+    servers.require("redis")
+    client = redis_lib.Redis.from_url(servers.REDIS_URL)
+    client.flushdb()
+    try:
+        settings = api_settings(tmp_path)
+        seed(settings, client)
+        text = Client(create_api(settings)).get("/metrics").text
+    finally:
+        client.flushdb()
+    documented = set(re.findall(r"`((?:celery|taskyard)_[a-z_]+)`", doc))
+    for family in text_string_to_metric_families(text):
+        names = {family.name, family.name + "_total"}
+        assert names & documented, f"{family.name} is not in docs/monitoring.md"
