@@ -64,8 +64,8 @@ def test_critical_overtakes_low_backlog(broker: str, redis_client: redis.Redis,
 @pytest.mark.parametrize("target", ["pool child", "whole worker"])
 def test_task_of_killed_worker_runs_again(target: str, redis_client: redis.Redis,
                                           redis_env: dict[str, str], tmp_path: Path) -> None:
-    # A short visibility timeout so a message held by a dead worker is redelivered quickly.
-    env = {**redis_env, **NO_GUARDS, "TASKYARD_VISIBILITY_TIMEOUT_S": "3",
+    # A short lease so a message held by a dead worker is redelivered quickly.
+    env = {**redis_env, **NO_GUARDS, "TASKYARD_RESERVATION_LEASE_S": "3",
            "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1", "TASKYARD_GUARD__DEFER_COUNTDOWN_S": "0.5",
            "TASKYARD_GUARD__DEFER_JITTER_S": "0.2"}
     _send(env, "prio.slow_work.delay(1, 2.0)")
