@@ -231,3 +231,26 @@ def test_task_timeline_is_kept_in_the_history_database(make_app: Any, redis_env:
         "sent", "received", "started", "succeeded"]
     assert timeline.lookup(runtime, engine, "no-such-task") is None
     assert timeline.prune(engine, time.time() + 10, 5) == len(flaky["events"]) + 4
+
+
+def test_items_the_transport_set_aside_join_the_dead_letters(make_app: Any,
+                                                             redis_env: dict[str, str],
+                                                             redis_client: redis.Redis,
+                                                             tmp_path: Path) -> None:
+    from taskyard.deadletters.transport import DETAIL, ingest
+
+    app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)
+    runtime = runtime_of(app)
+    store = store_of(app)
+    with celery_worker(APP, "normal", redis_env, tmp_path, concurrency=1) as worker:
+        redis_client.lpush("normal", b"not json \xff", b'{"no": "properties"}')
+        dead_app.ok.delay("after")
+        wait_until(lambda: "ok-after" in ran(redis_client), 30, message="a task after them")
+        assert worker.process.poll() is None
+    assert redis_client.llen(runtime.keys.broker_quarantine()) == 2
+    assert ingest(runtime) == 2
+    assert redis_client.llen(runtime.keys.broker_quarantine()) == 0
+    entries = store.search(Query(reason="poison"))
+    assert len(entries) == 2 and all(e.detail == DETAIL for e in entries)
+    assert {e.body_encoding for e in entries} == {"utf-8", "base64"}
+    assert ingest(runtime) == 0
