@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from benchmarks.bench_overload import BATCH_MAX_WAIT_S, soak
+
 from tests import servers
 
 pytestmark = pytest.mark.slow
