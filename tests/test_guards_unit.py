@@ -805,3 +805,13 @@ def test_autogroup_is_left_alone_when_the_process_does_not_lead_its_session(
     assert guard_module.lower_autogroup(10) is False
     switch.write_text("0\n")
     assert guard_module.lower_autogroup(10) is False
+
+
+def test_quiet_host_holds_nothing_back() -> None:
+    clock = Clock()
+    valve = valve_of(["critical", "high", "normal", "low", "batch"], clock)
+    consumer = FakeConsumer()
+    for cpu in (5, 40, 79, 60, 80, 30):  # at the threshold is not above it
+        valve.tick(consumer, reading(memory=50, cpu=cpu))
+        clock.now += 0.5
+    assert consumer.calls == [] and valve.paused == [] and valve.transitions == 0
