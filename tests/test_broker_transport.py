@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -68,10 +69,8 @@ def _drain(conn: Connection, queues: list[Queue], count: int, ack: bool = True,
     deadline = time.monotonic() + timeout_s
     with consumer:
         while len(got) < count and time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.5)
-            except TimeoutError:
-                pass
     return got
 
 
@@ -164,7 +163,7 @@ def test_a_fetched_message_is_recorded_as_kombu_records_it(connect: Any,
     producer = _declare(conn)
     producer.publish({"x": 1}, routing_key="high")
     before = time.time()
-    (body, message), = _drain(conn, _queues(), 1, ack=False)
+    (_body, message), = _drain(conn, _queues(), 1, ack=False)
     tag = message.delivery_tag
     raw, exchange, routing_key = json.loads(redis_client.hget("unacked", tag))
     assert (exchange, routing_key) == ("taskyard", "high")
@@ -461,3 +460,22 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
     def free() -> None: ...
 
     assert hard_time_limited_tasks(app) == ["limits.bounded"]
+
+
+# --- monitoring reads the same records --------------------------------------------------------
+def test_queue_depth_counts_fetch_recorded_reservations(connect: Any,
+                                                        redis_client: redis.Redis) -> None:
+    from taskyard.monitoring.queues import redis_depths
+
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="high", priority=3)
+    producer.publish({"i": 2}, routing_key="high")
+    producer.publish({"i": 3}, routing_key="normal")
+    held = conn.channel().basic_get("high")
+    assert held is not None
+    depths = {d.queue: d for d in redis_depths(redis_client, LEVELS)}
+    assert (depths["high"].ready, depths["high"].reserved) == (1, 1)
+    assert (depths["normal"].ready, depths["normal"].reserved) == (1, 0)
+    held.ack()
+    assert {d.queue: d.reserved for d in redis_depths(redis_client, LEVELS)}["high"] == 0
