@@ -1,42 +1,132 @@
-"""Core platform: no-op throughput and priority isolation, taskyard beside plain Celery.
+"""Core platform: no-op throughput, CPU per task and priority isolation, beside plain Celery.
 
-Each side runs one worker of concurrency 2 (prefork) against the same Redis.
+Sides, all on the same Redis and the same two cores, each with its defaults and WARNING logs:
+
+* ``celery``: plain Celery, ``celery worker -c 2`` (prefork), queue ``celery``;
+* ``taskyard``: ``taskyard worker --profile all -c 2`` (prefork, all five queues);
+* ``fast``: ``taskyard worker --profile fast -c 2`` (two solo-pool processes, all five queues);
+* ``dramatiq``: Dramatiq 2 processes x 8 threads (its own venv, ``scripts/ensure-bench-peers.sh``).
+
+The drain times a backlog queued before the worker starts, from the first task's start to the
+last one's; end to end sends while the worker runs. CPU per task is user+sys of the worker's
+whole process tree over the timed window, divided by the tasks run in it. Sides alternate
+within each round; the figures are the round with the median ratio.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
+import psutil
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
-from taskyard.testing import celery_worker, wait_until
+from taskyard.testing import ROOT, child_env, wait_until
 
-ENV = {"TASKYARD_REDIS_URL": BENCH_REDIS_URL}
-SIDES = {"taskyard": ("benchmarks.apps.core_taskyard", "normal"),
-         "celery": ("benchmarks.apps.core_plain", "celery")}
+REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
+ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_CORE_REDIS_URL": REDIS_URL}
+PEERS_PYTHON = ROOT / ".bench-peers" / "bin" / "python"
+APPS = {"celery": "benchmarks.apps.core_plain", "taskyard": "benchmarks.apps.core_taskyard"}
 ALL = "critical,high,normal,low,batch"
 
 
-def _module(side: str) -> ModuleType:
-    return importlib.import_module(SIDES[side][0])
+def _argv(side: str, queues: str | None = None) -> list[str]:
+    taskyard_cli = [sys.executable, "-m", "taskyard.cli", "worker", "-A", APPS["taskyard"]]
+    if side == "celery":
+        return [sys.executable, "-m", "celery", "-A", APPS["celery"], "worker", "-Q",
+                queues or "celery", "-c", "2", "-n", "bench-plain@%h"]
+    if side == "taskyard":
+        return [*taskyard_cli, "--profile", "all", "-c", "2", "-n", "bench-ty@%h"]
+    if side == "fast":
+        return [*taskyard_cli, "--profile", "fast", "-c", "2"]
+    if side == "dramatiq":
+        return [str(PEERS_PYTHON), "-m", "dramatiq", "benchmarks.apps.core_dramatiq", "-p", "2",
+                "-t", "8"]
+    raise ValueError(f"unknown side {side!r}")
+
+
+class Worker:
+    """One benchmarked worker: its own process group, stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, side: str, log_dir: Path, env: dict[str, str] | None = None,
+                 queues: str | None = None) -> None:
+        self.log = log_dir / f"{side}-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(_argv(side, queues),
+                                            env=child_env({**ENV, **(env or {})}), cwd=ROOT,
+                                            stdout=sink, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def cpu_s(self) -> float:
+        """User+sys CPU seconds of the worker's process tree so far."""
+        try:
+            root = psutil.Process(self.process.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for proc in procs:
+            with suppress(psutil.NoSuchProcess):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            raise AssertionError(f"worker exited:\n{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self) -> None:
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        with suppress(subprocess.TimeoutExpired):
+            self.process.wait(20)
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def _task(side: str, name: str) -> Any:
     """The task object of ``side``'s own app (both apps live in this process)."""
-    module = _module(side)
+    module = importlib.import_module(APPS[side])
     prefix = "bench.ty." if side == "taskyard" else "bench."
     return module.app.tasks[prefix + name]
 
 
+def _done(client: redis.Redis) -> int:
+    return int(client.get("bench:done") or 0)
+
+
+def _enqueue(side: str, n: int) -> None:
+    if side == "dramatiq":
+        subprocess.run([str(PEERS_PYTHON), "-m", "benchmarks.apps.core_dramatiq", str(n)],
+                       env=child_env(ENV), cwd=ROOT, check=True, timeout=600)
+        return
+    task = _task("celery" if side == "celery" else "taskyard", "noop")
+    for _ in range(n):
+        task.delay()
+
+
+def _wait_done(client: redis.Redis, worker: Worker, n: int, what: str) -> None:
+    def finished() -> bool:
+        worker.check()
+        return _done(client) >= n
+
+    wait_until(finished, 600, 0.005, what)
+
+
 def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
-    """Tasks/s that .delay() sends from one process, no worker running."""
+    """Tasks/s one process sends with ``.delay()`` (plain Celery's is ``apply_async``)."""
     task = _task(side, "noop")
     task.delay()  # connect first
     client.flushdb()
@@ -48,81 +138,150 @@ def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
     return n / elapsed
 
 
-def end_to_end_rate(side: str, n: int, client: redis.Redis, log_dir: Path) -> float:
-    """Tasks/s from the first send until the worker has run all ``n``."""
-    app_module, queue = SIDES[side]
-    task = _task(side, "noop")
+def drain(side: str, n: int, client: redis.Redis, log_dir: Path,
+          env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(tasks/s, CPU µs per task) draining ``n`` no-op tasks queued before the worker starts."""
     client.flushdb()
-    with celery_worker(app_module, queue, ENV, log_dir, concurrency=2, name=f"tp-{side}"):
+    _enqueue(side, n)
+    worker = Worker(side, log_dir, env)
+    try:
+        def started() -> bool:
+            worker.check()
+            return bool(client.exists("bench:first"))
+
+        wait_until(started, 120, 0.002, f"{side} to start draining")
+        cpu0, done0 = worker.cpu_s(), _done(client)
+        first = float(client.get("bench:first") or 0)
+        _wait_done(client, worker, n, f"{side} to drain {n}")
+        end, cpu1 = time.time(), worker.cpu_s()
+    finally:
+        worker.stop()
+    client.flushdb()
+    return n / (end - first), (cpu1 - cpu0) / max(1, n - done0) * 1e6
+
+
+def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[float, float]:
+    """(tasks/s, CPU µs per task) from the first send until the running worker ran all ``n``."""
+    client.flushdb()
+    worker = Worker(side, log_dir)
+    try:
+        _enqueue(side, 1)  # a warm-up task: the worker is consuming once it has run
+        _wait_done(client, worker, 1, f"{side} to start")
+        client.delete("bench:done", "bench:first")
+        cpu0 = worker.cpu_s()
         started = time.perf_counter()
-        for _ in range(n):
-            task.delay()
-        wait_until(lambda: int(client.get("bench:done") or 0) >= n, 600, 0.01,
-                   f"{side} to run {n} tasks")
-        elapsed = time.perf_counter() - started
+        _enqueue(side, n)
+        _wait_done(client, worker, n, f"{side} to run {n}")
+        elapsed, cpu1 = time.perf_counter() - started, worker.cpu_s()
+    finally:
+        worker.stop()
     client.flushdb()
-    return n / elapsed
+    return n / elapsed, (cpu1 - cpu0) / n * 1e6
 
 
 def critical_waits(side: str, flood: int, criticals: int, client: redis.Redis,
                    log_dir: Path) -> list[float]:
     """Waits (s, sent -> started) of critical tasks sent after a flood of 5 ms low tasks."""
-    app_module, queue = SIDES[side]
     low, critical = _task(side, "low"), _task(side, "critical")
     client.flushdb()
-    queues = ALL if side == "taskyard" else queue
-    with celery_worker(app_module, queues, ENV, log_dir, concurrency=2, name=f"iso-{side}"):
+    worker = Worker(side, log_dir)
+    try:
         for _ in range(flood):
             low.delay(0.005)
         for _ in range(criticals):
             critical.delay(time.time())
             time.sleep(0.02)
-        wait_until(lambda: client.llen("bench:waits") >= criticals, 900, 0.05,
-                   f"{side} critical tasks")
+
+        def ran() -> bool:
+            worker.check()
+            return bool(client.llen("bench:waits") >= criticals)
+
+        wait_until(ran, 900, 0.05, f"{side} critical tasks")
+    finally:
+        worker.stop()
     waits = [float(w) for w in client.lrange("bench:waits", 0, -1)]
     client.flushdb()
     return waits
 
 
-def _median_round(rates: dict[str, list[float]]) -> tuple[float, float, str]:
-    """The round whose taskyard/celery ratio is the median, and every round's ratio."""
-    rounds = sorted(zip(rates["taskyard"], rates["celery"], strict=True),
-                    key=lambda pair: pair[0] / pair[1])
-    ty, pc = rounds[len(rounds) // 2]
-    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(rates["taskyard"], rates["celery"],
-                                                      strict=True))
-    return ty, pc, ratios
+def _median_round(ours: list[float], theirs: list[float],
+                  higher_is_better: bool = True) -> tuple[float, float, str]:
+    """The round whose ratio is the median, and every round's ratio (> 1 is better)."""
+    def ratio(a: float, b: float) -> float:
+        return a / b if higher_is_better else b / a
+
+    rounds = sorted(zip(ours, theirs, strict=True), key=lambda pair: ratio(*pair))
+    a, b = rounds[len(rounds) // 2]
+    return a, b, ", ".join(f"{ratio(x, y):.2f}" for x, y in zip(ours, theirs, strict=True))
+
+
+def _rounds(sides: list[str], rounds: int,
+            measure: Callable[[str], tuple[float, float]]) -> dict[str, list[tuple[float, float]]]:
+    out: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
+    for index in range(rounds):
+        # Sides alternate, and each round starts with the next one, so the shared machine's
+        # load and any warm-up weigh on every side alike.
+        for side in sides[index % len(sides):] + sides[:index % len(sides)]:
+            out[side].append(measure(side))
+            print(f"   {side}: {out[side][-1][0]:,.0f}/s, {out[side][-1][1]:,.0f} µs CPU/task",
+                  file=sys.stderr, flush=True)
+    return out
 
 
 def run(quick: bool = False) -> list[Result]:
     n = 2_000 if quick else 5_000
     flood = 1_000 if quick else 5_000
     criticals = 20 if quick else 50
-    rounds = 5
-    client = redis.Redis.from_url(BENCH_REDIS_URL)
+    rounds = 1 if quick else 3
+    client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
+    have_dramatiq = PEERS_PYTHON.exists()
+    drain_sides = ["celery", "taskyard", "fast"] + (["dramatiq"] if have_dramatiq else [])
     rows: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         log_dir = Path(tmp)
-        # Sides alternate within each round, so the shared machine's load hits both alike; the
-        # reported figures are the round with the median ratio.
-        enq: dict[str, list[float]] = {side: [] for side in SIDES}
-        e2e: dict[str, list[float]] = {side: [] for side in SIDES}
-        for _ in range(rounds):
-            for side in SIDES:
-                enq[side].append(enqueue_rate(side, n, client))
-            for side in SIDES:
-                e2e[side].append(end_to_end_rate(side, n, client, log_dir))
-        ty, pc, ratios = _median_round(enq)
-        rows.append(Result("core.throughput", "enqueue rate", "tasks/s", ty, pc, "ratio >= 0.95",
-                           notes=f"N={n}, .delay() from one process; median of {rounds} "
-                                 f"alternating rounds (ratios {ratios})"))
-        ty, pc, ratios = _median_round(e2e)
-        rows.append(Result("core.throughput", "end-to-end rate", "tasks/s", ty, pc,
-                           "ratio >= 0.95",
-                           notes=f"N={n} no-op tasks sent while one worker -c 2 prefork runs "
-                                 f"them; median of {rounds} alternating rounds (ratios {ratios})"))
-        waits = {side: critical_waits(side, flood, criticals, client, log_dir) for side in SIDES}
+        enq = _rounds(["celery", "taskyard"], max(rounds, 3),
+                      lambda side: (enqueue_rate(side, n, client), 0.0))
+        drains = _rounds(drain_sides, rounds, lambda side: drain(side, n, client, log_dir))
+        e2e = _rounds(["celery", "taskyard", "fast"], rounds,
+                      lambda side: end_to_end(side, n, client, log_dir))
+        waits = {side: critical_waits(side, flood, criticals, client, log_dir)
+                 for side in ("taskyard", "celery")}
+
+    def rates(side: str, table: dict[str, list[tuple[float, float]]]) -> list[float]:
+        return [rate for rate, _ in table[side]]
+
+    def cpus(side: str, table: dict[str, list[tuple[float, float]]]) -> list[float]:
+        return [cpu for _, cpu in table[side]]
+
+    a, b, ratios = _median_round(rates("taskyard", enq), rates("celery", enq))
+    rows.append(Result("core.throughput", ".delay() vs plain apply_async", "tasks/s", a, b,
+                       ">= 1.5x", notes=f"N={n} no-op sends from one process, no worker; "
+                                        f"median of {len(enq['celery'])} rounds ({ratios})"))
+    for side, goal in (("taskyard", ">= 2.5x"), ("fast", ">= 5x")):
+        for name, table in (("drain", drains), ("end to end", e2e)):
+            a, b, ratios = _median_round(rates(side, table), rates("celery", table))
+            worker = "one worker -c 2 prefork" if side == "taskyard" else \
+                "fast profile, 2 solo processes"
+            rows.append(Result(f"core.{'throughput' if side == 'taskyard' else 'fast'}",
+                               f"{name} rate, {worker}", "tasks/s", a, b, goal,
+                               notes=f"N={n} no-op tasks vs plain Celery -c 2 defaults; median "
+                                     f"of {rounds} alternating rounds ({ratios})"))
+        a, b, ratios = _median_round(cpus(side, drains), cpus("celery", drains), False)
+        rows.append(Result("core.cpu", f"worker CPU per task, drain, {side}", "µs", a, b,
+                           "<= 0.5x plain (ratio >= 2)", higher_is_better=False,
+                           notes=f"user+sys of the worker's process tree / tasks; rounds "
+                                 f"({ratios})"))
+    if have_dramatiq:
+        a, b, ratios = _median_round(rates("fast", drains), rates("dramatiq", drains))
+        rows.append(Result("core.fast", "drain rate, fast vs Dramatiq 2 x 8", "tasks/s", a, b,
+                           ">= 1x Dramatiq",
+                           notes=f"'celery' column is Dramatiq 2 processes x 8 threads, Redis "
+                                 f"broker, default middleware; rounds ({ratios})"))
+        a, b, ratios = _median_round(cpus("fast", drains), cpus("dramatiq", drains), False)
+        rows.append(Result("core.cpu", "worker CPU per task, drain, fast vs Dramatiq", "µs", a,
+                           b, "", higher_is_better=False,
+                           notes=f"'celery' column is Dramatiq; rounds ({ratios})"))
     for pct in (50, 99):
         ty, pc = (percentile(waits[s], pct) * 1000 for s in ("taskyard", "celery"))
         rows.append(Result("core.priority_isolation", f"critical wait p{pct}", "ms", ty, pc,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import redis
@@ -9,13 +10,15 @@ from celery import Celery
 
 from benchmarks.common import BENCH_REDIS_URL
 
-app = Celery("bench-plain", broker=BENCH_REDIS_URL)
-_redis = redis.Redis.from_url(BENCH_REDIS_URL)
+REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
+app = Celery("bench-plain", broker=REDIS_URL)
+_redis = redis.Redis.from_url(REDIS_URL)
 
 
 @app.task(name="bench.noop")
 def noop() -> None:
-    _redis.incr("bench:done")
+    if _redis.incr("bench:done") == 1:
+        _redis.set("bench:first", time.time())
 
 
 @app.task(name="bench.low")
