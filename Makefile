@@ -35,6 +35,7 @@ browser:
 	./scripts/ensure-browser.sh
 
 bench: $(STAMP) services
+	bash scripts/ensure-bench-peers.sh
 	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)
