@@ -229,7 +229,9 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     assert page.text.startswith("<!DOCTYPE html>") and "Queue depth per level" in page.text
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
-    assert all(limit == dashboard.MAX_POINTS for _, _, limit in store.series_calls)
+    # Without a Redis list to sample (this fake), the store is asked for that many snapshots.
+    assert {limit for _, _, limit in store.series_calls} == {dashboard.CHART_POINTS,
+                                                            dashboard.SAMPLED_POINTS}
     fragment = client.get("/dashboard", params={"fragment": "true"})
     assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")
     for bad in ({"window": "abc"}, {"window": 5}, {"refresh": -1}):

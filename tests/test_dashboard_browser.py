@@ -51,6 +51,8 @@ def env(redis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
             "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
             "TASKYARD_MONITORING__ALERT_QUEUE_DEPTH": str(DEPTH_LIMIT),
             "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
+            # Pages are reused for half the stats interval: 1 s here, so the refresh shows news.
+            "TASKYARD_MONITORING__STATS_INTERVAL_S": "2",
             "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "1",
             # The machine's load is not this test's subject: no task is held back for it.
             "TASKYARD_GUARD__CPU_WARNING_PCT": "100", "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",

@@ -175,3 +175,34 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, table_id: str
     ident = f' id="{table_id}"' if table_id else ""
     return (f'<table class="tasks"{ident}><thead><tr>{head}</tr></thead>'
             f"<tbody>{body}</tbody></table>")
+
+
+#: Key of the pages' own response cache in ``ApiState.extras``.
+_PAGE_CACHE = "dashboard_page_cache"
+
+
+async def respond_page(request: Any, key: Any, compute: Any) -> Any:
+    """A dashboard page from the pages' cache, gzipped for clients that accept it.
+
+    Pages are reused for half the stats interval (5 s by default), at least ``api_cache_s``:
+    their charts change once per collection, and a page costs far more to build than an API
+    answer. Built in a worker thread, one build per period however many browsers refresh.
+    """
+    from fastapi.responses import Response
+
+    from taskyard.monitoring.http.query import Body, ResponseCache
+    from taskyard.monitoring.http.state import GZIP_LEVEL, GZIP_MIN_BYTES
+
+    state = request.app.state.taskyard
+    cache = state.extras.get(_PAGE_CACHE)
+    if cache is None:
+        m = state.runtime.settings.monitoring
+        cache = state.extras[_PAGE_CACHE] = ResponseCache(
+            max(m.api_cache_s, m.stats_interval_s / 2) if m.api_cache_s > 0 else 0.0)
+    body = await cache.get(key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
+    media = "text/html; charset=utf-8"
+    headers = {"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY}
+    if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
+        return Response(body.gzipped, media_type=media,
+                        headers={**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return Response(body.raw, media_type=media, headers=headers)

@@ -25,20 +25,25 @@ from taskyard.deadletters.entry import Query as DeadQuery
 from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.monitoring.http.charts import Line, clock, format_value, time_chart
 from taskyard.monitoring.http.layout import (
-    PAGE_POLICY,
     card,
     covered_since,
     page,
     ranges,
+    respond_page,
     table,
 )
-from taskyard.monitoring.http.series_charts import task_rate_chart, worker_chart
+from taskyard.monitoring.http.series_charts import (
+    SAMPLED_POINTS,
+    sampled_series,
+    task_rate_chart,
+    worker_chart,
+)
 from taskyard.monitoring.timeline import lookup
 
 logger = logging.getLogger(__name__)
 
-#: Snapshots read per series for a page's charts (as the overview does).
-MAX_POINTS = 720
+#: Snapshots drawn per chart (a chart is a few hundred pixels wide).
+CHART_POINTS = 240
 #: Dead letters listed on a task name's page.
 FAILURES_LISTED = 20
 
@@ -73,20 +78,13 @@ def _when(at: Any) -> str:
 
 
 def _series(state: Any, name: str, since: float) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = state.store.series(name, since, None, MAX_POINTS, 0)
-    return rows
+    """A sample of the series' snapshots spread over the window (as the overview reads)."""
+    points = SAMPLED_POINTS if name == "tasks" else CHART_POINTS
+    return sampled_series(state.store, name, since, time.time(), points)
 
 
 async def _respond(request: Request, key: Any, render: Callable[[], str]) -> Response:
-    state = request.app.state.taskyard
-
-    def compute() -> bytes:
-        return render().encode()
-
-    response: Response = await state.respond(request, key, compute,
-                                             media_type="text/html; charset=utf-8")
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Content-Security-Policy"] = PAGE_POLICY
+    response: Response = await respond_page(request, key, lambda: render().encode())
     return response
 
 
