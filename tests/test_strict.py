@@ -339,3 +339,26 @@ def test_maintained_metadata_is_empty_by_default(make_app: Any) -> None:
     report = run_maintenance(runtime)
     assert report.status == "skipped"
     assert "TASKYARD_MAINTENANCE__METADATA is not set" in (report.reason or "")
+
+
+def test_guard_hooks_reach_the_tasks_through_the_app_task_class() -> None:
+    # The seam of workers/guards/install.py: Celery's tracer calls before_start/after_return
+    # only when a class below celery.Task defines them (celery.app.trace.task_has_custom).
+    from celery.app.trace import task_has_custom
+
+    from taskyard.routing.task import TaskyardTask
+
+    assert "before_start" not in vars(TaskyardTask) and "after_return" not in vars(TaskyardTask)
+    guarded = create_app("strict-hooks", redis_url="redis://127.0.0.1:1/0")
+    bare = create_app("strict-hooks-off", redis_url="redis://127.0.0.1:1/0",
+                      guard={"enabled": False, "accounting": False})
+
+    @priority_task(name="strict.hooked", app=guarded)
+    def hooked() -> None: ...
+
+    @priority_task(name="strict.unhooked", app=bare)
+    def unhooked() -> None: ...
+
+    assert task_has_custom(guarded.tasks["strict.hooked"], "before_start")
+    assert task_has_custom(guarded.tasks["strict.hooked"], "after_return")
+    assert not task_has_custom(bare.tasks["strict.unhooked"], "before_start")
