@@ -164,3 +164,52 @@ def test_fast_profile_runs_solo_processes(redis_client: redis.Redis, redis_env: 
             os.killpg(launcher.pid, signal.SIGKILL)
     assert redis_client.hlen("unacked") == 0
     assert set(_runs(redis_client).values()) == {1}
+
+
+def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    """Its own Redis (append-only, fsync always) restarted under a consuming worker."""
+    import shutil
+    import socket
+
+    from taskyard.testing import terminate
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)]
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        wait_until(lambda: _answers(port), 10, 0.05, "redis to start")
+        return proc
+
+    url = f"redis://127.0.0.1:{port}/0"
+    env = {"TASKYARD_REDIS_URL": url, "TASKYARD_GUARD__ENABLED": "false",
+           "TASKYARD_RESERVATION_LEASE_S": "2", "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1"}
+    server = start()
+    client = redis.Redis.from_url(url)
+    try:
+        with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
+                           name="restart"):
+            _send(env, "for i in range(50): broker.WORK['high'].delay(f'a{i}')")
+            wait_until(lambda: client.hlen(RUNS) == 50, 60, 0.1, "the first tasks")
+            terminate(server)
+            time.sleep(1.0)
+            server = start()
+            _send(env, "for i in range(50): broker.WORK['low'].delay(f'b{i}')")
+            wait_until(lambda: client.hlen(RUNS) == 100, 90, 0.2, "tasks after the restart")
+            wait_until(lambda: client.hlen("unacked") == 0, 30, 0.2, "nothing held")
+        assert set(_runs(client)) == {f"a{i}" for i in range(50)} | {f"b{i}" for i in range(50)}
+    finally:
+        client.close()
+        terminate(server)
+
+
+def _answers(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.2).ping())
+    except redis.RedisError:
+        return False
