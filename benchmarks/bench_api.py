@@ -203,8 +203,13 @@ def _flower(port: int) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+#: Snapshots per series the dashboard finds: one hour at the default 10 s interval.
+SERIES_HOUR = 360
+
+
 def _seed_series(url: str, database_url: str) -> None:
-    """Three stats collections 10 s apart (back-dated), so the dashboard draws real lines."""
+    """An hour of history: three real stats collections, then the newest snapshot of each
+    series copied back in time every 10 s, so the dashboard reads and draws full-size series."""
     from taskyard.config import load_settings
     from taskyard.monitoring.collect import collect
     from taskyard.monitoring.http.api import _resolve
@@ -213,6 +218,17 @@ def _seed_series(url: str, database_url: str) -> None:
     now = time.time()
     for back in (20.0, 10.0, 0.0):
         collect(runtime, now=now - back)
+    client, keys = runtime.redis, runtime.keys
+    for name in ("overview", "queues", "throughput", "latency", "tasks", "workers", "batches",
+                 "cache", "guards", "alerts"):
+        newest = client.lindex(keys.series(name), 0)
+        if not newest:
+            continue
+        snapshot = json.loads(newest)
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(3, SERIES_HOUR):
+                pipe.rpush(keys.series(name), json.dumps({**snapshot, "at": now - 10.0 * i}))
+            pipe.execute()
 
 
 def _cpu_s(process: subprocess.Popen[bytes]) -> float:

@@ -310,3 +310,35 @@ def test_queue_bars_say_when_reserved_messages_are_not_visible() -> None:
                        "reserved_known": False} for lv in LEVELS]
     labels = [t.text for t in ET.fromstring(dashboard.queue_now_chart(data)).iter(f"{SVG}text")]
     assert "3 (reserved unknown)" in labels and "3 (0 reserved)" not in labels
+
+
+def test_sampled_series_spreads_over_the_window_and_keeps_its_picks(
+        make_app: Any, tmp_path: Any) -> None:
+    """A sample of a real Redis series plus the history database beyond it; as a snapshot is
+    pushed, the older picks stay the same (so a page build parses only new ones)."""
+    import json
+
+    from taskyard.monitoring import history
+    from taskyard.monitoring.http.series_charts import sample_indices, sampled_series
+    from taskyard.monitoring.store import StatsStore
+    from taskyard.runtime import runtime_of
+
+    app = make_app("sampled", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    store = StatsStore(runtime_of(app))
+    client, key = store.redis, store.keys.series("queues")
+    for i in range(100):  # newest first, 10 s apart, the newest at NOW
+        client.rpush(key, json.dumps({"at": NOW - 10 * i, "n": i}))
+    history.ensure_schema(store.engine)
+    history.write_snapshots(store.engine, [("queues", NOW - 1000 - 10 * i, {"n": 100 + i})
+                                           for i in range(60)])
+    inside = sampled_series(store, "queues", NOW - 500, NOW, points=10)
+    ats = [s["at"] for s in inside]
+    assert ats[0] == NOW and ats == sorted(ats, reverse=True)
+    assert 8 <= len(ats) <= 12 and min(ats) >= NOW - 500
+    everything = sampled_series(store, "queues", NOW - 1600, NOW, points=10)
+    older = [s for s in everything if s["at"] < NOW - 990]
+    assert 3 <= len(older) <= 6 and min(s["at"] for s in older) >= NOW - 1600
+    # Anchored at the oldest end: one more snapshot at the head shifts nothing else.
+    before = set(sample_indices(100, 100, 10))
+    after = {i - 1 for i in sample_indices(101, 100, 10) if i > 0}
+    assert len(before & after) >= len(before) - 2
