@@ -166,6 +166,18 @@ class RedisDeadLetterStore(DeadLetterStore):
                 return
             start += _PAGE
 
+    def count(self, query: Query | None = None) -> int:
+        query = query or Query()
+        exact = query.exact()
+        if len(exact) <= 1:
+            # One index holds exactly the matching ids: count them without reading entries.
+            key = (self.keys.dead_by(*next(iter(exact.items()))) if exact
+                   else self.keys.dead_index())
+            low: Any = "-inf" if query.since is None else query.since
+            high: Any = "+inf" if query.until is None else query.until
+            return int(self.client.zcount(key, low, high))
+        return super().count(query)
+
     def mark_replayed(self, entry_id: str, new_id: str, at: float | None = None) -> bool:
         return bool(self._mark(keys=[self.keys.dead_entries()],
                                args=[self.prefix, entry_id, new_id,
