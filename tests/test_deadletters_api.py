@@ -18,6 +18,7 @@ from taskyard.monitoring import timeline
 from taskyard.monitoring.http.api import create_api
 from tests.test_api import TOKEN, api_settings
 
+NOW = round(time.time(), 3)
 ADMIN = [("/api/v1/dead/replay", {"all": True}), ("/api/v1/dead/purge", {"all": True})]
 
 
@@ -29,14 +30,13 @@ def settings(tmp_path: Path, redis_client: redis.Redis) -> Settings:
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> RedisDeadLetterStore:
     store = RedisDeadLetterStore(redis_client, Keys(settings.namespace), max_entries=100,
-                                 retention_s=3600)
-    now = time.time()
+                                 retention_s=30 * 86_400)
     for i in range(5):
         store.record(DeadLetter(id=f"d{i}", reason="failed" if i < 3 else "poison",
                                 name="bdc.send" if i < 3 else "", queue="high",
                                 exception_type="ValueError" if i < 3 else "",
                                 detail="" if i < 3 else "unknown task 'x'",
-                                args=f"[{i}]", last_at=now - 10 + i))
+                                args=f"[{i}]", last_at=NOW - 10 + i))
     return store
 
 
@@ -53,7 +53,7 @@ def test_search_entry_and_gauge(client: TestClient) -> None:
     assert failed["total"] == 3 and [e["id"] for e in failed["entries"]] == ["d2", "d1"]
     by_exc = client.get("/api/v1/dead", params={"exception": "ValueError", "offset": 2}).json()
     assert [e["id"] for e in by_exc["entries"]] == ["d0"]
-    since = client.get("/api/v1/dead", params={"since": time.time() - 7.5}).json()
+    since = client.get("/api/v1/dead", params={"since": NOW - 7.5}).json()
     assert {e["id"] for e in since["entries"]} == {"d3", "d4"}
     bad = client.get("/api/v1/dead", params={"reason": "nope"})
     assert bad.status_code == 422

@@ -18,7 +18,7 @@ from taskyard.keys import Keys
 
 @pytest.fixture(params=["redis", "memory"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[Any]:
-    def factory(max_entries: int = 100, retention_s: float = 3600.0) -> Any:
+    def factory(max_entries: int = 100, retention_s: float = 30 * 86_400.0) -> Any:
         if request.param == "memory":
             return MemoryDeadLetterStore(max_entries=max_entries, retention_s=retention_s)
         client = request.getfixturevalue("redis_client")
@@ -128,7 +128,7 @@ def test_caps() -> None:
 
 
 def test_redis_keys_share_one_hash_tag(redis_client: redis.Redis) -> None:
-    store = RedisDeadLetterStore(redis_client, Keys("t"), max_entries=10, retention_s=3600)
+    store = RedisDeadLetterStore(redis_client, Keys("t"), max_entries=10, retention_s=30 * 86_400)
     store.record(entry(1))
     keys = [k.decode() for k in redis_client.keys("*")]
     assert keys and all(k.startswith("{t:dead}:") for k in keys)
