@@ -24,6 +24,8 @@ QUEUES = st.sampled_from(["high", "low"])
 REASONS = st.sampled_from(["failed", "crashed", "poison", "expired"])
 EXCEPTIONS = st.sampled_from(["ValueError", "KeyError", ""])
 MAX_ENTRIES = 8
+#: Far beyond a suite run, so only trim_late ages entries out.
+RETENTION_S = 30 * 86_400.0
 BASE = round(time.time(), 3)
 
 
@@ -36,8 +38,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.client.flushdb()
         self.keys = Keys("prop")
         self.redis = RedisDeadLetterStore(self.client, self.keys, max_entries=MAX_ENTRIES,
-                                          retention_s=1000)
-        self.memory = MemoryDeadLetterStore(max_entries=MAX_ENTRIES, retention_s=1000)
+                                          retention_s=RETENTION_S)
+        self.memory = MemoryDeadLetterStore(max_entries=MAX_ENTRIES, retention_s=RETENTION_S)
         self.clock = 0
 
     def _both(self, call: str, *args: Any) -> tuple[Any, Any]:
@@ -69,7 +71,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule()
     def trim_late(self) -> None:
         # Far enough ahead that every entry is older than the retention.
-        got_redis, got_memory = self._both("trim", BASE + 2000)
+        got_redis, got_memory = self._both("trim", BASE + RETENTION_S + 3600)
         assert got_redis == got_memory
 
     @invariant()
