@@ -51,7 +51,7 @@ def test_batches_table_json_dead_requeue_purge(cli: CliRunner, make_app: Any,
     requeued = cli.invoke(main, ["batches", "requeue", "alerts", "--all"])
     assert requeued.exit_code == 0 and "requeued 1 batches of alerts: 1" in requeued.output
     unknown = cli.invoke(main, ["batches", "requeue", "nope", "--all"])
-    assert unknown.exit_code == 1 and "'nope' is unknown" in unknown.output
+    assert unknown.exit_code == 2 and "'nope' is unknown" in unknown.output  # a user error
 
     buffer.acquire("1", "u", 60_000)
     buffer.fail("1", "u", max_retries=0, backoff_ms=0, lease_ms=60_000, error="again")

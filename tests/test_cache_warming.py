@@ -117,10 +117,10 @@ def test_cli_maintenance_and_cache(tmp_path: Path, redis_client: Any) -> None:
            "'pending';" in dry.output
     real = runner.invoke(main, ["maintenance", "run", "--json"], env=env)
     assert real.exit_code == 0, real.output
-    assert json.loads(real.output)["actions"][0]["status"] == "done"
+    assert json.loads(real.stdout)["actions"][0]["status"] == "done"
     bad = runner.invoke(main, ["maintenance", "run"],
                         env={**env, "TASKYARD_MAINTENANCE__METADATA": "nowhere:md"})
-    assert bad.exit_code == 1 and "TASKYARD_MAINTENANCE__METADATA" in bad.output
+    assert bad.exit_code == 2 and "TASKYARD_MAINTENANCE__METADATA" in bad.output
 
     app = __import__("taskyard").create_app("cli-cache", redis_url=servers.REDIS_URL)
     cache = cache_for(app)

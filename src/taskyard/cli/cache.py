@@ -79,14 +79,16 @@ def cache_clear(tag: str, app_path: str | None) -> None:
 
 @cache.command("stats")
 @APP_OPTION
-def cache_stats_command(app_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def cache_stats_command(app_path: str | None, as_json: bool) -> None:
     """Hit rate and latency per cache namespace."""
+    from taskyard.cli.output import table
     from taskyard.tasks.cache import cache_stats
 
     stats = cache_stats(load_runtime(app_path, import_tasks=True))
-    if not stats:
-        click.echo("no cache statistics yet")
-    for namespace, figures in stats.items():
-        click.echo(f"  {namespace:16} hits {figures['hits']:.0f}  misses {figures['misses']:.0f}"
-                   f"  hit rate {figures['hit_rate_pct']:.1f} %  "
-                   f"avg {figures['avg_latency_ms']:.3f} ms")
+    if as_json:
+        click.echo(json.dumps(stats, indent=2, default=str))
+        return
+    table("cache", ["namespace", "hits", "misses", "hit rate", "avg latency"],
+          [[namespace, f"{f['hits']:.0f}", f"{f['misses']:.0f}", f"{f['hit_rate_pct']:.1f} %",
+            f"{f['avg_latency_ms']:.3f} ms"] for namespace, f in stats.items()])

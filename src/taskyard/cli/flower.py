@@ -8,6 +8,7 @@ import sys
 import click
 
 from taskyard.cli import stackfile
+from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as load_cli_settings
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER
 from taskyard.monitoring.flower import (
@@ -57,6 +58,7 @@ def flower(app_path: str, port: int | None, address: str | None, broker_api: str
     stack file.
     """
     settings = load_cli_settings()
+    announce_redis(settings, check_data=False)
     configured = settings.monitoring.flower_basic_auth
     if configured is None:
         auth = generate_basic_auth()

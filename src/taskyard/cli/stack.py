@@ -13,6 +13,7 @@ import click
 
 from taskyard.cli import stackfile
 from taskyard.cli.flower import AUTH_VARIABLE
+from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as cli_settings
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
 from taskyard.errors import TaskyardError
@@ -42,6 +43,7 @@ TOKEN_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}API_TOKEN"
 def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
     """Run `celery worker` for a profile; extra arguments go to Celery unchanged."""
     settings = cli_settings()
+    announce_redis(settings, check_data=False)
     if profile == FAST:
         try:
             sys.exit(launch_fast(app_path, settings, celery_args))
