@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -190,54 +190,41 @@ def dead_router(state: ApiState) -> APIRouter:
 
 # --- the page -----------------------------------------------------------------------------------
 
-_CSS = ("body{font:14px system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}"
-        "header{display:flex;gap:1em;align-items:baseline;padding:.6em 1em;background:#1d2330;"
-        "color:#fff}header a{color:#9cc3ff}main{padding:1em}section{background:#fff;"
-        "border-radius:6px;padding:.6em 1em;margin-bottom:1em}table{border-collapse:collapse;"
-        "width:100%}td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid #e3e6ea;"
-        "vertical-align:top}.muted{color:#8a93a3}code{background:#eef1f5;padding:0 .3em}")
-
-
-def _cell(value: Any) -> str:
-    return f"<td>{html.escape(str(value))}</td>"
-
-
-def render_dead_page(store: DeadLetterStore, batches: list[dict[str, Any]],
-                     limit: int = 100) -> str:
+def render_dead_page(store: DeadLetterStore, batches: list[dict[str, Any]], *, request: Any,
+                     settings: Any, limit: int = 100) -> str:
     """The dead-letters page: counts per queue, task and reason, the newest entries, batches."""
+    from taskyard.monitoring.http.layout import card, page, table
+    from taskyard.monitoring.http.pages import name_link, task_link
+
+    def when(at: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"
+
     counts = store.counts()
-    rows = "".join(f"<tr>{_cell(q or '-')}{_cell(n or '-')}{_cell(r)}{_cell(c)}</tr>"
-                   for (q, n, r), c in sorted(counts.items(), key=lambda kv: -kv[1]))
+    by_key = [[html.escape(q or "-"), name_link(n) if n else "-", html.escape(r), str(c)]
+              for (q, n, r), c in sorted(counts.items(), key=lambda kv: -kv[1])]
     entries = store.search(limit=limit)
-    listed = "".join(
-        "<tr>" + _cell(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.last_at)))
-        + _cell(e.id) + _cell(e.name or "-") + _cell(e.queue or "-") + _cell(e.reason)
-        + _cell(e.exception_type or "-") + _cell((e.exception or e.detail)[:160])
-        + _cell(e.deliveries) + _cell(e.attempts) + "</tr>" for e in entries)
-    dead_batches = "".join(
-        "<tr>" + _cell(b["id"]) + _cell(b["reason"]) + _cell(b["size"])
-        + _cell(b["attempts"]) + _cell(b["error"][:160]) + "</tr>" for b in batches)
-    total = sum(counts.values())
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>taskyard dead letters</title><style>{_CSS}</style></head><body>"
-        '<header><h1>taskyard dead letters</h1><nav><a href="/dashboard">dashboard</a>'
-        f'</nav><span class="muted">{total} dead tasks, {len(batches)} dead batches</span>'
-        "</header><main>"
-        "<section><h2>By queue, task and reason</h2><table><thead><tr><th>queue</th>"
-        "<th>task</th><th>reason</th><th>entries</th></tr></thead>"
-        f"<tbody>{rows or '<tr><td colspan=4>none</td></tr>'}</tbody></table></section>"
-        f"<section><h2>Newest {len(entries)}</h2><table><thead><tr><th>died</th><th>id</th>"
-        "<th>task</th><th>queue</th><th>reason</th><th>exception</th><th>message</th>"
-        "<th>deliveries</th><th>attempts</th></tr></thead>"
-        f"<tbody>{listed or '<tr><td colspan=9>none</td></tr>'}</tbody></table></section>"
-        "<section><h2>Dead batches</h2><table><thead><tr><th>batch</th><th>reason</th>"
-        "<th>items</th><th>attempts</th><th>error</th></tr></thead>"
-        f"<tbody>{dead_batches or '<tr><td colspan=5>none</td></tr>'}</tbody></table>"
-        "</section><p class=\"muted\">Replay or purge: <code>taskyard dead replay|purge"
-        "</code> or POST /api/v1/dead/replay|purge with the admin token.</p></main>"
-        "</body></html>")
+    newest = [[when(e.last_at), task_link(e.id), name_link(e.name) if e.name else "-",
+               html.escape(e.queue or "-"), html.escape(e.reason),
+               f"<b>{html.escape(e.exception_type or '-')}</b> "
+               f"{html.escape((e.exception or e.detail)[:160])}",
+               str(e.deliveries), str(e.attempts)] for e in entries]
+    dead_batches = [[html.escape(b["id"]), html.escape(b["reason"]), str(b["size"]),
+                     str(b["attempts"]), html.escape(b["error"][:160])] for b in batches]
+    body = (
+        f'<p class="muted">{sum(counts.values())} dead tasks, {len(batches)} dead batches. '
+        "Replay or purge: <code>taskyard dead replay|purge</code>, or POST "
+        "<code>/api/v1/dead/replay|purge</code> with the admin token.</p>"
+        '<div class="grid">'
+        + card("By queue, task and reason", table(["queue", "task", "reason", "entries"],
+                                                  by_key, empty="no dead tasks"))
+        + card("Dead batches", table(["batch", "reason", "items", "attempts", "error"],
+                                     dead_batches, empty="no dead batches"))
+        + card(f"Newest {len(entries)}", table(
+            ["died (UTC)", "id", "task", "queue", "reason", "exception", "deliveries",
+             "attempts"], newest, table_id="dead", empty="no dead tasks"), wide=True)
+        + "</div>")
+    return page("dead letters", body, request=request, active="/dashboard/dead",
+                settings=settings)
 
 
 def install_dead(api: FastAPI, state: ApiState) -> None:
@@ -250,10 +237,11 @@ def install_dead(api: FastAPI, state: ApiState) -> None:
     state.extras.setdefault("collectors", []).append(DeadLetterCollector(counts))
 
     @api.get("/dashboard/dead", response_class=HTMLResponse, include_in_schema=False)
-    def dead_page() -> HTMLResponse:
+    def dead_page(request: Request) -> HTMLResponse:
         """The dead-letters page (thread pool: the store does blocking I/O)."""
         try:
-            body = render_dead_page(dead_store(state), batch_dead_letters(state.runtime))
+            body = render_dead_page(dead_store(state), batch_dead_letters(state.runtime),
+                                    request=request, settings=state.runtime.settings)
         except Exception as exc:
             log.warning("dead-letters page: store unreadable", exc_info=True)
             return HTMLResponse(f"<p>dead letters unavailable: {html.escape(str(exc))}</p>",
