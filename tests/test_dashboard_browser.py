@@ -285,3 +285,8 @@ def check_other_pages(page: Any, api_url: str) -> None:
     in_flower = page.get_attribute("a:text('this task in Flower')", "href") or ""
     assert "/task/" in in_flower
     page.screenshot(path=str(ARTIFACTS / "dashboard-task.png"), full_page=True)
+
+    page.click("header nav a:text('Dead letters')")
+    page.wait_for_load_state()
+    assert f"{APP}.fails" in page.inner_text("main")
+    page.screenshot(path=str(ARTIFACTS / "dashboard-dead.png"), full_page=True)
