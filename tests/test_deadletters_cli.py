@@ -95,3 +95,27 @@ def test_replay_by_filter_runs_the_tasks_again(cli: CliRunner, make_app: Any,
     assert twice.exit_code == 2 and "already replayed" in twice.output
     timeline = cli.invoke(main, ["task", first[0].id])
     assert timeline.exit_code == 0 and "dead letter: failed" in timeline.output
+
+
+@pytest.mark.slow
+def test_unknown_task_replayed_once_deployed(cli: CliRunner, make_app: Any,
+                                             redis_env: dict[str, str],
+                                             redis_client: redis.Redis, tmp_path: Path) -> None:
+    app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)
+    store = RedisDeadLetterStore.for_runtime(runtime_of(app))
+    before = {**redis_env, "DEAD_TEST_BEFORE_DEPLOY": "1"}
+    with celery_worker("tests.apps.dead", "normal", before, tmp_path, concurrency=1):
+        sent = app.send_task("tests.apps.dead.late", args=["x"], queue="normal")
+        wait_until(lambda: store.get(sent.id) is not None, 30, 0.2, "the unknown task dead")
+    entry = store.get(sent.id)
+    assert entry is not None and entry.reason == "poison"
+    assert entry.detail == "unknown task 'tests.apps.dead.late'"
+    with celery_worker("tests.apps.dead", "normal", redis_env, tmp_path, concurrency=1):
+        out = cli.invoke(main, ["dead", "replay", sent.id])
+        assert out.exit_code == 0, out.output
+        wait_until(lambda: "late-x" in [x.decode() for x in
+                                        redis_client.lrange(dead_app.RAN, 0, -1)],
+                   30, 0.2, "the replayed task to run")
+    replayed = store.get(sent.id)
+    assert replayed is not None and replayed.state == "replayed"
+    assert out.output.strip() == f"{sent.id} -> {replayed.replayed_as}"

@@ -58,3 +58,10 @@ def crashy(items: list[dict[str, Any]]) -> None:
         os._exit(13)
     for item in items:
         _ran(f"crashy-{item['i']}")
+
+
+if not os.environ.get("DEAD_TEST_BEFORE_DEPLOY"):
+    # Absent from a worker started with DEAD_TEST_BEFORE_DEPLOY=1: a task not deployed yet.
+    @priority_task(priority="normal", name="tests.apps.dead.late")
+    def late(label: str) -> None:
+        _ran(f"late-{label}")
