@@ -190,4 +190,4 @@ def run_until_signalled(
 def format_table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     for row in rows)
+                     .rstrip() for row in rows)
