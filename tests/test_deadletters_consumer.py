@@ -129,3 +129,27 @@ def test_gate_limits_per_task(make_app: Any, redis_client: redis.Redis) -> None:
     gate = Gate(SimpleNamespace(app=app, hostname="h", strategies={}, connection_errors=()))
     assert gate.limit_of(fragile.name) == 1
     assert gate.limit_of("unknown.task") == runtime_of(app).settings.max_deliveries
+
+
+def test_poison_kept_capped_and_replayable_only_whole(shell: Any,
+                                                      redis_client: redis.Redis) -> None:
+    from taskyard.deadletters.replay import replay_one
+    from taskyard.errors import DeadLetterError
+
+    handler = shell.create_task_handler()
+    big = json.dumps([["y" * 40_000], {}, {}])
+    small = json.dumps([["z"], {}, {}])
+    for message in _messages([(big, "application/json", {"task": "gate.later", "id": "u1"},
+                               False),
+                              (small, "application/json", {"task": "gate.later", "id": "u2"},
+                               False)]):
+        handler(message)
+    store = RedisDeadLetterStore.for_runtime(runtime_of(shell.app))
+    cut, whole = store.get("u1"), store.get("u2")
+    assert cut is not None and whole is not None
+    assert len(cut.body) == 16 * 1024 and not cut.replayable and whole.replayable
+    with pytest.raises(DeadLetterError, match="cut to the size cap"):
+        replay_one(shell.app, store, "u1")
+    with pytest.raises(DeadLetterError, match="cannot become a task"):
+        store.record(whole.__class__(id="u3", reason="poison", detail="not a task", body="x"))
+        replay_one(shell.app, store, "u3")

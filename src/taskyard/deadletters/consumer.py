@@ -164,7 +164,10 @@ class Gate:
             return True  # not recorded: run it rather than lose it
         log.error("task %s[%s]: delivered %d times, moved to the dead letters (crashed)",
                   name, task_id, deliveries)
-        self.runtime.redis.delete(key)
+        try:
+            self.runtime.redis.delete(key)
+        except Exception:  # it expires anyway
+            log.warning("delivery count of %s not deleted", task_id, exc_info=True)
         message.ack()
         return False
 

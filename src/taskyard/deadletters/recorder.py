@@ -107,32 +107,39 @@ class Recorder:
         if exc is not None:
             fields.update(self.exception(exc, None))
         if reason == "poison":
-            fields.update(self.raw(message))
-            fields["replayable"] = False
+            raw = self.raw(message)
+            cut = raw.pop("cut")
+            # Only a task this worker did not know can run once deployed, and only whole.
+            fields["replayable"] = detail.startswith("unknown task") and not cut
+            fields.update(raw)
         elif _is_task_body(payload):
             fields.update(self.arguments(payload[0], payload[1]))
         entry_id = task_id if isinstance(task_id, str) and task_id else _poison_id()
         return DeadLetter(id=entry_id, reason=reason, **fields)
 
     def raw(self, message: Any) -> dict[str, Any]:
-        """The message's headers (JSON-safe, capped) and raw body (capped, text or base64)."""
+        """The message's headers (JSON-safe, capped) and raw body (capped, text or base64), and
+        whether the body was cut."""
         body = message.body
         if isinstance(body, str):
-            text, encoding = body, "utf-8"
+            text, encoding, cut = body, "utf-8", False
         else:
-            raw = bytes(body or b"")[: self.payload_limit]
+            whole = bytes(body or b"")
+            raw, cut = whole[: self.payload_limit], len(whole) > self.payload_limit
             try:
                 text, encoding = raw.decode("utf-8"), "utf-8"
             except UnicodeDecodeError:
                 text, encoding = base64.b64encode(raw).decode(), "base64"
-        text, _ = cap(text, self.payload_limit if encoding == "utf-8" else len(text))
+        if encoding == "utf-8":
+            text, cut_text = cap(text, self.payload_limit)
+            cut = cut or cut_text
         headers_text = json.dumps(message.headers if isinstance(message.headers, dict)
                                   else {"_headers": repr(message.headers)}, default=repr)
         if len(headers_text) > self.payload_limit:
             headers: dict[str, Any] = {"_truncated": cap(headers_text, self.payload_limit)[0]}
         else:
             headers = json.loads(headers_text)
-        return {"body": text, "body_encoding": encoding, "headers": headers,
+        return {"body": text, "body_encoding": encoding, "headers": headers, "cut": cut,
                 "content_encoding": str(getattr(message, "content_encoding", "") or "")}
 
 
