@@ -27,6 +27,8 @@ SEP = "\x1f"
 EVENTS: tuple[str, ...] = ("sent", "received", "started", "deferred", "retried", "succeeded",
                            "failed", "dead")
 _TERMINAL = ("succeeded", "failed", "dead")
+#: Events not yet moved that a lookup reads at most (the newest).
+_LOOKUP_PENDING = 50_000
 #: Events moved per database transaction.
 _DRAIN_CHUNK = 5000
 
@@ -112,7 +114,9 @@ def lookup(runtime: Runtime, engine: Engine | None, task_id: str,
         with engine.connect() as conn:
             events.extend(dict(row._mapping) for row in conn.execute(query))
     try:
-        pending = runtime.redis.lrange(runtime.keys.timeline_pending(), 0, -1)
+        # The newest events only: the collection moves the list every stats interval, so this
+        # is seconds of events; a list that piled up (no collection running) is not read whole.
+        pending = runtime.redis.lrange(runtime.keys.timeline_pending(), -_LOOKUP_PENDING, -1)
     except Exception:
         logger.warning("timeline: pending events unreadable", exc_info=True)
         pending = []
