@@ -101,7 +101,7 @@ def dead_router(state: ApiState) -> APIRouter:
     router = APIRouter(tags=["dead letters"])
     admin = [Depends(state.auth)]
 
-    @router.get("/dead")
+    @router.get("/dead", response_model=m.DeadLetterPage)
     def search(name: str | None = None, queue: str | None = None,
                reason: Reason | None = None,
                exception: Annotated[str | None, Query(description="Exception type.")] = None,
@@ -125,7 +125,8 @@ def dead_router(state: ApiState) -> APIRouter:
                 "entries": [e.to_dict() for e in entries],
                 "batches": batch_dead_letters(state.runtime) if batches and plain else []}
 
-    @router.get("/dead/{entry_id}", responses={404: {"model": m.ErrorBody}})
+    @router.get("/dead/{entry_id}", response_model=m.DeadLetterEntry,
+                responses={404: {"model": m.ErrorBody}})
     def entry(entry_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
         """One dead letter in full."""
         found = dead_store(state).get(entry_id)
@@ -133,7 +134,8 @@ def dead_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, f"no dead letter {entry_id!r}")
         return found.to_dict()
 
-    @router.get("/tasks/{task_id}", responses={404: {"model": m.ErrorBody}})
+    @router.get("/tasks/{task_id}", response_model=m.TaskTimeline,
+                responses={404: {"model": m.ErrorBody}})
     def task(task_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
         """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
         engine = history.engine_for(state.runtime.settings.effective_history_url)

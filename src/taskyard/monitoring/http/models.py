@@ -205,6 +205,73 @@ class AdminResult(BaseModel):
     detail: dict[str, Any] = {}
 
 
+# The pydantic mypy plugin gives the generated __init__ a "kwargs" parameter (the alias) beside
+# its own **kwargs (extra fields allowed); the model itself is fine.
+class DeadLetterEntry(_Row):  # type: ignore[no-redef]
+    """One dead letter: a task (or a message that is not one) that will not run again alone."""
+
+    id: str = Field(description="The task id (or a generated id for a message that is not one).")
+    reason: str = Field(description="failed, crashed, poison, undecodable, expired, ...")
+    name: str = ""
+    queue: str = ""
+    state: str = Field("dead", description="dead or replayed.")
+    args: str = Field("[]", description="Positional arguments, as JSON.")
+    # Named apart from "kwargs" (its JSON name): a field may not shadow BaseModel's **kwargs.
+    kwargs_json: str = Field("{}", validation_alias="kwargs", serialization_alias="kwargs",
+                             description="Keyword arguments, as JSON.")
+    replayable: bool = True
+    exception_type: str = ""
+    exception: str = ""
+    traceback: str = ""
+    deliveries: int = 1
+    attempts: int = 1
+    worker: str = ""
+    first_at: float = Field(0.0, description="First death (s since epoch).")
+    last_at: float = Field(0.0, description="Latest death (s since epoch).")
+    times: int = 1
+    detail: str = ""
+    replay_of: str = ""
+    replayed_as: str = ""
+    replayed_at: float = 0.0
+
+
+class DeadLetterPage(_Row):
+    """A page of dead letters, newest first, with the dead batches beside them."""
+
+    total: int = Field(description="Dead letters matching the filters.")
+    limit: int
+    offset: int
+    entries: list[DeadLetterEntry]
+    batches: list[dict[str, Any]] = Field(default_factory=list,
+                                          description="Dead batches (unfiltered pages only).")
+
+
+class TimelineEvent(_Row):
+    """One step of a task: sent, received, started, retried, deferred, succeeded, failed, dead."""
+
+    at: float = Field(description="When (s since epoch).")
+    event: str
+    name: str | None = None
+    queue: str | None = None
+    worker: str | None = None
+    detail: str | None = None
+
+
+class TaskTimeline(_Row):
+    """A task's timeline from the task lookup, and its dead letter when it died."""
+
+    task_id: str
+    name: str | None = None
+    queue: str | None = None
+    state: str | None = Field(None, description="The latest step (dead when it died).")
+    first_at: float | None = None
+    last_at: float | None = None
+    started_at: float | None = None
+    counts: dict[str, int] = Field(default_factory=dict)
+    events: list[TimelineEvent] = Field(default_factory=list)
+    dead: DeadLetterEntry | None = None
+
+
 #: Field names each list endpoint's ``?fields=`` accepts.
 def field_names(model: type[BaseModel]) -> tuple[str, ...]:
     """Declared field names of ``model``, in declaration order."""
