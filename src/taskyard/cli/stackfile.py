@@ -15,7 +15,7 @@ import json
 import os
 import shlex
 import time
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,7 @@ class Resolution:
     ignored: str | None = None
 
 
-def apply(environ: dict[str, str] | Any, configured: Any,
+def apply(environ: MutableMapping[str, str], configured: Callable[[str], bool],
           directory: Path | None = None) -> Resolution:
     """Fill ``environ`` from the stack file in ``directory`` where ``configured(name)`` is false.
 
