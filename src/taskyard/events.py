@@ -37,6 +37,10 @@ sending_app: ContextVar[Any] = ContextVar("taskyard_sending_app", default=None)
 
 #: Events a producer holds at most; beyond this the oldest are dropped (events are best-effort).
 MAX_BUFFERED_EVENTS = 10_000
+#: Task events a worker buffers before publishing them at once (Celery's default is 24; the
+#: timer still publishes every event_flush_interval_s). Measured: 13 µs of main-process CPU per
+#: event at 200 against 27-31 µs at 24, the encoding and publish spread over more events.
+WORKER_EVENT_BUFFER_LIMIT = 200
 
 _SENT_HEADERS = ("root_id", "parent_id", "eta", "expires", "retries")
 
@@ -140,6 +144,7 @@ class EventBatching(bootsteps.StartStopStep):  # type: ignore[misc]
                 hub.call_later(interval, flush)
 
         dispatcher.on_send_buffered = schedule
+        dispatcher.buffer_limit = max(dispatcher.buffer_limit, WORKER_EVENT_BUFFER_LIMIT)
 
 
 def _node() -> str:
