@@ -54,12 +54,13 @@ def test_sigkill_in_a_loop_under_load_loses_nothing(redis_client: redis.Redis,
     with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
                        name="survivor"):
         wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "every task to run")
-        wait_until(lambda: redis_client.hlen("unacked") == 0, 30, 0.2, "nothing held")
+        # The killed workers' reservations come back (as repeats) and run too: nothing is left
+        # held or queued.
+        wait_until(lambda: redis_client.hlen("unacked") == 0 and not any(
+            redis_client.llen(level) for level in LEVEL_NAMES), 60, 0.2, "nothing left")
     runs = _runs(redis_client)
     assert kills == 4
     assert set(runs) == {f"k{i}" for i in range(total)}
-    for level in LEVEL_NAMES:
-        assert redis_client.llen(level) == 0
     # At-least-once: a task killed mid-run runs again; a handful of such repeats per kill.
     assert sum(runs.values()) - total <= 4 * 2 * 8
 
