@@ -36,6 +36,11 @@ from taskyard.testing import ROOT, child_env, wait_until
 
 REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
 ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_CORE_REDIS_URL": REDIS_URL}
+#: BENCH_CORE_GUARDS=off runs taskyard's workers without resource guards: on a machine other
+#: processes keep busy, the guards would (rightly) hold the benchmark's own work back.
+GUARDS_OFF = os.environ.get("BENCH_CORE_GUARDS", "on") == "off"
+if GUARDS_OFF:
+    ENV["TASKYARD_GUARD__ENABLED"] = "false"
 PEERS_PYTHON = ROOT / ".bench-peers" / "bin" / "python"
 APPS = {"celery": "benchmarks.apps.core_plain", "taskyard": "benchmarks.apps.core_taskyard"}
 ALL = "critical,high,normal,low,batch"
@@ -266,7 +271,8 @@ def run(quick: bool = False) -> list[Result]:
             rows.append(Result(f"core.{'throughput' if side == 'taskyard' else 'fast'}",
                                f"{name} rate, {worker}", "tasks/s", a, b, goal,
                                notes=f"N={n} no-op tasks vs plain Celery -c 2 defaults; median "
-                                     f"of {rounds} alternating rounds ({ratios})"))
+                                     f"of {rounds} alternating rounds ({ratios})"
+                                     + ("; taskyard guards off" if GUARDS_OFF else "")))
         a, b, ratios = _median_round(cpus(side, drains), cpus("celery", drains), False)
         rows.append(Result("core.cpu", f"worker CPU per task, drain, {side}", "µs", a, b,
                            "<= 0.5x plain (ratio >= 2)", higher_is_better=False,
