@@ -264,7 +264,8 @@ def test_collect_reads_slow_statements_cache_and_batches(make_app: Any, redis_cl
     from taskyard.tasks.db import engine
 
     app = make_app("stats-sub", database_url=f"sqlite:///{tmp_path / 'app.db'}",
-                   maintenance={"slow_statement_s": 1e-9})  # every statement is "slow"
+                   maintenance={"slow_statement_s": 1e-9},  # every statement is "slow"
+                   monitoring={"alert_resolve_s": 0.0})  # resolved by the next collection
     runtime = runtime_of(app)
     store = StatsStore(runtime)
     collect(runtime, now=1000.0)  # baseline: windows start here
