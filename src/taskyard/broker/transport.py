@@ -358,7 +358,13 @@ class Channel(kombu_redis.Channel):
         plan = self._fetch_plan
         assert plan is not None
         if self._pending_acks:
-            self._flush_acks()  # idle: nothing to carry them on
+            # Idle: nothing to carry them on. If Redis refuses now, the fetch after the wake
+            # carries them.
+            try:
+                self._flush_acks()
+            except self.connection_errors:
+                logger.warning("could not apply acknowledgements; the next fetch carries them",
+                               exc_info=True)
         timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
         self._fetch_state = _WAKE
         self._brpop_sent_at = monotonic()
