@@ -93,6 +93,30 @@ def delay_rates(n: int, client: redis.Redis) -> tuple[float, float]:
     return rates
 
 
+def buffered_rates(n: int, client: redis.Redis) -> tuple[float, float]:
+    """Items/s of the buffered producer (``.buffered().delay(item)`` per item, timed until its
+    ``flush()`` returned, so every item is in Redis) and of plain ``apply_async`` per item."""
+    client.flushdb()
+    producer = sink.buffered(linger_ms=5)
+    producer.delay(_item(-1))
+    producer.flush()
+    plain_item.apply_async(args=[_item(-1)])
+
+    def ours(offset: int, count: int) -> None:
+        delay = producer.delay
+        for i in range(offset, offset + count):
+            delay(_item(i))
+        producer.flush()
+
+    def theirs(offset: int, count: int) -> None:
+        for i in range(offset, offset + count):
+            plain_item.apply_async(args=[_item(i)])
+
+    rates = _interleaved(n, ours, theirs)
+    client.flushdb()
+    return rates
+
+
 def add_many_rates(n: int, client: redis.Redis, chunk: int = 5000) -> tuple[float, float]:
     """Items/s of ``.add_many`` (calls of ``chunk`` items) and of plain Celery publishing one
     task per item over one held producer connection (its cheapest per-item path)."""
@@ -167,6 +191,13 @@ def run(quick: bool = False) -> list[Result]:
                        delay_celery, ">= 5x plain apply_async",
                        notes=f"N={n}, one process, no worker, {ROUNDS} alternating rounds; plain "
                              "Celery: apply_async per item"))
+    buffered_ours, buffered_celery = buffered_rates(n, client)
+    rows.append(Result("batching.enqueue", "buffered .delay(item) rate, durable at flush",
+                       "items/s", buffered_ours, buffered_celery,
+                       ">= 50,000 items/s and >= 12x plain apply_async",
+                       notes=f"N={n}, .buffered(linger_ms=5).delay per item, timed until flush() "
+                             f"returned; {ROUNDS} alternating rounds; plain Celery: apply_async "
+                             "per item"))
     many_ours, many_celery = add_many_rates(n, client)
     rows.append(Result("batching.enqueue", ".add_many rate", "items/s", many_ours, many_celery,
                        ">= 100,000 items/s",

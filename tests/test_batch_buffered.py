@@ -115,7 +115,8 @@ def test_a_full_buffer_found_in_the_background_is_raised_by_flush(
     with pytest.raises(BatchBufferFull) as info:
         producer.flush()
     assert info.value.limit == 10 and info.value.buffered == 10
-    assert info.value.accepted == 0 and info.value.rejected == (0, 1, 2)
+    # Sequence numbers of the refused items: the 11th to 13th delay() on this producer.
+    assert info.value.accepted == 0 and info.value.rejected == (10, 11, 12)
     assert producer.rejected == 3 and producer.appended == 10
     producer.flush()  # reported once
 

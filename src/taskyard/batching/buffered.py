@@ -13,8 +13,9 @@ append that ``.add_many`` uses. What that changes, and how each case is handled:
   item); the parent's pending items stay the parent's, so none is appended twice.
 - **Full buffers**: Redis refuses items once the batch name holds ``max_buffered``. The refusal
   is found by the background append; it is counted (:attr:`BufferedProducer.rejected`), logged,
-  and raised to the next caller of :meth:`flush` as :class:`BatchBufferFull` (``accepted`` and
-  the ``rejected`` positions among the items given since the previous flush).
+  and raised to the next caller of :meth:`flush` as :class:`BatchBufferFull` (``accepted``
+  since the previous flush, and the ``rejected`` items' sequence numbers: the n-th ``delay`` on
+  this producer in this process is number n, from 0).
 - **Redis unreachable**: nothing is dropped; the items stay buffered and are retried, and
   :meth:`flush` raises ``BufferUnavailable``. At most ``max_pending`` items are held: the item
   that finds the buffer full flushes in the caller's thread (back-pressure), raising if Redis
@@ -24,11 +25,13 @@ append that ``.add_many`` uses. What that changes, and how each case is handled:
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import os
 import threading
 import time
 import weakref
+from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +85,14 @@ class BufferedProducer:
         self._drain_lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        #: (position since the last flush, group, encoded item), oldest first.
-        self._pending: list[tuple[int, str, str]] = []
-        self._given = 0
+        #: (sequence number, group, encoded item), oldest first. deque.append and popleft are
+        #: atomic, so producers never take a lock on the per-item path.
+        self._pending: deque[tuple[int, str, str]] = deque()
+        self._sequence = itertools.count()  # next() is atomic too
         self._accepted_since_flush = 0
         self._refused: list[int] = []
         self._buffered_at_refusal = 0
+        self._limits: tuple[Any, int, int] | None = None
 
     # --- producing ----------------------------------------------------------------------------
     def delay(self, item: Any) -> AddResult:
@@ -98,21 +103,21 @@ class BufferedProducer:
             BatchBufferFull, BufferUnavailable: only when the local buffer was full and the
                 flush this call then made failed.
         """
-        if self._pid != os.getpid():
-            self._reset()
         definition = self.definition
-        state = definition.state(self.app)
-        entry = definition.encode(item, state.options.max_item_bytes)
-        group = definition.group_of(item)
-        with self._lock:
-            self._pending.append((self._given, group, entry))
-            self._given += 1
-            held = len(self._pending)
-            if self._thread is None:
-                self._start()
+        limits = self._limits
+        if limits is None:
+            opts = definition.state(self.app).options
+            limits = self._limits = (opts, opts.max_item_bytes,
+                                     min(self.max_pending, opts.max_buffered))
+        entry = definition.encode(item, limits[1])
+        pending = self._pending
+        pending.append((next(self._sequence), definition.group_of(item), entry))
+        held = len(pending)
+        if self._thread is None:
+            self._start()
         if held == 1:
             self._wake.set()
-        if held >= min(self.max_pending, state.options.max_buffered):
+        elif held >= limits[2]:
             self.flush()
         return AddResult(1, ())
 
@@ -127,7 +132,7 @@ class BufferedProducer:
     @property
     def pending(self) -> int:
         """Items held in this process, not yet appended to Redis."""
-        return len(self._pending) if self._pid == os.getpid() else 0
+        return len(self._pending)
 
     # --- flushing -----------------------------------------------------------------------------
     def flush(self) -> int:
@@ -138,15 +143,11 @@ class BufferedProducer:
                 error says how many were accepted and which positions were refused.
             BufferUnavailable: Redis cannot be reached; the items stay held and are retried.
         """
-        if self._pid != os.getpid():
-            self._reset()
         appended = self._drain()
         with self._lock:
             refused, self._refused = self._refused, []
             accepted, self._accepted_since_flush = self._accepted_since_flush, 0
             buffered = self._buffered_at_refusal
-            self._given = len(self._pending)
-            self._pending = [(i, g, e) for i, (_, g, e) in enumerate(self._pending)]
         if refused:
             opts = self.definition.state(self.app).options
             raise BatchBufferFull(self.definition.batch_name, buffered, opts.max_buffered,
@@ -156,15 +157,15 @@ class BufferedProducer:
     def _drain(self) -> int:
         """Append what is held (one pipelined round trip per 2,000-item chunk); thread-safe."""
         with self._drain_lock:
-            with self._lock:
-                taken, self._pending = self._pending, []
+            pending = self._pending
+            taken = [pending.popleft() for _ in range(len(pending))]
             if not taken:
                 return 0
             try:
                 self._append(taken)
             except BufferUnavailable:
+                pending.extendleft(reversed(taken))  # nothing accepted: keep them, in order
                 with self._lock:
-                    self._pending[:0] = taken  # nothing accepted: keep them, oldest first
                     self.unavailable += 1
                 raise
             return len(taken)
@@ -215,6 +216,12 @@ class BufferedProducer:
 
     # --- the background thread ------------------------------------------------------------------
     def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._start_locked()
+
+    def _start_locked(self) -> None:
         thread = threading.Thread(target=self._run, name=f"taskyard-buffer-"
                                   f"{self.definition.batch_name}", daemon=True)
         self._thread = thread
@@ -282,7 +289,7 @@ def existing_producer(definition: BatchDefinition, app: Any) -> BufferedProducer
 def flush_all() -> None:
     """Flush every producer of this process (the exit hook); failures are logged."""
     for producer in list(_producers):
-        if producer._pid != os.getpid() or (not producer._pending and not producer._refused):
+        if not producer._pending and not producer._refused:
             continue
         try:
             producer.flush()
