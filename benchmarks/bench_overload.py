@@ -227,9 +227,18 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
         "stack_cpu_per_run_ms": (stack1 - stack0) / runs * 1000 if runs else float("nan"),
         "reaps": delta("high", "reaps"), "high_runs": delta("high", "succeeded"),
         "alert_changes": len(changes),
+        "alert_changes_by_rule": _count(f"{c.get('alertname')}:{c.get('state')}"
+                                        for c in changes),
         "paused": {w["hostname"]: w.get("paused_reasons") or w.get("paused_queues")
                    for w in workers},
     }
+
+
+def _count(names: Iterator[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _workers(runtime: Any) -> list[dict[str, Any]]:
