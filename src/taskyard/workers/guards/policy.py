@@ -15,7 +15,9 @@ Each level has a rule (``GuardSettings.level_policy``); for admission the rules 
 ``memory_critical``  the same as ``critical``
 
 A task with ``requires_memory_mb`` is also held until that much memory is available. The rules are
-turned into one number per level once, so a decision is two comparisons.
+turned into limits per level once, so a decision is two comparisons. (The CPU limit of a rule is
+kept beside the memory one for readers of the policy, such as the overload benchmark's model of
+the landed design; admission does not use it.)
 """
 
 from __future__ import annotations
