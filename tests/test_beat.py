@@ -96,7 +96,8 @@ def test_failed_maintenance_is_recorded_and_worker_keeps_running(
     env = {**redis_env, **NO_GUARDS, "TASKYARD_SCHEDULE__DISABLED": OTHER_JOBS,
            "TASKYARD_SCHEDULE__WARM_ON_START": "false",
            "TASKYARD_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1:1/test",
-           "TASKYARD_HISTORY_DATABASE_URL": history}
+           "TASKYARD_HISTORY_DATABASE_URL": history,
+           "TASKYARD_MAINTENANCE__METADATA": "examples.bdc.models:Base.metadata"}
     sender = make_app("sender", database_url="sqlite://", history_database_url=history)
     with celery_worker("tests.apps.periodic", "low", env, tmp_path, concurrency=1,
                        name="maint") as worker:
