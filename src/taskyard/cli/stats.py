@@ -54,9 +54,10 @@ def show(app_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    _table("queues", ["queue", "depth", "ready", "reserved"],
+    _table("queues", ["queue", "depth", "ready", "reserved", "scheduled"],
            [[q["queue"], str(q["depth"]), str(q["ready"]),
-             str(q["reserved"]) if q.get("reserved_known", True) else "?"]
+             str(q["reserved"]) if q.get("reserved_known", True) else "?",
+             "?" if q.get("scheduled") is None else str(q["scheduled"])]
             for q in data["queues"]])
     _table("workers", ["worker", "alive", "age", "memory", "cpu", "paused"],
            [[str(w["hostname"]), "yes" if w["alive"] else "NO", _fmt(w.get("age_s"), " s"),
