@@ -31,7 +31,7 @@ from celery._state import get_current_app, get_current_worker_task
 from taskyard import signals as taskyard_signals
 from taskyard.events import sending_app
 from taskyard.monitoring import timeline
-from taskyard.runtime import Runtime
+from taskyard.runtime import Runtime, find_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -398,10 +398,11 @@ def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
                                             dispatch_uid=uid + ".process_shutdown")
     signals.worker_shutdown.connect(receivers.shutdown, weak=False, dispatch_uid=uid + ".shutdown")
     atexit.register(receivers.shutdown)
-    app._taskyard_capture = capture
+    runtime.capture = capture
     return capture
 
 
 def capture_of(app: Celery) -> Capture | None:
     """The capture installed on ``app``, if any."""
-    return getattr(app, "_taskyard_capture", None)
+    runtime = find_runtime(app)
+    return runtime.capture if runtime is not None else None
