@@ -34,8 +34,10 @@ def recovery_s(client: redis.Redis, log_dir: Path, reserved: int = 100) -> float
 
     client.flushdb()
     client.set("bench:gate", 1)
-    with celery_worker(APP, "normal", bench_core.ENV, log_dir, concurrency=1, name="doomed",
-                       extra=("--prefetch-multiplier", str(reserved + 1))) as doomed:
+    # All five queues: a worker consuming critical keeps the prefetch it is given (one on
+    # normal alone would reserve taskyard's bulk prefetch, 4 per process, instead).
+    with celery_worker(APP, bench_core.ALL, bench_core.ENV, log_dir, concurrency=1,
+                       name="doomed", extra=("--prefetch-multiplier", str(reserved + 1))) as doomed:
         app.hold.delay()
         wait_until(lambda: client.exists("bench:holding"), 60, 0.05, "the busy task")
         for _ in range(reserved):
@@ -45,7 +47,8 @@ def recovery_s(client: redis.Redis, log_dir: Path, reserved: int = 100) -> float
         doomed.kill(signal.SIGKILL)
         killed = time.monotonic()
     client.delete("bench:gate")
-    with celery_worker(APP, "normal", bench_core.ENV, log_dir, concurrency=2, name="rescuer"):
+    with celery_worker(APP, bench_core.ALL, bench_core.ENV, log_dir, concurrency=2,
+                       name="rescuer"):
         wait_until(lambda: int(client.get("bench:done") or 0) >= reserved, 300, 0.05,
                    "the reserved tasks to run again")
         elapsed = time.monotonic() - killed
