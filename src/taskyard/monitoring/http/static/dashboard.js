@@ -88,6 +88,8 @@
     (root || document).querySelectorAll("figure.tchart").forEach(draw);
   }
   window.taskyardCharts = drawAll;
+  // The same short numbers as the server's format_value (hover titles), for tests.
+  window.taskyardFormat = fmt;
 
   function refresh() {
     var body = document.body;
