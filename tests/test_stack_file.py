@@ -93,6 +93,14 @@ def test_a_file_of_an_ended_stack_is_ignored_with_a_reason(tmp_path: Path) -> No
     assert str(stack.pid) in line
 
 
+def test_a_reused_pid_is_not_the_stack(tmp_path: Path) -> None:
+    """A live process that started after the file was written did not write it."""
+    stack = stackfile.new(stackfile.stack_path(tmp_path), {}, {})
+    assert stack.alive
+    stack.started_at -= 3600  # written an hour before this process started
+    assert not stack.alive
+
+
 def test_configured_reads_what_the_settings_module_read(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKYARD_MONITORING__API_PORT", "8123")

@@ -41,8 +41,16 @@ class StackFile:
 
     @property
     def alive(self) -> bool:
-        """Whether the process that wrote the file still runs."""
-        return pid_alive(self.pid)
+        """Whether the process that wrote the file still runs (not another one that got its
+        pid later: that one started after the file was written)."""
+        if not pid_alive(self.pid):
+            return False
+        import psutil
+
+        try:
+            return bool(psutil.Process(self.pid).create_time() <= self.started_at + 1.0)
+        except psutil.Error:
+            return False
 
     def as_json(self) -> dict[str, Any]:
         return {"version": VERSION, "pid": self.pid, "started_at": self.started_at,
