@@ -86,6 +86,27 @@ def one_round(side: str, n: int, lead_s: float, spread_s: float, client: redis.R
             "sent_in_s": sent_in, "early": float(sum(1 for x in late if x < -0.05))}
 
 
+def drain_rate(delays_on: bool, n: int, client: redis.Redis, log_dir: Path) -> float:
+    """No-op tasks/s of a taskyard worker draining a backlog, its mover on or off."""
+    client.flushdb()
+    import importlib
+
+    noop = importlib.import_module(SIDES["taskyard"][0]).noop
+    with importlib.import_module(SIDES["taskyard"][0]).app.producer_or_acquire() as producer:
+        for _ in range(n):
+            noop.apply_async(producer=producer)
+    env = {**ENV, "TASKYARD_BROKER_DELAYS": "true" if delays_on else "false"}
+    with celery_worker(SIDES["taskyard"][0], "normal", env, log_dir, concurrency=2,
+                       name=f"bd-drain-{delays_on}"):
+        wait_until(lambda: int(client.get("bench:delays:done") or 0) >= n, 600, 0.1,
+                   message=f"{n} no-op tasks")
+        time.sleep(0.2)
+        first = float(client.get("bench:delays:first") or 0)
+        last = float(client.get("bench:delays:last") or 0)
+    client.flushdb()
+    return (n - 1) / max(1e-6, last - first)
+
+
 def run(quick: bool) -> list[Result]:
     n, lead_s, spread_s, rounds = (2000, 30.0, 10.0, 1) if quick else (10_000, 60.0, 40.0, 2)
     client = redis.Redis.from_url(REDIS_URL)
@@ -95,6 +116,12 @@ def run(quick: bool) -> list[Result]:
         order = ("taskyard", "celery") if round_no % 2 == 0 else ("celery", "taskyard")
         for side in order:
             got[side].append(one_round(side, n, lead_s, spread_s, client, log_dir))
+
+    drain_n = 2000 if quick else 10_000
+    drains: dict[bool, list[float]] = {True: [], False: []}
+    for round_no in range(3):
+        for on in ((True, False) if round_no % 2 == 0 else (False, True)):
+            drains[on].append(drain_rate(on, drain_n, client, log_dir))
 
     def med(side: str, key: str) -> float:
         return statistics.median(r[key] for r in got[side])
@@ -120,4 +147,10 @@ def run(quick: bool) -> list[Result]:
                      f"{med('celery', 'late_max_ms'):.0f} ms; started early (> 50 ms before "
                      f"the ETA): taskyard {med('taskyard', 'early'):.0f}, celery "
                      f"{med('celery', 'early'):.0f}"),
+        Result("delays.overhead", "no-op drain, mover on vs off (TASKYARD_BROKER_DELAYS)",
+               "tasks/s", statistics.median(drains[True]), statistics.median(drains[False]),
+               goal=">= 0.97x", notes=f"{drain_n} queued no-op tasks, taskyard worker -c 2, "
+               "3 alternating rounds, medians; the 'celery' column is taskyard with the mover "
+               f"off; rounds on {[round(x) for x in drains[True]]}, off "
+               f"{[round(x) for x in drains[False]]}"),
     ]

@@ -19,3 +19,11 @@ _redis = redis.Redis.from_url(REDIS_URL)
 @priority_task(priority="normal", name="bench.delays.ty.stamp")
 def stamp(due: float) -> None:
     _redis.rpush("bench:delays:late", time.time() - due)
+
+
+@priority_task(priority="normal", name="bench.delays.ty.noop")
+def noop() -> None:
+    if _redis.incr("bench:delays:done") == 1:
+        _redis.set("bench:delays:first", time.time())
+    else:
+        _redis.set("bench:delays:last", time.time())
