@@ -48,8 +48,10 @@ def unpack(packed: str | bytes) -> dict[str, Any] | None:
         at = float(parts[1])
     except ValueError:
         return None
-    return {"task_id": parts[0], "at": at, "event": parts[2], "name": parts[3],
-            "queue": parts[4], "worker": parts[5], "detail": parts[6]}
+    # Cut to the column widths (history.task_events): a longer value must not fail the insert
+    # of its whole chunk, again at every collection.
+    return {"task_id": parts[0][:255], "at": at, "event": parts[2][:32], "name": parts[3][:255],
+            "queue": parts[4][:255], "worker": parts[5][:255], "detail": parts[6][:2000]}
 
 
 def append(pipe: Any, runtime: Runtime, events: list[str]) -> None:
