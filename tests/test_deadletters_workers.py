@@ -176,7 +176,7 @@ def test_crashing_batch_goes_dead_after_max_deliveries(producer: Any,
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=1) as worker:
         dead_app.crashy.add_many([{"i": 0, "crash": True}, {"i": 1}, {"i": 2}])
         dead_app.crashy.add_many([{"i": i} for i in range(3, 9)])
-        wait_until(lambda: len(list_dead(producer, "crashy")) == 1, 90, 0.2,
+        wait_until(lambda: len(list_dead(producer, "crashy")) == 1, 150, 0.2,
                    "the crashing batch in the dead letters")
         wait_until(lambda: sum(x.startswith("crashy-") and x != "crashy-crash"
                                for x in ran(redis_client)) == 6, 30, message="the other batches")
