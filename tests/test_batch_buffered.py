@@ -262,3 +262,29 @@ def test_manual_flush_takes_the_held_items_too(make_app: Any, redis_client: redi
     assert state["in_flight"] == 1 and state["pending"] == 7
     time.sleep(0)  # nothing left for the thread
     assert manual.buffered().pending == 0
+
+
+def test_items_from_several_threads_are_appended_without_a_flush(
+        make_app: Any, redis_client: redis.Redis) -> None:
+    import threading
+
+    app = make_app("buf9")
+
+    @batch_task(batch_name="woken", batch_size=1000, max_wait=60, linger_ms=2)
+    def woken(items: list[Any]) -> None: ...
+
+    start = threading.Barrier(4)
+
+    def produce(base: int) -> None:
+        start.wait()  # all four append into the empty buffer at once
+        for i in range(500):
+            woken.delay({"i": base + i})
+
+    workers = [threading.Thread(target=produce, args=(k * 1000,)) for k in range(4)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    # No flush: the background thread alone must take every item, whoever appended first.
+    wait_until(lambda: len(_all_items(redis_client, app, "woken")) == 2000, 10,
+               message="the background thread to append 2,000 items")

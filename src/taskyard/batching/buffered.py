@@ -112,12 +112,12 @@ class BufferedProducer:
         entry = definition.encode(item, limits[1])
         pending = self._pending
         pending.append((next(self._sequence), definition.group_of(item), entry))
-        held = len(pending)
         if self._thread is None:
             self._start()
-        if held == 1:
-            self._wake.set()
-        elif held >= limits[2]:
+        wake = self._wake
+        if not wake.is_set():  # set at most once per linger: the thread clears it per round
+            wake.set()
+        if len(pending) >= limits[2]:
             self.flush()
         return AddResult(1, ())
 
