@@ -141,6 +141,10 @@ def test_queue_now_bars_stack_ready_and_reserved() -> None:
     for level in LEVELS:
         assert level in labels
     assert "9 (1 reserved)" in labels
+    data = sample()
+    data["queues"][0]["oldest_ready_age_s"] = 3.25
+    labels = [t.text for t in ET.fromstring(dashboard.queue_now_chart(data)).iter(f"{SVG}text")]
+    assert "5 (1 reserved, oldest 3.25 s)" in labels
 
 
 def test_empty_store_renders_placeholders_not_errors() -> None:

@@ -139,6 +139,12 @@ def queue_depth_chart(data: dict[str, Any]) -> str:
                       start=data["now"] - data["window_s"], end=data["now"], unit="msg")
 
 
+def _oldest(queue: dict[str, Any]) -> str:
+    """", oldest 3.2 s" when the queue's oldest ready message has an age."""
+    age = _num(queue.get("oldest_ready_age_s"))
+    return f", oldest {format_value(age, 's')}" if age is not None else ""
+
+
 def queue_now_chart(data: dict[str, Any]) -> str:
     bars = []
     for q in data["queues"]:
@@ -148,7 +154,7 @@ def queue_now_chart(data: dict[str, Any]) -> str:
         bars.append(Bar(q["queue"], [(float(q.get("ready", 0)),
                                       LEVEL_COLORS.get(q["queue"], "#6b7280"), "ready"),
                                      (float(q.get("reserved", 0)), "#9ca3af", "reserved")],
-                        note=f"{q.get('depth', 0)} ({reserved})"))
+                        note=f"{q.get('depth', 0)} ({reserved}{_oldest(q)})"))
     return bar_chart("Queue depth now: ready and reserved", bars, unit="msg",
                      empty="queue depths unavailable")
 
