@@ -36,9 +36,13 @@ def prefix() -> Iterator[str]:
     mark = f"tl-{uuid.uuid4().hex[:8]}-"
     yield mark
     for url in list(history._engines):
-        with history.engine_for(url).begin() as conn:
-            conn.execute(history.task_events.delete().where(
-                history.task_events.c.task_id.like(mark + "%")))
+        try:
+            with history.engine_for(url).begin() as conn:
+                conn.execute(history.task_events.delete().where(
+                    history.task_events.c.task_id.like(mark + "%")))
+        except sa.exc.OperationalError:
+            # An engine other tests made on purpose for a database that is down.
+            continue
 
 
 def test_drain_lookup_and_prune(make_app: Any, engine: sa.engine.Engine, prefix: str,
