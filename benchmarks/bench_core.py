@@ -191,6 +191,8 @@ def critical_waits(side: str, flood: int, criticals: int, client: redis.Redis,
     client.flushdb()
     worker = Worker(side, log_dir)
     try:
+        _enqueue(side, 1)  # a warm-up task: the worker is consuming once it has run
+        _wait_done(client, worker, 1, f"{side} to start")
         for _ in range(flood):
             low.delay(0.005)
         for _ in range(criticals):
