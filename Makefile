@@ -38,8 +38,10 @@ bench: $(STAMP) services
 	bash scripts/ensure-bench-peers.sh
 	$(BIN)/python -m benchmarks
 
+## Lint, format check and types (CI runs it before the tests).
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy src
 
 clean:

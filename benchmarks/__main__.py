@@ -26,13 +26,17 @@ def available() -> list[str]:
 
 
 def table(rows: list[Result]) -> str:
-    lines = ["| benchmark | metric | taskyard | plain Celery | ratio | goal |",
-             "| --- | --- | ---: | ---: | ---: | --- |"]
+    lines = [
+        "| benchmark | metric | taskyard | plain Celery | ratio | goal |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         celery = "" if r.celery is None else f"{r.celery:,.4g}"
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.benchmark} | {r.metric} ({r.unit}) | {r.taskyard:,.4g} | {celery} | "
-                     f"{ratio} | {r.goal} |")
+        lines.append(
+            f"| {r.benchmark} | {r.metric} ({r.unit}) | {r.taskyard:,.4g} | {celery} | "
+            f"{ratio} | {r.goal} |"
+        )
     return "\n".join(lines)
 
 
@@ -59,11 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     stored = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
     for row in results:
         stored["results"][f"{row.benchmark}/{row.metric}"] = {
-            **row.as_dict(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **row.as_dict(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "quick": args.quick,
         }
-    stored["machine"] = {"python": platform.python_version(), "cpus": _cpus(),
-                         "platform": platform.platform()}
+    stored["machine"] = {
+        "python": platform.python_version(),
+        "cpus": _cpus(),
+        "platform": platform.platform(),
+    }
     RESULTS.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
     print(table(results))
     print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")

@@ -73,8 +73,9 @@ async def _response(reader: asyncio.StreamReader) -> bytes:
     return head[9:12]
 
 
-async def _connection(host: str, port: int, path: str, deadline: float,
-                      latencies: list[float], errors: list[str]) -> None:
+async def _connection(
+    host: str, port: int, path: str, deadline: float, latencies: list[float], errors: list[str]
+) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: gzip\r\n\r\n".encode()
     try:
@@ -93,18 +94,25 @@ async def _connection(host: str, port: int, path: str, deadline: float,
         writer.close()
 
 
-async def _load(host: str, port: int, path: str, seconds: float,
-                connections: int) -> dict[str, Any]:
+async def _load(
+    host: str, port: int, path: str, seconds: float, connections: int
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     started = time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(_connection(host, port, path, deadline, latencies, errors)
-                           for _ in range(connections)))
+    await asyncio.gather(
+        *(_connection(host, port, path, deadline, latencies, errors) for _ in range(connections))
+    )
     elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "elapsed_s": elapsed, "errors": len(errors),
-            "rps": len(latencies) / elapsed,
-            "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000}
+    return {
+        "requests": len(latencies),
+        "elapsed_s": elapsed,
+        "errors": len(errors),
+        "rps": len(latencies) / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
 
 
 def _load_main(argv: list[str]) -> None:
@@ -115,16 +123,29 @@ def _load_main(argv: list[str]) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         pass
-    print(json.dumps(asyncio.run(_load(host, int(port), path, float(seconds),
-                                       int(connections)))))
+    print(json.dumps(asyncio.run(_load(host, int(port), path, float(seconds), int(connections)))))
 
 
 def load(port: int, path: str, seconds: float) -> dict[str, Any]:
     """Run the load generator in a separate process against 127.0.0.1:port."""
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_api", "--load", "127.0.0.1", str(port), path,
-         str(seconds), str(CONNECTIONS)],
-        cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60, check=True)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_api",
+            "--load",
+            "127.0.0.1",
+            str(port),
+            path,
+            str(seconds),
+            str(CONNECTIONS),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -186,21 +207,48 @@ def _seed(url: str, database_url: str) -> None:
     for w in range(4):
         host = f"worker{w}@bench"
         client.zadd(keys.workers(), {host: now})
-        client.set(keys.worker_heartbeat(host), json.dumps(
-            {"hostname": host, "at": now, "memory_pct": 40.0 + w, "cpu_pct": 20.0 + w}), ex=600)
-    client.hset(keys.alerts(), "queue_depth@normal", json.dumps({
-        "id": "queue_depth@normal", "alertname": "queue_depth", "severity": "warning",
-        "state": "firing", "since": now, "resolved_at": None, "value": 1200.0,
-        "threshold": 1000.0, "labels": {"queue": "normal"}, "summary": "normal is deep"}))
+        client.set(
+            keys.worker_heartbeat(host),
+            json.dumps({"hostname": host, "at": now, "memory_pct": 40.0 + w, "cpu_pct": 20.0 + w}),
+            ex=600,
+        )
+    client.hset(
+        keys.alerts(),
+        "queue_depth@normal",
+        json.dumps(
+            {
+                "id": "queue_depth@normal",
+                "alertname": "queue_depth",
+                "severity": "warning",
+                "state": "firing",
+                "since": now,
+                "resolved_at": None,
+                "value": 1200.0,
+                "threshold": 1000.0,
+                "labels": {"queue": "normal"},
+                "summary": "normal is deep",
+            }
+        ),
+    )
     client.lpush("normal", *[b"{}"] * 50)
     client.close()
 
 
 def _flower(port: int) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "celery", "-A", "benchmarks.apps.core_plain", "flower",
-            f"--port={port}", "--address=127.0.0.1", "--logging=warning"]
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "benchmarks.apps.core_plain",
+        "flower",
+        f"--port={port}",
+        "--address=127.0.0.1",
+        "--logging=warning",
+    ]
+    return subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 #: Snapshots per series the dashboard finds: one hour at the default 10 s interval.
@@ -219,8 +267,18 @@ def _seed_series(url: str, database_url: str) -> None:
     for back in (20.0, 10.0, 0.0):
         collect(runtime, now=now - back)
     client, keys = runtime.redis, runtime.keys
-    for name in ("overview", "queues", "throughput", "latency", "tasks", "workers", "batches",
-                 "cache", "guards", "alerts"):
+    for name in (
+        "overview",
+        "queues",
+        "throughput",
+        "latency",
+        "tasks",
+        "workers",
+        "batches",
+        "cache",
+        "guards",
+        "alerts",
+    ):
         newest = client.lindex(keys.series(name), 0)
         if not newest:
             continue
@@ -251,19 +309,46 @@ class _Workload:
     def __init__(self, workdir: Path) -> None:
         env = {**os.environ, "BENCH_CORE_REDIS_URL": BENCH_REDIS_URL}
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "benchmarks.apps.core_plain", "worker",
-             "-c", "1", "-E", "--loglevel", "WARNING", "-n", "bench-api@%h",
-             "--without-gossip", "--without-mingle"], cwd=ROOT, env=env,
-            stdout=(workdir / "worker.log").open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "benchmarks.apps.core_plain",
+                "worker",
+                "-c",
+                "1",
+                "-E",
+                "--loglevel",
+                "WARNING",
+                "-n",
+                "bench-api@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=(workdir / "worker.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.producer = subprocess.Popen(
-            [sys.executable, "-c", (
-                "import time\nfrom benchmarks.apps.core_plain import noop\n"
-                f"gap = 1.0 / {WORKLOAD_PER_S}\nnext_at = time.monotonic()\n"
-                "while True:\n    noop.delay()\n    next_at += gap\n"
-                "    time.sleep(max(0.0, next_at - time.monotonic()))\n")],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import time\nfrom benchmarks.apps.core_plain import noop\n"
+                    f"gap = 1.0 / {WORKLOAD_PER_S}\nnext_at = time.monotonic()\n"
+                    "while True:\n    noop.delay()\n    next_at += gap\n"
+                    "    time.sleep(max(0.0, next_at - time.monotonic()))\n"
+                ),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def done(self) -> int:
         client = redis.Redis.from_url(BENCH_REDIS_URL)
@@ -277,13 +362,21 @@ class _Workload:
             _stop(process)
 
 
-def _pages(api_port: int, api: subprocess.Popen[bytes], flower_port: int,
-           flower: subprocess.Popen[bytes], rounds: int, seconds: float) -> dict[str, Any]:
+def _pages(
+    api_port: int,
+    api: subprocess.Popen[bytes],
+    flower_port: int,
+    flower: subprocess.Popen[bytes],
+    rounds: int,
+    seconds: float,
+) -> dict[str, Any]:
     """Alternating rounds: our dashboard and /metrics beside Flower's page and /metrics."""
-    targets = {"dashboard": (api_port, api, "/dashboard?refresh=0"),
-               "flower_page": (flower_port, flower, "/"),
-               "metrics": (api_port, api, "/metrics"),
-               "flower_metrics": (flower_port, flower, "/metrics")}
+    targets = {
+        "dashboard": (api_port, api, "/dashboard?refresh=0"),
+        "flower_page": (flower_port, flower, "/"),
+        "metrics": (api_port, api, "/metrics"),
+        "flower_metrics": (flower_port, flower, "/metrics"),
+    }
     for port, _process, path in targets.values():
         load(port, path, 1.0)  # warm up
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
@@ -291,15 +384,18 @@ def _pages(api_port: int, api: subprocess.Popen[bytes], flower_port: int,
         for name, (port, process, path) in targets.items():
             before = _cpu_s(process)
             figures = load(port, path, seconds)
-            figures["cpu_ms_per_request"] = ((_cpu_s(process) - before) * 1000
-                                            / max(1, figures["requests"]))
+            figures["cpu_ms_per_request"] = (
+                (_cpu_s(process) - before) * 1000 / max(1, figures["requests"])
+            )
             runs[name].append(figures)
     import statistics
 
     out: dict[str, Any] = {}
     for name, results in runs.items():
-        out[name] = {key: statistics.median(r[key] for r in results)
-                     for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")}
+        out[name] = {
+            key: statistics.median(r[key] for r in results)
+            for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request")
+        }
         out[name]["requests"] = sum(r["requests"] for r in results)
         out[name]["errors"] = sum(r["errors"] for r in results)
         out[name]["p99_rounds"] = [round(r["p99_ms"], 1) for r in results]
@@ -307,27 +403,52 @@ def _pages(api_port: int, api: subprocess.Popen[bytes], flower_port: int,
 
 
 def _page_rows(pages: dict[str, Any], rounds: int, seconds: float, done: int) -> list[Result]:
-    setup = (f"{CONNECTIONS} keep-alive connections, {rounds} alternating round(s) of "
-             f"{seconds:.0f} s per target, one uvicorn worker (api_cache_s=1.0) vs one Flower, "
-             f"a celery worker -E running {WORKLOAD_PER_S:.0f} no-op tasks/s ({done} done), "
-             "2 shared cores")
+    setup = (
+        f"{CONNECTIONS} keep-alive connections, {rounds} alternating round(s) of "
+        f"{seconds:.0f} s per target, one uvicorn worker (api_cache_s=1.0) vs one Flower, "
+        f"a celery worker -E running {WORKLOAD_PER_S:.0f} no-op tasks/s ({done} done), "
+        "2 shared cores"
+    )
     rows = []
     for mine, theirs, label, what in (
-            ("dashboard", "flower_page", "dashboard", "/dashboard vs Flower's / (workers page)"),
-            ("metrics", "flower_metrics", "metrics_under_work",
-             "/metrics vs Flower's /metrics")):
+        ("dashboard", "flower_page", "dashboard", "/dashboard vs Flower's / (workers page)"),
+        ("metrics", "flower_metrics", "metrics_under_work", "/metrics vs Flower's /metrics"),
+    ):
         a, b = pages[mine], pages[theirs]
-        note = (f"{what}; {setup}; p99 per round {a['p99_rounds']} vs {b['p99_rounds']} ms; "
-                f"{a['requests']} vs {b['requests']} requests, {a['errors']} vs {b['errors']} "
-                "errors")
-        rows.append(Result(f"monitoring.api.{label}", "p99 latency", "ms", a["p99_ms"],
-                           b["p99_ms"], "<= 50 ms and below Flower's", False,
-                           f"p50 {a['p50_ms']:.1f} vs {b['p50_ms']:.1f} ms; {note}"))
-        rows.append(Result(f"monitoring.api.{label}", "requests/s", "req/s", a["rps"], b["rps"],
-                           "", True, note))
-        rows.append(Result(f"monitoring.api.{label}", "server CPU per request", "ms",
-                           a["cpu_ms_per_request"], b["cpu_ms_per_request"], "", False,
-                           "user+sys of the server process / requests served"))
+        note = (
+            f"{what}; {setup}; p99 per round {a['p99_rounds']} vs {b['p99_rounds']} ms; "
+            f"{a['requests']} vs {b['requests']} requests, {a['errors']} vs {b['errors']} "
+            "errors"
+        )
+        rows.append(
+            Result(
+                f"monitoring.api.{label}",
+                "p99 latency",
+                "ms",
+                a["p99_ms"],
+                b["p99_ms"],
+                "<= 50 ms and below Flower's",
+                False,
+                f"p50 {a['p50_ms']:.1f} vs {b['p50_ms']:.1f} ms; {note}",
+            )
+        )
+        rows.append(
+            Result(
+                f"monitoring.api.{label}", "requests/s", "req/s", a["rps"], b["rps"], "", True, note
+            )
+        )
+        rows.append(
+            Result(
+                f"monitoring.api.{label}",
+                "server CPU per request",
+                "ms",
+                a["cpu_ms_per_request"],
+                b["cpu_ms_per_request"],
+                "",
+                False,
+                "user+sys of the server process / requests served",
+            )
+        )
     return rows
 
 
@@ -341,11 +462,20 @@ def run(quick: bool) -> list[Result]:
     _seed_series(BENCH_REDIS_URL, database_url)
 
     port = _free_port()
-    env = {**os.environ, "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
-           "TASKYARD_DATABASE_URL": database_url, "TASKYARD_MONITORING__API_PORT": str(port)}
-    api = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "api", "--log-level",
-                            "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    env = {
+        **os.environ,
+        "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
+        "TASKYARD_DATABASE_URL": database_url,
+        "TASKYARD_MONITORING__API_PORT": str(port),
+    }
+    api = subprocess.Popen(
+        [sys.executable, "-m", "taskyard.cli", "api", "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     figures: dict[str, dict[str, Any]] = {}
     try:
         _wait_http(f"http://127.0.0.1:{port}/health/live", api)
@@ -372,9 +502,14 @@ def run(quick: bool) -> list[Result]:
     rounds = QUICK_PAGE_ROUNDS if quick else PAGE_ROUNDS
     page_s = QUICK_PAGE_SECONDS if quick else PAGE_SECONDS
     workload = _Workload(workdir)
-    api = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "api", "--log-level",
-                            "warning"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    api = subprocess.Popen(
+        [sys.executable, "-m", "taskyard.cli", "api", "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     flower = _flower(flower_port)
     page_rows: list[Result] = []
     try:
@@ -390,23 +525,47 @@ def run(quick: bool) -> list[Result]:
     client.close()
 
     rows = []
-    setup = (f"{CONNECTIONS} keep-alive connections, {seconds:.0f} s, one uvicorn worker, "
-             f"api_cache_s=1.0, 2 shared cores")
+    setup = (
+        f"{CONNECTIONS} keep-alive connections, {seconds:.0f} s, one uvicorn worker, "
+        f"api_cache_s=1.0, 2 shared cores"
+    )
     for path, label in (("/api/v1/overview", "overview"), ("/metrics", "metrics")):
         mine = figures[path]
         other = flower_figures if path == "/metrics" else None
-        note = (f"{setup}; {mine['requests']} requests, {mine['errors']} non-200")
+        note = f"{setup}; {mine['requests']} requests, {mine['errors']} non-200"
         if path == "/metrics":
-            note += ("; celery = Flower /metrics, same load" if other
-                     else f"; {flower_note or 'Flower not measured'}")
+            note += (
+                "; celery = Flower /metrics, same load"
+                if other
+                else f"; {flower_note or 'Flower not measured'}"
+            )
         else:
             note += "; plain Celery has no stats API (celery: none)"
-        rows.append(Result(f"monitoring.api.{label}", "requests/s", "req/s", mine["rps"],
-                           other["rps"] if other else None, ">= 500 req/s", True, note))
-        rows.append(Result(f"monitoring.api.{label}", "p99 latency", "ms", mine["p99_ms"],
-                           other["p99_ms"] if other else None, "<= 50 ms", False,
-                           f"p50 {mine['p50_ms']:.1f} ms"
-                           + (f"; Flower p50 {other['p50_ms']:.1f} ms" if other else "")))
+        rows.append(
+            Result(
+                f"monitoring.api.{label}",
+                "requests/s",
+                "req/s",
+                mine["rps"],
+                other["rps"] if other else None,
+                ">= 500 req/s",
+                True,
+                note,
+            )
+        )
+        rows.append(
+            Result(
+                f"monitoring.api.{label}",
+                "p99 latency",
+                "ms",
+                mine["p99_ms"],
+                other["p99_ms"] if other else None,
+                "<= 50 ms",
+                False,
+                f"p50 {mine['p50_ms']:.1f} ms"
+                + (f"; Flower p50 {other['p50_ms']:.1f} ms" if other else ""),
+            )
+        )
     return rows + page_rows
 
 

@@ -39,8 +39,13 @@ def plain_item(item: dict[str, Any]) -> None:
     _redis.incr(DONE)
 
 
-@batch_task(batch_name="bench", batch_size=100, max_wait=0.5, max_buffered=10_000_000,
-            name="bench.batch.sink")
+@batch_task(
+    batch_name="bench",
+    batch_size=100,
+    max_wait=0.5,
+    max_buffered=10_000_000,
+    name="bench.batch.sink",
+)
 def sink(items: list[dict[str, Any]]) -> None:
     _redis.incrby(DONE, len(items))
 
@@ -126,11 +131,11 @@ def add_many_rates(n: int, client: redis.Redis, chunk: int = 5000) -> tuple[floa
 
     def ours(offset: int, count: int) -> None:
         for start in range(offset, offset + count, chunk):
-            sink.add_many(items[start:min(offset + count, start + chunk)])
+            sink.add_many(items[start : min(offset + count, start + chunk)])
 
     def theirs(offset: int, count: int) -> None:
         with plain_app.producer_or_acquire() as producer:
-            for item in items[offset:offset + count]:
+            for item in items[offset : offset + count]:
                 plain_item.apply_async(args=[item], producer=producer)
 
     rates = _interleaved(n, ours, theirs)
@@ -148,10 +153,15 @@ def add_many_buffer_only_rate(n: int, client: redis.Redis, chunk: int = 5000) ->
 
     def append() -> None:
         for start in range(0, n, chunk):
-            entries = [sink.encode(item, opts.max_item_bytes)
-                       for item in items[start:start + chunk]]
-            state.buffer.append_many([("", entries)], batch_size=opts.batch_size,
-                                     max_buffered=opts.max_buffered, lease_ms=opts.lease_ms)
+            entries = [
+                sink.encode(item, opts.max_item_bytes) for item in items[start : start + chunk]
+            ]
+            state.buffer.append_many(
+                [("", entries)],
+                batch_size=opts.batch_size,
+                max_buffered=opts.max_buffered,
+                lease_ms=opts.lease_ms,
+            )
 
     rate = _rate(n, append)
     client.flushdb()
@@ -161,8 +171,11 @@ def add_many_buffer_only_rate(n: int, client: redis.Redis, chunk: int = 5000) ->
 def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path, bulk: bool = False) -> float:
     """Items/s from the first send until the worker has processed all ``n`` items."""
     client.flushdb()
-    target, queue = (("benchmarks.bench_batching:app", "batch") if side == "taskyard"
-                     else ("benchmarks.bench_batching:plain_app", "celery"))
+    target, queue = (
+        ("benchmarks.bench_batching:app", "batch")
+        if side == "taskyard"
+        else ("benchmarks.bench_batching:plain_app", "celery")
+    )
     with celery_worker(target, queue, ENV, log_dir, concurrency=2, name=f"bb-{side}"):
         started = time.perf_counter()
         if side == "celery":
@@ -174,8 +187,9 @@ def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path, bulk: bool
         else:
             for i in range(n):
                 sink.delay(_item(i))
-        wait_until(lambda: int(client.get(DONE) or 0) >= n, 900, 0.005,
-                   f"{side} to process {n} items")
+        wait_until(
+            lambda: int(client.get(DONE) or 0) >= n, 900, 0.005, f"{side} to process {n} items"
+        )
         elapsed = time.perf_counter() - started
     client.flushdb()
     return n / elapsed
@@ -187,36 +201,83 @@ def run(quick: bool = False) -> list[Result]:
     client.flushdb()
     rows = []
     delay_ours, delay_celery = delay_rates(n, client)
-    rows.append(Result("batching.enqueue", ".delay(item) rate", "items/s", delay_ours,
-                       delay_celery, ">= 5x plain apply_async",
-                       notes=f"N={n}, one process, no worker, {ROUNDS} alternating rounds; plain "
-                             "Celery: apply_async per item"))
+    rows.append(
+        Result(
+            "batching.enqueue",
+            ".delay(item) rate",
+            "items/s",
+            delay_ours,
+            delay_celery,
+            ">= 5x plain apply_async",
+            notes=f"N={n}, one process, no worker, {ROUNDS} alternating rounds; plain "
+            "Celery: apply_async per item",
+        )
+    )
     buffered_ours, buffered_celery = buffered_rates(n, client)
-    rows.append(Result("batching.enqueue", "buffered .delay(item) rate, durable at flush",
-                       "items/s", buffered_ours, buffered_celery,
-                       ">= 50,000 items/s and >= 12x plain apply_async",
-                       notes=f"N={n}, .buffered(linger_ms=5).delay per item, timed until flush() "
-                             f"returned; {ROUNDS} alternating rounds; plain Celery: apply_async "
-                             "per item"))
+    rows.append(
+        Result(
+            "batching.enqueue",
+            "buffered .delay(item) rate, durable at flush",
+            "items/s",
+            buffered_ours,
+            buffered_celery,
+            ">= 50,000 items/s and >= 12x plain apply_async",
+            notes=f"N={n}, .buffered(linger_ms=5).delay per item, timed until flush() "
+            f"returned; {ROUNDS} alternating rounds; plain Celery: apply_async "
+            "per item",
+        )
+    )
     many_ours, many_celery = add_many_rates(n, client)
-    rows.append(Result("batching.enqueue", ".add_many rate", "items/s", many_ours, many_celery,
-                       ">= 100,000 items/s",
-                       notes=f"N={n} in calls of 5,000, {ROUNDS} alternating rounds; plain "
-                             "Celery: apply_async per item over one held producer"))
-    rows.append(Result("batching.enqueue", ".add_many rate without flush messages", "items/s",
-                       add_many_buffer_only_rate(n, client), None, "diagnostic",
-                       notes="encode + pipelined Lua append + claims; the flush messages "
-                             f"({n // 100} Celery publishes) left out"))
+    rows.append(
+        Result(
+            "batching.enqueue",
+            ".add_many rate",
+            "items/s",
+            many_ours,
+            many_celery,
+            ">= 100,000 items/s",
+            notes=f"N={n} in calls of 5,000, {ROUNDS} alternating rounds; plain "
+            "Celery: apply_async per item over one held producer",
+        )
+    )
+    rows.append(
+        Result(
+            "batching.enqueue",
+            ".add_many rate without flush messages",
+            "items/s",
+            add_many_buffer_only_rate(n, client),
+            None,
+            "diagnostic",
+            notes="encode + pipelined Lua append + claims; the flush messages "
+            f"({n // 100} Celery publishes) left out",
+        )
+    )
     with tempfile.TemporaryDirectory(prefix="bench-batching-") as tmp:
         log_dir = Path(tmp)
         ours = end_to_end("taskyard", n, client, log_dir)
         ours_bulk = end_to_end("taskyard", n, client, log_dir, bulk=True)
         celery = end_to_end("celery", n, client, log_dir)
-    rows.append(Result("batching.end_to_end", "items processed/s (.delay)", "items/s", ours,
-                       celery, ">= 10x plain Celery",
-                       notes=f"N={n}, batch_size 100, .delay per item; one worker -c 2 each; "
-                             "plain Celery one task per item"))
-    rows.append(Result("batching.end_to_end", "items processed/s (.add_many)", "items/s",
-                       ours_bulk, celery, "",
-                       notes=f"N={n}, batch_size 100, add_many of 5,000; one worker -c 2"))
+    rows.append(
+        Result(
+            "batching.end_to_end",
+            "items processed/s (.delay)",
+            "items/s",
+            ours,
+            celery,
+            ">= 10x plain Celery",
+            notes=f"N={n}, batch_size 100, .delay per item; one worker -c 2 each; "
+            "plain Celery one task per item",
+        )
+    )
+    rows.append(
+        Result(
+            "batching.end_to_end",
+            "items processed/s (.add_many)",
+            "items/s",
+            ours_bulk,
+            celery,
+            "",
+            notes=f"N={n}, batch_size 100, add_many of 5,000; one worker -c 2",
+        )
+    )
     return rows

@@ -19,8 +19,13 @@ import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
 
-_PROFILE = {"id": 42, "email": "user42@bdc.example", "username": "user42", "role": "beneficiary",
-            "is_active": True}
+_PROFILE = {
+    "id": 42,
+    "email": "user42@bdc.example",
+    "username": "user42",
+    "role": "beneficiary",
+    "is_active": True,
+}
 
 
 def _per_call_us(fn: Any, n: int) -> list[float]:
@@ -114,15 +119,35 @@ def run(quick: bool) -> list[Result]:
     client.flushdb()
     client.close()
     return [
-        Result("cache.hit_latency", "@cached hit, mean", "us", mean_ours, mean_bare,
-               goal="<= 1.5x bare GET", higher_is_better=False,
-               notes=f"celery column: bare redis-py GET of the same payload; "
-                     f"{mean_ours / mean_bare:.2f}x; n={n}"),
-        Result("cache.hit_latency", "@cached hit, p50", "us", p50_ours, p50_bare,
-               goal="<= 1.5x bare GET", higher_is_better=False,
-               notes=f"{p50_ours / p50_bare:.2f}x the bare GET"),
-        Result("cache.hit_rate", "example workload after warming", "%", warm, None,
-               goal=">= 80 %",
-               notes=f"same workload on a cold cache: {cold:.1f} %; warmers stored "
-                     f"{report['keys']} keys in {report['duration_s']:.3f} s"),
+        Result(
+            "cache.hit_latency",
+            "@cached hit, mean",
+            "us",
+            mean_ours,
+            mean_bare,
+            goal="<= 1.5x bare GET",
+            higher_is_better=False,
+            notes=f"celery column: bare redis-py GET of the same payload; "
+            f"{mean_ours / mean_bare:.2f}x; n={n}",
+        ),
+        Result(
+            "cache.hit_latency",
+            "@cached hit, p50",
+            "us",
+            p50_ours,
+            p50_bare,
+            goal="<= 1.5x bare GET",
+            higher_is_better=False,
+            notes=f"{p50_ours / p50_bare:.2f}x the bare GET",
+        ),
+        Result(
+            "cache.hit_rate",
+            "example workload after warming",
+            "%",
+            warm,
+            None,
+            goal=">= 80 %",
+            notes=f"same workload on a cold cache: {cold:.1f} %; warmers stored "
+            f"{report['keys']} keys in {report['duration_s']:.3f} s",
+        ),
     ]

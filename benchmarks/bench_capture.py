@@ -38,9 +38,14 @@ BENCH_REDIS_URL = os.environ.get("TASKYARD_BENCH_REDIS_URL", _DEFAULT_BENCH_REDI
 ty_app = create_app("bench_capture")
 #: Plain Celery with the same delivery settings (late acks, prefetch 1, JSON).
 plain_app = Celery("bench_plain", broker=os.environ.get("BENCH_BROKER_URL", BENCH_REDIS_URL))
-plain_app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1, task_ignore_result=True,
-                      task_serializer="json", accept_content=["json"],
-                      worker_hijack_root_logger=False)
+plain_app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    task_serializer="json",
+    accept_content=["json"],
+    worker_hijack_root_logger=False,
+)
 
 _marks: redis.Redis | None = None
 
@@ -91,18 +96,48 @@ def _fill(variant: str, n: int) -> None:
 
 
 def _spawn(variant: str, log_dir: Path) -> subprocess.Popen[bytes]:
-    env = {"TASKYARD_REDIS_URL": BENCH_REDIS_URL, "BENCH_BROKER_URL": BENCH_REDIS_URL,
-           # Measure capture alone: guards would defer work on this shared, busy machine.
-           "TASKYARD_GUARD__ENABLED": "false",
-           "TASKYARD_MONITORING__CAPTURE_ENABLED": "false" if variant == "off" else "true"}
-    app = "benchmarks.bench_capture:plain_app" if variant == "plain" else \
-        "benchmarks.bench_capture:ty_app"
-    argv = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", QUEUES[variant],
-            "-c", "1", "-P", "prefork", "-n", f"bench-{variant}@%h", "--loglevel", "WARNING",
-            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    env = {
+        "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
+        "BENCH_BROKER_URL": BENCH_REDIS_URL,
+        # Measure capture alone: guards would defer work on this shared, busy machine.
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_MONITORING__CAPTURE_ENABLED": "false" if variant == "off" else "true",
+    }
+    app = (
+        "benchmarks.bench_capture:plain_app"
+        if variant == "plain"
+        else "benchmarks.bench_capture:ty_app"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        QUEUES[variant],
+        "-c",
+        "1",
+        "-P",
+        "prefork",
+        "-n",
+        f"bench-{variant}@%h",
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
     with (log_dir / f"capture-{variant}.log").open("wb") as sink:
-        return subprocess.Popen(argv, env=child_env(env), stdout=sink, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT)
+        return subprocess.Popen(
+            argv,
+            env=child_env(env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -125,9 +160,12 @@ def _round(variants: list[str], n: int, log_dir: Path, timeout_s: float) -> dict
         _fill(variant, n)
     procs = {variant: _spawn(variant, log_dir) for variant in variants}
     try:
+
         def done() -> bool:
-            return all(client.exists(MARK_PREFIX + f"{v}:end") == 1 or p.poll() is not None
-                       for v, p in procs.items())
+            return all(
+                client.exists(MARK_PREFIX + f"{v}:end") == 1 or p.poll() is not None
+                for v, p in procs.items()
+            )
 
         wait_until(done, timeout_s, 0.05, "queues to drain")
         rates = {}
@@ -154,8 +192,13 @@ def _traced_here(n: int) -> float:
     ty_app.finalize()
     task = ty_app.tasks["bench.capture.noop"]
     tracer = build_tracer(task.name, task, app=ty_app, eager=False, propagate=False)
-    request = {"id": "bench", "delivery_info": {"routing_key": "normal", "exchange": "taskyard"},
-               SENT_HEADER: time.time(), "hostname": "bench", "is_eager": False}
+    request = {
+        "id": "bench",
+        "delivery_info": {"routing_key": "normal", "exchange": "taskyard"},
+        SENT_HEADER: time.time(),
+        "hostname": "bench",
+        "is_eager": False,
+    }
     for _ in range(n // 10):
         tracer("bench", (), {}, dict(request))
     best = float("inf")
@@ -171,12 +214,23 @@ def traced_cost_us(capture: bool, n: int) -> float:
     """Microseconds per no-op task through Celery's tracer (prerun, the task, postrun: a worker
     child's path without the broker), capture on or off, in a fresh interpreter so no other
     app's receivers are connected."""
-    env = child_env({"TASKYARD_REDIS_URL": BENCH_REDIS_URL, "BENCH_BROKER_URL": BENCH_REDIS_URL,
-                     "TASKYARD_GUARD__ENABLED": "false",
-                     "TASKYARD_MONITORING__CAPTURE_ENABLED": "true" if capture else "false"})
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_capture", "--traced", str(n)],
-                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         check=True)
+    env = child_env(
+        {
+            "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
+            "BENCH_BROKER_URL": BENCH_REDIS_URL,
+            "TASKYARD_GUARD__ENABLED": "false",
+            "TASKYARD_MONITORING__CAPTURE_ENABLED": "true" if capture else "false",
+        }
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_capture", "--traced", str(n)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -189,8 +243,9 @@ def hook_cost_us(n: int) -> float:
     capture = Capture(runtime_of(app))
     receivers = _Receivers(app, capture)
     consumer = type("FakeConsumer", (), {"app": app})()
-    request = type("FakeRequest", (), {"name": "bench.noop",
-                                       "delivery_info": {"routing_key": "normal"}})()
+    request = type(
+        "FakeRequest", (), {"name": "bench.noop", "delivery_info": {"routing_key": "normal"}}
+    )()
     started = time.perf_counter()
     for _ in range(n):
         receivers.received(sender=consumer, request=request)
@@ -206,7 +261,7 @@ def run(quick: bool) -> list[Result]:
     variants = ["on", "off", "plain"]
     per_round: list[dict[str, float]] = []
     for i in range(rounds):
-        order = variants[i % 3:] + variants[:i % 3]  # rotate who starts first
+        order = variants[i % 3 :] + variants[: i % 3]  # rotate who starts first
         per_round.append(_round(order, n, log_dir, timeout_s=240))
     ratios = [r["on"] / r["off"] for r in per_round]
     # The round with the median on/off ratio: its figures are paired (same round, same load).
@@ -223,25 +278,48 @@ def run(quick: bool) -> list[Result]:
     per_task_us = 1e6 / off
     rounds_note = "; ".join(", ".join(f"{v}={r[v]:.0f}" for v in variants) for r in per_round)
     return [
-        Result("monitoring.capture_overhead", "no-op tasks/s, capture on vs capture off",
-               "tasks/s", on, off, goal=">= 0.97",
-               notes=f"'celery' column = taskyard with capture OFF; three 1-process prefork "
-                     f"workers (on, off, plain Celery) draining N={n} pre-filled no-op tasks "
-                     f"side by side; the round with the median on/off ratio of {rounds}; "
-                     f"per-round ratios {[round(x, 3) for x in ratios]} ({rounds_note})"),
-        Result("monitoring.capture_vs_celery", "no-op tasks/s, capture on vs plain Celery",
-               "tasks/s", on, plain,
-               notes="reference: plain Celery app, same delivery settings, same round"),
-        Result("monitoring.capture_cost_per_task", "capture cost per task in the worker",
-               "us", cost_us, goal="<= 3 % of a no-op task", higher_is_better=False,
-               notes=f"traced no-op in process: {traced_on:.1f} us with capture, "
-                     f"{traced_off:.1f} us without (prerun/postrun signals and receivers), plus "
-                     f"the parent's task_received receiver; {100 * cost_us / per_task_us:.2f} % "
-                     f"of the {per_task_us:.0f} us a no-op task took end to end with capture "
-                     f"off, i.e. an expected on/off ratio of "
-                     f"{per_task_us / (per_task_us + cost_us):.3f}"),
-        Result("monitoring.capture_off_vs_celery", "no-op tasks/s, capture off vs plain Celery",
-               "tasks/s", off, plain, notes="taskyard without capture (other subsystems on)"),
+        Result(
+            "monitoring.capture_overhead",
+            "no-op tasks/s, capture on vs capture off",
+            "tasks/s",
+            on,
+            off,
+            goal=">= 0.97",
+            notes=f"'celery' column = taskyard with capture OFF; three 1-process prefork "
+            f"workers (on, off, plain Celery) draining N={n} pre-filled no-op tasks "
+            f"side by side; the round with the median on/off ratio of {rounds}; "
+            f"per-round ratios {[round(x, 3) for x in ratios]} ({rounds_note})",
+        ),
+        Result(
+            "monitoring.capture_vs_celery",
+            "no-op tasks/s, capture on vs plain Celery",
+            "tasks/s",
+            on,
+            plain,
+            notes="reference: plain Celery app, same delivery settings, same round",
+        ),
+        Result(
+            "monitoring.capture_cost_per_task",
+            "capture cost per task in the worker",
+            "us",
+            cost_us,
+            goal="<= 3 % of a no-op task",
+            higher_is_better=False,
+            notes=f"traced no-op in process: {traced_on:.1f} us with capture, "
+            f"{traced_off:.1f} us without (prerun/postrun signals and receivers), plus "
+            f"the parent's task_received receiver; {100 * cost_us / per_task_us:.2f} % "
+            f"of the {per_task_us:.0f} us a no-op task took end to end with capture "
+            f"off, i.e. an expected on/off ratio of "
+            f"{per_task_us / (per_task_us + cost_us):.3f}",
+        ),
+        Result(
+            "monitoring.capture_off_vs_celery",
+            "no-op tasks/s, capture off vs plain Celery",
+            "tasks/s",
+            off,
+            plain,
+            notes="taskyard without capture (other subsystems on)",
+        ),
     ]
 
 

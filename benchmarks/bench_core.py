@@ -49,29 +49,54 @@ ALL = "critical,high,normal,low,batch"
 def _argv(side: str, queues: str | None = None) -> list[str]:
     taskyard_cli = [sys.executable, "-m", "taskyard.cli", "worker", "-A", APPS["taskyard"]]
     if side == "celery":
-        return [sys.executable, "-m", "celery", "-A", APPS["celery"], "worker", "-Q",
-                queues or "celery", "-c", "2", "-n", "bench-plain@%h"]
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            APPS["celery"],
+            "worker",
+            "-Q",
+            queues or "celery",
+            "-c",
+            "2",
+            "-n",
+            "bench-plain@%h",
+        ]
     if side == "taskyard":
         return [*taskyard_cli, "--profile", "all", "-c", "2", "-n", "bench-ty@%h"]
     if side == "fast":
         return [*taskyard_cli, "--profile", "fast", "-c", "2"]
     if side == "dramatiq":
-        return [str(PEERS_PYTHON), "-m", "dramatiq", "benchmarks.apps.core_dramatiq", "-p", "2",
-                "-t", "8"]
+        return [
+            str(PEERS_PYTHON),
+            "-m",
+            "dramatiq",
+            "benchmarks.apps.core_dramatiq",
+            "-p",
+            "2",
+            "-t",
+            "8",
+        ]
     raise ValueError(f"unknown side {side!r}")
 
 
 class Worker:
     """One benchmarked worker: its own process group, stopped with SIGTERM then SIGKILL."""
 
-    def __init__(self, side: str, log_dir: Path, env: dict[str, str] | None = None,
-                 queues: str | None = None) -> None:
+    def __init__(
+        self, side: str, log_dir: Path, env: dict[str, str] | None = None, queues: str | None = None
+    ) -> None:
         self.log = log_dir / f"{side}-{time.monotonic_ns()}.log"
         with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(_argv(side, queues),
-                                            env=child_env({**ENV, **(env or {})}), cwd=ROOT,
-                                            stdout=sink, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                _argv(side, queues),
+                env=child_env({**ENV, **(env or {})}),
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def cpu_s(self) -> float:
         """User+sys CPU seconds of the worker's process tree so far."""
@@ -114,8 +139,13 @@ def _done(client: redis.Redis) -> int:
 
 def _enqueue(side: str, n: int) -> None:
     if side == "dramatiq":
-        subprocess.run([str(PEERS_PYTHON), "-m", "benchmarks.apps.core_dramatiq", str(n)],
-                       env=child_env(ENV), cwd=ROOT, check=True, timeout=600)
+        subprocess.run(
+            [str(PEERS_PYTHON), "-m", "benchmarks.apps.core_dramatiq", str(n)],
+            env=child_env(ENV),
+            cwd=ROOT,
+            check=True,
+            timeout=600,
+        )
         return
     task = _task("celery" if side == "celery" else "taskyard", "noop")
     for _ in range(n):
@@ -143,13 +173,15 @@ def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
     return n / elapsed
 
 
-def drain(side: str, n: int, client: redis.Redis, log_dir: Path,
-          env: dict[str, str] | None = None) -> tuple[float, float]:
+def drain(
+    side: str, n: int, client: redis.Redis, log_dir: Path, env: dict[str, str] | None = None
+) -> tuple[float, float]:
     """(tasks/s, CPU µs per task) draining ``n`` no-op tasks queued before the worker starts."""
     client.flushdb()
     _enqueue(side, n)
     worker = Worker(side, log_dir, env)
     try:
+
         def started() -> bool:
             worker.check()
             return bool(client.exists("bench:first"))
@@ -184,8 +216,9 @@ def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[f
     return n / elapsed, (cpu1 - cpu0) / n * 1e6
 
 
-def critical_waits(side: str, flood: int, criticals: int, client: redis.Redis,
-                   log_dir: Path) -> list[float]:
+def critical_waits(
+    side: str, flood: int, criticals: int, client: redis.Redis, log_dir: Path
+) -> list[float]:
     """Waits (s, sent -> started) of critical tasks sent after a flood of 5 ms low tasks."""
     low, critical = _task(side, "low"), _task(side, "critical")
     client.flushdb()
@@ -211,9 +244,11 @@ def critical_waits(side: str, flood: int, criticals: int, client: redis.Redis,
     return waits
 
 
-def _median_round(ours: list[float], theirs: list[float],
-                  higher_is_better: bool = True) -> tuple[float, float, str]:
+def _median_round(
+    ours: list[float], theirs: list[float], higher_is_better: bool = True
+) -> tuple[float, float, str]:
     """The round whose ratio is the median, and every round's ratio (> 1 is better)."""
+
     def ratio(a: float, b: float) -> float:
         return a / b if higher_is_better else b / a
 
@@ -222,16 +257,20 @@ def _median_round(ours: list[float], theirs: list[float],
     return a, b, ", ".join(f"{ratio(x, y):.2f}" for x, y in zip(ours, theirs, strict=True))
 
 
-def _rounds(sides: list[str], rounds: int,
-            measure: Callable[[str], tuple[float, float]]) -> dict[str, list[tuple[float, float]]]:
+def _rounds(
+    sides: list[str], rounds: int, measure: Callable[[str], tuple[float, float]]
+) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {side: [] for side in sides}
     for index in range(rounds):
         # Sides alternate, and each round starts with the next one, so the shared machine's
         # load and any warm-up weigh on every side alike.
-        for side in sides[index % len(sides):] + sides[:index % len(sides)]:
+        for side in sides[index % len(sides) :] + sides[: index % len(sides)]:
             out[side].append(measure(side))
-            print(f"   {side}: {out[side][-1][0]:,.0f}/s, {out[side][-1][1]:,.0f} µs CPU/task",
-                  file=sys.stderr, flush=True)
+            print(
+                f"   {side}: {out[side][-1][0]:,.0f}/s, {out[side][-1][1]:,.0f} µs CPU/task",
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
@@ -247,13 +286,21 @@ def run(quick: bool = False) -> list[Result]:
     rows: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-core-") as tmp:
         log_dir = Path(tmp)
-        enq = _rounds(["celery", "taskyard"], max(rounds, 3),
-                      lambda side: (enqueue_rate(side, n, client), 0.0))
+        enq = _rounds(
+            ["celery", "taskyard"],
+            max(rounds, 3),
+            lambda side: (enqueue_rate(side, n, client), 0.0),
+        )
         drains = _rounds(drain_sides, rounds, lambda side: drain(side, n, client, log_dir))
-        e2e = _rounds(["celery", "taskyard", "fast"], rounds,
-                      lambda side: end_to_end(side, n, client, log_dir))
-        waits = {side: critical_waits(side, flood, criticals, client, log_dir)
-                 for side in ("taskyard", "celery")}
+        e2e = _rounds(
+            ["celery", "taskyard", "fast"],
+            rounds,
+            lambda side: end_to_end(side, n, client, log_dir),
+        )
+        waits = {
+            side: critical_waits(side, flood, criticals, client, log_dir)
+            for side in ("taskyard", "celery")
+        }
 
     def rates(side: str, table: dict[str, list[tuple[float, float]]]) -> list[float]:
         return [rate for rate, _ in table[side]]
@@ -262,43 +309,105 @@ def run(quick: bool = False) -> list[Result]:
         return [cpu for _, cpu in table[side]]
 
     a, b, ratios = _median_round(rates("taskyard", enq), rates("celery", enq))
-    rows.append(Result("core.throughput", ".delay() vs plain apply_async", "tasks/s", a, b,
-                       ">= 1.5x", notes=f"N={n} no-op sends from one process, no worker; "
-                                        f"median of {len(enq['celery'])} rounds ({ratios})"))
+    rows.append(
+        Result(
+            "core.throughput",
+            ".delay() vs plain apply_async",
+            "tasks/s",
+            a,
+            b,
+            ">= 1.5x",
+            notes=f"N={n} no-op sends from one process, no worker; "
+            f"median of {len(enq['celery'])} rounds ({ratios})",
+        )
+    )
     for side, goal in (("taskyard", ">= 2.5x"), ("fast", ">= 5x")):
         for name, table in (("drain", drains), ("end to end", e2e)):
             a, b, ratios = _median_round(rates(side, table), rates("celery", table))
-            worker = "one worker -c 2 prefork" if side == "taskyard" else \
-                "fast profile, 2 solo processes"
-            rows.append(Result(f"core.{'throughput' if side == 'taskyard' else 'fast'}",
-                               f"{name} rate, {worker}", "tasks/s", a, b, goal,
-                               notes=f"N={n} no-op tasks vs plain Celery -c 2 defaults; median "
-                                     f"of {rounds} alternating rounds ({ratios})"
-                                     + ("; taskyard guards off" if GUARDS_OFF else "")))
+            worker = (
+                "one worker -c 2 prefork"
+                if side == "taskyard"
+                else "fast profile, 2 solo processes"
+            )
+            rows.append(
+                Result(
+                    f"core.{'throughput' if side == 'taskyard' else 'fast'}",
+                    f"{name} rate, {worker}",
+                    "tasks/s",
+                    a,
+                    b,
+                    goal,
+                    notes=f"N={n} no-op tasks vs plain Celery -c 2 defaults; median "
+                    f"of {rounds} alternating rounds ({ratios})"
+                    + ("; taskyard guards off" if GUARDS_OFF else ""),
+                )
+            )
         a, b, ratios = _median_round(cpus(side, drains), cpus("celery", drains), False)
-        rows.append(Result("core.cpu", f"worker CPU per task, drain, {side}", "µs", a, b,
-                           "<= 0.5x plain (ratio >= 2)", higher_is_better=False,
-                           notes=f"user+sys of the worker's process tree / tasks; rounds "
-                                 f"({ratios})"))
+        rows.append(
+            Result(
+                "core.cpu",
+                f"worker CPU per task, drain, {side}",
+                "µs",
+                a,
+                b,
+                "<= 0.5x plain (ratio >= 2)",
+                higher_is_better=False,
+                notes=f"user+sys of the worker's process tree / tasks; rounds ({ratios})",
+            )
+        )
     if have_dramatiq:
         a, b, ratios = _median_round(rates("fast", drains), rates("dramatiq", drains))
-        rows.append(Result("core.fast", "drain rate, fast vs Dramatiq 2 x 8", "tasks/s", a, b,
-                           ">= 1x Dramatiq",
-                           notes=f"'celery' column is Dramatiq 2 processes x 8 threads, Redis "
-                                 f"broker, default middleware; rounds ({ratios})"))
+        rows.append(
+            Result(
+                "core.fast",
+                "drain rate, fast vs Dramatiq 2 x 8",
+                "tasks/s",
+                a,
+                b,
+                ">= 1x Dramatiq",
+                notes=f"'celery' column is Dramatiq 2 processes x 8 threads, Redis "
+                f"broker, default middleware; rounds ({ratios})",
+            )
+        )
         a, b, ratios = _median_round(cpus("fast", drains), cpus("dramatiq", drains), False)
-        rows.append(Result("core.cpu", "worker CPU per task, drain, fast vs Dramatiq", "µs", a,
-                           b, "", higher_is_better=False,
-                           notes=f"'celery' column is Dramatiq; rounds ({ratios})"))
+        rows.append(
+            Result(
+                "core.cpu",
+                "worker CPU per task, drain, fast vs Dramatiq",
+                "µs",
+                a,
+                b,
+                "",
+                higher_is_better=False,
+                notes=f"'celery' column is Dramatiq; rounds ({ratios})",
+            )
+        )
     for pct in (50, 99):
         ty, pc = (percentile(waits[s], pct) * 1000 for s in ("taskyard", "celery"))
-        rows.append(Result("core.priority_isolation", f"critical wait p{pct}", "ms", ty, pc,
-                           "p99 <= 25 ms" if pct == 99 else "", higher_is_better=False,
-                           notes=f"{flood} low tasks of 5 ms queued first, then {criticals} "
-                                 "critical 20 ms apart; one worker on all queues -c 2; plain "
-                                 "Celery default settings (one queue)"))
+        rows.append(
+            Result(
+                "core.priority_isolation",
+                f"critical wait p{pct}",
+                "ms",
+                ty,
+                pc,
+                "p99 <= 25 ms" if pct == 99 else "",
+                higher_is_better=False,
+                notes=f"{flood} low tasks of 5 ms queued first, then {criticals} "
+                "critical 20 ms apart; one worker on all queues -c 2; plain "
+                "Celery default settings (one queue)",
+            )
+        )
     ty_p99 = percentile(waits["taskyard"], 99) * 1000
     pc_p50 = statistics.median(waits["celery"]) * 1000
-    rows.append(Result("core.priority_isolation", "plain p50 / taskyard p99", "x",
-                       pc_p50 / ty_p99, None, ">= 100x"))
+    rows.append(
+        Result(
+            "core.priority_isolation",
+            "plain p50 / taskyard p99",
+            "x",
+            pc_p50 / ty_p99,
+            None,
+            ">= 100x",
+        )
+    )
     return rows

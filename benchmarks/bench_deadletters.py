@@ -61,15 +61,40 @@ def _drain(side: str, n: int, log_dir: Path) -> tuple[float, float]:
     with app.producer_or_acquire() as producer:
         for _ in range(n):
             noop.apply_async((side,), producer=producer)
-    env = {"TASKYARD_REDIS_URL": REDIS_URL, "TASKYARD_BENCH_REDIS_URL": REDIS_URL,
-           "TASKYARD_GUARD__ENABLED": "false", "BENCH_DEAD_GATE": side}
+    env = {
+        "TASKYARD_REDIS_URL": REDIS_URL,
+        "TASKYARD_BENCH_REDIS_URL": REDIS_URL,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "BENCH_DEAD_GATE": side,
+    }
     log = log_dir / f"{side}-{time.monotonic_ns()}.log"
-    argv = [sys.executable, "-m", "celery", "-A", APP, "worker", "-Q", "normal", "-c", "1",
-            "-n", f"bench-dead-{side}@%h", "--loglevel", "WARNING", "--without-gossip",
-            "--without-mingle"]
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        APP,
+        "worker",
+        "-Q",
+        "normal",
+        "-c",
+        "1",
+        "-n",
+        f"bench-dead-{side}@%h",
+        "--loglevel",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, env=child_env(env), cwd=ROOT, stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=child_env(env),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         done = f"bench:dead:{side}:done"
         wait_until(lambda: int(client.get(done) or 0) >= 1, 60, 0.005, f"{side} first task")
@@ -102,9 +127,13 @@ def _messages(n: int, redelivered: bool = False) -> list[Any]:
     producer = conn.Producer(channel, exchange=exchange)
     out = []
     for i in range(n):
-        producer.publish(json.dumps([[i], {}, {}]), routing_key="normal",
-                         content_type="application/json", content_encoding="utf-8",
-                         headers={"task": "bench.dead.noop", "id": f"bench-{i}"})
+        producer.publish(
+            json.dumps([[i], {}, {}]),
+            routing_key="normal",
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={"task": "bench.dead.noop", "id": f"bench-{i}"},
+        )
         message = bound.get(accept=["json"])
         _ = message.payload  # decoded once, as Celery's strategy does (kombu caches it)
         if redelivered:
@@ -117,9 +146,14 @@ def _gate() -> Any:
     from benchmarks.apps.dead_app import app
     from taskyard.deadletters.consumer import Gate
 
-    return Gate(SimpleNamespace(app=app, hostname="bench@h",
-                                strategies={"bench.dead.noop": object()},
-                                connection_errors=()))
+    return Gate(
+        SimpleNamespace(
+            app=app,
+            hostname="bench@h",
+            strategies={"bench.dead.noop": object()},
+            connection_errors=(),
+        )
+    )
 
 
 def gate_check_us(n: int) -> float:
@@ -152,9 +186,19 @@ def record_us(n: int) -> float:
     from taskyard.runtime import runtime_of
 
     store = RedisDeadLetterStore.for_runtime(runtime_of(app))
-    entries = [DeadLetter(id=f"bench-dead-{i}", reason="failed", name="bench.dead.noop",
-                          queue="normal", exception_type="ValueError", exception="x",
-                          traceback="Traceback ...\n" * 20, args=f"[{i}]") for i in range(n)]
+    entries = [
+        DeadLetter(
+            id=f"bench-dead-{i}",
+            reason="failed",
+            name="bench.dead.noop",
+            queue="normal",
+            exception_type="ValueError",
+            exception="x",
+            traceback="Traceback ...\n" * 20,
+            args=f"[{i}]",
+        )
+        for i in range(n)
+    ]
     start = time.perf_counter()
     for entry in entries:
         store.record(entry)
@@ -174,8 +218,14 @@ def timeline_event_us(n: int) -> float:
     for _ in range(3):
         start = time.perf_counter()
         for i in range(n):
-            capture.event("0f2a4e6c-7b1d-4c3e-9a8b-5d6e7f809a1b", "started", "bench.dead.noop",
-                          "normal", "bench@host", str(i))
+            capture.event(
+                "0f2a4e6c-7b1d-4c3e-9a8b-5d6e7f809a1b",
+                "started",
+                "bench.dead.noop",
+                "normal",
+                "bench@host",
+                str(i),
+            )
         best = min(best, (time.perf_counter() - start) / n * 1e6)
         capture._take_events()
     return best
@@ -195,26 +245,58 @@ def run(quick: bool) -> list[Result]:
     ratios = [round(r["on"][0] / r["off"][0], 3) for r in per_round]
     micro_n = 5_000 if quick else 20_000
     return [
-        Result("deadletters.gate_throughput", "no-op tasks/s, dead-letter gate on vs off",
-               "tasks/s", on, off, goal=">= 0.97",
-               notes=f"'celery' column = the same taskyard worker with the gate's bootstep "
-                     f"discarded; 1-process prefork worker draining N={n} pre-filled tasks; "
-                     f"round with the median ratio of {rounds} {ratios}; CPU per task on "
-                     f"{on_cpu:.3f} ms vs off {off_cpu:.3f} ms (worker process tree)"),
-        Result("deadletters.gate_cpu_per_task", "worker CPU per task, gate on vs off",
-               "ms", on_cpu, off_cpu, higher_is_better=False,
-               notes="user+sys of the worker's process tree over the drain, same round"),
-        Result("deadletters.gate_check_us", "gate cost per first delivery (in process)",
-               "us", gate_check_us(micro_n), higher_is_better=False,
-               notes=f"{micro_n} real kombu messages, payload already decoded; best of 3"),
-        Result("deadletters.timeline_event_us", "task timeline: one step buffered",
-               "us", timeline_event_us(micro_n), higher_is_better=False,
-               notes="capture.event (a deque append of one packed string), best of 3; each "
-                     "task records received, started and its outcome in the worker"),
-        Result("deadletters.redelivery_count_us", "counting one redelivered message",
-               "us", redelivery_us(min(micro_n, 2000)), higher_is_better=False,
-               notes="INCR + EXPIRE pipeline against the benchmark Redis; redeliveries only"),
-        Result("deadletters.record_us", "recording one dead letter (Lua, indexes, bounds)",
-               "us", record_us(min(micro_n, 2000)), higher_is_better=False,
-               notes="1.2 KB entries into the benchmark Redis"),
+        Result(
+            "deadletters.gate_throughput",
+            "no-op tasks/s, dead-letter gate on vs off",
+            "tasks/s",
+            on,
+            off,
+            goal=">= 0.97",
+            notes=f"'celery' column = the same taskyard worker with the gate's bootstep "
+            f"discarded; 1-process prefork worker draining N={n} pre-filled tasks; "
+            f"round with the median ratio of {rounds} {ratios}; CPU per task on "
+            f"{on_cpu:.3f} ms vs off {off_cpu:.3f} ms (worker process tree)",
+        ),
+        Result(
+            "deadletters.gate_cpu_per_task",
+            "worker CPU per task, gate on vs off",
+            "ms",
+            on_cpu,
+            off_cpu,
+            higher_is_better=False,
+            notes="user+sys of the worker's process tree over the drain, same round",
+        ),
+        Result(
+            "deadletters.gate_check_us",
+            "gate cost per first delivery (in process)",
+            "us",
+            gate_check_us(micro_n),
+            higher_is_better=False,
+            notes=f"{micro_n} real kombu messages, payload already decoded; best of 3",
+        ),
+        Result(
+            "deadletters.timeline_event_us",
+            "task timeline: one step buffered",
+            "us",
+            timeline_event_us(micro_n),
+            higher_is_better=False,
+            notes="capture.event (a deque append of one packed string), best of 3; each "
+            "task records received, started and its outcome in the worker",
+        ),
+        Result(
+            "deadletters.redelivery_count_us",
+            "counting one redelivered message",
+            "us",
+            redelivery_us(min(micro_n, 2000)),
+            higher_is_better=False,
+            notes="INCR + EXPIRE pipeline against the benchmark Redis; redeliveries only",
+        ),
+        Result(
+            "deadletters.record_us",
+            "recording one dead letter (Lua, indexes, bounds)",
+            "us",
+            record_us(min(micro_n, 2000)),
+            higher_is_better=False,
+            notes="1.2 KB entries into the benchmark Redis",
+        ),
     ]

@@ -36,21 +36,30 @@ def recovery_s(client: redis.Redis, log_dir: Path, reserved: int = 100) -> float
     client.set("bench:gate", 1)
     # All five queues: a worker consuming critical keeps the prefetch it is given (one on
     # normal alone would reserve taskyard's bulk prefetch, 4 per process, instead).
-    with celery_worker(APP, bench_core.ALL, bench_core.ENV, log_dir, concurrency=1,
-                       name="doomed", extra=("--prefetch-multiplier", str(reserved + 1))) as doomed:
+    with celery_worker(
+        APP,
+        bench_core.ALL,
+        bench_core.ENV,
+        log_dir,
+        concurrency=1,
+        name="doomed",
+        extra=("--prefetch-multiplier", str(reserved + 1)),
+    ) as doomed:
         app.hold.delay()
         wait_until(lambda: client.exists("bench:holding"), 60, 0.05, "the busy task")
         for _ in range(reserved):
             app.noop.delay()
-        wait_until(lambda: client.hlen("unacked") == reserved + 1, 60, 0.05,
-                   f"{reserved} reserved")
+        wait_until(lambda: client.hlen("unacked") == reserved + 1, 60, 0.05, f"{reserved} reserved")
         doomed.kill(signal.SIGKILL)
         killed = time.monotonic()
     client.delete("bench:gate")
-    with celery_worker(APP, bench_core.ALL, bench_core.ENV, log_dir, concurrency=2,
-                       name="rescuer"):
-        wait_until(lambda: int(client.get("bench:done") or 0) >= reserved, 300, 0.05,
-                   "the reserved tasks to run again")
+    with celery_worker(APP, bench_core.ALL, bench_core.ENV, log_dir, concurrency=2, name="rescuer"):
+        wait_until(
+            lambda: int(client.get("bench:done") or 0) >= reserved,
+            300,
+            0.05,
+            "the reserved tasks to run again",
+        )
         elapsed = time.monotonic() - killed
     client.flushdb()
     return elapsed
@@ -64,12 +73,20 @@ def run(quick: bool = False) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="bench-delivery-") as tmp:
         log_dir = Path(tmp)
         took = recovery_s(client, log_dir)
-        rows.append(Result("delivery.recovery", "SIGKILLed worker holding 100 reserved: all run",
-                           "s", took, PLAIN_VISIBILITY_TIMEOUT_S, "<= 40 s",
-                           higher_is_better=False,
-                           notes="taskyard defaults (lease 30 s, sweep 10 s) including the "
-                                 "rescuing worker's start-up; plain Celery: its visibility "
-                                 "timeout (kombu default), not waited for"))
+        rows.append(
+            Result(
+                "delivery.recovery",
+                "SIGKILLed worker holding 100 reserved: all run",
+                "s",
+                took,
+                PLAIN_VISIBILITY_TIMEOUT_S,
+                "<= 40 s",
+                higher_is_better=False,
+                notes="taskyard defaults (lease 30 s, sweep 10 s) including the "
+                "rescuing worker's start-up; plain Celery: its visibility "
+                "timeout (kombu default), not waited for",
+            )
+        )
         on: list[float] = []
         off: list[float] = []
         for index in range(rounds):
@@ -79,9 +96,17 @@ def run(quick: bool = False) -> list[Result]:
                 (on if label == "on" else off).append(rate)
                 print(f"   leases {label}: {rate:,.0f}/s", file=sys.stderr, flush=True)
     a, b, ratios = bench_core._median_round(on, off)
-    rows.append(Result("delivery.lease_cost", "no-op drain, leases + delays on vs off",
-                       "tasks/s", a, b, ">= 0.97x",
-                       notes=f"N={n}, one worker -c 2 prefork; 'celery' column is taskyard with "
-                             f"TASKYARD_RESERVATION_LEASE_S=0 and TASKYARD_BROKER_DELAYS=false; "
-                             f"rounds ({ratios})"))
+    rows.append(
+        Result(
+            "delivery.lease_cost",
+            "no-op drain, leases + delays on vs off",
+            "tasks/s",
+            a,
+            b,
+            ">= 0.97x",
+            notes=f"N={n}, one worker -c 2 prefork; 'celery' column is taskyard with "
+            f"TASKYARD_RESERVATION_LEASE_S=0 and TASKYARD_BROKER_DELAYS=false; "
+            f"rounds ({ratios})",
+        )
+    )
     return rows

@@ -46,13 +46,20 @@ def plain_noop() -> None:
     _redis.incr(DONE)
 
 
-BASE_ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_GUARDS_REDIS_URL": REDIS_URL,
-            "TASKYARD_GUARD__CPU_WARNING_PCT": "100", "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",
-            "TASKYARD_GUARD__CPU_RESUME_PCT": "99"}
+BASE_ENV = {
+    "TASKYARD_REDIS_URL": REDIS_URL,
+    "BENCH_GUARDS_REDIS_URL": REDIS_URL,
+    "TASKYARD_GUARD__CPU_WARNING_PCT": "100",
+    "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",
+    "TASKYARD_GUARD__CPU_RESUME_PCT": "99",
+}
 VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     "guards on": ("benchmarks.bench_guards:taskyard_app", "normal", {}),
-    "guards off": ("benchmarks.bench_guards:taskyard_app", "normal",
-                   {"TASKYARD_GUARD__ENABLED": "false", "TASKYARD_GUARD__ACCOUNTING": "false"}),
+    "guards off": (
+        "benchmarks.bench_guards:taskyard_app",
+        "normal",
+        {"TASKYARD_GUARD__ENABLED": "false", "TASKYARD_GUARD__ACCOUNTING": "false"},
+    ),
     "plain celery": ("benchmarks.bench_guards:plain_app", "celery", {}),
 }
 
@@ -66,9 +73,11 @@ def admission_costs(quick: bool) -> dict[str, float]:
     from taskyard.workers.guards import guard_of
 
     # CPU thresholds off: this process measures the check, it must not defer.
-    app = create_app("bench-guards-admission", redis_url=REDIS_URL,
-                     guard={"cpu_warning_pct": 100, "cpu_critical_pct": 100,
-                            "cpu_resume_pct": 99})
+    app = create_app(
+        "bench-guards-admission",
+        redis_url=REDIS_URL,
+        guard={"cpu_warning_pct": 100, "cpu_critical_pct": 100, "cpu_resume_pct": 99},
+    )
 
     @app.task(name="bench.guarded")
     def guarded() -> None:
@@ -115,9 +124,11 @@ def tracer_costs(quick: bool) -> dict[str, float]:
     from taskyard.workers.guards import guard_of
 
     def traced(name: str, **guard: Any) -> Any:
-        app = create_app(f"bench-guards-trace-{name}", redis_url=REDIS_URL,
-                         guard={"cpu_warning_pct": 100, "cpu_critical_pct": 100,
-                                "cpu_resume_pct": 99, **guard})
+        app = create_app(
+            f"bench-guards-trace-{name}",
+            redis_url=REDIS_URL,
+            guard={"cpu_warning_pct": 100, "cpu_critical_pct": 100, "cpu_resume_pct": 99, **guard},
+        )
 
         @app.task(name="bench.guards.traced", shared=False)
         def traced_noop() -> None:
@@ -132,12 +143,18 @@ def tracer_costs(quick: bool) -> dict[str, float]:
             g.meter.flush_interval_s = 1e9  # measure the run, not Redis
         task = app.tasks["bench.guards.traced"]
         tracer = build_tracer(task.name, task, app=app, eager=False, propagate=False)
-        request = {"id": "t", "hostname": "bench",
-                   "delivery_info": {"routing_key": "normal", "exchange": "taskyard"}}
+        request = {
+            "id": "t",
+            "hostname": "bench",
+            "delivery_info": {"routing_key": "normal", "exchange": "taskyard"},
+        }
         return lambda: tracer("t", (), {}, request)
 
-    variants = {"on": traced("on"), "admission": traced("admission", accounting=False),
-                "off": traced("off", enabled=False, accounting=False)}
+    variants = {
+        "on": traced("on"),
+        "admission": traced("admission", accounting=False),
+        "off": traced("off", enabled=False, accounting=False),
+    }
     n = 5_000 if quick else 20_000
     best = dict.fromkeys(variants, float("inf"))
     for _ in range(5):
@@ -171,8 +188,14 @@ def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> tupl
             producer.send_task("bench.guards.noop", queue=queue, routing_key=queue, producer=pub)
     producer.close()
     lo, hi = int(n * 0.1), int(n * 0.9)
-    with celery_worker(app_module, queue, {**BASE_ENV, **extra}, log_dir, concurrency=2,
-                       name=f"bg-{variant.replace(' ', '-')}") as worker:
+    with celery_worker(
+        app_module,
+        queue,
+        {**BASE_ENV, **extra},
+        log_dir,
+        concurrency=2,
+        name=f"bg-{variant.replace(' ', '-')}",
+    ) as worker:
         wait_until(lambda: int(client.get(DONE) or 0) >= lo, 300, 0.002, "10 %")
         started, cpu0 = time.perf_counter(), _tree_cpu_s(worker.pid)
         wait_until(lambda: int(client.get(DONE) or 0) >= hi, 600, 0.002, "90 %")
@@ -187,20 +210,43 @@ def run(quick: bool = False) -> list[Result]:
     client.flushdb()
     costs = admission_costs(quick)
     rows = [
-        Result("guards.admission", "admission check", "us", costs["admission"], costs["psutil"],
-               "<= 5 us", higher_is_better=False,
-               notes="taskyard: policy check on the sampler's reading; plain column: a psutil "
-                     "call per task (virtual_memory + cpu_percent) instead"),
-        Result("guards.admission", "per-task guard hook", "us", costs["hook"], costs["psutil"],
-               "", higher_is_better=False,
-               notes="before_start + after_return: admission, level lookup, accounting "
-                     "(statm pread + process_time twice)"),
+        Result(
+            "guards.admission",
+            "admission check",
+            "us",
+            costs["admission"],
+            costs["psutil"],
+            "<= 5 us",
+            higher_is_better=False,
+            notes="taskyard: policy check on the sampler's reading; plain column: a psutil "
+            "call per task (virtual_memory + cpu_percent) instead",
+        ),
+        Result(
+            "guards.admission",
+            "per-task guard hook",
+            "us",
+            costs["hook"],
+            costs["psutil"],
+            "",
+            higher_is_better=False,
+            notes="before_start + after_return: admission, level lookup, accounting "
+            "(statm pread + process_time twice)",
+        ),
     ]
     trace = tracer_costs(quick)
-    rows.append(Result("guards.worker_cost", "per-task execution (Celery tracer), guards on vs off",
-                       "us", trace["on"], trace["off"], "", higher_is_better=False,
-                       notes=f"no-op task through build_tracer in one process; admission only "
-                             f"(accounting off): {trace['admission']:.1f} us"))
+    rows.append(
+        Result(
+            "guards.worker_cost",
+            "per-task execution (Celery tracer), guards on vs off",
+            "us",
+            trace["on"],
+            trace["off"],
+            "",
+            higher_is_better=False,
+            notes=f"no-op task through build_tracer in one process; admission only "
+            f"(accounting off): {trace['admission']:.1f} us",
+        )
+    )
     n = 3_000 if quick else 6_000
     reps = 1 if quick else 5
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -214,18 +260,46 @@ def run(quick: bool = False) -> list[Result]:
                 cpus[variant].append(cpu)
     on, off, plain = (max(rates[v]) for v in ("guards on", "guards off", "plain celery"))
     pairs = sorted(a / b for a, b in zip(rates["guards on"], rates["guards off"], strict=True))
-    note = (f"N={n} queued no-op tasks, one worker -c 2 prefork, best of {reps}; "
-            f"median of the on/off ratios of back-to-back runs: {pairs[len(pairs) // 2]:.2f}; "
-            f"all runs: " + "; ".join(f"{v}: " + ", ".join(f"{r:.0f}" for r in rs)
-                                     for v, rs in rates.items()))
-    rows.append(Result("guards.throughput", "no-op rate, guards on vs off", "tasks/s", on, off,
-                       "ratio >= 0.97", notes=note))
-    rows.append(Result("guards.throughput", "no-op rate, guards on vs plain Celery", "tasks/s",
-                       on, plain, "", notes="plain Celery app with default settings"))
-    cpu_on, cpu_off, cpu_plain = (min(cpus[v]) for v in ("guards on", "guards off",
-                                                         "plain celery"))
-    rows.append(Result("guards.throughput", "worker CPU per task, guards on vs off", "us",
-                       cpu_on, cpu_off, "", higher_is_better=False,
-                       notes="CPU time of the worker and its pool between 10 % and 90 % done, "
-                             f"least of {reps}; plain Celery: {cpu_plain:.0f} us"))
+    note = (
+        f"N={n} queued no-op tasks, one worker -c 2 prefork, best of {reps}; "
+        f"median of the on/off ratios of back-to-back runs: {pairs[len(pairs) // 2]:.2f}; "
+        f"all runs: "
+        + "; ".join(f"{v}: " + ", ".join(f"{r:.0f}" for r in rs) for v, rs in rates.items())
+    )
+    rows.append(
+        Result(
+            "guards.throughput",
+            "no-op rate, guards on vs off",
+            "tasks/s",
+            on,
+            off,
+            "ratio >= 0.97",
+            notes=note,
+        )
+    )
+    rows.append(
+        Result(
+            "guards.throughput",
+            "no-op rate, guards on vs plain Celery",
+            "tasks/s",
+            on,
+            plain,
+            "",
+            notes="plain Celery app with default settings",
+        )
+    )
+    cpu_on, cpu_off, cpu_plain = (min(cpus[v]) for v in ("guards on", "guards off", "plain celery"))
+    rows.append(
+        Result(
+            "guards.throughput",
+            "worker CPU per task, guards on vs off",
+            "us",
+            cpu_on,
+            cpu_off,
+            "",
+            higher_is_better=False,
+            notes="CPU time of the worker and its pool between 10 % and 90 % done, "
+            f"least of {reps}; plain Celery: {cpu_plain:.0f} us",
+        )
+    )
     return rows

@@ -66,8 +66,9 @@ BATCH_MAX_WAIT_S = 2.0  # examples.bdc's send_notification_batch
 def busy_loops(n: int = 2) -> Iterator[list[psutil.Process]]:
     """Another program: ``n`` busy-loop processes at the default priority, each in its own
     session (as an unrelated service would be)."""
-    procs = [subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True) for _ in range(n)
+    ]
     try:
         yield [psutil.Process(p.pid) for p in procs]
     finally:
@@ -104,9 +105,23 @@ class PrivateRedis:
         if binary is None:
             raise RuntimeError("redis-server is not on PATH (scripts/ensure-services.sh)")
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         client = redis.Redis.from_url(self.url)
         wait_until(lambda: _pings(client), 10, 0.05, "the benchmark's Redis")
 
@@ -158,21 +173,41 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
     workdir = Path(tempfile.mkdtemp(prefix=f"overload-{side}-", dir=log_dir))
     server = PrivateRedis(workdir)
     runtime = _reader(server.url)
-    env = {"TASKYARD_REDIS_URL": server.url, "PYTHONPATH": str(ROOT),
-           "TASKYARD_DATABASE_URL": f"sqlite:///{workdir / 'bdc.db'}",
-           "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
-           "TASKYARD_MONITORING__API_PORT": str(free_port())}
+    env = {
+        "TASKYARD_REDIS_URL": server.url,
+        "PYTHONPATH": str(ROOT),
+        "TASKYARD_DATABASE_URL": f"sqlite:///{workdir / 'bdc.db'}",
+        "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
+        "TASKYARD_MONITORING__API_PORT": str(free_port()),
+    }
     if side == "landed":
         env.update(LANDED_ENV)
     log = workdir / "stack.log"
     with busy_loops(2) as loops, log.open("wb") as sink:
         stack = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "up", "-A", APPS[side], "--producer",
-             "examples.bdc.demo"], env=child_env(env), cwd=workdir, stdout=sink,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "taskyard.cli",
+                "up",
+                "-A",
+                APPS[side],
+                "--producer",
+                "examples.bdc.demo",
+            ],
+            env=child_env(env),
+            cwd=workdir,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            wait_until(lambda: stack.poll() is not None or len(_workers(runtime)) >= 3, 120,
-                       0.5, f"{side}: the stack's three workers")
+            wait_until(
+                lambda: stack.poll() is not None or len(_workers(runtime)) >= 3,
+                120,
+                0.5,
+                f"{side}: the stack's three workers",
+            )
             if stack.poll() is not None:
                 raise AssertionError(f"{side} stack exited:\n{log.read_text()[-3000:]}")
             time.sleep(warmup_s)
@@ -187,8 +222,11 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
                 time.sleep(0.5)
             after = _snapshot(runtime)
             loops1, stack1, t1 = tree_cpu_s(loops), tree_cpu_s(_tree(stack.pid)), time.time()
-            changes = [c for c in AlertBook(runtime.redis, runtime.keys).history(10_000)
-                       if t0 <= float(c.get("at") or 0.0) <= t1]
+            changes = [
+                c
+                for c in AlertBook(runtime.redis, runtime.keys).history(10_000)
+                if t0 <= float(c.get("at") or 0.0) <= t1
+            ]
             workers = _workers(runtime)
         finally:
             with suppress(ProcessLookupError):
@@ -202,8 +240,9 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
     server.stop()
 
     def delta(queue: str, key: str) -> int:
-        return (after["counts"].get(queue, {}).get(key, 0)
-                - before["counts"].get(queue, {}).get(key, 0))
+        return after["counts"].get(queue, {}).get(key, 0) - before["counts"].get(queue, {}).get(
+            key, 0
+        )
 
     runs = sum(delta(q, "succeeded") + delta(q, "failed") for q in LEVELS)
     deferred = sum(delta(q, "deferred") for q in LEVELS)
@@ -218,19 +257,24 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
         p95[queue] = quantile(window, 0.95) if sum(window) else None
     wall = t1 - t0
     return {
-        "side": side, "window_s": wall, "runs": runs, "deferred": deferred,
+        "side": side,
+        "window_s": wall,
+        "runs": runs,
+        "deferred": deferred,
         "deferrals_per_run": deferred / runs if runs else float("nan"),
-        "wait_p95_s": p95, "oldest_batch_item_s": oldest,
+        "wait_p95_s": p95,
+        "oldest_batch_item_s": oldest,
         "other_cpu_share": (loops1 - loops0) / (wall * len(os.sched_getaffinity(0))),
         # The machine is shared with more than the stack: the other program against the stack.
         "other_vs_stack": (loops1 - loops0) / max(1e-9, (loops1 - loops0) + (stack1 - stack0)),
         "stack_cpu_per_run_ms": (stack1 - stack0) / runs * 1000 if runs else float("nan"),
-        "reaps": delta("high", "reaps"), "high_runs": delta("high", "succeeded"),
+        "reaps": delta("high", "reaps"),
+        "high_runs": delta("high", "succeeded"),
         "alert_changes": len(changes),
-        "alert_changes_by_rule": _count(f"{c.get('alertname')}:{c.get('state')}"
-                                        for c in changes),
-        "paused": {w["hostname"]: w.get("paused_reasons") or w.get("paused_queues")
-                   for w in workers},
+        "alert_changes_by_rule": _count(f"{c.get('alertname')}:{c.get('state')}" for c in changes),
+        "paused": {
+            w["hostname"]: w.get("paused_reasons") or w.get("paused_queues") for w in workers
+        },
     }
 
 
@@ -306,51 +350,131 @@ def run(quick: bool = False) -> list[Result]:
             for side in order:
                 figures = soak(side, seconds, warmup_s, log_dir)
                 results[side].append(figures)
-                print(f"   soak {side}: {json.dumps(figures, default=str)}", file=sys.stderr,
-                      flush=True)
-        waits = {side: critical_under_load(side, flood, criticals, log_dir)
-                 for side in ("taskyard", "celery")}
+                print(
+                    f"   soak {side}: {json.dumps(figures, default=str)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        waits = {
+            side: critical_under_load(side, flood, criticals, log_dir)
+            for side in ("taskyard", "celery")
+        }
     now, landed = results["now"][0], results["landed"][0]
-    note = (f"{now['window_s']:.0f} s window after {warmup_s:.0f} s warm-up; the make-run stack "
-            f"(demo producer 20/s) beside two busy loops on {len(os.sched_getaffinity(0))} "
-            "cores; 'celery' column is the landed design, alternating")
-    rows.append(Result("overload.soak", "deferrals per execution", "%",
-                       100 * now["deferrals_per_run"], 100 * landed["deferrals_per_run"],
-                       "< 2 %", higher_is_better=False,
-                       notes=f"{note}; runs {now['runs']} vs {landed['runs']}, deferred "
-                             f"{now['deferred']} vs {landed['deferred']}"))
+    note = (
+        f"{now['window_s']:.0f} s window after {warmup_s:.0f} s warm-up; the make-run stack "
+        f"(demo producer 20/s) beside two busy loops on {len(os.sched_getaffinity(0))} "
+        "cores; 'celery' column is the landed design, alternating"
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "deferrals per execution",
+            "%",
+            100 * now["deferrals_per_run"],
+            100 * landed["deferrals_per_run"],
+            "< 2 %",
+            higher_is_better=False,
+            notes=f"{note}; runs {now['runs']} vs {landed['runs']}, deferred "
+            f"{now['deferred']} vs {landed['deferred']}",
+        )
+    )
     for queue in LEVELS:
         a, b = now["wait_p95_s"][queue], landed["wait_p95_s"][queue]
         if a is None:
             continue
-        rows.append(Result("overload.soak", f"{queue} wait p95", "s", a, b,
-                           "<= 5 s" if queue == "normal" else "", higher_is_better=False,
-                           notes=note))
-    rows.append(Result("overload.soak", "oldest unflushed batch item", "s",
-                       now["oldest_batch_item_s"], landed["oldest_batch_item_s"],
-                       f"<= max_wait + 5 = {BATCH_MAX_WAIT_S + 5:g} s", higher_is_better=False,
-                       notes=f"{note}; sampled every 0.5 s"))
-    rows.append(Result("overload.soak", "other program's share of the CPU", "%",
-                       100 * now["other_cpu_share"], 100 * landed["other_cpu_share"],
-                       "most of it", notes=f"{note}; busy loops' user+sys / (wall x cores)"))
-    rows.append(Result("overload.soak", "other program's CPU / (its + the stack's)", "%",
-                       100 * now["other_vs_stack"], 100 * landed["other_vs_stack"],
-                       "most of it", notes=f"{note}; what the stack left the other program"))
-    rows.append(Result("overload.soak", "stack CPU per execution", "ms",
-                       now["stack_cpu_per_run_ms"], landed["stack_cpu_per_run_ms"],
-                       higher_is_better=False,
-                       notes=f"{note}; user+sys of the whole stack's process tree / runs"))
-    rows.append(Result("overload.soak", "reaper tasks on the high queue", "tasks",
-                       float(now["reaps"]), float(landed["reaps"]), higher_is_better=False,
-                       notes=f"{note}; high runs {now['high_runs']} vs {landed['high_runs']}"))
-    rows.append(Result("overload.soak", "alert state changes", "changes",
-                       float(now["alert_changes"]), float(landed["alert_changes"]),
-                       higher_is_better=False, notes=note))
+        rows.append(
+            Result(
+                "overload.soak",
+                f"{queue} wait p95",
+                "s",
+                a,
+                b,
+                "<= 5 s" if queue == "normal" else "",
+                higher_is_better=False,
+                notes=note,
+            )
+        )
+    rows.append(
+        Result(
+            "overload.soak",
+            "oldest unflushed batch item",
+            "s",
+            now["oldest_batch_item_s"],
+            landed["oldest_batch_item_s"],
+            f"<= max_wait + 5 = {BATCH_MAX_WAIT_S + 5:g} s",
+            higher_is_better=False,
+            notes=f"{note}; sampled every 0.5 s",
+        )
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "other program's share of the CPU",
+            "%",
+            100 * now["other_cpu_share"],
+            100 * landed["other_cpu_share"],
+            "most of it",
+            notes=f"{note}; busy loops' user+sys / (wall x cores)",
+        )
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "other program's CPU / (its + the stack's)",
+            "%",
+            100 * now["other_vs_stack"],
+            100 * landed["other_vs_stack"],
+            "most of it",
+            notes=f"{note}; what the stack left the other program",
+        )
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "stack CPU per execution",
+            "ms",
+            now["stack_cpu_per_run_ms"],
+            landed["stack_cpu_per_run_ms"],
+            higher_is_better=False,
+            notes=f"{note}; user+sys of the whole stack's process tree / runs",
+        )
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "reaper tasks on the high queue",
+            "tasks",
+            float(now["reaps"]),
+            float(landed["reaps"]),
+            higher_is_better=False,
+            notes=f"{note}; high runs {now['high_runs']} vs {landed['high_runs']}",
+        )
+    )
+    rows.append(
+        Result(
+            "overload.soak",
+            "alert state changes",
+            "changes",
+            float(now["alert_changes"]),
+            float(landed["alert_changes"]),
+            higher_is_better=False,
+            notes=note,
+        )
+    )
     for pct in (50, 99):
         ty, pc = (percentile(waits[s], pct) * 1000 for s in ("taskyard", "celery"))
-        rows.append(Result("overload.critical", f"critical wait p{pct}, both cores busy", "ms",
-                           ty, pc, "p99 <= 25 ms" if pct == 99 else "", higher_is_better=False,
-                           notes=f"{flood} low tasks of 5 ms queued, then {criticals} critical "
-                                 "20 ms apart; one worker on all queues -c 2; two busy loops "
-                                 "running; plain Celery default settings (one queue)"))
+        rows.append(
+            Result(
+                "overload.critical",
+                f"critical wait p{pct}, both cores busy",
+                "ms",
+                ty,
+                pc,
+                "p99 <= 25 ms" if pct == 99 else "",
+                higher_is_better=False,
+                notes=f"{flood} low tasks of 5 ms queued, then {criticals} critical "
+                "20 ms apart; one worker on all queues -c 2; two busy loops "
+                "running; plain Celery default settings (one queue)",
+            )
+        )
     return rows

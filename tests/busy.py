@@ -18,8 +18,9 @@ LOOP = "while True:\n    pass\n"
 @contextmanager
 def busy_loops(n: int = 2) -> Iterator[list[psutil.Process]]:
     """Start ``n`` busy-loop processes at the default priority; kill them on exit."""
-    procs = [subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True)
-             for _ in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True) for _ in range(n)
+    ]
     try:
         yield [psutil.Process(p.pid) for p in procs]
     finally:

@@ -28,16 +28,26 @@ def _worker(name: str, **readings: Any) -> dict[str, Any]:
 def test_default_rules() -> None:
     settings = load_settings()
     snapshot = {
-        "workers": [_worker("a@h1", memory_pct=85.0, cpu_pct=10.0),
-                    _worker("b@h2", memory_pct=95.0, cpu_pct=91.0),
-                    {"hostname": "c@h3", "alive": False, "age_s": 42.0}],
+        "workers": [
+            _worker("a@h1", memory_pct=85.0, cpu_pct=10.0),
+            _worker("b@h2", memory_pct=95.0, cpu_pct=91.0),
+            {"hostname": "c@h3", "alive": False, "age_s": 42.0},
+        ],
         "queues": [{"queue": "low", "depth": 1001}, {"queue": "high", "depth": 1000}],
-        "slow_statements": [{"task": "t.sql", "count": 50, "window_count": 11},
-                            {"task": "t.ok", "count": 50, "window_count": 10}],
-        "cache": [{"namespace": "user", "hits": 40, "misses": 60, "hit_rate_pct": 40.0},
-                  {"namespace": "few", "hits": 1, "misses": 9, "hit_rate_pct": 10.0}],
-        "window": {"tasks": [{"name": "t.slow", "queue": "low", "finished": 10, "slow": 2},
-                             {"name": "t.fine", "queue": "low", "finished": 10, "slow": 1}]},
+        "slow_statements": [
+            {"task": "t.sql", "count": 50, "window_count": 11},
+            {"task": "t.ok", "count": 50, "window_count": 10},
+        ],
+        "cache": [
+            {"namespace": "user", "hits": 40, "misses": 60, "hit_rate_pct": 40.0},
+            {"namespace": "few", "hits": 1, "misses": 9, "hit_rate_pct": 10.0},
+        ],
+        "window": {
+            "tasks": [
+                {"name": "t.slow", "queue": "low", "finished": 10, "slow": 2},
+                {"name": "t.fine", "queue": "low", "finished": 10, "slow": 1},
+            ]
+        },
     }
     got = {(b.alertname, tuple(sorted(b.labels.items()))): b for b in evaluate(snapshot, settings)}
     assert got[("HostMemoryHigh", (("host", "h1"),))].severity == "warning"
@@ -58,21 +68,21 @@ def test_default_rules() -> None:
 
 def test_one_host_alert_for_three_workers_naming_the_host_and_reading() -> None:
     settings = load_settings()
-    workers = [_worker("critical@web1", memory_pct=50.0, cpu_pct=20.0, host_cpu_pct=96.5,
-                       host="web1"),
-               _worker("default@web1", memory_pct=50.1, cpu_pct=60.0, host_cpu_pct=99.5,
-                       host="web1"),
-               _worker("batch@web1", memory_pct=50.0, cpu_pct=55.0, host_cpu_pct=98.0,
-                       host="web1"),
-               _worker("default@web2", memory_pct=40.0, cpu_pct=5.0, host_cpu_pct=20.0,
-                       host="web2")]
-    breaches = [b for b in evaluate({"workers": workers}, settings)
-                if b.alertname.startswith("Host")]
+    workers = [
+        _worker("critical@web1", memory_pct=50.0, cpu_pct=20.0, host_cpu_pct=96.5, host="web1"),
+        _worker("default@web1", memory_pct=50.1, cpu_pct=60.0, host_cpu_pct=99.5, host="web1"),
+        _worker("batch@web1", memory_pct=50.0, cpu_pct=55.0, host_cpu_pct=98.0, host="web1"),
+        _worker("default@web2", memory_pct=40.0, cpu_pct=5.0, host_cpu_pct=20.0, host="web2"),
+    ]
+    breaches = [
+        b for b in evaluate({"workers": workers}, settings) if b.alertname.startswith("Host")
+    ]
     assert [(b.alertname, b.labels) for b in breaches] == [("HostCpuHigh", {"host": "web1"})]
     (cpu,) = breaches
     assert cpu.value == 99.5 and cpu.severity == "critical"
-    assert cpu.summary == ("host web1 CPU at 99.5 % (> 90 %), read by batch@web1, "
-                           "critical@web1, default@web1")
+    assert cpu.summary == (
+        "host web1 CPU at 99.5 % (> 90 %), read by batch@web1, critical@web1, default@web1"
+    )
     alerts, changed = transition({}, breaches, 0.0)
     assert list(alerts) == ["HostCpuHigh{host=web1}"] and len(changed) == 1
 
@@ -155,8 +165,12 @@ def test_a_reading_hovering_at_the_threshold_does_not_flap() -> None:
         alerts: dict[str, dict[str, Any]] = {}
         changes = []
         for i, cpu in enumerate(readings):
-            snapshot = {"workers": [_worker(f"w{n}@h", memory_pct=10.0, host_cpu_pct=cpu,
-                                            host="h") for n in range(3)]}
+            snapshot = {
+                "workers": [
+                    _worker(f"w{n}@h", memory_pct=10.0, host_cpu_pct=cpu, host="h")
+                    for n in range(3)
+                ]
+            }
             alerts, changed = transition(alerts, evaluate(snapshot, settings), i * 10.0, timing)
             changes += [f"{a['id']}:{a['state']}" for a in changed]
         return changes
@@ -167,20 +181,34 @@ def test_a_reading_hovering_at_the_threshold_does_not_flap() -> None:
     assert run(dipping, timing_of(settings.monitoring)) == ["HostCpuHigh{host=h}:firing"]
 
 
-def test_collection_fires_and_resolves(make_app: Any, redis_client: redis.Redis,
-                                       tmp_path: Path) -> None:
-    app = make_app("alerts", database_url=f"sqlite:///{tmp_path / 'history.db'}",
-                   monitoring={"alert_for_s": 0.0, "alert_resolve_s": 0.0, "alert_timing": {}})
+def test_collection_fires_and_resolves(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    app = make_app(
+        "alerts",
+        database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        monitoring={"alert_for_s": 0.0, "alert_resolve_s": 0.0, "alert_timing": {}},
+    )
     runtime = runtime_of(app)
     keys = runtime.keys
     store = StatsStore(runtime)
     now = time.time()
 
     def heartbeat(host: str, memory_pct: float) -> None:
-        beat = {"hostname": host, "pid": 1, "at": time.time(), "queues": ["low"],
-                "paused_queues": [], "memory_pct": memory_pct, "cpu_pct": 5.0,
-                "memory_source": "host", "memory_available_mb": 100.0, "state": "ok",
-                "deferred": 0, "overdue": 0}
+        beat = {
+            "hostname": host,
+            "pid": 1,
+            "at": time.time(),
+            "queues": ["low"],
+            "paused_queues": [],
+            "memory_pct": memory_pct,
+            "cpu_pct": 5.0,
+            "memory_source": "host",
+            "memory_available_mb": 100.0,
+            "state": "ok",
+            "deferred": 0,
+            "overdue": 0,
+        }
         redis_client.set(keys.worker_heartbeat(host), json.dumps(beat), ex=10)
         redis_client.zadd(keys.workers(), {host: beat["at"]})
 
@@ -190,8 +218,11 @@ def test_collection_fires_and_resolves(make_app: Any, redis_client: redis.Redis,
     redis_client.lpush("batch\x06\x169", *[b"{}"] * 401)  # 1001 in all, only counting sub-lists
     collect(runtime)
     firing = {(a["alertname"], a["severity"]) for a in store.alerts()}
-    assert firing == {("HostMemoryHigh", "critical"), ("WorkerHeartbeatMissing", "critical"),
-                      ("QueueDepthHigh", "warning")}
+    assert firing == {
+        ("HostMemoryHigh", "critical"),
+        ("WorkerHeartbeatMissing", "critical"),
+        ("QueueDepthHigh", "warning"),
+    }
     since = {a["id"]: a["since"] for a in store.alerts()}
 
     heartbeat("w1@x", 40.0)
@@ -214,10 +245,18 @@ def test_collection_fires_and_resolves(make_app: Any, redis_client: redis.Redis,
 
 
 def test_for_and_resolve_timing_on_a_real_collection_loop(
-        make_app: Any, redis_client: redis.Redis, tmp_path: Path) -> None:
-    app = make_app("alertloop", database_url=f"sqlite:///{tmp_path / 'loop.db'}",
-                   monitoring={"alert_for_s": 1.0, "alert_resolve_s": 1.5, "alert_timing": {},
-                               "alert_history_length": 10})
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    app = make_app(
+        "alertloop",
+        database_url=f"sqlite:///{tmp_path / 'loop.db'}",
+        monitoring={
+            "alert_for_s": 1.0,
+            "alert_resolve_s": 1.5,
+            "alert_timing": {},
+            "alert_history_length": 10,
+        },
+    )
     runtime = runtime_of(app)
     keys = runtime.keys
     store = StatsStore(runtime)
@@ -228,8 +267,15 @@ def test_for_and_resolve_timing_on_a_real_collection_loop(
     def heartbeats() -> None:
         while not stop.is_set():
             for name in ("a@loophost", "b@loophost", "c@loophost"):
-                beat = {"hostname": name, "host": "loophost", "pid": 1, "at": time.time(),
-                        "memory_pct": memory["pct"], "cpu_pct": 5.0, "host_cpu_pct": 10.0}
+                beat = {
+                    "hostname": name,
+                    "host": "loophost",
+                    "pid": 1,
+                    "at": time.time(),
+                    "memory_pct": memory["pct"],
+                    "cpu_pct": 5.0,
+                    "host_cpu_pct": 10.0,
+                }
                 redis_client.set(keys.worker_heartbeat(name), json.dumps(beat), ex=5)
                 redis_client.zadd(keys.workers(), {name: beat["at"]})
             stop.wait(0.1)
@@ -244,9 +290,11 @@ def test_for_and_resolve_timing_on_a_real_collection_loop(
     for t in threads:
         t.start()
     try:
+
         def host_alert() -> dict[str, Any] | None:
-            rows = [a for a in store.alerts(include_resolved=True)
-                    if a["alertname"] == "HostMemoryHigh"]
+            rows = [
+                a for a in store.alerts(include_resolved=True) if a["alertname"] == "HostMemoryHigh"
+            ]
             assert len(rows) <= 1, rows  # one alert for the three workers of the host
             return rows[0] if rows else None
 
@@ -257,8 +305,7 @@ def test_for_and_resolve_timing_on_a_real_collection_loop(
         assert "host loophost memory at 95.0 %" in fired["summary"]
         memory["pct"] = 40.0
         cleared = time.time()
-        wait_until(lambda: (host_alert() or {}).get("state") == "resolved", 10, 0.05,
-                   "resolved")
+        wait_until(lambda: (host_alert() or {}).get("state") == "resolved", 10, 0.05, "resolved")
         resolved = host_alert()
         assert resolved is not None and resolved["resolved_at"] - cleared >= 1.5 - 0.25
         assert resolved["since"] == fired["since"]
@@ -279,8 +326,9 @@ def test_history_list_is_capped(redis_client: redis.Redis, make_app: Any) -> Non
     alerts: dict[str, dict[str, Any]] = {}
     breaches: list[Breach] = []
     for i in range(12):
-        breaches.append(Breach("QueueDepthHigh", "warning", 2000.0, 1000.0, "q",
-                               {"queue": f"q{i}"}))
+        breaches.append(
+            Breach("QueueDepthHigh", "warning", 2000.0, 1000.0, "q", {"queue": f"q{i}"})
+        )
         alerts, changed = transition(alerts, breaches, float(i))
         book.save(alerts, float(i), 3600.0, changed, history_length=10)
     assert len(book.history(100)) == 10
@@ -288,25 +336,33 @@ def test_history_list_is_capped(redis_client: redis.Redis, make_app: Any) -> Non
 
 
 @pytest.mark.slow
-def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_heartbeat_missing_fires_when_a_worker_dies(
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     app = make_app("monitor", database_url=f"sqlite:///{tmp_path / 'h.db'}")
     runtime = runtime_of(app)
     store = StatsStore(runtime)
-    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
-           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.3",
-           "TASKYARD_GUARD__HEARTBEAT_SLACK_S": "0.5"}
+    env = {
+        **redis_env,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.3",
+        "TASKYARD_GUARD__HEARTBEAT_SLACK_S": "0.5",
+    }
 
     def mine() -> list[dict[str, Any]]:
         return [w for w in store.workers() if w["hostname"].startswith("hb@")]
 
     def hb_alerts() -> list[dict[str, Any]]:
-        return [a for a in store.alerts(include_resolved=True)
-                if a["alertname"] == "WorkerHeartbeatMissing"
-                and a["labels"]["worker"].startswith("hb@")]
+        return [
+            a
+            for a in store.alerts(include_resolved=True)
+            if a["alertname"] == "WorkerHeartbeatMissing"
+            and a["labels"]["worker"].startswith("hb@")
+        ]
 
-    with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1,
-                       name="hb") as worker:
+    with celery_worker(
+        "tests.apps.monitor", "high", env, tmp_path, concurrency=1, name="hb"
+    ) as worker:
         wait_until(lambda: bool(mine()) and mine()[0]["alive"], 20, 0.1, "a heartbeat")
         host = mine()[0]["hostname"]
         collect(runtime)
@@ -316,7 +372,10 @@ def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: di
     collect(runtime)
     (alert,) = hb_alerts()
     assert (alert["state"], alert["severity"], alert["labels"]) == (
-        "firing", "critical", {"worker": host})
+        "firing",
+        "critical",
+        {"worker": host},
+    )
     with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=1, name="hb"):
         wait_until(lambda: mine()[0]["alive"], 20, 0.1, "the worker to come back")
         collect(runtime)
@@ -325,28 +384,43 @@ def test_heartbeat_missing_fires_when_a_worker_dies(make_app: Any, redis_env: di
 
 
 def test_host_readings_deferrals_and_alert_history_in_the_api_metrics_and_dashboard(
-        tmp_path: Path, redis_client: redis.Redis, make_app: Any) -> None:
+    tmp_path: Path, redis_client: redis.Redis, make_app: Any
+) -> None:
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
     from taskyard.keys import Keys
     from taskyard.monitoring.http.api import create_api
 
-    settings = load_settings(redis_url=servers.REDIS_URL,
-                             database_url=f"sqlite:///{tmp_path / 'h.db'}",
-                             monitoring={"api_cache_s": 0.0, "alert_timing": {}})
+    settings = load_settings(
+        redis_url=servers.REDIS_URL,
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        monitoring={"api_cache_s": 0.0, "alert_timing": {}},
+    )
     keys = Keys(settings.namespace)
-    for name, cpu, deferred in (("a@web1", 97.0, {"memory": 4, "requires_memory": 1}),
-                                ("b@web1", 99.0, {"memory": 2, "requires_memory": 0}),
-                                ("c@web1", 98.0, {"memory": 0, "requires_memory": 0})):
-        beat = {"hostname": name, "host": "web1", "pid": 1, "at": time.time(),
-                "memory_pct": 50.0, "cpu_pct": 30.0, "host_cpu_pct": cpu,
-                "deferred": sum(deferred.values()), "deferred_by_reason": deferred,
-                "paused_queues": ["low"], "paused_reasons": {"low": "cpu"}}
+    for name, cpu, deferred in (
+        ("a@web1", 97.0, {"memory": 4, "requires_memory": 1}),
+        ("b@web1", 99.0, {"memory": 2, "requires_memory": 0}),
+        ("c@web1", 98.0, {"memory": 0, "requires_memory": 0}),
+    ):
+        beat = {
+            "hostname": name,
+            "host": "web1",
+            "pid": 1,
+            "at": time.time(),
+            "memory_pct": 50.0,
+            "cpu_pct": 30.0,
+            "host_cpu_pct": cpu,
+            "deferred": sum(deferred.values()),
+            "deferred_by_reason": deferred,
+            "paused_queues": ["low"],
+            "paused_reasons": {"low": "cpu"},
+        }
         redis_client.set(keys.worker_heartbeat(name), json.dumps(beat), ex=30)
         redis_client.zadd(keys.workers(), {name: beat["at"]})
-    runtime = runtime_of(make_app("alertapi", database_url=settings.database_url,
-                                  monitoring={"alert_timing": {}}))
+    runtime = runtime_of(
+        make_app("alertapi", database_url=settings.database_url, monitoring={"alert_timing": {}})
+    )
     collect(runtime)
     with TestClient(create_api(settings)) as client:
         overview = client.get("/api/v1/overview").json()
@@ -360,12 +434,15 @@ def test_host_readings_deferrals_and_alert_history_in_the_api_metrics_and_dashbo
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
         cpu = [(s.labels, s.value) for s in families["taskyard_host_cpu_percent"].samples]
         assert cpu == [({"host": "web1"}, 99.0)]
-        deferred = {(s.labels["hostname"], s.labels["reason"]): s.value
-                    for s in families["taskyard_worker_deferred"].samples
-                    if s.name.endswith("_total")}
+        deferred = {
+            (s.labels["hostname"], s.labels["reason"]): s.value
+            for s in families["taskyard_worker_deferred"].samples
+            if s.name.endswith("_total")
+        }
         assert deferred[("a@web1", "requires_memory")] == 1 and len(deferred) == 6
         paused = families["taskyard_worker_paused_queue"].samples
-        assert {(s.labels["hostname"], s.labels["queue_name"], s.labels["reason"])
-                for s in paused} == {(n, "low", "cpu") for n in ("a@web1", "b@web1", "c@web1")}
+        assert {
+            (s.labels["hostname"], s.labels["queue_name"], s.labels["reason"]) for s in paused
+        } == {(n, "low", "cpu") for n in ("a@web1", "b@web1", "c@web1")}
         page = client.get("/dashboard").text
         assert 'id="alert-history"' in page and "HostCpuHigh" in page

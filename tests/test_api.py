@@ -22,8 +22,10 @@ from tests import servers
 
 TOKEN = "s3cret-token"
 LIST_ENDPOINTS = {
-    "/api/v1/queues": m.QueueStats, "/api/v1/workers": m.WorkerStats,
-    "/api/v1/tasks": m.TaskStats, "/api/v1/batches": m.BatchStats,
+    "/api/v1/queues": m.QueueStats,
+    "/api/v1/workers": m.WorkerStats,
+    "/api/v1/tasks": m.TaskStats,
+    "/api/v1/batches": m.BatchStats,
     "/api/v1/maintenance": m.MaintenanceRun,
     "/api/v1/alerts": m.Alert,
 }
@@ -31,9 +33,11 @@ LIST_ENDPOINTS = {
 
 def api_settings(tmp_path: Path, **monitoring: Any) -> Settings:
     """Settings on the suite's Redis DB and a throwaway SQLite history; no response cache."""
-    return load_settings(redis_url=servers.REDIS_URL,
-                         database_url=f"sqlite:///{tmp_path / 'history.db'}",
-                         monitoring={"api_cache_s": 0.0, **monitoring})
+    return load_settings(
+        redis_url=servers.REDIS_URL,
+        database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        monitoring={"api_cache_s": 0.0, **monitoring},
+    )
 
 
 @pytest.fixture
@@ -67,22 +71,39 @@ def seed(settings: Settings, client: redis.Redis) -> float:
     now = time.time()
     client.lpush("normal", *[json.dumps({"n": i}) for i in range(4)])
     client.zadd(keys.workers(), {"w1@host": now})
-    client.set(keys.worker_heartbeat("w1@host"),
-               json.dumps({"hostname": "w1@host", "at": now, "memory_pct": 42.5,
-                           "cpu_pct": 12.0}), ex=60)
+    client.set(
+        keys.worker_heartbeat("w1@host"),
+        json.dumps({"hostname": "w1@host", "at": now, "memory_pct": 42.5, "cpu_pct": 12.0}),
+        ex=60,
+    )
     from taskyard.tasks.cache import cache_for
 
     cache = cache_for(runtime)
     for i in range(10):
         cache.get_or_compute("users", str(i % 9), lambda: {"name": "x"})
     cache.flush_stats()
-    for alert_id, state, severity in (("mem@w1", "firing", "critical"),
-                                      ("depth@normal", "resolved", "warning")):
-        client.hset(keys.alerts(), alert_id, json.dumps({
-            "id": alert_id, "alertname": alert_id.split("@")[0], "severity": severity,
-            "state": state, "since": now - 60, "resolved_at": now if state == "resolved"
-            else None, "value": 95.0, "threshold": 90.0, "labels": {"hostname": "w1"},
-            "summary": "test alert"}))
+    for alert_id, state, severity in (
+        ("mem@w1", "firing", "critical"),
+        ("depth@normal", "resolved", "warning"),
+    ):
+        client.hset(
+            keys.alerts(),
+            alert_id,
+            json.dumps(
+                {
+                    "id": alert_id,
+                    "alertname": alert_id.split("@")[0],
+                    "severity": severity,
+                    "state": state,
+                    "since": now - 60,
+                    "resolved_at": now if state == "resolved" else None,
+                    "value": 95.0,
+                    "threshold": 90.0,
+                    "labels": {"hostname": "w1"},
+                    "summary": "test alert",
+                }
+            ),
+        )
     for i in range(10):
         client.lpush(keys.series("queues"), json.dumps({"at": 1000.0 + i, "depth": i}))
     return now
@@ -92,12 +113,15 @@ def test_health_live_and_ready(client: TestClient) -> None:
     assert client.get("/health/live").json() == {"status": "live", "checks": {}}
     ready = client.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready",
-                            "checks": {"redis": "ok", "database": "ok", "broker": "ok"}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"redis": "ok", "database": "ok", "broker": "ok"},
+    }
 
 
-def test_every_read_endpoint_has_its_documented_shape(client: TestClient, settings: Settings,
-                                                      redis_client: redis.Redis) -> None:
+def test_every_read_endpoint_has_its_documented_shape(
+    client: TestClient, settings: Settings, redis_client: redis.Redis
+) -> None:
     seed(settings, redis_client)
     for path, model in LIST_ENDPOINTS.items():
         response = client.get(path)
@@ -128,8 +152,9 @@ def test_every_read_endpoint_has_its_documented_shape(client: TestClient, settin
     assert overview["workers_alive"] == 1 and overview["alerts_firing"] == 1
 
 
-def test_cache_endpoint_reports_hits_and_misses(client: TestClient, settings: Settings,
-                                                redis_client: redis.Redis) -> None:
+def test_cache_endpoint_reports_hits_and_misses(
+    client: TestClient, settings: Settings, redis_client: redis.Redis
+) -> None:
     seed(settings, redis_client)
     response = client.get("/api/v1/cache")
     assert response.status_code == 200, response.text
@@ -150,17 +175,20 @@ def test_fields_selects_and_rejects_unknown_names(client: TestClient) -> None:
     assert client.get("/api/v1/tasks", params={"fields": " , "}).status_code == 422
 
 
-def test_history_time_range_pagination_and_fields(client: TestClient, settings: Settings,
-                                                  redis_client: redis.Redis) -> None:
+def test_history_time_range_pagination_and_fields(
+    client: TestClient, settings: Settings, redis_client: redis.Redis
+) -> None:
     seed(settings, redis_client)
     url = "/api/v1/history/queues"
-    page = client.get(url, params={"since": 1002, "until": "1970-01-01T00:16:47Z",
-                                   "limit": 3}).json()
+    page = client.get(
+        url, params={"since": 1002, "until": "1970-01-01T00:16:47Z", "limit": 3}
+    ).json()
     # 1002..1007 inclusive, newest first, three per page.
     assert [item["at"] for item in page["items"]] == [1007.0, 1006.0, 1005.0]
     assert (page["since"], page["until"], page["next_offset"]) == (1002.0, 1007.0, 3)
-    last = client.get(url, params={"since": 1002, "until": 1007, "limit": 3,
-                                   "offset": page["next_offset"]}).json()
+    last = client.get(
+        url, params={"since": 1002, "until": 1007, "limit": 3, "offset": page["next_offset"]}
+    ).json()
     assert [item["at"] for item in last["items"]] == [1004.0, 1003.0, 1002.0]
     assert last["next_offset"] is None
 
@@ -171,20 +199,24 @@ def test_history_time_range_pagination_and_fields(client: TestClient, settings: 
     assert "nope" in unknown.text and "allowed: at, depth" in unknown.text
 
 
-@pytest.mark.parametrize(("path", "params", "parameter"), [
-    ("/api/v1/history/queues", {"since": "yesterday"}, "since"),
-    ("/api/v1/history/queues", {"until": "2026-13-45"}, "until"),
-    ("/api/v1/history/queues", {"since": "1e300"}, "since"),
-    ("/api/v1/history/queues", {"since": "2000", "until": "1000"}, "until"),
-    ("/api/v1/history/queues", {"limit": str(MAX_PAGE_SIZE + 1)}, "limit"),
-    ("/api/v1/history/queues", {"limit": "0"}, "limit"),
-    ("/api/v1/history/queues", {"offset": "-1"}, "offset"),
-    ("/api/v1/history/queues", {"limit": "ten"}, "limit"),
-    ("/api/v1/history/queues", {"fields": "a b"}, "fields"),
-    ("/api/v1/alerts", {"include_resolved": "perhaps"}, "include_resolved"),
-])
+@pytest.mark.parametrize(
+    ("path", "params", "parameter"),
+    [
+        ("/api/v1/history/queues", {"since": "yesterday"}, "since"),
+        ("/api/v1/history/queues", {"until": "2026-13-45"}, "until"),
+        ("/api/v1/history/queues", {"since": "1e300"}, "since"),
+        ("/api/v1/history/queues", {"since": "2000", "until": "1000"}, "until"),
+        ("/api/v1/history/queues", {"limit": str(MAX_PAGE_SIZE + 1)}, "limit"),
+        ("/api/v1/history/queues", {"limit": "0"}, "limit"),
+        ("/api/v1/history/queues", {"offset": "-1"}, "offset"),
+        ("/api/v1/history/queues", {"limit": "ten"}, "limit"),
+        ("/api/v1/history/queues", {"fields": "a b"}, "fields"),
+        ("/api/v1/alerts", {"include_resolved": "perhaps"}, "include_resolved"),
+    ],
+)
 def test_malformed_parameters_are_422_naming_the_parameter(
-        client: TestClient, path: str, params: dict[str, str], parameter: str) -> None:
+    client: TestClient, path: str, params: dict[str, str], parameter: str
+) -> None:
     response = client.get(path, params=params)
     assert response.status_code == 422, response.text
     body = response.json()
@@ -204,9 +236,11 @@ def test_unknown_routes_and_series_are_json_404(client: TestClient) -> None:
 
 
 def test_redis_down_is_503_json_never_500(tmp_path: Path) -> None:
-    closed = load_settings(redis_url="redis://127.0.0.1:1/0",
-                           database_url=f"sqlite:///{tmp_path / 'h.db'}",
-                           monitoring={"api_cache_s": 0.0})
+    closed = load_settings(
+        redis_url="redis://127.0.0.1:1/0",
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        monitoring={"api_cache_s": 0.0},
+    )
     with TestClient(create_api(closed), raise_server_exceptions=False) as down:
         assert down.get("/health/live").status_code == 200
         ready = down.get("/health/ready")
@@ -214,8 +248,13 @@ def test_redis_down_is_503_json_never_500(tmp_path: Path) -> None:
         checks = ready.json()["checks"]
         assert checks["database"] == "ok"
         assert "ConnectionError" in checks["redis"] and "ConnectionError" in checks["broker"]
-        for path in ["/api/v1/overview", "/metrics", "/api/v1/history/queues",
-                     "/api/v1/cache", *_reading_redis(LIST_ENDPOINTS)]:
+        for path in [
+            "/api/v1/overview",
+            "/metrics",
+            "/api/v1/history/queues",
+            "/api/v1/cache",
+            *_reading_redis(LIST_ENDPOINTS),
+        ]:
             response = down.get(path)
             assert response.status_code == 503, (path, response.text)
             body = response.json()
@@ -224,9 +263,11 @@ def test_redis_down_is_503_json_never_500(tmp_path: Path) -> None:
 
 
 def test_database_down_is_503_naming_it(tmp_path: Path, redis_client: redis.Redis) -> None:
-    closed = load_settings(redis_url=servers.REDIS_URL,
-                           database_url="postgresql+psycopg2://postgres@127.0.0.1:1/test",
-                           monitoring={"api_cache_s": 0.0})
+    closed = load_settings(
+        redis_url=servers.REDIS_URL,
+        database_url="postgresql+psycopg2://postgres@127.0.0.1:1/test",
+        monitoring={"api_cache_s": 0.0},
+    )
     with TestClient(create_api(closed), raise_server_exceptions=False) as down:
         ready = down.get("/health/ready")
         assert ready.status_code == 503
@@ -241,11 +282,13 @@ def test_database_down_is_503_naming_it(tmp_path: Path, redis_client: redis.Redi
 
 
 def test_broker_down_is_503_naming_it(tmp_path: Path, redis_client: redis.Redis) -> None:
-    closed = load_settings(redis_url=servers.REDIS_URL,
-                           broker_url="amqp://guest:guest@127.0.0.1:1//",
-                           broker_connect_timeout_s=1.0,
-                           database_url=f"sqlite:///{tmp_path / 'h.db'}",
-                           monitoring={"api_cache_s": 0.0})
+    closed = load_settings(
+        redis_url=servers.REDIS_URL,
+        broker_url="amqp://guest:guest@127.0.0.1:1//",
+        broker_connect_timeout_s=1.0,
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        monitoring={"api_cache_s": 0.0},
+    )
     with TestClient(create_api(closed), raise_server_exceptions=False) as down:
         ready = down.get("/health/ready")
         assert ready.status_code == 503
@@ -260,8 +303,9 @@ def _reading_redis(paths: Iterable[str]) -> list[str]:
     inspection)."""
     import taskyard.batching
 
-    return [p for p in paths
-            if p != "/api/v1/batches" or hasattr(taskyard.batching, "inspect_batches")]
+    return [
+        p for p in paths if p != "/api/v1/batches" or hasattr(taskyard.batching, "inspect_batches")
+    ]
 
 
 def test_gzip_for_responses_over_500_bytes(client: TestClient) -> None:
@@ -280,15 +324,23 @@ def test_gzip_for_responses_over_500_bytes(client: TestClient) -> None:
 def test_openapi_documents_every_endpoint_with_models(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    for path in ["/health/live", "/health/ready", "/api/v1/overview", "/metrics",
-                 "/api/v1/history/{series}", "/api/v1/admin/cache/invalidate",
-                 "/api/v1/admin/maintenance/run", "/api/v1/admin/batches/{batch_name}/requeue",
-                 *LIST_ENDPOINTS]:
+    for path in [
+        "/health/live",
+        "/health/ready",
+        "/api/v1/overview",
+        "/metrics",
+        "/api/v1/history/{series}",
+        "/api/v1/admin/cache/invalidate",
+        "/api/v1/admin/maintenance/run",
+        "/api/v1/admin/batches/{batch_name}/requeue",
+        *LIST_ENDPOINTS,
+    ]:
         assert path in paths, path
     queues = paths["/api/v1/queues"]["get"]["responses"]["200"]["content"]["application/json"]
     assert queues["schema"]["items"]["$ref"].endswith("/QueueStats")
     assert {"QueueStats", "TaskStats", "Alert", "HistoryPage", "ErrorBody"} <= set(
-        schema["components"]["schemas"])
+        schema["components"]["schemas"]
+    )
     admin = paths["/api/v1/admin/maintenance/run"]["post"]
     assert admin["security"] == [{"adminToken": []}]
     assert schema["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"

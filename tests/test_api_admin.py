@@ -19,9 +19,11 @@ from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import runtime_of
 from tests.test_api import TOKEN, api_settings
 
-ADMIN_POSTS = [("/api/v1/admin/cache/invalidate", {"tags": ["user:7"]}),
-               ("/api/v1/admin/maintenance/run", None),
-               ("/api/v1/admin/batches/emails/requeue", {})]
+ADMIN_POSTS = [
+    ("/api/v1/admin/cache/invalidate", {"tags": ["user:7"]}),
+    ("/api/v1/admin/maintenance/run", None),
+    ("/api/v1/admin/batches/emails/requeue", {}),
+]
 
 
 @pytest.fixture
@@ -36,8 +38,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 @pytest.mark.parametrize(("path", "body"), ADMIN_POSTS)
-def test_admin_without_token_is_401_with_bearer_challenge(client: TestClient, path: str,
-                                                          body: object) -> None:
+def test_admin_without_token_is_401_with_bearer_challenge(
+    client: TestClient, path: str, body: object
+) -> None:
     for headers in ({}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}):
         response = client.post(path, json=body, headers=headers)
         assert response.status_code == 401, (headers, response.text)
@@ -55,8 +58,9 @@ def test_admin_with_wrong_token_is_403(client: TestClient, path: str, body: obje
         assert response.json()["detail"] == "admin endpoint: wrong bearer token"
 
 
-def test_admin_refused_when_no_token_is_configured(tmp_path: Path,
-                                                    redis_client: redis.Redis) -> None:
+def test_admin_refused_when_no_token_is_configured(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
     with TestClient(create_api(api_settings(tmp_path)), raise_server_exceptions=False) as open_:
         for path, body in ADMIN_POSTS:
             for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer x"}):
@@ -73,14 +77,16 @@ def test_token_comparison_is_constant_time_and_exact() -> None:
 
     from fastapi.security import HTTPAuthorizationCredentials
 
-    with mock.patch("taskyard.monitoring.http.auth.hmac.compare_digest",
-                    wraps=hmac.compare_digest) as compare:
+    with mock.patch(
+        "taskyard.monitoring.http.auth.hmac.compare_digest", wraps=hmac.compare_digest
+    ) as compare:
         auth.check(HTTPAuthorizationCredentials(scheme="Bearer", credentials="abc"))
     compare.assert_called_once_with(b"abc", b"abc")
 
 
-def test_clear_cache_by_tag_with_the_right_token(client: TestClient, settings: Settings,
-                                                  redis_client: redis.Redis) -> None:
+def test_clear_cache_by_tag_with_the_right_token(
+    client: TestClient, settings: Settings, redis_client: redis.Redis
+) -> None:
     from taskyard.monitoring.http.api import _resolve
     from taskyard.tasks.cache import cache_for
 
@@ -95,8 +101,11 @@ def test_clear_cache_by_tag_with_the_right_token(client: TestClient, settings: S
     cache.get_or_compute("users", "7", compute, tags=["user:7"])
     cache.get_or_compute("users", "8", compute, tags=["user:8"])
     assert len(calls) == 2
-    response = client.post("/api/v1/admin/cache/invalidate", json={"tags": ["user:7"]},
-                           headers={"Authorization": f"Bearer {TOKEN}"})
+    response = client.post(
+        "/api/v1/admin/cache/invalidate",
+        json={"tags": ["user:7"]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
     assert response.status_code == 200, response.text
     assert response.json() == {"action": "cache.invalidate", "detail": {"deleted": {"user:7": 1}}}
     cache.get_or_compute("users", "8", compute, tags=["user:8"])
@@ -110,14 +119,18 @@ def test_admin_body_is_validated(client: TestClient) -> None:
     for body in ({}, {"tags": []}, {"tags": [""]}, {"tags": "user:7"}):
         response = client.post("/api/v1/admin/cache/invalidate", json=body, headers=auth)
         assert response.status_code == 422, body
-    not_json = client.post("/api/v1/admin/cache/invalidate", content=b"{", headers={
-        **auth, "Content-Type": "application/json"})
+    not_json = client.post(
+        "/api/v1/admin/cache/invalidate",
+        content=b"{",
+        headers={**auth, "Content-Type": "application/json"},
+    )
     assert not_json.status_code == 422
 
 
 def test_run_maintenance_queues_the_task(client: TestClient, redis_client: redis.Redis) -> None:
-    response = client.post("/api/v1/admin/maintenance/run",
-                           headers={"Authorization": f"Bearer {TOKEN}"})
+    response = client.post(
+        "/api/v1/admin/maintenance/run", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert response.status_code == 202, response.text
     detail = response.json()["detail"]
     assert detail["task"] == "taskyard.maintenance.run" and detail["task_id"]
@@ -126,8 +139,9 @@ def test_run_maintenance_queues_the_task(client: TestClient, redis_client: redis
     assert depths == {q: int(q == "low") for q in LEVEL_NAMES}
 
 
-def test_requeue_dead_batch(client: TestClient, settings: Settings, make_app: Any,
-                            redis_client: redis.Redis) -> None:
+def test_requeue_dead_batch(
+    client: TestClient, settings: Settings, make_app: Any, redis_client: redis.Redis
+) -> None:
     from taskyard.batching import batch_task
     from taskyard.batching.buffer import BatchBuffer
 
@@ -149,8 +163,10 @@ def test_requeue_dead_batch(client: TestClient, settings: Settings, make_app: An
     auth = {"Authorization": f"Bearer {TOKEN}"}
     response = client.post("/api/v1/admin/batches/emails/requeue", json={}, headers=auth)
     assert response.status_code == 200, response.text
-    assert response.json() == {"action": "batches.requeue",
-                               "detail": {"batch_name": "emails", "requeued": [batch_id]}}
+    assert response.json() == {
+        "action": "batches.requeue",
+        "detail": {"batch_name": "emails", "requeued": [batch_id]},
+    }
     assert buffer.dead_ids() == []
     assert redis_client.llen("batch") == 2  # the flush message published again
 

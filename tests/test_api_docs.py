@@ -61,21 +61,40 @@ def test_validation_errors_are_documented_as_the_body_they_are(spec: dict[str, A
     assert set(body) == set(_schemas(spec)["ErrorBody"]["properties"]) == {"error", "detail"}
     documented = spec["paths"]["/api/v1/history/{series}"]["get"]["responses"]["422"]
     assert documented["content"]["application/json"]["schema"] == {
-        "$ref": "#/components/schemas/ErrorBody"}
+        "$ref": "#/components/schemas/ErrorBody"
+    }
 
 
 def test_name_error_bodies_leaves_other_references_alone() -> None:
-    given = {"paths": {"/x": {"get": {"responses": {
-        "200": {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/A"}}}},
-        "422": {"content": {"application/json": {"schema": {
-            "$ref": "#/components/schemas/HTTPValidationError"}}}}}}}},
-        "components": {"schemas": {"A": {}, "HTTPValidationError": {}, "ValidationError": {},
-                                   "ErrorBody": {}}}}
+    given = {
+        "paths": {
+            "/x": {
+                "get": {
+                    "responses": {
+                        "200": {
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/A"}}
+                            }
+                        },
+                        "422": {
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/HTTPValidationError"}
+                                }
+                            }
+                        },
+                    }
+                }
+            }
+        },
+        "components": {
+            "schemas": {"A": {}, "HTTPValidationError": {}, "ValidationError": {}, "ErrorBody": {}}
+        },
+    }
     fixed = name_error_bodies(given)
     responses = fixed["paths"]["/x"]["get"]["responses"]
     assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/A")
-    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "/ErrorBody")
+    assert responses["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     assert set(fixed["components"]["schemas"]) == {"A", "ErrorBody"}
 
 
@@ -97,12 +116,21 @@ def test_docs_pages_reference_only_this_server() -> None:
 def api_url(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = tmp_path / "api.log"
-    env = child_env({"TASKYARD_REDIS_URL": "redis://127.0.0.1:6379/15",
-                     "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}"})
+    env = child_env(
+        {
+            "TASKYARD_REDIS_URL": "redis://127.0.0.1:6379/15",
+            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+        }
+    )
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)], env=env,
-            cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def live() -> bool:
@@ -136,25 +164,29 @@ def test_docs_render_in_chromium_with_nothing_fetched_from_elsewhere(api_url: st
             failed: list[str] = []
             page.on("request", lambda request: requested.append(request.url))
             page.on("requestfinished", lambda request: finished.append(request.url))
-            page.on("requestfailed",
-                    lambda request: failed.append(f"{request.url} {request.failure}"))
+            page.on(
+                "requestfailed", lambda request: failed.append(f"{request.url} {request.failure}")
+            )
             assert page.goto(api_url + "/docs").status == 200  # type: ignore[union-attr]
             page.wait_for_selector(".opblock-summary-path", timeout=20_000)
             paths = page.eval_on_selector_all(
-                ".opblock-summary-path", "els => els.map(e => e.textContent.trim())")
+                ".opblock-summary-path", "els => els.map(e => e.textContent.trim())"
+            )
             assert "/api/v1/overview" in paths and "/metrics" in paths
             page.get_by_text("ErrorBody", exact=True).first.wait_for(timeout=10_000)
             page.screenshot(path=str(ARTIFACTS / "docs-swagger.png"), full_page=False)
 
-            elsewhere = [u for u in requested if not u.startswith((api_url + "/", "data:",
-                                                                   "blob:"))]
+            elsewhere = [
+                u for u in requested if not u.startswith((api_url + "/", "data:", "blob:"))
+            ]
             assert requested and not elsewhere, (elsewhere, failed, finished)
         finally:
             browser.close()
 
 
 def test_monitoring_doc_names_every_endpoint_parameter_and_metric(
-        spec: dict[str, Any], tmp_path: Path) -> None:
+    spec: dict[str, Any], tmp_path: Path
+) -> None:
     import re
 
     doc = (ROOT / "docs" / "monitoring.md").read_text()

@@ -26,8 +26,9 @@ MAX_EXAMPLES = 30
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-def test_no_input_gives_a_server_error(tmp_path: Path, redis_client: redis.Redis,
-                                       mode: GenerationMode) -> None:
+def test_no_input_gives_a_server_error(
+    tmp_path: Path, redis_client: redis.Redis, mode: GenerationMode
+) -> None:
     config = api_settings(tmp_path, api_token=TOKEN)
     seed(config, redis_client)
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_api(config))
@@ -37,13 +38,20 @@ def test_no_input_gives_a_server_error(tmp_path: Path, redis_client: redis.Redis
     for operation in operations:
         # With the token, admin bodies are fuzzed too (auth itself is tested in test_api_admin).
         @given(case=operation.as_strategy(generation_mode=mode))
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case: Any) -> None:
             response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
             # 501 is the documented answer of an admin action whose package is not installed.
             assert response.status_code < 500 or response.status_code == 501, (
-                case.as_curl_command(), response.status_code, response.text)
+                case.as_curl_command(),
+                response.status_code,
+                response.text,
+            )
             if case.path != "/metrics":
                 assert response.headers["content-type"][0].startswith("application/json")
             if response.status_code == 200 and not (case.query or {}).get("fields"):

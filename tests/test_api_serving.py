@@ -123,14 +123,21 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_taskyard_api_serves_over_real_uvicorn(tmp_path: Path, redis_client: redis.Redis) -> None:
     port = _free_port()
-    env = {**os.environ, "TASKYARD_REDIS_URL": servers.REDIS_URL,
-           "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
-           "TASKYARD_MONITORING__API_PORT": str(port),
-           "TASKYARD_MONITORING__API_TOKEN": "tok"}
+    env = {
+        **os.environ,
+        "TASKYARD_REDIS_URL": servers.REDIS_URL,
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
+        "TASKYARD_MONITORING__API_PORT": str(port),
+        "TASKYARD_MONITORING__API_TOKEN": "tok",
+    }
     log = (tmp_path / "api.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "api", "--log-level",
-                                "warning"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "taskyard.cli", "api", "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -185,7 +192,8 @@ class SlowCountingStore:
 
 
 def test_slow_store_reads_do_not_block_the_event_loop_and_are_shared(
-        tmp_path: Path, redis_client: redis.Redis) -> None:
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
     from taskyard.monitoring.http.api import _resolve, create_api
     from taskyard.monitoring.store import StatsStore
     from tests.test_api import api_settings

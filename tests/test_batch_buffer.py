@@ -47,16 +47,19 @@ def flushed() -> Any:
     batch_flushed.disconnect(receiver)
 
 
-@pytest.mark.parametrize("options, fragment", [
-    ({"batch_size": 0}, "batch_size=0"),
-    ({"batch_size": 2.5}, "batch_size=2.5"),
-    ({"max_wait": 0}, "max_wait=0"),
-    ({"max_wait": -1.0}, "max_wait=-1.0"),
-    ({"max_retries": -1}, "max_retries=-1"),
-    ({"max_buffered": 10, "batch_size": 20}, "max_buffered=10"),
-    ({"batch_name": "bad name"}, "batch_name='bad name'"),
-    ({"key": "tenant"}, "key='tenant'"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"batch_size": 2.5}, "batch_size=2.5"),
+        ({"max_wait": 0}, "max_wait=0"),
+        ({"max_wait": -1.0}, "max_wait=-1.0"),
+        ({"max_retries": -1}, "max_retries=-1"),
+        ({"max_buffered": 10, "batch_size": 20}, "max_buffered=10"),
+        ({"batch_name": "bad name"}, "batch_name='bad name'"),
+        ({"key": "tenant"}, "key='tenant'"),
+    ],
+)
 def test_options_are_checked_at_decoration(options: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         batch_task(**options)
@@ -70,7 +73,8 @@ def test_unknown_level_names_value_and_levels() -> None:
 
 
 def test_delay_claims_a_batch_when_full_and_publishes_only_its_id(
-        make_app: Any, redis_client: redis.Redis, flushed: list[dict[str, Any]]) -> None:
+    make_app: Any, redis_client: redis.Redis, flushed: list[dict[str, Any]]
+) -> None:
     app = make_app("b1")
 
     @batch_task(batch_name="emails", batch_size=3, max_wait=60)
@@ -82,7 +86,9 @@ def test_delay_claims_a_batch_when_full_and_publishes_only_its_id(
     assert batch_items(redis_client, app, "emails", "1") == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert batch_items(redis_client, app, "emails", "2") == [{"n": 3}, {"n": 4}, {"n": 5}]
     assert [(f["batch_name"], f["batch_id"], f["size"], f["reason"]) for f in flushed] == [
-        ("emails", "1", 3, "size"), ("emails", "2", 3, "size")]
+        ("emails", "1", 3, "size"),
+        ("emails", "2", 3, "size"),
+    ]
     [state] = inspect_batches(app)
     assert state["buffered"] == 1 and state["in_flight"] == 2 and state["pending"] == 7
     assert state["flush_reasons"] == {"size": 2}
@@ -114,14 +120,17 @@ def test_add_many_forms_every_full_batch(make_app: Any, redis_client: redis.Redi
         items = batch_items(redis_client, app, "audit", batch_id)
         assert len(items) == 100
         seen.extend(item["i"] for item in items)
-    buffered = [json.loads(x) for x in redis_client.lrange(
-        runtime_of(app).keys.batch_buffer("audit"), 0, -1)]
+    buffered = [
+        json.loads(x)
+        for x in redis_client.lrange(runtime_of(app).keys.batch_buffer("audit"), 0, -1)
+    ]
     seen.extend(item["i"] for item in buffered)
     assert seen == list(range(-1, 5000))  # order kept, nothing lost, nothing twice
 
 
-def test_key_function_gives_each_key_its_own_buffer(make_app: Any,
-                                                    redis_client: redis.Redis) -> None:
+def test_key_function_gives_each_key_its_own_buffer(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("b4")
 
     @batch_task(batch_name="notify", batch_size=3, max_wait=60, key=lambda item: item["tenant"])
@@ -161,8 +170,9 @@ def test_max_buffered_refuses_at_add_time(make_app: Any, redis_client: redis.Red
 def test_add_many_reports_what_the_limit_refused(make_app: Any) -> None:
     make_app("b6")
 
-    @batch_task(batch_name="capped2", batch_size=2, max_wait=60, max_buffered=3,
-                key=lambda item: item % 2)
+    @batch_task(
+        batch_name="capped2", batch_size=2, max_wait=60, max_buffered=3, key=lambda item: item % 2
+    )
     def capped2(items: list[Any]) -> None: ...
 
     # Groups are appended as separate chunks: evens (3 items) fit, odds (2 more) do not.
@@ -171,8 +181,9 @@ def test_add_many_reports_what_the_limit_refused(make_app: Any) -> None:
     assert info.value.accepted == 3 and info.value.rejected == (1, 3)
 
 
-def test_bad_items_are_refused_with_their_type_and_size(make_app: Any,
-                                                        redis_client: redis.Redis) -> None:
+def test_bad_items_are_refused_with_their_type_and_size(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     make_app("b7")
 
     @batch_task(batch_name="strict", batch_size=10, max_item_bytes=64)
@@ -191,8 +202,9 @@ def test_bad_items_are_refused_with_their_type_and_size(make_app: Any,
     assert inspect_batches(runtime_of(strict.state().app)) == []
 
 
-def test_reaper_flushes_by_age_only_when_due(make_app: Any, redis_client: redis.Redis,
-                                             flushed: list[dict[str, Any]]) -> None:
+def test_reaper_flushes_by_age_only_when_due(
+    make_app: Any, redis_client: redis.Redis, flushed: list[dict[str, Any]]
+) -> None:
     app = make_app("b8")
 
     @batch_task(batch_name="aged", batch_size=100, max_wait=0.3)
@@ -209,8 +221,9 @@ def test_reaper_flushes_by_age_only_when_due(make_app: Any, redis_client: redis.
     assert state["flush_reasons"] == {"age": 1} and state["buffered"] == 0
 
 
-def test_reaper_republishes_a_batch_whose_lease_ran_out(make_app: Any,
-                                                        redis_client: redis.Redis) -> None:
+def test_reaper_republishes_a_batch_whose_lease_ran_out(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("b9")
 
     @batch_task(batch_name="leased", batch_size=2, max_wait=60, lease_s=0.2)
@@ -231,8 +244,9 @@ def test_reaper_republishes_a_batch_whose_lease_ran_out(make_app: Any,
     assert state["processed"] == 2 and state["duplicates"] == 1 and state["lease_expired"] == 1
 
 
-def test_same_message_redelivered_takes_over_at_once(make_app: Any,
-                                                     redis_client: redis.Redis) -> None:
+def test_same_message_redelivered_takes_over_at_once(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("b10")
 
     @batch_task(batch_name="redeliver", batch_size=1, max_wait=60)
@@ -257,12 +271,20 @@ def test_dead_letters_list_requeue_purge(make_app: Any, redis_client: redis.Redi
     for batch_id in ("1", "2"):
         for attempt in range(2):
             assert buffer.acquire(batch_id, f"t{attempt}", 60_000).status == "ok"
-            out = buffer.fail(batch_id, f"t{attempt}", max_retries=1, backoff_ms=0,
-                              lease_ms=60_000, error="ValueError: boom")
+            out = buffer.fail(
+                batch_id,
+                f"t{attempt}",
+                max_retries=1,
+                backoff_ms=0,
+                lease_ms=60_000,
+                error="ValueError: boom",
+            )
             assert out.status == ("retry" if attempt == 0 else "dead")
     dead = list_dead(app, "doomed")
     assert [(d["batch_id"], d["size"], d["attempts"], d["error"]) for d in dead] == [
-        ("1", 2, 2, "ValueError: boom"), ("2", 2, 2, "ValueError: boom")]
+        ("1", 2, 2, "ValueError: boom"),
+        ("2", 2, 2, "ValueError: boom"),
+    ]
     assert dead[0]["items"] == ['{"a":1}', '{"a":2}']
     [state] = inspect_batches(app)
     assert state["dead"] == 2 and state["dead_items"] == 4 and state["pending"] == 0
@@ -277,8 +299,7 @@ def test_dead_letters_list_requeue_purge(make_app: Any, redis_client: redis.Redi
     assert state["dead"] == 0 and state["processed"] == 2 and state["purged_items"] == 2
 
 
-def test_partial_failure_keeps_only_failed_items(make_app: Any,
-                                                 redis_client: redis.Redis) -> None:
+def test_partial_failure_keeps_only_failed_items(make_app: Any, redis_client: redis.Redis) -> None:
     app = make_app("b12")
 
     @batch_task(batch_name="partial", batch_size=4, max_wait=60)
@@ -287,8 +308,9 @@ def test_partial_failure_keeps_only_failed_items(make_app: Any,
     partial.add_many(["a", "b", "c", "d"])
     buffer = BatchBuffer(redis_client, runtime_of(app).keys, "partial")
     buffer.acquire("1", "t", 60_000)
-    out = buffer.fail("1", "t", max_retries=3, backoff_ms=0, lease_ms=60_000, error="x",
-                      failed=[1, 3])
+    out = buffer.fail(
+        "1", "t", max_retries=3, backoff_ms=0, lease_ms=60_000, error="x", failed=[1, 3]
+    )
     assert (out.status, out.failed) == ("retry", 2)
     assert buffer.acquire("1", "u", 60_000).entries == (b'"b"', b'"d"')
     [state] = inspect_batches(app)
@@ -322,8 +344,9 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
         items = batch_items(redis_client, app, "crowd", batch_id)
         assert len(items) == 7
         seen.extend(tuple(x) for x in items)
-    seen.extend(tuple(json.loads(x)) for x in redis_client.lrange(keys.batch_buffer("crowd"), 0,
-                                                                  -1))
+    seen.extend(
+        tuple(json.loads(x)) for x in redis_client.lrange(keys.batch_buffer("crowd"), 0, -1)
+    )
     expected = {(w, i) for w in range(6) for i in range(300) if i % 50}
     expected |= {(w, i, k) for w in range(6) for i in range(0, 300, 50) for k in range(20)}
     assert len(seen) == len(expected) and set(seen) == expected
@@ -331,8 +354,9 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
     assert state["pending"] == len(expected)
 
 
-def test_scripts_are_reloaded_after_a_redis_restart(make_app: Any,
-                                                    redis_client: redis.Redis) -> None:
+def test_scripts_are_reloaded_after_a_redis_restart(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("b14")
 
     @batch_task(batch_name="restart", batch_size=2, max_wait=0.1)
@@ -374,11 +398,16 @@ def test_a_failing_key_function_names_the_item_type(make_app: Any) -> None:
     assert "key function failed on an item of type dict" in str(info.value)
 
 
-def test_broker_down_at_flush_time_loses_nothing(make_app: Any, redis_client: redis.Redis,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_broker_down_at_flush_time_loses_nothing(
+    make_app: Any, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     # The buffers' Redis answers, the broker does not: the claimed batch waits under its lease.
-    down = make_app("b17", broker_url="redis://127.0.0.1:1/0", publish_max_retries=0,
-                    broker_connect_timeout_s=0.5)
+    down = make_app(
+        "b17",
+        broker_url="redis://127.0.0.1:1/0",
+        publish_max_retries=0,
+        broker_connect_timeout_s=0.5,
+    )
 
     @batch_task(batch_name="unsent", batch_size=2, max_wait=60, lease_s=0.3)
     def unsent(items: list[Any]) -> None: ...
@@ -395,8 +424,7 @@ def test_broker_down_at_flush_time_loses_nothing(make_app: Any, redis_client: re
 
 
 def test_eager_mode_runs_batches_in_place(make_app: Any, redis_client: redis.Redis) -> None:
-    app = make_app("b18", task_always_eager=True,
-                   batch={"retry_backoff_s": 0, "max_retries": 1})
+    app = make_app("b18", task_always_eager=True, batch={"retry_backoff_s": 0, "max_retries": 1})
     seen: list[list[Any]] = []
 
     @batch_task(batch_name="eager", batch_size=3, max_wait=60)
@@ -413,8 +441,9 @@ def test_eager_mode_runs_batches_in_place(make_app: Any, redis_client: redis.Red
     assert state["processed"] == 3 and state["dead_items"] == 3 and state["pending"] == 0
 
 
-def test_bulk_flushes_still_send_their_task_sent_events(make_app: Any,
-                                                       redis_client: redis.Redis) -> None:
+def test_bulk_flushes_still_send_their_task_sent_events(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     # add_many sends the task-sent events of its flush messages as one list message.
     app = make_app("b19")
 
@@ -430,8 +459,9 @@ def test_bulk_flushes_still_send_their_task_sent_events(make_app: Any,
     def listen() -> None:
         try:
             with app.connection_for_read() as conn:
-                receiver = app.events.Receiver(conn, handlers={"task-sent": seen.append,
-                                                               "taskyard-probe": probes.append})
+                receiver = app.events.Receiver(
+                    conn, handlers={"task-sent": seen.append, "taskyard-probe": probes.append}
+                )
                 receivers.append(receiver)
                 with contextlib.suppress(TimeoutError):
                     receiver.capture(limit=None, timeout=20, wakeup=False)
@@ -442,8 +472,12 @@ def test_bulk_flushes_still_send_their_task_sent_events(make_app: Any,
     thread.start()
     # Probe until the receiver's subscription is in place (pub/sub drops what came before).
     with app.events.default_dispatcher() as dispatcher:
-        wait_until(lambda: dispatcher.send("taskyard-probe") or bool(probes) or bool(failures),
-                   15, 0.1, message="the event receiver")
+        wait_until(
+            lambda: dispatcher.send("taskyard-probe") or bool(probes) or bool(failures),
+            15,
+            0.1,
+            message="the event receiver",
+        )
     assert not failures, failures
     evented.add_many(range(6))
     evented.delay(6)

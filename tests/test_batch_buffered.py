@@ -60,8 +60,11 @@ def test_the_linger_appends_without_a_flush(make_app: Any, redis_client: redis.R
 
     for i in range(25):
         linger.delay(i)
-    wait_until(lambda: len(_all_items(redis_client, app, "linger")) == 25, 5,
-               message="the background thread to append every item")
+    wait_until(
+        lambda: len(_all_items(redis_client, app, "linger")) == 25,
+        5,
+        message="the background thread to append every item",
+    )
 
 
 def test_context_manager_flushes_on_exit(make_app: Any, redis_client: redis.Redis) -> None:
@@ -100,7 +103,8 @@ def test_linger_ms_is_checked_at_decoration(value: Any) -> None:
 
 
 def test_a_full_buffer_found_in_the_background_is_raised_by_flush(
-        make_app: Any, redis_client: redis.Redis) -> None:
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     make_app("buf5")
 
     @batch_task(batch_name="capped", batch_size=5, max_wait=60, max_buffered=10, linger_ms=1)
@@ -121,11 +125,13 @@ def test_a_full_buffer_found_in_the_background_is_raised_by_flush(
     producer.flush()  # reported once
 
 
-def test_redis_unreachable_keeps_the_items_and_flush_raises(make_app: Any,
-                                                            redis_client: redis.Redis) -> None:
+def test_redis_unreachable_keeps_the_items_and_flush_raises(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     with_free_port = _free_port()
-    down = make_app("buf6", redis_url=f"redis://127.0.0.1:{with_free_port}/0",
-                    broker_connect_timeout_s=0.2)
+    down = make_app(
+        "buf6", redis_url=f"redis://127.0.0.1:{with_free_port}/0", broker_connect_timeout_s=0.2
+    )
 
     @batch_task(batch_name="down", batch_size=5, max_wait=60, linger_ms=1, app=down)
     def down_batch(items: list[Any]) -> None: ...
@@ -163,13 +169,19 @@ for i in range(int(sys.argv[1])):
 
 
 def _run(tail: str, n: int) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _SCRIPT.replace("{tail}", tail), str(n)],
-                          env=child_env({"URL": servers.REDIS_URL}), cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _SCRIPT.replace("{tail}", tail), str(n)],
+        env=child_env({"URL": servers.REDIS_URL}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-def test_a_process_that_exits_without_flushing_loses_nothing(make_app: Any,
-                                                             redis_client: redis.Redis) -> None:
+def test_a_process_that_exits_without_flushing_loses_nothing(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("bufexit")
     # A 2 s linger: the process returns long before the background thread would append.
     done = _run("", 5000)
@@ -179,7 +191,8 @@ def test_a_process_that_exits_without_flushing_loses_nothing(make_app: Any,
 
 
 def test_a_forked_child_starts_empty_and_the_parent_keeps_its_items(
-        make_app: Any, redis_client: redis.Redis) -> None:
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("bufexit")
     tail = """
 exiting.buffered().flush()
@@ -218,15 +231,21 @@ def lost(items): ...
 for i in range(3):
     lost.delay(i)
 """
-    done = subprocess.run([sys.executable, "-c", script],
-                          env=child_env({"URL": f"redis://127.0.0.1:{_free_port()}/0"}),
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=child_env({"URL": f"redis://127.0.0.1:{_free_port()}/0"}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0
     assert "3 buffered items not appended at exit" in done.stderr, done.stderr
 
 
-def test_threads_share_one_producer_and_lose_nothing(make_app: Any,
-                                                     redis_client: redis.Redis) -> None:
+def test_threads_share_one_producer_and_lose_nothing(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     import threading
 
     app = make_app("buf7")
@@ -265,7 +284,8 @@ def test_manual_flush_takes_the_held_items_too(make_app: Any, redis_client: redi
 
 
 def test_items_from_several_threads_are_appended_without_a_flush(
-        make_app: Any, redis_client: redis.Redis) -> None:
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     import threading
 
     app = make_app("buf9")
@@ -286,5 +306,8 @@ def test_items_from_several_threads_are_appended_without_a_flush(
     for t in workers:
         t.join()
     # No flush: the background thread alone must take every item, whoever appended first.
-    wait_until(lambda: len(_all_items(redis_client, app, "woken")) == 2000, 10,
-               message="the background thread to append 2,000 items")
+    wait_until(
+        lambda: len(_all_items(redis_client, app, "woken")) == 2000,
+        10,
+        message="the background thread to append 2,000 items",
+    )

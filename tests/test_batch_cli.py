@@ -22,15 +22,22 @@ def cli(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> CliRunner
     return CliRunner()
 
 
-def test_batches_table_json_dead_requeue_purge(cli: CliRunner, make_app: Any,
-                                               redis_client: redis.Redis) -> None:
+def test_batches_table_json_dead_requeue_purge(
+    cli: CliRunner, make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("clitest")
 
     @batch_task(batch_name="alerts", batch_size=2, max_wait=60, key=lambda item: item["ch"])
     def alerts(items: list[Any]) -> None: ...
 
-    alerts.add_many([{"ch": "sms", "n": 1}, {"ch": "sms", "n": 2}, {"ch": "mail", "n": 3},
-                     {"ch": "sms", "n": 4}])
+    alerts.add_many(
+        [
+            {"ch": "sms", "n": 1},
+            {"ch": "sms", "n": 2},
+            {"ch": "mail", "n": 3},
+            {"ch": "sms", "n": 4},
+        ]
+    )
     out = cli.invoke(main, ["batches"])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()

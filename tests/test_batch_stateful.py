@@ -50,12 +50,14 @@ class BufferMachine(RuleBasedStateMachine):
         entries = [json.dumps({"i": i, "g": group}) for i in items]
         pending_before = self._pending()
         if bulk:
-            results = self.buffer.append_many([(group, entries)], batch_size=BATCH_SIZE,
-                                              max_buffered=LIMIT, lease_ms=60_000)
+            results = self.buffer.append_many(
+                [(group, entries)], batch_size=BATCH_SIZE, max_buffered=LIMIT, lease_ms=60_000
+            )
             [result] = results
         else:
-            result = self.buffer.append(group, entries, batch_size=BATCH_SIZE,
-                                        max_buffered=LIMIT, lease_ms=60_000)
+            result = self.buffer.append(
+                group, entries, batch_size=BATCH_SIZE, max_buffered=LIMIT, lease_ms=60_000
+            )
         if result.accepted:
             assert pending_before + count <= LIMIT
             self.accepted.update(items)
@@ -73,16 +75,18 @@ class BufferMachine(RuleBasedStateMachine):
     # --- reaper -------------------------------------------------------------------------------
     @rule()
     def age_flush(self) -> None:
-        claimed, republished = self.buffer.reap(max_wait_ms=0, batch_size=BATCH_SIZE,
-                                                lease_ms=60_000)
+        claimed, republished = self.buffer.reap(
+            max_wait_ms=0, batch_size=BATCH_SIZE, lease_ms=60_000
+        )
         self._publish(claimed)
         self._publish(republished)
 
     @rule()
     def leases_run_out(self) -> None:
         time.sleep(0.003)  # crashed holders took 1 ms leases
-        claimed, republished = self.buffer.reap(max_wait_ms=10**9, batch_size=BATCH_SIZE,
-                                                lease_ms=1)
+        claimed, republished = self.buffer.reap(
+            max_wait_ms=10**9, batch_size=BATCH_SIZE, lease_ms=1
+        )
         assert not claimed
         self._publish(republished)
 
@@ -109,10 +113,20 @@ class BufferMachine(RuleBasedStateMachine):
         elif outcome == "crash":
             return  # the lease runs out; the reaper republishes it
         else:
-            failed = (None if outcome == "fail"
-                      else sorted(set(data.draw(st.lists(st.integers(0, len(items) - 1))))))
-            result = self.buffer.fail(batch_id, token, max_retries=MAX_RETRIES, backoff_ms=0,
-                                      lease_ms=60_000, error="boom", failed=failed)
+            failed = (
+                None
+                if outcome == "fail"
+                else sorted(set(data.draw(st.lists(st.integers(0, len(items) - 1)))))
+            )
+            result = self.buffer.fail(
+                batch_id,
+                token,
+                max_retries=MAX_RETRIES,
+                backoff_ms=0,
+                lease_ms=60_000,
+                error="boom",
+                failed=failed,
+            )
             if failed is not None:
                 self.processed.update(item for k, item in enumerate(items) if k not in failed)
             if result.status == "retry":
@@ -150,8 +164,10 @@ class BufferMachine(RuleBasedStateMachine):
         finished = set(self.processed)
         assert set(held) | finished == self.accepted
         assert not set(held) & finished
-        dead_items = sum(len(self.client.lrange(self.keys.batch_items(NAME, b), 0, -1))
-                         for b in self.buffer.dead_ids())
+        dead_items = sum(
+            len(self.client.lrange(self.keys.batch_items(NAME, b), 0, -1))
+            for b in self.buffer.dead_ids()
+        )
         assert self._pending() == sum(held.values()) - dead_items
 
     @invariant()
@@ -191,7 +207,9 @@ class BufferMachine(RuleBasedStateMachine):
 
 TestBufferMachine = BufferMachine.TestCase
 TestBufferMachine.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None,
+    max_examples=40,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 

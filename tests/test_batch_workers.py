@@ -55,9 +55,9 @@ def state_of(app: Any, name: str) -> dict[str, Any]:
     return next(s for s in inspect_batches(app) if s["batch_name"] == name)
 
 
-def test_size_and_age_flushes_deliver_every_item(producer: Any, broker_env: dict[str, str],
-                                                 redis_client: redis.Redis,
-                                                 tmp_path: Path) -> None:
+def test_size_and_age_flushes_deliver_every_item(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2):
         batch_app.collect.add_many({"i": i} for i in range(95))
         for i in range(95, 103):
@@ -79,40 +79,47 @@ def test_size_and_age_flushes_deliver_every_item(producer: Any, broker_env: dict
     assert tenants["processed"] == 30
 
 
-def test_age_flush_after_the_producer_exited(redis_env: dict[str, str],
-                                             redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_age_flush_after_the_producer_exited(
+    redis_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     with celery_worker(APP, "batch", redis_env, tmp_path, concurrency=1):
-        code = ("from tests.apps import batch\n"
-                "batch.collect.add_many([{'i': i} for i in range(7)])\n")
-        subprocess.run([sys.executable, "-c", code], env=child_env(redis_env), cwd=ROOT,
-                       check=True, timeout=60)
+        code = (
+            "from tests.apps import batch\nbatch.collect.add_many([{'i': i} for i in range(7)])\n"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code], env=child_env(redis_env), cwd=ROOT, check=True, timeout=60
+        )
         exited = time.monotonic()
-        wait_until(lambda: len(processed(redis_client)) == 7, 10, 0.02,
-                   message="the 7 buffered items")
+        wait_until(
+            lambda: len(processed(redis_client)) == 7, 10, 0.02, message="the 7 buffered items"
+        )
         waited = time.monotonic() - exited
     # max_wait 0.5 s + reaper interval 0.2 s, plus the time to run the batch on a busy machine.
     assert waited < 0.5 + 0.2 + 1.5, waited
     assert processed(redis_client) == Counter(range(7))
 
 
-def test_worker_killed_mid_batch_loses_nothing(producer: Any, broker_env: dict[str, str],
-                                               redis_client: redis.Redis,
-                                               tmp_path: Path) -> None:
+def test_worker_killed_mid_batch_loses_nothing(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     n = 200
-    with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2,
-                       name="doomed") as doomed:
+    with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2, name="doomed") as doomed:
         batch_app.slow.add_many({"i": i} for i in range(n))  # 10 batches of 20, 1.5 s each
-        wait_until(lambda: redis_client.llen(batch_app.STARTED) >= 2, 20,
-                   message="two batches to start")
+        wait_until(
+            lambda: redis_client.llen(batch_app.STARTED) >= 2, 20, message="two batches to start"
+        )
         doomed.kill()  # SIGKILL to the whole worker: main process and pool children
     killed_mid_batch = redis_client.llen(batch_app.STARTED) - len(
-        [1 for x in redis_client.lrange(batch_app.BATCHES, 0, -1)])
+        [1 for x in redis_client.lrange(batch_app.BATCHES, 0, -1)]
+    )
     assert killed_mid_batch >= 1
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2, name="rescuer"):
-        wait_until(lambda: len(processed(redis_client)) == n, 60,
-                   message=f"all {n} items after the kill")
-        wait_until(lambda: state_of(producer, "slow")["pending"] == 0, 20,
-                   message="nothing pending")
+        wait_until(
+            lambda: len(processed(redis_client)) == n, 60, message=f"all {n} items after the kill"
+        )
+        wait_until(
+            lambda: state_of(producer, "slow")["pending"] == 0, 20, message="nothing pending"
+        )
     counts = processed(redis_client)
     assert set(counts) == set(range(n))
     state = state_of(producer, "slow")
@@ -123,8 +130,8 @@ def test_worker_killed_mid_batch_loses_nothing(producer: Any, broker_env: dict[s
 
 
 def test_retries_partial_failures_dead_letters_and_requeue(
-        producer: Any, broker_env: dict[str, str], redis_client: redis.Redis,
-        tmp_path: Path) -> None:
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     items = [{"i": i, "fail": 1 if i % 3 == 0 else 0} for i in range(8)]
     items += [{"i": 8, "fail": 1, "whole": True}, {"i": 9}, {"i": 10}, {"i": 11}]
     items += [{"i": 12, "fail": 3}]  # fails all 3 attempts (max_retries 2): dead
@@ -148,9 +155,9 @@ def test_retries_partial_failures_dead_letters_and_requeue(
     assert attempts[12] == 4 and attempts[8] == 2 and attempts[0] == 2 and attempts[1] == 1
 
 
-def test_a_batch_longer_than_its_lease_keeps_it(producer: Any, broker_env: dict[str, str],
-                                                redis_client: redis.Redis,
-                                                tmp_path: Path) -> None:
+def test_a_batch_longer_than_its_lease_keeps_it(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=2):
         batch_app.long_running.add_many([{"i": 0}, {"i": 1}, {"i": 2}, {"i": 3}])
         wait_until(lambda: len(processed(redis_client)) == 4, 20, message="the long batches")

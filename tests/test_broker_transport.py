@@ -55,8 +55,9 @@ def _declare(conn: Connection) -> Producer:
     return Producer(channel, EXCHANGE)
 
 
-def _drain(conn: Connection, queues: list[Queue], count: int, ack: bool = True,
-           timeout_s: float = 10) -> list[Any]:
+def _drain(
+    conn: Connection, queues: list[Queue], count: int, ack: bool = True, timeout_s: float = 10
+) -> list[Any]:
     got: list[Any] = []
 
     def on_message(body: Any, message: Any) -> None:
@@ -90,8 +91,7 @@ def test_app_configuration_selects_the_transport(make_app: Any) -> None:
 
 def test_urls_map_to_transports() -> None:
     assert broker_transport_config("redis://h:6379/0") == {"broker_transport": REDIS_TRANSPORT}
-    assert broker_transport_config("sentinel://h:26379")["broker_transport"] == \
-        SENTINEL_TRANSPORT
+    assert broker_transport_config("sentinel://h:26379")["broker_transport"] == SENTINEL_TRANSPORT
     assert broker_transport_config("rediss://h:6380/0")["broker_transport"] == REDIS_TRANSPORT
     assert broker_transport_config("amqp://guest@h//") == {}
     assert broker_transport_config("redis+socket:///tmp/r.sock") == {}
@@ -106,13 +106,34 @@ def test_leases_off_keeps_the_visibility_timeout(make_app: Any) -> None:
 # --- the seams of kombu this relies on ----------------------------------------------------
 def test_kombu_seams_are_where_the_transport_expects_them() -> None:
     # Poller hooks, fetch entry points, restore path and QoS bookkeeping named in transport.py.
-    for name in ("_register_BRPOP", "_pause_brpop", "on_readable", "_client_registered",
-                 "_register", "_paused_brpop", "_update_brpop_polling"):
+    for name in (
+        "_register_BRPOP",
+        "_pause_brpop",
+        "on_readable",
+        "_client_registered",
+        "_register",
+        "_paused_brpop",
+        "_update_brpop_polling",
+    ):
         assert hasattr(kombu_redis.MultiChannelPoller, name) or name == "_paused_brpop"
-    for name in ("_brpop_start", "_brpop_read", "_do_restore_message", "_q_for_pri",
-                 "_queue_cycle", "_get_message_priority", "_create_client", "_flush_brpop_reauth",
-                 "_pending_reauth_token", "_close_clients", "_on_connection_disconnect",
-                 "get_table", "_lookup", "_queue_bind", "_delete", "_put"):
+    for name in (
+        "_brpop_start",
+        "_brpop_read",
+        "_do_restore_message",
+        "_q_for_pri",
+        "_queue_cycle",
+        "_get_message_priority",
+        "_create_client",
+        "_flush_brpop_reauth",
+        "_pending_reauth_token",
+        "_close_clients",
+        "_on_connection_disconnect",
+        "get_table",
+        "_lookup",
+        "_queue_bind",
+        "_delete",
+        "_put",
+    ):
         assert hasattr(kombu_redis.Channel, name) or name == "_queue_cycle", name
     for name in ("restore_by_tag", "restore_visible", "restore_unacked", "_remove_from_indices"):
         assert hasattr(kombu_redis.QoS, name)
@@ -124,8 +145,7 @@ def test_kombu_seams_are_where_the_transport_expects_them() -> None:
     assert issubclass(SentinelTransport.Channel, kombu_redis.SentinelChannel)
 
 
-def test_one_client_per_channel_for_every_command(connect: Any,
-                                                  redis_client: redis.Redis) -> None:
+def test_one_client_per_channel_for_every_command(connect: Any, redis_client: redis.Redis) -> None:
     conn = connect()
     producer = _declare(conn)
     channel = producer.channel
@@ -140,8 +160,9 @@ def test_one_client_per_channel_for_every_command(connect: Any,
 
 
 # --- fetch --------------------------------------------------------------------------------
-def test_strict_queue_order_across_priority_sub_lists(connect: Any,
-                                                      redis_client: redis.Redis) -> None:
+def test_strict_queue_order_across_priority_sub_lists(
+    connect: Any, redis_client: redis.Redis
+) -> None:
     conn = connect()
     producer = _declare(conn)
     producer.publish({"m": "normal-0"}, routing_key="normal", priority=0)
@@ -153,17 +174,23 @@ def test_strict_queue_order_across_priority_sub_lists(connect: Any,
     assert redis_client.llen("critical\x06\x169") == 1
     assert redis_client.llen("critical\x06\x163") == 1
     got = _drain(conn, _queues(), 5)
-    assert [body["m"] for body, _ in got] == ["critical-3", "critical-9", "high-0", "high-9",
-                                              "normal-0"]
+    assert [body["m"] for body, _ in got] == [
+        "critical-3",
+        "critical-9",
+        "high-0",
+        "high-9",
+        "normal-0",
+    ]
 
 
-def test_a_fetched_message_is_recorded_as_kombu_records_it(connect: Any,
-                                                           redis_client: redis.Redis) -> None:
+def test_a_fetched_message_is_recorded_as_kombu_records_it(
+    connect: Any, redis_client: redis.Redis
+) -> None:
     conn = connect()
     producer = _declare(conn)
     producer.publish({"x": 1}, routing_key="high")
     before = time.time()
-    (_body, message), = _drain(conn, _queues(), 1, ack=False)
+    ((_body, message),) = _drain(conn, _queues(), 1, ack=False)
     tag = message.delivery_tag
     raw, exchange, routing_key = json.loads(redis_client.hget("unacked", tag))
     assert (exchange, routing_key) == ("taskyard", "high")
@@ -176,8 +203,7 @@ def test_a_fetched_message_is_recorded_as_kombu_records_it(connect: Any,
     assert redis_client.hlen("unacked") == 0
 
 
-def test_fetch_pops_several_when_prefetch_allows(connect: Any,
-                                                 redis_client: redis.Redis) -> None:
+def test_fetch_pops_several_when_prefetch_allows(connect: Any, redis_client: redis.Redis) -> None:
     conn = connect()
     producer = _declare(conn)
     for i in range(20):
@@ -209,16 +235,16 @@ def test_idle_consumer_is_woken_by_a_publish(connect: Any) -> None:
     assert arrived - received[0] < 0.5
 
 
-def test_undecodable_items_are_kept_aside_not_lost(connect: Any,
-                                                   redis_client: redis.Redis) -> None:
+def test_undecodable_items_are_kept_aside_not_lost(connect: Any, redis_client: redis.Redis) -> None:
     conn = connect()
     producer = _declare(conn)
     redis_client.lpush("normal", b"not json", json.dumps({"no": "properties"}))
     producer.publish({"ok": 1}, routing_key="normal")
     got = _drain(conn, _queues(), 1)
     assert [body for body, _ in got] == [{"ok": 1}]
-    assert sorted(redis_client.lrange(Keys().broker_quarantine(), 0, -1)) == \
-        sorted([b"not json", json.dumps({"no": "properties"}).encode()])
+    assert sorted(redis_client.lrange(Keys().broker_quarantine(), 0, -1)) == sorted(
+        [b"not json", json.dumps({"no": "properties"}).encode()]
+    )
 
 
 def test_basic_get_records_and_no_ack_does_not(connect: Any, redis_client: redis.Redis) -> None:
@@ -247,8 +273,9 @@ class _Loop:
         self.timers.append((delay, callback))
 
 
-def test_acks_on_the_loop_thread_ride_on_the_next_fetch(connect: Any,
-                                                        redis_client: redis.Redis) -> None:
+def test_acks_on_the_loop_thread_ride_on_the_next_fetch(
+    connect: Any, redis_client: redis.Redis
+) -> None:
     conn = connect()
     producer = _declare(conn)
     for i in range(3):
@@ -299,8 +326,7 @@ def test_close_applies_pending_acks(connect: Any, redis_client: redis.Redis) -> 
     assert redis_client.llen("normal") == 0  # acked, so not restored at close
 
 
-def test_reject_with_requeue_keeps_kombu_semantics(connect: Any,
-                                                   redis_client: redis.Redis) -> None:
+def test_reject_with_requeue_keeps_kombu_semantics(connect: Any, redis_client: redis.Redis) -> None:
     conn = connect()
     producer = _declare(conn)
     producer.publish({"i": 1}, routing_key="normal")
@@ -347,16 +373,18 @@ def test_kombu_sweep_restores_an_expired_lease(connect: Any, redis_client: redis
     assert redis_client.xlen(Keys().wake_stream("high")) >= 1  # idle workers are woken
 
 
-def test_maintenance_thread_renews_while_a_consumer_holds(connect: Any,
-                                                          redis_client: redis.Redis) -> None:
+def test_maintenance_thread_renews_while_a_consumer_holds(
+    connect: Any, redis_client: redis.Redis
+) -> None:
     conn = connect(reservation_lease=0.6)
     producer = _declare(conn)
     producer.publish({"i": 1}, routing_key="normal")
     got = _drain(conn, _queues(), 1, ack=False)
     tag = got[0][1].delivery_tag
     first = redis_client.zscore("unacked_index", tag)
-    wait_until(lambda: redis_client.zscore("unacked_index", tag) > first, 3, 0.05,
-               "a lease renewal")
+    wait_until(
+        lambda: redis_client.zscore("unacked_index", tag) > first, 3, 0.05, "a lease renewal"
+    )
 
 
 # --- key prefix and Sentinel ------------------------------------------------------------------
@@ -372,7 +400,8 @@ def test_global_keyprefix(connect: Any, redis_client: redis.Redis) -> None:
     assert redis_client.zscore("pfx:unacked_index", message.delivery_tag) is not None
     time.sleep(1.2)
     connect(global_keyprefix="pfx:", reservation_lease=1).channel().qos.restore_visible(
-        num=None, interval=1)
+        num=None, interval=1
+    )
     assert redis_client.llen("pfx:normal") == 1
     got = _drain(conn, _queues(), 1)
     assert got[0][0] == {"i": 1}
@@ -395,12 +424,26 @@ def sentinel_url(tmp_path: Path) -> Iterator[str]:
         pytest.skip("redis-server is not installed")
     master, sentinel = _free_port(), _free_port()
     conf = tmp_path / "sentinel.conf"
-    conf.write_text(f"port {sentinel}\nbind 127.0.0.1\n"
-                    f"sentinel monitor tymaster 127.0.0.1 {master} 1\n")
-    procs = [subprocess.Popen(["redis-server", "--port", str(master), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL),
-             subprocess.Popen(["redis-server", str(conf), "--sentinel"],
-                              stdout=subprocess.DEVNULL)]
+    conf.write_text(
+        f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor tymaster 127.0.0.1 {master} 1\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(master),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL),
+    ]
     try:
         wait_until(lambda: servers.answers(master) and servers.answers(sentinel), 10)
         yield f"sentinel://127.0.0.1:{sentinel}/0"
@@ -410,8 +453,11 @@ def sentinel_url(tmp_path: Path) -> Iterator[str]:
 
 
 def test_sentinel(sentinel_url: str) -> None:
-    conn = Connection(sentinel_url, transport=SentinelTransport,
-                      transport_options={**OPTIONS, "master_name": "tymaster"})
+    conn = Connection(
+        sentinel_url,
+        transport=SentinelTransport,
+        transport_options={**OPTIONS, "master_name": "tymaster"},
+    )
     try:
         producer = _declare(conn)
         producer.publish({"via": "sentinel"}, routing_key="critical")
@@ -463,8 +509,9 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
 
 
 # --- monitoring reads the same records --------------------------------------------------------
-def test_queue_depth_counts_fetch_recorded_reservations(connect: Any,
-                                                        redis_client: redis.Redis) -> None:
+def test_queue_depth_counts_fetch_recorded_reservations(
+    connect: Any, redis_client: redis.Redis
+) -> None:
     from taskyard.monitoring.queues import redis_depths
 
     conn = connect()

@@ -23,41 +23,61 @@ LEASE_S, SWEEP_S = 2.0, 1
 
 
 def _env(redis_env: dict[str, str], lease_s: float = LEASE_S) -> dict[str, str]:
-    return {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
-            "TASKYARD_RESERVATION_LEASE_S": str(lease_s),
-            "TASKYARD_UNACKED_RESTORE_INTERVAL_S": str(SWEEP_S)}
+    return {
+        **redis_env,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_RESERVATION_LEASE_S": str(lease_s),
+        "TASKYARD_UNACKED_RESTORE_INTERVAL_S": str(SWEEP_S),
+    }
 
 
 def _send(env: dict[str, str], code: str) -> None:
-    subprocess.run([sys.executable, "-c", f"from tests.apps import broker\n{code}"],
-                   env=child_env(env), cwd=ROOT, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"from tests.apps import broker\n{code}"],
+        env=child_env(env),
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
 
 
 def _runs(client: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in client.hgetall(RUNS).items()}
 
 
-def test_sigkill_in_a_loop_under_load_loses_nothing(redis_client: redis.Redis,
-                                                    redis_env: dict[str, str],
-                                                    tmp_path: Path) -> None:
+def test_sigkill_in_a_loop_under_load_loses_nothing(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = _env(redis_env)
     total = 400
-    _send(env, f"for i in range({total}):\n"
-               f"    broker.WORK[{list(LEVEL_NAMES)!r}[i % 5]].delay(f'k{{i}}', 0.01)")
+    _send(
+        env,
+        f"for i in range({total}):\n"
+        f"    broker.WORK[{list(LEVEL_NAMES)!r}[i % 5]].delay(f'k{{i}}', 0.01)",
+    )
     kills = 0
     for round_ in range(4):
-        with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                           name=f"victim{round_}") as worker:
+        with celery_worker(
+            "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name=f"victim{round_}"
+        ) as worker:
             time.sleep(1.0 + 0.3 * round_)
             worker.kill(signal.SIGKILL)  # the whole process group, mid-fetch or mid-task
             kills += 1
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                       name="survivor"):
+    with celery_worker(
+        "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="survivor"
+    ):
         wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "every task to run")
         # The killed workers' reservations come back (as repeats) and run too: nothing is left
         # held or queued.
-        wait_until(lambda: redis_client.hlen("unacked") == 0 and not any(
-            redis_client.llen(level) for level in LEVEL_NAMES), 60, 0.2, "nothing left")
+        wait_until(
+            lambda: (
+                redis_client.hlen("unacked") == 0
+                and not any(redis_client.llen(level) for level in LEVEL_NAMES)
+            ),
+            60,
+            0.2,
+            "nothing left",
+        )
     runs = _runs(redis_client)
     assert kills == 4
     assert set(runs) == {f"k{i}" for i in range(total)}
@@ -65,17 +85,25 @@ def test_sigkill_in_a_loop_under_load_loses_nothing(redis_client: redis.Redis,
     assert sum(runs.values()) - total <= 4 * 2 * 8
 
 
-def test_whole_worker_killed_with_reserved_work_of_every_level(redis_client: redis.Redis,
-                                                               redis_env: dict[str, str],
-                                                               tmp_path: Path) -> None:
+def test_whole_worker_killed_with_reserved_work_of_every_level(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     lease = 3.0
     env = _env(redis_env, lease)
     redis_client.set(GATE, 1)
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=1,
-                       name="holder", extra=("--prefetch-multiplier", "10")) as holder:
+    with celery_worker(
+        "tests.apps.broker",
+        ALL_QUEUES,
+        env,
+        tmp_path,
+        concurrency=1,
+        name="holder",
+        extra=("--prefetch-multiplier", "10"),
+    ) as holder:
         _send(env, "broker.hold.delay('blocker')")
-        wait_until(lambda: redis_client.hget(RUNS, "blocker") is not None, 30, 0.1,
-                   "the blocker to start")
+        wait_until(
+            lambda: redis_client.hget(RUNS, "blocker") is not None, 30, 0.1, "the blocker to start"
+        )
         _send(env, "for level, task in broker.WORK.items(): task.delay(level)")
         # Every level's message reserved (recorded unacked), none left in the lists.
         wait_until(lambda: redis_client.hlen("unacked") == 6, 30, 0.1, "six reserved")
@@ -86,10 +114,15 @@ def test_whole_worker_killed_with_reserved_work_of_every_level(redis_client: red
         holder.kill(signal.SIGKILL)
         killed_at = time.monotonic()
     redis_client.delete(GATE)
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                       name="rescuer"):
-        wait_until(lambda: all(redis_client.hget(RUNS, level) for level in LEVEL_NAMES),
-                   lease + SWEEP_S + 30, 0.1, "the reserved work to run again")
+    with celery_worker(
+        "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="rescuer"
+    ):
+        wait_until(
+            lambda: all(redis_client.hget(RUNS, level) for level in LEVEL_NAMES),
+            lease + SWEEP_S + 30,
+            0.1,
+            "the reserved work to run again",
+        )
         recovered_s = time.monotonic() - killed_at
     # Within the lease plus one sweep, plus this machine's worker start-up time.
     assert recovered_s <= lease + SWEEP_S + 15, recovered_s
@@ -100,15 +133,18 @@ def test_whole_worker_killed_with_reserved_work_of_every_level(redis_client: red
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo"])
-def test_long_task_on_a_live_worker_runs_once(pool: str, redis_client: redis.Redis,
-                                              redis_env: dict[str, str], tmp_path: Path) -> None:
+def test_long_task_on_a_live_worker_runs_once(
+    pool: str, redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     lease = 1.0
     env = _env(redis_env, lease)
     redis_client.set(GATE, 1)
-    with celery_worker("tests.apps.broker", "normal", env, tmp_path, concurrency=1, pool=pool,
-                       name="runner"), \
-            celery_worker("tests.apps.broker", "normal", env, tmp_path, concurrency=1,
-                          name="sweeper"):
+    with (
+        celery_worker(
+            "tests.apps.broker", "normal", env, tmp_path, concurrency=1, pool=pool, name="runner"
+        ),
+        celery_worker("tests.apps.broker", "normal", env, tmp_path, concurrency=1, name="sweeper"),
+    ):
         _send(env, "broker.hold.delay('long')")
         wait_until(lambda: redis_client.hget(RUNS, "long") is not None, 30, 0.1, "the start")
         time.sleep(10 * lease)  # ten leases; the idle sweeper sweeps every second
@@ -118,50 +154,77 @@ def test_long_task_on_a_live_worker_runs_once(pool: str, redis_client: redis.Red
     assert _runs(redis_client) == {"long": 1}
 
 
-def test_clean_stop_reruns_nothing(redis_client: redis.Redis, redis_env: dict[str, str],
-                                   tmp_path: Path) -> None:
+def test_clean_stop_reruns_nothing(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = _env(redis_env, 1.0)
     total = 300
     _send(env, f"for i in range({total}): broker.WORK['normal'].delay(f'k{{i}}', 0.02)")
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                       name="stopped") as worker:
+    with celery_worker(
+        "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="stopped"
+    ) as worker:
         wait_until(lambda: len(_runs(redis_client)) >= 30, 60, 0.05, "some tasks to run")
         worker.process.send_signal(signal.SIGTERM)  # warm shutdown: finish, ack, restore
         worker.process.wait(30)
     # Everything the stopped worker held is acknowledged or back in its list.
     assert redis_client.hlen("unacked") == 0
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                       name="after"):
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="after"):
         wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "the rest to run")
         time.sleep(1.0 + 2 * SWEEP_S)  # past a lease and two sweeps: nothing comes back
     runs = _runs(redis_client)
     assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
 
 
-def test_fast_profile_runs_solo_processes(redis_client: redis.Redis, redis_env: dict[str, str],
-                                          tmp_path: Path) -> None:
+def test_fast_profile_runs_solo_processes(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = _env(redis_env)
     log = tmp_path / "fast.log"
     with log.open("wb") as sink:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "worker", "--profile", "fast", "-A",
-             "tests.apps.broker", "-c", "2", "--loglevel", "INFO", "--without-gossip",
-             "--without-mingle"],
-            env=child_env(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "taskyard.cli",
+                "worker",
+                "--profile",
+                "fast",
+                "-A",
+                "tests.apps.broker",
+                "-c",
+                "2",
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env=child_env(env),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: log.read_text(errors="replace").count(" ready.") == 2, 60, 0.2,
-                   "two fast processes")
+        wait_until(
+            lambda: log.read_text(errors="replace").count(" ready.") == 2,
+            60,
+            0.2,
+            "two fast processes",
+        )
         text = log.read_text(errors="replace")
         assert "fast1@" in text and "fast2@" in text and "solo" in text
-        _send(env, "for i in range(100): broker.WORK['low'].delay(f'k{i}')\n"
-                   "broker.WORK['critical'].delay('urgent')")
+        _send(
+            env,
+            "for i in range(100): broker.WORK['low'].delay(f'k{i}')\n"
+            "broker.WORK['critical'].delay('urgent')",
+        )
         wait_until(lambda: len(_runs(redis_client)) == 101, 60, 0.1, "the fast workers")
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(30) == 0
     finally:
         if launcher.poll() is None:
             import os
+
             os.killpg(launcher.pid, signal.SIGKILL)
     assert redis_client.hlen("unacked") == 0
     assert set(_runs(redis_client).values()) == {1}
@@ -179,8 +242,21 @@ def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)]
+    argv = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        str(tmp_path),
+    ]
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
@@ -188,13 +264,18 @@ def test_worker_rides_out_a_redis_restart(tmp_path: Path) -> None:
         return proc
 
     url = f"redis://127.0.0.1:{port}/0"
-    env = {"TASKYARD_REDIS_URL": url, "TASKYARD_GUARD__ENABLED": "false",
-           "TASKYARD_RESERVATION_LEASE_S": "2", "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1"}
+    env = {
+        "TASKYARD_REDIS_URL": url,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_RESERVATION_LEASE_S": "2",
+        "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1",
+    }
     server = start()
     client = redis.Redis.from_url(url)
     try:
-        with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2,
-                           name="restart"):
+        with celery_worker(
+            "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="restart"
+        ):
             _send(env, "for i in range(50): broker.WORK['high'].delay(f'a{i}')")
             wait_until(lambda: client.hlen(RUNS) == 50, 60, 0.1, "the first tasks")
             terminate(server)

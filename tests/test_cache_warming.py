@@ -38,6 +38,7 @@ def test_registry_rejects_bad_and_clashing_names(warmers: list[str]) -> None:
 
     warmers.append("t_clash")
     with pytest.raises(ConfigurationError, match="already registered"):
+
         @warming.cache_warmer("t_clash")
         def second(cache: Cache) -> int:
             return 0
@@ -72,14 +73,21 @@ def test_warm_job_runs_once_per_period_and_reports(make_app: Any, warmers: list[
 
 
 def test_maintenance_job_single_flight(make_app: Any, tmp_path: Path) -> None:
-    app = make_app("maint-job", database_url=f"sqlite:///{tmp_path / 'a.db'}",
-                   maintenance={"metadata": "examples.bdc.models:Base.metadata"})
+    app = make_app(
+        "maint-job",
+        database_url=f"sqlite:///{tmp_path / 'a.db'}",
+        maintenance={"metadata": "examples.bdc.models:Base.metadata"},
+    )
     runtime = runtime_of(app)
     first = periodic_run(runtime)
     assert first["skipped"] is False and first["status"] == "ok"
     assert periodic_run(runtime)["skipped"] is True
-    bad = make_app("maint-job", database_url=f"sqlite:///{tmp_path / 'b.db'}",
-                   maintenance={"metadata": "nowhere:md"}, namespace="other")
+    bad = make_app(
+        "maint-job",
+        database_url=f"sqlite:///{tmp_path / 'b.db'}",
+        maintenance={"metadata": "nowhere:md"},
+        namespace="other",
+    )
     failed = periodic_run(runtime_of(bad))
     assert failed["status"] == "failed" and "TASKYARD_MAINTENANCE__METADATA" in failed["reason"]
 
@@ -98,10 +106,12 @@ def test_scheduler_leaves_out_unregistered_platform_tasks(make_app: Any, tmp_pat
 
 def test_cli_maintenance_and_cache(tmp_path: Path, redis_client: Any) -> None:
     servers.require("redis")
-    env = {"TASKYARD_REDIS_URL": servers.REDIS_URL,
-           "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-           "TASKYARD_HISTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'hist.db'}",
-           "TASKYARD_MAINTENANCE__METADATA": "examples.bdc.models:Base.metadata"}
+    env = {
+        "TASKYARD_REDIS_URL": servers.REDIS_URL,
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "TASKYARD_HISTORY_DATABASE_URL": f"sqlite:///{tmp_path / 'hist.db'}",
+        "TASKYARD_MAINTENANCE__METADATA": "examples.bdc.models:Base.metadata",
+    }
     runner = CliRunner()
     from examples.bdc.models import Base
     from sqlalchemy import create_engine
@@ -113,13 +123,16 @@ def test_cli_maintenance_and_cache(tmp_path: Path, redis_client: Any) -> None:
     engine.dispose()
     dry = runner.invoke(main, ["maintenance", "run", "--dry-run"], env=env)
     assert dry.exit_code == 0, dry.output
-    assert "CREATE INDEX ix_evaluations_pending ON evaluations (due_date) WHERE status = " \
-           "'pending';" in dry.output
+    assert (
+        "CREATE INDEX ix_evaluations_pending ON evaluations (due_date) WHERE status = "
+        "'pending';" in dry.output
+    )
     real = runner.invoke(main, ["maintenance", "run", "--json"], env=env)
     assert real.exit_code == 0, real.output
     assert json.loads(real.stdout)["actions"][0]["status"] == "done"
-    bad = runner.invoke(main, ["maintenance", "run"],
-                        env={**env, "TASKYARD_MAINTENANCE__METADATA": "nowhere:md"})
+    bad = runner.invoke(
+        main, ["maintenance", "run"], env={**env, "TASKYARD_MAINTENANCE__METADATA": "nowhere:md"}
+    )
     assert bad.exit_code == 2 and "TASKYARD_MAINTENANCE__METADATA" in bad.output
 
     app = __import__("taskyard").create_app("cli-cache", redis_url=servers.REDIS_URL)

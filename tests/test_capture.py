@@ -63,8 +63,9 @@ def test_failed_flush_keeps_counts(make_app: Any, redis_client: redis.Redis) -> 
     capture = Capture(runtime)
     capture.count("t.b", "low", "started", 3)
     good = runtime.redis
-    runtime._redis = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2,
-                                 retry=Retry(NoBackoff(), 0))
+    runtime._redis = redis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
     try:
         assert capture.flush() == 0  # logged, not raised
     finally:
@@ -80,18 +81,29 @@ N = 8
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str, str],
-                                             tmp_path: Path, pool: str) -> None:
+def test_known_workload_counts_match_exactly(
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path, pool: str
+) -> None:
     from tests.apps import monitor
 
     servers.require("redis")
     producer = make_app("monitor")  # same settings as the worker's app, on the test database
     store = StatsStore(runtime_of(producer))
-    env = {**redis_env, "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
-           # The shared test machine is often CPU-busy: no resource guard holds work back here.
-           "TASKYARD_GUARD__ENABLED": "false"}
-    with celery_worker("tests.apps.monitor", "critical,high,normal,low,batch", env, tmp_path,
-                       concurrency=2, name="monitor", pool=pool):
+    env = {
+        **redis_env,
+        "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
+        # The shared test machine is often CPU-busy: no resource guard holds work back here.
+        "TASKYARD_GUARD__ENABLED": "false",
+    }
+    with celery_worker(
+        "tests.apps.monitor",
+        "critical,high,normal,low,batch",
+        env,
+        tmp_path,
+        concurrency=2,
+        name="monitor",
+        pool=pool,
+    ):
         for i in range(N):
             producer.send_task(monitor.ok.name, args=(i,))
             producer.send_task(monitor.boom.name, args=(i,))
@@ -101,9 +113,17 @@ def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str,
             ("tests.apps.monitor.ok", "normal"): {"received": N, "started": N, "succeeded": N},
             ("tests.apps.monitor.boom", "normal"): {"received": N, "started": N, "failed": N},
             ("tests.apps.monitor.retry_once", "normal"): {
-                "received": 2 * N, "started": 2 * N, "retried": N, "succeeded": N},
+                "received": 2 * N,
+                "started": 2 * N,
+                "retried": N,
+                "succeeded": N,
+            },
             ("tests.apps.monitor.deferred_once", "low"): {
-                "received": N, "started": N, "succeeded": N, "deferred": N},
+                "received": N,
+                "started": N,
+                "succeeded": N,
+                "deferred": N,
+            },
         }
 
         def rows() -> dict[tuple[str, str], dict[str, Any]]:
@@ -111,8 +131,10 @@ def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str,
 
         def matches() -> bool:
             got = rows()
-            return all(key in got and all(got[key][e] == n for e, n in want.items())
-                       for key, want in expected.items())
+            return all(
+                key in got and all(got[key][e] == n for e, n in want.items())
+                for key, want in expected.items()
+            )
 
         wait_until(matches, 60, 0.2, f"counts {expected}, have {rows()}")
         time.sleep(0.6)  # a few more flushes: nothing is counted twice
@@ -132,18 +154,29 @@ def test_known_workload_counts_match_exactly(make_app: Any, redis_env: dict[str,
 
 
 @pytest.mark.slow
-def test_children_flush_when_they_exit(make_app: Any, redis_env: dict[str, str],
-                                       tmp_path: Path) -> None:
+def test_children_flush_when_they_exit(
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     """With a flush interval far beyond the test, counts can only come from exit flushes:
     each child is replaced after one task and the parent flushes at shutdown."""
     from tests.apps import monitor
 
     producer = make_app("monitor")
     store = StatsStore(runtime_of(producer))
-    env = {**redis_env, "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "3600",
-           "TASKYARD_GUARD__ENABLED": "false"}
-    with celery_worker("tests.apps.monitor", "normal", env, tmp_path, concurrency=2,
-                       name="recycle", extra=("--max-tasks-per-child", "1")) as worker:
+    env = {
+        **redis_env,
+        "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "3600",
+        "TASKYARD_GUARD__ENABLED": "false",
+    }
+    with celery_worker(
+        "tests.apps.monitor",
+        "normal",
+        env,
+        tmp_path,
+        concurrency=2,
+        name="recycle",
+        extra=("--max-tasks-per-child", "1"),
+    ) as worker:
         for i in range(6):
             producer.send_task(monitor.ok.name, args=(i,))
 
@@ -161,8 +194,9 @@ def test_children_flush_when_they_exit(make_app: Any, redis_env: dict[str, str],
     assert (row["received"], row["started"], row["succeeded"]) == (6, 6, 6)
 
 
-def test_failing_hook_is_logged_not_raised(make_app: Any, caplog: pytest.LogCaptureFixture,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failing_hook_is_logged_not_raised(
+    make_app: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from celery.app.task import Context
 
     from taskyard.monitoring.capture import _Receivers

@@ -86,7 +86,8 @@ def test_the_expected_services_exist(services: dict[str, dict[str, Any]]) -> Non
 
 
 def test_redis_persists_append_only_and_has_a_healthcheck(
-        services: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]],
+) -> None:
     redis = services["redis"]
     argv = command(redis)
     assert argv[0] == "redis-server"
@@ -117,8 +118,11 @@ def test_postgres_has_a_healthcheck_and_a_volume(services: dict[str, dict[str, A
 
 def test_env_example_holds_no_working_secret() -> None:
     env = env_example()
-    for name in ("POSTGRES_PASSWORD", "TASKYARD_MONITORING__FLOWER_BASIC_AUTH",
-                 "TASKYARD_MONITORING__API_TOKEN"):
+    for name in (
+        "POSTGRES_PASSWORD",
+        "TASKYARD_MONITORING__FLOWER_BASIC_AUTH",
+        "TASKYARD_MONITORING__API_TOKEN",
+    ):
         assert not env.get(name), f"{name} must be set in .env, not in .env.example"
     for name, value in env.items():
         # No URL with user:password@ either.
@@ -126,7 +130,8 @@ def test_env_example_holds_no_working_secret() -> None:
 
 
 def test_published_ports_bind_to_loopback_unless_configured(
-        services: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]],
+) -> None:
     published = {name: svc["ports"] for name, svc in services.items() if "ports" in svc}
     assert set(published) == {"flower", "api"}
     for name, ports in published.items():
@@ -152,8 +157,7 @@ def test_one_worker_service_per_profile_scalable(services: dict[str, dict[str, A
 
 
 def test_exactly_one_beat(services: dict[str, dict[str, Any]]) -> None:
-    beats = [name for name, svc in services.items()
-             if "command" in svc and "beat" in command(svc)]
+    beats = [name for name, svc in services.items() if "command" in svc and "beat" in command(svc)]
     assert beats == ["beat"]
     beat = services["beat"]
     assert beat["deploy"]["replicas"] == 1
@@ -161,7 +165,8 @@ def test_exactly_one_beat(services: dict[str, dict[str, Any]]) -> None:
 
 
 def test_flower_and_api_run_taskyard_commands_with_auth(
-        services: dict[str, dict[str, Any]]) -> None:
+    services: dict[str, dict[str, Any]],
+) -> None:
     assert command(services["flower"])[:2] == ["taskyard", "flower"]
     assert command(services["api"])[:2] == ["taskyard", "api"]
     assert services["flower"]["environment"]["TASKYARD_MONITORING__FLOWER_HOST"] == "0.0.0.0"
@@ -183,8 +188,7 @@ def test_taskyard_commands_exist_in_the_cli(services: dict[str, dict[str, Any]])
             assert argv[1] in main.commands, f"{name}: no `taskyard {argv[1]}` command"
 
 
-def test_app_services_wait_for_healthy_dependencies(
-        services: dict[str, dict[str, Any]]) -> None:
+def test_app_services_wait_for_healthy_dependencies(services: dict[str, dict[str, Any]]) -> None:
     for name in APP_SERVICES:
         depends = services[name]["depends_on"]
         assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
@@ -201,8 +205,9 @@ def test_settings_come_from_the_env_example(services: dict[str, dict[str, Any]])
         files = services[name]["env_file"]
         paths = [f["path"] if isinstance(f, dict) else f for f in files]
         assert paths[0] == ".env.example", name
-        assert all(f.get("required", True) is False for f in files[1:]
-                   if isinstance(f, dict)), "optional overrides only"
+        assert all(f.get("required", True) is False for f in files[1:] if isinstance(f, dict)), (
+            "optional overrides only"
+        )
         assert services[name]["image"] == "taskyard:latest" or name == "postgres"
 
 
@@ -213,17 +218,19 @@ def _field(model: type[BaseModel], parts: list[str]) -> bool:
     if len(parts) == 1:
         return True
     annotation = model.model_fields[name].annotation
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel) and _field(
-        annotation, parts[1:])
+    return (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and _field(annotation, parts[1:])
+    )
 
 
-def test_env_example_names_real_settings_with_valid_values(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_example_names_real_settings_with_valid_values(monkeypatch: pytest.MonkeyPatch) -> None:
     env = env_example()
     names = [n for n in env if n.startswith(ENV_PREFIX)]
     assert names
     for name in names:
-        parts = name[len(ENV_PREFIX):].split(NESTED_DELIMITER)
+        parts = name[len(ENV_PREFIX) :].split(NESTED_DELIMITER)
         assert _field(Settings, parts), f"{name} is not a taskyard setting (typo?)"
     for name in list(os.environ):
         if name.startswith(ENV_PREFIX):

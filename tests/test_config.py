@@ -38,8 +38,9 @@ def test_environment_is_read_with_prefix_and_sections(monkeypatch: pytest.Monkey
         ("TASKYARD_GUARD__MEMORY_WARNING_PCT", "150", "less than or equal to 100"),
     ],
 )
-def test_malformed_value_names_variable(monkeypatch: pytest.MonkeyPatch, variable: str,
-                                        value: str, expected: str) -> None:
+def test_malformed_value_names_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError) as info:
         load_settings()
@@ -82,7 +83,7 @@ def test_visibility_timeout_exceeds_platform_countdowns() -> None:
     settings = Settings()
     longest = max(
         settings.guard.defer_countdown_s + settings.guard.defer_jitter_s,
-        settings.batch.retry_backoff_s * 2 ** settings.batch.max_retries,
+        settings.batch.retry_backoff_s * 2**settings.batch.max_retries,
         settings.batch.lease_s,
     )
     assert settings.visibility_timeout_s > longest

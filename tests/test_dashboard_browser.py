@@ -27,9 +27,16 @@ ARTIFACTS = ROOT / "test-artifacts"
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 APP = "tests.apps.fivelevels"
 #: Chromium with nothing that reaches out: the page must work offline.
-BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update",
-                "--disable-sync"]
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 #: A queue deeper than this fires QueueDepthHigh in this test (the default is 1000).
 DEPTH_LIMIT = 5
 
@@ -47,17 +54,20 @@ def require_browser() -> None:
 
 @pytest.fixture
 def env(redis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    return {**redis_env,
-            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
-            "TASKYARD_MONITORING__ALERT_QUEUE_DEPTH": str(DEPTH_LIMIT),
-            "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
-            # Pages are reused for half the stats interval: 1 s here, so the refresh shows news.
-            "TASKYARD_MONITORING__STATS_INTERVAL_S": "2",
-            "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "1",
-            # The machine's load is not this test's subject: no task is held back for it.
-            "TASKYARD_GUARD__CPU_WARNING_PCT": "100", "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",
-            "TASKYARD_GUARD__MEMORY_WARNING_PCT": "100",
-            "TASKYARD_GUARD__MEMORY_CRITICAL_PCT": "100"}
+    return {
+        **redis_env,
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}",
+        "TASKYARD_MONITORING__ALERT_QUEUE_DEPTH": str(DEPTH_LIMIT),
+        "TASKYARD_MONITORING__FLUSH_INTERVAL_S": "0.2",
+        # Pages are reused for half the stats interval: 1 s here, so the refresh shows news.
+        "TASKYARD_MONITORING__STATS_INTERVAL_S": "2",
+        "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "1",
+        # The machine's load is not this test's subject: no task is held back for it.
+        "TASKYARD_GUARD__CPU_WARNING_PCT": "100",
+        "TASKYARD_GUARD__CPU_CRITICAL_PCT": "100",
+        "TASKYARD_GUARD__MEMORY_WARNING_PCT": "100",
+        "TASKYARD_GUARD__MEMORY_CRITICAL_PCT": "100",
+    }
 
 
 @pytest.fixture
@@ -68,8 +78,12 @@ def api_url(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
-            env=child_env(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            env=child_env(env),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
 
     def live() -> bool:
@@ -93,7 +107,10 @@ def _send(app: Any, level: str, i: int, name: str | None = None) -> None:
 
 
 def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
-    make_app: Any, env: dict[str, str], api_url: str, redis_client: redis.Redis,
+    make_app: Any,
+    env: dict[str, str],
+    api_url: str,
+    redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
     require_browser()
@@ -104,8 +121,11 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
     from taskyard.monitoring.store import StatsStore
     from taskyard.tasks.cache import Cache
 
-    app = make_app("dash", database_url=env["TASKYARD_DATABASE_URL"],
-                   monitoring={"alert_queue_depth": DEPTH_LIMIT, "alert_timing": {}})
+    app = make_app(
+        "dash",
+        database_url=env["TASKYARD_DATABASE_URL"],
+        monitoring={"alert_queue_depth": DEPTH_LIMIT, "alert_timing": {}},
+    )
     runtime = runtime_of(app)
     store = StatsStore(runtime)
 
@@ -138,8 +158,10 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
             try:
                 wait_until(done, 30, 0.1, f"{finished} tasks to be counted")
             except AssertionError as exc:
-                raise AssertionError(f"{exc}\ncounted: {store.tasks()}\nqueues: {store.queues()}"
-                                     f"\nworker log:\n{worker.output()[-4000:]}") from None
+                raise AssertionError(
+                    f"{exc}\ncounted: {store.tasks()}\nqueues: {store.queues()}"
+                    f"\nworker log:\n{worker.output()[-4000:]}"
+                ) from None
             wait_until(lambda: bool(store.workers()), 15, 0.1, "a worker heartbeat")
             collect(runtime)
         firing = [a["alertname"] for a in store.alerts()]
@@ -166,12 +188,13 @@ def test_dashboard_in_chromium_shows_charts_queues_and_a_firing_alert(
                 collect(runtime)
                 page.wait_for_function(
                     "b => document.querySelector('.kpi:first-child b').textContent !== b",
-                    arg=before, timeout=10_000)
+                    arg=before,
+                    timeout=10_000,
+                )
                 assert int(page.inner_text(".kpi:first-child b")) == int(before) + 4
                 check_page(page)
                 # Offline: every request the page made went to the API itself.
-                assert requested and all(u.startswith(api_url + "/") for u in requested), \
-                    requested
+                assert requested and all(u.startswith(api_url + "/") for u in requested), requested
                 check_other_pages(page, api_url)
                 elsewhere = [u for u in requested if not u.startswith(api_url + "/")]
                 assert not elsewhere, elsewhere
@@ -184,7 +207,8 @@ def chart_series(page: Any, title: str) -> list[str]:
     selector = f"figure.tchart[aria-label='{title}']"
     page.wait_for_selector(f"{selector} .u-legend", timeout=10_000)
     labels: list[str] = page.eval_on_selector_all(
-        f"{selector} .u-legend .u-series .u-label", "els => els.map(e => e.textContent)")
+        f"{selector} .u-legend .u-series .u-label", "els => els.map(e => e.textContent)"
+    )
     return labels[1:]  # the first is the time axis
 
 
@@ -199,11 +223,14 @@ def check_hover(page: Any, title: str, label: str) -> None:
              .some(r => r.querySelector('.u-label')?.textContent === label
                         && r.querySelector('.u-value')?.textContent !== '-'
                         && r.querySelector('.u-value')?.textContent !== '--')""",
-        arg=[selector, label], timeout=5_000)
+        arg=[selector, label],
+        timeout=5_000,
+    )
     hovered = page.eval_on_selector_all(
         f"{selector} .u-legend .u-series",
         "rows => rows.map(r => [r.querySelector('.u-label').textContent,"
-        " r.querySelector('.u-value').textContent])")
+        " r.querySelector('.u-value').textContent])",
+    )
     assert hovered[0][1].endswith("UTC"), hovered  # the time under the cursor
     title_text = page.get_attribute(selector, "title") or ""
     assert title_text.startswith(f"{title} (latest)") and label in title_text
@@ -211,20 +238,29 @@ def check_hover(page: Any, title: str, label: str) -> None:
 
 def check_page(page: Any) -> None:
     bars = page.eval_on_selector_all("svg.chart > title", "els => els.map(e => e.textContent)")
-    for title in ("Batch buffers now (items)", "Worker resources (percent of limit)",
-                  "Queue depth now: ready and reserved"):
+    for title in (
+        "Batch buffers now (items)",
+        "Worker resources (percent of limit)",
+        "Queue depth now: ready and reserved",
+    ):
         assert title in bars, bars
-    for title in ("Queue depth per level (messages)", "Throughput (tasks per second)",
-                  "Run time percentiles", "Queue wait percentiles"):
+    for title in (
+        "Queue depth per level (messages)",
+        "Throughput (tasks per second)",
+        "Run time percentiles",
+        "Queue wait percentiles",
+    ):
         page.wait_for_selector(f"figure.tchart[aria-label='{title}'] canvas", timeout=10_000)
     assert chart_series(page, "Queue depth per level (messages)") == LEVELS
     # Every bar has a hover title with its value.
-    bar_titles = page.eval_on_selector_all("svg.chart rect.bar > title",
-                                           "els => els.map(e => e.textContent)")
+    bar_titles = page.eval_on_selector_all(
+        "svg.chart rect.bar > title", "els => els.map(e => e.textContent)"
+    )
     assert bar_titles and all(":" in t for t in bar_titles), bar_titles
     queue_bars = page.eval_on_selector_all(
         "svg[aria-label='Queue depth now: ready and reserved'] rect.bar",
-        "els => els.map(e => e.dataset.label)")
+        "els => els.map(e => e.dataset.label)",
+    )
     assert "batch" in queue_bars
     text = page.inner_text("main")
     for level in LEVELS:
@@ -234,12 +270,15 @@ def check_page(page: Any) -> None:
     for chart in ("Throughput (tasks per second)", "Run time percentiles"):
         assert chart_series(page, chart), chart
     # Per worker, and per task name (the failing task's line is in the failures chart).
-    assert any(label.startswith("dash@") for label in
-               chart_series(page, "Memory per worker (percent of limit)"))
+    assert any(
+        label.startswith("dash@")
+        for label in chart_series(page, "Memory per worker (percent of limit)")
+    )
     assert f"{APP}.fails" in chart_series(page, "Failed per task (per second)")
     assert f"{APP}.on_normal" in chart_series(page, "Succeeded per task (per second)")
     workers = page.eval_on_selector_all(
-        "svg[aria-label='Worker resources (percent of limit)'] rect.bar", "e => e.length")
+        "svg[aria-label='Worker resources (percent of limit)'] rect.bar", "e => e.length"
+    )
     assert workers >= 1
     assert page.locator(f"table.tasks a:text('{APP}.on_normal')").count() == 1
     batches = page.text_content("svg[aria-label='Batch buffers now (items)']") or ""
@@ -254,16 +293,24 @@ def check_page(page: Any) -> None:
 def check_other_pages(page: Any, api_url: str) -> None:
     """Workers, task names, the failing task's page and one of its tasks."""
     page.click("header nav a:text('Workers')")
-    page.wait_for_selector("figure.tchart[aria-label='Memory per worker (percent of limit)'] "
-                           "canvas", timeout=10_000)
-    assert any(label.startswith("dash@")
-               for label in chart_series(page, "CPU per host (highest of its workers, percent)")
-               ) is False  # per host: the host name, not the worker's
+    page.wait_for_selector(
+        "figure.tchart[aria-label='Memory per worker (percent of limit)'] canvas", timeout=10_000
+    )
+    assert (
+        any(
+            label.startswith("dash@")
+            for label in chart_series(page, "CPU per host (highest of its workers, percent)")
+        )
+        is False
+    )  # per host: the host name, not the worker's
     assert chart_series(page, "Memory per host (highest of its workers, percent)")
     flower = page.get_attribute("#workers a", "href") or ""
     assert "/worker/dash%40" in flower, flower
-    check_hover(page, "Memory per worker (percent of limit)",
-                chart_series(page, "Memory per worker (percent of limit)")[0])
+    check_hover(
+        page,
+        "Memory per worker (percent of limit)",
+        chart_series(page, "Memory per worker (percent of limit)")[0],
+    )
     page.screenshot(path=str(ARTIFACTS / "dashboard-workers.png"), full_page=True)
 
     page.click("header nav a:text('Tasks')")

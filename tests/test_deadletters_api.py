@@ -29,14 +29,22 @@ def settings(tmp_path: Path, redis_client: redis.Redis) -> Settings:
 
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> RedisDeadLetterStore:
-    store = RedisDeadLetterStore(redis_client, Keys(settings.namespace), max_entries=100,
-                                 retention_s=30 * 86_400)
+    store = RedisDeadLetterStore(
+        redis_client, Keys(settings.namespace), max_entries=100, retention_s=30 * 86_400
+    )
     for i in range(5):
-        store.record(DeadLetter(id=f"d{i}", reason="failed" if i < 3 else "poison",
-                                name="bdc.send" if i < 3 else "", queue="high",
-                                exception_type="ValueError" if i < 3 else "",
-                                detail="" if i < 3 else "unknown task 'x'",
-                                args=f"[{i}]", last_at=NOW - 10 + i))
+        store.record(
+            DeadLetter(
+                id=f"d{i}",
+                reason="failed" if i < 3 else "poison",
+                name="bdc.send" if i < 3 else "",
+                queue="high",
+                exception_type="ValueError" if i < 3 else "",
+                detail="" if i < 3 else "unknown task 'x'",
+                args=f"[{i}]",
+                last_at=NOW - 10 + i,
+            )
+        )
     return store
 
 
@@ -70,9 +78,13 @@ def test_search_entry_and_gauge(client: TestClient) -> None:
 def test_task_lookup(client: TestClient, redis_client: redis.Redis, settings: Settings) -> None:
     key = Keys(settings.namespace).timeline_pending()
     now = time.time()
-    redis_client.rpush(key, *[timeline.pack("t1", now + i, event, "bdc.send", "high", "w1")
-                              for i, event in enumerate(("sent", "received", "started",
-                                                          "succeeded"))])
+    redis_client.rpush(
+        key,
+        *[
+            timeline.pack("t1", now + i, event, "bdc.send", "high", "w1")
+            for i, event in enumerate(("sent", "received", "started", "succeeded"))
+        ],
+    )
     found = client.get("/api/v1/tasks/t1").json()
     assert found["state"] == "succeeded" and found["name"] == "bdc.send"
     assert [e["event"] for e in found["events"]] == ["sent", "received", "started", "succeeded"]
@@ -83,27 +95,25 @@ def test_task_lookup(client: TestClient, redis_client: redis.Redis, settings: Se
 
 
 @pytest.mark.parametrize(("path", "body"), ADMIN)
-def test_admin_routes_need_the_token(client: TestClient, path: str, body: object,
-                                     store: RedisDeadLetterStore) -> None:
+def test_admin_routes_need_the_token(
+    client: TestClient, path: str, body: object, store: RedisDeadLetterStore
+) -> None:
     assert client.post(path, json=body).status_code == 401
-    assert client.post(path, json=body, headers={"Authorization": "Bearer no"}).status_code \
-        == 403
+    assert client.post(path, json=body, headers={"Authorization": "Bearer no"}).status_code == 403
     assert store.count() == 5  # nothing happened
 
 
 @pytest.mark.parametrize(("path", "body"), ADMIN)
-def test_admin_routes_refused_without_a_configured_token(tmp_path: Path,
-                                                         redis_client: redis.Redis,
-                                                         store: RedisDeadLetterStore,
-                                                         path: str, body: object) -> None:
+def test_admin_routes_refused_without_a_configured_token(
+    tmp_path: Path, redis_client: redis.Redis, store: RedisDeadLetterStore, path: str, body: object
+) -> None:
     with TestClient(create_api(api_settings(tmp_path)), raise_server_exceptions=False) as c:
         response = c.post(path, json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 403
     assert store.count() == 5
 
 
-def test_replay_and_purge_with_the_token(client: TestClient,
-                                         store: RedisDeadLetterStore) -> None:
+def test_replay_and_purge_with_the_token(client: TestClient, store: RedisDeadLetterStore) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
     none = client.post("/api/v1/dead/purge", json={}, headers=auth)
     assert none.status_code == 422  # ids, a filter or all
@@ -116,8 +126,7 @@ def test_replay_and_purge_with_the_token(client: TestClient,
     again = client.post("/api/v1/dead/replay", json={"ids": ["d0"]}, headers=auth)
     assert again.status_code == 409 and "already replayed" in again.json()["detail"]
     poison = client.post("/api/v1/dead/replay", json={"reason": "poison"}, headers=auth).json()
-    assert poison["detail"]["replayed"] == {} and set(poison["detail"]["skipped"]) == {"d3",
-                                                                                     "d4"}
+    assert poison["detail"]["replayed"] == {} and set(poison["detail"]["skipped"]) == {"d3", "d4"}
     purged = client.post("/api/v1/dead/purge", json={"reason": "poison"}, headers=auth)
     assert purged.json()["detail"]["purged"] == 2
     assert store.count() == 0

@@ -26,14 +26,23 @@ def cli(monkeypatch: pytest.MonkeyPatch, redis_client: redis.Redis) -> CliRunner
     return CliRunner()
 
 
-def test_list_show_purge_and_batches(cli: CliRunner, make_app: Any,
-                                     redis_client: redis.Redis) -> None:
+def test_list_show_purge_and_batches(
+    cli: CliRunner, make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("deadcli")
     store = RedisDeadLetterStore.for_runtime(runtime_of(app))
     for i in range(4):
-        store.record(DeadLetter(id=f"t{i}", reason="failed" if i % 2 else "crashed",
-                                name="bdc.send", queue="high", exception_type="ValueError",
-                                exception=f"bad {i}", traceback="Traceback: here"))
+        store.record(
+            DeadLetter(
+                id=f"t{i}",
+                reason="failed" if i % 2 else "crashed",
+                name="bdc.send",
+                queue="high",
+                exception_type="ValueError",
+                exception=f"bad {i}",
+                traceback="Traceback: here",
+            )
+        )
     listed = cli.invoke(main, ["dead", "list", "--reason", "crashed"])
     assert listed.exit_code == 0, listed.output
     assert listed.output.splitlines()[0] == "2 dead tasks"
@@ -64,10 +73,14 @@ def test_list_show_purge_and_batches(cli: CliRunner, make_app: Any,
 
 
 @pytest.mark.slow
-def test_replay_by_filter_runs_the_tasks_again(cli: CliRunner, make_app: Any,
-                                               redis_env: dict[str, str],
-                                               redis_client: redis.Redis, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_replay_by_filter_runs_the_tasks_again(
+    cli: CliRunner,
+    make_app: Any,
+    redis_env: dict[str, str],
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("TASKYARD_HISTORY_DATABASE_URL", f"sqlite:///{tmp_path / 'h.db'}")
     app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)
     store = RedisDeadLetterStore.for_runtime(runtime_of(app))
@@ -79,11 +92,16 @@ def test_replay_by_filter_runs_the_tasks_again(cli: CliRunner, make_app: Any,
         assert out.exit_code == 0, out.output
         assert "replayed 3 of 3 dead tasks" in out.output
         # They ran again (and died again, as boom does), each linked to the entry it came from.
-        wait_until(lambda: store.count() == 4 and len(
-            [e for e in store.search() if e.replay_of]) == 3, 60, 0.2, "the replays dead again")
+        wait_until(
+            lambda: store.count() == 4 and len([e for e in store.search() if e.replay_of]) == 3,
+            60,
+            0.2,
+            "the replays dead again",
+        )
     runs = [x.decode() for x in redis_client.lrange(dead_app.RAN, 0, -1)]
     assert sorted(r for r in runs if r.startswith("boom-")) == sorted(
-        [f"boom-r{i}" for i in range(3)] * 2)
+        [f"boom-r{i}" for i in range(3)] * 2
+    )
     originals = {r.id: store.get(r.id) for r in first}
     for entry in originals.values():
         assert entry is not None and entry.state == "replayed" and entry.replayed_as
@@ -98,9 +116,13 @@ def test_replay_by_filter_runs_the_tasks_again(cli: CliRunner, make_app: Any,
 
 
 @pytest.mark.slow
-def test_unknown_task_replayed_once_deployed(cli: CliRunner, make_app: Any,
-                                             redis_env: dict[str, str],
-                                             redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_unknown_task_replayed_once_deployed(
+    cli: CliRunner,
+    make_app: Any,
+    redis_env: dict[str, str],
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
     app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)
     store = RedisDeadLetterStore.for_runtime(runtime_of(app))
     before = {**redis_env, "DEAD_TEST_BEFORE_DEPLOY": "1"}
@@ -113,9 +135,12 @@ def test_unknown_task_replayed_once_deployed(cli: CliRunner, make_app: Any,
     with celery_worker("tests.apps.dead", "normal", redis_env, tmp_path, concurrency=1):
         out = cli.invoke(main, ["dead", "replay", sent.id])
         assert out.exit_code == 0, out.output
-        wait_until(lambda: "late-x" in [x.decode() for x in
-                                        redis_client.lrange(dead_app.RAN, 0, -1)],
-                   30, 0.2, "the replayed task to run")
+        wait_until(
+            lambda: "late-x" in [x.decode() for x in redis_client.lrange(dead_app.RAN, 0, -1)],
+            30,
+            0.2,
+            "the replayed task to run",
+        )
     replayed = store.get(sent.id)
     assert replayed is not None and replayed.state == "replayed"
     assert out.output.strip() == f"{sent.id} -> {replayed.replayed_as}"

@@ -22,16 +22,25 @@ from taskyard.runtime import runtime_of
 
 def test_celery_internals_the_gate_relies_on() -> None:
     consumer = celery_consumer.Consumer
-    for name in ("create_task_handler", "on_decode_error", "on_unknown_message",
-                 "on_unknown_task", "on_invalid_task"):
+    for name in (
+        "create_task_handler",
+        "on_decode_error",
+        "on_unknown_message",
+        "on_unknown_task",
+        "on_invalid_task",
+    ):
         assert callable(getattr(consumer, name)), name
     # The loops build the callback when they start, from the consumer instance...
     for loop in (loops.asynloop, loops.synloop):
         assert "obj.create_task_handler()" in inspect.getsource(loop)
     # ...and the callback reads the handlers from the instance (so instance attributes win).
     source = inspect.getsource(consumer.create_task_handler)
-    for name in ("self.on_unknown_message", "self.on_unknown_task", "self.on_invalid_task",
-                 "self.on_decode_error"):
+    for name in (
+        "self.on_unknown_message",
+        "self.on_unknown_task",
+        "self.on_invalid_task",
+        "self.on_decode_error",
+    ):
         assert name in source, name
     # Tasks.start hands the consumer's on_decode_error to kombu's consumer.
     from celery.worker.consumer import tasks
@@ -51,9 +60,15 @@ def shell(make_app: Any) -> Any:
     def create_task_handler() -> Any:
         return calls.append
 
-    consumer = SimpleNamespace(app=app, hostname="gate@test", strategies={"gate.ok": object()},
-                               connection_errors=(ConnectionError,), channel_errors=(),
-                               create_task_handler=create_task_handler, calls=calls)
+    consumer = SimpleNamespace(
+        app=app,
+        hostname="gate@test",
+        strategies={"gate.ok": object()},
+        connection_errors=(ConnectionError,),
+        channel_errors=(),
+        create_task_handler=create_task_handler,
+        calls=calls,
+    )
     DeadLetterGate(consumer)
     return consumer
 
@@ -68,9 +83,13 @@ def _messages(bodies: list[tuple[Any, str, dict[str, Any], bool]]) -> list[Any]:
     producer = conn.Producer(channel, exchange=exchange)
     out = []
     for body, content_type, headers, redelivered in bodies:
-        producer.publish(body, routing_key="normal", content_type=content_type,
-                         content_encoding="utf-8" if isinstance(body, str) else "binary",
-                         headers=headers)
+        producer.publish(
+            body,
+            routing_key="normal",
+            content_type=content_type,
+            content_encoding="utf-8" if isinstance(body, str) else "binary",
+            headers=headers,
+        )
         message = bound.get(accept=["json"])
         assert message is not None
         if redelivered:
@@ -81,12 +100,19 @@ def _messages(bodies: list[tuple[Any, str, dict[str, Any], bool]]) -> list[Any]:
 
 def test_gate_checks_real_messages(shell: Any, redis_client: redis.Redis) -> None:
     handler = shell.create_task_handler()
-    good, data, unknown, list_body = _messages([
-        (json.dumps([[], {}, {}]), "application/json", {"task": "gate.ok", "id": "g1"}, False),
-        (b"\xff raw", "application/data", {"task": "gate.ok", "id": "p1"}, False),
-        (json.dumps([[], {}, {}]), "application/json", {"task": "gate.nope", "id": "p2"}, False),
-        (json.dumps([1]), "application/json", {"task": "gate.ok", "id": "p3"}, False),
-    ])
+    good, data, unknown, list_body = _messages(
+        [
+            (json.dumps([[], {}, {}]), "application/json", {"task": "gate.ok", "id": "g1"}, False),
+            (b"\xff raw", "application/data", {"task": "gate.ok", "id": "p1"}, False),
+            (
+                json.dumps([[], {}, {}]),
+                "application/json",
+                {"task": "gate.nope", "id": "p2"},
+                False,
+            ),
+            (json.dumps([1]), "application/json", {"task": "gate.ok", "id": "p3"}, False),
+        ]
+    )
     for message in (good, data, unknown, list_body):
         handler(message)
     assert shell.calls == [good]  # only the task went on to Celery
@@ -94,8 +120,9 @@ def test_gate_checks_real_messages(shell: Any, redis_client: redis.Redis) -> Non
     store = RedisDeadLetterStore.for_runtime(runtime_of(shell.app))
     assert {e.id for e in store.search()} == {"p1", "p2", "p3"}
     # Celery's own handlers are the gate's now: an invalid task is quarantined, not dropped.
-    (invalid,) = _messages([(json.dumps([[], {}, {}]), "application/json",
-                             {"task": "gate.ok", "id": "p4"}, False)])
+    (invalid,) = _messages(
+        [(json.dumps([[], {}, {}]), "application/json", {"task": "gate.ok", "id": "p4"}, False)]
+    )
     shell.on_invalid_task(None, invalid, ValueError("bad eta"))
     entry = store.get("p4")
     assert entry is not None and entry.detail == "invalid task: bad eta" and invalid.acknowledged
@@ -109,8 +136,9 @@ def test_gate_counts_only_redeliveries(shell: Any, redis_client: redis.Redis) ->
     first = _messages([(body, "application/json", {"task": "gate.ok", "id": "r1"}, False)])
     handler(first[0])
     assert redis_client.get(keys.deliveries("r1")) is None  # a first delivery costs nothing
-    again = _messages([(body, "application/json", {"task": "gate.ok", "id": "r1"}, True)
-                       for _ in range(limit)])
+    again = _messages(
+        [(body, "application/json", {"task": "gate.ok", "id": "r1"}, True) for _ in range(limit)]
+    )
     for message in again:
         handler(message)
     # Deliveries 2..limit ran; delivery limit + 1 went to the dead letters instead.
@@ -131,18 +159,21 @@ def test_gate_limits_per_task(make_app: Any, redis_client: redis.Redis) -> None:
     assert gate.limit_of("unknown.task") == runtime_of(app).settings.max_deliveries
 
 
-def test_poison_kept_capped_and_replayable_only_whole(shell: Any,
-                                                      redis_client: redis.Redis) -> None:
+def test_poison_kept_capped_and_replayable_only_whole(
+    shell: Any, redis_client: redis.Redis
+) -> None:
     from taskyard.deadletters.replay import replay_one
     from taskyard.errors import DeadLetterError
 
     handler = shell.create_task_handler()
     big = json.dumps([["y" * 40_000], {}, {}])
     small = json.dumps([["z"], {}, {}])
-    for message in _messages([(big, "application/json", {"task": "gate.later", "id": "u1"},
-                               False),
-                              (small, "application/json", {"task": "gate.later", "id": "u2"},
-                               False)]):
+    for message in _messages(
+        [
+            (big, "application/json", {"task": "gate.later", "id": "u1"}, False),
+            (small, "application/json", {"task": "gate.later", "id": "u2"}, False),
+        ]
+    ):
         handler(message)
     store = RedisDeadLetterStore.for_runtime(runtime_of(shell.app))
     cut, whole = store.get("u1"), store.get("u2")

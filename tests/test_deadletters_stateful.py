@@ -37,8 +37,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.client = redis.Redis.from_url(servers.REDIS_URL)
         self.client.flushdb()
         self.keys = Keys("prop")
-        self.redis = RedisDeadLetterStore(self.client, self.keys, max_entries=MAX_ENTRIES,
-                                          retention_s=RETENTION_S)
+        self.redis = RedisDeadLetterStore(
+            self.client, self.keys, max_entries=MAX_ENTRIES, retention_s=RETENTION_S
+        )
         self.memory = MemoryDeadLetterStore(max_entries=MAX_ENTRIES, retention_s=RETENTION_S)
         self.clock = 0
 
@@ -49,8 +50,14 @@ class StoreMachine(RuleBasedStateMachine):
     def record(self, entry_id: str, name: str, queue: str, reason: str, exc: str) -> None:
         # Distinct, increasing death times (ms apart) keep the order well defined.
         self.clock += 1
-        entry = DeadLetter(id=entry_id, name=name, queue=queue, reason=reason,
-                           exception_type=exc, last_at=BASE + self.clock / 1000)
+        entry = DeadLetter(
+            id=entry_id,
+            name=name,
+            queue=queue,
+            reason=reason,
+            exception_type=exc,
+            last_at=BASE + self.clock / 1000,
+        )
         self._both("record", entry)
 
     @rule(entry_id=IDS)
@@ -78,9 +85,14 @@ class StoreMachine(RuleBasedStateMachine):
     def alike(self) -> None:
         if not hasattr(self, "redis"):
             return
-        for query in (Query(state=None), Query(), Query(state="replayed"),
-                      Query(name="a.t"), Query(queue="low", reason="failed"),
-                      Query(exception_type="KeyError")):
+        for query in (
+            Query(state=None),
+            Query(),
+            Query(state="replayed"),
+            Query(name="a.t"),
+            Query(queue="low", reason="failed"),
+            Query(exception_type="KeyError"),
+        ):
             in_redis = [(e.id, e.state, e.times) for e in self.redis.search(query, limit=100)]
             in_memory = [(e.id, e.state, e.times) for e in self.memory.search(query, limit=100)]
             assert in_redis == in_memory, query
@@ -97,8 +109,9 @@ class StoreMachine(RuleBasedStateMachine):
         assert stored == set(entries)
         assert {m.decode() for m in self.client.zrange(self.keys.dead_index(), 0, -1)} == stored
         for key in self.client.scan_iter(f"{self.keys.dead_prefix()}by:*"):
-            field, _, value = key.decode().removeprefix(f"{self.keys.dead_prefix()}by:") \
-                .partition(":")
+            field, _, value = (
+                key.decode().removeprefix(f"{self.keys.dead_prefix()}by:").partition(":")
+            )
             assert field in INDEXED
             for member in self.client.zrange(key, 0, -1):
                 assert str(getattr(entries[member.decode()], field)) == value
@@ -110,5 +123,9 @@ def _redis(redis_client: redis.Redis) -> None:
 
 
 TestStoreMachine = StoreMachine.TestCase
-TestStoreMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
-                                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+TestStoreMachine.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)

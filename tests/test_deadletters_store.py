@@ -22,8 +22,9 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[Any]:
         if request.param == "memory":
             return MemoryDeadLetterStore(max_entries=max_entries, retention_s=retention_s)
         client = request.getfixturevalue("redis_client")
-        return RedisDeadLetterStore(client, Keys("t"), max_entries=max_entries,
-                                    retention_s=retention_s)
+        return RedisDeadLetterStore(
+            client, Keys("t"), max_entries=max_entries, retention_s=retention_s
+        )
 
     yield factory
 
@@ -32,16 +33,20 @@ NOW = round(time.time(), 3)
 
 
 def entry(i: int, **fields: Any) -> DeadLetter:
-    base: dict[str, Any] = {"name": f"app.t{i % 3}", "queue": "normal", "reason": "failed",
-                            "exception_type": "ValueError", "last_at": NOW - 100 + i}
+    base: dict[str, Any] = {
+        "name": f"app.t{i % 3}",
+        "queue": "normal",
+        "reason": "failed",
+        "exception_type": "ValueError",
+        "last_at": NOW - 100 + i,
+    }
     base.update(fields)
     return DeadLetter(id=f"id-{i}", **base)
 
 
 def test_record_get_and_merge(make_store: Any) -> None:
     store = make_store()
-    first = entry(1, first_at=1000.0, args='[1,"x"]', kwargs='{"k":2}',
-                  headers={"a": 1})
+    first = entry(1, first_at=1000.0, args='[1,"x"]', kwargs='{"k":2}', headers={"a": 1})
     store.record(first)
     got = store.get("id-1")
     assert got is not None and got.args == '[1,"x"]' and got.headers == {"a": 1}
@@ -58,18 +63,21 @@ def test_record_get_and_merge(make_store: Any) -> None:
 def test_search_by_each_field_newest_first(make_store: Any) -> None:
     store = make_store()
     for i in range(12):
-        store.record(entry(i, queue="low" if i % 2 else "high",
-                           reason="crashed" if i % 4 == 0 else "failed"))
+        store.record(
+            entry(i, queue="low" if i % 2 else "high", reason="crashed" if i % 4 == 0 else "failed")
+        )
     assert [e.id for e in store.search(limit=3)] == ["id-11", "id-10", "id-9"]
     assert {e.id for e in store.search(Query(name="app.t0"))} == {"id-0", "id-3", "id-6", "id-9"}
     assert {e.id for e in store.search(Query(queue="low", reason="crashed"))} == set()
     assert {e.id for e in store.search(Query(queue="high", reason="crashed"))} == {
-        "id-0", "id-4", "id-8"}
+        "id-0",
+        "id-4",
+        "id-8",
+    }
     window = store.search(Query(since=NOW - 100 + 3, until=NOW - 100 + 5))
     assert [e.id for e in window] == ["id-5", "id-4", "id-3"]
     assert store.count(Query(queue="low")) == 6
-    assert [e.id for e in store.search(Query(queue="low"), limit=2, offset=2)] == [
-        "id-7", "id-5"]
+    assert [e.id for e in store.search(Query(queue="low"), limit=2, offset=2)] == ["id-7", "id-5"]
 
 
 def test_count_and_age_bounds(make_store: Any) -> None:
@@ -81,7 +89,8 @@ def test_count_and_age_bounds(make_store: Any) -> None:
     assert store.get("id-100") is None or store.trim() >= 1
     assert store.get("id-100") is None
     assert store.trim(now=time.time() + 45) == 5 - sum(
-        1 for e in store.search() if e.last_at >= time.time() + 45 - 50)
+        1 for e in store.search() if e.last_at >= time.time() + 45 - 50
+    )
     assert sum(store.counts().values()) == store.count()
 
 
@@ -89,9 +98,11 @@ def test_replay_mark_purge_and_gauge(make_store: Any) -> None:
     store = make_store()
     for i in range(6):
         store.record(entry(i))
-    assert store.counts() == {("normal", "app.t0", "failed"): 2,
-                              ("normal", "app.t1", "failed"): 2,
-                              ("normal", "app.t2", "failed"): 2}
+    assert store.counts() == {
+        ("normal", "app.t0", "failed"): 2,
+        ("normal", "app.t1", "failed"): 2,
+        ("normal", "app.t2", "failed"): 2,
+    }
     assert store.mark_replayed("id-0", "new-0")
     assert not store.mark_replayed("id-0", "new-again")  # once only
     assert not store.mark_replayed("missing", "x")

@@ -54,27 +54,46 @@ def ran(client: redis.Redis) -> list[str]:
     return [x.decode() for x in client.lrange(dead_app.RAN, 0, -1)]
 
 
-def publish_raw(app: Any, body: Any, *, content_type: str, headers: dict[str, Any],
-                content_encoding: str = "utf-8") -> None:
+def publish_raw(
+    app: Any,
+    body: Any,
+    *,
+    content_type: str,
+    headers: dict[str, Any],
+    content_encoding: str = "utf-8",
+) -> None:
     """Publish a message exactly as given (no serializer) to the normal queue."""
     with app.producer_or_acquire() as producer:
-        producer.publish(body, exchange="taskyard", routing_key="normal",
-                         content_type=content_type, content_encoding=content_encoding,
-                         headers=headers, retry=True)
+        producer.publish(
+            body,
+            exchange="taskyard",
+            routing_key="normal",
+            content_type=content_type,
+            content_encoding=content_encoding,
+            headers=headers,
+            retry=True,
+        )
 
 
-def test_crashing_task_goes_dead_after_max_deliveries(producer: Any, broker_env: dict[str, str],
-                                                      redis_client: redis.Redis,
-                                                      tmp_path: Path) -> None:
+def test_crashing_task_goes_dead_after_max_deliveries(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     with celery_worker(APP, "normal", broker_env, tmp_path, concurrency=1) as worker:
         crashed = dead_app.crash.delay("a")
         for i in range(5):
             dead_app.ok.delay(str(i))
         store = store_of(producer)
-        wait_until(lambda: store.get(crashed.id) is not None, 90, 0.2,
-                   "the crashing task in the dead letters")
-        wait_until(lambda: sum(x.startswith("ok-") for x in ran(redis_client)) == 5, 30,
-                   message="the other tasks")
+        wait_until(
+            lambda: store.get(crashed.id) is not None,
+            90,
+            0.2,
+            "the crashing task in the dead letters",
+        )
+        wait_until(
+            lambda: sum(x.startswith("ok-") for x in ran(redis_client)) == 5,
+            30,
+            message="the other tasks",
+        )
         dead_app.ok.delay("after")
         wait_until(lambda: "ok-after" in ran(redis_client), 30, message="a task after it")
         assert worker.process.poll() is None
@@ -98,8 +117,9 @@ class _Marker:
         return (os.mkdir, (str(self.path),))
 
 
-def test_malformed_messages_are_quarantined(producer: Any, broker_env: dict[str, str],
-                                            redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_malformed_messages_are_quarantined(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     ok = dead_app.ok.name
     marker = tmp_path / "unpickled"
     variants: dict[str, tuple[Any, str, dict[str, Any]]] = {
@@ -107,10 +127,16 @@ def test_malformed_messages_are_quarantined(producer: Any, broker_env: dict[str,
         "p-dict": (json.dumps({"hello": 1}), "application/json", {"task": ok, "id": "p-dict"}),
         "p-list": (json.dumps([1, 2]), "application/json", {"task": ok, "id": "p-list"}),
         "p-json": ("{not json", "application/json", {"task": ok, "id": "p-json"}),
-        "p-unknown": (json.dumps([[], {}, {}]), "application/json",
-                      {"task": "tests.apps.dead.nope", "id": "p-unknown"}),
-        "p-pickle": (pickle.dumps(_Marker(marker)), "application/x-python-serialize",
-                     {"task": ok, "id": "p-pickle"}),
+        "p-unknown": (
+            json.dumps([[], {}, {}]),
+            "application/json",
+            {"task": "tests.apps.dead.nope", "id": "p-unknown"},
+        ),
+        "p-pickle": (
+            pickle.dumps(_Marker(marker)),
+            "application/x-python-serialize",
+            {"task": ok, "id": "p-pickle"},
+        ),
         "p-noid": (json.dumps([["x"], {}, {}]), "application/json", {"task": ok}),
         "p-noheaders": (json.dumps([["x"], {}, {}]), "application/json", {}),
     }
@@ -118,12 +144,21 @@ def test_malformed_messages_are_quarantined(producer: Any, broker_env: dict[str,
     with celery_worker(APP, "normal", broker_env, tmp_path, concurrency=1) as worker:
         for body, content_type, headers in variants.values():
             encoding = "binary" if isinstance(body, bytes) else "utf-8"
-            publish_raw(producer, body, content_type=content_type, headers=headers,
-                        content_encoding=encoding)
+            publish_raw(
+                producer,
+                body,
+                content_type=content_type,
+                headers=headers,
+                content_encoding=encoding,
+            )
         dead_app.ok.delay("after")
         wait_until(lambda: "ok-after" in ran(redis_client), 60, message="a task after them")
-        wait_until(lambda: store.count(Query(reason="poison")) == len(variants), 30, 0.2,
-                   "every malformed message in the dead letters")
+        wait_until(
+            lambda: store.count(Query(reason="poison")) == len(variants),
+            30,
+            0.2,
+            "every malformed message in the dead letters",
+        )
         assert worker.process.poll() is None
         output = worker.output()
     assert "Unrecoverable error" not in output
@@ -144,9 +179,9 @@ def test_malformed_messages_are_quarantined(producer: Any, broker_env: dict[str,
     assert ran(redis_client) == ["ok-after"]
 
 
-def test_failed_and_expired_tasks_are_recorded(producer: Any, broker_env: dict[str, str],
-                                               redis_client: redis.Redis,
-                                               tmp_path: Path) -> None:
+def test_failed_and_expired_tasks_are_recorded(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     store = store_of(producer)
     with celery_worker(APP, "normal", broker_env, tmp_path, concurrency=1):
         failed = dead_app.boom.delay("b" * 50_000)
@@ -154,8 +189,12 @@ def test_failed_and_expired_tasks_are_recorded(producer: Any, broker_env: dict[s
         past = datetime.now(UTC) - timedelta(seconds=5)
         expired = dead_app.ok.apply_async(("late",), expires=past)
         dead_app.ok.delay("after")
-        wait_until(lambda: all(store.get(r.id) for r in (failed, retried, expired)), 60, 0.2,
-                   "the failed, retried and expired tasks in the dead letters")
+        wait_until(
+            lambda: all(store.get(r.id) for r in (failed, retried, expired)),
+            60,
+            0.2,
+            "the failed, retried and expired tasks in the dead letters",
+        )
     boom = store.get(failed.id)
     assert boom is not None and boom.reason == "failed" and boom.exception_type == "ValueError"
     assert "Traceback" in boom.traceback and "boom" in boom.exception
@@ -169,17 +208,25 @@ def test_failed_and_expired_tasks_are_recorded(producer: Any, broker_env: dict[s
     assert {e.reason for e in store.search()} == {"failed", "expired"}
 
 
-def test_crashing_batch_goes_dead_after_max_deliveries(producer: Any,
-                                                       broker_env: dict[str, str],
-                                                       redis_client: redis.Redis,
-                                                       tmp_path: Path) -> None:
+def test_crashing_batch_goes_dead_after_max_deliveries(
+    producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=1) as worker:
         dead_app.crashy.add_many([{"i": 0, "crash": True}, {"i": 1}, {"i": 2}])
         dead_app.crashy.add_many([{"i": i} for i in range(3, 9)])
-        wait_until(lambda: len(list_dead(producer, "crashy")) == 1, 150, 0.2,
-                   "the crashing batch in the dead letters")
-        wait_until(lambda: sum(x.startswith("crashy-") and x != "crashy-crash"
-                               for x in ran(redis_client)) == 6, 30, message="the other batches")
+        wait_until(
+            lambda: len(list_dead(producer, "crashy")) == 1,
+            150,
+            0.2,
+            "the crashing batch in the dead letters",
+        )
+        wait_until(
+            lambda: (
+                sum(x.startswith("crashy-") and x != "crashy-crash" for x in ran(redis_client)) == 6
+            ),
+            30,
+            message="the other batches",
+        )
         assert worker.process.poll() is None
     dead = list_dead(producer, "crashy")[0]
     assert dead["size"] == 3 and dead["error"].startswith("crashed: 2 runs")
@@ -190,29 +237,42 @@ def test_crashing_batch_goes_dead_after_max_deliveries(producer: Any,
     assert state["pending"] == 0
 
 
-def test_task_timeline_is_kept_in_the_history_database(make_app: Any, redis_env: dict[str, str],
-                                                       redis_client: redis.Redis,
-                                                       tmp_path: Path) -> None:
+def test_task_timeline_is_kept_in_the_history_database(
+    make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     from taskyard.monitoring import history, timeline
     from taskyard.monitoring.collect import collect
 
     url = f"sqlite:///{tmp_path / 'history.db'}"
-    app = make_app("deadtest", include=["tests.apps.dead"], history_database_url=url,
-                   **dead_app.SETTINGS)
+    app = make_app(
+        "deadtest", include=["tests.apps.dead"], history_database_url=url, **dead_app.SETTINGS
+    )
     runtime = runtime_of(app)
     with celery_worker(APP, "normal", redis_env, tmp_path, concurrency=1):
         retried = dead_app.flaky.delay("t")
         done = dead_app.ok.delay("t")
         wait_until(lambda: store_of(app).get(retried.id) is not None, 60, 0.2, "flaky dead")
-        wait_until(lambda: (timeline.lookup(runtime, None, retried.id) or {}).get("counts", {})
-                   .get("dead") == 1, 30, 0.2, "the dead step flushed")
-        wait_until(lambda: (timeline.lookup(runtime, None, done.id) or {}).get("state")
-                   == "succeeded", 30, 0.2, "the ok task's timeline")
+        wait_until(
+            lambda: (
+                (timeline.lookup(runtime, None, retried.id) or {}).get("counts", {}).get("dead")
+                == 1
+            ),
+            30,
+            0.2,
+            "the dead step flushed",
+        )
+        wait_until(
+            lambda: (timeline.lookup(runtime, None, done.id) or {}).get("state") == "succeeded",
+            30,
+            0.2,
+            "the ok task's timeline",
+        )
     capture = runtime.capture if hasattr(runtime, "capture") else None
     if capture is not None:
         capture.flush()  # this process's "sent" events
     else:
         from taskyard.monitoring.capture import capture_of
+
         found = capture_of(app)
         assert found is not None
         found.flush()
@@ -228,15 +288,18 @@ def test_task_timeline_is_kept_in_the_history_database(make_app: Any, redis_env:
     assert flaky["counts"]["failed"] == 1 and flaky["state"] == "dead"
     ok = timeline.lookup(runtime, engine, done.id)
     assert ok is not None and [e["event"] for e in ok["events"]] == [
-        "sent", "received", "started", "succeeded"]
+        "sent",
+        "received",
+        "started",
+        "succeeded",
+    ]
     assert timeline.lookup(runtime, engine, "no-such-task") is None
     assert timeline.prune(engine, time.time() + 10, 5) == len(flaky["events"]) + 4
 
 
-def test_items_the_transport_set_aside_join_the_dead_letters(make_app: Any,
-                                                             redis_env: dict[str, str],
-                                                             redis_client: redis.Redis,
-                                                             tmp_path: Path) -> None:
+def test_items_the_transport_set_aside_join_the_dead_letters(
+    make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
     from taskyard.deadletters.transport import DETAIL, ingest
 
     app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)

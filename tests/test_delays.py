@@ -37,13 +37,14 @@ def _messages(client: redis.Redis, key: str) -> list[dict[str, Any]]:
 
 
 def test_future_eta_waits_in_the_delayed_set_then_moves_to_its_queue(
-        app: Any, redis_client: redis.Redis) -> None:
+    app: Any, redis_client: redis.Redis
+) -> None:
     app.send_task("t.later", (1,), countdown=30, queue="normal")
     app.send_task("t.now", (2,), queue="normal")
     assert redis_client.zcard(KEYS.delayed("normal")) == 1
     assert [m["headers"]["task"] for m in _messages(redis_client, "normal")] == ["t.now"]
     assert redis_client.smembers(KEYS.delayed_queues()) == {b"normal"}
-    (_member, score), = redis_client.zrange(KEYS.delayed("normal"), 0, -1, withscores=True)
+    ((_member, score),) = redis_client.zrange(KEYS.delayed("normal"), 0, -1, withscores=True)
     assert abs(score / 1000 - (time.time() + 30)) < 5
 
     assert delays.move_due(redis_client) == 0  # not due on the Redis clock
@@ -56,11 +57,13 @@ def test_future_eta_waits_in_the_delayed_set_then_moves_to_its_queue(
     assert moved["headers"]["eta"] is None
     assert moved["headers"][delays.HEADER_ORIGINAL_ETA]
     assert delays.eta_timestamp(moved["headers"][delays.HEADER_ORIGINAL_ETA]) == pytest.approx(
-        score / 1000, abs=0.001)
+        score / 1000, abs=0.001
+    )
 
 
-def test_past_and_missing_etas_go_straight_to_the_queue(app: Any,
-                                                        redis_client: redis.Redis) -> None:
+def test_past_and_missing_etas_go_straight_to_the_queue(
+    app: Any, redis_client: redis.Redis
+) -> None:
     app.send_task("t.past", (), eta=datetime.now(UTC) - timedelta(minutes=1), queue="high")
     app.send_task("t.plain", (), queue="high")
     assert redis_client.llen("high") == 2
@@ -78,8 +81,7 @@ def test_message_priority_lands_on_its_sub_list(app: Any, redis_client: redis.Re
     assert redis_client.llen(target) == 1 and redis_client.llen("low") == 0
 
 
-def test_switched_off_keeps_celerys_behaviour(make_app: Any,
-                                              redis_client: redis.Redis) -> None:
+def test_switched_off_keeps_celerys_behaviour(make_app: Any, redis_client: redis.Redis) -> None:
     app = make_app("delayoff", broker_delays=False)
     app.send_task("t.later", (), countdown=30, queue="normal")
     assert redis_client.llen("normal") == 1
@@ -109,16 +111,20 @@ def test_unreadable_eta_is_left_to_celery() -> None:
 
 
 def test_namespace_and_global_keyprefix(make_app: Any, redis_client: redis.Redis) -> None:
-    app = make_app("delayprefix", namespace="ns2",
-                   broker_transport_options={
-                       **_redis_options(make_app), "global_keyprefix": "pfx:",
-                       delays.OPTION_NAMESPACE: "ns2"})
+    app = make_app(
+        "delayprefix",
+        namespace="ns2",
+        broker_transport_options={
+            **_redis_options(make_app),
+            "global_keyprefix": "pfx:",
+            delays.OPTION_NAMESPACE: "ns2",
+        },
+    )
     app.send_task("t.later", (), countdown=5, queue="batch")
     assert redis_client.zcard("pfx:ns2:delayed:batch") == 1
     assert redis_client.smembers("pfx:ns2:delayed") == {b"batch"}
     # A plain client given the prefix, as beat or a tool would use it.
-    assert delays.move_due(redis_client, "ns2", global_keyprefix="pfx:",
-                           now=time.time() + 10) == 1
+    assert delays.move_due(redis_client, "ns2", global_keyprefix="pfx:", now=time.time() + 10) == 1
     assert redis_client.llen("pfx:batch") == 1
     app.send_task("t.later", (), countdown=5, queue="batch")
     with app.connection_for_write() as conn, conn.default_channel.conn_or_acquire() as client:
@@ -138,7 +144,10 @@ def test_scheduled_counts(app: Any, redis_client: redis.Redis) -> None:
         for _ in range(n):
             app.send_task("t.later", (), countdown=60, queue=queue)
     assert delays.scheduled_counts(redis_client, ["normal", "low", "high"]) == {
-        "normal": 3, "low": 1, "high": 0}
+        "normal": 3,
+        "low": 1,
+        "high": 0,
+    }
 
 
 def _fill(client: redis.Redis, queues: list[str], per_queue: int) -> None:
@@ -174,8 +183,9 @@ def test_many_movers_at_once_move_each_message_once(redis_client: redis.Redis) -
 
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    processes = [ctx.Process(target=_race_process, args=(servers.REDIS_URL, 20, out))
-                 for _ in range(3)]
+    processes = [
+        ctx.Process(target=_race_process, args=(servers.REDIS_URL, 20, out)) for _ in range(3)
+    ]
     threads = [threading.Thread(target=mover) for _ in range(6)]
     for p in processes:
         p.start()
@@ -212,9 +222,23 @@ def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = redis.Redis(port=port)
     try:
         wait_until(lambda: servers.answers(port), 10, message="private redis-server")
@@ -234,8 +258,7 @@ def test_mover_reloads_its_script_after_script_flush(private_redis: redis.Redis)
     assert private_redis.llen("normal") == 5
 
 
-def test_a_backlog_larger_than_one_script_call_moves_in_one_tick(
-        redis_client: redis.Redis) -> None:
+def test_a_backlog_larger_than_one_script_call_moves_in_one_tick(redis_client: redis.Redis) -> None:
     _fill(redis_client, ["batch"], delays.MOVE_BATCH * 3 + 7)
     assert delays.move_due(redis_client) == delays.MOVE_BATCH * 3 + 7
 
@@ -251,7 +274,8 @@ def test_the_mover_reports_when_the_next_message_is_due(redis_client: redis.Redi
 
 
 def test_a_move_wakes_workers_idle_on_the_transports_wake_stream(
-        app: Any, redis_client: redis.Redis) -> None:
+    app: Any, redis_client: redis.Redis
+) -> None:
     app.send_task("t.later", (), countdown=5, queue="normal")
     with app.connection_for_write() as conn:
         channel = conn.default_channel

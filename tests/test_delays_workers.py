@@ -31,8 +31,13 @@ NO_GUARDS = {"TASKYARD_GUARD__ENABLED": "false"}
 
 def _send(env: dict[str, str], code: str, timeout_s: float = 120) -> None:
     """Send from a separate producer process using the test app's configuration."""
-    subprocess.run([sys.executable, "-c", f"from tests.apps import delays\n{code}"],
-                   env=child_env(env), cwd=ROOT, check=True, timeout=timeout_s)
+    subprocess.run(
+        [sys.executable, "-c", f"from tests.apps import delays\n{code}"],
+        env=child_env(env),
+        cwd=ROOT,
+        check=True,
+        timeout=timeout_s,
+    )
 
 
 def _runs(client: redis.Redis, key: str = delay_app.RUNS) -> list[dict[str, Any]]:
@@ -41,8 +46,10 @@ def _runs(client: redis.Redis, key: str = delay_app.RUNS) -> list[dict[str, Any]
 
 def _stamps_in(client: redis.Redis, queue: str) -> int:
     """``stamp`` messages waiting in ``queue`` (beat sends its own jobs too)."""
-    return sum(json.loads(raw)["headers"]["task"] == delay_app.stamp.name
-               for raw in client.lrange(queue, 0, -1))
+    return sum(
+        json.loads(raw)["headers"]["task"] == delay_app.stamp.name
+        for raw in client.lrange(queue, 0, -1)
+    )
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -58,7 +65,8 @@ def _tree_rss_mb(pid: int) -> float:
 
 
 def test_ten_thousand_countdowns_leave_the_worker_flat_and_start_on_time(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**redis_env, **NO_GUARDS}
     # 10,000 pending countdown tasks: 9,000 due in an hour (they stay pending through the test)
     # and 1,000 due one after another over spread_s, 50 a second, a rate even a loaded two-core
@@ -70,12 +78,15 @@ def test_ten_thousand_countdowns_leave_the_worker_flat_and_start_on_time(
         time.sleep(1.0)
         rss_before = _tree_rss_mb(worker.pid)
         t0 = time.time() + lead_s
-        _send(env, f"""
+        _send(
+            env,
+            f"""
 import datetime as dt
 for i in range({n}):
     due = {t0} + (i % {soon}) * {spread_s / soon} + (3600 if i >= {soon} else 0)
     delays.stamp.apply_async((i, due), eta=dt.datetime.fromtimestamp(due, dt.timezone.utc))
-""")
+""",
+        )
         assert time.time() < t0 - 2, "sending took too long to measure the waiting worker"
         assert redis_client.zcard(KEYS.delayed("normal")) == n
         peak_rss, peak_reserved = rss_before, 0
@@ -97,8 +108,10 @@ for i in range({n}):
     assert set(counts) == set(range(soon)) and max(counts.values()) == 1
     lateness = sorted(r["at"] - r["due"] for r in runs)
     p50, p99, worst = lateness[soon // 2], lateness[int(soon * 0.99)], lateness[-1]
-    print(f"lateness p50={p50:.3f}s p99={p99:.3f}s max={worst:.3f}s; "
-          f"rss {rss_before:.1f}->{peak_rss:.1f} MB; peak reserved {peak_reserved}")
+    print(
+        f"lateness p50={p50:.3f}s p99={p99:.3f}s max={worst:.3f}s; "
+        f"rss {rss_before:.1f}->{peak_rss:.1f} MB; peak reserved {peak_reserved}"
+    )
     assert peak_rss - rss_before < 10, (rss_before, peak_rss)
     assert peak_reserved <= 8
     # Never early: the mover goes by the Redis clock, which is this machine's.
@@ -114,16 +127,20 @@ def _stop_warm(worker: Any) -> None:
 
 
 def _send_spread(env: dict[str, str], n: int, first_due: float, step_s: float) -> None:
-    _send(env, f"""
+    _send(
+        env,
+        f"""
 import datetime as dt
 for i in range({n}):
     due = {first_due} + i * {step_s}
     delays.stamp.apply_async((i, due), eta=dt.datetime.fromtimestamp(due, dt.timezone.utc))
-""")
+""",
+    )
 
 
 def test_a_worker_restart_before_they_are_due_duplicates_none(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**redis_env, **NO_GUARDS}
     n = 2000
     first_due = time.time() + 45  # after sending (5-20 s on a busy machine) and a worker start
@@ -135,8 +152,9 @@ def test_a_worker_restart_before_they_are_due_duplicates_none(
         assert redis_client.hlen(UNACKED) == 0
         _stop_warm(first)
     with celery_worker(APP, "normal", env, tmp_path, concurrency=2, name="second"):
-        wait_until(lambda: redis_client.llen(delay_app.RUNS) >= n, 60,
-                   message="every countdown task")
+        wait_until(
+            lambda: redis_client.llen(delay_app.RUNS) >= n, 60, message="every countdown task"
+        )
         time.sleep(2)
     counts = Counter(r["i"] for r in _runs(redis_client))
     assert set(counts) == set(range(n))
@@ -145,19 +163,24 @@ def test_a_worker_restart_before_they_are_due_duplicates_none(
 
 
 def test_a_worker_restart_while_they_run_loses_none(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**redis_env, **NO_GUARDS}
     n = 2000
     _send_spread(env, n, time.time() + 4, 0.004)
     with celery_worker(APP, "normal", env, tmp_path, concurrency=2, name="first") as first:
-        wait_until(lambda: redis_client.llen(delay_app.RUNS) >= 300, 40,
-                   message="the first countdown tasks to run")
+        wait_until(
+            lambda: redis_client.llen(delay_app.RUNS) >= 300,
+            40,
+            message="the first countdown tasks to run",
+        )
         _stop_warm(first)
     # Stopped mid-run: some still delayed, some in the queue, some were running.
     assert redis_client.llen(delay_app.RUNS) < n
     with celery_worker(APP, "normal", env, tmp_path, concurrency=2, name="second"):
-        wait_until(lambda: redis_client.llen(delay_app.RUNS) >= n, 60,
-                   message="every countdown task")
+        wait_until(
+            lambda: redis_client.llen(delay_app.RUNS) >= n, 60, message="every countdown task"
+        )
         time.sleep(2)
     counts = Counter(r["i"] for r in _runs(redis_client))
     assert set(counts) == set(range(n))
@@ -169,15 +192,19 @@ def test_a_worker_restart_while_they_run_loses_none(
     assert redis_client.zcard(KEYS.delayed("normal")) == 0
 
 
-def test_retries_wait_in_the_delayed_set(redis_client: redis.Redis, redis_env: dict[str, str],
-                                         tmp_path: Path) -> None:
+def test_retries_wait_in_the_delayed_set(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**redis_env, **NO_GUARDS}
     with celery_worker(APP, "normal", env, tmp_path, concurrency=2):
         _send(env, "for i in range(5): delays.retry_once.delay(i, 3.0)")
         wait_until(lambda: redis_client.llen(delay_app.RETRIES) >= 5, 20, message="first runs")
         # While the retries wait, the worker holds none of them.
-        wait_until(lambda: redis_client.zcard(KEYS.delayed("normal")) == 5, 5,
-                   message="5 retries in the delayed set")
+        wait_until(
+            lambda: redis_client.zcard(KEYS.delayed("normal")) == 5,
+            5,
+            message="5 retries in the delayed set",
+        )
         assert redis_client.hlen(UNACKED) == 0
         wait_until(lambda: redis_client.llen(delay_app.RETRIES) >= 10, 20, message="retried runs")
     events = [json.loads(x) for x in redis_client.lrange(delay_app.RETRIES, 0, -1)]
@@ -188,13 +215,17 @@ def test_retries_wait_in_the_delayed_set(redis_client: redis.Redis, redis_env: d
         assert 3.0 <= at - first[i] < 4.5, (i, at - first[i])
 
 
-def test_guard_deferrals_wait_in_the_delayed_set(redis_client: redis.Redis,
-                                                 redis_env: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_guard_deferrals_wait_in_the_delayed_set(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     # Every reading counts as memory pressure: normal work is deferred until overdue.
-    env = {**redis_env, "TASKYARD_GUARD__MEMORY_WARNING_PCT": "1",
-           "TASKYARD_GUARD__MEMORY_CRITICAL_PCT": "2", "TASKYARD_GUARD__RESUME_PCT": "0.5",
-           "TASKYARD_GUARD__MAX_DEFER_AGE_S": "4"}
+    env = {
+        **redis_env,
+        "TASKYARD_GUARD__MEMORY_WARNING_PCT": "1",
+        "TASKYARD_GUARD__MEMORY_CRITICAL_PCT": "2",
+        "TASKYARD_GUARD__RESUME_PCT": "0.5",
+        "TASKYARD_GUARD__MAX_DEFER_AGE_S": "4",
+    }
     seen_delayed = 0
     with celery_worker(APP, "normal", env, tmp_path, concurrency=2) as worker:
         _send(env, "import time\nfor i in range(3): delays.stamp.delay(i, time.time())")
@@ -208,22 +239,44 @@ def test_guard_deferrals_wait_in_the_delayed_set(redis_client: redis.Redis,
     assert seen_delayed >= 1, "deferred tasks never waited in the delayed set"
 
 
-def test_beat_moves_due_messages(redis_client: redis.Redis, redis_env: dict[str, str],
-                                 tmp_path: Path) -> None:
+def test_beat_moves_due_messages(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = dict(redis_env)
-    _send(env, "import time\nfor i in range(3): delays.stamp.apply_async((i, time.time() + 2), "
-               "countdown=2)")
+    _send(
+        env,
+        "import time\nfor i in range(3): delays.stamp.apply_async((i, time.time() + 2), "
+        "countdown=2)",
+    )
     assert redis_client.zcard(KEYS.delayed("normal")) == 3
     log = tmp_path / "beat.log"
     with log.open("wb") as sink:
         beat = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", APP, "beat", "--loglevel", "INFO",
-             "-s", str(tmp_path / "schedule")],
-            env=child_env(env), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                APP,
+                "beat",
+                "--loglevel",
+                "INFO",
+                "-s",
+                str(tmp_path / "schedule"),
+            ],
+            env=child_env(env),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
         # No worker runs: only beat can move them onto the queue.
-        wait_until(lambda: _stamps_in(redis_client, "normal") == 3, 20, 0.1,
-                   message=f"beat to move 3 messages:\n{log.read_text()[-2000:]}")
+        wait_until(
+            lambda: _stamps_in(redis_client, "normal") == 3,
+            20,
+            0.1,
+            message=f"beat to move 3 messages:\n{log.read_text()[-2000:]}",
+        )
     finally:
         terminate(beat)
     assert redis_client.zcard(KEYS.delayed("normal")) == 0

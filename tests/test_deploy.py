@@ -60,8 +60,9 @@ def test_one_scaled_object_per_worker_profile_on_its_own_queues() -> None:
     assert seen["critical"]["spec"]["minReplicaCount"] >= 1
 
 
-def test_every_deployed_query_names_an_exposed_metric(tmp_path: Path,
-                                                      redis_client: redis.Redis) -> None:
+def test_every_deployed_query_names_an_exposed_metric(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
     have = exposed(tmp_path, redis_client)
     queries = [t["metadata"]["query"] for obj in scaled_objects() for t in obj["spec"]["triggers"]]
     dashboard = json.loads((DEPLOY / "grafana" / "taskyard-dashboard.json").read_text())

@@ -18,8 +18,9 @@ from tests import servers
 from tests.apps import prio
 
 
-def _listen(app: Celery, seen: list[dict[str, Any]], ready: threading.Event,
-            stop: threading.Event) -> None:
+def _listen(
+    app: Celery, seen: list[dict[str, Any]], ready: threading.Event, stop: threading.Event
+) -> None:
     with app.connection_for_read() as conn:
         receiver = app.events.Receiver(conn, handlers={"*": seen.append})
         ready.set()
@@ -36,7 +37,8 @@ def _listen(app: Celery, seen: list[dict[str, Any]], ready: threading.Event,
 
 @pytest.mark.slow
 def test_every_task_is_seen_sent_received_started_succeeded(
-        make_app: Any, redis_env: dict[str, str], tmp_path: Path) -> None:
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     app = make_app("events", redis_url=servers.REDIS_URL)  # current app: prio's tasks send here
     seen: list[dict[str, Any]] = []
     ready, stop = threading.Event(), threading.Event()
@@ -52,8 +54,11 @@ def test_every_task_is_seen_sent_received_started_succeeded(
             return Counter(e["type"] for e in list(seen) if e.get("uuid") in ids)
 
         try:
-            wait_until(lambda: counted()["task-succeeded"] == n and counted()["task-sent"] == n,
-                       30, message="events of every task")
+            wait_until(
+                lambda: counted()["task-succeeded"] == n and counted()["task-sent"] == n,
+                30,
+                message="events of every task",
+            )
         except AssertionError:
             raise AssertionError(f"{counted()} of {len(seen)} events") from None
     stop.set()

@@ -39,6 +39,7 @@ AUTH = ("watcher", "s3cret-pw")
 
 # --- pure parts ------------------------------------------------------------------------------
 
+
 def test_app_queue_names_are_the_five_levels_in_order(make_app: Any) -> None:
     assert app_queue_names(make_app("flowerq")) == LEVELS
 
@@ -71,14 +72,27 @@ def test_credentials_match_only_the_exact_pair() -> None:
     allowed = ["u:pw", "v:other"]
     assert credentials_match(header("u:pw"), allowed)
     assert credentials_match(header("v:other"), allowed)
-    for given in (None, "", "Basic", "Bearer u:pw", header("u:pw2"), header("u:"),
-                  "Basic !!!not-base64", header("v:pw")):
+    for given in (
+        None,
+        "",
+        "Basic",
+        "Bearer u:pw",
+        header("u:pw2"),
+        header("u:"),
+        "Basic !!!not-base64",
+        header("v:pw"),
+    ):
         assert not credentials_match(given, allowed), given
 
 
 def test_flower_args_come_from_settings_and_keep_credentials_out() -> None:
-    settings = load_settings(monitoring={"flower_port": 5601, "flower_host": "0.0.0.0",
-                                         "flower_basic_auth": "u:topsecret"})
+    settings = load_settings(
+        monitoring={
+            "flower_port": 5601,
+            "flower_host": "0.0.0.0",
+            "flower_basic_auth": "u:topsecret",
+        }
+    )
     args = flower_args("bdc", settings, extra=("--persistent=False",))
     assert args[:3] == ["-A", "bdc", "flower"]
     assert "--port=5601" in args and "--address=0.0.0.0" in args
@@ -86,10 +100,12 @@ def test_flower_args_come_from_settings_and_keep_credentials_out() -> None:
     assert not any("topsecret" in a for a in args)
     assert flower_url(settings) == "http://127.0.0.1:5601/"
     assert "--broker_api=http://h:15672/api/" in flower_args(
-        "bdc", settings, broker_api="http://h:15672/api/")
+        "bdc", settings, broker_api="http://h:15672/api/"
+    )
 
 
 # --- a real Flower -----------------------------------------------------------------------------
+
 
 class Flower:
     def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
@@ -100,9 +116,13 @@ class Flower:
 
 
 @contextmanager
-def running_flower(extra_env: dict[str, str], tmp_path: Path, *,
-                   auth: tuple[str, str] | None = AUTH,
-                   cwd: Path = ROOT) -> Iterator[Flower]:
+def running_flower(
+    extra_env: dict[str, str],
+    tmp_path: Path,
+    *,
+    auth: tuple[str, str] | None = AUTH,
+    cwd: Path = ROOT,
+) -> Iterator[Flower]:
     """`taskyard flower -A APP` in its own process, on a free port, until the block ends.
 
     ``auth=None`` configures no credentials (Flower generates them)."""
@@ -115,9 +135,14 @@ def running_flower(extra_env: dict[str, str], tmp_path: Path, *,
         env.pop("TASKYARD_MONITORING__FLOWER_BASIC_AUTH", None)
     log = tmp_path / f"flower-{port}.log"
     with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "flower", "-A", APP],
-                                   env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "flower", "-A", APP],
+            env=env,
+            cwd=cwd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     fl = Flower(process, f"http://127.0.0.1:{port}", log)
 
     def up() -> bool:
@@ -139,17 +164,43 @@ def running_flower(extra_env: dict[str, str], tmp_path: Path, *,
 
 #: One path per route of Flower's URL table (flower.urls.handlers), plus tornado's own static
 #: routes and a path no route names.
-EVERY_ROUTE = ["/", "/workers", "/worker/w1@host", "/task/abc", "/tasks", "/tasks/datatable",
-               "/broker", "/api/workers", "/api/worker/shutdown/w1@host",
-               "/api/worker/pool/restart/w1@host", "/api/worker/pool/grow/w1@host",
-               "/api/worker/pool/shrink/w1@host", "/api/worker/pool/autoscale/w1@host",
-               "/api/worker/queue/add-consumer/w1@host",
-               "/api/worker/queue/cancel-consumer/w1@host", "/api/tasks", "/api/task/types",
-               "/api/queues/length", "/api/task/info/abc", "/api/task/apply/x.y",
-               "/api/task/async-apply/x.y", "/api/task/send-task/x.y", "/api/task/result/abc",
-               "/api/task/abort/abc", "/api/task/timeout/x.y", "/api/task/rate-limit/x.y",
-               "/api/task/revoke/abc", "/metrics", "/healthcheck", "/static/css/flower.css",
-               "/favicon.ico", "/robots.txt", "/login", "/logout", "/no/such/page"]
+EVERY_ROUTE = [
+    "/",
+    "/workers",
+    "/worker/w1@host",
+    "/task/abc",
+    "/tasks",
+    "/tasks/datatable",
+    "/broker",
+    "/api/workers",
+    "/api/worker/shutdown/w1@host",
+    "/api/worker/pool/restart/w1@host",
+    "/api/worker/pool/grow/w1@host",
+    "/api/worker/pool/shrink/w1@host",
+    "/api/worker/pool/autoscale/w1@host",
+    "/api/worker/queue/add-consumer/w1@host",
+    "/api/worker/queue/cancel-consumer/w1@host",
+    "/api/tasks",
+    "/api/task/types",
+    "/api/queues/length",
+    "/api/task/info/abc",
+    "/api/task/apply/x.y",
+    "/api/task/async-apply/x.y",
+    "/api/task/send-task/x.y",
+    "/api/task/result/abc",
+    "/api/task/abort/abc",
+    "/api/task/timeout/x.y",
+    "/api/task/rate-limit/x.y",
+    "/api/task/revoke/abc",
+    "/metrics",
+    "/healthcheck",
+    "/static/css/flower.css",
+    "/favicon.ico",
+    "/robots.txt",
+    "/login",
+    "/logout",
+    "/no/such/page",
+]
 
 
 def test_every_route_list_covers_flowers_url_table() -> None:
@@ -166,16 +217,20 @@ def test_every_route_list_covers_flowers_url_table() -> None:
 
 @pytest.mark.slow
 def test_flower_refuses_every_route_without_credentials_metrics_included(
-        redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
     with running_flower(redis_env, tmp_path) as fl:
         for path in EVERY_ROUTE:
             for method in ("GET", "POST"):
                 for auth in (None, (AUTH[0], "wrong"), ("other", AUTH[1])):
                     response = httpx.request(method, fl.url + path, auth=auth, timeout=10.0)
-                    assert response.status_code == 401, (method, path, auth,
-                                                         response.status_code)
+                    assert response.status_code == 401, (method, path, auth, response.status_code)
                     assert response.headers.get("WWW-Authenticate", "").startswith("Basic"), (
-                        method, path, auth, response.headers)
+                        method,
+                        path,
+                        auth,
+                        response.headers,
+                    )
         metrics = fl.get("/metrics")
         assert metrics.status_code == 200 and "flower_" in metrics.text
         assert fl.get("/healthcheck").text == "OK"
@@ -186,7 +241,8 @@ def test_flower_refuses_every_route_without_credentials_metrics_included(
 
 @pytest.mark.slow
 def test_flower_without_credentials_generates_a_password_that_works(
-        redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
     with running_flower(redis_env, tmp_path, auth=None, cwd=tmp_path) as fl:
         text = fl.log.read_text()
         found = re.search(r"generated user (\S+) password (\S+) ", text)
@@ -217,7 +273,10 @@ def _send(app: Any, level: str, i: int) -> None:
 
 @pytest.mark.slow
 def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_broker_view(
-    flower: Flower, make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis,
+    flower: Flower,
+    make_app: Any,
+    redis_env: dict[str, str],
+    redis_client: redis.Redis,
     tmp_path: Path,
 ) -> None:
     # Basic auth from settings: refused without or with wrong credentials.
@@ -228,20 +287,35 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
 
     producer = make_app("flower-producer")
     # The machine's load is not this test's subject: the guards hold nothing back for it.
-    worker_env = {**redis_env, **{f"TASKYARD_GUARD__{name}": "100" for name in (
-        "CPU_WARNING_PCT", "CPU_CRITICAL_PCT", "MEMORY_WARNING_PCT", "MEMORY_CRITICAL_PCT")}}
+    worker_env = {
+        **redis_env,
+        **{
+            f"TASKYARD_GUARD__{name}": "100"
+            for name in (
+                "CPU_WARNING_PCT",
+                "CPU_CRITICAL_PCT",
+                "MEMORY_WARNING_PCT",
+                "MEMORY_CRITICAL_PCT",
+            )
+        },
+    }
 
     # Only a critical-only worker runs: Flower itself would list just "critical" (the queues
     # live workers consume); ours lists all five, with the backlog of the unconsumed one.
     with celery_worker(APP, "critical", worker_env, tmp_path, concurrency=1, name="crit"):
+
         def sees_worker() -> bool:
             workers = flower.get("/api/workers", refresh="1").json()
             return any(name.startswith("crit@") for name in workers)
 
         wait_until(sees_worker, 30, 0.5, "flower to see the critical worker")
         workers = flower.get("/api/workers").json()
-        consumed = {q["name"] for name, w in workers.items() if name.startswith("crit@")
-                    for q in w.get("active_queues", [])}
+        consumed = {
+            q["name"]
+            for name, w in workers.items()
+            if name.startswith("crit@")
+            for q in w.get("active_queues", [])
+        }
         assert consumed == {"critical"}
         for i in range(3):
             _send(producer, "low", i)
@@ -254,8 +328,9 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
             assert f'<tr id="{level}">' in page.text
 
     # A worker on all five queues drains the backlog and runs two more tasks per level.
-    with celery_worker(APP, ",".join(LEVELS), worker_env, tmp_path, concurrency=2,
-                       name="all") as worker:
+    with celery_worker(
+        APP, ",".join(LEVELS), worker_env, tmp_path, concurrency=2, name="all"
+    ) as worker:
         for level in LEVELS:
             for i in range(2):
                 _send(producer, level, 100 + i)
@@ -269,13 +344,18 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
 
         expected = {"critical": 2, "high": 2, "normal": 2, "low": 5, "batch": 2}
         try:
-            wait_until(lambda: succeeded_by_queue() == expected, 40, 0.5,
-                       "flower to list the succeeded tasks of all five queues")
+            wait_until(
+                lambda: succeeded_by_queue() == expected,
+                40,
+                0.5,
+                "flower to list the succeeded tasks of all five queues",
+            )
         except AssertionError as exc:
             raise AssertionError(
                 f"{exc}\nflower lists {succeeded_by_queue()}\nworker log:\n"
                 f"{worker.output()[-4000:]}\nflower log:\n"
-                f"{flower.log.read_text(errors='replace')[-2000:]}") from None
+                f"{flower.log.read_text(errors='replace')[-2000:]}"
+            ) from None
         tasks = flower.get("/api/tasks").json()
         assert {t["name"] for t in tasks.values()} == {f"{APP}.on_{lv}" for lv in LEVELS}
         assert all(t["worker"].startswith("all@") for t in tasks.values())
@@ -285,7 +365,8 @@ def test_flower_needs_auth_lists_tasks_of_all_five_queues_and_shows_them_in_brok
 
 @pytest.mark.slow
 def test_broker_view_on_rabbitmq_counts_the_five_queues_over_amqp(
-        redis_env: dict[str, str], tmp_path: Path) -> None:
+    redis_env: dict[str, str], tmp_path: Path
+) -> None:
     """Flower reads RabbitMQ queue lengths only from the management API; without it (as here)
     its Broker tab is empty. Ours falls back to AMQP passive declares."""
     servers.require("rabbitmq")
@@ -299,8 +380,9 @@ def test_broker_view_on_rabbitmq_counts_the_five_queues_over_amqp(
                 break
         assert [q["name"] for q in shown] == LEVELS
         assert shown == direct
-        assert all(isinstance(q["messages"], int) and isinstance(q["consumers"], int)
-                   for q in shown)
+        assert all(
+            isinstance(q["messages"], int) and isinstance(q["consumers"], int) for q in shown
+        )
         page = fl.get("/broker")
         assert page.status_code == 200
         for row in shown:

@@ -46,8 +46,9 @@ class Sender:
         self.app = app
 
     def __call__(self, task: str, level: str, *args: Any) -> None:
-        self.app.send_task(f"tests.apps.guard.{task}", args=list(args), queue=level,
-                           routing_key=level)
+        self.app.send_task(
+            f"tests.apps.guard.{task}", args=list(args), queue=level, routing_key=level
+        )
 
 
 FAST_GUARDS = {
@@ -62,27 +63,43 @@ FAST_GUARDS = {
 
 
 def test_cpu_pressure_holds_lower_levels_at_the_source_and_republishes_nothing(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-        make_app: Any) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
+) -> None:
     send = Sender(make_app("cpuproducer"))
     hold_s, release_s = 15.0, 5.0
-    env = {**redis_env, **FAST_GUARDS,
-           "TASKYARD_GUARD__CPU_MAX_HOLD_S": str(hold_s),
-           "TASKYARD_GUARD__CPU_RELEASE_S": str(release_s)}
-    with celery_worker("tests.apps.guard", QUEUES, env, tmp_path, concurrency=2,
-                       name="cpuguard") as worker:
-        wait_until(lambda: (_beat(redis_client, "cpuguard@") or {}).get("state") is not None,
-                   15, message="a heartbeat")
+    env = {
+        **redis_env,
+        **FAST_GUARDS,
+        "TASKYARD_GUARD__CPU_MAX_HOLD_S": str(hold_s),
+        "TASKYARD_GUARD__CPU_RELEASE_S": str(release_s),
+    }
+    with celery_worker(
+        "tests.apps.guard", QUEUES, env, tmp_path, concurrency=2, name="cpuguard"
+    ) as worker:
+        wait_until(
+            lambda: (_beat(redis_client, "cpuguard@") or {}).get("state") is not None,
+            15,
+            message="a heartbeat",
+        )
         with busy_loops(2):
-            wait_until(lambda: set((_beat(redis_client, "cpuguard@") or {})
-                                   .get("paused_reasons") or {}) == {"normal", "low", "batch"},
-                       20, 0.1, "normal, low and batch held for CPU")
+            wait_until(
+                lambda: (
+                    set((_beat(redis_client, "cpuguard@") or {}).get("paused_reasons") or {})
+                    == {"normal", "low", "batch"}
+                ),
+                20,
+                0.1,
+                "normal, low and batch held for CPU",
+            )
             # The hold began at most a heartbeat before this; it lasts hold_s.
             paused_at = time.time() - 1.0
             loaded = _beat(redis_client, "cpuguard@")
             assert loaded is not None
-            assert loaded["paused_reasons"] == {"normal": "cpu-critical", "low": "cpu",
-                                                "batch": "cpu"}
+            assert loaded["paused_reasons"] == {
+                "normal": "cpu-critical",
+                "low": "cpu",
+                "batch": "cpu",
+            }
             assert loaded["cpu_pct"] > 90
             sent_at = time.time()
             for i in range(10):
@@ -97,13 +114,18 @@ def test_cpu_pressure_holds_lower_levels_at_the_source_and_republishes_nothing(
             def labels(prefix: str) -> list[str]:
                 return [r["label"] for r in _runs(redis_client) if r["label"].startswith(prefix)]
 
-            wait_until(lambda: len(labels("critical-")) == 10 and len(labels("high-")) == 5, 30,
-                       0.1, "critical and high work under CPU pressure")
+            wait_until(
+                lambda: len(labels("critical-")) == 10 and len(labels("high-")) == 5,
+                30,
+                0.1,
+                "critical and high work under CPU pressure",
+            )
             critical_done = max(r["at"] for r in _runs(redis_client))
             # The neighbour never stops here: the held levels get through in the hold's release
             # window (a duty cycle), not when the machine becomes quiet, and nothing is deferred.
-            wait_until(lambda: len(_runs(redis_client)) == 35, 60, 0.1,
-                       "held work in a release window")
+            wait_until(
+                lambda: len(_runs(redis_client)) == 35, 60, 0.1, "held work in a release window"
+            )
             runs = _runs(redis_client)
             final = _beat(redis_client, "cpuguard@")
         counts = collections.Counter(r["label"] for r in runs)
@@ -111,29 +133,41 @@ def test_cpu_pressure_holds_lower_levels_at_the_source_and_republishes_nothing(
         assert all(r["deferrals"] == 0 for r in runs)
         held = [r for r in runs if r["label"].startswith(("low-", "batch-", "normal-"))]
         early = [r for r in held if r["at"] < paused_at + hold_s]
-        assert not early, (f"held work ran before the hold's release "
-                           f"(paused at {paused_at:.1f}): {early}")
+        assert not early, (
+            f"held work ran before the hold's release (paused at {paused_at:.1f}): {early}"
+        )
         assert critical_done < paused_at + hold_s
         assert final is not None and final["deferred"] == 0
         assert final["deferred_by_reason"] == {"memory": 0, "requires_memory": 0}
         log = worker.output()
         assert "paused queues normal,low,batch" in log or "paused queues low,batch" in log
         assert " deferred (" not in log
-        print(f"critical+high done {critical_done - sent_at:.2f} s after sending; held work ran "
-              f"{min(r['at'] for r in held) - paused_at:.1f}-"
-              f"{max(r['at'] for r in held) - paused_at:.1f} s after the pause")
+        print(
+            f"critical+high done {critical_done - sent_at:.2f} s after sending; held work ran "
+            f"{min(r['at'] for r in held) - paused_at:.1f}-"
+            f"{max(r['at'] for r in held) - paused_at:.1f} s after the pause"
+        )
 
 
-def _burn_share(redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-                send: Sender, nice: int) -> tuple[float, list[int]]:
+def _burn_share(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, send: Sender, nice: int
+) -> tuple[float, list[int]]:
     """The busy loops' share of the CPU while a batch worker (-c 2) burns CPU beside them."""
-    env = {**redis_env, **FAST_GUARDS, "TASKYARD_GUARD__POOL_NICE": str(nice),
-           # Not paused for CPU here: what is measured is how the kernel shares the cores.
-           "TASKYARD_GUARD__CPU_PAUSE_LEVELS": "[]",
-           "TASKYARD_GUARD__CPU_CRITICAL_PAUSE_LEVELS": "[]"}
+    env = {
+        **redis_env,
+        **FAST_GUARDS,
+        "TASKYARD_GUARD__POOL_NICE": str(nice),
+        # Not paused for CPU here: what is measured is how the kernel shares the cores.
+        "TASKYARD_GUARD__CPU_PAUSE_LEVELS": "[]",
+        "TASKYARD_GUARD__CPU_CRITICAL_PAUSE_LEVELS": "[]",
+    }
     redis_client.delete(RUNS_KEY)
-    with celery_worker("tests.apps.guard", "batch", env, tmp_path, concurrency=2,
-                       name=f"nice{nice}") as worker, busy_loops(2) as loops:
+    with (
+        celery_worker(
+            "tests.apps.guard", "batch", env, tmp_path, concurrency=2, name=f"nice{nice}"
+        ) as worker,
+        busy_loops(2) as loops,
+    ):
         for i in range(2):
             send("burn", "batch", i, 8.0)
         time.sleep(2.0)  # both burn tasks running
@@ -147,27 +181,32 @@ def _burn_share(redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: 
 
 
 def test_low_and_batch_pools_run_niced_so_the_other_program_keeps_the_cpu(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-        make_app: Any) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
+) -> None:
     send = Sender(make_app("niceproducer"))
     share_niced, nices = _burn_share(redis_client, redis_env, tmp_path, send, 10)
     assert nices == [10, 10]
     share_plain, nices = _burn_share(redis_client, redis_env, tmp_path, send, 0)
     assert nices == [0, 0]
-    print(f"other program's CPU share: {share_niced:.1%} with pool_nice=10, "
-          f"{share_plain:.1%} without")
+    print(
+        f"other program's CPU share: {share_niced:.1%} with pool_nice=10, {share_plain:.1%} without"
+    )
     # CFS gives a nice-10 process about a tenth of a nice-0 one's weight.
     assert share_niced > 0.75 and share_niced > share_plain + 0.15
 
 
 def test_deferred_task_shows_as_deferred_not_started(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-        make_app: Any) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
+) -> None:
     from celery.events.state import State
 
     producer = make_app("evproducer")
-    env = {**redis_env, **FAST_GUARDS, "TASKYARD_GUARD__DEFER_COUNTDOWN_S": "0.5",
-           "TASKYARD_GUARD__DEFER_JITTER_S": "0.1"}
+    env = {
+        **redis_env,
+        **FAST_GUARDS,
+        "TASKYARD_GUARD__DEFER_COUNTDOWN_S": "0.5",
+        "TASKYARD_GUARD__DEFER_JITTER_S": "0.1",
+    }
     state = State()
     events: list[dict[str, Any]] = []
     ready = threading.Event()
@@ -196,21 +235,30 @@ def test_deferred_task_shows_as_deferred_not_started(
     assert ready.wait(10)
     time.sleep(0.5)
     with celery_worker("tests.apps.guard", "low", env, tmp_path, concurrency=1, name="ev"):
-        result = producer.send_task("tests.apps.guard.needs_a_petabyte", queue="low",
-                                    routing_key="low")
+        result = producer.send_task(
+            "tests.apps.guard.needs_a_petabyte", queue="low", routing_key="low"
+        )
         task_id = result.id
 
         def deferred_events() -> list[dict[str, Any]]:
-            return [e for e in events if e.get("type") == "task-deferred"
-                    and e.get("uuid") == task_id]
+            return [
+                e for e in events if e.get("type") == "task-deferred" and e.get("uuid") == task_id
+            ]
 
         wait_until(lambda: len(deferred_events()) >= 2, 20, 0.1, "two task-deferred events")
-        wait_until(lambda: any(e.get("type") == "task-started" and e.get("uuid") == task_id
-                               for e in events), 5, 0.1, "task-started")
+        wait_until(
+            lambda: any(
+                e.get("type") == "task-started" and e.get("uuid") == task_id for e in events
+            ),
+            5,
+            0.1,
+            "task-started",
+        )
         time.sleep(0.5)  # the worker's buffered events of the latest delivery
         task = state.tasks[task_id]
-        assert task.state == "DEFERRED", [(e["type"], e.get("timestamp")) for e in events
-                                          if e.get("uuid") == task_id]
+        assert task.state == "DEFERRED", [
+            (e["type"], e.get("timestamp")) for e in events if e.get("uuid") == task_id
+        ]
         first, second = deferred_events()[:2]
         assert first["kind"] == "requires_memory" and first["reason"].startswith("needs ")
         assert (first["deferrals"], second["deferrals"]) == (1, 2)

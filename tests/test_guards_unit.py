@@ -49,6 +49,7 @@ def reading(memory: float = 10.0, cpu: float = 5.0, available_mb: float = 8000.0
 
 # --- policy -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def policy() -> Policy:
     return Policy(GuardSettings())
@@ -77,8 +78,12 @@ def test_high_waits_only_at_memory_critical(policy: Policy) -> None:
 
 
 def test_critical_always_runs_even_when_short_of_memory(policy: Policy) -> None:
-    assert policy.check("critical", reading(memory=99.9, cpu=100.0, available_mb=1.0),
-                        requires_memory_mb=4096) is None
+    assert (
+        policy.check(
+            "critical", reading(memory=99.9, cpu=100.0, available_mb=1.0), requires_memory_mb=4096
+        )
+        is None
+    )
 
 
 def test_requires_memory_waits_until_available(policy: Policy) -> None:
@@ -95,9 +100,15 @@ def test_pressure_levels(policy: Policy) -> None:
 
 
 def test_level_policy_is_overridable() -> None:
-    settings = GuardSettings(level_policy={"critical": "never", "high": "warning",
-                                           "normal": "critical", "low": "memory_warning",
-                                           "batch": "never"})
+    settings = GuardSettings(
+        level_policy={
+            "critical": "never",
+            "high": "warning",
+            "normal": "critical",
+            "low": "memory_warning",
+            "batch": "never",
+        }
+    )
     policy = Policy(settings)
     assert policy.check("high", reading(memory=85)) is not None
     assert policy.check("high", reading(cpu=99)) is None
@@ -141,6 +152,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- hysteresis and the valve -------------------------------------------------------------
 
+
 def test_band_pauses_above_and_resumes_only_below_the_lower_threshold() -> None:
     band = Band(80, 70)
     assert band.update(79) is False
@@ -180,16 +192,22 @@ def valve_of(queues: list[str], clock: Clock | None = None, **settings: Any) -> 
 
 
 def test_valve_pauses_only_pausable_queues_and_never_critical(
-        caplog: pytest.LogCaptureFixture) -> None:
-    valve = valve_of(["critical", "high", "low", "batch"],
-                     pausable_levels=["low", "batch", "critical"])
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    valve = valve_of(
+        ["critical", "high", "low", "batch"], pausable_levels=["low", "batch", "critical"]
+    )
     consumer = FakeConsumer()
     with caplog.at_level("WARNING", logger="taskyard.guards"):
         valve.tick(consumer, reading(memory=85))
         valve.tick(consumer, reading(memory=75))
         valve.tick(consumer, reading(memory=60))
-    assert consumer.calls == [("cancel", "low"), ("cancel", "batch"), ("add", "low"),
-                              ("add", "batch")]
+    assert consumer.calls == [
+        ("cancel", "low"),
+        ("cancel", "batch"),
+        ("add", "low"),
+        ("add", "batch"),
+    ]
     assert valve.paused == [] and valve.transitions == 2
     messages = [r.getMessage() for r in caplog.records]
     assert any("paused queues low,batch (memory 85.0%" in m for m in messages)
@@ -205,9 +223,12 @@ def test_valve_skips_queues_the_worker_does_not_consume() -> None:
 
 def test_cpu_warning_pauses_low_and_batch_critical_adds_normal_never_high() -> None:
     clock = Clock()
-    valve = valve_of(["critical", "high", "normal", "low", "batch"], clock,
-                     cpu_pause_levels=["low", "batch", "high"],
-                     cpu_critical_pause_levels=["normal", "critical"])
+    valve = valve_of(
+        ["critical", "high", "normal", "low", "batch"],
+        clock,
+        cpu_pause_levels=["low", "batch", "high"],
+        cpu_critical_pause_levels=["normal", "critical"],
+    )
     consumer = FakeConsumer()
     valve.tick(consumer, reading(cpu=85))
     assert valve.reasons == {"low": "cpu", "batch": "cpu"}
@@ -275,6 +296,7 @@ def test_resumed_queue_is_put_back_in_priority_order() -> None:
 
 # --- cgroup parsing on sample files --------------------------------------------------------
 
+
 def test_parse_cgroup_files() -> None:
     assert parse_memory_max("max\n") is None
     assert parse_memory_max("1073741824\n") == 1073741824
@@ -331,6 +353,7 @@ def test_probe_uses_the_host_without_a_binding_limit() -> None:
 
 
 # --- sampler -------------------------------------------------------------------------------
+
 
 class ScriptedProbe(Probe):
     """Cumulative CPU counters that advance as the test says."""
@@ -395,19 +418,24 @@ def test_real_probe_gives_plausible_readings() -> None:
 
 # --- deferral through a real Redis broker ---------------------------------------------------
 
+
 def _queued(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
     """Messages published to ``queue``: its list, and (taskyard's Redis transport holds a
     countdown in Redis) its delayed set, whose members are ``"<step>:<message JSON>"``."""
     ready = [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
-    delayed = [json.loads(raw.split(b":", 1)[1])
-               for raw in client.zrange(f"taskyard:delayed:{queue}", 0, -1)]
+    delayed = [
+        json.loads(raw.split(b":", 1)[1])
+        for raw in client.zrange(f"taskyard:delayed:{queue}", 0, -1)
+    ]
     return ready + delayed
 
 
 @pytest.fixture
 def guarded(make_app: Any) -> Any:
-    app = make_app("guardunit", guard={"defer_countdown_s": 1.0, "defer_jitter_s": 0.5,
-                                       "max_defer_age_s": 60.0})
+    app = make_app(
+        "guardunit",
+        guard={"defer_countdown_s": 1.0, "defer_jitter_s": 0.5, "max_defer_age_s": 60.0},
+    )
 
     @app.task(name="unit.low", bind=True)
     def low_task(self: Any, x: int, y: int = 0) -> int:
@@ -420,7 +448,8 @@ def guarded(make_app: Any) -> Any:
 
 
 def test_deferral_republishes_same_id_args_level_and_counts(
-        guarded: Any, redis_client: redis.Redis) -> None:
+    guarded: Any, redis_client: redis.Redis
+) -> None:
     from taskyard.signals import task_deferred
 
     _, task, guard = guarded
@@ -431,8 +460,12 @@ def test_deferral_republishes_same_id_args_level_and_counts(
 
     task_deferred.connect(receiver, weak=False)
     try:
-        task.push_request(id="abc-1", args=[1], kwargs={"y": 2},
-                          delivery_info={"routing_key": "low", "exchange": "taskyard"})
+        task.push_request(
+            id="abc-1",
+            args=[1],
+            kwargs={"y": 2},
+            delivery_info={"routing_key": "low", "exchange": "taskyard"},
+        )
         try:
             with pytest.raises(Ignore):
                 task.before_start("abc-1", [1], {"y": 2})
@@ -449,16 +482,29 @@ def test_deferral_republishes_same_id_args_level_and_counts(
     body = json.loads(__import__("base64").b64decode(message["body"]))
     assert body[0] == [1] and body[1] == {"y": 2}
     assert guard.counters.get(DEFERRED) == 1
-    assert seen == [{"sender": "unit.low", "task_id": "abc-1", "level": "low",
-                     "reason": "memory 95.0% above 80%", "deferrals": 1, "kind": "memory",
-                     "signal": task_deferred}]
+    assert seen == [
+        {
+            "sender": "unit.low",
+            "task_id": "abc-1",
+            "level": "low",
+            "reason": "memory 95.0% above 80%",
+            "deferrals": 1,
+            "kind": "memory",
+            "signal": task_deferred,
+        }
+    ]
     assert guard.counters.by_reason() == {"memory": 1, "requires_memory": 0}
 
 
 def test_per_call_level_is_kept_on_deferral(guarded: Any, redis_client: redis.Redis) -> None:
     _, task, _ = guarded
-    task.push_request(id="abc-2", args=[1], kwargs={}, delivery_info={"routing_key": "batch"},
-                      **{HEADER_DEFERRALS: 3, HEADER_SINCE: time.time() - 5})
+    task.push_request(
+        id="abc-2",
+        args=[1],
+        kwargs={},
+        delivery_info={"routing_key": "batch"},
+        **{HEADER_DEFERRALS: 3, HEADER_SINCE: time.time() - 5},
+    )
     try:
         with pytest.raises(Ignore):
             task.before_start("abc-2", [1], {})
@@ -469,11 +515,17 @@ def test_per_call_level_is_kept_on_deferral(guarded: Any, redis_client: redis.Re
     assert redis_client.llen("low") == 0
 
 
-def test_overdue_task_runs_and_is_counted(guarded: Any, redis_client: redis.Redis,
-                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_overdue_task_runs_and_is_counted(
+    guarded: Any, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
     _, task, guard = guarded
-    task.push_request(id="abc-3", args=[1], kwargs={}, delivery_info={"routing_key": "low"},
-                      **{HEADER_DEFERRALS: 7, HEADER_SINCE: time.time() - 120})
+    task.push_request(
+        id="abc-3",
+        args=[1],
+        kwargs={},
+        delivery_info={"routing_key": "low"},
+        **{HEADER_DEFERRALS: 7, HEADER_SINCE: time.time() - 120},
+    )
     try:
         with caplog.at_level("WARNING", logger="taskyard.guards"):
             task.before_start("abc-3", [1], {})  # no Ignore: it runs
@@ -484,8 +536,9 @@ def test_overdue_task_runs_and_is_counted(guarded: Any, redis_client: redis.Redi
     assert any("overdue: deferred 7 times" in r.getMessage() for r in caplog.records)
 
 
-def test_admitted_and_critical_tasks_are_not_deferred(guarded: Any,
-                                                      redis_client: redis.Redis) -> None:
+def test_admitted_and_critical_tasks_are_not_deferred(
+    guarded: Any, redis_client: redis.Redis
+) -> None:
     _, task, guard = guarded
     task.push_request(id="abc-4", args=[1], kwargs={}, delivery_info={"routing_key": "critical"})
     try:
@@ -527,11 +580,18 @@ def test_requires_memory_defers_until_available(make_app: Any, redis_client: red
 
 def test_countdown_must_stay_below_the_visibility_timeout(make_app: Any) -> None:
     with pytest.raises(ConfigurationError, match="visibility timeout"):
-        make_app("guardbad", visibility_timeout_s=100.0, reservation_lease_s=0,
-                 guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0})
+        make_app(
+            "guardbad",
+            visibility_timeout_s=100.0,
+            reservation_lease_s=0,
+            guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0},
+        )
     # Leased reservations (the default) renew held countdown messages: no bound applies.
-    make_app("guardlease", visibility_timeout_s=100.0,
-             guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0})
+    make_app(
+        "guardlease",
+        visibility_timeout_s=100.0,
+        guard={"defer_countdown_s": 60.0, "defer_jitter_s": 1.0},
+    )
 
 
 def test_guards_disabled_admit_everything(make_app: Any, redis_client: redis.Redis) -> None:
@@ -553,6 +613,7 @@ def test_guards_disabled_admit_everything(make_app: Any, redis_client: redis.Red
 
 
 # --- counters, accounting, heartbeat --------------------------------------------------------
+
 
 def test_shared_counters_add_up_across_a_fork() -> None:
     import os
@@ -615,8 +676,20 @@ def test_heartbeat_record_in_redis(make_app: Any, redis_client: redis.Redis) -> 
     data = guard.heartbeat.publish()
     stored = json.loads(redis_client.get("taskyard:worker:unit@host"))
     assert stored == data
-    for field in ("hostname", "pid", "at", "queues", "paused_queues", "memory_pct", "cpu_pct",
-                  "memory_source", "memory_available_mb", "state", "deferred", "overdue"):
+    for field in (
+        "hostname",
+        "pid",
+        "at",
+        "queues",
+        "paused_queues",
+        "memory_pct",
+        "cpu_pct",
+        "memory_source",
+        "memory_available_mb",
+        "state",
+        "deferred",
+        "overdue",
+    ):
         assert field in stored
     assert stored["state"] == "warning" and stored["memory_pct"] == 85.0
     assert stored["queues"] == ["critical", "low"] and stored["paused_queues"] == []
@@ -628,7 +701,8 @@ def test_heartbeat_record_in_redis(make_app: Any, redis_client: redis.Redis) -> 
 
 
 def test_deferral_falls_back_to_requeue_when_publishing_fails(
-        guarded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    guarded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from celery.canvas import Signature
     from celery.exceptions import Reject
 
@@ -710,6 +784,7 @@ def test_cpu_pressure_leaves_out_the_workers_own_processes() -> None:
 
 # --- CPU by scheduling: backoff, per-reason counts, pool priority ----------------------------
 
+
 def test_deferral_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
     from taskyard.workers.guards import Deferrer
 
@@ -723,17 +798,26 @@ def test_deferral_backs_off_exponentially_with_jitter_up_to_the_cap() -> None:
 
 
 def test_default_backoff_cap_follows_a_short_visibility_timeout(make_app: Any) -> None:
-    app = make_app("guardshortvt", visibility_timeout_s=3.0, reservation_lease_s=0,
-                   guard={"defer_countdown_s": 0.5, "defer_jitter_s": 0.2})
+    app = make_app(
+        "guardshortvt",
+        visibility_timeout_s=3.0,
+        reservation_lease_s=0,
+        guard={"defer_countdown_s": 0.5, "defer_jitter_s": 0.2},
+    )
     guard = guard_of(app)
     assert guard is not None and guard.deferrer.max_countdown_s == pytest.approx(1.35)
     with pytest.raises(ConfigurationError, match="DEFER_MAX_COUNTDOWN_S = 30 s"):
-        make_app("guardbadcap", visibility_timeout_s=40.0, reservation_lease_s=0,
-                 guard={"defer_max_countdown_s": 30})
+        make_app(
+            "guardbadcap",
+            visibility_timeout_s=40.0,
+            reservation_lease_s=0,
+            guard={"defer_max_countdown_s": 30},
+        )
 
 
 def test_requires_memory_deferrals_are_counted_under_their_own_reason(
-        make_app: Any, redis_client: redis.Redis) -> None:
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     from taskyard import priority_task
 
     app = make_app("guardreasons")
@@ -770,10 +854,13 @@ class FakeWorker:
         self.app = app
 
 
-@pytest.mark.parametrize(("queues", "nice"), [(["low", "batch"], 10), (["batch"], 10),
-                                              (["normal", "low"], 0), (["critical"], 0)])
+@pytest.mark.parametrize(
+    ("queues", "nice"),
+    [(["low", "batch"], 10), (["batch"], 10), (["normal", "low"], 0), (["critical"], 0)],
+)
 def test_only_low_and_batch_workers_run_their_pool_at_lower_priority(
-        make_app: Any, queues: list[str], nice: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_app: Any, queues: list[str], nice: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from taskyard.workers.guards import guard as guard_module
 
     lowered: list[int] = []
@@ -793,7 +880,8 @@ def test_only_low_and_batch_workers_run_their_pool_at_lower_priority(
 
 
 def test_autogroup_is_left_alone_when_the_process_does_not_lead_its_session(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
 
     from taskyard.workers.guards import guard as guard_module

@@ -54,13 +54,14 @@ class Sender:
         self.app = app
 
     def __call__(self, task: str, level: str, *args: Any) -> None:
-        self.app.send_task(f"tests.apps.guard.{task}", args=list(args), queue=level,
-                           routing_key=level)
+        self.app.send_task(
+            f"tests.apps.guard.{task}", args=list(args), queue=level, routing_key=level
+        )
 
 
 def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-        make_app: Any) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
+) -> None:
     send = Sender(make_app("guardproducer"))
 
     # The worker's own view (cgroup or host), so the thresholds match what it will read.
@@ -89,8 +90,10 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
         "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.3",
     }
     hostname_prefix = "guardhog@"
-    with celery_worker("tests.apps.guard", QUEUES, env, tmp_path, concurrency=3,
-                       name="guardhog") as worker:
+    with celery_worker(
+        "tests.apps.guard", QUEUES, env, tmp_path, concurrency=3, name="guardhog"
+    ) as worker:
+
         def beat() -> dict[str, Any] | None:
             names = [m.decode() for m in redis_client.zrange("taskyard:workers", 0, -1)]
             mine = [n for n in names if n.startswith(hostname_prefix)]
@@ -103,8 +106,11 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
 
         send("hog", "high", hog_mb, 8.0)
         wait_until(lambda: "holding" in _hog_events(redis_client), 20, message="hog holding")
-        wait_until(lambda: (beat() or {}).get("paused_queues") == ["batch"], 10,
-                   message="batch queue paused")
+        wait_until(
+            lambda: (beat() or {}).get("paused_queues") == ["batch"],
+            10,
+            message="batch queue paused",
+        )
         loaded = beat()
         assert loaded is not None and loaded["state"] == "warning"
         assert loaded["memory_pct"] > warning
@@ -123,8 +129,11 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
         assert "released" not in _hog_events(redis_client), "critical work waited for the hog"
         wait_until(lambda: (beat() or {}).get("deferred", 0) >= 1, 10, message="deferrals")
 
-        wait_until(lambda: len(labels("low-")) == 20 and len(labels("batch-")) == 5, 60,
-                   message="all low and batch tasks")
+        wait_until(
+            lambda: len(labels("low-")) == 20 and len(labels("batch-")) == 5,
+            60,
+            message="all low and batch tasks",
+        )
         released = _hog_events(redis_client)["releasing"]
         runs = _runs(redis_client)
         counts = collections.Counter(r["label"] for r in runs)
@@ -151,40 +160,57 @@ def test_memory_hog_defers_low_pauses_batch_and_nothing_is_lost(
 
 
 def test_limits_stop_tasks_and_replace_the_child(
-        redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path,
-        make_app: Any) -> None:
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
+) -> None:
     send = Sender(make_app("guardproducer"))
 
     # Admission off: limits, accounting and the heartbeat work without it.
-    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
-           "TASKYARD_GUARD__SAMPLE_INTERVAL_S": "0.1",
-           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5",
-           "TASKYARD_GUARD__ACCOUNTING_FLUSH_INTERVAL_S": "0.1"}
-    with celery_worker("tests.apps.guard", QUEUES, env, tmp_path, concurrency=1,
-                       name="guardlimit") as worker:
-        wait_until(lambda: _heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
-                   is not None, 10, message="heartbeat")
+    env = {
+        **redis_env,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_GUARD__SAMPLE_INTERVAL_S": "0.1",
+        "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5",
+        "TASKYARD_GUARD__ACCOUNTING_FLUSH_INTERVAL_S": "0.1",
+    }
+    with celery_worker(
+        "tests.apps.guard", QUEUES, env, tmp_path, concurrency=1, name="guardlimit"
+    ) as worker:
+        wait_until(
+            lambda: _heartbeat(redis_client, _hostname(redis_client, "guardlimit@")) is not None,
+            10,
+            message="heartbeat",
+        )
         beat = _heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
         assert beat is not None and beat["guards_enabled"] is False
         assert beat["paused_queues"] == [] and beat["pid"] == worker.pid
         wait_until(lambda: bool(worker.children()), 10, message="pool child")
         first_child = worker.children()
         send("grow_past_limit", "normal", 300)
-        wait_until(lambda: "TaskMemoryLimitExceeded" in worker.output(), 20,
-                   message="memory limit failure")
-        wait_until(lambda: bool(worker.children()) and worker.children() != first_child, 20,
-                   message="child replaced")
+        wait_until(
+            lambda: "TaskMemoryLimitExceeded" in worker.output(), 20, message="memory limit failure"
+        )
+        wait_until(
+            lambda: bool(worker.children()) and worker.children() != first_child,
+            20,
+            message="child replaced",
+        )
         send("spin", "normal", 10.0)
-        wait_until(lambda: "TaskCpuLimitExceeded" in worker.output(), 20,
-                   message="cpu limit failure")
+        wait_until(
+            lambda: "TaskCpuLimitExceeded" in worker.output(), 20, message="cpu limit failure"
+        )
         send("noop", "normal")
 
         def resources() -> dict[str, Any]:
-            return {k.decode(): json.loads(v)
-                    for k, v in redis_client.hgetall("taskyard:resources").items()}
+            return {
+                k.decode(): json.loads(v)
+                for k, v in redis_client.hgetall("taskyard:resources").items()
+            }
 
-        wait_until(lambda: resources().get("tests.apps.guard.noop", {}).get("runs") == 1, 20,
-                   message="noop after the limits")
+        wait_until(
+            lambda: resources().get("tests.apps.guard.noop", {}).get("runs") == 1,
+            20,
+            message="noop after the limits",
+        )
         data = resources()
         grow = data["tests.apps.guard.grow_past_limit"]
         assert grow["memory_limit_exceeded"] == 1 and grow["rss_growth_max_mb"] > 100
@@ -193,9 +219,18 @@ def test_limits_stop_tasks_and_replace_the_child(
         log = worker.output()
         assert "used 3" in log and "over its limit of 100 MB" in log
         assert "over its limit of 0.50 s" in log
-        wait_until(lambda: (_heartbeat(redis_client, _hostname(redis_client, "guardlimit@"))
-                            or {}).get("limit_exceeded") == 2, 10, message="limits counted")
+        wait_until(
+            lambda: (
+                (_heartbeat(redis_client, _hostname(redis_client, "guardlimit@")) or {}).get(
+                    "limit_exceeded"
+                )
+                == 2
+            ),
+            10,
+            message="limits counted",
+        )
     # A clean shutdown removes the worker's record.
     assert not redis_client.keys("taskyard:worker:guardlimit@*")
-    assert not [m for m in redis_client.zrange("taskyard:workers", 0, -1)
-                if m.startswith(b"guardlimit@")]
+    assert not [
+        m for m in redis_client.zrange("taskyard:workers", 0, -1) if m.startswith(b"guardlimit@")
+    ]

@@ -68,8 +68,9 @@ def _imports(path: Path, package_dir: Path) -> list[tuple[int, str]]:
                 found.extend((node.lineno, f"taskyard.{alias.name}") for alias in node.names)
             else:
                 found.append((node.lineno, target))
-    return [(line, name) for line, name in found
-            if name == "taskyard" or name.startswith("taskyard.")]
+    return [
+        (line, name) for line, name in found if name == "taskyard" or name.startswith("taskyard.")
+    ]
 
 
 def _edges(package: Path) -> list[tuple[str, int, str, str]]:
@@ -95,9 +96,11 @@ def _wrong(source: str, target: str) -> bool:
 
 def back_edges(package: Path = PACKAGE) -> list[str]:
     """Every import that runs against the design's direction, as ``file:line: a -> b``."""
-    return [f"{where}:{line}: {source} -> {target}"
-            for where, line, source, target in _edges(package)
-            if source != target and _wrong(source, target)]
+    return [
+        f"{where}:{line}: {source} -> {target}"
+        for where, line, source, target in _edges(package)
+        if source != target and _wrong(source, target)
+    ]
 
 
 def test_imports_run_one_way() -> None:
@@ -111,7 +114,10 @@ def test_the_check_sees_a_back_edge(tmp_path: Path) -> None:
     (fake / "__init__.py").write_text("")
     (fake / "batching" / "__init__.py").write_text("")
     (fake / "batching" / "x.py").write_text(
-        "def f():\n    from taskyard.monitoring.store import StatsStore\n")
+        "def f():\n    from taskyard.monitoring.store import StatsStore\n"
+    )
     (fake / "routing.py").write_text("from . import batching\n")
-    assert back_edges(fake) == ["batching/x.py:2: batching -> monitoring",
-                                "routing.py:1: routing -> batching"]
+    assert back_edges(fake) == [
+        "batching/x.py:2: batching -> monitoring",
+        "routing.py:1: routing -> batching",
+    ]

@@ -48,15 +48,18 @@ def pg() -> Iterator[tuple[Engine, str]]:
 
 def _events(schema: str) -> MetaData:
     md = MetaData(schema=schema)
-    Table("events", md,
-          Column("id", Integer, primary_key=True),
-          Column("account", Integer, nullable=False),
-          Column("code", String(20)),
-          Column("status", String(10), nullable=False),
-          Column("created_at", DateTime, nullable=False),
-          Index("ix_events_account_created", "account", "created_at"),
-          Index("ix_events_open", "created_at", postgresql_where=text("status = 'open'")),
-          Index("ix_events_code", "code", unique=True))
+    Table(
+        "events",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("account", Integer, nullable=False),
+        Column("code", String(20)),
+        Column("status", String(10), nullable=False),
+        Column("created_at", DateTime, nullable=False),
+        Index("ix_events_account_created", "account", "created_at"),
+        Index("ix_events_open", "created_at", postgresql_where=text("status = 'open'")),
+        Index("ix_events_code", "code", unique=True),
+    )
     return md
 
 
@@ -67,30 +70,47 @@ def _create(engine: Engine, md: MetaData, *, drop: tuple[str, ...] = (), rows: i
         for name in drop:
             conn.execute(text(f"DROP INDEX {schema}.{name}"))
         if rows:
-            conn.execute(text(
-                f"INSERT INTO {schema}.events (account, code, status, created_at) "
-                "SELECT g % 1000, 'c' || g, CASE WHEN g % 10 = 0 THEN 'open' ELSE 'done' END, "
-                "now() - (g || ' seconds')::interval FROM generate_series(1, :n) g"), {"n": rows})
+            conn.execute(
+                text(
+                    f"INSERT INTO {schema}.events (account, code, status, created_at) "
+                    "SELECT g % 1000, 'c' || g, CASE WHEN g % 10 = 0 THEN 'open' ELSE 'done' END, "
+                    "now() - (g || ' seconds')::interval FROM generate_series(1, :n) g"
+                ),
+                {"n": rows},
+            )
 
 
 def _index(engine: Engine, schema: str, name: str) -> dict[str, Any] | None:
     with engine.connect() as conn:
-        row = conn.execute(text(
-            "SELECT x.indisvalid, pg_get_indexdef(x.indexrelid) AS definition FROM pg_index x "
-            "JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_namespace n ON n.oid = i.relnamespace "
-            "WHERE n.nspname = :s AND i.relname = :n"), {"s": schema, "n": name}).mappings().first()
+        row = (
+            conn.execute(
+                text(
+                    "SELECT x.indisvalid, pg_get_indexdef(x.indexrelid) AS definition "
+                    "FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+                    "JOIN pg_namespace n ON n.oid = i.relnamespace "
+                    "WHERE n.nspname = :s AND i.relname = :n"
+                ),
+                {"s": schema, "n": name},
+            )
+            .mappings()
+            .first()
+        )
     return None if row is None else dict(row)
 
 
 def _runtime(make_app: Any, tmp_path: Path, **maintenance: Any) -> Any:
-    app = make_app("maint-pg", database_url=servers.POSTGRES_URL,
-                   history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
-                   maintenance=maintenance)
+    app = make_app(
+        "maint-pg",
+        database_url=servers.POSTGRES_URL,
+        history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        maintenance=maintenance,
+    )
     return runtime_of(app)
 
 
 def test_missing_index_built_concurrently_while_writes_continue(
-        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_account_created",), rows=ROWS)
@@ -102,8 +122,12 @@ def test_missing_index_built_concurrently_while_writes_continue(
         with engine.connect() as conn:
             while not stop.is_set():
                 try:
-                    conn.execute(text(f"INSERT INTO {schema}.events (account, code, status, "
-                                      "created_at) VALUES (1, NULL, 'open', now())"))
+                    conn.execute(
+                        text(
+                            f"INSERT INTO {schema}.events (account, code, status, "
+                            "created_at) VALUES (1, NULL, 'open', now())"
+                        )
+                    )
                     writes.append(time.monotonic())
                 except Exception as exc:
                     errors.append(exc)
@@ -123,7 +147,8 @@ def test_missing_index_built_concurrently_while_writes_continue(
     assert report.status == "ok", report.errors
     create = [a for a in report.actions if a.kind == "create"]
     assert [a.statement.split(" ON ")[0] for a in create] == [
-        "CREATE INDEX CONCURRENTLY ix_events_account_created"]
+        "CREATE INDEX CONCURRENTLY ix_events_account_created"
+    ]
     assert create[0].duration_s > 0.1
     assert not errors
     during = [t for t in writes if started <= t <= finished]
@@ -138,8 +163,9 @@ def test_missing_index_built_concurrently_while_writes_continue(
     assert count == ROWS + len(writes)
 
 
-def test_invalid_indexes_are_repaired(pg: tuple[Engine, str], make_app: Any,
-                                      tmp_path: Path) -> None:
+def test_invalid_indexes_are_repaired(
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_code",), rows=1000)
@@ -147,10 +173,13 @@ def test_invalid_indexes_are_repaired(pg: tuple[Engine, str], make_app: Any,
         conn.execute(text(f"UPDATE {schema}.events SET code = 'dup' WHERE id <= 2"))
         for name in ("ix_events_code", "ix_extra_code"):  # declared, and one nobody declared
             with pytest.raises(Exception, match="could not create unique index"):
-                conn.execute(text(f"CREATE UNIQUE INDEX CONCURRENTLY {name} "
-                                  f"ON {schema}.events (code)"))
+                conn.execute(
+                    text(f"CREATE UNIQUE INDEX CONCURRENTLY {name} ON {schema}.events (code)")
+                )
     assert _index(engine, schema, "ix_events_code") == {
-        "indisvalid": False, "definition": _index(engine, schema, "ix_events_code")["definition"]}
+        "indisvalid": False,
+        "definition": _index(engine, schema, "ix_events_code")["definition"],
+    }
     runtime = _runtime(make_app, tmp_path)
     failing = run_maintenance(runtime, metadata=md)  # duplicates still there: recorded failed
     assert failing.status == "failed" and "could not create unique index" in failing.errors[0]
@@ -168,8 +197,9 @@ def test_invalid_indexes_are_repaired(pg: tuple[Engine, str], make_app: Any,
     assert [r["status"] for r in recent_runs(runtime)] == ["ok", "failed"]
 
 
-def test_index_being_built_is_never_touched(pg: tuple[Engine, str], make_app: Any,
-                                            tmp_path: Path) -> None:
+def test_index_being_built_is_never_touched(
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_code",), rows=1000)
@@ -182,8 +212,11 @@ def test_index_being_built_is_never_touched(pg: tuple[Engine, str], make_app: An
     def build() -> None:
         try:
             with engine.connect() as conn:
-                conn.execute(text(f"CREATE UNIQUE INDEX CONCURRENTLY ix_events_code "
-                                  f"ON {schema}.events (code)"))
+                conn.execute(
+                    text(
+                        f"CREATE UNIQUE INDEX CONCURRENTLY ix_events_code ON {schema}.events (code)"
+                    )
+                )
             built.append(None)
         except BaseException as exc:
             built.append(exc)
@@ -209,8 +242,9 @@ def test_index_being_built_is_never_touched(pg: tuple[Engine, str], make_app: An
     assert _index(engine, schema, "ix_events_code")["indisvalid"]  # type: ignore[index]
 
 
-def test_partial_index_and_findings_on_example_models(pg: tuple[Engine, str], make_app: Any,
-                                                      tmp_path: Path) -> None:
+def test_partial_index_and_findings_on_example_models(
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = MetaData(schema=schema)
     for table in Base.metadata.sorted_tables:
@@ -227,8 +261,11 @@ def test_partial_index_and_findings_on_example_models(pg: tuple[Engine, str], ma
     dry = run_maintenance(runtime, metadata=md, dry_run=True, echo=printed.append)
     assert dry.status == "ok" and all(a.status == "planned" for a in dry.actions)
     assert _index(engine, schema, "ix_appointments_upcoming_scheduled") is None  # unchanged
-    assert any("CREATE INDEX CONCURRENTLY ix_appointments_upcoming_scheduled" in line
-               and "WHERE status = 'scheduled'" in line for line in printed)
+    assert any(
+        "CREATE INDEX CONCURRENTLY ix_appointments_upcoming_scheduled" in line
+        and "WHERE status = 'scheduled'" in line
+        for line in printed
+    )
     assert any(line.startswith("ANALYZE") for line in printed)
 
     report = run_maintenance(runtime, metadata=md)
@@ -236,24 +273,29 @@ def test_partial_index_and_findings_on_example_models(pg: tuple[Engine, str], ma
     partial = _index(engine, schema, "ix_appointments_upcoming_scheduled")
     assert partial is not None and partial["indisvalid"]
     assert "WHERE ((status)::text = 'scheduled'::text)" in partial["definition"]
-    assert "WHERE ((status)::text = 'pending'::text)" in \
-        _index(engine, schema, "ix_evaluations_pending")["definition"]  # type: ignore[index]
+    assert (
+        "WHERE ((status)::text = 'pending'::text)"
+        in _index(engine, schema, "ix_evaluations_pending")["definition"]
+    )  # type: ignore[index]
     findings = report.findings
     dup = [d for d in findings["duplicates"] if d["table"] == "appointments"]
     assert len(dup) == 1 and dup[0]["columns"] == ["status"]
     # ix_dup_status duplicates the index that status's index=True declares.
     assert dup[0]["indexes"][0] == "ix_dup_status"
     assert dup[0]["indexes"][1].endswith("appointments_status")
-    assert any(r["index"] == "ix_users_role_only" and r["covered_by"] == "ix_users_role_is_active"
-               for r in findings["redundant"])
+    assert any(
+        r["index"] == "ix_users_role_only" and r["covered_by"] == "ix_users_role_is_active"
+        for r in findings["redundant"]
+    )
     unused = {u["index"] for u in findings["unused"]}
     assert "ix_dup_status" in unused and "users_pkey" not in unused
     assert findings["stats_age_s"] > 0
     assert isinstance(findings["bloat"], list)
 
 
-def test_two_concurrent_runs_one_works_other_skips(pg: tuple[Engine, str], make_app: Any,
-                                                    tmp_path: Path) -> None:
+def test_two_concurrent_runs_one_works_other_skips(
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_account_created",), rows=1000)
@@ -270,8 +312,9 @@ def test_two_concurrent_runs_one_works_other_skips(pg: tuple[Engine, str], make_
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with engine.connect() as conn:
-                if conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                     "AND granted")).scalar():
+                if conn.execute(
+                    text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+                ).scalar():
                     break
             time.sleep(0.02)
         second = run_maintenance(runtime, metadata=md)
@@ -290,7 +333,8 @@ def test_two_concurrent_runs_one_works_other_skips(pg: tuple[Engine, str], make_
 
 
 def test_statement_timeout_and_unreachable_are_recorded_failed(
-        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_account_created",), rows=ROWS)
@@ -303,14 +347,16 @@ def test_statement_timeout_and_unreachable_are_recorded_failed(
     fixed = run_maintenance(_runtime(make_app, tmp_path), metadata=md)
     assert fixed.status == "ok", fixed.errors
 
-    down = run_maintenance(runtime, metadata=md,
-                           url="postgresql+psycopg2://postgres@127.0.0.1:1/test")
+    down = run_maintenance(
+        runtime, metadata=md, url="postgresql+psycopg2://postgres@127.0.0.1:1/test"
+    )
     assert down.status == "failed" and "database unreachable" in (down.reason or "")
     assert [r["status"] for r in recent_runs(runtime)] == ["failed", "ok", "failed"]
 
 
 def test_bloated_index_reindexed_concurrently_when_enabled(
-        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, rows=100_000)
@@ -321,27 +367,36 @@ def test_bloated_index_reindexed_concurrently_when_enabled(
 
     def size() -> int:
         with engine.connect() as conn:
-            return int(conn.execute(text(
-                f"SELECT pg_relation_size('{schema}.ix_events_account_created')")).scalar())
+            return int(
+                conn.execute(
+                    text(f"SELECT pg_relation_size('{schema}.ix_events_account_created')")
+                ).scalar()
+            )
 
     before = size()
     observed = run_maintenance(_runtime(make_app, tmp_path), metadata=md)
     bloat = {b["index"]: b["bloat_pct"] for b in observed.findings["bloat"]}
     assert bloat["ix_events_account_created"] > 50
     assert not [a for a in observed.actions if a.kind == "reindex"]  # reindex is off by default
-    report = run_maintenance(_runtime(make_app, tmp_path, reindex=True, reindex_min_mb=0.1,
-                                      reindex_bloat_pct=50), metadata=md)
+    report = run_maintenance(
+        _runtime(make_app, tmp_path, reindex=True, reindex_min_mb=0.1, reindex_bloat_pct=50),
+        metadata=md,
+    )
     assert report.status == "ok", report.errors
     reindexed = {a.target.split(".")[-1] for a in report.actions if a.kind == "reindex"}
     assert "ix_events_account_created" in reindexed
-    assert all(a.statement.startswith("REINDEX INDEX CONCURRENTLY") for a in report.actions
-               if a.kind == "reindex")
+    assert all(
+        a.statement.startswith("REINDEX INDEX CONCURRENTLY")
+        for a in report.actions
+        if a.kind == "reindex"
+    )
     assert size() < before / 3
     assert _index(engine, schema, "ix_events_account_created")["indisvalid"]  # type: ignore[index]
 
 
 def test_failed_create_never_drops_an_existing_index_of_that_name(
-        pg: tuple[Engine, str], make_app: Any, tmp_path: Path) -> None:
+    pg: tuple[Engine, str], make_app: Any, tmp_path: Path
+) -> None:
     engine, schema = pg
     md = _events(schema)
     _create(engine, md, drop=("ix_events_account_created",), rows=100)

@@ -25,8 +25,12 @@ def _setup(tmp_path: Path, make_app: Any, **overrides: Any) -> tuple[Any, str]:
             conn.execute(text(f'DROP INDEX "{name}"'))
     engine.dispose()
     overrides.setdefault("maintenance", {"metadata": "examples.bdc.models:Base.metadata"})
-    app = make_app("maint-sqlite", database_url=url,
-                   history_database_url=f"sqlite:///{tmp_path / 'history.db'}", **overrides)
+    app = make_app(
+        "maint-sqlite",
+        database_url=url,
+        history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        **overrides,
+    )
     return runtime_of(app), url
 
 
@@ -67,14 +71,23 @@ def test_dry_run_changes_nothing(tmp_path: Path, make_app: Any) -> None:
     report = run_maintenance(runtime, dry_run=True, echo=printed.append)
     assert _indexes(url) == before
     assert report.dry_run and all(a.status == "planned" for a in report.actions)
-    assert any(line.startswith("CREATE INDEX ix_appointments_upcoming_scheduled")
-               and "WHERE status = 'scheduled'" in line for line in printed)
+    assert any(
+        line.startswith("CREATE INDEX ix_appointments_upcoming_scheduled")
+        and "WHERE status = 'scheduled'" in line
+        for line in printed
+    )
     assert recent_runs(runtime)[0]["dry_run"] is True
 
 
 def test_unknown_metadata_path_names_the_setting(tmp_path: Path, make_app: Any) -> None:
-    for i, path in enumerate(["examples.bdc.nothing:Base.metadata", "examples.bdc.models:Nope",
-                              "examples.bdc.models", "examples.bdc.models:Base"]):
+    for i, path in enumerate(
+        [
+            "examples.bdc.nothing:Base.metadata",
+            "examples.bdc.models:Nope",
+            "examples.bdc.models",
+            "examples.bdc.models:Base",
+        ]
+    ):
         (tmp_path / str(i)).mkdir()
         runtime, _ = _setup(tmp_path / str(i), make_app, maintenance={"metadata": path})
         with pytest.raises(ConfigurationError) as info:
@@ -84,9 +97,12 @@ def test_unknown_metadata_path_names_the_setting(tmp_path: Path, make_app: Any) 
 
 
 def test_unreachable_database_is_recorded_failed(tmp_path: Path, make_app: Any) -> None:
-    app = make_app("maint-sqlite", database_url=f"sqlite:///{tmp_path}/missing/dir/app.db",
-                   history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
-                   maintenance={"metadata": "examples.bdc.models:Base.metadata"})
+    app = make_app(
+        "maint-sqlite",
+        database_url=f"sqlite:///{tmp_path}/missing/dir/app.db",
+        history_database_url=f"sqlite:///{tmp_path / 'history.db'}",
+        maintenance={"metadata": "examples.bdc.models:Base.metadata"},
+    )
     report = run_maintenance(runtime_of(app))
     assert report.status == "failed"
     assert "unable to open database file" in (report.reason or "")

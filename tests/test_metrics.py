@@ -46,16 +46,24 @@ def scrape(client: TestClient) -> dict[str, Any]:
 
 
 def value(families: dict[str, Any], sample_name: str, **labels: str) -> float:
-    family = families[sample_name.removesuffix("_total").removesuffix("_bucket")
-                      .removesuffix("_count").removesuffix("_sum")]
-    matches = [s.value for s in family.samples
-               if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())]
+    family = families[
+        sample_name.removesuffix("_total")
+        .removesuffix("_bucket")
+        .removesuffix("_count")
+        .removesuffix("_sum")
+    ]
+    matches = [
+        s.value
+        for s in family.samples
+        if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matches) == 1, (sample_name, labels, family.samples)
     return float(matches[0])
 
 
-def test_metrics_parse_with_conventional_names_and_values(tmp_path: Path,
-                                                         redis_client: redis.Redis) -> None:
+def test_metrics_parse_with_conventional_names_and_values(
+    tmp_path: Path, redis_client: redis.Redis
+) -> None:
     settings: Settings = api_settings(tmp_path)
     seed(settings, redis_client)
     with TestClient(create_api(settings)) as client:
@@ -68,22 +76,60 @@ def test_metrics_parse_with_conventional_names_and_values(tmp_path: Path,
 
     assert value(families, "celery_queue_length", queue_name="normal") == 4
     assert value(families, "celery_queue_length", queue_name="critical") == 0
-    assert value(families, "celery_task_succeeded_total", name="app.add",
-                 queue_name="normal") == 3
+    assert value(families, "celery_task_succeeded_total", name="app.add", queue_name="normal") == 3
     assert value(families, "celery_task_failed_total", name="app.fail", queue_name="high") == 2
     # Runtime 0.02 s x3 falls in the 0.025 bucket: cumulative counts, +Inf equals _count.
-    assert value(families, "celery_task_runtime_seconds_bucket", name="app.add",
-                 queue_name="normal", le="0.01") == 0
-    assert value(families, "celery_task_runtime_seconds_bucket", name="app.add",
-                 queue_name="normal", le="0.025") == 3
-    assert value(families, "celery_task_runtime_seconds_bucket", name="app.add",
-                 queue_name="normal", le="+Inf") == 3
-    assert value(families, "celery_task_runtime_seconds_count", name="app.add",
-                 queue_name="normal") == 3
-    assert abs(value(families, "celery_task_runtime_seconds_sum", name="app.add",
-                     queue_name="normal") - 0.06) < 1e-9
-    assert value(families, "celery_task_wait_seconds_bucket", name="app.fail",
-                 queue_name="high", le="5.0") == 1
+    assert (
+        value(
+            families,
+            "celery_task_runtime_seconds_bucket",
+            name="app.add",
+            queue_name="normal",
+            le="0.01",
+        )
+        == 0
+    )
+    assert (
+        value(
+            families,
+            "celery_task_runtime_seconds_bucket",
+            name="app.add",
+            queue_name="normal",
+            le="0.025",
+        )
+        == 3
+    )
+    assert (
+        value(
+            families,
+            "celery_task_runtime_seconds_bucket",
+            name="app.add",
+            queue_name="normal",
+            le="+Inf",
+        )
+        == 3
+    )
+    assert (
+        value(families, "celery_task_runtime_seconds_count", name="app.add", queue_name="normal")
+        == 3
+    )
+    assert (
+        abs(
+            value(families, "celery_task_runtime_seconds_sum", name="app.add", queue_name="normal")
+            - 0.06
+        )
+        < 1e-9
+    )
+    assert (
+        value(
+            families,
+            "celery_task_wait_seconds_bucket",
+            name="app.fail",
+            queue_name="high",
+            le="5.0",
+        )
+        == 1
+    )
     assert value(families, "celery_workers_alive") == 1
     assert value(families, "celery_worker_up", hostname="w1@host") == 1
     assert value(families, "taskyard_alert_active", alertname="mem", severity="critical") == 1
@@ -95,8 +141,10 @@ def test_worker_gone_and_resources(tmp_path: Path, redis_client: redis.Redis) ->
     keys = Keys(settings.namespace)
     now = time.time()
     redis_client.zadd(keys.workers(), {"old@host": now - 60, "new@host": now})
-    redis_client.set(keys.worker_heartbeat("new@host"), json.dumps(
-        {"hostname": "new@host", "at": now, "memory_pct": 42.5, "cpu_pct": 7.0}))
+    redis_client.set(
+        keys.worker_heartbeat("new@host"),
+        json.dumps({"hostname": "new@host", "at": now, "memory_pct": 42.5, "cpu_pct": 7.0}),
+    )
     with TestClient(create_api(settings)) as client:
         families = scrape(client)
     assert value(families, "celery_workers_alive") == 1
@@ -116,8 +164,10 @@ def test_each_api_has_its_own_registry(tmp_path: Path, redis_client: redis.Redis
 
 
 def test_histogram_series_is_cumulative_with_overflow() -> None:
-    data = {"buckets": [0.1, 1.0], "runtime": [
-        {"name": "t", "queue": "low", "counts": [2, 0, 5], "sum": 42.0}]}
+    data = {
+        "buckets": [0.1, 1.0],
+        "runtime": [{"name": "t", "queue": "low", "counts": [2, 0, 5], "sum": 42.0}],
+    }
     [series] = histogram_series(data, "runtime")
     assert series["buckets"] == [("0.1", 2.0), ("1.0", 2.0), ("+Inf", 7.0)]
     assert series["sum"] == 42.0
@@ -125,7 +175,8 @@ def test_histogram_series_is_cumulative_with_overflow() -> None:
 
 
 def test_per_queue_depth_oldest_ready_age_and_wait_histogram(
-        tmp_path: Path, redis_client: redis.Redis, make_app: Any) -> None:
+    tmp_path: Path, redis_client: redis.Redis, make_app: Any
+) -> None:
     """Real messages sent through a taskyard app: the oldest one's age per queue, read from the
     tail of the priority sub-lists, and the wait histogram summed over task names per queue."""
     from taskyard.monitoring.capture import Capture
@@ -150,19 +201,24 @@ def test_per_queue_depth_oldest_ready_age_and_wait_histogram(
     assert rows["low"]["ready"] == 2 and rows["critical"]["oldest_ready_age_s"] is None
     low_age, high_age = rows["low"]["oldest_ready_age_s"], rows["high"]["oldest_ready_age_s"]
     assert 0.3 <= low_age < 30 and 0 <= high_age < low_age - 0.2
-    assert value(families, "taskyard_queue_oldest_ready_age_seconds",
-                 queue_name="low") >= 0.3
-    assert not [s for s in families["taskyard_queue_oldest_ready_age_seconds"].samples
-                if s.labels["queue_name"] == "critical"]  # empty: no sample, not 0
+    assert value(families, "taskyard_queue_oldest_ready_age_seconds", queue_name="low") >= 0.3
+    assert not [
+        s
+        for s in families["taskyard_queue_oldest_ready_age_seconds"].samples
+        if s.labels["queue_name"] == "critical"
+    ]  # empty: no sample, not 0
     assert value(families, "celery_queue_length", queue_name="low") == 2
     assert "taskyard_queue_scheduled_messages" in families
     # The normal queue's two tasks, one histogram: 0.003 s falls in le=0.005, 0.2 s in le=0.25.
     assert value(families, "taskyard_queue_wait_seconds_count", queue_name="normal") == 2
-    assert value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal",
-                 le="0.005") == 1
-    assert value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal",
-                 le="0.25") == 2
-    assert value(families, "taskyard_queue_wait_seconds_sum", queue_name="normal") == \
-        pytest.approx(0.203)
+    assert (
+        value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal", le="0.005") == 1
+    )
+    assert (
+        value(families, "taskyard_queue_wait_seconds_bucket", queue_name="normal", le="0.25") == 2
+    )
+    assert value(families, "taskyard_queue_wait_seconds_sum", queue_name="normal") == pytest.approx(
+        0.203
+    )
     assert value(families, "taskyard_queue_wait_seconds_count", queue_name="low") == 1
     assert queue_wait({"buckets": [], "wait": []}) == {}

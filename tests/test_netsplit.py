@@ -31,16 +31,26 @@ SWEEP_S = 1.0
 
 
 def _worker_env(url: str) -> dict[str, str]:
-    return {"TASKYARD_REDIS_URL": url, "TASKYARD_GUARD__ENABLED": "false",
-            "TASKYARD_RESERVATION_LEASE_S": str(LEASE_S),
-            "TASKYARD_UNACKED_RESTORE_INTERVAL_S": str(SWEEP_S)}
+    return {
+        "TASKYARD_REDIS_URL": url,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_RESERVATION_LEASE_S": str(LEASE_S),
+        "TASKYARD_UNACKED_RESTORE_INTERVAL_S": str(SWEEP_S),
+    }
 
 
 def _send(url: str, first: int, count: int) -> None:
-    code = (f"from tests.apps import netcut\n"
-            f"for i in range({first}, {first + count}): netcut.unit.delay(i)")
-    subprocess.run([sys.executable, "-c", code], env=child_env(_worker_env(url)), cwd=ROOT,
-                   check=True, timeout=60)
+    code = (
+        f"from tests.apps import netcut\n"
+        f"for i in range({first}, {first + count}): netcut.unit.delay(i)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env(_worker_env(url)),
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
 
 
 def _runs(client: redis.Redis) -> dict[int, int]:
@@ -55,9 +65,23 @@ def test_cut_worker_host_loses_nothing_and_recovers(tmp_path: Path) -> None:
     netns.require()
     with netns.hosts(["east", "west"]) as hosts:
         server = subprocess.Popen(
-            [*hosts.exec_prefix("redis"), "redis-server", "--port", str(PORT), "--bind", "0.0.0.0",
-             "--protected-mode", "no", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                *hosts.exec_prefix("redis"),
+                "redis-server",
+                "--port",
+                str(PORT),
+                "--bind",
+                "0.0.0.0",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             test_url = f"redis://{hosts.redis_addr['test']}:{PORT}/0"
             client = redis.Redis.from_url(test_url, socket_timeout=5)
@@ -65,29 +89,58 @@ def test_cut_worker_host_loses_nothing_and_recovers(tmp_path: Path) -> None:
             east_url = f"redis://{hosts.redis_addr['east']}:{PORT}/0"
             west_url = f"redis://{hosts.redis_addr['west']}:{PORT}/0"
             node = socket.gethostname()
-            with celery_worker("tests.apps.netcut", "normal", _worker_env(east_url), tmp_path,
-                               name="east", prefix=hosts.exec_prefix("east")) as east, \
-                    celery_worker("tests.apps.netcut", "normal", _worker_env(west_url),
-                                  tmp_path, name="west", prefix=hosts.exec_prefix("west")):
+            with (
+                celery_worker(
+                    "tests.apps.netcut",
+                    "normal",
+                    _worker_env(east_url),
+                    tmp_path,
+                    name="east",
+                    prefix=hosts.exec_prefix("east"),
+                ) as east,
+                celery_worker(
+                    "tests.apps.netcut",
+                    "normal",
+                    _worker_env(west_url),
+                    tmp_path,
+                    name="west",
+                    prefix=hosts.exec_prefix("west"),
+                ),
+            ):
                 _send(test_url, 0, TASKS)
-                wait_until(lambda: len(_ran_by(client, f"east@{node}")) >= 3, 60,
-                           message="east to run some tasks")
+                wait_until(
+                    lambda: len(_ran_by(client, f"east@{node}")) >= 3,
+                    60,
+                    message="east to run some tasks",
+                )
                 hosts.cut("east")
                 cut_at = time.monotonic()
-                wait_until(lambda: len(_runs(client)) == TASKS, LEASE_S * 6 + TASKS * 0.3,
-                           interval_s=0.2, message=f"all {TASKS} tasks to complete "
-                           "(east's reserved work on west)")
+                wait_until(
+                    lambda: len(_runs(client)) == TASKS,
+                    LEASE_S * 6 + TASKS * 0.3,
+                    interval_s=0.2,
+                    message=f"all {TASKS} tasks to complete (east's reserved work on west)",
+                )
                 recovered_s = time.monotonic() - cut_at
                 east_before = _ran_by(client, f"east@{node}")
 
                 hosts.restore("east")
                 _send(test_url, TASKS, 40)
-                wait_until(lambda: len(_ran_by(client, f"east@{node}") - east_before
-                                       - set(range(TASKS))) >= 1, 90, interval_s=0.5,
-                           message=f"east to run new work after its link returned:\n"
-                                   f"{east.output()[-2000:]}")
-                wait_until(lambda: len(_runs(client)) == TASKS + 40, 60, interval_s=0.2,
-                           message="the second round")
+                wait_until(
+                    lambda: (
+                        len(_ran_by(client, f"east@{node}") - east_before - set(range(TASKS))) >= 1
+                    ),
+                    90,
+                    interval_s=0.5,
+                    message=f"east to run new work after its link returned:\n"
+                    f"{east.output()[-2000:]}",
+                )
+                wait_until(
+                    lambda: len(_runs(client)) == TASKS + 40,
+                    60,
+                    interval_s=0.2,
+                    message="the second round",
+                )
             runs = _runs(client)
             duplicates = sum(count - 1 for count in runs.values())
             print(f"recovered in {recovered_s:.1f} s after the cut; duplicates {duplicates}")

@@ -29,13 +29,19 @@ def _order(client: redis.Redis) -> list[str]:
 
 def _send(env: dict[str, str], code: str) -> None:
     """Send tasks from a separate producer process using the test app's configuration."""
-    subprocess.run([sys.executable, "-c", f"from tests.apps import prio\n{code}"],
-                   env=child_env(env), cwd=ROOT, check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", f"from tests.apps import prio\n{code}"],
+        env=child_env(env),
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
-def test_critical_overtakes_low_backlog(broker: str, redis_client: redis.Redis,
-                                        redis_env: dict[str, str], tmp_path: Path) -> None:
+def test_critical_overtakes_low_backlog(
+    broker: str, redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     env = {**redis_env, **NO_GUARDS}
     if broker == "rabbitmq":
         servers.require("rabbitmq")
@@ -48,58 +54,95 @@ def test_critical_overtakes_low_backlog(broker: str, redis_client: redis.Redis,
         wait_until(lambda: redis_client.llen("test:order") >= 20, 30, message="low tasks to run")
         _send(env, "for i in range(5): prio.critical_work.delay(i)")
         started_before = redis_client.llen("test:order")
-        wait_until(lambda: sum(1 for x in _order(redis_client) if x.startswith("critical")) == 5,
-                   30, message="critical tasks")
+        wait_until(
+            lambda: sum(1 for x in _order(redis_client) if x.startswith("critical")) == 5,
+            30,
+            message="critical tasks",
+        )
         order = _order(redis_client)
         positions = [i for i, label in enumerate(order) if label.startswith("critical")]
         # Each critical task starts within a few slots of being sent (the two busy processes
         # finish their current low task first), far ahead of the rest of the backlog.
         assert max(positions) <= started_before + 5 + 6, (started_before, positions)
-        wait_until(lambda: redis_client.llen("test:order") == backlog + 5, 60,
-                   message="the whole backlog")
+        wait_until(
+            lambda: redis_client.llen("test:order") == backlog + 5, 60, message="the whole backlog"
+        )
     lows = [label for label in _order(redis_client) if label.startswith("low")]
     assert sorted(lows) == sorted(f"low-{i}" for i in range(backlog))
 
 
 @pytest.mark.parametrize("target", ["pool child", "whole worker"])
-def test_task_of_killed_worker_runs_again(target: str, redis_client: redis.Redis,
-                                          redis_env: dict[str, str], tmp_path: Path) -> None:
+def test_task_of_killed_worker_runs_again(
+    target: str, redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     # A short lease so a message held by a dead worker is redelivered quickly.
-    env = {**redis_env, **NO_GUARDS, "TASKYARD_RESERVATION_LEASE_S": "3",
-           "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1", "TASKYARD_GUARD__DEFER_COUNTDOWN_S": "0.5",
-           "TASKYARD_GUARD__DEFER_JITTER_S": "0.2"}
+    env = {
+        **redis_env,
+        **NO_GUARDS,
+        "TASKYARD_RESERVATION_LEASE_S": "3",
+        "TASKYARD_UNACKED_RESTORE_INTERVAL_S": "1",
+        "TASKYARD_GUARD__DEFER_COUNTDOWN_S": "0.5",
+        "TASKYARD_GUARD__DEFER_JITTER_S": "0.2",
+    }
     _send(env, "prio.slow_work.delay(1, 2.0)")
-    with celery_worker("tests.apps.prio", "normal", env, tmp_path, concurrency=1,
-                       name="doomed") as doomed:
-        wait_until(lambda: b"start-1" in b"".join(redis_client.lrange("test:order", 0, -1)), 30,
-                   message="the task to start")
+    with celery_worker(
+        "tests.apps.prio", "normal", env, tmp_path, concurrency=1, name="doomed"
+    ) as doomed:
+        wait_until(
+            lambda: b"start-1" in b"".join(redis_client.lrange("test:order", 0, -1)),
+            30,
+            message="the task to start",
+        )
         if target == "pool child":
             for pid in doomed.children():
                 os.kill(pid, signal.SIGKILL)
         else:
             doomed.kill(signal.SIGKILL)
-        with celery_worker("tests.apps.prio", "normal", env, tmp_path, concurrency=1,
-                           name="rescuer"):
-            wait_until(lambda: "done-1" in _order(redis_client), 45,
-                       message="the task to run again and finish")
+        with celery_worker(
+            "tests.apps.prio", "normal", env, tmp_path, concurrency=1, name="rescuer"
+        ):
+            wait_until(
+                lambda: "done-1" in _order(redis_client),
+                45,
+                message="the task to run again and finish",
+            )
     labels = _order(redis_client)
     assert labels.count("start-1") >= 2 and labels.count("done-1") >= 1
 
 
-def test_taskyard_worker_profile_runs_its_queues(redis_client: redis.Redis,
-                                                 redis_env: dict[str, str],
-                                                 tmp_path: Path) -> None:
+def test_taskyard_worker_profile_runs_its_queues(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     log = tmp_path / "profile.log"
-    argv = [sys.executable, "-m", "taskyard.cli", "worker", "--profile", "critical",
-            "-A", "tests.apps.prio", "-c", "1", "--loglevel", "INFO", "--without-gossip",
-            "--without-mingle"]
+    argv = [
+        sys.executable,
+        "-m",
+        "taskyard.cli",
+        "worker",
+        "--profile",
+        "critical",
+        "-A",
+        "tests.apps.prio",
+        "-c",
+        "1",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, env=child_env({**redis_env, **NO_GUARDS}), cwd=ROOT,
-                                   stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            argv,
+            env=child_env({**redis_env, **NO_GUARDS}),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: " ready." in log.read_text(errors="replace"), 60,
-                   message="profile worker ready")
+        wait_until(
+            lambda: " ready." in log.read_text(errors="replace"), 60, message="profile worker ready"
+        )
         text = log.read_text()
         assert "critical@" in text  # recognisable node name
         assert "exchange=taskyard(direct) key=critical" in text
@@ -112,19 +155,39 @@ def test_taskyard_worker_profile_runs_its_queues(redis_client: redis.Redis,
 
 
 def test_unknown_profile_is_a_clear_error(redis_env: dict[str, str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "taskyard.cli", "worker", "--profile", "turbo",
-                          "-A", "tests.apps.prio"], env=child_env(redis_env), cwd=ROOT,
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "taskyard.cli",
+            "worker",
+            "--profile",
+            "turbo",
+            "-A",
+            "tests.apps.prio",
+        ],
+        env=child_env(redis_env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "turbo" in out.stderr and "critical" in out.stderr
 
 
 @pytest.mark.parametrize(("queues", "prefetch"), [("normal,low", 4), ("critical,normal", 1)])
-def test_prefetch_follows_the_queues_a_worker_consumes(queues: str, prefetch: int,
-                                                       redis_env: dict[str, str],
-                                                       tmp_path: Path) -> None:
-    with celery_worker("tests.apps.prio", queues, {**redis_env, **NO_GUARDS}, tmp_path,
-                       concurrency=2, name="prefetch") as worker:
+def test_prefetch_follows_the_queues_a_worker_consumes(
+    queues: str, prefetch: int, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    with celery_worker(
+        "tests.apps.prio",
+        queues,
+        {**redis_env, **NO_GUARDS},
+        tmp_path,
+        concurrency=2,
+        name="prefetch",
+    ) as worker:
         wait_until(lambda: "prefetch" in worker.output() or prefetch == 1, 10)
         announced = "prefetch 8 (x4 per process)" in worker.output()
     assert announced is (prefetch == 4)

@@ -44,16 +44,27 @@ def _seconds(duration: str | None) -> float:
 
 
 def test_promtool_checks_the_rules() -> None:
-    result = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [_promtool(), "check", "rules", str(RULES)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_rules_pass() -> None:
     # for / keep_firing_for timing, one alert per host for three workers, the summary text.
-    result = subprocess.run([_promtool(), "test", "rules", str(RULE_TESTS)], capture_output=True,
-                            text=True, timeout=60, check=False, cwd=RULES_DIR)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", str(RULE_TESTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=RULES_DIR,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -22,8 +22,9 @@ def test_priority_list_names_follow_kombu() -> None:
 
     assert PRIORITY_SEP == "\x06\x16"
     assert priority_lists("low") == ["low", "low\x06\x163", "low\x06\x166", "low\x06\x169"]
-    channel_like = type("C", (), {"sep": Channel.sep, "priority_steps": [0, 3, 6, 9],
-                                  "priority": Channel.priority})()
+    channel_like = type(
+        "C", (), {"sep": Channel.sep, "priority_steps": [0, 3, 6, 9], "priority": Channel.priority}
+    )()
     for pri in (0, 3, 5, 6, 9):
         assert Channel._q_for_pri(channel_like, "low", pri) in priority_lists("low")
 
@@ -41,10 +42,16 @@ def test_depth_counts_every_priority_list(make_app: Any, redis_client: redis.Red
     store = StatsStore(runtime_of(app))
     low = next(q for q in store.queues() if q["queue"] == "low")
     assert naive == 3
-    assert {k: low[k] for k in ("queue", "depth", "ready", "reserved", "reserved_known",
-                                "scheduled")} == {
-        "queue": "low", "depth": 8, "ready": 8, "reserved": 0, "reserved_known": True,
-        "scheduled": 0}
+    assert {
+        k: low[k] for k in ("queue", "depth", "ready", "reserved", "reserved_known", "scheduled")
+    } == {
+        "queue": "low",
+        "depth": 8,
+        "ready": 8,
+        "reserved": 0,
+        "reserved_known": True,
+        "scheduled": 0,
+    }
     assert all(q["depth"] == 0 for q in store.queues() if q["queue"] != "low")
 
 
@@ -53,8 +60,11 @@ def test_reserved_messages_are_attributed_to_their_queue(redis_client: redis.Red
     import json
 
     redis_client.hset("unacked", "t1", json.dumps([{"body": "x"}, "taskyard", "critical"]))
-    redis_client.hset("unacked", "t2", json.dumps(
-        [{"properties": {"delivery_info": {"routing_key": "batch"}}}, "", "other"]))
+    redis_client.hset(
+        "unacked",
+        "t2",
+        json.dumps([{"properties": {"delivery_info": {"routing_key": "batch"}}}, "", "other"]),
+    )
     redis_client.hset("unacked", "t3", b"not json")
     depths = {d.queue: d for d in redis_depths(redis_client)}
     assert depths["critical"].reserved == 1
@@ -63,15 +73,17 @@ def test_reserved_messages_are_attributed_to_their_queue(redis_client: redis.Red
 
 
 @pytest.mark.slow
-def test_depth_with_worker_holding_reserved_messages(make_app: Any, redis_env: dict[str, str],
-                                                     tmp_path: Path) -> None:
+def test_depth_with_worker_holding_reserved_messages(
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     from tests.apps import monitor
 
     producer = make_app("monitor")
     store = StatsStore(runtime_of(producer))
     env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false"}
-    with celery_worker("tests.apps.monitor", "high", env, tmp_path, concurrency=2,
-                       name="holder") as worker:
+    with celery_worker(
+        "tests.apps.monitor", "high", env, tmp_path, concurrency=2, name="holder"
+    ) as worker:
         for priority in (0, 3, 6, 9, 9):
             producer.send_task(monitor.sleepy.name, args=(20.0,), priority=priority)
 
@@ -80,16 +92,17 @@ def test_depth_with_worker_holding_reserved_messages(make_app: Any, redis_env: d
 
         # prefetch 1 x concurrency 2: the worker reserves two, three stay in the broker.
         wait_until(lambda: high()["reserved"] == 2, 30, 0.1, f"2 reserved, have {high()}")
-        assert {k: high()[k] for k in ("queue", "depth", "ready", "reserved",
-                                       "reserved_known")} == {
-            "queue": "high", "depth": 5, "ready": 3, "reserved": 2, "reserved_known": True}
+        assert {
+            k: high()[k] for k in ("queue", "depth", "ready", "reserved", "reserved_known")
+        } == {"queue": "high", "depth": 5, "ready": 3, "reserved": 2, "reserved_known": True}
         worker.kill()
     # SIGKILLed before acknowledging: the reserved two are still owed to the queue.
     assert high()["depth"] == 5
 
 
-def test_countdown_messages_count_as_scheduled_not_depth(make_app: Any,
-                                                         redis_client: redis.Redis) -> None:
+def test_countdown_messages_count_as_scheduled_not_depth(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     app = make_app("depth-delays")
     for level, countdown in (("normal", 60), ("normal", 60), ("low", 30), ("low", None)):
         app.send_task("depth.later", (), countdown=countdown, queue=level)
@@ -109,11 +122,12 @@ def test_amqp_depth_by_passive_declare() -> None:
         try:
             producer = conn.Producer()
             for i in range(3):
-                producer.publish({"i": i}, exchange=queue.exchange, routing_key=name,
-                                 declare=[queue])
+                producer.publish(
+                    {"i": i}, exchange=queue.exchange, routing_key=name, declare=[queue]
+                )
+
             def depths_now() -> dict[str, Any]:
-                return {d.queue: d for d in amqp_depths(servers.RABBITMQ_URL,
-                                                        [name, name + "-x"])}
+                return {d.queue: d for d in amqp_depths(servers.RABBITMQ_URL, [name, name + "-x"])}
 
             # Publishing is asynchronous (no confirms): the broker's count catches up shortly.
             wait_until(lambda: depths_now()[name].ready == 3, 10, 0.05, "3 messages counted")

@@ -183,8 +183,9 @@ def test_bad_default_level_fails_at_app_creation() -> None:
 
 
 def test_router_caches_but_sees_new_rules() -> None:
-    router = Router([CompiledRule.from_rule(RoutingRule(pattern="a.*", level="low"))],
-                    Priority.NORMAL)
+    router = Router(
+        [CompiledRule.from_rule(RoutingRule(pattern="a.*", level="low"))], Priority.NORMAL
+    )
     assert router.level_for("b.x") is Priority.NORMAL
     router.add_rule("b.*", "critical")
     assert router.level_for("b.x") is Priority.CRITICAL
@@ -198,9 +199,16 @@ def test_task_sent_by_name_keeps_its_decorator_level(app: Celery) -> None:
     assert route_["queue"].name == "critical"
 
 
-@pytest.mark.parametrize(("queues", "bulk"), [({"normal", "low"}, True), ({"batch"}, True),
-                                              ({"critical", "high"}, False),
-                                              ({"high", "low"}, False), (set(), False)])
+@pytest.mark.parametrize(
+    ("queues", "bulk"),
+    [
+        ({"normal", "low"}, True),
+        ({"batch"}, True),
+        ({"critical", "high"}, False),
+        ({"high", "low"}, False),
+        (set(), False),
+    ],
+)
 def test_bulk_prefetch_only_without_urgent_queues(queues: set[str], bulk: bool) -> None:
     from taskyard.workers.prefetch import bulk_only
 

@@ -90,8 +90,12 @@ def test_aligned_every_fires_at_boundaries() -> None:
 
 
 def test_beat_entries_from_settings(make_app: Any) -> None:
-    app = make_app(schedule={"disabled": ["taskyard.maintenance.run"],
-                             "intervals_s": {"taskyard.cache.warm": 42}})
+    app = make_app(
+        schedule={
+            "disabled": ["taskyard.maintenance.run"],
+            "intervals_s": {"taskyard.cache.warm": 42},
+        }
+    )
     entries = beat_entries(runtime_of(app).settings)
     # Every worker runs a flusher (the default): the reaper is not sent through beat as well.
     assert set(entries) == {schedule.CACHE_WARM_TASK, schedule.STATS_COLLECT_TASK}
@@ -103,8 +107,9 @@ def test_reaper_is_scheduled_only_without_worker_flushers_or_when_named(make_app
     no_flusher = beat_entries(runtime_of(make_app(batch={"worker_flusher": False})).settings)
     # The reaper's 0.5 s default is raised to beat's 1 s floor.
     assert no_flusher[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
-    named = beat_entries(runtime_of(make_app(
-        schedule={"intervals_s": {schedule.BATCH_REAP_TASK: 30}})).settings)
+    named = beat_entries(
+        runtime_of(make_app(schedule={"intervals_s": {schedule.BATCH_REAP_TASK: 30}})).settings
+    )
     assert named[schedule.BATCH_REAP_TASK]["schedule"].seconds == 30
 
 
@@ -112,9 +117,15 @@ def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
     from taskyard.tasks.maintenance import periodic_run
     from taskyard.tasks.warming import WARM_JOB, warm
 
-    app = make_app(schedule={"intervals_s": {schedule.CACHE_WARM_TASK: 3,
-                                             schedule.STATS_COLLECT_TASK: 2,
-                                             schedule.MAINTENANCE_TASK: 5}})
+    app = make_app(
+        schedule={
+            "intervals_s": {
+                schedule.CACHE_WARM_TASK: 3,
+                schedule.STATS_COLLECT_TASK: 2,
+                schedule.MAINTENANCE_TASK: 5,
+            }
+        }
+    )
     runtime = runtime_of(app)
     settings = runtime.settings
     assert settings.cache.warm_interval_s == 300  # the section's own setting is unchanged
@@ -144,7 +155,8 @@ def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
 
     periodic_run(runtime)
     (maintenance_claim,) = runtime.redis.keys(
-        runtime.keys.period_claim("maintenance.run", 0)[:-1] + "*")
+        runtime.keys.period_claim("maintenance.run", 0)[:-1] + "*"
+    )
     assert 0 < runtime.redis.pttl(maintenance_claim) <= 10_000
 
 

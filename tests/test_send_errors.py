@@ -20,8 +20,9 @@ def _queued(client: redis.Redis) -> int:
     return sum(int(client.llen(key)) for key in client.scan_iter("high*"))
 
 
-@pytest.mark.parametrize(("argument", "type_name"), [({1, 2}, "set"), (datetime.now, "builtin"),
-                                                     (object(), "object")])
+@pytest.mark.parametrize(
+    ("argument", "type_name"), [({1, 2}, "set"), (datetime.now, "builtin"), (object(), "object")]
+)
 def test_unencodable_argument_names_its_type(make_app, redis_client, argument, type_name) -> None:
     make_app("send-errors", redis_url=REDIS_URL)
     with pytest.raises(TaskArgumentError) as info:
@@ -39,8 +40,13 @@ def test_unencodable_keyword_argument(make_app, redis_client) -> None:
 
 
 def test_broker_unreachable_fails_in_bounded_time(make_app) -> None:
-    make_app("send-errors", redis_url="redis://127.0.0.1:1/0", publish_max_retries=2,
-             publish_retry_interval_s=0.1, broker_connect_timeout_s=0.5)
+    make_app(
+        "send-errors",
+        redis_url="redis://127.0.0.1:1/0",
+        publish_max_retries=2,
+        publish_retry_interval_s=0.1,
+        broker_connect_timeout_s=0.5,
+    )
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable) as info:
         notify.delay(7, "hi")

@@ -22,10 +22,17 @@ from taskyard.testing import child_env, wait_until
 from tests import servers
 
 
-def taskyard(*args: str, env: dict[str, str], cwd: Path,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "taskyard.cli", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+def taskyard(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskyard.cli", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ended_pid() -> int:
@@ -36,11 +43,18 @@ def ended_pid() -> int:
 
 # --- the file itself -----------------------------------------------------------------------------
 
+
 def test_written_owner_only_read_back_and_exported(tmp_path: Path) -> None:
     path = stackfile.stack_path(tmp_path)
-    stack = stackfile.new(path, {"TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0",
-                                 "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "admin:it's"},
-                          {"flower": "http://127.0.0.1:5555/"}, app="bdc")
+    stack = stackfile.new(
+        path,
+        {
+            "TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0",
+            "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "admin:it's",
+        },
+        {"flower": "http://127.0.0.1:5555/"},
+        app="bdc",
+    )
     stackfile.write(stack)
     assert path.stat().st_mode & 0o777 == 0o600
     again = stackfile.read(path)
@@ -48,7 +62,8 @@ def test_written_owner_only_read_back_and_exported(tmp_path: Path) -> None:
     assert again.pid == os.getpid() and again.alive and again.app == "bdc"
     assert again.export_lines() == [
         "export TASKYARD_MONITORING__FLOWER_BASIC_AUTH='admin:it'\"'\"'s'",
-        "export TASKYARD_REDIS_URL=redis://127.0.0.1:7/0"]
+        "export TASKYARD_REDIS_URL=redis://127.0.0.1:7/0",
+    ]
     assert not list(tmp_path.glob("*.tmp"))
     stackfile.remove_if_owned(path, os.getpid() + 1)
     assert path.exists()
@@ -69,15 +84,24 @@ def test_a_broken_file_is_named_not_misread(tmp_path: Path) -> None:
 
 def test_environment_wins_over_the_file_which_wins_over_defaults(tmp_path: Path) -> None:
     path = stackfile.stack_path(tmp_path)
-    stackfile.write(stackfile.new(path, {"TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0",
-                                         "TASKYARD_NAMESPACE": "fromfile"}, {}))
+    stackfile.write(
+        stackfile.new(
+            path,
+            {"TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0", "TASKYARD_NAMESPACE": "fromfile"},
+            {},
+        )
+    )
     environ = {"TASKYARD_NAMESPACE": "fromenv"}
     resolution = stackfile.apply(environ, lambda name: name in environ, tmp_path)
-    assert environ == {"TASKYARD_NAMESPACE": "fromenv", "TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0"}
+    assert environ == {
+        "TASKYARD_NAMESPACE": "fromenv",
+        "TASKYARD_REDIS_URL": "redis://127.0.0.1:7/0",
+    }
     assert resolution.applied == ["TASKYARD_REDIS_URL"]
     line = stackfile.redis_line("redis://127.0.0.1:7/0", resolution, "TASKYARD_REDIS_URL")
     assert line is not None and line.startswith(
-        "taskyard: reading Redis redis://127.0.0.1:7/0 from .taskyard-stack.json")
+        "taskyard: reading Redis redis://127.0.0.1:7/0 from .taskyard-stack.json"
+    )
 
 
 def test_a_file_of_an_ended_stack_is_ignored_with_a_reason(tmp_path: Path) -> None:
@@ -101,8 +125,7 @@ def test_a_reused_pid_is_not_the_stack(tmp_path: Path) -> None:
     assert not stack.alive
 
 
-def test_configured_reads_what_the_settings_module_read(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_configured_reads_what_the_settings_module_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKYARD_MONITORING__API_PORT", "8123")
     monkeypatch.delenv("TASKYARD_REDIS_URL", raising=False)
     settings = load_settings()
@@ -114,6 +137,7 @@ def test_configured_reads_what_the_settings_module_read(
 
 # --- the command line ------------------------------------------------------------------------
 
+
 def test_the_default_redis_is_named_and_an_empty_one_warned_about(tmp_path: Path) -> None:
     servers.require("redis")
     # A namespace nobody writes: the default Redis holds no data of it.
@@ -121,10 +145,13 @@ def test_the_default_redis_is_named_and_an_empty_one_warned_about(tmp_path: Path
     done = taskyard("stats", "show", "--json", env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
-    assert lines[0] == ("taskyard: reading Redis redis://127.0.0.1:6379/0, the default "
-                        "(no TASKYARD_REDIS_URL, no .taskyard-stack.json here)")
-    assert lines[1].startswith("taskyard: warning: Redis redis://127.0.0.1:6379/0 holds no "
-                               "taskyard data")
+    assert lines[0] == (
+        "taskyard: reading Redis redis://127.0.0.1:6379/0, the default "
+        "(no TASKYARD_REDIS_URL, no .taskyard-stack.json here)"
+    )
+    assert lines[1].startswith(
+        "taskyard: warning: Redis redis://127.0.0.1:6379/0 holds no taskyard data"
+    )
     assert len(lines) == 2
     assert json.loads(done.stdout)["workers"] == []  # stdout stays clean JSON
     # Configured in the environment: no line about it, and data present: no warning.
@@ -138,17 +165,20 @@ def test_the_default_redis_is_named_and_an_empty_one_warned_about(tmp_path: Path
     client.delete("taskyard:workers")
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("stats", "show", "-A", "no_such_module_xyz"), "cannot load app 'no_such_module_xyz'"),
-    (("stats", "show", "-A", "tests.apps.fivelevels:nope"), "cannot load app"),
-    (("stats", "show", "--colour"), "No such option '--colour'"),
-    (("stats", "shwo"), "No such command 'shwo'"),
-    (("worker", "--profile", "nosuch", "-A", "tests.apps.fivelevels"), "nosuch"),
-])
-def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...],
-                                             message: str) -> None:
-    done = taskyard(*args, env=child_env({"TASKYARD_REDIS_URL": servers.REDIS_URL}),
-                    cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("stats", "show", "-A", "no_such_module_xyz"), "cannot load app 'no_such_module_xyz'"),
+        (("stats", "show", "-A", "tests.apps.fivelevels:nope"), "cannot load app"),
+        (("stats", "show", "--colour"), "No such option '--colour'"),
+        (("stats", "shwo"), "No such command 'shwo'"),
+        (("worker", "--profile", "nosuch", "-A", "tests.apps.fivelevels"), "nosuch"),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    done = taskyard(*args, env=child_env({"TASKYARD_REDIS_URL": servers.REDIS_URL}), cwd=tmp_path)
     assert done.returncode == 2, (done.stdout, done.stderr)
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("taskyard: error: "), done.stderr
@@ -157,30 +187,55 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ..
 
 def test_an_unreachable_redis_is_one_line_and_exit_2(tmp_path: Path) -> None:
     port = free_port()
-    done = taskyard("stats", "show", env=child_env(
-        {"TASKYARD_REDIS_URL": f"redis://127.0.0.1:{port}/0"}), cwd=tmp_path)
+    done = taskyard(
+        "stats",
+        "show",
+        env=child_env({"TASKYARD_REDIS_URL": f"redis://127.0.0.1:{port}/0"}),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"taskyard: error: cannot reach Redis at redis://127.0.0.1:{port}/0: Error 111 "
-        f"connecting to 127.0.0.1:{port}. Connection refused."]
+        f"connecting to 127.0.0.1:{port}. Connection refused."
+    ]
 
 
 @pytest.mark.slow
 def test_a_second_shell_finds_the_stack_of_taskyard_up(tmp_path: Path) -> None:
     """`taskyard up` in a directory; a plain shell there (no TASKYARD_*) reads its Redis, its
     generated Flower password works, and the file goes when the stack stops."""
-    env = child_env({"TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
-                     "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
-                     "TASKYARD_MONITORING__API_PORT": str(free_port())})
+    env = child_env(
+        {
+            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
+            "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
+            "TASKYARD_MONITORING__API_PORT": str(free_port()),
+        }
+    )
     log = tmp_path / "up.log"
     with log.open("wb") as sink:
-        up = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "up", "-A",
-                               "tests.apps.fivelevels", "--no-beat"], env=env, cwd=tmp_path,
-                              stdout=sink, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "taskyard.cli",
+                "up",
+                "-A",
+                "tests.apps.fivelevels",
+                "--no-beat",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     path = tmp_path / ".taskyard-stack.json"
     try:
-        wait_until(lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
-                   90, 0.2, "the stack to start")
+        wait_until(
+            lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
+            90,
+            0.2,
+            "the stack to start",
+        )
         text = log.read_text(errors="replace")
         assert up.poll() is None, text
         stack = json.loads(path.read_text())
@@ -195,22 +250,31 @@ def test_a_second_shell_finds_the_stack_of_taskyard_up(tmp_path: Path) -> None:
 
         # A second shell: nothing of taskyard in its environment, same directory.
         shell = child_env({})
+
         def sees_workers() -> bool:
             done = taskyard("stats", "show", "--json", env=shell, cwd=tmp_path)
             assert done.returncode == 0, done.stderr
             return len(json.loads(done.stdout)["workers"]) >= 3
+
         wait_until(sees_workers, 60, 0.5, "the second shell to see the stack's workers")
         done = taskyard("stats", "show", env=shell, cwd=tmp_path)
         assert done.stderr.splitlines()[0].startswith(
             f"taskyard: reading Redis {redis_url} from .taskyard-stack.json (written by pid "
-            f"{up.pid}")
+            f"{up.pid}"
+        )
         assert "warning" not in done.stderr
         assert "workers" in done.stdout and "critical@" in done.stdout
 
         flower = stack["urls"]["flower"]
         user, _, password = auth.partition(":")
-        wait_until(lambda: httpx.get(flower + "metrics", auth=(user, password),
-                                     timeout=3).status_code == 200, 60, 0.5, "Flower")
+        wait_until(
+            lambda: (
+                httpx.get(flower + "metrics", auth=(user, password), timeout=3).status_code == 200
+            ),
+            60,
+            0.5,
+            "Flower",
+        )
         assert httpx.get(flower + "metrics", timeout=3).status_code == 401
         # A second `taskyard up` here refuses: one stack per directory.
         again = taskyard("up", "-A", "tests.apps.fivelevels", env=shell, cwd=tmp_path)

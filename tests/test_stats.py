@@ -70,8 +70,9 @@ def test_rollup_and_retention(history_url: str) -> None:
     assert "ancient" not in [s["n"] for s in remaining]
 
 
-def test_collect_writes_series_and_history(make_app: Any, redis_client: redis.Redis,
-                                           history_url: str) -> None:
+def test_collect_writes_series_and_history(
+    make_app: Any, redis_client: redis.Redis, history_url: str
+) -> None:
     app = make_app("stats", database_url=history_url, monitoring={"series_length": 10})
     runtime = runtime_of(app)
     store = StatsStore(runtime)
@@ -119,10 +120,14 @@ def test_unknown_series_is_rejected(make_app: Any) -> None:
         store.series("nope", None, None, 10, 0)
 
 
-def test_collect_task_is_single_flight(make_app: Any, redis_client: redis.Redis,
-                                       tmp_path: Path) -> None:
-    app = make_app("stats-sf", database_url=f"sqlite:///{tmp_path / 'h.db'}",
-                   monitoring={"stats_interval_s": 3600})
+def test_collect_task_is_single_flight(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    app = make_app(
+        "stats-sf",
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        monitoring={"stats_interval_s": 3600},
+    )
     task = app.tasks[TASK_NAME]
     assert app.amqp.router.route({}, TASK_NAME)["queue"].name == "critical"
     first = task.run()
@@ -133,8 +138,9 @@ def test_collect_task_is_single_flight(make_app: Any, redis_client: redis.Redis,
     assert redis_client.llen(runtime.keys.series("overview")) == 1
 
 
-def test_maintenance_reports_become_a_series(make_app: Any, redis_client: redis.Redis,
-                                             tmp_path: Path) -> None:
+def test_maintenance_reports_become_a_series(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     app = make_app("stats-mnt", database_url=f"sqlite:///{tmp_path / 'h.db'}")
     runtime = runtime_of(app)
     store = StatsStore(runtime)
@@ -147,11 +153,23 @@ def test_maintenance_reports_become_a_series(make_app: Any, redis_client: redis.
 
 
 def test_redis_down_raises_clear_errors(make_app: Any, tmp_path: Path) -> None:
-    app = make_app("stats-down", redis_url="redis://127.0.0.1:1/0",
-                   database_url=f"sqlite:///{tmp_path / 'h.db'}", broker_connect_timeout_s=0.5)
+    app = make_app(
+        "stats-down",
+        redis_url="redis://127.0.0.1:1/0",
+        database_url=f"sqlite:///{tmp_path / 'h.db'}",
+        broker_connect_timeout_s=0.5,
+    )
     store = StatsStore(runtime_of(app))
-    calls = [store.queues, store.workers, store.tasks, store.histograms, store.alerts,
-             store.overview, store.maintenance, lambda: store.series("queues", None, None, 5, 0)]
+    calls = [
+        store.queues,
+        store.workers,
+        store.tasks,
+        store.histograms,
+        store.alerts,
+        store.overview,
+        store.maintenance,
+        lambda: store.series("queues", None, None, 5, 0),
+    ]
     for call in calls:
         with pytest.raises(redis.ConnectionError):
             call()
@@ -162,8 +180,7 @@ def test_redis_down_raises_clear_errors(make_app: Any, tmp_path: Path) -> None:
 
 
 def test_ready_reports_a_database_that_is_down(make_app: Any) -> None:
-    app = make_app("stats-db-down",
-                   database_url="postgresql+psycopg2://postgres@127.0.0.1:1/none")
+    app = make_app("stats-db-down", database_url="postgresql+psycopg2://postgres@127.0.0.1:1/none")
     ready = StatsStore(runtime_of(app)).check_ready()
     assert ready["redis"] is None and ready["broker"] is None
     assert ready["database"] and "OperationalError" in ready["database"]
@@ -176,8 +193,9 @@ def test_pg_stat_statements_only_where_installed(tmp_path: Path) -> None:
     servers.require("postgresql")
     engine = sa.create_engine(servers.POSTGRES_URL)
     with engine.connect() as conn:
-        installed = conn.execute(sa.text(
-            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")).first()
+        installed = conn.execute(
+            sa.text("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")
+        ).first()
     engine.dispose()
     rows = _pg_stat_statements(servers.POSTGRES_URL, 0.0)
     if installed is None:
@@ -187,19 +205,30 @@ def test_pg_stat_statements_only_where_installed(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_beat_runs_collection_on_a_worker(make_app: Any, redis_env: dict[str, str],
-                                          tmp_path: Path) -> None:
+def test_beat_runs_collection_on_a_worker(
+    make_app: Any, redis_env: dict[str, str], tmp_path: Path
+) -> None:
     from taskyard.testing import celery_worker, wait_until
 
     app = make_app("monitor", database_url=f"sqlite:///{tmp_path / 'h.db'}")
     runtime = runtime_of(app)
     store = StatsStore(runtime)
-    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false",
-           "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
-           "TASKYARD_MONITORING__STATS_INTERVAL_S": "1",
-           "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5"}
-    with celery_worker("tests.apps.monitor", "critical,normal", env, tmp_path, concurrency=1,
-                       name="beat", extra=("-B", "-s", str(tmp_path / "beat-schedule"))):
+    env = {
+        **redis_env,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+        "TASKYARD_MONITORING__STATS_INTERVAL_S": "1",
+        "TASKYARD_GUARD__HEARTBEAT_INTERVAL_S": "0.5",
+    }
+    with celery_worker(
+        "tests.apps.monitor",
+        "critical,normal",
+        env,
+        tmp_path,
+        concurrency=1,
+        name="beat",
+        extra=("-B", "-s", str(tmp_path / "beat-schedule")),
+    ):
         app.send_task("tests.apps.monitor.ok", args=(1,))
 
         def overview_len() -> int:
@@ -211,13 +240,15 @@ def test_beat_runs_collection_on_a_worker(make_app: Any, redis_env: dict[str, st
     workers = store.series("workers", None, None, 1, 0)[0]["workers"]
     assert any(w["hostname"].startswith("beat@") and w["alive"] for w in workers)
     assert latest["totals"]["succeeded"] >= 1  # the ok task (and the collections themselves)
-    history_rows = history.count_snapshots(history.engine_for(f"sqlite:///{tmp_path / 'h.db'}"),
-                                           "overview")
+    history_rows = history.count_snapshots(
+        history.engine_for(f"sqlite:///{tmp_path / 'h.db'}"), "overview"
+    )
     assert history_rows >= 3
 
 
-def test_maintenance_lists_the_run_history(make_app: Any, redis_client: redis.Redis,
-                                          tmp_path: Path) -> None:
+def test_maintenance_lists_the_run_history(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     from taskyard.tasks.maintenance import run_maintenance
 
     app = make_app("stats-mnt-db", database_url=f"sqlite:///{tmp_path / 'app.db'}")
@@ -228,8 +259,9 @@ def test_maintenance_lists_the_run_history(make_app: Any, redis_client: redis.Re
     assert [r["run_id"] for r in runs[:2]] == [second.run_id, first.run_id]
 
 
-def test_stats_cli_show_and_collect(make_app: Any, redis_client: redis.Redis,
-                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stats_cli_show_and_collect(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from click.testing import CliRunner
 
     from taskyard.cli import main
@@ -256,16 +288,20 @@ def test_stats_cli_show_and_collect(make_app: Any, redis_client: redis.Redis,
     assert down.exit_code == 2 and "cannot reach Redis at redis://127.0.0.1:1/0" in down.output
 
 
-def test_collect_reads_slow_statements_cache_and_batches(make_app: Any, redis_client: redis.Redis,
-                                                        tmp_path: Path) -> None:
+def test_collect_reads_slow_statements_cache_and_batches(
+    make_app: Any, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     """What the periodic-jobs and batching packages publish reaches the series and alerts."""
     from taskyard import batch_task
     from taskyard.tasks.cache import Cache
     from taskyard.tasks.db import engine
 
-    app = make_app("stats-sub", database_url=f"sqlite:///{tmp_path / 'app.db'}",
-                   maintenance={"slow_statement_s": 1e-9},  # every statement is "slow"
-                   monitoring={"alert_resolve_s": 0.0})  # resolved by the next collection
+    app = make_app(
+        "stats-sub",
+        database_url=f"sqlite:///{tmp_path / 'app.db'}",
+        maintenance={"slow_statement_s": 1e-9},  # every statement is "slow"
+        monitoring={"alert_resolve_s": 0.0},
+    )  # resolved by the next collection
     runtime = runtime_of(app)
     store = StatsStore(runtime)
     collect(runtime, now=1000.0)  # baseline: windows start here
@@ -294,8 +330,11 @@ def test_collect_reads_slow_statements_cache_and_batches(make_app: Any, redis_cl
     assert firing["SlowQueries"]["value"] >= 12
     assert firing["CacheHitRateLow"]["labels"] == {"namespace": "users"}
     assert firing["CacheHitRateLow"]["value"] == pytest.approx(100 * 5 / 35, abs=0.1)
-    (batch,) = [b for b in store.series("batches", None, None, 1, 0)[0]["batches"]
-                if b["batch_name"] == "stats_sub_emails"]
+    (batch,) = [
+        b
+        for b in store.series("batches", None, None, 1, 0)[0]["batches"]
+        if b["batch_name"] == "stats_sub_emails"
+    ]
     assert batch["buffered"] == 3
     slow = store.series("slow_statements", None, None, 1, 0)[0]["tasks"]
     assert next(s for s in slow if s["task"] == "-")["window_count"] >= 12

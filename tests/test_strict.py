@@ -36,6 +36,7 @@ def _nested(depth: int) -> Any:
 
 # --- decorators ---------------------------------------------------------------------------
 
+
 def test_priority_task_unknown_option_names_the_closest() -> None:
     with pytest.raises(ConfigurationError) as info:
         priority_task(priorty="high")
@@ -62,19 +63,32 @@ def test_batch_task_refuses_bind_and_base() -> None:
 def test_celery_task_options_stay_allowed(make_app: Any) -> None:
     app = make_app("strict-options")
 
-    @priority_task(priority="high", name="strict.celery_options", bind=True, max_retries=2,
-                   autoretry_for=(ValueError,), retry_backoff=True, rate_limit="10/s",
-                   time_limit=30, soft_time_limit=20, acks_late=True, ignore_result=True,
-                   serializer="json", default_retry_delay=1, track_started=False,
-                   max_deliveries=3)
+    @priority_task(
+        priority="high",
+        name="strict.celery_options",
+        bind=True,
+        max_retries=2,
+        autoretry_for=(ValueError,),
+        retry_backoff=True,
+        rate_limit="10/s",
+        time_limit=30,
+        soft_time_limit=20,
+        acks_late=True,
+        ignore_result=True,
+        serializer="json",
+        default_retry_delay=1,
+        track_started=False,
+        max_deliveries=3,
+    )
     def options(self: Any) -> None: ...
 
     task = app.tasks["strict.celery_options"]
     assert (task.max_retries, task.rate_limit, task.time_limit) == (2, "10/s", 30)
     assert task.autoretry_for == (ValueError,) and task.taskyard_level.value == "high"
 
-    @batch_task(batch_name="strict_opts", name="strict.batch_options", time_limit=60,
-                rate_limit="5/s")
+    @batch_task(
+        batch_name="strict_opts", name="strict.batch_options", time_limit=60, rate_limit="5/s"
+    )
     def batched(items: list[Any]) -> None: ...
 
     flush = app.tasks["strict.batch_options"]
@@ -96,6 +110,7 @@ def test_allowed_options_are_derived_from_celery() -> None:
 
 # --- create_app and the environment --------------------------------------------------------
 
+
 def test_create_app_unknown_keyword_names_the_closest() -> None:
     with pytest.raises(ConfigurationError) as info:
         create_app("strict", redis_ur="redis://127.0.0.1:6379/0")
@@ -109,13 +124,17 @@ def test_create_app_takes_celery_settings_old_and_new() -> None:
     assert create_app("strict", worker_max_tasks_per_child=5).conf.worker_max_tasks_per_child == 5
 
 
-@pytest.mark.parametrize(("variable", "closest"), [
-    ("TASKYARD_VISIBILITY_TIMOUT_S", "TASKYARD_VISIBILITY_TIMEOUT_S"),
-    ("TASKYARD_GUARD__MEMORY_WARNINGPCT", "TASKYARD_GUARD__MEMORY_WARNING_PCT"),
-    ("TASKYARD_BATCH__MAXBUFFERED", "TASKYARD_BATCH__MAX_BUFFERED"),
-])
-def test_unknown_variable_names_the_closest(monkeypatch: pytest.MonkeyPatch, variable: str,
-                                            closest: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "closest"),
+    [
+        ("TASKYARD_VISIBILITY_TIMOUT_S", "TASKYARD_VISIBILITY_TIMEOUT_S"),
+        ("TASKYARD_GUARD__MEMORY_WARNINGPCT", "TASKYARD_GUARD__MEMORY_WARNING_PCT"),
+        ("TASKYARD_BATCH__MAXBUFFERED", "TASKYARD_BATCH__MAX_BUFFERED"),
+    ],
+)
+def test_unknown_variable_names_the_closest(
+    monkeypatch: pytest.MonkeyPatch, variable: str, closest: str
+) -> None:
     monkeypatch.setenv(variable, "10")
     with pytest.raises(ConfigurationError) as info:
         load_settings()
@@ -137,17 +156,21 @@ def test_unknown_section_field_given_as_keyword() -> None:
     assert "did you mean 'TASKYARD_GUARD__MEMORY_WARNING_PCT'?" in str(info.value)
 
 
-@pytest.mark.parametrize(("variable", "value", "expected"), [
-    ("TASKYARD_REDIS_URL", "localhost:6379", "Redis URL 'localhost:6379' has no scheme"),
-    ("TASKYARD_REDIS_URL", "http://x", "Redis URL 'http://x' has scheme 'http'"),
-    ("TASKYARD_REDIS_URL", "sentinel://x:26379", "has scheme 'sentinel'"),
-    ("TASKYARD_BROKER_URL", "foo://x", "broker URL 'foo://x' has scheme 'foo'"),
-    ("TASKYARD_BROKER_URL", "unix:///tmp/r.sock", "has scheme 'unix'"),
-    ("TASKYARD_DATABASE_URL", "foo://x", "is not a SQLAlchemy URL of an installed dialect"),
-    ("TASKYARD_HISTORY_DATABASE_URL", "not a url", "is not a SQLAlchemy URL"),
-])
-def test_url_scheme_checked_for_its_role(monkeypatch: pytest.MonkeyPatch, variable: str,
-                                         value: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("TASKYARD_REDIS_URL", "localhost:6379", "Redis URL 'localhost:6379' has no scheme"),
+        ("TASKYARD_REDIS_URL", "http://x", "Redis URL 'http://x' has scheme 'http'"),
+        ("TASKYARD_REDIS_URL", "sentinel://x:26379", "has scheme 'sentinel'"),
+        ("TASKYARD_BROKER_URL", "foo://x", "broker URL 'foo://x' has scheme 'foo'"),
+        ("TASKYARD_BROKER_URL", "unix:///tmp/r.sock", "has scheme 'unix'"),
+        ("TASKYARD_DATABASE_URL", "foo://x", "is not a SQLAlchemy URL of an installed dialect"),
+        ("TASKYARD_HISTORY_DATABASE_URL", "not a url", "is not a SQLAlchemy URL"),
+    ],
+)
+def test_url_scheme_checked_for_its_role(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError) as info:
         load_settings()
@@ -155,15 +178,18 @@ def test_url_scheme_checked_for_its_role(monkeypatch: pytest.MonkeyPatch, variab
     assert info.value.setting == variable
 
 
-@pytest.mark.parametrize(("variable", "value"), [
-    ("TASKYARD_REDIS_URL", "rediss://h:6380/0"),
-    ("TASKYARD_REDIS_URL", "unix:///tmp/redis.sock"),
-    ("TASKYARD_REDIS_URL", "redis+socket:///tmp/redis.sock"),
-    ("TASKYARD_BROKER_URL", "sentinel://h:26379"),
-    ("TASKYARD_BROKER_URL", "amqps://guest:guest@h:5671//"),
-    ("TASKYARD_BROKER_URL", "pyamqp://guest:guest@h//"),
-    ("TASKYARD_DATABASE_URL", "postgresql+psycopg2://postgres@h:5432/test"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("TASKYARD_REDIS_URL", "rediss://h:6380/0"),
+        ("TASKYARD_REDIS_URL", "unix:///tmp/redis.sock"),
+        ("TASKYARD_REDIS_URL", "redis+socket:///tmp/redis.sock"),
+        ("TASKYARD_BROKER_URL", "sentinel://h:26379"),
+        ("TASKYARD_BROKER_URL", "amqps://guest:guest@h:5671//"),
+        ("TASKYARD_BROKER_URL", "pyamqp://guest:guest@h//"),
+        ("TASKYARD_DATABASE_URL", "postgresql+psycopg2://postgres@h:5432/test"),
+    ],
+)
 def test_valid_urls_accepted(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     load_settings()
@@ -174,14 +200,18 @@ def test_unix_redis_url_is_a_socket_broker() -> None:
     assert settings.effective_broker_url == "redis+socket:///tmp/redis.sock"
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ('{"taskyard.cache.warm": -5}', "greater than or equal to 1"),
-    ('{"taskyard.cache.warm": 0}', "greater than or equal to 1"),
-    ('{"taskyard.cache.warm": 0.5}', "greater than or equal to 1"),
-    ('{"taskyard.cache.warm": "nan"}', "finite number"),
-])
-def test_beat_intervals_positive_and_finite(monkeypatch: pytest.MonkeyPatch, value: str,
-                                            expected: str) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('{"taskyard.cache.warm": -5}', "greater than or equal to 1"),
+        ('{"taskyard.cache.warm": 0}', "greater than or equal to 1"),
+        ('{"taskyard.cache.warm": 0.5}', "greater than or equal to 1"),
+        ('{"taskyard.cache.warm": "nan"}', "finite number"),
+    ],
+)
+def test_beat_intervals_positive_and_finite(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
     monkeypatch.setenv("TASKYARD_SCHEDULE__INTERVALS_S", value)
     with pytest.raises(ConfigurationError) as info:
         load_settings()
@@ -204,6 +234,7 @@ def test_nan_refused_in_sections(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- one error per failure, one JSON policy ------------------------------------------------
 
+
 @priority_task(priority="high", name="strict.notify")
 def notify(value: Any) -> None: ...
 
@@ -213,8 +244,9 @@ def collect(items: list[Any]) -> None: ...
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, {"x": [1.0, math.nan]}])
-def test_nan_refused_for_tasks_and_batches_alike(make_app: Any, redis_client: redis.Redis,
-                                                 value: Any) -> None:
+def test_nan_refused_for_tasks_and_batches_alike(
+    make_app: Any, redis_client: redis.Redis, value: Any
+) -> None:
     make_app("strict-json")
     with pytest.raises(TaskArgumentError, match=r"strict\.notify.*Out of range float"):
         notify.delay(value)
@@ -234,8 +266,9 @@ def test_deep_nesting_is_an_item_error(make_app: Any, redis_client: redis.Redis)
         notify.delay(deep)
 
 
-def test_same_types_round_trip_for_tasks_and_batches(make_app: Any,
-                                                     redis_client: redis.Redis) -> None:
+def test_same_types_round_trip_for_tasks_and_batches(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
     # kombu's JSON types (datetime here) go through batch items as they go through arguments.
     app = make_app("strict-json", task_always_eager=True)
     seen: list[Any] = []
@@ -251,8 +284,11 @@ def test_same_types_round_trip_for_tasks_and_batches(make_app: Any,
 
 def test_batch_with_redis_down_raises_broker_unavailable(make_app: Any) -> None:
     make_app("strict-down", redis_url="redis://127.0.0.1:1/0", broker_connect_timeout_s=0.5)
-    for call in (lambda: collect.delay({"a": 1}), lambda: collect.add_many([{"a": 1}]),
-                 collect.flush):
+    for call in (
+        lambda: collect.delay({"a": 1}),
+        lambda: collect.add_many([{"a": 1}]),
+        collect.flush,
+    ):
         with pytest.raises(BrokerUnavailable) as info:
             call()
         assert isinstance(info.value, BufferUnavailable) and isinstance(info.value, BatchError)
@@ -267,6 +303,7 @@ def test_busy_loading_is_a_connection_error() -> None:
 
 
 # --- decorators bind to their taskyard app --------------------------------------------------
+
 
 def test_plain_app_created_later_does_not_take_the_tasks(make_app: Any) -> None:
     app = make_app("strict-bind")
@@ -311,12 +348,20 @@ def test_runtime_owns_the_guard_and_sent_events(make_app: Any) -> None:
         assert not hasattr(app, private)
 
 
-@pytest.mark.parametrize(("variable", "value", "job"), [
-    ("TASKYARD_SCHEDULE__INTERVALS_S", '{"taskyard.cache.wram": 60}', "taskyard.cache.wram"),
-    ("TASKYARD_SCHEDULE__DISABLED", '["taskyard.maintenance.runn"]', "taskyard.maintenance.runn"),
-])
-def test_schedule_job_names_checked(monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
-                                    job: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value", "job"),
+    [
+        ("TASKYARD_SCHEDULE__INTERVALS_S", '{"taskyard.cache.wram": 60}', "taskyard.cache.wram"),
+        (
+            "TASKYARD_SCHEDULE__DISABLED",
+            '["taskyard.maintenance.runn"]',
+            "taskyard.maintenance.runn",
+        ),
+    ],
+)
+def test_schedule_job_names_checked(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, job: str
+) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError) as info:
         create_app("strict-schedule")
@@ -350,8 +395,11 @@ def test_guard_hooks_reach_the_tasks_through_the_app_task_class() -> None:
 
     assert "before_start" not in vars(TaskyardTask) and "after_return" not in vars(TaskyardTask)
     guarded = create_app("strict-hooks", redis_url="redis://127.0.0.1:1/0")
-    bare = create_app("strict-hooks-off", redis_url="redis://127.0.0.1:1/0",
-                      guard={"enabled": False, "accounting": False})
+    bare = create_app(
+        "strict-hooks-off",
+        redis_url="redis://127.0.0.1:1/0",
+        guard={"enabled": False, "accounting": False},
+    )
 
     @priority_task(name="strict.hooked", app=guarded)
     def hooked() -> None: ...

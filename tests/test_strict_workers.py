@@ -34,11 +34,12 @@ thread.join()
 """
 
 
-def test_every_task_reaches_its_queue_beside_a_plain_app(redis_client: redis.Redis,
-                                                         redis_env: dict[str, str],
-                                                         tmp_path: Path) -> None:
-    subprocess.run([sys.executable, "-c", PRODUCER], env=child_env(redis_env), cwd=ROOT,
-                   check=True, timeout=60)
+def test_every_task_reaches_its_queue_beside_a_plain_app(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    subprocess.run(
+        [sys.executable, "-c", PRODUCER], env=child_env(redis_env), cwd=ROOT, check=True, timeout=60
+    )
     # The plain app's own task went through the plain app, to its default queue.
     assert redis_client.llen("celery") == 20
     with celery_worker("tests.apps.twoapps", "high,low,batch", redis_env, tmp_path):

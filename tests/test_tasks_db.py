@@ -18,8 +18,12 @@ def test_pool_settings_for_servers_not_sqlite(make_app: Any, tmp_path: Path) -> 
     servers.require("postgresql")
     runtime = runtime_of(make_app("db-test", database_url=servers.POSTGRES_URL))
     assert engine_options(servers.POSTGRES_URL, runtime.settings) == {
-        "pool_size": 20, "max_overflow": 30, "pool_timeout": 30.0, "pool_recycle": 3600,
-        "pool_pre_ping": True}
+        "pool_size": 20,
+        "max_overflow": 30,
+        "pool_timeout": 30.0,
+        "pool_recycle": 3600,
+        "pool_pre_ping": True,
+    }
     eng = engine(runtime)
     assert eng is engine(runtime)
     assert eng.pool.size() == 20 and eng.pool._max_overflow == 30  # type: ignore[attr-defined]
@@ -65,8 +69,9 @@ def test_prefork_child_gets_its_own_connections(make_app: Any) -> None:
 
 def test_slow_statements_counted_per_task(make_app: Any) -> None:
     servers.require("postgresql")
-    app = make_app("db-test", database_url=servers.POSTGRES_URL,
-                   maintenance={"slow_statement_s": 0.05})
+    app = make_app(
+        "db-test", database_url=servers.POSTGRES_URL, maintenance={"slow_statement_s": 0.05}
+    )
     runtime = runtime_of(app)
 
     @app.task(name="t.slow_query")

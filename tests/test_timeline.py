@@ -38,23 +38,32 @@ def prefix() -> Iterator[str]:
     for url in list(history._engines):
         try:
             with history.engine_for(url).begin() as conn:
-                conn.execute(history.task_events.delete().where(
-                    history.task_events.c.task_id.like(mark + "%")))
+                conn.execute(
+                    history.task_events.delete().where(
+                        history.task_events.c.task_id.like(mark + "%")
+                    )
+                )
         except sa.exc.OperationalError:
             # An engine other tests made on purpose for a database that is down.
             continue
 
 
-def test_drain_lookup_and_prune(make_app: Any, engine: sa.engine.Engine, prefix: str,
-                                redis_client: redis.Redis) -> None:
+def test_drain_lookup_and_prune(
+    make_app: Any, engine: sa.engine.Engine, prefix: str, redis_client: redis.Redis
+) -> None:
     runtime = runtime_of(make_app("tl", namespace=prefix.rstrip("-")))
     key = runtime.keys.timeline_pending()
     now = time.time()
     a, b = prefix + "a", prefix + "b"
-    redis_client.rpush(key, *[timeline.pack(a, now + i, event, "app.t" * 80, "high", "w")
-                              for i, event in enumerate(("sent", "received", "started",
-                                                          "retried", "started", "failed",
-                                                          "dead"))])
+    redis_client.rpush(
+        key,
+        *[
+            timeline.pack(a, now + i, event, "app.t" * 80, "high", "w")
+            for i, event in enumerate(
+                ("sent", "received", "started", "retried", "started", "failed", "dead")
+            )
+        ],
+    )
     redis_client.rpush(key, timeline.pack(b, now, "sent", "app.u", "low", ""), b"garbage")
     assert timeline.drain(runtime, engine) == 8
     assert redis_client.llen(key) == 0
@@ -69,8 +78,9 @@ def test_drain_lookup_and_prune(make_app: Any, engine: sa.engine.Engine, prefix:
     assert timeline.lookup(runtime, None, a) is None
 
 
-def test_a_failed_insert_keeps_the_events(make_app: Any, prefix: str, tmp_path: Path,
-                                          redis_client: redis.Redis) -> None:
+def test_a_failed_insert_keeps_the_events(
+    make_app: Any, prefix: str, tmp_path: Path, redis_client: redis.Redis
+) -> None:
     runtime = runtime_of(make_app("tl", namespace=prefix.rstrip("-")))
     key = runtime.keys.timeline_pending()
     events = [timeline.pack(prefix + str(i), time.time(), "sent", "n", "q", "") for i in range(5)]

@@ -29,11 +29,19 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     env = child_env({})  # no TASKYARD_REDIS_URL: an embedded Redis must be started
     env["TASKYARD_DATABASE_URL"] = f"sqlite:///{tmp_path / 'up.db'}"
     with log.open("wb") as sink:
-        up = subprocess.Popen([sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.prio"],
-                              env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        up = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.prio"],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_until(lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
-                   60, message="the stack to start")
+        wait_until(
+            lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
+            60,
+            message="the stack to start",
+        )
         text = log.read_text()
         assert up.poll() is None, text
         assert "redis (embedded)" in text
@@ -48,10 +56,13 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         # Work flows: a task sent to the embedded Redis runs on the critical worker.
         client = redis.Redis.from_url(url.group(1))
         wait_until(lambda: client.ping(), 10)
-        subprocess.run([sys.executable, "-c",
-                        "from tests.apps import prio; prio.critical_work.delay(7)"],
-                       env={**env, "TASKYARD_REDIS_URL": url.group(1)}, cwd=ROOT, check=True,
-                       timeout=60)
+        subprocess.run(
+            [sys.executable, "-c", "from tests.apps import prio; prio.critical_work.delay(7)"],
+            env={**env, "TASKYARD_REDIS_URL": url.group(1)},
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+        )
         wait_until(lambda: client.llen("test:order") == 1, 60, message="the task to run")
         client.close()
 
@@ -64,8 +75,11 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert up.returncode == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            alive = [p for p in family if psutil.pid_exists(p)
-                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+            alive = [
+                p
+                for p in family
+                if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+            ]
             if not alive:
                 break
             time.sleep(0.2)

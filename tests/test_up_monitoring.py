@@ -46,30 +46,50 @@ def test_services_run_the_taskyard_commands_and_name_their_addresses() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
 def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
-        tmp_path: Path, stop_with: signal.Signals) -> None:
+    tmp_path: Path, stop_with: signal.Signals
+) -> None:
     flower_port, api_port = free_port(), free_port()
-    env = child_env({  # no TASKYARD_REDIS_URL: the stack runs on its embedded Redis
-        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
-        "TASKYARD_MONITORING__FLOWER_PORT": str(flower_port),
-        "TASKYARD_MONITORING__API_PORT": str(api_port),
-        "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "ops:pw-for-test",
-    })
+    env = child_env(
+        {  # no TASKYARD_REDIS_URL: the stack runs on its embedded Redis
+            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
+            "TASKYARD_MONITORING__FLOWER_PORT": str(flower_port),
+            "TASKYARD_MONITORING__API_PORT": str(api_port),
+            "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "ops:pw-for-test",
+        }
+    )
     log = tmp_path / "up.log"
     with log.open("wb") as sink:
         up = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.fivelevels",
-             "--no-beat"], env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "taskyard.cli",
+                "up",
+                "-A",
+                "tests.apps.fivelevels",
+                "--no-beat",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     descendants: list[psutil.Process] = []
     try:
-        wait_until(lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
-                   60, 0.2, "the stack to start")
+        wait_until(
+            lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
+            60,
+            0.2,
+            "the stack to start",
+        )
         text = log.read_text(errors="replace")
         assert up.poll() is None, text
         flower_url = f"http://127.0.0.1:{flower_port}/"
         api_url = f"http://127.0.0.1:{api_port}"
         assert re.search(rf"^flower\s+\d+\s+{re.escape(flower_url)}", text, re.M), text
-        assert re.search(rf"^stats api\s+\d+\s+{re.escape(api_url)}/api/v1/overview", text,
-                         re.M), text
+        assert re.search(rf"^stats api\s+\d+\s+{re.escape(api_url)}/api/v1/overview", text, re.M), (
+            text
+        )
         assert re.search(rf"^dashboard\s+\d+\s+{re.escape(api_url)}/dashboard", text, re.M), text
         assert "pw-for-test" not in text
 
@@ -80,15 +100,20 @@ def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
                 return False
 
         wait_until(lambda: answers(api_url + "/health/live"), 60, 0.3, "the stats API")
-        wait_until(lambda: answers(flower_url + "healthcheck", auth=("ops", "pw-for-test")), 60,
-                   0.3, "Flower")
+        wait_until(
+            lambda: answers(flower_url + "healthcheck", auth=("ops", "pw-for-test")),
+            60,
+            0.3,
+            "Flower",
+        )
         page = httpx.get(api_url + "/dashboard", timeout=10)
         assert page.status_code == 200 and "<svg" in page.text
         for level in LEVELS:
             assert f">{level}<" in page.text
         assert httpx.get(flower_url + "api/workers", timeout=10).status_code == 401
-        queues = httpx.get(flower_url + "api/queues/length", auth=("ops", "pw-for-test"),
-                           timeout=10).json()["active_queues"]
+        queues = httpx.get(
+            flower_url + "api/queues/length", auth=("ops", "pw-for-test"), timeout=10
+        ).json()["active_queues"]
         assert [q["name"] for q in queues] == LEVELS
         descendants = psutil.Process(up.pid).children(recursive=True)
         assert len(descendants) >= 6  # redis, 3 workers (+ pools), flower, api

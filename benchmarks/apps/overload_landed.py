@@ -24,8 +24,9 @@ __all__ = ["app"]
 class LandedPolicy(Policy):
     """Admission as it landed: memory or CPU above the level's threshold defers the task."""
 
-    def hold(self, level: str, reading: Reading,
-             requires_memory_mb: float | None = None) -> Hold | None:
+    def hold(
+        self, level: str, reading: Reading, requires_memory_mb: float | None = None
+    ) -> Hold | None:
         held = super().hold(level, reading, requires_memory_mb)
         if held is not None:
             return held

@@ -2,5 +2,8 @@
 
 from taskyard import create_app
 
-app = create_app("bdc", include=["examples.bdc.tasks", "examples.bdc.warmers"],
-                 maintenance={"metadata": "examples.bdc.models:Base.metadata"})
+app = create_app(
+    "bdc",
+    include=["examples.bdc.tasks", "examples.bdc.warmers"],
+    maintenance={"metadata": "examples.bdc.models:Base.metadata"},
+)

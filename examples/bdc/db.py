@@ -37,15 +37,21 @@ def seed(users: int = 200, trainers: int = 10, seed_value: int = 7) -> None:
             return
         rng = random.Random(seed_value)
         now = datetime.utcnow()
-        staff = [User(email=f"trainer{i}@bdc.example", username=f"trainer{i}", role="trainer")
-                 for i in range(trainers)]
+        staff = [
+            User(email=f"trainer{i}@bdc.example", username=f"trainer{i}", role="trainer")
+            for i in range(trainers)
+        ]
         db.add_all(staff)
         db.flush()
-        coaches = [Trainer(user_id=u.id, specialty=rng.choice(["career", "skills", "language"]))
-                   for u in staff]
+        coaches = [
+            Trainer(user_id=u.id, specialty=rng.choice(["career", "skills", "language"]))
+            for u in staff
+        ]
         db.add_all(coaches)
-        people = [User(email=f"user{i}@bdc.example", username=f"user{i}",
-                       is_active=rng.random() > 0.1) for i in range(users)]
+        people = [
+            User(email=f"user{i}@bdc.example", username=f"user{i}", is_active=rng.random() > 0.1)
+            for i in range(users)
+        ]
         db.add_all(people)
         db.flush()
         for person in people:
@@ -55,11 +61,20 @@ def seed(users: int = 200, trainers: int = 10, seed_value: int = 7) -> None:
             db.flush()
             for k in range(3):
                 start = now + timedelta(days=rng.randint(-30, 30), hours=k)
-                db.add(Appointment(
-                    beneficiary_id=beneficiary.id, trainer_id=coach.id, start_time=start,
-                    end_time=start + timedelta(hours=1),
-                    status="completed" if start < now else "scheduled",
-                ))
-            db.add(Evaluation(beneficiary_id=beneficiary.id, trainer_id=coach.id,
-                              due_date=now + timedelta(days=rng.randint(-10, 20)),
-                              status=rng.choice(["pending", "done"])))
+                db.add(
+                    Appointment(
+                        beneficiary_id=beneficiary.id,
+                        trainer_id=coach.id,
+                        start_time=start,
+                        end_time=start + timedelta(hours=1),
+                        status="completed" if start < now else "scheduled",
+                    )
+                )
+            db.add(
+                Evaluation(
+                    beneficiary_id=beneficiary.id,
+                    trainer_id=coach.id,
+                    due_date=now + timedelta(days=rng.randint(-10, 20)),
+                    status=rng.choice(["pending", "done"]),
+                )
+            )

@@ -79,8 +79,9 @@ class Appointment(Base):
 
 class Document(Base):
     __tablename__ = "documents"
-    __table_args__ = (Index("ix_documents_beneficiary_id_created_at", "beneficiary_id",
-                            "created_at"),)
+    __table_args__ = (
+        Index("ix_documents_beneficiary_id_created_at", "beneficiary_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     beneficiary_id: Mapped[int] = mapped_column(ForeignKey("beneficiaries.id"), index=True)

@@ -16,8 +16,9 @@ from taskyard import batch_task, priority_task
 def revoke_sessions(user_id: int) -> int:
     """Security: invalidate every session of a user at once; returns the new session version."""
     with session() as db:
-        db.execute(update(User).where(User.id == user_id)
-                   .values(session_version=User.session_version + 1))
+        db.execute(
+            update(User).where(User.id == user_id).values(session_version=User.session_version + 1)
+        )
         return int(db.scalar(select(User.session_version).where(User.id == user_id)) or 0)
 
 
@@ -25,8 +26,11 @@ def revoke_sessions(user_id: int) -> int:
 def lock_account(user_id: int) -> None:
     """Security: deactivate an account and revoke its sessions."""
     with session() as db:
-        db.execute(update(User).where(User.id == user_id)
-                   .values(is_active=False, session_version=User.session_version + 1))
+        db.execute(
+            update(User)
+            .where(User.id == user_id)
+            .values(is_active=False, session_version=User.session_version + 1)
+        )
 
 
 @priority_task(priority="high")
@@ -60,21 +64,35 @@ def monthly_report(month: str) -> dict[str, int]:
     end = (start + timedelta(days=32)).replace(day=1)
     with session() as db:
         rows = db.execute(
-            select(Appointment.trainer_id, func.count(),
-                   func.sum(case((Appointment.status == "completed", 1), else_=0)))
+            select(
+                Appointment.trainer_id,
+                func.count(),
+                func.sum(case((Appointment.status == "completed", 1), else_=0)),
+            )
             .where(Appointment.start_time >= start, Appointment.start_time < end)
             .group_by(Appointment.trainer_id)
         ).all()
-        done = dict(db.execute(
-            select(Evaluation.trainer_id, func.count())
-            .where(Evaluation.status == "done", Evaluation.due_date >= start,
-                   Evaluation.due_date < end)
-            .group_by(Evaluation.trainer_id)
-        ).all())
+        done = dict(
+            db.execute(
+                select(Evaluation.trainer_id, func.count())
+                .where(
+                    Evaluation.status == "done",
+                    Evaluation.due_date >= start,
+                    Evaluation.due_date < end,
+                )
+                .group_by(Evaluation.trainer_id)
+            ).all()
+        )
         for trainer_id, total, completed in rows:
-            db.add(Report(month=month, trainer_id=trainer_id, appointments=total,
-                          completed=int(completed or 0),
-                          evaluations_done=int(done.get(trainer_id, 0))))
+            db.add(
+                Report(
+                    month=month,
+                    trainer_id=trainer_id,
+                    appointments=total,
+                    completed=int(completed or 0),
+                    evaluations_done=int(done.get(trainer_id, 0)),
+                )
+            )
         return {"trainers": len(rows), "appointments": sum(int(r[1]) for r in rows)}
 
 
@@ -82,10 +100,15 @@ def monthly_report(month: str) -> dict[str, int]:
 def send_notification_batch(items: list[dict[str, Any]]) -> int:
     """Digest e-mails, buffered: one INSERT per batch of up to 100; returns how many."""
     with session() as db:
-        db.add_all([
-            Notification(user_id=int(item["user_id"]), channel=str(item.get("channel", "email")),
-                         message=str(item.get("message") or item.get("template", "digest")),
-                         urgent=False)
-            for item in items
-        ])
+        db.add_all(
+            [
+                Notification(
+                    user_id=int(item["user_id"]),
+                    channel=str(item.get("channel", "email")),
+                    message=str(item.get("message") or item.get("template", "digest")),
+                    urgent=False,
+                )
+                for item in items
+            ]
+        )
     return len(items)

@@ -23,8 +23,13 @@ UPCOMING_WINDOW_S = 14 * 86_400.0
 
 
 def _profile(user: User) -> dict[str, Any]:
-    return {"id": user.id, "email": user.email, "username": user.username, "role": user.role,
-            "is_active": user.is_active}
+    return {
+        "id": user.id,
+        "email": user.email,
+        "username": user.username,
+        "role": user.role,
+        "is_active": user.is_active,
+    }
 
 
 @cached(resource="user", tags=["users", "user:{user_id}"], app=app)
@@ -36,15 +41,24 @@ def user_profile(user_id: int) -> dict[str, Any] | None:
 
 
 def _appointment(a: Appointment) -> dict[str, Any]:
-    return {"id": a.id, "trainer_id": a.trainer_id, "start": a.start_time.isoformat(),
-            "end": a.end_time.isoformat()}
+    return {
+        "id": a.id,
+        "trainer_id": a.trainer_id,
+        "start": a.start_time.isoformat(),
+        "end": a.end_time.isoformat(),
+    }
 
 
 def _upcoming_query(since: datetime) -> Any:
-    return (select(Appointment)
-            .where(Appointment.status == "scheduled", Appointment.start_time >= since,
-                   Appointment.start_time < since + timedelta(seconds=UPCOMING_WINDOW_S))
-            .order_by(Appointment.start_time))
+    return (
+        select(Appointment)
+        .where(
+            Appointment.status == "scheduled",
+            Appointment.start_time >= since,
+            Appointment.start_time < since + timedelta(seconds=UPCOMING_WINDOW_S),
+        )
+        .order_by(Appointment.start_time)
+    )
 
 
 @cached(resource="beneficiary", tags=["appointments", "beneficiary:{beneficiary_id}"], app=app)
@@ -52,7 +66,8 @@ def upcoming_appointments(beneficiary_id: int) -> list[dict[str, Any]]:
     """A beneficiary's scheduled appointments of the next two weeks, soonest first."""
     with session() as db:
         query = _upcoming_query(datetime.utcnow()).where(
-            Appointment.beneficiary_id == beneficiary_id)
+            Appointment.beneficiary_id == beneficiary_id
+        )
         return [_appointment(a) for a in db.scalars(query)]
 
 
@@ -62,8 +77,12 @@ def system_settings() -> dict[str, Any]:
     with session() as db:
         specialties = sorted(s for s in db.scalars(select(Trainer.specialty).distinct()) if s)
         trainers = int(db.scalar(select(func.count()).select_from(Trainer)) or 0)
-    return {"specialties": specialties, "trainers": trainers, "slot_minutes": 60,
-            "booking_horizon_days": int(UPCOMING_WINDOW_S // 86_400)}
+    return {
+        "specialties": specialties,
+        "trainers": trainers,
+        "slot_minutes": 60,
+        "booking_horizon_days": int(UPCOMING_WINDOW_S // 86_400),
+    }
 
 
 @cache_warmer("active_users", description="profiles of every active user")
@@ -82,11 +101,13 @@ def warm_upcoming_appointments(cache: Cache) -> int:
         ids = list(db.scalars(select(Beneficiary.id)))
         for appointment in db.scalars(_upcoming_query(datetime.utcnow())):
             by_beneficiary.setdefault(appointment.beneficiary_id, []).append(
-                _appointment(appointment))
+                _appointment(appointment)
+            )
     # Beneficiaries with nothing upcoming are cached too: an empty calendar is an answer.
     for beneficiary_id in ids:
         upcoming_appointments.prime(  # type: ignore[attr-defined]
-            by_beneficiary.get(beneficiary_id, []), beneficiary_id)
+            by_beneficiary.get(beneficiary_id, []), beneficiary_id
+        )
     return len(ids)
 
 

@@ -126,15 +126,19 @@ def _check_schedule(settings: Settings) -> None:
     from taskyard.tasks.schedule import default_intervals  # late: see _install_subsystems
 
     jobs = sorted(default_intervals(settings))
-    named = (("TASKYARD_SCHEDULE__INTERVALS_S", list(settings.schedule.intervals_s)),
-             ("TASKYARD_SCHEDULE__DISABLED", settings.schedule.disabled))
+    named = (
+        ("TASKYARD_SCHEDULE__INTERVALS_S", list(settings.schedule.intervals_s)),
+        ("TASKYARD_SCHEDULE__DISABLED", settings.schedule.disabled),
+    )
     for variable, names in named:
         for job in names:
             if job not in jobs:
                 raise ConfigurationError(
                     f"{variable} names {job!r}, which is not a periodic job of the platform"
                     f"{did_you_mean(job, jobs)}; the jobs are: {', '.join(jobs)}",
-                    setting=variable, value=job)
+                    setting=variable,
+                    value=job,
+                )
 
 
 def _install_subsystems(app: Celery, runtime: Runtime) -> None:
@@ -155,8 +159,9 @@ def _install_subsystems(app: Celery, runtime: Runtime) -> None:
     install_monitoring(app, runtime)  # metric capture, stats collection
 
 
-def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
-               **overrides: Any) -> Celery:
+def create_app(
+    name: str, include: list[str] | tuple[str, ...] | None = None, **overrides: Any
+) -> Celery:
     """Return a Celery app configured for taskyard.
 
     Keyword overrides that name a taskyard setting (``broker_url``, ``routing_rules``, ...)
@@ -174,7 +179,9 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
             raise ConfigurationError(
                 f"create_app() got {key}={value!r}, which is neither a taskyard setting nor a "
                 f"Celery setting{did_you_mean(key, setting_names | CELERY_SETTINGS)}",
-                setting=key, value=value)
+                setting=key,
+                value=value,
+            )
     settings = load_settings(**{k: v for k, v in overrides.items() if k in setting_names})
     celery_overrides = {k: v for k, v in overrides.items() if k not in setting_names}
     _check_schedule(settings)
@@ -199,8 +206,9 @@ def create_app(name: str, include: list[str] | tuple[str, ...] | None = None,
     router.app = app
     if settings.task_events:
         runtime.sent_events = SentEvents(app, settings.event_flush_interval_s)
-        after_task_publish.connect(on_after_task_publish, dispatch_uid="taskyard.sent_events",
-                                   weak=False)
+        after_task_publish.connect(
+            on_after_task_publish, dispatch_uid="taskyard.sent_events", weak=False
+        )
         app.steps["consumer"].add(EventBatching)
     app.steps["consumer"].add(BulkPrefetch)
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread

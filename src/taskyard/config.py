@@ -84,8 +84,10 @@ def _check_scheme(url: str, schemes: frozenset[str], role: str) -> str:
     scheme = url_scheme(url)
     if scheme not in schemes:
         shown = f"scheme {scheme!r}" if scheme else "no scheme"
-        raise ValueError(f"{role} {url!r} has {shown}; expected one of "
-                         f"{', '.join(s + '://' for s in sorted(schemes))}")
+        raise ValueError(
+            f"{role} {url!r} has {shown}; expected one of "
+            f"{', '.join(s + '://' for s in sorted(schemes))}"
+        )
     return url
 
 
@@ -97,8 +99,10 @@ def _check_database_url(url: str) -> str:
     try:
         make_url(url).get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
-        raise ValueError(f"database URL {url!r} is not a SQLAlchemy URL of an installed "
-                         f"dialect (sqlite:///file.db, postgresql+psycopg2://...): {exc}") from None
+        raise ValueError(
+            f"database URL {url!r} is not a SQLAlchemy URL of an installed "
+            f"dialect (sqlite:///file.db, postgresql+psycopg2://...): {exc}"
+        ) from None
     return url
 
 
@@ -544,16 +548,22 @@ def _check_variables(environ: Mapping[str, str]) -> None:
     known = set(variable_names())
     for variable in environ:
         upper = variable.upper()
-        if (not upper.startswith(ENV_PREFIX) or upper in known or upper in NOT_SETTINGS
-                or upper.startswith(NOT_SETTINGS_PREFIXES)):
+        if (
+            not upper.startswith(ENV_PREFIX)
+            or upper in known
+            or upper in NOT_SETTINGS
+            or upper.startswith(NOT_SETTINGS_PREFIXES)
+        ):
             continue
         # Deeper parts are keys of a mapping field (TASKYARD_CACHE__TTL_S__USER).
-        parts = upper[len(ENV_PREFIX):].split(NESTED_DELIMITER)
+        parts = upper[len(ENV_PREFIX) :].split(NESTED_DELIMITER)
         if _mapping_key(parts):
             continue
         raise ConfigurationError(
             f"unknown setting {variable}{did_you_mean(upper, known)}",
-            setting=variable, value=environ[variable])
+            setting=variable,
+            value=environ[variable],
+        )
 
 
 def _mapping_key(parts: list[str]) -> bool:
@@ -597,8 +607,10 @@ def load_settings(**overrides: Any) -> Settings:
             if not first_loc:
                 first_loc, first_value = loc, err.get("input")
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown setting {_variable_name(loc)}"
-                                f"{did_you_mean(_variable_name(loc), variable_names())}")
+                problems.append(
+                    f"unknown setting {_variable_name(loc)}"
+                    f"{did_you_mean(_variable_name(loc), variable_names())}"
+                )
             else:
                 problems.append(f"{_variable_name(loc)}={err.get('input')!r}: {err['msg']}")
         raise ConfigurationError(

@@ -73,8 +73,10 @@ class BufferUnavailable(BrokerUnavailable, BatchError):
 
     def __init__(self, batch_name: str, redis_url: str, reason: str) -> None:
         TaskyardError.__init__(
-            self, f"cannot buffer items of batch {batch_name!r}: Redis {redis_url} unreachable "
-            f"({reason}); the items were not accepted")
+            self,
+            f"cannot buffer items of batch {batch_name!r}: Redis {redis_url} unreachable "
+            f"({reason}); the items were not accepted",
+        )
         self.task_name = batch_name
         self.batch_name = batch_name
         self.broker = redis_url
@@ -84,10 +86,20 @@ class BufferUnavailable(BrokerUnavailable, BatchError):
 class BatchBufferFull(BatchError):
     """A batch buffer already holds its ``max_buffered`` items; the item was not accepted."""
 
-    def __init__(self, batch_name: str, buffered: int, limit: int, *,
-                 accepted: int = 0, rejected: tuple[int, ...] = ()) -> None:
-        tail = (f"; {accepted} items of this call were accepted, {len(rejected)} not"
-                if accepted else "; item not accepted")
+    def __init__(
+        self,
+        batch_name: str,
+        buffered: int,
+        limit: int,
+        *,
+        accepted: int = 0,
+        rejected: tuple[int, ...] = (),
+    ) -> None:
+        tail = (
+            f"; {accepted} items of this call were accepted, {len(rejected)} not"
+            if accepted
+            else "; item not accepted"
+        )
         super().__init__(
             f"batch {batch_name!r} holds {buffered} items, its limit max_buffered={limit}{tail}"
         )

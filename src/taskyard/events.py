@@ -61,9 +61,15 @@ class SentEvents:
         """Record one sent task; cheap (no I/O)."""
         fields = {key: headers.get(key) for key in _SENT_HEADERS}
         fields.update(
-            uuid=headers.get("id"), name=headers.get("task"), args=headers.get("argsrepr"),
-            kwargs=headers.get("kwargsrepr"), queue=routing_key, exchange=exchange,
-            routing_key=routing_key, hostname=self.hostname, pid=os.getpid(),
+            uuid=headers.get("id"),
+            name=headers.get("task"),
+            args=headers.get("argsrepr"),
+            kwargs=headers.get("kwargsrepr"),
+            queue=routing_key,
+            exchange=exchange,
+            routing_key=routing_key,
+            hostname=self.hostname,
+            pid=os.getpid(),
             utcoffset=_utcoffset(),
         )
         self._events.append(Event("task-sent", **fields))
@@ -98,16 +104,24 @@ class SentEvents:
         try:
             with self.app.producer_or_acquire() as producer:
                 exchange = get_exchange(producer.connection, name=self.app.conf.event_exchange)
-                producer.publish(batch, exchange=exchange.name, routing_key="task.multi",
-                                 declare=[exchange], serializer="json", retry=False,
-                                 headers={"hostname": self.hostname})
+                producer.publish(
+                    batch,
+                    exchange=exchange.name,
+                    routing_key="task.multi",
+                    declare=[exchange],
+                    serializer="json",
+                    retry=False,
+                    headers={"hostname": self.hostname},
+                )
         except Exception:  # events are best-effort and must not kill the thread
-            log.warning("dropped %d task-sent events: the broker refused them", len(batch),
-                        exc_info=True)
+            log.warning(
+                "dropped %d task-sent events: the broker refused them", len(batch), exc_info=True
+            )
 
 
-def on_after_task_publish(headers: dict[str, Any] | None = None, exchange: str = "",
-                          routing_key: str = "", **_: Any) -> None:
+def on_after_task_publish(
+    headers: dict[str, Any] | None = None, exchange: str = "", routing_key: str = "", **_: Any
+) -> None:
     """``after_task_publish`` receiver: buffer a ``task-sent`` event for a taskyard app."""
     app = sending_app.get()
     if app is None or headers is None:

@@ -103,7 +103,8 @@ def current_taskyard_app() -> Any:
     if latest is None:
         raise ConfigurationError(
             "no taskyard app in this process: create one with taskyard.create_app(...) before "
-            "sending taskyard tasks")
+            "sending taskyard tasks"
+        )
     return latest
 
 

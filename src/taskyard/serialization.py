@@ -53,8 +53,7 @@ def register() -> None:
     # kombu internals: register() also replaces the decoder of the content type (None keeps
     # kombu's own JSON decoder) and maps the content type back to the new name; that mapping
     # names the type in kombu's "untrusted content" errors, so it goes back to "json".
-    registry.register(SERIALIZER, dumps, None, content_type=CONTENT_TYPE,
-                      content_encoding="utf-8")
+    registry.register(SERIALIZER, dumps, None, content_type=CONTENT_TYPE, content_encoding="utf-8")
     registry.type_to_name[CONTENT_TYPE] = "json"
 
 

@@ -116,13 +116,28 @@ class EmbeddedRedis:
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         argv = [
-            self.executable(), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", self.directory,
-            "--daemonize", "no", "--logfile", str(Path(self.directory) / "redis.log"),
+            self.executable(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.directory,
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(Path(self.directory) / "redis.log"),
         ]
         self.process = subprocess.Popen(
-            argv, start_new_session=True, preexec_fn=die_with_parent,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            argv,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
@@ -175,8 +190,11 @@ def run_until_signalled(
             if dead:
                 for service in dead:
                     assert service.process is not None
-                    print(f"taskyard up: {service.name} exited with code "
-                          f"{service.process.returncode}; stopping the stack", file=sys.stderr)
+                    print(
+                        f"taskyard up: {service.name} exited with code "
+                        f"{service.process.returncode}; stopping the stack",
+                        file=sys.stderr,
+                    )
                 return 1
             if on_tick is not None:
                 on_tick()
@@ -189,5 +207,7 @@ def run_until_signalled(
 
 def format_table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )

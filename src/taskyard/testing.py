@@ -20,8 +20,12 @@ from taskyard.stack import die_with_parent
 ROOT = Path.cwd()
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05,
-               message: str = "condition") -> None:
+def wait_until(
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    interval_s: float = 0.05,
+    message: str = "condition",
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -81,26 +85,64 @@ class Worker:
 
 
 @contextmanager
-def celery_worker(app: str, queues: str, env: Mapping[str, str], log_dir: Path, *,
-                  concurrency: int = 2, name: str = "test", pool: str = "prefork",
-                  extra: tuple[str, ...] = (), ready_timeout_s: float = 30.0,
-                  prefix: Sequence[str] = ()) -> Iterator[Worker]:
+def celery_worker(
+    app: str,
+    queues: str,
+    env: Mapping[str, str],
+    log_dir: Path,
+    *,
+    concurrency: int = 2,
+    name: str = "test",
+    pool: str = "prefork",
+    extra: tuple[str, ...] = (),
+    ready_timeout_s: float = 30.0,
+    prefix: Sequence[str] = (),
+) -> Iterator[Worker]:
     """Start ``celery -A app worker -Q queues``; wait until it is ready; stop it afterwards.
 
     ``prefix`` runs the worker through another program, e.g. ``ip netns exec HOST``.
     """
     log = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
-    argv = [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues,
-            "-c", str(concurrency), "-P", pool, "-n", f"{name}@%h", "--loglevel", "INFO",
-            "--without-gossip", "--without-mingle", *extra]
+    argv = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-P",
+        pool,
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, env=child_env(env), stdout=sink, stderr=subprocess.STDOUT,
-                                   start_new_session=True, cwd=ROOT,
-                                   preexec_fn=die_with_parent)
+        process = subprocess.Popen(
+            argv,
+            env=child_env(env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+            preexec_fn=die_with_parent,
+        )
     worker = Worker(process, log)
     try:
-        wait_until(lambda: " ready." in worker.output() or process.poll() is not None,
-                   ready_timeout_s, 0.1, f"worker {name} to be ready")
+        wait_until(
+            lambda: " ready." in worker.output() or process.poll() is not None,
+            ready_timeout_s,
+            0.1,
+            f"worker {name} to be ready",
+        )
         if process.poll() is not None:
             raise AssertionError(f"worker {name} exited:\n{worker.output()[-3000:]}")
         yield worker

@@ -12,8 +12,7 @@ from taskyard.runtime import runtime_of
 # Short lease, fast reaper and retries so crash and retry tests finish in seconds. Resource
 # guards off: on a busy test machine they would hold batches back and blur the timings.
 SETTINGS: dict[str, Any] = {
-    "batch": {"lease_s": 2.0, "reaper_interval_s": 0.2, "retry_backoff_s": 0.2,
-              "max_retries": 2},
+    "batch": {"lease_s": 2.0, "reaper_interval_s": 0.2, "retry_backoff_s": 0.2, "max_retries": 2},
     "guard": {"enabled": False},
 }
 

@@ -9,8 +9,10 @@ from taskyard import batch_task, create_app, priority_task
 from taskyard.runtime import runtime_of
 
 # Resource guards off: on a busy test machine they would hold tasks back and blur the timings.
-SETTINGS: dict[str, Any] = {"guard": {"enabled": False},
-                            "batch": {"lease_s": 2.0, "reaper_interval_s": 0.2}}
+SETTINGS: dict[str, Any] = {
+    "guard": {"enabled": False},
+    "batch": {"lease_s": 2.0, "reaper_interval_s": 0.2},
+}
 
 app = create_app("deadtest", include=["tests.apps.dead"], **SETTINGS)
 

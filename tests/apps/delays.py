@@ -19,8 +19,12 @@ RETRIES = "test:delays:retries"
 @priority_task(priority="normal", bind=True)
 def stamp(self: Any, i: int, due: float) -> None:
     """Records its number, due time and start time."""
-    runtime_of(app).redis.rpush(RUNS, json.dumps(
-        {"i": i, "due": due, "at": time.time(), "pid": os.getpid(), "id": self.request.id}))
+    runtime_of(app).redis.rpush(
+        RUNS,
+        json.dumps(
+            {"i": i, "due": due, "at": time.time(), "pid": os.getpid(), "id": self.request.id}
+        ),
+    )
 
 
 @priority_task(priority="normal", bind=True, max_retries=3)
@@ -30,5 +34,7 @@ def retry_once(self: Any, i: int, countdown: float) -> None:
     if self.request.retries == 0:
         redis.rpush(RETRIES, json.dumps({"i": i, "at": time.time(), "event": "retry"}))
         raise self.retry(countdown=countdown)
-    redis.rpush(RETRIES, json.dumps({"i": i, "at": time.time(), "event": "done",
-                                     "retries": self.request.retries}))
+    redis.rpush(
+        RETRIES,
+        json.dumps({"i": i, "at": time.time(), "event": "done", "retries": self.request.retries}),
+    )

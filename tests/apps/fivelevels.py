@@ -41,5 +41,10 @@ def fails(i: int) -> int:
 
 
 #: Task per level, in level order.
-BY_LEVEL = {"critical": on_critical, "high": on_high, "normal": on_normal, "low": on_low,
-            "batch": on_batch}
+BY_LEVEL = {
+    "critical": on_critical,
+    "high": on_high,
+    "normal": on_normal,
+    "low": on_low,
+    "batch": on_batch,
+}

@@ -37,5 +37,6 @@ def sleepy(seconds: float) -> None:
 @priority_task(priority="low")
 def deferred_once(i: int) -> None:
     """Emits taskyard's deferral signal as a guard would when it holds a task back."""
-    taskyard_signals.task_deferred.send(sender=deferred_once.name, task_id=str(i), level="low",
-                                        reason="test", deferrals=1)
+    taskyard_signals.task_deferred.send(
+        sender=deferred_once.name, task_id=str(i), level="low", reason="test", deferrals=1
+    )

@@ -36,8 +36,13 @@ def report(self: Any, i: int) -> None:
 
 @batch_task(batch_name="twoapps", batch_size=5, max_wait=60, name="twoapps.batch")
 def collect(items: list[dict[str, Any]]) -> None:
-    runtime_of(app).redis.rpush(RAN, *[json.dumps({"task": "twoapps.batch", "queue": "batch",
-                                                   "i": item["i"]}) for item in items])
+    runtime_of(app).redis.rpush(
+        RAN,
+        *[
+            json.dumps({"task": "twoapps.batch", "queue": "batch", "i": item["i"]})
+            for item in items
+        ],
+    )
 
 
 # Created after the taskyard app: Celery makes it the current app of this thread.

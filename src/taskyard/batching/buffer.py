@@ -67,7 +67,8 @@ _local = threading.local()
 def _held_connection(client: redis.Redis) -> Any:
     """This thread's own connection to ``client``'s server (per process: safe after fork)."""
     held: tuple[int, weakref.WeakKeyDictionary[redis.Redis, Any]] | None = getattr(
-        _local, "connections", None)
+        _local, "connections", None
+    )
     if held is None or held[0] != os.getpid():
         held = _local.connections = (os.getpid(), weakref.WeakKeyDictionary())
     conn = held[1].get(client)
@@ -186,8 +187,16 @@ class BatchBuffer:
         self.prefix = keys.batch_prefix(batch_name)
 
     # --- producers --------------------------------------------------------------------------
-    def append(self, group: str, entries: Sequence[str], *, batch_size: int, max_buffered: int,
-               lease_ms: int, register: Mapping[str, Any] | None = None) -> AppendResult:
+    def append(
+        self,
+        group: str,
+        entries: Sequence[str],
+        *,
+        batch_size: int,
+        max_buffered: int,
+        lease_ms: int,
+        register: Mapping[str, Any] | None = None,
+    ) -> AppendResult:
         """Append encoded items to ``group``'s buffer in one round trip; claim full batches.
 
         ``register`` (the batch's definition) is written in the same round trip the first time
@@ -197,15 +206,22 @@ class BatchBuffer:
         key = self.keys.batch_buffer(self.batch_name, group)
         if register is None:
             return self._append_result(APPEND.fast(self.client, (key,), args))
+
         def build(pipe: Any) -> None:
             self._queue_register(pipe, register)
             APPEND.queue(pipe, (key,), args)
 
         return self._append_result(run_pipeline(self.client, build)[-1])
 
-    def append_many(self, chunks: Iterable[tuple[str, Sequence[str]]], *, batch_size: int,
-                    max_buffered: int, lease_ms: int,
-                    register: Mapping[str, Any] | None = None) -> list[AppendResult]:
+    def append_many(
+        self,
+        chunks: Iterable[tuple[str, Sequence[str]]],
+        *,
+        batch_size: int,
+        max_buffered: int,
+        lease_ms: int,
+        register: Mapping[str, Any] | None = None,
+    ) -> list[AppendResult]:
         """Append several (group, items) chunks in one pipelined round trip; one result each.
 
         Each chunk is atomic (all accepted or none); chunks are independent of each other.
@@ -217,11 +233,12 @@ class BatchBuffer:
                 self._queue_register(pipe, register)
             for group, entries in chunk_list:
                 key = self.keys.batch_buffer(self.batch_name, group)
-                APPEND.queue(pipe, (key,), (self.prefix, group, batch_size, max_buffered,
-                                            lease_ms, *entries))
+                APPEND.queue(
+                    pipe, (key,), (self.prefix, group, batch_size, max_buffered, lease_ms, *entries)
+                )
 
         replies = run_pipeline(self.client, build)
-        return [self._append_result(r) for r in replies[len(replies) - len(chunk_list):]]
+        return [self._append_result(r) for r in replies[len(replies) - len(chunk_list) :]]
 
     def _queue_register(self, pipe: Any, register: Mapping[str, Any]) -> None:
         pipe.hset(self.keys.batch_conf(self.batch_name), mapping=dict(register))
@@ -231,8 +248,7 @@ class BatchBuffer:
     def _append_result(reply: list[Any]) -> AppendResult:
         if int(reply[0]) < 0:
             return AppendResult(False, int(reply[1]))
-        claimed = [Claimed(text(reply[i]), "", int(reply[i + 1]))
-                   for i in range(2, len(reply), 2)]
+        claimed = [Claimed(text(reply[i]), "", int(reply[i + 1])) for i in range(2, len(reply), 2)]
         return AppendResult(True, int(reply[1]), claimed, int(reply[0]) == 1)
 
     def register(self, definition: Mapping[str, Any]) -> None:
@@ -242,60 +258,116 @@ class BatchBuffer:
         pipe.execute()
 
     # --- the reaper -------------------------------------------------------------------------
-    def reap(self, *, max_wait_ms: int, batch_size: int, lease_ms: int, reason: str = "age",
-             leases: bool = True, limit: int = 1000) -> tuple[list[Claimed], list[Claimed]]:
+    def reap(
+        self,
+        *,
+        max_wait_ms: int,
+        batch_size: int,
+        lease_ms: int,
+        reason: str = "age",
+        leases: bool = True,
+        limit: int = 1000,
+    ) -> tuple[list[Claimed], list[Claimed]]:
         """Claim aged buffers and re-arm expired leases: (claimed, to republish)."""
-        reply = REAP(self.client, (self.keys.batch_oldest(self.batch_name),),
-                     (self.prefix, max_wait_ms, batch_size, lease_ms, limit, reason,
-                      1 if leases else 0))
+        reply = REAP(
+            self.client,
+            (self.keys.batch_oldest(self.batch_name),),
+            (self.prefix, max_wait_ms, batch_size, lease_ms, limit, reason, 1 if leases else 0),
+        )
         return self._reap_result(reply)
 
-    def queue_reap(self, pipe: Any, *, max_wait_ms: int, batch_size: int, lease_ms: int,
-                   limit: int = 1000) -> None:
+    def queue_reap(
+        self, pipe: Any, *, max_wait_ms: int, batch_size: int, lease_ms: int, limit: int = 1000
+    ) -> None:
         """Add a reap of this batch name to a pipeline (see :meth:`reap_result`)."""
-        REAP.queue(pipe, (self.keys.batch_oldest(self.batch_name),),
-                   (self.prefix, max_wait_ms, batch_size, lease_ms, limit, "age", 1))
+        REAP.queue(
+            pipe,
+            (self.keys.batch_oldest(self.batch_name),),
+            (self.prefix, max_wait_ms, batch_size, lease_ms, limit, "age", 1),
+        )
 
     @staticmethod
     def _reap_result(reply: list[Any]) -> tuple[list[Claimed], list[Claimed]]:
         claimed, republished = reply
-        return ([Claimed(text(c[0]), text(c[1]), int(c[2])) for c in claimed],
-                [Claimed(text(c[0]), text(c[1]), int(c[2] or 0)) for c in republished])
+        return (
+            [Claimed(text(c[0]), text(c[1]), int(c[2])) for c in claimed],
+            [Claimed(text(c[0]), text(c[1]), int(c[2] or 0)) for c in republished],
+        )
 
     reap_result = _reap_result
 
     # --- workers ----------------------------------------------------------------------------
-    def acquire(self, batch_id: str, token: str, lease_ms: int,
-                max_deliveries: int = 0) -> Acquired:
+    def acquire(
+        self, batch_id: str, token: str, lease_ms: int, max_deliveries: int = 0
+    ) -> Acquired:
         """Take a batch for processing under a lease owned by ``token``; "crashed" when its
         runs already killed their process ``max_deliveries`` times (0: no bound)."""
-        reply = ACQUIRE(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
-                        (self.prefix, batch_id, token, lease_ms, max_deliveries))
+        reply = ACQUIRE(
+            self.client,
+            (self.keys.batch_meta(self.batch_name, batch_id),),
+            (self.prefix, batch_id, token, lease_ms, max_deliveries),
+        )
         status = text(reply[0])
         if status == "crashed":
             return Acquired(status, deliveries=int(reply[1]))
         if status != "ok":
             return Acquired(status)
-        return Acquired(status, text(reply[1]), int(reply[2] or 0), int(reply[3]),
-                        bool(int(reply[4])), tuple(reply[5:]))
+        return Acquired(
+            status,
+            text(reply[1]),
+            int(reply[2] or 0),
+            int(reply[3]),
+            bool(int(reply[4])),
+            tuple(reply[5:]),
+        )
 
     def renew(self, batch_id: str, token: str, lease_ms: int) -> bool:
         """Extend the lease of a batch this worker still owns."""
-        return bool(RENEW(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
-                          (self.prefix, batch_id, token, lease_ms)))
+        return bool(
+            RENEW(
+                self.client,
+                (self.keys.batch_meta(self.batch_name, batch_id),),
+                (self.prefix, batch_id, token, lease_ms),
+            )
+        )
 
     def complete(self, batch_id: str) -> int:
         """Finish a batch that succeeded; its item count, or -1 when already finished."""
-        return int(COMPLETE(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
-                            (self.prefix, batch_id)))
+        return int(
+            COMPLETE(
+                self.client,
+                (self.keys.batch_meta(self.batch_name, batch_id),),
+                (self.prefix, batch_id),
+            )
+        )
 
-    def fail(self, batch_id: str, token: str, *, max_retries: int, backoff_ms: int,
-             lease_ms: int, error: str, failed: Sequence[int] | None = None) -> Failed:
+    def fail(
+        self,
+        batch_id: str,
+        token: str,
+        *,
+        max_retries: int,
+        backoff_ms: int,
+        lease_ms: int,
+        error: str,
+        failed: Sequence[int] | None = None,
+    ) -> Failed:
         """Record a failure of the whole batch (``failed`` None) or of the items at ``failed``."""
         partial = () if failed is None else ("1", *failed)
-        reply = FAIL(self.client, (self.keys.batch_meta(self.batch_name, batch_id),),
-                     (self.prefix, batch_id, token, max_retries, backoff_ms, lease_ms, error,
-                      *(partial or ("0",))))
+        reply = FAIL(
+            self.client,
+            (self.keys.batch_meta(self.batch_name, batch_id),),
+            (
+                self.prefix,
+                batch_id,
+                token,
+                max_retries,
+                backoff_ms,
+                lease_ms,
+                error,
+                *(partial or ("0",)),
+            ),
+        )
         return Failed(text(reply[0]), int(reply[1]), int(reply[2]))
 
     # --- dead letters -----------------------------------------------------------------------
@@ -319,27 +391,29 @@ class BatchBuffer:
 
     def requeue(self, batch_id: str, lease_ms: int) -> Claimed | None:
         """Move a dead batch back in flight; the caller publishes it."""
-        reply = REQUEUE(self.client, (self.keys.batch_dead(self.batch_name),),
-                        (self.prefix, batch_id, lease_ms))
+        reply = REQUEUE(
+            self.client, (self.keys.batch_dead(self.batch_name),), (self.prefix, batch_id, lease_ms)
+        )
         if not reply:
             return None
         return Claimed(text(reply[0]), text(reply[1]), int(reply[2]))
 
     def purge(self, batch_id: str) -> int:
         """Delete a dead batch; its item count, or -1 when it is not dead."""
-        return int(PURGE(self.client, (self.keys.batch_dead(self.batch_name),),
-                         (self.prefix, batch_id)))
+        return int(
+            PURGE(self.client, (self.keys.batch_dead(self.batch_name),), (self.prefix, batch_id))
+        )
 
     # --- inspection -------------------------------------------------------------------------
     def snapshot(self, limit: int = 10_000) -> dict[str, Any]:
         """Raw state of the batch name: groups, in-flight and dead batches, counters."""
         now, groups, inflight, dead, stats, pending = INSPECT(
-            self.client, (self.keys.batch_groups(self.batch_name),), (self.prefix, limit))
+            self.client, (self.keys.batch_groups(self.batch_name),), (self.prefix, limit)
+        )
         flat = [text(v) for v in stats]
         return {
             "now_ms": int(now),
-            "groups": [(text(g), int(n), int(text(o)) if text(o) else None)
-                       for g, n, o in groups],
+            "groups": [(text(g), int(n), int(text(o)) if text(o) else None) for g, n, o in groups],
             "inflight": [(text(g), text(s), int(n or 0)) for g, s, n in inflight],
             "dead": [(text(g), text(s), int(n or 0)) for g, s, n in dead],
             "stats": {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)},

@@ -55,15 +55,21 @@ RETRY_PAUSE_S = 0.5
 
 _producers: weakref.WeakSet[BufferedProducer] = weakref.WeakSet()
 _by_definition: weakref.WeakKeyDictionary[BatchDefinition, dict[int, BufferedProducer]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 _hooks_installed = False
 
 
 class BufferedProducer:
     """An in-process buffer in front of one batch definition on one app."""
 
-    def __init__(self, definition: BatchDefinition, app: Any, linger_ms: float,
-                 max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self,
+        definition: BatchDefinition,
+        app: Any,
+        linger_ms: float,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
         self.definition = definition
         self.app = app
         self.linger_s = max(0.0, float(linger_ms)) / 1000
@@ -107,8 +113,11 @@ class BufferedProducer:
         limits = self._limits
         if limits is None:
             opts = definition.state(self.app).options
-            limits = self._limits = (opts, opts.max_item_bytes,
-                                     min(self.max_pending, opts.max_buffered))
+            limits = self._limits = (
+                opts,
+                opts.max_item_bytes,
+                min(self.max_pending, opts.max_buffered),
+            )
         entry = definition.encode(item, limits[1])
         pending = self._pending
         pending.append((next(self._sequence), definition.group_of(item), entry))
@@ -150,8 +159,13 @@ class BufferedProducer:
             buffered = self._buffered_at_refusal
         if refused:
             opts = self.definition.state(self.app).options
-            raise BatchBufferFull(self.definition.batch_name, buffered, opts.max_buffered,
-                                  accepted=accepted, rejected=tuple(refused))
+            raise BatchBufferFull(
+                self.definition.batch_name,
+                buffered,
+                opts.max_buffered,
+                accepted=accepted,
+                rejected=tuple(refused),
+            )
         return appended
 
     def _drain(self) -> int:
@@ -177,13 +191,19 @@ class BufferedProducer:
         groups: dict[str, list[tuple[int, str]]] = {}
         for position, group, entry in taken:
             groups.setdefault(group, []).append((position, entry))
-        chunks = [(group, rows[start:start + _CHUNK]) for group, rows in groups.items()
-                  for start in range(0, len(rows), _CHUNK)]
+        chunks = [
+            (group, rows[start : start + _CHUNK])
+            for group, rows in groups.items()
+            for start in range(0, len(rows), _CHUNK)
+        ]
         try:
             results = state.buffer.append_many(
                 ((group, [entry for _, entry in rows]) for group, rows in chunks),
-                batch_size=opts.batch_size, max_buffered=opts.max_buffered,
-                lease_ms=opts.lease_ms, register=definition._registration(state))
+                batch_size=opts.batch_size,
+                max_buffered=opts.max_buffered,
+                lease_ms=opts.lease_ms,
+                register=definition._registration(state),
+            )
             if any(r.unregistered for r in results):
                 state.buffer.register(opts.registration(definition.name))
         except _UNREACHABLE as exc:
@@ -207,12 +227,18 @@ class BufferedProducer:
                 self._refused.extend(refused)
                 self._buffered_at_refusal = buffered
         if refused:
-            log.warning("batch %s: %d buffered items refused, the batch name holds %d "
-                        "(max_buffered=%d); raised by the next flush()", definition.batch_name,
-                        len(refused), buffered, opts.max_buffered)
+            log.warning(
+                "batch %s: %d buffered items refused, the batch name holds %d "
+                "(max_buffered=%d); raised by the next flush()",
+                definition.batch_name,
+                len(refused),
+                buffered,
+                opts.max_buffered,
+            )
         if claims:
-            publish(state.app, definition.name, opts.level.value, definition.batch_name,
-                    claims, "size")
+            publish(
+                state.app, definition.name, opts.level.value, definition.batch_name, claims, "size"
+            )
 
     # --- the background thread ------------------------------------------------------------------
     def _start(self) -> None:
@@ -222,8 +248,9 @@ class BufferedProducer:
             self._start_locked()
 
     def _start_locked(self) -> None:
-        thread = threading.Thread(target=self._run, name=f"taskyard-buffer-"
-                                  f"{self.definition.batch_name}", daemon=True)
+        thread = threading.Thread(
+            target=self._run, name=f"taskyard-buffer-{self.definition.batch_name}", daemon=True
+        )
         self._thread = thread
         thread.start()
 
@@ -239,8 +266,7 @@ class BufferedProducer:
             except BufferUnavailable:
                 time.sleep(RETRY_PAUSE_S)
             except Exception:  # never let the thread die: the items stay held for flush()
-                log.exception("batch %s: background append failed",
-                              self.definition.batch_name)
+                log.exception("batch %s: background append failed", self.definition.batch_name)
                 time.sleep(RETRY_PAUSE_S)
             if self._pending:
                 self._wake.set()
@@ -249,31 +275,37 @@ class BufferedProducer:
     def __enter__(self) -> BufferedProducer:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if kind is None:
             self.flush()
             return
         try:  # an exception is already on its way: flush what we can, without masking it
             self.flush()
         except Exception:
-            log.exception("batch %s: flush on leaving the buffered block failed",
-                          self.definition.batch_name)
+            log.exception(
+                "batch %s: flush on leaving the buffered block failed", self.definition.batch_name
+            )
 
     def __repr__(self) -> str:
-        return (f"<BufferedProducer {self.definition.batch_name} linger_ms="
-                f"{self.linger_s * 1000:g} pending={self.pending}>")
+        return (
+            f"<BufferedProducer {self.definition.batch_name} linger_ms="
+            f"{self.linger_s * 1000:g} pending={self.pending}>"
+        )
 
 
-def producer_for(definition: BatchDefinition, app: Any, linger_ms: float | None) -> (
-        BufferedProducer):
+def producer_for(
+    definition: BatchDefinition, app: Any, linger_ms: float | None
+) -> BufferedProducer:
     """The producer of ``definition`` on ``app`` (one per pair); ``linger_ms`` None keeps the
     producer's linger (:data:`DEFAULT_LINGER_MS` for a new one)."""
     producers = _by_definition.setdefault(definition, {})
     producer = producers.get(id(app))
     if producer is None or producer.app is not app:
-        producer = BufferedProducer(definition, app,
-                                    DEFAULT_LINGER_MS if linger_ms is None else linger_ms)
+        producer = BufferedProducer(
+            definition, app, DEFAULT_LINGER_MS if linger_ms is None else linger_ms
+        )
         producers[id(app)] = producer
     elif linger_ms is not None:
         producer.linger_s = max(0.0, float(linger_ms)) / 1000
@@ -294,8 +326,12 @@ def flush_all() -> None:
         try:
             producer.flush()
         except Exception as exc:
-            log.error("batch %s: %d buffered items not appended at exit: %s",
-                      producer.definition.batch_name, producer.pending, exc)
+            log.error(
+                "batch %s: %d buffered items not appended at exit: %s",
+                producer.definition.batch_name,
+                producer.pending,
+                exc,
+            )
 
 
 def _after_fork_in_child() -> None:

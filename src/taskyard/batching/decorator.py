@@ -15,9 +15,21 @@ from taskyard.routing.task import TaskyardTask
 
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 #: taskyard's own options of @batch_task (beside Celery's task options for the flush task).
-OWN_OPTIONS = ("batch_name", "batch_size", "max_wait", "priority", "key", "max_buffered",
-               "max_item_bytes", "lease_s", "max_retries", "retry_backoff_s", "max_deliveries",
-               "app", "linger_ms")
+OWN_OPTIONS = (
+    "batch_name",
+    "batch_size",
+    "max_wait",
+    "priority",
+    "key",
+    "max_buffered",
+    "max_item_bytes",
+    "lease_s",
+    "max_retries",
+    "retry_backoff_s",
+    "max_deliveries",
+    "app",
+    "linger_ms",
+)
 _REFUSED = {
     "bind": "the flush task is bound already; the function receives the list of items",
     "base": "the flush task uses its app's task class",
@@ -27,8 +39,14 @@ _REFUSED = {
 class BatchTask(BatchDefinition):
     """What ``@batch_task`` returns: a batch definition bound to its Celery flush task."""
 
-    def __init__(self, fn: Callable[[list[Any]], Any], *, celery_options: dict[str, Any],
-                 app: Any = None, **definition: Any) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Any],
+        *,
+        celery_options: dict[str, Any],
+        app: Any = None,
+        **definition: Any,
+    ) -> None:
         options = dict(celery_options)
         super().__init__(fn, name=options.pop("name", None), app=app, **definition)
         self.task = make_flush_task(self, options, app=app)
@@ -40,22 +58,43 @@ def batch_task(fn: Callable[[list[Any]], Any], /) -> BatchTask: ...
 
 @overload
 def batch_task(
-    *, batch_name: str | None = ..., batch_size: int = ..., max_wait: float = ...,
-    priority: str | Priority = ..., key: Callable[[Any], Any] | None = ...,
-    max_buffered: int | None = ..., max_item_bytes: int | None = ..., lease_s: float | None = ...,
-    max_retries: int | None = ..., retry_backoff_s: float | None = ...,
-    max_deliveries: int | None = ..., app: Any = ..., linger_ms: float | None = ...,
+    *,
+    batch_name: str | None = ...,
+    batch_size: int = ...,
+    max_wait: float = ...,
+    priority: str | Priority = ...,
+    key: Callable[[Any], Any] | None = ...,
+    max_buffered: int | None = ...,
+    max_item_bytes: int | None = ...,
+    lease_s: float | None = ...,
+    max_retries: int | None = ...,
+    retry_backoff_s: float | None = ...,
+    max_deliveries: int | None = ...,
+    app: Any = ...,
+    linger_ms: float | None = ...,
     **celery_options: Any,
 ) -> Callable[[Callable[[list[Any]], Any]], BatchTask]: ...
 
 
-def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: int = 100,
-               max_wait: float = 2.0, priority: str | Priority = Priority.BATCH,
-               key: Callable[[Any], Any] | None = None, max_buffered: int | None = None,
-               max_item_bytes: int | None = None, lease_s: float | None = None,
-               max_retries: int | None = None, retry_backoff_s: float | None = None,
-               max_deliveries: int | None = None, app: Any = None,
-               linger_ms: float | None = None, **celery_options: Any) -> Any:
+def batch_task(
+    fn: Any = None,
+    /,
+    *,
+    batch_name: str | None = None,
+    batch_size: int = 100,
+    max_wait: float = 2.0,
+    priority: str | Priority = Priority.BATCH,
+    key: Callable[[Any], Any] | None = None,
+    max_buffered: int | None = None,
+    max_item_bytes: int | None = None,
+    lease_s: float | None = None,
+    max_retries: int | None = None,
+    retry_backoff_s: float | None = None,
+    max_deliveries: int | None = None,
+    app: Any = None,
+    linger_ms: float | None = None,
+    **celery_options: Any,
+) -> Any:
     """Make ``fn(items: list)`` a batch task fed by ``.delay(item)`` and ``.add_many(items)``.
 
     Works bare (``@batch_task``: batch name = function name, 100 items, 2 s) or called. Options
@@ -89,54 +128,111 @@ def batch_task(fn: Any = None, /, *, batch_name: str | None = None, batch_size: 
     """
     level = parse_level(priority)
     check_options("@batch_task", celery_options, OWN_OPTIONS, _REFUSED)
-    check_number("batch_size", batch_size, minimum=1, strict=False, integer=True,
-                 allowed="an integer >= 1")
+    check_number(
+        "batch_size", batch_size, minimum=1, strict=False, integer=True, allowed="an integer >= 1"
+    )
     check_number("max_wait", max_wait, minimum=0, strict=True, allowed="a number of seconds > 0")
-    check_number("max_buffered", max_buffered, minimum=1, strict=False, integer=True,
-                 allowed="an integer >= 1")
-    check_number("max_item_bytes", max_item_bytes, minimum=16, strict=False, integer=True,
-                 allowed="an integer >= 16")
+    check_number(
+        "max_buffered",
+        max_buffered,
+        minimum=1,
+        strict=False,
+        integer=True,
+        allowed="an integer >= 1",
+    )
+    check_number(
+        "max_item_bytes",
+        max_item_bytes,
+        minimum=16,
+        strict=False,
+        integer=True,
+        allowed="an integer >= 16",
+    )
     check_number("lease_s", lease_s, minimum=0, strict=True, allowed="a number of seconds > 0")
-    check_number("max_retries", max_retries, minimum=0, strict=False, integer=True,
-                 allowed="an integer >= 0")
-    check_number("retry_backoff_s", retry_backoff_s, minimum=0, strict=False,
-                 allowed="a number of seconds >= 0")
-    check_number("max_deliveries", max_deliveries, minimum=1, strict=False, integer=True,
-                 allowed="an integer >= 1")
-    check_number("linger_ms", linger_ms, minimum=0, strict=False,
-                 allowed="a number of milliseconds >= 0 (or None: no buffering)")
+    check_number(
+        "max_retries", max_retries, minimum=0, strict=False, integer=True, allowed="an integer >= 0"
+    )
+    check_number(
+        "retry_backoff_s",
+        retry_backoff_s,
+        minimum=0,
+        strict=False,
+        allowed="a number of seconds >= 0",
+    )
+    check_number(
+        "max_deliveries",
+        max_deliveries,
+        minimum=1,
+        strict=False,
+        integer=True,
+        allowed="an integer >= 1",
+    )
+    check_number(
+        "linger_ms",
+        linger_ms,
+        minimum=0,
+        strict=False,
+        allowed="a number of milliseconds >= 0 (or None: no buffering)",
+    )
     if linger_ms is not None and linger_ms > 10_000:
         raise ConfigurationError(
             f"linger_ms={linger_ms!r} is not allowed; expected at most 10000 ms (items wait in "
-            "the process, lost on a crash, for that long)", setting="linger_ms", value=linger_ms)
+            "the process, lost on a crash, for that long)",
+            setting="linger_ms",
+            value=linger_ms,
+        )
     if max_buffered is not None and max_buffered < batch_size:
         raise ConfigurationError(
             f"max_buffered={max_buffered} is smaller than batch_size={batch_size}; a batch "
-            "could never fill", setting="max_buffered", value=max_buffered)
-    if batch_name is not None and (not isinstance(batch_name, str)
-                                   or not _BATCH_NAME.match(batch_name)):
+            "could never fill",
+            setting="max_buffered",
+            value=max_buffered,
+        )
+    if batch_name is not None and (
+        not isinstance(batch_name, str) or not _BATCH_NAME.match(batch_name)
+    ):
         raise ConfigurationError(
             f"batch_name={batch_name!r} is not allowed; expected 1-200 characters among "
-            "letters, digits and _ . : -", setting="batch_name", value=batch_name)
+            "letters, digits and _ . : -",
+            setting="batch_name",
+            value=batch_name,
+        )
     if key is not None and not callable(key):
-        raise ConfigurationError(f"key={key!r} is not callable; expected a function of the item",
-                                 setting="key", value=key)
+        raise ConfigurationError(
+            f"key={key!r} is not callable; expected a function of the item",
+            setting="key",
+            value=key,
+        )
 
     def decorate(target: Any) -> BatchTask:
         if isinstance(target, BatchTask | TaskyardTask) or not callable(target):
             raise ConfigurationError(
-                f"@batch_task decorates a plain function, not {type(target).__name__}",
-                value=target)
+                f"@batch_task decorates a plain function, not {type(target).__name__}", value=target
+            )
         name = batch_name or target.__name__
         if not _BATCH_NAME.match(name):
-            raise ConfigurationError(f"batch name {name!r} (from the function) is not allowed; "
-                                     "pass batch_name=", setting="batch_name", value=name)
-        return BatchTask(target, batch_name=name, batch_size=batch_size, max_wait=max_wait,
-                         level=level, key=key, max_buffered=max_buffered,
-                         max_item_bytes=max_item_bytes, lease_s=lease_s,
-                         max_retries=max_retries, retry_backoff_s=retry_backoff_s,
-                         max_deliveries=max_deliveries, celery_options=dict(celery_options),
-                         app=app, linger_ms=linger_ms)
+            raise ConfigurationError(
+                f"batch name {name!r} (from the function) is not allowed; pass batch_name=",
+                setting="batch_name",
+                value=name,
+            )
+        return BatchTask(
+            target,
+            batch_name=name,
+            batch_size=batch_size,
+            max_wait=max_wait,
+            level=level,
+            key=key,
+            max_buffered=max_buffered,
+            max_item_bytes=max_item_bytes,
+            lease_s=lease_s,
+            max_retries=max_retries,
+            retry_backoff_s=retry_backoff_s,
+            max_deliveries=max_deliveries,
+            celery_options=dict(celery_options),
+            app=app,
+            linger_ms=linger_ms,
+        )
 
     if fn is not None:
         return decorate(fn)

@@ -64,21 +64,28 @@ class BatchOptions:
 
     def registration(self, task_name: str) -> dict[str, Any]:
         """The definition stored in Redis, so any process can reap this batch name."""
-        return {"task": task_name, "level": self.level.value, "batch_size": self.batch_size,
-                "max_wait_ms": int(self.max_wait_s * 1000), "lease_ms": self.lease_ms,
-                "max_buffered": self.max_buffered}
+        return {
+            "task": task_name,
+            "level": self.level.value,
+            "batch_size": self.batch_size,
+            "max_wait_ms": int(self.max_wait_s * 1000),
+            "lease_ms": self.lease_ms,
+            "max_buffered": self.max_buffered,
+        }
 
 
-def check_number(name: str, value: Any, *, minimum: float, strict: bool, integer: bool = False,
-            allowed: str) -> None:
+def check_number(
+    name: str, value: Any, *, minimum: float, strict: bool, integer: bool = False, allowed: str
+) -> None:
     if value is None:
         return
     bad = isinstance(value, bool) or not isinstance(value, int if integer else int | float)
     if not bad:
         bad = value <= minimum if strict else value < minimum
     if bad:
-        raise ConfigurationError(f"{name}={value!r} is not allowed; expected {allowed}",
-                                 setting=name, value=value)
+        raise ConfigurationError(
+            f"{name}={value!r} is not allowed; expected {allowed}", setting=name, value=value
+        )
 
 
 class _AppState(NamedTuple):
@@ -98,12 +105,25 @@ class BatchDefinition:
 
     task: Any
 
-    def __init__(self, fn: Callable[[list[Any]], Any], *, batch_name: str, batch_size: int,
-                 max_wait: float, level: Priority, key: Callable[[Any], Any] | None,
-                 max_buffered: int | None, max_item_bytes: int | None, lease_s: float | None,
-                 max_retries: int | None, retry_backoff_s: float | None,
-                 name: str | None = None, app: Any = None,
-                 max_deliveries: int | None = None, linger_ms: float | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[list[Any]], Any],
+        *,
+        batch_name: str,
+        batch_size: int,
+        max_wait: float,
+        level: Priority,
+        key: Callable[[Any], Any] | None,
+        max_buffered: int | None,
+        max_item_bytes: int | None,
+        lease_s: float | None,
+        max_retries: int | None,
+        retry_backoff_s: float | None,
+        name: str | None = None,
+        app: Any = None,
+        max_deliveries: int | None = None,
+        linger_ms: float | None = None,
+    ) -> None:
         self.fn = fn
         self.batch_name = batch_name
         self.batch_size = batch_size
@@ -169,9 +189,12 @@ class BatchDefinition:
         state = self._states.get(id(app))
         if state is None or state.app is not app:  # an id reused by a new app: a new state
             runtime = runtime_of(app)
-            state = _AppState(app, runtime,
-                              BatchBuffer(runtime.redis, runtime.keys, self.batch_name),
-                              self.options(runtime.settings))
+            state = _AppState(
+                app,
+                runtime,
+                BatchBuffer(runtime.redis, runtime.keys, self.batch_name),
+                self.options(runtime.settings),
+            )
             self._states[id(app)] = state
         self._last = state
         return state
@@ -191,17 +214,24 @@ class BatchDefinition:
             text = serialization.dumps(item)
         except RecursionError:
             raise BatchItemError(
-                self.batch_name, f"an item of type {type(item).__name__} is nested too deeply to "
-                "encode as JSON", item_type=type(item).__name__) from None
+                self.batch_name,
+                f"an item of type {type(item).__name__} is nested too deeply to encode as JSON",
+                item_type=type(item).__name__,
+            ) from None
         except serialization.ENCODE_ERRORS as exc:
             raise BatchItemError(
-                self.batch_name, f"an item of type {type(item).__name__} is not JSON-encodable "
-                f"({exc})", item_type=type(item).__name__) from None
+                self.batch_name,
+                f"an item of type {type(item).__name__} is not JSON-encodable ({exc})",
+                item_type=type(item).__name__,
+            ) from None
         if len(text) > limit:  # ASCII-only JSON: characters are bytes
             raise BatchItemError(
-                self.batch_name, f"an item of type {type(item).__name__} encodes to {len(text)} "
-                f"bytes, over max_item_bytes={limit}", item_type=type(item).__name__,
-                size=len(text))
+                self.batch_name,
+                f"an item of type {type(item).__name__} encodes to {len(text)} "
+                f"bytes, over max_item_bytes={limit}",
+                item_type=type(item).__name__,
+                size=len(text),
+            )
         return text
 
     def group_of(self, item: Any) -> str:
@@ -211,14 +241,18 @@ class BatchDefinition:
         try:
             group = self.key(item)
         except Exception as exc:
-            raise BatchItemError(self.batch_name, f"key function failed on an item of type "
-                                 f"{type(item).__name__}: {exc!r}",
-                                 item_type=type(item).__name__) from exc
+            raise BatchItemError(
+                self.batch_name,
+                f"key function failed on an item of type {type(item).__name__}: {exc!r}",
+                item_type=type(item).__name__,
+            ) from exc
         text = group if isinstance(group, str) else str(group)
         if len(text) > _MAX_GROUP_CHARS:
-            raise BatchItemError(self.batch_name, f"key {text[:40]!r}... is {len(text)} "
-                                 f"characters, over {_MAX_GROUP_CHARS}",
-                                 item_type=type(item).__name__)
+            raise BatchItemError(
+                self.batch_name,
+                f"key {text[:40]!r}... is {len(text)} characters, over {_MAX_GROUP_CHARS}",
+                item_type=type(item).__name__,
+            )
         return text
 
     def _registration(self, state: _AppState) -> dict[str, Any] | None:
@@ -246,9 +280,14 @@ class BatchDefinition:
         entry = self.encode(item, opts.max_item_bytes)
         group = self.group_of(item)
         try:
-            result = state.buffer.append(group, (entry,), batch_size=opts.batch_size,
-                                         max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
-                                         register=self._registration(state))
+            result = state.buffer.append(
+                group,
+                (entry,),
+                batch_size=opts.batch_size,
+                max_buffered=opts.max_buffered,
+                lease_ms=opts.lease_ms,
+                register=self._registration(state),
+            )
             if result.unregistered:
                 state.buffer.register(opts.registration(self.name))
         except _UNREACHABLE as exc:
@@ -289,15 +328,19 @@ class BatchDefinition:
         chunks: list[tuple[str, list[str], list[int]]] = []
         for group, (entries, indices) in groups.items():
             for start in range(0, len(entries), _CHUNK):
-                chunks.append((group, entries[start:start + _CHUNK],
-                               indices[start:start + _CHUNK]))
+                chunks.append(
+                    (group, entries[start : start + _CHUNK], indices[start : start + _CHUNK])
+                )
         if not chunks or not chunks[0][1]:
             return AddResult(0, ())
         try:
             results = state.buffer.append_many(
-                ((g, e) for g, e, _ in chunks), batch_size=opts.batch_size,
-                max_buffered=opts.max_buffered, lease_ms=opts.lease_ms,
-                register=self._registration(state))
+                ((g, e) for g, e, _ in chunks),
+                batch_size=opts.batch_size,
+                max_buffered=opts.max_buffered,
+                lease_ms=opts.lease_ms,
+                register=self._registration(state),
+            )
             if any(r.unregistered for r in results):
                 state.buffer.register(opts.registration(self.name))
         except _UNREACHABLE as exc:
@@ -315,8 +358,13 @@ class BatchDefinition:
         if claims:
             publish(state.app, self.name, opts.level.value, self.batch_name, claims, "size")
         if rejected:
-            raise BatchBufferFull(self.batch_name, pending, opts.max_buffered,
-                                  accepted=accepted, rejected=tuple(sorted(rejected)))
+            raise BatchBufferFull(
+                self.batch_name,
+                pending,
+                opts.max_buffered,
+                accepted=accepted,
+                rejected=tuple(sorted(rejected)),
+            )
         return AddResult(accepted, tuple(c.batch_id for c in claims))
 
     def buffered(self, app: Any = None, *, linger_ms: float | None = None) -> BufferedProducer:
@@ -324,8 +372,9 @@ class BatchDefinition:
         item, durable after its ``flush()`` (see :mod:`taskyard.batching.buffered`)."""
         from taskyard.batching.buffered import producer_for
 
-        return producer_for(self, self.state(app).app,
-                            self.linger_ms if linger_ms is None else linger_ms)
+        return producer_for(
+            self, self.state(app).app, self.linger_ms if linger_ms is None else linger_ms
+        )
 
     def flush(self) -> AddResult:
         """Claim every buffered item now, whatever its age (reason "manual")."""
@@ -337,16 +386,22 @@ class BatchDefinition:
         if producer is not None:  # this process's held items first
             producer.flush()
         try:
-            claims, _ = state.buffer.reap(max_wait_ms=-1, batch_size=opts.batch_size,
-                                          lease_ms=opts.lease_ms, reason="manual", leases=False)
+            claims, _ = state.buffer.reap(
+                max_wait_ms=-1,
+                batch_size=opts.batch_size,
+                lease_ms=opts.lease_ms,
+                reason="manual",
+                leases=False,
+            )
         except _UNREACHABLE as exc:
             self._unavailable(state, exc)
         publish(state.app, self.name, opts.level.value, self.batch_name, claims, "manual")
         return AddResult(0, tuple(c.batch_id for c in claims))
 
 
-def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[Claimed],
-            reason: str | None) -> int:
+def publish(
+    app: Any, task_name: str, queue: str, batch_name: str, claims: list[Claimed], reason: str | None
+) -> int:
     """Publish one flush message per claimed batch; announce new batches (``reason`` set).
 
     A message that cannot be published is not an error for the caller: its batch is in flight
@@ -355,8 +410,13 @@ def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[
     """
     if reason is not None:
         for claim in claims:
-            batch_flushed.send(sender=batch_name, group=claim.group, batch_id=claim.batch_id,
-                               size=claim.size, reason=reason)
+            batch_flushed.send(
+                sender=batch_name,
+                group=claim.group,
+                batch_id=claim.batch_id,
+                size=claim.size,
+                reason=reason,
+            )
     if not claims:
         return 0
     task = app.tasks.get(task_name) if app.conf.task_always_eager else None
@@ -369,11 +429,21 @@ def publish(app: Any, task_name: str, queue: str, batch_name: str, claims: list[
     try:
         with app.producer_or_acquire() as producer:
             for claim in claims:
-                app.send_task(task_name, args=[claim.batch_id], queue=queue, routing_key=queue,
-                              producer=producer)
+                app.send_task(
+                    task_name,
+                    args=[claim.batch_id],
+                    queue=queue,
+                    routing_key=queue,
+                    producer=producer,
+                )
                 sent += 1
     except Exception as exc:
-        log.warning("batch %s: %d flush messages not published (%s); the reaper republishes "
-                    "them when their lease runs out", batch_name, len(claims) - sent, exc,
-                    exc_info=True)
+        log.warning(
+            "batch %s: %d flush messages not published (%s); the reaper republishes "
+            "them when their lease runs out",
+            batch_name,
+            len(claims) - sent,
+            exc,
+            exc_info=True,
+        )
     return sent

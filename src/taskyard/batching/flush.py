@@ -34,8 +34,9 @@ _ERROR_CHARS = 2000
 FLUSH_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
 
 
-def make_flush_task(batch: BatchDefinition, celery_options: dict[str, Any], *,
-                    app: Any = None) -> Any:
+def make_flush_task(
+    batch: BatchDefinition, celery_options: dict[str, Any], *, app: Any = None
+) -> Any:
     """The Celery task that runs ``batch``: of ``app``, or of every taskyard app.
 
     The task is of the app's own task class, like any other taskyard task, and carries the
@@ -47,8 +48,16 @@ def make_flush_task(batch: BatchDefinition, celery_options: dict[str, Any], *,
 
     flush_batch.__doc__ = f"Process one batch of {batch.batch_name!r}: calls {batch.name}."
     options = {**FLUSH_TASK_OPTIONS, **celery_options}
-    return bind_task(flush_batch, app=app, decorator="@batch_task", name=batch.name, bind=True,
-                     taskyard_level=batch.level, taskyard_batch=batch, **options)
+    return bind_task(
+        flush_batch,
+        app=app,
+        decorator="@batch_task",
+        name=batch.name,
+        bind=True,
+        taskyard_level=batch.level,
+        taskyard_batch=batch,
+        **options,
+    )
 
 
 class LeaseKeeper:
@@ -64,8 +73,9 @@ class LeaseKeeper:
         self.token = token
         self.lease_ms = lease_ms
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"taskyard-lease-{batch_id}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"taskyard-lease-{batch_id}"
+        )
 
     def __enter__(self) -> LeaseKeeper:
         self._thread.start()
@@ -84,13 +94,18 @@ class LeaseKeeper:
                 log.warning("batch lease %s not renewed: %s", self.batch_id, exc)
 
 
-def _valid_indices(failure: PartialFailure, size: int, batch: BatchDefinition,
-                   batch_id: str) -> list[int] | None:
+def _valid_indices(
+    failure: PartialFailure, size: int, batch: BatchDefinition, batch_id: str
+) -> list[int] | None:
     indices = [i for i in failure.failed if 0 <= i < size]
     if len(indices) != len(failure.failed):
-        log.warning("batch %s/%s: PartialFailure names indices outside 0..%d: %s",
-                    batch.batch_name, batch_id, size - 1,
-                    sorted(set(failure.failed) - set(indices)))
+        log.warning(
+            "batch %s/%s: PartialFailure names indices outside 0..%d: %s",
+            batch.batch_name,
+            batch_id,
+            size - 1,
+            sorted(set(failure.failed) - set(indices)),
+        )
     return indices or None
 
 
@@ -102,8 +117,13 @@ def run_batch(task: Any, batch: BatchDefinition, batch_id: str) -> dict[str, Any
     got = buffer.acquire(batch_id, token, opts.lease_ms, opts.max_deliveries)
     if got.status == "crashed":
         # Its earlier runs killed their process max_deliveries times: dead letters, not a loop.
-        log.error("batch %s/%s: %d runs ended with their process dead; moved to the dead "
-                  "letters (crashed)", batch.batch_name, batch_id, got.deliveries)
+        log.error(
+            "batch %s/%s: %d runs ended with their process dead; moved to the dead "
+            "letters (crashed)",
+            batch.batch_name,
+            batch_id,
+            got.deliveries,
+        )
         return {"batch_id": batch_id, "status": "crashed"}
     if got.status != "ok":
         # "gone": already finished (a duplicate message); "busy": another live worker holds it;
@@ -124,27 +144,63 @@ def run_batch(task: Any, batch: BatchDefinition, batch_id: str) -> dict[str, Any
         indices = _valid_indices(outcome, len(items), batch, batch_id)
         return _failed(task, batch, buffer, opts, got, batch_id, token, outcome, indices)
     buffer.complete(batch_id)
-    return {"batch_id": batch_id, "status": "done", "size": len(items),
-            "group": got.group, "duplicate": got.duplicate}
+    return {
+        "batch_id": batch_id,
+        "status": "done",
+        "size": len(items),
+        "group": got.group,
+        "duplicate": got.duplicate,
+    }
 
 
-def _failed(task: Any, batch: BatchDefinition, buffer: BatchBuffer, opts: BatchOptions,
-            got: Acquired, batch_id: str, token: str, exc: BaseException,
-            indices: list[int] | None) -> dict[str, Any]:
-    backoff_s = opts.retry_backoff_s * (2 ** got.attempts)
-    result = buffer.fail(batch_id, token, max_retries=opts.max_retries,
-                         backoff_ms=int(backoff_s * 1000), lease_ms=opts.lease_ms,
-                         error=f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS], failed=indices)
+def _failed(
+    task: Any,
+    batch: BatchDefinition,
+    buffer: BatchBuffer,
+    opts: BatchOptions,
+    got: Acquired,
+    batch_id: str,
+    token: str,
+    exc: BaseException,
+    indices: list[int] | None,
+) -> dict[str, Any]:
+    backoff_s = opts.retry_backoff_s * (2**got.attempts)
+    result = buffer.fail(
+        batch_id,
+        token,
+        max_retries=opts.max_retries,
+        backoff_ms=int(backoff_s * 1000),
+        lease_ms=opts.lease_ms,
+        error=f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS],
+        failed=indices,
+    )
     if result.status == "retry":
-        log.warning("batch %s/%s: %d items failed (attempt %d of %d), retry in %.1f s: %r",
-                    batch.batch_name, batch_id, result.failed, result.attempts,
-                    opts.max_retries + 1, backoff_s, exc)
+        log.warning(
+            "batch %s/%s: %d items failed (attempt %d of %d), retry in %.1f s: %r",
+            batch.batch_name,
+            batch_id,
+            result.failed,
+            result.attempts,
+            opts.max_retries + 1,
+            backoff_s,
+            exc,
+        )
         # Same task id: a redelivery of the retry message is recognised by the lease owner.
-        raise task.retry(args=[batch_id], countdown=backoff_s, max_retries=None,
-                         exc=exc if isinstance(exc, Exception) else None)
+        raise task.retry(
+            args=[batch_id],
+            countdown=backoff_s,
+            max_retries=None,
+            exc=exc if isinstance(exc, Exception) else None,
+        )
     if result.status == "dead":
-        log.error("batch %s/%s: %d items moved to the dead letters after %d attempts: %r",
-                  batch.batch_name, batch_id, result.failed, result.attempts, exc)
+        log.error(
+            "batch %s/%s: %d items moved to the dead letters after %d attempts: %r",
+            batch.batch_name,
+            batch_id,
+            result.failed,
+            result.attempts,
+            exc,
+        )
         raise exc
     # "gone"/"lost": another worker took the batch over after our lease ran out; it decides.
     return {"batch_id": batch_id, "status": result.status}

@@ -12,9 +12,25 @@ from taskyard.runtime import Runtime, runtime_of
 from taskyard.serialization import text
 
 #: Counters kept per batch name and group (``Keys.batch_stats``), all reported (0 when unset).
-COUNTERS = ("processed", "batches", "failed", "retries", "dead_items", "dead_batches",
-            "duplicates", "duplicate_items", "lease_expired", "republished", "busy_deliveries",
-            "requeued", "purged_items", "crashed", "flush_size", "flush_age", "flush_manual")
+COUNTERS = (
+    "processed",
+    "batches",
+    "failed",
+    "retries",
+    "dead_items",
+    "dead_batches",
+    "duplicates",
+    "duplicate_items",
+    "lease_expired",
+    "republished",
+    "busy_deliveries",
+    "requeued",
+    "purged_items",
+    "crashed",
+    "flush_size",
+    "flush_age",
+    "flush_manual",
+)
 
 
 def _runtime(runtime_or_app: Any) -> Runtime:
@@ -28,9 +44,17 @@ def batch_names(runtime_or_app: Any) -> list[str]:
 
 
 def _empty_group(group: str) -> dict[str, Any]:
-    return {"group": group, "buffered": 0, "oldest_age_s": None, "in_flight": 0,
-            "in_flight_items": 0, "dead": 0, "dead_items": 0,
-            "flush_reasons": {}, **{c: 0 for c in COUNTERS}}
+    return {
+        "group": group,
+        "buffered": 0,
+        "oldest_age_s": None,
+        "in_flight": 0,
+        "in_flight_items": 0,
+        "dead": 0,
+        "dead_items": 0,
+        "flush_reasons": {},
+        **{c: 0 for c in COUNTERS},
+    }
 
 
 def inspect_batch(runtime_or_app: Any, batch_name: str) -> dict[str, Any]:
@@ -46,8 +70,10 @@ def inspect_batch(runtime_or_app: Any, batch_name: str) -> dict[str, Any]:
     runtime = _runtime(runtime_or_app)
     buffer = BatchBuffer(runtime.redis, runtime.keys, batch_name)
     snap = buffer.snapshot()
-    conf = {text(k): text(v)
-            for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()}
+    conf = {
+        text(k): text(v)
+        for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()
+    }
     now = snap["now_ms"]
     groups: dict[str, dict[str, Any]] = defaultdict(lambda: _empty_group(""))
     for group, buffered, oldest in snap["groups"]:
@@ -109,8 +135,9 @@ def inspect_batches(runtime_or_app: Any) -> list[dict[str, Any]]:
     return [inspect_batch(runtime, name) for name in batch_names(runtime)]
 
 
-def list_dead(runtime_or_app: Any, batch_name: str | None = None, *, items: int = 3,
-              limit: int = 1000) -> list[dict[str, Any]]:
+def list_dead(
+    runtime_or_app: Any, batch_name: str | None = None, *, items: int = 3, limit: int = 1000
+) -> list[dict[str, Any]]:
     """Dead batches (of one batch name, or all): id, group, size, attempts, error, died_at (s
     since epoch) and the first ``items`` items."""
     runtime = _runtime(runtime_or_app)
@@ -122,22 +149,32 @@ def list_dead(runtime_or_app: Any, batch_name: str | None = None, *, items: int 
             meta = buffer.describe(batch_id, items=items)
             if meta is None:
                 continue
-            out.append({"batch_name": name, "batch_id": batch_id, "group": meta.get("group", ""),
-                        "size": int(meta.get("size", 0)),
-                        "attempts": int(meta.get("attempts", 0)),
-                        "deliveries": int(meta.get("deliveries", 0)),
-                        "error": meta.get("error", ""),
-                        "died_at": int(meta.get("died", 0)) / 1000,
-                        "items": meta.get("items", [])})
+            out.append(
+                {
+                    "batch_name": name,
+                    "batch_id": batch_id,
+                    "group": meta.get("group", ""),
+                    "size": int(meta.get("size", 0)),
+                    "attempts": int(meta.get("attempts", 0)),
+                    "deliveries": int(meta.get("deliveries", 0)),
+                    "error": meta.get("error", ""),
+                    "died_at": int(meta.get("died", 0)) / 1000,
+                    "items": meta.get("items", []),
+                }
+            )
     return out
 
 
 def _conf(runtime: Runtime, batch_name: str) -> dict[str, str]:
-    conf = {text(k): text(v)
-            for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()}
+    conf = {
+        text(k): text(v)
+        for k, v in runtime.redis.hgetall(runtime.keys.batch_conf(batch_name)).items()
+    }
     if not conf:
-        raise BatchError(f"batch {batch_name!r} is unknown: no definition in Redis "
-                         f"(known: {', '.join(batch_names(runtime)) or 'none'})")
+        raise BatchError(
+            f"batch {batch_name!r} is unknown: no definition in Redis "
+            f"(known: {', '.join(batch_names(runtime)) or 'none'})"
+        )
     return conf
 
 
@@ -156,8 +193,7 @@ def requeue_dead(app: Any, batch_name: str, batch_ids: list[str] | None = None) 
     return [c.batch_id for c in requeued]
 
 
-def purge_dead(runtime_or_app: Any, batch_name: str,
-               batch_ids: list[str] | None = None) -> int:
+def purge_dead(runtime_or_app: Any, batch_name: str, batch_ids: list[str] | None = None) -> int:
     """Delete dead batches for good (all of ``batch_name`` when ``batch_ids`` is None);
     returns the number of items deleted."""
     runtime = _runtime(runtime_or_app)

@@ -28,8 +28,13 @@ def install(app: Celery, runtime: Runtime) -> None:
     # workers run no flusher (worker_flusher=false) or the schedule names it: a flusher in every
     # worker's main process already scans as often, without a task on the broker per scan.
     # shared=False: each app's reaper task reaps that app, never another app of the process.
-    register: Any = app.task(name=REAP_TASK, ignore_result=True, taskyard_level=Priority.HIGH,
-                             acks_late=False, shared=False)
+    register: Any = app.task(
+        name=REAP_TASK,
+        ignore_result=True,
+        taskyard_level=Priority.HIGH,
+        acks_late=False,
+        shared=False,
+    )
     register(reap_batches)
 
     if not settings.worker_flusher:

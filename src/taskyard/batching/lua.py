@@ -59,7 +59,9 @@ end
 #: KEYS[1] buffer; ARGV: prefix, group, batch_size, max_buffered, lease_ms, item...
 #: Returns {status, pending, id1, size1, id2, size2, ...}: status 0 accepted, 1 accepted but the
 #: batch's definition (conf) is missing, -1 refused by the limit (nothing appended).
-APPEND = _PRELUDE + """
+APPEND = (
+    _PRELUDE
+    + """
 local buf = KEYS[1]
 local group = ARGV[2]
 local size = tonumber(ARGV[3])
@@ -101,6 +103,7 @@ end
 if redis.call('EXISTS', prefix .. 'conf') == 0 then out[1] = 1 end
 return out
 """
+)
 
 #: Claim every buffer whose oldest item is at least max_wait_ms old, and re-arm expired leases.
 #: Atomic per batch name: a group is claimed whole (the items behind an aged head are flushed
@@ -110,7 +113,9 @@ return out
 #: KEYS[1] oldest index; ARGV: prefix, max_wait_ms, batch_size, lease_ms, limit, reason,
 #: leases (1: also re-arm expired leases). Returns {{id, group, size}...}, {{id, group, size}...}
 #: (claimed, republished).
-REAP = _PRELUDE + """
+REAP = (
+    _PRELUDE
+    + """
 local max_wait = tonumber(ARGV[2])
 local size = tonumber(ARGV[3])
 local lease_ms = tonumber(ARGV[4])
@@ -157,6 +162,7 @@ if ARGV[7] == '1' then
 end
 return {claimed, republished}
 """
+)
 
 #: Take a batch for processing. Atomic: the state check and the lease, so two deliveries of one
 #: batch (a republished message beside the original) never run it at once while its holder
@@ -166,7 +172,9 @@ return {claimed, republished}
 #: KEYS[1] meta; ARGV: prefix, id, token (Celery task id), lease_ms, max_deliveries (0: no bound).
 #: Returns {'ok', group, attempts, deliveries, duplicate, item...}, {'crashed', crashes, items}
 #: or {'gone'|'dead'|'busy'}.
-ACQUIRE = _PRELUDE + """
+ACQUIRE = (
+    _PRELUDE
+    + """
 local meta = KEYS[1]
 local id = ARGV[2]
 local token = ARGV[3]
@@ -224,21 +232,27 @@ local out = {'ok', group, tonumber(redis.call('HGET', meta, 'attempts')), delive
 for k = 1, #items do out[#out + 1] = items[k] end
 return out
 """
+)
 
 #: Extend the lease of a running batch. Atomic: only while this worker still owns it.
 #: KEYS[1] meta; ARGV: prefix, id, token, lease_ms. Returns 1 if renewed.
-RENEW = _PRELUDE + """
+RENEW = (
+    _PRELUDE
+    + """
 local meta = KEYS[1]
 if redis.call('HGET', meta, 'owner') ~= ARGV[3] or redis.call('HGET', meta, 'state') ~= 'running'
 then return 0 end
 redis.call('ZADD', prefix .. 'leases', 'XX', now_ms() + tonumber(ARGV[4]), ARGV[2])
 return 1
 """
+)
 
 #: Finish a batch that succeeded. Atomic: delete items, meta and lease, and count, so a
 #: duplicate completion (two holders after a lease expiry) counts the items once.
 #: KEYS[1] meta; ARGV: prefix, id. Returns the number of items, or -1 if already finished.
-COMPLETE = _PRELUDE + """
+COMPLETE = (
+    _PRELUDE
+    + """
 local meta = KEYS[1]
 local id = ARGV[2]
 local group = redis.call('HGET', meta, 'group')
@@ -252,6 +266,7 @@ stat('processed', group, n)
 stat('batches', group, 1)
 return n
 """
+)
 
 #: Record a failure of the whole batch or of some items (partial failure). Atomic: keep only
 #: the failed items, count the rest processed, then either schedule the retry (lease pushed past
@@ -260,7 +275,9 @@ return n
 #: KEYS[1] meta; ARGV: prefix, id, token, max_retries, backoff_ms, lease_ms, error, partial
 #: (1: the following ARGV are the 0-based indices of the failed items).
 #: Returns {'retry'|'dead'|'done'|'gone'|'lost', attempts, failed items}.
-FAIL = _PRELUDE + """
+FAIL = (
+    _PRELUDE
+    + """
 local meta = KEYS[1]
 local id = ARGV[2]
 local state = redis.call('HGET', meta, 'state')
@@ -310,12 +327,15 @@ redis.call('ZADD', leases, now + tonumber(ARGV[5]) + tonumber(ARGV[6]), id)
 stat('retries', group, 1)
 return {'retry', attempts, n}
 """
+)
 
 #: Put a dead batch back in flight with fresh attempts. Atomic: it leaves the dead letters and
 #: gains a lease (and counts as pending again) in one step, so a requeue racing another requeue
 #: or a purge happens once. KEYS[1] dead index; ARGV: prefix, id, lease_ms.
 #: Returns {id, group, size} or an empty list when the batch is not dead.
-REQUEUE = _PRELUDE + """
+REQUEUE = (
+    _PRELUDE
+    + """
 local id = ARGV[2]
 if not redis.call('ZSCORE', KEYS[1], id) then return {} end
 local meta = prefix .. 'meta:' .. id
@@ -329,10 +349,13 @@ redis.call('INCRBY', prefix .. 'pending', n)
 stat('requeued', group, 1)
 return {id, group, n}
 """
+)
 
 #: Delete a dead batch for good. Atomic with respect to REQUEUE (same index check).
 #: KEYS[1] dead index; ARGV: prefix, id. Returns the number of items deleted, -1 if not dead.
-PURGE = _PRELUDE + """
+PURGE = (
+    _PRELUDE
+    + """
 local id = ARGV[2]
 if not redis.call('ZSCORE', KEYS[1], id) then return -1 end
 local items = prefix .. 'items:' .. id
@@ -343,13 +366,16 @@ redis.call('ZREM', KEYS[1], id)
 stat('purged_items', group, n)
 return n
 """
+)
 
 #: A consistent snapshot of one batch name for inspection: per group, buffered items and the
 #: oldest arrival; in-flight and dead batches and items per group; the counters.
 #: KEYS[1] groups set; ARGV: prefix, limit (batches examined per index).
 #: Returns {now, {group, buffered, oldest|false}..., inflight {group, state, size}...,
 #: dead {group, size}..., stats flat list}.
-INSPECT = _PRELUDE + """
+INSPECT = (
+    _PRELUDE
+    + """
 local limit = tonumber(ARGV[2])
 local groups = {}
 for _, group in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -368,3 +394,4 @@ return {now_ms(), groups, batches('leases'), batches('dead'),
         redis.call('HGETALL', prefix .. 'stats'),
         tonumber(redis.call('GET', prefix .. 'pending') or '0')}
 """
+)

@@ -47,8 +47,13 @@ def _definitions(app: Any) -> dict[str, dict[str, str]]:
     client, keys = runtime.redis, runtime.keys
     names = sorted(text(n) for n in client.smembers(keys.batch_registry()))
     now = time.monotonic()
-    stale = [n for n in names if n not in cached.confs or not cached.confs[n][1]
-             or now - cached.confs[n][0] >= _CONF_TTL_S]
+    stale = [
+        n
+        for n in names
+        if n not in cached.confs
+        or not cached.confs[n][1]
+        or now - cached.confs[n][0] >= _CONF_TTL_S
+    ]
     if stale:
         pipe = client.pipeline(transaction=False)
         for name in stale:
@@ -71,9 +76,12 @@ def reap(app: Any) -> dict[str, int]:
 
     def build(pipe: Any) -> None:
         for name, conf in confs.items():
-            buffers[name].queue_reap(pipe, max_wait_ms=int(conf["max_wait_ms"]),
-                                     batch_size=int(conf["batch_size"]),
-                                     lease_ms=int(conf["lease_ms"]))
+            buffers[name].queue_reap(
+                pipe,
+                max_wait_ms=int(conf["max_wait_ms"]),
+                batch_size=int(conf["batch_size"]),
+                lease_ms=int(conf["lease_ms"]),
+            )
 
     replies = run_pipeline(runtime.redis, build)
     claimed = republished = 0
@@ -85,8 +93,12 @@ def reap(app: Any) -> dict[str, int]:
         if expired:
             publish(app, conf["task"], conf["level"], name, expired, None)
             republished += len(expired)
-            log.info("batch %s: republished %d batches whose lease ran out: %s", name,
-                     len(expired), ", ".join(c.batch_id for c in expired[:10]))
+            log.info(
+                "batch %s: republished %d batches whose lease ran out: %s",
+                name,
+                len(expired),
+                ", ".join(c.batch_id for c in expired[:10]),
+            )
     return {"claimed": claimed, "republished": republished}
 
 
@@ -110,8 +122,11 @@ class Flusher(threading.Thread):
             except Exception as exc:
                 # Logged once per outage, not every half second.
                 if not self._failing:
-                    log.warning("batch flusher: reap failed (%s); retrying every %.1f s", exc,
-                                self.interval_s)
+                    log.warning(
+                        "batch flusher: reap failed (%s); retrying every %.1f s",
+                        exc,
+                        self.interval_s,
+                    )
                 self._failing = True
 
     def stop(self, timeout_s: float = 2.0) -> None:

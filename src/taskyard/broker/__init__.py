@@ -25,8 +25,10 @@ def broker_transport_config(broker_url: str) -> dict[str, Any]:
     if scheme == "rediss":
         # kombu.Connection turns TLS on for the "rediss" transport name only; with a transport
         # class named it must be asked for, with kombu's own default for a rediss URL.
-        return {"broker_transport": REDIS_TRANSPORT,
-                "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_NONE}}
+        return {
+            "broker_transport": REDIS_TRANSPORT,
+            "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_NONE},
+        }
     return {}
 
 

@@ -149,8 +149,10 @@ def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) ->
     keys = Keys(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE)
     # kombu internals: _get_message_priority + priority() give the step _q_for_pri names.
     step = channel.priority(channel._get_message_priority(message, reverse=False))
-    stored = {**message, "headers": {**headers, "eta": None,
-                                     HEADER_ORIGINAL_ETA: headers.get("eta")}}
+    stored = {
+        **message,
+        "headers": {**headers, "eta": None, HEADER_ORIGINAL_ETA: headers.get("eta")},
+    }
     # Registry first: a set whose registration was lost would never be moved; an extra
     # registration is harmless.
     pipe.sadd(keys.delayed_queues(), queue)
@@ -158,9 +160,15 @@ def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) ->
     return True
 
 
-def move_due(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
-             global_keyprefix: str | None = None, now: float | None = None,
-             sep: str = "\x06\x16", wake_maxlen: int = 0) -> int:
+def move_due(
+    client: redis.Redis,
+    keys: Keys | str = DEFAULT_NAMESPACE,
+    *,
+    global_keyprefix: str | None = None,
+    now: float | None = None,
+    sep: str = "\x06\x16",
+    wake_maxlen: int = 0,
+) -> int:
     """Move every due delayed message onto its queue; return how many moved.
 
     ``client`` may be kombu's prefixing client (its prefix is then used) or a plain one with
@@ -168,13 +176,20 @@ def move_due(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
     ``wake_maxlen`` > 0 adds wake entries for taskyard's transport (its ``wake_maxlen``).
     Safe to run from any number of processes at once.
     """
-    return move_due_next(client, keys, global_keyprefix=global_keyprefix, now=now, sep=sep,
-                         wake_maxlen=wake_maxlen)[0]
+    return move_due_next(
+        client, keys, global_keyprefix=global_keyprefix, now=now, sep=sep, wake_maxlen=wake_maxlen
+    )[0]
 
 
-def move_due_next(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
-                  global_keyprefix: str | None = None, now: float | None = None,
-                  sep: str = "\x06\x16", wake_maxlen: int = 0) -> tuple[int, float | None]:
+def move_due_next(
+    client: redis.Redis,
+    keys: Keys | str = DEFAULT_NAMESPACE,
+    *,
+    global_keyprefix: str | None = None,
+    now: float | None = None,
+    sep: str = "\x06\x16",
+    wake_maxlen: int = 0,
+) -> tuple[int, float | None]:
     """:func:`move_due`, also returning the seconds until the next message is due (or None)."""
     keys = keys if isinstance(keys, Keys) else Keys(keys)
     client_prefix = getattr(client, "global_keyprefix", "") or ""
@@ -182,8 +197,15 @@ def move_due_next(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
     registry = keys.delayed_queues()
     # A prefixing client adds its prefix to KEYS[1] itself; a plain one needs it here.
     key = registry if client_prefix else prefix + registry
-    args = [prefix, keys.delayed(""), sep, MOVE_BATCH, "" if now is None else int(now * 1000),
-            keys.wake_stream("") if wake_maxlen > 0 else "", wake_maxlen]
+    args = [
+        prefix,
+        keys.delayed(""),
+        sep,
+        MOVE_BATCH,
+        "" if now is None else int(now * 1000),
+        keys.wake_stream("") if wake_maxlen > 0 else "",
+        wake_maxlen,
+    ]
     total = 0
     for _ in range(MOVE_ROUNDS):
         try:
@@ -200,8 +222,9 @@ def move_due_next(client: redis.Redis, keys: Keys | str = DEFAULT_NAMESPACE, *,
     return total, next_in
 
 
-def scheduled_counts(client: redis.Redis, queues: list[str],
-                     keys: Keys | str = DEFAULT_NAMESPACE) -> dict[str, int]:
+def scheduled_counts(
+    client: redis.Redis, queues: list[str], keys: Keys | str = DEFAULT_NAMESPACE
+) -> dict[str, int]:
     """Delayed (scheduled, not yet due or not yet moved) messages per queue."""
     keys = keys if isinstance(keys, Keys) else Keys(keys)
     with client.pipeline(transaction=False) as pipe:
@@ -239,8 +262,9 @@ class _Mover:
             # is its option); on kombu's own transport workers poll with BRPOP and need none.
             wake = int(getattr(channel, "wake_maxlen", 0)) if hasattr(channel, "wake_key") else 0
             with channel.conn_or_acquire() as client:
-                moved, next_in = move_due_next(client, self.keys, wake_maxlen=wake,
-                                               sep=getattr(channel, "sep", "\x06\x16"))
+                moved, next_in = move_due_next(
+                    client, self.keys, wake_maxlen=wake, sep=getattr(channel, "sep", "\x06\x16")
+                )
         except Exception as exc:  # the mover must never stop the event loop or beat
             now = time.monotonic()
             if now - self._last_warning > 30:
@@ -266,8 +290,11 @@ def _settings_of(app: Any) -> tuple[bool, str, float]:
     """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on."""
     options = dict(app.conf.broker_transport_options or {})
     interval = float(app.conf.get("taskyard_delay_move_interval_s") or DEFAULT_INTERVAL_S)
-    return (bool(options.get(OPTION_ENABLED)),
-            str(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE), interval)
+    return (
+        bool(options.get(OPTION_ENABLED)),
+        str(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE),
+        interval,
+    )
 
 
 class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -310,8 +337,7 @@ class BeatMover:
     def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
         self.mover = _Mover(app, namespace, interval_s)
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover", daemon=True)
 
     def start(self) -> None:
         self.thread.start()

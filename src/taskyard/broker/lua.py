@@ -130,12 +130,10 @@ class Script:
 
     def __call__(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys,
-                                               *args)
+            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
             self.load(client)
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys,
-                                               *args)
+            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
 
     def load(self, client: redis.Redis) -> None:
         client.script_load(self.source)

@@ -142,8 +142,12 @@ class Poller(kombu_redis.MultiChannelPoller):
         if fileno not in self._paused_brpop:
             connection = channel._in_poll
             self._unregister_from_poll(fileno)
-            self._paused_brpop[fileno] = (channel, channel.fetch_client, connection,
-                                          connection._sock)
+            self._paused_brpop[fileno] = (
+                channel,
+                channel.fetch_client,
+                connection,
+                connection._sock,
+            )
 
     def on_readable(self, fileno: int) -> None:
         if fileno in self._paused_brpop:
@@ -166,11 +170,16 @@ class Channel(kombu_redis.Channel):
 
     QoS = QoS
 
-    _own_options = ("taskyard_namespace", "reservation_lease", "ack_flush_delay", "wake_maxlen",
-                    "binding_cache_ttl", "fetch_batch")
+    _own_options = (
+        "taskyard_namespace",
+        "reservation_lease",
+        "ack_flush_delay",
+        "wake_maxlen",
+        "binding_cache_ttl",
+        "fetch_batch",
+    )
     # kombu's attribute is typed as a tuple of its own length, hence the ignore.
-    from_transport_options = (
-        kombu_redis.Channel.from_transport_options + _own_options)  # type: ignore[assignment]
+    from_transport_options = kombu_redis.Channel.from_transport_options + _own_options  # type: ignore[assignment]
     # kombu's class defaults (False, None) hold a connection and a monotonic time here.
     _in_poll: Any
     _brpop_sent_at: Any
@@ -250,20 +259,25 @@ class Channel(kombu_redis.Channel):
     def _plan(self, queues: tuple[str, ...]) -> FetchPlan:
         plan = self._plans.get(queues)
         if plan is None:
-            lists = [(queue, self._q_for_pri(queue, pri))
-                     for queue in queues for pri in self.priority_steps]
+            lists = [
+                (queue, self._q_for_pri(queue, pri))
+                for queue in queues
+                for pri in self.priority_steps
+            ]
             wake = tuple(self.wake_key(queue) for queue in queues)
-            keys = (self.full_key(self.unacked_key), self.full_key(self.unacked_index_key),
-                    self.full_key(self._keys.broker_quarantine()),
-                    *(self.full_key(name) for _, name in lists), *wake)
+            keys = (
+                self.full_key(self.unacked_key),
+                self.full_key(self.unacked_index_key),
+                self.full_key(self._keys.broker_quarantine()),
+                *(self.full_key(name) for _, name in lists),
+                *wake,
+            )
             plan = FetchPlan(keys, tuple(queue for queue, _ in lists), wake)
             self._plans[queues] = plan
         return plan
 
-    def _fetch_args(self, plan: FetchPlan, want: int, record: bool,
-                    acks: list[str]) -> list[Any]:
-        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks),
-                *acks]
+    def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
+        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks), *acks]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -285,8 +299,9 @@ class Channel(kombu_redis.Channel):
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
         try:
-            connection.send_command(*FETCH_SCRIPT.command(plan.keys, self._fetch_args(
-                plan, want, record, acks)))
+            connection.send_command(
+                *FETCH_SCRIPT.command(plan.keys, self._fetch_args(plan, want, record, acks))
+            )
         except BaseException:
             self._end_read(failed=True)
             raise
@@ -296,8 +311,9 @@ class Channel(kombu_redis.Channel):
         connection: Any = client.connection
         state = self._fetch_state
         try:
-            reply = client.parse_response(connection, "EVALSHA" if state == _FETCH else "XREAD",
-                                          **options)
+            reply = client.parse_response(
+                connection, "EVALSHA" if state == _FETCH else "XREAD", **options
+            )
         except redis.exceptions.NoScriptError:
             # The server lost its scripts (restart, SCRIPT FLUSH): load and fetch again.
             self._end_read(failed=True)
@@ -321,8 +337,11 @@ class Channel(kombu_redis.Channel):
         plan = self._fetch_plan
         self._end_read()
         if kind == 2:
-            logger.warning("moved %d undecodable message(s) to %s", reply[1],
-                           self.full_key(self._keys.broker_quarantine()))
+            logger.warning(
+                "moved %d undecodable message(s) to %s",
+                reply[1],
+                self.full_key(self._keys.broker_quarantine()),
+            )
             raise Empty()
         assert plan is not None
         self._deliver_fetched(plan, reply[1:])
@@ -343,7 +362,7 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 # The rest are recorded but not delivered: back to the consuming end of their lists.
                 prerecorded.discard(tag)
-                for _, later in tags[index + 1:]:
+                for _, later in tags[index + 1 :]:
                     self.qos.restore_by_tag(later)
                 raise
             if tag in prerecorded:
@@ -363,14 +382,14 @@ class Channel(kombu_redis.Channel):
             try:
                 self._flush_acks()
             except self.connection_errors:
-                logger.warning("could not apply acknowledgements; the next fetch carries them",
-                               exc_info=True)
+                logger.warning(
+                    "could not apply acknowledgements; the next fetch carries them", exc_info=True
+                )
         timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
         self._fetch_state = _WAKE
         self._brpop_sent_at = monotonic()
         try:
-            connection.send_command("XREAD", "BLOCK", timeout_ms, "STREAMS", *plan.wake_keys,
-                                    *ids)
+            connection.send_command("XREAD", "BLOCK", timeout_ms, "STREAMS", *plan.wake_keys, *ids)
         except BaseException:
             self._end_read()
             raise
@@ -388,8 +407,9 @@ class Channel(kombu_redis.Channel):
         plan = self._plan((queue,))
         acks = self._take_acks()
         try:
-            reply = FETCH_SCRIPT(self.client, plan.keys, self._fetch_args(plan, 1, not no_ack,
-                                                                           acks))
+            reply = FETCH_SCRIPT(
+                self.client, plan.keys, self._fetch_args(plan, 1, not no_ack, acks)
+            )
         except BaseException:
             self._pending_acks.extendleft(reversed(acks))
             raise
@@ -427,8 +447,9 @@ class Channel(kombu_redis.Channel):
         try:
             connection.re_auth()
         except (*self.connection_errors, self.ResponseError):
-            logger.warning("Redis re-auth failed on the fetch connection; reconnecting",
-                           exc_info=True)
+            logger.warning(
+                "Redis re-auth failed on the fetch connection; reconnecting", exc_info=True
+            )
             with suppress(AttributeError):
                 connection.set_re_auth_token(None)
             with suppress(*self.connection_errors):
@@ -453,7 +474,8 @@ class Channel(kombu_redis.Channel):
             return
         loop = getattr(self.connection, "_taskyard_loop", None)
         fetching = self._fetch_state == _FETCH or (
-            not self._in_poll and self.active_queues and self.qos.can_consume())
+            not self._in_poll and self.active_queues and self.qos.can_consume()
+        )
         if fetching and loop is not None and self._ack_timer_deferrals < MAX_ACK_DEFERRALS:
             # A fetch is in flight, or the poller sends one on this loop turn (timers run
             # first): it carries the acks. Looked at again after another delay.
@@ -483,8 +505,11 @@ class Channel(kombu_redis.Channel):
         while self._pending_acks:
             tags = self._take_acks()
             try:
-                ACK_SCRIPT(self.client, [self.full_key(self.unacked_key),
-                                         self.full_key(self.unacked_index_key)], tags)
+                ACK_SCRIPT(
+                    self.client,
+                    [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
+                    tags,
+                )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))
                 raise
@@ -497,7 +522,7 @@ class Channel(kombu_redis.Channel):
         now = repr(time())
         key = self.full_key(self.unacked_index_key)
         for start in range(0, len(tags), 1000):
-            chunk = tags[start:start + 1000]
+            chunk = tags[start : start + 1000]
             words: list[Any] = []
             for tag in chunk:
                 words += (now, tag)
@@ -512,8 +537,9 @@ class Channel(kombu_redis.Channel):
             # kombu's own path (batched publish, queue TTLs), through the reused client.
             super()._put(queue, message, **kwargs)
             if publish_batch is not None:
-                publish_batch.add("xadd", self.wake_key(queue), {"w": 1}, "*", self.wake_maxlen,
-                                  True)
+                publish_batch.add(
+                    "xadd", self.wake_key(queue), {"w": 1}, "*", self.wake_maxlen, True
+                )
             else:
                 self._wake(queue)
             return
@@ -527,8 +553,11 @@ class Channel(kombu_redis.Channel):
                 pipe.execute()
                 return
         key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        PUBLISH_SCRIPT(self.client, (self.full_key(key), self.wake_key(queue)),
-                       (dumps(message), self.wake_maxlen))
+        PUBLISH_SCRIPT(
+            self.client,
+            (self.full_key(key), self.wake_key(queue)),
+            (dumps(message), self.wake_maxlen),
+        )
 
     def _wake(self, queue: str, pipe: Any = None) -> None:
         target = pipe if pipe is not None else self.client
@@ -539,8 +568,9 @@ class Channel(kombu_redis.Channel):
         else:
             redis.Redis.execute_command(target, *command)
 
-    def _do_restore_message(self, payload: Any, exchange: str, routing_key: str, pipe: Any,
-                            leftmost: bool = False) -> None:
+    def _do_restore_message(
+        self, payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False
+    ) -> None:
         # kombu pushes the message back inside its restore transaction; the wake entry goes
         # into the same transaction so idle workers see it at once.
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
@@ -592,9 +622,12 @@ class Channel(kombu_redis.Channel):
             try:
                 self._flush_acks()
             except self.connection_errors:
-                logger.warning("could not apply %d acknowledgement(s) at close; those "
-                               "messages run again after the lease", len(self._pending_acks),
-                               exc_info=True)
+                logger.warning(
+                    "could not apply %d acknowledgement(s) at close; those "
+                    "messages run again after the lease",
+                    len(self._pending_acks),
+                    exc_info=True,
+                )
         super().close()
 
     def _abandon_read(self) -> None:
@@ -640,7 +673,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
     from_transport_options = (
         kombu_redis.SentinelChannel.from_transport_options  # type: ignore[assignment]
-        + Channel._own_options)
+        + Channel._own_options
+    )
 
 
 class Transport(kombu_redis.Transport):

@@ -26,9 +26,14 @@ USER_ERROR = 2
 class TaskyardGroup(click.Group):
     """The command group: every user error is one line on stderr and exit status 2."""
 
-    def main(self, args: Any = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         import redis
@@ -70,6 +75,16 @@ def main(ctx: click.Context) -> None:
         use_stack_file()
 
 
-for command in (worker, up, flower, api_command, batches, dead, task_command, cache, maintenance,
-                stats):
+for command in (
+    worker,
+    up,
+    flower,
+    api_command,
+    batches,
+    dead,
+    task_command,
+    cache,
+    maintenance,
+    stats,
+):
     main.add_command(command)

@@ -18,17 +18,31 @@ def _age(value: float | None) -> str:
 
 def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) if i > 1 else cell.ljust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-                     for row in rows)
+    return "\n".join(
+        "  ".join(
+            cell.rjust(w) if i > 1 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
 
 
 def render(states: list[dict[str, Any]]) -> str:
     """The ``taskyard batches`` table: one row per batch name and one per key of it."""
     if not states:
         return "no batches yet (nothing was ever buffered)"
-    header = ("batch", "key", "buffered", "oldest", "in flight", "dead", "processed", "failed",
-              "flushes size/age/manual", "duplicates")
+    header = (
+        "batch",
+        "key",
+        "buffered",
+        "oldest",
+        "in flight",
+        "dead",
+        "processed",
+        "failed",
+        "flushes size/age/manual",
+        "duplicates",
+    )
     rows: list[tuple[str, ...]] = [header]
     for state in states:
         groups = state["groups"]
@@ -39,14 +53,20 @@ def render(states: list[dict[str, Any]]) -> str:
             if entry is state and len(groups) == 1:
                 key = groups[0]["group"]
             reasons = entry["flush_reasons"]
-            rows.append((
-                name, key or "-", str(entry["buffered"]), _age(entry["oldest_age_s"]),
-                f"{entry['in_flight']} ({entry['in_flight_items']} items)",
-                f"{entry['dead']} ({entry['dead_items']} items)",
-                str(entry["processed"]), str(entry["failed"]),
-                f"{reasons.get('size', 0)}/{reasons.get('age', 0)}/{reasons.get('manual', 0)}",
-                str(entry["duplicates"]),
-            ))
+            rows.append(
+                (
+                    name,
+                    key or "-",
+                    str(entry["buffered"]),
+                    _age(entry["oldest_age_s"]),
+                    f"{entry['in_flight']} ({entry['in_flight_items']} items)",
+                    f"{entry['dead']} ({entry['dead_items']} items)",
+                    str(entry["processed"]),
+                    str(entry["failed"]),
+                    f"{reasons.get('size', 0)}/{reasons.get('age', 0)}/{reasons.get('manual', 0)}",
+                    str(entry["duplicates"]),
+                )
+            )
     return _table(rows)
 
 
@@ -84,8 +104,10 @@ def dead(ctx: click.Context, batch_name: str | None, items: int) -> None:
         click.echo("no dead batches")
         return
     for entry in found:
-        click.echo(f"{entry['batch_name']}/{entry['batch_id']} key={entry['group'] or '-'} "
-                   f"items={entry['size']} attempts={entry['attempts']}: {entry['error']}")
+        click.echo(
+            f"{entry['batch_name']}/{entry['batch_id']} key={entry['group'] or '-'} "
+            f"items={entry['size']} attempts={entry['attempts']}: {entry['error']}"
+        )
         for item in entry["items"]:
             click.echo(f"    {item}")
 
@@ -101,8 +123,7 @@ def _ids(batch_ids: tuple[str, ...], every: bool) -> list[str] | None:
 @click.argument("batch_ids", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every dead batch of BATCH_NAME.")
 @click.pass_context
-def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...],
-            every: bool) -> None:
+def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], every: bool) -> None:
     """Put dead batches back into work with fresh retries."""
     from taskyard.batching.inspect import requeue_dead
 

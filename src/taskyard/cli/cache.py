@@ -30,8 +30,10 @@ def cache_warm(names: tuple[str, ...], app_path: str | None) -> None:
     if not chosen:
         raise click.ClickException("no cache warmer is registered (pass -A APP to load them)")
     rows: list[dict[str, Any]] = []
-    with click.progressbar(length=len(chosen), label="warming", file=sys.stderr,
-                           item_show_func=lambda n: n) as bar:
+    with click.progressbar(
+        length=len(chosen), label="warming", file=sys.stderr, item_show_func=lambda n: n
+    ) as bar:
+
         def progress(name: str, entry: dict[str, Any]) -> None:
             rows.append(entry)
             bar.update(1, name)
@@ -40,14 +42,17 @@ def cache_warm(names: tuple[str, ...], app_path: str | None) -> None:
             report = run_warmers(runtime, chosen, progress=progress)
         except TaskyardError as exc:
             raise click.ClickException(str(exc)) from None
-    runtime.redis.set(runtime.keys.cache_warm_last(),
-                      json.dumps({**report, "trigger": "cli", "skipped": False}))
+    runtime.redis.set(
+        runtime.keys.cache_warm_last(), json.dumps({**report, "trigger": "cli", "skipped": False})
+    )
     for entry in rows:
         status = f"error: {entry['error']}" if entry["error"] else "ok"
-        click.echo(f"  {entry['name']:28} {entry['keys']:6d} keys  {entry['duration_s']:7.3f} s"
-                   f"  {status}")
-    click.echo(f"warmed {report['keys']} keys with {len(rows)} warmers in "
-               f"{report['duration_s']:.3f} s")
+        click.echo(
+            f"  {entry['name']:28} {entry['keys']:6d} keys  {entry['duration_s']:7.3f} s  {status}"
+        )
+    click.echo(
+        f"warmed {report['keys']} keys with {len(rows)} warmers in {report['duration_s']:.3f} s"
+    )
     if report["errors"]:
         sys.exit(1)
 
@@ -73,8 +78,9 @@ def cache_clear(tag: str, app_path: str | None) -> None:
     deleted = cache_for(runtime).clear_tag(tag, progress=progress)
     if interactive:
         click.echo("", err=True)
-    click.echo(f"tag {tag!r} invalidated; {deleted} entries deleted in "
-               f"{time.monotonic() - started:.2f} s")
+    click.echo(
+        f"tag {tag!r} invalidated; {deleted} entries deleted in {time.monotonic() - started:.2f} s"
+    )
 
 
 @cache.command("stats")
@@ -89,6 +95,17 @@ def cache_stats_command(app_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(stats, indent=2, default=str))
         return
-    table("cache", ["namespace", "hits", "misses", "hit rate", "avg latency"],
-          [[namespace, f"{f['hits']:.0f}", f"{f['misses']:.0f}", f"{f['hit_rate_pct']:.1f} %",
-            f"{f['avg_latency_ms']:.3f} ms"] for namespace, f in stats.items()])
+    table(
+        "cache",
+        ["namespace", "hits", "misses", "hit rate", "avg latency"],
+        [
+            [
+                namespace,
+                f"{f['hits']:.0f}",
+                f"{f['misses']:.0f}",
+                f"{f['hit_rate_pct']:.1f} %",
+                f"{f['avg_latency_ms']:.3f} ms",
+            ]
+            for namespace, f in stats.items()
+        ],
+    )

@@ -20,24 +20,42 @@ def _when(at: float) -> str:
 
 
 def _filters(f: Any) -> Any:
-    for option in reversed((
-        click.option("--name", help="Task name (exact)."),
-        click.option("--queue", help="Queue the task died on."),
-        click.option("--reason", type=_REASONS, help="Why it is dead."),
-        click.option("--exception", "exception_type", help="Exception type, e.g. ValueError."),
-        click.option("--since", type=float, metavar="SECONDS",
-                     help="Only entries that died within the last SECONDS."),
-    )):
+    for option in reversed(
+        (
+            click.option("--name", help="Task name (exact)."),
+            click.option("--queue", help="Queue the task died on."),
+            click.option("--reason", type=_REASONS, help="Why it is dead."),
+            click.option("--exception", "exception_type", help="Exception type, e.g. ValueError."),
+            click.option(
+                "--since",
+                type=float,
+                metavar="SECONDS",
+                help="Only entries that died within the last SECONDS.",
+            ),
+        )
+    ):
         f = option(f)
     return f
 
 
-def _query(name: str | None, queue: str | None, reason: str | None,
-           exception_type: str | None, since: float | None, state: str | None = "dead") -> Any:
+def _query(
+    name: str | None,
+    queue: str | None,
+    reason: str | None,
+    exception_type: str | None,
+    since: float | None,
+    state: str | None = "dead",
+) -> Any:
     from taskyard.deadletters import Query
 
-    return Query(name=name, queue=queue, reason=reason, exception_type=exception_type,
-                 state=state, since=None if since is None else time.time() - since)
+    return Query(
+        name=name,
+        queue=queue,
+        reason=reason,
+        exception_type=exception_type,
+        state=state,
+        since=None if since is None else time.time() - since,
+    )
 
 
 def _store(app: Any) -> Any:
@@ -58,49 +76,79 @@ def dead(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
 
 @dead.command("list")
 @_filters
-@click.option("--state", type=click.Choice(["dead", "replayed", "all"]), default="dead",
-              show_default=True)
+@click.option(
+    "--state", type=click.Choice(["dead", "replayed", "all"]), default="dead", show_default=True
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
-@click.option("--batches/--no-batches", default=True, show_default=True,
-              help="Also list dead batches (batching's own dead letters).")
+@click.option(
+    "--batches/--no-batches",
+    default=True,
+    show_default=True,
+    help="Also list dead batches (batching's own dead letters).",
+)
 @click.pass_context
-def list_command(ctx: click.Context, name: str | None, queue: str | None, reason: str | None,
-                 exception_type: str | None, since: float | None, state: str, limit: int,
-                 batches: bool) -> None:
+def list_command(
+    ctx: click.Context,
+    name: str | None,
+    queue: str | None,
+    reason: str | None,
+    exception_type: str | None,
+    since: float | None,
+    state: str,
+    limit: int,
+    batches: bool,
+) -> None:
     """List dead letters, newest first."""
     from taskyard.deadletters.batches import batch_dead_letters
 
     app = load_app(ctx.obj["app_path"])
     try:
-        query = _query(name, queue, reason, exception_type, since,
-                       None if state == "all" else state)
+        query = _query(
+            name, queue, reason, exception_type, since, None if state == "all" else state
+        )
         store = _store(app)
         entries = store.search(query, limit=limit)
         total = store.count(query)
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
-    dead_batches = batch_dead_letters(app) if batches and name is None and queue is None \
-        and exception_type is None else []
+    dead_batches = (
+        batch_dead_letters(app)
+        if batches and name is None and queue is None and exception_type is None
+        else []
+    )
     if ctx.obj["json"]:
-        click.echo(json.dumps({"total": total, "entries": [e.to_dict() for e in entries],
-                               "batches": dead_batches}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "total": total,
+                    "entries": [e.to_dict() for e in entries],
+                    "batches": dead_batches,
+                },
+                indent=2,
+            )
+        )
         return
     if not entries:
         click.echo("no dead tasks")
     else:
-        click.echo(f"{total} dead tasks" + (f" (newest {len(entries)})"
-                                            if total > len(entries) else ""))
+        click.echo(
+            f"{total} dead tasks" + (f" (newest {len(entries)})" if total > len(entries) else "")
+        )
     for e in entries:
         what = e.exception_type or e.detail
-        click.echo(f"{e.id}  {_when(e.last_at)}  {e.reason:<7}  {e.name or '-'}  "
-                   f"queue={e.queue or '-'}  deliveries={e.deliveries}  attempts={e.attempts}  "
-                   f"{what}: {(e.exception or e.detail)[:80]}"
-                   + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else ""))
+        click.echo(
+            f"{e.id}  {_when(e.last_at)}  {e.reason:<7}  {e.name or '-'}  "
+            f"queue={e.queue or '-'}  deliveries={e.deliveries}  attempts={e.attempts}  "
+            f"{what}: {(e.exception or e.detail)[:80]}"
+            + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else "")
+        )
     if dead_batches:
         click.echo(f"{len(dead_batches)} dead batches")
         for b in dead_batches:
-            click.echo(f"{b['id']}  {_when(b['last_at'])}  {b['reason']:<7}  items={b['size']}  "
-                       f"attempts={b['attempts']}  {b['error'][:80]}")
+            click.echo(
+                f"{b['id']}  {_when(b['last_at'])}  {b['reason']:<7}  items={b['size']}  "
+                f"attempts={b['attempts']}  {b['error'][:80]}"
+            )
 
 
 @dead.command("show")
@@ -142,12 +190,24 @@ def _selection(ids: tuple[str, ...], every: bool, filters: dict[str, Any]) -> No
 @click.argument("entry_ids", nargs=-1)
 @_filters
 @click.option("--all", "every", is_flag=True, help="Every dead task.")
-@click.option("--batch", "batch_ref", metavar="NAME[/ID]",
-              help="Requeue dead batches of NAME (or one, NAME/ID) instead of tasks.")
+@click.option(
+    "--batch",
+    "batch_ref",
+    metavar="NAME[/ID]",
+    help="Requeue dead batches of NAME (or one, NAME/ID) instead of tasks.",
+)
 @click.pass_context
-def replay(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None,
-           queue: str | None, reason: str | None, exception_type: str | None,
-           since: float | None, every: bool, batch_ref: str | None) -> None:
+def replay(
+    ctx: click.Context,
+    entry_ids: tuple[str, ...],
+    name: str | None,
+    queue: str | None,
+    reason: str | None,
+    exception_type: str | None,
+    since: float | None,
+    every: bool,
+    batch_ref: str | None,
+) -> None:
     """Send dead tasks again, to their own level; each links back to its dead entry."""
     from taskyard.deadletters.replay import replay as replay_many
     from taskyard.deadletters.replay import replay_one
@@ -162,8 +222,13 @@ def replay(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None,
             raise click.ClickException(str(exc)) from None
         click.echo(f"requeued {len(refs)} dead batches: {' '.join(refs) or '-'}")
         return
-    filters = {"name": name, "queue": queue, "reason": reason,
-               "exception_type": exception_type, "since": since}
+    filters = {
+        "name": name,
+        "queue": queue,
+        "reason": reason,
+        "exception_type": exception_type,
+        "since": since,
+    }
     _selection(entry_ids, every, filters)
     store = _store(app)
     try:
@@ -174,8 +239,9 @@ def replay(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None,
         query = _query(name, queue, reason, exception_type, since)
         total = store.count(query)
         with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
-            report = replay_many(app, store, query,
-                                 progress=lambda done, _total, _id: bar.update(1))
+            report = replay_many(
+                app, store, query, progress=lambda done, _total, _id: bar.update(1)
+            )
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"replayed {len(report.replayed)} of {total} dead tasks")
@@ -187,12 +253,24 @@ def replay(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None,
 @click.argument("entry_ids", nargs=-1)
 @_filters
 @click.option("--all", "every", is_flag=True, help="Every dead letter, replayed ones too.")
-@click.option("--batch", "batch_ref", metavar="NAME[/ID]",
-              help="Delete dead batches of NAME (or one, NAME/ID) instead of tasks.")
+@click.option(
+    "--batch",
+    "batch_ref",
+    metavar="NAME[/ID]",
+    help="Delete dead batches of NAME (or one, NAME/ID) instead of tasks.",
+)
 @click.pass_context
-def purge(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None, queue: str | None,
-          reason: str | None, exception_type: str | None, since: float | None, every: bool,
-          batch_ref: str | None) -> None:
+def purge(
+    ctx: click.Context,
+    entry_ids: tuple[str, ...],
+    name: str | None,
+    queue: str | None,
+    reason: str | None,
+    exception_type: str | None,
+    since: float | None,
+    every: bool,
+    batch_ref: str | None,
+) -> None:
     """Delete dead letters for good."""
     app = load_app(ctx.obj["app_path"])
     if batch_ref is not None:
@@ -204,16 +282,22 @@ def purge(ctx: click.Context, entry_ids: tuple[str, ...], name: str | None, queu
             raise click.ClickException(str(exc)) from None
         click.echo(f"purged {items} items of dead batches")
         return
-    filters = {"name": name, "queue": queue, "reason": reason,
-               "exception_type": exception_type, "since": since}
+    filters = {
+        "name": name,
+        "queue": queue,
+        "reason": reason,
+        "exception_type": exception_type,
+        "since": since,
+    }
     _selection(entry_ids, every, filters)
     store = _store(app)
     try:
         if entry_ids:
             deleted = store.delete(list(entry_ids))
         else:
-            deleted = store.purge(_query(name, queue, reason, exception_type, since,
-                                         None if every else "dead"))
+            deleted = store.purge(
+                _query(name, queue, reason, exception_type, since, None if every else "dead")
+            )
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"purged {deleted} dead letters")

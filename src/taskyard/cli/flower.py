@@ -42,16 +42,27 @@ def record_generated(auth: str, url: str) -> stackfile.StackFile:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
-@click.option("--port", type=int, default=None,
-              help="Port (default: TASKYARD_MONITORING__FLOWER_PORT).")
-@click.option("--address", default=None,
-              help="Bind address (default: TASKYARD_MONITORING__FLOWER_HOST).")
-@click.option("--broker-api", default=None, metavar="URL",
-              help="RabbitMQ management API for the Broker tab, e.g. "
-                   "http://guest:guest@localhost:15672/api/ (Redis needs none).")
+@click.option(
+    "--port", type=int, default=None, help="Port (default: TASKYARD_MONITORING__FLOWER_PORT)."
+)
+@click.option(
+    "--address", default=None, help="Bind address (default: TASKYARD_MONITORING__FLOWER_HOST)."
+)
+@click.option(
+    "--broker-api",
+    default=None,
+    metavar="URL",
+    help="RabbitMQ management API for the Broker tab, e.g. "
+    "http://guest:guest@localhost:15672/api/ (Redis needs none).",
+)
 @click.argument("flower_extra", nargs=-1, type=click.UNPROCESSED)
-def flower(app_path: str, port: int | None, address: str | None, broker_api: str | None,
-           flower_extra: tuple[str, ...]) -> None:
+def flower(
+    app_path: str,
+    port: int | None,
+    address: str | None,
+    broker_api: str | None,
+    flower_extra: tuple[str, ...],
+) -> None:
     """Run Flower for an app behind basic auth; extra arguments go to Flower.
 
     Without configured credentials a password is generated, printed once and written to the
@@ -65,9 +76,11 @@ def flower(app_path: str, port: int | None, address: str | None, broker_api: str
         url = flower_url(settings) if port is None else f"http://127.0.0.1:{port}/"
         stack = record_generated(auth, url)
         user, _, password = auth.partition(":")
-        click.echo(f"taskyard flower: no credentials configured; generated user {user} password "
-                   f"{password} (kept in {stack.path}; set {AUTH_VARIABLE} to choose them)",
-                   err=True)
+        click.echo(
+            f"taskyard flower: no credentials configured; generated user {user} password "
+            f"{password} (kept in {stack.path}; set {AUTH_VARIABLE} to choose them)",
+            err=True,
+        )
     else:
         auth = check_basic_auth(configured)
     os.environ[FLOWER_AUTH_ENV] = auth

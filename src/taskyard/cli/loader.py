@@ -32,7 +32,7 @@ _announced = False
 
 def configured(settings: Settings, variable: str) -> bool:
     """Whether the environment (as the settings module read it) sets ``variable``."""
-    parts = variable[len(ENV_PREFIX):].lower().split(NESTED_DELIMITER.lower())
+    parts = variable[len(ENV_PREFIX) :].lower().split(NESTED_DELIMITER.lower())
     model: Any = settings
     for part in parts[:-1]:
         if part not in model.model_fields_set:
@@ -80,8 +80,14 @@ def announce_redis(settings: Settings, *, check_data: bool) -> None:
     keys = Keys(settings.namespace)
     client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=5.0)
     try:
-        found = client.exists(keys.workers(), keys.task_counts(), keys.series("overview"),
-                              keys.alerts(), keys.batch_registry(), keys.dead_entries())
+        found = client.exists(
+            keys.workers(),
+            keys.task_counts(),
+            keys.series("overview"),
+            keys.alerts(),
+            keys.batch_registry(),
+            keys.dead_entries(),
+        )
     except (redis.RedisError, OSError) as exc:
         raise click.ClickException(f"cannot reach Redis at {url}: {exc}") from None
     finally:
@@ -89,11 +95,17 @@ def announce_redis(settings: Settings, *, check_data: bool) -> None:
     if not found:
         click.echo(stackfile.no_data_line(url, settings.namespace, REDIS_VARIABLE), err=True)
 
+
 #: The ``-A`` option of commands for which an app is optional (settings alone are enough).
 APP_OPTION = click.option(
-    "-A", "--app", "app_path", default=None, metavar="APP",
+    "-A",
+    "--app",
+    "app_path",
+    default=None,
+    metavar="APP",
     help="taskyard Celery app, as for `celery -A` (default: an app built from the "
-         "TASKYARD_* settings).")
+    "TASKYARD_* settings).",
+)
 
 
 def settings() -> Settings:
@@ -104,8 +116,13 @@ def settings() -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-def load_app(app_path: str | None, *, default_name: str = "taskyard",
-             import_tasks: bool = False, serving: bool = False) -> Any:
+def load_app(
+    app_path: str | None,
+    *,
+    default_name: str = "taskyard",
+    import_tasks: bool = False,
+    serving: bool = False,
+) -> Any:
     """The app named by ``app_path``, or one built from settings when it is None.
 
     ``import_tasks`` imports the app's task modules as a worker would (warmers and batch
@@ -142,12 +159,14 @@ def _find_app(app_path: str | None, default_name: str, import_tasks: bool) -> An
         raise click.ClickException(f"cannot load app {app_path!r}: {exc}") from None
     except Exception as exc:
         # celery's find_app wraps a missing module or attribute in its own errors.
-        raise click.ClickException(f"cannot load app {app_path!r}: "
-                                   f"{type(exc).__name__}: {exc}") from None
+        raise click.ClickException(
+            f"cannot load app {app_path!r}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
-def load_runtime(app_path: str | None, *, default_name: str = "taskyard",
-                 import_tasks: bool = False) -> Runtime:
+def load_runtime(
+    app_path: str | None, *, default_name: str = "taskyard", import_tasks: bool = False
+) -> Runtime:
     """The runtime of :func:`load_app`'s app."""
     app = load_app(app_path, default_name=default_name, import_tasks=import_tasks)
     try:

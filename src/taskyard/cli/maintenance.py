@@ -44,9 +44,11 @@ def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        click.echo(f"\nmaintenance {report.run_id} on {report.database} ({report.dialect})"
-                   f"{' DRY RUN' if dry_run else ''}: {report.status} in "
-                   f"{report.duration_s:.2f} s")
+        click.echo(
+            f"\nmaintenance {report.run_id} on {report.database} ({report.dialect})"
+            f"{' DRY RUN' if dry_run else ''}: {report.status} in "
+            f"{report.duration_s:.2f} s"
+        )
         for action in report.actions:
             note = f"  ({action.error})" if action.error else ""
             click.echo(f"  {action.status:8} {action.kind:8} {action.target}{note}")

@@ -65,8 +65,9 @@ def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> N
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in [list(header), *rows]:
-        click.echo(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-                   .rstrip())
+        click.echo(
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
+        )
     click.echo("")
 
 

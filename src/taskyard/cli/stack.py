@@ -36,8 +36,13 @@ TOKEN_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}API_TOKEN"
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.option("--profile", "-p", default="all", show_default=True,
-              help="Worker profile: which queues, in strict priority order.")
+@click.option(
+    "--profile",
+    "-p",
+    default="all",
+    show_default=True,
+    help="Worker profile: which queues, in strict priority order.",
+)
 @click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
@@ -61,12 +66,13 @@ def _absolute_sqlite(url: str) -> str:
     """A relative SQLite URL made absolute, so a shell in another directory opens the same file."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix:
-        return prefix + str(Path(url[len(prefix):]).resolve())
+        return prefix + str(Path(url[len(prefix) :]).resolve())
     return url
 
 
-def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str | None,
-                 beat: bool) -> list[Service]:
+def _up_services(
+    app_path: str, settings: Settings, workdir: Path, producer: str | None, beat: bool
+) -> list[Service]:
     services = []
     for name in UP_PROFILES:
         profile = get_profile(settings, name)
@@ -74,8 +80,11 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
         services.append(Service(f"worker {name}", argv, f"queues {profile.queue_arg}"))
     if beat:
         schedule = str(workdir / "celerybeat-schedule")
-        services.append(Service("beat", celery_argv("-A", app_path, "beat", "-s", schedule,
-                                                     "--loglevel", "INFO")))
+        services.append(
+            Service(
+                "beat", celery_argv("-A", app_path, "beat", "-s", schedule, "--loglevel", "INFO")
+            )
+        )
     if producer:
         services.append(Service("producer", [sys.executable, "-m", producer]))
     services.extend(monitoring_services(app_path, settings))
@@ -84,8 +93,12 @@ def _up_services(app_path: str, settings: Settings, workdir: Path, producer: str
 
 @click.command()
 @click.option("-A", "--app", "app_path", required=True, help="Celery app, as for `celery -A`.")
-@click.option("--producer", default=None, metavar="MODULE",
-              help="Also run `python -m MODULE` (a demo workload) as part of the stack.")
+@click.option(
+    "--producer",
+    default=None,
+    metavar="MODULE",
+    help="Also run `python -m MODULE` (a demo workload) as part of the stack.",
+)
 @click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat.")
 def up(app_path: str, producer: str | None, beat: bool) -> None:
     """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard.
@@ -101,7 +114,8 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
     if running is not None and running.alive and running.pid != os.getpid():
         raise click.ClickException(
             f"a stack already runs from this directory (pid {running.pid}, {path.name}); "
-            "stop it first or start this one in another directory")
+            "stop it first or start this one in another directory"
+        )
     env = dict(os.environ)
     # What a second shell needs, as variables; credentials are generated when none are set.
     recorded: dict[str, str] = {}
@@ -154,8 +168,12 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
             rows.append((service.name, str(service.process.pid), address))
             if service.name == "stats api":
                 base = api_base_url(service)
-                urls.update(api=base + "/api/v1/overview", docs=base + "/docs",
-                            metrics=base + "/metrics", dashboard=dashboard_url(service))
+                urls.update(
+                    api=base + "/api/v1/overview",
+                    docs=base + "/docs",
+                    metrics=base + "/metrics",
+                    dashboard=dashboard_url(service),
+                )
                 rows.append(("dashboard", str(service.process.pid), dashboard_url(service)))
         stack = stackfile.new(path, recorded, urls, app=app_path)
         stackfile.write(stack)
@@ -163,8 +181,10 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         click.echo(format_table(rows))
         click.echo(f"\nStack file: {path} (taskyard commands run in this directory use it).")
         if generated:
-            click.echo(f"Generated {' and '.join(generated)} (shown once; also in the stack "
-                       "file). For a shell elsewhere:")
+            click.echo(
+                f"Generated {' and '.join(generated)} (shown once; also in the stack "
+                "file). For a shell elsewhere:"
+            )
         else:
             click.echo("For a shell elsewhere:")
         click.echo("\n".join("  " + line for line in stack.export_lines(configured_secrets)))

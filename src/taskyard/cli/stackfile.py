@@ -53,14 +53,23 @@ class StackFile:
             return False
 
     def as_json(self) -> dict[str, Any]:
-        return {"version": VERSION, "pid": self.pid, "started_at": self.started_at,
-                "app": self.app, "env": self.env, "urls": self.urls}
+        return {
+            "version": VERSION,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "app": self.app,
+            "env": self.env,
+            "urls": self.urls,
+        }
 
     def export_lines(self, leave_out: Container[str] = ()) -> list[str]:
         """``export NAME=value`` lines for a POSIX shell, values quoted, without ``leave_out``
         (secrets the user configured: they are not echoed back)."""
-        return [f"export {name}={shlex.quote(value)}" for name, value in sorted(self.env.items())
-                if name not in leave_out]
+        return [
+            f"export {name}={shlex.quote(value)}"
+            for name, value in sorted(self.env.items())
+            if name not in leave_out
+        ]
 
 
 class StackFileError(ValueError):
@@ -108,8 +117,14 @@ def read(path: Path) -> StackFile | None:
             raise ValueError(f"version {data.get('version') if isinstance(data, dict) else '?'}")
         env = {str(k): str(v) for k, v in (data.get("env") or {}).items()}
         urls = {str(k): str(v) for k, v in (data.get("urls") or {}).items()}
-        return StackFile(path=path, pid=int(data["pid"]), started_at=float(data["started_at"]),
-                         env=env, urls=urls, app=data.get("app"))
+        return StackFile(
+            path=path,
+            pid=int(data["pid"]),
+            started_at=float(data["started_at"]),
+            env=env,
+            urls=urls,
+            app=data.get("app"),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise StackFileError(f"{path} is not a taskyard stack file ({exc}); delete it") from None
 
@@ -132,14 +147,17 @@ def remove_if_owned(path: Path, pid: int) -> None:
             path.unlink()
 
 
-def new(path: Path, env: Mapping[str, str], urls: Mapping[str, str],
-        app: str | None = None) -> StackFile:
+def new(
+    path: Path, env: Mapping[str, str], urls: Mapping[str, str], app: str | None = None
+) -> StackFile:
     """A stack file for this process."""
-    return StackFile(path=path, pid=os.getpid(), started_at=time.time(), env=dict(env),
-                     urls=dict(urls), app=app)
+    return StackFile(
+        path=path, pid=os.getpid(), started_at=time.time(), env=dict(env), urls=dict(urls), app=app
+    )
 
 
 # --- resolution: environment > stack file > default ---------------------------------------------
+
 
 @dataclass
 class Resolution:
@@ -153,8 +171,11 @@ class Resolution:
     ignored: str | None = None
 
 
-def apply(environ: MutableMapping[str, str], configured: Callable[[str], bool],
-          directory: Path | None = None) -> Resolution:
+def apply(
+    environ: MutableMapping[str, str],
+    configured: Callable[[str], bool],
+    directory: Path | None = None,
+) -> Resolution:
     """Fill ``environ`` from the stack file in ``directory`` where ``configured(name)`` is false.
 
     ``configured`` says whether the environment itself sets a ``TASKYARD_*`` variable (the
@@ -171,8 +192,10 @@ def apply(environ: MutableMapping[str, str], configured: Callable[[str], bool],
     if stack is None:
         return resolution
     if not stack.alive:
-        resolution.ignored = (f"{path.name} is from a stack that has ended (pid {stack.pid}, "
-                              f"started {_clock(stack.started_at)})")
+        resolution.ignored = (
+            f"{path.name} is from a stack that has ended (pid {stack.pid}, "
+            f"started {_clock(stack.started_at)})"
+        )
         return resolution
     resolution.stack = stack
     for name, value in stack.env.items():
@@ -185,8 +208,10 @@ def apply(environ: MutableMapping[str, str], configured: Callable[[str], bool],
 def redis_line(redis_url: str, resolution: Resolution, redis_variable: str) -> str | None:
     """The one line saying which Redis a command reads, or None when the environment chose it."""
     if resolution.stack is not None and redis_variable in resolution.applied:
-        return (f"taskyard: reading Redis {redis_url} from {resolution.path.name} (written by "
-                f"pid {resolution.stack.pid}, started {_clock(resolution.stack.started_at)})")
+        return (
+            f"taskyard: reading Redis {redis_url} from {resolution.path.name} (written by "
+            f"pid {resolution.stack.pid}, started {_clock(resolution.stack.started_at)})"
+        )
     if resolution.stack is not None and redis_variable not in resolution.stack.env:
         where = f"{resolution.path.name} names no Redis"
     elif resolution.ignored:
@@ -200,9 +225,11 @@ def redis_line(redis_url: str, resolution: Resolution, redis_variable: str) -> s
 
 def no_data_line(redis_url: str, namespace: str, redis_variable: str) -> str:
     """The warning for a Redis that holds nothing of taskyard's."""
-    return (f"taskyard: warning: Redis {redis_url} holds no taskyard data (namespace "
-            f"{namespace!r}: no workers, stats, alerts or batches); if the stack runs elsewhere, "
-            f"set {redis_variable} or run this in the directory of its `taskyard up`")
+    return (
+        f"taskyard: warning: Redis {redis_url} holds no taskyard data (namespace "
+        f"{namespace!r}: no workers, stats, alerts or batches); if the stack runs elsewhere, "
+        f"set {redis_variable} or run this in the directory of its `taskyard up`"
+    )
 
 
 def _clock(at: float) -> str:

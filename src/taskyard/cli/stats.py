@@ -26,8 +26,9 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in [header, *rows]:
-        click.echo(("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
-                   .rstrip())
+        click.echo(
+            ("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
+        )
     click.echo("")
 
 
@@ -47,30 +48,68 @@ def show(app_path: str | None, as_json: bool) -> None:
 
     store = StatsStore(load_runtime(app_path, default_name="taskyard-stats"))
     try:
-        data = {"queues": store.queues(), "workers": store.workers(), "tasks": store.tasks(),
-                "alerts": store.alerts()}
+        data = {
+            "queues": store.queues(),
+            "workers": store.workers(),
+            "tasks": store.tasks(),
+            "alerts": store.alerts(),
+        }
     except (redis.RedisError, OSError) as exc:
         raise click.ClickException(f"stats unavailable: {exc}") from None
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    _table("queues", ["queue", "depth", "ready", "reserved", "scheduled"],
-           [[q["queue"], str(q["depth"]), str(q["ready"]),
-             str(q["reserved"]) if q.get("reserved_known", True) else "?",
-             "?" if q.get("scheduled") is None else str(q["scheduled"])]
-            for q in data["queues"]])
-    _table("workers", ["worker", "alive", "age", "memory", "cpu", "paused"],
-           [[str(w["hostname"]), "yes" if w["alive"] else "NO", _fmt(w.get("age_s"), " s"),
-             _fmt(w.get("memory_pct"), " %"), _fmt(w.get("cpu_pct"), " %"),
-             ",".join(w.get("paused_queues") or []) or "-"] for w in data["workers"]])
-    _table("tasks", ["task", "queue", "ok", "failed", "retried", "deferred", "run p95",
-                     "wait p95"],
-           [[t["name"], t["queue"], str(t["succeeded"]), str(t["failed"]), str(t["retried"]),
-             str(t["deferred"]), _fmt(t["runtime_p95"], " s"), _fmt(t["wait_p95"], " s")]
-            for t in data["tasks"]])
-    _table("firing alerts", ["severity", "alert", "since", "summary"],
-           [[a["severity"], a["alertname"], when(a["since"]), a["summary"]]
-            for a in data["alerts"]])
+    _table(
+        "queues",
+        ["queue", "depth", "ready", "reserved", "scheduled"],
+        [
+            [
+                q["queue"],
+                str(q["depth"]),
+                str(q["ready"]),
+                str(q["reserved"]) if q.get("reserved_known", True) else "?",
+                "?" if q.get("scheduled") is None else str(q["scheduled"]),
+            ]
+            for q in data["queues"]
+        ],
+    )
+    _table(
+        "workers",
+        ["worker", "alive", "age", "memory", "cpu", "paused"],
+        [
+            [
+                str(w["hostname"]),
+                "yes" if w["alive"] else "NO",
+                _fmt(w.get("age_s"), " s"),
+                _fmt(w.get("memory_pct"), " %"),
+                _fmt(w.get("cpu_pct"), " %"),
+                ",".join(w.get("paused_queues") or []) or "-",
+            ]
+            for w in data["workers"]
+        ],
+    )
+    _table(
+        "tasks",
+        ["task", "queue", "ok", "failed", "retried", "deferred", "run p95", "wait p95"],
+        [
+            [
+                t["name"],
+                t["queue"],
+                str(t["succeeded"]),
+                str(t["failed"]),
+                str(t["retried"]),
+                str(t["deferred"]),
+                _fmt(t["runtime_p95"], " s"),
+                _fmt(t["wait_p95"], " s"),
+            ]
+            for t in data["tasks"]
+        ],
+    )
+    _table(
+        "firing alerts",
+        ["severity", "alert", "since", "summary"],
+        [[a["severity"], a["alertname"], when(a["since"]), a["summary"]] for a in data["alerts"]],
+    )
 
 
 @stats.command("collect")

@@ -24,23 +24,32 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
     found = timeline.lookup(runtime, engine, task_id)
     dead = RedisDeadLetterStore.for_runtime(runtime).get(task_id)
     if found is None and dead is None:
-        raise click.ClickException(f"no task {task_id!r} in the timelines or the dead letters "
-                                   "(timelines are kept TASKYARD_DEAD_LETTERS__TIMELINE_"
-                                   "RETENTION_S)")
+        raise click.ClickException(
+            f"no task {task_id!r} in the timelines or the dead letters "
+            "(timelines are kept TASKYARD_DEAD_LETTERS__TIMELINE_"
+            "RETENTION_S)"
+        )
     if as_json:
-        click.echo(json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None},
-                              indent=2))
+        click.echo(
+            json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2)
+        )
         return
     if found is not None:
         counts = ", ".join(f"{k} {v}" for k, v in found["counts"].items() if v)
-        click.echo(f"{task_id}  {found['name']}  queue={found['queue'] or '-'}  "
-                   f"state={found['state']}  ({counts})")
+        click.echo(
+            f"{task_id}  {found['name']}  queue={found['queue'] or '-'}  "
+            f"state={found['state']}  ({counts})"
+        )
         for event in found["events"]:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
             millis = f"{event['at'] % 1:.3f}"[1:]
-            click.echo(f"  {stamp}{millis}  {event['event']:<9}  {event['worker'] or '-'}  "
-                       f"{event['detail']}".rstrip())
+            click.echo(
+                f"  {stamp}{millis}  {event['event']:<9}  {event['worker'] or '-'}  "
+                f"{event['detail']}".rstrip()
+            )
     if dead is not None:
-        click.echo(f"dead letter: {dead.reason}, {dead.exception_type or dead.detail}: "
-                   f"{(dead.exception or dead.detail)[:200]}"
-                   + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else ""))
+        click.echo(
+            f"dead letter: {dead.reason}, {dead.exception_type or dead.detail}: "
+            f"{(dead.exception or dead.detail)[:200]}"
+            + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else "")
+        )

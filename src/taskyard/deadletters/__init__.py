@@ -11,5 +11,13 @@ from taskyard.deadletters.hooks import install
 from taskyard.deadletters.memory import MemoryDeadLetterStore
 from taskyard.deadletters.store import DeadLetterStore, RedisDeadLetterStore
 
-__all__ = ["REASONS", "REPLAY_HEADER", "DeadLetter", "DeadLetterStore", "MemoryDeadLetterStore",
-           "Query", "RedisDeadLetterStore", "install"]
+__all__ = [
+    "REASONS",
+    "REPLAY_HEADER",
+    "DeadLetter",
+    "DeadLetterStore",
+    "MemoryDeadLetterStore",
+    "Query",
+    "RedisDeadLetterStore",
+    "install",
+]

@@ -13,26 +13,35 @@ from taskyard.batching.inspect import batch_names, list_dead, purge_dead, requeu
 from taskyard.errors import DeadLetterError
 
 
-def batch_dead_letters(app: Any, batch_name: str | None = None, *, items: int = 3,
-                       limit: int = 1000) -> list[dict[str, Any]]:
+def batch_dead_letters(
+    app: Any, batch_name: str | None = None, *, items: int = 3, limit: int = 1000
+) -> list[dict[str, Any]]:
     """Dead batches as rows beside task entries, newest death first."""
     rows = []
     for dead in list_dead(app, batch_name, items=items, limit=limit):
         error = str(dead.get("error", ""))
-        rows.append({
-            "kind": "batch", "id": f"{dead['batch_name']}/{dead['batch_id']}",
-            "batch_name": dead["batch_name"], "batch_id": dead["batch_id"],
-            "group": dead["group"], "size": dead["size"],
-            "reason": "crashed" if error.startswith("crashed") else "failed",
-            "error": error, "attempts": dead["attempts"], "deliveries": dead["deliveries"],
-            "last_at": dead["died_at"], "items": dead["items"],
-        })
+        rows.append(
+            {
+                "kind": "batch",
+                "id": f"{dead['batch_name']}/{dead['batch_id']}",
+                "batch_name": dead["batch_name"],
+                "batch_id": dead["batch_id"],
+                "group": dead["group"],
+                "size": dead["size"],
+                "reason": "crashed" if error.startswith("crashed") else "failed",
+                "error": error,
+                "attempts": dead["attempts"],
+                "deliveries": dead["deliveries"],
+                "last_at": dead["died_at"],
+                "items": dead["items"],
+            }
+        )
     rows.sort(key=lambda row: row["last_at"], reverse=True)
     return rows
 
 
 def _split(batch_ref: str) -> tuple[str, list[str] | None]:
-    """"name" -> every dead batch of name; "name/id" -> that one."""
+    """ "name" -> every dead batch of name; "name/id" -> that one."""
     name, sep, batch_id = batch_ref.partition("/")
     if not name:
         raise DeadLetterError(f"batch {batch_ref!r}: expected NAME or NAME/ID", value=batch_ref)

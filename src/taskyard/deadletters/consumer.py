@@ -66,7 +66,8 @@ class Gate:
         check = self.check
         strategies = self.consumer.strategies
         connection_errors = tuple(self.consumer.connection_errors) + tuple(
-            getattr(self.consumer, "channel_errors", ()) or ())
+            getattr(self.consumer, "channel_errors", ()) or ()
+        )
 
         def on_task_received(message: Any) -> Any:
             if not check(message, strategies):
@@ -80,8 +81,9 @@ class Gate:
                 # unless the task was already handed on (then it is Celery's to finish).
                 headers = message.headers if isinstance(message.headers, dict) else {}
                 if headers.get("id") in worker_state.requests or message.acknowledged:
-                    log.exception("error after task %s was accepted; left to Celery",
-                                  headers.get("id"))
+                    log.exception(
+                        "error after task %s was accepted; left to Celery", headers.get("id")
+                    )
                     return None
                 return self.quarantine(message, f"unhandled: {type(exc).__name__}: {exc}", exc)
 
@@ -90,8 +92,11 @@ class Gate:
     def check(self, message: Any, strategies: dict[str, Any]) -> bool:
         """True when ``message`` may go on to Celery; else it was quarantined or dead-lettered."""
         if message.content_type not in self.accept:
-            return self.quarantine(message, f"content type {message.content_type!r} is not "
-                                   f"accepted (accepted: {', '.join(sorted(self.accept))})")
+            return self.quarantine(
+                message,
+                f"content type {message.content_type!r} is not "
+                f"accepted (accepted: {', '.join(sorted(self.accept))})",
+            )
         headers = message.headers
         if not isinstance(headers, dict):
             return self.quarantine(message, "headers are not a mapping")
@@ -105,15 +110,17 @@ class Gate:
             return self.quarantine(message, f"undecodable: {type(exc).__name__}: {exc}", exc)
         if name is None:
             # Task protocol 1 (everything in the body): Celery's handler checks it.
-            if isinstance(payload, dict) and isinstance(payload.get("task"), str) \
-                    and isinstance(payload.get("id"), str):
+            if (
+                isinstance(payload, dict)
+                and isinstance(payload.get("task"), str)
+                and isinstance(payload.get("id"), str)
+            ):
                 return True
-            return self.quarantine(message, "not a task: no 'task' header and no protocol 1 "
-                                   "body")
-        if not isinstance(name, str) or not isinstance(headers.get("id"), str) \
-                or not headers["id"]:
-            return self.quarantine(message, "not a task: 'task' and 'id' headers must be "
-                                   "non-empty strings")
+            return self.quarantine(message, "not a task: no 'task' header and no protocol 1 body")
+        if not isinstance(name, str) or not isinstance(headers.get("id"), str) or not headers["id"]:
+            return self.quarantine(
+                message, "not a task: 'task' and 'id' headers must be non-empty strings"
+            )
         if not _is_body(payload):
             return self.quarantine(message, "not a task: the body is not [args, kwargs, embed]")
         if name not in strategies:
@@ -154,16 +161,27 @@ class Gate:
         if deliveries <= limit:
             return True
         entry = self.recorder.from_message(
-            "crashed", message, detail=f"delivered {deliveries} times without an "
+            "crashed",
+            message,
+            detail=f"delivered {deliveries} times without an "
             f"acknowledgement (max_deliveries={limit}): each delivery's process died",
-            worker=self.worker, payload=payload, deliveries=deliveries)
+            worker=self.worker,
+            payload=payload,
+            deliveries=deliveries,
+        )
         entry.exception_type = "WorkerLostError"
-        entry.exception = (f"{name}[{task_id}] was delivered {redeliveries} times before and "
-                           f"never acknowledged; not run again")
+        entry.exception = (
+            f"{name}[{task_id}] was delivered {redeliveries} times before and "
+            f"never acknowledged; not run again"
+        )
         if not self.recorder.record(entry):
             return True  # not recorded: run it rather than lose it
-        log.error("task %s[%s]: delivered %d times, moved to the dead letters (crashed)",
-                  name, task_id, deliveries)
+        log.error(
+            "task %s[%s]: delivered %d times, moved to the dead letters (crashed)",
+            name,
+            task_id,
+            deliveries,
+        )
         try:
             self.runtime.redis.delete(key)
         except Exception:  # it expires anyway
@@ -179,8 +197,9 @@ class Gate:
         already redelivered is then logged in full and acknowledged, so it never loops.
         """
         try:
-            entry = self.recorder.from_message("poison", message, detail=detail,
-                                               worker=self.worker, exc=exc)
+            entry = self.recorder.from_message(
+                "poison", message, detail=detail, worker=self.worker, exc=exc
+            )
             recorded = self.recorder.record(entry)
         except Exception:
             log.exception("poison message not recorded")
@@ -193,9 +212,14 @@ class Gate:
         if not info.get("redelivered"):
             message.reject(requeue=True)
             return False
-        log.critical("poison message dropped (dead-letter store unreachable): %s; "
-                     "content type %r, headers %r, body %r", detail, message.content_type,
-                     message.headers, message.body[:4096] if message.body else message.body)
+        log.critical(
+            "poison message dropped (dead-letter store unreachable): %s; "
+            "content type %r, headers %r, body %r",
+            detail,
+            message.content_type,
+            message.headers,
+            message.body[:4096] if message.body else message.body,
+        )
         message.ack()
         return False
 
@@ -218,9 +242,13 @@ def _is_body(payload: Any) -> bool:
     if isinstance(payload, dict):
         # A hybrid protocol 1/2 message: Celery converts it (hybrid_to_proto2).
         return "args" in payload and isinstance(payload.get("kwargs", {}), dict)
-    return (isinstance(payload, list | tuple) and len(payload) == 3
-            and isinstance(payload[0], list | tuple) and isinstance(payload[1], dict)
-            and (payload[2] is None or isinstance(payload[2], dict)))
+    return (
+        isinstance(payload, list | tuple)
+        and len(payload) == 3
+        and isinstance(payload[0], list | tuple)
+        and isinstance(payload[1], dict)
+        and (payload[2] is None or isinstance(payload[2], dict))
+    )
 
 
 class DeadLetterGate(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -82,8 +82,10 @@ class DeadLetter:
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
-            raise DeadLetterError(f"reason={self.reason!r} is not allowed; expected one of "
-                                  f"{', '.join(REASONS)}", value=self.reason)
+            raise DeadLetterError(
+                f"reason={self.reason!r} is not allowed; expected one of {', '.join(REASONS)}",
+                value=self.reason,
+            )
         # Milliseconds: the Redis scripts' JSON (cjson) keeps 14 significant digits, so a
         # finer time would not survive a round trip and the index scores would drift from it.
         self.last_at = round(self.last_at or time.time(), 3)
@@ -128,19 +130,23 @@ class Query:
 
     def __post_init__(self) -> None:
         if self.reason is not None and self.reason not in REASONS:
-            raise DeadLetterError(f"reason={self.reason!r} is not allowed; expected one of "
-                                  f"{', '.join(REASONS)}", value=self.reason)
+            raise DeadLetterError(
+                f"reason={self.reason!r} is not allowed; expected one of {', '.join(REASONS)}",
+                value=self.reason,
+            )
         if self.state is not None and self.state not in STATES:
-            raise DeadLetterError(f"state={self.state!r} is not allowed; expected one of "
-                                  f"{', '.join(STATES)}", value=self.state)
+            raise DeadLetterError(
+                f"state={self.state!r} is not allowed; expected one of {', '.join(STATES)}",
+                value=self.state,
+            )
         if self.since is not None and self.until is not None and self.since > self.until:
-            raise DeadLetterError(f"since={self.since} is after until={self.until}",
-                                  value=self.since)
+            raise DeadLetterError(
+                f"since={self.since} is after until={self.until}", value=self.since
+            )
 
     def exact(self) -> dict[str, str]:
         """The indexed fields this query fixes."""
-        return {name: value for name in INDEXED
-                if (value := getattr(self, name)) is not None}
+        return {name: value for name in INDEXED if (value := getattr(self, name)) is not None}
 
     def matches(self, entry: DeadLetter) -> bool:
         for name, value in self.exact().items():

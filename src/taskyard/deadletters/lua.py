@@ -67,7 +67,9 @@ end
 #: then apply the count and age bounds. Atomic: the entry, its indexes and the gauge counts
 #: change together, so a concurrent search never sees an entry its indexes do not list.
 #: KEYS[1] entries; ARGV: prefix, id, entry JSON, max_entries, cutoff (s). Returns trimmed.
-RECORD = _PRELUDE + """
+RECORD = (
+    _PRELUDE
+    + """
 local id = ARGV[2]
 local entry = cjson.decode(ARGV[3])
 local old_raw = redis.call('HGET', entries, id)
@@ -83,12 +85,15 @@ redis.call('HSET', entries, id, cjson.encode(entry))
 add_index(id, entry)
 return trim(tonumber(ARGV[5]), tonumber(ARGV[4]))
 """
+)
 
 #: Mark an entry replayed (it leaves the "dead" state, its indexes and the gauge). Atomic with
 #: respect to RECORD, DELETE and another replay: only an entry in state "dead" is marked, so
 #: two operators replaying at once send it once. KEYS[1] entries; ARGV: prefix, id, new task
 #: id, time (s). Returns 1 when marked, 0 when the entry is gone or not dead.
-MARK_REPLAYED = _PRELUDE + """
+MARK_REPLAYED = (
+    _PRELUDE
+    + """
 local id = ARGV[2]
 local raw = redis.call('HGET', entries, id)
 if not raw then return 0 end
@@ -102,17 +107,24 @@ redis.call('HSET', entries, id, cjson.encode(entry))
 add_index(id, entry)
 return 1
 """
+)
 
 #: Delete entries by id. Atomic per call: entries, indexes and gauge counts together.
 #: KEYS[1] entries; ARGV: prefix, id... Returns how many existed.
-DELETE = _PRELUDE + """
+DELETE = (
+    _PRELUDE
+    + """
 local n = 0
 for i = 2, #ARGV do n = n + remove(ARGV[i]) end
 return n
 """
+)
 
 #: Apply the bounds alone (the stats collection runs it, so an idle store still ages out).
 #: KEYS[1] entries; ARGV: prefix, max_entries, cutoff. Returns how many were dropped.
-TRIM = _PRELUDE + """
+TRIM = (
+    _PRELUDE
+    + """
 return trim(tonumber(ARGV[3]), tonumber(ARGV[2]))
 """
+)

@@ -76,5 +76,8 @@ class MemoryDeadLetterStore(DeadLetterStore):
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         with self._lock:
-            return dict(Counter((e.queue, e.name, e.reason) for e in self._entries.values()
-                                if e.state == "dead"))
+            return dict(
+                Counter(
+                    (e.queue, e.name, e.reason) for e in self._entries.values() if e.state == "dead"
+                )
+            )

@@ -45,11 +45,17 @@ class Recorder:
         try:
             self.store.record(entry)
         except Exception:
-            log.exception("dead letter %s (%s, %s) not recorded", entry.id, entry.reason,
-                          entry.name)
+            log.exception(
+                "dead letter %s (%s, %s) not recorded", entry.id, entry.reason, entry.name
+            )
             return False
-        task_dead.send(sender=entry.name or "-", task_id=entry.id, reason=entry.reason,
-                       queue=entry.queue, detail=entry.detail or entry.exception_type)
+        task_dead.send(
+            sender=entry.name or "-",
+            task_id=entry.id,
+            reason=entry.reason,
+            queue=entry.queue,
+            detail=entry.detail or entry.exception_type,
+        )
         return True
 
     # --- building entries ---------------------------------------------------------------------
@@ -65,8 +71,16 @@ class Recorder:
         trace, _ = cap(traceback or "", self.traceback_limit)
         return {"exception_type": type(exc).__name__, "exception": message, "traceback": trace}
 
-    def from_request(self, reason: str, task_name: str, task_id: str, request: Any,
-                     args: Any, kwargs: Any, **extra: Any) -> DeadLetter:
+    def from_request(
+        self,
+        reason: str,
+        task_name: str,
+        task_id: str,
+        request: Any,
+        args: Any,
+        kwargs: Any,
+        **extra: Any,
+    ) -> DeadLetter:
         """An entry for a task the worker ran (or refused to run) under ``request``."""
         info = getattr(request, "delivery_info", None) or {}
         sent = _float(getattr(request, SENT_HEADER, None))
@@ -82,9 +96,17 @@ class Recorder:
         fields.update(extra)
         return DeadLetter(id=task_id, reason=reason, name=task_name, **fields)
 
-    def from_message(self, reason: str, message: Any, *, detail: str, worker: str,
-                     payload: Any = None, deliveries: int = 1,
-                     exc: BaseException | None = None) -> DeadLetter:
+    def from_message(
+        self,
+        reason: str,
+        message: Any,
+        *,
+        detail: str,
+        worker: str,
+        payload: Any = None,
+        deliveries: int = 1,
+        exc: BaseException | None = None,
+    ) -> DeadLetter:
         """An entry for a broker message: a crashed task's (``payload`` decoded) or a poison one
         (raw body and headers kept, capped)."""
         headers = message.headers if isinstance(message.headers, dict) else {}
@@ -133,19 +155,32 @@ class Recorder:
         if encoding == "utf-8":
             text, cut_text = cap(text, self.payload_limit)
             cut = cut or cut_text
-        headers_text = json.dumps(message.headers if isinstance(message.headers, dict)
-                                  else {"_headers": repr(message.headers)}, default=repr)
+        headers_text = json.dumps(
+            message.headers
+            if isinstance(message.headers, dict)
+            else {"_headers": repr(message.headers)},
+            default=repr,
+        )
         if len(headers_text) > self.payload_limit:
             headers: dict[str, Any] = {"_truncated": cap(headers_text, self.payload_limit)[0]}
         else:
             headers = json.loads(headers_text)
-        return {"body": text, "body_encoding": encoding, "headers": headers, "cut": cut,
-                "content_encoding": str(getattr(message, "content_encoding", "") or "")}
+        return {
+            "body": text,
+            "body_encoding": encoding,
+            "headers": headers,
+            "cut": cut,
+            "content_encoding": str(getattr(message, "content_encoding", "") or ""),
+        }
 
 
 def _is_task_body(payload: Any) -> bool:
-    return (isinstance(payload, list | tuple) and len(payload) == 3
-            and isinstance(payload[0], list | tuple) and isinstance(payload[1], dict))
+    return (
+        isinstance(payload, list | tuple)
+        and len(payload) == 3
+        and isinstance(payload[0], list | tuple)
+        and isinstance(payload[1], dict)
+    )
 
 
 def _float(value: Any) -> float | None:

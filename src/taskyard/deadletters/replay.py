@@ -44,19 +44,29 @@ def _queue_of(app: Any, entry: DeadLetter) -> str | None:
 def check_replayable(entry: DeadLetter) -> None:
     """Raise when ``entry`` cannot be sent again, saying why."""
     if entry.state != "dead":
-        raise DeadLetterError(f"dead letter {entry.id} was already replayed as "
-                              f"{entry.replayed_as}", value=entry.id)
+        raise DeadLetterError(
+            f"dead letter {entry.id} was already replayed as {entry.replayed_as}", value=entry.id
+        )
     if entry.reason == "poison":
         if not entry.detail.startswith("unknown task") or not entry.body:
-            raise DeadLetterError(f"dead letter {entry.id} is a poison message ({entry.detail});"
-                                  " it cannot become a task: purge it", value=entry.id)
+            raise DeadLetterError(
+                f"dead letter {entry.id} is a poison message ({entry.detail});"
+                " it cannot become a task: purge it",
+                value=entry.id,
+            )
         if not entry.replayable:
-            raise DeadLetterError(f"dead letter {entry.id}: its body was cut to the size cap, "
-                                  "so it cannot be sent again", value=entry.id)
+            raise DeadLetterError(
+                f"dead letter {entry.id}: its body was cut to the size cap, "
+                "so it cannot be sent again",
+                value=entry.id,
+            )
         return
     if not entry.replayable:
-        raise DeadLetterError(f"dead letter {entry.id}: its arguments were cut to the size cap "
-                              "or are not JSON, so it cannot be sent again", value=entry.id)
+        raise DeadLetterError(
+            f"dead letter {entry.id}: its arguments were cut to the size cap "
+            "or are not JSON, so it cannot be sent again",
+            value=entry.id,
+        )
     if not entry.name:
         raise DeadLetterError(f"dead letter {entry.id} names no task", value=entry.id)
 
@@ -64,21 +74,27 @@ def check_replayable(entry: DeadLetter) -> None:
 def _send(app: Any, entry: DeadLetter, new_id: str) -> None:
     queue = _queue_of(app, entry)
     if entry.reason == "poison":
-        raw = entry.body.encode() if entry.body_encoding == "utf-8" \
-            else base64.b64decode(entry.body)
+        raw = (
+            entry.body.encode() if entry.body_encoding == "utf-8" else base64.b64decode(entry.body)
+        )
         headers = {**entry.headers, "id": new_id, REPLAY_HEADER: entry.id}
         with app.producer_or_acquire() as producer:
-            producer.publish(raw, exchange=app.conf.task_default_exchange,
-                             routing_key=queue or app.conf.task_default_routing_key,
-                             content_type=entry.content_type,
-                             content_encoding=entry.content_encoding or "utf-8",
-                             headers=headers, retry=True)
+            producer.publish(
+                raw,
+                exchange=app.conf.task_default_exchange,
+                routing_key=queue or app.conf.task_default_routing_key,
+                content_type=entry.content_type,
+                content_encoding=entry.content_encoding or "utf-8",
+                headers=headers,
+                retry=True,
+            )
         return
     options: dict[str, Any] = {"task_id": new_id, "headers": {REPLAY_HEADER: entry.id}}
     if queue is not None:
         options.update(queue=queue, routing_key=queue)
-    app.send_task(entry.name, args=json.loads(entry.args), kwargs=json.loads(entry.kwargs),
-                  **options)
+    app.send_task(
+        entry.name, args=json.loads(entry.args), kwargs=json.loads(entry.kwargs), **options
+    )
 
 
 def replay_one(app: Any, store: DeadLetterStore, entry_id: str) -> str:
@@ -103,13 +119,20 @@ def replay_one(app: Any, store: DeadLetterStore, entry_id: str) -> str:
     return new_id
 
 
-def replay(app: Any, store: DeadLetterStore, query: Query | None = None, *,
-           progress: Progress | None = None, limit: int | None = None) -> ReplayReport:
+def replay(
+    app: Any,
+    store: DeadLetterStore,
+    query: Query | None = None,
+    *,
+    progress: Progress | None = None,
+    limit: int | None = None,
+) -> ReplayReport:
     """Replay every dead entry ``query`` matches (all dead entries by default), oldest first."""
     query = query or Query()
     if query.state not in (None, "dead"):
-        raise DeadLetterError(f"only dead entries can be replayed, not state={query.state!r}",
-                              value=query.state)
+        raise DeadLetterError(
+            f"only dead entries can be replayed, not state={query.state!r}", value=query.state
+        )
     query = replace(query, state="dead")
     ids = [e.id for e in store.iter(query)]
     ids.reverse()  # oldest first: the order they died in

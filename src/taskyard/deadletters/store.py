@@ -84,8 +84,9 @@ class DeadLetterStore(ABC):
             if entry is not None and query.matches(entry):
                 yield entry
 
-    def search(self, query: Query | None = None, *, limit: int = 100,
-               offset: int = 0) -> list[DeadLetter]:
+    def search(
+        self, query: Query | None = None, *, limit: int = 100, offset: int = 0
+    ) -> list[DeadLetter]:
         """Entries matching ``query``, newest death first, ``offset`` skipped, ``limit`` kept."""
         out: list[DeadLetter] = []
         for n, entry in enumerate(self.iter(query)):
@@ -117,8 +118,9 @@ class DeadLetterStore(ABC):
 class RedisDeadLetterStore(DeadLetterStore):
     """The store in Redis: a hash of JSON entries, sorted-set indexes, a gauge hash."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, *, max_entries: int,
-                 retention_s: float) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: Keys, *, max_entries: int, retention_s: float
+    ) -> None:
         super().__init__(max_entries, retention_s)
         self.client = client
         self.keys = keys
@@ -132,13 +134,18 @@ class RedisDeadLetterStore(DeadLetterStore):
     def for_runtime(cls, runtime: Any) -> RedisDeadLetterStore:
         """The store of an app's runtime (its Redis, namespace and bounds)."""
         settings = runtime.settings.dead_letters
-        return cls(runtime.redis, runtime.keys, max_entries=settings.max_entries,
-                   retention_s=settings.retention_s)
+        return cls(
+            runtime.redis,
+            runtime.keys,
+            max_entries=settings.max_entries,
+            retention_s=settings.retention_s,
+        )
 
     def record(self, entry: DeadLetter) -> None:
-        self._record(keys=[self.keys.dead_entries()],
-                     args=[self.prefix, entry.id, entry.to_json(), self.max_entries,
-                           self.cutoff()])
+        self._record(
+            keys=[self.keys.dead_entries()],
+            args=[self.prefix, entry.id, entry.to_json(), self.max_entries, self.cutoff()],
+        )
 
     def get(self, entry_id: str) -> DeadLetter | None:
         raw = self.client.hget(self.keys.dead_entries(), entry_id)
@@ -171,17 +178,19 @@ class RedisDeadLetterStore(DeadLetterStore):
         exact = query.exact()
         if len(exact) <= 1:
             # One index holds exactly the matching ids: count them without reading entries.
-            key = (self.keys.dead_by(*next(iter(exact.items()))) if exact
-                   else self.keys.dead_index())
+            key = self.keys.dead_by(*next(iter(exact.items()))) if exact else self.keys.dead_index()
             low: Any = "-inf" if query.since is None else query.since
             high: Any = "+inf" if query.until is None else query.until
             return int(self.client.zcount(key, low, high))
         return super().count(query)
 
     def mark_replayed(self, entry_id: str, new_id: str, at: float | None = None) -> bool:
-        return bool(self._mark(keys=[self.keys.dead_entries()],
-                               args=[self.prefix, entry_id, new_id,
-                                     time.time() if at is None else at]))
+        return bool(
+            self._mark(
+                keys=[self.keys.dead_entries()],
+                args=[self.prefix, entry_id, new_id, time.time() if at is None else at],
+            )
+        )
 
     def delete(self, ids: list[str]) -> int:
         if not ids:
@@ -189,8 +198,12 @@ class RedisDeadLetterStore(DeadLetterStore):
         return int(self._delete(keys=[self.keys.dead_entries()], args=[self.prefix, *ids]))
 
     def trim(self, now: float | None = None) -> int:
-        return int(self._trim(keys=[self.keys.dead_entries()],
-                              args=[self.prefix, self.max_entries, self.cutoff(now)]))
+        return int(
+            self._trim(
+                keys=[self.keys.dead_entries()],
+                args=[self.prefix, self.max_entries, self.cutoff(now)],
+            )
+        )
 
     def counts(self) -> dict[tuple[str, str, str], int]:
         out: dict[tuple[str, str, str], int] = {}

@@ -69,5 +69,12 @@ def _entry(recorder: Recorder, raw: bytes) -> DeadLetter:
         body, encoding = base64.b64encode(head).decode(), "base64"
     if encoding == "utf-8":
         body, _ = cap(body, recorder.payload_limit)
-    return DeadLetter(id=_poison_id(), reason="poison", detail=DETAIL, body=body,
-                      body_encoding=encoding, replayable=False, worker="broker")
+    return DeadLetter(
+        id=_poison_id(),
+        reason="poison",
+        detail=DETAIL,
+        body=body,
+        body_encoding=encoding,
+        replayable=False,
+        worker="broker",
+    )

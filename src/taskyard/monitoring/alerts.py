@@ -72,10 +72,13 @@ class Timing:
 
 def timing_of(m: MonitoringSettings) -> Callable[[str], Timing]:
     """Per-rule timing: ``alert_timing`` overrides over ``alert_for_s``/``alert_resolve_s``."""
+
     def timing(alertname: str) -> Timing:
         rule = m.alert_timing.get(alertname, {})
-        return Timing(float(rule.get("for_s", m.alert_for_s)),
-                      float(rule.get("resolve_s", m.alert_resolve_s)))
+        return Timing(
+            float(rule.get("for_s", m.alert_for_s)), float(rule.get("resolve_s", m.alert_resolve_s))
+        )
+
     return timing
 
 
@@ -100,24 +103,41 @@ def _resource_breaches(workers: list[dict[str, Any]], m: Any) -> Iterable[Breach
     for w in workers:
         name = str(w.get("hostname"))
         if not w.get("alive"):
-            yield Breach("WorkerHeartbeatMissing", "critical", float(w.get("age_s") or 0.0),
-                         0.0, f"worker {name} sent no heartbeat for {w.get('age_s', 0):.0f} s",
-                         {"worker": name})
+            yield Breach(
+                "WorkerHeartbeatMissing",
+                "critical",
+                float(w.get("age_s") or 0.0),
+                0.0,
+                f"worker {name} sent no heartbeat for {w.get('age_s', 0):.0f} s",
+                {"worker": name},
+            )
             continue
         by_host.setdefault(host_of(w), []).append(w)
     for host, members in sorted(by_host.items()):
         names = sorted(str(w.get("hostname")) for w in members)
         for keys, name, what, warn, crit in (
-            (("memory_pct",), "HostMemoryHigh", "memory", m.alert_memory_warning_pct,
-             m.alert_memory_critical_pct),
+            (
+                ("memory_pct",),
+                "HostMemoryHigh",
+                "memory",
+                m.alert_memory_warning_pct,
+                m.alert_memory_critical_pct,
+            ),
             # The whole host's CPU (host_cpu_pct); cpu_pct of older heartbeats leaves out the
             # reading worker's own processes.
-            (("host_cpu_pct", "cpu_pct"), "HostCpuHigh", "CPU", m.alert_cpu_warning_pct,
-             m.alert_cpu_critical_pct),
+            (
+                ("host_cpu_pct", "cpu_pct"),
+                "HostCpuHigh",
+                "CPU",
+                m.alert_cpu_warning_pct,
+                m.alert_cpu_critical_pct,
+            ),
         ):
-            values = [float(v) for w in members
-                      if (v := next((w[k] for k in keys if w.get(k) is not None), None))
-                      is not None]
+            values = [
+                float(v)
+                for w in members
+                if (v := next((w[k] for k in keys if w.get(k) is not None), None)) is not None
+            ]
             if not values:
                 continue
             # The workers of one host read the same figure a moment apart: the highest counts.
@@ -125,9 +145,14 @@ def _resource_breaches(workers: list[dict[str, Any]], m: Any) -> Iterable[Breach
             hit = _level(value, warn, crit)
             if hit is not None:
                 readers = ", ".join(names) if len(names) <= 3 else f"{len(names)} workers"
-                yield Breach(name, hit[0], round(value, 2), hit[1],
-                             f"host {host} {what} at {value:.1f} % (> {hit[1]:g} %), "
-                             f"read by {readers}", {"host": host})
+                yield Breach(
+                    name,
+                    hit[0],
+                    round(value, 2),
+                    hit[1],
+                    f"host {host} {what} at {value:.1f} % (> {hit[1]:g} %), read by {readers}",
+                    {"host": host},
+                )
 
 
 def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
@@ -136,44 +161,73 @@ def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
     breaches = list(_resource_breaches(snapshot.get("workers", []), m))
     for q in snapshot.get("queues", []):
         if q["depth"] > m.alert_queue_depth:
-            breaches.append(Breach(
-                "QueueDepthHigh", "warning", float(q["depth"]), float(m.alert_queue_depth),
-                f"queue {q['queue']} holds {q['depth']} messages (> {m.alert_queue_depth})",
-                {"queue": q["queue"]}))
+            breaches.append(
+                Breach(
+                    "QueueDepthHigh",
+                    "warning",
+                    float(q["depth"]),
+                    float(m.alert_queue_depth),
+                    f"queue {q['queue']} holds {q['depth']} messages (> {m.alert_queue_depth})",
+                    {"queue": q["queue"]},
+                )
+            )
     for s in snapshot.get("slow_statements", []):
         count = float(s.get("window_count", s.get("count", 0)))
         if count > m.alert_slow_queries:
-            breaches.append(Breach(
-                "SlowQueries", "warning", count, float(m.alert_slow_queries),
-                f"{s['task']}: {count:.0f} slow statements in the last window "
-                f"(> {m.alert_slow_queries})", {"task": str(s["task"])}))
+            breaches.append(
+                Breach(
+                    "SlowQueries",
+                    "warning",
+                    count,
+                    float(m.alert_slow_queries),
+                    f"{s['task']}: {count:.0f} slow statements in the last window "
+                    f"(> {m.alert_slow_queries})",
+                    {"task": str(s["task"])},
+                )
+            )
     for c in snapshot.get("cache", []):
         hits, misses = int(c.get("hits") or 0), int(c.get("misses") or 0)
         rate = c.get("hit_rate_pct")
         if rate is None or hits + misses < MIN_LOOKUPS:
             continue
         if float(rate) < m.alert_cache_hit_rate_pct:
-            breaches.append(Breach(
-                "CacheHitRateLow", "warning", float(rate), m.alert_cache_hit_rate_pct,
-                f"cache {c.get('namespace')} hit rate {float(rate):.1f} % "
-                f"(< {m.alert_cache_hit_rate_pct:g} %)", {"namespace": str(c.get("namespace"))}))
+            breaches.append(
+                Breach(
+                    "CacheHitRateLow",
+                    "warning",
+                    float(rate),
+                    m.alert_cache_hit_rate_pct,
+                    f"cache {c.get('namespace')} hit rate {float(rate):.1f} % "
+                    f"(< {m.alert_cache_hit_rate_pct:g} %)",
+                    {"namespace": str(c.get("namespace"))},
+                )
+            )
     for t in snapshot.get("window", {}).get("tasks", []):
         finished, slow = int(t.get("finished", 0)), int(t.get("slow", 0))
         if finished < MIN_SAMPLES:
             continue
         rate = 100.0 * slow / finished
         if rate > m.alert_slow_task_rate_pct:
-            breaches.append(Breach(
-                "SlowTaskRate", "warning", round(rate, 2), m.alert_slow_task_rate_pct,
-                f"{t['name']} on {t['queue']}: {rate:.0f} % of {finished} runs took over "
-                f"{m.slow_task_s:g} s (> {m.alert_slow_task_rate_pct:g} %)",
-                {"task": str(t["name"]), "queue": str(t["queue"])}))
+            breaches.append(
+                Breach(
+                    "SlowTaskRate",
+                    "warning",
+                    round(rate, 2),
+                    m.alert_slow_task_rate_pct,
+                    f"{t['name']} on {t['queue']}: {rate:.0f} % of {finished} runs took over "
+                    f"{m.slow_task_s:g} s (> {m.alert_slow_task_rate_pct:g} %)",
+                    {"task": str(t["name"]), "queue": str(t["queue"])},
+                )
+            )
     return breaches
 
 
-def transition(previous: dict[str, dict[str, Any]], breaches: list[Breach], now: float,
-               timing: Callable[[str], Timing] | None = None,
-               ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+def transition(
+    previous: dict[str, dict[str, Any]],
+    breaches: list[Breach],
+    now: float,
+    timing: Callable[[str], Timing] | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """The alerts after this evaluation, and those whose state changed (fired, changed
     severity, resolved) for the history. Without ``timing`` every rule fires and resolves at
     once."""
@@ -186,13 +240,30 @@ def transition(previous: dict[str, dict[str, Any]], breaches: list[Breach], now:
         rule = timing(b.alertname)
         old = current.get(b.id)
         state = old.get("state") if old else None
-        alert: dict[str, Any] = dict(old) if old and state in (PENDING, FIRING) else {
-            "id": b.id, "alertname": b.alertname, "state": PENDING, "active_since": now,
-            "since": None, "resolved_at": None, "severity": b.severity, "severity_at": now,
-        }
-        alert.update(value=b.value, threshold=b.threshold, labels=dict(b.labels),
-                     summary=b.summary, updated_at=now, last_seen=now, for_s=rule.for_s,
-                     resolve_s=rule.resolve_s)
+        alert: dict[str, Any] = (
+            dict(old)
+            if old and state in (PENDING, FIRING)
+            else {
+                "id": b.id,
+                "alertname": b.alertname,
+                "state": PENDING,
+                "active_since": now,
+                "since": None,
+                "resolved_at": None,
+                "severity": b.severity,
+                "severity_at": now,
+            }
+        )
+        alert.update(
+            value=b.value,
+            threshold=b.threshold,
+            labels=dict(b.labels),
+            summary=b.summary,
+            updated_at=now,
+            last_seen=now,
+            for_s=rule.for_s,
+            resolve_s=rule.resolve_s,
+        )
         rank, held = SEVERITIES.get(b.severity, 0), SEVERITIES.get(alert["severity"], 0)
         severity_changed = False
         if rank >= held:
@@ -225,9 +296,24 @@ def transition(previous: dict[str, dict[str, Any]], breaches: list[Breach], now:
 
 def history_entry(alert: dict[str, Any], now: float) -> dict[str, Any]:
     """One state change as kept in the Redis history list."""
-    return {"at": now, **{k: alert.get(k) for k in (
-        "id", "alertname", "state", "severity", "since", "resolved_at", "value", "threshold",
-        "labels", "summary")}}
+    return {
+        "at": now,
+        **{
+            k: alert.get(k)
+            for k in (
+                "id",
+                "alertname",
+                "state",
+                "severity",
+                "since",
+                "resolved_at",
+                "value",
+                "threshold",
+                "labels",
+                "summary",
+            )
+        },
+    }
 
 
 class AlertBook:
@@ -243,12 +329,21 @@ class AlertBook:
         raw = self.client.hgetall(self.key)
         return {text(k): json.loads(v) for k, v in raw.items()}
 
-    def save(self, alerts: dict[str, dict[str, Any]], now: float, retention_s: float,
-             changed: list[dict[str, Any]] | None = None, history_length: int = 500) -> None:
+    def save(
+        self,
+        alerts: dict[str, dict[str, Any]],
+        now: float,
+        retention_s: float,
+        changed: list[dict[str, Any]] | None = None,
+        history_length: int = 500,
+    ) -> None:
         """Write every alert, drop resolved ones older than the retention and ones gone from
         ``alerts`` (a pending alert whose condition went away); record ``changed``."""
-        stale = [k for k, a in alerts.items() if a.get("state") == RESOLVED
-                 and float(a.get("resolved_at") or now) < now - retention_s]
+        stale = [
+            k
+            for k, a in alerts.items()
+            if a.get("state") == RESOLVED and float(a.get("resolved_at") or now) < now - retention_s
+        ]
         stored = {text(k) for k in self.client.hkeys(self.key)}
         gone = [k for k in stored if k not in alerts]
         with self.client.pipeline(transaction=True) as pipe:
@@ -258,8 +353,7 @@ class AlertBook:
             if stale or gone:
                 pipe.hdel(self.key, *stale, *gone)
             if changed:
-                pipe.lpush(self.history_key, *(json.dumps(history_entry(a, now))
-                                                for a in changed))
+                pipe.lpush(self.history_key, *(json.dumps(history_entry(a, now)) for a in changed))
                 pipe.ltrim(self.history_key, 0, history_length - 1)
             pipe.execute()
 

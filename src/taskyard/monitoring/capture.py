@@ -37,8 +37,21 @@ logger = logging.getLogger(__name__)
 
 #: Upper bounds (s) of the runtime and wait histogram buckets (Prometheus' defaults widened to
 #: a minute, since batch and report tasks run long); one more bucket holds everything above.
-BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                              30.0, 60.0)
+BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 #: Bucket labels as stored in Redis: each bound's text, then "+Inf".
 BUCKET_LABELS: tuple[str, ...] = (*(repr(b) for b in BUCKETS), "+Inf")
 #: Counter events, in the order they are reported.
@@ -92,8 +105,9 @@ class Capture:
             if self._running:
                 return
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._run, name="taskyard-capture-flush",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, name="taskyard-capture-flush", daemon=True
+            )
             self._thread.start()
             self._pid = os.getpid()
             self._running = True
@@ -111,12 +125,23 @@ class Capture:
         self._running = False
         self._pid = -1
 
-    def event(self, task_id: str, event: str, name: str, queue: str, worker: str,
-              detail: str = "", at: float | None = None) -> None:
+    def event(
+        self,
+        task_id: str,
+        event: str,
+        name: str,
+        queue: str,
+        worker: str,
+        detail: str = "",
+        at: float | None = None,
+    ) -> None:
         """One step of a task's timeline (no I/O, no lock)."""
         self._ensure_flusher()
-        self._events.append(timeline.pack(task_id, time.time() if at is None else at, event,
-                                          name, queue, worker, detail))
+        self._events.append(
+            timeline.pack(
+                task_id, time.time() if at is None else at, event, name, queue, worker, detail
+            )
+        )
 
     def count(self, name: str, queue: str, event: str, n: int = 1) -> None:
         """Add ``n`` to one counter."""
@@ -168,9 +193,9 @@ class Capture:
         sums[prefix] = sums.get(prefix, 0.0) + value_s
 
     # --- flushing ----------------------------------------------------------------------------
-    def _take(self) -> tuple[
-        dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, float]]
-    ]:
+    def _take(
+        self,
+    ) -> tuple[dict[str, int], dict[str, dict[str, int]], dict[str, dict[str, float]]]:
         with self._lock:
             taken = self._counts, self._hist, self._sums
             self._counts = {}
@@ -178,8 +203,12 @@ class Capture:
             self._sums = {kind: {} for kind in KINDS}
         return taken
 
-    def _give_back(self, counts: dict[str, int], hist: dict[str, dict[str, int]],
-                   sums: dict[str, dict[str, float]]) -> None:
+    def _give_back(
+        self,
+        counts: dict[str, int],
+        hist: dict[str, dict[str, int]],
+        sums: dict[str, dict[str, float]],
+    ) -> None:
         with self._lock:
             for field, n in counts.items():
                 self._counts[field] = self._counts.get(field, 0) + n
@@ -214,8 +243,11 @@ class Capture:
                         pipe.hincrbyfloat(key, prefix + "sum", total)
                 pipe.execute()
         except Exception:
-            logger.warning("taskyard capture: flush of %d fields failed; kept for the next one",
-                           fields, exc_info=True)
+            logger.warning(
+                "taskyard capture: flush of %d fields failed; kept for the next one",
+                fields,
+                exc_info=True,
+            )
             self._give_back(counts, hist, sums)
             self._events.extendleft(reversed(events))
             return 0
@@ -287,8 +319,9 @@ class _Receivers:
             name = request.name
             queue = _queue_of(request, "unknown")
             self.capture.count(name, queue, "received")
-            self.capture.event(request.id, "received", name, queue,
-                               str(getattr(request, "hostname", "") or ""))
+            self.capture.event(
+                request.id, "received", name, queue, str(getattr(request, "hostname", "") or "")
+            )
         except Exception:
             logger.warning("taskyard capture: task_received hook failed", exc_info=True)
 
@@ -303,13 +336,20 @@ class _Receivers:
             setattr(request, _START_ATTR, time.perf_counter())
             sent = _sent_at(request)
             self.capture.started(key[0], key[1], None if sent is None else max(0.0, now - sent))
-            self.capture.event(request.id, "started", key[0], key[1],
-                               str(request.hostname or ""), str(request.retries or ""))
+            self.capture.event(
+                request.id,
+                "started",
+                key[0],
+                key[1],
+                str(request.hostname or ""),
+                str(request.retries or ""),
+            )
         except Exception:
             logger.warning("taskyard capture: task_prerun hook failed", exc_info=True)
 
-    def postrun(self, sender: Any = None, task: Any = None, state: str | None = None,
-                **_: Any) -> None:
+    def postrun(
+        self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any
+    ) -> None:
         try:
             if task is None or task.app is not self.app:
                 return
@@ -324,13 +364,24 @@ class _Receivers:
             runtime_s = None if start is None or event is None else time.perf_counter() - start
             self.capture.finished(key[0], key[1], event, runtime_s)
             if event is not None:
-                self.capture.event(request.id, event, key[0], key[1], str(request.hostname or ""),
-                                   "" if runtime_s is None else f"{runtime_s:.6f}")
+                self.capture.event(
+                    request.id,
+                    event,
+                    key[0],
+                    key[1],
+                    str(request.hostname or ""),
+                    "" if runtime_s is None else f"{runtime_s:.6f}",
+                )
         except Exception:
             logger.warning("taskyard capture: task_postrun hook failed", exc_info=True)
 
-    def sent(self, sender: Any = None, headers: dict[str, Any] | None = None,
-             routing_key: str | None = None, **_: Any) -> None:
+    def sent(
+        self,
+        sender: Any = None,
+        headers: dict[str, Any] | None = None,
+        routing_key: str | None = None,
+        **_: Any,
+    ) -> None:
         try:
             owner = sending_app.get()
             if headers is None or (owner is not None and owner is not self.app):
@@ -339,14 +390,26 @@ class _Receivers:
             if task_id:
                 # The time set before publishing: a worker may receive it before this runs.
                 sent_at = headers.get(SENT_HEADER)
-                self.capture.event(str(task_id), "sent", str(headers.get("task") or sender),
-                                   str(routing_key or ""), str(headers.get("origin") or ""),
-                                   at=float(sent_at) if sent_at is not None else None)
+                self.capture.event(
+                    str(task_id),
+                    "sent",
+                    str(headers.get("task") or sender),
+                    str(routing_key or ""),
+                    str(headers.get("origin") or ""),
+                    at=float(sent_at) if sent_at is not None else None,
+                )
         except Exception:
             logger.warning("taskyard capture: after_task_publish hook failed", exc_info=True)
 
-    def dead(self, sender: Any = None, task_id: str | None = None, reason: str = "",
-             queue: str = "", detail: str = "", **_: Any) -> None:
+    def dead(
+        self,
+        sender: Any = None,
+        task_id: str | None = None,
+        reason: str = "",
+        queue: str = "",
+        detail: str = "",
+        **_: Any,
+    ) -> None:
         try:
             if task_id is None or get_current_app() is not self.app:
                 return
@@ -354,8 +417,14 @@ class _Receivers:
         except Exception:
             logger.warning("taskyard capture: task_dead hook failed", exc_info=True)
 
-    def deferred(self, sender: Any = None, level: Any = None, task_id: str | None = None,
-                 reason: str = "", **_: Any) -> None:
+    def deferred(
+        self,
+        sender: Any = None,
+        level: Any = None,
+        task_id: str | None = None,
+        reason: str = "",
+        **_: Any,
+    ) -> None:
         try:
             name = str(sender)
             # The signal names the task only; several apps in one process (and shared tasks
@@ -385,17 +454,20 @@ def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
     capture = Capture(runtime)
     receivers = _Receivers(app, capture)
     uid = f"taskyard.capture.{id(app)}"
-    signals.before_task_publish.connect(_set_sent_header, weak=False,
-                                        dispatch_uid="taskyard.capture.sent_at")
+    signals.before_task_publish.connect(
+        _set_sent_header, weak=False, dispatch_uid="taskyard.capture.sent_at"
+    )
     signals.task_received.connect(receivers.received, weak=False, dispatch_uid=uid + ".received")
     signals.task_prerun.connect(receivers.prerun, weak=False, dispatch_uid=uid + ".prerun")
     signals.task_postrun.connect(receivers.postrun, weak=False, dispatch_uid=uid + ".postrun")
-    taskyard_signals.task_deferred.connect(receivers.deferred, weak=False,
-                                           dispatch_uid=uid + ".deferred")
+    taskyard_signals.task_deferred.connect(
+        receivers.deferred, weak=False, dispatch_uid=uid + ".deferred"
+    )
     signals.after_task_publish.connect(receivers.sent, weak=False, dispatch_uid=uid + ".sent")
     taskyard_signals.task_dead.connect(receivers.dead, weak=False, dispatch_uid=uid + ".dead")
-    signals.worker_process_shutdown.connect(receivers.shutdown, weak=False,
-                                            dispatch_uid=uid + ".process_shutdown")
+    signals.worker_process_shutdown.connect(
+        receivers.shutdown, weak=False, dispatch_uid=uid + ".process_shutdown"
+    )
     signals.worker_shutdown.connect(receivers.shutdown, weak=False, dispatch_uid=uid + ".shutdown")
     atexit.register(receivers.shutdown)
     runtime.capture = capture

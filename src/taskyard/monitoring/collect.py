@@ -53,8 +53,7 @@ def _slow_statements(runtime: Runtime, previous: dict[str, Any]) -> list[dict[st
     key_of = getattr(runtime.keys, "slow_statements", None)
     if key_of is None:
         return []
-    raw = {text(k): float(v)
-           for k, v in runtime.redis.hgetall(key_of()).items()}
+    raw = {text(k): float(v) for k, v in runtime.redis.hgetall(key_of()).items()}
     before = previous.get("slow_statements", {})
     first = "at" not in previous  # no previous reading: no window to count in
     out = []
@@ -62,8 +61,14 @@ def _slow_statements(runtime: Runtime, previous: dict[str, Any]) -> list[dict[st
         if "\x1f" in name:
             continue
         total = int(count)
-        out.append({"task": name, "count": total, "seconds": raw.get(f"{name}\x1fseconds", 0.0),
-                    "window_count": 0 if first else max(0, total - int(before.get(name, 0)))})
+        out.append(
+            {
+                "task": name,
+                "count": total,
+                "seconds": raw.get(f"{name}\x1fseconds", 0.0),
+                "window_count": 0 if first else max(0, total - int(before.get(name, 0))),
+            }
+        )
     return out
 
 
@@ -76,27 +81,46 @@ def _pg_stat_statements(url: str, slow_s: float) -> list[dict[str, Any]]:
 
     engine = history.engine_for(url)
     with engine.connect() as conn:
-        installed = conn.execute(sa.text(
-            "SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")).first()
+        installed = conn.execute(
+            sa.text("SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements'")
+        ).first()
         if not installed:
             return []
         try:
-            rows = conn.execute(sa.text(
-                "SELECT left(query, 300) AS query, calls, mean_exec_time, total_exec_time "
-                "FROM pg_stat_statements WHERE mean_exec_time > :ms "
-                "ORDER BY mean_exec_time DESC LIMIT 20"), {"ms": slow_s * 1000.0}
-            ).mappings().all()
+            rows = (
+                conn.execute(
+                    sa.text(
+                        "SELECT left(query, 300) AS query, calls, mean_exec_time, total_exec_time "
+                        "FROM pg_stat_statements WHERE mean_exec_time > :ms "
+                        "ORDER BY mean_exec_time DESC LIMIT 20"
+                    ),
+                    {"ms": slow_s * 1000.0},
+                )
+                .mappings()
+                .all()
+            )
         except sa.exc.DBAPIError as exc:
             # Created but not in shared_preload_libraries: the view exists and cannot be read.
             logger.debug("stats: pg_stat_statements unreadable: %s", exc)
             return []
-    return [{"query": r["query"], "calls": int(r["calls"]),
-             "mean_s": float(r["mean_exec_time"]) / 1000.0,
-             "total_s": float(r["total_exec_time"]) / 1000.0} for r in rows]
+    return [
+        {
+            "query": r["query"],
+            "calls": int(r["calls"]),
+            "mean_s": float(r["mean_exec_time"]) / 1000.0,
+            "total_s": float(r["total_exec_time"]) / 1000.0,
+        }
+        for r in rows
+    ]
 
 
-def _window(tasks: list[dict[str, Any]], hists: dict[str, Any], previous: dict[str, Any],
-            now: float, slow_task_s: float) -> dict[str, Any]:
+def _window(
+    tasks: list[dict[str, Any]],
+    hists: dict[str, Any],
+    previous: dict[str, Any],
+    now: float,
+    slow_task_s: float,
+) -> dict[str, Any]:
     """Rates and percentiles over the time since the previous run, from counter deltas."""
     prev_at = previous.get("at")
     seconds = max(1e-6, now - float(prev_at)) if prev_at else None
@@ -118,22 +142,34 @@ def _window(tasks: list[dict[str, Any]], hists: dict[str, Any], previous: dict[s
             delta = [max(0, a - b) for a, b in zip(entry["counts"], before_counts, strict=False)]
             merged[kind] = [a + b for a, b in zip(merged[kind], delta, strict=True)]
             if kind == "runtime":
-                per_task.append({"name": entry["name"], "queue": entry["queue"],
-                                 "finished": sum(delta), "slow": sum(delta[i] for i in slow_idx)})
+                per_task.append(
+                    {
+                        "name": entry["name"],
+                        "queue": entry["queue"],
+                        "finished": sum(delta),
+                        "slow": sum(delta[i] for i in slow_idx),
+                    }
+                )
     latency: dict[str, float | None] = {}
     for kind in KINDS:
         for label, q in _PERCENTILES:
             latency[f"{kind}_{label}"] = quantile(merged[kind], q)
-    rates = {f"{event}_per_s": (round(n / seconds, 3) if seconds else 0.0)
-             for event, n in totals.items()}
+    rates = {
+        f"{event}_per_s": (round(n / seconds, 3) if seconds else 0.0) for event, n in totals.items()
+    }
     finished = totals["succeeded"] + totals["failed"]
     rates["per_s"] = round(finished / seconds, 3) if seconds else 0.0
     if seconds is None:
         # First run: no previous reading, so no window; all-time counts would mislead alerts.
         per_task = []
         latency = dict.fromkeys(latency)
-    return {"seconds": seconds, "totals": totals, "rates": rates, "latency": latency,
-            "tasks": per_task}
+    return {
+        "seconds": seconds,
+        "totals": totals,
+        "rates": rates,
+        "latency": latency,
+        "tasks": per_task,
+    }
 
 
 def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
@@ -151,41 +187,85 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
     batches = _guarded("batches", store.batches, [])
     cache = _guarded("cache", store.cache, [])
     slow = _guarded("slow statements", lambda: _slow_statements(runtime, previous), [])
-    pg_slow = _guarded("pg_stat_statements", lambda: _pg_stat_statements(
-        settings.database_url, settings.maintenance.slow_statement_s), [])
+    pg_slow = _guarded(
+        "pg_stat_statements",
+        lambda: _pg_stat_statements(settings.database_url, settings.maintenance.slow_statement_s),
+        [],
+    )
     window = _window(tasks, hists, previous, now, m.slow_task_s)
     maintenance_bytes = client.get(keys.maintenance_last())
     maintenance_raw = text(maintenance_bytes) if maintenance_bytes else None
 
-    snapshot = {"at": now, "queues": queues, "workers": workers, "cache": cache,
-                "slow_statements": slow, "window": window}
+    snapshot = {
+        "at": now,
+        "queues": queues,
+        "workers": workers,
+        "cache": cache,
+        "slow_statements": slow,
+        "window": window,
+    }
     book = AlertBook(client, keys)
     alerts, changed = transition(book.load(), evaluate(snapshot, settings), now, timing_of(m))
-    book.save(alerts, now, m.history_retention_days * 86_400.0, changed,
-              m.alert_history_length)
+    book.save(alerts, now, m.history_retention_days * 86_400.0, changed, m.alert_history_length)
     firing = [a for a in alerts.values() if a["state"] == "firing"]
 
-    totals = {e: sum(int(t[e]) for t in tasks) for e in
-              ("received", "started", "succeeded", "failed", "retried", "deferred")}
+    totals = {
+        e: sum(int(t[e]) for t in tasks)
+        for e in ("received", "started", "succeeded", "failed", "retried", "deferred")
+    }
     series: dict[str, dict[str, Any]] = {
-        "overview": {"totals": totals, "queue_depth_total": sum(q["depth"] for q in queues),
-                     "workers_alive": sum(1 for w in workers if w["alive"]),
-                     "workers_total": len(workers), "alerts_firing": len(firing),
-                     "throughput_per_s": window["rates"]["per_s"]},
-        "queues": {"queues": {q["queue"]: {k: q[k] for k in ("depth", "ready", "reserved")}
-                              for q in queues}},
-        "throughput": {**window["rates"], "window_s": window["seconds"],
-                       "tasks": [{**t, "per_s": round(t["finished"] / window["seconds"], 3)
-                                  if window["seconds"] else 0.0} for t in window["tasks"]]},
+        "overview": {
+            "totals": totals,
+            "queue_depth_total": sum(q["depth"] for q in queues),
+            "workers_alive": sum(1 for w in workers if w["alive"]),
+            "workers_total": len(workers),
+            "alerts_firing": len(firing),
+            "throughput_per_s": window["rates"]["per_s"],
+        },
+        "queues": {
+            "queues": {
+                q["queue"]: {k: q[k] for k in ("depth", "ready", "reserved")} for q in queues
+            }
+        },
+        "throughput": {
+            **window["rates"],
+            "window_s": window["seconds"],
+            "tasks": [
+                {
+                    **t,
+                    "per_s": round(t["finished"] / window["seconds"], 3)
+                    if window["seconds"]
+                    else 0.0,
+                }
+                for t in window["tasks"]
+            ],
+        },
         "latency": window["latency"],
         "tasks": {"tasks": tasks},
         "workers": {"workers": workers},
         "batches": {"batches": batches},
         "cache": {"cache": cache},
         "slow_statements": {"tasks": slow, "pg_stat_statements": pg_slow},
-        "guards": {"workers": [{k: w.get(k) for k in (
-            "hostname", "host", "alive", "state", "paused_queues", "paused_reasons", "deferred",
-            "deferred_by_reason", "overdue", "pool_nice")} for w in workers]},
+        "guards": {
+            "workers": [
+                {
+                    k: w.get(k)
+                    for k in (
+                        "hostname",
+                        "host",
+                        "alive",
+                        "state",
+                        "paused_queues",
+                        "paused_reasons",
+                        "deferred",
+                        "deferred_by_reason",
+                        "overdue",
+                        "pool_nice",
+                    )
+                }
+                for w in workers
+            ]
+        },
         "alerts": {"firing": len(firing), "alerts": firing},
     }
     if maintenance_raw and maintenance_raw != previous.get("maintenance"):
@@ -198,8 +278,10 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
     state = {
         "at": now,
         "counts": {f"{t['name']}\x1f{t['queue']}": {e: t[e] for e in totals} for t in tasks},
-        "hist": {kind: {f"{h['name']}\x1f{h['queue']}": h["counts"] for h in hists[kind]}
-                 for kind in KINDS},
+        "hist": {
+            kind: {f"{h['name']}\x1f{h['queue']}": h["counts"] for h in hists[kind]}
+            for kind in KINDS
+        },
         "slow_statements": {s["task"]: s["count"] for s in slow},
         "maintenance": maintenance_raw,
         "rolled_up_at": previous.get("rolled_up_at", 0.0),
@@ -217,9 +299,13 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         # Workers silent for longer than this are forgotten (and their missing alert resolves).
         pipe.zremrangebyscore(keys.workers(), "-inf", now - m.worker_forget_after_s)
         pipe.execute()
-    return {"at": now, "series": sorted(entries), "alerts_firing": len(firing),
-            "alerts_changed": [f"{a['id']}:{a['state']}" for a in changed],
-            "history_error": history_error}
+    return {
+        "at": now,
+        "series": sorted(entries),
+        "alerts_firing": len(firing),
+        "alerts_changed": [f"{a['id']}:{a['state']}" for a in changed],
+        "history_error": history_error,
+    }
 
 
 def _guarded(what: str, read: Any, default: Any) -> Any:
@@ -231,8 +317,13 @@ def _guarded(what: str, read: Any, default: Any) -> Any:
         return default
 
 
-def _write_history(runtime: Runtime, entries: dict[str, dict[str, Any]],
-                   changed: list[dict[str, Any]], now: float, state: dict[str, Any]) -> str | None:
+def _write_history(
+    runtime: Runtime,
+    entries: dict[str, dict[str, Any]],
+    changed: list[dict[str, Any]],
+    now: float,
+    state: dict[str, Any],
+) -> str | None:
     """Snapshots and alert episodes into the history database, with rollup and retention once
     per rollup window; a database outage is logged and reported, Redis keeps the series."""
     m = runtime.settings.monitoring
@@ -255,14 +346,17 @@ def _write_history(runtime: Runtime, entries: dict[str, dict[str, Any]],
 
 def register(app: Celery, runtime: Runtime) -> None:
     """Register ``taskyard.stats.collect`` on ``app`` (no I/O)."""
+
     def collect_task() -> dict[str, Any]:
         interval = job_interval_s(runtime.settings, TASK_NAME)
-        with single_flight(runtime, "stats.collect", interval,
-                           lock_ttl_s=max(5.0, 3 * interval)) as flight:
+        with single_flight(
+            runtime, "stats.collect", interval, lock_ttl_s=max(5.0, 3 * interval)
+        ) as flight:
             if not flight.acquired:
                 return flight.report()
             return collect(runtime)
 
     # shared=False: the task belongs to this app only, whatever other apps the process makes.
-    app.task(name=TASK_NAME, ignore_result=True, shared=False,
-             taskyard_level=Priority.CRITICAL)(collect_task)
+    app.task(name=TASK_NAME, ignore_result=True, shared=False, taskyard_level=Priority.CRITICAL)(
+        collect_task
+    )

@@ -77,16 +77,19 @@ def show_app_queues() -> None:
     flower_views.Broker = _broker_with_amqp_fallback()
 
 
-def amqp_queue_rows(broker_url: str, names: Sequence[str],
-                    timeout_s: float = 2.0) -> list[dict[str, Any]]:
+def amqp_queue_rows(
+    broker_url: str, names: Sequence[str], timeout_s: float = 2.0
+) -> list[dict[str, Any]]:
     """Broker-tab rows from AMQP passive declares: ready messages and consumers per queue.
 
     Unacknowledged messages are not visible over AMQP, so that column stays empty.
     """
     from taskyard.monitoring.queues import amqp_queue_counts
 
-    return [{"name": name, "messages": ready, "messages_ready": ready, "consumers": consumers}
-            for name, ready, consumers in amqp_queue_counts(broker_url, names, timeout_s)]
+    return [
+        {"name": name, "messages": ready, "messages_ready": ready, "consumers": consumers}
+        for name, ready, consumers in amqp_queue_counts(broker_url, names, timeout_s)
+    ]
 
 
 def _broker_with_amqp_fallback() -> Any:
@@ -137,7 +140,8 @@ def check_basic_auth(value: str) -> str:
         raise click.BadParameter(
             f"{value!r} holds no 'user:password' pair; unset "
             "TASKYARD_MONITORING__FLOWER_BASIC_AUTH to have a password generated",
-            param_hint="flower_basic_auth")
+            param_hint="flower_basic_auth",
+        )
     return value
 
 
@@ -210,11 +214,15 @@ def require_auth_on_every_route() -> None:
     classes: set[type[tornado.web.RequestHandler]] = {BaseHandler}
     for entry in flower_urls.handlers:
         handler_class = getattr(entry, "handler_class", None) or entry[1]
-        classes.update(c for c in handler_class.__mro__
-                       if c.__module__.startswith("flower.") and "prepare" in vars(c))
+        classes.update(
+            c
+            for c in handler_class.__mro__
+            if c.__module__.startswith("flower.") and "prepare" in vars(c)
+        )
     for cls in classes:
         cls.prepare = guarded(  # type: ignore[method-assign,assignment]
-            vars(cls).get("prepare", tornado.web.RequestHandler.prepare))
+            vars(cls).get("prepare", tornado.web.RequestHandler.prepare)
+        )
 
     class AuthStaticFileHandler(tornado.web.StaticFileHandler):
         """Flower's static files, behind the same credentials as its pages."""
@@ -242,14 +250,23 @@ def require_auth_on_every_route() -> None:
     flower_urls.settings["static_handler_class"] = AuthStaticFileHandler
 
 
-def flower_args(app_path: str, settings: Settings, port: int | None = None,
-                address: str | None = None, broker_api: str | None = None,
-                extra: Sequence[str] = ()) -> list[str]:
+def flower_args(
+    app_path: str,
+    settings: Settings,
+    port: int | None = None,
+    address: str | None = None,
+    broker_api: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """Arguments of ``celery`` that run Flower for ``app_path`` (without the credentials)."""
     monitoring = settings.monitoring
-    args = ["-A", app_path, "flower",
-            f"--port={port if port is not None else monitoring.flower_port}",
-            f"--address={address if address is not None else monitoring.flower_host}"]
+    args = [
+        "-A",
+        app_path,
+        "flower",
+        f"--port={port if port is not None else monitoring.flower_port}",
+        f"--address={address if address is not None else monitoring.flower_host}",
+    ]
     if broker_api:
         args.append(f"--broker_api={broker_api}")
     return [*args, *extra]

@@ -111,8 +111,10 @@ def ensure_schema(engine: Engine) -> None:
 
 def write_snapshots(engine: Engine, rows: Iterable[tuple[str, float, dict[str, Any]]]) -> int:
     """Insert raw snapshots ``(series, at, data)``; returns how many."""
-    values = [{"series": s, "at": at, "resolution_s": 0.0, "data": json.dumps(data)}
-              for s, at, data in rows]
+    values = [
+        {"series": s, "at": at, "resolution_s": 0.0, "data": json.dumps(data)}
+        for s, at, data in rows
+    ]
     if not values:
         return 0
     with engine.begin() as conn:
@@ -120,11 +122,13 @@ def write_snapshots(engine: Engine, rows: Iterable[tuple[str, float, dict[str, A
     return len(values)
 
 
-def read_snapshots(engine: Engine, series: str, since: float | None, until: float | None,
-                   limit: int, offset: int) -> list[dict[str, Any]]:
+def read_snapshots(
+    engine: Engine, series: str, since: float | None, until: float | None, limit: int, offset: int
+) -> list[dict[str, Any]]:
     """Snapshots of one series in ``[since, until]``, newest first."""
     query = sa.select(snapshots.c.at, snapshots.c.resolution_s, snapshots.c.data).where(
-        snapshots.c.series == series)
+        snapshots.c.series == series
+    )
     if since is not None:
         query = query.where(snapshots.c.at >= since)
     if until is not None:
@@ -158,15 +162,20 @@ def save_alerts(engine: Engine, alerts: Sequence[dict[str, Any]]) -> None:
         for alert in alerts:
             episode = f"{alert['id']}@{alert['since']:.3f}"
             values = {
-                "alert_id": alert["id"], "alertname": alert["alertname"],
-                "severity": alert["severity"], "state": alert["state"], "since": alert["since"],
-                "resolved_at": alert.get("resolved_at"), "value": alert.get("value"),
+                "alert_id": alert["id"],
+                "alertname": alert["alertname"],
+                "severity": alert["severity"],
+                "state": alert["state"],
+                "since": alert["since"],
+                "resolved_at": alert.get("resolved_at"),
+                "value": alert.get("value"),
                 "threshold": alert.get("threshold"),
                 "labels": json.dumps(alert.get("labels", {}), sort_keys=True),
                 "summary": alert.get("summary", ""),
             }
-            updated = conn.execute(alert_episodes.update().where(
-                alert_episodes.c.episode == episode).values(**values))
+            updated = conn.execute(
+                alert_episodes.update().where(alert_episodes.c.episode == episode).values(**values)
+            )
             if updated.rowcount == 0:
                 conn.execute(alert_episodes.insert().values(episode=episode, **values))
 
@@ -176,14 +185,26 @@ def read_alert_episodes(engine: Engine, limit: int = 100) -> list[dict[str, Any]
     query = sa.select(alert_episodes).order_by(alert_episodes.c.since.desc()).limit(limit)
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
-    return [{"id": r["alert_id"], "alertname": r["alertname"], "severity": r["severity"],
-             "state": r["state"], "since": r["since"], "resolved_at": r["resolved_at"],
-             "value": r["value"], "threshold": r["threshold"], "labels": json.loads(r["labels"]),
-             "summary": r["summary"]} for r in rows]
+    return [
+        {
+            "id": r["alert_id"],
+            "alertname": r["alertname"],
+            "severity": r["severity"],
+            "state": r["state"],
+            "since": r["since"],
+            "resolved_at": r["resolved_at"],
+            "value": r["value"],
+            "threshold": r["threshold"],
+            "labels": json.loads(r["labels"]),
+            "summary": r["summary"],
+        }
+        for r in rows
+    ]
 
 
-def rollup(engine: Engine, now: float, raw_keep_s: float, window_s: float,
-           chunk: int = 5000) -> int:
+def rollup(
+    engine: Engine, now: float, raw_keep_s: float, window_s: float, chunk: int = 5000
+) -> int:
     """Downsample raw snapshots older than ``raw_keep_s`` to the last one per ``window_s``
     window and series; returns how many rows were deleted."""
     cutoff = now - raw_keep_s
@@ -203,13 +224,16 @@ def rollup(engine: Engine, now: float, raw_keep_s: float, window_s: float,
                 drop.append(previous)
             keep[window] = row_id
         for start in range(0, len(drop), chunk):
-            part = drop[start:start + chunk]
+            part = drop[start : start + chunk]
             conn.execute(snapshots.delete().where(snapshots.c.id.in_(part)))
             deleted += len(part)
         kept = list(keep.values())
         for start in range(0, len(kept), chunk):
-            conn.execute(snapshots.update().where(snapshots.c.id.in_(kept[start:start + chunk]))
-                         .values(resolution_s=window_s))
+            conn.execute(
+                snapshots.update()
+                .where(snapshots.c.id.in_(kept[start : start + chunk]))
+                .values(resolution_s=window_s)
+            )
     return deleted
 
 
@@ -218,9 +242,11 @@ def prune(engine: Engine, now: float, retention_s: float) -> int:
     cutoff = now - retention_s
     with engine.begin() as conn:
         gone = conn.execute(snapshots.delete().where(snapshots.c.at < cutoff)).rowcount
-        gone += conn.execute(alert_episodes.delete().where(
-            alert_episodes.c.resolved_at.is_not(None), alert_episodes.c.resolved_at < cutoff
-        )).rowcount
+        gone += conn.execute(
+            alert_episodes.delete().where(
+                alert_episodes.c.resolved_at.is_not(None), alert_episodes.c.resolved_at < cutoff
+            )
+        ).rowcount
     return int(gone)
 
 

@@ -30,9 +30,12 @@ def _sent_at(raw: bytes | None) -> float | None:
     return sent if sent == sent else None  # NaN is no time
 
 
-def oldest_ready_ages(client: redis.Redis, queues: Iterable[str],
-                      now: float | None = None,
-                      steps: Iterable[int] = PRIORITY_STEPS) -> dict[str, float | None]:
+def oldest_ready_ages(
+    client: redis.Redis,
+    queues: Iterable[str],
+    now: float | None = None,
+    steps: Iterable[int] = PRIORITY_STEPS,
+) -> dict[str, float | None]:
     """Seconds the oldest ready message of each queue has waited (None: empty or unknown).
 
     One pipelined round trip: the tail of every priority sub-list.
@@ -49,7 +52,8 @@ def oldest_ready_ages(client: redis.Redis, queues: Iterable[str],
     now = time.time() if now is None else now
     ages: dict[str, float | None] = {}
     for i, queue in enumerate(names):
-        sent = [s for s in map(_sent_at, tails[i * len(steps):(i + 1) * len(steps)])
-                if s is not None]
+        sent = [
+            s for s in map(_sent_at, tails[i * len(steps) : (i + 1) * len(steps)]) if s is not None
+        ]
         ages[queue] = max(0.0, now - min(sent)) if sent else None
     return ages

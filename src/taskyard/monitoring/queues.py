@@ -35,7 +35,6 @@ PRIORITY_SEP: str = Channel.sep
 UNACKED_KEY: str = Channel.unacked_key
 
 
-
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
     """Depth of one queue: ready (waiting in the broker) plus reserved (held by a worker)."""
@@ -52,9 +51,14 @@ class QueueDepth:
         return self.ready + self.reserved
 
     def as_dict(self) -> dict[str, Any]:
-        return {"queue": self.queue, "depth": self.depth, "ready": self.ready,
-                "reserved": self.reserved, "reserved_known": self.reserved_known,
-                "scheduled": self.scheduled}
+        return {
+            "queue": self.queue,
+            "depth": self.depth,
+            "ready": self.ready,
+            "reserved": self.reserved,
+            "reserved_known": self.reserved_known,
+            "scheduled": self.scheduled,
+        }
 
 
 def priority_lists(queue: str, steps: Iterable[int] = PRIORITY_STEPS) -> list[str]:
@@ -83,9 +87,12 @@ def _reserved_queue(raw: bytes, known: set[str]) -> str | None:
     return str(key) if key in known else None
 
 
-def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
-                 steps: Iterable[int] = PRIORITY_STEPS,
-                 namespace: str = "taskyard") -> list[QueueDepth]:
+def redis_depths(
+    client: redis.Redis,
+    queues: Iterable[str] = LEVEL_NAMES,
+    steps: Iterable[int] = PRIORITY_STEPS,
+    namespace: str = "taskyard",
+) -> list[QueueDepth]:
     """Depth of each queue on a Redis broker (one pipelined round trip plus the unacked HASH),
     and its scheduled messages (the delayed set of ``namespace``).
 
@@ -104,7 +111,7 @@ def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
         pipe.hvals(UNACKED_KEY)
         replies = pipe.execute()
     unacked: list[bytes] = replies.pop()
-    scheduled = [int(n) for n in replies[-len(names):]] if names else []
+    scheduled = [int(n) for n in replies[-len(names) :]] if names else []
     reserved = dict.fromkeys(names, 0)
     known = set(names)
     for raw in unacked:
@@ -113,14 +120,19 @@ def redis_depths(client: redis.Redis, queues: Iterable[str] = LEVEL_NAMES,
             reserved[owner] += 1
     per_queue = len(steps)
     return [
-        QueueDepth(queue, sum(int(n) for n in replies[i * per_queue:(i + 1) * per_queue]),
-                   reserved[queue], scheduled=scheduled[i])
+        QueueDepth(
+            queue,
+            sum(int(n) for n in replies[i * per_queue : (i + 1) * per_queue]),
+            reserved[queue],
+            scheduled=scheduled[i],
+        )
         for i, queue in enumerate(names)
     ]
 
 
-def amqp_queue_counts(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
-                      timeout_s: float = 4.0) -> list[tuple[str, int, int]]:
+def amqp_queue_counts(
+    broker_url: str, queues: Iterable[str] = LEVEL_NAMES, timeout_s: float = 4.0
+) -> list[tuple[str, int, int]]:
     """(queue, ready messages, consumers) of each queue on an AMQP broker, by passive declare.
 
     A queue that does not exist yet counts 0 and 0.
@@ -146,18 +158,24 @@ def amqp_queue_counts(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
     return counts
 
 
-def amqp_depths(broker_url: str, queues: Iterable[str] = LEVEL_NAMES,
-                timeout_s: float = 4.0) -> list[QueueDepth]:
+def amqp_depths(
+    broker_url: str, queues: Iterable[str] = LEVEL_NAMES, timeout_s: float = 4.0
+) -> list[QueueDepth]:
     """Ready messages of each queue on an AMQP broker.
 
     Unacknowledged messages are not visible over AMQP, so they are reported as unknown
     (``reserved_known=False``).
     """
-    return [QueueDepth(queue, ready, 0, reserved_known=False)
-            for queue, ready, _consumers in amqp_queue_counts(broker_url, queues, timeout_s)]
+    return [
+        QueueDepth(queue, ready, 0, reserved_known=False)
+        for queue, ready, _consumers in amqp_queue_counts(broker_url, queues, timeout_s)
+    ]
 
 
 def broker_redis_client(broker_url: str, timeout_s: float) -> redis.Redis:
     """A Redis client on the broker's database (it may differ from taskyard's stats Redis)."""
-    return redis.Redis.from_url(redis_client_url(broker_url), socket_connect_timeout=timeout_s,
-                                socket_timeout=max(timeout_s, 5.0))
+    return redis.Redis.from_url(
+        redis_client_url(broker_url),
+        socket_connect_timeout=timeout_s,
+        socket_timeout=max(timeout_s, 5.0),
+    )

@@ -40,8 +40,7 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
     flower_address = m.flower_url or f"http://{_shown(flower_host)}:{flower_port}/"
     flower = Service(
         "flower",
-        [*command, "flower", "-A", app_path, "--port", str(flower_port),
-         "--address", flower_host],
+        [*command, "flower", "-A", app_path, "--port", str(flower_port), "--address", flower_host],
         flower_address,
     )
     api_port = port_or_free(m.api_host, m.api_port)

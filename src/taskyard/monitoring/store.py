@@ -35,9 +35,20 @@ from taskyard.tasks.maintenance import recent_runs
 logger = logging.getLogger(__name__)
 
 #: Series the stats collection writes (``keys.series(name)``), each a list of JSON snapshots.
-SERIES: tuple[str, ...] = ("overview", "queues", "throughput", "latency", "tasks", "workers",
-                           "batches", "cache", "slow_statements", "guards", "maintenance",
-                           "alerts")
+SERIES: tuple[str, ...] = (
+    "overview",
+    "queues",
+    "throughput",
+    "latency",
+    "tasks",
+    "workers",
+    "batches",
+    "cache",
+    "slow_statements",
+    "guards",
+    "maintenance",
+    "alerts",
+)
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 _PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 
@@ -113,8 +124,7 @@ class StatsStore:
         if broker == self.settings.effective_redis_url:
             return self.redis
         if self._broker_redis is None:
-            self._broker_redis = broker_redis_client(broker,
-                                                     self.settings.broker_connect_timeout_s)
+            self._broker_redis = broker_redis_client(broker, self.settings.broker_connect_timeout_s)
         return self._broker_redis
 
     # --- live readings -----------------------------------------------------------------------
@@ -136,7 +146,8 @@ class StatsStore:
         """Known workers: their last heartbeat plus ``alive`` and ``age_s``."""
         now = time.time()
         raw_members: list[tuple[bytes, float]] = self.redis.zrange(
-            self.keys.workers(), 0, -1, withscores=True)  # type: ignore[assignment]
+            self.keys.workers(), 0, -1, withscores=True
+        )  # type: ignore[assignment]
         forget = self.settings.monitoring.worker_forget_after_s
         members = [(text(m), float(s)) for m, s in raw_members if now - float(s) <= forget]
         if not members:
@@ -186,14 +197,16 @@ class StatsStore:
         parsed = {kind: parse_histogram(hists[kind]) for kind in KINDS}
         histograms: dict[str, Any] = {"buckets": list(BUCKETS)}
         for kind in KINDS:
-            histograms[kind] = [{"name": name, "queue": queue, **entry}
-                                for (name, queue), entry in sorted(parsed[kind].items())]
+            histograms[kind] = [
+                {"name": name, "queue": queue, **entry}
+                for (name, queue), entry in sorted(parsed[kind].items())
+            ]
         return self._task_rows(counts_raw, parsed), histograms
 
     @staticmethod
-    def _task_rows(counts_raw: dict[bytes, bytes],
-                   parsed: dict[str, dict[tuple[str, str], dict[str, Any]]]
-                   ) -> list[dict[str, Any]]:
+    def _task_rows(
+        counts_raw: dict[bytes, bytes], parsed: dict[str, dict[tuple[str, str], dict[str, Any]]]
+    ) -> list[dict[str, Any]]:
         counts = parse_counts(counts_raw)
         keys = set(counts) | set(parsed["runtime"]) | set(parsed["wait"])
         out = []
@@ -229,8 +242,9 @@ class StatsStore:
                 try:
                     runs = [json.loads(raw)]
                 except ValueError:
-                    logger.warning("unreadable maintenance report in %s",
-                                   self.keys.maintenance_last())
+                    logger.warning(
+                        "unreadable maintenance report in %s", self.keys.maintenance_last()
+                    )
         return runs[:50]
 
     def _maintenance_history(self) -> list[dict[str, Any]]:
@@ -249,9 +263,13 @@ class StatsStore:
         else:
             # Pending ones have not fired (their rule's for duration has not passed yet).
             alerts = [a for a in alerts if a.get("state") in ("firing", "resolved")]
-        alerts.sort(key=lambda a: (a.get("state") != "firing",
-                                   _SEVERITY_ORDER.get(a.get("severity", ""), 9),
-                                   -float(a.get("since") or 0)))
+        alerts.sort(
+            key=lambda a: (
+                a.get("state") != "firing",
+                _SEVERITY_ORDER.get(a.get("severity", ""), 9),
+                -float(a.get("since") or 0),
+            )
+        )
         return alerts
 
     def overview(self) -> dict[str, Any]:
@@ -297,8 +315,14 @@ class StatsStore:
         end = -1 if limit < 0 else limit - 1
         return [json.loads(v) for v in self.redis.lrange(self.keys.series(name), 0, end)]
 
-    def series(self, name: str, since: float | None = None, until: float | None = None,
-               limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+    def series(
+        self,
+        name: str,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
         """Snapshots of series ``name`` in ``[since, until]``, newest first: the recent ones from
         Redis, older ones from the history database.
 
@@ -311,9 +335,12 @@ class StatsStore:
             raise ValueError(f"limit={limit} and offset={offset} must not be negative")
         recent = self._series_redis(name)
         oldest = float(recent[-1]["at"]) if recent else None
-        picked = [s for s in recent if (since is None or s["at"] >= since)
-                  and (until is None or s["at"] <= until)]
-        out = picked[offset:offset + limit]
+        picked = [
+            s
+            for s in recent
+            if (since is None or s["at"] >= since) and (until is None or s["at"] <= until)
+        ]
+        out = picked[offset : offset + limit]
         if len(out) >= limit:
             return out
         if oldest is not None and since is not None and since >= oldest:
@@ -323,15 +350,18 @@ class StatsStore:
         if oldest is not None:
             db_until = min(until, oldest - 1e-6) if until is not None else oldest - 1e-6
         db_offset = max(0, offset - len(picked))
-        out.extend(history.read_snapshots(self.engine, name, since, db_until,
-                                          limit - len(out), db_offset))
+        out.extend(
+            history.read_snapshots(self.engine, name, since, db_until, limit - len(out), db_offset)
+        )
         return out
 
     def alert_changes(self, limit: int = 100) -> list[dict[str, Any]]:
         """Recent alert state changes (fired, severity changed, resolved), newest first, from the
         capped Redis list the stats collection writes."""
-        return [json.loads(raw) for raw in
-                self.redis.lrange(self.keys.alert_history(), 0, max(0, limit - 1))]
+        return [
+            json.loads(raw)
+            for raw in self.redis.lrange(self.keys.alert_history(), 0, max(0, limit - 1))
+        ]
 
     def alert_history(self, limit: int = 100) -> list[dict[str, Any]]:
         """Alert episodes from the history database, most recent first."""

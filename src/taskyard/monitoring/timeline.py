@@ -24,8 +24,16 @@ logger = logging.getLogger(__name__)
 #: Separator of a packed event's fields: task_id, at, event, name, queue, worker, detail.
 SEP = "\x1f"
 #: Events in the order a timeline is usually read; "state" is the last of these seen.
-EVENTS: tuple[str, ...] = ("sent", "received", "started", "deferred", "retried", "succeeded",
-                           "failed", "dead")
+EVENTS: tuple[str, ...] = (
+    "sent",
+    "received",
+    "started",
+    "deferred",
+    "retried",
+    "succeeded",
+    "failed",
+    "dead",
+)
 _TERMINAL = ("succeeded", "failed", "dead")
 #: Events not yet moved that a lookup reads at most (the newest).
 _LOOKUP_PENDING = 50_000
@@ -33,8 +41,9 @@ _LOOKUP_PENDING = 50_000
 _DRAIN_CHUNK = 5000
 
 
-def pack(task_id: str, at: float, event: str, name: str, queue: str, worker: str,
-         detail: str = "") -> str:
+def pack(
+    task_id: str, at: float, event: str, name: str, queue: str, worker: str, detail: str = ""
+) -> str:
     """One event as stored in Redis (cheap: one join)."""
     return SEP.join((task_id, f"{at:.6f}", event, name, queue, worker, detail.replace(SEP, " ")))
 
@@ -50,15 +59,22 @@ def unpack(packed: str | bytes) -> dict[str, Any] | None:
         return None
     # Cut to the column widths (history.task_events): a longer value must not fail the insert
     # of its whole chunk, again at every collection.
-    return {"task_id": parts[0][:255], "at": at, "event": parts[2][:32], "name": parts[3][:255],
-            "queue": parts[4][:255], "worker": parts[5][:255], "detail": parts[6][:2000]}
+    return {
+        "task_id": parts[0][:255],
+        "at": at,
+        "event": parts[2][:32],
+        "name": parts[3][:255],
+        "queue": parts[4][:255],
+        "worker": parts[5][:255],
+        "detail": parts[6][:2000],
+    }
 
 
 def append(pipe: Any, runtime: Runtime, events: list[str]) -> None:
     """Queue the RPUSH and cap of ``events`` on ``pipe`` (the capture's flush pipeline)."""
     key = runtime.keys.timeline_pending()
     for start in range(0, len(events), 1000):
-        pipe.rpush(key, *events[start:start + 1000])
+        pipe.rpush(key, *events[start : start + 1000])
     pipe.ltrim(key, -runtime.settings.dead_letters.timeline_max_pending, -1)
 
 
@@ -99,20 +115,26 @@ def drain(runtime: Runtime, engine: Engine, limit: int = 200_000) -> int:
 def prune(engine: Engine, now: float, retention_s: float) -> int:
     """Delete events older than the retention; returns rows deleted."""
     with engine.begin() as conn:
-        result = conn.execute(history.task_events.delete().where(
-            history.task_events.c.at < now - retention_s))
+        result = conn.execute(
+            history.task_events.delete().where(history.task_events.c.at < now - retention_s)
+        )
     return int(result.rowcount or 0)
 
 
-def lookup(runtime: Runtime, engine: Engine | None, task_id: str,
-           limit: int = 1000) -> dict[str, Any] | None:
+def lookup(
+    runtime: Runtime, engine: Engine | None, task_id: str, limit: int = 1000
+) -> dict[str, Any] | None:
     """The timeline of ``task_id`` (database rows and events not yet moved), or None."""
     events: list[dict[str, Any]] = []
     if engine is not None:
         history.ensure_schema(engine)
         t = history.task_events
-        query = sa.select(t.c.at, t.c.event, t.c.name, t.c.queue, t.c.worker, t.c.detail).where(
-            t.c.task_id == task_id).order_by(t.c.at, t.c.id).limit(limit)
+        query = (
+            sa.select(t.c.at, t.c.event, t.c.name, t.c.queue, t.c.worker, t.c.detail)
+            .where(t.c.task_id == task_id)
+            .order_by(t.c.at, t.c.id)
+            .limit(limit)
+        )
         with engine.connect() as conn:
             events.extend(dict(row._mapping) for row in conn.execute(query))
     try:
@@ -149,6 +171,14 @@ def summarize(task_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     name = next((e["name"] for e in reversed(events) if e["name"]), "")
     queue = next((e["queue"] for e in reversed(events) if e["queue"]), "")
     started = next((e["at"] for e in events if e["event"] == "started"), None)
-    return {"task_id": task_id, "name": name, "queue": queue, "state": state,
-            "first_at": events[0]["at"], "last_at": events[-1]["at"],
-            "started_at": started, "counts": counts, "events": events}
+    return {
+        "task_id": task_id,
+        "name": name,
+        "queue": queue,
+        "state": state,
+        "first_at": events[0]["at"],
+        "last_at": events[-1]["at"],
+        "started_at": started,
+        "counts": counts,
+        "events": events,
+    }

@@ -22,11 +22,13 @@ def _require_taskyard(app: Any, decorator: str) -> None:
     if not is_taskyard_app(app):
         raise ConfigurationError(
             f"{decorator}(app={getattr(app, 'main', app)!r}): the app was not made by "
-            "taskyard.create_app", setting="app", value=app)
+            "taskyard.create_app",
+            setting="app",
+            value=app,
+        )
 
 
-def bind_task(fn: Callable[..., Any], *, app: Any = None, decorator: str,
-              **options: Any) -> Any:
+def bind_task(fn: Callable[..., Any], *, app: Any = None, decorator: str, **options: Any) -> Any:
     """The Celery task of ``fn`` (``options`` as for ``app.task``) for taskyard apps.
 
     With ``app``: a task of that app only. Without: a proxy to the task of the current taskyard

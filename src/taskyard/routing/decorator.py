@@ -49,13 +49,24 @@ def priority_task(fn: F, /) -> Any: ...
 
 @overload
 def priority_task(
-    *, priority: str | Priority = ..., app: Any = ..., requires_memory_mb: float | None = ...,
-    memory_limit_mb: float | None = ..., cpu_time_limit_s: float | None = ..., **options: Any,
+    *,
+    priority: str | Priority = ...,
+    app: Any = ...,
+    requires_memory_mb: float | None = ...,
+    memory_limit_mb: float | None = ...,
+    cpu_time_limit_s: float | None = ...,
+    **options: Any,
 ) -> Callable[[Any], Any]: ...
 
 
-def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORMAL,
-                  app: Any = None, **options: Any) -> Any:
+def priority_task(
+    fn: Any = None,
+    /,
+    *,
+    priority: str | Priority = Priority.NORMAL,
+    app: Any = None,
+    **options: Any,
+) -> Any:
     """Make ``fn`` a Celery task on ``priority``'s queue.
 
     Works bare (``@priority_task``, level normal) or called (``@priority_task(priority="high")``),
@@ -73,10 +84,14 @@ def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORM
     check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
     resources = _check_resources(options)
     deliveries = options.get("max_deliveries")
-    if deliveries is not None and (isinstance(deliveries, bool) or not isinstance(deliveries, int)
-                                   or deliveries < 1):
-        raise ConfigurationError(f"max_deliveries={deliveries!r} is not allowed; expected an "
-                                 "integer >= 1", setting="max_deliveries", value=deliveries)
+    if deliveries is not None and (
+        isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1
+    ):
+        raise ConfigurationError(
+            f"max_deliveries={deliveries!r} is not allowed; expected an integer >= 1",
+            setting="max_deliveries",
+            value=deliveries,
+        )
 
     def decorate(target: Any) -> Any:
         if isinstance(target, PromiseProxy):
@@ -90,8 +105,14 @@ def priority_task(fn: Any = None, /, *, priority: str | Priority = Priority.NORM
             raise ConfigurationError(
                 f"@priority_task decorates a function or a Celery task, not {type(target).__name__}"
             )
-        return bind_task(target, app=app, decorator="@priority_task", taskyard_level=level,
-                         **resources, **options)
+        return bind_task(
+            target,
+            app=app,
+            decorator="@priority_task",
+            taskyard_level=level,
+            **resources,
+            **options,
+        )
 
     if fn is not None:
         return decorate(fn)

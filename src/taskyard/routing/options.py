@@ -17,8 +17,14 @@ from taskyard.routing.task import TaskyardTask
 #: rest (``inner_create_task_cls`` in celery/app/base.py: a nested function, not inspectable).
 _DECORATOR_OPTIONS = ("shared", "filter", "lazy")
 #: Options ``add_autoretry_behaviour`` reads from the decorator's options (celery/app/autoretry.py).
-_AUTORETRY_OPTIONS = ("autoretry_for", "dont_autoretry_for", "retry_kwargs", "retry_backoff",
-                      "retry_backoff_max", "retry_jitter")
+_AUTORETRY_OPTIONS = (
+    "autoretry_for",
+    "dont_autoretry_for",
+    "retry_kwargs",
+    "retry_backoff",
+    "retry_backoff_max",
+    "retry_jitter",
+)
 #: Public attributes of ``Task`` that are state or plumbing, never decorator options.
 _NOT_OPTIONS = frozenset({"request", "request_stack", "from_config", "app"})
 
@@ -34,8 +40,11 @@ def _exec_options() -> tuple[str, ...]:
 
 def _is_routine(cls: type, name: str) -> bool:
     value = inspect.getattr_static(cls, name)
-    return (isinstance(value, classmethod | staticmethod) or inspect.isfunction(value)
-            or inspect.isclass(value))
+    return (
+        isinstance(value, classmethod | staticmethod)
+        or inspect.isfunction(value)
+        or inspect.isclass(value)
+    )
 
 
 @cache
@@ -47,16 +56,26 @@ def celery_task_options() -> frozenset[str]:
     rate_limit, acks_late, ignore_result...), the sending defaults and autoretry options.
     """
     params = inspect.signature(Celery._task_from_fun).parameters
-    names = {name for name, param in params.items()
-             if name not in ("self", "fun") and param.kind is not param.VAR_KEYWORD}
-    names.update(name for name in dir(TaskyardTask)
-                 if not name.startswith("_") and not _is_routine(TaskyardTask, name))
+    names = {
+        name
+        for name, param in params.items()
+        if name not in ("self", "fun") and param.kind is not param.VAR_KEYWORD
+    }
+    names.update(
+        name
+        for name in dir(TaskyardTask)
+        if not name.startswith("_") and not _is_routine(TaskyardTask, name)
+    )
     names.update(_DECORATOR_OPTIONS, _AUTORETRY_OPTIONS, _exec_options())
     return frozenset(names - _NOT_OPTIONS)
 
 
-def check_options(decorator: str, options: Mapping[str, Any], own: Iterable[str],
-                  refused: Mapping[str, str] | None = None) -> None:
+def check_options(
+    decorator: str,
+    options: Mapping[str, Any],
+    own: Iterable[str],
+    refused: Mapping[str, str] | None = None,
+) -> None:
     """Refuse an option that is neither one of ``own`` nor a Celery task option.
 
     Raises:
@@ -67,11 +86,17 @@ def check_options(decorator: str, options: Mapping[str, Any], own: Iterable[str]
     allowed = celery_task_options() | set(own)
     for name, value in options.items():
         if name in refused:
-            raise ConfigurationError(f"{decorator}: {name}= is not allowed here; {refused[name]}",
-                                     setting=name, value=value)
+            raise ConfigurationError(
+                f"{decorator}: {name}= is not allowed here; {refused[name]}",
+                setting=name,
+                value=value,
+            )
         if name not in allowed:
             raise ConfigurationError(
                 f"{decorator} got an unknown option {name}={value!r}"
                 f"{did_you_mean(name, allowed - set(refused))}; it takes {', '.join(own)} and "
                 "Celery's task options (name, bind, max_retries, autoretry_for, rate_limit, "
-                "time_limit, acks_late, ignore_result, ...)", setting=name, value=value)
+                "time_limit, acks_late, ignore_result, ...)",
+                setting=name,
+                value=value,
+            )

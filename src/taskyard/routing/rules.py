@@ -78,7 +78,12 @@ class Router:
         return self.default
 
     def __call__(
-        self, name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None,
+        self,
+        name: str,
+        args: Any,
+        kwargs: Any,
+        options: dict[str, Any],
+        task: Any = None,
         **kw: Any,
     ) -> dict[str, str]:
         if task is None and self.app is not None:

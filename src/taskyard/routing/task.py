@@ -30,10 +30,19 @@ class TaskyardTask(Task):  # type: ignore[misc]
     #: Deliveries without an acknowledgement (each killed its process) before the message goes
     #: to the dead letters as "crashed"; None: TASKYARD_MAX_DELIVERIES.
     max_deliveries: int | None = None
+
     def apply_async(
-        self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
-        producer: Any = None, link: Any = None, link_error: Any = None, shadow: Any = None,
-        *, level: str | Priority | None = None, **options: Any,
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        *,
+        level: str | Priority | None = None,
+        **options: Any,
     ) -> Any:
         """Send the task; ``level=`` sends this one call to another level's queue.
 

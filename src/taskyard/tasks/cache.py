@@ -77,7 +77,9 @@ class Cache:
             raise ConfigurationError(
                 f"cache resource type {name!r} has no TTL in TASKYARD_CACHE__TTL_S; "
                 f"known types: {', '.join(sorted(table))}",
-                setting="TASKYARD_CACHE__TTL_S", value=name)
+                setting="TASKYARD_CACHE__TTL_S",
+                value=name,
+            )
         return float(table[name])
 
     # --- reading --------------------------------------------------------------------------
@@ -122,8 +124,9 @@ class Cache:
             return envelope["v"], "stale"
         return envelope["v"], "fresh"
 
-    def get(self, namespace: str, key: str, default: Any = None, *,
-            tags: Sequence[str] = ()) -> Any:
+    def get(
+        self, namespace: str, key: str, default: Any = None, *, tags: Sequence[str] = ()
+    ) -> Any:
         """The fresh cached value, or ``default``."""
         started = time.perf_counter()
         value, state = self._fetch(namespace, key, tags)
@@ -138,9 +141,17 @@ class Cache:
         versions = self.runtime.redis.mget([self.keys.cache_tag_version(t) for t in tags])
         return {tag: int(v or 0) for tag, v in zip(tags, versions, strict=True)}
 
-    def set(self, namespace: str, key: str, value: Any, *, ttl: float | None = None,
-            resource: str | None = None, tags: Sequence[str] = (),
-            _versions: dict[str, int] | None = None) -> None:
+    def set(
+        self,
+        namespace: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        resource: str | None = None,
+        tags: Sequence[str] = (),
+        _versions: dict[str, int] | None = None,
+    ) -> None:
         """Store ``value`` (JSON-encodable) for ``ttl`` seconds (default: the resource's TTL).
 
         Raises:
@@ -156,15 +167,18 @@ class Cache:
             raise CacheError(f"cache TTL must be > 0 s, got {ttl_s!r} for {namespace}:{key}")
         versions = self._tag_versions(tags) if _versions is None else _versions
         try:
-            payload = json.dumps({"v": value, "e": time.time() + ttl_s, "t": versions},
-                                 separators=(",", ":"))
+            payload = json.dumps(
+                {"v": value, "e": time.time() + ttl_s, "t": versions}, separators=(",", ":")
+            )
         except (TypeError, ValueError) as exc:
             raise CacheError(
                 f"cannot cache {namespace}:{key}: value of type {type(value).__name__} is not "
-                f"JSON-encodable ({exc})") from None
+                f"JSON-encodable ({exc})"
+            ) from None
         grace = self.runtime.settings.cache.stale_grace_s
-        self.runtime.redis.set(self.keys.cache_value(namespace, key), payload,
-                               px=max(1, int((ttl_s + grace) * 1000)))
+        self.runtime.redis.set(
+            self.keys.cache_value(namespace, key), payload, px=max(1, int((ttl_s + grace) * 1000))
+        )
         self._counters.add(namespace, sets=1)
 
     def delete(self, namespace: str, key: str) -> bool:
@@ -179,9 +193,16 @@ class Cache:
         return {tag: int(v) for tag, v in zip(tags, pipe.execute(), strict=True)}
 
     # --- cache-aside with stampede protection ---------------------------------------------
-    def get_or_compute(self, namespace: str, key: str, compute: Callable[[], Any], *,
-                       ttl: float | None = None, resource: str | None = None,
-                       tags: Sequence[str] = ()) -> Any:
+    def get_or_compute(
+        self,
+        namespace: str,
+        key: str,
+        compute: Callable[[], Any],
+        *,
+        ttl: float | None = None,
+        resource: str | None = None,
+        tags: Sequence[str] = (),
+    ) -> Any:
         """The cached value, or ``compute()`` stored: one computation at a time per key.
 
         With Redis unreachable the value is computed without the cache (logged): the cache
@@ -195,9 +216,16 @@ class Cache:
             self._counters.add(namespace, errors=1)
             return computed[0] if computed else compute()
 
-    def _get_or_compute(self, namespace: str, key: str, compute: Callable[[], Any],
-                        ttl: float | None, resource: str | None, tags: Sequence[str],
-                        computed: list[Any]) -> Any:
+    def _get_or_compute(
+        self,
+        namespace: str,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None,
+        resource: str | None,
+        tags: Sequence[str],
+        computed: list[Any],
+    ) -> Any:
         started = time.perf_counter()
         value, state = self._fetch(namespace, key, tags)
         if state == "fresh":
@@ -218,8 +246,9 @@ class Cache:
                     if state == "fresh":
                         self._count(namespace, started, hits=1, waited=1)
                         return value
-                    return self._compute(namespace, key, compute, ttl, resource, tags, started,
-                                         computed)
+                    return self._compute(
+                        namespace, key, compute, ttl, resource, tags, started, computed
+                    )
                 finally:
                     _release(self.runtime.redis, lock_key, token)
             if state == "stale":
@@ -227,19 +256,32 @@ class Cache:
                 self._count(namespace, started, stale=1, hits=1)
                 return value
             if time.monotonic() >= deadline:
-                log.warning("cache %s:%s: recompute by another process exceeded %.1f s, "
-                            "computing here", namespace, key, wait_s)
-                return self._compute(namespace, key, compute, ttl, resource, tags, started,
-                                     computed)
+                log.warning(
+                    "cache %s:%s: recompute by another process exceeded %.1f s, computing here",
+                    namespace,
+                    key,
+                    wait_s,
+                )
+                return self._compute(
+                    namespace, key, compute, ttl, resource, tags, started, computed
+                )
             time.sleep(_POLL_S)
             value, state = self._fetch(namespace, key, tags)
             if state == "fresh":
                 self._count(namespace, started, hits=1, waited=1)
                 return value
 
-    def _compute(self, namespace: str, key: str, compute: Callable[[], Any], ttl: float | None,
-                 resource: str | None, tags: Sequence[str], started: float,
-                 computed: list[Any]) -> Any:
+    def _compute(
+        self,
+        namespace: str,
+        key: str,
+        compute: Callable[[], Any],
+        ttl: float | None,
+        resource: str | None,
+        tags: Sequence[str],
+        started: float,
+        computed: list[Any],
+    ) -> Any:
         # Versions are read before computing: an invalidation during the computation leaves
         # the new entry already stale instead of hiding the change.
         versions = self._tag_versions(tags)
@@ -252,8 +294,9 @@ class Cache:
         return value
 
     # --- clearing ---------------------------------------------------------------------------
-    def clear_tag(self, tag: str, *, batch: int = 500,
-                  progress: Callable[[int, int], None] | None = None) -> int:
+    def clear_tag(
+        self, tag: str, *, batch: int = 500, progress: Callable[[int, int], None] | None = None
+    ) -> int:
         """Invalidate ``tag`` at once, then delete its entries to free memory; returns how many.
 
         ``progress(scanned, deleted)`` is called after each batch of scanned keys.
@@ -264,8 +307,11 @@ class Cache:
         client = self.runtime.redis
         for chunk in _chunks(client.scan_iter(match=pattern, count=batch), batch):
             scanned += len(chunk)
-            doomed = [name for name, raw in zip(chunk, client.mget(chunk), strict=True)
-                      if raw is not None and tag in json.loads(raw).get("t", {})]
+            doomed = [
+                name
+                for name, raw in zip(chunk, client.mget(chunk), strict=True)
+                if raw is not None and tag in json.loads(raw).get("t", {})
+            ]
             if doomed:
                 deleted += int(client.unlink(*doomed))
             if progress is not None:
@@ -359,14 +405,26 @@ def _key_of(args: dict[str, Any]) -> str:
 @overload
 def cached(func: Callable[P, R], /) -> Callable[P, R]: ...
 @overload
-def cached(*, ttl: float | None = None, tags: Sequence[str] = (), resource: str | None = None,
-           namespace: str | None = None, app: Any = None
-           ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+def cached(
+    *,
+    ttl: float | None = None,
+    tags: Sequence[str] = (),
+    resource: str | None = None,
+    namespace: str | None = None,
+    app: Any = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
-def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
-           tags: Sequence[str] = (), resource: str | None = None, namespace: str | None = None,
-           app: Any = None) -> Any:
+def cached(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    ttl: float | None = None,
+    tags: Sequence[str] = (),
+    resource: str | None = None,
+    namespace: str | None = None,
+    app: Any = None,
+) -> Any:
     """Cache a function's JSON-encodable result, keyed by its arguments.
 
     ``tags`` may name arguments, formatted per call (``"user:{user_id}"``). The TTL is ``ttl``,
@@ -384,8 +442,9 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
     if ttl is not None and ttl <= 0:
         raise ConfigurationError(f"@cached ttl must be > 0 s, got {ttl!r}", value=ttl)
     if isinstance(tags, str):
-        raise ConfigurationError(f"@cached tags must be a list of names, got the string {tags!r}",
-                                 value=tags)
+        raise ConfigurationError(
+            f"@cached tags must be a list of names, got the string {tags!r}", value=tags
+        )
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(fn)
@@ -395,7 +454,9 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
                 if arg not in signature.parameters:
                     raise ConfigurationError(
                         f"@cached tag {tag!r} of {fn.__qualname__} names no argument {arg!r}; "
-                        f"arguments: {', '.join(signature.parameters)}", value=tag)
+                        f"arguments: {', '.join(signature.parameters)}",
+                        value=tag,
+                    )
         ns = namespace or resource or "default"
         prefix = f"{fn.__module__}.{fn.__qualname__}"
         templated = any("{" in tag for tag in tags)
@@ -403,8 +464,9 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
         names = tuple(signature.parameters)
         # Plain parameters only (no *args/**kwargs): a call giving every argument positionally
         # maps to its arguments without inspect's bind, the costliest step of a cache hit.
-        plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-                    for p in signature.parameters.values())
+        plain = all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in signature.parameters.values()
+        )
         static_tags = list(tags)
 
         def locate(args: Any, kwargs: Any) -> tuple[str, list[str]]:
@@ -432,8 +494,9 @@ def cached(func: Callable[P, R] | None = None, /, *, ttl: float | None = None,
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             key, call_tags = locate(args, kwargs)
             cache = current_cache()
-            result: R = cache.get_or_compute(ns, key, lambda: fn(*args, **kwargs), ttl=ttl,
-                                             resource=resource, tags=call_tags)
+            result: R = cache.get_or_compute(
+                ns, key, lambda: fn(*args, **kwargs), ttl=ttl, resource=resource, tags=call_tags
+            )
             return result
 
         def invalidate(*args: Any, **kwargs: Any) -> bool:

@@ -95,13 +95,15 @@ def _count_slow_statements(eng: Engine, runtime: Runtime) -> None:
     key = runtime.keys.slow_statements()
 
     @event.listens_for(eng, "before_cursor_execute")
-    def _started(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                 executemany: bool) -> None:
+    def _started(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         conn.info.setdefault("taskyard_started", []).append(time.perf_counter())
 
     @event.listens_for(eng, "after_cursor_execute")
-    def _finished(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
-                  executemany: bool) -> None:
+    def _finished(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+    ) -> None:
         stack = conn.info.get("taskyard_started")
         if not stack:
             return

@@ -65,8 +65,9 @@ def claim_period(runtime: Runtime, job: str, period_s: float, *, now: float | No
     period = period_index(period_s, now)
     # The claim outlives its period twice over so a late duplicate still finds it; at least 1 s.
     ttl_ms = max(1000, math.ceil(2 * period_s * 1000))
-    claimed = runtime.redis.set(runtime.keys.period_claim(job, period), uuid.uuid4().hex,
-                                nx=True, px=ttl_ms)
+    claimed = runtime.redis.set(
+        runtime.keys.period_claim(job, period), uuid.uuid4().hex, nx=True, px=ttl_ms
+    )
     return bool(claimed)
 
 
@@ -82,13 +83,23 @@ class Flight:
 
     def report(self) -> dict[str, Any]:
         """A plain-dict result for a skipped (or started) run."""
-        return {"job": self.job, "period": self.period, "skipped": not self.acquired,
-                "reason": self.reason}
+        return {
+            "job": self.job,
+            "period": self.period,
+            "skipped": not self.acquired,
+            "reason": self.reason,
+        }
 
 
 @contextmanager
-def single_flight(runtime: Runtime, job: str, period_s: float, *,
-                  lock_ttl_s: float | None = None, now: float | None = None) -> Iterator[Flight]:
+def single_flight(
+    runtime: Runtime,
+    job: str,
+    period_s: float,
+    *,
+    lock_ttl_s: float | None = None,
+    now: float | None = None,
+) -> Iterator[Flight]:
     """Run the body at most once per period of ``job`` across the cluster.
 
     With ``lock_ttl_s``, the run also holds a Redis lock (``keys.lock(job)``) until the body ends

@@ -52,15 +52,17 @@ def cache_warmer(name: str, *, description: str = "") -> Callable[[F], F]:
         ConfigurationError: the name is empty or already taken by another function.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ConfigurationError(f"cache warmer name must be a non-empty string, got {name!r}",
-                                 value=name)
+        raise ConfigurationError(
+            f"cache warmer name must be a non-empty string, got {name!r}", value=name
+        )
 
     def register(fn: F) -> F:
         existing = _REGISTRY.get(name)
         if existing is not None and _qualname(existing.fn) != _qualname(fn):
             raise ConfigurationError(
                 f"cache warmer {name!r} is already registered by {_qualname(existing.fn)}",
-                value=name)
+                value=name,
+            )
         _REGISTRY[name] = Warmer(name, fn, description or (fn.__doc__ or "").strip())
         return fn
 
@@ -81,8 +83,11 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def run_warmers(runtime: Runtime, names: Iterable[str] | None = None,
-                progress: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_warmers(
+    runtime: Runtime,
+    names: Iterable[str] | None = None,
+    progress: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Run warmers now (all, or ``names``); a failing warmer is reported, the others still run.
 
     Raises:
@@ -93,7 +98,9 @@ def run_warmers(runtime: Runtime, names: Iterable[str] | None = None,
     if unknown:
         raise ConfigurationError(
             f"unknown cache warmer(s) {', '.join(unknown)}; registered: "
-            f"{', '.join(sorted(_REGISTRY)) or 'none'}", value=unknown)
+            f"{', '.join(sorted(_REGISTRY)) or 'none'}",
+            value=unknown,
+        )
     cache = cache_for(runtime)
     started_at = time.time()
     started = time.perf_counter()
@@ -130,8 +137,13 @@ def warm(runtime: Runtime, *, trigger: str = "beat") -> dict[str, Any]:
         report = run_warmers(runtime)
         report.update(trigger=trigger, period=flight.period, skipped=False)
         runtime.redis.set(runtime.keys.cache_warm_last(), json.dumps(report))
-        log.info("cache warm (%s): %d keys by %d warmers in %.3f s", trigger, report["keys"],
-                 len(report["warmers"]), report["duration_s"])
+        log.info(
+            "cache warm (%s): %d keys by %d warmers in %.3f s",
+            trigger,
+            report["keys"],
+            len(report["warmers"]),
+            report["duration_s"],
+        )
         return report
 
 

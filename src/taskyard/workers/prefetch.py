@@ -45,5 +45,9 @@ class BulkPrefetch(bootsteps.StartStopStep):  # type: ignore[misc]
         c.initial_prefetch_count = count
         c.qos.value = count
         c.qos.set(count)
-        log.info("prefetch %d (x%d per process): this worker consumes no urgent queue (%s)",
-                 count, multiplier, ", ".join(sorted(queues)))
+        log.info(
+            "prefetch %d (x%d per process): this worker consumes no urgent queue (%s)",
+            count,
+            multiplier,
+            ", ".join(sorted(queues)),
+        )

@@ -68,26 +68,45 @@ FAST_QUEUES_FROM = "all"
 RESTART_DELAY_S = 1.0
 
 
-def fast_worker_argvs(app: str, profile: WorkerProfile, processes: int,
-                      extra: tuple[str, ...] = ()) -> list[list[str]]:
+def fast_worker_argvs(
+    app: str, profile: WorkerProfile, processes: int, extra: tuple[str, ...] = ()
+) -> list[list[str]]:
     """``celery worker`` arguments of each process of the fast profile.
 
     Each process is a solo-pool worker (the task runs in the consumer's own process: no pool
     round trip, no result pipe), so the processes together use the cores a prefork pool would.
     """
     if processes < 1:
-        raise ConfigurationError(f"the fast profile needs at least 1 process, got {processes}",
-                                 value=processes)
-    return [["-A", app, "worker", "-Q", profile.queue_arg, "-P", "solo", "-c", "1",
-             "-n", f"{FAST}{index}@%h", *extra] for index in range(1, processes + 1)]
+        raise ConfigurationError(
+            f"the fast profile needs at least 1 process, got {processes}", value=processes
+        )
+    return [
+        [
+            "-A",
+            app,
+            "worker",
+            "-Q",
+            profile.queue_arg,
+            "-P",
+            "solo",
+            "-c",
+            "1",
+            "-n",
+            f"{FAST}{index}@%h",
+            *extra,
+        ]
+        for index in range(1, processes + 1)
+    ]
 
 
 def hard_time_limited_tasks(app: Any) -> list[str]:
     """Tasks of ``app`` with a hard time limit, which a solo pool cannot enforce."""
     default = app.conf.task_time_limit
-    return sorted(name for name, task in app.tasks.items()
-                  if (getattr(task, "time_limit", None) or default) and
-                  not name.startswith("celery."))
+    return sorted(
+        name
+        for name, task in app.tasks.items()
+        if (getattr(task, "time_limit", None) or default) and not name.startswith("celery.")
+    )
 
 
 def split_processes(extra: tuple[str, ...], default: int) -> tuple[int, tuple[str, ...]]:
@@ -106,8 +125,11 @@ def split_processes(extra: tuple[str, ...], default: int) -> tuple[int, tuple[st
         try:
             processes = int(value)
         except ValueError:
-            raise ConfigurationError(f"-c/--concurrency of the fast profile must be a whole "
-                                     f"number of processes, got {value!r}", value=value) from None
+            raise ConfigurationError(
+                f"-c/--concurrency of the fast profile must be a whole "
+                f"number of processes, got {value!r}",
+                value=value,
+            ) from None
     return processes, tuple(rest)
 
 
@@ -136,8 +158,11 @@ def run_processes(argvs: list[list[str]], *, restart_delay_s: float = RESTART_DE
         while not stopping.wait(0.2):
             for index, child in list(children.items()):
                 if child.poll() is not None and not stopping.is_set():
-                    log.warning("fast worker process %d exited with %s; starting it again",
-                                index + 1, child.returncode)
+                    log.warning(
+                        "fast worker process %d exited with %s; starting it again",
+                        index + 1,
+                        child.returncode,
+                    )
                     if not stopping.wait(restart_delay_s):
                         start(index)
         for child in children.values():
@@ -148,8 +173,9 @@ def run_processes(argvs: list[list[str]], *, restart_delay_s: float = RESTART_DE
     return 0
 
 
-def launch_fast(app_path: str, settings: Settings, extra: tuple[str, ...] = (),
-                processes: int | None = None) -> int:
+def launch_fast(
+    app_path: str, settings: Settings, extra: tuple[str, ...] = (), processes: int | None = None
+) -> int:
     """``taskyard worker --profile fast``: solo-pool processes, one per core by default.
 
     Raises:
@@ -167,9 +193,12 @@ def launch_fast(app_path: str, settings: Settings, extra: tuple[str, ...] = (),
         raise ConfigurationError(
             "the fast profile runs tasks in solo-pool processes, which cannot enforce a hard "
             f"time limit; tasks with one: {', '.join(limited)}. Use a prefork profile for them",
-            value=limited)
+            value=limited,
+        )
     profile = get_profile(settings, FAST_QUEUES_FROM)
-    argvs = [[sys.executable, "-m", "celery", *argv]
-             for argv in fast_worker_argvs(app_path, profile, count, rest)]
+    argvs = [
+        [sys.executable, "-m", "celery", *argv]
+        for argv in fast_worker_argvs(app_path, profile, count, rest)
+    ]
     log.info("fast profile: %d solo processes on %s", count, profile.queue_arg)
     return run_processes(argvs)

@@ -21,29 +21,35 @@ from taskyard.tasks.schedule import MAINTENANCE_TASK
 
 log = logging.getLogger(__name__)
 
+
 class CacheInvalidation(BaseModel):
     """Tags whose cache entries are invalidated."""
 
     tags: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
-        min_length=1, max_length=100, description="Cache tags, e.g. ['user:7'].")
+        min_length=1, max_length=100, description="Cache tags, e.g. ['user:7']."
+    )
 
 
 class BatchRequeue(BaseModel):
     """Dead batches of one batch name to put back into work."""
 
     batch_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
-        None, max_length=1000, description="Dead batch ids to requeue; null requeues all.")
+        None, max_length=1000, description="Dead batch ids to requeue; null requeues all."
+    )
 
 
 def admin_router(state: ApiState) -> APIRouter:
     """Routes under ``/admin``, every one requiring the admin token."""
     errors: dict[int | str, dict[str, Any]] = {
         401: {"model": m.ErrorBody, "description": "No bearer token sent."},
-        403: {"model": m.ErrorBody,
-              "description": "Wrong token, or admin endpoints disabled (no token configured)."},
+        403: {
+            "model": m.ErrorBody,
+            "description": "Wrong token, or admin endpoints disabled (no token configured).",
+        },
     }
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(state.auth)],
-                       responses=errors)
+    router = APIRouter(
+        prefix="/admin", tags=["admin"], dependencies=[Depends(state.auth)], responses=errors
+    )
 
     @router.post("/cache/invalidate", response_model=m.AdminResult)
     def invalidate_cache(request: Annotated[CacheInvalidation, Body()]) -> m.AdminResult:
@@ -60,11 +66,13 @@ def admin_router(state: ApiState) -> APIRouter:
         name = MAINTENANCE_TASK
         result = state.celery().send_task(name)
         log.info("stats API: maintenance run queued as %s", result.id)
-        return m.AdminResult(action="maintenance.run", detail={"task": name,
-                                                               "task_id": result.id})
+        return m.AdminResult(action="maintenance.run", detail={"task": name, "task_id": result.id})
 
-    @router.post("/batches/{batch_name}/requeue", response_model=m.AdminResult,
-                 responses={404: {"model": m.ErrorBody, "description": "Unknown batch name."}})
+    @router.post(
+        "/batches/{batch_name}/requeue",
+        response_model=m.AdminResult,
+        responses={404: {"model": m.ErrorBody, "description": "Unknown batch name."}},
+    )
     def requeue_dead_batch(
         batch_name: Annotated[str, Path(min_length=1, max_length=200)],
         request: Annotated[BatchRequeue, Body()] = BatchRequeue(),  # noqa: B008
@@ -76,8 +84,8 @@ def admin_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, str(exc)) from None
         state.cache.clear()
         log.info("stats API: %d dead batch(es) of %s requeued", len(requeued), batch_name)
-        return m.AdminResult(action="batches.requeue",
-                             detail={"batch_name": batch_name, "requeued": list(requeued)})
+        return m.AdminResult(
+            action="batches.requeue", detail={"batch_name": batch_name, "requeued": list(requeued)}
+        )
 
     return router
-

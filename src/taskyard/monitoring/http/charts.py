@@ -52,7 +52,7 @@ def nice_ceiling(value: float) -> float:
         return 1.0
     exponent = math.floor(math.log10(value))
     for step in (1.0, 2.0, 2.5, 5.0, 10.0):
-        candidate = step * 10.0 ** exponent
+        candidate = step * 10.0**exponent
         if candidate >= value * (1 - 1e-12):
             return candidate
     return 10.0 ** (exponent + 1)  # pragma: no cover - the loop always returns
@@ -101,23 +101,36 @@ def clock(at: float) -> str:
 
 
 def _svg_open(width: int, height: int, title: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
-            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-            f'aria-label="{escape(title)}"><title>{escape(title)}</title>'
-            f'<text class="caption" x="4" y="15" fill="#374151" font-weight="600" '
-            f'{_FONT}>{escape(title)}</text>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
+        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'aria-label="{escape(title)}"><title>{escape(title)}</title>'
+        f'<text class="caption" x="4" y="15" fill="#374151" font-weight="600" '
+        f"{_FONT}>{escape(title)}</text>"
+    )
 
 
 def _empty(width: int, height: int, title: str, message: str) -> str:
-    return (_svg_open(width, height, title)
-            + f'<rect x="0.5" y="20.5" width="{width - 1}" height="{height - 21}" fill="#f9fafb" '
-            f'stroke="{_GRID}"/><text x="{width / 2:.0f}" y="{height / 2 + 10:.0f}" '
-            f'text-anchor="middle" fill="{_MUTED}" {_FONT}>{escape(message)}</text></svg>')
+    return (
+        _svg_open(width, height, title)
+        + f'<rect x="0.5" y="20.5" width="{width - 1}" height="{height - 21}" fill="#f9fafb" '
+        f'stroke="{_GRID}"/><text x="{width / 2:.0f}" y="{height / 2 + 10:.0f}" '
+        f'text-anchor="middle" fill="{_MUTED}" {_FONT}>{escape(message)}</text></svg>'
+    )
 
 
-def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
-               unit: str = "", width: int = 560, height: int = 200,
-               thresholds: Sequence[tuple[float, str]] = (), empty: str = "no data yet") -> str:
+def time_chart(
+    title: str,
+    lines: Sequence[Line],
+    *,
+    start: float,
+    end: float,
+    unit: str = "",
+    width: int = 560,
+    height: int = 200,
+    thresholds: Sequence[tuple[float, str]] = (),
+    empty: str = "no data yet",
+) -> str:
     """A line chart over ``[start, end]`` (s since epoch), drawn in the browser by uPlot.
 
     The markup is a ``<figure class="tchart">`` holding the data as JSON; ``dashboard.js``
@@ -126,8 +139,12 @@ def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
     ``None`` values and points more than three median steps apart break the line, so a gap in
     collection shows as a gap, not as a straight ramp.
     """
-    values = [v for line in lines for t, v in line.points
-              if v is not None and math.isfinite(v) and start <= t <= end]
+    values = [
+        v
+        for line in lines
+        for t, v in line.points
+        if v is not None and math.isfinite(v) and start <= t <= end
+    ]
     if not values or end <= start:
         return _empty(width, height, title, empty)
     # Less history than the window: zoom in on what there is rather than squeeze it right.
@@ -139,26 +156,44 @@ def time_chart(title: str, lines: Sequence[Line], *, start: float, end: float,
     for line, column in zip(lines, columns, strict=True):
         last = next((v for v in reversed(column) if v is not None), None)
         latest.append(f"{line.label}: {format_value(last, unit)}")
-    spec = {"title": title, "unit": unit, "start": start, "end": end, "height": height,
-            "x": xs, "thresholds": [{"value": v, "color": c} for v, c in thresholds],
-            "series": [{"label": line.label, "color": line.color, "dash": line.dashed,
-                        "values": column} for line, column in zip(lines, columns, strict=True)]}
+    spec = {
+        "title": title,
+        "unit": unit,
+        "start": start,
+        "end": end,
+        "height": height,
+        "x": xs,
+        "thresholds": [{"value": v, "color": c} for v, c in thresholds],
+        "series": [
+            {"label": line.label, "color": line.color, "dash": line.dashed, "values": column}
+            for line, column in zip(lines, columns, strict=True)
+        ],
+    }
     hover = f"{title} (latest) · " + " · ".join(latest)
     data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
-    return (f'<figure class="tchart" aria-label="{escape(title)}" title="{escape(hover)}" '
-            f'data-title="{escape(title)}"><figcaption>{escape(title)}</figcaption>'
-            f'<script type="application/json">{data}</script></figure>')
+    return (
+        f'<figure class="tchart" aria-label="{escape(title)}" title="{escape(hover)}" '
+        f'data-title="{escape(title)}"><figcaption>{escape(title)}</figcaption>'
+        f'<script type="application/json">{data}</script></figure>'
+    )
 
 
-def align(lines: Sequence[Line], start: float,
-          end: float) -> tuple[list[float], list[list[float | None]]]:
+def align(
+    lines: Sequence[Line], start: float, end: float
+) -> tuple[list[float], list[list[float | None]]]:
     """One time axis for all lines (sorted, within the window) and each line's values on it.
 
     A null is put after a point whose successor is more than three median steps away, so the
     chart breaks the line there.
     """
-    inside = [[(t, v if v is None or math.isfinite(v) else None) for t, v in line.points
-               if start <= t <= end] for line in lines]
+    inside = [
+        [
+            (t, v if v is None or math.isfinite(v) else None)
+            for t, v in line.points
+            if start <= t <= end
+        ]
+        for line in lines
+    ]
     times = sorted({round(t, 3) for points in inside for t, _ in points})
     steps = sorted(b - a for a, b in itertools.pairwise(times))
     gap = 3 * steps[len(steps) // 2] if steps else math.inf
@@ -179,13 +214,22 @@ def align(lines: Sequence[Line], start: float,
     return xs, columns
 
 
-def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float | None = None,
-              width: int = 560, empty: str = "nothing to show") -> str:
+def bar_chart(
+    title: str,
+    bars: Sequence[Bar],
+    *,
+    unit: str = "",
+    maximum: float | None = None,
+    width: int = 560,
+    empty: str = "nothing to show",
+) -> str:
     """Horizontal bars, one row per :class:`Bar`, stacked parts, optional marker lines."""
     if not bars:
         return _empty(width, 70, title, empty)
-    notes = [bar.note or format_value(total, unit) for bar, total in
-             zip(bars, (sum(v for v, _, _ in b.parts) for b in bars), strict=True)]
+    notes = [
+        bar.note or format_value(total, unit)
+        for bar, total in zip(bars, (sum(v for v, _, _ in b.parts) for b in bars), strict=True)
+    ]
     # Room for the longest note (about 6 px per character at 11 px), within bounds.
     row_h, label_w = 26, 150
     note_w = min(300, max(90, 6 * max(len(n) for n in notes) + 12))
@@ -201,33 +245,45 @@ def bar_chart(title: str, bars: Sequence[Bar], *, unit: str = "", maximum: float
     out = [_svg_open(width, height, title)]
     for i, bar in enumerate(bars):
         y = _TOP + i * row_h
-        out.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" fill="#111827" '
-                   f'{_FONT}>{escape(bar.label)}</text>')
-        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{plot_w}" height="16" '
-                   f'fill="#f3f4f6"/>')
+        out.append(
+            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" fill="#111827" '
+            f"{_FONT}>{escape(bar.label)}</text>"
+        )
+        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{plot_w}" height="16" fill="#f3f4f6"/>')
         left = 0.0
         for value, color, name in bar.parts:
             if value <= 0:
                 continue
             x0, x1 = x_of(left), x_of(left + value)
-            out.append(f'<rect class="bar" data-label="{escape(bar.label)}" x="{x0:.1f}" '
-                       f'y="{y + 3}" width="{max(x1 - x0, 1.0):.1f}" height="16" fill="{color}">'
-                       f'<title>{escape(f"{bar.label} {name}: {format_value(value, unit)}")}'
-                       f'</title></rect>')
+            out.append(
+                f'<rect class="bar" data-label="{escape(bar.label)}" x="{x0:.1f}" '
+                f'y="{y + 3}" width="{max(x1 - x0, 1.0):.1f}" height="16" fill="{color}">'
+                f"<title>{escape(f'{bar.label} {name}: {format_value(value, unit)}')}"
+                f"</title></rect>"
+            )
             left += value
         for value, color in bar.markers:
             x = x_of(value)
-            out.append(f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + 21}" '
-                       f'stroke="{color}" stroke-width="2"/>')
+            out.append(
+                f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + 21}" '
+                f'stroke="{color}" stroke-width="2"/>'
+            )
         note = notes[i]
-        out.append(f'<text x="{label_w + plot_w + 8}" y="{y + 15}" fill="#111827" '
-                   f'{_FONT}>{escape(note)}</text>')
+        out.append(
+            f'<text x="{label_w + plot_w + 8}" y="{y + 15}" fill="#111827" '
+            f"{_FONT}>{escape(note)}</text>"
+        )
     out.append("</svg>")
     return "".join(out)
 
 
 def legend(items: Sequence[tuple[str, str]]) -> str:
     """An HTML legend: colored swatches with labels."""
-    return '<div class="legend">' + "".join(
-        f'<span><i style="background:{color}"></i>{escape(label)}</span>'
-        for label, color in items) + "</div>"
+    return (
+        '<div class="legend">'
+        + "".join(
+            f'<span><i style="background:{color}"></i>{escape(label)}</span>'
+            for label, color in items
+        )
+        + "</div>"
+    )

@@ -50,8 +50,13 @@ from taskyard.routing.levels import LEVEL_NAMES
 logger = logging.getLogger(__name__)
 
 #: Color per level, most urgent first: red, orange, blue, green, purple.
-LEVEL_COLORS = {"critical": "#dc2626", "high": "#ea580c", "normal": "#2563eb",
-                "low": "#16a34a", "batch": "#9333ea"}
+LEVEL_COLORS = {
+    "critical": "#dc2626",
+    "high": "#ea580c",
+    "normal": "#2563eb",
+    "low": "#16a34a",
+    "batch": "#9333ea",
+}
 #: Series the charts draw over time.
 CHART_SERIES = ("queues", "throughput", "latency", "batches", "workers", "tasks")
 #: Snapshots drawn per chart, and for the big series (every task name's counters).
@@ -75,35 +80,51 @@ def _safe(read: Callable[[], Any], default: Any, what: str, problems: list[str])
         return default
 
 
-def gather(store: Any, thresholds: dict[str, float], window_s: float,
-           now: float | None = None) -> dict[str, Any]:
+def gather(
+    store: Any, thresholds: dict[str, float], window_s: float, now: float | None = None
+) -> dict[str, Any]:
     """Everything the page shows, as plain dicts, read from a StatsStore."""
     now = time.time() if now is None else now
     problems: list[str] = []
     since = now - window_s
     data: dict[str, Any] = {
-        "now": now, "window_s": window_s, "thresholds": thresholds, "problems": problems,
+        "now": now,
+        "window_s": window_s,
+        "thresholds": thresholds,
+        "problems": problems,
         "queues": _safe(store.queues, [], "queue depths", problems),
         "workers": _safe(store.workers, [], "workers", problems),
         "tasks": _safe(store.tasks, [], "task stats", problems),
         "batches": _safe(store.batches, [], "batch buffers", problems),
         "alerts": _safe(store.alerts, [], "alerts", problems),
-        "alert_changes": _safe(getattr(store, "alert_changes", lambda: []), [],
-                               "alert history", problems),
+        "alert_changes": _safe(
+            getattr(store, "alert_changes", lambda: []), [], "alert history", problems
+        ),
         "cache": _safe(store.cache, [], "cache", problems),
     }
     # A chart is a few hundred pixels wide: a sample spread over the window draws the same
     # lines as every snapshot, for a fraction of the reading and rendering.
     data["series"] = {
-        name: _safe(partial(sampled_series, store, name, since, now,
-                            SAMPLED_POINTS if name in SAMPLED_SERIES else CHART_POINTS), [],
-                    f"{name} history", problems)
+        name: _safe(
+            partial(
+                sampled_series,
+                store,
+                name,
+                since,
+                now,
+                SAMPLED_POINTS if name in SAMPLED_SERIES else CHART_POINTS,
+            ),
+            [],
+            f"{name} history",
+            problems,
+        )
         for name in CHART_SERIES
     }
     return data
 
 
 # --- charts from snapshots -----------------------------------------------------------------------
+
 
 def _num(value: Any) -> float | None:
     try:
@@ -112,8 +133,9 @@ def _num(value: Any) -> float | None:
         return None
 
 
-def _points(snapshots: Sequence[dict[str, Any]],
-            pick: Callable[[dict[str, Any]], Any]) -> list[tuple[float, float | None]]:
+def _points(
+    snapshots: Sequence[dict[str, Any]], pick: Callable[[dict[str, Any]], Any]
+) -> list[tuple[float, float | None]]:
     out = []
     for snap in snapshots:
         at = _num(snap.get("at"))
@@ -133,14 +155,21 @@ def _depth(snap: dict[str, Any], level: str) -> Any:
 
 def queue_depth_chart(data: dict[str, Any]) -> str:
     snaps = data["series"].get("queues", [])
-    lines = [Line(level, LEVEL_COLORS[level], _points(snaps, partial(_depth, level=level)))
-             for level in LEVEL_NAMES]
-    return time_chart("Queue depth per level (messages)", lines,
-                      start=data["now"] - data["window_s"], end=data["now"], unit="msg")
+    lines = [
+        Line(level, LEVEL_COLORS[level], _points(snaps, partial(_depth, level=level)))
+        for level in LEVEL_NAMES
+    ]
+    return time_chart(
+        "Queue depth per level (messages)",
+        lines,
+        start=data["now"] - data["window_s"],
+        end=data["now"],
+        unit="msg",
+    )
 
 
 def _oldest(queue: dict[str, Any]) -> str:
-    """", oldest 3.2 s" when the queue's oldest ready message has an age."""
+    """ ", oldest 3.2 s" when the queue's oldest ready message has an age."""
     age = _num(queue.get("oldest_ready_age_s"))
     return f", oldest {format_value(age, 's')}" if age is not None else ""
 
@@ -149,34 +178,53 @@ def queue_now_chart(data: dict[str, Any]) -> str:
     bars = []
     for q in data["queues"]:
         # Over AMQP only ready messages are visible: say so rather than show "0 reserved".
-        reserved = (f"{q.get('reserved', 0)} reserved" if q.get("reserved_known", True)
-                    else "reserved unknown")
-        bars.append(Bar(q["queue"], [(float(q.get("ready", 0)),
-                                      LEVEL_COLORS.get(q["queue"], "#6b7280"), "ready"),
-                                     (float(q.get("reserved", 0)), "#9ca3af", "reserved")],
-                        note=f"{q.get('depth', 0)} ({reserved}{_oldest(q)})"))
-    return bar_chart("Queue depth now: ready and reserved", bars, unit="msg",
-                     empty="queue depths unavailable")
+        reserved = (
+            f"{q.get('reserved', 0)} reserved"
+            if q.get("reserved_known", True)
+            else "reserved unknown"
+        )
+        bars.append(
+            Bar(
+                q["queue"],
+                [
+                    (float(q.get("ready", 0)), LEVEL_COLORS.get(q["queue"], "#6b7280"), "ready"),
+                    (float(q.get("reserved", 0)), "#9ca3af", "reserved"),
+                ],
+                note=f"{q.get('depth', 0)} ({reserved}{_oldest(q)})",
+            )
+        )
+    return bar_chart(
+        "Queue depth now: ready and reserved", bars, unit="msg", empty="queue depths unavailable"
+    )
 
 
 def throughput_chart(data: dict[str, Any]) -> str:
     snaps = data["series"].get("throughput", [])
-    lines = [Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.get("succeeded_per_s"))),
-             Line("failed/s", "#dc2626", _points(snaps, lambda s: s.get("failed_per_s"))),
-             Line("received/s", "#6b7280", _points(snaps, lambda s: s.get("received_per_s")),
-                  dashed=True)]
-    return time_chart("Throughput (tasks per second)", lines,
-                      start=data["now"] - data["window_s"], end=data["now"], unit="/s")
+    lines = [
+        Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.get("succeeded_per_s"))),
+        Line("failed/s", "#dc2626", _points(snaps, lambda s: s.get("failed_per_s"))),
+        Line(
+            "received/s", "#6b7280", _points(snaps, lambda s: s.get("received_per_s")), dashed=True
+        ),
+    ]
+    return time_chart(
+        "Throughput (tasks per second)",
+        lines,
+        start=data["now"] - data["window_s"],
+        end=data["now"],
+        unit="/s",
+    )
 
 
 def latency_chart(data: dict[str, Any], kind: str) -> str:
     snaps = data["series"].get("latency", [])
     colors = {"p50": "#2563eb", "p95": "#d97706", "p99": "#dc2626"}
-    lines = [Line(f"{kind} {p}", color, _points(snaps, partial(_get, key=f"{kind}_{p}")))
-             for p, color in colors.items()]
+    lines = [
+        Line(f"{kind} {p}", color, _points(snaps, partial(_get, key=f"{kind}_{p}")))
+        for p, color in colors.items()
+    ]
     title = "Run time percentiles" if kind == "runtime" else "Queue wait percentiles"
-    return time_chart(title, lines, start=data["now"] - data["window_s"], end=data["now"],
-                      unit="s")
+    return time_chart(title, lines, start=data["now"] - data["window_s"], end=data["now"], unit="s")
 
 
 def _in_flight_items(b: dict[str, Any]) -> float:
@@ -188,8 +236,9 @@ def batch_chart(data: dict[str, Any]) -> str:
     bars = []
     for b in data["batches"]:
         group = b.get("group")
-        name = str(b.get("batch_name", "?")) + (f" [{group}]" if isinstance(group, str)
-                                                and group else "")
+        name = str(b.get("batch_name", "?")) + (
+            f" [{group}]" if isinstance(group, str) and group else ""
+        )
         buffered, flying = float(b.get("buffered") or 0), _in_flight_items(b)
         note = f"{buffered:.0f} buffered, {flying:.0f} in flight"
         if b.get("dead"):
@@ -197,8 +246,13 @@ def batch_chart(data: dict[str, Any]) -> str:
         age = _num(b.get("oldest_age_s"))
         if age is not None and buffered:
             note += f", oldest {format_value(age, 's')}"
-        bars.append(Bar(name, [(buffered, "#9333ea", "buffered"),
-                               (flying, "#c4b5fd", "in flight")], note=note))
+        bars.append(
+            Bar(
+                name,
+                [(buffered, "#9333ea", "buffered"), (flying, "#c4b5fd", "in flight")],
+                note=note,
+            )
+        )
     return bar_chart("Batch buffers now (items)", bars, unit="items", empty="no batch buffers")
 
 
@@ -211,14 +265,24 @@ def batch_history_chart(data: dict[str, Any]) -> str:
                 names.append(str(b.get("batch_name")))
 
     def buffered(snap: dict[str, Any], name: str) -> float:
-        return sum(float(b.get("buffered") or 0) for b in snap.get("batches") or []
-                   if b.get("batch_name") == name)
+        return sum(
+            float(b.get("buffered") or 0)
+            for b in snap.get("batches") or []
+            if b.get("batch_name") == name
+        )
 
-    lines = [Line(name, _PALETTE[i % len(_PALETTE)],
-                  _points(snaps, partial(buffered, name=name)))
-             for i, name in enumerate(names[:len(_PALETTE)])]
-    return time_chart("Buffered batch items over time", lines, start=data["now"] - data["window_s"],
-                      end=data["now"], unit="items", empty="no batch buffers yet")
+    lines = [
+        Line(name, _PALETTE[i % len(_PALETTE)], _points(snaps, partial(buffered, name=name)))
+        for i, name in enumerate(names[: len(_PALETTE)])
+    ]
+    return time_chart(
+        "Buffered batch items over time",
+        lines,
+        start=data["now"] - data["window_s"],
+        end=data["now"],
+        unit="items",
+        empty="no batch buffers yet",
+    )
 
 
 def worker_bars(data: dict[str, Any]) -> str:
@@ -229,17 +293,25 @@ def worker_bars(data: dict[str, Any]) -> str:
         state = "alive" if w.get("alive") else f"silent {format_value(_num(w.get('age_s')), 's')}"
         for what, color in (("memory", "#0891b2"), ("cpu", "#4f46e5")):
             value = _num(w.get(f"{what}_pct"))
-            markers = [(t.get(f"{what}_warning_pct", 80.0), "#d97706"),
-                       (t.get(f"{what}_critical_pct", 90.0), "#dc2626")]
+            markers = [
+                (t.get(f"{what}_warning_pct", 80.0), "#d97706"),
+                (t.get(f"{what}_critical_pct", 90.0), "#dc2626"),
+            ]
             note = f"{format_value(value, '%')} · {state}"
             if w.get("state"):
                 note += f" · {w['state']}"
             if what == "memory" and w.get("paused_queues"):
                 note += " · paused " + ",".join(str(q) for q in w["paused_queues"])
-            bars.append(Bar(f"{host} {what}", [(value or 0.0, color, what)], note=note,
-                            markers=markers))
-    return bar_chart("Worker resources (percent of limit)", bars, unit="%", maximum=100.0,
-                     empty="no worker heartbeats")
+            bars.append(
+                Bar(f"{host} {what}", [(value or 0.0, color, what)], note=note, markers=markers)
+            )
+    return bar_chart(
+        "Worker resources (percent of limit)",
+        bars,
+        unit="%",
+        maximum=100.0,
+        empty="no worker heartbeats",
+    )
 
 
 def cache_chart(data: dict[str, Any]) -> str:
@@ -249,38 +321,59 @@ def cache_chart(data: dict[str, Any]) -> str:
         rate = _num(c.get("hit_rate_pct"))
         hits, misses = int(c.get("hits") or 0), int(c.get("misses") or 0)
         color = "#16a34a" if rate is None or rate >= limit else "#d97706"
-        bars.append(Bar(str(c.get("namespace", "?")), [(rate or 0.0, color, "hit rate")],
-                        note=f"{format_value(rate, '%')} of {hits + misses} lookups",
-                        markers=[(limit, "#d97706")]))
-    return bar_chart("Cache hit rate (percent)", bars, unit="%", maximum=100.0,
-                     empty="no cache lookups yet")
+        bars.append(
+            Bar(
+                str(c.get("namespace", "?")),
+                [(rate or 0.0, color, "hit rate")],
+                note=f"{format_value(rate, '%')} of {hits + misses} lookups",
+                markers=[(limit, "#d97706")],
+            )
+        )
+    return bar_chart(
+        "Cache hit rate (percent)", bars, unit="%", maximum=100.0, empty="no cache lookups yet"
+    )
 
 
-def worker_history_chart(data: dict[str, Any], key: str = "memory_pct",
-                         by_host: bool = False) -> str:
+def worker_history_chart(
+    data: dict[str, Any], key: str = "memory_pct", by_host: bool = False
+) -> str:
     """One line per worker (or per host) of its memory or CPU over time."""
     t = data["thresholds"]
     what = "memory" if key == "memory_pct" else "cpu"
     per = "host" if by_host else "worker"
     title = "Memory" if what == "memory" else "CPU"
-    return worker_chart(f"{title} per {per} (percent of limit)",
-                        data["series"].get("workers", []), key,
-                        start=data["now"] - data["window_s"], end=data["now"], by_host=by_host,
-                        thresholds=[(t.get(f"{what}_warning_pct", 80.0), "#d97706"),
-                                    (t.get(f"{what}_critical_pct", 90.0), "#dc2626")])
+    return worker_chart(
+        f"{title} per {per} (percent of limit)",
+        data["series"].get("workers", []),
+        key,
+        start=data["now"] - data["window_s"],
+        end=data["now"],
+        by_host=by_host,
+        thresholds=[
+            (t.get(f"{what}_warning_pct", 80.0), "#d97706"),
+            (t.get(f"{what}_critical_pct", 90.0), "#dc2626"),
+        ],
+    )
 
 
 def task_charts(data: dict[str, Any]) -> str:
     """Succeeded and failed per second, one line per task name (the busiest)."""
     snaps = data["series"].get("tasks", [])
     start, end = data["now"] - data["window_s"], data["now"]
-    return (task_rate_chart("Succeeded per task (per second)", snaps, "succeeded", start=start,
-                            end=end)
-            + task_rate_chart("Failed per task (per second)", snaps, "failed", start=start,
-                              end=end, empty="no task failed in this window"))
+    return task_rate_chart(
+        "Succeeded per task (per second)", snaps, "succeeded", start=start, end=end
+    ) + task_rate_chart(
+        "Failed per task (per second)",
+        snaps,
+        "failed",
+        start=start,
+        end=end,
+        empty="no task failed in this window",
+    )
 
 
 # --- HTML -------------------------------------------------------------------------------------
+
 
 def _age(now: float, since: Any) -> str:
     at = _num(since)
@@ -300,8 +393,9 @@ def alerts_html(data: dict[str, Any]) -> str:
             f'<b style="color:{color}">{escape(severity.upper())}</b> '
             f'<span class="alertname">{escape(str(a.get("alertname", "?")))}</span> '
             f'<span class="muted">firing since {clock(_num(a.get("since")) or data["now"])} '
-            f'({_age(data["now"], a.get("since"))})</span>'
-            f'<div>{escape(str(a.get("summary", "")))}</div></li>')
+            f"({_age(data['now'], a.get('since'))})</span>"
+            f"<div>{escape(str(a.get('summary', '')))}</div></li>"
+        )
     return f'<ul class="alerts">{"".join(rows)}</ul>'
 
 
@@ -324,30 +418,52 @@ def alert_history_html(data: dict[str, Any], limit: int = 15) -> str:
             f'<tr><td class="n">{clock(_num(c.get("at")) or data["now"])}</td>'
             f'<td style="color:{color}">{escape(what)}{escape(held)}</td>'
             f'<td class="name">{escape(str(c.get("alertname", "?")))}</td>'
-            f'<td>{escape(str(c.get("summary", "")))}</td></tr>')
-    return ('<table class="tasks" id="alert-history"><thead><tr><th>at (UTC)</th><th>change</th>'
-            f'<th>alert</th><th>summary</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f"<td>{escape(str(c.get('summary', '')))}</td></tr>"
+        )
+    return (
+        '<table class="tasks" id="alert-history"><thead><tr><th>at (UTC)</th><th>change</th>'
+        f"<th>alert</th><th>summary</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def tasks_html(data: dict[str, Any], limit: int = 12) -> str:
-    rows = sorted(data["tasks"], key=lambda t: -(int(t.get("succeeded") or 0)
-                                                  + int(t.get("failed") or 0)))[:limit]
+    rows = sorted(
+        data["tasks"], key=lambda t: -(int(t.get("succeeded") or 0) + int(t.get("failed") or 0))
+    )[:limit]
     if not rows:
         return '<p class="muted">No task has run yet.</p>'
-    head = ("task", "queue", "succeeded", "failed", "retried", "deferred", "run p50", "run p95",
-            "run p99", "wait p95")
+    head = (
+        "task",
+        "queue",
+        "succeeded",
+        "failed",
+        "retried",
+        "deferred",
+        "run p50",
+        "run p95",
+        "run p99",
+        "wait p95",
+    )
     body = "".join(
         "<tr>" + f'<td class="name"><a href="/dashboard/tasks/{quote(str(t.get("name", "?")))}">'
-        f'{escape(str(t.get("name", "?")))}</a></td>'
+        f"{escape(str(t.get('name', '?')))}</a></td>"
         f'<td><i class="dot" style="background:{LEVEL_COLORS.get(str(t.get("queue")), "#999")}">'
-        f'</i>{escape(str(t.get("queue", "")))}</td>'
-        + "".join(f'<td class="n">{int(t.get(k) or 0)}</td>'
-                  for k in ("succeeded", "failed", "retried", "deferred"))
-        + "".join(f'<td class="n">{format_value(_num(t.get(k)), "s")}</td>'
-                  for k in ("runtime_p50", "runtime_p95", "runtime_p99", "wait_p95"))
-        + "</tr>" for t in rows)
-    return (f'<table class="tasks"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
-            f"</thead><tbody>{body}</tbody></table>")
+        f"</i>{escape(str(t.get('queue', '')))}</td>"
+        + "".join(
+            f'<td class="n">{int(t.get(k) or 0)}</td>'
+            for k in ("succeeded", "failed", "retried", "deferred")
+        )
+        + "".join(
+            f'<td class="n">{format_value(_num(t.get(k)), "s")}</td>'
+            for k in ("runtime_p50", "runtime_p95", "runtime_p99", "wait_p95")
+        )
+        + "</tr>"
+        for t in rows
+    )
+    return (
+        f'<table class="tasks"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
+        f"</thead><tbody>{body}</tbody></table>"
+    )
 
 
 def kpis_html(data: dict[str, Any]) -> str:
@@ -361,63 +477,103 @@ def kpis_html(data: dict[str, Any]) -> str:
         ("failed/s", format_value(_num(latest.get("failed_per_s")) or 0.0), ""),
         ("alerts firing", str(len(alerts)), "bad" if critical else "warn" if alerts else ""),
     ]
-    return '<div class="kpis">' + "".join(
-        f'<div class="kpi {cls}"><span>{escape(label)}</span><b>{escape(value)}</b></div>'
-        for label, value, cls in items) + "</div>"
+    return (
+        '<div class="kpis">'
+        + "".join(
+            f'<div class="kpi {cls}"><span>{escape(label)}</span><b>{escape(value)}</b></div>'
+            for label, value, cls in items
+        )
+        + "</div>"
+    )
 
 
 def _card(title: str, *parts: str, wide: bool = False) -> str:
-    return (f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
-            f'{"".join(parts)}</section>')
+    return (
+        f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
+        f"{''.join(parts)}</section>"
+    )
 
 
 def coverage_note(data: dict[str, Any]) -> str:
     """Says so when a series hit the point limit before reaching the window's start."""
-    starts = [float(snaps[-1]["at"]) for snaps in data["series"].values()
-              if len(snaps) >= MAX_POINTS and snaps and "at" in snaps[-1]]
+    starts = [
+        float(snaps[-1]["at"])
+        for snaps in data["series"].values()
+        if len(snaps) >= MAX_POINTS and snaps and "at" in snaps[-1]
+    ]
     if not starts or max(starts) <= data["now"] - data["window_s"]:
         return ""
-    return (f" · charts show the newest {MAX_POINTS} snapshots (since "
-            f"{clock(max(starts))} UTC)")
+    return f" · charts show the newest {MAX_POINTS} snapshots (since {clock(max(starts))} UTC)"
 
 
 def render_board(data: dict[str, Any]) -> str:
     """The refreshable part of the page: KPIs, charts, alerts, task table."""
     problems = "".join(f"<li>{escape(p)}</li>" for p in data["problems"])
     level_legend = legend([(lv, LEVEL_COLORS[lv]) for lv in LEVEL_NAMES])
-    return "".join([
-        f'<p class="muted">updated {clock(data["now"])} UTC · window '
-        f'{duration(data["window_s"])}{coverage_note(data)}</p>',
-        f'<ul class="problems">{problems}</ul>' if problems else "",
-        kpis_html(data),
-        '<div class="grid">',
-        _card("Firing alerts", alerts_html(data), wide=True),
-        _card("Alert history", alert_history_html(data), wide=True),
-        _card("Queues", queue_depth_chart(data), level_legend, queue_now_chart(data)),
-        _card("Throughput", throughput_chart(data),
-              legend([("succeeded/s", "#16a34a"), ("failed/s", "#dc2626"),
-                      ("received/s", "#6b7280")])),
-        _card("Latency", latency_chart(data, "runtime"), latency_chart(data, "wait"),
-              legend([("p50", "#2563eb"), ("p95", "#d97706"), ("p99", "#dc2626")])),
-        _card("Batch buffers", batch_chart(data), batch_history_chart(data)),
-        _card("Workers", worker_bars(data),
-              legend([("memory", "#0891b2"), ("cpu", "#4f46e5"), ("warning", "#d97706"),
-                      ("critical", "#dc2626")]), worker_history_chart(data, "memory_pct"),
-              worker_history_chart(data, "cpu_pct")),
-        _card("Tasks over time", task_charts(data)),
-        _card("Cache", cache_chart(data),
-              legend([("hit rate", "#16a34a"), ("below the alert threshold", "#d97706")])),
-        _card("Tasks", tasks_html(data), wide=True),
-        "</div>",
-    ])
+    return "".join(
+        [
+            f'<p class="muted">updated {clock(data["now"])} UTC · window '
+            f"{duration(data['window_s'])}{coverage_note(data)}</p>",
+            f'<ul class="problems">{problems}</ul>' if problems else "",
+            kpis_html(data),
+            '<div class="grid">',
+            _card("Firing alerts", alerts_html(data), wide=True),
+            _card("Alert history", alert_history_html(data), wide=True),
+            _card("Queues", queue_depth_chart(data), level_legend, queue_now_chart(data)),
+            _card(
+                "Throughput",
+                throughput_chart(data),
+                legend(
+                    [("succeeded/s", "#16a34a"), ("failed/s", "#dc2626"), ("received/s", "#6b7280")]
+                ),
+            ),
+            _card(
+                "Latency",
+                latency_chart(data, "runtime"),
+                latency_chart(data, "wait"),
+                legend([("p50", "#2563eb"), ("p95", "#d97706"), ("p99", "#dc2626")]),
+            ),
+            _card("Batch buffers", batch_chart(data), batch_history_chart(data)),
+            _card(
+                "Workers",
+                worker_bars(data),
+                legend(
+                    [
+                        ("memory", "#0891b2"),
+                        ("cpu", "#4f46e5"),
+                        ("warning", "#d97706"),
+                        ("critical", "#dc2626"),
+                    ]
+                ),
+                worker_history_chart(data, "memory_pct"),
+                worker_history_chart(data, "cpu_pct"),
+            ),
+            _card("Tasks over time", task_charts(data)),
+            _card(
+                "Cache",
+                cache_chart(data),
+                legend([("hit rate", "#16a34a"), ("below the alert threshold", "#d97706")]),
+            ),
+            _card("Tasks", tasks_html(data), wide=True),
+            "</div>",
+        ]
+    )
 
 
-def render_page(data: dict[str, Any], refresh_s: int, request: Any = None,
-                settings: Any = None) -> str:
+def render_page(
+    data: dict[str, Any], refresh_s: int, request: Any = None, settings: Any = None
+) -> str:
     """The whole overview page (HTML) for :func:`gather`'s data."""
     header = ranges(request, data["window_s"], data.get("covered_since"), data["now"])
-    return page("dashboard", render_board(data), request=request, active="/dashboard",
-                settings=settings, refresh_s=refresh_s, header_extra=header)
+    return page(
+        "dashboard",
+        render_board(data),
+        request=request,
+        active="/dashboard",
+        settings=settings,
+        refresh_s=refresh_s,
+        header_extra=header,
+    )
 
 
 # --- route ------------------------------------------------------------------------------------
@@ -427,11 +583,13 @@ router = APIRouter()
 
 def _thresholds(settings: Any) -> dict[str, float]:
     m = settings.monitoring
-    return {"memory_warning_pct": m.alert_memory_warning_pct,
-            "memory_critical_pct": m.alert_memory_critical_pct,
-            "cpu_warning_pct": m.alert_cpu_warning_pct,
-            "cpu_critical_pct": m.alert_cpu_critical_pct,
-            "cache_hit_rate_pct": m.alert_cache_hit_rate_pct}
+    return {
+        "memory_warning_pct": m.alert_memory_warning_pct,
+        "memory_critical_pct": m.alert_memory_critical_pct,
+        "cpu_warning_pct": m.alert_cpu_warning_pct,
+        "cpu_critical_pct": m.alert_cpu_critical_pct,
+        "cache_hit_rate_pct": m.alert_cache_hit_rate_pct,
+    }
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
@@ -458,12 +616,13 @@ async def dashboard(
 
     response: Response
     try:
-        response = await respond_page(request, ("dashboard", window, refresh, fragment),
-                                      compute)
+        response = await respond_page(request, ("dashboard", window, refresh, fragment), compute)
     except StoreDown as down:
-        response = HTMLResponse(str(down), status_code=503,
-                                headers={"Cache-Control": "no-store",
-                                         "Content-Security-Policy": PAGE_POLICY})
+        response = HTMLResponse(
+            str(down),
+            status_code=503,
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY},
+        )
     return response
 
 

@@ -39,7 +39,8 @@ class DeadSelection(BaseModel):
     """Which dead letters a replay or purge takes: ids, a filter, or all (exactly one)."""
 
     ids: list[Annotated[str, Field(min_length=1, max_length=300)]] | None = Field(
-        None, max_length=10_000, description="Entry ids (task ids).")
+        None, max_length=10_000, description="Entry ids (task ids)."
+    )
     name: str | None = Field(None, max_length=300, description="Task name (exact).")
     queue: str | None = Field(None, max_length=200)
     reason: Reason | None = None
@@ -47,17 +48,26 @@ class DeadSelection(BaseModel):
     since: float | None = Field(None, description="Died at or after (s since epoch).")
     until: float | None = Field(None, description="Died at or before (s since epoch).")
     all: bool = Field(False, description="Every dead letter (purge: replayed ones too).")
-    batch: str | None = Field(None, max_length=400,
-                              description="NAME or NAME/ID: dead batches instead of tasks.")
+    batch: str | None = Field(
+        None, max_length=400, description="NAME or NAME/ID: dead batches instead of tasks."
+    )
 
     def query(self, state: str | None = "dead") -> DeadQuery:
-        return DeadQuery(name=self.name, queue=self.queue, reason=self.reason,
-                         exception_type=self.exception, since=self.since, until=self.until,
-                         state=state)
+        return DeadQuery(
+            name=self.name,
+            queue=self.queue,
+            reason=self.reason,
+            exception_type=self.exception,
+            since=self.since,
+            until=self.until,
+            state=state,
+        )
 
     def check(self) -> None:
-        filtered = any(v is not None for v in (self.name, self.queue, self.reason,
-                                               self.exception, self.since, self.until))
+        filtered = any(
+            v is not None
+            for v in (self.name, self.queue, self.reason, self.exception, self.since, self.until)
+        )
         if self.batch is None and (bool(self.ids) + self.all + filtered) != 1:
             raise HTTPException(422, "give ids, filter fields or all=true (exactly one)")
 
@@ -79,9 +89,11 @@ class DeadLetterCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily("taskyard_dead_tasks",
-                                   "Dead letters waiting for an operator (state dead).",
-                                   labels=["queue_name", "name", "reason"])
+        family = GaugeMetricFamily(
+            "taskyard_dead_tasks",
+            "Dead letters waiting for an operator (state dead).",
+            labels=["queue_name", "name", "reason"],
+        )
         try:
             counts = self.counts()
         except Exception:
@@ -102,31 +114,47 @@ def dead_router(state: ApiState) -> APIRouter:
     admin = [Depends(state.auth)]
 
     @router.get("/dead", response_model=m.DeadLetterPage)
-    def search(name: str | None = None, queue: str | None = None,
-               reason: Reason | None = None,
-               exception: Annotated[str | None, Query(description="Exception type.")] = None,
-               since: float | None = None, until: float | None = None,
-               state_: Annotated[Literal["dead", "replayed", "all"],
-                                 Query(alias="state")] = "dead",
-               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-               offset: Annotated[int, Query(ge=0)] = 0,
-               batches: bool = True) -> dict[str, Any]:
+    def search(
+        name: str | None = None,
+        queue: str | None = None,
+        reason: Reason | None = None,
+        exception: Annotated[str | None, Query(description="Exception type.")] = None,
+        since: float | None = None,
+        until: float | None = None,
+        state_: Annotated[Literal["dead", "replayed", "all"], Query(alias="state")] = "dead",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        batches: bool = True,
+    ) -> dict[str, Any]:
         """Dead letters, newest first, with the dead batches beside them."""
         try:
-            query = DeadQuery(name=name, queue=queue, reason=reason, exception_type=exception,
-                              since=since, until=until,
-                              state=None if state_ == "all" else state_)
+            query = DeadQuery(
+                name=name,
+                queue=queue,
+                reason=reason,
+                exception_type=exception,
+                since=since,
+                until=until,
+                state=None if state_ == "all" else state_,
+            )
         except TaskyardError as exc:
             _raise(exc, 422)
         store = dead_store(state)
         entries = store.search(query, limit=limit, offset=offset)
         plain = name is None and queue is None and exception is None
-        return {"total": store.count(query), "limit": limit, "offset": offset,
-                "entries": [e.to_dict() for e in entries],
-                "batches": batch_dead_letters(state.runtime) if batches and plain else []}
+        return {
+            "total": store.count(query),
+            "limit": limit,
+            "offset": offset,
+            "entries": [e.to_dict() for e in entries],
+            "batches": batch_dead_letters(state.runtime) if batches and plain else [],
+        }
 
-    @router.get("/dead/{entry_id}", response_model=m.DeadLetterEntry,
-                responses={404: {"model": m.ErrorBody}})
+    @router.get(
+        "/dead/{entry_id}",
+        response_model=m.DeadLetterEntry,
+        responses={404: {"model": m.ErrorBody}},
+    )
     def entry(entry_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
         """One dead letter in full."""
         found = dead_store(state).get(entry_id)
@@ -134,8 +162,9 @@ def dead_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, f"no dead letter {entry_id!r}")
         return found.to_dict()
 
-    @router.get("/tasks/{task_id}", response_model=m.TaskTimeline,
-                responses={404: {"model": m.ErrorBody}})
+    @router.get(
+        "/tasks/{task_id}", response_model=m.TaskTimeline, responses={404: {"model": m.ErrorBody}}
+    )
     def task(task_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
         """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
         engine = history.engine_for(state.runtime.settings.effective_history_url)
@@ -143,8 +172,10 @@ def dead_router(state: ApiState) -> APIRouter:
         dead = dead_store(state).get(task_id)
         if found is None and dead is None:
             raise HTTPException(404, f"no task {task_id!r} in the timelines or dead letters")
-        return {**(found or {"task_id": task_id, "events": []}),
-                "dead": dead.to_dict() if dead else None}
+        return {
+            **(found or {"task_id": task_id, "events": []}),
+            "dead": dead.to_dict() if dead else None,
+        }
 
     @router.post("/dead/replay", dependencies=admin, response_model=m.AdminResult)
     def replay_route(selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
@@ -192,8 +223,15 @@ def dead_router(state: ApiState) -> APIRouter:
 
 # --- the page -----------------------------------------------------------------------------------
 
-def render_dead_page(store: DeadLetterStore, batches: list[dict[str, Any]], *, request: Any,
-                     settings: Any, limit: int = 100) -> str:
+
+def render_dead_page(
+    store: DeadLetterStore,
+    batches: list[dict[str, Any]],
+    *,
+    request: Any,
+    settings: Any,
+    limit: int = 100,
+) -> str:
     """The dead-letters page: counts per queue, task and reason, the newest entries, batches."""
     from taskyard.monitoring.http.layout import card, page, table
     from taskyard.monitoring.http.pages import name_link, task_link
@@ -202,31 +240,74 @@ def render_dead_page(store: DeadLetterStore, batches: list[dict[str, Any]], *, r
         return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at)) if at else "-"
 
     counts = store.counts()
-    by_key = [[html.escape(q or "-"), name_link(n) if n else "-", html.escape(r), str(c)]
-              for (q, n, r), c in sorted(counts.items(), key=lambda kv: -kv[1])]
+    by_key = [
+        [html.escape(q or "-"), name_link(n) if n else "-", html.escape(r), str(c)]
+        for (q, n, r), c in sorted(counts.items(), key=lambda kv: -kv[1])
+    ]
     entries = store.search(limit=limit)
-    newest = [[when(e.last_at), task_link(e.id), name_link(e.name) if e.name else "-",
-               html.escape(e.queue or "-"), html.escape(e.reason),
-               f"<b>{html.escape(e.exception_type or '-')}</b> "
-               f"{html.escape((e.exception or e.detail)[:160])}",
-               str(e.deliveries), str(e.attempts)] for e in entries]
-    dead_batches = [[html.escape(b["id"]), html.escape(b["reason"]), str(b["size"]),
-                     str(b["attempts"]), html.escape(b["error"][:160])] for b in batches]
+    newest = [
+        [
+            when(e.last_at),
+            task_link(e.id),
+            name_link(e.name) if e.name else "-",
+            html.escape(e.queue or "-"),
+            html.escape(e.reason),
+            f"<b>{html.escape(e.exception_type or '-')}</b> "
+            f"{html.escape((e.exception or e.detail)[:160])}",
+            str(e.deliveries),
+            str(e.attempts),
+        ]
+        for e in entries
+    ]
+    dead_batches = [
+        [
+            html.escape(b["id"]),
+            html.escape(b["reason"]),
+            str(b["size"]),
+            str(b["attempts"]),
+            html.escape(b["error"][:160]),
+        ]
+        for b in batches
+    ]
     body = (
         f'<p class="muted">{sum(counts.values())} dead tasks, {len(batches)} dead batches. '
         "Replay or purge: <code>taskyard dead replay|purge</code>, or POST "
         "<code>/api/v1/dead/replay|purge</code> with the admin token.</p>"
         '<div class="grid">'
-        + card("By queue, task and reason", table(["queue", "task", "reason", "entries"],
-                                                  by_key, empty="no dead tasks"))
-        + card("Dead batches", table(["batch", "reason", "items", "attempts", "error"],
-                                     dead_batches, empty="no dead batches"))
-        + card(f"Newest {len(entries)}", table(
-            ["died (UTC)", "id", "task", "queue", "reason", "exception", "deliveries",
-             "attempts"], newest, table_id="dead", empty="no dead tasks"), wide=True)
-        + "</div>")
-    return page("dead letters", body, request=request, active="/dashboard/dead",
-                settings=settings)
+        + card(
+            "By queue, task and reason",
+            table(["queue", "task", "reason", "entries"], by_key, empty="no dead tasks"),
+        )
+        + card(
+            "Dead batches",
+            table(
+                ["batch", "reason", "items", "attempts", "error"],
+                dead_batches,
+                empty="no dead batches",
+            ),
+        )
+        + card(
+            f"Newest {len(entries)}",
+            table(
+                [
+                    "died (UTC)",
+                    "id",
+                    "task",
+                    "queue",
+                    "reason",
+                    "exception",
+                    "deliveries",
+                    "attempts",
+                ],
+                newest,
+                table_id="dead",
+                empty="no dead tasks",
+            ),
+            wide=True,
+        )
+        + "</div>"
+    )
+    return page("dead letters", body, request=request, active="/dashboard/dead", settings=settings)
 
 
 def install_dead(api: FastAPI, state: ApiState) -> None:
@@ -234,18 +315,25 @@ def install_dead(api: FastAPI, state: ApiState) -> None:
     api.include_router(dead_router(state), prefix=API_PREFIX)
     counts = getattr(state.store, "dead_counts", None)
     if counts is None:
+
         def counts() -> dict[tuple[str, str, str], int]:
             return dead_store(state).counts()
+
     state.extras.setdefault("collectors", []).append(DeadLetterCollector(counts))
 
     @api.get("/dashboard/dead", response_class=HTMLResponse, include_in_schema=False)
     def dead_page(request: Request) -> HTMLResponse:
         """The dead-letters page (thread pool: the store does blocking I/O)."""
         try:
-            body = render_dead_page(dead_store(state), batch_dead_letters(state.runtime),
-                                    request=request, settings=state.runtime.settings)
+            body = render_dead_page(
+                dead_store(state),
+                batch_dead_letters(state.runtime),
+                request=request,
+                settings=state.runtime.settings,
+            )
         except Exception as exc:
             log.warning("dead-letters page: store unreadable", exc_info=True)
-            return HTMLResponse(f"<p>dead letters unavailable: {html.escape(str(exc))}</p>",
-                                status_code=503)
+            return HTMLResponse(
+                f"<p>dead letters unavailable: {html.escape(str(exc))}</p>", status_code=503
+            )
         return HTMLResponse(body, headers={"Cache-Control": "no-store"})

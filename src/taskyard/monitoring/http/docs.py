@@ -24,9 +24,11 @@ TASKYARD_STATIC = "/static/taskyard"
 STATIC_DIR = Path(__file__).parent / "static"
 
 #: The docs page (and the dashboard) may load nothing from another host: the browser enforces it.
-PAGE_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
-               "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
-               "connect-src 'self'; font-src 'self' data:")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
+    "connect-src 'self'; font-src 'self' data:"
+)
 
 #: FastAPI documents request validation failures with its own HTTPValidationError; this API
 #: answers them with its ErrorBody (``{"error": "invalid_request", "detail": [...]}``).
@@ -53,12 +55,17 @@ def install_docs(api: FastAPI) -> None:
 
     @api.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return _local_only(get_swagger_ui_html(
-            openapi_url=openapi_url, title=f"{api.title} - Swagger UI",
-            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css", swagger_favicon_url=favicon,
-            # Swagger UI would otherwise ask validator.swagger.io to check the document.
-            swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True}))
+        return _local_only(
+            get_swagger_ui_html(
+                openapi_url=openapi_url,
+                title=f"{api.title} - Swagger UI",
+                swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+                swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+                swagger_favicon_url=favicon,
+                # Swagger UI would otherwise ask validator.swagger.io to check the document.
+                swagger_ui_parameters={"validatorUrl": None, "persistAuthorization": True},
+            )
+        )
 
     base_openapi = api.openapi
 
@@ -77,6 +84,7 @@ def _local_only(page: HTMLResponse) -> HTMLResponse:
 
 def name_error_bodies(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with every validation-error response pointing at ErrorBody, as answered."""
+
     def walk(node: Any) -> Any:
         if isinstance(node, dict):
             if node.get("$ref") == _FASTAPI_VALIDATION:
@@ -96,7 +104,9 @@ def name_error_bodies(schema: dict[str, Any]) -> dict[str, Any]:
         for operation in operations.values():
             response = operation.get("responses", {}).get("422")
             if response is not None:
-                response["description"] = ("Invalid request: a parameter is missing, "
-                                           "malformed or out of range (ErrorBody, error "
-                                           "\"invalid_request\", detail lists the problems).")
+                response["description"] = (
+                    "Invalid request: a parameter is missing, "
+                    "malformed or out of range (ErrorBody, error "
+                    '"invalid_request", detail lists the problems).'
+                )
     return fixed

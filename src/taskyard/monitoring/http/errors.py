@@ -26,8 +26,9 @@ def _code(status: int) -> str:
         return "error"
 
 
-def error_response(status: int, error: str, detail: object,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, error: str, detail: object, headers: dict[str, str] | None = None
+) -> JSONResponse:
     """The JSON error body every failure of the API uses."""
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
@@ -36,8 +37,9 @@ def _unavailable(part: str, exc: Exception) -> JSONResponse:
     # The driver's message names host and port, never the password of the URL.
     reason = str(exc).strip() or type(exc).__name__
     log.warning("stats API: %s unavailable: %s", part, reason)
-    return error_response(503, f"{part}_unavailable", f"{part} is unreachable: {reason}",
-                          headers={"Retry-After": "5"})
+    return error_response(
+        503, f"{part}_unavailable", f"{part} is unreachable: {reason}", headers={"Retry-After": "5"}
+    )
 
 
 def install_error_handlers(api: FastAPI) -> None:
@@ -45,8 +47,12 @@ def install_error_handlers(api: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return error_response(exc.status_code, _code(exc.status_code), exc.detail,
-                              headers=getattr(exc, "headers", None))
+        return error_response(
+            exc.status_code,
+            _code(exc.status_code),
+            exc.detail,
+            headers=getattr(exc, "headers", None),
+        )
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -63,8 +69,9 @@ def install_error_handlers(api: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("stats API: unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error",
-                              f"unexpected {type(exc).__name__}; see the API's log")
+        return error_response(
+            500, "internal_error", f"unexpected {type(exc).__name__}; see the API's log"
+        )
 
     api.add_exception_handler(StarletteHTTPException, http_error)
     api.add_exception_handler(RequestValidationError, validation_error)

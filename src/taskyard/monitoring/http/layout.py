@@ -19,16 +19,26 @@ from taskyard.monitoring.http.docs import TASKYARD_STATIC
 logger = logging.getLogger(__name__)
 
 #: Time ranges a page offers (s); each only while the history reaches that far back.
-WINDOWS: tuple[tuple[int, str], ...] = ((900, "15 min"), (3600, "1 h"), (6 * 3600, "6 h"),
-                                        (24 * 3600, "24 h"), (7 * 86_400, "7 d"),
-                                        (30 * 86_400, "30 d"))
+WINDOWS: tuple[tuple[int, str], ...] = (
+    (900, "15 min"),
+    (3600, "1 h"),
+    (6 * 3600, "6 h"),
+    (24 * 3600, "24 h"),
+    (7 * 86_400, "7 d"),
+    (30 * 86_400, "30 d"),
+)
 #: The dashboard pages may load nothing from another host; the browser enforces it.
-PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-               "script-src 'self'; connect-src 'self'")
+PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; connect-src 'self'"
+)
 #: Pages in the header, as (path, label); a page is linked only when its route exists.
-PAGES: tuple[tuple[str, str], ...] = (("/dashboard", "Overview"), ("/dashboard/workers", "Workers"),
-                                      ("/dashboard/tasks", "Tasks"),
-                                      ("/dashboard/dead", "Dead letters"))
+PAGES: tuple[tuple[str, str], ...] = (
+    ("/dashboard", "Overview"),
+    ("/dashboard/workers", "Workers"),
+    ("/dashboard/tasks", "Tasks"),
+    ("/dashboard/dead", "Dead letters"),
+)
 
 CSS = """
 body{font:14px system-ui,sans-serif;margin:0;background:#f3f4f6;color:#111827}
@@ -102,10 +112,12 @@ def nav(request: Any, active: str, settings: Any) -> str:
     from taskyard.monitoring.flower import flower_url
 
     # Rendered outside a request (tests): every page.
-    paths = ({path for path, _ in PAGES} if request is None
-             else route_paths(request.app.routes))
-    links = [f'<a class="{"on" if path == active else ""}" href="{path}">{escape(label)}</a>'
-             for path, label in PAGES if path in paths]
+    paths = {path for path, _ in PAGES} if request is None else route_paths(request.app.routes)
+    links = [
+        f'<a class="{"on" if path == active else ""}" href="{path}">{escape(label)}</a>'
+        for path, label in PAGES
+        if path in paths
+    ]
     if settings is not None:
         links.append(f'<a href="{escape(flower_url(settings))}" rel="noreferrer">Flower</a>')
     links.append('<a href="/docs">API</a>')
@@ -134,17 +146,31 @@ def ranges(request: Any, chosen: float, covered: float | None, now: float) -> st
         query = urlencode({**params, "window": seconds})
         cls = "on" if int(chosen) == seconds else ""
         out.append(f'<a class="{cls}" href="?{escape(query)}">{label}</a>')
-    since = (f'history since {clock(covered)} UTC ({duration(now - covered)})'
-             if covered is not None else "no history yet")
+    since = (
+        f"history since {clock(covered)} UTC ({duration(now - covered)})"
+        if covered is not None
+        else "no history yet"
+    )
     return f'<span class="ranges">{"".join(out)}</span><span class="muted">{since}</span>'
 
 
-def page(title: str, body: str, *, request: Any, active: str, settings: Any,
-         refresh_s: int = 0, header_extra: str = "") -> str:
+def page(
+    title: str,
+    body: str,
+    *,
+    request: Any,
+    active: str,
+    settings: Any,
+    refresh_s: int = 0,
+    header_extra: str = "",
+) -> str:
     """A whole dashboard page around ``body`` (the refreshable ``#board`` content)."""
-    fallback = (f'<noscript><meta http-equiv="refresh" content="{refresh_s}"></noscript>'
-                if refresh_s else "")
-    refresh = f'auto-refresh {refresh_s} s' if refresh_s else "auto-refresh off"
+    fallback = (
+        f'<noscript><meta http-equiv="refresh" content="{refresh_s}"></noscript>'
+        if refresh_s
+        else ""
+    )
+    refresh = f"auto-refresh {refresh_s} s" if refresh_s else "auto-refresh off"
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -157,24 +183,33 @@ def page(title: str, body: str, *, request: Any, active: str, settings: Any,
         f'<span class="muted">{refresh}</span><span id="stale" class="stale"></span></header>'
         f'<main id="board">{body}</main>'
         f'<script src="{TASKYARD_STATIC}/uplot/uPlot.iife.min.js"></script>'
-        f'<script src="{TASKYARD_STATIC}/dashboard.js"></script></body></html>')
+        f'<script src="{TASKYARD_STATIC}/dashboard.js"></script></body></html>'
+    )
 
 
 def card(title: str, *parts: str, wide: bool = False) -> str:
-    return (f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
-            f'{"".join(parts)}</section>')
+    return (
+        f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
+        f"{''.join(parts)}</section>"
+    )
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, table_id: str = "",
-          empty: str = "nothing yet") -> str:
+def table(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    table_id: str = "",
+    empty: str = "nothing yet",
+) -> str:
     """An HTML table; cells are already HTML (escape them when building the rows)."""
     if not rows:
         return f'<p class="muted">{escape(empty)}</p>'
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     ident = f' id="{table_id}"' if table_id else ""
-    return (f'<table class="tasks"{ident}><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>")
+    return (
+        f'<table class="tasks"{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
 
 
 #: Key of the pages' own response cache in ``ApiState.extras``.
@@ -198,11 +233,15 @@ async def respond_page(request: Any, key: Any, compute: Any) -> Any:
     if cache is None:
         m = state.runtime.settings.monitoring
         cache = state.extras[_PAGE_CACHE] = ResponseCache(
-            max(m.api_cache_s, m.stats_interval_s / 2) if m.api_cache_s > 0 else 0.0)
+            max(m.api_cache_s, m.stats_interval_s / 2) if m.api_cache_s > 0 else 0.0
+        )
     body = await cache.get(key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
     media = "text/html; charset=utf-8"
     headers = {"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY}
     if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
-        return Response(body.gzipped, media_type=media,
-                        headers={**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+        return Response(
+            body.gzipped,
+            media_type=media,
+            headers={**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+        )
     return Response(body.raw, media_type=media, headers=headers)

@@ -84,24 +84,35 @@ class StoreCollector(Collector):
         length = GaugeMetricFamily(
             "celery_queue_length",
             "Messages in a queue: every priority sub-list plus reserved, unacknowledged ones.",
-            labels=["queue_name"])
-        ready = GaugeMetricFamily("taskyard_queue_ready_messages",
-                                  "Messages waiting in a queue.", labels=["queue_name"])
+            labels=["queue_name"],
+        )
+        ready = GaugeMetricFamily(
+            "taskyard_queue_ready_messages", "Messages waiting in a queue.", labels=["queue_name"]
+        )
         reserved = GaugeMetricFamily(
             "taskyard_queue_reserved_messages",
-            "Messages delivered to a worker and not yet acknowledged.", labels=["queue_name"])
+            "Messages delivered to a worker and not yet acknowledged.",
+            labels=["queue_name"],
+        )
         scheduled = GaugeMetricFamily(
             "taskyard_queue_scheduled_messages",
             "Messages with a countdown or ETA waiting in the broker-side delayed set.",
-            labels=["queue_name"])
+            labels=["queue_name"],
+        )
         oldest = GaugeMetricFamily(
             "taskyard_queue_oldest_ready_age_seconds",
             "Seconds the oldest ready message of a queue has waited (absent when empty).",
-            labels=["queue_name"])
+            labels=["queue_name"],
+        )
         for row in rows:
             queue = [text(row.get("queue"))]
-            for family, key in ((length, "depth"), (ready, "ready"), (reserved, "reserved"),
-                                (scheduled, "scheduled"), (oldest, "oldest_ready_age_s")):
+            for family, key in (
+                (length, "depth"),
+                (ready, "ready"),
+                (reserved, "reserved"),
+                (scheduled, "scheduled"),
+                (oldest, "oldest_ready_age_s"),
+            ):
                 value = _number(row.get(key))
                 if value is not None:
                     family.add_metric(queue, value)
@@ -122,36 +133,47 @@ class StoreCollector(Collector):
         for kind, name, documentation in HISTOGRAMS:
             family = HistogramMetricFamily(name, documentation, labels=["name", "queue_name"])
             for series in histogram_series(data, kind):
-                family.add_metric([series["name"], series["queue"]], series["buckets"],
-                                  series["sum"])
+                family.add_metric(
+                    [series["name"], series["queue"]], series["buckets"], series["sum"]
+                )
             yield family
         # Per queue, over all task names: what an autoscaler of one worker profile reads.
         per_queue = HistogramMetricFamily(
             "taskyard_queue_wait_seconds",
             "Queue wait (sent -> started) of the tasks of a queue, all task names.",
-            labels=["queue_name"])
+            labels=["queue_name"],
+        )
         for queue, (buckets, total) in sorted(queue_wait(data).items()):
             per_queue.add_metric([queue], buckets, total)
         yield per_queue
 
     @staticmethod
     def _workers(rows: list[dict[str, Any]]) -> Iterator[Metric]:
-        alive = GaugeMetricFamily("celery_workers_alive",
-                                  "Workers whose heartbeat is current.")
-        up = GaugeMetricFamily("celery_worker_up", "1 while a worker's heartbeat is current.",
-                               labels=["hostname"])
-        memory = GaugeMetricFamily("taskyard_worker_memory_percent",
-                                   "Worker memory use, percent of its limit.",
-                                   labels=["hostname"])
-        cpu = GaugeMetricFamily("taskyard_worker_cpu_percent",
-                                "Worker CPU use, percent, averaged over the guard window.",
-                                labels=["hostname"])
+        alive = GaugeMetricFamily("celery_workers_alive", "Workers whose heartbeat is current.")
+        up = GaugeMetricFamily(
+            "celery_worker_up", "1 while a worker's heartbeat is current.", labels=["hostname"]
+        )
+        memory = GaugeMetricFamily(
+            "taskyard_worker_memory_percent",
+            "Worker memory use, percent of its limit.",
+            labels=["hostname"],
+        )
+        cpu = GaugeMetricFamily(
+            "taskyard_worker_cpu_percent",
+            "Worker CPU use, percent, averaged over the guard window.",
+            labels=["hostname"],
+        )
         deferred = CounterMetricFamily(
-            "taskyard_worker_deferred", "Tasks a worker deferred (re-published) since it "
-            "started, per reason: memory, requires_memory.", labels=["hostname", "reason"])
+            "taskyard_worker_deferred",
+            "Tasks a worker deferred (re-published) since it "
+            "started, per reason: memory, requires_memory.",
+            labels=["hostname", "reason"],
+        )
         paused = GaugeMetricFamily(
-            "taskyard_worker_paused_queue", "1 for each queue a worker holds back, with why: "
-            "memory, cpu or cpu-critical.", labels=["hostname", "queue_name", "reason"])
+            "taskyard_worker_paused_queue",
+            "1 for each queue a worker holds back, with why: memory, cpu or cpu-critical.",
+            labels=["hostname", "queue_name", "reason"],
+        )
         count = 0
         for row in rows:
             host = [text(row.get("hostname"))]
@@ -175,21 +197,31 @@ class StoreCollector(Collector):
     @staticmethod
     def _batches(rows: list[dict[str, Any]]) -> Iterator[Metric]:
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
-            "buffered": GaugeMetricFamily("taskyard_batch_buffered_items",
-                                          "Items waiting in a batch buffer.",
-                                          labels=["batch_name"]),
-            "in_flight": GaugeMetricFamily("taskyard_batch_in_flight_batches",
-                                          "Claimed batches not yet finished.",
-                                          labels=["batch_name"]),
-            "dead": GaugeMetricFamily("taskyard_batch_dead_batches",
-                                      "Batches that exhausted their retries.",
-                                      labels=["batch_name"]),
-            "processed": CounterMetricFamily("taskyard_batch_processed_items",
-                                             "Batch items processed successfully.",
-                                             labels=["batch_name"]),
-            "failed": CounterMetricFamily("taskyard_batch_failed_items",
-                                          "Batch items of failed batch runs.",
-                                          labels=["batch_name"]),
+            "buffered": GaugeMetricFamily(
+                "taskyard_batch_buffered_items",
+                "Items waiting in a batch buffer.",
+                labels=["batch_name"],
+            ),
+            "in_flight": GaugeMetricFamily(
+                "taskyard_batch_in_flight_batches",
+                "Claimed batches not yet finished.",
+                labels=["batch_name"],
+            ),
+            "dead": GaugeMetricFamily(
+                "taskyard_batch_dead_batches",
+                "Batches that exhausted their retries.",
+                labels=["batch_name"],
+            ),
+            "processed": CounterMetricFamily(
+                "taskyard_batch_processed_items",
+                "Batch items processed successfully.",
+                labels=["batch_name"],
+            ),
+            "failed": CounterMetricFamily(
+                "taskyard_batch_failed_items",
+                "Batch items of failed batch runs.",
+                labels=["batch_name"],
+            ),
         }
         totals: dict[str, dict[str, float]] = {key: {} for key in families}
         for row in rows:
@@ -206,10 +238,12 @@ class StoreCollector(Collector):
 
     @staticmethod
     def _cache(rows: list[dict[str, Any]]) -> Iterator[Metric]:
-        hits = CounterMetricFamily("taskyard_cache_hits", "Cache reads served from Redis.",
-                                   labels=["namespace"])
-        misses = CounterMetricFamily("taskyard_cache_misses", "Cache reads that recomputed.",
-                                     labels=["namespace"])
+        hits = CounterMetricFamily(
+            "taskyard_cache_hits", "Cache reads served from Redis.", labels=["namespace"]
+        )
+        misses = CounterMetricFamily(
+            "taskyard_cache_misses", "Cache reads that recomputed.", labels=["namespace"]
+        )
         for row in rows:
             namespace = [text(row.get("namespace"))]
             for family, key in ((hits, "hits"), (misses, "misses")):
@@ -220,8 +254,9 @@ class StoreCollector(Collector):
 
     @staticmethod
     def _alerts(rows: list[dict[str, Any]]) -> Iterator[Metric]:
-        active = GaugeMetricFamily("taskyard_alert_active", "1 for each firing alert.",
-                                   labels=["alertname", "severity"])
+        active = GaugeMetricFamily(
+            "taskyard_alert_active", "1 for each firing alert.", labels=["alertname", "severity"]
+        )
         firing: dict[tuple[str, str], float] = {}
         for row in rows:
             if row.get("state") != "firing":
@@ -237,12 +272,17 @@ class StoreCollector(Collector):
 def _host_families(rows: list[dict[str, Any]]) -> Iterator[Metric]:
     """Memory and CPU per machine: the highest reading of its live workers (they read the same
     host a moment apart), what the host-level alert rules are written over."""
-    memory = GaugeMetricFamily("taskyard_host_memory_percent",
-                               "Memory use of a worker host (or its cgroup), percent.",
-                               labels=["host"])
-    cpu = GaugeMetricFamily("taskyard_host_cpu_percent",
-                            "CPU busy of a worker host (or its cgroup), percent, every process "
-                            "included, averaged over the guard window.", labels=["host"])
+    memory = GaugeMetricFamily(
+        "taskyard_host_memory_percent",
+        "Memory use of a worker host (or its cgroup), percent.",
+        labels=["host"],
+    )
+    cpu = GaugeMetricFamily(
+        "taskyard_host_cpu_percent",
+        "CPU busy of a worker host (or its cgroup), percent, every process "
+        "included, averaged over the guard window.",
+        labels=["host"],
+    )
     readings: dict[str, dict[str, float]] = {}
     for row in rows:
         if not row.get("alive"):
@@ -275,13 +315,17 @@ def histogram_series(data: Mapping[str, Any], kind: str) -> Iterator[dict[str, A
     labels = [*(_bound(b) for b in bounds), "+Inf"]
     for row in data.get(kind) or ():
         counts = [_number(c) or 0.0 for c in row.get("counts") or ()]
-        counts = (counts + [0.0] * len(labels))[:len(labels)]
+        counts = (counts + [0.0] * len(labels))[: len(labels)]
         cumulative, running = [], 0.0
         for label, count in zip(labels, counts, strict=True):
             running += count
             cumulative.append((label, running))
-        yield {"name": text(row.get("name")), "queue": text(row.get("queue")),
-               "buckets": cumulative, "sum": _number(row.get("sum")) or 0.0}
+        yield {
+            "name": text(row.get("name")),
+            "queue": text(row.get("queue")),
+            "buckets": cumulative,
+            "sum": _number(row.get("sum")) or 0.0,
+        }
 
 
 def queue_wait(data: Mapping[str, Any]) -> dict[str, tuple[list[tuple[str, float]], float]]:
@@ -292,8 +336,10 @@ def queue_wait(data: Mapping[str, Any]) -> dict[str, tuple[list[tuple[str, float
         if queue not in out:
             out[queue] = ([(label, 0.0) for label, _ in series["buckets"]], 0.0)
         buckets, total = out[queue]
-        summed = [(label, have + count) for (label, have), (_, count)
-                  in zip(buckets, series["buckets"], strict=True)]
+        summed = [
+            (label, have + count)
+            for (label, have), (_, count) in zip(buckets, series["buckets"], strict=True)
+        ]
         out[queue] = (summed, total + series["sum"])
     return out
 
@@ -317,10 +363,19 @@ def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     for collector in state.extras.get("collectors", ()):
         registry.register(collector)
 
-    @api.get("/metrics", tags=["metrics"], response_class=Response, responses={
-        200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
-              "description": "Prometheus text exposition format 0.0.4."}})
+    @api.get(
+        "/metrics",
+        tags=["metrics"],
+        response_class=Response,
+        responses={
+            200: {
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format 0.0.4.",
+            }
+        },
+    )
     async def metrics(request: Request) -> Response:
         """Prometheus metrics of queues, tasks, workers, batches, cache and alerts."""
-        return await state.respond(request, "metrics", lambda: generate_latest(registry),
-                                   media_type=CONTENT_TYPE)
+        return await state.respond(
+            request, "metrics", lambda: generate_latest(registry), media_type=CONTENT_TYPE
+        )

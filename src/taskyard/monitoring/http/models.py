@@ -24,14 +24,20 @@ class QueueStats(_Row):
     ready: int = Field(description="Messages waiting in the queue (all priority sub-lists).")
     reserved: int = Field(description="Messages delivered to a worker, not yet acknowledged.")
     reserved_known: bool = Field(
-        True, description="False on RabbitMQ without the management plugin: reserved is 0 "
-        "because the broker does not report it.")
+        True,
+        description="False on RabbitMQ without the management plugin: reserved is 0 "
+        "because the broker does not report it.",
+    )
     scheduled: int | None = Field(
-        None, description="Messages with a countdown or ETA waiting in the broker-side delayed "
-        "set, not yet due (not part of depth); null on RabbitMQ, where a worker holds them.")
+        None,
+        description="Messages with a countdown or ETA waiting in the broker-side delayed "
+        "set, not yet due (not part of depth); null on RabbitMQ, where a worker holds them.",
+    )
     oldest_ready_age_s: float | None = Field(
-        None, description="Seconds the oldest ready message has waited (from its sent time); "
-        "null when the queue is empty, on RabbitMQ, or for messages sent without capture.")
+        None,
+        description="Seconds the oldest ready message has waited (from its sent time); "
+        "null when the queue is empty, on RabbitMQ, or for messages sent without capture.",
+    )
 
 
 class WorkerStats(_Row):
@@ -48,14 +54,19 @@ class WorkerStats(_Row):
     state: str | None = Field(None, description="Resource pressure: ok, warning or critical.")
     deferred: int | None = Field(None, description="Tasks it held back since it started.")
     deferred_by_reason: dict[str, int] = Field(
-        {}, description="Deferrals per reason: memory (the level's memory threshold), "
-        "requires_memory (a task's requires_memory_mb).")
+        {},
+        description="Deferrals per reason: memory (the level's memory threshold), "
+        "requires_memory (a task's requires_memory_mb).",
+    )
     paused_reasons: dict[str, str] = Field(
-        {}, description="Paused queue -> why: memory, cpu or cpu-critical.")
+        {}, description="Paused queue -> why: memory, cpu or cpu-critical."
+    )
     host: str | None = Field(None, description="The machine it runs on (host-level alerts).")
     host_cpu_pct: float | None = Field(
-        None, description="The whole host's (or cgroup's) CPU busy, percent, this worker "
-        "included; cpu_pct leaves the worker's own processes out.")
+        None,
+        description="The whole host's (or cgroup's) CPU busy, percent, this worker "
+        "included; cpu_pct leaves the worker's own processes out.",
+    )
     pool_nice: int | None = Field(None, description="Nice value added to its pool processes.")
 
 
@@ -123,8 +134,10 @@ class Alert(_Row):
     state: str = Field(description="firing or resolved.")
     since: float = Field(description="Firing since, seconds since the epoch.")
     active_since: float | None = Field(
-        None, description="When the condition was first seen (it fires after the rule's for "
-        "duration), seconds since the epoch.")
+        None,
+        description="When the condition was first seen (it fires after the rule's for "
+        "duration), seconds since the epoch.",
+    )
     resolved_at: float | None = Field(None, description="Seconds since the epoch, when resolved.")
     value: float | None = None
     threshold: float | None = None
@@ -154,7 +167,8 @@ class Overview(_Row):
     at: float = Field(description="When it was computed, seconds since the epoch.")
     totals: dict[str, int] = Field(
         description="Counters over all tasks: received, started, succeeded, failed, retried, "
-        "deferred.")
+        "deferred."
+    )
     queues: dict[str, int] = Field(description="Queue -> true depth.")
     queue_depth_total: int
     workers_alive: int
@@ -162,12 +176,14 @@ class Overview(_Row):
     alerts_firing: int
     alerts_critical: int
     deferred_by_reason: dict[str, int] = Field(
-        {}, description="Deferrals per reason over the known workers: memory, requires_memory.")
+        {}, description="Deferrals per reason over the known workers: memory, requires_memory."
+    )
     throughput_per_s: float = Field(description="Tasks finished per second (last collection).")
     succeeded_per_s: float
     failed_per_s: float
     latency: dict[str, float | None] = Field(
-        description="runtime_p50/p95/p99 and wait_p50/p95/p99 over all tasks, seconds.")
+        description="runtime_p50/p95/p99 and wait_p50/p95/p99 over all tasks, seconds."
+    )
 
 
 class HistoryPage(BaseModel):
@@ -217,8 +233,12 @@ class DeadLetterEntry(_Row):  # type: ignore[no-redef]
     state: str = Field("dead", description="dead or replayed.")
     args: str = Field("[]", description="Positional arguments, as JSON.")
     # Named apart from "kwargs" (its JSON name): a field may not shadow BaseModel's **kwargs.
-    kwargs_json: str = Field("{}", validation_alias="kwargs", serialization_alias="kwargs",
-                             description="Keyword arguments, as JSON.")
+    kwargs_json: str = Field(
+        "{}",
+        validation_alias="kwargs",
+        serialization_alias="kwargs",
+        description="Keyword arguments, as JSON.",
+    )
     replayable: bool = True
     exception_type: str = ""
     exception: str = ""
@@ -242,8 +262,9 @@ class DeadLetterPage(_Row):
     limit: int
     offset: int
     entries: list[DeadLetterEntry]
-    batches: list[dict[str, Any]] = Field(default_factory=list,
-                                          description="Dead batches (unfiltered pages only).")
+    batches: list[dict[str, Any]] = Field(
+        default_factory=list, description="Dead batches (unfiltered pages only)."
+    )
 
 
 class TimelineEvent(_Row):

@@ -88,17 +88,33 @@ async def _respond(request: Request, key: Any, render: Callable[[], str]) -> Res
     return response
 
 
-def _shell(request: Request, title: str, body: str, active: str, window: float, now: float,
-           refresh: int, fragment: bool) -> str:
+def _shell(
+    request: Request,
+    title: str,
+    body: str,
+    active: str,
+    window: float,
+    now: float,
+    refresh: int,
+    fragment: bool,
+) -> str:
     if fragment:
         return body
     state = request.app.state.taskyard
     header = ranges(request, window, covered_since(state.store), now)
-    return page(title, body, request=request, active=active, settings=state.runtime.settings,
-                refresh_s=refresh, header_extra=header)
+    return page(
+        title,
+        body,
+        request=request,
+        active=active,
+        settings=state.runtime.settings,
+        refresh_s=refresh,
+        header_extra=header,
+    )
 
 
 # --- workers ------------------------------------------------------------------------------------
+
 
 def render_workers(state: Any, window: float, now: float) -> str:
     settings = state.runtime.settings
@@ -106,55 +122,105 @@ def render_workers(state: Any, window: float, now: float) -> str:
     snaps = _series(state, "workers", now - window)
     start = now - window
     charts = [
-        card("Memory per worker", worker_chart(
-            "Memory per worker (percent of limit)", snaps, "memory_pct", start=start, end=now,
-            thresholds=[(m.alert_memory_warning_pct, "#d97706"),
-                        (m.alert_memory_critical_pct, "#dc2626")])),
-        card("CPU per worker", worker_chart(
-            "CPU per worker (percent)", snaps, "cpu_pct", start=start, end=now,
-            thresholds=[(m.alert_cpu_warning_pct, "#d97706"),
-                        (m.alert_cpu_critical_pct, "#dc2626")])),
-        card("Memory per host", worker_chart(
-            "Memory per host (highest of its workers, percent)", snaps, "memory_pct",
-            start=start, end=now, by_host=True)),
-        card("CPU per host", worker_chart(
-            "CPU per host (highest of its workers, percent)", snaps, "cpu_pct", start=start,
-            end=now, by_host=True)),
+        card(
+            "Memory per worker",
+            worker_chart(
+                "Memory per worker (percent of limit)",
+                snaps,
+                "memory_pct",
+                start=start,
+                end=now,
+                thresholds=[
+                    (m.alert_memory_warning_pct, "#d97706"),
+                    (m.alert_memory_critical_pct, "#dc2626"),
+                ],
+            ),
+        ),
+        card(
+            "CPU per worker",
+            worker_chart(
+                "CPU per worker (percent)",
+                snaps,
+                "cpu_pct",
+                start=start,
+                end=now,
+                thresholds=[
+                    (m.alert_cpu_warning_pct, "#d97706"),
+                    (m.alert_cpu_critical_pct, "#dc2626"),
+                ],
+            ),
+        ),
+        card(
+            "Memory per host",
+            worker_chart(
+                "Memory per host (highest of its workers, percent)",
+                snaps,
+                "memory_pct",
+                start=start,
+                end=now,
+                by_host=True,
+            ),
+        ),
+        card(
+            "CPU per host",
+            worker_chart(
+                "CPU per host (highest of its workers, percent)",
+                snaps,
+                "cpu_pct",
+                start=start,
+                end=now,
+                by_host=True,
+            ),
+        ),
     ]
     rows = []
     for w in state.store.workers():
         host = str(w.get("hostname", "?"))
-        rows.append([
-            flower_link(settings, f"worker/{quote(host, safe='')}", host),
-            escape(str(w.get("host") or host.rpartition("@")[2])),
-            "yes" if w.get("alive") else '<b class="stale">NO</b>',
-            escape(format_value(w.get("age_s"), "s")),
-            escape(format_value(w.get("memory_pct"), "%")),
-            escape(format_value(w.get("cpu_pct"), "%")),
-            escape(str(w.get("state") or "-")),
-            escape(",".join(str(q) for q in w.get("paused_queues") or []) or "-")])
-    listing = table(["worker (Flower)", "host", "alive", "heartbeat age", "memory", "cpu",
-                     "state", "paused"], rows, table_id="workers", empty="no worker heartbeats")
-    return ('<div class="grid">' + card("Workers now", listing, wide=True) + "".join(charts)
-            + "</div>")
+        rows.append(
+            [
+                flower_link(settings, f"worker/{quote(host, safe='')}", host),
+                escape(str(w.get("host") or host.rpartition("@")[2])),
+                "yes" if w.get("alive") else '<b class="stale">NO</b>',
+                escape(format_value(w.get("age_s"), "s")),
+                escape(format_value(w.get("memory_pct"), "%")),
+                escape(format_value(w.get("cpu_pct"), "%")),
+                escape(str(w.get("state") or "-")),
+                escape(",".join(str(q) for q in w.get("paused_queues") or []) or "-"),
+            ]
+        )
+    listing = table(
+        ["worker (Flower)", "host", "alive", "heartbeat age", "memory", "cpu", "state", "paused"],
+        rows,
+        table_id="workers",
+        empty="no worker heartbeats",
+    )
+    return (
+        '<div class="grid">' + card("Workers now", listing, wide=True) + "".join(charts) + "</div>"
+    )
 
 
 @router.get("/dashboard/workers", response_class=HTMLResponse, include_in_schema=False)
-async def workers_page(request: Request, window: WindowQuery = 3600, refresh: RefreshQuery = 5,
-                       fragment: FragmentQuery = False) -> Response:
+async def workers_page(
+    request: Request,
+    window: WindowQuery = 3600,
+    refresh: RefreshQuery = 5,
+    fragment: FragmentQuery = False,
+) -> Response:
     """Per-worker and per-host memory and CPU over time, and every worker now."""
     state = request.app.state.taskyard
 
     def render() -> str:
         now = time.time()
         body = render_workers(state, float(window), now)
-        return _shell(request, "workers", body, "/dashboard/workers", float(window), now,
-                      refresh, fragment)
+        return _shell(
+            request, "workers", body, "/dashboard/workers", float(window), now, refresh, fragment
+        )
 
     return await _respond(request, ("page:workers", window, refresh, fragment), render)
 
 
 # --- task names ---------------------------------------------------------------------------------
+
 
 def _per_name(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
@@ -172,35 +238,77 @@ def _per_name(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def render_tasks(state: Any, window: float, now: float) -> str:
     snaps = _series(state, "tasks", now - window)
-    per_name = sorted(_per_name(state.store.tasks()).values(),
-                      key=lambda e: -(e["succeeded"] + e["failed"]))
-    rows = [[name_link(e["name"]), escape(",".join(e["queues"])), str(e["succeeded"]),
-             f'<b class="stale">{e["failed"]}</b>' if e["failed"] else "0", str(e["retried"]),
-             str(e["deferred"]), escape(format_value(e["runtime_p95"], "s"))]
-            for e in per_name]
+    per_name = sorted(
+        _per_name(state.store.tasks()).values(), key=lambda e: -(e["succeeded"] + e["failed"])
+    )
+    rows = [
+        [
+            name_link(e["name"]),
+            escape(",".join(e["queues"])),
+            str(e["succeeded"]),
+            f'<b class="stale">{e["failed"]}</b>' if e["failed"] else "0",
+            str(e["retried"]),
+            str(e["deferred"]),
+            escape(format_value(e["runtime_p95"], "s")),
+        ]
+        for e in per_name
+    ]
     start = now - window
-    return ('<div class="grid">'
-            + card("Succeeded per task", task_rate_chart(
-                "Succeeded per task (per second)", snaps, "succeeded", start=start, end=now))
-            + card("Failed per task", task_rate_chart(
-                "Failed per task (per second)", snaps, "failed", start=start, end=now,
-                empty="no task failed in this window"))
-            + card("Task names", table(["task", "queues", "succeeded", "failed", "retried",
-                                        "deferred", "run p95"], rows, table_id="task-names",
-                                       empty="no task has run yet"), wide=True)
-            + "</div>")
+    return (
+        '<div class="grid">'
+        + card(
+            "Succeeded per task",
+            task_rate_chart(
+                "Succeeded per task (per second)", snaps, "succeeded", start=start, end=now
+            ),
+        )
+        + card(
+            "Failed per task",
+            task_rate_chart(
+                "Failed per task (per second)",
+                snaps,
+                "failed",
+                start=start,
+                end=now,
+                empty="no task failed in this window",
+            ),
+        )
+        + card(
+            "Task names",
+            table(
+                ["task", "queues", "succeeded", "failed", "retried", "deferred", "run p95"],
+                rows,
+                table_id="task-names",
+                empty="no task has run yet",
+            ),
+            wide=True,
+        )
+        + "</div>"
+    )
 
 
 @router.get("/dashboard/tasks", response_class=HTMLResponse, include_in_schema=False)
-async def tasks_page(request: Request, window: WindowQuery = 3600, refresh: RefreshQuery = 5,
-                     fragment: FragmentQuery = False) -> Response:
+async def tasks_page(
+    request: Request,
+    window: WindowQuery = 3600,
+    refresh: RefreshQuery = 5,
+    fragment: FragmentQuery = False,
+) -> Response:
     """Throughput and failures per task name over time, and every task name's counters."""
     state = request.app.state.taskyard
 
     def render() -> str:
         now = time.time()
-        return _shell(request, "tasks", render_tasks(state, float(window), now),
-                      "/dashboard/tasks", float(window), now, refresh, fragment)
+        return _shell(
+            request,
+            "tasks",
+            render_tasks(state, float(window), now),
+            "/dashboard/tasks",
+            float(window),
+            now,
+            refresh,
+            fragment,
+        )
 
     return await _respond(request, ("page:tasks", window, refresh, fragment), render)
 
@@ -219,13 +327,22 @@ def _failure_rows(settings: Any, entries: list[Any]) -> list[list[str]]:
     rows = []
     for e in entries:
         trace = (e.traceback or e.exception or e.detail or "").strip()
-        rows.append([
-            escape(_when(e.last_at)), task_link(e.id),
-            flower_link(settings, f"task/{quote(e.id, safe='')}", "Flower"),
-            escape(e.reason), escape(e.state),
-            f"<b>{escape(e.exception_type or '-')}</b> {escape(e.exception[:200])}"
-            + (f'<details><summary>traceback</summary><pre class="tb">{escape(trace)}</pre>'
-               "</details>" if trace else "")])
+        rows.append(
+            [
+                escape(_when(e.last_at)),
+                task_link(e.id),
+                flower_link(settings, f"task/{quote(e.id, safe='')}", "Flower"),
+                escape(e.reason),
+                escape(e.state),
+                f"<b>{escape(e.exception_type or '-')}</b> {escape(e.exception[:200])}"
+                + (
+                    f'<details><summary>traceback</summary><pre class="tb">{escape(trace)}</pre>'
+                    "</details>"
+                    if trace
+                    else ""
+                ),
+            ]
+        )
     return rows
 
 
@@ -234,57 +351,131 @@ def render_task_name(state: Any, name: str, window: float, now: float) -> str:
     snaps = _series(state, "tasks", now - window)
     start = now - window
     runtime_lines = []
-    for key, color in (("runtime_p50", "#2563eb"), ("runtime_p95", "#d97706"),
-                       ("runtime_p99", "#dc2626")):
+    for key, color in (
+        ("runtime_p50", "#2563eb"),
+        ("runtime_p95", "#d97706"),
+        ("runtime_p99", "#dc2626"),
+    ):
         points = []
         for snap in snaps:
-            values = [row.get(key) for row in snap.get("tasks") or [] if row.get("name") == name
-                      and row.get(key) is not None]
+            values = [
+                row.get(key)
+                for row in snap.get("tasks") or []
+                if row.get("name") == name and row.get(key) is not None
+            ]
             if "at" in snap:
                 points.append((float(snap["at"]), max(values) if values else None))
         runtime_lines.append(Line(key.replace("runtime_", "run "), color, points))
     rows = [r for r in state.store.tasks() if r.get("name") == name]
-    counters = [[escape(str(r.get("queue", ""))), *(str(int(r.get(k) or 0)) for k in (
-        "received", "started", "succeeded", "failed", "retried", "deferred")),
-        *(escape(format_value(r.get(k), "s")) for k in ("runtime_p50", "runtime_p95",
-                                                         "wait_p95"))] for r in rows]
+    counters = [
+        [
+            escape(str(r.get("queue", ""))),
+            *(
+                str(int(r.get(k) or 0))
+                for k in ("received", "started", "succeeded", "failed", "retried", "deferred")
+            ),
+            *(
+                escape(format_value(r.get(k), "s"))
+                for k in ("runtime_p50", "runtime_p95", "wait_p95")
+            ),
+        ]
+        for r in rows
+    ]
     entries, problem = dead_letters(state.runtime, name=name)
-    failures = table(["last failed (UTC)", "task", "", "reason", "state", "exception"],
-                     _failure_rows(settings, entries), table_id="failures",
-                     empty=problem or "no dead letter of this task")
-    return (f'<h2 id="task-name">{escape(name)}</h2><p>'
-            + flower_link(settings, "tasks", "Flower's task list")
-            + ' · <a href="/dashboard/dead">all dead letters</a></p><div class="grid">'
-            + card("Succeeded and failed", task_rate_chart(
-                f"{name}: succeeded per second", snaps, "succeeded", start=start, end=now,
-                names=[name]), task_rate_chart(
-                f"{name}: failed per second", snaps, "failed", start=start, end=now,
-                names=[name], empty="it did not fail in this window"))
-            + card("Run time", time_chart(f"{name}: run time percentiles (since start)",
-                                          runtime_lines, start=start, end=now, unit="s"))
-            + card("Counters per queue", table(
-                ["queue", "received", "started", "succeeded", "failed", "retried", "deferred",
-                 "run p50", "run p95", "wait p95"], counters, empty="no counters yet"),
-                wide=True)
-            + card("Recent failures, newest first", failures, wide=True) + "</div>")
+    failures = table(
+        ["last failed (UTC)", "task", "", "reason", "state", "exception"],
+        _failure_rows(settings, entries),
+        table_id="failures",
+        empty=problem or "no dead letter of this task",
+    )
+    return (
+        f'<h2 id="task-name">{escape(name)}</h2><p>'
+        + flower_link(settings, "tasks", "Flower's task list")
+        + ' · <a href="/dashboard/dead">all dead letters</a></p><div class="grid">'
+        + card(
+            "Succeeded and failed",
+            task_rate_chart(
+                f"{name}: succeeded per second",
+                snaps,
+                "succeeded",
+                start=start,
+                end=now,
+                names=[name],
+            ),
+            task_rate_chart(
+                f"{name}: failed per second",
+                snaps,
+                "failed",
+                start=start,
+                end=now,
+                names=[name],
+                empty="it did not fail in this window",
+            ),
+        )
+        + card(
+            "Run time",
+            time_chart(
+                f"{name}: run time percentiles (since start)",
+                runtime_lines,
+                start=start,
+                end=now,
+                unit="s",
+            ),
+        )
+        + card(
+            "Counters per queue",
+            table(
+                [
+                    "queue",
+                    "received",
+                    "started",
+                    "succeeded",
+                    "failed",
+                    "retried",
+                    "deferred",
+                    "run p50",
+                    "run p95",
+                    "wait p95",
+                ],
+                counters,
+                empty="no counters yet",
+            ),
+            wide=True,
+        )
+        + card("Recent failures, newest first", failures, wide=True)
+        + "</div>"
+    )
 
 
 @router.get("/dashboard/tasks/{name}", response_class=HTMLResponse, include_in_schema=False)
-async def task_name_page(request: Request, name: Annotated[str, Path(max_length=300)],
-                         window: WindowQuery = 3600, refresh: RefreshQuery = 5,
-                         fragment: FragmentQuery = False) -> Response:
+async def task_name_page(
+    request: Request,
+    name: Annotated[str, Path(max_length=300)],
+    window: WindowQuery = 3600,
+    refresh: RefreshQuery = 5,
+    fragment: FragmentQuery = False,
+) -> Response:
     """One task name: its throughput, failures and run time over time, its dead letters."""
     state = request.app.state.taskyard
 
     def render() -> str:
         now = time.time()
-        return _shell(request, name, render_task_name(state, name, float(window), now),
-                      "/dashboard/tasks", float(window), now, refresh, fragment)
+        return _shell(
+            request,
+            name,
+            render_task_name(state, name, float(window), now),
+            "/dashboard/tasks",
+            float(window),
+            now,
+            refresh,
+            fragment,
+        )
 
     return await _respond(request, ("page:task-name", name, window, refresh, fragment), render)
 
 
 # --- one task -----------------------------------------------------------------------------------
+
 
 def task_timeline(state: Any, task_id: str) -> tuple[dict[str, Any] | None, str]:
     """The task lookup's timeline of ``task_id``, or why there is none."""
@@ -310,18 +501,25 @@ def render_task(state: Any, task_id: str) -> str:
     entry = _dead_entry(state.runtime, task_id)
     in_flower = flower_link(settings, f"task/{quote(task_id, safe='')}", "this task in Flower")
     if found is None and entry is None:
-        why = problem or ("No event of this task is known (it may be older than the timeline "
-                          "retention, or was never sent).")
-        return (f'<h2 id="task-id">{escape(task_id)}</h2><p class="muted" id="not-found">'
-                f"{escape(why)}</p><p>{in_flower}</p>")
+        why = problem or (
+            "No event of this task is known (it may be older than the timeline "
+            "retention, or was never sent)."
+        )
+        return (
+            f'<h2 id="task-id">{escape(task_id)}</h2><p class="muted" id="not-found">'
+            f"{escape(why)}</p><p>{in_flower}</p>"
+        )
     known = found or {}
     name = known.get("name") or (entry.name if entry is not None else "")
     queue = known.get("queue") or (entry.queue if entry is not None else "") or "-"
     task_state = known.get("state") or (entry.state if entry is not None else "-")
-    summary = [("task", escape(task_id)), ("name", name_link(name) if name else "-"),
-               ("queue", escape(queue)),
-               ("state", f'<b id="task-state">{escape(str(task_state))}</b>'),
-               ("Flower", in_flower)]
+    summary = [
+        ("task", escape(task_id)),
+        ("name", name_link(name) if name else "-"),
+        ("queue", escape(queue)),
+        ("state", f'<b id="task-state">{escape(str(task_state))}</b>'),
+        ("Flower", in_flower),
+    ]
     if found is not None:
         summary.append(("first seen", escape(_when(found["first_at"]) + " UTC")))
         summary.append(("last seen", escape(_when(found["last_at"]) + " UTC")))
@@ -329,34 +527,67 @@ def render_task(state: Any, task_id: str) -> str:
     for event in (found or {}).get("events", []):
         worker = str(event.get("worker") or "")
         at = float(event.get("at") or 0)
-        events.append([escape(f"{_when(at)}.{int(at % 1 * 1000):03d}"),
-                       escape(str(event.get("event", ""))),
-                       flower_link(settings, f"worker/{quote(worker, safe='')}", worker)
-                       if worker else "-",
-                       escape(str(event.get("detail") or ""))])
-    parts = [f'<h2 id="task-id">{escape(task_id)}</h2>',
-             '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in summary)
-             + "</dl>", '<div class="grid">',
-             card("Timeline", table(["at (UTC)", "event", "worker", "detail"], events,
-                                    table_id="timeline", empty=problem or "no event recorded"),
-                  wide=True)]
+        events.append(
+            [
+                escape(f"{_when(at)}.{int(at % 1 * 1000):03d}"),
+                escape(str(event.get("event", ""))),
+                flower_link(settings, f"worker/{quote(worker, safe='')}", worker)
+                if worker
+                else "-",
+                escape(str(event.get("detail") or "")),
+            ]
+        )
+    parts = [
+        f'<h2 id="task-id">{escape(task_id)}</h2>',
+        '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in summary) + "</dl>",
+        '<div class="grid">',
+        card(
+            "Timeline",
+            table(
+                ["at (UTC)", "event", "worker", "detail"],
+                events,
+                table_id="timeline",
+                empty=problem or "no event recorded",
+            ),
+            wide=True,
+        ),
+    ]
     if entry is not None:
         trace = (entry.traceback or "").strip()
-        details = [("reason", escape(entry.reason)),
-                   ("args", f"<code>{escape(_pretty(entry.args))}</code>"),
-                   ("kwargs", f"<code>{escape(_pretty(entry.kwargs))}</code>"),
-                   ("deliveries", str(entry.deliveries)), ("attempts", str(entry.attempts)),
-                   ("exception", f"<b>{escape(entry.exception_type or '-')}</b> "
-                                 f"{escape(entry.exception)}")]
-        parts.append(card("Dead letter", '<dl class="kv">' + "".join(
-            f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details) + "</dl>"
-            + (f'<pre class="tb" id="traceback">{escape(trace)}</pre>' if trace else ""),
-            wide=True))
+        details = [
+            ("reason", escape(entry.reason)),
+            ("args", f"<code>{escape(_pretty(entry.args))}</code>"),
+            ("kwargs", f"<code>{escape(_pretty(entry.kwargs))}</code>"),
+            ("deliveries", str(entry.deliveries)),
+            ("attempts", str(entry.attempts)),
+            (
+                "exception",
+                f"<b>{escape(entry.exception_type or '-')}</b> {escape(entry.exception)}",
+            ),
+        ]
+        parts.append(
+            card(
+                "Dead letter",
+                '<dl class="kv">'
+                + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details)
+                + "</dl>"
+                + (f'<pre class="tb" id="traceback">{escape(trace)}</pre>' if trace else ""),
+                wide=True,
+            )
+        )
     else:
-        result = ("not stored: no result backend is configured"
-                  if not settings.result_backend else "in the result backend")
-        parts.append(card("Result", f'<p class="muted">{escape(result)}; it is not a dead '
-                                    "letter.</p>", wide=True))
+        result = (
+            "not stored: no result backend is configured"
+            if not settings.result_backend
+            else "in the result backend"
+        )
+        parts.append(
+            card(
+                "Result",
+                f'<p class="muted">{escape(result)}; it is not a dead letter.</p>',
+                wide=True,
+            )
+        )
     parts.append("</div>")
     return "".join(parts)
 
@@ -369,8 +600,12 @@ def _pretty(raw: str) -> str:
 
 
 @router.get("/dashboard/task/{task_id}", response_class=HTMLResponse, include_in_schema=False)
-async def task_page(request: Request, task_id: Annotated[str, Path(max_length=200)],
-                    refresh: RefreshQuery = 0, fragment: FragmentQuery = False) -> Response:
+async def task_page(
+    request: Request,
+    task_id: Annotated[str, Path(max_length=200)],
+    refresh: RefreshQuery = 0,
+    fragment: FragmentQuery = False,
+) -> Response:
     """One task: its timeline, arguments, and traceback when it died."""
     state = request.app.state.taskyard
 
@@ -379,8 +614,14 @@ async def task_page(request: Request, task_id: Annotated[str, Path(max_length=20
         body = render_task(state, task_id)
         if fragment:
             return body
-        return page(f"task {task_id}", body, request=request, active="",
-                    settings=state.runtime.settings, refresh_s=refresh,
-                    header_extra=f'<span class="muted">at {clock(now)} UTC</span>')
+        return page(
+            f"task {task_id}",
+            body,
+            request=request,
+            active="",
+            settings=state.runtime.settings,
+            refresh_s=refresh,
+            header_extra=f'<span class="muted">at {clock(now)} UTC</span>',
+        )
 
     return await _respond(request, ("page:task", task_id, refresh, fragment), render)

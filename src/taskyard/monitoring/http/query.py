@@ -45,7 +45,8 @@ def parse_time(parameter: str, value: str | None) -> float | None:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
             raise invalid(
-                parameter, value,
+                parameter,
+                value,
                 f"{value!r} is neither seconds since the epoch nor an ISO 8601 timestamp "
                 "(e.g. 1767225600 or 2026-01-01T00:00:00Z)",
             ) from None
@@ -74,13 +75,16 @@ def parse_fields(value: str | None, allowed: Iterable[str]) -> tuple[str, ...] |
     names = [part.strip() for part in value.split(",") if part.strip()]
     allowed_list = list(allowed)
     if not names:
-        raise invalid("fields", value,
-                      "fields is empty; give comma-separated names from: "
-                      + ", ".join(allowed_list))
+        raise invalid(
+            "fields",
+            value,
+            "fields is empty; give comma-separated names from: " + ", ".join(allowed_list),
+        )
     unknown = [name for name in names if name not in allowed_list]
     if unknown:
         raise invalid(
-            "fields", value,
+            "fields",
+            value,
             f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed_list)}",
         )
     return tuple(dict.fromkeys(names))
@@ -117,8 +121,13 @@ class ResponseCache:
     Redis I/O and must not stall the event loop. Errors are never cached.
     """
 
-    def __init__(self, ttl_s: float, max_entries: int = 256,
-                 clock: Callable[[], float] = time.monotonic, stale_factor: float = 3.0) -> None:
+    def __init__(
+        self,
+        ttl_s: float,
+        max_entries: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+        stale_factor: float = 3.0,
+    ) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.stale_factor = stale_factor
@@ -159,8 +168,9 @@ class ResponseCache:
         task.add_done_callback(self._background.discard)
         return future
 
-    async def _run(self, key: Hashable, compute: Callable[[], Any],
-                   future: asyncio.Future[Any]) -> None:
+    async def _run(
+        self, key: Hashable, compute: Callable[[], Any], future: asyncio.Future[Any]
+    ) -> None:
         try:
             value = await anyio.to_thread.run_sync(compute)
         except Exception as exc:

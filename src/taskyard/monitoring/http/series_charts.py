@@ -20,8 +20,18 @@ from taskyard.monitoring.http.charts import Line, time_chart
 #: between sampled snapshots are as true as between consecutive ones, at a fraction of the read.
 SAMPLED_POINTS = 48
 
-PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563",
-           "#ca8a04", "#db2777", "#0d9488")
+PALETTE = (
+    "#2563eb",
+    "#dc2626",
+    "#16a34a",
+    "#9333ea",
+    "#ea580c",
+    "#0891b2",
+    "#4b5563",
+    "#ca8a04",
+    "#db2777",
+    "#0d9488",
+)
 #: Most task names (or workers) drawn in one chart: more lines are unreadable.
 MAX_LINES = len(PALETTE)
 
@@ -55,8 +65,9 @@ def sample_indices(length: int, within: int, points: int) -> list[int]:
     return sorted({0, *(i for i in range(within) if (length - 1 - i) % stride == 0)})
 
 
-def sampled_series(store: Any, name: str, since: float, now: float,
-                   points: int = SAMPLED_POINTS) -> list[dict[str, Any]]:
+def sampled_series(
+    store: Any, name: str, since: float, now: float, points: int = SAMPLED_POINTS
+) -> list[dict[str, Any]]:
     """About ``points`` snapshots of series ``name`` spread over ``[since, now]``, newest first.
 
     Reads only the sampled entries of the Redis list (one pipelined round trip of LINDEX);
@@ -90,8 +101,9 @@ def sampled_series(store: Any, name: str, since: float, now: float,
         if engine is not None:
             until = float(out[-1]["at"]) - 1e-6
             # Rows in [since, until]: all rows up to until, less those before since.
-            count = (history.count_snapshots(engine, name, until)
-                     - history.count_snapshots(engine, name, since - 1e-6))
+            count = history.count_snapshots(engine, name, until) - history.count_snapshots(
+                engine, name, since - 1e-6
+            )
             stride = max(1, math.ceil(count / max(1, points // 2)))
             for offset in range(0, count, stride):
                 picked.extend(history.read_snapshots(engine, name, since, until, 1, offset))
@@ -114,11 +126,13 @@ def _per_name(snap: dict[str, Any], event: str) -> dict[str, float]:
     return out
 
 
-def task_rates(snapshots: Sequence[dict[str, Any]],
-               event: str) -> dict[str, list[tuple[float, float | None]]]:
+def task_rates(
+    snapshots: Sequence[dict[str, Any]], event: str
+) -> dict[str, list[tuple[float, float | None]]]:
     """Per task name: (time, ``event`` per second since the previous snapshot)."""
-    ordered = sorted((s for s in snapshots if _num(s.get("at")) is not None),
-                     key=lambda s: float(s["at"]))
+    ordered = sorted(
+        (s for s in snapshots if _num(s.get("at")) is not None), key=lambda s: float(s["at"])
+    )
     out: dict[str, list[tuple[float, float | None]]] = {}
     for before, after in itertools.pairwise(ordered):
         dt = float(after["at"]) - float(before["at"])
@@ -131,25 +145,36 @@ def task_rates(snapshots: Sequence[dict[str, Any]],
     return out
 
 
-def busiest(rates: dict[str, list[tuple[float, float | None]]],
-            limit: int = MAX_LINES) -> list[str]:
+def busiest(
+    rates: dict[str, list[tuple[float, float | None]]], limit: int = MAX_LINES
+) -> list[str]:
     """Names with the most events over the window, most first."""
     return sorted(rates, key=lambda n: -sum(v or 0.0 for _, v in rates[n]))[:limit]
 
 
-def task_rate_chart(title: str, snapshots: Sequence[dict[str, Any]], event: str, *,
-                    start: float, end: float, names: Iterable[str] | None = None,
-                    empty: str = "no task has run in this window") -> str:
+def task_rate_chart(
+    title: str,
+    snapshots: Sequence[dict[str, Any]],
+    event: str,
+    *,
+    start: float,
+    end: float,
+    names: Iterable[str] | None = None,
+    empty: str = "no task has run in this window",
+) -> str:
     """One line per task name of ``event`` per second."""
     rates = task_rates(snapshots, event)
     chosen = list(names) if names is not None else busiest(rates)
-    lines = [Line(name, PALETTE[i % len(PALETTE)], rates.get(name, []))
-             for i, name in enumerate(chosen[:MAX_LINES])]
+    lines = [
+        Line(name, PALETTE[i % len(PALETTE)], rates.get(name, []))
+        for i, name in enumerate(chosen[:MAX_LINES])
+    ]
     return time_chart(title, lines, start=start, end=end, unit="/s", empty=empty)
 
 
-def worker_lines(snapshots: Sequence[dict[str, Any]], key: str,
-                 by_host: bool = False) -> dict[str, list[tuple[float, float | None]]]:
+def worker_lines(
+    snapshots: Sequence[dict[str, Any]], key: str, by_host: bool = False
+) -> dict[str, list[tuple[float, float | None]]]:
     """Per worker (or per host: the highest of its workers): (time, reading of ``key``)."""
     out: dict[str, list[tuple[float, float | None]]] = {}
     for snap in snapshots:
@@ -172,13 +197,28 @@ def worker_lines(snapshots: Sequence[dict[str, Any]], key: str,
     return out
 
 
-def worker_chart(title: str, snapshots: Sequence[dict[str, Any]], key: str, *, start: float,
-                 end: float, by_host: bool = False,
-                 thresholds: Sequence[tuple[float, str]] = ()) -> str:
+def worker_chart(
+    title: str,
+    snapshots: Sequence[dict[str, Any]],
+    key: str,
+    *,
+    start: float,
+    end: float,
+    by_host: bool = False,
+    thresholds: Sequence[tuple[float, str]] = (),
+) -> str:
     """One line per worker (or host) of a percent reading."""
     lines_by_name = worker_lines(snapshots, key, by_host)
     names = sorted(lines_by_name)[:MAX_LINES]
-    lines = [Line(name, PALETTE[i % len(PALETTE)], lines_by_name[name])
-             for i, name in enumerate(names)]
-    return time_chart(title, lines, start=start, end=end, unit="%", thresholds=thresholds,
-                      empty="no worker heartbeats in this window")
+    lines = [
+        Line(name, PALETTE[i % len(PALETTE)], lines_by_name[name]) for i, name in enumerate(names)
+    ]
+    return time_chart(
+        title,
+        lines,
+        start=start,
+        end=end,
+        unit="%",
+        thresholds=thresholds,
+        empty="no worker heartbeats in this window",
+    )

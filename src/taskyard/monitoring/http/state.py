@@ -35,8 +35,9 @@ class StatsSource(Protocol):
     def maintenance(self) -> list[dict[str, Any]]: ...
     def alerts(self, include_resolved: bool = False) -> list[dict[str, Any]]: ...
     def overview(self) -> dict[str, Any]: ...
-    def series(self, name: str, since: float | None, until: float | None, limit: int,
-               offset: int) -> list[dict[str, Any]]: ...
+    def series(
+        self, name: str, since: float | None, until: float | None, limit: int, offset: int
+    ) -> list[dict[str, Any]]: ...
     def check_ready(self) -> dict[str, str | None]: ...
 
 
@@ -51,16 +52,23 @@ class ApiState:
     celery_app: Any
     extras: dict[str, Any] = field(default_factory=dict)
 
-    async def respond(self, request: Request, key: Hashable, compute: Callable[[], bytes],
-                      media_type: str = "application/json") -> Response:
+    async def respond(
+        self,
+        request: Request,
+        key: Hashable,
+        compute: Callable[[], bytes],
+        media_type: str = "application/json",
+    ) -> Response:
         """The cached body of ``key`` (computed by ``compute`` when due), gzipped for clients
         that accept it. The gzip form is made once per computation, not per request; the
         middleware leaves a response that already has a Content-Encoding alone."""
-        body = await self.cache.get(
-            key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
+        body = await self.cache.get(key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
         if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
-            return Response(body.gzipped, media_type=media_type,
-                            headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+            return Response(
+                body.gzipped,
+                media_type=media_type,
+                headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+            )
         return Response(body.raw, media_type=media_type)
 
     def celery(self) -> Any:
@@ -88,5 +96,3 @@ def _finite(value: Any) -> Any:
 
 def json_response(body: bytes, status_code: int = 200) -> Response:
     return Response(body, status_code=status_code, media_type="application/json")
-
-

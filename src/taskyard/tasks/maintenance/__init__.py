@@ -34,8 +34,14 @@ METADATA_SETTING = "TASKYARD_MAINTENANCE__METADATA"
 #: Job name of the periodic run's single-flight claim.
 MAINTENANCE_JOB = "maintenance.run"
 
-__all__ = ["RunReport", "last_report", "last_runs", "load_metadata", "recent_runs",
-           "run_maintenance"]
+__all__ = [
+    "RunReport",
+    "last_report",
+    "last_runs",
+    "load_metadata",
+    "recent_runs",
+    "run_maintenance",
+]
 
 
 def load_metadata(path: str) -> MetaData:
@@ -49,29 +55,42 @@ def load_metadata(path: str) -> MetaData:
     if not sep or not module_name or not attribute:
         raise ConfigurationError(
             f"{METADATA_SETTING}={path!r} must look like 'package.module:Base.metadata'",
-            setting=METADATA_SETTING, value=path)
+            setting=METADATA_SETTING,
+            value=path,
+        )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(
             f"{METADATA_SETTING}={path!r}: cannot import module {module_name!r} ({exc})",
-            setting=METADATA_SETTING, value=path) from None
+            setting=METADATA_SETTING,
+            value=path,
+        ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise ConfigurationError(
                 f"{METADATA_SETTING}={path!r}: {module_name} has no attribute {attribute!r}",
-                setting=METADATA_SETTING, value=path)
+                setting=METADATA_SETTING,
+                value=path,
+            )
         target = getattr(target, part)
     if not isinstance(target, MetaData):
         raise ConfigurationError(
-            f"{METADATA_SETTING}={path!r} is a {type(target).__name__}, not a SQLAlchemy "
-            "MetaData", setting=METADATA_SETTING, value=path)
+            f"{METADATA_SETTING}={path!r} is a {type(target).__name__}, not a SQLAlchemy MetaData",
+            setting=METADATA_SETTING,
+            value=path,
+        )
     return target
 
 
-def run_maintenance(runtime: Runtime, *, dry_run: bool = False,
-                    metadata: MetaData | None = None, url: str | None = None,
-                    echo: Callable[[str], None] | None = None) -> RunReport:
+def run_maintenance(
+    runtime: Runtime,
+    *,
+    dry_run: bool = False,
+    metadata: MetaData | None = None,
+    url: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunReport:
     """Maintain the declared indexes now; record and return the report.
 
     ``metadata`` and ``url`` default to the settings. With ``dry_run`` the statements are
@@ -83,9 +102,13 @@ def run_maintenance(runtime: Runtime, *, dry_run: bool = False,
     settings = runtime.settings
     target_url = url or settings.database_url
     if metadata is None and not settings.maintenance.metadata:
-        report = RunReport(dialect="", database=safe_url(target_url), dry_run=dry_run,
-                           status="skipped", reason=f"{METADATA_SETTING} is not set: no "
-                           "declared indexes to maintain")
+        report = RunReport(
+            dialect="",
+            database=safe_url(target_url),
+            dry_run=dry_run,
+            status="skipped",
+            reason=f"{METADATA_SETTING} is not set: no declared indexes to maintain",
+        )
         if not record(settings.effective_history_url, report):
             report.errors.append("run not recorded in the history database")
         _publish(runtime, report)
@@ -95,18 +118,25 @@ def run_maintenance(runtime: Runtime, *, dry_run: bool = False,
     try:
         dialect = make_url(target_url).get_backend_name()
     except Exception as exc:
-        raise ConfigurationError(f"TASKYARD_DATABASE_URL={target_url!r} is not a database URL "
-                                 f"({exc})", setting="TASKYARD_DATABASE_URL",
-                                 value=target_url) from None
+        raise ConfigurationError(
+            f"TASKYARD_DATABASE_URL={target_url!r} is not a database URL ({exc})",
+            setting="TASKYARD_DATABASE_URL",
+            value=target_url,
+        ) from None
     report = RunReport(dialect=dialect, database=safe_url(target_url), dry_run=dry_run)
     started = time.perf_counter()
     try:
         if dialect == "postgresql":
-            PostgresMaintenance(target_url, declared, settings.maintenance, report,
-                                namespace=settings.namespace, echo=echo).run()
+            PostgresMaintenance(
+                target_url,
+                declared,
+                settings.maintenance,
+                report,
+                namespace=settings.namespace,
+                echo=echo,
+            ).run()
         elif dialect == "sqlite":
-            SqliteMaintenance(target_url, declared, settings.maintenance, report,
-                              echo=echo).run()
+            SqliteMaintenance(target_url, declared, settings.maintenance, report, echo=echo).run()
         else:
             report.fail(f"unsupported database {dialect!r}; maintained are postgresql, sqlite")
     except Exception as exc:  # a bug or surprise must not take the worker down
@@ -117,16 +147,23 @@ def run_maintenance(runtime: Runtime, *, dry_run: bool = False,
     if not recorded:
         report.errors.append("run not recorded in the history database")
     _publish(runtime, report)
-    log.info("maintenance %s on %s: %s, %d actions, %d errors in %.2f s", report.run_id,
-             report.database, report.status, len(report.actions), len(report.errors),
-             report.duration_s)
+    log.info(
+        "maintenance %s on %s: %s, %d actions, %d errors in %.2f s",
+        report.run_id,
+        report.database,
+        report.status,
+        len(report.actions),
+        len(report.errors),
+        report.duration_s,
+    )
     return report
 
 
 def _publish(runtime: Runtime, report: RunReport) -> None:
     try:
-        runtime.redis.set(runtime.keys.maintenance_last(),
-                          json.dumps(report.as_dict(), default=str))
+        runtime.redis.set(
+            runtime.keys.maintenance_last(), json.dumps(report.as_dict(), default=str)
+        )
     except redis.RedisError as exc:
         log.warning("maintenance report not published to Redis: %s", exc)
 
@@ -154,8 +191,9 @@ def periodic_run(runtime: Runtime) -> dict[str, Any]:
         try:
             report = run_maintenance(runtime)
         except ConfigurationError as exc:
-            report = RunReport(dialect="-", database=safe_url(runtime.settings.database_url),
-                               dry_run=False)
+            report = RunReport(
+                dialect="-", database=safe_url(runtime.settings.database_url), dry_run=False
+            )
             report.fail(str(exc))
             record(runtime.settings.effective_history_url, report)
             _publish(runtime, report)

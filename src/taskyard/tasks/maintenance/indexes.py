@@ -48,8 +48,11 @@ def duplicates(indexes: list[ExistingIndex]) -> list[dict[str, Any]]:
     groups: dict[tuple[Any, ...], list[ExistingIndex]] = defaultdict(list)
     for ix in indexes:
         groups[(ix.table, ix.columns, ix.predicate, ix.method, ix.opclasses)].append(ix)
-    return [{"table": key[0], "columns": list(key[1]), "indexes": sorted(i.name for i in group)}
-            for key, group in groups.items() if len(group) > 1]
+    return [
+        {"table": key[0], "columns": list(key[1]), "indexes": sorted(i.name for i in group)}
+        for key, group in groups.items()
+        if len(group) > 1
+    ]
 
 
 def redundant(indexes: list[ExistingIndex]) -> list[dict[str, Any]]:
@@ -63,11 +66,20 @@ def redundant(indexes: list[ExistingIndex]) -> list[dict[str, Any]]:
             if short.unique or short.method != "btree" or "" in short.columns:
                 continue
             for long in group:
-                if (long is not short and long.method == "btree"
-                        and long.predicate == short.predicate
-                        and len(long.columns) > len(short.columns)
-                        and long.columns[:len(short.columns)] == short.columns):
-                    found.append({"table": table, "index": short.name, "covered_by": long.name,
-                                  "columns": list(short.columns)})
+                if (
+                    long is not short
+                    and long.method == "btree"
+                    and long.predicate == short.predicate
+                    and len(long.columns) > len(short.columns)
+                    and long.columns[: len(short.columns)] == short.columns
+                ):
+                    found.append(
+                        {
+                            "table": table,
+                            "index": short.name,
+                            "covered_by": long.name,
+                            "columns": list(short.columns),
+                        }
+                    )
                     break
     return found

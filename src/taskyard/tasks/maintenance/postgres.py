@@ -79,9 +79,16 @@ def advisory_key(namespace: str) -> int:
 class PostgresMaintenance:
     """One maintenance run on one PostgreSQL database."""
 
-    def __init__(self, url: str, metadata: MetaData, settings: MaintenanceSettings,
-                 report: RunReport, *, namespace: str = "taskyard",
-                 echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        metadata: MetaData,
+        settings: MaintenanceSettings,
+        report: RunReport,
+        *,
+        namespace: str = "taskyard",
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.url = url
         self.metadata = metadata
         self.settings = settings
@@ -91,8 +98,7 @@ class PostgresMaintenance:
 
     # --- the run ---------------------------------------------------------------------------
     def run(self) -> None:
-        engine = create_engine(self.url, poolclass=NullPool,
-                               connect_args={"connect_timeout": 10})
+        engine = create_engine(self.url, poolclass=NullPool, connect_args={"connect_timeout": 10})
         try:
             try:
                 conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -135,8 +141,12 @@ class PostgresMaintenance:
             drop = f"DROP INDEX CONCURRENTLY IF EXISTS {target}"
             row = by_name.get((oid, str(index.name)))
             if oid in building and (row is None or not row["indisvalid"]):
-                self._skip("create" if row is None else "rebuild", target, create,
-                           "an index build is in progress on this table")
+                self._skip(
+                    "create" if row is None else "rebuild",
+                    target,
+                    create,
+                    "an index build is in progress on this table",
+                )
             elif row is None:
                 self._execute("create", target, create, cleanup=True)
             elif not row["indisvalid"]:
@@ -152,8 +162,12 @@ class PostgresMaintenance:
                 continue
             target = f"{_quote(conn, row['schema_name'])}.{_quote(conn, row['index_name'])}"
             if row["table_oid"] in building or not row["indislive"]:
-                self._skip("rebuild", target, f"REINDEX INDEX CONCURRENTLY {target}",
-                           "an index build is in progress on this table")
+                self._skip(
+                    "rebuild",
+                    target,
+                    f"REINDEX INDEX CONCURRENTLY {target}",
+                    "an index build is in progress on this table",
+                )
             elif _LEFTOVER.search(row["index_name"]):
                 self._execute("drop", target, f"DROP INDEX CONCURRENTLY IF EXISTS {target}")
             else:
@@ -164,8 +178,12 @@ class PostgresMaintenance:
                 target = self._qualified_table(conn, table)
                 if tables[table.key] in building:
                     # ANALYZE would queue behind the build's lock (and block writers behind it).
-                    self._skip("analyze", target, f"ANALYZE {target}",
-                               "an index build is in progress on this table")
+                    self._skip(
+                        "analyze",
+                        target,
+                        f"ANALYZE {target}",
+                        "an index build is in progress on this table",
+                    )
                 else:
                     self._execute("analyze", target, f"ANALYZE {target}")
 
@@ -177,10 +195,13 @@ class PostgresMaintenance:
         found: dict[str, int] = {}
         missing = []
         for table in self.metadata.sorted_tables:
-            oid = conn.execute(text(
-                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = :schema AND c.relname = :name AND c.relkind IN ('r', 'p')"),
-                {"schema": table.schema or current, "name": table.name}).scalar()
+            oid = conn.execute(
+                text(
+                    "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = :schema AND c.relname = :name AND c.relkind IN ('r', 'p')"
+                ),
+                {"schema": table.schema or current, "name": table.name},
+            ).scalar()
             if oid is None:
                 missing.append(table.fullname)
             else:
@@ -190,10 +211,16 @@ class PostgresMaintenance:
         return found
 
     def _tables_building(self, conn: Connection) -> set[int]:
-        rows = conn.execute(text(
-            "SELECT relid, index_relid, command, phase FROM pg_stat_progress_create_index "
-            "WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )).mappings().all()
+        rows = (
+            conn.execute(
+                text(
+                    "SELECT relid, index_relid, command, phase FROM pg_stat_progress_create_index "
+                    "WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+            )
+            .mappings()
+            .all()
+        )
         if rows:
             self.report.findings["builds_in_progress"] = [dict(r) for r in rows]
         return {int(r["relid"]) for r in rows}
@@ -216,8 +243,7 @@ class PostgresMaintenance:
         self.echo(f"-- skipped {target}: {why}")
         self.report.actions.append(Action(kind, target, statement, status="skipped", error=why))
 
-    def _execute(self, kind: str, target: str, statement: str, *,
-                 cleanup: bool = False) -> bool:
+    def _execute(self, kind: str, target: str, statement: str, *, cleanup: bool = False) -> bool:
         """Run one DDL statement with lock_timeout and retries; True when it succeeded."""
         action = Action(kind, target, statement)
         self.report.actions.append(action)
@@ -244,16 +270,26 @@ class PostgresMaintenance:
                         code = getattr(exc.orig, "pgcode", None)
                         if code == LOCK_NOT_AVAILABLE and attempt <= retries:
                             pause = min(30.0, self.settings.lock_timeout_s * 2 ** (attempt - 1))
-                            log.warning("maintenance: %s waited too long for a lock (attempt %d),"
-                                        " retrying in %.1f s", target, attempt, pause)
+                            log.warning(
+                                "maintenance: %s waited too long for a lock (attempt %d),"
+                                " retrying in %.1f s",
+                                target,
+                                attempt,
+                                pause,
+                            )
                             if cleanup:
                                 _drop_if_invalid(conn, target)
                             time.sleep(pause)
                             continue
                         if cleanup:
                             _drop_if_invalid(conn, target)
-                        what = ("statement timeout" if code == QUERY_CANCELED
-                                else "lock timeout" if code == LOCK_NOT_AVAILABLE else "error")
+                        what = (
+                            "statement timeout"
+                            if code == QUERY_CANCELED
+                            else "lock timeout"
+                            if code == LOCK_NOT_AVAILABLE
+                            else "error"
+                        )
                         action.status = "failed"
                         action.error = f"{what}: {_reason(exc)}"
                         self.report.fail(f"{kind} {target}: {action.error}")
@@ -273,18 +309,34 @@ class PostgresMaintenance:
         rows = self._catalog(conn, oids)
         stats_age = conn.execute(_STATS_AGE).scalar()
         block = int(conn.execute(text("SELECT current_setting('block_size')")).scalar() or 8192)
-        infos = [ExistingIndex(r["table_name"], r["index_name"], tuple(r["columns"]),
-                               r["predicate"], bool(r["indisunique"]),
-                               bool(r["backs_constraint"] or r["indisprimary"]), r["amname"],
-                               r["opclasses"]) for r in rows if r["indisvalid"]]
+        infos = [
+            ExistingIndex(
+                r["table_name"],
+                r["index_name"],
+                tuple(r["columns"]),
+                r["predicate"],
+                bool(r["indisunique"]),
+                bool(r["backs_constraint"] or r["indisprimary"]),
+                r["amname"],
+                r["opclasses"],
+            )
+            for r in rows
+            if r["indisvalid"]
+        ]
         findings = self.report.findings
         findings["stats_age_s"] = round(float(stats_age or 0.0), 1)
         findings["unused"] = [
-            {"table": r["table_name"], "index": r["index_name"], "scans": int(r["scans"]),
-             "bytes": int(r["bytes"])}
+            {
+                "table": r["table_name"],
+                "index": r["index_name"],
+                "scans": int(r["scans"]),
+                "bytes": int(r["bytes"]),
+            }
             for r in rows
-            if r["indisvalid"] and int(r["scans"]) == 0
-            and not (r["indisunique"] or r["indisprimary"] or r["backs_constraint"])]
+            if r["indisvalid"]
+            and int(r["scans"]) == 0
+            and not (r["indisunique"] or r["indisprimary"] or r["backs_constraint"])
+        ]
         findings["duplicates"] = duplicates(infos)
         findings["redundant"] = redundant(infos)
         findings["invalid"] = [r["index_name"] for r in rows if not r["indisvalid"]]
@@ -293,24 +345,36 @@ class PostgresMaintenance:
         for r in rows:
             estimate = _bloat_pct(r, widths.get(int(r["table_oid"]), {}), block)
             if estimate is not None:
-                bloat.append({"table": r["table_name"], "index": r["index_name"],
-                              "bytes": int(r["bytes"]), "bloat_pct": round(estimate, 1),
-                              "schema": r["schema_name"]})
+                bloat.append(
+                    {
+                        "table": r["table_name"],
+                        "index": r["index_name"],
+                        "bytes": int(r["bytes"]),
+                        "bloat_pct": round(estimate, 1),
+                        "schema": r["schema_name"],
+                    }
+                )
         findings["bloat"] = bloat
         if self.settings.reindex:
             min_bytes = self.settings.reindex_min_mb * 1024 * 1024
             for entry in bloat:
-                if entry["bloat_pct"] > self.settings.reindex_bloat_pct and \
-                        entry["bytes"] >= min_bytes:
+                if (
+                    entry["bloat_pct"] > self.settings.reindex_bloat_pct
+                    and entry["bytes"] >= min_bytes
+                ):
                     target = f"{_quote(conn, entry['schema'])}.{_quote(conn, entry['index'])}"
                     self._execute("reindex", target, f"REINDEX INDEX CONCURRENTLY {target}")
 
     def _column_widths(self, conn: Connection, oids: list[int]) -> dict[int, dict[str, int]]:
-        rows = conn.execute(text(
-            "SELECT c.oid, s.attname, s.avg_width FROM pg_stats s "
-            "JOIN pg_namespace n ON n.nspname = s.schemaname "
-            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename "
-            "WHERE c.oid = ANY(:oids)"), {"oids": oids}).all()
+        rows = conn.execute(
+            text(
+                "SELECT c.oid, s.attname, s.avg_width FROM pg_stats s "
+                "JOIN pg_namespace n ON n.nspname = s.schemaname "
+                "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename "
+                "WHERE c.oid = ANY(:oids)"
+            ),
+            {"oids": oids},
+        ).all()
         widths: dict[int, dict[str, int]] = {}
         for oid, name, width in rows:
             widths.setdefault(int(oid), {})[name] = int(width)
@@ -326,8 +390,13 @@ def _bloat_pct(row: dict[str, Any], widths: dict[str, int], block: int) -> float
     pages = int(row["relpages"] or 0)
     tuples = float(row["reltuples"] or 0)
     columns = list(row["columns"])
-    if (row["amname"] != "btree" or pages < _MIN_PAGES_FOR_BLOAT or tuples < 0
-            or "" in columns or any(c not in widths for c in columns)):
+    if (
+        row["amname"] != "btree"
+        or pages < _MIN_PAGES_FOR_BLOAT
+        or tuples < 0
+        or "" in columns
+        or any(c not in widths for c in columns)
+    ):
         return None
     entry = 8 * math.ceil((8 + sum(widths[c] for c in columns)) / 8) + 4
     per_page = max(1, int((block - 24 - 16) * 0.9 // entry))
@@ -345,9 +414,10 @@ def _drop_if_invalid(conn: Connection, target: str) -> None:
     A build can also fail because an index of that name already exists; that one is kept.
     """
     try:
-        invalid = conn.execute(text(
-            "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
-            {"name": target}).scalar()
+        invalid = conn.execute(
+            text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": target},
+        ).scalar()
         if invalid:
             conn.execute(text(f"DROP INDEX CONCURRENTLY IF EXISTS {target}"))
     except SQLAlchemyError as exc:

@@ -105,15 +105,26 @@ def record(history_url: str, report: RunReport) -> bool:
     try:
         with engine.begin() as conn:
             history_metadata.create_all(conn, checkfirst=True)
-            conn.execute(runs_table.insert().values(
-                run_id=report.run_id, started_at=report.started_at, duration_s=report.duration_s,
-                dialect=report.dialect, database=report.database[:255], dry_run=report.dry_run,
-                status=report.status, reason=report.reason, actions=len(report.actions),
-                errors=len(report.errors), report=payload))
+            conn.execute(
+                runs_table.insert().values(
+                    run_id=report.run_id,
+                    started_at=report.started_at,
+                    duration_s=report.duration_s,
+                    dialect=report.dialect,
+                    database=report.database[:255],
+                    dry_run=report.dry_run,
+                    status=report.status,
+                    reason=report.reason,
+                    actions=len(report.actions),
+                    errors=len(report.errors),
+                    report=payload,
+                )
+            )
         return True
     except SQLAlchemyError as exc:
-        log.error("maintenance run %s not recorded in %s: %s", report.run_id,
-                  safe_url(history_url), exc)
+        log.error(
+            "maintenance run %s not recorded in %s: %s", report.run_id, safe_url(history_url), exc
+        )
         return False
     finally:
         engine.dispose()
@@ -126,8 +137,13 @@ def last_runs(history_url: str, limit: int = 10) -> list[dict[str, Any]]:
         with engine.connect() as conn:
             if not engine.dialect.has_table(conn, runs_table.name):
                 return []
-            rows = conn.execute(select(runs_table).order_by(desc(runs_table.c.started_at))
-                                .limit(limit)).mappings().all()
+            rows = (
+                conn.execute(
+                    select(runs_table).order_by(desc(runs_table.c.started_at)).limit(limit)
+                )
+                .mappings()
+                .all()
+            )
     finally:
         engine.dispose()
     result = []

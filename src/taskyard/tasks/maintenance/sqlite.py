@@ -27,8 +27,15 @@ from taskyard.tasks.maintenance.report import Action, RunReport
 class SqliteMaintenance:
     """One maintenance run on one SQLite database."""
 
-    def __init__(self, url: str, metadata: MetaData, settings: MaintenanceSettings,
-                 report: RunReport, *, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        metadata: MetaData,
+        settings: MaintenanceSettings,
+        report: RunReport,
+        *,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
         self.url = url
         self.metadata = metadata
         self.settings = settings
@@ -37,8 +44,9 @@ class SqliteMaintenance:
 
     def run(self) -> None:
         # busy_timeout: wait this long for a writer instead of failing at once (lock_timeout).
-        engine = create_engine(self.url, poolclass=NullPool,
-                               connect_args={"timeout": self.settings.lock_timeout_s})
+        engine = create_engine(
+            self.url, poolclass=NullPool, connect_args={"timeout": self.settings.lock_timeout_s}
+        )
         try:
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 self._steps(conn)
@@ -48,17 +56,26 @@ class SqliteMaintenance:
             engine.dispose()
 
     def _steps(self, conn: Connection) -> None:
-        tables = {name for (name,) in conn.execute(text(
-            "SELECT name FROM sqlite_master WHERE type = 'table'")).all()}
+        tables = {
+            name
+            for (name,) in conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ).all()
+        }
         missing_tables = [t.name for t in self.metadata.sorted_tables if t.name not in tables]
         if missing_tables:
             self.report.findings["missing_tables"] = missing_tables
-        existing = {name for (name,) in conn.execute(text(
-            "SELECT name FROM sqlite_master WHERE type = 'index'")).all()}
+        existing = {
+            name
+            for (name,) in conn.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'index'")
+            ).all()
+        }
         for table, index in declared_indexes(self.metadata):
             if table.name in tables and index.name not in existing:
-                self._execute(conn, "create", str(index.name),
-                              create_statement(index, conn.dialect))
+                self._execute(
+                    conn, "create", str(index.name), create_statement(index, conn.dialect)
+                )
         for table in self.metadata.sorted_tables:
             if table.name in tables:
                 self._execute(conn, "analyze", table.name, f'ANALYZE "{table.name}"')
@@ -69,13 +86,15 @@ class SqliteMaintenance:
             self.report.findings["quick_check"] = problems or ["ok"]
             if problems:
                 self.report.fail(f"quick_check found {len(problems)} problem(s): {problems[0]}")
-        infos = self._indexes(conn, [t.name for t in self.metadata.sorted_tables
-                                     if t.name in tables])
+        infos = self._indexes(
+            conn, [t.name for t in self.metadata.sorted_tables if t.name in tables]
+        )
         self.report.findings["duplicates"] = duplicates(infos)
         self.report.findings["redundant"] = redundant(infos)
 
-    def _execute(self, conn: Connection, kind: str, target: str,
-                 statement: str) -> list[str] | None:
+    def _execute(
+        self, conn: Connection, kind: str, target: str, statement: str
+    ) -> list[str] | None:
         action = Action(kind, target, statement)
         self.report.actions.append(action)
         self.echo(statement + ";")
@@ -101,11 +120,22 @@ class SqliteMaintenance:
         for table in tables:
             for row in conn.execute(text(f'PRAGMA index_list("{table}")')).mappings().all():
                 name = row["name"]
-                columns = tuple(str(c["name"] or "") for c in conn.execute(
-                    text(f'PRAGMA index_info("{name}")')).mappings().all())
-                sql = conn.execute(text("SELECT sql FROM sqlite_master WHERE name = :n"),
-                                   {"n": name}).scalar()
+                columns = tuple(
+                    str(c["name"] or "")
+                    for c in conn.execute(text(f'PRAGMA index_info("{name}")')).mappings().all()
+                )
+                sql = conn.execute(
+                    text("SELECT sql FROM sqlite_master WHERE name = :n"), {"n": name}
+                ).scalar()
                 predicate = sql.split(" WHERE ", 1)[1] if sql and " WHERE " in sql else None
-                found.append(ExistingIndex(table, name, columns, predicate, bool(row["unique"]),
-                                           row["origin"] in ("u", "pk")))
+                found.append(
+                    ExistingIndex(
+                        table,
+                        name,
+                        columns,
+                        predicate,
+                        bool(row["unique"]),
+                        row["origin"] in ("u", "pk"),
+                    )
+                )
         return found

@@ -12,7 +12,20 @@ from taskyard.workers.guards.policy import Hold, Policy, Pressure
 from taskyard.workers.guards.readings import MemoryReadings, Probe, Reading, Sampler
 
 __all__ = [
-    "HEADER_DEFERRALS", "HEADER_SINCE", "Band", "Counters", "Deferrer", "Guard", "Hold",
-    "MemoryReadings", "Policy", "Pressure", "Probe", "Reading", "Sampler", "Valve", "guard_of",
+    "HEADER_DEFERRALS",
+    "HEADER_SINCE",
+    "Band",
+    "Counters",
+    "Deferrer",
+    "Guard",
+    "Hold",
+    "MemoryReadings",
+    "Policy",
+    "Pressure",
+    "Probe",
+    "Reading",
+    "Sampler",
+    "Valve",
+    "guard_of",
     "install",
 ]

@@ -124,8 +124,13 @@ class _Run:
 class TaskMeter:
     """Measures task runs of this process, aggregates them and enforces per-task limits."""
 
-    def __init__(self, redis_of: Callable[[], redis.Redis], key: str, flush_interval_s: float,
-                 counters_add: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        redis_of: Callable[[], redis.Redis],
+        key: str,
+        flush_interval_s: float,
+        counters_add: Callable[[int], None] | None = None,
+    ) -> None:
         self._redis_of = redis_of
         self.key = key
         self.flush_interval_s = flush_interval_s
@@ -144,8 +149,14 @@ class TaskMeter:
 
     # --- run boundaries (task thread) ------------------------------------------------------
     def start(self, task: Any, task_id: str) -> None:
-        self.current = _Run(task.name, task_id, self.rss(), time.process_time(),
-                            task.memory_limit_mb, task.cpu_time_limit_s)
+        self.current = _Run(
+            task.name,
+            task_id,
+            self.rss(),
+            time.process_time(),
+            task.memory_limit_mb,
+            task.cpu_time_limit_s,
+        )
 
     def stop(self, failed: bool) -> None:
         run = self.current
@@ -169,8 +180,11 @@ class TaskMeter:
         breach = self._breach
         if breach is not None and self._breach_task == run.task_id:
             self._breach = None
-            field_name = ("memory_limit_exceeded" if isinstance(breach, TaskMemoryLimitExceeded)
-                          else "cpu_limit_exceeded")
+            field_name = (
+                "memory_limit_exceeded"
+                if isinstance(breach, TaskMemoryLimitExceeded)
+                else "cpu_limit_exceeded"
+            )
             sums[field_name] += 1
             if self.enforce:
                 # The process may hold on to what the task grew; a fresh child starts clean.
@@ -195,8 +209,7 @@ class TaskMeter:
                 self._script = client.register_script(MERGE_LUA)
             self._script(keys=[self.key], args=argv, client=client)
         except redis.RedisError as exc:
-            log.warning("task accounting: flush to Redis failed (%s); kept for the next flush",
-                        exc)
+            log.warning("task accounting: flush to Redis failed (%s); kept for the next flush", exc)
             for name, agg in pending.items():
                 mine = self.pending.setdefault(name, _Aggregate())
                 for k, v in agg.sums.items():
@@ -217,8 +230,9 @@ class TaskMeter:
         if run is None:
             if self.retire and time.monotonic() - self.idle_since > 0.2:
                 self.retire = False
-                log.warning("pool process %d retired after a task exceeded its resource limit",
-                            os.getpid())
+                log.warning(
+                    "pool process %d retired after a task exceeded its resource limit", os.getpid()
+                )
                 os.kill(os.getpid(), signal.SIGTERM)
             return
         if self._breach is not None or not self.enforce or self._main_ident is None:

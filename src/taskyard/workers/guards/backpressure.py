@@ -47,8 +47,9 @@ class Band:
 
     def __init__(self, above: float, below: float) -> None:
         if below > above:
-            raise ValueError(f"resume threshold {below:g} must not exceed pause threshold "
-                             f"{above:g}")
+            raise ValueError(
+                f"resume threshold {below:g} must not exceed pause threshold {above:g}"
+            )
         self.above = above
         self.below = below
         self.active = False
@@ -66,17 +67,21 @@ class Band:
 class Valve:
     """Decides which of one consumer's queues are paused, and applies it."""
 
-    def __init__(self, settings: GuardSettings,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, settings: GuardSettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.memory = Band(settings.memory_warning_pct, settings.resume_pct)
         self.cpu = Band(settings.cpu_warning_pct, settings.cpu_resume_pct)
-        self.cpu_critical = Band(settings.cpu_critical_pct,
-                                 min(settings.cpu_critical_resume_pct, settings.cpu_critical_pct))
+        self.cpu_critical = Band(
+            settings.cpu_critical_pct,
+            min(settings.cpu_critical_resume_pct, settings.cpu_critical_pct),
+        )
         # Critical is never paused, whatever the settings say.
         self.memory_levels = frozenset(settings.pausable_levels) - {Priority.CRITICAL.value}
         self.cpu_levels = frozenset(settings.cpu_pause_levels) - NEVER_FOR_CPU
-        self.cpu_critical_levels = (self.cpu_levels
-                                    | frozenset(settings.cpu_critical_pause_levels)) - NEVER_FOR_CPU
+        self.cpu_critical_levels = (
+            self.cpu_levels | frozenset(settings.cpu_critical_pause_levels)
+        ) - NEVER_FOR_CPU
         self.max_hold_s = settings.cpu_max_hold_s
         self.release_s = settings.cpu_release_s
         self.clock = clock
@@ -122,8 +127,9 @@ class Valve:
         memory = self.memory.update(reading.memory_pct)
         cpu = self.cpu.update(reading.cpu_pct)
         critical = self.cpu_critical.update(reading.cpu_pct)
-        cpu_levels = (self.cpu_critical_levels if critical else
-                      self.cpu_levels if cpu else frozenset())
+        cpu_levels = (
+            self.cpu_critical_levels if critical else self.cpu_levels if cpu else frozenset()
+        )
         out: dict[str, str] = {}
         cpu_queues = [q for q in self.queues if q in cpu_levels]
         if not cpu_queues:
@@ -168,12 +174,20 @@ class Valve:
             self.transitions += 1
         figures = (reading.memory_pct, reading.cpu_pct, reading.memory_source)
         if newly:
-            log.log(level, "back-pressure: paused queues %s (memory %.1f%%, cpu %.1f%%, %s): %s",
-                    ",".join(newly), *figures,
-                    ", ".join(f"{q} for {r}" for q, r in newly.items()))
+            log.log(
+                level,
+                "back-pressure: paused queues %s (memory %.1f%%, cpu %.1f%%, %s): %s",
+                ",".join(newly),
+                *figures,
+                ", ".join(f"{q} for {r}" for q, r in newly.items()),
+            )
         if resume:
-            log.log(level, "back-pressure: resumed queues %s (memory %.1f%%, cpu %.1f%%, %s)",
-                    ",".join(resume), *figures)
+            log.log(
+                level,
+                "back-pressure: resumed queues %s (memory %.1f%%, cpu %.1f%%, %s)",
+                ",".join(resume),
+                *figures,
+            )
 
 
 class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -192,7 +206,8 @@ class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
         guard.on_consumer_start(parent)
         if guard.valve is not None:
             self.tref = parent.timer.call_repeatedly(
-                guard.settings.sample_interval_s, guard.valve_tick, (parent,), priority=10)
+                guard.settings.sample_interval_s, guard.valve_tick, (parent,), priority=10
+            )
 
     def stop(self, parent: Any) -> None:
         if self.tref is not None:

@@ -99,14 +99,21 @@ def deferral_state(request: Any) -> tuple[int, float | None]:
 class Deferrer:
     """Re-publishes held-back tasks and decides when one is overdue."""
 
-    def __init__(self, countdown_s: float, jitter_s: float, max_age_s: float,
-                 counters: Counters, max_countdown_s: float | None = None,
-                 rand: Callable[[float, float], float] = random.uniform) -> None:
+    def __init__(
+        self,
+        countdown_s: float,
+        jitter_s: float,
+        max_age_s: float,
+        counters: Counters,
+        max_countdown_s: float | None = None,
+        rand: Callable[[float, float], float] = random.uniform,
+    ) -> None:
         self.countdown_s = countdown_s
         self.jitter_s = jitter_s
         self.max_age_s = max_age_s
-        self.max_countdown_s = max_countdown_s if max_countdown_s is not None else (
-            countdown_s + jitter_s)
+        self.max_countdown_s = (
+            max_countdown_s if max_countdown_s is not None else (countdown_s + jitter_s)
+        )
         self.counters = counters
         self.rand = rand
 
@@ -120,8 +127,9 @@ class Deferrer:
         base = self.countdown_s + self.rand(0.0, self.jitter_s)
         return min(self.max_countdown_s, base * factor)
 
-    def hold(self, task: Any, args: Any, kwargs: Any, level: str, reason: str,
-             kind: str = REASON_MEMORY) -> None:
+    def hold(
+        self, task: Any, args: Any, kwargs: Any, level: str, reason: str, kind: str = REASON_MEMORY
+    ) -> None:
         """Defer the running delivery of ``task`` (raises ``Ignore``), or return when it is
         overdue and must run now."""
         request = task.request
@@ -131,7 +139,12 @@ class Deferrer:
             self.counters.add(OVERDUE)
             log.warning(
                 "task %s[%s] overdue: deferred %d times over %.0f s (max_defer_age_s=%g), "
-                "running despite %s", task.name, request.id, count, now - since, self.max_age_s,
+                "running despite %s",
+                task.name,
+                request.id,
+                count,
+                now - since,
+                self.max_age_s,
                 reason,
             )
             return
@@ -151,17 +164,39 @@ class Deferrer:
         except Exception as exc:
             # Not re-published: hand the delivery back to the broker unacknowledged instead, so
             # it is redelivered (at once when the broker is back) and never lost.
-            log.warning("task %s[%s] could not be re-published (%s); requeued instead",
-                        task.name, request.id, exc)
+            log.warning(
+                "task %s[%s] could not be re-published (%s); requeued instead",
+                task.name,
+                request.id,
+                exc,
+            )
             raise Reject(f"deferred: {reason}", requeue=True) from exc
         self.counters.add(DEFERRED)
         self.counters.add(REASON_SLOTS.get(kind, REASON_SLOTS[REASON_MEMORY]))
-        log.info("task %s[%s] deferred (%d) for %.1f s: %s", task.name, request.id, count,
-                 countdown, reason)
-        task_deferred.send(sender=task.name, task_id=request.id, level=level, reason=reason,
-                           deferrals=count, kind=kind)
-        send_deferred_event(task, level=level, reason=reason, kind=kind, deferrals=count,
-                            countdown=round(countdown, 3))
+        log.info(
+            "task %s[%s] deferred (%d) for %.1f s: %s",
+            task.name,
+            request.id,
+            count,
+            countdown,
+            reason,
+        )
+        task_deferred.send(
+            sender=task.name,
+            task_id=request.id,
+            level=level,
+            reason=reason,
+            deferrals=count,
+            kind=kind,
+        )
+        send_deferred_event(
+            task,
+            level=level,
+            reason=reason,
+            kind=kind,
+            deferrals=count,
+            countdown=round(countdown, 3),
+        )
         raise Ignore(f"deferred: {reason}")
 
 
@@ -178,5 +213,6 @@ def send_deferred_event(task: Any, **fields: Any) -> None:
         # uuid and hostname, as Celery's task events do (one publish; deferrals are rare).
         task.send_event(DEFERRED_EVENT, retry=False, **fields)
     except Exception as exc:
-        log.warning("task %s[%s]: could not send %s (%s)", task.name, request.id,
-                    DEFERRED_EVENT, exc)
+        log.warning(
+            "task %s[%s]: could not send %s (%s)", task.name, request.id, DEFERRED_EVENT, exc
+        )

@@ -64,8 +64,11 @@ def lower_autogroup(nice: int) -> bool:
             if switch.read().strip() != "1":
                 return False
         if os.getsid(0) != os.getpid():
-            log.info("pool nice %d: this worker shares its session with others, so only its "
-                     "pool processes are niced (autogroup scheduling)", nice)
+            log.info(
+                "pool nice %d: this worker shares its session with others, so only its "
+                "pool processes are niced (autogroup scheduling)",
+                nice,
+            )
             return False
         with open("/proc/self/autogroup", "w") as group:
             group.write(str(nice))
@@ -88,20 +91,26 @@ class Guard:
         self.enabled = settings.enabled
         # With leased reservations (taskyard.broker) a held countdown message is renewed, never
         # redelivered; only without them does the visibility timeout bound countdowns.
-        limit = (math.inf if runtime.settings.reservation_lease_s
-                 else runtime.settings.visibility_timeout_s / 2)
+        limit = (
+            math.inf
+            if runtime.settings.reservation_lease_s
+            else runtime.settings.visibility_timeout_s / 2
+        )
         if settings.defer_countdown_s + settings.defer_jitter_s >= limit:
             raise ConfigurationError(
                 f"TASKYARD_GUARD__DEFER_COUNTDOWN_S + DEFER_JITTER_S = "
                 f"{settings.defer_countdown_s + settings.defer_jitter_s:g} s must stay below half "
                 f"the broker visibility timeout ({limit:g} s)",
-                setting="TASKYARD_GUARD__DEFER_COUNTDOWN_S", value=settings.defer_countdown_s,
+                setting="TASKYARD_GUARD__DEFER_COUNTDOWN_S",
+                value=settings.defer_countdown_s,
             )
         max_countdown = settings.defer_max_countdown_s
         if "defer_max_countdown_s" not in settings.model_fields_set:
             # The default cap follows a short visibility timeout down instead of refusing it.
-            max_countdown = min(max_countdown, max(settings.defer_countdown_s
-                                                   + settings.defer_jitter_s, 0.9 * limit))
+            max_countdown = min(
+                max_countdown,
+                max(settings.defer_countdown_s + settings.defer_jitter_s, 0.9 * limit),
+            )
         elif max_countdown >= limit:
             raise ConfigurationError(
                 f"TASKYARD_GUARD__DEFER_MAX_COUNTDOWN_S = {settings.defer_max_countdown_s:g} s "
@@ -116,20 +125,32 @@ class Guard:
         #: Where admission and the valve read from; tests put a MemoryReadings here.
         self.source: ReadingSource = self.sampler
         self.counters = Counters()
-        self.deferrer = Deferrer(settings.defer_countdown_s, settings.defer_jitter_s,
-                                 settings.max_defer_age_s, self.counters,
-                                 max(max_countdown, settings.defer_countdown_s))
+        self.deferrer = Deferrer(
+            settings.defer_countdown_s,
+            settings.defer_jitter_s,
+            settings.max_defer_age_s,
+            self.counters,
+            max(max_countdown, settings.defer_countdown_s),
+        )
         self.meter: TaskMeter | None = None
         if settings.accounting:
-            self.meter = TaskMeter(lambda: runtime.redis, runtime.keys.task_resources(),
-                                   settings.accounting_flush_interval_s,
-                                   counters_add=lambda n: self.counters.add(LIMITED, n))
+            self.meter = TaskMeter(
+                lambda: runtime.redis,
+                runtime.keys.task_resources(),
+                settings.accounting_flush_interval_s,
+                counters_add=lambda n: self.counters.add(LIMITED, n),
+            )
         self.valve: Valve | None = None
         if settings.enabled:
             self.valve = Valve(settings)
-        self.heartbeat = Heartbeat(lambda: runtime.redis, runtime.keys.worker_heartbeat,
-                                   runtime.keys.workers(), settings.heartbeat_interval_s,
-                                   settings.heartbeat_slack_s, self.record)
+        self.heartbeat = Heartbeat(
+            lambda: runtime.redis,
+            runtime.keys.worker_heartbeat,
+            runtime.keys.workers(),
+            settings.heartbeat_interval_s,
+            settings.heartbeat_slack_s,
+            self.record,
+        )
         #: Set in the worker's main process by worker_init; inherited by pool children.
         self.in_worker = False
         self.queues: list[str] = []
@@ -165,8 +186,12 @@ class Guard:
         self.counters.share()
         self.sampler.ensure_running()
         queues = consumed_queues(worker)
-        if (self.enabled and queues and self.settings.pool_nice > 0
-                and all(q in self.settings.nice_levels for q in queues)):
+        if (
+            self.enabled
+            and queues
+            and self.settings.pool_nice > 0
+            and all(q in self.settings.nice_levels for q in queues)
+        ):
             self.pool_nice = self.settings.pool_nice
             lower_autogroup(self.pool_nice)
 
@@ -180,8 +205,7 @@ class Guard:
                 # heartbeats at full priority, so a niced worker is slow, never unresponsive.
                 os.nice(self.pool_nice)
             except OSError as exc:
-                log.warning("pool process %d: could not lower its priority (%s)", os.getpid(),
-                            exc)
+                log.warning("pool process %d: could not lower its priority (%s)", os.getpid(), exc)
         if self.meter is not None:
             self.meter.install_enforcement()
             self.sampler.hooks.append(self.meter.check_limits)

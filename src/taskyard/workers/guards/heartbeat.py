@@ -25,9 +25,15 @@ log = logging.getLogger("taskyard.guards")
 class Heartbeat:
     """Publishes ``record()`` every ``interval_s`` until stopped; removes it on a clean stop."""
 
-    def __init__(self, redis_of: Callable[[], redis.Redis], key_of: Callable[[str], str],
-                 index_key: str, interval_s: float, slack_s: float,
-                 record: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        redis_of: Callable[[], redis.Redis],
+        key_of: Callable[[str], str],
+        index_key: str,
+        interval_s: float,
+        slack_s: float,
+        record: Callable[[], dict[str, Any]],
+    ) -> None:
         self._redis_of = redis_of
         self._key_of = key_of
         self.index_key = index_key
@@ -67,8 +73,11 @@ class Heartbeat:
                 self._failing = False
             except redis.RedisError as exc:
                 if not self._failing:
-                    log.warning("heartbeat: cannot publish (%s); retrying every %.1f s", exc,
-                                self.interval_s)
+                    log.warning(
+                        "heartbeat: cannot publish (%s); retrying every %.1f s",
+                        exc,
+                        self.interval_s,
+                    )
                 self._failing = True
             except Exception:  # the heartbeat thread must outlive any one error
                 log.exception("heartbeat: publishing failed")

@@ -40,8 +40,9 @@ def _hook_tasks(app: Celery, guard: Guard) -> None:
     def before_start(self: Any, task_id: str, args: Any, kwargs: Any) -> None:
         before_task(self, task_id, args, kwargs)
 
-    def after_return(self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any,
-                     einfo: Any) -> None:
+    def after_return(
+        self: Any, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
         after_task(self, status)
 
     # Celery internals: the tracer calls before_start/after_return only when a class below

@@ -74,7 +74,8 @@ class Policy:
                 raise ConfigurationError(
                     f"TASKYARD_GUARD__LEVEL_POLICY names unknown level {level!r}; "
                     f"valid levels are: {', '.join(LEVELS)}",
-                    setting="TASKYARD_GUARD__LEVEL_POLICY", value=level,
+                    setting="TASKYARD_GUARD__LEVEL_POLICY",
+                    value=level,
                 )
             self._limits[level] = self._limits_of(rule)
             if rule == "never":
@@ -96,7 +97,9 @@ class Policy:
             return self.memory_critical, INF
         raise ConfigurationError(
             f"TASKYARD_GUARD__LEVEL_POLICY rule {rule!r} is unknown; valid rules: "
-            f"{', '.join(RULES)}", setting="TASKYARD_GUARD__LEVEL_POLICY", value=rule,
+            f"{', '.join(RULES)}",
+            setting="TASKYARD_GUARD__LEVEL_POLICY",
+            value=rule,
         )
 
     def pressure(self, reading: Reading) -> Pressure:
@@ -107,8 +110,9 @@ class Policy:
             return Pressure.WARNING
         return Pressure.OK
 
-    def hold(self, level: str, reading: Reading,
-             requires_memory_mb: float | None = None) -> Hold | None:
+    def hold(
+        self, level: str, reading: Reading, requires_memory_mb: float | None = None
+    ) -> Hold | None:
         """None when a task of ``level`` may start now, else why it must wait (memory only)."""
         limits = self._limits.get(level)
         if limits is None:
@@ -119,16 +123,17 @@ class Policy:
             return None
         memory_limit = limits[0]
         if reading.memory_pct > memory_limit:
-            return Hold(REASON_MEMORY,
-                        f"memory {reading.memory_pct:.1f}% above {memory_limit:g}%")
+            return Hold(REASON_MEMORY, f"memory {reading.memory_pct:.1f}% above {memory_limit:g}%")
         if requires_memory_mb is not None and reading.memory_available_mb < requires_memory_mb:
-            return Hold(REASON_REQUIRES_MEMORY,
-                        f"needs {requires_memory_mb:g} MB, "
-                        f"{reading.memory_available_mb:.0f} MB available")
+            return Hold(
+                REASON_REQUIRES_MEMORY,
+                f"needs {requires_memory_mb:g} MB, {reading.memory_available_mb:.0f} MB available",
+            )
         return None
 
-    def check(self, level: str, reading: Reading,
-              requires_memory_mb: float | None = None) -> str | None:
+    def check(
+        self, level: str, reading: Reading, requires_memory_mb: float | None = None
+    ) -> str | None:
         """The text of :meth:`hold` (None: may start now)."""
         held = self.hold(level, reading, requires_memory_mb)
         return None if held is None else held.text

@@ -92,8 +92,12 @@ class Measurement:
 class Probe:
     """Reads the counters, from the cgroup when it limits this process, else from the host."""
 
-    def __init__(self, prefer: Literal["auto", "cgroup", "host"] = "auto",
-                 cgroup: CgroupV2 | None = None, exclude_own_cpu: bool = True) -> None:
+    def __init__(
+        self,
+        prefer: Literal["auto", "cgroup", "host"] = "auto",
+        cgroup: CgroupV2 | None = None,
+        exclude_own_cpu: bool = True,
+    ) -> None:
         self.prefer = prefer
         self._cgroup = cgroup
         self._discovered = cgroup is not None
@@ -234,8 +238,7 @@ class Sampler:
                 self.sample()
             except Exception:  # a failed first sample must not stop the worker
                 log.exception("resource sampler: first reading failed")
-            self._thread = threading.Thread(target=self._run, name="taskyard-sampler",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._run, name="taskyard-sampler", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
