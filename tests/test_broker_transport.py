@@ -491,6 +491,10 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
     assert [argv[argv.index("-n") + 1] for argv in argvs] == ["fast1@%h", "fast2@%h"]
     assert all(argv[argv.index("-P") + 1] == "solo" for argv in argvs)
     assert argvs[0][argvs[0].index("-Q") + 1] == "critical,high,normal,low,batch"
+    assert argvs[0][argvs[0].index("--prefetch-multiplier") + 1] == "1"
+    reserving = fast_worker_argvs("bdc", profile, 1, ("--prefetch-multiplier", "2"), prefetch=4)
+    # The user's own --prefetch-multiplier comes last, so Celery's option parsing takes it.
+    assert reserving[0][-4:] == ["--prefetch-multiplier", "4", "--prefetch-multiplier", "2"]
     assert split_processes(("-c", "3", "--loglevel", "INFO"), 2) == (3, ("--loglevel", "INFO"))
     assert split_processes(("--concurrency=4",), 2) == (4, ())
     with pytest.raises(ConfigurationError, match="whole number"):

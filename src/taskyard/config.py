@@ -464,6 +464,11 @@ class Settings(BaseSettings):
     # critical nor the high queue (workers that do reserve one). Celery's default, 4: such a
     # worker has no urgent work to protect and would otherwise idle while fetching. 1 disables.
     bulk_prefetch_multiplier: int = Field(4, ge=1, le=64)
+    # Messages each process of the fast profile reserves. One fetch round trip then serves
+    # several tasks (measured: 404 against 699 µs of CPU per no-op task at 4 against 1); the
+    # price is that an urgent message can wait behind up to this many minus one short tasks
+    # of its process. 1 keeps the one-message reservation of the prefork profiles.
+    fast_prefetch_multiplier: int = Field(4, ge=1, le=64)
     # Level of a task that no decorator or rule places.
     default_level: str = "normal"
     # Ordered rules task name -> level, as JSON:

@@ -687,12 +687,45 @@ class Transport(kombu_redis.Transport):
         self.cycle: Any = Poller()
         self._taskyard_loop: Any = None
         self._taskyard_loop_thread: int | None = None
+        self._taskyard_tick: Callable[[], None] | None = None
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        before = set(loop.on_tick)
         super().register_with_event_loop(connection, loop)
+        # kombu adds one tick handler (its on_poll_start closure), which registers every
+        # socket with the poller again on every loop turn: two syscalls per socket per turn.
+        # It is replaced by one that registers a socket only when it is new to the loop.
+        for handler in set(loop.on_tick) - before:
+            loop.on_tick.discard(handler)
+        if self._taskyard_tick is not None:
+            loop.on_tick.discard(self._taskyard_tick)
+        self._taskyard_tick = self._poll_start_handler(loop)
+        loop.on_tick.add(self._taskyard_tick)
         # Acks made on the loop's thread wait for the next fetch, with a loop timer behind.
         self._taskyard_loop = loop
         self._taskyard_loop_thread = threading.get_ident()
+
+    def _poll_start_handler(self, loop: Any) -> Callable[[], None]:
+        cycle = self.cycle
+        readers = loop.readers  # kombu's Hub: fd -> (callback, args) of registered readers
+        on_readable = self.on_readable
+        #: The socket object each fd was last registered for: a reconnect may reuse an fd
+        #: number for a new socket, which the poller no longer watches (a closed socket
+        #: leaves epoll by itself), so identity, not the number, decides.
+        registered: dict[int, Any] = {}
+
+        def on_poll_start() -> None:
+            cycle.on_poll_start()
+            paused = cycle._paused_brpop
+            for sock in list(cycle._chan_to_sock.values()):
+                fd = sock.fileno()
+                if fd < 0 or fd in paused:
+                    continue
+                if registered.get(fd) is not sock or fd not in readers:
+                    loop.add_reader(fd, on_readable, fd)
+                    registered[fd] = sock
+
+        return on_poll_start
 
 
 class SentinelTransport(Transport):

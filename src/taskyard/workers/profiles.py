@@ -69,12 +69,18 @@ RESTART_DELAY_S = 1.0
 
 
 def fast_worker_argvs(
-    app: str, profile: WorkerProfile, processes: int, extra: tuple[str, ...] = ()
+    app: str,
+    profile: WorkerProfile,
+    processes: int,
+    extra: tuple[str, ...] = (),
+    prefetch: int = 1,
 ) -> list[list[str]]:
     """``celery worker`` arguments of each process of the fast profile.
 
     Each process is a solo-pool worker (the task runs in the consumer's own process: no pool
     round trip, no result pipe), so the processes together use the cores a prefork pool would.
+    Each reserves ``prefetch`` messages, so one fetch serves that many tasks; a
+    ``--prefetch-multiplier`` in ``extra`` comes later on the command line and wins.
     """
     if processes < 1:
         raise ConfigurationError(
@@ -93,6 +99,8 @@ def fast_worker_argvs(
             "1",
             "-n",
             f"{FAST}{index}@%h",
+            "--prefetch-multiplier",
+            str(prefetch),
             *extra,
         ]
         for index in range(1, processes + 1)
@@ -198,7 +206,9 @@ def launch_fast(
     profile = get_profile(settings, FAST_QUEUES_FROM)
     argvs = [
         [sys.executable, "-m", "celery", *argv]
-        for argv in fast_worker_argvs(app_path, profile, count, rest)
+        for argv in fast_worker_argvs(
+            app_path, profile, count, rest, prefetch=settings.fast_prefetch_multiplier
+        )
     ]
     log.info("fast profile: %d solo processes on %s", count, profile.queue_arg)
     return run_processes(argvs)
