@@ -6,7 +6,8 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -15,6 +16,15 @@ from taskyard.cli.loader import APP_OPTION, load_app
 from taskyard.errors import TaskyardError
 
 _REASONS = click.Choice(["failed", "crashed", "poison", "expired"])
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A taskyard error inside becomes the command's one-line error (a user error)."""
+    try:
+        yield
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _when(at: float) -> str:
@@ -132,15 +142,13 @@ def list_command(
     from taskyard.deadletters.batches import batch_dead_letters
 
     app = load_app(ctx.obj["app_path"])
-    try:
+    with _reported():
         query = _query(
             name, queue, reason, exception_type, since, None if state == "all" else state
         )
         store = _store(app)
         entries = store.search(query, limit=limit)
         total = store.count(query)
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
     dead_batches = (
         batch_dead_letters(app)
         if batches and name is None and queue is None and exception_type is None
@@ -258,13 +266,11 @@ def replay(
     if batch_ref is not None:
         from taskyard.deadletters.batches import replay_batches
 
-        try:
+        with _reported():
             refs = replay_batches(app, batch_ref)
-        except TaskyardError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(f"requeued {len(refs)} dead batches: {' '.join(refs) or '-'}")
         return
-    try:
+    with _reported():
         query = _selection(entry_ids, every, filters)
         store = _store(app)
         if query is None:
@@ -276,8 +282,6 @@ def replay(
             report = replay_many(
                 app, store, query, progress=lambda done, _total, _id: bar.update(1)
             )
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"replayed {len(report.replayed)} of {total} dead tasks")
     for entry_id, why in report.skipped.items():
         click.echo(f"skipped {entry_id}: {why}")
@@ -302,16 +306,12 @@ def purge(
     if batch_ref is not None:
         from taskyard.deadletters.batches import purge_batches
 
-        try:
+        with _reported():
             items = purge_batches(app, batch_ref)
-        except TaskyardError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(f"purged {items} items of dead batches")
         return
-    try:
+    with _reported():
         query = _selection(entry_ids, every, filters, None if every else "dead")
         store = _store(app)
         deleted = store.delete(list(entry_ids)) if query is None else store.purge(query)
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"purged {deleted} dead letters")
