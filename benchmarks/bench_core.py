@@ -28,11 +28,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import ROOT, child_env, spawn, tree_cpu_s, wait_until
 
 REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
 ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_CORE_REDIS_URL": REDIS_URL}
@@ -88,29 +87,11 @@ class Worker:
         self, side: str, log_dir: Path, env: dict[str, str] | None = None, queues: str | None = None
     ) -> None:
         self.log = log_dir / f"{side}-{time.monotonic_ns()}.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                _argv(side, queues),
-                env=child_env({**ENV, **(env or {})}),
-                cwd=ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = spawn(_argv(side, queues), {**ENV, **(env or {})}, self.log)
 
     def cpu_s(self) -> float:
         """User+sys CPU seconds of the worker's process tree so far."""
-        try:
-            root = psutil.Process(self.process.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for proc in procs:
-            with suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+        return tree_cpu_s(self.process.pid)
 
     def check(self) -> None:
         if self.process.poll() is not None:
