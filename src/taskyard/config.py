@@ -246,9 +246,9 @@ class GuardSettings(Section):
     }
     # A task held back for memory is re-published with a countdown that backs off: the n-th
     # deferral waits (defer_countdown_s + U(0, defer_jitter_s)) * 2^(n-1) (s), at most
-    # defer_max_countdown_s. With leased reservations off (reservation_lease_s = 0) the first
-    # countdown must stay below half the visibility timeout, as the broker would redeliver the
-    # held message; with leases on a held message is renewed and no such bound applies.
+    # defer_max_countdown_s. With leased reservations off (reservation_lease_s = 0),
+    # defer_countdown_s + defer_jitter_s must stay below half the visibility timeout, or the
+    # broker would redeliver the held message; with leases on it is renewed and never is.
     defer_countdown_s: float = Field(2.0, gt=0, le=300)
     defer_jitter_s: float = Field(1.0, ge=0, le=300)
     # A task deferred for longer than this runs anyway, logged as "overdue" (s).
