@@ -197,27 +197,35 @@ def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[f
     return n / elapsed, (cpu1 - cpu0) / n * 1e6
 
 
+def flood_then_criticals(
+    side: str, worker: Worker, flood: int, criticals: int, client: redis.Redis
+) -> None:
+    """Send ``flood`` 5 ms low tasks, then ``criticals`` critical ones 20 ms apart, and wait
+    until every critical task has pushed its wait (sent -> started) to ``bench:waits``."""
+    low, critical = _task(side, "low"), _task(side, "critical")
+    for _ in range(flood):
+        low.delay(0.005)
+    for _ in range(criticals):
+        critical.delay(time.time())
+        time.sleep(0.02)
+
+    def ran() -> bool:
+        worker.check()
+        return bool(client.llen("bench:waits") >= criticals)
+
+    wait_until(ran, 900, 0.05, f"{side} critical tasks")
+
+
 def critical_waits(
     side: str, flood: int, criticals: int, client: redis.Redis, log_dir: Path
 ) -> list[float]:
     """Waits (s, sent -> started) of critical tasks sent after a flood of 5 ms low tasks."""
-    low, critical = _task(side, "low"), _task(side, "critical")
     client.flushdb()
     worker = Worker(side, log_dir)
     try:
         _enqueue(side, 1)  # a warm-up task: the worker is consuming once it has run
         _wait_done(client, worker, 1, f"{side} to start")
-        for _ in range(flood):
-            low.delay(0.005)
-        for _ in range(criticals):
-            critical.delay(time.time())
-            time.sleep(0.02)
-
-        def ran() -> bool:
-            worker.check()
-            return bool(client.llen("bench:waits") >= criticals)
-
-        wait_until(ran, 900, 0.05, f"{side} critical tasks")
+        flood_then_criticals(side, worker, flood, criticals, client)
     finally:
         worker.stop()
     waits = [float(w) for w in client.lrange("bench:waits", 0, -1)]

@@ -269,7 +269,7 @@ def critical_under_load(side: str, flood: int, criticals: int, log_dir: Path) ->
     from benchmarks import bench_core
 
     client = redis.Redis.from_url(bench_core.REDIS_URL)
-    low, critical = bench_core._task(side, "low"), bench_core._task(side, "critical")
+    critical = bench_core._task(side, "critical")
     client.flushdb()
     with busy_loops(2):
         worker = bench_core.Worker(side, log_dir)
@@ -283,17 +283,7 @@ def critical_under_load(side: str, flood: int, criticals: int, log_dir: Path) ->
             wait_until(started, 120, 0.05, f"{side}: the worker's first task")
             client.delete("bench:waits")
             time.sleep(2.0)  # the guards' CPU window sees the other program
-            for _ in range(flood):
-                low.delay(0.005)
-            for _ in range(criticals):
-                critical.delay(time.time())
-                time.sleep(0.02)
-
-            def ran() -> bool:
-                worker.check()
-                return bool(client.llen("bench:waits") >= criticals)
-
-            wait_until(ran, 900, 0.05, f"{side} critical tasks")
+            bench_core.flood_then_criticals(side, worker, flood, criticals, client)
         finally:
             worker.stop()
     waits = [float(w) for w in client.lrange("bench:waits", 0, -1)]
