@@ -152,6 +152,41 @@ def spawn(
         )
 
 
+def start_up(
+    app: str, directory: Path, env: Mapping[str, str], *options: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``taskyard up -A app *options`` run in ``directory`` (where it writes its stack file) with
+    :func:`child_env` of ``env``; output to ``directory/up.log``, which is returned with the
+    process. Not in a session of its own: it is stopped by signalling it, as Ctrl-C would."""
+    log = directory / "up.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "up", "-A", app, *options],
+            env=child_env(env),
+            cwd=directory,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log
+
+
+def wait_started(process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> str:
+    """Wait until ``taskyard up`` printed how to stop it (Ctrl-C); its output so far.
+
+    Raises:
+        AssertionError: it exited instead (with its output), or did not start in time.
+    """
+    wait_until(
+        lambda: "Ctrl-C" in log.read_text(errors="replace") or process.poll() is not None,
+        timeout_s,
+        0.2,
+        "the stack to start",
+    )
+    text = log.read_text(errors="replace")
+    assert process.poll() is None, text
+    return text
+
+
 class Worker:
     """A running celery worker process (its own process group)."""
 
