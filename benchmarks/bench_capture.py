@@ -27,7 +27,7 @@ from celery import Celery
 from benchmarks.common import BENCH_REDIS_URL as _DEFAULT_BENCH_REDIS_URL
 from benchmarks.common import Result
 from taskyard import create_app
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import ROOT, child_env, spawn, wait_until, worker_argv
 
 MARK_PREFIX = "bench:capture:mark:"
 #: The benchmarks' Redis database; TASKYARD_BENCH_REDIS_URL moves this benchmark elsewhere when
@@ -108,36 +108,15 @@ def _spawn(variant: str, log_dir: Path) -> subprocess.Popen[bytes]:
         if variant == "plain"
         else "benchmarks.bench_capture:ty_app"
     )
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
+    argv = worker_argv(
         app,
-        "worker",
-        "-Q",
         QUEUES[variant],
-        "-c",
-        "1",
-        "-P",
-        "prefork",
-        "-n",
-        f"bench-{variant}@%h",
-        "--loglevel",
-        "WARNING",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    with (log_dir / f"capture-{variant}.log").open("wb") as sink:
-        return subprocess.Popen(
-            argv,
-            env=child_env(env),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
+        concurrency=1,
+        name=f"bench-{variant}",
+        loglevel="WARNING",
+        extra=("--without-heartbeat",),
+    )
+    return spawn(argv, env, log_dir / f"capture-{variant}.log")
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

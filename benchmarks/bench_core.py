@@ -28,11 +28,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import ROOT, child_env, spawn, tree_cpu_s, wait_until
 
 REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
 ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_CORE_REDIS_URL": REDIS_URL}
@@ -88,29 +87,11 @@ class Worker:
         self, side: str, log_dir: Path, env: dict[str, str] | None = None, queues: str | None = None
     ) -> None:
         self.log = log_dir / f"{side}-{time.monotonic_ns()}.log"
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                _argv(side, queues),
-                env=child_env({**ENV, **(env or {})}),
-                cwd=ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = spawn(_argv(side, queues), {**ENV, **(env or {})}, self.log)
 
     def cpu_s(self) -> float:
         """User+sys CPU seconds of the worker's process tree so far."""
-        try:
-            root = psutil.Process(self.process.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for proc in procs:
-            with suppress(psutil.NoSuchProcess):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
+        return tree_cpu_s(self.process.pid)
 
     def check(self) -> None:
         if self.process.poll() is not None:
@@ -216,27 +197,35 @@ def end_to_end(side: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[f
     return n / elapsed, (cpu1 - cpu0) / n * 1e6
 
 
+def flood_then_criticals(
+    side: str, worker: Worker, flood: int, criticals: int, client: redis.Redis
+) -> None:
+    """Send ``flood`` 5 ms low tasks, then ``criticals`` critical ones 20 ms apart, and wait
+    until every critical task has pushed its wait (sent -> started) to ``bench:waits``."""
+    low, critical = _task(side, "low"), _task(side, "critical")
+    for _ in range(flood):
+        low.delay(0.005)
+    for _ in range(criticals):
+        critical.delay(time.time())
+        time.sleep(0.02)
+
+    def ran() -> bool:
+        worker.check()
+        return bool(client.llen("bench:waits") >= criticals)
+
+    wait_until(ran, 900, 0.05, f"{side} critical tasks")
+
+
 def critical_waits(
     side: str, flood: int, criticals: int, client: redis.Redis, log_dir: Path
 ) -> list[float]:
     """Waits (s, sent -> started) of critical tasks sent after a flood of 5 ms low tasks."""
-    low, critical = _task(side, "low"), _task(side, "critical")
     client.flushdb()
     worker = Worker(side, log_dir)
     try:
         _enqueue(side, 1)  # a warm-up task: the worker is consuming once it has run
         _wait_done(client, worker, 1, f"{side} to start")
-        for _ in range(flood):
-            low.delay(0.005)
-        for _ in range(criticals):
-            critical.delay(time.time())
-            time.sleep(0.02)
-
-        def ran() -> bool:
-            worker.check()
-            return bool(client.llen("bench:waits") >= criticals)
-
-        wait_until(ran, 900, 0.05, f"{side} critical tasks")
+        flood_then_criticals(side, worker, flood, criticals, client)
     finally:
         worker.stop()
     waits = [float(w) for w in client.lrange("bench:waits", 0, -1)]

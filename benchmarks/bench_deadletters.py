@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from contextlib import suppress
@@ -27,29 +26,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import psutil
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL as _DEFAULT
 from benchmarks.common import Result
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import spawn, tree_cpu_s, wait_until, worker_argv
 
 REDIS_URL = os.environ.get("TASKYARD_BENCH_REDIS_URL", _DEFAULT)
 APP = "benchmarks.apps.dead_app"
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def _drain(side: str, n: int, log_dir: Path) -> tuple[float, float]:
@@ -68,40 +52,15 @@ def _drain(side: str, n: int, log_dir: Path) -> tuple[float, float]:
         "BENCH_DEAD_GATE": side,
     }
     log = log_dir / f"{side}-{time.monotonic_ns()}.log"
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        APP,
-        "worker",
-        "-Q",
-        "normal",
-        "-c",
-        "1",
-        "-n",
-        f"bench-dead-{side}@%h",
-        "--loglevel",
-        "WARNING",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            argv,
-            env=child_env(env),
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    argv = worker_argv(APP, "normal", concurrency=1, name=f"bench-dead-{side}", loglevel="WARNING")
+    process = spawn(argv, env, log)
     try:
         done = f"bench:dead:{side}:done"
         wait_until(lambda: int(client.get(done) or 0) >= 1, 60, 0.005, f"{side} first task")
-        cpu0 = _cpu_s(process.pid)
+        cpu0 = tree_cpu_s(process.pid)
         count0 = int(client.get(done) or 0)
         wait_until(lambda: int(client.get(done) or 0) >= n, 300, 0.01, f"{side} drain")
-        cpu1 = _cpu_s(process.pid)
+        cpu1 = tree_cpu_s(process.pid)
         first = float(client.get(f"bench:dead:{side}:first") or 0)
         last = float(client.get(f"bench:dead:{side}:last") or 0)
     finally:

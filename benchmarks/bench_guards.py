@@ -24,7 +24,7 @@ from celery import Celery
 
 from benchmarks.common import BENCH_REDIS_URL, Result
 from taskyard import create_app
-from taskyard.testing import celery_worker, wait_until
+from taskyard.testing import celery_worker, tree_cpu_s, wait_until
 
 #: The benchmark's Redis database; BENCH_GUARDS_REDIS_URL moves it when several benchmark runs
 #: share one Redis (each benchmark flushes its database).
@@ -163,19 +163,6 @@ def tracer_costs(quick: bool) -> dict[str, float]:
     return best
 
 
-def _tree_cpu_s(pid: int) -> float:
-    """CPU time (user + system, s) of a process and its children."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            times = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += times.user + times.system
-    return total
-
-
 def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> tuple[float, float]:
     """(tasks/s, worker CPU us per task) of one worker draining ``n`` queued no-op tasks,
     measured between 10 % and 90 % done."""
@@ -197,9 +184,9 @@ def drain_rate(variant: str, n: int, client: redis.Redis, log_dir: Path) -> tupl
         name=f"bg-{variant.replace(' ', '-')}",
     ) as worker:
         wait_until(lambda: int(client.get(DONE) or 0) >= lo, 300, 0.002, "10 %")
-        started, cpu0 = time.perf_counter(), _tree_cpu_s(worker.pid)
+        started, cpu0 = time.perf_counter(), tree_cpu_s(worker.pid)
         wait_until(lambda: int(client.get(DONE) or 0) >= hi, 600, 0.002, "90 %")
-        elapsed, cpu1 = time.perf_counter() - started, _tree_cpu_s(worker.pid)
+        elapsed, cpu1 = time.perf_counter() - started, tree_cpu_s(worker.pid)
         wait_until(lambda: int(client.get(DONE) or 0) >= n, 300, 0.01, "all")
     client.flushdb()
     return (hi - lo) / elapsed, (cpu1 - cpu0) / (hi - lo) * 1e6

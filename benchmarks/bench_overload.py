@@ -35,18 +35,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
 from benchmarks.common import Result, percentile
 from taskyard.stack import free_port
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import ROOT, busy_loops, child_env, cpu_seconds, tree_cpu_s, wait_until
 
-LOOP = "while True:\n    pass\n"
 LEVELS = ("critical", "high", "normal", "low", "batch")
 APPS = {"now": "examples.bdc", "landed": "benchmarks.apps.overload_landed"}
 #: Settings that make the current code behave as the landed design did (see the module doc).
@@ -60,39 +58,6 @@ LANDED_ENV = {
     "TASKYARD_MONITORING__ALERT_TIMING": "{}",
 }
 BATCH_MAX_WAIT_S = 2.0  # examples.bdc's send_notification_batch
-
-
-@contextmanager
-def busy_loops(n: int = 2) -> Iterator[list[psutil.Process]]:
-    """Another program: ``n`` busy-loop processes at the default priority, each in its own
-    session (as an unrelated service would be)."""
-    procs = [
-        subprocess.Popen([sys.executable, "-c", LOOP], start_new_session=True) for _ in range(n)
-    ]
-    try:
-        yield [psutil.Process(p.pid) for p in procs]
-    finally:
-        for p in procs:
-            with suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(10)
-
-
-def tree_cpu_s(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for proc in procs:
-        with suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
 
 
 class PrivateRedis:
@@ -212,7 +177,7 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
                 raise AssertionError(f"{side} stack exited:\n{log.read_text()[-3000:]}")
             time.sleep(warmup_s)
             before = _snapshot(runtime)
-            loops0, stack0, t0 = tree_cpu_s(loops), tree_cpu_s(_tree(stack.pid)), time.time()
+            loops0, stack0, t0 = cpu_seconds(loops), tree_cpu_s(stack.pid), time.time()
             oldest = 0.0
             while time.time() - t0 < seconds:
                 for batch in inspect_batches(runtime):
@@ -221,7 +186,7 @@ def soak(side: str, seconds: float, warmup_s: float, log_dir: Path) -> dict[str,
                         oldest = max(oldest, float(age))
                 time.sleep(0.5)
             after = _snapshot(runtime)
-            loops1, stack1, t1 = tree_cpu_s(loops), tree_cpu_s(_tree(stack.pid)), time.time()
+            loops1, stack1, t1 = cpu_seconds(loops), tree_cpu_s(stack.pid), time.time()
             changes = [
                 c
                 for c in AlertBook(runtime.redis, runtime.keys).history(10_000)
@@ -304,7 +269,7 @@ def critical_under_load(side: str, flood: int, criticals: int, log_dir: Path) ->
     from benchmarks import bench_core
 
     client = redis.Redis.from_url(bench_core.REDIS_URL)
-    low, critical = bench_core._task(side, "low"), bench_core._task(side, "critical")
+    critical = bench_core._task(side, "critical")
     client.flushdb()
     with busy_loops(2):
         worker = bench_core.Worker(side, log_dir)
@@ -318,17 +283,7 @@ def critical_under_load(side: str, flood: int, criticals: int, log_dir: Path) ->
             wait_until(started, 120, 0.05, f"{side}: the worker's first task")
             client.delete("bench:waits")
             time.sleep(2.0)  # the guards' CPU window sees the other program
-            for _ in range(flood):
-                low.delay(0.005)
-            for _ in range(criticals):
-                critical.delay(time.time())
-                time.sleep(0.02)
-
-            def ran() -> bool:
-                worker.check()
-                return bool(client.llen("bench:waits") >= criticals)
-
-            wait_until(ran, 900, 0.05, f"{side} critical tasks")
+            bench_core.flood_then_criticals(side, worker, flood, criticals, client)
         finally:
             worker.stop()
     waits = [float(w) for w in client.lrange("bench:waits", 0, -1)]

@@ -28,6 +28,18 @@ def redis_env(redis_client: redis.Redis) -> dict[str, str]:
     return {"TASKYARD_REDIS_URL": servers.REDIS_URL}
 
 
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker_env(request: pytest.FixtureRequest, redis_env: dict[str, str]) -> dict[str, str]:
+    """Worker environment: Redis for buffers and stats on the suite's database, the broker
+    that Redis or RabbitMQ (a test taking this runs once on each)."""
+    env = dict(redis_env)
+    if request.param == "rabbitmq":
+        servers.require("rabbitmq")
+        env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
+        servers.purge_rabbitmq()
+    return env
+
+
 @pytest.fixture
 def make_app(redis_client: redis.Redis) -> Iterator[Any]:
     """Factory for taskyard apps on the suite's Redis database."""

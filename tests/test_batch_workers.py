@@ -17,23 +17,11 @@ import redis
 
 from taskyard.batching import inspect_batches, list_dead, requeue_dead
 from taskyard.testing import ROOT, celery_worker, child_env, wait_until
-from tests import servers
 from tests.apps import batch as batch_app
 
 pytestmark = pytest.mark.slow
 
 APP = "tests.apps.batch"
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker_env(request: pytest.FixtureRequest, redis_env: dict[str, str]) -> dict[str, str]:
-    """Worker environment; buffers in the suite's Redis, broker Redis or RabbitMQ."""
-    env = dict(redis_env)
-    if request.param == "rabbitmq":
-        servers.require("rabbitmq")
-        env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
-        servers.purge_rabbitmq()
-    return env
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,52 @@ def test_replay_and_purge_with_the_token(client: TestClient, store: RedisDeadLet
     assert store.count() == 0
     everything = client.post("/api/v1/dead/purge", json={"all": True}, headers=auth)
     assert everything.json()["detail"]["purged"] == 3  # the replayed entries
+
+
+def _iso(at: float) -> str:
+    """``at`` as an ISO 8601 timestamp in UTC, to the millisecond."""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
+
+
+def test_search_takes_iso_times(client: TestClient) -> None:
+    since = client.get("/api/v1/dead", params={"since": _iso(NOW - 7.5)}).json()
+    assert {e["id"] for e in since["entries"]} == {"d3", "d4"}
+    window = {"since": _iso(NOW - 8.5), "until": _iso(NOW - 6.5).replace("+00:00", "Z")}
+    assert [e["id"] for e in client.get("/api/v1/dead", params=window).json()["entries"]] == [
+        "d3",
+        "d2",
+    ]
+    # Without a zone a timestamp is UTC; epoch seconds still work.
+    naive = _iso(NOW - 7.5).removesuffix("+00:00")
+    assert client.get("/api/v1/dead", params={"since": naive}).json()["total"] == 2
+    assert client.get("/api/v1/dead", params={"until": str(NOW - 9.5)}).json()["total"] == 1
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"since": "yesterday"}, "'yesterday' is neither seconds since the epoch nor an ISO"),
+        ({"until": "2026-13-01"}, "'2026-13-01' is neither"),
+        ({"since": "1e300"}, "out of range"),
+        ({"since": _iso(NOW), "until": _iso(NOW - 60)}, "is before since"),
+    ],
+)
+def test_search_refuses_other_times(
+    client: TestClient, params: dict[str, str], expected: str
+) -> None:
+    response = client.get("/api/v1/dead", params=params)
+    assert response.status_code == 422, response.text
+    assert expected in response.text
+
+
+def test_purge_selection_takes_iso_times(client: TestClient, store: RedisDeadLetterStore) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    bad = client.post("/api/v1/dead/purge", json={"since": "soon"}, headers=auth)
+    assert bad.status_code == 422 and "'soon' is neither" in bad.text
+    assert store.count() == 5
+    backwards = {"since": _iso(NOW), "until": _iso(NOW - 60)}
+    assert client.post("/api/v1/dead/purge", json=backwards, headers=auth).status_code == 422
+    purged = client.post("/api/v1/dead/purge", json={"until": _iso(NOW - 8.5)}, headers=auth)
+    assert purged.status_code == 200, purged.text
+    assert purged.json()["detail"]["purged"] == 2  # d0 and d1
+    assert store.get("d1") is None and store.get("d2") is not None

@@ -4,6 +4,8 @@ show, replay by filter (the replayed tasks run and link back), purge, batches be
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,36 @@ def test_list_show_purge_and_batches(
     assert '"batch_name": "alerts"' in cli.invoke(main, ["dead", "show", "alerts/1"]).output
     assert "purged 1 items" in cli.invoke(main, ["dead", "purge", "--batch", "alerts"]).output
     assert cli.invoke(main, ["dead", "purge", "--all"]).output.strip() == "purged 2 dead letters"
+
+
+def test_since_takes_seconds_back_or_an_iso_time(cli: CliRunner, make_app: Any) -> None:
+    app = make_app("deadcli")
+    store = RedisDeadLetterStore.for_runtime(runtime_of(app))
+    now = time.time()
+    for i, age in enumerate((7200, 1800, 60)):
+        store.record(DeadLetter(id=f"s{i}", reason="failed", name="bdc.send", last_at=now - age))
+
+    def listed(*since: str) -> set[str]:
+        out = cli.invoke(main, ["dead", "--json", "list", "--no-batches", *since])
+        assert out.exit_code == 0, out.output
+        return {e["id"] for e in json.loads(out.output)["entries"]}
+
+    assert listed("--since", "3600") == {"s1", "s2"}
+    hour_ago = datetime.fromtimestamp(now - 3600, UTC)
+    assert listed("--since", hour_ago.isoformat()) == {"s1", "s2"}
+    assert listed("--since", hour_ago.strftime("%Y-%m-%dT%H:%M:%SZ")) == {"s1", "s2"}
+    # Without a zone, the local time the list prints.
+    local = datetime.fromtimestamp(now - 600).strftime("%Y-%m-%d %H:%M:%S")
+    assert listed("--since", local) == {"s2"}
+    for bad, why in (("yesterday", "'yesterday' is neither"), ("-5", "0 or more")):
+        out = cli.invoke(main, ["dead", "list", "--since", bad])
+        assert out.exit_code == 2 and why in out.output, out.output
+    # replay and purge take the same filter, and still refuse ids beside it.
+    both = cli.invoke(main, ["dead", "purge", "s0", "--since", hour_ago.isoformat()])
+    assert both.exit_code == 2 and "one of them" in both.output
+    purged = cli.invoke(main, ["dead", "purge", "--since", hour_ago.isoformat()])
+    assert purged.output.strip() == "purged 2 dead letters"
+    assert [e.id for e in store.search()] == ["s0"]
 
 
 @pytest.mark.slow

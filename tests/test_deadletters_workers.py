@@ -20,22 +20,11 @@ from taskyard.batching import inspect_batches, list_dead
 from taskyard.deadletters import Query, RedisDeadLetterStore
 from taskyard.runtime import runtime_of
 from taskyard.testing import celery_worker, wait_until
-from tests import servers
 from tests.apps import dead as dead_app
 
 pytestmark = pytest.mark.slow
 
 APP = "tests.apps.dead"
-
-
-@pytest.fixture(params=["redis", "rabbitmq"])
-def broker_env(request: pytest.FixtureRequest, redis_env: dict[str, str]) -> dict[str, str]:
-    env = dict(redis_env)
-    if request.param == "rabbitmq":
-        servers.require("rabbitmq")
-        env["TASKYARD_BROKER_URL"] = servers.RABBITMQ_URL
-        servers.purge_rabbitmq()
-    return env
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ import psutil
 import pytest
 import redis
 
-from taskyard.testing import celery_worker, wait_until
-from tests.busy import busy_loops, cpu_seconds
+from taskyard.testing import busy_loops, celery_worker, cpu_seconds, wait_until
 
 pytestmark = pytest.mark.slow
 

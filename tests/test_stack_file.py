@@ -18,7 +18,7 @@ from taskyard.cli import stackfile
 from taskyard.cli.loader import configured
 from taskyard.config import load_settings
 from taskyard.stack import free_port
-from taskyard.testing import child_env, wait_until
+from taskyard.testing import child_env, start_up, wait_started, wait_until
 from tests import servers
 
 
@@ -204,40 +204,15 @@ def test_an_unreachable_redis_is_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_a_second_shell_finds_the_stack_of_taskyard_up(tmp_path: Path) -> None:
     """`taskyard up` in a directory; a plain shell there (no TASKYARD_*) reads its Redis, its
     generated Flower password works, and the file goes when the stack stops."""
-    env = child_env(
-        {
-            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
-            "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
-            "TASKYARD_MONITORING__API_PORT": str(free_port()),
-        }
-    )
-    log = tmp_path / "up.log"
-    with log.open("wb") as sink:
-        up = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "taskyard.cli",
-                "up",
-                "-A",
-                "tests.apps.fivelevels",
-                "--no-beat",
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    env = {
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
+        "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
+        "TASKYARD_MONITORING__API_PORT": str(free_port()),
+    }
+    up, log = start_up("tests.apps.fivelevels", tmp_path, env, "--no-beat")
     path = tmp_path / ".taskyard-stack.json"
     try:
-        wait_until(
-            lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
-            90,
-            0.2,
-            "the stack to start",
-        )
-        text = log.read_text(errors="replace")
-        assert up.poll() is None, text
+        text = wait_started(up, log, 90)
         stack = json.loads(path.read_text())
         redis_url = stack["env"]["TASKYARD_REDIS_URL"]
         assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", redis_url)

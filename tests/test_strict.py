@@ -161,11 +161,16 @@ def test_unknown_section_field_given_as_keyword() -> None:
     [
         ("TASKYARD_REDIS_URL", "localhost:6379", "Redis URL 'localhost:6379' has no scheme"),
         ("TASKYARD_REDIS_URL", "http://x", "Redis URL 'http://x' has scheme 'http'"),
-        ("TASKYARD_REDIS_URL", "sentinel://x:26379", "has scheme 'sentinel'"),
+        ("TASKYARD_REDIS_URL", "sentinel://x:26379", "is a Sentinel URL"),
         ("TASKYARD_BROKER_URL", "foo://x", "broker URL 'foo://x' has scheme 'foo'"),
         ("TASKYARD_BROKER_URL", "unix:///tmp/r.sock", "has scheme 'unix'"),
         ("TASKYARD_DATABASE_URL", "foo://x", "is not a SQLAlchemy URL of an installed dialect"),
         ("TASKYARD_HISTORY_DATABASE_URL", "not a url", "is not a SQLAlchemy URL"),
+        ("TASKYARD_RESULT_BACKEND", "reddis://h/1", "result backend 'reddis://h/1' has scheme"),
+        ("TASKYARD_RESULT_BACKEND", "redis", "result backend 'redis' has no scheme"),
+        ("TASKYARD_RESULT_BACKEND", "db://h/x", "has scheme 'db'; expected"),
+        ("TASKYARD_RESULT_BACKEND", "db+nope://h/x", "is not a SQLAlchemy URL"),
+        ("TASKYARD_RESULT_BACKEND", "postgresql://h/x", "has scheme 'postgresql'"),
     ],
 )
 def test_url_scheme_checked_for_its_role(
@@ -188,11 +193,60 @@ def test_url_scheme_checked_for_its_role(
         ("TASKYARD_BROKER_URL", "amqps://guest:guest@h:5671//"),
         ("TASKYARD_BROKER_URL", "pyamqp://guest:guest@h//"),
         ("TASKYARD_DATABASE_URL", "postgresql+psycopg2://postgres@h:5432/test"),
+        ("TASKYARD_RESULT_BACKEND", "redis://h:6379/1"),
+        ("TASKYARD_RESULT_BACKEND", "redis+socket:///tmp/redis.sock"),
+        ("TASKYARD_RESULT_BACKEND", "rpc://"),
+        ("TASKYARD_RESULT_BACKEND", "db+postgresql+psycopg2://postgres@h:5432/test"),
+        ("TASKYARD_RESULT_BACKEND", "db+sqlite:///results.db"),
+        ("TASKYARD_RESULT_BACKEND", "cache+memcached://h:11211/"),
+        ("TASKYARD_RESULT_BACKEND", "s3://bucket"),
+        ("TASKYARD_RESULT_BACKEND", "myapp.backends:Custom://h"),
     ],
 )
 def test_valid_urls_accepted(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     load_settings()
+
+
+def test_result_backend_error_names_the_allowed_schemes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.app.backends import BACKEND_ALIASES
+
+    monkeypatch.setenv("TASKYARD_RESULT_BACKEND", "reddis://h/1")
+    with pytest.raises(ConfigurationError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "'reddis://h/1'" in message and "did you mean 'redis'?" in message
+    assert "db+<SQLAlchemy URL>" in message
+    for alias in set(BACKEND_ALIASES) - {"db", "database"}:
+        assert f"{alias}://" in message
+    assert info.value.setting == "TASKYARD_RESULT_BACKEND"
+
+
+def test_every_celery_backend_alias_accepted() -> None:
+    from celery.app.backends import BACKEND_ALIASES
+
+    for alias in set(BACKEND_ALIASES) - {"db", "database"}:
+        assert load_settings(result_backend=f"{alias}://h").result_backend == f"{alias}://h"
+
+
+def test_sentinel_redis_url_refused_saying_which_part_and_why() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(redis_url="sentinel://h:26379/0")
+    message = str(info.value)
+    assert "Sentinel is supported for the broker only" in message
+    assert "batch buffers, cache, live stats" in message and "master name" in message
+    assert "sentinel:// URL as TASKYARD_BROKER_URL" in message
+    # What it advises works: the master for taskyard's Redis, Sentinel for the broker.
+    settings = load_settings(redis_url="redis://h:6379/0", broker_url="sentinel://h:26379/0")
+    assert settings.effective_broker_url == "sentinel://h:26379/0"
+
+
+def test_redis_py_takes_no_sentinel_url() -> None:
+    """The seam the refusal above rests on: taskyard's Redis client is ``Redis.from_url``."""
+    import redis
+
+    with pytest.raises(ValueError, match="redis://, rediss://, unix://"):
+        redis.Redis.from_url("sentinel://127.0.0.1:26379/0")
 
 
 def test_unix_redis_url_is_a_socket_broker() -> None:

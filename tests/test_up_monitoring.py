@@ -6,7 +6,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from taskyard.config import load_settings
 from taskyard.monitoring.services import dashboard_url, monitoring_services, port_or_free
 from taskyard.stack import free_port
-from taskyard.testing import child_env, wait_until
+from taskyard.testing import start_up, wait_started, wait_until
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 
@@ -49,41 +48,16 @@ def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
     tmp_path: Path, stop_with: signal.Signals
 ) -> None:
     flower_port, api_port = free_port(), free_port()
-    env = child_env(
-        {  # no TASKYARD_REDIS_URL: the stack runs on its embedded Redis
-            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
-            "TASKYARD_MONITORING__FLOWER_PORT": str(flower_port),
-            "TASKYARD_MONITORING__API_PORT": str(api_port),
-            "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "ops:pw-for-test",
-        }
-    )
-    log = tmp_path / "up.log"
-    with log.open("wb") as sink:
-        up = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "taskyard.cli",
-                "up",
-                "-A",
-                "tests.apps.fivelevels",
-                "--no-beat",
-            ],
-            env=env,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
+    env = {  # no TASKYARD_REDIS_URL: the stack runs on its embedded Redis
+        "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
+        "TASKYARD_MONITORING__FLOWER_PORT": str(flower_port),
+        "TASKYARD_MONITORING__API_PORT": str(api_port),
+        "TASKYARD_MONITORING__FLOWER_BASIC_AUTH": "ops:pw-for-test",
+    }
+    up, log = start_up("tests.apps.fivelevels", tmp_path, env, "--no-beat")
     descendants: list[psutil.Process] = []
     try:
-        wait_until(
-            lambda: "Ctrl-C" in log.read_text(errors="replace") or up.poll() is not None,
-            60,
-            0.2,
-            "the stack to start",
-        )
-        text = log.read_text(errors="replace")
-        assert up.poll() is None, text
+        text = wait_started(up, log, 60)
         flower_url = f"http://127.0.0.1:{flower_port}/"
         api_url = f"http://127.0.0.1:{api_port}"
         assert re.search(rf"^flower\s+\d+\s+{re.escape(flower_url)}", text, re.M), text

@@ -39,6 +39,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 #: URL schemes per role, the one place they are listed. Redis for buffers, cache and stats is
 #: reached through redis-py (redis, rediss, unix; kombu's redis+socket is rewritten to unix).
+#: Sentinel is the broker's only (SENTINEL_REDIS_URL says why).
 REDIS_SCHEMES = frozenset({"redis", "rediss", "unix", "redis+socket"})
 #: The broker is a kombu transport: Redis (a socket is redis+socket, Sentinel is sentinel) or
 #: RabbitMQ.
@@ -80,6 +81,22 @@ def redis_broker_url(url: str) -> str:
     return url
 
 
+#: Why TASKYARD_REDIS_URL takes no sentinel:// URL, though the broker does.
+SENTINEL_REDIS_URL = (
+    "Sentinel is supported for the broker only: taskyard's own Redis client (batch buffers, "
+    "cache, live stats, heartbeats, dead letters, timelines) is redis-py's Redis.from_url, "
+    "which takes redis://, rediss:// and unix:// URLs, and a Sentinel client needs a master "
+    "name that no setting gives; the broker, which defaults to this URL, would need one too. "
+    "Give the master's redis:// URL here and the sentinel:// URL as TASKYARD_BROKER_URL"
+)
+
+
+def _check_redis_url(url: str) -> str:
+    if url_scheme(url) == "sentinel":
+        raise ValueError(f"Redis URL {url!r} is a Sentinel URL. {SENTINEL_REDIS_URL}")
+    return _check_scheme(url, REDIS_SCHEMES, "Redis URL")
+
+
 def _check_scheme(url: str, schemes: frozenset[str], role: str) -> str:
     scheme = url_scheme(url)
     if scheme not in schemes:
@@ -88,6 +105,46 @@ def _check_scheme(url: str, schemes: frozenset[str], role: str) -> str:
             f"{role} {url!r} has {shown}; expected one of "
             f"{', '.join(s + '://' for s in sorted(schemes))}"
         )
+    return url
+
+
+#: Result backend URLs whose backend is SQLAlchemy: ``db+<SQLAlchemy URL>``.
+DATABASE_BACKENDS = frozenset({"db", "database"})
+
+
+def result_backend_schemes() -> frozenset[str]:
+    """The backend names Celery resolves a result backend URL's scheme to: its own aliases
+    (``celery.app.backends.BACKEND_ALIASES``) and those installed packages register under the
+    ``celery.result_backends`` entry points, as ``celery.app.backends.by_name`` reads them."""
+    # Celery internals: by_url takes the scheme (the part before "+" when there is one) as the
+    # backend name, and by_name looks it up in these two places.
+    from celery.app.backends import BACKEND_ALIASES
+    from celery.utils.imports import load_extension_class_names
+
+    extensions = load_extension_class_names("celery.result_backends")
+    return frozenset(BACKEND_ALIASES) | {str(name) for name, _ in extensions}
+
+
+def _check_result_backend(url: str) -> str:
+    scheme = url_scheme(url)
+    name, plus, _ = scheme.partition("+")
+    if "." in name or ":" in name:
+        return url  # a backend class by its import path (package.module:Class://...)
+    known = result_backend_schemes()
+    if name not in known or (name in DATABASE_BACKENDS and not plus):
+        shown = f"scheme {scheme!r}" if scheme else "no scheme"
+        plain = ", ".join(s + "://" for s in sorted(known - DATABASE_BACKENDS))
+        raise ValueError(
+            f"result backend {url!r} has {shown}; expected a Celery result backend URL: "
+            f"db+<SQLAlchemy URL> (db+postgresql://..., db+sqlite:///results.db) or one of "
+            f"{plain} (also as NAME+...://, e.g. redis+socket://, cache+memcached://)"
+            + did_you_mean(name, known)
+        )
+    if name in DATABASE_BACKENDS:
+        try:
+            _check_database_url(url.split("+", 1)[1])
+        except ValueError as exc:
+            raise ValueError(f"result backend {url!r}: {exc}") from None
     return url
 
 
@@ -187,8 +244,11 @@ class GuardSettings(Section):
         "low": "warning",
         "batch": "warning",
     }
-    # A held-back task is re-published after this delay plus up to defer_jitter_s (s). Both
-    # must stay far below the broker's visibility timeout (the Redis broker redelivers after it).
+    # A task held back for memory is re-published with a countdown that backs off: the n-th
+    # deferral waits (defer_countdown_s + U(0, defer_jitter_s)) * 2^(n-1) (s), at most
+    # defer_max_countdown_s. With leased reservations off (reservation_lease_s = 0),
+    # defer_countdown_s + defer_jitter_s must stay below half the visibility timeout, or the
+    # broker would redeliver the held message; with leases on it is renewed and never is.
     defer_countdown_s: float = Field(2.0, gt=0, le=300)
     defer_jitter_s: float = Field(1.0, ge=0, le=300)
     # A task deferred for longer than this runs anyway, logged as "overdue" (s).
@@ -217,8 +277,9 @@ class GuardSettings(Section):
     # about a tenth of a nice-0 process's share under CFS).
     pool_nice: int = Field(10, ge=0, le=19)
     nice_levels: list[str] = ["low", "batch"]
-    # Memory deferrals back off exponentially: the n-th waits (countdown + jitter) * 2^(n-1),
-    # at most this long (s); must stay below half the broker visibility timeout.
+    # The longest countdown of a memory deferral (s), see defer_countdown_s. With leases off an
+    # explicit value must stay below half the visibility timeout; the default follows a short
+    # visibility timeout down (to 0.9 of the half) instead.
     defer_max_countdown_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
@@ -493,12 +554,17 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
-        return None if value is None else _check_scheme(value, REDIS_SCHEMES, "Redis URL")
+        return None if value is None else _check_redis_url(value)
 
     @field_validator("broker_url")
     @classmethod
     def _broker_scheme(cls, value: str | None) -> str | None:
         return None if value is None else _check_scheme(value, BROKER_SCHEMES, "broker URL")
+
+    @field_validator("result_backend")
+    @classmethod
+    def _result_backend_scheme(cls, value: str | None) -> str | None:
+        return None if value is None else _check_result_backend(value)
 
     @field_validator("database_url", "history_database_url")
     @classmethod

@@ -1,4 +1,5 @@
-"""Helpers for tests and benchmarks: real `celery worker` processes with bounded waits.
+"""Helpers for tests and benchmarks: real `celery worker` processes with bounded waits, the CPU
+time of process trees, busy loops standing for another program's CPU load.
 
 Not used by the platform itself.
 """
@@ -13,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import psutil
 
 from taskyard.stack import die_with_parent
 
@@ -48,6 +51,140 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src"), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """Process ``pid`` and its descendants now ([] when it is gone)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def cpu_seconds(procs: Sequence[psutil.Process]) -> float:
+    """User + system CPU time of ``procs`` so far (s); a process that is gone counts nothing."""
+    total = 0.0
+    for proc in procs:
+        with suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU time of process ``pid`` and its descendants so far (s)."""
+    return cpu_seconds(process_tree(pid))
+
+
+#: The program of :func:`busy_loops`.
+BUSY_LOOP = "while True:\n    pass\n"
+
+
+@contextmanager
+def busy_loops(n: int = 2) -> Iterator[list[psutil.Process]]:
+    """Another program keeping CPUs busy: ``n`` busy-loop processes at the default priority,
+    each in its own session (as an unrelated service would be); killed on exit."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", BUSY_LOOP], start_new_session=True)
+        for _ in range(n)
+    ]
+    try:
+        yield [psutil.Process(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            with suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+
+
+def worker_argv(
+    app: str,
+    queues: str,
+    *,
+    concurrency: int = 2,
+    name: str = "test",
+    pool: str = "prefork",
+    loglevel: str = "INFO",
+    extra: Sequence[str] = (),
+    prefix: Sequence[str] = (),
+) -> list[str]:
+    """``celery -A app worker -Q queues`` as tests and benchmarks run it: this interpreter, the
+    node ``name@%h``, no gossip or mingle (nothing to learn from other workers in a test)."""
+    return [
+        *prefix,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        app,
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-P",
+        pool,
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        *extra,
+    ]
+
+
+def spawn(
+    argv: Sequence[str], env: Mapping[str, str], log: Path, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (stop it with :func:`os.killpg`), with
+    :func:`child_env` of ``env``, output to ``log``; it dies with this process."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            list(argv),
+            env=child_env(env),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+            preexec_fn=die_with_parent,
+        )
+
+
+def start_up(
+    app: str, directory: Path, env: Mapping[str, str], *options: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``taskyard up -A app *options`` run in ``directory`` (where it writes its stack file) with
+    :func:`child_env` of ``env``; output to ``directory/up.log``, which is returned with the
+    process. Not in a session of its own: it is stopped by signalling it, as Ctrl-C would."""
+    log = directory / "up.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "taskyard.cli", "up", "-A", app, *options],
+            env=child_env(env),
+            cwd=directory,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log
+
+
+def wait_started(process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> str:
+    """Wait until ``taskyard up`` printed how to stop it (Ctrl-C); its output so far.
+
+    Raises:
+        AssertionError: it exited instead (with its output), or did not start in time.
+    """
+    wait_until(
+        lambda: "Ctrl-C" in log.read_text(errors="replace") or process.poll() is not None,
+        timeout_s,
+        0.2,
+        "the stack to start",
+    )
+    text = log.read_text(errors="replace")
+    assert process.poll() is None, text
+    return text
 
 
 class Worker:
@@ -103,38 +240,10 @@ def celery_worker(
     ``prefix`` runs the worker through another program, e.g. ``ip netns exec HOST``.
     """
     log = log_dir / f"worker-{name}-{time.monotonic_ns()}.log"
-    argv = [
-        *prefix,
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        app,
-        "worker",
-        "-Q",
-        queues,
-        "-c",
-        str(concurrency),
-        "-P",
-        pool,
-        "-n",
-        f"{name}@%h",
-        "--loglevel",
-        "INFO",
-        "--without-gossip",
-        "--without-mingle",
-        *extra,
-    ]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            argv,
-            env=child_env(env),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-            preexec_fn=die_with_parent,
-        )
+    argv = worker_argv(
+        app, queues, concurrency=concurrency, name=name, pool=pool, extra=extra, prefix=prefix
+    )
+    process = spawn(argv, env, log)
     worker = Worker(process, log)
     try:
         wait_until(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -15,8 +18,43 @@ from taskyard.errors import TaskyardError
 _REASONS = click.Choice(["failed", "crashed", "poison", "expired"])
 
 
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A taskyard error inside becomes the command's one-line error (a user error)."""
+    try:
+        yield
+    except TaskyardError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) if at else "-"
+
+
+class Since(click.ParamType[float]):
+    """``--since``: a number of seconds back from now, or an ISO 8601 time (local time when it
+    has no zone, as ``dead list`` prints); converted to seconds since the epoch."""
+
+    name = "since"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            back = float(text)
+        except ValueError:
+            from taskyard.monitoring.http.query import epoch_seconds
+
+            try:
+                return epoch_seconds(text, naive_utc=False)
+            except ValueError as exc:
+                self.fail(f"{exc}; give SECONDS back from now or an ISO 8601 TIME", param, ctx)
+        if not math.isfinite(back) or back < 0:
+            self.fail(f"{value!r} is not a number of seconds back (0 or more)", param, ctx)
+        return time.time() - back
 
 
 def _filters(f: Any) -> Any:
@@ -28,9 +66,10 @@ def _filters(f: Any) -> Any:
             click.option("--exception", "exception_type", help="Exception type, e.g. ValueError."),
             click.option(
                 "--since",
-                type=float,
-                metavar="SECONDS",
-                help="Only entries that died within the last SECONDS.",
+                type=Since(),
+                metavar="SECONDS|TIME",
+                help="Only entries that died within the last SECONDS, or at or after TIME "
+                "(ISO 8601, e.g. 2026-01-01T08:00; local time unless it has a zone).",
             ),
         )
     ):
@@ -46,6 +85,7 @@ def _query(
     since: float | None,
     state: str | None = "dead",
 ) -> Any:
+    """The store's query of the filter options (``since`` already in seconds since the epoch)."""
     from taskyard.deadletters import Query
 
     return Query(
@@ -54,7 +94,7 @@ def _query(
         reason=reason,
         exception_type=exception_type,
         state=state,
-        since=None if since is None else time.time() - since,
+        since=since,
     )
 
 
@@ -102,15 +142,13 @@ def list_command(
     from taskyard.deadletters.batches import batch_dead_letters
 
     app = load_app(ctx.obj["app_path"])
-    try:
+    with _reported():
         query = _query(
             name, queue, reason, exception_type, since, None if state == "all" else state
         )
         store = _store(app)
         entries = store.search(query, limit=limit)
         total = store.count(query)
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
     dead_batches = (
         batch_dead_letters(app)
         if batches and name is None and queue is None and exception_type is None
@@ -180,33 +218,45 @@ def show(ctx: click.Context, entry_id: str) -> None:
             click.echo(f"{key}: {shown}")
 
 
-def _selection(ids: tuple[str, ...], every: bool, filters: dict[str, Any]) -> None:
-    given = bool(ids) + every + any(v is not None for v in filters.values())
+def _selection(
+    entry_ids: tuple[str, ...], every: bool, filters: dict[str, Any], state: str | None = "dead"
+) -> Any:
+    """What a replay or purge takes: None for the ``entry_ids`` given, else the query of the
+    filter options (or of ``--all``, every entry in ``state``).
+
+    Raises:
+        click.UsageError: not exactly one of entry ids, filter options and ``--all`` is given.
+        TaskyardError: a filter value the store refuses.
+    """
+    given = bool(entry_ids) + every + any(v is not None for v in filters.values())
     if given != 1:
         raise click.UsageError("give entry ids, filter options, or --all (one of them)")
+    return None if entry_ids else _query(**filters, state=state)
+
+
+def _selection_options(every_help: str, batch_help: str) -> Callable[[Any], Any]:
+    """The options of replay and purge: entry ids, the filters, ``--all``, ``--batch``."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option("--batch", "batch_ref", metavar="NAME[/ID]", help=batch_help)(f)
+        f = click.option("--all", "every", is_flag=True, help=every_help)(f)
+        return click.argument("entry_ids", nargs=-1)(_filters(f))
+
+    return decorate
 
 
 @dead.command("replay")
-@click.argument("entry_ids", nargs=-1)
-@_filters
-@click.option("--all", "every", is_flag=True, help="Every dead task.")
-@click.option(
-    "--batch",
-    "batch_ref",
-    metavar="NAME[/ID]",
-    help="Requeue dead batches of NAME (or one, NAME/ID) instead of tasks.",
+@_selection_options(
+    "Every dead task.", "Requeue dead batches of NAME (or one, NAME/ID) instead of tasks."
 )
 @click.pass_context
 def replay(
     ctx: click.Context,
+    /,
     entry_ids: tuple[str, ...],
-    name: str | None,
-    queue: str | None,
-    reason: str | None,
-    exception_type: str | None,
-    since: float | None,
     every: bool,
     batch_ref: str | None,
+    **filters: Any,
 ) -> None:
     """Send dead tasks again, to their own level; each links back to its dead entry."""
     from taskyard.deadletters.replay import replay as replay_many
@@ -216,88 +266,52 @@ def replay(
     if batch_ref is not None:
         from taskyard.deadletters.batches import replay_batches
 
-        try:
+        with _reported():
             refs = replay_batches(app, batch_ref)
-        except TaskyardError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(f"requeued {len(refs)} dead batches: {' '.join(refs) or '-'}")
         return
-    filters = {
-        "name": name,
-        "queue": queue,
-        "reason": reason,
-        "exception_type": exception_type,
-        "since": since,
-    }
-    _selection(entry_ids, every, filters)
-    store = _store(app)
-    try:
-        if entry_ids:
+    with _reported():
+        query = _selection(entry_ids, every, filters)
+        store = _store(app)
+        if query is None:
             for entry_id in entry_ids:
                 click.echo(f"{entry_id} -> {replay_one(app, store, entry_id)}")
             return
-        query = _query(name, queue, reason, exception_type, since)
         total = store.count(query)
         with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
             report = replay_many(
                 app, store, query, progress=lambda done, _total, _id: bar.update(1)
             )
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"replayed {len(report.replayed)} of {total} dead tasks")
     for entry_id, why in report.skipped.items():
         click.echo(f"skipped {entry_id}: {why}")
 
 
 @dead.command("purge")
-@click.argument("entry_ids", nargs=-1)
-@_filters
-@click.option("--all", "every", is_flag=True, help="Every dead letter, replayed ones too.")
-@click.option(
-    "--batch",
-    "batch_ref",
-    metavar="NAME[/ID]",
-    help="Delete dead batches of NAME (or one, NAME/ID) instead of tasks.",
+@_selection_options(
+    "Every dead letter, replayed ones too.",
+    "Delete dead batches of NAME (or one, NAME/ID) instead of tasks.",
 )
 @click.pass_context
 def purge(
     ctx: click.Context,
+    /,
     entry_ids: tuple[str, ...],
-    name: str | None,
-    queue: str | None,
-    reason: str | None,
-    exception_type: str | None,
-    since: float | None,
     every: bool,
     batch_ref: str | None,
+    **filters: Any,
 ) -> None:
     """Delete dead letters for good."""
     app = load_app(ctx.obj["app_path"])
     if batch_ref is not None:
         from taskyard.deadletters.batches import purge_batches
 
-        try:
+        with _reported():
             items = purge_batches(app, batch_ref)
-        except TaskyardError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(f"purged {items} items of dead batches")
         return
-    filters = {
-        "name": name,
-        "queue": queue,
-        "reason": reason,
-        "exception_type": exception_type,
-        "since": since,
-    }
-    _selection(entry_ids, every, filters)
-    store = _store(app)
-    try:
-        if entry_ids:
-            deleted = store.delete(list(entry_ids))
-        else:
-            deleted = store.purge(
-                _query(name, queue, reason, exception_type, since, None if every else "dead")
-            )
-    except TaskyardError as exc:
-        raise click.ClickException(str(exc)) from None
+    with _reported():
+        query = _selection(entry_ids, every, filters, None if every else "dead")
+        store = _store(app)
+        deleted = store.delete(list(entry_ids)) if query is None else store.purge(query)
     click.echo(f"purged {deleted} dead letters")

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Quer
 from fastapi.responses import HTMLResponse
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from taskyard.deadletters import DeadLetterStore, RedisDeadLetterStore
 from taskyard.deadletters import Query as DeadQuery
@@ -28,6 +28,7 @@ from taskyard.deadletters.replay import replay, replay_one
 from taskyard.errors import TaskyardError
 from taskyard.monitoring import history, timeline
 from taskyard.monitoring.http import models as m
+from taskyard.monitoring.http.query import TIME_FORMS, check_range, epoch_seconds, parse_time
 from taskyard.monitoring.http.state import API_PREFIX, ApiState
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,18 @@ class DeadSelection(BaseModel):
     queue: str | None = Field(None, max_length=200)
     reason: Reason | None = None
     exception: str | None = Field(None, max_length=300, description="Exception type.")
-    since: float | None = Field(None, description="Died at or after (s since epoch).")
-    until: float | None = Field(None, description="Died at or before (s since epoch).")
+    since: float | None = Field(None, description=f"Died at or after: {TIME_FORMS}.")
+    until: float | None = Field(None, description=f"Died at or before: {TIME_FORMS}.")
     all: bool = Field(False, description="Every dead letter (purge: replayed ones too).")
     batch: str | None = Field(
         None, max_length=400, description="NAME or NAME/ID: dead batches instead of tasks."
     )
+
+    @field_validator("since", "until", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> Any:
+        # A string is an ISO 8601 timestamp or a number of seconds; numbers pass to pydantic.
+        return epoch_seconds(value) if isinstance(value, str) else value
 
     def query(self, state: str | None = "dead") -> DeadQuery:
         return DeadQuery(
@@ -70,6 +77,8 @@ class DeadSelection(BaseModel):
         )
         if self.batch is None and (bool(self.ids) + self.all + filtered) != 1:
             raise HTTPException(422, "give ids, filter fields or all=true (exactly one)")
+        if self.since is not None and self.until is not None and self.since > self.until:
+            raise HTTPException(422, f"until ({self.until}) is before since ({self.since})")
 
 
 def dead_store(state: ApiState) -> DeadLetterStore:
@@ -119,22 +128,24 @@ def dead_router(state: ApiState) -> APIRouter:
         queue: str | None = None,
         reason: Reason | None = None,
         exception: Annotated[str | None, Query(description="Exception type.")] = None,
-        since: float | None = None,
-        until: float | None = None,
+        since: Annotated[str | None, Query(description=f"Died at or after: {TIME_FORMS}.")] = None,
+        until: Annotated[str | None, Query(description=f"Died at or before: {TIME_FORMS}.")] = None,
         state_: Annotated[Literal["dead", "replayed", "all"], Query(alias="state")] = "dead",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
         batches: bool = True,
     ) -> dict[str, Any]:
         """Dead letters, newest first, with the dead batches beside them."""
+        start, end = parse_time("since", since), parse_time("until", until)
+        check_range(start, end)
         try:
             query = DeadQuery(
                 name=name,
                 queue=queue,
                 reason=reason,
                 exception_type=exception,
-                since=since,
-                until=until,
+                since=start,
+                until=end,
                 state=None if state_ == "all" else state_,
             )
         except TaskyardError as exc:

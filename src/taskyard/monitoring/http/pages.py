@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 CHART_POINTS = 240
 #: Dead letters listed on a task name's page.
 FAILURES_LISTED = 20
+#: Colours of the warning and critical threshold lines.
+WARNING, CRITICAL = "#d97706", "#dc2626"
 
 router = APIRouter()
 
@@ -113,6 +115,33 @@ def _shell(
     )
 
 
+async def _windowed(
+    request: Request,
+    key: tuple[Any, ...],
+    title: str,
+    active: str,
+    render_body: Callable[[Any, float, float], str],
+    window: int,
+    refresh: int,
+    fragment: bool,
+) -> Response:
+    """A page over a window of history: ``render_body(state, window, now)`` in the shell, cached
+    under ``key`` with the window, refresh and fragment."""
+    state = request.app.state.taskyard
+
+    def render() -> str:
+        now = time.time()
+        body = render_body(state, float(window), now)
+        return _shell(request, title, body, active, float(window), now, refresh, fragment)
+
+    return await _respond(request, (*key, window, refresh, fragment), render)
+
+
+def _kv(pairs: list[tuple[str, str]]) -> str:
+    """A definition list of (label, HTML) pairs."""
+    return '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+
+
 # --- workers ------------------------------------------------------------------------------------
 
 
@@ -121,57 +150,33 @@ def render_workers(state: Any, window: float, now: float) -> str:
     m = settings.monitoring
     snaps = _series(state, "workers", now - window)
     start = now - window
+    memory = [(m.alert_memory_warning_pct, WARNING), (m.alert_memory_critical_pct, CRITICAL)]
+    cpu = [(m.alert_cpu_warning_pct, WARNING), (m.alert_cpu_critical_pct, CRITICAL)]
     charts = [
         card(
-            "Memory per worker",
+            heading,
             worker_chart(
+                title, snaps, key, start=start, end=now, by_host=by_host, thresholds=thresholds
+            ),
+        )
+        for heading, title, key, by_host, thresholds in (
+            (
+                "Memory per worker",
                 "Memory per worker (percent of limit)",
-                snaps,
                 "memory_pct",
-                start=start,
-                end=now,
-                thresholds=[
-                    (m.alert_memory_warning_pct, "#d97706"),
-                    (m.alert_memory_critical_pct, "#dc2626"),
-                ],
+                False,
+                memory,
             ),
-        ),
-        card(
-            "CPU per worker",
-            worker_chart(
-                "CPU per worker (percent)",
-                snaps,
-                "cpu_pct",
-                start=start,
-                end=now,
-                thresholds=[
-                    (m.alert_cpu_warning_pct, "#d97706"),
-                    (m.alert_cpu_critical_pct, "#dc2626"),
-                ],
-            ),
-        ),
-        card(
-            "Memory per host",
-            worker_chart(
+            ("CPU per worker", "CPU per worker (percent)", "cpu_pct", False, cpu),
+            (
+                "Memory per host",
                 "Memory per host (highest of its workers, percent)",
-                snaps,
                 "memory_pct",
-                start=start,
-                end=now,
-                by_host=True,
+                True,
+                [],
             ),
-        ),
-        card(
-            "CPU per host",
-            worker_chart(
-                "CPU per host (highest of its workers, percent)",
-                snaps,
-                "cpu_pct",
-                start=start,
-                end=now,
-                by_host=True,
-            ),
-        ),
+            ("CPU per host", "CPU per host (highest of its workers, percent)", "cpu_pct", True, []),
+        )
     ]
     rows = []
     for w in state.store.workers():
@@ -207,16 +212,16 @@ async def workers_page(
     fragment: FragmentQuery = False,
 ) -> Response:
     """Per-worker and per-host memory and CPU over time, and every worker now."""
-    state = request.app.state.taskyard
-
-    def render() -> str:
-        now = time.time()
-        body = render_workers(state, float(window), now)
-        return _shell(
-            request, "workers", body, "/dashboard/workers", float(window), now, refresh, fragment
-        )
-
-    return await _respond(request, ("page:workers", window, refresh, fragment), render)
+    return await _windowed(
+        request,
+        ("page:workers",),
+        "workers",
+        "/dashboard/workers",
+        render_workers,
+        window,
+        refresh,
+        fragment,
+    )
 
 
 # --- task names ---------------------------------------------------------------------------------
@@ -295,22 +300,16 @@ async def tasks_page(
     fragment: FragmentQuery = False,
 ) -> Response:
     """Throughput and failures per task name over time, and every task name's counters."""
-    state = request.app.state.taskyard
-
-    def render() -> str:
-        now = time.time()
-        return _shell(
-            request,
-            "tasks",
-            render_tasks(state, float(window), now),
-            "/dashboard/tasks",
-            float(window),
-            now,
-            refresh,
-            fragment,
-        )
-
-    return await _respond(request, ("page:tasks", window, refresh, fragment), render)
+    return await _windowed(
+        request,
+        ("page:tasks",),
+        "tasks",
+        "/dashboard/tasks",
+        render_tasks,
+        window,
+        refresh,
+        fragment,
+    )
 
 
 def dead_letters(runtime: Any, **query: Any) -> tuple[list[Any], str]:
@@ -456,22 +455,16 @@ async def task_name_page(
     fragment: FragmentQuery = False,
 ) -> Response:
     """One task name: its throughput, failures and run time over time, its dead letters."""
-    state = request.app.state.taskyard
-
-    def render() -> str:
-        now = time.time()
-        return _shell(
-            request,
-            name,
-            render_task_name(state, name, float(window), now),
-            "/dashboard/tasks",
-            float(window),
-            now,
-            refresh,
-            fragment,
-        )
-
-    return await _respond(request, ("page:task-name", name, window, refresh, fragment), render)
+    return await _windowed(
+        request,
+        ("page:task-name", name),
+        name,
+        "/dashboard/tasks",
+        lambda state, span, now: render_task_name(state, name, span, now),
+        window,
+        refresh,
+        fragment,
+    )
 
 
 # --- one task -----------------------------------------------------------------------------------
@@ -539,7 +532,7 @@ def render_task(state: Any, task_id: str) -> str:
         )
     parts = [
         f'<h2 id="task-id">{escape(task_id)}</h2>',
-        '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in summary) + "</dl>",
+        _kv(summary),
         '<div class="grid">',
         card(
             "Timeline",
@@ -568,9 +561,7 @@ def render_task(state: Any, task_id: str) -> str:
         parts.append(
             card(
                 "Dead letter",
-                '<dl class="kv">'
-                + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in details)
-                + "</dl>"
+                _kv(details)
                 + (f'<pre class="tb" id="traceback">{escape(trace)}</pre>' if trace else ""),
                 wide=True,
             )

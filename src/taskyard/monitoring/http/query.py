@@ -30,33 +30,55 @@ def invalid(parameter: str, value: Any, message: str) -> RequestValidationError:
     )
 
 
-def parse_time(parameter: str, value: str | None) -> float | None:
+#: What a time bound may be, for error messages and parameter descriptions.
+TIME_FORMS = "seconds since the epoch or an ISO 8601 timestamp (UTC if no zone)"
+
+
+def epoch_seconds(value: str | float, *, naive_utc: bool = True) -> float:
     """Seconds since the epoch from ``value``: a number of seconds or an ISO 8601 timestamp.
 
-    A timestamp without a zone is taken as UTC.
+    A timestamp without a zone is taken as UTC (``naive_utc=False``: as local time, for the
+    command line, which prints local times).
+
+    Raises:
+        ValueError: ``value`` is neither, or lies outside the years 1 to 9999; the message
+            names the value and the forms allowed.
     """
-    if value is None or value == "":
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
         try:
-            moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            seconds = float(text)
         except ValueError:
-            raise invalid(
-                parameter,
-                value,
-                f"{value!r} is neither seconds since the epoch nor an ISO 8601 timestamp "
-                "(e.g. 1767225600 or 2026-01-01T00:00:00Z)",
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = moment.timestamp()
+            try:
+                moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is neither seconds since the epoch nor an ISO 8601 timestamp "
+                    "(e.g. 1767225600 or 2026-01-01T00:00:00Z)"
+                ) from None
+            if moment.tzinfo is None and naive_utc:
+                moment = moment.replace(tzinfo=UTC)
+            try:
+                seconds = moment.timestamp()
+            except (OverflowError, OSError, ValueError):
+                seconds = math.inf  # local time of a year the platform cannot convert
     # Years 0-9999 cover every timestamp a stats series can hold; beyond is a client error.
     if not math.isfinite(seconds) or not -62_135_596_800 <= seconds <= 253_402_300_799:
-        raise invalid(parameter, value, f"{value!r} is out of range (years 1 to 9999)")
+        raise ValueError(f"{value!r} is out of range (years 1 to 9999)")
     return seconds
+
+
+def parse_time(parameter: str, value: str | None) -> float | None:
+    """Seconds since the epoch from query ``parameter``'s ``value`` (see :func:`epoch_seconds`);
+    None when it is absent or empty. Anything else is a 422 error naming the parameter."""
+    if value is None or value == "":
+        return None
+    try:
+        return epoch_seconds(value)
+    except ValueError as exc:
+        raise invalid(parameter, value, str(exc)) from None
 
 
 def check_range(since: float | None, until: float | None) -> None:
