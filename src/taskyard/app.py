@@ -24,6 +24,7 @@ from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
 from taskyard.runtime import Runtime, attach
 from taskyard.workers.prefetch import BulkPrefetch
+from taskyard.workers.urgent import UrgentFirstStep
 
 #: Keywords of create_app that are Celery settings: new-style names, and the old upper-case
 #: ones (celery.app.defaults; _TO_NEW_KEY maps each old name to its new one).
@@ -67,6 +68,7 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "task_send_sent_event": False,
         "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
         "taskyard_bulk_prefetch_multiplier": settings.bulk_prefetch_multiplier,
+        "taskyard_urgent_prefetch_multiplier": settings.urgent_prefetch_multiplier,
         "taskyard_delay_move_interval_s": settings.delay_move_interval_s,
         "task_track_started": True,
         # .delay() with the broker down fails in bounded time instead of hanging.
@@ -211,6 +213,7 @@ def create_app(
         )
         app.steps["consumer"].add(EventBatching)
     app.steps["consumer"].add(BulkPrefetch)
+    app.steps["worker"].add(UrgentFirstStep)
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     _install_subsystems(app, runtime)
     return app
