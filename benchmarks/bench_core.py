@@ -31,6 +31,7 @@ from typing import Any
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
+from taskyard.config import Settings
 from taskyard.testing import ROOT, child_env, spawn, tree_cpu_s, wait_until
 
 REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
@@ -41,6 +42,8 @@ GUARDS_OFF = os.environ.get("BENCH_CORE_GUARDS", "on") == "off"
 if GUARDS_OFF:
     ENV["TASKYARD_GUARD__ENABLED"] = "false"
 PEERS_PYTHON = ROOT / ".bench-peers" / "bin" / "python"
+#: Messages each fast-profile process reserves (taskyard's default).
+FAST_PREFETCH = int(Settings.model_fields["fast_prefetch_multiplier"].default)
 APPS = {"celery": "benchmarks.apps.core_plain", "taskyard": "benchmarks.apps.core_taskyard"}
 ALL = "critical,high,normal,low,batch"
 
@@ -202,7 +205,8 @@ def flood_then_criticals(
 ) -> None:
     """Send ``flood`` 5 ms low tasks, then ``criticals`` critical ones 20 ms apart, and wait
     until every critical task has pushed its wait (sent -> started) to ``bench:waits``."""
-    low, critical = _task(side, "low"), _task(side, "critical")
+    app_side = "celery" if side == "celery" else "taskyard"
+    low, critical = _task(app_side, "low"), _task(app_side, "critical")
     for _ in range(flood):
         low.delay(0.005)
     for _ in range(criticals):
@@ -288,7 +292,7 @@ def run(quick: bool = False) -> list[Result]:
         )
         waits = {
             side: critical_waits(side, flood, criticals, client, log_dir)
-            for side in ("taskyard", "celery")
+            for side in ("taskyard", "celery", "fast")
         }
 
     def rates(side: str, table: dict[str, list[tuple[float, float]]]) -> list[float]:
@@ -387,6 +391,20 @@ def run(quick: bool = False) -> list[Result]:
                 "Celery default settings (one queue)",
             )
         )
+    rows.append(
+        Result(
+            "core.priority_isolation",
+            "critical wait p99, fast profile",
+            "ms",
+            percentile(waits["fast"], 99) * 1000,
+            percentile(waits["celery"], 99) * 1000,
+            "",
+            higher_is_better=False,
+            notes=f"as above, on the fast profile (2 solo processes, each reserving "
+            f"{FAST_PREFETCH} messages: a critical task can wait behind up to "
+            f"{FAST_PREFETCH - 1} low ones of its process)",
+        )
+    )
     ty_p99 = percentile(waits["taskyard"], 99) * 1000
     pc_p50 = statistics.median(waits["celery"]) * 1000
     rows.append(
