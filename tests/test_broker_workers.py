@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 import redis
@@ -154,32 +158,10 @@ def test_long_task_on_a_live_worker_runs_once(
     assert _runs(redis_client) == {"long": 1}
 
 
-def test_clean_stop_reruns_nothing(
-    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
-) -> None:
-    env = _env(redis_env, 1.0)
-    total = 300
-    _send(env, f"for i in range({total}): broker.WORK['normal'].delay(f'k{{i}}', 0.02)")
-    with celery_worker(
-        "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="stopped"
-    ) as worker:
-        wait_until(lambda: len(_runs(redis_client)) >= 30, 60, 0.05, "some tasks to run")
-        worker.process.send_signal(signal.SIGTERM)  # warm shutdown: finish, ack, restore
-        worker.process.wait(30)
-    # Everything the stopped worker held is acknowledged or back in its list.
-    assert redis_client.hlen("unacked") == 0
-    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="after"):
-        wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "the rest to run")
-        time.sleep(1.0 + 2 * SWEEP_S)  # past a lease and two sweeps: nothing comes back
-    runs = _runs(redis_client)
-    assert set(runs.values()) == {1}, {k: v for k, v in runs.items() if v != 1}
-
-
-def test_fast_profile_runs_solo_processes(
-    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
-) -> None:
-    env = _env(redis_env)
-    log = tmp_path / "fast.log"
+@contextmanager
+def _fast_launcher(env: dict[str, str], tmp_path: Path, name: str) -> Iterator[Popen]:
+    """``taskyard worker --profile fast -c 2`` on the broker test app, once both are ready."""
+    log = tmp_path / f"{name}.log"
     with log.open("wb") as sink:
         launcher = subprocess.Popen(
             [
@@ -211,7 +193,57 @@ def test_fast_profile_runs_solo_processes(
             0.2,
             "two fast processes",
         )
-        text = log.read_text(errors="replace")
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(10)
+
+
+@contextmanager
+def _stoppable(kind: str, env: dict[str, str], tmp_path: Path, name: str) -> Iterator[Popen]:
+    """A prefork worker (-c 2) or the fast profile's launcher, as the process to SIGTERM."""
+    if kind == "fast":
+        with _fast_launcher(env, tmp_path, name) as launcher:
+            yield launcher
+        return
+    with celery_worker(
+        "tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name=name
+    ) as worker:
+        yield worker.process
+
+
+@pytest.mark.parametrize("kind", ["prefork", "fast"])
+def test_clean_stops_under_load_rerun_nothing(
+    kind: str, redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    """SIGTERM (warm shutdown) in the middle of a stream of short tasks, stop after stop."""
+    env = _env(redis_env, 1.0)
+    total, stops = 1500, 6
+    _send(env, f"for i in range({total}): broker.WORK['normal'].delay(f'k{{i}}', 0.002)")
+    for stop in range(stops):
+        target = len(_runs(redis_client)) + 100
+        with _stoppable(kind, env, tmp_path, f"stopped{stop}") as process:
+            wait_until(lambda n=target: len(_runs(redis_client)) >= n, 60, 0.01, "tasks to run")
+            process.send_signal(signal.SIGTERM)  # warm shutdown: finish, ack, restore
+            assert process.wait(60) == 0
+        # Everything the stopped worker held is acknowledged or back in its list.
+        assert redis_client.hlen("unacked") == 0
+    assert len(_runs(redis_client)) < total  # every stop came mid-stream
+    with celery_worker("tests.apps.broker", ALL_QUEUES, env, tmp_path, concurrency=2, name="after"):
+        wait_until(lambda: len(_runs(redis_client)) == total, 120, 0.2, "the rest to run")
+        time.sleep(1.0 + 2 * SWEEP_S)  # past a lease and two sweeps: nothing comes back
+    runs = _runs(redis_client)
+    assert set(runs) == {f"k{i}" for i in range(total)}  # none lost
+    assert {k: v for k, v in runs.items() if v != 1} == {}  # none run twice
+
+
+def test_fast_profile_runs_solo_processes(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = _env(redis_env)
+    with _fast_launcher(env, tmp_path, "fast") as launcher:
+        text = (tmp_path / "fast.log").read_text(errors="replace")
         assert "fast1@" in text and "fast2@" in text and "solo" in text
         _send(
             env,
@@ -221,11 +253,6 @@ def test_fast_profile_runs_solo_processes(
         wait_until(lambda: len(_runs(redis_client)) == 101, 60, 0.1, "the fast workers")
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(30) == 0
-    finally:
-        if launcher.poll() is None:
-            import os
-
-            os.killpg(launcher.pid, signal.SIGKILL)
     assert redis_client.hlen("unacked") == 0
     assert set(_runs(redis_client).values()) == {1}
 

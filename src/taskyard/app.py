@@ -24,6 +24,7 @@ from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
 from taskyard.runtime import Runtime, attach
 from taskyard.workers.prefetch import BulkPrefetch
+from taskyard.workers.shutdown import StopFlush
 from taskyard.workers.urgent import UrgentFirstStep
 
 #: Keywords of create_app that are Celery settings: new-style names, and the old upper-case
@@ -214,6 +215,8 @@ def create_app(
         app.steps["consumer"].add(EventBatching)
     app.steps["consumer"].add(BulkPrefetch)
     app.steps["worker"].add(UrgentFirstStep)
+    # A warm stop lets the pool processes finish and acknowledge what they already received.
+    app.steps["worker"].add(StopFlush)
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     _install_subsystems(app, runtime)
     return app
