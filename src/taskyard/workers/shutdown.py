@@ -84,7 +84,7 @@ class StopFlush(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Pool",)
 
     def start(self, w: Any) -> None:
-        task_pool = getattr(w, "pool", None)
+        task_pool: Any = getattr(w, "pool", None)
         pool = getattr(task_pool, "_pool", None)
         celery_flush = getattr(task_pool, "flush", None)
         # Only Celery's AsynPool has the write bookkeeping (the prefork pool with an event
