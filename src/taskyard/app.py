@@ -13,8 +13,9 @@ from celery.app import defaults as celery_defaults
 from celery.signals import after_task_publish
 
 from taskyard import serialization
-from taskyard.broker import broker_transport_config
+from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.delays import install as install_delays
+from taskyard.broker.publish import Publisher
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
@@ -206,6 +207,11 @@ def create_app(
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
     router.app = app
+    if settings.fast_publish and app.conf.get("broker_transport") in (
+        REDIS_TRANSPORT,
+        SENTINEL_TRANSPORT,
+    ):
+        runtime.publisher = Publisher(app, router)
     if settings.task_events:
         runtime.sent_events = SentEvents(app, settings.event_flush_interval_s)
         after_task_publish.connect(
