@@ -23,7 +23,7 @@ from taskyard.keys import Keys
 from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
-from taskyard.runtime import Runtime, attach
+from taskyard.runtime import Runtime, attach, find_runtime
 from taskyard.workers.prefetch import BulkPrefetch
 from taskyard.workers.urgent import UrgentFirstStep
 
@@ -114,7 +114,8 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
 
 
 class TaskyardCelery(Celery):  # type: ignore[misc]
-    """Celery app that tells the batched task-sent events which app sent a task."""
+    """Celery app that tells the batched task-sent events which app sent a task, and closes
+    its fast publisher's connection with its own."""
 
     def send_task(self, *args: Any, **kwargs: Any) -> Any:
         token = sending_app.set(self)
@@ -122,6 +123,12 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
             return super().send_task(*args, **kwargs)
         finally:
             sending_app.reset(token)
+
+    def close(self) -> None:
+        runtime = find_runtime(self)
+        if runtime is not None and runtime.publisher is not None:
+            runtime.publisher.close()
+        super().close()
 
 
 def _check_schedule(settings: Settings) -> None:

@@ -47,14 +47,17 @@ from celery.backends.redis import RedisBackend
 from celery.signals import after_task_publish, before_task_publish, task_sent
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
-from kombu import Queue
 from kombu.common import maybe_declare
-from kombu.entity import maybe_delivery_mode
+from kombu.entity import Queue, maybe_delivery_mode
 from kombu.exceptions import ChannelError
 from kombu.serialization import registry
 from kombu.utils.uuid import uuid
 
 from taskyard.broker.transport import Channel
+from taskyard.events import sending_app
+
+# kombu's virtual channel methods are unannotated.
+# mypy: disable-error-code="no-untyped-call"
 
 logger = logging.getLogger(__name__)
 
@@ -258,33 +261,37 @@ class Publisher:
         declare = [destination.queue]
         policy = dict(template.retry_policy)
 
-        if on_task_call is not None:
-            with link.connection._reraise_as_library_errors():
-                on_task_call(None, task_id)
-        before_task_publish.send(
-            sender=name,
-            body=body,
-            exchange="",
-            routing_key=queue,
-            declare=declare,
-            headers=headers,
-            properties=properties,
-            retry_policy=policy,
-        )
-        if (
-            properties.keys() <= _PLAIN_PROPERTIES
-            and len(declare) == 1
-            and declare[0] is destination.queue
-        ):
-            self._put(link, template, destination, queue, body, headers, properties, policy)
-        else:
-            self._publish_with_kombu(
-                template, destination, queue, body, headers, properties, declare, policy
+        # As TaskyardCelery.send_task: receivers of the signals learn which app sends.
+        token = sending_app.set(app)
+        try:
+            if on_task_call is not None:
+                with link.connection._reraise_as_library_errors():
+                    on_task_call(None, task_id)
+            before_task_publish.send(
+                sender=name,
+                body=body,
+                exchange="",
+                routing_key=queue,
+                declare=declare,
+                headers=headers,
+                properties=properties,
+                retry_policy=policy,
             )
-        after_task_publish.send(
-            sender=name, body=body, headers=headers, exchange="", routing_key=queue
-        )
-
+            if (
+                properties.keys() <= _PLAIN_PROPERTIES
+                and len(declare) == 1
+                and declare[0] is destination.queue
+            ):
+                self._put(link, template, destination, queue, body, headers, properties, policy)
+            else:
+                self._publish_with_kombu(
+                    template, destination, queue, body, headers, properties, declare, policy
+                )
+            after_task_publish.send(
+                sender=name, body=body, headers=headers, exchange="", routing_key=queue
+            )
+        finally:
+            sending_app.reset(token)
         result = task.AsyncResult(task_id)
         result.ignored = ignore_result
         if parent is not None:
@@ -361,7 +368,8 @@ class Publisher:
     ) -> None:
         """Publish as ``send_task_message`` does after ``before_task_publish``."""
         with self.app.producer_or_acquire() as producer:
-            with producer.connection._reraise_as_library_errors():
+            connection = producer.connection
+            with connection._reraise_as_library_errors():
                 producer.publish(
                     body,
                     exchange="",
@@ -396,11 +404,7 @@ class Publisher:
             or getattr(task, "__v2_compat__", False)
             or getattr(task, "_dump_pydantic_arguments", None) is not None
             or type(task).shadow_name is not Task.shadow_name
-            or (
-                task.soft_time_limit
-                and task.time_limit
-                and task.soft_time_limit > task.time_limit
-            )
+            or (task.soft_time_limit and task.time_limit and task.soft_time_limit > task.time_limit)
         ):
             return verdict
         template = _Template(

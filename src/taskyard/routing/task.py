@@ -81,7 +81,7 @@ class TaskyardTask(Task):  # type: ignore[misc]
         return self.signature(queue=queue, routing_key=queue)
 
 
-def _named_queue(options: dict[str, Any]) -> str | None | bool:
+def _named_queue(options: dict[str, Any]) -> str | bool | None:
     """The queue of a call whose only options name it; None without options, else False."""
     if not options:
         return None
