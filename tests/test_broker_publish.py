@@ -9,6 +9,7 @@ what the fast path sent.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -39,8 +40,18 @@ TID = "5f0c6a3e-6d2e-4f7a-9a51-0c9d3c3a1b2c"
 def notify(user_id: int, message: str = "", **extra: Any) -> None: ...
 
 
-@priority_task(priority="low", name="t.fast.limited", time_limit=30, soft_time_limit=20)
-def limited(n: int) -> None: ...
+def _limited(app: Any) -> Any:
+    """A task with time limits, of ``app`` only (other tests' apps would list its limits)."""
+    existing = app.tasks.get("t.fast.limited")
+    if existing is not None:
+        return existing
+
+    @priority_task(
+        app=app, priority="low", name="t.fast.limited", time_limit=30, soft_time_limit=20
+    )
+    def limited(n: int) -> None: ...
+
+    return limited
 
 
 @pytest.fixture
@@ -113,7 +124,7 @@ def _pop_messages(client: redis.Redis) -> list[dict[str, Any]]:
 
 
 def _both_paths(
-    app: Any, client: redis.Redis, send: Callable[[], Any], fast_puts: list[str]
+    app: Any, client: redis.Redis, send: Callable[[Any], Any], fast_puts: list[str]
 ) -> tuple[Any, Any]:
     """(fast, Celery) of one send: the messages, the signal calls and the result."""
     outcomes = []
@@ -121,18 +132,18 @@ def _both_paths(
         before = len(fast_puts)
         with recorded() as calls:
             if path == "fast":
-                result = send()
+                result = send(app)
             else:
                 with celery_path(app):
-                    result = send()
+                    result = send(app)
         assert len(fast_puts) == before + (1 if path == "fast" else 0), path
         outcomes.append((_pop_messages(client), calls, type(result), result.id, result.ignored))
     return outcomes[0], outcomes[1]
 
 
-SENDS: dict[str, Callable[[], Any]] = {
-    "no arguments": lambda: fastsend.echo.apply_async(task_id=TID),
-    "arguments": lambda: notify.apply_async(
+SENDS: dict[str, Callable[[Any], Any]] = {
+    "no arguments": lambda app: fastsend.echo.apply_async(task_id=TID),
+    "arguments": lambda app: notify.apply_async(
         (7,),
         {
             "message": "hi",
@@ -142,9 +153,9 @@ SENDS: dict[str, Callable[[], Any]] = {
         },
         task_id=TID,
     ),
-    "per-call level": lambda: notify.apply_async((7, "hi"), task_id=TID, level="critical"),
-    "signature at a level": lambda: notify.at("low").apply_async((7,), task_id=TID),
-    "time limits": lambda: limited.apply_async((1,), task_id=TID),
+    "per-call level": lambda app: notify.apply_async((7, "hi"), task_id=TID, level="critical"),
+    "signature at a level": lambda app: notify.at("low").apply_async((7,), task_id=TID),
+    "time limits": lambda app: _limited(app).apply_async((1,), task_id=TID),
 }
 
 
@@ -275,9 +286,9 @@ def test_typed_arguments_checked_and_nothing_sent(
 ) -> None:
     make_app("fastsend-typing")
     with pytest.raises(TypeError):
-        limited.delay(1, 2)
+        notify.delay(1, "a", "too many")
     assert fast_puts == []
-    assert redis_client.llen("low") == 0
+    assert redis_client.llen("high") == 0
 
 
 def test_broken_connection_goes_through_kombu(
@@ -350,3 +361,24 @@ def test_fast_messages_run_on_taskyard_and_plain_celery_workers(
     # Sent by the fast path inside a prefork child of the worker.
     assert child["id"] == child_id
     assert child["parent_id"] == child["root_id"] == spawn_run["id"] == spawned.id
+
+
+def test_threads_share_the_connection(
+    make_app: Any, redis_client: redis.Redis, fast_puts: list[str]
+) -> None:
+    make_app("fastsend-threads")
+    ids: list[str] = []
+
+    def send() -> None:
+        for i in range(50):
+            ids.append(notify.delay(i).id)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(fast_puts) == 400
+    queued = [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange("high", 0, -1)]
+    assert sorted(queued) == sorted(ids)
+    assert len(set(queued)) == 400
