@@ -13,8 +13,9 @@ from celery.app import defaults as celery_defaults
 from celery.signals import after_task_publish
 
 from taskyard import serialization
-from taskyard.broker import broker_transport_config
+from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.delays import install as install_delays
+from taskyard.broker.publish import Publisher
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
 from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
@@ -22,7 +23,7 @@ from taskyard.keys import Keys
 from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
-from taskyard.runtime import Runtime, attach
+from taskyard.runtime import Runtime, attach, find_runtime
 from taskyard.workers.prefetch import BulkPrefetch
 from taskyard.workers.shutdown import StopFlush
 from taskyard.workers.urgent import UrgentFirstStep
@@ -114,7 +115,8 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
 
 
 class TaskyardCelery(Celery):  # type: ignore[misc]
-    """Celery app that tells the batched task-sent events which app sent a task."""
+    """Celery app that tells the batched task-sent events which app sent a task, and closes
+    its fast publisher's connection with its own."""
 
     def send_task(self, *args: Any, **kwargs: Any) -> Any:
         token = sending_app.set(self)
@@ -122,6 +124,12 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
             return super().send_task(*args, **kwargs)
         finally:
             sending_app.reset(token)
+
+    def close(self) -> None:
+        runtime = find_runtime(self)
+        if runtime is not None and runtime.publisher is not None:
+            runtime.publisher.close()
+        super().close()
 
 
 def _check_schedule(settings: Settings) -> None:
@@ -207,6 +215,11 @@ def create_app(
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
     router.app = app
+    if settings.fast_publish and app.conf.get("broker_transport") in (
+        REDIS_TRANSPORT,
+        SENTINEL_TRANSPORT,
+    ):
+        runtime.publisher = Publisher(app, router)
     if settings.task_events:
         runtime.sent_events = SentEvents(app, settings.event_flush_interval_s)
         after_task_publish.connect(

@@ -514,6 +514,10 @@ class Settings(BaseSettings):
     # .delay() fails with BrokerUnavailable in bounded time instead of hanging.
     publish_max_retries: int = Field(3, ge=0)
     publish_retry_interval_s: float = Field(0.2, ge=0)
+    # Redis broker: .delay()/apply_async() without per-call options build the task message
+    # themselves and publish it in one script call on a connection kept per process (the same
+    # message, signals and result as Celery's path); off: every call takes Celery's path.
+    fast_publish: bool = True
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.

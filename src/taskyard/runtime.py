@@ -43,6 +43,9 @@ class Runtime:
     guard: Any = None
     capture: Any = None
     sent_events: Any = None
+    #: Fast ``.delay()`` of the app's tasks (taskyard.broker.publish.Publisher): set by
+    #: create_app on taskyard's Redis transport, None elsewhere (Celery's path).
+    publisher: Any = None
     #: SQLAlchemy engines of this app per database URL (taskyard.tasks.db), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     #: Per-app state of subsystems without a field of their own, by "<subsystem>.<what>" (the

@@ -57,8 +57,9 @@ from typing import Any
 import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import loads
 
 from taskyard.broker import delays as _delays
 from taskyard.broker.lease import Maintenance
@@ -74,6 +75,10 @@ MAX_ACKS_PER_CALL = 5000
 MAX_ACK_DEFERRALS = 20
 
 _FETCH, _WAKE = "fetch", "wake"
+#: kombu.utils.json.dumps builds a JSONEncoder on every call; one encoder with its settings
+#: (kombu's encoder class, json's defaults) gives the same text. JSONEncoder.encode keeps no
+#: state between calls.
+_MESSAGE_ENCODER = kombu_json.JSONEncoder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +221,8 @@ class Channel(kombu_redis.Channel):
         self._fetch_plan: FetchPlan | None = None
         self._plans: dict[tuple[str, ...], FetchPlan] = {}
         self._tables: dict[str, tuple[float, list[Any]]] = {}
+        #: (queue, priority) -> full keys of its list and wake stream, for publishing.
+        self._publish_keys: dict[tuple[str, int], tuple[str, str]] = {}
         self._empty_refresh: dict[str, float] = {}
         self._no_ack_queues: set[str] = set()
         self._maintenance: Maintenance | None = None
@@ -567,12 +574,14 @@ class Channel(kombu_redis.Channel):
             if _delays.maybe_delay(pipe, self, queue, message):
                 pipe.execute()
                 return
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        PUBLISH_SCRIPT(
-            self.client,
-            (self.full_key(key), self.wake_key(queue)),
-            (dumps(message), self.wake_maxlen),
-        )
+        priority = self._get_message_priority(message, reverse=False)
+        keys = self._publish_keys.get((queue, priority))
+        if keys is None:
+            keys = (self.full_key(self._q_for_pri(queue, priority)), self.wake_key(queue))
+            if len(self._publish_keys) > 1024:
+                self._publish_keys.clear()
+            self._publish_keys[(queue, priority)] = keys
+        PUBLISH_SCRIPT(self.client, keys, (_MESSAGE_ENCODER.encode(message), self.wake_maxlen))
 
     def _wake(self, queue: str, pipe: Any = None) -> None:
         target = pipe if pipe is not None else self.client

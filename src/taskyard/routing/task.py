@@ -10,6 +10,7 @@ from kombu.exceptions import EncodeError, OperationalError
 
 from taskyard.errors import BrokerUnavailable, TaskArgumentError
 from taskyard.routing.levels import Priority, parse_level
+from taskyard.runtime import find_runtime
 
 
 class TaskyardTask(Task):  # type: ignore[misc]
@@ -56,6 +57,15 @@ class TaskyardTask(Task):  # type: ignore[misc]
             options["queue"] = queue
             options["routing_key"] = queue
         try:
+            if producer is None and link is None and link_error is None and shadow is None:
+                destination = _named_queue(options)
+                runtime = find_runtime(self._get_app()) if destination is not False else None
+                publisher = runtime.publisher if runtime is not None else None
+                if publisher is not None:
+                    # The app's fast publisher, when it applies (None: it does not).
+                    result = publisher.send(self, args, kwargs, task_id, destination)
+                    if result is not None:
+                        return result
             return super().apply_async(
                 args, kwargs, task_id, producer, link, link_error, shadow, **options
             )
@@ -69,3 +79,17 @@ class TaskyardTask(Task):  # type: ignore[misc]
         """A signature that sends to ``level``: ``task.at("critical").delay(...)``."""
         queue = parse_level(level).value
         return self.signature(queue=queue, routing_key=queue)
+
+
+def _named_queue(options: dict[str, Any]) -> str | bool | None:
+    """The queue of a call whose only options name it; None without options, else False."""
+    if not options:
+        return None
+    queue = options.get("queue")
+    if (
+        isinstance(queue, str)
+        and options.get("routing_key", queue) == queue
+        and len(options) == (2 if "routing_key" in options else 1)
+    ):
+        return queue
+    return False
