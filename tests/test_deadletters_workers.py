@@ -200,10 +200,6 @@ def test_failed_and_expired_tasks_are_recorded(
 def test_crashing_batch_goes_dead_after_max_deliveries(
     producer: Any, broker_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    if broker_env.get("TASKYARD_BROKER_URL", "").startswith("amqp"):
-        # Known gap: on RabbitMQ this passes alone and with its own file (10 s), but in a
-        # whole-suite run the batch did not reach its dead letters within 150 s.
-        pytest.skip("crashing batch on RabbitMQ: open issue in a whole-suite run")
     with celery_worker(APP, "batch", broker_env, tmp_path, concurrency=1) as worker:
         dead_app.crashy.add_many([{"i": 0, "crash": True}, {"i": 1}, {"i": 2}])
         dead_app.crashy.add_many([{"i": i} for i in range(3, 9)])

@@ -7,6 +7,7 @@ the environment again. :func:`current_taskyard_app` is the app taskyard's decora
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -27,6 +28,44 @@ if TYPE_CHECKING:
 _ATTRIBUTE = "_taskyard_runtime"
 #: The taskyard app created last in this process (a weak reference: apps of finished tests go).
 _latest: weakref.ref[Any] | None = None
+#: Connection pools of the clients made by :func:`redis_client`: a forked child renews their
+#: locks (:func:`_renew_pool_locks`).
+_pools: weakref.WeakSet[redis.ConnectionPool] = weakref.WeakSet()
+#: The pool's locks that redis-py takes when a forked child first uses the pool.
+_POOL_LOCKS = ("_lock", "_fork_lock")
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """``redis.Redis.from_url(url, **options)``, usable in a child forked at any moment.
+
+    A worker's main process uses its clients from several threads (batch reaper, metric flush,
+    sent events) while the prefork pool forks replacement processes from its main thread; a
+    child must not inherit a pool lock that one of those threads held (see
+    :func:`_renew_pool_locks`).
+    """
+    client = redis.Redis.from_url(url, **options)
+    _pools.add(client.connection_pool)
+    return client
+
+
+def _renew_pool_locks() -> None:
+    # Relies on redis-py's ConnectionPool (redis/connection.py, 5.x-8.x): a pool used in a
+    # forked child is rebuilt there by _checkpid(), which takes _fork_lock and calls reset(); in
+    # redis-py 8 reset() and get_connection() take _lock, which is created once in __init__.
+    # Those are the parent's lock objects. get_connection() holds _lock while it builds a
+    # connection (redis-py 8 reads its own package metadata from disk then, ms of I/O), so a
+    # fork from another thread at that moment leaves _lock held in the child by a thread that
+    # does not exist there: the child's first command on the pool blocks for good (a prefork
+    # pool process replacing a crashed one hung so, and with it its worker's only process).
+    # Here, right after the fork, only the forking thread runs: fresh locks are safe, and
+    # redis-py's own rebuild then runs on them. tests/test_runtime_fork.py holds the seam.
+    for pool in list(_pools):
+        for name in _POOL_LOCKS:
+            if hasattr(pool, name):
+                setattr(pool, name, threading.RLock())
+
+
+os.register_at_fork(after_in_child=_renew_pool_locks)
 
 
 @dataclass
@@ -56,12 +95,12 @@ class Runtime:
 
     @property
     def redis(self) -> redis.Redis:
-        """Client for buffers, cache and stats. redis-py rebuilds its pool after a fork, so one
-        client per process is safe under prefork."""
+        """Client for buffers, cache and stats. redis-py rebuilds its pool after a fork, on fresh
+        locks (:func:`redis_client`), so one client per process is safe under prefork."""
         if self._redis is None:
             with self._lock:
                 if self._redis is None:
-                    self._redis = redis.Redis.from_url(
+                    self._redis = redis_client(
                         redis_client_url(self.settings.effective_redis_url),
                         socket_connect_timeout=self.settings.broker_connect_timeout_s,
                         health_check_interval=30,

@@ -16,6 +16,7 @@ import redis
 
 from taskyard.deadletters.entry import DeadLetter, cap
 from taskyard.deadletters.recorder import Recorder, _poison_id
+from taskyard.runtime import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def _broker_client(runtime: Any) -> redis.Redis | None:
         return runtime.redis  # type: ignore[no-any-return]
     client = _clients.get(url)
     if client is None:
-        client = _clients[url] = redis.Redis.from_url(url)
+        client = _clients[url] = redis_client(url)
     return client
 
 

@@ -28,6 +28,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 from taskyard.config import REDIS_SCHEMES, redis_client_url, url_scheme
 from taskyard.keys import Keys
 from taskyard.routing.levels import LEVEL_NAMES
+from taskyard.runtime import redis_client
 
 #: Separator kombu puts between a queue name and its priority step.
 PRIORITY_SEP: str = Channel.sep
@@ -174,7 +175,7 @@ def amqp_depths(
 
 def broker_redis_client(broker_url: str, timeout_s: float) -> redis.Redis:
     """A Redis client on the broker's database (it may differ from taskyard's stats Redis)."""
-    return redis.Redis.from_url(
+    return redis_client(
         redis_client_url(broker_url),
         socket_connect_timeout=timeout_s,
         socket_timeout=max(timeout_s, 5.0),
