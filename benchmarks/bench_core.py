@@ -281,7 +281,7 @@ def run(quick: bool = False) -> list[Result]:
         log_dir = Path(tmp)
         enq = _rounds(
             ["celery", "taskyard"],
-            max(rounds, 3),
+            max(rounds, 5),
             lambda side: (enqueue_rate(side, n, client), 0.0),
         )
         drains = _rounds(drain_sides, rounds, lambda side: drain(side, n, client, log_dir))
