@@ -80,7 +80,13 @@ def test_depth_with_worker_holding_reserved_messages(
 
     producer = make_app("monitor")
     store = StatsStore(runtime_of(producer))
-    env = {**redis_env, "TASKYARD_GUARD__ENABLED": "false"}
+    # One reservation per process: a worker refills in steps (when half its prefetch is
+    # free), so with more it may hold one less than its prefetch, by when messages arrive.
+    env = {
+        **redis_env,
+        "TASKYARD_GUARD__ENABLED": "false",
+        "TASKYARD_URGENT_PREFETCH_MULTIPLIER": "1",
+    }
     with celery_worker(
         "tests.apps.monitor", "high", env, tmp_path, concurrency=2, name="holder"
     ) as worker:
@@ -90,13 +96,13 @@ def test_depth_with_worker_holding_reserved_messages(
         def high() -> dict[str, Any]:
             return next(q for q in store.queues() if q["queue"] == "high")
 
-        # Urgent prefetch 2 x concurrency 2: the worker reserves four, one stays in the broker.
-        wait_until(lambda: high()["reserved"] == 4, 30, 0.1, f"4 reserved, have {high()}")
+        # Prefetch 1 x concurrency 2: the worker reserves two, three stay in the broker.
+        wait_until(lambda: high()["reserved"] == 2, 30, 0.1, f"2 reserved, have {high()}")
         assert {
             k: high()[k] for k in ("queue", "depth", "ready", "reserved", "reserved_known")
-        } == {"queue": "high", "depth": 5, "ready": 1, "reserved": 4, "reserved_known": True}
+        } == {"queue": "high", "depth": 5, "ready": 3, "reserved": 2, "reserved_known": True}
         worker.kill()
-    # SIGKILLed before acknowledging: the reserved four are still owed to the queue.
+    # SIGKILLed before acknowledging: the reserved two are still owed to the queue.
     assert high()["depth"] == 5
 
 

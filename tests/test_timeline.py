@@ -43,8 +43,9 @@ def prefix() -> Iterator[str]:
                         history.task_events.c.task_id.like(mark + "%")
                     )
                 )
-        except sa.exc.OperationalError:
-            # An engine other tests made on purpose for a database that is down.
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError):
+            # An engine other tests made on purpose for a database that is down, or one whose
+            # database never got the history schema (nothing of this test is there).
             continue
 
 
