@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from taskyard.routing import LEVEL_NAMES
-from taskyard.testing import ROOT, Worker, celery_worker, child_env, wait_until
+from taskyard.testing import ROOT, Worker, celery_worker, child_env, run_python, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,7 @@ def _env(redis_env: dict[str, str], lease_s: float = LEASE_S) -> dict[str, str]:
 
 
 def _send(env: dict[str, str], code: str) -> None:
-    subprocess.run(
-        [sys.executable, "-c", f"from tests.apps import broker\n{code}"],
-        env=child_env(env),
-        cwd=ROOT,
-        check=True,
-        timeout=120,
-    )
+    run_python(env, f"from tests.apps import broker\n{code}")
 
 
 def _runs(client: redis.Redis) -> dict[str, int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +11,7 @@ import redis
 from kombu.asynchronous.semaphore import LaxBoundedSemaphore
 
 from taskyard.routing import LEVEL_NAMES
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import celery_worker, run_python, wait_until
 from taskyard.workers.urgent import UNRANKED, UrgentFirst, order_by_urgency, rank_of
 
 
@@ -86,13 +84,7 @@ def test_a_worker_runs_a_critical_task_ahead_of_its_reserved_low_ones(
     }
 
     def send(code: str) -> None:
-        subprocess.run(
-            [sys.executable, "-c", f"from tests.apps import broker\n{code}"],
-            env=child_env(env),
-            cwd=ROOT,
-            check=True,
-            timeout=120,
-        )
+        run_python(env, f"from tests.apps import broker\n{code}")
 
     redis_client.set("test:gate", 1)
     with celery_worker(

@@ -53,6 +53,14 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def run_python(env: Mapping[str, str], code: str, timeout_s: float = 120.0) -> None:
+    """Run ``code`` in a fresh interpreter of this checkout with ``env`` (e.g. to send tasks
+    from a process of their own); raises if it fails."""
+    subprocess.run(
+        [sys.executable, "-c", code], env=child_env(env), cwd=ROOT, check=True, timeout=timeout_s
+    )
+
+
 def process_tree(pid: int) -> list[psutil.Process]:
     """Process ``pid`` and its descendants now ([] when it is gone)."""
     try:
