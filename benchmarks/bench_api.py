@@ -38,6 +38,7 @@ import httpx
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
+from taskyard.testing import tree_cpu_s
 
 CONNECTIONS = 50
 DURATION_S = 10.0
@@ -261,24 +262,14 @@ def _seed_series(url: str, database_url: str) -> None:
     from taskyard.config import load_settings
     from taskyard.monitoring.collect import collect
     from taskyard.monitoring.http.api import _resolve
+    from taskyard.monitoring.store import SERIES
 
     runtime, _app = _resolve(load_settings(redis_url=url, database_url=database_url))
     now = time.time()
     for back in (20.0, 10.0, 0.0):
         collect(runtime, now=now - back)
     client, keys = runtime.redis, runtime.keys
-    for name in (
-        "overview",
-        "queues",
-        "throughput",
-        "latency",
-        "tasks",
-        "workers",
-        "batches",
-        "cache",
-        "guards",
-        "alerts",
-    ):
+    for name in SERIES:
         newest = client.lindex(keys.series(name), 0)
         if not newest:
             continue
@@ -287,20 +278,6 @@ def _seed_series(url: str, database_url: str) -> None:
             for i in range(3, SERIES_HOUR):
                 pipe.rpush(keys.series(name), json.dumps({**snapshot, "at": now - 10.0 * i}))
             pipe.execute()
-
-
-def _cpu_s(process: subprocess.Popen[bytes]) -> float:
-    """User + sys CPU seconds of a server process and its children so far."""
-    import psutil
-
-    try:
-        proc = psutil.Process(process.pid)
-        total = sum(proc.cpu_times()[:2])
-        for child in proc.children(recursive=True):
-            total += sum(child.cpu_times()[:2])
-        return float(total)
-    except psutil.Error:
-        return float("nan")
 
 
 class _Workload:
@@ -382,10 +359,10 @@ def _pages(
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for _ in range(rounds):
         for name, (port, process, path) in targets.items():
-            before = _cpu_s(process)
+            before = tree_cpu_s(process.pid)
             figures = load(port, path, seconds)
             figures["cpu_ms_per_request"] = (
-                (_cpu_s(process) - before) * 1000 / max(1, figures["requests"])
+                (tree_cpu_s(process.pid) - before) * 1000 / max(1, figures["requests"])
             )
             runs[name].append(figures)
     import statistics

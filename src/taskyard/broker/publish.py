@@ -188,10 +188,10 @@ class Publisher:
         template = verdict.template
         if template is None:
             return None
-        if template.check is not None:
-            template.check(*(args or ()), **(kwargs or {}))
         args = args or ()
         kwargs = kwargs or {}
+        if template.check is not None:
+            template.check(*args, **kwargs)
         if not isinstance(args, list | tuple):
             raise TypeError("task args must be a list or tuple")
         if not isinstance(kwargs, dict):

@@ -741,7 +741,8 @@ class Transport(kombu_redis.Transport):
         def on_poll_start() -> None:
             cycle.on_poll_start()
             paused = cycle._paused_brpop
-            for sock in list(cycle._chan_to_sock.values()):
+            # Nothing below changes the poller's tables, so they are read in place.
+            for sock in cycle._chan_to_sock.values():
                 fd = sock.fileno()
                 if fd < 0 or fd in paused:
                     continue
