@@ -186,8 +186,8 @@ def _seed(url: str, database_url: str) -> None:
     """A realistic state: task counters and histograms, workers, alerts, queued messages."""
     from taskyard.config import load_settings
     from taskyard.keys import Keys
+    from taskyard.monitoring.api.app import _resolve
     from taskyard.monitoring.capture import Capture
-    from taskyard.monitoring.http.api import _resolve
 
     settings = load_settings(redis_url=url, database_url=database_url)
     runtime, _app = _resolve(settings)
@@ -260,8 +260,8 @@ def _seed_series(url: str, database_url: str) -> None:
     """An hour of history: three real stats collections, then the newest snapshot of each
     series copied back in time every 10 s, so the dashboard reads and draws full-size series."""
     from taskyard.config import load_settings
+    from taskyard.monitoring.api.app import _resolve
     from taskyard.monitoring.collect import collect
-    from taskyard.monitoring.http.api import _resolve
     from taskyard.monitoring.store import SERIES
 
     runtime, _app = _resolve(load_settings(redis_url=url, database_url=database_url))

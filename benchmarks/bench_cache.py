@@ -40,7 +40,7 @@ def _per_call_us(fn: Any, n: int) -> list[float]:
 def hit_latency(n: int) -> tuple[list[float], list[float]]:
     """Per-call microseconds: a ``@cached`` hit, and a bare GET of the same payload."""
     from taskyard import create_app
-    from taskyard.tasks.cache import cached
+    from taskyard.cache.core import cached
 
     app = create_app("bench-cache", redis_url=BENCH_REDIS_URL)
 
@@ -74,9 +74,9 @@ def hit_rate(reads: int) -> tuple[float, float, dict[str, Any]]:
     from examples.bdc.app import app
     from examples.bdc.db import seed
 
+    from taskyard.cache.core import cache_for, cache_stats
+    from taskyard.cache.warming import run_warmers
     from taskyard.runtime import runtime_of
-    from taskyard.tasks.cache import cache_for, cache_stats
-    from taskyard.tasks.warming import run_warmers
 
     runtime = runtime_of(app)
     seed()

@@ -42,7 +42,7 @@ from typing import Any
 import redis
 
 from benchmarks.common import Result, percentile
-from taskyard.stack import free_port
+from taskyard.devstack.supervisor import free_port
 from taskyard.testing import ROOT, busy_loops, child_env, cpu_seconds, tree_cpu_s, wait_until
 
 LEVELS = ("critical", "high", "normal", "low", "batch")

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from taskyard.beat import period_index
+from taskyard.maintenance import recent_runs
 from taskyard.runtime import runtime_of
-from taskyard.tasks.maintenance import recent_runs
-from taskyard.tasks.schedule import period_index
 from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
 from tests.apps.periodic import RUNS_KEY
 

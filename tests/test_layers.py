@@ -12,26 +12,28 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "taskyard"
 
 #: part -> parts it must not import. A part is a subpackage or a top-level module.
+PERIODIC = {"cache", "maintenance", "database", "beat"}
 FORBIDDEN: dict[str, set[str]] = {
     "errors": {"*"},
     "keys": {"*"},
     "config": {"*"} - {"errors"},
-    "routing": {"batching", "monitoring", "tasks", "workers", "broker", "deadletters"},
-    "broker": {"batching", "monitoring", "tasks", "deadletters"},
-    "deadletters": {"monitoring", "tasks"},
-    "batching": {"monitoring", "tasks", "workers"},
-    "workers": {"monitoring", "batching", "tasks"},
-    "tasks": {"monitoring", "batching"},
+    "routing": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
+    "broker": {"batching", "monitoring", "deadletters"} | PERIODIC,
+    "deadletters": {"monitoring"} | PERIODIC,
+    "batching": {"monitoring", "workers"} | PERIODIC,
+    "workers": {"monitoring", "batching"} | PERIODIC,
+    # The periodic jobs: each may use the others (warming runs single-flight from beat).
+    **{part: {"monitoring", "batching"} for part in PERIODIC},
     "monitoring": set(),
     # Shared by every part: they know none of the parts above them.
-    "runtime": {"batching", "monitoring", "tasks", "workers", "broker", "deadletters"},
+    "runtime": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
     "signals": {"*"},
 }
 #: Parts only the wiring imports: ``create_app`` and the command line sit on top of everything.
-TOP = {"app", "cli"}
+TOP = {"app", "cli", "devstack"}
 #: Parts allowed to import the top: the public package, the command line itself, and the stats
 #: API, which builds its one app when it is given settings only.
-MAY_IMPORT_TOP = {"__init__", "app", "cli", "monitoring"}
+MAY_IMPORT_TOP = {"__init__", "app", "cli", "devstack", "monitoring", "testing"}
 
 
 def _part(module: str) -> str:

@@ -431,7 +431,7 @@ def test_schedule_accepts_real_job_names(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_maintained_metadata_is_empty_by_default(make_app: Any) -> None:
-    from taskyard.tasks.maintenance import run_maintenance
+    from taskyard.maintenance import run_maintenance
 
     runtime = runtime_of(make_app("strict-maint"))
     assert runtime.settings.maintenance.metadata == ""

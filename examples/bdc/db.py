@@ -11,8 +11,8 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from examples.bdc.models import Appointment, Base, Beneficiary, Evaluation, Trainer, User
+from taskyard.database import engine as task_engine
 from taskyard.runtime import runtime_of
-from taskyard.tasks.db import engine as task_engine
 
 
 def engine() -> Engine:

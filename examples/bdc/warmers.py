@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from examples.bdc.app import app
 from examples.bdc.db import session
 from examples.bdc.models import Appointment, Beneficiary, Trainer, User
-from taskyard.tasks.cache import Cache, cached
-from taskyard.tasks.warming import cache_warmer
+from taskyard.cache.core import Cache, cached
+from taskyard.cache.warming import cache_warmer
 
 #: How far ahead "upcoming" looks (s): the reminder and calendar views show two weeks.
 UPCOMING_WINDOW_S = 14 * 86_400.0

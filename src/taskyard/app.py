@@ -6,6 +6,7 @@ The configuration lives in the app, not in the command line, so a plain
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -18,12 +19,12 @@ from taskyard.broker.delays import install as install_delays
 from taskyard.broker.publish import Publisher
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
-from taskyard.events import EventBatching, SentEvents, on_after_task_publish, sending_app
 from taskyard.keys import Keys
+from taskyard.monitoring.events import EventBatching, SentEvents, on_after_task_publish
 from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
-from taskyard.runtime import Runtime, attach, find_runtime
+from taskyard.runtime import Runtime, attach, find_runtime, sending_app
 from taskyard.workers.prefetch import BulkPrefetch
 from taskyard.workers.shutdown import StopFlush
 from taskyard.workers.urgent import UrgentFirstStep
@@ -65,7 +66,7 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         # Flower and the monitoring see every task from the moment it is sent. task-sent events
-        # are batched by taskyard.events instead of Celery's publish-per-send.
+        # are batched by taskyard.monitoring.events instead of Celery's publish-per-send.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
         "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
@@ -134,7 +135,7 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
 
 def _check_schedule(settings: Settings) -> None:
     """Refuse a schedule setting that names no periodic job of the platform."""
-    from taskyard.tasks.schedule import default_intervals  # late: see _install_subsystems
+    from taskyard.beat import default_intervals  # late: see _install_subsystems
 
     jobs = sorted(default_intervals(settings))
     named = (
@@ -152,22 +153,31 @@ def _check_schedule(settings: Settings) -> None:
                 )
 
 
-def _install_subsystems(app: Celery, runtime: Runtime) -> None:
-    """Let each subsystem register its tasks, signal handlers and beat entries.
+def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
+    """Each part's ``install``: its tasks, signal receivers and beat entries, in wiring order.
 
-    Imported here, not at the top: the subsystems import the public package, which imports this
+    Imported here, not at the top: the parts import the public package, which imports this
     module.
     """
-    from taskyard import deadletters, tasks
-    from taskyard.batching import install as install_batching
-    from taskyard.monitoring import install as install_monitoring
+    from taskyard import batching, beat, cache, database, deadletters, maintenance, monitoring
     from taskyard.workers import guards
 
-    install_batching(app, runtime)  # the flush and reaper tasks, the worker flusher thread
-    tasks.install(app, runtime)  # cache warming, index maintenance, the beat schedule
-    guards.install(app, runtime)  # admission, back-pressure, accounting, heartbeat
-    deadletters.install(app, runtime)  # poison quarantine, bounded redelivery, dead letters
-    install_monitoring(app, runtime)  # metric capture, stats collection
+    return (
+        batching.install,  # the flush and reaper tasks, the worker flusher thread
+        database.install,  # engines disposed in every prefork child
+        cache.install,  # cache warming
+        maintenance.install,  # index maintenance
+        beat.install,  # the beat schedule of the periodic jobs
+        guards.install,  # admission, back-pressure, accounting, heartbeat
+        deadletters.install,  # poison quarantine, bounded redelivery, dead letters
+        monitoring.install,  # metric capture, stats collection
+    )
+
+
+def _install_parts(app: Celery, runtime: Runtime) -> None:
+    """Let each part register its tasks, signal receivers and beat entries (no I/O)."""
+    for install in _parts():
+        install(app, runtime)
 
 
 def create_app(
@@ -231,5 +241,5 @@ def create_app(
     # A warm stop lets the pool processes finish and acknowledge what they already received.
     app.steps["worker"].add(StopFlush)
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
-    _install_subsystems(app, runtime)
+    _install_parts(app, runtime)
     return app

@@ -356,7 +356,7 @@ class ScheduleSettings(Section):
     disabled: list[str] = []
     # Interval overrides per task name (s), e.g. {"taskyard.cache.warm": 60}; at least 1 s, as
     # beat cannot usefully tick faster. Names are checked against the platform's jobs when the
-    # app is created (taskyard.tasks.schedule).
+    # app is created (taskyard.beat).
     intervals_s: dict[str, BeatInterval] = {}
     # Run the cache warmers once when the workers start (once cluster-wide, not once per worker).
     warm_on_start: bool = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,11 @@ _latest: weakref.ref[Any] | None = None
 _pools: weakref.WeakSet[redis.ConnectionPool] = weakref.WeakSet()
 #: The pool's locks that redis-py takes when a forked child first uses the pool.
 _POOL_LOCKS = ("_lock", "_fork_lock")
+
+
+#: The app whose task is being sent right now (set by the app's send_task and by fast
+#: publishing), so receivers of publish signals know the sending app.
+sending_app: ContextVar[Any] = ContextVar("taskyard_sending_app", default=None)
 
 
 def redis_client(url: str, **options: Any) -> redis.Redis:
@@ -76,7 +82,8 @@ class Runtime:
     keys: Keys
     router: Router
     #: Resource guard (taskyard.workers.guards.Guard), metric capture
-    #: (taskyard.monitoring.capture.Capture) and task-sent event buffer (taskyard.events.SentEvents)
+    #: (taskyard.monitoring.capture.Capture) and task-sent event buffer
+    #: (taskyard.monitoring.events.SentEvents)
     #: of this app: set by their installers, None when not installed. Typed Any: the runtime is
     #: below those packages and does not import them.
     guard: Any = None
@@ -85,7 +92,7 @@ class Runtime:
     #: Fast ``.delay()`` of the app's tasks (taskyard.broker.publish.Publisher): set by
     #: create_app on taskyard's Redis transport, None elsewhere (Celery's path).
     publisher: Any = None
-    #: SQLAlchemy engines of this app per database URL (taskyard.tasks.db), per process.
+    #: SQLAlchemy engines of this app per database URL (taskyard.database), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     #: Per-app state of subsystems without a field of their own, by "<subsystem>.<what>" (the
     #: batch reaper's cache of batch definitions, ...).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from taskyard.stack import die_with_parent
+from taskyard.devstack.supervisor import die_with_parent
 
 #: Project checkout the worker runs in (so test and example apps import).
 ROOT = Path.cwd()

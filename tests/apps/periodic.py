@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from taskyard import create_app
+from taskyard.cache.core import Cache
+from taskyard.cache.warming import cache_warmer
 from taskyard.runtime import runtime_of
-from taskyard.tasks.cache import Cache
-from taskyard.tasks.warming import cache_warmer
 
 app = create_app("periodic")
 

@@ -20,7 +20,7 @@ a broker other than taskyard's Redis transport. A publish refused on a connectio
 ``before_task_publish`` receivers added properties or declarations, goes through kombu's
 ``Producer.publish`` with the app's retry policy, as ``send_task_message`` would publish it.
 
-Celery and kombu internals relied on (tested in ``tests/test_broker_publish.py``): the protocol-2
+Celery and kombu internals relied on (tested in ``tests/broker/test_publish.py``): the protocol-2
 layout of ``AMQP.as_task_v2`` and the arguments ``send_task_message`` gives the two signals;
 ``Task._get_exec_options`` (cached per task; its identity tells that the task changed);
 ``app.amqp.router`` (replaced when ``task_routes`` is updated); ``celery.app.amqp.
@@ -54,7 +54,7 @@ from kombu.serialization import registry
 from kombu.utils.uuid import uuid
 
 from taskyard.broker.transport import Channel
-from taskyard.events import sending_app
+from taskyard.runtime import sending_app
 
 # kombu's virtual channel methods are unannotated.
 # mypy: disable-error-code="no-untyped-call"

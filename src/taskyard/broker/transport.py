@@ -27,7 +27,7 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 Everything else is kombu's: the message format, rejects and requeues, fanout over pub/sub,
 ``global_keyprefix``, queue expiry, the restore sweep. The kombu internals this relies on are
-named where they are used and tested in ``tests/test_broker_transport.py``; the tested range is
+named where they are used and tested in ``tests/broker/test_transport.py``; the tested range is
 pinned in ``pyproject.toml`` (kombu 5.7).
 
 Extra transport options: ``taskyard_namespace`` (key namespace of the wake streams and the

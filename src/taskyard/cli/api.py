@@ -34,7 +34,7 @@ def api_command(
     """Serve the stats API, /metrics and the OpenAPI schema with uvicorn."""
     import uvicorn
 
-    from taskyard.monitoring.http.api import create_api
+    from taskyard.monitoring.api.app import create_api
 
     try:
         api = create_api(load_app(app_path, default_name="taskyard-api"))

@@ -23,7 +23,7 @@ def cache() -> None:
 @APP_OPTION
 def cache_warm(names: tuple[str, ...], app_path: str | None) -> None:
     """Run the registered cache warmers now and report keys warmed and time taken."""
-    from taskyard.tasks.warming import registered_warmers, run_warmers
+    from taskyard.cache.warming import registered_warmers, run_warmers
 
     runtime = load_runtime(app_path, import_tasks=True)
     chosen = list(names) or list(registered_warmers())
@@ -62,7 +62,7 @@ def cache_warm(names: tuple[str, ...], app_path: str | None) -> None:
 @APP_OPTION
 def cache_clear(tag: str, app_path: str | None) -> None:
     """Invalidate a tag at once, then delete its entries (with progress)."""
-    from taskyard.tasks.cache import cache_for
+    from taskyard.cache.core import cache_for
 
     runtime = load_runtime(app_path, import_tasks=True)
     started = time.monotonic()
@@ -88,8 +88,8 @@ def cache_clear(tag: str, app_path: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def cache_stats_command(app_path: str | None, as_json: bool) -> None:
     """Hit rate and latency per cache namespace."""
+    from taskyard.cache.core import cache_stats
     from taskyard.cli.output import table
-    from taskyard.tasks.cache import cache_stats
 
     stats = cache_stats(load_runtime(app_path, import_tasks=True))
     if as_json:

@@ -46,7 +46,7 @@ class Since(click.ParamType[float]):
         try:
             back = float(text)
         except ValueError:
-            from taskyard.monitoring.http.query import epoch_seconds
+            from taskyard.monitoring.api.query import epoch_seconds
 
             try:
                 return epoch_seconds(text, naive_utc=False)

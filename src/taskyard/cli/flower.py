@@ -7,10 +7,10 @@ import sys
 
 import click
 
-from taskyard.cli import stackfile
 from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as load_cli_settings
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER
+from taskyard.devstack import stackfile
 from taskyard.monitoring.flower import (
     FLOWER_AUTH_ENV,
     check_basic_auth,

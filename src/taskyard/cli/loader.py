@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from taskyard.cli import stackfile
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
+from taskyard.devstack import stackfile
 from taskyard.errors import TaskyardError
 from taskyard.runtime import Runtime, runtime_of
 

@@ -33,7 +33,7 @@ def maintenance() -> None:
 @APP_OPTION
 def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
     """Create missing indexes, repair invalid ones, ANALYZE, report unused/duplicate/bloated."""
-    from taskyard.tasks.maintenance import run_maintenance
+    from taskyard.maintenance import run_maintenance
 
     runtime = load_runtime(app_path, import_tasks=True)
     echo = (lambda line: click.echo(line)) if dry_run and not as_json else None

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import click
 
-from taskyard.cli import stackfile
 from taskyard.cli.flower import AUTH_VARIABLE
 from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as cli_settings
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
-from taskyard.errors import TaskyardError
-from taskyard.monitoring.flower import generate_basic_auth
-from taskyard.monitoring.services import api_base_url, dashboard_url, monitoring_services
-from taskyard.stack import (
+from taskyard.devstack import stackfile
+from taskyard.devstack.services import api_base_url, dashboard_url, monitoring_services
+from taskyard.devstack.supervisor import (
     EmbeddedRedis,
     Service,
     Supervisor,
@@ -27,6 +25,8 @@ from taskyard.stack import (
     format_table,
     run_until_signalled,
 )
+from taskyard.errors import TaskyardError
+from taskyard.monitoring.flower import generate_basic_auth
 from taskyard.workers.profiles import FAST, celery_worker_argv, get_profile, launch_fast
 
 #: Profiles `taskyard up` starts, one worker each: together they consume all five queues.

@@ -5,7 +5,7 @@ message callback with ``Consumer.create_task_handler()`` when it starts, and tha
 captures ``on_unknown_message``, ``on_unknown_task`` and ``on_invalid_task`` from the consumer
 at that moment, and calls ``self.on_decode_error``. This bootstep replaces those four handlers
 and wraps ``create_task_handler`` on the consumer instance before the loop starts, so every
-task message passes :meth:`Gate.check` first. ``tests/test_deadletters_consumer.py`` tests the
+task message passes :meth:`Gate.check` first. ``tests/deadletters/test_consumer.py`` tests the
 seam directly.
 
 Today one malformed message stops every worker of its queue: a body of content type

@@ -29,9 +29,8 @@ from celery import Celery, signals
 from celery._state import get_current_app, get_current_worker_task
 
 from taskyard import signals as taskyard_signals
-from taskyard.events import sending_app
 from taskyard.monitoring import timeline
-from taskyard.runtime import Runtime, find_runtime
+from taskyard.runtime import Runtime, find_runtime, sending_app
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from celery import Celery
 
+from taskyard.beat import job_interval_s, single_flight
 from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.deadletters.transport import ingest as ingest_transport_quarantine
 from taskyard.monitoring import history, timeline
@@ -33,7 +34,6 @@ from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime
 from taskyard.serialization import text
-from taskyard.tasks.schedule import job_interval_s, single_flight
 
 logger = logging.getLogger(__name__)
 

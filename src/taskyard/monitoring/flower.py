@@ -168,7 +168,7 @@ def credentials_match(header: str | None, allowed: Sequence[str]) -> bool:
 def require_auth_on_every_route() -> None:
     """Patch this process's Flower so every request needs the basic-auth credentials.
 
-    Relies on Flower internals (flower 2.x, tested in tests/test_flower.py against a real
+    Relies on Flower internals (flower 2.x, tested in tests/monitoring/test_flower.py against a real
     Flower): all of its handlers, ``Metrics`` and ``Healthcheck`` included, derive from
     ``flower.views.BaseHandler``, whose ``get_current_user`` checks basic auth but runs only for
     ``@tornado.web.authenticated`` methods; static files are served by tornado's

@@ -18,6 +18,8 @@ from redis import Redis
 from sqlalchemy.engine import Engine
 
 from taskyard.batching import inspect_batches
+from taskyard.cache.core import cache_stats
+from taskyard.maintenance import recent_runs
 from taskyard.monitoring import history
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, EVENTS, KINDS, SEP
 from taskyard.monitoring.queues import (
@@ -29,8 +31,6 @@ from taskyard.monitoring.queues import (
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import Runtime
 from taskyard.serialization import text
-from taskyard.tasks.cache import cache_stats
-from taskyard.tasks.maintenance import recent_runs
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ payload whose write had begun is written to the end, so the process runs the job
 reads its result, and the message is acknowledged before the channel closes. While the pool
 runs (a consumer restarting after a lost connection) Celery's own ``flush`` applies.
 
-Celery/billiard internals relied on (``tests/test_worker_shutdown.py`` checks they are there):
+Celery/billiard internals relied on (``tests/workers/test_shutdown.py`` checks they are there):
 ``TaskPool.flush`` (the attribute ``Consumer.on_close`` calls), ``AsynPool._state``,
 ``_cache``, ``outbound_buffer``, ``_active_writers`` and ``_flush_writer``, and on each job
 ``_accepted``, ``_write_to`` (the process a write began to; set by ``_write_job`` before its

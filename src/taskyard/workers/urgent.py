@@ -12,7 +12,7 @@ message, fetched as soon as a reservation frees, starts on the next free process
 every reserved lower task.
 
 Celery and kombu internals relied on (celery 5.7, kombu 5.7; tested in
-``tests/test_worker_urgent.py``): the worker's ``Pool`` step creates ``worker.semaphore`` when
+``tests/workers/test_urgent.py``): the worker's ``Pool`` step creates ``worker.semaphore`` when
 it runs an event loop, and prefork workers (``pool_cls.uses_semaphore``) pass each request
 through ``semaphore.acquire(process_task, request)``; the semaphore keeps waiting calls in
 ``_waiting``, added by ``_add_waiter`` and taken by ``_pop_waiter`` (bound to that deque when the

@@ -1,0 +1,1 @@
+"""What `taskyard up` runs: an embedded Redis, supervised children, the stack file."""

@@ -1,5 +1,0 @@
-"""The stats API over HTTP: endpoints, admin routes, /metrics, the dashboard (FastAPI)."""
-
-from taskyard.monitoring.http.api import create_api
-
-__all__ = ["create_api"]
