@@ -6,7 +6,7 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 * One Redis client per channel, reused by every command (kombu builds a new ``redis.Redis``
   per call in ``conn_or_acquire``), producers included.
-* A fetch is one Lua call (:data:`taskyard.broker.lua.FETCH`): it applies the acks gathered
+* A fetch is one Lua call (``broker/fetch.lua``): it applies the acks gathered
   since the last fetch, pops from the first non-empty list in ``-Q`` order (each queue's
   priority sub-lists, then the next queue's) and records the message in kombu's own
   ``unacked`` HASH and ``unacked_index`` ZSET in the same step, so no message is lost between
