@@ -13,8 +13,25 @@ call, so, like kombu's multi-key BRPOP, the transport does not run on Redis Clus
 
 from __future__ import annotations
 
-from taskyard.lua import Script
+from taskyard.lua import Fragment, Script, fragments
 
-FETCH_SCRIPT = Script.from_file("taskyard.broker", "fetch.lua")
+#: The fragments before the body of the fetch and ack scripts, in order: the default hooks, then
+#: the flow- and job-control fragments (``control/*.lua``, in name order). The contract a
+#: fragment follows is in ``fetch.lua``'s header.
+HOOKS = ("hooks.lua", "control/*.lua")
+
+
+def compose(body: str, *extra: Fragment) -> Script:
+    """The script of ``body`` (``fetch.lua`` or ``ack.lua``) after the hook fragments.
+
+    ``extra`` fragments go after the installed ones, just before the body (tests use this to
+    load a fragment of their own into a script of their own).
+    """
+    return Script.join(
+        [*fragments("taskyard.broker", *HOOKS), *extra, *fragments("taskyard.broker", body)]
+    )
+
+
+FETCH_SCRIPT = compose("fetch.lua")
+ACK_SCRIPT = compose("ack.lua")
 PUBLISH_SCRIPT = Script.from_file("taskyard.broker", "publish.lua")
-ACK_SCRIPT = Script.from_file("taskyard.broker", "ack.lua")
