@@ -15,6 +15,7 @@ import redis
 
 from taskyard.broker import lua as broker_lua
 from taskyard.lua import Fragment
+from taskyard.serialization import text
 
 FRAGMENT = Fragment(
     "verdicts.lua", (Path(__file__).parent / "fragments" / "verdicts.lua").read_text()
@@ -66,7 +67,7 @@ def names_in(client: redis.Redis, queue: str) -> list[str]:
 
 
 def log(client: redis.Redis, what: str) -> list[str]:
-    return [entry.decode() for entry in client.lrange(f"{PREFIX}test:{what}", 0, -1)]
+    return [text(entry) for entry in client.lrange(f"{PREFIX}test:{what}", 0, -1)]
 
 
 def test_every_popped_message_passes_admit_and_each_verdict_is_obeyed(
