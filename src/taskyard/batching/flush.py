@@ -20,7 +20,8 @@ from taskyard.errors import PartialFailure
 from taskyard.routing.binding import bind_task
 
 if TYPE_CHECKING:
-    from taskyard.batching.definition import BatchDefinition, BatchOptions
+    from taskyard.batching.definition import BatchDefinition
+    from taskyard.batching.producer import BatchOptions
 
 log = logging.getLogger(__name__)
 

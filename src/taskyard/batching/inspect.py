@@ -6,7 +6,7 @@ from collections import defaultdict
 from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer
-from taskyard.batching.definition import publish
+from taskyard.batching.producer import publish
 from taskyard.errors import BatchError
 from taskyard.runtime import Runtime, runtime_of
 from taskyard.serialization import text

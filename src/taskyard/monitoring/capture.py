@@ -476,4 +476,5 @@ def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
 def capture_of(app: Celery) -> Capture | None:
     """The capture installed on ``app``, if any."""
     runtime = find_runtime(app)
-    return runtime.capture if runtime is not None else None
+    capture = runtime.capture if runtime is not None else None
+    return capture if isinstance(capture, Capture) else None

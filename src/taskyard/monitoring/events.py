@@ -123,7 +123,7 @@ def on_after_task_publish(
     if app is None or headers is None:
         return
     runtime = find_runtime(app)
-    events: SentEvents | None = runtime.sent_events if runtime is not None else None
+    events = runtime.sent_events if runtime is not None else None
     if events is not None:
         events.add(headers, exchange, routing_key)
 
