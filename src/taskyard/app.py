@@ -69,10 +69,6 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         # are batched by taskyard.monitoring.events instead of Celery's publish-per-send.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
-        "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
-        "taskyard_bulk_prefetch_multiplier": settings.bulk_prefetch_multiplier,
-        "taskyard_urgent_prefetch_multiplier": settings.urgent_prefetch_multiplier,
-        "taskyard_delay_move_interval_s": settings.delay_move_interval_s,
         "task_track_started": True,
         # .delay() with the broker down fails in bounded time instead of hanging.
         "task_publish_retry": True,

@@ -36,7 +36,9 @@ import redis
 from celery import bootsteps
 from kombu.utils.json import dumps
 
+from taskyard.config import Settings
 from taskyard.keys import Keys
+from taskyard.runtime import TaskyardApp, find_runtime
 
 log = logging.getLogger("taskyard.broker.delays")
 
@@ -49,12 +51,10 @@ OPTION_ENABLED = "taskyard_delays"
 MOVE_BATCH = 500
 #: Script calls one :func:`move_due` makes at most (bounds one tick: 100,000 messages).
 MOVE_ROUNDS = 200
-#: Namespace of an app that does not name one (``Settings.namespace``'s default).
-DEFAULT_NAMESPACE = "taskyard"
+#: Namespace of an app that does not name one: config.py's default, the only one.
+DEFAULT_NAMESPACE: str = Settings.model_fields["namespace"].default
 #: A mover never calls again sooner than this (s), however soon the next message is due.
 MIN_TICK_S = 0.02
-#: Default mover period (s); the app's ``delay_move_interval_s`` overrides it.
-DEFAULT_INTERVAL_S = 0.25
 
 # Moves due members of every registered delayed set onto their queue's list, oldest due first.
 # Atomic: one script, so a member is removed and pushed together, and many movers running at
@@ -286,14 +286,21 @@ class _Mover:
                 log.debug("releasing the mover connection failed", exc_info=True)
 
 
-def _settings_of(app: Any) -> tuple[bool, str, float]:
-    """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on."""
+def _settings_of(app: TaskyardApp) -> tuple[bool, str, float]:
+    """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on.
+
+    The switch and the namespace are read from the transport options, as the channel that
+    parks the messages reads them (:func:`maybe_delay`), so the movers follow the channel
+    whatever the app's options say; the period is the app's setting.
+    """
+    runtime = find_runtime(app)
+    if runtime is None:
+        return False, DEFAULT_NAMESPACE, 0.0
     options = dict(app.conf.broker_transport_options or {})
-    interval = float(app.conf.get("taskyard_delay_move_interval_s") or DEFAULT_INTERVAL_S)
     return (
         bool(options.get(OPTION_ENABLED)),
         str(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE),
-        interval,
+        runtime.settings.delay_move_interval_s,
     )
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
-from taskyard.runtime import find_runtime, sending_app
+from taskyard.runtime import find_runtime, runtime_of, sending_app
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class EventBatching(bootsteps.StartStopStep):  # type: ignore[misc]
         hub = parent.hub
         if dispatcher is None or hub is None or dispatcher.on_send_buffered is None:
             return
-        interval = parent.app.conf.get("taskyard_event_flush_interval_s", 0.1)
+        interval = runtime_of(parent.app).settings.event_flush_interval_s
 
         def flush() -> None:
             self.pending = False
