@@ -102,7 +102,7 @@ def test_settings_reach_workers_through_the_runtime_only() -> None:
     """No taskyard value is copied into app.conf: workers read runtime_of(app).settings, so
     config.py's defaults are the only ones (a copy once fell back to 1 where config said 4)."""
     app = create_app("x", redis_url="redis://127.0.0.1:6379/3", urgent_prefetch_multiplier=3)
-    assert [key for key in app.conf.keys() if str(key).startswith("taskyard_")] == []
+    assert [key for key in app.conf if str(key).startswith("taskyard_")] == []
     settings = runtime_of(app).settings
     assert settings.urgent_prefetch_multiplier == 3
     assert (

@@ -12,7 +12,7 @@ import threading
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 
 import redis
 from celery import Celery, _state
@@ -77,6 +77,15 @@ def _renew_pool_locks() -> None:
 
 
 os.register_at_fork(after_in_child=_renew_pool_locks)
+
+
+class PeriodicJob(NamedTuple):
+    """A periodic job a part declares (by its task name); :mod:`taskyard.beat` schedules it."""
+
+    #: The period (s) from the part's own setting; TASKYARD_SCHEDULE__INTERVALS_S overrides it.
+    period_s: float
+    #: False: beat sends it only when TASKYARD_SCHEDULE__INTERVALS_S names it.
+    scheduled: bool = True
 
 
 # The per-app services live in packages above the runtime, which must not import them
@@ -155,6 +164,8 @@ class Runtime:
     #: Fast ``.delay()`` of the app's tasks: set by create_app on taskyard's Redis transport,
     #: None elsewhere (Celery's path).
     publisher: FastPublisher | None = None
+    #: The parts' periodic jobs by task name (create_app collects them before any part installs).
+    periodic_jobs: dict[str, PeriodicJob] = field(default_factory=dict, repr=False)
     #: SQLAlchemy engines of this app per database URL (taskyard.database), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     #: The batch reaper's cache of registered batch definitions (taskyard.batching.reaper):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from taskyard.runtime import Runtime
+from taskyard.config import Settings
+from taskyard.runtime import PeriodicJob, Runtime
 
 
 def install(app: Celery, runtime: Runtime) -> None:
@@ -18,3 +19,10 @@ def install(app: Celery, runtime: Runtime) -> None:
 
     install_capture(app, runtime)
     register(app, runtime)
+
+
+def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
+    """Monitoring's periodic job (stats collection), for beat."""
+    from taskyard.monitoring.collect import periodic_jobs as collection_jobs
+
+    return collection_jobs(settings)
