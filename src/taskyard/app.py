@@ -195,7 +195,7 @@ def _check_schedule(settings: Settings, jobs: dict[str, PeriodicJob]) -> None:
 
 def create_app(
     name: str, include: list[str] | tuple[str, ...] | None = None, **overrides: Any
-) -> Celery:
+) -> TaskyardApp:
     """Return a Celery app configured for taskyard.
 
     Keyword overrides that name a taskyard setting (``broker_url``, ``routing_rules``, ...)

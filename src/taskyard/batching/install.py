@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
 from taskyard.batching.reaper import REAP_TASK, Flusher, reap
 from taskyard.config import Settings
 from taskyard.routing.levels import Priority
-from taskyard.runtime import PeriodicJob, Runtime
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
     }
 
 
-def install(app: Celery, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Register the reaper task; run a flusher thread in each worker's main process."""
     settings = runtime.settings.batch
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.producer import publish
-from taskyard.runtime import runtime_of
+from taskyard.runtime import TaskyardApp, runtime_of
 from taskyard.serialization import text
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ REAP_TASK = "taskyard.batching.reap"
 _CONF_TTL_S = 5.0
 
 
-def _definitions(app: Any) -> dict[str, dict[str, str]]:
+def _definitions(app: TaskyardApp) -> dict[str, dict[str, str]]:
     # The registry is read on every pass, so a new batch name is reaped at once.
     runtime = runtime_of(app)
     confs = runtime.batch_definitions
@@ -50,7 +50,7 @@ def _definitions(app: Any) -> dict[str, dict[str, str]]:
     return {name: confs[name][1] for name in names if confs[name][1]}
 
 
-def reap(app: Any) -> dict[str, int]:
+def reap(app: TaskyardApp) -> dict[str, int]:
     """Flush aged buffers and republish expired batches of every batch name, once.
 
     Returns counts: ``claimed`` batches (age flushes) and ``republished`` batches.
@@ -92,7 +92,7 @@ def reap(app: Any) -> dict[str, int]:
 class Flusher(threading.Thread):
     """Runs :func:`reap` every ``interval_s`` until stopped (a daemon thread)."""
 
-    def __init__(self, app: Any, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, interval_s: float) -> None:
         super().__init__(daemon=True, name="taskyard-batch-flusher")
         self.app = app
         self.interval_s = interval_s

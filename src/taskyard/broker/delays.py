@@ -242,7 +242,7 @@ class _Mover:
     the mover a few milliseconds rather than up to a whole interval.
     """
 
-    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, namespace: str, interval_s: float) -> None:
         self.app = app
         self.keys = Keys(namespace)
         self.interval_s = interval_s
@@ -341,7 +341,7 @@ class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
 class BeatMover:
     """Beat-side mover: a daemon thread moving due messages while beat runs."""
 
-    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, namespace: str, interval_s: float) -> None:
         self.mover = _Mover(app, namespace, interval_s)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover", daemon=True)
@@ -371,7 +371,7 @@ def _on_beat_init(sender: Any = None, **_: Any) -> None:
         log.info("beat moves due delayed messages every %g s", interval)
 
 
-def install(app: Any) -> None:
+def install(app: TaskyardApp) -> None:
     """Register the worker mover (consumer bootstep) and the beat mover of ``app``."""
     from celery.signals import beat_init
 

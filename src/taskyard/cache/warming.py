@@ -23,7 +23,7 @@ from taskyard.cache.core import Cache, cache_for
 from taskyard.config import Settings
 from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority
-from taskyard.runtime import PeriodicJob, Runtime, runtime_of
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp, runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
     return {CACHE_WARM_TASK: PeriodicJob(settings.cache.warm_interval_s)}
 
 
-def install(app: Any, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.cache.warm`` and the warm-at-start hook."""
 
     @app.task(name=CACHE_WARM_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
@@ -169,7 +169,7 @@ def install(app: Any, runtime: Runtime) -> None:
         return warm(runtime_of(self.app), trigger=trigger)
 
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
-        sender_app: Any = getattr(sender, "app", None)
+        sender_app: TaskyardApp | None = getattr(sender, "app", None)
         if sender_app is None or sender_app is not app:
             return
         if not runtime.settings.schedule.warm_on_start or not _REGISTRY:

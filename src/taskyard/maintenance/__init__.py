@@ -27,7 +27,7 @@ from taskyard.maintenance.postgres import PostgresMaintenance
 from taskyard.maintenance.report import RunReport, last_runs, record, safe_url
 from taskyard.maintenance.sqlite import SqliteMaintenance
 from taskyard.routing.levels import Priority
-from taskyard.runtime import PeriodicJob, Runtime, runtime_of
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp, runtime_of
 
 log = logging.getLogger(__name__)
 #: The maintenance task, sent by beat every TASKYARD_MAINTENANCE__INTERVAL_S.
@@ -209,7 +209,7 @@ def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
     return {MAINTENANCE_TASK: PeriodicJob(settings.maintenance.interval_s)}
 
 
-def install(app: Any, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.maintenance.run``; check the metadata setting when a worker starts."""
 
     @app.task(name=MAINTENANCE_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]

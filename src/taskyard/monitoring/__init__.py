@@ -6,13 +6,11 @@
 
 from __future__ import annotations
 
-from celery import Celery
-
 from taskyard.config import Settings
-from taskyard.runtime import PeriodicJob, Runtime
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 
 
-def install(app: Celery, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Connect metric capture and register the stats collection task on ``app``."""
     from taskyard.monitoring.capture import install_capture
     from taskyard.monitoring.collect import register

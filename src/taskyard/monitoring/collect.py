@@ -22,8 +22,6 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery
-
 from taskyard.beat import job_interval_s, single_flight
 from taskyard.config import Settings
 from taskyard.deadletters.store import RedisDeadLetterStore
@@ -33,7 +31,7 @@ from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transitio
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
-from taskyard.runtime import PeriodicJob, Runtime
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 from taskyard.serialization import text
 
 logger = logging.getLogger(__name__)
@@ -350,7 +348,7 @@ def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
     return {TASK_NAME: PeriodicJob(settings.monitoring.stats_interval_s)}
 
 
-def register(app: Celery, runtime: Runtime) -> None:
+def register(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.stats.collect`` on ``app`` (no I/O)."""
 
     def collect_task() -> dict[str, Any]:

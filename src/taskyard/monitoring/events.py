@@ -27,7 +27,7 @@ from typing import Any
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
-from taskyard.runtime import find_runtime, runtime_of, sending_app
+from taskyard.runtime import TaskyardApp, find_runtime, runtime_of, sending_app
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _SENT_HEADERS = ("root_id", "parent_id", "eta", "expires", "retries")
 class SentEvents:
     """Per-process buffer of ``task-sent`` events of one app, published in batches."""
 
-    def __init__(self, app: Any, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, interval_s: float) -> None:
         self.app = app
         self.interval_s = interval_s
         self.hostname = f"gen{os.getpid()}@{_node()}"
