@@ -153,9 +153,7 @@ def add_many_buffer_only_rate(n: int, client: redis.Redis, chunk: int = 5000) ->
 
     def append() -> None:
         for start in range(0, n, chunk):
-            entries = [
-                sink.encode(item, opts.max_item_bytes) for item in items[start : start + chunk]
-            ]
+            entries = [state.encode(item) for item in items[start : start + chunk]]
             state.buffer.append_many(
                 [("", entries)],
                 batch_size=opts.batch_size,

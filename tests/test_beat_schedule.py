@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from taskyard import beat as schedule
+from taskyard.batching import REAP_TASK
 from taskyard.beat import (
     aligned_every,
     beat_entries,
@@ -17,6 +18,9 @@ from taskyard.beat import (
     period_index,
     single_flight,
 )
+from taskyard.cache import CACHE_WARM_TASK
+from taskyard.maintenance import MAINTENANCE_TASK
+from taskyard.monitoring.collect import TASK_NAME as STATS_COLLECT_TASK
 from taskyard.runtime import runtime_of
 
 
@@ -96,21 +100,19 @@ def test_beat_entries_from_settings(make_app: Any) -> None:
             "intervals_s": {"taskyard.cache.warm": 42},
         }
     )
-    entries = beat_entries(runtime_of(app).settings)
+    entries = beat_entries(runtime_of(app))
     # Every worker runs a flusher (the default): the reaper is not sent through beat as well.
-    assert set(entries) == {schedule.CACHE_WARM_TASK, schedule.STATS_COLLECT_TASK}
-    assert entries[schedule.CACHE_WARM_TASK]["schedule"].seconds == 42
+    assert set(entries) == {CACHE_WARM_TASK, STATS_COLLECT_TASK}
+    assert entries[CACHE_WARM_TASK]["schedule"].seconds == 42
     assert all(e["task"] == name for name, e in entries.items())
 
 
 def test_reaper_is_scheduled_only_without_worker_flushers_or_when_named(make_app: Any) -> None:
-    no_flusher = beat_entries(runtime_of(make_app(batch={"worker_flusher": False})).settings)
+    no_flusher = beat_entries(runtime_of(make_app(batch={"worker_flusher": False})))
     # The reaper's 0.5 s default is raised to beat's 1 s floor.
-    assert no_flusher[schedule.BATCH_REAP_TASK]["schedule"].seconds == 1.0
-    named = beat_entries(
-        runtime_of(make_app(schedule={"intervals_s": {schedule.BATCH_REAP_TASK: 30}})).settings
-    )
-    assert named[schedule.BATCH_REAP_TASK]["schedule"].seconds == 30
+    assert no_flusher[REAP_TASK]["schedule"].seconds == 1.0
+    named = beat_entries(runtime_of(make_app(schedule={"intervals_s": {REAP_TASK: 30}})))
+    assert named[REAP_TASK]["schedule"].seconds == 30
 
 
 def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
@@ -120,20 +122,20 @@ def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
     app = make_app(
         schedule={
             "intervals_s": {
-                schedule.CACHE_WARM_TASK: 3,
-                schedule.STATS_COLLECT_TASK: 2,
-                schedule.MAINTENANCE_TASK: 5,
+                CACHE_WARM_TASK: 3,
+                STATS_COLLECT_TASK: 2,
+                MAINTENANCE_TASK: 5,
             }
         }
     )
     runtime = runtime_of(app)
     settings = runtime.settings
     assert settings.cache.warm_interval_s == 300  # the section's own setting is unchanged
-    assert schedule.job_interval_s(settings, schedule.CACHE_WARM_TASK) == 3
-    assert schedule.job_interval_s(settings, schedule.STATS_COLLECT_TASK) == 2
-    assert schedule.job_interval_s(settings, schedule.MAINTENANCE_TASK) == 5
-    entries = beat_entries(settings)
-    assert entries[schedule.CACHE_WARM_TASK]["schedule"].seconds == 3
+    assert schedule.job_interval_s(runtime, CACHE_WARM_TASK) == 3
+    assert schedule.job_interval_s(runtime, STATS_COLLECT_TASK) == 2
+    assert schedule.job_interval_s(runtime, MAINTENANCE_TASK) == 5
+    entries = beat_entries(runtime)
+    assert entries[CACHE_WARM_TASK]["schedule"].seconds == 3
 
     # A 3 s warm override runs once per 3 s period (it ran once per 300 s period before).
     runs = []
@@ -148,7 +150,7 @@ def test_interval_override_sets_the_single_flight_period(make_app: Any) -> None:
     claim = runtime.keys.period_claim(WARM_JOB, runs[-1])
     assert 0 < runtime.redis.pttl(claim) <= 6_000
 
-    app.tasks[schedule.STATS_COLLECT_TASK]()
+    app.tasks[STATS_COLLECT_TASK]()
     stats_claims = runtime.redis.keys(runtime.keys.period_claim("stats.collect", 0)[:-1] + "*")
     # Claimed for a 2 s period (TTL two periods), not the 10 s stats_interval_s.
     assert len(stats_claims) == 1 and 0 < runtime.redis.pttl(stats_claims[0]) <= 4_000

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from taskyard import ConfigurationError, create_app
 from taskyard.config import Settings, load_settings
 from taskyard.errors import RoutingError
+from taskyard.runtime import runtime_of
+from taskyard.workers.prefetch import BulkPrefetch
 
 
 def test_defaults_are_embedded_friendly(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,3 +96,29 @@ def test_visibility_timeout_exceeds_platform_countdowns() -> None:
 def test_celery_overrides_pass_through() -> None:
     app = create_app("x", task_time_limit=30)
     assert app.conf.task_time_limit == 30
+
+
+def test_settings_reach_workers_through_the_runtime_only() -> None:
+    """No taskyard value is copied into app.conf: workers read runtime_of(app).settings, so
+    config.py's defaults are the only ones (a copy once fell back to 1 where config said 4)."""
+    app = create_app("x", redis_url="redis://127.0.0.1:6379/3", urgent_prefetch_multiplier=3)
+    assert [key for key in app.conf if str(key).startswith("taskyard_")] == []
+    settings = runtime_of(app).settings
+    assert settings.urgent_prefetch_multiplier == 3
+    assert (
+        settings.bulk_prefetch_multiplier
+        == Settings.model_fields["bulk_prefetch_multiplier"].default
+    )
+
+
+def test_a_bulk_worker_reserves_the_configured_default() -> None:
+    """The consumer step takes the multiplier from the app's runtime: config.py's 4 by default."""
+    app = create_app("x", redis_url="redis://127.0.0.1:6379/3")
+    app.amqp.queues.select(["low", "batch"])
+    qos = SimpleNamespace(value=1, set=lambda count: None)
+    consumer = SimpleNamespace(
+        app=app, qos=qos, prefetch_multiplier=1, pool=SimpleNamespace(num_processes=2)
+    )
+    BulkPrefetch(consumer).start(consumer)
+    assert consumer.prefetch_multiplier == 4
+    assert qos.value == 8

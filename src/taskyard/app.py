@@ -7,7 +7,7 @@ The configuration lives in the app, not in the command line, so a plain
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.app import defaults as celery_defaults
@@ -24,7 +24,14 @@ from taskyard.monitoring.events import EventBatching, SentEvents, on_after_task_
 from taskyard.routing.levels import build_queues, parse_level
 from taskyard.routing.rules import CompiledRule, Router
 from taskyard.routing.task import TaskyardTask
-from taskyard.runtime import Runtime, attach, find_runtime, sending_app
+from taskyard.runtime import (
+    PeriodicJob,
+    Runtime,
+    TaskyardApp,
+    attach,
+    find_runtime,
+    sending_app,
+)
 from taskyard.workers.prefetch import BulkPrefetch
 from taskyard.workers.shutdown import StopFlush
 from taskyard.workers.urgent import UrgentFirstStep
@@ -69,10 +76,6 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
         # are batched by taskyard.monitoring.events instead of Celery's publish-per-send.
         "worker_send_task_events": settings.task_events,
         "task_send_sent_event": False,
-        "taskyard_event_flush_interval_s": settings.event_flush_interval_s,
-        "taskyard_bulk_prefetch_multiplier": settings.bulk_prefetch_multiplier,
-        "taskyard_urgent_prefetch_multiplier": settings.urgent_prefetch_multiplier,
-        "taskyard_delay_move_interval_s": settings.delay_move_interval_s,
         "task_track_started": True,
         # .delay() with the broker down fails in bounded time instead of hanging.
         "task_publish_retry": True,
@@ -133,28 +136,17 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
         super().close()
 
 
-def _check_schedule(settings: Settings) -> None:
-    """Refuse a schedule setting that names no periodic job of the platform."""
-    from taskyard.beat import default_intervals  # late: see _install_subsystems
+class Part(NamedTuple):
+    """One part as create_app wires it."""
 
-    jobs = sorted(default_intervals(settings))
-    named = (
-        ("TASKYARD_SCHEDULE__INTERVALS_S", list(settings.schedule.intervals_s)),
-        ("TASKYARD_SCHEDULE__DISABLED", settings.schedule.disabled),
-    )
-    for variable, names in named:
-        for job in names:
-            if job not in jobs:
-                raise ConfigurationError(
-                    f"{variable} names {job!r}, which is not a periodic job of the platform"
-                    f"{did_you_mean(job, jobs)}; the jobs are: {', '.join(jobs)}",
-                    setting=variable,
-                    value=job,
-                )
+    #: Registers the part's tasks, signal receivers and steps on the app (no I/O).
+    install: Callable[[TaskyardApp, Runtime], object]
+    #: The part's periodic jobs by task name, from settings (beat schedules them).
+    periodic_jobs: Callable[[Settings], dict[str, PeriodicJob]] | None = None
 
 
-def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
-    """Each part's ``install``: its tasks, signal receivers and beat entries, in wiring order.
+def _parts() -> tuple[Part, ...]:
+    """Every part, in wiring order.
 
     Imported here, not at the top: the parts import the public package, which imports this
     module.
@@ -163,26 +155,47 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
     from taskyard.workers import guards
 
     return (
-        batching.install,  # the flush and reaper tasks, the worker flusher thread
-        database.install,  # engines disposed in every prefork child
-        cache.install,  # cache warming
-        maintenance.install,  # index maintenance
-        beat.install,  # the beat schedule of the periodic jobs
-        guards.install,  # admission, back-pressure, accounting, heartbeat
-        deadletters.install,  # poison quarantine, bounded redelivery, dead letters
-        monitoring.install,  # metric capture, stats collection
+        Part(batching.install, batching.periodic_jobs),  # flush and reaper tasks, flusher
+        Part(database.install),  # engines disposed in every prefork child
+        Part(cache.install, cache.periodic_jobs),  # cache warming
+        Part(maintenance.install, maintenance.periodic_jobs),  # index maintenance
+        Part(beat.install),  # the beat schedule of every part's periodic jobs
+        Part(guards.install),  # admission, back-pressure, accounting, heartbeat
+        Part(deadletters.install),  # poison quarantine, bounded redelivery, dead letters
+        Part(monitoring.install, monitoring.periodic_jobs),  # metric capture, stats collection
     )
 
 
-def _install_parts(app: Celery, runtime: Runtime) -> None:
-    """Let each part register its tasks, signal receivers and beat entries (no I/O)."""
-    for install in _parts():
-        install(app, runtime)
+def _periodic_jobs(parts: tuple[Part, ...], settings: Settings) -> dict[str, PeriodicJob]:
+    """Every part's periodic jobs, by task name."""
+    jobs: dict[str, PeriodicJob] = {}
+    for part in parts:
+        if part.periodic_jobs is not None:
+            jobs.update(part.periodic_jobs(settings))
+    return jobs
+
+
+def _check_schedule(settings: Settings, jobs: dict[str, PeriodicJob]) -> None:
+    """Refuse a schedule setting that names no periodic job of the platform."""
+    names = sorted(jobs)
+    named = (
+        ("TASKYARD_SCHEDULE__INTERVALS_S", list(settings.schedule.intervals_s)),
+        ("TASKYARD_SCHEDULE__DISABLED", settings.schedule.disabled),
+    )
+    for variable, given in named:
+        for job in given:
+            if job not in jobs:
+                raise ConfigurationError(
+                    f"{variable} names {job!r}, which is not a periodic job of the platform"
+                    f"{did_you_mean(job, names)}; the jobs are: {', '.join(names)}",
+                    setting=variable,
+                    value=job,
+                )
 
 
 def create_app(
     name: str, include: list[str] | tuple[str, ...] | None = None, **overrides: Any
-) -> Celery:
+) -> TaskyardApp:
     """Return a Celery app configured for taskyard.
 
     Keyword overrides that name a taskyard setting (``broker_url``, ``routing_rules``, ...)
@@ -205,7 +218,9 @@ def create_app(
             )
     settings = load_settings(**{k: v for k, v in overrides.items() if k in setting_names})
     celery_overrides = {k: v for k, v in overrides.items() if k not in setting_names}
-    _check_schedule(settings)
+    parts = _parts()
+    jobs = _periodic_jobs(parts, settings)
+    _check_schedule(settings, jobs)
 
     default = parse_level(settings.default_level, where="TASKYARD_DEFAULT_LEVEL")
     rules = [
@@ -220,7 +235,9 @@ def create_app(
     serialization.register()
     app = TaskyardCelery(name, include=list(include or ()), task_cls=TaskyardTask)
     # Attached first: the app is a taskyard app from here on, whenever Celery finalizes it.
-    runtime = Runtime(settings=settings, keys=Keys(settings.namespace), router=router)
+    runtime = Runtime(
+        settings=settings, keys=Keys(settings.namespace), router=router, periodic_jobs=jobs
+    )
     attach(app, runtime)
     app.conf.update(celery_config(settings, router))
     app.conf.update(celery_overrides)
@@ -241,5 +258,6 @@ def create_app(
     # A warm stop lets the pool processes finish and acknowledge what they already received.
     app.steps["worker"].add(StopFlush)
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
-    _install_parts(app, runtime)
+    for part in parts:
+        part.install(app, runtime)
     return app

@@ -1,4 +1,8 @@
-"""The beat schedule of the platform's periodic jobs, and single-flight runs.
+"""The beat schedule of the parts' periodic jobs, and single-flight runs.
+
+Each part declares its jobs (task name and period, :class:`~taskyard.runtime.PeriodicJob`);
+``create_app`` collects them into ``runtime.periodic_jobs`` and this module schedules them,
+knowing no task name of its own.
 
 Two beat processes started by mistake each send every periodic job; the job must still run once
 per period. Two pieces make that hold:
@@ -12,7 +16,7 @@ per period. Two pieces make that hold:
 
 Any task may use :func:`single_flight`::
 
-    with single_flight(runtime, "stats.collect", settings.monitoring.stats_interval_s) as flight:
+    with single_flight(runtime, "reports.nightly", 24 * 3600) as flight:
         if not flight.acquired:
             return flight.report()
         ...
@@ -33,16 +37,13 @@ from typing import Any
 from celery import beat
 from celery.schedules import schedstate, schedule
 
-from taskyard.config import Settings
-from taskyard.runtime import Runtime
+from taskyard.runtime import Runtime, TaskyardApp
 
 log = logging.getLogger(__name__)
 
-#: Task names of the platform's periodic jobs (built in their own packages; named, not imported).
-CACHE_WARM_TASK = "taskyard.cache.warm"
+#: The maintenance task's name, for monitoring/api/admin.py until it imports
+#: ``taskyard.maintenance.MAINTENANCE_TASK`` (that file is being reworked on another branch).
 MAINTENANCE_TASK = "taskyard.maintenance.run"
-BATCH_REAP_TASK = "taskyard.batching.reap"
-STATS_COLLECT_TASK = "taskyard.stats.collect"
 
 #: Shortest interval beat is asked to keep (s): beat's loop cannot usefully tick faster.
 MIN_BEAT_INTERVAL_S = 1.0
@@ -145,48 +146,32 @@ class aligned_every(schedule):  # type: ignore[misc]
         return f"<aligned every {self.human_seconds}>"
 
 
-def default_intervals(settings: Settings) -> dict[str, float]:
-    """Each platform job's period from its own section's setting (s)."""
-    return {
-        CACHE_WARM_TASK: settings.cache.warm_interval_s,
-        MAINTENANCE_TASK: settings.maintenance.interval_s,
-        BATCH_REAP_TASK: settings.batch.reaper_interval_s,
-        STATS_COLLECT_TASK: settings.monitoring.stats_interval_s,
-    }
-
-
-def job_interval_s(settings: Settings, task: str) -> float:
+def job_interval_s(runtime: Runtime, task: str) -> float:
     """The period (s) beat sends ``task`` at, and so the period its single-flight claims.
 
-    ``TASKYARD_SCHEDULE__INTERVALS_S`` overrides the section's setting. The claim must use the
+    ``TASKYARD_SCHEDULE__INTERVALS_S`` overrides the part's setting. The claim must use the
     same period as beat: a 3 s override claimed against a 300 s period would run once per 300 s.
     """
-    interval = settings.schedule.intervals_s.get(task)
+    interval = runtime.settings.schedule.intervals_s.get(task)
     if interval is None:
-        interval = default_intervals(settings)[task]
+        interval = runtime.periodic_jobs[task].period_s
     return max(MIN_BEAT_INTERVAL_S, interval)
 
 
-def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:
-    """Beat entries of the platform's periodic jobs, from settings (disabled ones left out).
+def beat_entries(runtime: Runtime) -> dict[str, dict[str, Any]]:
+    """Beat entries of the app's periodic jobs, from settings (disabled ones left out).
 
-    The batch reaper is left out while every worker runs a flusher thread
-    (``TASKYARD_BATCH__WORKER_FLUSHER``, the default): the flusher does the same scan in each
-    worker's main process, so sending it through beat as well only put one high-level task per
-    second on the broker (a third of the high queue's traffic in the demo). An explicit
-    ``intervals_s`` entry for it keeps it scheduled.
+    A job its part declares unscheduled (the batch reaper while every worker runs a flusher)
+    is sent only when ``TASKYARD_SCHEDULE__INTERVALS_S`` names it.
     """
-    schedule_settings = settings.schedule
-    intervals = default_intervals(settings)
-    if settings.batch.worker_flusher and BATCH_REAP_TASK not in schedule_settings.intervals_s:
-        del intervals[BATCH_REAP_TASK]
-    intervals.update(schedule_settings.intervals_s)
+    schedule_settings = runtime.settings.schedule
     entries: dict[str, dict[str, Any]] = {}
-    for task in intervals:
-        if task in schedule_settings.disabled:
+    for task, job in runtime.periodic_jobs.items():
+        named = task in schedule_settings.intervals_s
+        if task in schedule_settings.disabled or not (job.scheduled or named):
             continue
         # The same figure job_interval_s gives the job's single-flight claim.
-        interval = max(MIN_BEAT_INTERVAL_S, intervals[task])
+        interval = job_interval_s(runtime, task)
         entries[task] = {
             "task": task,
             "schedule": aligned_every(interval),
@@ -199,8 +184,8 @@ def beat_entries(settings: Settings) -> dict[str, dict[str, Any]]:
 class Scheduler(beat.PersistentScheduler):  # type: ignore[misc]
     """Celery's persistent scheduler, leaving out entries whose task this app does not define.
 
-    Platform jobs are named by string; one whose package is not installed would otherwise be
-    sent every period and rejected by every worker as unregistered.
+    A schedule entry names its task by string; one of taskyard's whose part is not installed
+    would otherwise be sent every period and rejected by every worker as unregistered.
     """
 
     def merge_inplace(self, b: dict[str, Any]) -> None:
@@ -215,10 +200,10 @@ class Scheduler(beat.PersistentScheduler):  # type: ignore[misc]
         super().merge_inplace(kept)
 
 
-def install(app: Any, runtime: Runtime) -> None:
-    """Add the platform's periodic jobs to the app's beat schedule."""
+def install(app: TaskyardApp, runtime: Runtime) -> None:
+    """Add the parts' periodic jobs (``runtime.periodic_jobs``) to the app's beat schedule."""
     schedule_conf = dict(app.conf.beat_schedule or {})
-    for name, entry in beat_entries(runtime.settings).items():
+    for name, entry in beat_entries(runtime).items():
         schedule_conf.setdefault(name, entry)
     app.conf.beat_schedule = schedule_conf
     if app.conf.beat_scheduler == "celery.beat:PersistentScheduler":  # not chosen by the user

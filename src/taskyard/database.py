@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from taskyard.config import Settings
-from taskyard.runtime import Runtime
+from taskyard.runtime import Runtime, TaskyardApp
 from taskyard.serialization import text
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def slow_statements(runtime: Runtime) -> dict[str, dict[str, float]]:
     return result
 
 
-def install(app: Any, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Dispose inherited engines in every prefork child."""
     runtime_ref = weakref.ref(runtime)  # the receiver must not keep a finished app alive
 

@@ -12,10 +12,10 @@ import threading
 import weakref
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
 
 import redis
-from celery import _state
+from celery import Celery, _state
 
 from taskyard.config import Settings, redis_client_url
 from taskyard.errors import ConfigurationError
@@ -37,10 +37,14 @@ SEAMS = (
     Seam("celery._state", "_tls", "attribute"),
     Seam("celery._state", "default_app", "attribute"),
 )
+#: A Celery app made by :func:`taskyard.create_app` (a ``taskyard.app.TaskyardCelery``), as
+#: annotations name it. Celery ships no type stubs, so to mypy this is ``Any``; the alias says to
+#: a reader which object it is, and is the one place to narrow once Celery is typed.
+TaskyardApp: TypeAlias = Celery
 
 _ATTRIBUTE = "_taskyard_runtime"
 #: The taskyard app created last in this process (a weak reference: apps of finished tests go).
-_latest: weakref.ref[Any] | None = None
+_latest: weakref.ref[TaskyardApp] | None = None
 #: Connection pools of the clients made by :func:`redis_client`: a forked child renews their
 #: locks (:func:`_renew_pool_locks`).
 _pools: weakref.WeakSet[redis.ConnectionPool] = weakref.WeakSet()
@@ -50,7 +54,7 @@ _POOL_LOCKS = ("_lock", "_fork_lock")
 
 #: The app whose task is being sent right now (set by the app's send_task and by fast
 #: publishing), so receivers of publish signals know the sending app.
-sending_app: ContextVar[Any] = ContextVar("taskyard_sending_app", default=None)
+sending_app: ContextVar[TaskyardApp | None] = ContextVar("taskyard_sending_app", default=None)
 
 
 def redis_client(url: str, **options: Any) -> redis.Redis:
@@ -87,6 +91,76 @@ def _renew_pool_locks() -> None:
 os.register_at_fork(after_in_child=_renew_pool_locks)
 
 
+class PeriodicJob(NamedTuple):
+    """A periodic job a part declares (by its task name); :mod:`taskyard.beat` schedules it."""
+
+    #: The period (s) from the part's own setting; TASKYARD_SCHEDULE__INTERVALS_S overrides it.
+    period_s: float
+    #: False: beat sends it only when TASKYARD_SCHEDULE__INTERVALS_S names it.
+    scheduled: bool = True
+
+
+# The per-app services live in packages above the runtime, which must not import them
+# (tests/test_layers.py). Each slot is typed by a Protocol of what its users call; mypy checks
+# the real class against it where the installer assigns it.
+
+
+class FastPublisher(Protocol):
+    """Fast ``.delay()`` of an app's tasks: ``taskyard.broker.publish.Publisher``."""
+
+    def send(
+        self, task: Any, args: Any, kwargs: Any, task_id: str | None, queue: str | None
+    ) -> Any:
+        """Publish like ``task.apply_async(args, kwargs, task_id=...)`` and return its
+        ``AsyncResult``; None when the call does not fit the fast path (nothing was done)."""
+        ...
+
+    def close(self) -> None:
+        """Close this process's broker connection."""
+        ...
+
+
+class SentEventBuffer(Protocol):
+    """Batched task-sent events: ``taskyard.monitoring.events.SentEvents``."""
+
+    def add(self, headers: dict[str, Any], exchange: str, routing_key: str) -> None:
+        """Buffer the task-sent event of one published message."""
+        ...
+
+
+class MetricCapture(Protocol):
+    """Per-process metric capture: ``taskyard.monitoring.capture.Capture``."""
+
+    def flush(self) -> int:
+        """Write what was counted to Redis in one round trip; returns the fields written."""
+        ...
+
+    def close(self) -> None:
+        """Flush what is buffered and stop the flusher thread (at process exit)."""
+        ...
+
+
+class ResourceGuard(Protocol):
+    """Resource guard of a worker: ``taskyard.workers.guards.Guard``."""
+
+    def on_consumer_start(self, consumer: Any) -> None:
+        """Bind to the worker's consumer (its queues, its timer)."""
+        ...
+
+    @property
+    def valve_interval_s(self) -> float | None:
+        """Seconds between :meth:`valve_tick` calls; None without a back-pressure valve."""
+        ...
+
+    def valve_tick(self, consumer: Any) -> None:
+        """Pause or resume the consumer's queues from the latest reading."""
+        ...
+
+    def on_consumer_shutdown(self) -> None:
+        """Let go of the consumer when the worker stops."""
+        ...
+
+
 @dataclass
 class Runtime:
     """Per-app state shared by every subsystem."""
@@ -94,22 +168,23 @@ class Runtime:
     settings: Settings
     keys: Keys
     router: Router
-    #: Resource guard (taskyard.workers.guards.Guard), metric capture
-    #: (taskyard.monitoring.capture.Capture) and task-sent event buffer
-    #: (taskyard.monitoring.events.SentEvents)
-    #: of this app: set by their installers, None when not installed. Typed Any: the runtime is
-    #: below those packages and does not import them.
-    guard: Any = None
-    capture: Any = None
-    sent_events: Any = None
-    #: Fast ``.delay()`` of the app's tasks (taskyard.broker.publish.Publisher): set by
-    #: create_app on taskyard's Redis transport, None elsewhere (Celery's path).
-    publisher: Any = None
+    #: Resource guard, metric capture and task-sent event buffer of this app: set by their
+    #: installers, None when not installed.
+    guard: ResourceGuard | None = None
+    capture: MetricCapture | None = None
+    sent_events: SentEventBuffer | None = None
+    #: Fast ``.delay()`` of the app's tasks: set by create_app on taskyard's Redis transport,
+    #: None elsewhere (Celery's path).
+    publisher: FastPublisher | None = None
+    #: The parts' periodic jobs by task name (create_app collects them before any part installs).
+    periodic_jobs: dict[str, PeriodicJob] = field(default_factory=dict, repr=False)
     #: SQLAlchemy engines of this app per database URL (taskyard.database), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
-    #: Per-app state of subsystems without a field of their own, by "<subsystem>.<what>" (the
-    #: batch reaper's cache of batch definitions, ...).
-    state: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: The batch reaper's cache of registered batch definitions (taskyard.batching.reaper):
+    #: batch name -> (monotonic time read, definition as stored in Redis).
+    batch_definitions: dict[str, tuple[float, dict[str, str]]] = field(
+        default_factory=dict, repr=False
+    )
     _redis: redis.Redis | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -128,24 +203,24 @@ class Runtime:
         return self._redis
 
 
-def attach(app: Any, runtime: Runtime) -> None:
+def attach(app: TaskyardApp, runtime: Runtime) -> None:
     """Make ``runtime`` the runtime of ``app``, and ``app`` the taskyard app created last."""
     global _latest
     setattr(app, _ATTRIBUTE, runtime)
     _latest = weakref.ref(app)
 
 
-def find_runtime(app: Any) -> Runtime | None:
+def find_runtime(app: TaskyardApp) -> Runtime | None:
     """The runtime of ``app``, or None when ``create_app`` did not make it."""
     return getattr(app, _ATTRIBUTE, None)
 
 
-def is_taskyard_app(app: Any) -> bool:
+def is_taskyard_app(app: TaskyardApp) -> bool:
     """Whether ``app`` was made by ``taskyard.create_app``."""
     return getattr(app, _ATTRIBUTE, None) is not None
 
 
-def current_taskyard_app() -> Any:
+def current_taskyard_app() -> TaskyardApp:
     """The taskyard app that taskyard's decorators use now, in any thread.
 
     This thread's current Celery app when ``create_app`` made it, else the taskyard app created
@@ -170,7 +245,7 @@ def current_taskyard_app() -> Any:
     return latest
 
 
-def runtime_of(app: Any) -> Runtime:
+def runtime_of(app: TaskyardApp) -> Runtime:
     """The runtime of an app made by ``create_app``.
 
     Raises:

@@ -9,7 +9,7 @@ buffers and republishes batches of crashed workers (:mod:`~taskyard.batching.rea
 from taskyard.batching.decorator import BatchTask, batch_task
 from taskyard.batching.definition import AddResult, BatchDefinition
 from taskyard.batching.inspect import inspect_batches, list_dead, purge_dead, requeue_dead
-from taskyard.batching.install import install
+from taskyard.batching.install import install, periodic_jobs
 from taskyard.batching.reaper import REAP_TASK, reap
 from taskyard.errors import PartialFailure
 
@@ -23,6 +23,7 @@ __all__ = [
     "inspect_batches",
     "install",
     "list_dead",
+    "periodic_jobs",
     "purge_dead",
     "reap",
     "requeue_dead",

@@ -33,14 +33,10 @@ import time
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from taskyard.batching.buffer import Claimed
-from taskyard.batching.definition import _CHUNK, _UNREACHABLE, AddResult, publish
+from taskyard.batching.producer import AddResult, BatchOptions, BatchProducer, chunks_of
 from taskyard.errors import BatchBufferFull, BufferUnavailable
-
-if TYPE_CHECKING:
-    from taskyard.batching.definition import BatchDefinition, _AppState
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +50,9 @@ MAX_PENDING = 100_000
 RETRY_PAUSE_S = 0.5
 
 _producers: weakref.WeakSet[BufferedProducer] = weakref.WeakSet()
-_by_definition: weakref.WeakKeyDictionary[BatchDefinition, dict[int, BufferedProducer]] = (
-    weakref.WeakKeyDictionary()
-)
+#: The buffered producer of each batch bound to an app (BatchDefinition.state keeps one
+#: BatchProducer per definition and app, so this is one per definition and app).
+_by_target: weakref.WeakKeyDictionary[BatchProducer, BufferedProducer] = weakref.WeakKeyDictionary()
 _hooks_installed = False
 
 
@@ -64,14 +60,12 @@ class BufferedProducer:
     """An in-process buffer in front of one batch definition on one app."""
 
     def __init__(
-        self,
-        definition: BatchDefinition,
-        app: Any,
-        linger_ms: float,
-        max_pending: int = MAX_PENDING,
+        self, target: BatchProducer, linger_ms: float, max_pending: int = MAX_PENDING
     ) -> None:
-        self.definition = definition
-        self.app = app
+        #: The batch bound to its app, through which the held items are appended.
+        self.target = target
+        self.app = target.app
+        self.batch_name = target.batch_name
         self.linger_s = max(0.0, float(linger_ms)) / 1000
         self.max_pending = max_pending
         #: Items appended to Redis, refused by a full buffer, and appends that found Redis
@@ -98,7 +92,7 @@ class BufferedProducer:
         self._accepted_since_flush = 0
         self._refused: list[int] = []
         self._buffered_at_refusal = 0
-        self._limits: tuple[Any, int, int] | None = None
+        self._limit: int | None = None
 
     # --- producing ----------------------------------------------------------------------------
     def delay(self, item: Any) -> AddResult:
@@ -109,24 +103,19 @@ class BufferedProducer:
             BatchBufferFull, BufferUnavailable: only when the local buffer was full and the
                 flush this call then made failed.
         """
-        definition = self.definition
-        limits = self._limits
-        if limits is None:
-            opts = definition.state(self.app).options
-            limits = self._limits = (
-                opts,
-                opts.max_item_bytes,
-                min(self.max_pending, opts.max_buffered),
-            )
-        entry = definition.encode(item, limits[1])
+        target = self.target
+        limit = self._limit
+        if limit is None:
+            limit = self._limit = min(self.max_pending, target.options.max_buffered)
+        entry = target.encode(item)
         pending = self._pending
-        pending.append((next(self._sequence), definition.group_of(item), entry))
+        pending.append((next(self._sequence), target.group_of(item), entry))
         if self._thread is None:
             self._start()
         wake = self._wake
         if not wake.is_set():  # set at most once per linger: the thread clears it per round
             wake.set()
-        if len(pending) >= limits[2]:
+        if len(pending) >= limit:
             self.flush()
         return AddResult(1, ())
 
@@ -158,11 +147,10 @@ class BufferedProducer:
             accepted, self._accepted_since_flush = self._accepted_since_flush, 0
             buffered = self._buffered_at_refusal
         if refused:
-            opts = self.definition.state(self.app).options
             raise BatchBufferFull(
-                self.definition.batch_name,
+                self.batch_name,
                 buffered,
-                opts.max_buffered,
+                self.target.options.max_buffered,
                 accepted=accepted,
                 rejected=tuple(refused),
             )
@@ -185,59 +173,28 @@ class BufferedProducer:
             return len(taken)
 
     def _append(self, taken: list[tuple[int, str, str]]) -> None:
-        definition = self.definition
-        state: _AppState = definition.state(self.app)
-        opts = state.options
-        groups: dict[str, list[tuple[int, str]]] = {}
+        groups: dict[str, tuple[list[str], list[int]]] = {}
         for position, group, entry in taken:
-            groups.setdefault(group, []).append((position, entry))
-        chunks = [
-            (group, rows[start : start + _CHUNK])
-            for group, rows in groups.items()
-            for start in range(0, len(rows), _CHUNK)
-        ]
-        try:
-            results = state.buffer.append_many(
-                ((group, [entry for _, entry in rows]) for group, rows in chunks),
-                batch_size=opts.batch_size,
-                max_buffered=opts.max_buffered,
-                lease_ms=opts.lease_ms,
-                register=definition._registration(state),
-            )
-            if any(r.unregistered for r in results):
-                state.buffer.register(opts.registration(definition.name))
-        except _UNREACHABLE as exc:
-            definition._registered_for = None  # the definition may not have reached Redis
-            definition._unavailable(state, exc)  # raises BufferUnavailable
-        claims: list[Claimed] = []
-        accepted, buffered = 0, 0
-        refused: list[int] = []
-        for (group, rows), result in zip(chunks, results, strict=True):
-            if result.accepted:
-                accepted += len(rows)
-                claims.extend(Claimed(c.batch_id, group, c.size) for c in result.claimed)
-            else:
-                refused.extend(position for position, _ in rows)
-                buffered = max(buffered, result.pending)
+            bucket = groups.setdefault(group, ([], []))
+            bucket[0].append(entry)
+            bucket[1].append(position)
+        done = self.target.append_chunks(chunks_of(groups))  # BufferUnavailable: none taken
         with self._lock:
-            self.appended += accepted
-            self._accepted_since_flush += accepted
-            if refused:
-                self.rejected += len(refused)
-                self._refused.extend(refused)
-                self._buffered_at_refusal = buffered
-        if refused:
+            self.appended += done.accepted
+            self._accepted_since_flush += done.accepted
+            if done.refused:
+                self.rejected += len(done.refused)
+                self._refused.extend(done.refused)
+                self._buffered_at_refusal = done.pending_at_refusal
+        if done.refused:
+            opts: BatchOptions = self.target.options
             log.warning(
                 "batch %s: %d buffered items refused, the batch name holds %d "
                 "(max_buffered=%d); raised by the next flush()",
-                definition.batch_name,
-                len(refused),
-                buffered,
+                self.batch_name,
+                len(done.refused),
+                done.pending_at_refusal,
                 opts.max_buffered,
-            )
-        if claims:
-            publish(
-                state.app, definition.name, opts.level.value, definition.batch_name, claims, "size"
             )
 
     # --- the background thread ------------------------------------------------------------------
@@ -249,7 +206,7 @@ class BufferedProducer:
 
     def _start_locked(self) -> None:
         thread = threading.Thread(
-            target=self._run, name=f"taskyard-buffer-{self.definition.batch_name}", daemon=True
+            target=self._run, name=f"taskyard-buffer-{self.batch_name}", daemon=True
         )
         self._thread = thread
         thread.start()
@@ -266,7 +223,7 @@ class BufferedProducer:
             except BufferUnavailable:
                 time.sleep(RETRY_PAUSE_S)
             except Exception:  # never let the thread die: the items stay held for flush()
-                log.exception("batch %s: background append failed", self.definition.batch_name)
+                log.exception("batch %s: background append failed", self.batch_name)
                 time.sleep(RETRY_PAUSE_S)
             if self._pending:
                 self._wake.set()
@@ -284,38 +241,30 @@ class BufferedProducer:
         try:  # an exception is already on its way: flush what we can, without masking it
             self.flush()
         except Exception:
-            log.exception(
-                "batch %s: flush on leaving the buffered block failed", self.definition.batch_name
-            )
+            log.exception("batch %s: flush on leaving the buffered block failed", self.batch_name)
 
     def __repr__(self) -> str:
         return (
-            f"<BufferedProducer {self.definition.batch_name} linger_ms="
+            f"<BufferedProducer {self.batch_name} linger_ms="
             f"{self.linger_s * 1000:g} pending={self.pending}>"
         )
 
 
-def producer_for(
-    definition: BatchDefinition, app: Any, linger_ms: float | None
-) -> BufferedProducer:
-    """The producer of ``definition`` on ``app`` (one per pair); ``linger_ms`` None keeps the
-    producer's linger (:data:`DEFAULT_LINGER_MS` for a new one)."""
-    producers = _by_definition.setdefault(definition, {})
-    producer = producers.get(id(app))
-    if producer is None or producer.app is not app:
-        producer = BufferedProducer(
-            definition, app, DEFAULT_LINGER_MS if linger_ms is None else linger_ms
-        )
-        producers[id(app)] = producer
+def producer_for(target: BatchProducer, linger_ms: float | None) -> BufferedProducer:
+    """The buffered producer of a batch bound to an app (one each); ``linger_ms`` None keeps
+    the producer's linger (:data:`DEFAULT_LINGER_MS` for a new one)."""
+    producer = _by_target.get(target)
+    if producer is None:
+        producer = BufferedProducer(target, DEFAULT_LINGER_MS if linger_ms is None else linger_ms)
+        _by_target[target] = producer
     elif linger_ms is not None:
         producer.linger_s = max(0.0, float(linger_ms)) / 1000
     return producer
 
 
-def existing_producer(definition: BatchDefinition, app: Any) -> BufferedProducer | None:
-    """The producer of ``definition`` on ``app`` if this process made one."""
-    producer = _by_definition.get(definition, {}).get(id(app))
-    return producer if producer is not None and producer.app is app else None
+def existing_producer(target: BatchProducer) -> BufferedProducer | None:
+    """The buffered producer of ``target`` if this process made one."""
+    return _by_target.get(target)
 
 
 def flush_all() -> None:
@@ -328,7 +277,7 @@ def flush_all() -> None:
         except Exception as exc:
             log.error(
                 "batch %s: %d buffered items not appended at exit: %s",
-                producer.definition.batch_name,
+                producer.batch_name,
                 producer.pending,
                 exc,
             )

@@ -12,6 +12,7 @@ from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
 from taskyard.routing.task import TaskyardTask
+from taskyard.runtime import TaskyardApp
 
 _BATCH_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 #: taskyard's own options of @batch_task (beside Celery's task options for the flush task).
@@ -44,7 +45,7 @@ class BatchTask(BatchDefinition):
         fn: Callable[[list[Any]], Any],
         *,
         celery_options: dict[str, Any],
-        app: Any = None,
+        app: TaskyardApp | None = None,
         **definition: Any,
     ) -> None:
         options = dict(celery_options)
@@ -70,7 +71,7 @@ def batch_task(
     max_retries: int | None = ...,
     retry_backoff_s: float | None = ...,
     max_deliveries: int | None = ...,
-    app: Any = ...,
+    app: TaskyardApp | None = ...,
     linger_ms: float | None = ...,
     **celery_options: Any,
 ) -> Callable[[Callable[[list[Any]], Any]], BatchTask]: ...
@@ -91,7 +92,7 @@ def batch_task(
     max_retries: int | None = None,
     retry_backoff_s: float | None = None,
     max_deliveries: int | None = None,
-    app: Any = None,
+    app: TaskyardApp | None = None,
     linger_ms: float | None = None,
     **celery_options: Any,
 ) -> Any:

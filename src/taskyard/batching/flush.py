@@ -18,9 +18,11 @@ from taskyard import serialization
 from taskyard.batching.buffer import Acquired, BatchBuffer
 from taskyard.errors import PartialFailure
 from taskyard.routing.binding import bind_task
+from taskyard.runtime import TaskyardApp
 
 if TYPE_CHECKING:
-    from taskyard.batching.definition import BatchDefinition, BatchOptions
+    from taskyard.batching.definition import BatchDefinition
+    from taskyard.batching.producer import BatchOptions
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ FLUSH_TASK_OPTIONS: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost"
 
 
 def make_flush_task(
-    batch: BatchDefinition, celery_options: dict[str, Any], *, app: Any = None
+    batch: BatchDefinition, celery_options: dict[str, Any], *, app: TaskyardApp | None = None
 ) -> Any:
     """The Celery task that runs ``batch``: of ``app``, or of every taskyard app.
 

@@ -6,9 +6,9 @@ from collections import defaultdict
 from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer
-from taskyard.batching.definition import publish
+from taskyard.batching.producer import publish
 from taskyard.errors import BatchError
-from taskyard.runtime import Runtime, runtime_of
+from taskyard.runtime import Runtime, TaskyardApp, runtime_of
 from taskyard.serialization import text
 
 #: Counters kept per batch name and group (``Keys.batch_stats``), all reported (0 when unset).
@@ -33,11 +33,11 @@ COUNTERS = (
 )
 
 
-def _runtime(runtime_or_app: Any) -> Runtime:
+def _runtime(runtime_or_app: Runtime | TaskyardApp) -> Runtime:
     return runtime_or_app if isinstance(runtime_or_app, Runtime) else runtime_of(runtime_or_app)
 
 
-def batch_names(runtime_or_app: Any) -> list[str]:
+def batch_names(runtime_or_app: Runtime | TaskyardApp) -> list[str]:
     """Batch names that ever buffered items (sorted)."""
     runtime = _runtime(runtime_or_app)
     return sorted(text(n) for n in runtime.redis.smembers(runtime.keys.batch_registry()))
@@ -57,7 +57,7 @@ def _empty_group(group: str) -> dict[str, Any]:
     }
 
 
-def inspect_batch(runtime_or_app: Any, batch_name: str) -> dict[str, Any]:
+def inspect_batch(runtime_or_app: Runtime | TaskyardApp, batch_name: str) -> dict[str, Any]:
     """State of one batch name: totals plus one entry per group (key-function value).
 
     Keys of the result and of each group: ``buffered`` items waiting, ``oldest_age_s`` (None
@@ -129,14 +129,18 @@ def inspect_batch(runtime_or_app: Any, batch_name: str) -> dict[str, Any]:
     }
 
 
-def inspect_batches(runtime_or_app: Any) -> list[dict[str, Any]]:
+def inspect_batches(runtime_or_app: Runtime | TaskyardApp) -> list[dict[str, Any]]:
     """State of every batch name (see :func:`inspect_batch`), sorted by name."""
     runtime = _runtime(runtime_or_app)
     return [inspect_batch(runtime, name) for name in batch_names(runtime)]
 
 
 def list_dead(
-    runtime_or_app: Any, batch_name: str | None = None, *, items: int = 3, limit: int = 1000
+    runtime_or_app: Runtime | TaskyardApp,
+    batch_name: str | None = None,
+    *,
+    items: int = 3,
+    limit: int = 1000,
 ) -> list[dict[str, Any]]:
     """Dead batches (of one batch name, or all): id, group, size, attempts, error, died_at (s
     since epoch) and the first ``items`` items."""
@@ -178,7 +182,9 @@ def _conf(runtime: Runtime, batch_name: str) -> dict[str, str]:
     return conf
 
 
-def requeue_dead(app: Any, batch_name: str, batch_ids: list[str] | None = None) -> list[str]:
+def requeue_dead(
+    app: TaskyardApp, batch_name: str, batch_ids: list[str] | None = None
+) -> list[str]:
     """Put dead batches (all of ``batch_name`` when ``batch_ids`` is None) back in flight with
     fresh retries, and publish them; returns the ids requeued."""
     runtime = runtime_of(app)
@@ -193,7 +199,9 @@ def requeue_dead(app: Any, batch_name: str, batch_ids: list[str] | None = None) 
     return [c.batch_id for c in requeued]
 
 
-def purge_dead(runtime_or_app: Any, batch_name: str, batch_ids: list[str] | None = None) -> int:
+def purge_dead(
+    runtime_or_app: Runtime | TaskyardApp, batch_name: str, batch_ids: list[str] | None = None
+) -> int:
     """Delete dead batches for good (all of ``batch_name`` when ``batch_ids`` is None);
     returns the number of items deleted."""
     runtime = _runtime(runtime_or_app)

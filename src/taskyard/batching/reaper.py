@@ -19,8 +19,8 @@ import time
 from typing import Any
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
-from taskyard.batching.definition import publish
-from taskyard.runtime import runtime_of
+from taskyard.batching.producer import publish
+from taskyard.runtime import TaskyardApp, runtime_of
 from taskyard.serialization import text
 
 log = logging.getLogger(__name__)
@@ -31,39 +31,26 @@ REAP_TASK = "taskyard.batching.reap"
 _CONF_TTL_S = 5.0
 
 
-class _Confs:
-    """Definitions of the registered batch names, each re-read after a few seconds."""
-
-    def __init__(self) -> None:
-        self.confs: dict[str, tuple[float, dict[str, str]]] = {}
-
-
-def _definitions(app: Any) -> dict[str, dict[str, str]]:
+def _definitions(app: TaskyardApp) -> dict[str, dict[str, str]]:
     # The registry is read on every pass, so a new batch name is reaped at once.
     runtime = runtime_of(app)
-    cached = runtime.state.get("batching.definitions")
-    if cached is None:
-        cached = runtime.state["batching.definitions"] = _Confs()
+    confs = runtime.batch_definitions
     client, keys = runtime.redis, runtime.keys
     names = sorted(text(n) for n in client.smembers(keys.batch_registry()))
     now = time.monotonic()
     stale = [
-        n
-        for n in names
-        if n not in cached.confs
-        or not cached.confs[n][1]
-        or now - cached.confs[n][0] >= _CONF_TTL_S
+        n for n in names if n not in confs or not confs[n][1] or now - confs[n][0] >= _CONF_TTL_S
     ]
     if stale:
         pipe = client.pipeline(transaction=False)
         for name in stale:
             pipe.hgetall(keys.batch_conf(name))
         for name, conf in zip(stale, pipe.execute(), strict=True):
-            cached.confs[name] = (now, {text(k): text(v) for k, v in conf.items()})
-    return {name: cached.confs[name][1] for name in names if cached.confs[name][1]}
+            confs[name] = (now, {text(k): text(v) for k, v in conf.items()})
+    return {name: confs[name][1] for name in names if confs[name][1]}
 
 
-def reap(app: Any) -> dict[str, int]:
+def reap(app: TaskyardApp) -> dict[str, int]:
     """Flush aged buffers and republish expired batches of every batch name, once.
 
     Returns counts: ``claimed`` batches (age flushes) and ``republished`` batches.
@@ -105,7 +92,7 @@ def reap(app: Any) -> dict[str, int]:
 class Flusher(threading.Thread):
     """Runs :func:`reap` every ``interval_s`` until stopped (a daemon thread)."""
 
-    def __init__(self, app: Any, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, interval_s: float) -> None:
         super().__init__(daemon=True, name="taskyard-batch-flusher")
         self.app = app
         self.interval_s = interval_s

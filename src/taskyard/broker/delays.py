@@ -35,8 +35,10 @@ import redis
 from celery import bootsteps
 from kombu.utils.json import dumps
 
+from taskyard.config import Settings
 from taskyard.keys import Keys
 from taskyard.lua import Script
+from taskyard.runtime import TaskyardApp, find_runtime
 from taskyard.seams import Seam
 
 # kombu internals this module relies on (checked by tests/test_seams.py).
@@ -58,12 +60,10 @@ OPTION_ENABLED = "taskyard_delays"
 MOVE_BATCH = 500
 #: Script calls one :func:`move_due` makes at most (bounds one tick: 100,000 messages).
 MOVE_ROUNDS = 200
-#: Namespace of an app that does not name one (``Settings.namespace``'s default).
-DEFAULT_NAMESPACE = "taskyard"
+#: Namespace of an app that does not name one: config.py's default, the only one.
+DEFAULT_NAMESPACE: str = Settings.model_fields["namespace"].default
 #: A mover never calls again sooner than this (s), however soon the next message is due.
 MIN_TICK_S = 0.02
-#: Default mover period (s); the app's ``delay_move_interval_s`` overrides it.
-DEFAULT_INTERVAL_S = 0.25
 
 #: Moves due members of every registered delayed set onto their queue's lists, atomically
 #: (``move_due.lua`` says how).
@@ -198,7 +198,7 @@ class _Mover:
     the mover a few milliseconds rather than up to a whole interval.
     """
 
-    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, namespace: str, interval_s: float) -> None:
         self.app = app
         self.keys = Keys(namespace)
         self.interval_s = interval_s
@@ -242,14 +242,21 @@ class _Mover:
                 log.debug("releasing the mover connection failed", exc_info=True)
 
 
-def _settings_of(app: Any) -> tuple[bool, str, float]:
-    """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on."""
+def _settings_of(app: TaskyardApp) -> tuple[bool, str, float]:
+    """(applies, namespace, interval) for ``app``: Redis brokers with delays switched on.
+
+    The switch and the namespace are read from the transport options, as the channel that
+    parks the messages reads them (:func:`maybe_delay`), so the movers follow the channel
+    whatever the app's options say; the period is the app's setting.
+    """
+    runtime = find_runtime(app)
+    if runtime is None:
+        return False, DEFAULT_NAMESPACE, 0.0
     options = dict(app.conf.broker_transport_options or {})
-    interval = float(app.conf.get("taskyard_delay_move_interval_s") or DEFAULT_INTERVAL_S)
     return (
         bool(options.get(OPTION_ENABLED)),
         str(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE),
-        interval,
+        runtime.settings.delay_move_interval_s,
     )
 
 
@@ -290,7 +297,7 @@ class DelayMover(bootsteps.StartStopStep):  # type: ignore[misc]
 class BeatMover:
     """Beat-side mover: a daemon thread moving due messages while beat runs."""
 
-    def __init__(self, app: Any, namespace: str, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, namespace: str, interval_s: float) -> None:
         self.mover = _Mover(app, namespace, interval_s)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="taskyard-delay-mover", daemon=True)
@@ -320,7 +327,7 @@ def _on_beat_init(sender: Any = None, **_: Any) -> None:
         log.info("beat moves due delayed messages every %g s", interval)
 
 
-def install(app: Any) -> None:
+def install(app: TaskyardApp) -> None:
     """Register the worker mover (consumer bootstep) and the beat mover of ``app``."""
     from celery.signals import beat_init
 

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 from taskyard.cache.core import Cache, cache_for, cache_stats, cached
-from taskyard.cache.warming import install
+from taskyard.cache.warming import CACHE_WARM_TASK, install, periodic_jobs
 
-__all__ = ["Cache", "cache_for", "cache_stats", "cached", "install"]
+__all__ = [
+    "CACHE_WARM_TASK",
+    "Cache",
+    "cache_for",
+    "cache_stats",
+    "cached",
+    "install",
+    "periodic_jobs",
+]

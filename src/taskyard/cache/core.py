@@ -31,7 +31,7 @@ import redis
 
 from taskyard.cache.stats import Counters, cache_stats
 from taskyard.errors import CacheError, ConfigurationError
-from taskyard.runtime import Runtime, runtime_of
+from taskyard.runtime import Runtime, TaskyardApp, runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def cached(
     tags: Sequence[str] = (),
     resource: str | None = None,
     namespace: str | None = None,
-    app: Any = None,
+    app: TaskyardApp | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -423,7 +423,7 @@ def cached(
     tags: Sequence[str] = (),
     resource: str | None = None,
     namespace: str | None = None,
-    app: Any = None,
+    app: TaskyardApp | None = None,
 ) -> Any:
     """Cache a function's JSON-encodable result, keyed by its arguments.
 

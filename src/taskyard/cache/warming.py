@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 from celery import signals
 
-from taskyard.beat import CACHE_WARM_TASK, job_interval_s, single_flight
+from taskyard.beat import job_interval_s, single_flight
 from taskyard.cache.core import Cache, cache_for
+from taskyard.config import Settings
 from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority
-from taskyard.runtime import Runtime, runtime_of
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp, runtime_of
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ F = TypeVar("F", bound=WarmerFn)
 
 #: Job name of the warm task's single-flight claim.
 WARM_JOB = "cache.warm"
+#: The warming task, sent by beat every TASKYARD_CACHE__WARM_INTERVAL_S.
+CACHE_WARM_TASK = "taskyard.cache.warm"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def run_warmers(
 
 def warm(runtime: Runtime, *, trigger: str = "beat") -> dict[str, Any]:
     """The periodic job: run every warmer once per warm period cluster-wide."""
-    period_s = job_interval_s(runtime.settings, CACHE_WARM_TASK)
+    period_s = job_interval_s(runtime, CACHE_WARM_TASK)
     with single_flight(runtime, WARM_JOB, period_s, lock_ttl_s=period_s) as flight:
         if not flight.acquired:
             return {**flight.report(), "trigger": trigger}
@@ -153,7 +156,12 @@ def last_warm_report(runtime: Runtime) -> dict[str, Any] | None:
     return None if raw is None else dict(json.loads(raw))
 
 
-def install(app: Any, runtime: Runtime) -> None:
+def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
+    """Cache warming's periodic job, for beat."""
+    return {CACHE_WARM_TASK: PeriodicJob(settings.cache.warm_interval_s)}
+
+
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.cache.warm`` and the warm-at-start hook."""
 
     @app.task(name=CACHE_WARM_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]
@@ -161,7 +169,7 @@ def install(app: Any, runtime: Runtime) -> None:
         return warm(runtime_of(self.app), trigger=trigger)
 
     def on_worker_ready(sender: Any = None, **_: Any) -> None:
-        sender_app: Any = getattr(sender, "app", None)
+        sender_app: TaskyardApp | None = getattr(sender, "app", None)
         if sender_app is None or sender_app is not app:
             return
         if not runtime.settings.schedule.warm_on_start or not _REGISTRY:

@@ -20,15 +20,18 @@ from celery import signals
 from sqlalchemy import MetaData
 from sqlalchemy.engine import make_url
 
-from taskyard.beat import MAINTENANCE_TASK, job_interval_s, single_flight
+from taskyard.beat import job_interval_s, single_flight
+from taskyard.config import Settings
 from taskyard.errors import ConfigurationError
 from taskyard.maintenance.postgres import PostgresMaintenance
 from taskyard.maintenance.report import RunReport, last_runs, record, safe_url
 from taskyard.maintenance.sqlite import SqliteMaintenance
 from taskyard.routing.levels import Priority
-from taskyard.runtime import Runtime, runtime_of
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp, runtime_of
 
 log = logging.getLogger(__name__)
+#: The maintenance task, sent by beat every TASKYARD_MAINTENANCE__INTERVAL_S.
+MAINTENANCE_TASK = "taskyard.maintenance.run"
 
 METADATA_SETTING = "TASKYARD_MAINTENANCE__METADATA"
 #: Job name of the periodic run's single-flight claim.
@@ -181,7 +184,7 @@ def recent_runs(runtime: Runtime, limit: int = 10) -> list[dict[str, Any]]:
 
 def periodic_run(runtime: Runtime) -> dict[str, Any]:
     """The periodic job: one run per maintenance period cluster-wide."""
-    period_s = job_interval_s(runtime.settings, MAINTENANCE_TASK)
+    period_s = job_interval_s(runtime, MAINTENANCE_TASK)
     # No Redis lock on top of the claim: the advisory lock in the database keeps runs apart,
     # whoever starts them, and dies with a crashed run's connection, where a Redis lock would
     # outlive the crash and make the next day's run skip.
@@ -201,7 +204,12 @@ def periodic_run(runtime: Runtime) -> dict[str, Any]:
         return {**summary, "period": flight.period, "skipped": False}
 
 
-def install(app: Any, runtime: Runtime) -> None:
+def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
+    """Index maintenance's periodic job, for beat."""
+    return {MAINTENANCE_TASK: PeriodicJob(settings.maintenance.interval_s)}
+
+
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.maintenance.run``; check the metadata setting when a worker starts."""
 
     @app.task(name=MAINTENANCE_TASK, bind=True, shared=False, taskyard_level=Priority.LOW)  # type: ignore[untyped-decorator]

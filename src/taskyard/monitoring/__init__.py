@@ -6,15 +6,21 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from taskyard.config import Settings
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 
-from taskyard.runtime import Runtime
 
-
-def install(app: Celery, runtime: Runtime) -> None:
+def install(app: TaskyardApp, runtime: Runtime) -> None:
     """Connect metric capture and register the stats collection task on ``app``."""
     from taskyard.monitoring.capture import install_capture
     from taskyard.monitoring.collect import register
 
     install_capture(app, runtime)
     register(app, runtime)
+
+
+def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
+    """Monitoring's periodic job (stats collection), for beat."""
+    from taskyard.monitoring.collect import periodic_jobs as collection_jobs
+
+    return collection_jobs(settings)

@@ -25,12 +25,12 @@ from collections import deque
 from datetime import datetime
 from typing import Any
 
-from celery import Celery, signals
+from celery import signals
 from celery._state import get_current_app, get_current_worker_task
 
 from taskyard import signals as taskyard_signals
 from taskyard.monitoring import timeline
-from taskyard.runtime import Runtime, find_runtime, sending_app
+from taskyard.runtime import Runtime, TaskyardApp, find_runtime, sending_app
 from taskyard.seams import Seam
 
 # Celery internals (a private module) this module reads (checked by tests/test_seams.py).
@@ -314,7 +314,7 @@ def _set_sent_header(headers: dict[str, Any] | None = None, **_: Any) -> None:
 class _Receivers:
     """Signal receivers bound to one app and its capture."""
 
-    def __init__(self, app: Celery, capture: Capture) -> None:
+    def __init__(self, app: TaskyardApp, capture: Capture) -> None:
         self.app = app
         self.capture = capture
 
@@ -453,7 +453,7 @@ class _Receivers:
             logger.warning("taskyard capture: final flush failed", exc_info=True)
 
 
-def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
+def install_capture(app: TaskyardApp, runtime: Runtime) -> Capture | None:
     """Connect the capture receivers for ``app`` (no I/O); None when capture is disabled."""
     if not runtime.settings.monitoring.capture_enabled:
         return None
@@ -480,7 +480,8 @@ def install_capture(app: Celery, runtime: Runtime) -> Capture | None:
     return capture
 
 
-def capture_of(app: Celery) -> Capture | None:
+def capture_of(app: TaskyardApp) -> Capture | None:
     """The capture installed on ``app``, if any."""
     runtime = find_runtime(app)
-    return runtime.capture if runtime is not None else None
+    capture = runtime.capture if runtime is not None else None
+    return capture if isinstance(capture, Capture) else None

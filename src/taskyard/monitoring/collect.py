@@ -22,9 +22,8 @@ import logging
 import time
 from typing import Any
 
-from celery import Celery
-
 from taskyard.beat import job_interval_s, single_flight
+from taskyard.config import Settings
 from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.deadletters.transport import ingest as ingest_transport_quarantine
 from taskyard.monitoring import history, timeline
@@ -32,7 +31,7 @@ from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transitio
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
-from taskyard.runtime import Runtime
+from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 from taskyard.serialization import text
 
 logger = logging.getLogger(__name__)
@@ -344,11 +343,16 @@ def _write_history(
     return None
 
 
-def register(app: Celery, runtime: Runtime) -> None:
+def periodic_jobs(settings: Settings) -> dict[str, PeriodicJob]:
+    """Stats collection's periodic job, for beat."""
+    return {TASK_NAME: PeriodicJob(settings.monitoring.stats_interval_s)}
+
+
+def register(app: TaskyardApp, runtime: Runtime) -> None:
     """Register ``taskyard.stats.collect`` on ``app`` (no I/O)."""
 
     def collect_task() -> dict[str, Any]:
-        interval = job_interval_s(runtime.settings, TASK_NAME)
+        interval = job_interval_s(runtime, TASK_NAME)
         with single_flight(
             runtime, "stats.collect", interval, lock_ttl_s=max(5.0, 3 * interval)
         ) as flight:

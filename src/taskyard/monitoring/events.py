@@ -27,7 +27,7 @@ from typing import Any
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
-from taskyard.runtime import find_runtime, sending_app
+from taskyard.runtime import TaskyardApp, find_runtime, runtime_of, sending_app
 from taskyard.seams import Seam
 
 # Celery internals the event batching relies on (checked by tests/test_seams.py): the
@@ -54,7 +54,7 @@ _SENT_HEADERS = ("root_id", "parent_id", "eta", "expires", "retries")
 class SentEvents:
     """Per-process buffer of ``task-sent`` events of one app, published in batches."""
 
-    def __init__(self, app: Any, interval_s: float) -> None:
+    def __init__(self, app: TaskyardApp, interval_s: float) -> None:
         self.app = app
         self.interval_s = interval_s
         self.hostname = f"gen{os.getpid()}@{_node()}"
@@ -133,7 +133,7 @@ def on_after_task_publish(
     if app is None or headers is None:
         return
     runtime = find_runtime(app)
-    events: SentEvents | None = runtime.sent_events if runtime is not None else None
+    events = runtime.sent_events if runtime is not None else None
     if events is not None:
         events.add(headers, exchange, routing_key)
 
@@ -152,7 +152,7 @@ class EventBatching(bootsteps.StartStopStep):  # type: ignore[misc]
         hub = parent.hub
         if dispatcher is None or hub is None or dispatcher.on_send_buffered is None:
             return
-        interval = parent.app.conf.get("taskyard_event_flush_interval_s", 0.1)
+        interval = runtime_of(parent.app).settings.event_flush_interval_s
 
         def flush() -> None:
             self.pending = False

@@ -28,6 +28,7 @@ from typing import Any
 import click
 
 from taskyard.config import Settings
+from taskyard.runtime import TaskyardApp
 from taskyard.seams import Seam
 
 # Flower internals the patches rely on (checked by tests/test_seams.py; the patched behaviour
@@ -49,7 +50,7 @@ _AUTH_MARK = "_taskyard_auth_everywhere"
 GENERATED_USER = "admin"
 
 
-def app_queue_names(capp: Any) -> list[str]:
+def app_queue_names(capp: TaskyardApp) -> list[str]:
     """Names of the queues an app declares, in declaration order (most urgent level first)."""
     names: list[str] = []
     for queue in capp.conf.task_queues or ():

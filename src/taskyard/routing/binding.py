@@ -15,7 +15,7 @@ from celery import _state
 from celery.local import Proxy
 
 from taskyard.errors import ConfigurationError
-from taskyard.runtime import current_taskyard_app, is_taskyard_app
+from taskyard.runtime import TaskyardApp, current_taskyard_app, is_taskyard_app
 from taskyard.seams import Seam
 
 # Celery internals used to make a task in every taskyard app (checked by tests/test_seams.py).
@@ -27,7 +27,7 @@ SEAMS = (
 )
 
 
-def _require_taskyard(app: Any, decorator: str) -> None:
+def _require_taskyard(app: TaskyardApp, decorator: str) -> None:
     if not is_taskyard_app(app):
         raise ConfigurationError(
             f"{decorator}(app={getattr(app, 'main', app)!r}): the app was not made by "
@@ -37,7 +37,9 @@ def _require_taskyard(app: Any, decorator: str) -> None:
         )
 
 
-def bind_task(fn: Callable[..., Any], *, app: Any = None, decorator: str, **options: Any) -> Any:
+def bind_task(
+    fn: Callable[..., Any], *, app: TaskyardApp | None = None, decorator: str, **options: Any
+) -> Any:
     """The Celery task of ``fn`` (``options`` as for ``app.task``) for taskyard apps.
 
     With ``app``: a task of that app only. Without: a proxy to the task of the current taskyard

@@ -12,6 +12,7 @@ from taskyard.errors import ConfigurationError
 from taskyard.routing.binding import bind_task
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
+from taskyard.runtime import TaskyardApp
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -51,7 +52,7 @@ def priority_task(fn: F, /) -> Any: ...
 def priority_task(
     *,
     priority: str | Priority = ...,
-    app: Any = ...,
+    app: TaskyardApp | None = ...,
     requires_memory_mb: float | None = ...,
     memory_limit_mb: float | None = ...,
     cpu_time_limit_s: float | None = ...,
@@ -64,7 +65,7 @@ def priority_task(
     /,
     *,
     priority: str | Priority = Priority.NORMAL,
-    app: Any = None,
+    app: TaskyardApp | None = None,
     **options: Any,
 ) -> Any:
     """Make ``fn`` a Celery task on ``priority``'s queue.

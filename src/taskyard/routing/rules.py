@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from celery import Celery
+
 from taskyard.config import RoutingRule
 from taskyard.errors import ConfigurationError
 from taskyard.routing.levels import Priority, parse_level
@@ -54,8 +56,9 @@ class Router:
         self._rules: list[CompiledRule] = list(rules)
         self.default = default
         self._lookup = lru_cache(maxsize=4096)(self._resolve)
-        #: The app, to find a task sent by name only (beat, send_task) in its registry.
-        self.app: Any = None
+        #: The app, to find a task sent by name only (beat, send_task) in its registry. Celery,
+        #: not taskyard.runtime.TaskyardApp: the runtime imports this module.
+        self.app: Celery | None = None
 
     @property
     def rules(self) -> tuple[CompiledRule, ...]:

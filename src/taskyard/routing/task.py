@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from celery import Task
 from celery.canvas import Signature
@@ -61,7 +61,7 @@ class TaskyardTask(Task):  # type: ignore[misc]
                 destination = _named_queue(options)
                 runtime = find_runtime(self._get_app()) if destination is not False else None
                 publisher = runtime.publisher if runtime is not None else None
-                if publisher is not None:
+                if publisher is not None and destination is not False:
                     # The app's fast publisher, when it applies (None: it does not).
                     result = publisher.send(self, args, kwargs, task_id, destination)
                     if result is not None:
@@ -81,7 +81,7 @@ class TaskyardTask(Task):  # type: ignore[misc]
         return self.signature(queue=queue, routing_key=queue)
 
 
-def _named_queue(options: dict[str, Any]) -> str | bool | None:
+def _named_queue(options: dict[str, Any]) -> str | Literal[False] | None:
     """The queue of a call whose only options name it; None without options, else False."""
     if not options:
         return None

@@ -25,6 +25,7 @@ from typing import Any
 from celery import bootsteps
 
 from taskyard.routing.levels import Priority
+from taskyard.runtime import runtime_of
 from taskyard.workers.urgent import orders_by_urgency
 
 log = logging.getLogger("taskyard.workers")
@@ -50,11 +51,12 @@ class BulkPrefetch(bootsteps.StartStopStep):  # type: ignore[misc]
         if c.prefetch_multiplier != 1:
             # Not the app's one per process: the worker's own --prefetch-multiplier, kept.
             return
+        settings = runtime_of(c.app).settings
         if bulk_only(queues):
-            multiplier = int(c.app.conf.get("taskyard_bulk_prefetch_multiplier", 1))
+            multiplier = settings.bulk_prefetch_multiplier
             why = "this worker consumes no urgent queue"
         elif orders_by_urgency(c.controller):
-            multiplier = int(c.app.conf.get("taskyard_urgent_prefetch_multiplier", 1))
+            multiplier = settings.urgent_prefetch_multiplier
             why = "reserved tasks start most urgent first"
         else:
             return

@@ -204,9 +204,10 @@ class GuardStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if guard is None:
             return
         guard.on_consumer_start(parent)
-        if guard.valve is not None:
+        interval = guard.valve_interval_s
+        if interval is not None:
             self.tref = parent.timer.call_repeatedly(
-                guard.settings.sample_interval_s, guard.valve_tick, (parent,), priority=10
+                interval, guard.valve_tick, (parent,), priority=10
             )
 
     def stop(self, parent: Any) -> None:

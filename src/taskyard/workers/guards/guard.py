@@ -231,6 +231,11 @@ class Guard:
             self.meter.flush()
         self.sampler.stop()
 
+    @property
+    def valve_interval_s(self) -> float | None:
+        """Seconds between :meth:`valve_tick` calls; None without a back-pressure valve."""
+        return self.settings.sample_interval_s if self.valve is not None else None
+
     def valve_tick(self, consumer: Any) -> None:
         if self.valve is not None:
             self.valve.tick(consumer, self.source.current())

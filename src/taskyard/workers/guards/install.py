@@ -15,10 +15,9 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
-from taskyard.runtime import Runtime, is_taskyard_app, runtime_of
+from taskyard.runtime import Runtime, TaskyardApp, is_taskyard_app, runtime_of
 from taskyard.seams import Seam
 from taskyard.workers.guards.backpressure import GuardStep
 from taskyard.workers.guards.guard import Guard
@@ -36,7 +35,7 @@ SEAMS = (
 )
 
 
-def guard_of(app: Any) -> Guard | None:
+def guard_of(app: TaskyardApp) -> Guard | None:
     """The guard installed on ``app``, if any."""
     if not is_taskyard_app(app):
         return None
@@ -44,7 +43,7 @@ def guard_of(app: Any) -> Guard | None:
     return guard if isinstance(guard, Guard) else None
 
 
-def _hook_tasks(app: Celery, guard: Guard) -> None:
+def _hook_tasks(app: TaskyardApp, guard: Guard) -> None:
     """Give the app's task class the guard's admission and accounting."""
     if not (guard.enabled or guard.meter is not None):
         return  # nothing to do per task: Celery's tracer then skips both hooks entirely
@@ -66,7 +65,7 @@ def _hook_tasks(app: Celery, guard: Guard) -> None:
     task_cls.after_return = after_return
 
 
-def install(app: Celery, runtime: Runtime) -> Guard:
+def install(app: TaskyardApp, runtime: Runtime) -> Guard:
     """Make a :class:`Guard` the app's guard and connect it to its tasks and worker life cycle."""
     guard = Guard(runtime)
     runtime.guard = guard
