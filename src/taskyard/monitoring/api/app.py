@@ -42,7 +42,6 @@ from taskyard.monitoring.api.state import (
     json_body,
     json_response,
 )
-from taskyard.monitoring.dashboard.routes import router as dashboard_router
 from taskyard.monitoring.metrics import add_metrics_route
 from taskyard.monitoring.store import SERIES, StatsStore
 from taskyard.runtime import Runtime, runtime_of
@@ -109,6 +108,9 @@ def create_api(
     install_dead(api, state)
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
+    # Imported here: the pages import this package's models (its __init__ imports this module).
+    from taskyard.monitoring.dashboard.routes import router as dashboard_router
+
     api.include_router(dashboard_router)
     return api
 

@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel
 
 from taskyard.config import Settings
 from taskyard.monitoring.api import models as m
@@ -46,7 +45,9 @@ from taskyard.monitoring.dashboard.layout import (
     respond_page,
     shell,
 )
+from taskyard.monitoring.dashboard.rows import Row, Thresholds, typed
 from taskyard.monitoring.dashboard.series_charts import (
+    CHART_POINTS,
     SAMPLED_POINTS,
     task_rate_chart,
     worker_chart,
@@ -66,8 +67,6 @@ LEVEL_COLORS = {
 }
 #: Series the charts draw over time.
 CHART_SERIES = ("queues", "throughput", "latency", "batches", "workers", "tasks")
-#: Snapshots drawn per chart, and for the big series (every task name's counters).
-CHART_POINTS = 240
 SAMPLED_SERIES = ("tasks",)
 #: Most snapshots read per series: series_length's default, 2 h at the default 10 s.
 MAX_POINTS = 720
@@ -77,37 +76,6 @@ TASKS_LISTED = 12
 CHANGES_LISTED = 15
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 _SEVERITY_COLORS = {"critical": "#dc2626", "warning": "#d97706"}
-WARNING, CRITICAL = "#d97706", "#dc2626"
-
-Row = TypeVar("Row", bound=BaseModel)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """The alert thresholds the charts draw as marker lines (percent)."""
-
-    memory_warning_pct: float = 80.0
-    memory_critical_pct: float = 90.0
-    cpu_warning_pct: float = 80.0
-    cpu_critical_pct: float = 90.0
-    cache_hit_rate_pct: float = 50.0
-
-    @classmethod
-    def of(cls, settings: Settings) -> Thresholds:
-        mon = settings.monitoring
-        return cls(
-            memory_warning_pct=mon.alert_memory_warning_pct,
-            memory_critical_pct=mon.alert_memory_critical_pct,
-            cpu_warning_pct=mon.alert_cpu_warning_pct,
-            cpu_critical_pct=mon.alert_cpu_critical_pct,
-            cache_hit_rate_pct=mon.alert_cache_hit_rate_pct,
-        )
-
-    def markers(self, what: str) -> list[tuple[float, str]]:
-        """The warning and critical lines of ``memory`` or ``cpu``."""
-        if what == "memory":
-            return [(self.memory_warning_pct, WARNING), (self.memory_critical_pct, CRITICAL)]
-        return [(self.cpu_warning_pct, WARNING), (self.cpu_critical_pct, CRITICAL)]
 
 
 @dataclass
@@ -132,11 +100,6 @@ class OverviewData:
     @property
     def start(self) -> float:
         return self.now - self.window_s
-
-
-def typed(model: type[Row], rows: Sequence[dict[str, Any]]) -> list[Row]:
-    """The store's rows as ``model`` (the JSON API's model of that row)."""
-    return [model.model_validate(row) for row in rows]
 
 
 def _safe(read: Callable[[], Any], default: Any, what: str, problems: list[str]) -> Any:

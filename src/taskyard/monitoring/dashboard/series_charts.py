@@ -17,6 +17,8 @@ from taskyard.monitoring.dashboard.charts import Line, TimeChart, time_chart
 #: Snapshots of a big series (``tasks``: every task name's counters) read for one chart: rates
 #: between sampled snapshots are as true as between consecutive ones, at a fraction of the read.
 SAMPLED_POINTS = 48
+#: Snapshots drawn per chart of the other series (a chart is a few hundred pixels wide).
+CHART_POINTS = 240
 
 PALETTE = (
     "#2563eb",

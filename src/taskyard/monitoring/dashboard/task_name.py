@@ -29,7 +29,7 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.overview import typed
+from taskyard.monitoring.dashboard.rows import typed
 from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS, task_rate_chart
 from taskyard.monitoring.dashboard.templating import render
 

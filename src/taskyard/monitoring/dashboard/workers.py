@@ -23,8 +23,8 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.overview import CHART_POINTS, Thresholds, typed
-from taskyard.monitoring.dashboard.series_charts import worker_chart
+from taskyard.monitoring.dashboard.rows import Thresholds, typed
+from taskyard.monitoring.dashboard.series_charts import CHART_POINTS, worker_chart
 from taskyard.monitoring.dashboard.templating import render
 
 router = APIRouter()
