@@ -235,9 +235,8 @@ def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
 
 
 def test_a_gap_in_the_series_breaks_the_line() -> None:
-    spec = tcharts(render_chart(dashboard.latency_chart(as_data(sample()), "wait")))[
-        "Queue wait percentiles"
-    ]
+    board = render_chart(dashboard.latency_chart(as_data(sample()), "wait"))
+    spec = tcharts(board)["Queue wait percentiles"]
     p99 = series_of(spec, "wait p99")
     assert p99.count(None) == 1 and p99[0] is not None  # one None splits the line in two
     # A collection gap of more than three steps breaks the line too.
