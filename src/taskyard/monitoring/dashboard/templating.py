@@ -1,7 +1,9 @@
-"""The dashboard's one Jinja2 environment: templates in ``templates/``, autoescape always on.
+r"""The dashboard's one Jinja2 environment: templates in ``templates/``, autoescape always on.
 
 Pages hand typed rows to a template; every text a task, a worker or a producer wrote is escaped
-by Jinja2 (never by hand, never built into markup by Python). The filters here format numbers
+by Jinja2 (never by hand, never built into markup by Python). Control characters in such text
+are shown as ``\xNN`` (:func:`visible`): they have no place in HTML or SVG (an SVG holding one
+is not well-formed XML) and could fake a line in a copied value. The filters here format numbers
 and times and quote URL path parts; they return plain text that is escaped like any other.
 """
 
@@ -13,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from markupsafe import Markup
 
 from taskyard.monitoring.api.docs import TASKYARD_STATIC
 from taskyard.monitoring.dashboard.charts import (
@@ -22,6 +25,17 @@ from taskyard.monitoring.dashboard.charts import (
     duration,
     format_value,
 )
+
+#: C0 controls but tab and newline (a bare CR included), DEL and the C1 controls.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
+
+
+def visible(value: object) -> object:
+    r"""Every ``{{ }}`` output (Jinja2's finalize): text with control characters shown as
+    ``\xNN``; markup a macro made (already finalized inside) and other values unchanged."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return value.translate(_CONTROLS)
+    return value
 
 
 def when(at: float | None) -> str:
@@ -50,6 +64,7 @@ def environment() -> Environment:
         autoescape=True,
         # A misspelt field is an error in the tests, not an empty cell on a page.
         undefined=StrictUndefined,
+        finalize=visible,
         trim_blocks=True,
         lstrip_blocks=True,
     )
