@@ -16,6 +16,7 @@ from taskyard.monitoring.api.headers import SecurityHeaders
 from taskyard.monitoring.dashboard import charts
 from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.dashboard.rows import Thresholds, typed
+from taskyard.monitoring.dashboard.rows import series_of as typed_series
 from taskyard.monitoring.dashboard.templating import render_chart
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
@@ -163,7 +164,7 @@ def as_data(raw: dict[str, Any]) -> dashboard.OverviewData:
         alerts=typed(m.Alert, raw["alerts"]),
         alert_changes=typed(m.AlertChange, raw.get("alert_changes", [])),
         cache=typed(m.CacheStats, raw.get("cache", [])),
-        series=raw["series"],
+        series=typed_series(raw["series"]),
     )
 
 

@@ -16,7 +16,13 @@ from taskyard.monitoring.api import models as m
 from taskyard.monitoring.dashboard import dead, overview, task, task_name, tasks, workers
 from taskyard.monitoring.dashboard.charts import Line, time_chart
 from taskyard.monitoring.dashboard.layout import Shell, Window, shell
-from taskyard.monitoring.dashboard.rows import Thresholds
+from taskyard.monitoring.dashboard.rows import (
+    TasksSnapshot,
+    Thresholds,
+    WorkersSnapshot,
+    series_of,
+    typed,
+)
 from taskyard.monitoring.dashboard.series_charts import task_rate_chart, worker_chart
 from tests.monitoring.dashboard.test_pages import NOW
 
@@ -142,7 +148,7 @@ def test_overview_escapes_every_written_field() -> None:
             )
         ],
         cache=[m.CacheStats(namespace=name("namespace"), hits=1, misses=1, hit_rate_pct=50.0)],
-        series=snapshots(),
+        series=series_of(snapshots()),
         covered_since=NOW - 7200,
     )
     html = overview.render_page(data, refresh_s=5)
@@ -180,7 +186,11 @@ def test_workers_page_escapes_worker_fields() -> None:
             (
                 name("heading"),
                 worker_chart(
-                    name("chart"), snapshots()["workers"], "memory_pct", start=NOW - 60, end=NOW
+                    name("chart"),
+                    typed(WorkersSnapshot, snapshots()["workers"]),
+                    "memory",
+                    start=NOW - 60,
+                    end=NOW,
                 ),
             )
         ],
@@ -194,7 +204,8 @@ def test_workers_page_escapes_worker_fields() -> None:
 
 
 def test_tasks_page_escapes_task_names() -> None:
-    chart = task_rate_chart("rate", snapshots()["tasks"], "succeeded", start=NOW - 60, end=NOW)
+    snaps = typed(TasksSnapshot, snapshots()["tasks"])
+    chart = task_rate_chart("rate", snaps, "succeeded", start=NOW - 60, end=NOW)
     names = tasks.per_name([m.TaskStats.model_validate(task_row(name("task")))])
     html = tasks.render_tasks(tasks.TasksView(names, chart, chart), page_shell("tasks"))
     assert_escaped(html, ["task", "queue"])

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -45,10 +45,21 @@ from taskyard.monitoring.dashboard.layout import (
     respond_page,
     shell,
 )
-from taskyard.monitoring.dashboard.rows import Row, Thresholds, typed
+from taskyard.monitoring.dashboard.rows import (
+    BatchesSnapshot,
+    LatencySnapshot,
+    QueuesSnapshot,
+    Row,
+    Series,
+    Snapshot,
+    Thresholds,
+    series_of,
+    typed,
+)
 from taskyard.monitoring.dashboard.series_charts import (
     CHART_POINTS,
     SAMPLED_POINTS,
+    Reading,
     task_rate_chart,
     worker_chart,
 )
@@ -56,6 +67,8 @@ from taskyard.monitoring.dashboard.templating import render
 from taskyard.routing.levels import LEVEL_NAMES
 
 logger = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Snapshot)
 
 #: Color per level, most urgent first: red, orange, blue, green, purple.
 LEVEL_COLORS = {
@@ -94,7 +107,7 @@ class OverviewData:
     alerts: list[m.Alert] = field(default_factory=list)
     alert_changes: list[m.AlertChange] = field(default_factory=list)
     cache: list[m.CacheStats] = field(default_factory=list)
-    series: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    series: Series = field(default_factory=Series)
     covered_since: float | None = None
 
     @property
@@ -141,7 +154,7 @@ def gather(
     )
     # A chart is a few hundred pixels wide: a sample spread over the window draws the same
     # lines as every snapshot, for a fraction of the reading and rendering.
-    data.series = {
+    raw = {
         name: _safe(
             partial(
                 store.sample_series,
@@ -156,43 +169,23 @@ def gather(
         )
         for name in CHART_SERIES
     }
+    data.series = _safe(partial(series_of, raw), Series(), "history snapshots", problems)
     return data
 
 
-# --- charts from snapshots (written by the stats collection; older ones may lack a field) -----
-
-
-def _num(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
+# --- charts ---------------------------------------------------------------------------------
 
 
 def _points(
-    snapshots: Sequence[dict[str, Any]], pick: Callable[[dict[str, Any]], Any]
+    snapshots: Sequence[S], pick: Callable[[S], float | None]
 ) -> list[tuple[float, float | None]]:
-    out = []
-    for snap in snapshots:
-        at = _num(snap.get("at"))
-        if at is not None:
-            out.append((at, _num(pick(snap))))
-    return out
-
-
-def _field(snap: dict[str, Any], key: str) -> Any:
-    return snap.get(key)
-
-
-def _depth(snap: dict[str, Any], level: str) -> Any:
-    entry = (snap.get("queues") or {}).get(level)
-    return entry.get("depth") if isinstance(entry, dict) else entry
+    return [(snap.at, pick(snap)) for snap in snapshots]
 
 
 def queue_depth_chart(data: OverviewData) -> TimeChart:
-    snaps = data.series.get("queues", [])
+    snaps = data.series.queues
     lines = [
-        Line(level, LEVEL_COLORS[level], _points(snaps, partial(_depth, level=level)))
+        Line(level, LEVEL_COLORS[level], _points(snaps, partial(QueuesSnapshot.depth, level=level)))
         for level in LEVEL_NAMES
     ]
     return time_chart(
@@ -226,26 +219,30 @@ def queue_now_chart(data: OverviewData) -> BarChart:
 
 
 def throughput_chart(data: OverviewData) -> TimeChart:
-    snaps = data.series.get("throughput", [])
+    snaps = data.series.throughput
     lines = [
-        Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.get("succeeded_per_s"))),
-        Line("failed/s", "#dc2626", _points(snaps, lambda s: s.get("failed_per_s"))),
-        Line(
-            "received/s", "#6b7280", _points(snaps, lambda s: s.get("received_per_s")), dashed=True
-        ),
+        Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.succeeded_per_s)),
+        Line("failed/s", "#dc2626", _points(snaps, lambda s: s.failed_per_s)),
+        Line("received/s", "#6b7280", _points(snaps, lambda s: s.received_per_s), dashed=True),
     ]
     return time_chart(
         "Throughput (tasks per second)", lines, start=data.start, end=data.now, unit="/s"
     )
 
 
-def latency_chart(data: OverviewData, kind: str) -> TimeChart:
-    snaps = data.series.get("latency", [])
+def latency_chart(data: OverviewData, kind: Literal["runtime", "wait"]) -> TimeChart:
+    snaps = data.series.latency
+    picks: dict[str, Callable[[LatencySnapshot], float | None]] = (
+        {
+            "p50": lambda s: s.runtime_p50,
+            "p95": lambda s: s.runtime_p95,
+            "p99": lambda s: s.runtime_p99,
+        }
+        if kind == "runtime"
+        else {"p50": lambda s: s.wait_p50, "p95": lambda s: s.wait_p95, "p99": lambda s: s.wait_p99}
+    )
     colors = {"p50": "#2563eb", "p95": "#d97706", "p99": "#dc2626"}
-    lines = [
-        Line(f"{kind} {p}", color, _points(snaps, partial(_field, key=f"{kind}_{p}")))
-        for p, color in colors.items()
-    ]
+    lines = [Line(f"{kind} {p}", colors[p], _points(snaps, pick)) for p, pick in picks.items()]
     title = "Run time percentiles" if kind == "runtime" else "Queue wait percentiles"
     return time_chart(title, lines, start=data.start, end=data.now, unit="s")
 
@@ -272,19 +269,11 @@ def batch_chart(data: OverviewData) -> BarChart:
 
 
 def batch_history_chart(data: OverviewData) -> TimeChart:
-    snaps = data.series.get("batches", [])
-    names: list[str] = []
-    for snap in snaps:
-        for b in snap.get("batches") or []:
-            if str(b.get("batch_name")) not in names:
-                names.append(str(b.get("batch_name")))
+    snaps = data.series.batches
+    names = list(dict.fromkeys(b.batch_name for snap in snaps for b in snap.batches))
 
-    def buffered(snap: dict[str, Any], name: str) -> float:
-        return sum(
-            float(b.get("buffered") or 0)
-            for b in snap.get("batches") or []
-            if str(b.get("batch_name")) == name
-        )
+    def buffered(snap: BatchesSnapshot, name: str) -> float | None:
+        return float(sum(b.buffered for b in snap.batches if b.batch_name == name))
 
     lines = [
         Line(name, _PALETTE[i % len(_PALETTE)], _points(snaps, partial(buffered, name=name)))
@@ -349,13 +338,13 @@ def cache_chart(data: OverviewData) -> BarChart:
     )
 
 
-def worker_history_chart(data: OverviewData, what: str = "memory") -> TimeChart:
+def worker_history_chart(data: OverviewData, what: Reading = "memory") -> TimeChart:
     """One line per worker of its memory or CPU over time."""
     title = "Memory" if what == "memory" else "CPU"
     return worker_chart(
         f"{title} per worker (percent of limit)",
-        data.series.get("workers", []),
-        f"{what}_pct",
+        data.series.workers,
+        what,
         start=data.start,
         end=data.now,
         thresholds=data.thresholds.markers(what),
@@ -364,7 +353,7 @@ def worker_history_chart(data: OverviewData, what: str = "memory") -> TimeChart:
 
 def task_charts(data: OverviewData) -> list[TimeChart]:
     """Succeeded and failed per second, one line per task name (the busiest)."""
-    snaps = data.series.get("tasks", [])
+    snaps = data.series.tasks
     return [
         task_rate_chart(
             "Succeeded per task (per second)", snaps, "succeeded", start=data.start, end=data.now
@@ -417,14 +406,14 @@ class Board:
 
 
 def kpis(data: OverviewData) -> list[Kpi]:
-    latest = (data.series.get("throughput") or [{}])[0]
+    latest = data.series.throughput[0] if data.series.throughput else None
     critical = sum(1 for a in data.alerts if a.severity == "critical")
     alive = sum(1 for w in data.workers if w.alive)
     return [
         Kpi("queued", str(sum(q.depth for q in data.queues))),
         Kpi("workers alive", f"{alive}/{len(data.workers)}"),
-        Kpi("tasks/s", format_value(_num(latest.get("per_s")) or 0.0)),
-        Kpi("failed/s", format_value(_num(latest.get("failed_per_s")) or 0.0)),
+        Kpi("tasks/s", format_value((latest.per_s if latest else None) or 0.0)),
+        Kpi("failed/s", format_value((latest.failed_per_s if latest else None) or 0.0)),
         Kpi(
             "alerts firing",
             str(len(data.alerts)),
@@ -449,11 +438,7 @@ def alert_change_rows(data: OverviewData) -> list[AlertChangeRow]:
 
 def coverage_note(data: OverviewData) -> str:
     """Says so when a series hit the point limit before reaching the window's start."""
-    starts = [
-        float(snaps[-1]["at"])
-        for snaps in data.series.values()
-        if len(snaps) >= MAX_POINTS and "at" in snaps[-1]
-    ]
+    starts = [snaps[-1].at for snaps in data.series.all() if len(snaps) >= MAX_POINTS]
     if not starts or max(starts) <= data.start:
         return ""
     return f" · charts show the newest {MAX_POINTS} snapshots (since {clock(max(starts))} UTC)"

@@ -1,5 +1,5 @@
-"""Typed rows from the stats store to the pages: the JSON API's models, and the thresholds
-the charts draw.
+"""Typed rows from the stats store to the pages: the JSON API's models for live readings, typed
+snapshots for the series, and the thresholds the charts draw.
 
 The store answers the JSON API's shapes (``dict`` rows); each page validates them into the
 models of :mod:`taskyard.monitoring.api.models` once, here, so templates read typed fields and
@@ -9,12 +9,13 @@ one name per field (``in_flight_items``, as the API names it).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from taskyard.config import Settings
+from taskyard.monitoring.api import models as m
 
 Row = TypeVar("Row", bound=BaseModel)
 
@@ -53,3 +54,89 @@ class Thresholds:
         if what == "memory":
             return [(self.memory_warning_pct, WARNING), (self.memory_critical_pct, CRITICAL)]
         return [(self.cpu_warning_pct, WARNING), (self.cpu_critical_pct, CRITICAL)]
+
+
+# --- snapshots of the series (written by the stats collection, newest first) -------------------
+# A snapshot keeps the shape of its day: fields added later default, so older history still draws.
+
+
+class Snapshot(BaseModel):
+    """One snapshot of a series: ``at`` (s since epoch) and what the collection recorded."""
+
+    model_config = ConfigDict(extra="allow")
+
+    at: float
+
+
+class LevelDepth(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    depth: int = 0
+    ready: int = 0
+    reserved: int = 0
+
+
+class QueuesSnapshot(Snapshot):
+    #: Level -> its depths (the oldest snapshots held the depth alone).
+    queues: dict[str, LevelDepth | int] = {}
+
+    def depth(self, level: str) -> float | None:
+        entry = self.queues.get(level)
+        if entry is None:
+            return None
+        return float(entry.depth if isinstance(entry, LevelDepth) else entry)
+
+
+class ThroughputSnapshot(Snapshot):
+    per_s: float | None = None
+    succeeded_per_s: float | None = None
+    failed_per_s: float | None = None
+    received_per_s: float | None = None
+
+
+class LatencySnapshot(Snapshot):
+    runtime_p50: float | None = None
+    runtime_p95: float | None = None
+    runtime_p99: float | None = None
+    wait_p50: float | None = None
+    wait_p95: float | None = None
+    wait_p99: float | None = None
+
+
+class TasksSnapshot(Snapshot):
+    tasks: list[m.TaskStats] = []
+
+
+class WorkersSnapshot(Snapshot):
+    workers: list[m.WorkerStats] = []
+
+
+class BatchesSnapshot(Snapshot):
+    batches: list[m.BatchStats] = []
+
+
+@dataclass
+class Series:
+    """The snapshots the overview draws, per series, newest first."""
+
+    queues: list[QueuesSnapshot] = field(default_factory=list)
+    throughput: list[ThroughputSnapshot] = field(default_factory=list)
+    latency: list[LatencySnapshot] = field(default_factory=list)
+    tasks: list[TasksSnapshot] = field(default_factory=list)
+    workers: list[WorkersSnapshot] = field(default_factory=list)
+    batches: list[BatchesSnapshot] = field(default_factory=list)
+
+    def all(self) -> list[Sequence[Snapshot]]:
+        return [self.queues, self.throughput, self.latency, self.tasks, self.workers, self.batches]
+
+
+def series_of(raw: dict[str, list[dict[str, Any]]]) -> Series:
+    """The store's snapshots (by series name) as typed snapshots."""
+    return Series(
+        queues=typed(QueuesSnapshot, raw.get("queues", [])),
+        throughput=typed(ThroughputSnapshot, raw.get("throughput", [])),
+        latency=typed(LatencySnapshot, raw.get("latency", [])),
+        tasks=typed(TasksSnapshot, raw.get("tasks", [])),
+        workers=typed(WorkersSnapshot, raw.get("workers", [])),
+        batches=typed(BatchesSnapshot, raw.get("batches", [])),
+    )

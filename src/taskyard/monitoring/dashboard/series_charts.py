@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Literal
 
 from taskyard.monitoring.dashboard.charts import Line, TimeChart, time_chart
+from taskyard.monitoring.dashboard.rows import TasksSnapshot, WorkersSnapshot
 
 #: Snapshots of a big series (``tasks``: every task name's counters) read for one chart: rates
 #: between sampled snapshots are as true as between consecutive ones, at a fraction of the read.
@@ -36,38 +37,34 @@ PALETTE = (
 MAX_LINES = len(PALETTE)
 
 
-def _num(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
+#: Task counters a rate can be drawn of.
+Event = Literal["received", "started", "succeeded", "failed", "retried", "deferred"]
+#: Worker readings drawn over time (percent).
+Reading = Literal["memory", "cpu"]
 
 
-def _per_name(snap: dict[str, Any], event: str) -> dict[str, float]:
+def _per_name(snap: TasksSnapshot, event: Event) -> dict[str, float]:
     """A snapshot's cumulative count of ``event`` per task name (summed over queues)."""
     out: dict[str, float] = {}
-    for row in snap.get("tasks") or []:
-        name = str(row.get("name", "?"))
-        out[name] = out.get(name, 0.0) + (_num(row.get(event)) or 0.0)
+    for row in snap.tasks:
+        out[row.name] = out.get(row.name, 0.0) + float(getattr(row, event))
     return out
 
 
 def task_rates(
-    snapshots: Sequence[dict[str, Any]], event: str
+    snapshots: Sequence[TasksSnapshot], event: Event
 ) -> dict[str, list[tuple[float, float | None]]]:
     """Per task name: (time, ``event`` per second since the previous snapshot)."""
-    ordered = sorted(
-        (s for s in snapshots if _num(s.get("at")) is not None), key=lambda s: float(s["at"])
-    )
+    ordered = sorted(snapshots, key=lambda s: s.at)
     out: dict[str, list[tuple[float, float | None]]] = {}
     for before, after in itertools.pairwise(ordered):
-        dt = float(after["at"]) - float(before["at"])
+        dt = after.at - before.at
         if dt <= 0:
             continue
         old, new = _per_name(before, event), _per_name(after, event)
         for name, count in new.items():
             delta = count - old.get(name, 0.0)
-            out.setdefault(name, []).append((float(after["at"]), max(delta, 0.0) / dt))
+            out.setdefault(name, []).append((after.at, max(delta, 0.0) / dt))
     return out
 
 
@@ -80,8 +77,8 @@ def busiest(
 
 def task_rate_chart(
     title: str,
-    snapshots: Sequence[dict[str, Any]],
-    event: str,
+    snapshots: Sequence[TasksSnapshot],
+    event: Event,
     *,
     start: float,
     end: float,
@@ -99,34 +96,29 @@ def task_rate_chart(
 
 
 def worker_lines(
-    snapshots: Sequence[dict[str, Any]], key: str, by_host: bool = False
+    snapshots: Sequence[WorkersSnapshot], what: Reading, by_host: bool = False
 ) -> dict[str, list[tuple[float, float | None]]]:
-    """Per worker (or per host: the highest of its workers): (time, reading of ``key``)."""
+    """Per live worker (or per host: the highest of its workers): (time, its ``what`` percent)."""
     out: dict[str, list[tuple[float, float | None]]] = {}
     for snap in snapshots:
-        at = _num(snap.get("at"))
-        if at is None:
-            continue
         readings: dict[str, float] = {}
-        for worker in snap.get("workers") or []:
-            if not worker.get("alive", True):
+        for worker in snap.workers:
+            value = worker.memory_pct if what == "memory" else worker.cpu_pct
+            if not worker.alive or value is None:
                 continue
-            value = _num(worker.get(key))
-            if value is None:
-                continue
-            name = str(worker.get("hostname", "?"))
+            name = worker.hostname
             if by_host:
-                name = str(worker.get("host") or name.rpartition("@")[2])
+                name = worker.host or name.rpartition("@")[2]
             readings[name] = max(value, readings.get(name, value))
         for name, value in readings.items():
-            out.setdefault(name, []).append((at, value))
+            out.setdefault(name, []).append((snap.at, value))
     return out
 
 
 def worker_chart(
     title: str,
-    snapshots: Sequence[dict[str, Any]],
-    key: str,
+    snapshots: Sequence[WorkersSnapshot],
+    what: Reading,
     *,
     start: float,
     end: float,
@@ -134,7 +126,7 @@ def worker_chart(
     thresholds: Sequence[tuple[float, str]] = (),
 ) -> TimeChart:
     """One line per worker (or host) of a percent reading."""
-    lines_by_name = worker_lines(snapshots, key, by_host)
+    lines_by_name = worker_lines(snapshots, what, by_host)
     names = sorted(lines_by_name)[:MAX_LINES]
     lines = [
         Line(name, PALETTE[i % len(PALETTE)], lines_by_name[name]) for i, name in enumerate(names)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import HTMLResponse, Response
@@ -29,7 +29,7 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import typed
+from taskyard.monitoring.dashboard.rows import TasksSnapshot, typed
 from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS, task_rate_chart
 from taskyard.monitoring.dashboard.templating import render
 
@@ -65,7 +65,7 @@ def dead_letters(state: ApiState, name: str) -> tuple[list[DeadLetter], str]:
         return [], f"dead letters unavailable: {type(exc).__name__}: {exc}"
 
 
-def runtime_lines(snaps: Sequence[dict[str, Any]], name: str) -> list[Line]:
+def runtime_lines(snaps: Sequence[TasksSnapshot], name: str) -> list[Line]:
     """Run time p50/p95/p99 of ``name`` per snapshot (the highest over its queues)."""
     lines = []
     for key, color in (
@@ -75,21 +75,21 @@ def runtime_lines(snaps: Sequence[dict[str, Any]], name: str) -> list[Line]:
     ):
         points: list[tuple[float, float | None]] = []
         for snap in snaps:
-            rows = typed(m.TaskStats, snap.get("tasks") or [])
             values = [
                 value
-                for row in rows
+                for row in snap.tasks
                 if row.name == name and (value := getattr(row, key)) is not None
             ]
-            if "at" in snap:
-                points.append((float(snap["at"]), max(values) if values else None))
+            points.append((snap.at, max(values) if values else None))
         lines.append(Line(key.replace("runtime_", "run "), color, points))
     return lines
 
 
 def gather_task_name(state: ApiState, name: str, window: Window) -> TaskNameView:
     start = window.now - window.seconds
-    snaps = state.store.sample_series("tasks", start, window.now, SAMPLED_POINTS)
+    snaps = typed(
+        TasksSnapshot, state.store.sample_series("tasks", start, window.now, SAMPLED_POINTS)
+    )
     failures, problem = dead_letters(state, name)
     return TaskNameView(
         name=name,

@@ -23,11 +23,19 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import Thresholds, typed
-from taskyard.monitoring.dashboard.series_charts import CHART_POINTS, worker_chart
+from taskyard.monitoring.dashboard.rows import Thresholds, WorkersSnapshot, typed
+from taskyard.monitoring.dashboard.series_charts import CHART_POINTS, Reading, worker_chart
 from taskyard.monitoring.dashboard.templating import render
 
 router = APIRouter()
+
+#: The page's charts: heading, title, reading, per host (else per worker).
+CHARTS: tuple[tuple[str, str, Reading, bool], ...] = (
+    ("Memory per worker", "Memory per worker (percent of limit)", "memory", False),
+    ("CPU per worker", "CPU per worker (percent)", "cpu", False),
+    ("Memory per host", "Memory per host (highest of its workers, percent)", "memory", True),
+    ("CPU per host", "CPU per host (highest of its workers, percent)", "cpu", True),
+)
 
 
 @dataclass(frozen=True)
@@ -42,31 +50,23 @@ class WorkersView:
 def gather_workers(state: ApiState, window: Window) -> WorkersView:
     thresholds = Thresholds.of(state.runtime.settings)
     start = window.now - window.seconds
-    snaps = state.store.sample_series("workers", start, window.now, CHART_POINTS)
+    snaps = typed(
+        WorkersSnapshot, state.store.sample_series("workers", start, window.now, CHART_POINTS)
+    )
     charts = [
         (
             heading,
             worker_chart(
                 title,
                 snaps,
-                f"{what}_pct",
+                what,
                 start=start,
                 end=window.now,
                 by_host=by_host,
                 thresholds=[] if by_host else thresholds.markers(what),
             ),
         )
-        for heading, title, what, by_host in (
-            ("Memory per worker", "Memory per worker (percent of limit)", "memory", False),
-            ("CPU per worker", "CPU per worker (percent)", "cpu", False),
-            (
-                "Memory per host",
-                "Memory per host (highest of its workers, percent)",
-                "memory",
-                True,
-            ),
-            ("CPU per host", "CPU per host (highest of its workers, percent)", "cpu", True),
-        )
+        for heading, title, what, by_host in CHARTS
     ]
     workers = typed(m.WorkerStats, state.store.workers())
     return WorkersView(flower_base(state.runtime.settings), workers, charts)
