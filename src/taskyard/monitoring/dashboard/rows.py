@@ -61,9 +61,10 @@ class Thresholds:
 
 
 class Snapshot(BaseModel):
-    """One snapshot of a series: ``at`` (s since epoch) and what the collection recorded."""
+    """One snapshot of a series: ``at`` (s since epoch) and what the collection recorded.
+    Shared between page builds (see :func:`snapshots`): never changed once made."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", frozen=True)
 
     at: float
 
@@ -130,13 +131,41 @@ class Series:
         return [self.queues, self.throughput, self.latency, self.tasks, self.workers, self.batches]
 
 
+S = TypeVar("S", bound=Snapshot)
+
+#: Typed snapshots by the identity of the store's dict they were made from. The store hands out
+#: the same parsed dict for a snapshot on every read (``StatsStore.sample_series`` keeps them),
+#: so a page build validates only the snapshots it has not seen: validating a whole window of
+#: every task name's counters costs several times the rest of the page. Each entry holds its
+#: dict, so the id cannot be reused while the entry lives; bounded, the oldest entries go first.
+_TYPED: dict[int, tuple[dict[str, Any], Snapshot]] = {}
+_TYPED_MAX = 8192
+
+
+def snapshots(model: type[S], rows: Sequence[dict[str, Any]]) -> list[S]:
+    """The store's snapshots of one series as ``model``, each validated once."""
+    out: list[S] = []
+    for row in rows:
+        entry = _TYPED.get(id(row))
+        if entry is not None and entry[0] is row and type(entry[1]) is model:
+            out.append(entry[1])
+            continue
+        snap = model.model_validate(row)
+        if len(_TYPED) >= _TYPED_MAX:
+            for old in list(_TYPED)[: _TYPED_MAX // 4]:
+                del _TYPED[old]
+        _TYPED[id(row)] = (row, snap)
+        out.append(snap)
+    return out
+
+
 def series_of(raw: dict[str, list[dict[str, Any]]]) -> Series:
     """The store's snapshots (by series name) as typed snapshots."""
     return Series(
-        queues=typed(QueuesSnapshot, raw.get("queues", [])),
-        throughput=typed(ThroughputSnapshot, raw.get("throughput", [])),
-        latency=typed(LatencySnapshot, raw.get("latency", [])),
-        tasks=typed(TasksSnapshot, raw.get("tasks", [])),
-        workers=typed(WorkersSnapshot, raw.get("workers", [])),
-        batches=typed(BatchesSnapshot, raw.get("batches", [])),
+        queues=snapshots(QueuesSnapshot, raw.get("queues", [])),
+        throughput=snapshots(ThroughputSnapshot, raw.get("throughput", [])),
+        latency=snapshots(LatencySnapshot, raw.get("latency", [])),
+        tasks=snapshots(TasksSnapshot, raw.get("tasks", [])),
+        workers=snapshots(WorkersSnapshot, raw.get("workers", [])),
+        batches=snapshots(BatchesSnapshot, raw.get("batches", [])),
     )

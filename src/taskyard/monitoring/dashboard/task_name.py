@@ -29,7 +29,7 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import TasksSnapshot, typed
+from taskyard.monitoring.dashboard.rows import TasksSnapshot, snapshots, typed
 from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS, task_rate_chart
 from taskyard.monitoring.dashboard.templating import render
 
@@ -87,7 +87,7 @@ def runtime_lines(snaps: Sequence[TasksSnapshot], name: str) -> list[Line]:
 
 def gather_task_name(state: ApiState, name: str, window: Window) -> TaskNameView:
     start = window.now - window.seconds
-    snaps = typed(
+    snaps = snapshots(
         TasksSnapshot, state.store.sample_series("tasks", start, window.now, SAMPLED_POINTS)
     )
     failures, problem = dead_letters(state, name)

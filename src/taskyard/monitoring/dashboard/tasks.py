@@ -22,7 +22,7 @@ from taskyard.monitoring.dashboard.layout import (
     WindowQuery,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import TasksSnapshot, typed
+from taskyard.monitoring.dashboard.rows import TasksSnapshot, snapshots, typed
 from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS, task_rate_chart
 from taskyard.monitoring.dashboard.templating import render
 
@@ -69,7 +69,7 @@ class TasksView:
 
 def gather_tasks(state: ApiState, window: Window) -> TasksView:
     start = window.now - window.seconds
-    snaps = typed(
+    snaps = snapshots(
         TasksSnapshot, state.store.sample_series("tasks", start, window.now, SAMPLED_POINTS)
     )
     return TasksView(

@@ -23,7 +23,7 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import Thresholds, WorkersSnapshot, typed
+from taskyard.monitoring.dashboard.rows import Thresholds, WorkersSnapshot, snapshots, typed
 from taskyard.monitoring.dashboard.series_charts import CHART_POINTS, Reading, worker_chart
 from taskyard.monitoring.dashboard.templating import render
 
@@ -50,7 +50,7 @@ class WorkersView:
 def gather_workers(state: ApiState, window: Window) -> WorkersView:
     thresholds = Thresholds.of(state.runtime.settings)
     start = window.now - window.seconds
-    snaps = typed(
+    snaps = snapshots(
         WorkersSnapshot, state.store.sample_series("workers", start, window.now, CHART_POINTS)
     )
     charts = [
