@@ -562,3 +562,36 @@ def test_sampled_series_spreads_over_the_window_and_keeps_its_picks(
     before = set(sample_indices(100, 100, 10))
     after = {i - 1 for i in sample_indices(101, 100, 10) if i > 0}
     assert len(before & after) >= len(before) - 2
+
+
+def test_the_store_says_how_far_the_history_reaches(make_app: Any, tmp_path: Any) -> None:
+    """covered_since: the oldest overview snapshot in Redis or, older, in the database."""
+    import json
+
+    from taskyard.monitoring import history
+    from taskyard.monitoring.store import StatsStore
+    from taskyard.runtime import runtime_of
+
+    app = make_app("covered", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    store = StatsStore(runtime_of(app))
+    assert store.covered_since() is None
+    key = store.keys.series("overview")
+    for i in range(5):
+        store.redis.rpush(key, json.dumps({"at": NOW - 10 * i}))
+    assert store.covered_since() == NOW - 40
+    history.write_snapshots(store.engine, [("overview", NOW - 900 - i, {}) for i in range(3)])
+    assert store.covered_since() == NOW - 902
+
+
+def test_snapshots_are_validated_once_and_old_shapes_still_draw() -> None:
+    from taskyard.monitoring.dashboard.rows import QueuesSnapshot, TasksSnapshot, snapshots
+
+    raw = [{"at": NOW, "tasks": [{"name": "a", "queue": "high", "succeeded": 2}]}]
+    first, again = snapshots(TasksSnapshot, raw), snapshots(TasksSnapshot, raw)
+    assert first[0] is again[0] and first[0].tasks[0].succeeded == 2
+    # An equal but new dict (a history read) is validated anew.
+    fresh = snapshots(TasksSnapshot, [dict(raw[0])])
+    assert fresh[0] is not first[0] and fresh[0] == first[0]
+    # The oldest queue snapshots held the depth alone; a missing level is no point.
+    old = snapshots(QueuesSnapshot, [{"at": NOW, "queues": {"high": 7, "low": {"depth": 3}}}])
+    assert [old[0].depth(level) for level in ("high", "low", "batch")] == [7.0, 3.0, None]
