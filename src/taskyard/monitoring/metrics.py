@@ -5,12 +5,16 @@ has its own :class:`~prometheus_client.CollectorRegistry`, so nothing leaks betw
 prometheus_client's global registry. Names follow celery-exporter where one exists
 (``celery_task_succeeded_total{name,queue_name}``, ``celery_queue_length{queue_name}``) and
 ``taskyard_`` otherwise; values are in base units (seconds, counts, percent as documented).
+Every collector of the API is here: :class:`StoreCollector` over the stats store and
+:class:`DeadLetterCollector` (``taskyard_dead_tasks{queue_name,name,reason}``, entries waiting in
+state "dead"; dead batches stay in ``taskyard_batch_dead_batches``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +31,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from taskyard.monitoring.alerts import host_of
 from taskyard.monitoring.api.state import ApiState, StatsSource
 from taskyard.serialization import text
+
+log = logging.getLogger(__name__)
 
 #: The classic text format: every name here is a legal legacy name, so every scraper reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -349,6 +355,31 @@ def _bound(value: float) -> str:
     return repr(float(value))
 
 
+class DeadLetterCollector(Collector):
+    """``taskyard_dead_tasks``, read at scrape time; an unreachable store leaves it out."""
+
+    def __init__(self, counts: Callable[[], dict[tuple[str, str, str], int]]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "taskyard_dead_tasks",
+            "Dead letters waiting for an operator (state dead).",
+            labels=["queue_name", "name", "reason"],
+        )
+        try:
+            counts = self.counts()
+        except Exception:
+            log.warning("metrics: dead-letter counts unreadable", exc_info=True)
+            return
+        for (queue, name, reason), n in sorted(counts.items()):
+            family.add_metric([queue, name, reason], float(n))
+        yield family
+
+
 def metrics_registry(store: StatsSource) -> CollectorRegistry:
     """A registry of its own holding one collector over ``store``."""
     registry = CollectorRegistry(auto_describe=False)
@@ -359,9 +390,7 @@ def metrics_registry(store: StatsSource) -> CollectorRegistry:
 def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     """Serve ``/metrics`` from ``state.store`` through the API's response cache."""
     registry = metrics_registry(state.store)
-    # Collectors other parts added (the dead letters' gauge, monitoring/api/dead.py).
-    for collector in state.extras.get("collectors", ()):
-        registry.register(collector)
+    registry.register(DeadLetterCollector(lambda: state.dead_letters().counts()))
 
     @api.get(
         "/metrics",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ from taskyard.monitoring.queues import (
     is_redis_url,
     redis_depths,
 )
+from taskyard.monitoring.timeline import lookup
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import Runtime
 from taskyard.serialization import text
@@ -355,6 +357,61 @@ class StatsStore:
         )
         return out
 
+    def sample_series(
+        self, name: str, since: float, until: float, points: int
+    ) -> list[dict[str, Any]]:
+        """About ``points`` snapshots of series ``name`` spread over ``[since, until]``, newest
+        first (a chart is a few hundred pixels wide: a sample draws the same lines as every
+        snapshot, for a fraction of the reading).
+
+        Reads only the sampled entries of the Redis list (one pipelined round trip of LINDEX);
+        a range older than Redis keeps is sampled from the history database. Callers must not
+        change the snapshots: they are shared between page builds (see :func:`_parse`).
+        """
+        key = self.keys.series(name)
+        length = int(self.redis.llen(key))
+        interval = float(self.settings.monitoring.stats_interval_s)
+        within = min(length, int((until - since) / interval) + 2)
+        if within <= 0:
+            return self.series(name, since, None, points, 0)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for index in sample_indices(length, within, points):
+                pipe.lindex(key, index)
+            raws = pipe.execute()
+        out = [_parse(raw) for raw in raws if raw]
+        picked = [snap for snap in out if float(snap.get("at", 0)) >= since]
+        if len(picked) == len(out) and length <= within and out:
+            # Redis ends inside the window: older snapshots come from the history database
+            # (straight from it: self.series would parse the whole Redis list first).
+            before = float(out[-1]["at"]) - 1e-6
+            # Rows in [since, before]: all rows up to before, less those before since.
+            count = history.count_snapshots(self.engine, name, before) - history.count_snapshots(
+                self.engine, name, since - 1e-6
+            )
+            stride = max(1, math.ceil(count / max(1, points // 2)))
+            for offset in range(0, count, stride):
+                picked.extend(history.read_snapshots(self.engine, name, since, before, 1, offset))
+        return picked
+
+    def covered_since(self) -> float | None:
+        """Time of the oldest ``overview`` snapshot kept (Redis or the history database)."""
+        oldest: float | None = None
+        # Redis keeps the newest snapshots (newest first): the list's tail is its oldest.
+        raw = self.redis.lindex(self.keys.series("overview"), -1)
+        if raw:
+            oldest = float(json.loads(raw)["at"])
+        count = history.count_snapshots(self.engine, "overview")
+        if count:
+            rows = history.read_snapshots(self.engine, "overview", None, None, 1, count - 1)
+            if rows:
+                at = float(rows[0]["at"])
+                oldest = at if oldest is None else min(oldest, at)
+        return oldest
+
+    def timeline(self, task_id: str) -> dict[str, Any] | None:
+        """The task lookup's timeline of ``task_id`` (history database and pending events)."""
+        return lookup(self.runtime, self.engine, task_id)
+
     def alert_changes(self, limit: int = 100) -> list[dict[str, Any]]:
         """Recent alert state changes (fired, severity changed, resolved), newest first, from the
         capped Redis list the stats collection writes."""
@@ -394,6 +451,35 @@ class StatsStore:
         except Exception as exc:
             result["broker"] = f"{type(exc).__name__}: {exc}"
         return result
+
+
+#: Parsed snapshots by their raw JSON: snapshots never change once written, so a page build
+#: parses only those it has not seen (bounded; the oldest entries go first).
+_PARSED: dict[bytes, dict[str, Any]] = {}
+_PARSED_MAX = 4096
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    parsed = _PARSED.get(raw)
+    if parsed is None:
+        parsed = json.loads(raw)
+        if len(_PARSED) >= _PARSED_MAX:
+            for old in list(_PARSED)[: _PARSED_MAX // 4]:
+                del _PARSED[old]
+        _PARSED[raw] = parsed
+    return parsed
+
+
+def sample_indices(length: int, within: int, points: int) -> list[int]:
+    """List indices (0 = newest) of about ``points`` entries among the newest ``within``.
+
+    The stride is anchored at the list's oldest end, so as new snapshots are pushed at the head
+    the same older snapshots stay picked (and parsed once), plus always the newest.
+    """
+    if within <= 0:
+        return []
+    stride = max(1, math.ceil(within / points))
+    return sorted({0, *(i for i in range(within) if (length - 1 - i) % stride == 0)})
 
 
 def deferred_by_reason(workers: list[dict[str, Any]]) -> dict[str, int]:

@@ -218,19 +218,19 @@ def check_hover(page: Any, title: str, label: str) -> None:
     box = page.locator(f"{selector} .u-over").bounding_box()
     assert box is not None, title
     page.mouse.move(box["x"] + box["width"] * 0.97, box["y"] + box["height"] / 2)
-    page.wait_for_function(
-        """([sel, label]) => [...document.querySelectorAll(sel + ' .u-legend .u-series')]
-             .some(r => r.querySelector('.u-label')?.textContent === label
-                        && r.querySelector('.u-value')?.textContent !== '-'
-                        && r.querySelector('.u-value')?.textContent !== '--')""",
+    # Condition and reading in one script run: the board's refresh (every second here) may
+    # swap the chart for a fresh one between two separate calls.
+    handle = page.wait_for_function(
+        """([sel, label]) => {
+             const rows = [...document.querySelectorAll(sel + ' .u-legend .u-series')].map(
+               r => [r.querySelector('.u-label')?.textContent,
+                     r.querySelector('.u-value')?.textContent]);
+             return rows.some(([l, v]) => l === label && v !== '-' && v !== '--') ? rows : null;
+           }""",
         arg=[selector, label],
         timeout=5_000,
     )
-    hovered = page.eval_on_selector_all(
-        f"{selector} .u-legend .u-series",
-        "rows => rows.map(r => [r.querySelector('.u-label').textContent,"
-        " r.querySelector('.u-value').textContent])",
-    )
+    hovered = handle.json_value()
     assert hovered[0][1].endswith("UTC"), hovered  # the time under the cursor
     title_text = page.get_attribute(selector, "title") or ""
     assert title_text.startswith(f"{title} (latest)") and label in title_text

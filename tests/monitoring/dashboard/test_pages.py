@@ -1,4 +1,4 @@
-"""Dashboard rendering: pure functions over the store's plain dicts, and the route."""
+"""The overview: pure rendering of typed sample data through the templates, and the route."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from taskyard.config import load_settings
+from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.headers import SecurityHeaders
 from taskyard.monitoring.dashboard import charts
 from taskyard.monitoring.dashboard import overview as dashboard
+from taskyard.monitoring.dashboard.rows import Thresholds, typed
+from taskyard.monitoring.dashboard.rows import series_of as typed_series
+from taskyard.monitoring.dashboard.templating import render_chart
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 NOW = 1_800_000_000.0
-THRESHOLDS = {
-    "memory_warning_pct": 80.0,
-    "memory_critical_pct": 90.0,
-    "cpu_warning_pct": 80.0,
-    "cpu_critical_pct": 90.0,
-    "cache_hit_rate_pct": 50.0,
-}
+THRESHOLDS = Thresholds()
 
 
 def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
             {
                 "at": at,
                 "batches": [
-                    {"batch_name": "emails", "group": "", "buffered": i, "inflight": 1, "dead": 0}
+                    {"batch_name": "emails", "buffered": i, "in_flight_items": 1, "dead": 0}
                 ],
             }
         )
@@ -120,10 +119,10 @@ def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
         "batches": [
             {
                 "batch_name": "emails",
-                "group": "",
                 "buffered": 42,
                 "oldest_age_s": 1.0,
-                "inflight": 3,
+                "in_flight": 1,
+                "in_flight_items": 3,
                 "dead": 1,
             }
         ],
@@ -149,6 +148,29 @@ def sample(now: float = NOW, points: int = 30) -> dict[str, Any]:
             "batches": batches_series,
         },
     }
+
+
+def as_data(raw: dict[str, Any]) -> dashboard.OverviewData:
+    """:func:`sample`'s rows as the typed data :func:`dashboard.gather` hands the page."""
+    return dashboard.OverviewData(
+        now=raw["now"],
+        window_s=raw["window_s"],
+        thresholds=raw["thresholds"],
+        problems=list(raw["problems"]),
+        queues=typed(m.QueueStats, raw["queues"]),
+        workers=typed(m.WorkerStats, raw["workers"]),
+        tasks=typed(m.TaskStats, raw["tasks"]),
+        batches=typed(m.BatchStats, raw["batches"]),
+        alerts=typed(m.Alert, raw["alerts"]),
+        alert_changes=typed(m.AlertChange, raw.get("alert_changes", [])),
+        cache=typed(m.CacheStats, raw.get("cache", [])),
+        series=typed_series(raw["series"]),
+    )
+
+
+def svg_of(chart: charts.BarChart) -> ET.Element:
+    """A bar chart rendered by its macro, parsed as XML (so it is well-formed)."""
+    return ET.fromstring(render_chart(chart))
 
 
 def svgs(html: str) -> list[ET.Element]:
@@ -178,7 +200,7 @@ def series_of(spec: dict[str, Any], label: str) -> list[float | None]:
 
 
 def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
-    html = dashboard.render_page(sample(), refresh_s=5)
+    html = dashboard.render_page(as_data(sample()), refresh_s=5)
     bars = [c.find(f"{SVG}title").text for c in svgs(html)]  # type: ignore[union-attr]
     lines = tcharts(html)
     for title in ("Batch buffers now (items)", "Worker resources (percent of limit)"):
@@ -214,19 +236,20 @@ def test_page_has_a_chart_per_view_all_levels_and_the_firing_alert() -> None:
 
 
 def test_a_gap_in_the_series_breaks_the_line() -> None:
-    spec = tcharts(dashboard.latency_chart(sample(), "wait"))["Queue wait percentiles"]
+    board = render_chart(dashboard.latency_chart(as_data(sample()), "wait"))
+    spec = tcharts(board)["Queue wait percentiles"]
     p99 = series_of(spec, "wait p99")
     assert p99.count(None) == 1 and p99[0] is not None  # one None splits the line in two
     # A collection gap of more than three steps breaks the line too.
     line = charts.Line(
         "x", "#000", [(NOW - 100, 1.0), (NOW - 90, 2.0), (NOW - 80, 3.0), (NOW, 4.0)]
     )
-    gapped = tcharts(charts.time_chart("g", [line], start=NOW - 120, end=NOW))["g"]
+    gapped = tcharts(render_chart(charts.time_chart("g", [line], start=NOW - 120, end=NOW)))["g"]
     assert series_of(gapped, "x") == [1.0, 2.0, 3.0, None, 4.0]
 
 
 def test_worker_bars_show_percent_and_threshold_markers() -> None:
-    svg = ET.fromstring(dashboard.worker_bars(sample()))
+    svg = svg_of(dashboard.worker_bars(as_data(sample())))
     bars = {
         r.get("data-label"): float(r.get("width", 0))
         for r in svg.iter(f"{SVG}rect")
@@ -240,14 +263,14 @@ def test_worker_bars_show_percent_and_threshold_markers() -> None:
 
 
 def test_queue_now_bars_stack_ready_and_reserved() -> None:
-    svg = ET.fromstring(dashboard.queue_now_chart(sample()))
+    svg = svg_of(dashboard.queue_now_chart(as_data(sample())))
     labels = [t.text for t in svg.iter(f"{SVG}text")]
     for level in LEVELS:
         assert level in labels
     assert "9 (1 reserved)" in labels
     data = sample()
     data["queues"][0]["oldest_ready_age_s"] = 3.25
-    labels = [t.text for t in ET.fromstring(dashboard.queue_now_chart(data)).iter(f"{SVG}text")]
+    labels = [t.text for t in svg_of(dashboard.queue_now_chart(as_data(data))).iter(f"{SVG}text")]
     assert "5 (1 reserved, oldest 3.25 s)" in labels
 
 
@@ -264,7 +287,7 @@ def test_empty_store_renders_placeholders_not_errors() -> None:
         "alerts": [],
         "series": {},
     }
-    html = dashboard.render_page(data, refresh_s=0)
+    html = dashboard.render_page(as_data(data), refresh_s=0)
     assert "No alert is firing." in html
     assert "no data yet" in html and "no worker heartbeats" in html
     assert "http-equiv" not in html
@@ -274,7 +297,7 @@ def test_empty_store_renders_placeholders_not_errors() -> None:
 def test_problems_are_listed_on_the_page() -> None:
     data = sample()
     data["problems"] = ["workers: ConnectionError: refused"]
-    assert "workers: ConnectionError: refused" in dashboard.render_board(data)
+    assert "workers: ConnectionError: refused" in dashboard.render_board(as_data(data))
 
 
 def test_nice_ceiling_and_format_value() -> None:
@@ -302,7 +325,7 @@ def test_nice_ceiling_and_format_value() -> None:
 
 def test_time_chart_clamps_to_the_window_and_scales_to_a_round_maximum() -> None:
     line = charts.Line("x", "#000", [(NOW - 7200, 1e9), (NOW - 60, 30.0), (NOW, 45.0)])
-    spec = tcharts(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))["t"]
+    spec = tcharts(render_chart(charts.time_chart("t", [line], start=NOW - 3600, end=NOW)))["t"]
     assert series_of(spec, "x") == [30.0, 45.0]  # the point outside the window is ignored
     assert spec["x"] == [NOW - 60, NOW] and spec["end"] == NOW
 
@@ -331,17 +354,42 @@ class FakeStore:
     def batches(self) -> Any:
         return self._get("batches")
 
-    def alerts(self) -> Any:
+    def alerts(self, include_resolved: bool = False) -> Any:
         return self._get("alerts")
+
+    def alert_changes(self, limit: int = 100) -> Any:
+        return self.data.get("alert_changes", [])[:limit] if not self.down else self._get("-")
 
     def cache(self) -> Any:
         return self._get("cache")
 
+    def histograms(self) -> Any:
+        return {"buckets": [], "runtime": [], "wait": []}
+
+    def maintenance(self) -> Any:
+        return []
+
+    def overview(self) -> Any:
+        return {}
+
     def series(
         self, name: str, since: float | None, until: float | None, limit: int, offset: int
     ) -> Any:
-        self.series_calls.append((name, since, limit))
-        return self._get("series")[name]
+        return self._get("series").get(name, [])[offset : offset + limit]
+
+    def sample_series(self, name: str, since: float, until: float, points: int) -> Any:
+        self.series_calls.append((name, since, points))
+        return self._get("series").get(name, [])
+
+    def covered_since(self) -> float | None:
+        snaps = self._get("series").get("queues", [])
+        return float(snaps[-1]["at"]) if snaps else None
+
+    def timeline(self, task_id: str) -> Any:
+        return self.data.get("timelines", {}).get(task_id)
+
+    def check_ready(self) -> dict[str, str | None]:
+        return {"redis": None}
 
 
 def client_for(store: FakeStore) -> TestClient:
@@ -350,6 +398,7 @@ def client_for(store: FakeStore) -> TestClient:
     from taskyard.monitoring.api.auth import AdminAuth
     from taskyard.monitoring.api.query import ResponseCache
     from taskyard.monitoring.api.state import ApiState
+    from taskyard.monitoring.dashboard.routes import router
 
     app = FastAPI()
     runtime = SimpleNamespace(settings=load_settings())
@@ -360,7 +409,8 @@ def client_for(store: FakeStore) -> TestClient:
         auth=AdminAuth(None),
         celery_app=None,
     )
-    app.include_router(dashboard.router)
+    app.add_middleware(SecurityHeaders)
+    app.include_router(router)
     return TestClient(app)
 
 
@@ -373,7 +423,7 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     assert page.text.startswith("<!DOCTYPE html>") and "Queue depth per level" in page.text
     assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
-    # Without a Redis list to sample (this fake), the store is asked for that many snapshots.
+    # The store is asked for that many snapshots of each series.
     assert {limit for _, _, limit in store.series_calls} == {
         dashboard.CHART_POINTS,
         dashboard.SAMPLED_POINTS,
@@ -393,20 +443,20 @@ def test_route_answers_503_page_when_the_store_is_down() -> None:
 
 @pytest.mark.parametrize("refresh", [0, 30])
 def test_refresh_setting_reaches_the_script(refresh: int) -> None:
-    html = dashboard.render_page(sample(), refresh_s=refresh)
+    html = dashboard.render_page(as_data(sample()), refresh_s=refresh)
     assert f'<body data-refresh="{refresh}">' in html
 
 
 def test_time_chart_zooms_in_on_short_history_but_not_below_the_minimum_span() -> None:
     line = charts.Line("x", "#000", [(NOW - 60, 1.0), (NOW, 2.0)])
-    spec = tcharts(charts.time_chart("t", [line], start=NOW - 3600, end=NOW))["t"]
+    spec = tcharts(render_chart(charts.time_chart("t", [line], start=NOW - 3600, end=NOW)))["t"]
     assert spec["start"] == pytest.approx(NOW - 63)  # 60 s of data plus a 5 % margin
     short = charts.Line("x", "#000", [(NOW - 2, 1.0), (NOW, 2.0)])
-    spec = tcharts(charts.time_chart("t", [short], start=NOW - 3600, end=NOW))["t"]
+    spec = tcharts(render_chart(charts.time_chart("t", [short], start=NOW - 3600, end=NOW)))["t"]
     assert spec["start"] == pytest.approx(NOW - 10.1)
 
 
-def test_batch_bars_read_the_batching_package_shape_and_the_store_fallback() -> None:
+def test_batch_bars_read_the_batching_package_shape() -> None:
     data = sample()
     data["batches"] = [
         # taskyard.batching.inspect_batches: per-name totals plus a list of groups.
@@ -420,20 +470,19 @@ def test_batch_bars_read_the_batching_package_shape_and_the_store_fallback() -> 
             "dead_items": 100,
             "groups": [{"group": ""}],
         },
-        # StatsStore's own reading when the batching package is absent.
-        {"batch_name": "sms", "group": "eu", "buffered": 3, "inflight": 1, "dead": 0},
+        {"batch_name": "sms", "buffered": 3, "in_flight": 1, "in_flight_items": 1},
     ]
-    svg = ET.fromstring(dashboard.batch_chart(data))
+    svg = svg_of(dashboard.batch_chart(as_data(data)))
     text = [t.text for t in svg.iter(f"{SVG}text")]
-    assert "emails" in text and "sms [eu]" in text
+    assert "emails" in text and "sms" in text
     assert "40 buffered, 200 in flight, 1 dead, oldest 1.5 s" in text
-    assert "3 buffered, 1 in flight, oldest -" not in text
+    assert "3 buffered, 1 in flight" in text
     widths = {
         r.get("data-label"): float(r.get("width", 0))
         for r in svg.iter(f"{SVG}rect")
         if r.get("class") == "bar" and "in flight" in (r.findtext(f"{SVG}title") or "")
     }
-    assert widths["emails"] > widths["sms [eu]"]
+    assert widths["emails"] > widths["sms"]
 
 
 def test_gridlines_land_on_round_values() -> None:
@@ -452,15 +501,15 @@ def test_gridlines_land_on_round_values() -> None:
 def test_a_window_longer_than_the_point_limit_says_what_it_shows() -> None:
     data = sample(points=dashboard.MAX_POINTS)  # 10 s apart: 2 h of snapshots
     data["window_s"] = 6 * 3600.0
-    board = dashboard.render_board(data)
+    board = dashboard.render_board(as_data(data))
     oldest = NOW - 10 * (dashboard.MAX_POINTS - 1)
     assert f"newest {dashboard.MAX_POINTS} snapshots (since {charts.clock(oldest)} UTC)" in board
     data["window_s"] = 3600.0
-    assert "newest" not in dashboard.render_board(data)
+    assert "newest" not in dashboard.render_board(as_data(data))
 
 
 def test_cache_bars_mark_namespaces_below_the_alert_threshold() -> None:
-    svg = ET.fromstring(dashboard.cache_chart(sample()))
+    svg = svg_of(dashboard.cache_chart(as_data(sample())))
     fills = {
         r.get("data-label"): r.get("fill")
         for r in svg.iter(f"{SVG}rect")
@@ -469,7 +518,7 @@ def test_cache_bars_mark_namespaces_below_the_alert_threshold() -> None:
     assert fills == {"user": "#16a34a", "analytics": "#d97706"}
     text = [t.text for t in svg.iter(f"{SVG}text")]
     assert "25% of 40 lookups" in text
-    assert "paused low,batch" in dashboard.worker_bars(sample())
+    assert "paused low,batch" in render_chart(dashboard.worker_bars(as_data(sample())))
 
 
 def test_queue_bars_say_when_reserved_messages_are_not_visible() -> None:
@@ -478,7 +527,7 @@ def test_queue_bars_say_when_reserved_messages_are_not_visible() -> None:
         {"queue": lv, "depth": 3, "ready": 3, "reserved": 0, "reserved_known": False}
         for lv in LEVELS
     ]
-    labels = [t.text for t in ET.fromstring(dashboard.queue_now_chart(data)).iter(f"{SVG}text")]
+    labels = [t.text for t in svg_of(dashboard.queue_now_chart(as_data(data))).iter(f"{SVG}text")]
     assert "3 (reserved unknown)" in labels and "3 (0 reserved)" not in labels
 
 
@@ -490,8 +539,7 @@ def test_sampled_series_spreads_over_the_window_and_keeps_its_picks(
     import json
 
     from taskyard.monitoring import history
-    from taskyard.monitoring.dashboard.series_charts import sample_indices, sampled_series
-    from taskyard.monitoring.store import StatsStore
+    from taskyard.monitoring.store import StatsStore, sample_indices
     from taskyard.runtime import runtime_of
 
     app = make_app("sampled", database_url=f"sqlite:///{tmp_path / 'h.db'}")
@@ -503,14 +551,47 @@ def test_sampled_series_spreads_over_the_window_and_keeps_its_picks(
     history.write_snapshots(
         store.engine, [("queues", NOW - 1000 - 10 * i, {"n": 100 + i}) for i in range(60)]
     )
-    inside = sampled_series(store, "queues", NOW - 500, NOW, points=10)
+    inside = store.sample_series("queues", NOW - 500, NOW, points=10)
     ats = [s["at"] for s in inside]
     assert ats[0] == NOW and ats == sorted(ats, reverse=True)
     assert 8 <= len(ats) <= 12 and min(ats) >= NOW - 500
-    everything = sampled_series(store, "queues", NOW - 1600, NOW, points=10)
+    everything = store.sample_series("queues", NOW - 1600, NOW, points=10)
     older = [s for s in everything if s["at"] < NOW - 990]
     assert 3 <= len(older) <= 6 and min(s["at"] for s in older) >= NOW - 1600
     # Anchored at the oldest end: one more snapshot at the head shifts nothing else.
     before = set(sample_indices(100, 100, 10))
     after = {i - 1 for i in sample_indices(101, 100, 10) if i > 0}
     assert len(before & after) >= len(before) - 2
+
+
+def test_the_store_says_how_far_the_history_reaches(make_app: Any, tmp_path: Any) -> None:
+    """covered_since: the oldest overview snapshot in Redis or, older, in the database."""
+    import json
+
+    from taskyard.monitoring import history
+    from taskyard.monitoring.store import StatsStore
+    from taskyard.runtime import runtime_of
+
+    app = make_app("covered", database_url=f"sqlite:///{tmp_path / 'h.db'}")
+    store = StatsStore(runtime_of(app))
+    assert store.covered_since() is None
+    key = store.keys.series("overview")
+    for i in range(5):
+        store.redis.rpush(key, json.dumps({"at": NOW - 10 * i}))
+    assert store.covered_since() == NOW - 40
+    history.write_snapshots(store.engine, [("overview", NOW - 900 - i, {}) for i in range(3)])
+    assert store.covered_since() == NOW - 902
+
+
+def test_snapshots_are_validated_once_and_old_shapes_still_draw() -> None:
+    from taskyard.monitoring.dashboard.rows import QueuesSnapshot, TasksSnapshot, snapshots
+
+    raw = [{"at": NOW, "tasks": [{"name": "a", "queue": "high", "succeeded": 2}]}]
+    first, again = snapshots(TasksSnapshot, raw), snapshots(TasksSnapshot, raw)
+    assert first[0] is again[0] and first[0].tasks[0].succeeded == 2
+    # An equal but new dict (a history read) is validated anew.
+    fresh = snapshots(TasksSnapshot, [dict(raw[0])])
+    assert fresh[0] is not first[0] and fresh[0] == first[0]
+    # The oldest queue snapshots held the depth alone; a missing level is no point.
+    old = snapshots(QueuesSnapshot, [{"at": NOW, "queues": {"high": 7, "low": {"depth": 3}}}])
+    assert [old[0].depth(level) for level in ("high", "low", "batch")] == [7.0, 3.0, None]

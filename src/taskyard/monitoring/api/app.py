@@ -23,6 +23,7 @@ from taskyard.monitoring.api.admin import admin_router
 from taskyard.monitoring.api.auth import AdminAuth
 from taskyard.monitoring.api.dead import install_dead
 from taskyard.monitoring.api.errors import install_error_handlers
+from taskyard.monitoring.api.headers import SecurityHeaders
 from taskyard.monitoring.api.query import (
     ResponseCache,
     check_range,
@@ -41,7 +42,6 @@ from taskyard.monitoring.api.state import (
     json_body,
     json_response,
 )
-from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.metrics import add_metrics_route
 from taskyard.monitoring.store import SERIES, StatsStore
 from taskyard.runtime import Runtime, runtime_of
@@ -97,6 +97,7 @@ def create_api(
     )
     api.state.taskyard = state
     api.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
+    api.add_middleware(SecurityHeaders)
     install_error_handlers(api)
     from taskyard.monitoring.api.docs import install_docs
 
@@ -104,13 +105,13 @@ def create_api(
     _add_health(api, state)
     _add_views(api, state)
     _add_history(api, state)
-    install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
+    install_dead(api, state)
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
-    api.include_router(dashboard.router)
-    from taskyard.monitoring.dashboard import pages
+    # Imported here: the pages import this package's models (its __init__ imports this module).
+    from taskyard.monitoring.dashboard.routes import router as dashboard_router
 
-    api.include_router(pages.router)
+    api.include_router(dashboard_router)
     return api
 
 
@@ -235,11 +236,8 @@ def _add_views(api: FastAPI, state: ApiState) -> None:
         limit: Annotated[int, Query(ge=1, le=500, description="Changes to return.")] = 100,
     ) -> Response:
         """Recent alert state changes (fired, severity changed, resolved), newest first."""
-        read = getattr(store, "alert_changes", None)
         return await state.respond(
-            request,
-            ("alert_changes", limit),
-            lambda: json_body(read(limit) if read is not None else []),
+            request, ("alert_changes", limit), lambda: json_body(store.alert_changes(limit))
         )
 
     @api.get(API_PREFIX + "/alerts", response_model=list[m.Alert], tags=["stats"])

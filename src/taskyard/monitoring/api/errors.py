@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from taskyard.monitoring.api.headers import secure_headers
+
 log = logging.getLogger(__name__)
 
 
@@ -69,9 +71,12 @@ def install_error_handlers(api: FastAPI) -> None:
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("stats API: unexpected error on %s %s", request.method, request.url.path)
-        return error_response(
+        response = error_response(
             500, "internal_error", f"unexpected {type(exc).__name__}; see the API's log"
         )
+        # Answered by Starlette's outermost middleware, past SecurityHeaders (api/headers.py).
+        secure_headers(response.headers)
+        return response
 
     api.add_exception_handler(StarletteHTTPException, http_error)
     api.add_exception_handler(RequestValidationError, validation_error)

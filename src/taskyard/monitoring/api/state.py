@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from fastapi import HTTPException, Request
 from fastapi.responses import Response
 
+from taskyard.deadletters import DeadLetterStore, RedisDeadLetterStore
 from taskyard.monitoring.api.auth import AdminAuth
 from taskyard.monitoring.api.query import Body, ResponseCache
 from taskyard.runtime import Runtime
@@ -24,7 +25,10 @@ GZIP_LEVEL = 6
 
 
 class StatsSource(Protocol):
-    """What the API reads: :class:`taskyard.monitoring.store.StatsStore` provides it."""
+    """What the API, ``/metrics`` and the dashboard read: :class:`taskyard.monitoring.store.
+    StatsStore` provides it; tests give an in-memory twin. Rows are the JSON API's shapes (the
+    models of :mod:`taskyard.monitoring.api.models`); the dashboard validates them into those
+    models once, in its ``gather`` step."""
 
     def queues(self) -> list[dict[str, Any]]: ...
     def workers(self) -> list[dict[str, Any]]: ...
@@ -38,6 +42,12 @@ class StatsSource(Protocol):
     def series(
         self, name: str, since: float | None, until: float | None, limit: int, offset: int
     ) -> list[dict[str, Any]]: ...
+    def sample_series(
+        self, name: str, since: float, until: float, points: int
+    ) -> list[dict[str, Any]]: ...
+    def covered_since(self) -> float | None: ...
+    def alert_changes(self, limit: int = 100) -> list[dict[str, Any]]: ...
+    def timeline(self, task_id: str) -> dict[str, Any] | None: ...
     def check_ready(self) -> dict[str, str | None]: ...
 
 
@@ -51,6 +61,7 @@ class ApiState:
     auth: AdminAuth
     celery_app: Any
     extras: dict[str, Any] = field(default_factory=dict)
+    dead_store: DeadLetterStore | None = None
 
     async def respond(
         self,
@@ -70,6 +81,12 @@ class ApiState:
                 headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
             )
         return Response(body.raw, media_type=media_type)
+
+    def dead_letters(self) -> DeadLetterStore:
+        """The dead-letter store of this API's runtime (made on first use)."""
+        if self.dead_store is None:
+            self.dead_store = RedisDeadLetterStore.for_runtime(self.runtime)
+        return self.dead_store
 
     def celery(self) -> Any:
         """The taskyard Celery app admin actions send tasks with: the router places a task sent

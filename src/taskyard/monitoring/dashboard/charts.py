@@ -1,29 +1,26 @@
-"""The dashboard's charts: pure functions from numbers to markup.
+"""The dashboard's charts: pure functions from numbers to typed chart data.
 
-Bar charts are self-contained server-rendered ``<svg>`` elements with a ``<title>`` (hover text)
-on every bar. Time charts carry their data as JSON and are drawn in the browser by uPlot
-(vendored under ``static/uplot``, served by the API itself), which shows the value of every line
-at the hovered time; nothing is fetched from elsewhere. All text goes through
-:func:`html.escape`.
+A :class:`BarChart` carries its geometry (rows, segments, markers, in px) and is drawn as
+server-side ``<svg>`` by the ``bar_chart`` macro of ``templates/charts.html``, with a
+``<title>`` (hover text) on every bar. A :class:`TimeChart` carries its data as the JSON that
+``static/dashboard.js`` hands to uPlot (vendored under ``static/uplot``, served by the API
+itself), which shows the value of every line at the hovered time; nothing is fetched from
+elsewhere. No markup is made here: the templates escape every text.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from html import escape
+from typing import Any
 
-#: Plot margins (px): left leaves room for the y labels, bottom for the time labels.
-_LEFT, _RIGHT, _TOP, _BOTTOM = 56, 12, 28, 24
+#: Top margin of a bar chart (px): room for its caption.
+TOP = 28
 #: Shortest time span a chart zooms in to (s).
 MIN_SPAN_S = 10.0
-_FONT = 'font-family="system-ui,sans-serif" font-size="11"'
-_MUTED = "#6b7280"
-_GRID = "#e5e7eb"
 
 
 @dataclass(frozen=True)
@@ -100,23 +97,51 @@ def clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(at))
 
 
-def _svg_open(width: int, height: int, title: str) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
-        f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'aria-label="{escape(title)}"><title>{escape(title)}</title>'
-        f'<text class="caption" x="4" y="15" fill="#374151" font-weight="600" '
-        f"{_FONT}>{escape(title)}</text>"
-    )
+@dataclass(frozen=True)
+class TimeChart:
+    """A line chart as uPlot draws it: ``spec`` is the JSON of ``static/dashboard.js`` (None:
+    nothing to draw, the ``empty`` message is shown); ``hover`` gives each line's latest value."""
+
+    title: str
+    spec: dict[str, Any] | None
+    hover: str = ""
+    empty: str = "no data yet"
+    width: int = 560
+    height: int = 200
 
 
-def _empty(width: int, height: int, title: str, message: str) -> str:
-    return (
-        _svg_open(width, height, title)
-        + f'<rect x="0.5" y="20.5" width="{width - 1}" height="{height - 21}" fill="#f9fafb" '
-        f'stroke="{_GRID}"/><text x="{width / 2:.0f}" y="{height / 2 + 10:.0f}" '
-        f'text-anchor="middle" fill="{_MUTED}" {_FONT}>{escape(message)}</text></svg>'
-    )
+@dataclass(frozen=True)
+class Segment:
+    """One stacked part of a bar, in px, with its hover text."""
+
+    x: float
+    width: float
+    color: str
+    title: str
+
+
+@dataclass(frozen=True)
+class BarRow:
+    """One bar of a :class:`BarChart`: its label, parts, marker lines (x, color) and note."""
+
+    label: str
+    y: int
+    segments: Sequence[Segment]
+    markers: Sequence[tuple[float, str]]
+    note: str
+
+
+@dataclass(frozen=True)
+class BarChart:
+    """Horizontal bars with their geometry (px); no rows: the ``empty`` message is shown."""
+
+    title: str
+    width: int
+    height: int
+    label_w: int
+    plot_w: int
+    rows: Sequence[BarRow]
+    empty: str = "nothing to show"
 
 
 def time_chart(
@@ -130,12 +155,13 @@ def time_chart(
     height: int = 200,
     thresholds: Sequence[tuple[float, str]] = (),
     empty: str = "no data yet",
-) -> str:
+) -> TimeChart:
     """A line chart over ``[start, end]`` (s since epoch), drawn in the browser by uPlot.
 
-    The markup is a ``<figure class="tchart">`` holding the data as JSON; ``dashboard.js``
-    draws it with the vendored uPlot, whose legend shows every line's value at the hovered time.
-    The figure's ``title`` (the hover text without JavaScript) gives each line's latest value.
+    The ``time_chart`` macro makes it a ``<figure class="tchart">`` holding ``spec`` as JSON;
+    ``dashboard.js`` draws it with the vendored uPlot, whose legend shows every line's value at
+    the hovered time. ``hover`` (the figure's title without JavaScript) gives each line's latest
+    value.
     ``None`` values and points more than three median steps apart break the line, so a gap in
     collection shows as a gap, not as a straight ramp.
     """
@@ -146,7 +172,7 @@ def time_chart(
         if v is not None and math.isfinite(v) and start <= t <= end
     ]
     if not values or end <= start:
-        return _empty(width, height, title, empty)
+        return TimeChart(title, None, empty=empty, width=width, height=height)
     # Less history than the window: zoom in on what there is rather than squeeze it right.
     first = min(t for line in lines for t, v in line.points if v is not None and start <= t)
     if first - start > MIN_SPAN_S:
@@ -170,12 +196,7 @@ def time_chart(
         ],
     }
     hover = f"{title} (latest) · " + " · ".join(latest)
-    data = json.dumps(spec, separators=(",", ":")).replace("</", "<\\/")
-    return (
-        f'<figure class="tchart" aria-label="{escape(title)}" title="{escape(hover)}" '
-        f'data-title="{escape(title)}"><figcaption>{escape(title)}</figcaption>'
-        f'<script type="application/json">{data}</script></figure>'
-    )
+    return TimeChart(title, spec, hover=hover, empty=empty, width=width, height=height)
 
 
 def align(
@@ -222,19 +243,16 @@ def bar_chart(
     maximum: float | None = None,
     width: int = 560,
     empty: str = "nothing to show",
-) -> str:
+) -> BarChart:
     """Horizontal bars, one row per :class:`Bar`, stacked parts, optional marker lines."""
     if not bars:
-        return _empty(width, 70, title, empty)
-    notes = [
-        bar.note or format_value(total, unit)
-        for bar, total in zip(bars, (sum(v for v, _, _ in b.parts) for b in bars), strict=True)
-    ]
+        return BarChart(title, width, 70, 0, 0, [], empty)
+    totals = [sum(v for v, _, _ in bar.parts) for bar in bars]
+    notes = [bar.note or format_value(total, unit) for bar, total in zip(bars, totals, strict=True)]
     # Room for the longest note (about 6 px per character at 11 px), within bounds.
     row_h, label_w = 26, 150
     note_w = min(300, max(90, 6 * max(len(n) for n in notes) + 12))
-    height = _TOP + row_h * len(bars) + 6
-    totals = [sum(v for v, _, _ in bar.parts) for bar in bars]
+    height = TOP + row_h * len(bars) + 6
     marks = [m for bar in bars for m, _ in bar.markers]
     top = maximum if maximum is not None else nice_ceiling(max([*totals, *marks, 0.0]))
     plot_w = width - label_w - note_w - 8
@@ -242,48 +260,17 @@ def bar_chart(
     def x_of(v: float) -> float:
         return label_w + plot_w * min(max(v, 0.0), top) / top
 
-    out = [_svg_open(width, height, title)]
+    rows = []
     for i, bar in enumerate(bars):
-        y = _TOP + i * row_h
-        out.append(
-            f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end" fill="#111827" '
-            f"{_FONT}>{escape(bar.label)}</text>"
-        )
-        out.append(f'<rect x="{label_w}" y="{y + 3}" width="{plot_w}" height="16" fill="#f3f4f6"/>')
+        segments = []
         left = 0.0
         for value, color, name in bar.parts:
             if value <= 0:
                 continue
             x0, x1 = x_of(left), x_of(left + value)
-            out.append(
-                f'<rect class="bar" data-label="{escape(bar.label)}" x="{x0:.1f}" '
-                f'y="{y + 3}" width="{max(x1 - x0, 1.0):.1f}" height="16" fill="{color}">'
-                f"<title>{escape(f'{bar.label} {name}: {format_value(value, unit)}')}"
-                f"</title></rect>"
-            )
+            hover = f"{bar.label} {name}: {format_value(value, unit)}"
+            segments.append(Segment(x0, max(x1 - x0, 1.0), color, hover))
             left += value
-        for value, color in bar.markers:
-            x = x_of(value)
-            out.append(
-                f'<line x1="{x:.1f}" y1="{y + 1}" x2="{x:.1f}" y2="{y + 21}" '
-                f'stroke="{color}" stroke-width="2"/>'
-            )
-        note = notes[i]
-        out.append(
-            f'<text x="{label_w + plot_w + 8}" y="{y + 15}" fill="#111827" '
-            f"{_FONT}>{escape(note)}</text>"
-        )
-    out.append("</svg>")
-    return "".join(out)
-
-
-def legend(items: Sequence[tuple[str, str]]) -> str:
-    """An HTML legend: colored swatches with labels."""
-    return (
-        '<div class="legend">'
-        + "".join(
-            f'<span><i style="background:{color}"></i>{escape(label)}</span>'
-            for label, color in items
-        )
-        + "</div>"
-    )
+        markers = [(x_of(value), color) for value, color in bar.markers]
+        rows.append(BarRow(bar.label, TOP + i * row_h, segments, markers, notes[i]))
+    return BarChart(title, width, height, label_w, plot_w, rows, empty)

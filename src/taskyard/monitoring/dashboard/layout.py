@@ -1,20 +1,27 @@
-"""What every dashboard page shares: the header and its links, the time ranges, the CSS.
+"""What every dashboard page shares: the shell (header, links, time ranges) and the page cache.
 
-Pages load only the API's own files: the vendored uPlot and ``dashboard.js`` from
-``/static/taskyard`` (no inline script, so the page's content policy allows scripts from this
-server only). Time ranges are offered as far back as the history actually reaches.
+Pages load only the API's own files: the vendored uPlot, ``dashboard.css`` and ``dashboard.js``
+from ``/static/taskyard`` (no inline script, so the page's content policy allows scripts from
+this server only). Time ranges are offered as far back as the history actually reaches. A page
+is ``templates/<page>.html`` extending ``base.html`` (the whole page) or ``fragment.html`` (the
+refreshable board only), chosen by :attr:`Shell.layout`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from html import escape
-from typing import Any
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
-from taskyard.monitoring.api.docs import TASKYARD_STATIC
-from taskyard.monitoring.dashboard.charts import clock, duration
+from fastapi import Query, Request
+from fastapi.responses import Response
+
+from taskyard.config import Settings
+from taskyard.monitoring.api.query import Body, ResponseCache
+from taskyard.monitoring.api.state import GZIP_LEVEL, GZIP_MIN_BYTES, ApiState, StatsSource
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +34,6 @@ WINDOWS: tuple[tuple[int, str], ...] = (
     (7 * 86_400, "7 d"),
     (30 * 86_400, "30 d"),
 )
-#: The dashboard pages may load nothing from another host; the browser enforces it.
-PAGE_POLICY = (
-    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-    "script-src 'self'; connect-src 'self'"
-)
 #: Pages in the header, as (path, label); a page is linked only when its route exists.
 PAGES: tuple[tuple[str, str], ...] = (
     ("/dashboard", "Overview"),
@@ -40,60 +42,53 @@ PAGES: tuple[tuple[str, str], ...] = (
     ("/dashboard/dead", "Dead letters"),
 )
 
-CSS = """
-body{font:14px system-ui,sans-serif;margin:0;background:#f3f4f6;color:#111827}
-header{background:#111827;color:#fff;padding:8px 20px;display:flex;gap:18px;align-items:center;
-flex-wrap:wrap}header h1{font-size:18px;margin:0}header a{color:#93c5fd;margin-right:8px}
-header a.on{color:#fff;font-weight:600;text-decoration:none}header .ranges a.on{color:#fde68a}
-main{padding:12px 20px}.muted{color:#6b7280}.grid{display:grid;gap:12px;
-grid-template-columns:repeat(auto-fill,minmax(590px,1fr))}
-.card{background:#fff;border-radius:8px;padding:10px 14px;box-shadow:0 1px 2px #0002}
-.card.wide{grid-column:1/-1}.card h2{font-size:15px;margin:2px 0 8px}
-.kpis{display:flex;gap:12px;margin:8px 0 12px;flex-wrap:wrap}
-.kpi{background:#fff;border-radius:8px;padding:8px 16px;min-width:110px;box-shadow:0 1px 2px #0002}
-.kpi span{display:block;color:#6b7280;font-size:12px}.kpi b{font-size:22px}
-.kpi.warn b{color:#d97706}.kpi.bad b{color:#dc2626}
-.legend{display:flex;gap:14px;font-size:12px;margin:2px 0 8px 52px;flex-wrap:wrap}
-.legend i,.dot{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
-.alerts{list-style:none;padding:0;margin:0}
-.alert{border-left:4px solid;padding:4px 10px;margin:4px 0;background:#fef2f2}
-.alert.warning{background:#fffbeb}.ok{color:#16a34a;font-weight:600}
-.problems{color:#b91c1c}table.tasks{border-collapse:collapse;width:100%;font-size:13px}
-.tasks th,.tasks td{padding:3px 8px;border-bottom:1px solid #e5e7eb;text-align:left;
-vertical-align:top}.tasks td.n{text-align:right;font-variant-numeric:tabular-nums}
-.stale{color:#b91c1c}figure.tchart{margin:0 0 10px;min-height:240px}
-figure.tchart figcaption{font-weight:600;font-size:12px;color:#374151;margin:0 0 2px}
-.u-legend{font-size:12px}pre.tb{white-space:pre-wrap;font-size:12px;background:#f9fafb;
-padding:8px;border:1px solid #e5e7eb;max-height:420px;overflow:auto}
-dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}
-dl.kv dt{color:#6b7280}dl.kv dd{margin:0}
-form.filters{display:flex;gap:10px;flex-wrap:wrap;align-items:end}
-"""
+
+@dataclass(frozen=True)
+class Link:
+    """A link of the header: ``on`` marks the current page or range."""
+
+    href: str
+    label: str
+    on: bool = False
 
 
-def covered_since(store: Any) -> float | None:
-    """Time of the oldest snapshot the store can show (Redis or the history database)."""
-    import json
+@dataclass(frozen=True)
+class Shell:
+    """The page around a board: title, header links and ranges, refresh; ``fragment``: none of
+    it, only the board (what ``dashboard.js`` swaps in on refresh)."""
 
-    from taskyard.monitoring import history
+    title: str
+    nav: Sequence[Link] = ()
+    flower: str | None = None
+    refresh_s: int = 0
+    ranges: Sequence[Link] = ()
+    covered_since: float | None = None
+    now: float | None = None
+    note: str = ""
+    fragment: bool = False
 
-    oldest: float | None = None
+    @property
+    def layout(self) -> str:
+        return "fragment.html" if self.fragment else "base.html"
+
+
+@dataclass(frozen=True)
+class Window:
+    """The time range a page shows and how far the history reaches (both s since epoch)."""
+
+    seconds: float
+    now: float
+    covered_since: float | None = None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def covered_since(store: StatsSource) -> float | None:
+    """Time of the oldest snapshot the store can show; None when unreadable (only a hint)."""
     try:
-        # Redis keeps the newest snapshots (newest first): the list's tail is its oldest.
-        raw = store.redis.lindex(store.keys.series("overview"), -1)
-        if raw:
-            oldest = float(json.loads(raw)["at"])
-        engine = getattr(store, "engine", None)
-        if engine is not None:
-            count = history.count_snapshots(engine, "overview")
-            if count:
-                rows = history.read_snapshots(engine, "overview", None, None, 1, count - 1)
-                if rows:
-                    at = float(rows[0]["at"])
-                    oldest = at if oldest is None else min(oldest, at)
+        return store.covered_since()
     except Exception:  # a coverage hint must never break the page
         logger.warning("dashboard: reading the history's coverage failed", exc_info=True)
-    return oldest
+        return None
 
 
 def windows(covered: float | None, now: float) -> list[tuple[int, str]]:
@@ -107,21 +102,10 @@ def windows(covered: float | None, now: float) -> list[tuple[int, str]]:
     return out
 
 
-def nav(request: Any, active: str, settings: Any) -> str:
-    """Links to the dashboard pages that exist here, Flower and the API docs."""
-    from taskyard.monitoring.flower import flower_url
-
-    # Rendered outside a request (tests): every page.
+def nav(request: Request | None, active: str) -> list[Link]:
+    """Links to the dashboard pages that exist here (every page outside a request: tests)."""
     paths = {path for path, _ in PAGES} if request is None else route_paths(request.app.routes)
-    links = [
-        f'<a class="{"on" if path == active else ""}" href="{path}">{escape(label)}</a>'
-        for path, label in PAGES
-        if path in paths
-    ]
-    if settings is not None:
-        links.append(f'<a href="{escape(flower_url(settings))}" rel="noreferrer">Flower</a>')
-    links.append('<a href="/docs">API</a>')
-    return "".join(links)
+    return [Link(path, label, path == active) for path, label in PAGES if path in paths]
 
 
 def route_paths(routes: Sequence[Any]) -> set[str]:
@@ -137,111 +121,128 @@ def route_paths(routes: Sequence[Any]) -> set[str]:
     return paths
 
 
-def ranges(request: Any, chosen: float, covered: float | None, now: float) -> str:
-    """The time-range links of this page, keeping its other parameters."""
-    given = request.query_params.items() if request is not None else ()
-    params = {k: v for k, v in given if k not in ("window", "fragment")}
-    out = []
-    for seconds, label in windows(covered, now):
-        query = urlencode({**params, "window": seconds})
-        cls = "on" if int(chosen) == seconds else ""
-        out.append(f'<a class="{cls}" href="?{escape(query)}">{label}</a>')
-    since = (
-        f"history since {clock(covered)} UTC ({duration(now - covered)})"
-        if covered is not None
-        else "no history yet"
-    )
-    return f'<span class="ranges">{"".join(out)}</span><span class="muted">{since}</span>'
+def ranges(params: dict[str, str], chosen: float, covered: float | None, now: float) -> list[Link]:
+    """The time-range links of a page, keeping its other query parameters."""
+    kept = {k: v for k, v in params.items() if k not in ("window", "fragment")}
+    return [
+        Link("?" + urlencode({**kept, "window": seconds}), label, int(chosen) == seconds)
+        for seconds, label in windows(covered, now)
+    ]
 
 
-def page(
+def shell(
     title: str,
-    body: str,
     *,
-    request: Any,
+    request: Request | None,
     active: str,
-    settings: Any,
+    settings: Settings | None,
     refresh_s: int = 0,
-    header_extra: str = "",
-) -> str:
-    """A whole dashboard page around ``body`` (the refreshable ``#board`` content)."""
-    fallback = (
-        f'<noscript><meta http-equiv="refresh" content="{refresh_s}"></noscript>'
-        if refresh_s
-        else ""
-    )
-    refresh = f"auto-refresh {refresh_s} s" if refresh_s else "auto-refresh off"
-    return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{escape(title)} · taskyard</title>{fallback}"
-        f'<link rel="icon" href="data:,">'
-        f'<link rel="stylesheet" href="{TASKYARD_STATIC}/uplot/uPlot.min.css">'
-        f"<style>{CSS}</style></head>"
-        f'<body data-refresh="{refresh_s}"><header><h1>taskyard</h1>'
-        f"<nav>{nav(request, active, settings)}</nav>{header_extra}"
-        f'<span class="muted">{refresh}</span><span id="stale" class="stale"></span></header>'
-        f'<main id="board">{body}</main>'
-        f'<script src="{TASKYARD_STATIC}/uplot/uPlot.iife.min.js"></script>'
-        f'<script src="{TASKYARD_STATIC}/dashboard.js"></script></body></html>'
-    )
+    window: Window | None = None,
+    note: str = "",
+    fragment: bool = False,
+) -> Shell:
+    """The shell of a page served for ``request`` (``None``: outside a request, for tests)."""
+    from taskyard.monitoring.flower import flower_url
 
-
-def card(title: str, *parts: str, wide: bool = False) -> str:
-    return (
-        f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
-        f"{''.join(parts)}</section>"
+    if fragment:
+        return Shell(title, fragment=True)
+    return Shell(
+        title,
+        nav=nav(request, active),
+        flower=flower_url(settings) if settings is not None else None,
+        refresh_s=refresh_s,
+        ranges=(
+            ranges(window.params, window.seconds, window.covered_since, window.now)
+            if window is not None
+            else ()
+        ),
+        covered_since=window.covered_since if window is not None else None,
+        now=window.now if window is not None else None,
+        note=note,
     )
 
 
-def table(
-    header: Sequence[str],
-    rows: Sequence[Sequence[str]],
-    *,
-    table_id: str = "",
-    empty: str = "nothing yet",
-) -> str:
-    """An HTML table; cells are already HTML (escape them when building the rows)."""
-    if not rows:
-        return f'<p class="muted">{escape(empty)}</p>'
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    ident = f' id="{table_id}"' if table_id else ""
-    return (
-        f'<table class="tasks"{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-    )
+def api_state(request: Request) -> ApiState:
+    """The API's shared state (store, runtime) behind a dashboard route."""
+    state: ApiState = request.app.state.taskyard
+    return state
 
 
 #: Key of the pages' own response cache in ``ApiState.extras``.
 _PAGE_CACHE = "dashboard_page_cache"
 
 
-async def respond_page(request: Any, key: Any, compute: Any) -> Any:
+async def respond_page(request: Request, key: Hashable, compute: Callable[[], str]) -> Response:
     """A dashboard page from the pages' cache, gzipped for clients that accept it.
 
     Pages are reused for half the stats interval (5 s by default), at least ``api_cache_s``:
     their charts change once per collection, and a page costs far more to build than an API
-    answer. Built in a worker thread, one build per period however many browsers refresh.
+    answer. Built in a worker thread, one build per period however many browsers refresh. The
+    content policy and ``nosniff`` are added by the API's SecurityHeaders middleware.
     """
-    from fastapi.responses import Response
-
-    from taskyard.monitoring.api.query import Body, ResponseCache
-    from taskyard.monitoring.api.state import GZIP_LEVEL, GZIP_MIN_BYTES
-
-    state = request.app.state.taskyard
+    state = api_state(request)
     cache = state.extras.get(_PAGE_CACHE)
     if cache is None:
         m = state.runtime.settings.monitoring
         cache = state.extras[_PAGE_CACHE] = ResponseCache(
             max(m.api_cache_s, m.stats_interval_s / 2) if m.api_cache_s > 0 else 0.0
         )
-    body = await cache.get(key, lambda: Body.of(compute(), GZIP_MIN_BYTES, GZIP_LEVEL))
+    body = await cache.get(key, lambda: Body.of(compute().encode(), GZIP_MIN_BYTES, GZIP_LEVEL))
+    return page_response(request, body)
+
+
+def page_response(request: Request, body: Body, status_code: int = 200) -> Response:
     media = "text/html; charset=utf-8"
-    headers = {"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY}
+    headers = {"Cache-Control": "no-store"}
     if body.gzipped is not None and "gzip" in request.headers.get("accept-encoding", ""):
-        return Response(
-            body.gzipped,
-            media_type=media,
-            headers={**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
+        headers |= {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        return Response(body.gzipped, status_code, headers, media)
+    return Response(body.raw, status_code, headers, media)
+
+
+def flower_base(settings: Settings) -> str:
+    """Flower's URL (ending in "/"): pages link to its task and worker pages."""
+    from taskyard.monitoring.flower import flower_url
+
+    return flower_url(settings)
+
+
+async def windowed(
+    request: Request,
+    key: tuple[Hashable, ...],
+    title: str,
+    active: str,
+    render_board: Callable[[ApiState, Window, Shell], str],
+    window: int,
+    refresh: int,
+    fragment: bool,
+) -> Response:
+    """A page over a window of history, cached under ``key`` with the window, refresh and
+    fragment: ``render_board(state, window, shell)`` reads the store and renders the page."""
+    state = api_state(request)
+
+    def compute() -> str:
+        now = time.time()
+        span = Window(
+            float(window),
+            now,
+            None if fragment else covered_since(state.store),
+            dict(request.query_params),
         )
-    return Response(body.raw, media_type=media, headers=headers)
+        page = shell(
+            title,
+            request=request,
+            active=active,
+            settings=state.runtime.settings,
+            refresh_s=refresh,
+            window=span,
+            fragment=fragment,
+        )
+        return render_board(state, span, page)
+
+    return await respond_page(request, (*key, window, refresh, fragment), compute)
+
+
+WindowQuery = Annotated[int, Query(ge=60, le=30 * 86_400, description="Seconds of history.")]
+RefreshQuery = Annotated[int, Query(ge=0, le=3600, description="Seconds; 0: off.")]
+FragmentQuery = Annotated[bool, Query(description="Only the board, for the refresh.")]

@@ -1,11 +1,12 @@
 """The dashboard's overview at ``/dashboard``: queues, throughput, latency, workers, alerts.
 
-:func:`gather` reads the stats store; :func:`render_page` turns those plain dicts into HTML and is
-pure, so it is tested on sample data. Bars are server-rendered SVG with a hover title on each;
-time charts are drawn by the vendored uPlot, whose legend shows every line's value at the hovered
-time. The page loads nothing from elsewhere (works offline); ``dashboard.js`` re-fetches the
-board every ``refresh`` seconds, and without JavaScript a ``<meta refresh>`` reloads the page.
-The other pages (workers, task names, one task) are in :mod:`.pages`.
+:func:`gather` reads the stats store into an :class:`OverviewData` of typed rows (the JSON API's
+models); :func:`render_page` and :func:`render_board` turn it into HTML through
+``templates/overview.html`` and are pure, so they are tested on sample data. Bars are
+server-rendered SVG with a hover title on each; time charts are drawn by the vendored uPlot,
+whose legend shows every line's value at the hovered time. The page loads nothing from elsewhere
+(works offline); ``dashboard.js`` re-fetches the board every ``refresh`` seconds, and without
+JavaScript a ``<meta refresh>`` reloads the page.
 """
 
 from __future__ import annotations
@@ -13,41 +14,61 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import partial
-from html import escape
-from typing import Annotated, Any
-from urllib.parse import quote
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
+from taskyard.config import Settings
+from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.query import Body
+from taskyard.monitoring.api.state import StatsSource
 from taskyard.monitoring.dashboard.charts import (
     Bar,
+    BarChart,
     Line,
+    TimeChart,
     bar_chart,
     clock,
     duration,
     format_value,
-    legend,
     time_chart,
 )
 from taskyard.monitoring.dashboard.layout import (
-    CSS,
-    PAGE_POLICY,
+    Shell,
+    Window,
+    api_state,
     covered_since,
-    page,
-    ranges,
+    page_response,
     respond_page,
+    shell,
+)
+from taskyard.monitoring.dashboard.rows import (
+    BatchesSnapshot,
+    LatencySnapshot,
+    QueuesSnapshot,
+    Row,
+    Series,
+    Snapshot,
+    Thresholds,
+    series_of,
+    typed,
 )
 from taskyard.monitoring.dashboard.series_charts import (
+    CHART_POINTS,
     SAMPLED_POINTS,
-    sampled_series,
+    Reading,
     task_rate_chart,
     worker_chart,
 )
+from taskyard.monitoring.dashboard.templating import render
 from taskyard.routing.levels import LEVEL_NAMES
 
 logger = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Snapshot)
 
 #: Color per level, most urgent first: red, orange, blue, green, purple.
 LEVEL_COLORS = {
@@ -59,15 +80,39 @@ LEVEL_COLORS = {
 }
 #: Series the charts draw over time.
 CHART_SERIES = ("queues", "throughput", "latency", "batches", "workers", "tasks")
-#: Snapshots drawn per chart, and for the big series (every task name's counters).
-CHART_POINTS = 240
 SAMPLED_SERIES = ("tasks",)
 #: Most snapshots read per series: series_length's default, 2 h at the default 10 s.
 MAX_POINTS = 720
+#: Task names in the overview's table (the busiest).
+TASKS_LISTED = 12
+#: Alert changes in the overview's history table.
+CHANGES_LISTED = 15
 _PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4b5563")
 _SEVERITY_COLORS = {"critical": "#dc2626", "warning": "#d97706"}
-#: The pages' style sheet, for pages that build their own shell (layout.page builds one).
-_CSS = CSS
+
+
+@dataclass
+class OverviewData:
+    """Everything the overview shows: the store's rows as the API's models, and the series'
+    snapshots (newest first) as the stats collection wrote them."""
+
+    now: float
+    window_s: float
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    problems: list[str] = field(default_factory=list)
+    queues: list[m.QueueStats] = field(default_factory=list)
+    workers: list[m.WorkerStats] = field(default_factory=list)
+    tasks: list[m.TaskStats] = field(default_factory=list)
+    batches: list[m.BatchStats] = field(default_factory=list)
+    alerts: list[m.Alert] = field(default_factory=list)
+    alert_changes: list[m.AlertChange] = field(default_factory=list)
+    cache: list[m.CacheStats] = field(default_factory=list)
+    series: Series = field(default_factory=Series)
+    covered_since: float | None = None
+
+    @property
+    def start(self) -> float:
+        return self.now - self.window_s
 
 
 def _safe(read: Callable[[], Any], default: Any, what: str, problems: list[str]) -> Any:
@@ -81,34 +126,38 @@ def _safe(read: Callable[[], Any], default: Any, what: str, problems: list[str])
 
 
 def gather(
-    store: Any, thresholds: dict[str, float], window_s: float, now: float | None = None
-) -> dict[str, Any]:
-    """Everything the page shows, as plain dicts, read from a StatsStore."""
+    store: StatsSource, thresholds: Thresholds, window_s: float, now: float | None = None
+) -> OverviewData:
+    """Everything the page shows, read from a stats store."""
     now = time.time() if now is None else now
     problems: list[str] = []
     since = now - window_s
-    data: dict[str, Any] = {
-        "now": now,
-        "window_s": window_s,
-        "thresholds": thresholds,
-        "problems": problems,
-        "queues": _safe(store.queues, [], "queue depths", problems),
-        "workers": _safe(store.workers, [], "workers", problems),
-        "tasks": _safe(store.tasks, [], "task stats", problems),
-        "batches": _safe(store.batches, [], "batch buffers", problems),
-        "alerts": _safe(store.alerts, [], "alerts", problems),
-        "alert_changes": _safe(
-            getattr(store, "alert_changes", lambda: []), [], "alert history", problems
+
+    def read(what: str, model: type[Row], rows: Callable[[], list[dict[str, Any]]]) -> list[Row]:
+        found: list[Row] = _safe(lambda: typed(model, rows()), [], what, problems)
+        return found
+
+    data = OverviewData(
+        now=now,
+        window_s=window_s,
+        thresholds=thresholds,
+        problems=problems,
+        queues=read("queue depths", m.QueueStats, store.queues),
+        workers=read("workers", m.WorkerStats, store.workers),
+        tasks=read("task stats", m.TaskStats, store.tasks),
+        batches=read("batch buffers", m.BatchStats, store.batches),
+        alerts=read("alerts", m.Alert, store.alerts),
+        alert_changes=read(
+            "alert history", m.AlertChange, partial(store.alert_changes, CHANGES_LISTED)
         ),
-        "cache": _safe(store.cache, [], "cache", problems),
-    }
+        cache=read("cache", m.CacheStats, store.cache),
+    )
     # A chart is a few hundred pixels wide: a sample spread over the window draws the same
     # lines as every snapshot, for a fraction of the reading and rendering.
-    data["series"] = {
+    raw = {
         name: _safe(
             partial(
-                sampled_series,
-                store,
+                store.sample_series,
                 name,
                 since,
                 now,
@@ -120,77 +169,48 @@ def gather(
         )
         for name in CHART_SERIES
     }
+    data.series = _safe(partial(series_of, raw), Series(), "history snapshots", problems)
     return data
 
 
-# --- charts from snapshots -----------------------------------------------------------------------
-
-
-def _num(value: Any) -> float | None:
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
+# --- charts ---------------------------------------------------------------------------------
 
 
 def _points(
-    snapshots: Sequence[dict[str, Any]], pick: Callable[[dict[str, Any]], Any]
+    snapshots: Sequence[S], pick: Callable[[S], float | None]
 ) -> list[tuple[float, float | None]]:
-    out = []
-    for snap in snapshots:
-        at = _num(snap.get("at"))
-        if at is not None:
-            out.append((at, _num(pick(snap))))
-    return out
+    return [(snap.at, pick(snap)) for snap in snapshots]
 
 
-def _get(snap: dict[str, Any], key: str) -> Any:
-    return snap.get(key)
-
-
-def _depth(snap: dict[str, Any], level: str) -> Any:
-    entry = (snap.get("queues") or {}).get(level)
-    return entry.get("depth") if isinstance(entry, dict) else entry
-
-
-def queue_depth_chart(data: dict[str, Any]) -> str:
-    snaps = data["series"].get("queues", [])
+def queue_depth_chart(data: OverviewData) -> TimeChart:
+    snaps = data.series.queues
     lines = [
-        Line(level, LEVEL_COLORS[level], _points(snaps, partial(_depth, level=level)))
+        Line(level, LEVEL_COLORS[level], _points(snaps, partial(QueuesSnapshot.depth, level=level)))
         for level in LEVEL_NAMES
     ]
     return time_chart(
-        "Queue depth per level (messages)",
-        lines,
-        start=data["now"] - data["window_s"],
-        end=data["now"],
-        unit="msg",
+        "Queue depth per level (messages)", lines, start=data.start, end=data.now, unit="msg"
     )
 
 
-def _oldest(queue: dict[str, Any]) -> str:
-    """ ", oldest 3.2 s" when the queue's oldest ready message has an age."""
-    age = _num(queue.get("oldest_ready_age_s"))
-    return f", oldest {format_value(age, 's')}" if age is not None else ""
-
-
-def queue_now_chart(data: dict[str, Any]) -> str:
+def queue_now_chart(data: OverviewData) -> BarChart:
     bars = []
-    for q in data["queues"]:
+    for q in data.queues:
         # Over AMQP only ready messages are visible: say so rather than show "0 reserved".
-        reserved = (
-            f"{q.get('reserved', 0)} reserved"
-            if q.get("reserved_known", True)
-            else "reserved unknown"
+        reserved = f"{q.reserved} reserved" if q.reserved_known else "reserved unknown"
+        oldest = (
+            f", oldest {format_value(q.oldest_ready_age_s, 's')}"
+            if q.oldest_ready_age_s is not None
+            else ""
         )
         bars.append(
             Bar(
-                q["queue"],
+                q.queue,
                 [
-                    (float(q.get("ready", 0)), LEVEL_COLORS.get(q["queue"], "#6b7280"), "ready"),
-                    (float(q.get("reserved", 0)), "#9ca3af", "reserved"),
+                    (float(q.ready), LEVEL_COLORS.get(q.queue, "#6b7280"), "ready"),
+                    (float(q.reserved), "#9ca3af", "reserved"),
                 ],
-                note=f"{q.get('depth', 0)} ({reserved}{_oldest(q)})",
+                note=f"{q.depth} ({reserved}{oldest})",
             )
         )
     return bar_chart(
@@ -198,78 +218,62 @@ def queue_now_chart(data: dict[str, Any]) -> str:
     )
 
 
-def throughput_chart(data: dict[str, Any]) -> str:
-    snaps = data["series"].get("throughput", [])
+def throughput_chart(data: OverviewData) -> TimeChart:
+    snaps = data.series.throughput
     lines = [
-        Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.get("succeeded_per_s"))),
-        Line("failed/s", "#dc2626", _points(snaps, lambda s: s.get("failed_per_s"))),
-        Line(
-            "received/s", "#6b7280", _points(snaps, lambda s: s.get("received_per_s")), dashed=True
-        ),
+        Line("succeeded/s", "#16a34a", _points(snaps, lambda s: s.succeeded_per_s)),
+        Line("failed/s", "#dc2626", _points(snaps, lambda s: s.failed_per_s)),
+        Line("received/s", "#6b7280", _points(snaps, lambda s: s.received_per_s), dashed=True),
     ]
     return time_chart(
-        "Throughput (tasks per second)",
-        lines,
-        start=data["now"] - data["window_s"],
-        end=data["now"],
-        unit="/s",
+        "Throughput (tasks per second)", lines, start=data.start, end=data.now, unit="/s"
     )
 
 
-def latency_chart(data: dict[str, Any], kind: str) -> str:
-    snaps = data["series"].get("latency", [])
+def latency_chart(data: OverviewData, kind: Literal["runtime", "wait"]) -> TimeChart:
+    snaps = data.series.latency
+    picks: dict[str, Callable[[LatencySnapshot], float | None]] = (
+        {
+            "p50": lambda s: s.runtime_p50,
+            "p95": lambda s: s.runtime_p95,
+            "p99": lambda s: s.runtime_p99,
+        }
+        if kind == "runtime"
+        else {"p50": lambda s: s.wait_p50, "p95": lambda s: s.wait_p95, "p99": lambda s: s.wait_p99}
+    )
     colors = {"p50": "#2563eb", "p95": "#d97706", "p99": "#dc2626"}
-    lines = [
-        Line(f"{kind} {p}", color, _points(snaps, partial(_get, key=f"{kind}_{p}")))
-        for p, color in colors.items()
-    ]
+    lines = [Line(f"{kind} {p}", colors[p], _points(snaps, pick)) for p, pick in picks.items()]
     title = "Run time percentiles" if kind == "runtime" else "Queue wait percentiles"
-    return time_chart(title, lines, start=data["now"] - data["window_s"], end=data["now"], unit="s")
+    return time_chart(title, lines, start=data.start, end=data.now, unit="s")
 
 
-def _in_flight_items(b: dict[str, Any]) -> float:
-    """Items of claimed, unfinished batches: the batching package's field, or the store's."""
-    return float(b.get("in_flight_items", b.get("inflight")) or 0)
-
-
-def batch_chart(data: dict[str, Any]) -> str:
+def batch_chart(data: OverviewData) -> BarChart:
     bars = []
-    for b in data["batches"]:
-        group = b.get("group")
-        name = str(b.get("batch_name", "?")) + (
-            f" [{group}]" if isinstance(group, str) and group else ""
-        )
-        buffered, flying = float(b.get("buffered") or 0), _in_flight_items(b)
-        note = f"{buffered:.0f} buffered, {flying:.0f} in flight"
-        if b.get("dead"):
-            note += f", {b['dead']} dead"
-        age = _num(b.get("oldest_age_s"))
-        if age is not None and buffered:
-            note += f", oldest {format_value(age, 's')}"
+    for b in data.batches:
+        note = f"{b.buffered} buffered, {b.in_flight_items} in flight"
+        if b.dead:
+            note += f", {b.dead} dead"
+        if b.oldest_age_s is not None and b.buffered:
+            note += f", oldest {format_value(b.oldest_age_s, 's')}"
         bars.append(
             Bar(
-                name,
-                [(buffered, "#9333ea", "buffered"), (flying, "#c4b5fd", "in flight")],
+                b.batch_name,
+                [
+                    (float(b.buffered), "#9333ea", "buffered"),
+                    (float(b.in_flight_items), "#c4b5fd", "in flight"),
+                ],
                 note=note,
             )
         )
     return bar_chart("Batch buffers now (items)", bars, unit="items", empty="no batch buffers")
 
 
-def batch_history_chart(data: dict[str, Any]) -> str:
-    snaps = data["series"].get("batches", [])
-    names: list[str] = []
-    for snap in snaps:
-        for b in snap.get("batches") or []:
-            if b.get("batch_name") not in names:
-                names.append(str(b.get("batch_name")))
+def batch_history_chart(data: OverviewData) -> TimeChart:
+    snaps = data.series.batches
+    names = list(dict.fromkeys(b.batch_name for snap in snaps for b in snap.batches))
 
-    def buffered(snap: dict[str, Any], name: str) -> float:
-        return sum(
-            float(b.get("buffered") or 0)
-            for b in snap.get("batches") or []
-            if b.get("batch_name") == name
-        )
+    def buffered(snap: BatchesSnapshot, name: str) -> float | None:
+        return float(sum(b.buffered for b in snap.batches if b.batch_name == name))
 
     lines = [
         Line(name, _PALETTE[i % len(_PALETTE)], _points(snaps, partial(buffered, name=name)))
@@ -278,32 +282,33 @@ def batch_history_chart(data: dict[str, Any]) -> str:
     return time_chart(
         "Buffered batch items over time",
         lines,
-        start=data["now"] - data["window_s"],
-        end=data["now"],
+        start=data.start,
+        end=data.now,
         unit="items",
         empty="no batch buffers yet",
     )
 
 
-def worker_bars(data: dict[str, Any]) -> str:
-    t = data["thresholds"]
+def worker_bars(data: OverviewData) -> BarChart:
     bars = []
-    for w in data["workers"]:
-        host = str(w.get("hostname", "?"))
-        state = "alive" if w.get("alive") else f"silent {format_value(_num(w.get('age_s')), 's')}"
-        for what, color in (("memory", "#0891b2"), ("cpu", "#4f46e5")):
-            value = _num(w.get(f"{what}_pct"))
-            markers = [
-                (t.get(f"{what}_warning_pct", 80.0), "#d97706"),
-                (t.get(f"{what}_critical_pct", 90.0), "#dc2626"),
-            ]
+    for w in data.workers:
+        state = "alive" if w.alive else f"silent {format_value(w.age_s, 's')}"
+        for what, color, value in (
+            ("memory", "#0891b2", w.memory_pct),
+            ("cpu", "#4f46e5", w.cpu_pct),
+        ):
             note = f"{format_value(value, '%')} · {state}"
-            if w.get("state"):
-                note += f" · {w['state']}"
-            if what == "memory" and w.get("paused_queues"):
-                note += " · paused " + ",".join(str(q) for q in w["paused_queues"])
+            if w.state:
+                note += f" · {w.state}"
+            if what == "memory" and w.paused_queues:
+                note += " · paused " + ",".join(w.paused_queues)
             bars.append(
-                Bar(f"{host} {what}", [(value or 0.0, color, what)], note=note, markers=markers)
+                Bar(
+                    f"{w.hostname} {what}",
+                    [(value or 0.0, color, what)],
+                    note=note,
+                    markers=data.thresholds.markers(what),
+                )
             )
     return bar_chart(
         "Worker resources (percent of limit)",
@@ -314,18 +319,17 @@ def worker_bars(data: dict[str, Any]) -> str:
     )
 
 
-def cache_chart(data: dict[str, Any]) -> str:
-    limit = data["thresholds"].get("cache_hit_rate_pct", 50.0)
+def cache_chart(data: OverviewData) -> BarChart:
+    limit = data.thresholds.cache_hit_rate_pct
     bars = []
-    for c in data.get("cache", []):
-        rate = _num(c.get("hit_rate_pct"))
-        hits, misses = int(c.get("hits") or 0), int(c.get("misses") or 0)
+    for c in data.cache:
+        rate = c.hit_rate_pct
         color = "#16a34a" if rate is None or rate >= limit else "#d97706"
         bars.append(
             Bar(
-                str(c.get("namespace", "?")),
+                c.namespace,
                 [(rate or 0.0, color, "hit rate")],
-                note=f"{format_value(rate, '%')} of {hits + misses} lookups",
+                note=f"{format_value(rate, '%')} of {c.hits + c.misses} lookups",
                 markers=[(limit, "#d97706")],
             )
         )
@@ -334,262 +338,173 @@ def cache_chart(data: dict[str, Any]) -> str:
     )
 
 
-def worker_history_chart(
-    data: dict[str, Any], key: str = "memory_pct", by_host: bool = False
-) -> str:
-    """One line per worker (or per host) of its memory or CPU over time."""
-    t = data["thresholds"]
-    what = "memory" if key == "memory_pct" else "cpu"
-    per = "host" if by_host else "worker"
+def worker_history_chart(data: OverviewData, what: Reading = "memory") -> TimeChart:
+    """One line per worker of its memory or CPU over time."""
     title = "Memory" if what == "memory" else "CPU"
     return worker_chart(
-        f"{title} per {per} (percent of limit)",
-        data["series"].get("workers", []),
-        key,
-        start=data["now"] - data["window_s"],
-        end=data["now"],
-        by_host=by_host,
-        thresholds=[
-            (t.get(f"{what}_warning_pct", 80.0), "#d97706"),
-            (t.get(f"{what}_critical_pct", 90.0), "#dc2626"),
-        ],
+        f"{title} per worker (percent of limit)",
+        data.series.workers,
+        what,
+        start=data.start,
+        end=data.now,
+        thresholds=data.thresholds.markers(what),
     )
 
 
-def task_charts(data: dict[str, Any]) -> str:
+def task_charts(data: OverviewData) -> list[TimeChart]:
     """Succeeded and failed per second, one line per task name (the busiest)."""
-    snaps = data["series"].get("tasks", [])
-    start, end = data["now"] - data["window_s"], data["now"]
-    return task_rate_chart(
-        "Succeeded per task (per second)", snaps, "succeeded", start=start, end=end
-    ) + task_rate_chart(
-        "Failed per task (per second)",
-        snaps,
-        "failed",
-        start=start,
-        end=end,
-        empty="no task failed in this window",
-    )
+    snaps = data.series.tasks
+    return [
+        task_rate_chart(
+            "Succeeded per task (per second)", snaps, "succeeded", start=data.start, end=data.now
+        ),
+        task_rate_chart(
+            "Failed per task (per second)",
+            snaps,
+            "failed",
+            start=data.start,
+            end=data.now,
+            empty="no task failed in this window",
+        ),
+    ]
 
 
-# --- HTML -------------------------------------------------------------------------------------
+# --- the board ----------------------------------------------------------------------------------
 
 
-def _age(now: float, since: Any) -> str:
-    at = _num(since)
-    return f"{format_value(max(0.0, now - at), 's')} ago" if at is not None else ""
+@dataclass(frozen=True)
+class Kpi:
+    label: str
+    value: str
+    cls: str = ""
 
 
-def alerts_html(data: dict[str, Any]) -> str:
-    firing = [a for a in data["alerts"] if a.get("state", "firing") == "firing"]
-    if not firing:
-        return '<p class="ok" id="no-alerts">No alert is firing.</p>'
-    rows = []
-    for a in firing:
-        severity = str(a.get("severity", "warning"))
-        color = _SEVERITY_COLORS.get(severity, "#6b7280")
-        rows.append(
-            f'<li class="alert {escape(severity)}" style="border-color:{color}">'
-            f'<b style="color:{color}">{escape(severity.upper())}</b> '
-            f'<span class="alertname">{escape(str(a.get("alertname", "?")))}</span> '
-            f'<span class="muted">firing since {clock(_num(a.get("since")) or data["now"])} '
-            f"({_age(data['now'], a.get('since'))})</span>"
-            f"<div>{escape(str(a.get('summary', '')))}</div></li>"
-        )
-    return f'<ul class="alerts">{"".join(rows)}</ul>'
+@dataclass(frozen=True)
+class AlertChangeRow:
+    """One line of the alert history: what changed, in words, and its colour."""
+
+    at: float
+    color: str
+    what: str
+    alertname: str
+    summary: str
 
 
-def alert_history_html(data: dict[str, Any], limit: int = 15) -> str:
+@dataclass(frozen=True)
+class Board:
+    """What ``templates/overview.html`` draws, every chart computed."""
+
+    data: OverviewData
+    coverage: str
+    kpis: list[Kpi]
+    firing: list[m.Alert]
+    changes: list[AlertChangeRow]
+    tasks: list[m.TaskStats]
+    charts: dict[str, BarChart | TimeChart | list[TimeChart]]
+    level_colors: dict[str, str]
+    severity_colors: dict[str, str]
+
+
+def kpis(data: OverviewData) -> list[Kpi]:
+    latest = data.series.throughput[0] if data.series.throughput else None
+    critical = sum(1 for a in data.alerts if a.severity == "critical")
+    alive = sum(1 for w in data.workers if w.alive)
+    return [
+        Kpi("queued", str(sum(q.depth for q in data.queues))),
+        Kpi("workers alive", f"{alive}/{len(data.workers)}"),
+        Kpi("tasks/s", format_value((latest.per_s if latest else None) or 0.0)),
+        Kpi("failed/s", format_value((latest.failed_per_s if latest else None) or 0.0)),
+        Kpi(
+            "alerts firing",
+            str(len(data.alerts)),
+            "bad" if critical else "warn" if data.alerts else "",
+        ),
+    ]
+
+
+def alert_change_rows(data: OverviewData) -> list[AlertChangeRow]:
     """The latest alert state changes: when each alert fired and resolved."""
-    changes = list(data.get("alert_changes") or [])[:limit]
-    if not changes:
-        return '<p class="muted" id="no-alert-history">No alert has fired yet.</p>'
     rows = []
-    for c in changes:
-        state = str(c.get("state", ""))
-        severity = str(c.get("severity") or "")
-        color = "#16a34a" if state == "resolved" else _SEVERITY_COLORS.get(severity, "#6b7280")
-        what = "resolved" if state == "resolved" else f"{severity} firing"
-        held = ""
-        since, at = _num(c.get("since")), _num(c.get("at"))
-        if state == "resolved" and since is not None and at is not None:
-            held = f" after {duration(max(0.0, at - since))}"
-        rows.append(
-            f'<tr><td class="n">{clock(_num(c.get("at")) or data["now"])}</td>'
-            f'<td style="color:{color}">{escape(what)}{escape(held)}</td>'
-            f'<td class="name">{escape(str(c.get("alertname", "?")))}</td>'
-            f"<td>{escape(str(c.get('summary', '')))}</td></tr>"
-        )
-    return (
-        '<table class="tasks" id="alert-history"><thead><tr><th>at (UTC)</th><th>change</th>'
-        f"<th>alert</th><th>summary</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
+    for c in data.alert_changes[:CHANGES_LISTED]:
+        severity = c.severity or ""
+        resolved = c.state == "resolved"
+        color = "#16a34a" if resolved else _SEVERITY_COLORS.get(severity, "#6b7280")
+        what = "resolved" if resolved else f"{severity} firing"
+        if resolved and c.since is not None:
+            what += f" after {duration(max(0.0, c.at - c.since))}"
+        rows.append(AlertChangeRow(c.at, color, what, c.alertname, c.summary))
+    return rows
 
 
-def tasks_html(data: dict[str, Any], limit: int = 12) -> str:
-    rows = sorted(
-        data["tasks"], key=lambda t: -(int(t.get("succeeded") or 0) + int(t.get("failed") or 0))
-    )[:limit]
-    if not rows:
-        return '<p class="muted">No task has run yet.</p>'
-    head = (
-        "task",
-        "queue",
-        "succeeded",
-        "failed",
-        "retried",
-        "deferred",
-        "run p50",
-        "run p95",
-        "run p99",
-        "wait p95",
-    )
-    body = "".join(
-        "<tr>" + f'<td class="name"><a href="/dashboard/tasks/{quote(str(t.get("name", "?")))}">'
-        f"{escape(str(t.get('name', '?')))}</a></td>"
-        f'<td><i class="dot" style="background:{LEVEL_COLORS.get(str(t.get("queue")), "#999")}">'
-        f"</i>{escape(str(t.get('queue', '')))}</td>"
-        + "".join(
-            f'<td class="n">{int(t.get(k) or 0)}</td>'
-            for k in ("succeeded", "failed", "retried", "deferred")
-        )
-        + "".join(
-            f'<td class="n">{format_value(_num(t.get(k)), "s")}</td>'
-            for k in ("runtime_p50", "runtime_p95", "runtime_p99", "wait_p95")
-        )
-        + "</tr>"
-        for t in rows
-    )
-    return (
-        f'<table class="tasks"><thead><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>'
-        f"</thead><tbody>{body}</tbody></table>"
-    )
-
-
-def kpis_html(data: dict[str, Any]) -> str:
-    queues, workers, alerts = data["queues"], data["workers"], data["alerts"]
-    latest = (data["series"].get("throughput") or [{}])[0]
-    critical = sum(1 for a in alerts if a.get("severity") == "critical")
-    items = [
-        ("queued", str(sum(int(q.get("depth") or 0) for q in queues)), ""),
-        ("workers alive", f"{sum(1 for w in workers if w.get('alive'))}/{len(workers)}", ""),
-        ("tasks/s", format_value(_num(latest.get("per_s")) or 0.0), ""),
-        ("failed/s", format_value(_num(latest.get("failed_per_s")) or 0.0), ""),
-        ("alerts firing", str(len(alerts)), "bad" if critical else "warn" if alerts else ""),
-    ]
-    return (
-        '<div class="kpis">'
-        + "".join(
-            f'<div class="kpi {cls}"><span>{escape(label)}</span><b>{escape(value)}</b></div>'
-            for label, value, cls in items
-        )
-        + "</div>"
-    )
-
-
-def _card(title: str, *parts: str, wide: bool = False) -> str:
-    return (
-        f'<section class="card{" wide" if wide else ""}"><h2>{escape(title)}</h2>'
-        f"{''.join(parts)}</section>"
-    )
-
-
-def coverage_note(data: dict[str, Any]) -> str:
+def coverage_note(data: OverviewData) -> str:
     """Says so when a series hit the point limit before reaching the window's start."""
-    starts = [
-        float(snaps[-1]["at"])
-        for snaps in data["series"].values()
-        if len(snaps) >= MAX_POINTS and snaps and "at" in snaps[-1]
-    ]
-    if not starts or max(starts) <= data["now"] - data["window_s"]:
+    starts = [snaps[-1].at for snaps in data.series.all() if len(snaps) >= MAX_POINTS]
+    if not starts or max(starts) <= data.start:
         return ""
     return f" · charts show the newest {MAX_POINTS} snapshots (since {clock(max(starts))} UTC)"
 
 
-def render_board(data: dict[str, Any]) -> str:
-    """The refreshable part of the page: KPIs, charts, alerts, task table."""
-    problems = "".join(f"<li>{escape(p)}</li>" for p in data["problems"])
-    level_legend = legend([(lv, LEVEL_COLORS[lv]) for lv in LEVEL_NAMES])
-    return "".join(
-        [
-            f'<p class="muted">updated {clock(data["now"])} UTC · window '
-            f"{duration(data['window_s'])}{coverage_note(data)}</p>",
-            f'<ul class="problems">{problems}</ul>' if problems else "",
-            kpis_html(data),
-            '<div class="grid">',
-            _card("Firing alerts", alerts_html(data), wide=True),
-            _card("Alert history", alert_history_html(data), wide=True),
-            _card("Queues", queue_depth_chart(data), level_legend, queue_now_chart(data)),
-            _card(
-                "Throughput",
-                throughput_chart(data),
-                legend(
-                    [("succeeded/s", "#16a34a"), ("failed/s", "#dc2626"), ("received/s", "#6b7280")]
-                ),
-            ),
-            _card(
-                "Latency",
-                latency_chart(data, "runtime"),
-                latency_chart(data, "wait"),
-                legend([("p50", "#2563eb"), ("p95", "#d97706"), ("p99", "#dc2626")]),
-            ),
-            _card("Batch buffers", batch_chart(data), batch_history_chart(data)),
-            _card(
-                "Workers",
-                worker_bars(data),
-                legend(
-                    [
-                        ("memory", "#0891b2"),
-                        ("cpu", "#4f46e5"),
-                        ("warning", "#d97706"),
-                        ("critical", "#dc2626"),
-                    ]
-                ),
-                worker_history_chart(data, "memory_pct"),
-                worker_history_chart(data, "cpu_pct"),
-            ),
-            _card("Tasks over time", task_charts(data)),
-            _card(
-                "Cache",
-                cache_chart(data),
-                legend([("hit rate", "#16a34a"), ("below the alert threshold", "#d97706")]),
-            ),
-            _card("Tasks", tasks_html(data), wide=True),
-            "</div>",
-        ]
+def board(data: OverviewData) -> Board:
+    """Every part of the overview's board, from :func:`gather`'s data."""
+    busiest = sorted(data.tasks, key=lambda t: -(t.succeeded + t.failed))[:TASKS_LISTED]
+    return Board(
+        data=data,
+        coverage=coverage_note(data),
+        kpis=kpis(data),
+        firing=[a for a in data.alerts if a.state == "firing"],
+        changes=alert_change_rows(data),
+        tasks=busiest,
+        charts={
+            "queue_depth": queue_depth_chart(data),
+            "queue_now": queue_now_chart(data),
+            "throughput": throughput_chart(data),
+            "runtime": latency_chart(data, "runtime"),
+            "wait": latency_chart(data, "wait"),
+            "batch_now": batch_chart(data),
+            "batch_history": batch_history_chart(data),
+            "worker_bars": worker_bars(data),
+            "memory": worker_history_chart(data, "memory"),
+            "cpu": worker_history_chart(data, "cpu"),
+            "tasks": task_charts(data),
+            "cache": cache_chart(data),
+        },
+        level_colors=LEVEL_COLORS,
+        severity_colors=_SEVERITY_COLORS,
     )
 
 
+def render_board(data: OverviewData) -> str:
+    """The refreshable part of the page: KPIs, charts, alerts, task table."""
+    return render("overview.html", shell=Shell("dashboard", fragment=True), board=board(data))
+
+
 def render_page(
-    data: dict[str, Any], refresh_s: int, request: Any = None, settings: Any = None
+    data: OverviewData,
+    refresh_s: int,
+    request: Request | None = None,
+    settings: Settings | None = None,
 ) -> str:
     """The whole overview page (HTML) for :func:`gather`'s data."""
-    header = ranges(request, data["window_s"], data.get("covered_since"), data["now"])
-    return page(
+    window = Window(
+        data.window_s,
+        data.now,
+        data.covered_since,
+        dict(request.query_params) if request is not None else {},
+    )
+    page = shell(
         "dashboard",
-        render_board(data),
         request=request,
         active="/dashboard",
         settings=settings,
         refresh_s=refresh_s,
-        header_extra=header,
+        window=window,
     )
+    return render("overview.html", shell=page, board=board(data))
 
 
 # --- route ------------------------------------------------------------------------------------
 
 router = APIRouter()
-
-
-def _thresholds(settings: Any) -> dict[str, float]:
-    m = settings.monitoring
-    return {
-        "memory_warning_pct": m.alert_memory_warning_pct,
-        "memory_critical_pct": m.alert_memory_critical_pct,
-        "cpu_warning_pct": m.alert_cpu_warning_pct,
-        "cpu_critical_pct": m.alert_cpu_critical_pct,
-        "cache_hit_rate_pct": m.alert_cache_hit_rate_pct,
-    }
 
 
 @router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
@@ -601,29 +516,24 @@ async def dashboard(
 ) -> Response:
     """The overview page, reused for half the stats interval (one build per period however many
     browsers refresh)."""
-    state = getattr(request.app.state, "taskyard", None)
-    if state is None:
-        return HTMLResponse("<p>the stats API has no store configured</p>", status_code=503)
+    state = api_state(request)
     settings = state.runtime.settings
 
-    def compute() -> bytes:
-        data = gather(state.store, _thresholds(settings), float(window))
-        data["covered_since"] = covered_since(state.store)
-        body = render_board(data) if fragment else render_page(data, refresh, request, settings)
-        if len(data["problems"]) > len(CHART_SERIES):
+    def compute() -> str:
+        data = gather(state.store, Thresholds.of(settings), float(window))
+        if fragment:
+            body = render_board(data)
+        else:
+            data.covered_since = covered_since(state.store)
+            body = render_page(data, refresh, request, settings)
+        if len(data.problems) > len(CHART_SERIES):
             raise StoreDown(body)
-        return body.encode()
+        return body
 
-    response: Response
     try:
-        response = await respond_page(request, ("dashboard", window, refresh, fragment), compute)
+        return await respond_page(request, ("dashboard", window, refresh, fragment), compute)
     except StoreDown as down:
-        response = HTMLResponse(
-            str(down),
-            status_code=503,
-            headers={"Cache-Control": "no-store", "Content-Security-Policy": PAGE_POLICY},
-        )
-    return response
+        return page_response(request, Body(str(down).encode()), 503)
 
 
 class StoreDown(Exception):
