@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from taskyard.keys import Keys
-from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
+from taskyard.testing import ROOT, celery_worker, child_env, run_python, terminate, wait_until
 from tests.apps import delays as delay_app
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,7 @@ NO_GUARDS = {"TASKYARD_GUARD__ENABLED": "false"}
 
 def _send(env: dict[str, str], code: str, timeout_s: float = 120) -> None:
     """Send from a separate producer process using the test app's configuration."""
-    subprocess.run(
-        [sys.executable, "-c", f"from tests.apps import delays\n{code}"],
-        env=child_env(env),
-        cwd=ROOT,
-        check=True,
-        timeout=timeout_s,
-    )
+    run_python(env, f"from tests.apps import delays\n{code}", timeout_s)
 
 
 def _runs(client: redis.Redis, key: str = delay_app.RUNS) -> list[dict[str, Any]]:

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,8 +17,9 @@ from kombu.transport import redis as kombu_redis
 from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.transport import Channel, QoS, SentinelTransport, Transport
 from taskyard.keys import Keys
-from taskyard.testing import terminate, wait_until
+from taskyard.testing import wait_until
 from tests import servers
+from tests.servers import RedisServer
 
 EXCHANGE = Exchange("taskyard", "direct")
 LEVELS = ("critical", "high", "normal")
@@ -409,47 +406,14 @@ def test_global_keyprefix(connect: Any, redis_client: redis.Redis) -> None:
     assert not redis_client.exists("normal", "unacked")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def sentinel_url(tmp_path: Path) -> Iterator[str]:
+def sentinel_url(redis_server: Callable[..., RedisServer]) -> str:
     """A real Redis master and a real Sentinel watching it, on spare ports."""
-    if shutil.which("redis-server") is None:
-        if servers.in_ci():
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    master, sentinel = _free_port(), _free_port()
-    conf = tmp_path / "sentinel.conf"
-    conf.write_text(
-        f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor tymaster 127.0.0.1 {master} 1\n"
+    master = redis_server()
+    sentinel = redis_server(
+        "--sentinel", conf=f"sentinel monitor tymaster 127.0.0.1 {master.port} 1\n"
     )
-    procs = [
-        subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(master),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-        ),
-        subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL),
-    ]
-    try:
-        wait_until(lambda: servers.answers(master) and servers.answers(sentinel), 10)
-        yield f"sentinel://127.0.0.1:{sentinel}/0"
-    finally:
-        for proc in procs:
-            terminate(proc)
+    return f"sentinel://127.0.0.1:{sentinel.port}/0"
 
 
 def test_sentinel(sentinel_url: str) -> None:

@@ -9,7 +9,6 @@ flushed, no reaper task goes through beat, critical work waits milliseconds.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_stack_beside_a_cpu_hog(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        reason = "redis-server is not on PATH (scripts/ensure-services.sh)"
-        if servers.in_ci():
-            pytest.fail(reason)
-        pytest.skip(reason)
+    servers.require_program("redis-server")
     figures = soak("now", seconds=60.0, warmup_s=20.0, log_dir=tmp_path)
     (tmp_path / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
     print(figures)

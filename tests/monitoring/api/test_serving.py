@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import redis
 
+from taskyard.devstack.supervisor import free_port
 from taskyard.monitoring.api.query import ResponseCache, parse_time
 from tests import servers
 
@@ -45,7 +47,7 @@ def test_cache_single_flight_one_computation_for_concurrent_requests() -> None:
 def test_cache_expires_revalidates_and_does_not_keep_errors() -> None:
     now = [100.0]
     cache = ResponseCache(ttl_s=1.0, clock=lambda: now[0], stale_factor=3.0)
-    values = iter([ValueError("down"), 1, 2, 3])
+    values: Iterator[int | Exception] = iter([ValueError("down"), 1, 2, 3])
 
     def compute() -> int:
         value = next(values)
@@ -100,7 +102,7 @@ def test_cache_is_bounded() -> None:
 
     async def scenario() -> None:
         for i in range(50):
-            await cache.get(i, lambda i=i: i)
+            await cache.get(i, functools.partial(int, i))
 
     asyncio.run(scenario())
     assert len(cache._entries) <= 8
@@ -114,15 +116,9 @@ def test_parse_time_accepts_epoch_and_iso() -> None:
     assert parse_time("since", None) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_taskyard_api_serves_over_real_uvicorn(tmp_path: Path, redis_client: redis.Redis) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TASKYARD_REDIS_URL": servers.REDIS_URL,

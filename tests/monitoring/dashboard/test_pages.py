@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from taskyard.config import load_settings
 from taskyard.monitoring.dashboard import charts
 from taskyard.monitoring.dashboard import overview as dashboard
+from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
 NOW = 1_800_000_000.0
@@ -376,7 +377,7 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     # Without a Redis list to sample (this fake), the store is asked for that many snapshots.
     assert {limit for _, _, limit in store.series_calls} == {
         dashboard.CHART_POINTS,
-        dashboard.SAMPLED_POINTS,
+        SAMPLED_POINTS,
     }
     fragment = client.get("/dashboard", params={"fragment": "true"})
     assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")
