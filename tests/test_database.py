@@ -76,7 +76,7 @@ def test_slow_statements_counted_per_task(make_app: Any) -> None:
     )
     runtime = runtime_of(app)
 
-    @app.task(name="t.slow_query")
+    @app.task(name="t.slow_query", shared=False)
     def slow_query() -> None:
         with session(runtime) as db:
             db.execute(text("SELECT pg_sleep(0.08)"))

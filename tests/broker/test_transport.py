@@ -467,10 +467,10 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
         fast_worker_argvs("bdc", profile, 0)
     app = make_app("limits")
 
-    @app.task(name="limits.bounded", time_limit=5)
+    @app.task(name="limits.bounded", time_limit=5, shared=False)
     def bounded() -> None: ...
 
-    @app.task(name="limits.free")
+    @app.task(name="limits.free", shared=False)
     def free() -> None: ...
 
     assert hard_time_limited_tasks(app) == ["limits.bounded"]

@@ -78,7 +78,7 @@ def test_sent_events_are_batched(make_app: Any, redis_client: redis.Redis) -> No
     pubsub.psubscribe("*celeryev*")
     wait_until(lambda: pubsub.get_message(timeout=0.1) is not None, 5)
 
-    @app.task(name="t.batched")
+    @app.task(name="t.batched", shared=False)
     def batched() -> None: ...
 
     for _ in range(25):
