@@ -19,6 +19,24 @@ from tests import servers
 from tests.servers import RedisServer
 
 
+#: Test ids naming a server whose state every database shares, and the xdist group that runs
+#: them one after another on one worker (`make test` runs with ``--dist loadgroup``): RabbitMQ's
+#: queues (the five levels, ``celery``) live in one vhost, PostgreSQL's tables and indexes in
+#: one database; Redis keys do not need this, each worker has its own database (servers.py).
+SHARED_SERVERS = {"rabbitmq": ("rabbitmq", "amqp"), "postgresql": ("postgres",)}
+SHARED_SERVER_PATHS = {"postgresql": ("tests/maintenance/", "tests/test_database.py")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        nodeid = item.nodeid.lower()
+        for group, words in SHARED_SERVERS.items():
+            paths = SHARED_SERVER_PATHS.get(group, ())
+            if any(word in nodeid for word in words) or nodeid.startswith(paths):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
 @pytest.fixture
 def redis_client() -> Iterator[redis.Redis]:
     """Client on the suite's own database, flushed before and after the test."""

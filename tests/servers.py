@@ -23,10 +23,20 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 def _redis_db() -> int:
     """``TASKYARD_TEST_REDIS_DB`` (9 by default) for a plain run; under pytest-xdist each worker
     (``PYTEST_XDIST_WORKER`` = gw0, gw1, ...) takes that number plus its index, so parallel
-    workers never flush each other's keys."""
-    base = int(os.environ.get("TASKYARD_TEST_REDIS_DB", "9"))
+    workers never flush each other's keys. A comma-separated list (``13,15``) names each
+    worker's database instead, for a shared server where the next numbers belong to others."""
+    setting = os.environ.get("TASKYARD_TEST_REDIS_DB", "9")
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    return base + int(worker[2:]) if worker.startswith("gw") else base
+    index = int(worker[2:]) if worker.startswith("gw") else 0
+    if "," in setting:
+        databases = [int(db) for db in setting.split(",")]
+        if index >= len(databases):
+            raise RuntimeError(
+                f"TASKYARD_TEST_REDIS_DB={setting} names {len(databases)} databases for "
+                f"xdist worker {worker}: name one per worker"
+            )
+        return databases[index]
+    return int(setting) + index
 
 
 #: Database this test process owns; flushed around each test (never FLUSHALL).
