@@ -18,7 +18,6 @@ from taskyard.testing import ROOT, child_env, terminate, wait_until
 from tests import servers
 from tests.servers import RedisServer
 
-
 #: Test ids naming a server whose state every database shares, and the xdist group that runs
 #: them one after another on one worker (`make test` runs with ``--dist loadgroup``): RabbitMQ's
 #: queues (the five levels, ``celery``) live in one vhost, PostgreSQL's tables and indexes in

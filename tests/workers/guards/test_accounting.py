@@ -148,6 +148,7 @@ def test_limit_breach_is_raised_inside_the_running_task(kind: str) -> None:
     else:
         task.memory_limit_mb = 50  # type: ignore[assignment]
         expected = TaskMemoryLimitExceeded
+
     def check_soon() -> None:
         time.sleep(0.3)
         meter.check_limits()
