@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint services browser install clean
+.PHONY: run test test-fast bench lint format services browser install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/taskyard up -A examples.bdc --producer examples.bdc.demo
 
-## The whole suite against real Redis, PostgreSQL and RabbitMQ (started when not running).
+## The whole suite against real Redis, PostgreSQL and RabbitMQ (started when not running), on
+## TEST_WORKERS parallel pytest-xdist workers (each on its own Redis database: tests/servers.py;
+## tests on RabbitMQ or PostgreSQL run one at a time: --dist loadgroup), with a coverage
+## summary and the 25 slowest tests printed.
+TEST_WORKERS ?= 2
 test: $(STAMP) services browser
 	./scripts/ensure-prometheus.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --cov --cov-report=term
 
 ## Unit tests only (no worker processes).
 test-fast: $(STAMP)
@@ -38,11 +42,18 @@ bench: $(STAMP) services
 	bash scripts/ensure-bench-peers.sh
 	$(BIN)/python -m benchmarks
 
-## Lint, format check and types (CI runs it before the tests).
+## Lint, format check and types (CI runs it before the tests): mypy --strict on the package,
+## and on the tests and benchmarks with the relaxations of pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy src
+	$(BIN)/mypy tests benchmarks
+
+## Rewrite the code in the house format and apply ruff's safe fixes.
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks examples
+	$(BIN)/ruff check --fix src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import httpx
 import redis
 
 from benchmarks.common import BENCH_REDIS_URL, Result, percentile
+from taskyard.devstack.supervisor import free_port
 from taskyard.testing import tree_cpu_s
 
 CONNECTIONS = 50
@@ -151,17 +151,11 @@ def load(port: int, path: str, seconds: float) -> dict[str, Any]:
 
 
 # --- servers ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_http(url: str, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
         try:
             if httpx.get(url, timeout=1).status_code < 500:
                 return
@@ -438,7 +432,7 @@ def run(quick: bool) -> list[Result]:
     _seed(BENCH_REDIS_URL, database_url)
     _seed_series(BENCH_REDIS_URL, database_url)
 
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TASKYARD_REDIS_URL": BENCH_REDIS_URL,
@@ -462,7 +456,7 @@ def run(quick: bool) -> list[Result]:
     finally:
         _stop(api)
 
-    flower_port = _free_port()
+    flower_port = free_port()
     flower = _flower(flower_port)
     flower_figures: dict[str, Any] | None = None
     flower_note = ""

@@ -46,7 +46,7 @@ def recovery_s(client: redis.Redis, log_dir: Path, reserved: int = 100) -> float
         extra=("--prefetch-multiplier", str(reserved + 1)),
     ) as doomed:
         app.hold.delay()
-        wait_until(lambda: client.exists("bench:holding"), 60, 0.05, "the busy task")
+        wait_until(lambda: bool(client.exists("bench:holding")), 60, 0.05, "the busy task")
         for _ in range(reserved):
             app.noop.delay()
         wait_until(lambda: client.hlen("unacked") == reserved + 1, 60, 0.05, f"{reserved} reserved")

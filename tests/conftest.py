@@ -1,14 +1,39 @@
-"""Shared fixtures: a dedicated Redis database per test and apps pointed at it."""
+"""Shared fixtures: a dedicated Redis database per test and apps pointed at it, Redis servers of
+a test's own, and `taskyard api` in a process of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
+from taskyard.devstack.supervisor import free_port
+from taskyard.testing import ROOT, child_env, terminate, wait_until
 from tests import servers
+from tests.servers import RedisServer
+
+#: Test ids naming a server whose state every database shares, and the xdist group that runs
+#: them one after another on one worker (`make test` runs with ``--dist loadgroup``): RabbitMQ's
+#: queues (the five levels, ``celery``) live in one vhost, PostgreSQL's tables and indexes in
+#: one database; Redis keys do not need this, each worker has its own database (servers.py).
+SHARED_SERVERS = {"rabbitmq": ("rabbitmq", "amqp"), "postgresql": ("postgres",)}
+SHARED_SERVER_PATHS = {"postgresql": ("tests/maintenance/", "tests/test_database.py")}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        nodeid = item.nodeid.lower()
+        for group, words in SHARED_SERVERS.items():
+            paths = SHARED_SERVER_PATHS.get(group, ())
+            if any(word in nodeid for word in words) or nodeid.startswith(paths):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 @pytest.fixture
@@ -57,3 +82,72 @@ def make_app(redis_client: redis.Redis) -> Iterator[Any]:
     yield factory
     for app in apps:
         app.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Factory: ``redis_server(*options, conf="")`` starts a private ``redis-server`` on a spare
+    port (no persistence unless ``options`` turn it on; ``conf`` is written to a config file
+    first, e.g. for ``--sentinel``); every one is stopped after the test. Skips locally and
+    fails under ``CI=true`` when ``redis-server`` is not installed."""
+    binary = servers.require_program("redis-server")
+    started: list[RedisServer] = []
+
+    def start(*options: str, conf: str = "") -> RedisServer:
+        port = free_port()
+        argv = [binary]
+        if conf:
+            path = tmp_path / f"redis-{port}.conf"
+            path.write_text(conf)
+            argv.append(str(path))
+        argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
+        # Later options win: a test turning append-only on overrides these.
+        argv += ["--save", "", "--appendonly", "no", *options]
+        server = RedisServer(argv, port)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def taskyard_api(tmp_path: Path) -> Iterator[Callable[[Mapping[str, str]], str]]:
+    """Factory: ``taskyard_api(env)`` runs ``taskyard api`` (uvicorn) in its own process on a
+    spare port with :func:`~taskyard.testing.child_env` of ``env`` (history in a SQLite file
+    of the test unless ``env`` names a database); returns its URL once ``/health/live``
+    answers, and stops it after the test."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(env: Mapping[str, str]) -> str:
+        port = free_port()
+        log = tmp_path / f"api-{port}.log"
+        extra = {"TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'history.db'}", **env}
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
+                env=child_env(extra),
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+
+        def live() -> bool:
+            if process.poll() is not None:
+                raise AssertionError("taskyard api exited:\n" + log.read_text(errors="replace"))
+            try:
+                return httpx.get(url + "/health/live", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(live, 60, 0.2, "taskyard api to answer")
+        return url
+
+    yield start
+    for process in processes:
+        terminate(process)

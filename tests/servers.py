@@ -7,13 +7,40 @@ skipped locally with the reason, and fails when ``CI=true``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+from dataclasses import dataclass, field
 
 import pytest
+import redis
+
+from taskyard.testing import terminate, wait_until
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-#: Database the suite owns; flushed around each test (never FLUSHALL).
-REDIS_DB = int(os.environ.get("TASKYARD_TEST_REDIS_DB", "9"))
+
+
+def _redis_db() -> int:
+    """``TASKYARD_TEST_REDIS_DB`` (9 by default) for a plain run; under pytest-xdist each worker
+    (``PYTEST_XDIST_WORKER`` = gw0, gw1, ...) takes that number plus its index, so parallel
+    workers never flush each other's keys. A comma-separated list (``13,15``) names each
+    worker's database instead, for a shared server where the next numbers belong to others."""
+    setting = os.environ.get("TASKYARD_TEST_REDIS_DB", "9")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) if worker.startswith("gw") else 0
+    if "," in setting:
+        databases = [int(db) for db in setting.split(",")]
+        if index >= len(databases):
+            raise RuntimeError(
+                f"TASKYARD_TEST_REDIS_DB={setting} names {len(databases)} databases for "
+                f"xdist worker {worker}: name one per worker"
+            )
+        return databases[index]
+    return int(setting) + index
+
+
+#: Database this test process owns; flushed around each test (never FLUSHALL).
+REDIS_DB = _redis_db()
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
 POSTGRES_URL = os.environ.get(
     "TASKYARD_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -46,6 +73,18 @@ def require(server: str) -> None:
     pytest.skip(reason)
 
 
+def require_program(name: str, hint: str = "scripts/ensure-services.sh") -> str:
+    """The path of program ``name``; skips (locally) or fails (in CI) the calling test when it
+    is not installed."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not installed (run {hint})"
+    if in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def purge_rabbitmq() -> None:
     """Empty the five level queues on the suite's RabbitMQ (they outlive a test run)."""
     from kombu import Connection
@@ -59,3 +98,41 @@ def purge_rabbitmq() -> None:
                 channel.queue_purge(name)
             except Exception:  # a queue not declared yet has nothing to purge
                 channel = conn.channel()
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` of a test's own on a spare port, for what the shared server must not
+    see (SCRIPT FLUSH, a restart, a Sentinel). Stop and start it again on the same port and
+    directory to restart it."""
+
+    argv: list[str]
+    port: int
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        process = self.process
+
+        def up() -> bool:
+            if process.poll() is not None:
+                raise AssertionError(f"redis-server exited: {' '.join(self.argv)}")
+            # A PING, not a connect: a server loading its append-only file refuses commands.
+            try:
+                with redis.Redis(port=self.port, socket_connect_timeout=0.5) as client:
+                    return bool(client.ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(up, 10, 0.05, f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate(self.process)
+            self.process = None

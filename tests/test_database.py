@@ -8,6 +8,7 @@ from typing import Any
 
 from celery import signals
 from sqlalchemy import text
+from sqlalchemy.pool import QueuePool
 
 from taskyard.database import engine, engine_options, session, slow_statements
 from taskyard.runtime import runtime_of
@@ -54,6 +55,7 @@ def test_prefork_child_gets_its_own_connections(make_app: Any) -> None:
     eng = engine(runtime)
     with eng.connect() as conn:
         parent_pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+    assert isinstance(eng.pool, QueuePool)
     assert eng.pool.checkedin() == 1  # a pooled connection the child would inherit
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
@@ -74,7 +76,7 @@ def test_slow_statements_counted_per_task(make_app: Any) -> None:
     )
     runtime = runtime_of(app)
 
-    @app.task(name="t.slow_query")
+    @app.task(name="t.slow_query", shared=False)
     def slow_query() -> None:
         with session(runtime) as db:
             db.execute(text("SELECT pg_sleep(0.08)"))

@@ -115,7 +115,7 @@ def test_add_many_forms_every_full_batch(make_app: Any, redis_client: redis.Redi
     result = write.add_many({"i": i} for i in range(5000))
     assert result.accepted == 5000 and len(result.batch_ids) == 50
     assert len(messages(redis_client)) == 50
-    seen = []
+    seen: list[Any] = []
     for batch_id in result.batch_ids:
         items = batch_items(redis_client, app, "audit", batch_id)
         assert len(items) == 100
@@ -337,7 +337,7 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
     for thread in threads:
         thread.join()
     keys = runtime_of(app).keys
-    seen = []
+    seen: list[Any] = []
     batch_ids = [args[0] for _, args in messages(redis_client)]
     assert len(batch_ids) == len(set(batch_ids))
     for batch_id in batch_ids:
@@ -347,7 +347,7 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
     seen.extend(
         tuple(json.loads(x)) for x in redis_client.lrange(keys.batch_buffer("crowd"), 0, -1)
     )
-    expected = {(w, i) for w in range(6) for i in range(300) if i % 50}
+    expected: set[tuple[int, ...]] = {(w, i) for w in range(6) for i in range(300) if i % 50}
     expected |= {(w, i, k) for w in range(6) for i in range(0, 300, 50) for k in range(20)}
     assert len(seen) == len(expected) and set(seen) == expected
     [state] = inspect_batches(app)

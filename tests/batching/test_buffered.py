@@ -15,6 +15,7 @@ import redis
 
 from taskyard import BatchBufferFull, BatchItemError, ConfigurationError, batch_task
 from taskyard.batching import inspect_batches
+from taskyard.devstack.supervisor import free_port
 from taskyard.errors import BufferUnavailable
 from taskyard.runtime import runtime_of
 from taskyard.testing import ROOT, child_env, wait_until
@@ -128,7 +129,7 @@ def test_a_full_buffer_found_in_the_background_is_raised_by_flush(
 def test_redis_unreachable_keeps_the_items_and_flush_raises(
     make_app: Any, redis_client: redis.Redis
 ) -> None:
-    with_free_port = _free_port()
+    with_free_port = free_port()
     down = make_app(
         "buf6", redis_url=f"redis://127.0.0.1:{with_free_port}/0", broker_connect_timeout_s=0.2
     )
@@ -144,14 +145,6 @@ def test_redis_unreachable_keeps_the_items_and_flush_raises(
     assert producer.pending == 7  # nothing dropped
     assert producer.unavailable >= 1
     producer._pending.clear()  # this Redis never comes back: keep the exit hook quiet
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 _SCRIPT = """
@@ -233,7 +226,7 @@ for i in range(3):
 """
     done = subprocess.run(
         [sys.executable, "-c", script],
-        env=child_env({"URL": f"redis://127.0.0.1:{_free_port()}/0"}),
+        env=child_env({"URL": f"redis://127.0.0.1:{free_port()}/0"}),
         cwd=ROOT,
         capture_output=True,
         text=True,

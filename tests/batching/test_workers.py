@@ -5,8 +5,6 @@ RabbitMQ as the broker (buffers always in Redis)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import redis
 
 from taskyard.batching import inspect_batches, list_dead, requeue_dead
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import celery_worker, run_python, wait_until
 from tests.apps import batch as batch_app
 
 pytestmark = pytest.mark.slow
@@ -74,16 +72,13 @@ def test_age_flush_after_the_producer_exited(
         code = (
             "from tests.apps import batch\nbatch.collect.add_many([{'i': i} for i in range(7)])\n"
         )
-        subprocess.run(
-            [sys.executable, "-c", code], env=child_env(redis_env), cwd=ROOT, check=True, timeout=60
-        )
-        exited = time.monotonic()
+        run_python(redis_env, code, timeout_s=60)
+        # Nobody flushes after the producer exits but the worker's reaper (max_wait 0.5 s, run
+        # every 0.2 s): the items arriving at all is the outcome; the wait is generous for a
+        # loaded machine and how long it took is not asserted.
         wait_until(
-            lambda: len(processed(redis_client)) == 7, 10, 0.02, message="the 7 buffered items"
+            lambda: len(processed(redis_client)) == 7, 30, 0.02, message="the 7 buffered items"
         )
-        waited = time.monotonic() - exited
-    # max_wait 0.5 s + reaper interval 0.2 s, plus the time to run the batch on a busy machine.
-    assert waited < 0.5 + 0.2 + 1.5, waited
     assert processed(redis_client) == Counter(range(7))
 
 

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,8 +17,8 @@ from kombu.transport.redis import Channel
 
 from taskyard.broker import delays
 from taskyard.keys import Keys
-from taskyard.testing import terminate, wait_until
 from tests import servers
+from tests.servers import RedisServer
 
 KEYS = Keys()
 
@@ -214,38 +210,11 @@ def test_oldest_due_is_consumed_first(redis_client: redis.Redis) -> None:
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+def private_redis(redis_server: Callable[..., RedisServer]) -> Iterator[redis.Redis]:
     """A redis-server of this test's own: SCRIPT FLUSH empties a whole server's script cache."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        wait_until(lambda: servers.answers(port), 10, message="private redis-server")
-        yield client
-    finally:
-        client.close()
-        terminate(process)
+    client = redis.Redis(port=redis_server().port)
+    yield client
+    client.close()
 
 
 def test_mover_reloads_its_script_after_script_flush(private_redis: redis.Redis) -> None:

@@ -138,11 +138,11 @@ def test_expired_entry_served_stale_while_one_recomputes(make_app: Any) -> None:
     assert settings_blob() == 1
     time.sleep(0.35)  # fresh for 0.3 s; still in Redis for the stale grace
     version["v"] = 2
-    started = time.monotonic()
     results = _concurrent(10, settings_blob)
     assert computations == [1, 2]
-    assert sorted(results) == [1] * 9 + [2]  # one recomputed, nine served stale at once
-    assert time.monotonic() - started < 3
+    # One recomputed, nine served stale: a reader that waited for the recomputation would
+    # have read 2 (how long the ten took is not asserted: a loaded machine stretches it).
+    assert sorted(results) == [1] * 9 + [2]
     cache_for(app).flush_stats()
     stats = cache_stats(runtime_of(app))["default"]
     assert stats["stale_served"] == 9
@@ -160,7 +160,9 @@ def test_stats_per_namespace(make_app: Any) -> None:
     assert set(stats) == {"user", "analytics"}
     assert stats["user"]["hits"] == 3 and stats["user"]["misses"] == 1
     assert stats["user"]["hit_rate_pct"] == pytest.approx(75.0)
-    assert 0 < stats["user"]["avg_latency_ms"] < 50
+    # Milliseconds of a local Redis read: measured (above zero) and plausible; the bound is
+    # loose, a loaded machine can take tens of milliseconds.
+    assert 0 < stats["user"]["avg_latency_ms"] < 1000
     assert stats["analytics"]["misses"] == 1
 
 

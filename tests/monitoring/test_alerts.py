@@ -432,14 +432,14 @@ def test_host_readings_deferrals_and_alert_history_in_the_api_metrics_and_dashbo
         assert change["alertname"] == "HostCpuHigh" and change["state"] == "firing"
         assert change["summary"].startswith("host web1 CPU at 99.0 %")
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-        cpu = [(s.labels, s.value) for s in families["taskyard_host_cpu_percent"].samples]
-        assert cpu == [({"host": "web1"}, 99.0)]
-        deferred = {
+        host_cpu = [(s.labels, s.value) for s in families["taskyard_host_cpu_percent"].samples]
+        assert host_cpu == [({"host": "web1"}, 99.0)]
+        deferred_total = {
             (s.labels["hostname"], s.labels["reason"]): s.value
             for s in families["taskyard_worker_deferred"].samples
             if s.name.endswith("_total")
         }
-        assert deferred[("a@web1", "requires_memory")] == 1 and len(deferred) == 6
+        assert deferred_total[("a@web1", "requires_memory")] == 1 and len(deferred_total) == 6
         paused = families["taskyard_worker_paused_queue"].samples
         assert {
             (s.labels["hostname"], s.labels["queue_name"], s.labels["reason"]) for s in paused

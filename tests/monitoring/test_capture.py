@@ -149,7 +149,8 @@ def test_known_workload_counts_match_exactly(
         assert runtime_counts[key] == want["started"]  # one runtime per run, whatever its end
         assert wait_counts[key] == want["started"]  # every message carried its sent time
     row = got[("tests.apps.monitor.ok", "normal")]
-    assert row["runtime_p50"] is not None and row["runtime_p50"] < 0.5
+    # A trivial task: well under a second even on a loaded machine (a bound, not a timing).
+    assert row["runtime_p50"] is not None and row["runtime_p50"] < 5
     assert row["wait_p99"] is not None and row["wait_p99"] < 60
 
 

@@ -75,10 +75,12 @@ def test_sent_events_are_batched(make_app: Any, redis_client: redis.Redis) -> No
     buffer = runtime_of(app).sent_events
     published: list[Any] = []
     pubsub = redis_client.pubsub()
-    pubsub.psubscribe("*celeryev*")
+    # Channels are server-wide, not per database: kombu prefixes them with the database
+    # ("/<db>.celeryev/..."), so this sees only this test's events, not a parallel worker's.
+    pubsub.psubscribe(f"/{servers.REDIS_DB}.celeryev*")
     wait_until(lambda: pubsub.get_message(timeout=0.1) is not None, 5)
 
-    @app.task(name="t.batched")
+    @app.task(name="t.batched", shared=False)
     def batched() -> None: ...
 
     for _ in range(25):

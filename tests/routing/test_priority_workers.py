@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from taskyard.routing import LEVEL_NAMES
-from taskyard.testing import ROOT, celery_worker, child_env, wait_until
+from taskyard.testing import ROOT, celery_worker, child_env, run_python, wait_until
 from tests import servers
 
 pytestmark = pytest.mark.slow
@@ -29,13 +29,7 @@ def _order(client: redis.Redis) -> list[str]:
 
 def _send(env: dict[str, str], code: str) -> None:
     """Send tasks from a separate producer process using the test app's configuration."""
-    subprocess.run(
-        [sys.executable, "-c", f"from tests.apps import prio\n{code}"],
-        env=child_env(env),
-        cwd=ROOT,
-        check=True,
-        timeout=60,
-    )
+    run_python(env, f"from tests.apps import prio\n{code}", timeout_s=60)
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])

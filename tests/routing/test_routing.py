@@ -127,7 +127,7 @@ def test_per_call_level_override(app: Celery, monkeypatch: pytest.MonkeyPatch) -
 
 def test_stacked_on_app_task(app: Celery) -> None:
     @priority_task(priority="high")
-    @app.task(name="t.legacy")
+    @app.task(name="t.legacy", shared=False)
     def legacy() -> None: ...
 
     assert route(app, "t.legacy") == "high"
@@ -135,7 +135,7 @@ def test_stacked_on_app_task(app: Celery) -> None:
 
 
 def test_stacked_on_finalized_app_task(app: Celery) -> None:
-    @app.task(name="t.legacy_finalized")
+    @app.task(name="t.legacy_finalized", shared=False)
     def legacy() -> None: ...
 
     app.finalize()

@@ -116,7 +116,8 @@ def test_clear_cache_by_tag_with_the_right_token(
 
 def test_admin_body_is_validated(client: TestClient) -> None:
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    for body in ({}, {"tags": []}, {"tags": [""]}, {"tags": "user:7"}):
+    bodies: list[dict[str, Any]] = [{}, {"tags": []}, {"tags": [""]}, {"tags": "user:7"}]
+    for body in bodies:
         response = client.post("/api/v1/admin/cache/invalidate", json=body, headers=auth)
         assert response.status_code == 422, body
     not_json = client.post(

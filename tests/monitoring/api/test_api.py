@@ -16,7 +16,8 @@ from pydantic import TypeAdapter
 
 from taskyard.config import Settings, load_settings
 from taskyard.monitoring.api import models as m
-from taskyard.monitoring.api.app import MAX_PAGE_SIZE, create_api
+from taskyard.monitoring.api.app import create_api
+from taskyard.monitoring.api.state import MAX_PAGE_SIZE
 from taskyard.monitoring.capture import Capture
 from tests import servers
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from taskyard.config import load_settings
-from taskyard.devstack.supervisor import free_port
 from taskyard.monitoring.api.app import create_api
 from taskyard.monitoring.api.docs import DOCS_STATIC, TASKYARD_STATIC, name_error_bodies
-from taskyard.testing import ROOT, child_env, terminate, wait_until
+from taskyard.testing import ROOT
 from tests.monitoring.dashboard.test_browser import BROWSER_ARGS, CHROMIUM, require_browser
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -113,39 +109,8 @@ def test_docs_pages_reference_only_this_server() -> None:
 
 
 @pytest.fixture
-def api_url(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path / "api.log"
-    env = child_env(
-        {
-            "TASKYARD_REDIS_URL": "redis://127.0.0.1:6379/15",
-            "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
-        }
-    )
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
-            env=env,
-            cwd=tmp_path,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def live() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(log.read_text(errors="replace"))
-        try:
-            return httpx.get(url + "/health/live", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(live, 30, 0.2, "the stats API")
-        yield url
-    finally:
-        terminate(process)
+def api_url(redis_env: dict[str, str], taskyard_api: Callable[[dict[str, str]], str]) -> str:
+    return taskyard_api(redis_env)
 
 
 @pytest.mark.browser

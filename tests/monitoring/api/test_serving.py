@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import redis
 
+from taskyard.devstack.supervisor import free_port
 from taskyard.monitoring.api.query import ResponseCache, parse_time
 from tests import servers
 
@@ -45,7 +47,7 @@ def test_cache_single_flight_one_computation_for_concurrent_requests() -> None:
 def test_cache_expires_revalidates_and_does_not_keep_errors() -> None:
     now = [100.0]
     cache = ResponseCache(ttl_s=1.0, clock=lambda: now[0], stale_factor=3.0)
-    values = iter([ValueError("down"), 1, 2, 3])
+    values: Iterator[int | Exception] = iter([ValueError("down"), 1, 2, 3])
 
     def compute() -> int:
         value = next(values)
@@ -100,7 +102,7 @@ def test_cache_is_bounded() -> None:
 
     async def scenario() -> None:
         for i in range(50):
-            await cache.get(i, lambda i=i: i)
+            await cache.get(i, functools.partial(int, i))
 
     asyncio.run(scenario())
     assert len(cache._entries) <= 8
@@ -114,15 +116,9 @@ def test_parse_time_accepts_epoch_and_iso() -> None:
     assert parse_time("since", None) is None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_taskyard_api_serves_over_real_uvicorn(tmp_path: Path, redis_client: redis.Redis) -> None:
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TASKYARD_REDIS_URL": servers.REDIS_URL,
@@ -175,16 +171,20 @@ def test_taskyard_api_serves_over_real_uvicorn(tmp_path: Path, redis_client: red
 
 
 class SlowCountingStore:
-    """The real store, with each overview read slowed down and counted."""
+    """The real store, with each overview read held (blocking, like a slow Redis) until the
+    test opens the gate, at most ``hold_s``; reads begun and finished are counted."""
 
-    def __init__(self, store: Any, delay_s: float) -> None:
+    def __init__(self, store: Any, hold_s: float = 30.0) -> None:
         self._store = store
-        self.delay_s = delay_s
+        self.hold_s = hold_s
+        self.gate = threading.Event()
         self.overview_reads = 0
+        self.finished_reads = 0
 
     def overview(self) -> dict[str, Any]:
         self.overview_reads += 1
-        time.sleep(self.delay_s)  # blocking, like a slow Redis
+        self.gate.wait(self.hold_s)
+        self.finished_reads += 1
         return self._store.overview()  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
@@ -200,21 +200,24 @@ def test_slow_store_reads_do_not_block_the_event_loop_and_are_shared(
 
     settings = api_settings(tmp_path, api_cache_s=5.0)
     runtime, _ = _resolve(settings)
-    store = SlowCountingStore(StatsStore(runtime), delay_s=1.0)
+    store = SlowCountingStore(StatsStore(runtime))
     api = create_api(runtime, store=store)  # type: ignore[arg-type]
 
-    async def scenario() -> tuple[float, list[int]]:
+    async def scenario() -> tuple[int, list[int]]:
         transport = httpx.ASGITransport(app=api)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             burst = [asyncio.create_task(client.get("/api/v1/overview")) for _ in range(20)]
-            await asyncio.sleep(0.1)
-            started = time.perf_counter()
+            while store.overview_reads == 0:  # bounded by the test's timeout
+                await asyncio.sleep(0.01)
             live = await client.get("/health/live")
-            live_s = time.perf_counter() - started
             assert live.status_code == 200
-            return live_s, [r.status_code for r in await asyncio.gather(*burst)]
+            # Answered while the store read was still held: a read blocking the event loop
+            # would have held /health/live until the gate (up to 30 s) let it finish.
+            finished_when_live = store.finished_reads
+            store.gate.set()
+            return finished_when_live, [r.status_code for r in await asyncio.gather(*burst)]
 
-    live_s, statuses = asyncio.run(scenario())
-    assert live_s < 0.5, f"/health/live waited {live_s:.2f} s behind a blocking store read"
+    finished_when_live, statuses = asyncio.run(scenario())
+    assert finished_when_live == 0, "/health/live waited behind a blocking store read"
     assert statuses == [200] * 20
     assert store.overview_reads == 1  # twenty concurrent requests, one store read

@@ -7,19 +7,15 @@ Screenshots of every page are kept in test-artifacts/ (dashboard*.png).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import redis
 
-from taskyard.devstack.supervisor import free_port
 from taskyard.runtime import runtime_of
-from taskyard.testing import ROOT, celery_worker, child_env, terminate, wait_until
+from taskyard.testing import ROOT, celery_worker, wait_until
 from tests import servers
 
 CHROMIUM = "/usr/bin/chromium"
@@ -71,34 +67,9 @@ def env(redis_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def api_url(env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+def api_url(env: dict[str, str], taskyard_api: Callable[[dict[str, str]], str]) -> str:
     """`taskyard api` in its own process (uvicorn), on a free port."""
-    port = free_port()
-    log = tmp_path / "api.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "taskyard.cli", "api", "--port", str(port)],
-            env=child_env(env),
-            cwd=ROOT,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def live() -> bool:
-        if process.poll() is not None:
-            raise AssertionError("taskyard api exited:\n" + log.read_text(errors="replace"))
-        try:
-            return httpx.get(url + "/health/live", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(live, 30, 0.2, "the stats API to answer")
-        yield url
-    finally:
-        terminate(process)
+    return taskyard_api(env)
 
 
 def _send(app: Any, level: str, i: int, name: str | None = None) -> None:

@@ -17,6 +17,7 @@ from taskyard.monitoring.dashboard import charts
 from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.dashboard.rows import Thresholds, typed
 from taskyard.monitoring.dashboard.rows import series_of as typed_series
+from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS
 from taskyard.monitoring.dashboard.templating import render_chart
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
@@ -426,7 +427,7 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     # The store is asked for that many snapshots of each series.
     assert {limit for _, _, limit in store.series_calls} == {
         dashboard.CHART_POINTS,
-        dashboard.SAMPLED_POINTS,
+        SAMPLED_POINTS,
     }
     fragment = client.get("/dashboard", params={"fragment": "true"})
     assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")
