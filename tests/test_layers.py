@@ -28,6 +28,8 @@ FORBIDDEN: dict[str, set[str]] = {
     # Shared by every part: they know none of the parts above them.
     "runtime": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
     "signals": {"*"},
+    # Tracing hooks Celery's signals only; every part may be traced, none is imported.
+    "tracing": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
 }
 #: Parts only the wiring imports: ``create_app`` and the command line sit on top of everything.
 TOP = {"app", "cli", "devstack"}

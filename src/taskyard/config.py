@@ -520,6 +520,10 @@ class Settings(BaseSettings):
     fast_publish: bool = True
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # OpenTelemetry traces: a producer span at publish and a consumer span around each run,
+    # joined through the message's W3C traceparent header (taskyard.tracing). Needs the `otel`
+    # extra; the exporter reads the standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME.
+    tracing: bool = False
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
     task_events: bool = True
     # Events are published in batches at most this often (s): a few ms of Flower latency for a
