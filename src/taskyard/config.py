@@ -376,6 +376,13 @@ class MonitoringSettings(Section):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_token: str | None = None
+    # Browser sessions of the dashboard's users last this long after login (s): a working day.
+    session_ttl_s: float = Field(12 * 3600.0, gt=0)
+    # Once any user exists, /metrics still answers without credentials (Prometheus scrapes
+    # rarely carry them); false: /metrics needs a user too.
+    metrics_public: bool = True
+    # Operator actions kept in the audit trail (entries, about: XADD MAXLEN ~).
+    audit_max_entries: int = Field(100_000, ge=100)
     # Stats API responses (overview, lists, /metrics) are reused for this long (s): a burst of
     # requests or scrapes costs one store read. 0 reads the store on every request.
     api_cache_s: float = Field(1.0, ge=0, le=60)

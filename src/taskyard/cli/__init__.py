@@ -17,6 +17,7 @@ from taskyard.cli.maintenance import maintenance
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
 from taskyard.cli.task import task_command
+from taskyard.cli.users import users
 from taskyard.errors import TaskyardError
 
 #: Exit status of every error that is the user's to fix (bad option, bad -A, unreachable Redis).
@@ -86,5 +87,6 @@ for command in (
     cache,
     maintenance,
     stats,
+    users,
 ):
     main.add_command(command)
