@@ -124,9 +124,7 @@ def test_audit_entries_read_back_newest_first_and_filtered(redis_client: redis.R
         detail={"filter": {"name": "x"}},
     )
     recent = log.recent(5)
-    assert recent[0].action == "dead.purge" and recent[0].detail == {
-        "filter": {"name": "x"}
-    }
+    assert recent[0].action == "dead.purge" and recent[0].detail == {"filter": {"name": "x"}}
     assert [e.target for e in recent[1:]] == ["t1199", "t1198", "t1197", "t1196"]
     bobs = log.recent(600, actor="bob")
     assert all(e.actor == "bob" for e in bobs) and bobs[0].target == "t1198"
