@@ -167,6 +167,7 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
         deadletters,
         maintenance,
         monitoring,
+        redaction,
         tracing,
     )
     from taskyard.workers import guards
@@ -180,6 +181,7 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
         guards.install,  # admission, back-pressure, accounting, heartbeat
         deadletters.install,  # poison quarantine, bounded redelivery, dead letters
         monitoring.install,  # metric capture, stats collection
+        redaction.install,  # what published messages show of their arguments
         tracing.install,  # OpenTelemetry spans at publish and around each run (when on)
     )
 

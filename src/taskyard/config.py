@@ -527,6 +527,14 @@ class Settings(BaseSettings):
     fast_publish: bool = True
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # Arguments (and dict keys inside arguments) whose name matches this regular expression are
+    # shown as [redacted] on every surface (dashboard, API, CLI, timelines, dead letters,
+    # Flower); the message keeps them, so retries and replays work. Per task: redact=(...).
+    # Empty: only the tasks' own redact= names.
+    redact_pattern: str = (
+        r"(?i)passw|secret|token|credential|card.?(num|no)|^card$|cvv|cvc|ssn|api.?key"
+        r"|authorization"
+    )
     # OpenTelemetry traces: a producer span at publish and a consumer span around each run,
     # joined through the message's W3C traceparent header (taskyard.tracing). Needs the `otel`
     # extra; the exporter reads the standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME.
