@@ -30,6 +30,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "signals": {"*"},
     # Tracing hooks Celery's signals only; every part may be traced, none is imported.
     "tracing": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
+    "results": {"routing", "batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
     # Redaction is read by routing (the option) and every view: it knows no part.
     "redaction": {"routing", "batching", "monitoring", "workers", "broker", "deadletters"}
     | PERIODIC,

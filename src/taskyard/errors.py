@@ -189,3 +189,7 @@ class UserError(TaskyardError):
     def __init__(self, message: str, *, value: Any = None) -> None:
         super().__init__(message)
         self.value = value
+
+
+class ResultsNotStored(TaskyardError):
+    """A task's result or state was asked for, and no result backend is configured."""

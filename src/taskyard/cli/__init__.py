@@ -14,6 +14,7 @@ from taskyard.cli.dead import dead
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
+from taskyard.cli.shell import env_command, shell_command
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
 from taskyard.cli.task import task_command
@@ -88,5 +89,7 @@ for command in (
     maintenance,
     stats,
     users,
+    shell_command,
+    env_command,
 ):
     main.add_command(command)
