@@ -64,10 +64,12 @@ def test_shell_sends_to_the_stacks_redis(redis_client: redis.Redis, tmp_path: Pa
         "-A",
         "tests.apps.fivelevels",
         cwd=tmp_path,
-        stdin=(
-            "print('app', app.main)\n"
-            "r = app.send_task('x.y', queue='normal')\n"
-            "print('id', r.id)\n"
+        stdin="\n".join(
+            [
+                "print('app', app.main)",
+                "r = app.send_task('x.y', queue='normal')",
+                "print('id', r.id)",
+            ]
         ),
     )
     assert done.returncode == 0, done.stderr
