@@ -37,6 +37,12 @@ FORBIDDEN: dict[str, set[str]] = {
     "lua": {"*"} - {"errors"},
     # Declarations of library internals relied on: every part may import it, it imports none.
     "seams": {"*"},
+    # Tracing hooks Celery's signals only; every part may be traced, none is imported.
+    "tracing": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
+    "results": {"routing", "batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
+    # Redaction is read by routing (the option) and every view: it knows no part.
+    "redaction": {"routing", "batching", "monitoring", "workers", "broker", "deadletters"}
+    | PERIODIC,
 }
 #: Parts every part may import: they hold declarations only and import nothing of taskyard.
 EVERYWHERE = {"seams"}

@@ -1,5 +1,9 @@
 """A demo producer: a realistic mixed workload through all five levels, until stopped.
 
+A small share of it fails on purpose (declined cards, a flaky calendar provider retried with a
+backoff, malformed imports), so dead letters, failure charts and alerts show something from the
+first minutes.
+
 Besides sending tasks it reads the service's cached functions (a user's profile, a beneficiary's
 upcoming appointments, the system settings) as the service's request handlers do, so the
 dashboard's cache panel shows real hit rates: misses at first, then mostly hits once the
@@ -44,6 +48,14 @@ def run(rate_per_s: float = 20.0, seed_value: int = 11) -> None:
             tasks.reschedule_appointment.delay(rng.randint(1, 600), rng.choice([-30, 30, 60]))
         elif roll < 0.47:
             tasks.monthly_report.delay(month)
+        elif roll < 0.48:
+            # A payment; one card in ten is declined (dead letter, card number redacted).
+            card = f"4111 1111 1111 {rng.randint(0, 9999):04d}"
+            tasks.charge_card.delay(user, rng.randint(500, 9000), card)
+        elif roll < 0.50:
+            tasks.sync_calendar.delay(user)  # fails half the time, retried with a backoff
+        elif roll < 0.503:
+            tasks.import_contacts.delay(user, {"rows": []})  # malformed: always fails
         else:
             send_batch = getattr(tasks, "send_notification_batch", None)
             if send_batch is not None:

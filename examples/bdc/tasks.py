@@ -112,3 +112,41 @@ def send_notification_batch(items: list[dict[str, Any]]) -> int:
             ]
         )
     return len(items)
+
+
+class CalendarUnavailable(Exception):
+    """The (simulated) calendar provider did not answer: worth retrying."""
+
+
+@priority_task(priority="high", redact=("card_number",))
+def charge_card(user_id: int, amount_cents: int, card_number: str) -> str:
+    """Payment: the card number never appears on a page, in the CLI or in Flower ([redacted]).
+
+    Cards ending in 0 are declined: the task fails and its message goes to the dead letters,
+    where an operator can look at it (redacted) and replay it (with the real number)."""
+    if card_number.endswith("0"):
+        raise ValueError(f"card declined for user {user_id}")
+    return f"charged {amount_cents} cents"
+
+
+@priority_task(
+    priority="normal",
+    autoretry_for=(CalendarUnavailable,),
+    retry_backoff=1,
+    retry_backoff_max=8,
+    max_retries=4,
+)
+def sync_calendar(user_id: int, flakiness: float = 0.5) -> int:
+    """External call that fails now and then and is retried with a backoff (broker-side delay)."""
+    import random
+
+    if random.random() < flakiness:
+        raise CalendarUnavailable(f"calendar provider timed out for user {user_id}")
+    return user_id
+
+
+@priority_task(priority="low")
+def import_contacts(user_id: int, payload: dict[str, Any]) -> int:
+    """Bulk import that fails on a malformed payload: the demo sends a few, so the failure
+    charts, the dead letters and the alerts have something to show from the first minutes."""
+    return len(payload["contacts"])

@@ -7,13 +7,14 @@ The configuration lives in the app, not in the command line, so a plain
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any, NamedTuple
 
 from celery import Celery
 from celery.app import defaults as celery_defaults
 from celery.signals import after_task_publish
 
-from taskyard import serialization
+from taskyard import results, serialization
 from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.delays import install as install_delays
 from taskyard.broker.publish import Publisher
@@ -47,7 +48,8 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
     default = router.default.value
     config: dict[str, Any] = {
         "broker_url": broker,
-        "result_backend": settings.result_backend,
+        # Without a backend, reading a result says how to get one (taskyard.results).
+        "result_backend": settings.result_backend or results.BACKEND_PATH,
         "task_ignore_result": settings.result_backend is None,
         # JSON only: no pickle is accepted anywhere, by tasks, results or events. Task arguments
         # follow taskyard's JSON policy (taskyard.serialization: no NaN/infinity), still sent as
@@ -122,6 +124,11 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
     """Celery app that tells the batched task-sent events which app sent a task, and closes
     its fast publisher's connection with its own."""
 
+    @cached_property
+    def AsyncResult(self) -> Any:
+        """Celery's result class, refusing ``get()`` clearly when results are not stored."""
+        return self.subclass_with_self(results.TaskyardAsyncResult)
+
     def send_task(self, *args: Any, **kwargs: Any) -> Any:
         token = sending_app.set(self)
         try:
@@ -151,7 +158,17 @@ def _parts() -> tuple[Part, ...]:
     Imported here, not at the top: the parts import the public package, which imports this
     module.
     """
-    from taskyard import batching, beat, cache, database, deadletters, maintenance, monitoring
+    from taskyard import (
+        batching,
+        beat,
+        cache,
+        database,
+        deadletters,
+        maintenance,
+        monitoring,
+        redaction,
+        tracing,
+    )
     from taskyard.workers import guards
 
     return (
@@ -163,6 +180,8 @@ def _parts() -> tuple[Part, ...]:
         Part(guards.install),  # admission, back-pressure, accounting, heartbeat
         Part(deadletters.install),  # poison quarantine, bounded redelivery, dead letters
         Part(monitoring.install, monitoring.periodic_jobs),  # metric capture, stats collection
+        Part(redaction.install),  # what published messages show of their arguments
+        Part(tracing.install),  # OpenTelemetry spans at publish and around each run (when on)
     )
 
 

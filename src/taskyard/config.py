@@ -384,6 +384,13 @@ class MonitoringSettings(Section):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_token: str | None = None
+    # Browser sessions of the dashboard's users last this long after login (s): a working day.
+    session_ttl_s: float = Field(12 * 3600.0, gt=0)
+    # Once any user exists, /metrics still answers without credentials (Prometheus scrapes
+    # rarely carry them); false: /metrics needs a user too.
+    metrics_public: bool = True
+    # Operator actions kept in the audit trail (entries, about: XADD MAXLEN ~).
+    audit_max_entries: int = Field(100_000, ge=100)
     # Stats API responses (overview, lists, /metrics) are reused for this long (s): a burst of
     # requests or scrapes costs one store read. 0 reads the store on every request.
     api_cache_s: float = Field(1.0, ge=0, le=60)
@@ -528,6 +535,18 @@ class Settings(BaseSettings):
     fast_publish: bool = True
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # Arguments (and dict keys inside arguments) whose name matches this regular expression are
+    # shown as [redacted] on every surface (dashboard, API, CLI, timelines, dead letters,
+    # Flower); the message keeps them, so retries and replays work. Per task: redact=(...).
+    # Empty: only the tasks' own redact= names.
+    redact_pattern: str = (
+        r"(?i)passw|secret|token|credential|card.?(num|no)|^card$|cvv|cvc|ssn|api.?key"
+        r"|authorization"
+    )
+    # OpenTelemetry traces: a producer span at publish and a consumer span around each run,
+    # joined through the message's W3C traceparent header (taskyard.tracing). Needs the `otel`
+    # extra; the exporter reads the standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME.
+    tracing: bool = False
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
     task_events: bool = True
     # Events are published in batches at most this often (s): a few ms of Flower latency for a

@@ -181,3 +181,15 @@ class DeadLetterError(TaskyardError):
     def __init__(self, message: str, *, value: Any = None) -> None:
         super().__init__(message)
         self.value = value
+
+
+class UserError(TaskyardError):
+    """A user name, role, password or token was refused, or the user is unknown."""
+
+    def __init__(self, message: str, *, value: Any = None) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+class ResultsNotStored(TaskyardError):
+    """A task's result or state was asked for, and no result backend is configured."""

@@ -249,3 +249,24 @@ class Keys:
         """LIST of raw queue items the fetch script could not read as kombu messages (not
         JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""
         return f"{self.namespace}:broker:undecodable"
+
+    # --- operators: users, sessions, the audit trail ------------------------------------------
+    def users(self) -> str:
+        """HASH user name -> JSON {role, password hash (argon2), created}. Kept until
+        ``taskyard users remove``."""
+        return f"{self.namespace}:users"
+
+    def user_tokens(self) -> str:
+        """HASH SHA-256 of an API token -> user name. A token leaves with its user; the token
+        itself is never stored."""
+        return f"{self.namespace}:users:tokens"
+
+    def session(self, digest: str) -> str:
+        """STRING (JSON {user, csrf}) of one browser session, by the SHA-256 of its cookie.
+        Expires monitoring.session_ttl_s after login; deleted at logout."""
+        return f"{self.namespace}:session:{digest}"
+
+    def audit(self) -> str:
+        """STREAM of operator actions (who, role, action, target, count, detail), oldest
+        first, capped at about monitoring.audit_max_entries (XADD MAXLEN ~)."""
+        return f"{self.namespace}:audit"

@@ -14,9 +14,11 @@ from taskyard.cli.dead import dead
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
+from taskyard.cli.shell import env_command, shell_command
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
 from taskyard.cli.task import task_command
+from taskyard.cli.users import users
 from taskyard.errors import TaskyardError
 
 #: Exit status of every error that is the user's to fix (bad option, bad -A, unreachable Redis).
@@ -86,5 +88,8 @@ for command in (
     cache,
     maintenance,
     stats,
+    users,
+    shell_command,
+    env_command,
 ):
     main.add_command(command)

@@ -53,6 +53,11 @@ def use_stack_file() -> stackfile.Resolution:
     return _resolution
 
 
+def resolution() -> stackfile.Resolution | None:
+    """What the stack file contributed to this command (None before the group ran)."""
+    return _resolution
+
+
 def announce_redis(settings: Settings, *, check_data: bool) -> None:
     """Say which Redis this command reads when the environment did not choose it (once), and,
     with ``check_data``, warn when it holds no taskyard data.

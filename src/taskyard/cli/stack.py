@@ -143,10 +143,14 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
         overrides["monitoring"] = monitoring
     if overrides:
         settings = load_settings(**overrides)
+    if settings.result_backend is None:
+        # A dev stack stores results, so `add.delay(2, 3).get()` answers in a shell here.
+        settings = load_settings(**overrides, result_backend=settings.effective_redis_url)
     recorded[f"{ENV_PREFIX}REDIS_URL"] = settings.effective_redis_url
     recorded[f"{ENV_PREFIX}BROKER_URL"] = settings.effective_broker_url
     recorded[f"{ENV_PREFIX}DATABASE_URL"] = _absolute_sqlite(settings.database_url)
     recorded[f"{ENV_PREFIX}NAMESPACE"] = settings.namespace
+    recorded[f"{ENV_PREFIX}RESULT_BACKEND"] = str(settings.result_backend)
     recorded[AUTH_VARIABLE] = str(settings.monitoring.flower_basic_auth)
     recorded[TOKEN_VARIABLE] = str(settings.monitoring.api_token)
     env.update(recorded)

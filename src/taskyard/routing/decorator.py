@@ -9,6 +9,7 @@ from celery import Task
 from celery.local import PromiseProxy
 
 from taskyard.errors import ConfigurationError
+from taskyard.redaction import check_redact
 from taskyard.routing.binding import bind_task
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
@@ -18,7 +19,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _RESOURCE_OPTIONS = ("requires_memory_mb", "memory_limit_mb", "cpu_time_limit_s")
 #: taskyard's own options of @priority_task (beside Celery's task options).
-OWN_OPTIONS = ("priority", "app", *_RESOURCE_OPTIONS)
+OWN_OPTIONS = ("priority", "app", "redact", *_RESOURCE_OPTIONS)
 _REFUSED = {"base": "taskyard tasks use their app's task class (TaskyardTask)"}
 
 
@@ -56,6 +57,7 @@ def priority_task(
     requires_memory_mb: float | None = ...,
     memory_limit_mb: float | None = ...,
     cpu_time_limit_s: float | None = ...,
+    redact: str | tuple[str, ...] = ...,
     **options: Any,
 ) -> Callable[[Any], Any]: ...
 
@@ -83,7 +85,9 @@ def priority_task(
     """
     level = parse_level(priority)
     check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
-    resources = _check_resources(options)
+    resources: dict[str, Any] = dict(_check_resources(options))
+    if "redact" in options:
+        resources["taskyard_redact"] = check_redact(options.pop("redact"))
     deliveries = options.get("max_deliveries")
     if deliveries is not None and (
         isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1

@@ -45,7 +45,8 @@ def get_profile(settings: Settings, name: str) -> WorkerProfile:
     try:
         queues = settings.worker_profiles[name]
     except KeyError:
-        known = ", ".join(sorted(settings.worker_profiles))
+        # "fast" is a way of running (solo processes over every queue), not a queue list.
+        known = ", ".join(sorted({*settings.worker_profiles, "fast"}))
         raise ConfigurationError(
             f"unknown worker profile {name!r}; known profiles: {known}", value=name
         ) from None
