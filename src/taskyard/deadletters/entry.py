@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from taskyard.errors import DeadLetterError
+from taskyard.redaction import HEADER as REDACT_HEADER
+from taskyard.redaction import REDACTED, redact_call
 
 #: Why a message is in the dead letters.
 REASONS: tuple[str, ...] = ("failed", "crashed", "poison", "expired")
@@ -94,6 +97,50 @@ class DeadLetter:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def redacted(self, pattern: str, *, show_arguments: bool = True) -> DeadLetter:
+        """This entry as it may be shown: withheld arguments (the task's redact= names, carried
+        in the ``taskyard_redact`` header, and ``pattern``) as [redacted]; with
+        ``show_arguments`` false (a viewer), every argument and the raw body. The stored entry
+        keeps everything, so a replay runs with the real values."""
+        rule = self.headers.get(REDACT_HEADER)
+        headers = dict(self.headers)
+        if not show_arguments:
+            return replace(
+                self,
+                args=json.dumps([REDACTED]),
+                kwargs="{}",
+                body=REDACTED if self.body else "",
+                body_encoding="utf-8",
+                headers={**headers, "argsrepr": REDACTED, "kwargsrepr": REDACTED},
+            )
+        try:
+            args, kwargs = redact_call(
+                json.loads(self.args), json.loads(self.kwargs), rule, pattern
+            )
+            shown_args, shown_kwargs = json.dumps(args), json.dumps(kwargs)
+        except ValueError:  # cut or a repr: nothing in it can be matched, so none of it shown
+            shown_args, shown_kwargs = json.dumps([REDACTED]), "{}"
+        return replace(
+            self, args=shown_args, kwargs=shown_kwargs, body=self._shown_body(rule, pattern)
+        )
+
+    def _shown_body(self, rule: Any, pattern: str) -> str:
+        if not self.body:
+            return ""
+        try:
+            raw = base64.b64decode(self.body) if self.body_encoding == "base64" else self.body
+            message = json.loads(raw)
+        except ValueError:
+            return REDACTED  # not JSON (or cut): no argument in it can be told apart
+        if isinstance(message, list) and len(message) >= 2:
+            args, kwargs = redact_call(message[0], message[1], rule, pattern)
+            message = [args, kwargs, *message[2:]]
+        else:
+            message, _ = redact_call([message], {}, rule, pattern)
+            message = message[0]
+        text = json.dumps(message)
+        return base64.b64encode(text.encode()).decode() if self.body_encoding == "base64" else text
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)

@@ -16,6 +16,7 @@ from typing import Any
 
 from taskyard.deadletters.entry import REPLAY_HEADER, DeadLetter, cap, to_json_text
 from taskyard.deadletters.store import RedisDeadLetterStore
+from taskyard.redaction import HEADER as REDACT_HEADER
 from taskyard.signals import task_dead
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class Recorder:
             "replay_of": str(getattr(request, REPLAY_HEADER, "") or ""),
             **self.arguments(args, kwargs),
         }
+        rule = getattr(request, REDACT_HEADER, None)
+        if isinstance(rule, dict) and rule:
+            # What views must withhold (positional arguments by their names at publish).
+            fields["headers"] = {REDACT_HEADER: rule}
         fields.update(extra)
         return DeadLetter(id=task_id, reason=reason, name=task_name, **fields)
 
@@ -136,6 +141,8 @@ class Recorder:
             fields.update(raw)
         elif _is_task_body(payload):
             fields.update(self.arguments(payload[0], payload[1]))
+            if isinstance(headers.get(REDACT_HEADER), dict):
+                fields["headers"] = {REDACT_HEADER: headers[REDACT_HEADER]}
         entry_id = task_id if isinstance(task_id, str) and task_id else _poison_id()
         return DeadLetter(id=entry_id, reason=reason, **fields)
 

@@ -25,7 +25,7 @@ def store(redis_client: redis.Redis) -> UserStore:
 
 def test_roles_include_the_ones_below() -> None:
     assert Role.ADMIN > Role.OPERATOR > Role.VIEWER
-    allowed = {role: {a for a in Action if role >= a.value} for role in Role}
+    allowed = {role: {a for a in Action if role >= a.role} for role in Role}
     assert allowed[Role.VIEWER] == {Action.READ}
     assert Action.REPLAY in allowed[Role.OPERATOR] and Action.PURGE not in allowed[Role.OPERATOR]
     assert allowed[Role.ADMIN] == set(Action)

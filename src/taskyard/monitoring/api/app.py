@@ -19,8 +19,9 @@ from pydantic import BaseModel
 
 from taskyard.config import Settings, load_settings
 from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.access import Access, LoginRequired
 from taskyard.monitoring.api.admin import admin_router
-from taskyard.monitoring.api.auth import AdminAuth
+from taskyard.monitoring.api.audit import AuditLog, audit_router
 from taskyard.monitoring.api.dead import install_dead
 from taskyard.monitoring.api.errors import install_error_handlers
 from taskyard.monitoring.api.headers import SecurityHeaders
@@ -42,6 +43,7 @@ from taskyard.monitoring.api.state import (
     json_body,
     json_response,
 )
+from taskyard.monitoring.api.users import UserStore
 from taskyard.monitoring.metrics import add_metrics_route
 from taskyard.monitoring.store import SERIES, StatsStore
 from taskyard.runtime import Runtime, runtime_of
@@ -76,7 +78,12 @@ def create_api(
         runtime=runtime,
         store=store,
         cache=ResponseCache(settings.api_cache_s),
-        auth=AdminAuth(settings.api_token),
+        auth=Access(
+            UserStore(runtime.redis, runtime.keys, settings.session_ttl_s),
+            AuditLog(runtime.redis, runtime.keys, settings.audit_max_entries),
+            admin_token=settings.api_token,
+            metrics_public=settings.metrics_public,
+        ),
         celery_app=celery_app,
     )
 
@@ -97,6 +104,7 @@ def create_api(
     )
     api.state.taskyard = state
     api.add_middleware(GZipMiddleware, minimum_size=GZIP_MIN_BYTES, compresslevel=GZIP_LEVEL)
+    api.add_middleware(LoginRequired, access=state.auth)
     api.add_middleware(SecurityHeaders)
     install_error_handlers(api)
     from taskyard.monitoring.api.docs import install_docs
@@ -108,6 +116,7 @@ def create_api(
     install_dead(api, state)
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
+    api.include_router(audit_router(state), prefix=API_PREFIX)
     # Imported here: the pages import this package's models (its __init__ imports this module).
     from taskyard.monitoring.dashboard.routes import router as dashboard_router
 

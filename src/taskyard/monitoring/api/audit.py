@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
 
 import redis
 
@@ -110,3 +110,23 @@ def _entry(raw_id: str, raw: dict[Any, Any]) -> AuditEntry:
         via=fields.get("via", ""),
         detail=detail if isinstance(detail, dict) else {},
     )
+
+
+def audit_router(state: Any) -> Any:
+    """``GET /api/v1/audit``: the newest operator actions (admins only)."""
+    from fastapi import APIRouter, Depends, Query
+
+    from taskyard.monitoring.api.users import Action
+
+    router = APIRouter(tags=["audit"])
+
+    @router.get("/audit", dependencies=[Depends(state.auth.require(Action.READ_AUDIT))])
+    def audit(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        actor: Annotated[str | None, Query(max_length=200)] = None,
+        action: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> list[dict[str, Any]]:
+        """Who did what, when, to what and to how many; newest first."""
+        return [asdict(e) for e in state.auth.audit.recent(limit, actor=actor, action=action)]
+
+    return router

@@ -1,8 +1,9 @@
 """Dead letters and task lookup in the stats API (JSON routes only).
 
 Reads: ``GET /api/v1/dead`` (search), ``GET /api/v1/dead/{id}``, ``GET /api/v1/tasks/{id}``
-(the timeline from the history database). Writes, behind the admin token like every admin
-route: ``POST /api/v1/dead/replay`` and ``POST /api/v1/dead/purge``. Their gauge is in
+(the timeline from the history database), arguments redacted and withheld from viewers.
+Writes, each in the audit trail: ``POST /api/v1/dead/replay`` (an operator) and
+``POST /api/v1/dead/purge`` (an admin; the admin token is one). Their gauge is in
 :mod:`taskyard.monitoring.metrics`, their page in :mod:`taskyard.monitoring.dashboard.dead`.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field, field_validator
 
 from taskyard.deadletters import Query as DeadQuery
@@ -19,8 +20,10 @@ from taskyard.deadletters.batches import batch_dead_letters, purge_batches, repl
 from taskyard.deadletters.replay import replay, replay_one
 from taskyard.errors import TaskyardError
 from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.access import principal_of
 from taskyard.monitoring.api.query import TIME_FORMS, check_range, epoch_seconds, parse_time
 from taskyard.monitoring.api.state import API_PREFIX, ApiState
+from taskyard.monitoring.api.users import Action
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,15 @@ class DeadSelection(BaseModel):
             state=state,
         )
 
+    def describe(self) -> str:
+        """The selection in one line, for the audit trail."""
+        if self.ids:
+            return "ids " + ",".join(self.ids[:20]) + (" ..." if len(self.ids) > 20 else "")
+        if self.all:
+            return "all"
+        fields = ("name", "queue", "reason", "exception", "since", "until")
+        return " ".join(f"{f}={getattr(self, f)}" for f in fields if getattr(self, f) is not None)
+
     def check(self) -> None:
         filtered = any(
             v is not None
@@ -79,10 +91,13 @@ def _raise(exc: TaskyardError, status: int = 400) -> None:
 def dead_router(state: ApiState) -> APIRouter:
     """The read and admin routes of the dead letters and task lookup."""
     router = APIRouter(tags=["dead letters"])
-    admin = [Depends(state.auth)]
+    replayer = [Depends(state.auth.require(Action.REPLAY))]
+    purger = [Depends(state.auth.require(Action.PURGE))]
+    pattern = state.runtime.settings.redact_pattern
 
     @router.get("/dead", response_model=m.DeadLetterPage)
     def search(
+        request: Request,
         name: str | None = None,
         queue: str | None = None,
         reason: Reason | None = None,
@@ -116,7 +131,10 @@ def dead_router(state: ApiState) -> APIRouter:
             "total": store.count(query),
             "limit": limit,
             "offset": offset,
-            "entries": [e.to_dict() for e in entries],
+            "entries": [
+                e.redacted(pattern, show_arguments=state.auth.may_view_arguments(request)).to_dict()
+                for e in entries
+            ],
             "batches": batch_dead_letters(state.runtime) if batches and plain else [],
         }
 
@@ -125,17 +143,23 @@ def dead_router(state: ApiState) -> APIRouter:
         response_model=m.DeadLetterEntry,
         responses={404: {"model": m.ErrorBody}},
     )
-    def entry(entry_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
-        """One dead letter in full."""
+    def entry(
+        request: Request, entry_id: Annotated[str, Path(min_length=1, max_length=300)]
+    ) -> dict[str, Any]:
+        """One dead letter in full (arguments redacted; withheld from viewers)."""
         found = state.dead_letters().get(entry_id)
         if found is None:
             raise HTTPException(404, f"no dead letter {entry_id!r}")
-        return found.to_dict()
+        return found.redacted(
+            pattern, show_arguments=state.auth.may_view_arguments(request)
+        ).to_dict()
 
     @router.get(
         "/tasks/{task_id}", response_model=m.TaskTimeline, responses={404: {"model": m.ErrorBody}}
     )
-    def task(task_id: Annotated[str, Path(min_length=1, max_length=300)]) -> dict[str, Any]:
+    def task(
+        request: Request, task_id: Annotated[str, Path(min_length=1, max_length=300)]
+    ) -> dict[str, Any]:
         """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
         found = state.store.timeline(task_id)
         dead = state.dead_letters().get(task_id)
@@ -143,11 +167,15 @@ def dead_router(state: ApiState) -> APIRouter:
             raise HTTPException(404, f"no task {task_id!r} in the timelines or dead letters")
         return {
             **(found or {"task_id": task_id, "events": []}),
-            "dead": dead.to_dict() if dead else None,
+            "dead": dead.redacted(
+                pattern, show_arguments=state.auth.may_view_arguments(request)
+            ).to_dict()
+            if dead
+            else None,
         }
 
-    @router.post("/dead/replay", dependencies=admin, response_model=m.AdminResult)
-    def replay_route(selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
+    @router.post("/dead/replay", dependencies=replayer, response_model=m.AdminResult)
+    def replay_route(http: Request, selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
         """Send dead tasks again to their own level (each links back to its entry)."""
         selection.check()
         app = state.celery()
@@ -155,6 +183,9 @@ def dead_router(state: ApiState) -> APIRouter:
         try:
             if selection.batch is not None:
                 refs = replay_batches(app, selection.batch)
+                state.auth.record(
+                    principal_of(http), "dead.replay", target=selection.batch, count=len(refs)
+                )
                 return m.AdminResult(action="dead.replay", detail={"batches": refs})
             if selection.ids:
                 done = {i: replay_one(app, store, i) for i in selection.ids}
@@ -165,17 +196,27 @@ def dead_router(state: ApiState) -> APIRouter:
         except TaskyardError as exc:
             _raise(exc, 404 if "no dead letter" in str(exc) else 409)
         state.cache.clear()
+        state.auth.record(
+            principal_of(http),
+            "dead.replay",
+            target=selection.describe(),
+            count=len(report_detail["replayed"]),
+            detail={"skipped": len(report_detail["skipped"])},
+        )
         log.info("stats API: %d dead letter(s) replayed", len(report_detail["replayed"]))
         return m.AdminResult(action="dead.replay", detail=report_detail)
 
-    @router.post("/dead/purge", dependencies=admin, response_model=m.AdminResult)
-    def purge_route(selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
+    @router.post("/dead/purge", dependencies=purger, response_model=m.AdminResult)
+    def purge_route(http: Request, selection: Annotated[DeadSelection, Body()]) -> m.AdminResult:
         """Delete dead letters for good."""
         selection.check()
         store = state.dead_letters()
         try:
             if selection.batch is not None:
                 items = purge_batches(state.runtime, selection.batch)
+                state.auth.record(
+                    principal_of(http), "dead.purge", target=selection.batch, count=items
+                )
                 return m.AdminResult(action="dead.purge", detail={"batch_items": items})
             if selection.ids:
                 purged = store.delete(list(selection.ids))
@@ -184,6 +225,9 @@ def dead_router(state: ApiState) -> APIRouter:
         except TaskyardError as exc:
             _raise(exc)
         state.cache.clear()
+        state.auth.record(
+            principal_of(http), "dead.purge", target=selection.describe(), count=purged
+        )
         log.info("stats API: %d dead letter(s) purged", purged)
         return m.AdminResult(action="dead.purge", detail={"purged": purged})
 

@@ -35,7 +35,7 @@ def error_response(
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-def _unavailable(part: str, exc: Exception) -> JSONResponse:
+def unavailable(part: str, exc: Exception) -> JSONResponse:
     # The driver's message names host and port, never the password of the URL.
     reason = str(exc).strip() or type(exc).__name__
     log.warning("stats API: %s unavailable: %s", part, reason)
@@ -61,13 +61,13 @@ def install_error_handlers(api: FastAPI) -> None:
         return error_response(422, "invalid_request", jsonable_encoder(exc.errors()))
 
     async def redis_error(request: Request, exc: Exception) -> JSONResponse:
-        return _unavailable("redis", exc)
+        return unavailable("redis", exc)
 
     async def database_error(request: Request, exc: Exception) -> JSONResponse:
-        return _unavailable("database", exc)
+        return unavailable("database", exc)
 
     async def broker_error(request: Request, exc: Exception) -> JSONResponse:
-        return _unavailable("broker", exc)
+        return unavailable("broker", exc)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("stats API: unexpected error on %s %s", request.method, request.url.path)

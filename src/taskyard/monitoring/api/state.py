@@ -11,7 +11,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import Response
 
 from taskyard.deadletters import DeadLetterStore, RedisDeadLetterStore
-from taskyard.monitoring.api.auth import AdminAuth
+from taskyard.monitoring.api.access import Access
 from taskyard.monitoring.api.query import Body, ResponseCache
 from taskyard.runtime import Runtime
 
@@ -58,7 +58,8 @@ class ApiState:
     runtime: Runtime
     store: StatsSource
     cache: ResponseCache
-    auth: AdminAuth
+    #: Who a request is and what it may do; as a dependency, an operator's action.
+    auth: Access
     celery_app: Any
     extras: dict[str, Any] = field(default_factory=dict)
     dead_store: DeadLetterStore | None = None

@@ -55,17 +55,28 @@ class Role(enum.IntEnum):
 
 
 class Action(enum.Enum):
-    """Everything the console distinguishes, with the least role that may do it."""
+    """Everything the console distinguishes, with the least role that may do it (the name in
+    each value keeps members distinct: an Enum merges members of equal value)."""
 
-    READ = Role.VIEWER
-    VIEW_ARGUMENTS = Role.OPERATOR
-    REPLAY = Role.OPERATOR
-    CANCEL = Role.OPERATOR
-    PAUSE = Role.OPERATOR
-    LIMITS = Role.OPERATOR
-    PURGE = Role.ADMIN
-    MANAGE_USERS = Role.ADMIN
-    READ_AUDIT = Role.ADMIN
+    READ = ("read", Role.VIEWER)
+    VIEW_ARGUMENTS = ("view arguments", Role.OPERATOR)
+    REPLAY = ("replay", Role.OPERATOR)
+    CANCEL = ("cancel", Role.OPERATOR)
+    PAUSE = ("pause", Role.OPERATOR)
+    LIMITS = ("change limits", Role.OPERATOR)
+    #: Cache invalidation, maintenance runs, requeued batches: the operator's other levers.
+    OPERATE = ("operate", Role.OPERATOR)
+    PURGE = ("purge", Role.ADMIN)
+    MANAGE_USERS = ("manage users", Role.ADMIN)
+    READ_AUDIT = ("read the audit trail", Role.ADMIN)
+
+    @property
+    def role(self) -> Role:
+        return self.value[1]
+
+    @property
+    def label(self) -> str:
+        return self.value[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +91,7 @@ class Principal:
     csrf: str | None = None
 
     def may(self, action: Action) -> bool:
-        return self.role >= action.value
+        return self.role >= action.role
 
 
 #: The principal of the configured admin token.

@@ -40,6 +40,7 @@ PAGES: tuple[tuple[str, str], ...] = (
     ("/dashboard/workers", "Workers"),
     ("/dashboard/tasks", "Tasks"),
     ("/dashboard/dead", "Dead letters"),
+    ("/dashboard/audit", "Audit"),
 )
 
 
@@ -66,6 +67,9 @@ class Shell:
     now: float | None = None
     note: str = ""
     fragment: bool = False
+    #: Who is logged in ("" without users: the loopback default), and their role.
+    user: str = ""
+    role: str = ""
 
     @property
     def layout(self) -> str:
@@ -146,8 +150,14 @@ def shell(
 
     if fragment:
         return Shell(title, fragment=True)
+    principal = getattr(request.state, "principal", None) if request is not None else None
+    user = role = ""
+    if principal is not None and principal.via == "session":
+        user, role = principal.name, principal.role.label
     return Shell(
         title,
+        user=user,
+        role=role,
         nav=nav(request, active),
         flower=flower_url(settings) if settings is not None else None,
         refresh_s=refresh_s,
@@ -187,7 +197,12 @@ async def respond_page(request: Request, key: Hashable, compute: Callable[[], st
         cache = state.extras[_PAGE_CACHE] = ResponseCache(
             max(m.api_cache_s, m.stats_interval_s / 2) if m.api_cache_s > 0 else 0.0
         )
-    body = await cache.get(key, lambda: Body.of(compute().encode(), GZIP_MIN_BYTES, GZIP_LEVEL))
+    # Pages differ by who asks (the header names them; a viewer sees no arguments).
+    principal = getattr(request.state, "principal", None)
+    who = (principal.name, principal.role) if principal is not None else None
+    body = await cache.get(
+        (key, who), lambda: Body.of(compute().encode(), GZIP_MIN_BYTES, GZIP_LEVEL)
+    )
     return page_response(request, body)
 
 

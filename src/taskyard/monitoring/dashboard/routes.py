@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from taskyard.monitoring.dashboard import dead, overview, task, task_name, tasks, workers
+from taskyard.monitoring.dashboard import (
+    audit,
+    dead,
+    login,
+    overview,
+    task,
+    task_name,
+    tasks,
+    workers,
+)
 
 router = APIRouter()
-for page in (overview, workers, tasks, task_name, task, dead):
+for page in (overview, workers, tasks, task_name, task, dead, audit, login):
     router.include_router(page.router)
