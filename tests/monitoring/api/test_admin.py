@@ -55,7 +55,7 @@ def test_admin_with_wrong_token_is_403(client: TestClient, path: str, body: obje
         header = f"Bearer {wrong}".encode("latin-1")
         response = client.post(path, json=body, headers={"Authorization": header})
         assert response.status_code == 403, (wrong, response.text)
-        assert response.json()["detail"] == "admin endpoint: wrong bearer token"
+        assert response.json()["detail"] == "wrong bearer token"
 
 
 def test_admin_refused_when_no_token_is_configured(

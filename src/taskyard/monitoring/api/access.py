@@ -19,11 +19,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis
-from fastapi import HTTPException, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from taskyard.monitoring.api.audit import AuditLog
+from taskyard.monitoring.api.auth import bearer_scheme
 from taskyard.monitoring.api.errors import unavailable
 from taskyard.monitoring.api.users import (
     ADMIN_TOKEN_NAME,
@@ -36,8 +38,9 @@ from taskyard.monitoring.api.users import (
 
 #: The browser session's cookie.
 SESSION_COOKIE = "taskyard_session"
-#: Answered without credentials even when users exist.
-PUBLIC_PREFIXES = ("/health/", "/login", "/static/")
+#: Answered without credentials even when users exist: health, the login page, static files,
+#: and the API's own documentation (no data in it).
+PUBLIC_PREFIXES = ("/health/", "/login", "/static/", "/docs", "/redoc", "/openapi.json")
 #: How long the "do any users exist" answer is reused (s): one Redis call per second at most.
 USERS_CHECK_S = 1.0
 
@@ -110,14 +113,22 @@ class Access:
         return self.metrics_public and path == "/metrics"
 
     # --- what -------------------------------------------------------------------------------
-    async def __call__(self, request: Request) -> Principal:
-        """As a dependency itself: an operator's action (``Depends(state.auth)``)."""
+    async def __call__(
+        self,
+        request: Request,
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
+    ) -> Principal:
+        """As a dependency itself: an operator's action (``Depends(state.auth)``).
+        ``credentials`` documents the bearer scheme in the OpenAPI schema only."""
         return await self.check(request, Action.OPERATE)
 
     def require(self, action: Action) -> Callable[[Request], Awaitable[Principal]]:
         """A FastAPI dependency: the request's principal when it may do ``action``."""
 
-        async def dependency(request: Request) -> Principal:
+        async def dependency(
+            request: Request,
+            credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),  # noqa: B008
+        ) -> Principal:
             return await self.check(request, action)
 
         dependency.__name__ = f"require_{action.name.lower()}"
@@ -209,6 +220,15 @@ class LoginRequired(BaseHTTPMiddleware):
             # Credentials cannot be checked: health answers on its own, the rest is a 503.
             if self.access.public(request.url.path):
                 return await call_next(request)
+            if request.url.path.startswith("/dashboard"):
+                from taskyard.monitoring.dashboard.templating import render
+
+                page = render(
+                    "minimal.html",
+                    title="unavailable",
+                    message=f"Redis is unreachable, so credentials cannot be checked: {exc}",
+                )
+                return HTMLResponse(page, 503, headers={"Retry-After": "5"})
             return unavailable("redis", exc)
         except HTTPException as exc:
             if self.access.public(request.url.path):

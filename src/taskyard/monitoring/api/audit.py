@@ -14,8 +14,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import redis
+from fastapi import APIRouter, Depends, Query
 
 from taskyard.keys import Keys
+from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.users import Action
 from taskyard.serialization import text
 
 
@@ -112,15 +115,15 @@ def _entry(raw_id: str, raw: dict[Any, Any]) -> AuditEntry:
     )
 
 
-def audit_router(state: Any) -> Any:
+def audit_router(state: Any) -> APIRouter:
     """``GET /api/v1/audit``: the newest operator actions (admins only)."""
-    from fastapi import APIRouter, Depends, Query
-
-    from taskyard.monitoring.api.users import Action
-
     router = APIRouter(tags=["audit"])
 
-    @router.get("/audit", dependencies=[Depends(state.auth.require(Action.READ_AUDIT))])
+    @router.get(
+        "/audit",
+        dependencies=[Depends(state.auth.require(Action.READ_AUDIT))],
+        response_model=list[m.AuditEntry],
+    )
     def audit(
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         actor: Annotated[str | None, Query(max_length=200)] = None,

@@ -221,6 +221,20 @@ class AdminResult(BaseModel):
     detail: dict[str, Any] = {}
 
 
+class AuditEntry(BaseModel):
+    """One operator action of the audit trail."""
+
+    id: str = Field(description="Stream entry id (orders entries).")
+    at: float = Field(description="When, s since epoch.")
+    actor: str = Field(description="User name, 'admin-token', or 'cli:<login>'.")
+    role: str
+    action: str = Field(description="e.g. dead.replay, dead.purge, user.add, session.login.")
+    target: str = Field(description="What it acted on: ids, a filter, a name.")
+    count: int = Field(description="How many it touched.")
+    via: str = Field(description="api, dashboard or cli.")
+    detail: dict[str, Any] = {}
+
+
 # The pydantic mypy plugin gives the generated __init__ a "kwargs" parameter (the alias) beside
 # its own **kwargs (extra fields allowed); the model itself is fine.
 class DeadLetterEntry(_Row):  # type: ignore[no-redef]

@@ -82,7 +82,7 @@ def pretty(raw: str) -> str:
         return str(raw)[:ARGS_SHOWN]
 
 
-def gather_task(state: ApiState, task_id: str) -> TaskView:
+def gather_task(state: ApiState, task_id: str, show_arguments: bool = True) -> TaskView:
     settings = state.runtime.settings
     timeline: m.TaskTimeline | None = None
     problem = ""
@@ -94,6 +94,8 @@ def gather_task(state: ApiState, task_id: str) -> TaskView:
         problem = f"task lookup unavailable: {type(exc).__name__}: {exc}"
     try:
         dead = state.dead_letters().get(task_id)
+        if dead is not None:
+            dead = dead.redacted(settings.redact_pattern, show_arguments=show_arguments)
     except Exception:
         logger.warning("dashboard: dead letter %s unreadable", task_id, exc_info=True)
         dead = None
@@ -130,6 +132,8 @@ async def task_page(
             note=f"at {clock(time.time())} UTC",
             fragment=fragment,
         )
-        return render_task(gather_task(state, task_id), page)
+        return render_task(
+            gather_task(state, task_id, state.auth.may_view_arguments(request)), page
+        )
 
     return await respond_page(request, ("page:task", task_id, refresh, fragment), compute)
