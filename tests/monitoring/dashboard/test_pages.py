@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from taskyard.config import load_settings
 from taskyard.monitoring.api import models as m
 from taskyard.monitoring.api.headers import SecurityHeaders
-from taskyard.monitoring.dashboard import charts
+from taskyard.monitoring.dashboard import charts, series_charts
 from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.dashboard.rows import Thresholds, typed
 from taskyard.monitoring.dashboard.rows import series_of as typed_series
@@ -403,8 +403,8 @@ def client_for(store: FakeStore) -> TestClient:
     app = FastAPI()
     runtime = SimpleNamespace(settings=load_settings())
     app.state.taskyard = ApiState(
-        runtime=runtime,
-        store=store,  # type: ignore[arg-type]
+        runtime=runtime,  # type: ignore[arg-type]  # the pages read its settings only
+        store=store,  # the in-memory twin satisfies StatsSource
         cache=ResponseCache(0),
         auth=AdminAuth(None),
         celery_app=None,
@@ -425,8 +425,8 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
     # The store is asked for that many snapshots of each series.
     assert {limit for _, _, limit in store.series_calls} == {
-        dashboard.CHART_POINTS,
-        dashboard.SAMPLED_POINTS,
+        series_charts.CHART_POINTS,
+        series_charts.SAMPLED_POINTS,
     }
     fragment = client.get("/dashboard", params={"fragment": "true"})
     assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")
