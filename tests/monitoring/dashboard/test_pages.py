@@ -13,11 +13,10 @@ from fastapi.testclient import TestClient
 from taskyard.config import load_settings
 from taskyard.monitoring.api import models as m
 from taskyard.monitoring.api.headers import SecurityHeaders
-from taskyard.monitoring.dashboard import charts
+from taskyard.monitoring.dashboard import charts, series_charts
 from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.dashboard.rows import Thresholds, typed
 from taskyard.monitoring.dashboard.rows import series_of as typed_series
-from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS
 from taskyard.monitoring.dashboard.templating import render_chart
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
@@ -396,18 +395,28 @@ class FakeStore:
 def client_for(store: FakeStore) -> TestClient:
     from types import SimpleNamespace
 
-    from taskyard.monitoring.api.auth import AdminAuth
+    import redis
+
+    from taskyard.keys import Keys
+    from taskyard.monitoring.api.access import Access
+    from taskyard.monitoring.api.audit import AuditLog
     from taskyard.monitoring.api.query import ResponseCache
     from taskyard.monitoring.api.state import ApiState
+    from taskyard.monitoring.api.users import UserStore
     from taskyard.monitoring.dashboard.routes import router
 
     app = FastAPI()
     runtime = SimpleNamespace(settings=load_settings())
     app.state.taskyard = ApiState(
-        runtime=runtime,
-        store=store,  # type: ignore[arg-type]
+        runtime=runtime,  # type: ignore[arg-type]  # the pages read its settings only
+        store=store,  # the in-memory twin satisfies StatsSource
         cache=ResponseCache(0),
-        auth=AdminAuth(None),
+        # Never reached: no middleware identifies requests, and these pages act on nothing.
+        auth=Access(
+            UserStore(redis.Redis(port=1), Keys()),
+            AuditLog(redis.Redis(port=1), Keys()),
+            admin_token=None,
+        ),
         celery_app=None,
     )
     app.add_middleware(SecurityHeaders)
@@ -426,8 +435,8 @@ def test_route_serves_page_and_fragment_with_bounded_window() -> None:
     assert {name for name, _, _ in store.series_calls} == set(dashboard.CHART_SERIES)
     # The store is asked for that many snapshots of each series.
     assert {limit for _, _, limit in store.series_calls} == {
-        dashboard.CHART_POINTS,
-        SAMPLED_POINTS,
+        series_charts.CHART_POINTS,
+        series_charts.SAMPLED_POINTS,
     }
     fragment = client.get("/dashboard", params={"fragment": "true"})
     assert fragment.status_code == 200 and not fragment.text.startswith("<!DOCTYPE")

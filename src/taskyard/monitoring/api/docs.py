@@ -23,8 +23,9 @@ TASKYARD_STATIC = "/static/taskyard"
 #: The dashboard's own assets (vendored uPlot), shipped inside this package.
 STATIC_DIR = Path(__file__).parents[1] / "dashboard" / "static"
 
-#: The docs page (and the dashboard) may load nothing from another host: the browser enforces it.
-PAGE_POLICY = (
+#: The docs page may load nothing from another host (Swagger UI needs inline script and blob
+#: workers; the dashboard's narrower policy is in headers.py): the browser enforces it.
+DOCS_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
     "script-src 'self' 'unsafe-inline'; worker-src 'self' blob:; "
     "connect-src 'self'; font-src 'self' data:"
@@ -78,7 +79,7 @@ def install_docs(api: FastAPI) -> None:
 
 
 def _local_only(page: HTMLResponse) -> HTMLResponse:
-    page.headers["Content-Security-Policy"] = PAGE_POLICY
+    page.headers["Content-Security-Policy"] = DOCS_POLICY
     return page
 
 

@@ -8,14 +8,14 @@ one name per field (``in_flight_items``, as the API names it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from taskyard.config import Settings
-from taskyard.monitoring.api import models as m
 
 Row = TypeVar("Row", bound=BaseModel)
 
@@ -61,16 +61,17 @@ class Thresholds:
 
 
 class Snapshot(BaseModel):
-    """One snapshot of a series: ``at`` (s since epoch) and what the collection recorded.
-    Shared between page builds (see :func:`snapshots`): never changed once made."""
+    """One snapshot of a series: ``at`` (s since epoch) and what its charts read (other fields
+    are ignored). Shared between page builds (see :func:`snapshots`): never changed once made.
+    Defaults are immutable: pydantic copies a mutable one for every row that lacks it."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     at: float
 
 
 class LevelDepth(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(frozen=True)
 
     depth: int = 0
     ready: int = 0
@@ -79,7 +80,7 @@ class LevelDepth(BaseModel):
 
 class QueuesSnapshot(Snapshot):
     #: Level -> its depths (the oldest snapshots held the depth alone).
-    queues: dict[str, LevelDepth | int] = {}
+    queues: Mapping[str, LevelDepth | int] = MappingProxyType({})
 
     def depth(self, level: str) -> float | None:
         entry = self.queues.get(level)
@@ -104,16 +105,56 @@ class LatencySnapshot(Snapshot):
     wait_p99: float | None = None
 
 
+class TaskCounts(BaseModel):
+    """What a time chart reads of a task row in a snapshot (the rest is ignored: validating
+    every field of every row of a window costs more than the page)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    queue: str = ""
+    received: int = 0
+    started: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    deferred: int = 0
+    runtime_p50: float | None = None
+    runtime_p95: float | None = None
+    runtime_p99: float | None = None
+
+
+class WorkerReading(BaseModel):
+    """What a time chart reads of a worker's heartbeat in a snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    hostname: str
+    host: str | None = None
+    alive: bool = True
+    memory_pct: float | None = None
+    cpu_pct: float | None = None
+
+
+class BatchReading(BaseModel):
+    """What a time chart reads of a batch name in a snapshot."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batch_name: str
+    buffered: int = 0
+
+
 class TasksSnapshot(Snapshot):
-    tasks: list[m.TaskStats] = []
+    tasks: tuple[TaskCounts, ...] = ()
 
 
 class WorkersSnapshot(Snapshot):
-    workers: list[m.WorkerStats] = []
+    workers: tuple[WorkerReading, ...] = ()
 
 
 class BatchesSnapshot(Snapshot):
-    batches: list[m.BatchStats] = []
+    batches: tuple[BatchReading, ...] = ()
 
 
 @dataclass
