@@ -67,8 +67,9 @@ from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
 from taskyard.keys import Keys
 from taskyard.seams import Seam
 
-# What this module relies on in kombu (checked by tests/test_seams.py): the poller hooks it
-# overrides, the channel's fetch entry points and helpers, the restore path, QoS bookkeeping.
+# What this module relies on in kombu and redis-py (checked by tests/test_seams.py): the poller
+# hooks it overrides, the channel's fetch entry points and helpers, the restore path, QoS
+# bookkeeping, the fetch connection.
 SEAMS = (
     Seam("kombu.transport.redis.MultiChannelPoller", "_register_BRPOP", params=("channel",)),
     Seam("kombu.transport.redis.MultiChannelPoller", "_pause_brpop", params=("channel", "fileno")),
