@@ -128,6 +128,10 @@ SEAMS = (
         "kombu.transport.redis.Transport", "register_with_event_loop", params=("connection", "loop")
     ),
     Seam("kombu.asynchronous.hub.Hub", "readers", "instance"),
+    # kombu prefixes keys in execute_command only: the scripts and raw commands of this module
+    # call redis.Redis's own (taskyard.lua) with full keys (tests/test_lua.py on a real client).
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "execute_command"),
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "_prefix_args", params=("args",)),
     # redis-py: the fetch connection's socket, its re-auth, and reading a reply sent earlier.
     Seam("redis.connection.AbstractConnection", "_sock", "instance"),
     Seam("redis.connection.AbstractConnection", "re_auth"),
