@@ -67,8 +67,9 @@ from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
 from taskyard.keys import Keys
 from taskyard.seams import Seam
 
-# What this module relies on in kombu (checked by tests/test_seams.py): the poller hooks it
-# overrides, the channel's fetch entry points and helpers, the restore path, QoS bookkeeping.
+# What this module relies on in kombu and redis-py (checked by tests/test_seams.py): the poller
+# hooks it overrides, the channel's fetch entry points and helpers, the restore path, QoS
+# bookkeeping, the fetch connection.
 SEAMS = (
     Seam("kombu.transport.redis.MultiChannelPoller", "_register_BRPOP", params=("channel",)),
     Seam("kombu.transport.redis.MultiChannelPoller", "_pause_brpop", params=("channel", "fileno")),
@@ -127,6 +128,10 @@ SEAMS = (
         "kombu.transport.redis.Transport", "register_with_event_loop", params=("connection", "loop")
     ),
     Seam("kombu.asynchronous.hub.Hub", "readers", "instance"),
+    # kombu prefixes keys in execute_command only: the scripts and raw commands of this module
+    # call redis.Redis's own (taskyard.lua) with full keys (tests/test_lua.py on a real client).
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "execute_command"),
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "_prefix_args", params=("args",)),
     # redis-py: the fetch connection's socket, its re-auth, and reading a reply sent earlier.
     Seam("redis.connection.AbstractConnection", "_sock", "instance"),
     Seam("redis.connection.AbstractConnection", "re_auth"),
