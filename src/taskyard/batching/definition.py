@@ -41,6 +41,7 @@ class BatchDefinition:
     by :func:`taskyard.batching.decorator.batch_task`.
     """
 
+    #: The flush task: a Celery task, typed Any as Celery ships no type information.
     task: Any
 
     def __init__(
