@@ -167,3 +167,24 @@ def test_install_keeps_a_scheduler_the_user_chose(make_app: Any) -> None:
     chosen = make_app(beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler")
     assert chosen.conf.beat_scheduler == "django_celery_beat.schedulers:DatabaseScheduler"
     assert "taskyard.cache.warm" in chosen.conf.beat_schedule
+
+
+def test_each_part_declares_its_periodic_job_from_its_own_setting(make_app: Any) -> None:
+    app = make_app(
+        cache={"warm_interval_s": 30},
+        maintenance={"interval_s": 600},
+        monitoring={"stats_interval_s": 7},
+        batch={"reaper_interval_s": 2},
+    )
+    jobs = runtime_of(app).periodic_jobs
+    assert {task: (job.period_s, job.scheduled) for task, job in jobs.items()} == {
+        CACHE_WARM_TASK: (30, True),
+        MAINTENANCE_TASK: (600, True),
+        STATS_COLLECT_TASK: (7, True),
+        REAP_TASK: (2, False),  # the worker flushers scan instead (the default)
+    }
+    assert {name: e["schedule"].seconds for name, e in app.conf.beat_schedule.items()} == {
+        CACHE_WARM_TASK: 30,
+        MAINTENANCE_TASK: 600,
+        STATS_COLLECT_TASK: 7,
+    }

@@ -1,6 +1,8 @@
-"""A batch definition: its options, per-app resolution, and the append/claim/publish calls.
+"""A batch definition: its options, resolved per app, and the producer calls of its API.
 
-The flush task, the reaper and inspection depend on this module; the ``@batch_task`` decorator
+``state(app)`` binds the definition to an app (a :class:`~taskyard.batching.producer.BatchProducer`,
+one per app); ``.delay``, ``.add_many`` and ``.flush`` go through it, and ``.buffered()`` puts the
+process's buffered producer in front of it. The ``@batch_task`` decorator
 (:mod:`taskyard.batching.decorator`) builds a definition and binds its flush task.
 """
 
@@ -41,6 +43,7 @@ class BatchDefinition:
     by :func:`taskyard.batching.decorator.batch_task`.
     """
 
+    #: The flush task: a Celery task, typed Any as Celery ships no type information.
     task: Any
 
     def __init__(

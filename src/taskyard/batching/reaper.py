@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+
+from redis.client import Pipeline
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.producer import publish
@@ -61,7 +62,7 @@ def reap(app: TaskyardApp) -> dict[str, int]:
         return {"claimed": 0, "republished": 0}
     buffers = {name: BatchBuffer(runtime.redis, runtime.keys, name) for name in confs}
 
-    def build(pipe: Any) -> None:
+    def build(pipe: Pipeline) -> None:
         for name, conf in confs.items():
             buffers[name].queue_reap(
                 pipe,

@@ -11,10 +11,11 @@ from typing import Any
 
 from taskyard.batching.inspect import batch_names, list_dead, purge_dead, requeue_dead
 from taskyard.errors import DeadLetterError
+from taskyard.runtime import TaskyardApp
 
 
 def batch_dead_letters(
-    app: Any, batch_name: str | None = None, *, items: int = 3, limit: int = 1000
+    app: TaskyardApp, batch_name: str | None = None, *, items: int = 3, limit: int = 1000
 ) -> list[dict[str, Any]]:
     """Dead batches as rows beside task entries, newest death first."""
     rows = []
@@ -48,7 +49,7 @@ def _split(batch_ref: str) -> tuple[str, list[str] | None]:
     return name, ([batch_id] if sep else None)
 
 
-def replay_batches(app: Any, batch_ref: str | None = None) -> list[str]:
+def replay_batches(app: TaskyardApp, batch_ref: str | None = None) -> list[str]:
     """Requeue dead batches ("name", "name/id", or every name when None); their refs."""
     refs: list[str] = []
     targets = [_split(batch_ref)] if batch_ref else [(n, None) for n in batch_names(app)]
@@ -57,7 +58,7 @@ def replay_batches(app: Any, batch_ref: str | None = None) -> list[str]:
     return refs
 
 
-def purge_batches(app: Any, batch_ref: str | None = None) -> int:
+def purge_batches(app: TaskyardApp, batch_ref: str | None = None) -> int:
     """Delete dead batches for good ("name", "name/id", or all); returns items deleted."""
     targets = [_split(batch_ref)] if batch_ref else [(n, None) for n in batch_names(app)]
     return sum(purge_dead(app, name, ids) for name, ids in targets)

@@ -22,6 +22,7 @@ from taskyard.deadletters.entry import REPLAY_HEADER, DeadLetter, Query
 from taskyard.deadletters.store import DeadLetterStore
 from taskyard.errors import DeadLetterError
 from taskyard.routing.levels import LEVEL_NAMES
+from taskyard.runtime import TaskyardApp
 
 #: progress(done, total, entry id): called after each entry of a bulk replay.
 Progress = Callable[[int, int, str], None]
@@ -35,7 +36,7 @@ class ReplayReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def _queue_of(app: Any, entry: DeadLetter) -> str | None:
+def _queue_of(app: TaskyardApp, entry: DeadLetter) -> str | None:
     if entry.queue in LEVEL_NAMES or entry.queue in (app.amqp.queues or {}):
         return entry.queue
     return None  # the app's routing places it
@@ -71,7 +72,7 @@ def check_replayable(entry: DeadLetter) -> None:
         raise DeadLetterError(f"dead letter {entry.id} names no task", value=entry.id)
 
 
-def _send(app: Any, entry: DeadLetter, new_id: str) -> None:
+def _send(app: TaskyardApp, entry: DeadLetter, new_id: str) -> None:
     queue = _queue_of(app, entry)
     if entry.reason == "poison":
         raw = (
@@ -97,7 +98,7 @@ def _send(app: Any, entry: DeadLetter, new_id: str) -> None:
     )
 
 
-def replay_one(app: Any, store: DeadLetterStore, entry_id: str) -> str:
+def replay_one(app: TaskyardApp, store: DeadLetterStore, entry_id: str) -> str:
     """Send dead entry ``entry_id`` again; returns the new task id.
 
     Raises:
@@ -120,7 +121,7 @@ def replay_one(app: Any, store: DeadLetterStore, entry_id: str) -> str:
 
 
 def replay(
-    app: Any,
+    app: TaskyardApp,
     store: DeadLetterStore,
     query: Query | None = None,
     *,

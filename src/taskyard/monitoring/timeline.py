@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import sqlalchemy as sa
+from redis.client import Pipeline
 from sqlalchemy.engine import Engine
 
 from taskyard.monitoring import history
@@ -70,7 +71,7 @@ def unpack(packed: str | bytes) -> dict[str, Any] | None:
     }
 
 
-def append(pipe: Any, runtime: Runtime, events: list[str]) -> None:
+def append(pipe: Pipeline, runtime: Runtime, events: list[str]) -> None:
     """Queue the RPUSH and cap of ``events`` on ``pipe`` (the capture's flush pipeline)."""
     key = runtime.keys.timeline_pending()
     for start in range(0, len(events), 1000):
