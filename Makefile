@@ -20,8 +20,8 @@ run: $(STAMP)
 
 ## The whole suite against real Redis, PostgreSQL and RabbitMQ (started when not running), on
 ## TEST_WORKERS parallel pytest-xdist workers (each on its own Redis database: tests/servers.py;
-## tests on RabbitMQ or PostgreSQL run one at a time: --dist loadgroup), with a coverage
-## summary and the 25 slowest tests printed.
+## tests on RabbitMQ or PostgreSQL take turns: tests/conftest.py), with a coverage summary and
+## the 25 slowest tests printed.
 TEST_WORKERS ?= 2
 test: $(STAMP) services browser
 	./scripts/ensure-prometheus.sh

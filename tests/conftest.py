@@ -3,8 +3,10 @@ a test's own, and `taskyard api` in a process of its own."""
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,22 +20,50 @@ from taskyard.testing import ROOT, child_env, terminate, wait_until
 from tests import servers
 from tests.servers import RedisServer
 
-#: Test ids naming a server whose state every database shares, and the xdist group that runs
-#: them one after another on one worker (`make test` runs with ``--dist loadgroup``): RabbitMQ's
-#: queues (the five levels, ``celery``) live in one vhost, PostgreSQL's tables and indexes in
-#: one database; Redis keys do not need this, each worker has its own database (servers.py).
+#: Test ids naming a server whose state every database shares, and the group whose tests run
+#: one at a time: RabbitMQ's queues (the five levels, ``celery``) live in one vhost,
+#: PostgreSQL's tables and indexes in one database. Redis keys need no such care: each
+#: pytest-xdist worker has its own database (servers.py).
 SHARED_SERVERS = {"rabbitmq": ("rabbitmq", "amqp"), "postgresql": ("postgres",)}
 SHARED_SERVER_PATHS = {"postgresql": ("tests/maintenance/", "tests/test_database.py")}
 
 
+def shared_server_group(item: pytest.Item) -> str | None:
+    nodeid = item.nodeid.lower()
+    for group, words in SHARED_SERVERS.items():
+        if any(word in nodeid for word in words) or nodeid.startswith(
+            SHARED_SERVER_PATHS.get(group, ())
+        ):
+            return group
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # For `--dist loadgroup`: one xdist worker takes each group (where the installed xdist
+    # honours the mark; the lock below holds either way).
     for item in items:
-        nodeid = item.nodeid.lower()
-        for group, words in SHARED_SERVERS.items():
-            paths = SHARED_SERVER_PATHS.get(group, ())
-            if any(word in nodeid for word in words) or nodeid.startswith(paths):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+        group = shared_server_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(autouse=True)
+def _one_at_a_time_on_shared_servers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests of a shared-server group hold an exclusive lock file of the machine for their whole
+    run (autouse: taken before the fixtures that purge queues or create tables), so parallel
+    workers, and other checkouts' runs on the same servers, take turns."""
+    group = shared_server_group(request.node)
+    if group is None:
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / f"taskyard-tests-{group}.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # bounded by the test's timeout (pytest-timeout)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture
