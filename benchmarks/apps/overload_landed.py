@@ -15,6 +15,7 @@ from typing import Any
 from examples.bdc import app
 
 from taskyard.runtime import runtime_of
+from taskyard.workers.guards.guard import Guard
 from taskyard.workers.guards.policy import REASON_MEMORY, Hold, Policy
 from taskyard.workers.guards.readings import Reading
 
@@ -41,7 +42,7 @@ class LandedPolicy(Policy):
 
 def _install(target: Any) -> None:
     guard = runtime_of(target).guard
-    if guard is not None:
+    if isinstance(guard, Guard):
         guard.policy = LandedPolicy(guard.settings, guard.default_level)
 
 

@@ -76,6 +76,9 @@ def test_shell_sends_to_the_stacks_redis(redis_client: redis.Redis, tmp_path: Pa
     assert "app fivelevels" in done.stdout
     task_id = done.stdout.split("id ", 1)[1].split()[0]
     queued = b"".join(
-        m for k in redis_client.keys("normal*") for m in redis_client.lrange(k, 0, -1)
+        m
+        for k in redis_client.keys("normal*")
+        for m in redis_client.lrange(k, 0, -1)
+        if isinstance(m, bytes)
     )
     assert task_id.encode() in queued

@@ -69,7 +69,12 @@ def test_login_filter_replay_and_audit_in_chromium(
         try:
             page = browser.new_page()
             dialogs: list[str] = []
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+            def on_dialog(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("dialog", on_dialog)
             page.goto(f"{url}/dashboard/dead")
             assert page.url.startswith(f"{url}/login"), "the dashboard asks for a login"
             page.fill("input[name=username]", "ops")
