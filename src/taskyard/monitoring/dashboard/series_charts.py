@@ -83,7 +83,7 @@ def task_rate_chart(
     start: float,
     end: float,
     names: Iterable[str] | None = None,
-    empty: str = "no task has run in this window",
+    empty: str = "no task ran in a stats snapshot of this window",
 ) -> TimeChart:
     """One line per task name of ``event`` per second."""
     rates = task_rates(snapshots, event)
@@ -138,5 +138,5 @@ def worker_chart(
         end=end,
         unit="%",
         thresholds=thresholds,
-        empty="no worker heartbeats in this window",
+        empty="no worker reading in a stats snapshot of this window",
     )

@@ -64,7 +64,14 @@
       cursor: { drag: { x: true, y: false } },
       scales: { x: { time: true, min: spec.start, max: spec.end },
                 y: { range: function () { return [0, top]; } } },
-      axes: [{}, { size: 56, values: function (u, vals) {
+      // Times on the axis as the tables show them: 24-hour UTC (with the date past a day).
+      axes: [{ values: function (u, vals) {
+        var long = u.scales.x.max - u.scales.x.min > 86400;
+        return vals.map(function (v) {
+          var iso = new Date(v * 1000).toISOString();
+          return long ? iso.substr(5, 5) + " " + iso.substr(11, 5) : iso.substr(11, 5);
+        });
+      } }, { size: 56, values: function (u, vals) {
         return vals.map(function (v) { return fmt(v, spec.unit === "s" || spec.unit === "%" ? spec.unit : ""); });
       } }],
       series: series,
