@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,21 @@ def test_store_reads_rabbitmq_broker_counts(make_app: Any) -> None:
     # Celery's ETA handling on RabbitMQ: a worker holds them; the broker counts none apart.
     assert all(q["scheduled"] is None for q in queues)
     assert store.check_ready()["broker"] is None
+
+
+def test_the_stats_collection_does_not_count_itself(redis_client: redis.Redis) -> None:
+    """Reserved on the critical queue while it runs, the collection's own message is not a
+    critical task waiting (it showed depth 1 on every snapshot)."""
+    from taskyard.monitoring.queues import STATS_TASK, UNACKED_KEY, redis_depths
+
+    def reserved(tag: str, task: str) -> str:
+        message = {
+            "headers": {"task": task, "id": tag},
+            "properties": {"delivery_tag": tag, "delivery_info": {"routing_key": "critical"}},
+        }
+        return json.dumps([message, "", "critical"])
+
+    redis_client.hset(UNACKED_KEY, "a", reserved("a", STATS_TASK))
+    redis_client.hset(UNACKED_KEY, "b", reserved("b", "bdc.tasks.revoke_sessions"))
+    (critical,) = redis_depths(redis_client, ["critical"])
+    assert critical.reserved == 1

@@ -29,6 +29,7 @@ from taskyard.deadletters.transport import ingest as ingest_transport_quarantine
 from taskyard.monitoring import history, timeline
 from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
+from taskyard.monitoring.queues import STATS_TASK
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
@@ -36,7 +37,7 @@ from taskyard.serialization import text
 
 logger = logging.getLogger(__name__)
 
-TASK_NAME = "taskyard.stats.collect"
+TASK_NAME = STATS_TASK
 _PERCENTILES = (("p50", 0.50), ("p95", 0.95), ("p99", 0.99))
 _FINISHED = ("succeeded", "failed", "retried")
 

@@ -81,13 +81,23 @@ def is_redis_url(url: str) -> bool:
     return url_scheme(url) in REDIS_SCHEMES
 
 
+#: The stats collection's task name. Its own reserved message is not counted: the job runs on
+#: the critical queue, and counting itself would show one critical task waiting in every snapshot.
+STATS_TASK = "taskyard.stats.collect"
+
+
 def _reserved_queue(raw: bytes, known: set[str]) -> str | None:
     """Queue a reserved message belongs to: its routing key (queue name on taskyard's direct
-    exchange), else the delivery info inside the message."""
+    exchange), else the delivery info inside the message. None for the stats collection's own."""
     try:
         message, _exchange, routing_key = json.loads(raw)
     except (ValueError, TypeError):
         return None
+    try:
+        if message["headers"]["task"] == STATS_TASK:
+            return None
+    except (KeyError, TypeError):
+        pass
     if routing_key in known:
         return str(routing_key)
     try:
