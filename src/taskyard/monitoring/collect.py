@@ -148,6 +148,11 @@ def _window(
                         "queue": entry["queue"],
                         "finished": sum(delta),
                         "slow": sum(delta[i] for i in slow_idx),
+                        # Percentiles of this window's runs only (the task rows' are all-time).
+                        **{
+                            f"runtime_{label}": quantile(delta, q) if sum(delta) else None
+                            for label, q in _PERCENTILES
+                        },
                     }
                 )
     latency: dict[str, float | None] = {}

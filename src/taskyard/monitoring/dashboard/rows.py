@@ -89,11 +89,25 @@ class QueuesSnapshot(Snapshot):
         return float(entry.depth if isinstance(entry, LevelDepth) else entry)
 
 
+class WindowTask(BaseModel):
+    """A task name's runs in one collection window: how many, and their run-time percentiles."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    queue: str = ""
+    finished: int = 0
+    runtime_p50: float | None = None
+    runtime_p95: float | None = None
+    runtime_p99: float | None = None
+
+
 class ThroughputSnapshot(Snapshot):
     per_s: float | None = None
     succeeded_per_s: float | None = None
     failed_per_s: float | None = None
     received_per_s: float | None = None
+    tasks: tuple[WindowTask, ...] = ()
 
 
 class LatencySnapshot(Snapshot):

@@ -29,7 +29,12 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     windowed,
 )
-from taskyard.monitoring.dashboard.rows import TasksSnapshot, snapshots, typed
+from taskyard.monitoring.dashboard.rows import (
+    TasksSnapshot,
+    ThroughputSnapshot,
+    snapshots,
+    typed,
+)
 from taskyard.monitoring.dashboard.series_charts import SAMPLED_POINTS, task_rate_chart
 from taskyard.monitoring.dashboard.templating import render
 
@@ -65,8 +70,9 @@ def dead_letters(state: ApiState, name: str) -> tuple[list[DeadLetter], str]:
         return [], f"dead letters unavailable: {type(exc).__name__}: {exc}"
 
 
-def runtime_lines(snaps: Sequence[TasksSnapshot], name: str) -> list[Line]:
-    """Run time p50/p95/p99 of ``name`` per snapshot (the highest over its queues)."""
+def runtime_lines(snaps: Sequence[ThroughputSnapshot], name: str) -> list[Line]:
+    """Run time p50/p95/p99 of ``name``'s runs in each collection window (the highest over its
+    queues); a window without a run of it has no point."""
     lines = []
     for key, color in (
         ("runtime_p50", "#2563eb"),
@@ -114,8 +120,14 @@ def gather_task_name(state: ApiState, name: str, window: Window) -> TaskNameView
             ),
         ],
         runtime=time_chart(
-            f"{name}: run time percentiles (since start)",
-            runtime_lines(snaps, name),
+            f"{name}: run time percentiles per collection window",
+            runtime_lines(
+                snapshots(
+                    ThroughputSnapshot,
+                    state.store.sample_series("throughput", start, window.now, SAMPLED_POINTS),
+                ),
+                name,
+            ),
             start=start,
             end=window.now,
             unit="s",
