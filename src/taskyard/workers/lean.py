@@ -287,6 +287,9 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
         active.add(lean)
         count_task({name: 1})
         all_total[0] += 1
+        # A check that must stop a task before it starts (a durable cancel) belongs here, before
+        # the early ack and the tracer; a refused message still leaves through ack() or
+        # reject(), so whatever the transport releases at acknowledgement is released.
         if not acks_late:
             ack(request_logger, connection_errors)
         if send_event is not None:
