@@ -327,8 +327,12 @@ def compare(
             {
                 ours: round(x.rate, 1),
                 theirs: round(y.rate, 1),
-                f"{ours}_cpu_us": round(x.cpu_us, 1),
-                f"{theirs}_cpu_us": round(y.cpu_us, 1),
+                # Measures without a worker (sending) have no CPU figure.
+                **(
+                    {f"{ours}_cpu_us": round(x.cpu_us, 1), f"{theirs}_cpu_us": round(y.cpu_us, 1)}
+                    if x.cpu_us or y.cpu_us
+                    else {}
+                ),
                 "load_start": round(min(x.load_start, y.load_start), 2),
                 "load_end": round(max(x.load_end, y.load_end), 2),
             }
