@@ -566,6 +566,10 @@ class Settings(BaseSettings):
     # price is that an urgent message can wait behind up to this many minus one short tasks
     # of its process. 1 keeps the one-message reservation of the prefork profiles.
     fast_prefetch_multiplier: int = Field(4, ge=1, le=64)
+    # Solo-pool workers (the fast profile) run taskyard tasks on the lean execution path
+    # (taskyard.workers.lean: the tracer called straight from the fetched message, no Request
+    # and no pool hand-off). false: every task takes Celery's own strategy.
+    lean_path: bool = True
     # Level of a task that no decorator or rule places.
     default_level: str = "normal"
     # Ordered rules task name -> level, as JSON:

@@ -31,6 +31,9 @@ class TaskyardTask(Task):  # type: ignore[misc]
     #: Deliveries without an acknowledgement (each killed its process) before the message goes
     #: to the dead letters as "crashed"; None: TASKYARD_MAX_DELIVERIES.
     max_deliveries: int | None = None
+    #: Celery's strategy seam: on a solo pool (the fast profile) the lean execution path runs
+    #: the task from the fetched message; elsewhere it returns Celery's default strategy.
+    Strategy = "taskyard.workers.lean:strategy"
 
     def apply_async(
         self,
