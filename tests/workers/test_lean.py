@@ -214,9 +214,12 @@ def test_task_events_for_flower(
             receiver = app.events.Receiver(conn, handlers={"*": seen.append})
             receiver.should_stop = False
             ready.set()
-            threading.Thread(
-                target=lambda: (stop.wait(), setattr(receiver, "should_stop", True)), daemon=True
-            ).start()
+
+            def stop_when_told() -> None:
+                stop.wait()
+                receiver.should_stop = True
+
+            threading.Thread(target=stop_when_told, daemon=True).start()
             receiver.capture(limit=None, timeout=None, wakeup=False)
 
     threading.Thread(target=listen, daemon=True).start()
