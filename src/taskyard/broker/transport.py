@@ -63,7 +63,13 @@ from kombu.utils.json import loads
 
 from taskyard.broker import delays as _delays
 from taskyard.broker.lease import Maintenance
-from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
+from taskyard.broker.lua import (
+    ACK_SCRIPT,
+    FETCH_SCRIPT,
+    PUBLISH_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+)
 from taskyard.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ class FetchPlan:
 
     keys: tuple[str, ...]
     list_queues: tuple[str, ...]  # the queue of each list key, in order
-    wake_keys: tuple[str, ...]
+    wake_keys: tuple[str, ...]  # the queues' wake streams, then flow control's
 
 
 class QoS(kombu_redis.QoS):
@@ -115,6 +121,7 @@ class QoS(kombu_redis.QoS):
         if requeue:
             # kombu's semantics: LPUSHed back (the far end from consumers), in one transaction.
             super().reject(delivery_tag, requeue=True)
+            self.channel.release_tags([delivery_tag])
         else:
             self.ack(delivery_tag)
 
@@ -286,7 +293,10 @@ class Channel(kombu_redis.Channel):
                 for queue in queues
                 for pri in self.priority_steps
             ]
-            wake = tuple(self.wake_key(queue) for queue in queues)
+            wake = (
+                *(self.wake_key(queue) for queue in queues),
+                self.full_key(self._keys.flow_wake()),
+            )
             keys = (
                 self.full_key(self.unacked_key),
                 self.full_key(self.unacked_index_key),
@@ -299,7 +309,28 @@ class Channel(kombu_redis.Channel):
         return plan
 
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
-        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks), *acks]
+        return [
+            repr(time()),
+            len(plan.list_queues),
+            want,
+            "1" if record else "0",
+            self.flow_prefix,
+            self.visibility_timeout,
+            *plan.list_queues,
+            len(acks),
+            *acks,
+        ]
+
+    @cached_property
+    def flow_prefix(self) -> str:
+        """Full prefix of flow control's keys (the fetch script builds their names from it)."""
+        return self.full_key(self._keys.flow_prefix())
+
+    def release_tags(self, tags: list[str]) -> None:
+        """Run the fetch's RELEASE hooks for tags going back to their queue (a requeue or a
+        restored reservation): their concurrency slots are free again at once."""
+        if tags:
+            RELEASE_SCRIPT(self.client, (), (self.flow_prefix, *tags))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -354,7 +385,7 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         kind = reply[0]
         if kind == 0:
-            self._wait_for_wake(connection, reply[1:])
+            self._wait_for_wake(connection, reply[2:], int(reply[1]))
             raise Empty()
         plan = self._fetch_plan
         self._end_read()
@@ -384,15 +415,17 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 # The rest are recorded but not delivered: back to the consuming end of their lists.
                 prerecorded.discard(tag)
-                for _, later in tags[index + 1 :]:
-                    self.qos.restore_by_tag(later)
+                later = [held for _, held in tags[index + 1 :]]
+                for held in later:
+                    self.qos.restore_by_tag(held)
+                self.release_tags(later)
                 raise
             if tag in prerecorded:
                 # Delivered to a no-ack consumer (no QoS.append): drop the record.
                 prerecorded.discard(tag)
                 self.queue_ack(tag)
 
-    def _wait_for_wake(self, connection: Any, ids: list[Any]) -> None:
+    def _wait_for_wake(self, connection: Any, ids: list[Any], retry_ms: int = 0) -> None:
         # Every list was empty: block on the wake streams from the ids read in that same
         # atomic call. The read is sent on the fetch connection, still registered with the
         # poller, so the event loop is woken by a publish or by the timeout.
@@ -408,6 +441,9 @@ class Channel(kombu_redis.Channel):
                     "could not apply acknowledgements; the next fetch carries them", exc_info=True
                 )
         timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
+        if retry_ms:
+            # A message held by a rate limit may run then: fetch again no later.
+            timeout_ms = min(timeout_ms, retry_ms)
         self._fetch_state = _WAKE
         self._brpop_sent_at = monotonic()
         try:
@@ -530,7 +566,7 @@ class Channel(kombu_redis.Channel):
                 ACK_SCRIPT(
                     self.client,
                     [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                    tags,
+                    [self.flow_prefix, *tags],
                 )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))
@@ -544,12 +580,8 @@ class Channel(kombu_redis.Channel):
         now = repr(time())
         key = self.full_key(self.unacked_index_key)
         for start in range(0, len(tags), 1000):
-            chunk = tags[start : start + 1000]
-            words: list[Any] = []
-            for tag in chunk:
-                words += (now, tag)
-            # XX: never re-adds a message that was acknowledged or restored meanwhile.
-            redis.Redis.execute_command(self.client, "ZADD", key, "XX", *words)
+            # The reservations' scores and the concurrency slots they hold (flow control).
+            RENEW_SCRIPT(self.client, (key,), (now, self.flow_prefix, *tags[start : start + 1000]))
         return len(tags)
 
     # --- publishing -------------------------------------------------------------------------
@@ -674,9 +706,11 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         self._end_read()
         if reply and reply[0] == 1:
-            for raw in reply[2::2]:
-                tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
+            tags = [loads(bytes_to_str(raw))["properties"]["delivery_tag"] for raw in reply[2::2]]
+            for tag in tags:
                 self.qos.restore_by_tag(tag)
+            with suppress(*self.connection_errors):
+                self.release_tags(tags)
 
     def _close_clients(self) -> None:
         super()._close_clients()

@@ -1,0 +1,1 @@
+"""Fragments of the fetch script that decide what may be reserved (flow control)."""
