@@ -159,7 +159,16 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
     Imported here, not at the top: the parts import the public package, which imports this
     module.
     """
-    from taskyard import batching, beat, cache, database, deadletters, maintenance, monitoring
+    from taskyard import (
+        batching,
+        beat,
+        cache,
+        database,
+        deadletters,
+        flow,
+        maintenance,
+        monitoring,
+    )
     from taskyard.workers import guards
 
     return (
@@ -171,6 +180,7 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
         guards.install,  # admission, back-pressure, accounting, heartbeat
         deadletters.install,  # poison quarantine, bounded redelivery, dead letters
         monitoring.install,  # metric capture, stats collection
+        flow.install,  # flow limits registered at worker start, partition values on publish
     )
 
 

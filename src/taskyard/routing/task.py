@@ -31,6 +31,10 @@ class TaskyardTask(Task):  # type: ignore[misc]
     #: Deliveries without an acknowledgement (each killed its process) before the message goes
     #: to the dead letters as "crashed"; None: TASKYARD_MAX_DELIVERIES.
     max_deliveries: int | None = None
+    #: Cluster-wide rate/concurrency limits and partition (taskyard.flow.FlowSpec), from the
+    #: decorator's rate_limit=, concurrency=, partition_by=; None: none. Celery's own
+    #: ``rate_limit`` (a per-worker token bucket) stays None on these tasks.
+    taskyard_flow: Any = None
 
     def apply_async(
         self,
