@@ -252,10 +252,10 @@ class Keys:
         return f"{self.namespace}:flow:"
 
     def flow_rules(self) -> str:
-        """HASH the fetch reads once per call: t:<task> -> compiled limits, p:<pattern> -> paused
-        task glob, q:<queue> -> paused queue, r:<list> -> the list has held buckets, w:<task>|<value>
-        -> fair-share weight. Rewritten from flow_declared/flow_overrides/flow_pauses on every
-        change; r: fields are the fetch's own. Kept."""
+        """HASH the fetch reads once per call: t:<task> -> compiled limits, p:<pattern> ->
+        paused task glob, q:<queue> -> paused queue, r:<list> -> the list has held buckets,
+        w:<task>|<value> -> fair-share weight. Rewritten from the declared limits, overrides,
+        pauses and weights on every change; r: fields are the fetch's own. Kept."""
         return f"{self.flow_prefix()}rules"
 
     def flow_declared(self) -> str:

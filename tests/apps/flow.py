@@ -49,8 +49,9 @@ def rated(key: str) -> None:
     _started("rated", key)
 
 
-@priority_task(priority="normal", name="flowtest.per_customer", rate_limit="5/s",
-               partition_by="customer")
+@priority_task(
+    priority="normal", name="flowtest.per_customer", rate_limit="5/s", partition_by="customer"
+)
 def per_customer(customer: str, key: str) -> None:
     _started(f"per_customer:{customer}", key)
 

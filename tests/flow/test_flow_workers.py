@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import time
-from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import redis
 
-from taskyard.testing import celery_worker, run_python, wait_until
+from taskyard.testing import celery_worker, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +69,9 @@ def test_concurrency_holds_across_three_workers(
     with ExitStack() as stack:
         for n in range(3):
             stack.enter_context(
-                celery_worker("tests.apps.flow", "normal", env, tmp_path, concurrency=2,
-                              name=f"w{n}")
+                celery_worker(
+                    "tests.apps.flow", "normal", env, tmp_path, concurrency=2, name=f"w{n}"
+                )
             )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:

@@ -134,7 +134,7 @@ def batch_task(
     level = parse_level(priority)
     # Flow control governs the flush runs: rate_limit= (taskyard's, cluster-wide, not Celery's
     # per-worker bucket), concurrency=, partition_by="key" (per batch key).
-    flow_options = {
+    flow_options: dict[str, Any] = {
         name: celery_options.pop(name)
         for name in ("rate_limit", "concurrency", "partition_by")
         if name in celery_options
@@ -142,7 +142,7 @@ def batch_task(
     partition = flow_options.get("partition_by")
     if partition is not None and partition != "key":
         raise ConfigurationError(
-            f"@batch_task: partition_by={partition!r} is not allowed; expected \"key\" (limits "
+            f'@batch_task: partition_by={partition!r} is not allowed; expected "key" (limits '
             "and fair share per batch key)",
             setting="partition_by",
             value=partition,

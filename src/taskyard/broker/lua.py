@@ -13,14 +13,15 @@ call, so, like kombu's multi-key BRPOP, the transport does not run on Redis Clus
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import redis
 
 # redis-py's execute_command is unannotated.
 # mypy: disable-error-code="no-untyped-call"
+
 
 def _fragment(name: str) -> str:
     """A Lua fragment shipped beside this module (``broker/control/<name>``)."""
@@ -151,9 +152,7 @@ end
 return ids
 """
 
-FETCH = (
-    FETCH_HEAD + _HOOKS + _fragment("flow_release.lua") + _fragment("flow.lua") + FETCH_BODY
-)
+FETCH = FETCH_HEAD + _HOOKS + _fragment("flow_release.lua") + _fragment("flow.lua") + FETCH_BODY
 
 #: Push one message onto its list and, when the list was empty, add a wake entry to the
 #: queue's wake stream. Atomic: the push and its wake entry, so a worker idle on that stream
@@ -223,6 +222,7 @@ for t = 3, #ARGV do
 end
 return #ARGV - 2
 """
+
 
 class Script:
     """A Lua script called by SHA through any client, loaded again after NOSCRIPT.

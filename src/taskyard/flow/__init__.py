@@ -21,7 +21,6 @@ from taskyard.runtime import Runtime, redis_client, runtime_of, sending_app
 logger = logging.getLogger(__name__)
 
 
-
 def store_of(app: Any) -> FlowStore:
     """The flow store of a taskyard app: the broker's Redis, kombu's key prefix, the app's
     namespace."""
@@ -29,7 +28,8 @@ def store_of(app: Any) -> FlowStore:
     return store_for(runtime, app)
 
 
-def store_for(runtime: Runtime, app: Any) -> FlowStore:
+def store_for(runtime: Runtime, app: Any = None) -> FlowStore:
+    """The flow store of ``runtime`` (kombu's key prefix from ``app``'s transport options)."""
     state = runtime.state
     store = state.get("flow.store")
     if store is None:
@@ -39,7 +39,7 @@ def store_for(runtime: Runtime, app: Any) -> FlowStore:
             socket_connect_timeout=settings.broker_connect_timeout_s,
             socket_timeout=max(settings.broker_connect_timeout_s, 5.0),
         )
-        options = app.conf.broker_transport_options or {}
+        options = (app.conf.broker_transport_options if app is not None else None) or {}
         store = FlowStore(client, runtime.keys, str(options.get("global_keyprefix") or ""))
         state["flow.store"] = store
     return store
@@ -105,6 +105,7 @@ __all__ = [
     "glob_to_pattern",
     "install",
     "parse_rate",
+    "store_for",
     "store_of",
     "take_flow_options",
 ]

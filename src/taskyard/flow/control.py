@@ -44,9 +44,9 @@ def glob_to_pattern(glob: str) -> str:
 
 
 def _glob_regex(glob: str) -> re.Pattern[str]:
-    return re.compile("^" + ".*".join(re.escape(part) for part in glob.split("*")).replace(
-        r"\?", "."
-    ) + "$")
+    return re.compile(
+        "^" + ".*".join(re.escape(part) for part in glob.split("*")).replace(r"\?", ".") + "$"
+    )
 
 
 @dataclass(frozen=True)
@@ -132,9 +132,7 @@ class FlowStore:
         if rate is not None:
             override["rate"] = None if rate.lower() in ("none", "0", "") else str(parse_rate(rate))
         if concurrency is not None:
-            override["concurrency"] = (
-                None if concurrency == 0 else parse_concurrency(concurrency)
-            )
+            override["concurrency"] = None if concurrency == 0 else parse_concurrency(concurrency)
         self.client.hset(self.key(self.keys.flow_overrides()), task, json.dumps(override))
         self.compile()
         return self._limits_of(task)
@@ -169,7 +167,9 @@ class FlowStore:
             self.client.hset(name, f"{task}|{value}", weight)
         self.compile()
 
-    def pause(self, *, queue: str | None = None, task: str | None = None, key: str = "default") -> None:
+    def pause(
+        self, *, queue: str | None = None, task: str | None = None, key: str = "default"
+    ) -> None:
         """Pause a queue or the tasks matching a glob, on behalf of ``key``."""
         field = _pause_field(queue, task)
         _check_key(key)
@@ -266,7 +266,8 @@ class FlowStore:
         return [_text(k)[prefix:] for k in self.client.scan_iter(match=pattern, count=1000)]
 
     def held(self) -> list[dict[str, Any]]:
-        """Held messages by queue, task and partition value: count and why they wait."""
+        """Held messages by queue, task and partition value: count and why they wait (reason:
+        queue_paused, task_paused, concurrency, rate, turn)."""
         rules = self.client.hgetall(self.key(self.keys.flow_rules()))
         lists = [_text(f)[2:] for f in rules if _text(f).startswith("r:")]
         out: list[dict[str, Any]] = []
@@ -311,21 +312,24 @@ class FlowStore:
         globs: list[re.Pattern[str]],
         now: float,
     ) -> str:
+        """Why a bucket waits: queue_paused, task_paused, concurrency, rate or turn (its
+        fair-share turn, or a fetch has not reached it yet)."""
         if queue in paused_queues:
-            return "queue paused"
+            return "queue_paused"
         if any(g.match(task) for g in globs):
-            return "task paused"
+            return "task_paused"
         if limits is None:
-            return "waiting its turn"
+            return "turn"
         scope = f"{task}\0{value}" if limits.partitioned else task
-        if limits.concurrency and self.client.zcard(
-            self.key(self.keys.flow_slots(scope))
-        ) >= limits.concurrency:
-            return f"concurrency {limits.concurrency} reached"
+        if (
+            limits.concurrency
+            and int(self.client.zcard(self.key(self.keys.flow_slots(scope)))) >= limits.concurrency
+        ):
+            return "concurrency"
         tat = self.client.get(self.key(self.keys.flow_rate(scope)))
         if limits.rate and tat is not None and float(tat) > now:
-            return f"rate {limits.rate}"
-        return "waiting its turn (fair share)"
+            return "rate"
+        return "turn"
 
     def status(self) -> list[dict[str, Any]]:
         """Each limited or partitioned task: configured limits, running now (slots held),
@@ -341,9 +345,7 @@ class FlowStore:
                 for scope in self._scopes(limits.task, limits.partitioned)
             )
             started = self.client.hgetall(self.key(self.keys.flow_started(limits.task)))
-            last_minute = sum(
-                int(n) for slot, n in started.items() if slot_now - int(slot) < 6
-            )
+            last_minute = sum(int(n) for slot, n in started.items() if slot_now - int(slot) < 6)
             out.append(
                 {
                     "task": limits.task,

@@ -137,9 +137,13 @@ def take_flow_options(
             parameters = ()
     if partition_by is not None:
         if isinstance(partition_by, str):
-            if parameters and partition_by not in parameters and not any(
-                inspect.signature(fn).parameters[p].kind is inspect.Parameter.VAR_KEYWORD
-                for p in parameters
+            if (
+                parameters
+                and partition_by not in parameters
+                and not any(
+                    inspect.signature(fn).parameters[p].kind is inspect.Parameter.VAR_KEYWORD
+                    for p in parameters
+                )
             ):
                 raise ConfigurationError(
                     f"{decorator}: partition_by={partition_by!r} names no parameter of "
@@ -150,8 +154,10 @@ def take_flow_options(
         elif not callable(partition_by):
             raise ConfigurationError(
                 f"{decorator}: partition_by={partition_by!r} is not allowed; expected "
-                + (partition_forms or "an argument name or a callable of the call's arguments "
-                   "returning a string"),
+                + (
+                    partition_forms
+                    or "an argument name or a callable of the call's arguments returning a string"
+                ),
                 setting="partition_by",
                 value=partition_by,
             )

@@ -94,7 +94,7 @@ def priority_task(
     resources = _check_resources(options)
     # rate_limit= is taskyard's cluster-wide limit here: taken out of Celery's options, so
     # Celery's per-worker token bucket never applies to the task.
-    flow_options = {
+    flow_options: dict[str, Any] = {
         name: options.pop(name)
         for name in ("rate_limit", "concurrency", "partition_by")
         if name in options
