@@ -239,21 +239,28 @@ class Keys:
         entries (XADD MAXLEN ~); no entry is ever read as data."""
         return f"{self.namespace}:wake:{queue}"
 
+    def script_prefix(self) -> str:
+        """Prefix (ARGV[1]) from which the fetch and ack scripts' fragments name their keys
+        (``broker/fetch.lua``): flow and job control state, each suffix listed here when a
+        fragment adds one: ``flow:`` (flow control, below)."""
+        return f"{self.namespace}:"
+
     def broker_quarantine(self) -> str:
         """LIST of raw queue items the fetch script could not read as kombu messages (not
         JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""
         return f"{self.namespace}:broker:undecodable"
 
     # --- flow control (taskyard.flow; in the broker's Redis under kombu's global_keyprefix) ----
-    # The fetch script names every flow key from flow_prefix() (passed in ARGV), so the names
-    # below and broker/control/flow.lua must agree.
+    # broker/control/flow.lua names every flow key as script_prefix() .. 'flow:' .. suffix (the
+    # prefix arrives in ARGV[1]), so the names below and that fragment must agree.
     def flow_prefix(self) -> str:
-        """Prefix of every flow-control key."""
-        return f"{self.namespace}:flow:"
+        """Prefix of every flow-control key (``script_prefix() + "flow:"``)."""
+        return f"{self.script_prefix()}flow:"
 
     def flow_rules(self) -> str:
         """HASH the fetch reads once per call: t:<task> -> compiled limits, p:<pattern> ->
-        paused task glob, q:<queue> -> paused queue, r:<list> -> the list has held buckets,
+        paused task glob, l:<list key> -> a list of a paused queue, r:<list> -> the list has held
+        buckets, lease -> the reservation lease (s) the workers use,
         w:<task>|<value> -> fair-share weight. Rewritten from the declared limits, overrides,
         pauses and weights on every change; r: fields are the fetch's own. Kept."""
         return f"{self.flow_prefix()}rules"

@@ -6,7 +6,7 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 * One Redis client per channel, reused by every command (kombu builds a new ``redis.Redis``
   per call in ``conn_or_acquire``), producers included.
-* A fetch is one Lua call (:data:`taskyard.broker.lua.FETCH`): it applies the acks gathered
+* A fetch is one Lua call (``broker/fetch.lua``): it applies the acks gathered
   since the last fetch, pops from the first non-empty list in ``-Q`` order (each queue's
   priority sub-lists, then the next queue's) and records the message in kombu's own
   ``unacked`` HASH and ``unacked_index`` ZSET in the same step, so no message is lost between
@@ -27,8 +27,8 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 Everything else is kombu's: the message format, rejects and requeues, fanout over pub/sub,
 ``global_keyprefix``, queue expiry, the restore sweep. The kombu internals this relies on are
-named where they are used and tested in ``tests/broker/test_transport.py``; the tested range is
-pinned in ``pyproject.toml`` (kombu 5.7).
+named where they are used and declared in :data:`SEAMS` (checked by ``tests/test_seams.py``);
+the tested range is pinned in ``pyproject.toml`` (kombu 5.7).
 
 Extra transport options: ``taskyard_namespace`` (key namespace of the wake streams and the
 quarantine list), ``reservation_lease``, ``ack_flush_delay``, ``wake_maxlen`` (approximate
@@ -71,6 +71,74 @@ from taskyard.broker.lua import (
     RENEW_SCRIPT,
 )
 from taskyard.keys import Keys
+from taskyard.seams import Seam
+
+# What this module relies on in kombu (checked by tests/test_seams.py): the poller hooks it
+# overrides, the channel's fetch entry points and helpers, the restore path, QoS bookkeeping.
+SEAMS = (
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register_BRPOP", params=("channel",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_pause_brpop", params=("channel", "fileno")),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_readable", params=("fileno",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_poll_start"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_client_registered"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_unregister_from_poll"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_update_brpop_polling"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_paused_brpop", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_fd_to_chan", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_chan_to_sock", "instance"),
+    Seam("kombu.transport.redis.Channel", "_brpop_start", params=("timeout",)),
+    Seam("kombu.transport.redis.Channel", "_brpop_read"),
+    Seam("kombu.transport.redis.Channel", "_poll_error", params=("type",)),
+    Seam("kombu.transport.redis.Channel", "_in_poll", "attribute"),
+    Seam(
+        "kombu.transport.redis.Channel",
+        "_do_restore_message",
+        params=("payload", "exchange", "routing_key", "pipe", "leftmost"),
+    ),
+    Seam("kombu.transport.redis.Channel", "_q_for_pri", params=("queue", "pri")),
+    Seam("kombu.transport.redis.Channel", "_queue_cycle", "instance"),
+    Seam("kombu.transport.redis.Channel", "_get_message_priority"),
+    Seam("kombu.transport.redis.Channel", "_create_client", params=("asynchronous",)),
+    Seam("kombu.transport.redis.Channel", "_flush_brpop_reauth"),
+    Seam("kombu.transport.redis.Channel", "_pending_reauth_token"),
+    Seam("kombu.transport.redis.Channel", "_close_clients"),
+    Seam("kombu.transport.redis.Channel", "_on_connection_disconnect", params=("connection",)),
+    Seam("kombu.transport.redis.Channel", "_closing", "attribute"),
+    Seam("kombu.transport.redis.Channel", "conn_or_acquire", params=("client",)),
+    Seam("kombu.transport.redis.Channel", "get_table", params=("exchange",)),
+    Seam("kombu.transport.redis.Channel", "_lookup", params=("exchange", "routing_key")),
+    Seam("kombu.transport.redis.Channel", "_queue_bind"),
+    Seam("kombu.transport.redis.Channel", "_delete", params=("queue",)),
+    Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
+    Seam("kombu.transport.redis.Channel", "_expires", "instance"),
+    Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
+    Seam("kombu.transport.redis.Channel", "unacked_index_key", "attribute", value="unacked_index"),
+    Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
+    Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
+    Seam("kombu.transport.redis.SentinelChannel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag",)),
+    Seam("kombu.transport.redis.QoS", "restore_visible"),
+    Seam("kombu.transport.redis.QoS", "restore_unacked"),
+    Seam("kombu.transport.redis.QoS", "_remove_from_indices"),
+    Seam("kombu.transport.virtual.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.virtual.QoS", "ack", params=("delivery_tag",)),
+    Seam("kombu.transport.virtual.QoS", "can_consume_max_estimate"),
+    Seam("kombu.transport.virtual.QoS", "_delivered", "instance"),
+    Seam("kombu.transport.virtual.QoS", "_dirty", "instance"),
+    Seam("kombu.transport.virtual.Transport", "_deliver", params=("message", "queue")),
+    Seam(
+        "kombu.transport.redis.Transport", "register_with_event_loop", params=("connection", "loop")
+    ),
+    Seam("kombu.asynchronous.hub.Hub", "readers", "instance"),
+    # redis-py: the fetch connection's socket, its re-auth, and reading a reply sent earlier.
+    Seam("redis.connection.AbstractConnection", "_sock", "instance"),
+    Seam("redis.connection.AbstractConnection", "re_auth"),
+    Seam("redis.connection.AbstractConnection", "set_re_auth_token", params=("token",)),
+    Seam("redis.client.Redis", "parse_response", params=("connection", "command_name")),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +310,8 @@ class Channel(kombu_redis.Channel):
             # with leases the score is the last renewal, so the lease is the timeout.
             self.visibility_timeout = float(self.reservation_lease)
         self._keys = Keys(self.taskyard_namespace)
+        #: ARGV[1] of the fetch and ack scripts: where their fragments name their keys.
+        self._script_prefix = self.full_key(self._keys.script_prefix())
 
     # --- clients ----------------------------------------------------------------------------
     @cached_property
@@ -310,27 +380,20 @@ class Channel(kombu_redis.Channel):
 
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
         return [
+            self._script_prefix,
             repr(time()),
             len(plan.list_queues),
             want,
             "1" if record else "0",
-            self.flow_prefix,
-            self.visibility_timeout,
-            *plan.list_queues,
             len(acks),
             *acks,
         ]
 
-    @cached_property
-    def flow_prefix(self) -> str:
-        """Full prefix of flow control's keys (the fetch script builds their names from it)."""
-        return self.full_key(self._keys.flow_prefix())
-
     def release_tags(self, tags: list[str]) -> None:
-        """Run the fetch's RELEASE hooks for tags going back to their queue (a requeue or a
-        restored reservation): their concurrency slots are free again at once."""
+        """Run the fetch's release hooks for tags going back to their queue (a requeue or a
+        restored reservation): what admission took for them (a concurrency slot) is free now."""
         if tags:
-            RELEASE_SCRIPT(self.client, (), (self.flow_prefix, *tags))
+            RELEASE_SCRIPT(self.client, (), (self._script_prefix, *tags))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -566,7 +629,7 @@ class Channel(kombu_redis.Channel):
                 ACK_SCRIPT(
                     self.client,
                     [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                    [self.flow_prefix, *tags],
+                    [self._script_prefix, *tags],
                 )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))
@@ -581,7 +644,9 @@ class Channel(kombu_redis.Channel):
         key = self.full_key(self.unacked_index_key)
         for start in range(0, len(tags), 1000):
             # The reservations' scores and the concurrency slots they hold (flow control).
-            RENEW_SCRIPT(self.client, (key,), (now, self.flow_prefix, *tags[start : start + 1000]))
+            RENEW_SCRIPT(
+                self.client, (key,), (self._script_prefix, now, *tags[start : start + 1000])
+            )
         return len(tags)
 
     # --- publishing -------------------------------------------------------------------------

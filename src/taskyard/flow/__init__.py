@@ -86,8 +86,10 @@ def install(app: Any, runtime: Runtime) -> None:
         specs = declared_specs(app)
         if not specs:
             return
+        settings = runtime.settings
+        lease = settings.reservation_lease_s or settings.visibility_timeout_s
         try:
-            store_for(runtime, app).declare(specs)
+            store_for(runtime, app).declare(specs, lease)
         except Exception:
             logger.warning("could not register the tasks' flow limits", exc_info=True)
 

@@ -24,6 +24,8 @@ from taskyard.keys import Keys
 #: kombu's separator between a queue's name and its priority step in list names
 #: (kombu.transport.redis.Channel.sep); the step-0 list is the queue's name itself.
 _PRIORITY_SEP = "\x06\x16"
+#: kombu's priority steps (kombu.transport.redis.PRIORITY_STEPS): a queue's lists.
+_PRIORITY_STEPS = (0, 3, 6, 9)
 _PAUSE_NAME = re.compile(r"^[^\s]{1,200}$")
 
 
@@ -111,8 +113,11 @@ class FlowStore:
         return {_text(k): int(v) for k, v in raw.items()}
 
     # --- changing ---------------------------------------------------------------------------
-    def declare(self, specs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Record the limits tasks' decorators declare (a worker does this at start)."""
+    def declare(self, specs: Mapping[str, Mapping[str, Any]], lease_s: float | None = None) -> None:
+        """Record the limits tasks' decorators declare (a worker does this at start), and the
+        reservation lease after which the fetch frees a slot nobody renews."""
+        if lease_s:
+            self.client.hset(self.key(self.keys.flow_rules()), "lease", repr(float(lease_s)))
         if specs:
             self.client.hset(
                 self.key(self.keys.flow_declared()),
@@ -236,12 +241,20 @@ class FlowStore:
                     fields[f"t:{limits.task}"] = limits.rule()
             for pause in self.pauses():
                 if pause["kind"] == "queue":
-                    fields[f"q:{pause['name']}"] = "1"
+                    # The fetch skips the queue's lists: each priority step's, as kombu names it.
+                    for step in _PRIORITY_STEPS:
+                        name = (
+                            pause["name"] if step == 0 else f"{pause['name']}{_PRIORITY_SEP}{step}"
+                        )
+                        fields[f"l:{self.keyprefix}{name}"] = "1"
                 else:
                     fields[f"p:{glob_to_pattern(pause['name'])}"] = "1"
             for name, weight in self.weights().items():
                 fields[f"w:{name}"] = str(weight)
-            stale = [f for f in current if not f.startswith("r:") and f not in fields]
+            # r: fields and the lease are the fetch's and the workers' own.
+            stale = [
+                f for f in current if not f.startswith("r:") and f != "lease" and f not in fields
+            ]
             pipe.multi()
             if stale:
                 pipe.hdel(rules, *stale)

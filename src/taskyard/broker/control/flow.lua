@@ -1,48 +1,67 @@
--- Flow control at reservation (issue 19): pauses, cluster-wide rate and concurrency limits, fair
--- share between partition values. A fragment of the FETCH script: the main body defines
--- FP (flow key prefix), NOW, LEASE, QNAMES, the ADMIT/RELEASE lists and DELIVER(k, item, msg).
+-- Flow control at reservation (issue 19, docs/flow.md): pauses, cluster-wide rate and
+-- concurrency limits, fair share between partition values. Plugs into the hook lists of
+-- hooks.lua; names its keys from prefix .. 'flow:' (keys.py, "flow control").
 --
--- State read once per call: the rules HASH (FP .. 'rules'). Empty: nothing is configured, every
--- function below returns at once (one HGETALL of a missing key per fetch). Fields:
+-- State read once per fetch, at its first hook call: the rules HASH (flow:rules). Empty: nothing is configured and
+-- every hook returns at once (one HGETALL of a missing key per fetch). Fields:
 --   t:<task>          "<n>|<period s>|<concurrency>|<partitioned 0/1>|<burst>" (0: no such limit)
 --   p:<lua pattern>   "1": tasks whose name matches are paused (anchored pattern of a glob)
---   q:<queue>         "1": the queue is paused (its lists are not popped at all)
+--   l:<list key>      "1": a list of a paused queue (not popped at all)
 --   r:<list key>      "1": the list has held buckets (its ring is not empty)
---   w:<task>|<value>  weight (integer >= 1) of one partition value in fair share
+--   w:<task>|<value>  fair-share weight (integer >= 1) of one partition value
+--   lease             the reservation lease (s): a slot not renewed for that long is free
 -- A message of a task named by t: or p: is moved from its list into its bucket (a LIST per
--- list key, task and partition value: FP .. 'h:' .. list .. '\0' .. task .. '\0' .. value);
--- buckets are served round-robin from the ring (ZSET bucket -> virtual time) of their list,
--- each admitted by its rules. Moving keeps the order within a bucket; a held bucket does not
--- stop the others or the list.
+-- list, task and partition value) and reported as 'drop' (flow keeps it); buckets are served
+-- round-robin from the list's ring (ZSET bucket -> virtual time) when the scan reaches the list,
+-- each admitted by its rules. Order holds within a bucket; a held bucket stops neither the
+-- others nor the list. Past MOVE_BUDGET moves in one call, messages are held in place instead.
 
+local FP = prefix .. 'flow:'
 local F_ON = false
-local F_TASK, F_PAUSE, F_QUEUE, F_RING, F_WEIGHT = {}, {}, {}, {}, {}
-local F_MATCH = {}        -- task name -> rule or false (per call)
-local F_SCOPE = {}        -- scope -> {count, tat, dirty, started}
+local F_TASK, F_PAUSE, F_LIST, F_RING, F_WEIGHT = {}, {}, {}, {}, {}
+local F_LEASE = 3600
+local F_MATCH = {}        -- task name -> {rule or false, paused} or false (per call)
+local F_SCOPE = {}        -- scope -> {count, tat, dirty, per} (per call)
 local F_RETRY = nil       -- soonest time (s) a rate-held bucket may run
+local F_TAGS = nil        -- whether the tags HASH exists (per call)
 local F_MOVES = 0
-local F_MOVE_BUDGET = 4096
-local F_STARTED = {}      -- task -> reservations this call (for "started in the last minute")
+local F_MOVED = {}        -- qindex -> moved something this call
+local F_STARTED = {}      -- task -> reservations this call ("started in the last minute")
+local MOVE_BUDGET = 4096
 
-do
+local F_LOADED = false
+
+local function f_load()
   local flat = redis.call('HGETALL', FP .. 'rules')
   for j = 1, #flat, 2 do
     F_ON = true
     local f, v = flat[j], flat[j + 1]
     local kind, name = string.sub(f, 1, 1), string.sub(f, 3)
-    if kind == 't' then
-      local n, per, conc, part, burst = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-      F_TASK[name] = {n = tonumber(n) or 0, per = tonumber(per) or 1, conc = tonumber(conc) or 0,
-                      part = part == '1', burst = tonumber(burst) or 1}
+    if f == 'lease' then F_LEASE = tonumber(v) or F_LEASE
+    elseif kind == 't' then
+      local n, per, conc, part, burst =
+        string.match(v, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+      F_TASK[name] = {n = tonumber(n) or 0, per = tonumber(per) or 1,
+                      conc = tonumber(conc) or 0, part = part == '1',
+                      burst = tonumber(burst) or 1}
     elseif kind == 'p' then F_PAUSE[#F_PAUSE + 1] = name
-    elseif kind == 'q' then F_QUEUE[name] = true
+    elseif kind == 'l' then F_LIST[name] = true
     elseif kind == 'r' then F_RING[name] = true
     elseif kind == 'w' then F_WEIGHT[name] = tonumber(v) or 1
     end
   end
 end
 
--- The rule of a task: {rule or false, paused}; nil when flow control ignores the task.
+-- Whether anything is configured; the rules are read at the first call (not by ack scripts).
+local function f_on()
+  if not F_LOADED then
+    F_LOADED = true
+    f_load()
+  end
+  return F_ON
+end
+
+-- {rule or false, paused} for a task flow control governs, else nil.
 local function f_match(task)
   local m = F_MATCH[task]
   if m == nil then
@@ -57,20 +76,18 @@ local function f_match(task)
   return m or nil
 end
 
-local function f_scope_state(scope, rule)
+local function f_scope_state(scope, rule, now)
   local s = F_SCOPE[scope]
   if s then return s end
-  s = {count = 0, tat = 0, dirty = false}
+  s = {count = 0, tat = 0, dirty = false, per = rule.per}
   if rule.conc > 0 then
     local slots = FP .. 's:' .. scope
-    -- Slots whose lease ran out (a dead worker's): their holders stopped renewing them.
-    local stale = redis.call('ZRANGEBYSCORE', slots, '-inf', NOW - LEASE)
-    if #stale > 0 then
-      for j = 1, #stale, 1000 do
-        local last = math.min(j + 999, #stale)
-        redis.call('ZREM', slots, unpack(stale, j, last))
-        redis.call('HDEL', FP .. 'tags', unpack(stale, j, last))
-      end
+    -- Slots whose lease ran out: their holder (a dead worker) stopped renewing them.
+    local stale = redis.call('ZRANGEBYSCORE', slots, '-inf', now - F_LEASE)
+    for j = 1, #stale, 1000 do
+      local last = math.min(j + 999, #stale)
+      redis.call('ZREM', slots, unpack(stale, j, last))
+      redis.call('HDEL', FP .. 'tags', unpack(stale, j, last))
     end
     s.count = redis.call('ZCARD', slots)
   end
@@ -81,23 +98,22 @@ local function f_scope_state(scope, rule)
   return s
 end
 
--- 'run' with the scope to charge, or 'hold'.
-local function f_admit_bucket(task, value)
+-- 'run' (with the scope to charge) or 'hold', for the next message of one bucket.
+local function f_admit_bucket(task, value, now)
   local m = f_match(task)
   if not m then return 'run' end
   if m[2] then return 'hold' end
   local rule = m[1]
-  if not rule then return 'run' end
-  if rule.conc == 0 and rule.n == 0 then return 'run' end
+  if not rule or (rule.conc == 0 and rule.n == 0) then return 'run' end
   local scope = task
   if rule.part then scope = task .. '\0' .. value end
-  local s = f_scope_state(scope, rule)
+  local s = f_scope_state(scope, rule, now)
   if rule.conc > 0 and s.count >= rule.conc then return 'hold' end
   if rule.n > 0 then
     local t = rule.per / rule.n
-    local tat = math.max(s.tat, NOW)
-    -- GCRA: at most burst reservations at once, then one per t seconds.
-    if tat - NOW > (rule.burst - 1) * t then
+    local tat = math.max(s.tat, now)
+    -- GCRA: up to burst reservations at once, then one every t seconds.
+    if tat - now > (rule.burst - 1) * t then
       local at = tat - (rule.burst - 1) * t
       if F_RETRY == nil or at < F_RETRY then F_RETRY = at end
       return 'hold'
@@ -106,73 +122,72 @@ local function f_admit_bucket(task, value)
   return 'run', scope, rule, s
 end
 
-local function f_charge(scope, rule, s, tag, task)
+local function f_charge(scope, rule, s, tag, now)
   if rule.conc > 0 then
     s.count = s.count + 1
-    redis.call('ZADD', FP .. 's:' .. scope, NOW, tag)
+    redis.call('ZADD', FP .. 's:' .. scope, now, tag)
     redis.call('HSET', FP .. 'tags', tag, scope)
   end
   if rule.n > 0 then
-    s.tat = math.max(s.tat, NOW) + rule.per / rule.n
+    s.tat = math.max(s.tat, now) + rule.per / rule.n
     s.dirty = true
-    s.per = rule.per
   end
-  F_STARTED[task] = (F_STARTED[task] or 0) + 1
 end
 
-local function f_bucket_key(k, bucket)
-  return FP .. 'h:' .. KEYS[k] .. '\0' .. bucket
+local function f_bucket_key(qindex, bucket)
+  return FP .. 'h:' .. KEYS[3 + qindex] .. '\0' .. bucket
 end
 
--- ADMIT for a message popped from list k: messages of tasks flow control governs go to their
--- bucket (served by F_SERVE) and are reported as held.
-ADMIT[#ADMIT + 1] = function(msg, item, k, now)
-  if not F_ON then return 'run' end
+-- Messages of governed tasks go to their bucket: 'drop' (flow keeps them, in order).
+ADMIT_LAST[#ADMIT_LAST + 1] = function(msg, item, qindex, now)
+  if not f_on() then return 'run' end
   local headers = msg['headers']
   if type(headers) ~= 'table' then return 'run' end
   local task = headers['task']
   if type(task) ~= 'string' or not f_match(task) then return 'run' end
+  if F_MOVES >= MOVE_BUDGET then return 'hold' end
   local value = headers['taskyard_partition']
   if type(value) ~= 'string' then value = '' end
   local bucket = task .. '\0' .. value
-  if redis.call('LPUSH', f_bucket_key(k, bucket), item) == 1 then
-    local ring = FP .. 'ring:' .. KEYS[k]
+  local list = KEYS[3 + qindex]
+  if redis.call('LPUSH', f_bucket_key(qindex, bucket), item) == 1 then
+    local ring = FP .. 'ring:' .. list
     local head = redis.call('ZRANGE', ring, 0, 0, 'WITHSCORES')
     -- A new bucket joins at the ring's current turn: no credit for having been idle.
     redis.call('ZADD', ring, 'NX', head[2] or 0, bucket)
-    if not F_RING[KEYS[k]] then
-      F_RING[KEYS[k]] = true
-      redis.call('HSET', FP .. 'rules', 'r:' .. KEYS[k], '1')
+    if not F_RING[list] then
+      F_RING[list] = true
+      redis.call('HSET', FP .. 'rules', 'r:' .. list, '1')
     end
   end
   F_MOVES = F_MOVES + 1
-  return 'hold'
+  F_MOVED[qindex] = true
+  return 'drop'
 end
 
--- Whether FETCH may still move messages of list k into buckets in this call.
-local function F_CAN_MOVE()
-  return F_MOVES < F_MOVE_BUDGET
+SKIP[#SKIP + 1] = function(qindex)
+  return f_on() and F_LIST[KEYS[3 + qindex]] == true
 end
 
-local function F_QUEUE_PAUSED(k)
-  return F_ON and F_QUEUE[QNAMES[k - 3]] == true
-end
-
--- Serve up to need messages from the buckets of list k, round-robin; returns how many.
-local function F_SERVE(k, need)
-  if not F_ON or not F_RING[KEYS[k]] or need <= 0 then return 0 end
-  local ring = FP .. 'ring:' .. KEYS[k]
+-- Serve up to need messages from the buckets of one list, round-robin by virtual time.
+SERVE[#SERVE + 1] = function(qindex, need, deliver, now, leaving)
+  local list = KEYS[3 + qindex]
+  if not f_on() or not F_RING[list] or need <= 0 then return 0 end
+  if leaving and not F_MOVED[qindex] then return 0 end
+  local ring = FP .. 'ring:' .. list
   local flat = redis.call('ZRANGE', ring, 0, 63, 'WITHSCORES')
   local cands = {}
   local top = 0
   for j = 1, #flat, 2 do
     local bucket = flat[j]
     local task, value = string.match(bucket, '^(.-)%z(.*)$')
+    task = task or bucket
+    value = value or ''
     local score = tonumber(flat[j + 1])
     if score > top then top = score end
-    cands[#cands + 1] = {bucket = bucket, task = task or bucket, value = value or '',
-                         score = score, w = F_WEIGHT[(task or bucket) .. '|' .. (value or '')] or 1,
-                         live = true, served = 0, held = false, empty = false}
+    cands[#cands + 1] = {bucket = bucket, task = task, value = value, score = score,
+                         w = F_WEIGHT[task .. '|' .. value] or 1, live = true, served = 0,
+                         held = false, empty = false}
   end
   local served = 0
   local progress = true
@@ -182,13 +197,16 @@ local function F_SERVE(k, need)
       if c.live then
         local n = 0
         while n < c.w and served < need do
-          local verdict, scope, rule, s = f_admit_bucket(c.task, c.value)
+          local verdict, scope, rule, s = f_admit_bucket(c.task, c.value, now)
           if verdict ~= 'run' then c.live = false c.held = true break end
-          local item = redis.call('RPOP', f_bucket_key(k, c.bucket))
+          local item = redis.call('RPOP', f_bucket_key(qindex, c.bucket))
           if not item then c.live = false c.empty = true break end
           local ok, msg = pcall(cjson.decode, item)
-          local tag = DELIVER(k, item, ok and msg or nil)
-          if tag and scope then f_charge(scope, rule, s, tag, c.task) end
+          local tag = deliver(qindex, item, ok and msg or nil)
+          if tag then
+            if scope then f_charge(scope, rule, s, tag, now) end
+            F_STARTED[c.task] = (F_STARTED[c.task] or 0) + 1
+          end
           n = n + 1
           served = served + 1
           c.served = c.served + 1
@@ -209,28 +227,47 @@ local function F_SERVE(k, need)
     end
   end
   if redis.call('ZCARD', ring) == 0 then
-    F_RING[KEYS[k]] = nil
-    redis.call('HDEL', FP .. 'rules', 'r:' .. KEYS[k])
+    F_RING[list] = nil
+    redis.call('HDEL', FP .. 'rules', 'r:' .. list)
   end
   return served
 end
 
--- Writes the rate state and start counters; returns the retry time in ms from now (0: none).
-local function F_FINISH()
-  if not F_ON then return 0 end
+-- Writes the rate state and start counters; the retry time (ms from now) of rate holds.
+FINISH[#FINISH + 1] = function(now)
+  if not F_LOADED or not F_ON then return 0 end
   for scope, s in pairs(F_SCOPE) do
     if s.dirty then
-      local ttl = math.ceil((s.tat - NOW + s.per) * 1000)
+      local ttl = math.ceil((s.tat - now + s.per) * 1000)
       redis.call('SET', FP .. 'r:' .. scope, tostring(s.tat), 'PX', math.max(ttl, 1000))
     end
   end
-  local slot = tostring(math.floor(NOW / 10))
+  local slot = tostring(math.floor(now / 10))
   for task, n in pairs(F_STARTED) do
     local key = FP .. 'n:' .. task
     redis.call('HINCRBY', key, slot, n)
     redis.call('EXPIRE', key, 130)
   end
-  if F_RETRY then return math.max(1, math.ceil((F_RETRY - NOW) * 1000)) end
+  if F_RETRY then return math.max(1, math.ceil((F_RETRY - now) * 1000)) end
   return 0
 end
 
+-- A delivery's concurrency slot goes back (ack, dead letter, cancel, requeue, restore), and
+-- workers waiting for a slot are woken.
+RELEASE[#RELEASE + 1] = function(tag)
+  if F_TAGS == nil then F_TAGS = redis.call('EXISTS', FP .. 'tags') == 1 end
+  if not F_TAGS then return end
+  local scope = redis.call('HGET', FP .. 'tags', tag)
+  if not scope then return end
+  redis.call('HDEL', FP .. 'tags', tag)
+  redis.call('ZREM', FP .. 's:' .. scope, tag)
+  redis.call('XADD', FP .. 'wake', 'MAXLEN', '~', 100, '*', 'w', '1')
+end
+
+-- A held delivery's slot is leased like its reservation.
+RENEW[#RENEW + 1] = function(tag, now)
+  if F_TAGS == nil then F_TAGS = redis.call('EXISTS', FP .. 'tags') == 1 end
+  if not F_TAGS then return end
+  local scope = redis.call('HGET', FP .. 'tags', tag)
+  if scope then redis.call('ZADD', FP .. 's:' .. scope, 'XX', now, tag) end
+end
