@@ -278,12 +278,14 @@ class FlowStore:
         prefix = len(self.key(self.keys.flow_slots("")))
         return [_text(k)[prefix:] for k in self.client.scan_iter(match=pattern, count=1000)]
 
-    def held(self) -> list[dict[str, Any]]:
+    def held(self, reasons: bool = True) -> list[dict[str, Any]]:
         """Held messages by queue, task and partition value: count and why they wait (reason:
         queue_paused, task_paused, concurrency, rate, turn)."""
         rules = self.client.hgetall(self.key(self.keys.flow_rules()))
         lists = [_text(f)[2:] for f in rules if _text(f).startswith("r:")]
         out: list[dict[str, Any]] = []
+        if not lists:
+            return out
         limits = {lim.task: lim for lim in self.limits()}
         paused_queues = {p["name"] for p in self.pauses() if p["kind"] == "queue"}
         globs = [_glob_regex(p["name"]) for p in self.pauses() if p["kind"] == "task"]
@@ -310,7 +312,9 @@ class FlowStore:
                         "held": int(count),
                         "reason": self._reason(
                             task, value, queue, limits.get(task), paused_queues, globs, now
-                        ),
+                        )
+                        if reasons
+                        else None,
                     }
                 )
         return out
@@ -378,7 +382,7 @@ class FlowStore:
         """Held messages per queue (they count in the queue's depth as waiting)."""
         wanted = set(queues)
         counts = dict.fromkeys(wanted, 0)
-        for entry in self.held():
+        for entry in self.held(reasons=False):
             if entry["queue"] in wanted:
                 counts[entry["queue"]] += entry["held"]
         return counts
