@@ -81,7 +81,8 @@ def test_concurrency_holds_without_blocking_the_queue(redis_client: redis.Redis)
         _message("t.plain", "p1"),
     )
     tags, _ = _fetch(redis_client)
-    assert tags == ["c0", "p0", "p1"]
+    # Within one reply, governed messages come after the list's others (served on leaving it).
+    assert tags == ["p0", "p1", "c0"]
     assert redis_client.llen("normal") == 0
     held = store.held()
     assert [(h["task"], h["held"], h["reason"]) for h in held] == [("t.capped", 2, "concurrency")]
@@ -178,3 +179,14 @@ def test_limits_set_clear_and_reset(redis_client: redis.Redis) -> None:
     reset = store.reset_limits("t.x")
     assert (str(reset.rate), reset.concurrency, reset.source) == ("20/s", 2, "declared")
     assert redis_client.hget(KEYS.flow_rules(), "t:t.x") == b"20|1.0|2|0|2"
+
+
+def test_a_late_tenant_gets_its_turn_behind_a_large_bucket(redis_client: redis.Redis) -> None:
+    store = _store(redis_client)
+    store.declare({"t.tenant": {"rate": None, "concurrency": None, "partitioned": True}}, 30)
+    _push(redis_client, "normal", *(_message("t.tenant", f"a{i}", "A") for i in range(500)))
+    assert _fetch(redis_client, want=4)[0] == ["a0", "a1", "a2", "a3"]
+    # 496 of A wait in their bucket; B's two arrive in the list behind them.
+    _push(redis_client, "normal", _message("t.tenant", "b0", "B"), _message("t.tenant", "b1", "B"))
+    tags = _fetch(redis_client, want=4)[0]
+    assert "b0" in tags, tags

@@ -25,7 +25,6 @@ local F_SCOPE = {}        -- scope -> {count, tat, dirty, per} (per call)
 local F_RETRY = nil       -- soonest time (s) a rate-held bucket may run
 local F_TAGS = nil        -- whether the tags HASH exists (per call)
 local F_MOVES = 0
-local F_MOVED = {}        -- qindex -> moved something this call
 local F_STARTED = {}      -- task -> reservations this call ("started in the last minute")
 local MOVE_BUDGET = 4096
 
@@ -161,7 +160,6 @@ ADMIT_LAST[#ADMIT_LAST + 1] = function(msg, item, qindex, now)
     end
   end
   F_MOVES = F_MOVES + 1
-  F_MOVED[qindex] = true
   return 'drop'
 end
 
@@ -169,11 +167,14 @@ SKIP[#SKIP + 1] = function(qindex)
   return f_on() and F_LIST[KEYS[3 + qindex]] == true
 end
 
--- Serve up to need messages from the buckets of one list, round-robin by virtual time.
+-- Serve up to need messages from the buckets of one list, round-robin by virtual time. On
+-- entering a list that still has messages, at most half of need: the rest of the call pops the
+-- list, so later arrivals (another tenant's) reach their buckets and get their turn in this
+-- same call instead of waiting behind a large bucket.
 SERVE[#SERVE + 1] = function(qindex, need, deliver, now, leaving)
   local list = KEYS[3 + qindex]
   if not f_on() or not F_RING[list] or need <= 0 then return 0 end
-  if leaving and not F_MOVED[qindex] then return 0 end
+  if not leaving and redis.call('LLEN', list) > 0 then need = math.ceil(need / 2) end
   local ring = FP .. 'ring:' .. list
   local flat = redis.call('ZRANGE', ring, 0, 63, 'WITHSCORES')
   local cands = {}
