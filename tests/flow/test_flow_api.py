@@ -66,3 +66,18 @@ def test_limits_and_pauses_through_the_api(client: TestClient, redis_client: red
     assert resumed.json()["detail"]["paused"] == []
     reset = client.post("/api/v1/admin/flow/limits/app.sync/reset", headers=AUTH)
     assert reset.json()["detail"]["limits"] == []
+
+
+def test_flow_alert_rules_pass_promtool() -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (scripts/ensure-prometheus.sh installs it)")
+    rules = (
+        Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "taskyard-flow-rules.yml"
+    )
+    out = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 rules found" in out.stdout
