@@ -17,6 +17,17 @@ from taskyard.config import redis_client_url
 from taskyard.flow.control import FlowStore, Limits, glob_to_pattern
 from taskyard.flow.options import PARTITION_HEADER, FlowSpec, Rate, parse_rate, take_flow_options
 from taskyard.runtime import Runtime, redis_client, runtime_of, sending_app
+from taskyard.seams import Seam
+
+# What this package relies on in Celery (checked by tests/test_seams.py): the worker's start
+# signal (its sender carries the app), the publish signal whose headers dict is the one sent,
+# Celery's per-worker rate limit, a task attribute the decorators set to None.
+SEAMS = (
+    Seam("celery.signals", "worker_init", "attribute"),
+    Seam("celery.signals", "before_task_publish", "attribute"),
+    Seam("celery.app.task.Task", "rate_limit", "attribute", value=None),
+    Seam("celery.apps.worker.Worker", "app", "instance"),
+)
 
 logger = logging.getLogger(__name__)
 
