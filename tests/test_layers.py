@@ -29,6 +29,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "workers": {"monitoring", "batching"} | PERIODIC,
     # The periodic jobs: each may use the others (warming runs single-flight from beat).
     **{part: {"monitoring", "batching"} for part in PERIODIC},
+    "flow": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,
     "monitoring": set(),
     # Shared by every part: they know none of the parts above them.
     "runtime": {"batching", "monitoring", "workers", "broker", "deadletters"} | PERIODIC,

@@ -29,6 +29,7 @@ DECLARING = {
     "taskyard.broker.transport",
     "taskyard.config",
     "taskyard.deadletters.consumer",
+    "taskyard.flow",
     "taskyard.monitoring.capture",
     "taskyard.monitoring.events",
     "taskyard.monitoring.flower",

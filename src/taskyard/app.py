@@ -164,6 +164,7 @@ def _parts() -> tuple[Part, ...]:
         cache,
         database,
         deadletters,
+        flow,
         maintenance,
         monitoring,
         redaction,
@@ -180,6 +181,7 @@ def _parts() -> tuple[Part, ...]:
         Part(guards.install),  # admission, back-pressure, accounting, heartbeat
         Part(deadletters.install),  # poison quarantine, bounded redelivery, dead letters
         Part(monitoring.install, monitoring.periodic_jobs),  # metric capture, stats collection
+        Part(flow.install),  # flow limits registered at worker start, partition values on publish
         Part(redaction.install),  # what published messages show of their arguments
         Part(tracing.install),  # OpenTelemetry spans at publish and around each run (when on)
     )

@@ -242,7 +242,7 @@ class Keys:
     def script_prefix(self) -> str:
         """Prefix (ARGV[1]) from which the fetch and ack scripts' fragments name their keys
         (``broker/fetch.lua``): flow and job control state, each suffix listed here when a
-        fragment adds one. None yet."""
+        fragment adds one: ``flow:`` (flow control, below)."""
         return f"{self.namespace}:"
 
     def broker_quarantine(self) -> str:
@@ -270,3 +270,69 @@ class Keys:
         """STREAM of operator actions (who, role, action, target, count, detail), oldest
         first, capped at about monitoring.audit_max_entries (XADD MAXLEN ~)."""
         return f"{self.namespace}:audit"
+
+    # --- flow control (taskyard.flow; in the broker's Redis under kombu's global_keyprefix) ----
+    # broker/control/flow.lua names every flow key as script_prefix() .. 'flow:' .. suffix (the
+    # prefix arrives in ARGV[1]), so the names below and that fragment must agree.
+    def flow_prefix(self) -> str:
+        """Prefix of every flow-control key (``script_prefix() + "flow:"``)."""
+        return f"{self.script_prefix()}flow:"
+
+    def flow_rules(self) -> str:
+        """HASH the fetch reads once per call: t:<task> -> compiled limits, p:<pattern> ->
+        paused task glob, l:<list key> -> a list of a paused queue, r:<list> -> the list has held
+        buckets, lease -> the reservation lease (s) the workers use,
+        w:<task>|<value> -> fair-share weight. Rewritten from the declared limits, overrides,
+        pauses and weights on every change; r: fields are the fetch's own. Kept."""
+        return f"{self.flow_prefix()}rules"
+
+    def flow_declared(self) -> str:
+        """HASH task -> JSON limits from its decorator, written by each worker at start. Kept."""
+        return f"{self.flow_prefix()}declared"
+
+    def flow_overrides(self) -> str:
+        """HASH task -> JSON limits set at run time (``taskyard limits set``); they win over the
+        declared ones field by field. Removed by ``limits clear``."""
+        return f"{self.flow_prefix()}overrides"
+
+    def flow_pauses(self) -> str:
+        """HASH "queue:<name>" or "task:<glob>" -> JSON {key: paused-at, s}; a field is removed
+        when its last key resumes. Kept (durable pause)."""
+        return f"{self.flow_prefix()}pauses"
+
+    def flow_weights(self) -> str:
+        """HASH "<task>|<value>" -> fair-share weight of one partition value. Kept."""
+        return f"{self.flow_prefix()}weights"
+
+    def flow_ring(self, list_key: str) -> str:
+        """ZSET bucket ("<task>\\0<partition value>") -> virtual time of one queue list's held
+        buckets (fair share serves the lowest first). A member leaves when its bucket empties."""
+        return f"{self.flow_prefix()}ring:{list_key}"
+
+    def flow_bucket(self, list_key: str, bucket: str) -> str:
+        """LIST of the held messages of one bucket of one queue list, oldest at the right (like
+        the queue lists). Deleted by Redis when served empty."""
+        return f"{self.flow_prefix()}h:{list_key}\0{bucket}"
+
+    def flow_slots(self, scope: str) -> str:
+        """ZSET tag -> last lease renewal (s) of the concurrency slots of one scope (a task, or
+        "<task>\\0<value>" when partitioned). A member leaves on release or when its lease ends."""
+        return f"{self.flow_prefix()}s:{scope}"
+
+    def flow_tags(self) -> str:
+        """HASH tag -> scope of every tag holding a concurrency slot; removed with the slot."""
+        return f"{self.flow_prefix()}tags"
+
+    def flow_rate(self, scope: str) -> str:
+        """STRING theoretical arrival time (s) of one scope's rate limit (GCRA); expires one
+        period after it is in the past."""
+        return f"{self.flow_prefix()}r:{scope}"
+
+    def flow_started(self, task: str) -> str:
+        """HASH ten-second slot -> reservations of a limited task; expires after 130 s idle."""
+        return f"{self.flow_prefix()}n:{task}"
+
+    def flow_wake(self) -> str:
+        """STREAM (capped near 100) a worker waiting for held work also reads: an entry on a slot
+        release and on every rules change."""
+        return f"{self.flow_prefix()}wake"

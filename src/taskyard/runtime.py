@@ -178,6 +178,9 @@ class Runtime:
     publisher: FastPublisher | None = None
     #: The parts' periodic jobs by task name (create_app collects them before any part installs).
     periodic_jobs: dict[str, PeriodicJob] = field(default_factory=dict, repr=False)
+    #: The flow-control store on the broker's Redis (a taskyard.flow.FlowStore, made on first
+    #: use): typed loosely because the runtime sits below the flow part and does not import it.
+    flow_store: Any = field(default=None, repr=False)
     #: SQLAlchemy engines of this app per database URL (taskyard.database), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     #: The batch reaper's cache of registered batch definitions (taskyard.batching.reaper):

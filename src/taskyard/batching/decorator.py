@@ -9,6 +9,7 @@ from typing import Any, overload
 from taskyard.batching.definition import BatchDefinition, check_number
 from taskyard.batching.flush import make_flush_task
 from taskyard.errors import ConfigurationError
+from taskyard.flow.options import take_flow_options
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
 from taskyard.routing.task import TaskyardTask
@@ -120,6 +121,10 @@ def batch_task(
             background thread appends every ``linger_ms``; durable once ``.buffered().flush()``
             returns (see :mod:`taskyard.batching.buffered`). None: ``.delay`` is durable on return.
 
+    Flow control of the flush runs (docs/flow.md): ``rate_limit="10/s"`` and ``concurrency=2``
+    hold across the cluster; ``partition_by="key"`` applies them per batch key, with fair share
+    between keys.
+
     Other keywords are Celery's task options for the flush task (``name=``, ``time_limit=``...).
 
     Raises:
@@ -128,6 +133,24 @@ def batch_task(
         RoutingError: ``priority`` is not one of the five levels.
     """
     level = parse_level(priority)
+    # Flow control governs the flush runs: rate_limit= (taskyard's, cluster-wide, not Celery's
+    # per-worker bucket), concurrency=, partition_by="key" (per batch key).
+    flow_options: dict[str, Any] = {
+        name: celery_options.pop(name)
+        for name in ("rate_limit", "concurrency", "partition_by")
+        if name in celery_options
+    }
+    partition = flow_options.get("partition_by")
+    if partition is not None and partition != "key":
+        raise ConfigurationError(
+            f'@batch_task: partition_by={partition!r} is not allowed; expected "key" (limits '
+            "and fair share per batch key)",
+            setting="partition_by",
+            value=partition,
+        )
+    flow = take_flow_options("@batch_task", flow_options)
+    if flow is not None:
+        celery_options["taskyard_flow"] = flow
     check_options("@batch_task", celery_options, OWN_OPTIONS, _REFUSED)
     check_number(
         "batch_size", batch_size, minimum=1, strict=False, integer=True, allowed="an integer >= 1"

@@ -340,6 +340,8 @@ def publish(
             task.apply(args=[claim.batch_id])
         return len(claims)
     sent = 0
+    flow = getattr(app.tasks.get(task_name), "taskyard_flow", None)
+    partitioned = bool(getattr(flow, "partitioned", False))
     try:
         with app.producer_or_acquire() as producer:
             for claim in claims:
@@ -349,6 +351,8 @@ def publish(
                     queue=queue,
                     routing_key=queue,
                     producer=producer,
+                    # partition_by="key": the fetch shares and limits per batch key.
+                    headers={"taskyard_partition": claim.group} if partitioned else None,
                 )
                 sent += 1
     except Exception as exc:

@@ -10,9 +10,11 @@
 -- KEYS: unacked HASH, unacked ZSET, quarantine LIST, the L lists in order, the wake streams.
 -- ARGV: key prefix, now (s), L, n, record (1: record unacked, 0: no-ack consumer), A, A acked
 -- tags.
+-- KEYS after the queues' wake streams: flow control's wake stream (read like the others).
 -- Reply: {1, i1, msg1, i2, msg2, ...} (list index, 1-based, and raw message), or
--- {0, id1, id2, ...} (wake stream ids) when nothing was delivered, or {2, count} when only
--- undecodable messages were found (moved to the quarantine list, never dropped).
+-- {0, retry_ms, id1, id2, ...} (retry_ms: the smallest FINISH hook's answer, 0: none; wake
+-- stream ids) when nothing was delivered, or {2, count} when only undecodable messages were
+-- found (moved to the quarantine list, never dropped).
 --
 -- Composition (broker/lua.py compose()): this body runs after hooks.lua (the defaults), then
 -- every control/*.lua in name order, concatenated into one chunk; ack.lua is built the same way,
@@ -24,10 +26,11 @@
 --     global_keyprefix; each suffix documented in keys.py). Keys are derived in the script rather
 --     than passed in KEYS: the transport already touches several queues in one call (like
 --     kombu's BRPOP) and does not run on Redis Cluster.
--- It must not return at its top level (that would end the script) nor raise: a script is not
--- rolled back on error, so a failing fragment could lose popped messages. Of the script's own
--- arguments it reads only ARGV[1], KEYS[1] and KEYS[2], which both scripts share (and, inside
--- admit, the message's list KEYS[3 + qindex]).
+-- It must not return, raise, or read ARGV beyond ARGV[1] and KEYS beyond KEYS[1], KEYS[2] (and
+-- the list of a qindex it is given, KEYS[3 + qindex]): a script is not rolled back on error, so a
+-- failing fragment could lose popped messages.
+-- The hook lists (ADMIT, ADMIT_LAST, RELEASE, SKIP, SERVE, FINISH, RENEW) are described in
+-- hooks.lua; admit() and release() call them in order.
 --
 -- admit(msg, item, qindex, now): msg is the decoded kombu message (msg.headers.task is the task
 -- name under Celery's protocol 2), item its raw text, qindex the position of its list in
@@ -41,6 +44,9 @@
 --   'drop' the fragment has disposed of it (e.g. a cancelled task recorded elsewhere): neither
 --          delivered nor put back.
 -- Any other value is treated as 'hold', so no message is ever lost to a mistaken verdict.
+-- Before a list is popped, every SKIP hook may exclude it (a paused queue: not popped at all),
+-- and the SERVE hooks deliver what they keep for it (held messages, older than the list's); they
+-- are called again when the scan leaves the list.
 -- release(tag) is called for every acknowledged tag (here and in ack.lua) before its unacked
 -- records are removed, so it may read them (HGET KEYS[1] tag); it frees what admit took for
 -- that delivery (a concurrency slot, a unique lock). kombu's own requeue and restore paths do
@@ -65,36 +71,66 @@ end
 local out = {1}
 local quarantined = 0
 local held = {}
--- Lists before k were found empty (or held to the bound) and nothing else runs during the
--- script, so each further pop stays at k: strict order holds across the whole reply.
+
+-- Record one message of list qindex in the unacked records and the reply; its tag, or nil when
+-- it is not a kombu message (quarantined).
+local function deliver(qindex, item, msg)
+  local tag, info
+  if type(msg) == 'table' and type(msg['properties']) == 'table' then
+    tag = msg['properties']['delivery_tag']
+    info = msg['properties']['delivery_info']
+  end
+  if type(tag) ~= 'string' or type(info) ~= 'table' then
+    -- Not a kombu message: kept for an operator, never lost, never redelivered in a loop.
+    redis.call('LPUSH', KEYS[3], item)
+    redis.call('LTRIM', KEYS[3], 0, 9999)
+    quarantined = quarantined + 1
+    return nil
+  end
+  if record then
+    redis.call('ZADD', KEYS[2], now, tag)
+    redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
+               .. ',' .. cjson.encode(info['routing_key']) .. ']')
+  end
+  out[#out + 1] = qindex
+  out[#out + 1] = item
+  return tag
+end
+
+local function serve(qindex, leaving)
+  for _, hook in ipairs(SERVE) do
+    local need = want - (#out - 1) / 2
+    if need <= 0 then return end
+    hook(qindex, need, deliver, now_s, leaving)
+  end
+end
+
+-- Lists before k were found empty (or held to the bound, or skipped) and nothing else runs
+-- during the script, so each further pop stays at k: strict order holds across the whole reply.
 local k = 4
 local last = 3 + nlists
+local entered, skip = 0, false
 while k <= last and (#out - 1) / 2 < want do
-  local item = redis.call('RPOP', KEYS[k])
+  if entered ~= k then
+    entered, skip = k, false
+    for _, hook in ipairs(SKIP) do
+      if hook(k - 3) then skip = true break end
+    end
+    if not skip then serve(k - 3, false) end
+  end
+  local item = nil
+  if not skip and (#out - 1) / 2 < want then item = redis.call('RPOP', KEYS[k]) end
   if not item then
+    if not skip then serve(k - 3, true) end
     k = k + 1
   else
     local ok, msg = pcall(cjson.decode, item)
-    local tag, info
-    if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
-      tag = msg['properties']['delivery_tag']
-      info = msg['properties']['delivery_info']
-    end
-    if type(tag) ~= 'string' or type(info) ~= 'table' then
-      -- Not a kombu message: kept for an operator, never lost, never redelivered in a loop.
-      redis.call('LPUSH', KEYS[3], item)
-      redis.call('LTRIM', KEYS[3], 0, 9999)
-      quarantined = quarantined + 1
+    if not ok or type(msg) ~= 'table' or type(msg['properties']) ~= 'table' then
+      deliver(k - 3, item, nil)  -- quarantined
     else
       local verdict = admit(msg, item, k - 3, now_s)
       if verdict == 'run' then
-        if record then
-          redis.call('ZADD', KEYS[2], now, tag)
-          redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
-                     .. ',' .. cjson.encode(info['routing_key']) .. ']')
-        end
-        out[#out + 1] = k - 3
-        out[#out + 1] = item
+        deliver(k - 3, item, msg)
       elseif verdict ~= 'drop' then
         held[#held + 1] = k
         held[#held + 1] = item
@@ -110,9 +146,14 @@ end
 for h = #held - 1, 1, -2 do
   redis.call('RPUSH', KEYS[held[h]], held[h + 1])
 end
+local retry = 0
+for _, hook in ipairs(FINISH) do
+  local ms = hook(now_s)
+  if ms > 0 and (retry == 0 or ms < retry) then retry = ms end
+end
 if #out > 1 then return out end
 if quarantined > 0 then return {2, quarantined} end
-local ids = {0}
+local ids = {0, retry}
 for s = last + 1, #KEYS do
   local tail = redis.call('XREVRANGE', KEYS[s], '+', '-', 'COUNT', 1)
   ids[#ids + 1] = tail[1] and tail[1][1] or '0-0'

@@ -34,4 +34,6 @@ def compose(body: str, *extra: Fragment) -> Script:
 
 FETCH_SCRIPT = compose("fetch.lua")
 ACK_SCRIPT = compose("ack.lua")
+RELEASE_SCRIPT = compose("release.lua")
+RENEW_SCRIPT = compose("renew.lua")
 PUBLISH_SCRIPT = Script.from_file("taskyard.broker", "publish.lua")

@@ -63,7 +63,13 @@ from kombu.utils.json import loads
 
 from taskyard.broker import delays as _delays
 from taskyard.broker.lease import Maintenance
-from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
+from taskyard.broker.lua import (
+    ACK_SCRIPT,
+    FETCH_SCRIPT,
+    PUBLISH_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+)
 from taskyard.keys import Keys
 from taskyard.seams import Seam
 
@@ -160,7 +166,7 @@ class FetchPlan:
 
     keys: tuple[str, ...]
     list_queues: tuple[str, ...]  # the queue of each list key, in order
-    wake_keys: tuple[str, ...]
+    wake_keys: tuple[str, ...]  # the queues' wake streams, then flow control's
 
 
 class QoS(kombu_redis.QoS):
@@ -188,6 +194,7 @@ class QoS(kombu_redis.QoS):
         if requeue:
             # kombu's semantics: LPUSHed back (the far end from consumers), in one transaction.
             super().reject(delivery_tag, requeue=True)
+            self.channel.release_tags([delivery_tag])
         else:
             self.ack(delivery_tag)
 
@@ -361,7 +368,10 @@ class Channel(kombu_redis.Channel):
                 for queue in queues
                 for pri in self.priority_steps
             ]
-            wake = tuple(self.wake_key(queue) for queue in queues)
+            wake = (
+                *(self.wake_key(queue) for queue in queues),
+                self.full_key(self._keys.flow_wake()),
+            )
             keys = (
                 self.full_key(self.unacked_key),
                 self.full_key(self.unacked_index_key),
@@ -383,6 +393,12 @@ class Channel(kombu_redis.Channel):
             len(acks),
             *acks,
         ]
+
+    def release_tags(self, tags: list[str]) -> None:
+        """Run the fetch's release hooks for tags going back to their queue (a requeue or a
+        restored reservation): what admission took for them (a concurrency slot) is free now."""
+        if tags:
+            RELEASE_SCRIPT(self.client, (), (self._script_prefix, *tags))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -437,7 +453,7 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         kind = reply[0]
         if kind == 0:
-            self._wait_for_wake(connection, reply[1:])
+            self._wait_for_wake(connection, reply[2:], int(reply[1]))
             raise Empty()
         plan = self._fetch_plan
         self._end_read()
@@ -467,15 +483,17 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 # The rest are recorded but not delivered: back to the consuming end of their lists.
                 prerecorded.discard(tag)
-                for _, later in tags[index + 1 :]:
-                    self.qos.restore_by_tag(later)
+                later = [held for _, held in tags[index + 1 :]]
+                for held in later:
+                    self.qos.restore_by_tag(held)
+                self.release_tags(later)
                 raise
             if tag in prerecorded:
                 # Delivered to a no-ack consumer (no QoS.append): drop the record.
                 prerecorded.discard(tag)
                 self.queue_ack(tag)
 
-    def _wait_for_wake(self, connection: Any, ids: list[Any]) -> None:
+    def _wait_for_wake(self, connection: Any, ids: list[Any], retry_ms: int = 0) -> None:
         # Every list was empty: block on the wake streams from the ids read in that same
         # atomic call. The read is sent on the fetch connection, still registered with the
         # poller, so the event loop is woken by a publish or by the timeout.
@@ -491,6 +509,9 @@ class Channel(kombu_redis.Channel):
                     "could not apply acknowledgements; the next fetch carries them", exc_info=True
                 )
         timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
+        if retry_ms:
+            # A message held by a rate limit may run then: fetch again no later.
+            timeout_ms = min(timeout_ms, retry_ms)
         self._fetch_state = _WAKE
         self._brpop_sent_at = monotonic()
         try:
@@ -627,12 +648,10 @@ class Channel(kombu_redis.Channel):
         now = repr(time())
         key = self.full_key(self.unacked_index_key)
         for start in range(0, len(tags), 1000):
-            chunk = tags[start : start + 1000]
-            words: list[Any] = []
-            for tag in chunk:
-                words += (now, tag)
-            # XX: never re-adds a message that was acknowledged or restored meanwhile.
-            redis.Redis.execute_command(self.client, "ZADD", key, "XX", *words)
+            # The reservations' scores and the concurrency slots they hold (flow control).
+            RENEW_SCRIPT(
+                self.client, (key,), (self._script_prefix, now, *tags[start : start + 1000])
+            )
         return len(tags)
 
     # --- publishing -------------------------------------------------------------------------
@@ -757,9 +776,11 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         self._end_read()
         if reply and reply[0] == 1:
-            for raw in reply[2::2]:
-                tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
+            tags = [loads(bytes_to_str(raw))["properties"]["delivery_tag"] for raw in reply[2::2]]
+            for tag in tags:
                 self.qos.restore_by_tag(tag)
+            with suppress(*self.connection_errors):
+                self.release_tags(tags)
 
     def _close_clients(self) -> None:
         super()._close_clients()

@@ -11,6 +11,7 @@ from taskyard.cli.api import api_command
 from taskyard.cli.batches import batches
 from taskyard.cli.cache import cache
 from taskyard.cli.dead import dead
+from taskyard.cli.flow import limits, pause, paused, resume
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
@@ -91,5 +92,9 @@ for command in (
     users,
     shell_command,
     env_command,
+    limits,
+    pause,
+    resume,
+    paused,
 ):
     main.add_command(command)

@@ -8,6 +8,10 @@ Flower and celery-exporter do) misses both. On RabbitMQ the broker counts for us
 ``queue_declare`` returns the ready messages; unacknowledged ones need the management plugin,
 which may not be enabled, so they are reported as unknown.
 
+Messages flow control holds back (taskyard.flow: a rate or concurrency limit, a paused task, a
+fair-share turn) wait in held buckets beside their list; they count as ready (waiting), and
+``held`` says how many of those they are.
+
 Countdown/ETA messages wait in taskyard's delayed sets on a Redis broker
 (:mod:`taskyard.broker.delays`) and are counted as ``scheduled``, apart from the depth: they
 are not ready yet. On RabbitMQ they sit unacknowledged in a worker (Celery's behaviour), so
@@ -26,6 +30,7 @@ from kombu.connection import Connection
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from taskyard.config import REDIS_SCHEMES, redis_client_url, url_scheme
+from taskyard.flow.control import FlowStore
 from taskyard.keys import Keys
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import redis_client
@@ -55,6 +60,9 @@ class QueueDepth:
     reserved_known: bool = True
     #: Messages waiting for their ETA in the delayed set; None where the broker keeps none.
     scheduled: int | None = None
+    #: Of ``ready``, the messages flow control holds back (a limit, a pause, a fair-share turn;
+    #: taskyard.flow): waiting like the rest, kept apart from their list.
+    held: int = 0
 
     @property
     def depth(self) -> int:
@@ -68,6 +76,7 @@ class QueueDepth:
             "reserved": self.reserved,
             "reserved_known": self.reserved_known,
             "scheduled": self.scheduled,
+            "held": self.held,
         }
 
 
@@ -139,12 +148,14 @@ def redis_depths(
         if owner is not None:
             reserved[owner] += 1
     per_queue = len(steps)
+    held = FlowStore(client, keys).held_by_queue(names)
     return [
         QueueDepth(
             queue,
-            sum(int(n) for n in replies[i * per_queue : (i + 1) * per_queue]),
+            sum(int(n) for n in replies[i * per_queue : (i + 1) * per_queue]) + held[queue],
             reserved[queue],
             scheduled=scheduled[i],
+            held=held[queue],
         )
         for i, queue in enumerate(names)
     ]

@@ -9,6 +9,7 @@ from celery import Task
 from celery.local import PromiseProxy
 
 from taskyard.errors import ConfigurationError
+from taskyard.flow.options import take_flow_options
 from taskyard.redaction import check_redact
 from taskyard.routing.binding import bind_task
 from taskyard.routing.levels import Priority, parse_level
@@ -19,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _RESOURCE_OPTIONS = ("requires_memory_mb", "memory_limit_mb", "cpu_time_limit_s")
 #: taskyard's own options of @priority_task (beside Celery's task options).
-OWN_OPTIONS = ("priority", "app", "redact", *_RESOURCE_OPTIONS)
+OWN_OPTIONS = ("priority", "app", "redact", "concurrency", "partition_by", *_RESOURCE_OPTIONS)
 _REFUSED = {"base": "taskyard tasks use their app's task class (TaskyardTask)"}
 
 
@@ -58,6 +59,9 @@ def priority_task(
     memory_limit_mb: float | None = ...,
     cpu_time_limit_s: float | None = ...,
     redact: str | tuple[str, ...] = ...,
+    rate_limit: str | int | None = ...,
+    concurrency: int | None = ...,
+    partition_by: str | Callable[..., Any] | None = ...,
     **options: Any,
 ) -> Callable[[Any], Any]: ...
 
@@ -78,6 +82,11 @@ def priority_task(
     and is used through the current taskyard app (never a plain Celery app). Options are
     checked here, when the module is imported.
 
+    Flow control (docs/flow.md): ``rate_limit="100/s"`` (``/m``, ``/h``) and ``concurrency=5``
+    hold cluster-wide, across every worker; ``partition_by`` (an argument name, or a callable
+    of the call's arguments returning a string) applies them per value and shares the queue
+    fairly between values. ``rate_limit`` here replaces Celery's per-worker token bucket.
+
     Raises:
         RoutingError: ``priority`` is not one of the five levels.
         ConfigurationError: an option is unknown (the message names the closest valid one), a
@@ -88,6 +97,14 @@ def priority_task(
     resources: dict[str, Any] = dict(_check_resources(options))
     if "redact" in options:
         resources["taskyard_redact"] = check_redact(options.pop("redact"))
+    # rate_limit= is taskyard's cluster-wide limit here: taken out of Celery's options, so
+    # Celery's per-worker token bucket never applies to the task.
+    flow_options: dict[str, Any] = {
+        name: options.pop(name)
+        for name in ("rate_limit", "concurrency", "partition_by")
+        if name in options
+    }
+    take_flow_options("@priority_task", dict(flow_options))  # checked now, at import
     deliveries = options.get("max_deliveries")
     if deliveries is not None and (
         isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1
@@ -99,12 +116,21 @@ def priority_task(
         )
 
     def decorate(target: Any) -> Any:
+        # A PromiseProxy is not evaluated here (isinstance on it would create the task).
+        fn = None if isinstance(target, PromiseProxy) else getattr(target, "run", target)
+        flow = take_flow_options("@priority_task", dict(flow_options), fn)
+        if flow is not None:
+            resources_and_flow: dict[str, Any] = {**resources, "taskyard_flow": flow}
+            if isinstance(target, Task | PromiseProxy):
+                resources_and_flow["rate_limit"] = None
+        else:
+            resources_and_flow = dict(resources)
         if isinstance(target, PromiseProxy):
             # A task of an app not finalized yet: place it once Celery creates it.
-            target.__then__(_place, target, level, resources)
+            target.__then__(_place, target, level, resources_and_flow)
             return target
         if isinstance(target, Task):
-            _place(target, level, resources)
+            _place(target, level, resources_and_flow)
             return target
         if not callable(target):
             raise ConfigurationError(
@@ -115,7 +141,7 @@ def priority_task(
             app=app,
             decorator="@priority_task",
             taskyard_level=level,
-            **resources,
+            **resources_and_flow,
             **options,
         )
 

@@ -34,6 +34,10 @@ class TaskyardTask(Task):  # type: ignore[misc]
     #: Celery's strategy seam: on a solo pool (the fast profile) the lean execution path runs
     #: the task from the fetched message; elsewhere it returns Celery's default strategy.
     Strategy = "taskyard.workers.lean:strategy"
+    #: Cluster-wide rate/concurrency limits and partition (taskyard.flow.FlowSpec), from the
+    #: decorator's rate_limit=, concurrency=, partition_by=; None: none. Celery's own
+    #: ``rate_limit`` (a per-worker token bucket) stays None on these tasks.
+    taskyard_flow: Any = None
 
     def apply_async(
         self,

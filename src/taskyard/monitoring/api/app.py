@@ -24,6 +24,7 @@ from taskyard.monitoring.api.admin import admin_router
 from taskyard.monitoring.api.audit import AuditLog, audit_router
 from taskyard.monitoring.api.dead import install_dead
 from taskyard.monitoring.api.errors import install_error_handlers
+from taskyard.monitoring.api.flow import install_flow
 from taskyard.monitoring.api.headers import SecurityHeaders
 from taskyard.monitoring.api.query import (
     ResponseCache,
@@ -113,7 +114,8 @@ def create_api(
     _add_health(api, state)
     _add_views(api, state)
     _add_history(api, state)
-    install_dead(api, state)
+    install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
+    install_flow(api, state)  # before /metrics too: the flow collector
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(audit_router(state), prefix=API_PREFIX)
