@@ -14,6 +14,7 @@ from taskyard.errors import (
     TaskyardError,
 )
 from taskyard.routing import Priority, priority_task
+from taskyard.routing.task import cancel_requested, progress
 
 __all__ = [
     "BatchBufferFull",
@@ -28,6 +29,8 @@ __all__ = [
     "TaskArgumentError",
     "TaskyardError",
     "batch_task",
+    "cancel_requested",
     "create_app",
     "priority_task",
+    "progress",
 ]

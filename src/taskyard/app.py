@@ -160,9 +160,11 @@ def _parts() -> tuple[Callable[[Celery, Runtime], object], ...]:
     module.
     """
     from taskyard import batching, beat, cache, database, deadletters, maintenance, monitoring
+    from taskyard.broker.control import service as jobs
     from taskyard.workers import guards
 
     return (
+        jobs.install,  # job control: durable cancel (revoke too), the cancel watcher, progress
         batching.install,  # the flush and reaper tasks, the worker flusher thread
         database.install,  # engines disposed in every prefork child
         cache.install,  # cache warming

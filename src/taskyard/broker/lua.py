@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from importlib.resources import files
 from typing import Any
 
 import redis
@@ -29,21 +30,25 @@ import redis
 #: carries the last id of each wake stream, read in the same atomic step, so an XREAD from those
 #: ids sees every wake entry a producer adds afterwards (no lost wake-up).
 #: KEYS: unacked HASH, unacked ZSET, quarantine LIST, the L lists in order, the wake streams.
-#: ARGV: now (s), L, n, record (1: record unacked, 0: no-ack consumer), A, A acked tags.
+#: ARGV: now (s), L, n, record (1: record unacked, 0: no-ack consumer), kombu key prefix,
+#: namespace prefix ("<kombu prefix><namespace>:"), lease (ms), A, A acked tags (each runs the
+#: RELEASE hooks). Each popped message goes through the ADMIT hooks before it is recorded.
 #: Reply: {1, i1, msg1, i2, msg2, ...} (list index, 1-based, and raw message), or
 #: {0, id1, id2, ...} (wake stream ids) when nothing was popped, or {2, count} when only
 #: undecodable messages were found (moved to the quarantine list, never dropped).
-FETCH = """
-local now = ARGV[1]
+FETCH_BODY = """
+CTX.now = ARGV[1]
 local nlists = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local record = ARGV[4] == '1'
-local nacks = tonumber(ARGV[5])
-local i = 6
+CTX.kp, CTX.ns, CTX.lease_ms, CTX.record = ARGV[5], ARGV[6], ARGV[7], record
+local nacks = tonumber(ARGV[8])
+local i = 9
 while nacks > 0 do
   local j = math.min(i + 999, i + nacks - 1)
   redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
   redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
+  for t = i, j do release(ARGV[t]) end
   nacks = nacks - (j - i + 1)
   i = j + 1
 end
@@ -70,13 +75,22 @@ while k <= last and (#out - 1) / 2 < want do
       redis.call('LTRIM', KEYS[3], 0, 9999)
       quarantined = quarantined + 1
     else
-      if record then
-        redis.call('ZADD', KEYS[2], now, tag)
-        redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
-                   .. ',' .. cjson.encode(info['routing_key']) .. ']')
+      local verdict = admit(msg, item, k - 3, CTX.now)
+      if verdict == 'run' then
+        if record then
+          redis.call('ZADD', KEYS[2], CTX.now, tag)
+          redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
+                     .. ',' .. cjson.encode(info['routing_key']) .. ']')
+        end
+        out[#out + 1] = k - 3
+        out[#out + 1] = item
+      elseif verdict == 'hold' then
+        -- May not run now: back to the consuming end, keeping its place; this list is left
+        -- for this call (flow control refines which messages behind it may pass).
+        redis.call('RPUSH', KEYS[k], item)
+        k = k + 1
       end
-      out[#out + 1] = k - 3
-      out[#out + 1] = item
+      -- 'drop': consumed and never delivered (the hook recorded why).
     end
   end
 end
@@ -102,17 +116,59 @@ return 1
 """
 
 #: Remove acknowledged tags from the unacked HASH and index (the timer fallback of FETCH's own
-#: ack carrying). Atomic per call, like kombu's ZREM+HDEL pipeline. KEYS: HASH, ZSET. ARGV: tags.
-ACK = """
-local i = 1
+#: ack carrying). Atomic per call, like kombu's ZREM+HDEL pipeline, with the RELEASE hooks of
+#: each tag. KEYS: HASH, ZSET. ARGV: kombu key prefix, namespace prefix, tags.
+ACK_BODY = """
+CTX.kp, CTX.ns = ARGV[1], ARGV[2]
+local i = 3
 while i <= #ARGV do
   local j = math.min(i + 999, #ARGV)
   redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
   redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
+  for t = i, j do release(ARGV[t]) end
   i = j + 1
 end
-return #ARGV
+return #ARGV - 2
 """
+
+#: Run the release hooks for tags whose message went back to its queue (reject with requeue,
+#: the restore sweep) or whose state must go (the record itself is handled by kombu's code).
+#: ARGV: kombu key prefix, namespace prefix, tags.
+RELEASE_BODY = """
+CTX.kp, CTX.ns = ARGV[1], ARGV[2]
+for t = 3, #ARGV do release(ARGV[t]) end
+return #ARGV - 2
+"""
+
+#: The hook lists shared with flow control (see the fetch contract): each feature's fragment
+#: appends to ADMIT (verdict per popped, decoded message: 'run', 'hold' or 'drop'; the first
+#: non-'run' verdict wins, job control's hooks run first so a cancelled message never takes a
+#: flow slot) and to RELEASE (per tag acknowledged, rejected or restored). Locals of one chunk,
+#: not globals: Redis refuses scripts that create globals.
+PRELUDE = """
+local ADMIT, RELEASE, CTX = {}, {}, {}
+"""
+
+HOOK_RUNNERS = """
+local function admit(msg, item, qindex, now)
+  for a = 1, #ADMIT do
+    local verdict = ADMIT[a](msg, item, qindex, now)
+    if verdict ~= 'run' then return verdict end
+  end
+  return 'run'
+end
+local function release(tag)
+  for r = 1, #RELEASE do RELEASE[r](tag) end
+end
+"""
+
+#: Fragments in ADMIT order: job control first, then flow control.
+FRAGMENTS = (files("taskyard.broker.control").joinpath("jobs.lua").read_text(),)
+
+
+def with_hooks(body: str) -> str:
+    """A script made of the hook lists, every feature's fragment, the runners and ``body``."""
+    return PRELUDE + "".join(FRAGMENTS) + HOOK_RUNNERS + body
 
 
 class Script:
@@ -143,6 +199,7 @@ class Script:
         return ["EVALSHA", self.sha, len(keys), *keys, *args]
 
 
-FETCH_SCRIPT = Script(FETCH)
+FETCH_SCRIPT = Script(with_hooks(FETCH_BODY))
 PUBLISH_SCRIPT = Script(PUBLISH)
-ACK_SCRIPT = Script(ACK)
+ACK_SCRIPT = Script(with_hooks(ACK_BODY))
+RELEASE_SCRIPT = Script(with_hooks(RELEASE_BODY))

@@ -62,8 +62,9 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from taskyard.broker import delays as _delays
+from taskyard.broker.control import jobs as _jobs
 from taskyard.broker.lease import Maintenance
-from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
+from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT, RELEASE_SCRIPT
 from taskyard.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -114,9 +115,19 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
             # kombu's semantics: LPUSHed back (the far end from consumers), in one transaction.
-            super().reject(delivery_tag, requeue=True)
+            super().reject(delivery_tag, requeue=True)  # restore_by_tag releases its locks
         else:
             self.ack(delivery_tag)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        # kombu's restore path (its restore_visible sweep, a closing channel's unacked
+        # messages): the message is back in its queue, so what its reservation held goes.
+        super().restore_by_tag(tag, client, leftmost)
+        try:
+            self.channel.release_tags([tag])
+        except self.channel.connection_errors:
+            # The lock's own lease expiry frees it instead.
+            logger.warning("could not release the locks of restored message %s", tag)
 
     def fetch_due(self) -> bool:
         """Whether a fetch should be sent now: nothing held, or at least half the reservations
@@ -298,8 +309,27 @@ class Channel(kombu_redis.Channel):
             self._plans[queues] = plan
         return plan
 
+    @cached_property
+    def hook_prefixes(self) -> tuple[str, str]:
+        """The kombu key prefix and the namespace prefix the scripts' hooks derive keys from."""
+        return self.keyprefix, self.full_key(f"{self.taskyard_namespace}:")
+
+    @cached_property
+    def lease_ms(self) -> int:
+        """How long a reservation (and a unique lock held with it) lasts unrenewed (ms)."""
+        return max(1000, int(float(self.reservation_lease or self.visibility_timeout) * 1000))
+
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
-        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks), *acks]
+        return [
+            repr(time()),
+            len(plan.list_queues),
+            want,
+            "1" if record else "0",
+            *self.hook_prefixes,
+            self.lease_ms,
+            len(acks),
+            *acks,
+        ]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -530,7 +560,7 @@ class Channel(kombu_redis.Channel):
                 ACK_SCRIPT(
                     self.client,
                     [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                    tags,
+                    [*self.hook_prefixes, *tags],
                 )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))
@@ -550,7 +580,15 @@ class Channel(kombu_redis.Channel):
                 words += (now, tag)
             # XX: never re-adds a message that was acknowledged or restored meanwhile.
             redis.Redis.execute_command(self.client, "ZADD", key, "XX", *words)
+            # The unique locks these messages hold share their lease (one call, a no-op when
+            # no reserved message holds a lock).
+            _jobs.renew_locks(self, chunk)
         return len(tags)
+
+    def release_tags(self, tags: list[str]) -> None:
+        """Run the scripts' release hooks for tags whose message went back to its queue."""
+        if tags:
+            RELEASE_SCRIPT(self.client, [], [*self.hook_prefixes, *tags])
 
     # --- publishing -------------------------------------------------------------------------
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
@@ -566,6 +604,11 @@ class Channel(kombu_redis.Channel):
                 self._wake(queue)
             return
         headers = message.get("headers") or {}
+        if headers.get(_jobs.HEADER_UNIQUE):
+            # Unique, throttled or debounced: lock and push in one script (raises
+            # TaskDeduplicated when another message holds the key).
+            _jobs.publish_unique(self, queue, message)
+            return
         if headers.get("eta"):
             # Broker-side delays: a message due later waits in Redis, not in a worker.
             # kombu's prefixing pipeline (when global_keyprefix is set): delays.py names keys
@@ -574,6 +617,11 @@ class Channel(kombu_redis.Channel):
             if _delays.maybe_delay(pipe, self, queue, message):
                 pipe.execute()
                 return
+        keys = self.publish_keys(queue, message)
+        PUBLISH_SCRIPT(self.client, keys, (_MESSAGE_ENCODER.encode(message), self.wake_maxlen))
+
+    def publish_keys(self, queue: str, message: dict[str, Any]) -> tuple[str, str]:
+        """Full names of the list ``message`` goes onto and of its queue's wake stream."""
         priority = self._get_message_priority(message, reverse=False)
         keys = self._publish_keys.get((queue, priority))
         if keys is None:
@@ -581,7 +629,12 @@ class Channel(kombu_redis.Channel):
             if len(self._publish_keys) > 1024:
                 self._publish_keys.clear()
             self._publish_keys[(queue, priority)] = keys
-        PUBLISH_SCRIPT(self.client, keys, (_MESSAGE_ENCODER.encode(message), self.wake_maxlen))
+        return keys
+
+    @staticmethod
+    def encode_message(message: dict[str, Any]) -> str:
+        """A message's text as this transport stores it."""
+        return _MESSAGE_ENCODER.encode(message)
 
     def _wake(self, queue: str, pipe: Any = None) -> None:
         target = pipe if pipe is not None else self.client

@@ -10,6 +10,7 @@ from celery.local import PromiseProxy
 
 from taskyard.errors import ConfigurationError
 from taskyard.routing.binding import bind_task
+from taskyard.routing.jobs import JOB_OPTIONS, check_job_options
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
 
@@ -17,7 +18,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _RESOURCE_OPTIONS = ("requires_memory_mb", "memory_limit_mb", "cpu_time_limit_s")
 #: taskyard's own options of @priority_task (beside Celery's task options).
-OWN_OPTIONS = ("priority", "app", *_RESOURCE_OPTIONS)
+OWN_OPTIONS = ("priority", "app", *_RESOURCE_OPTIONS, *JOB_OPTIONS)
 _REFUSED = {"base": "taskyard tasks use their app's task class (TaskyardTask)"}
 
 
@@ -55,6 +56,10 @@ def priority_task(
     requires_memory_mb: float | None = ...,
     memory_limit_mb: float | None = ...,
     cpu_time_limit_s: float | None = ...,
+    unique: str | None = ...,
+    unique_key: Any = ...,
+    throttle: float | None = ...,
+    debounce: float | None = ...,
     **options: Any,
 ) -> Callable[[Any], Any]: ...
 
@@ -78,11 +83,14 @@ def priority_task(
     Raises:
         RoutingError: ``priority`` is not one of the five levels.
         ConfigurationError: an option is unknown (the message names the closest valid one), a
-            resource option is not a positive number, or ``app`` is not a taskyard app.
+            resource option is not a positive number, a job option (``unique="queued"|"active"``,
+            ``unique_key=`` argument names or a callable, ``throttle=`` s, ``debounce=`` s;
+            see docs/jobs.md) is invalid, or ``app`` is not a taskyard app.
     """
     level = parse_level(priority)
     check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
-    resources = _check_resources(options)
+    job_attributes = check_job_options(options)
+    resources: dict[str, Any] = {**_check_resources(options), **job_attributes}
     deliveries = options.get("max_deliveries")
     if deliveries is not None and (
         isinstance(deliveries, bool) or not isinstance(deliveries, int) or deliveries < 1
@@ -94,6 +102,12 @@ def priority_task(
         )
 
     def decorate(target: Any) -> Any:
+        if job_attributes and not isinstance(target, PromiseProxy):
+            # Argument names of unique_key= are checked against the function's own.
+            check_job_options(
+                {"unique": "active", "unique_key": job_attributes["taskyard_unique_key"]},
+                target,
+            )
         if isinstance(target, PromiseProxy):
             # A task of an app not finalized yet: place it once Celery creates it.
             target.__then__(_place, target, level, resources)

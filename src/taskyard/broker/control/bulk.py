@@ -1,0 +1,187 @@
+"""``delay_many``/``apply_many``: many task messages, one script call per chunk.
+
+The messages are the ones the fast ``.delay()`` path builds (:mod:`taskyard.broker.publish`,
+protocol 2, same headers and properties), routed the same way (the per-call level, else the
+app's router, asked once per bulk call: taskyard's rules route by task name) and carrying the
+same ``taskyard_unique`` header, so unique/throttle keys are honoured per message inside the
+chunk's script. A whole chunk is serialized before any of it is sent: an argument the JSON
+policy refuses stops the bulk call with nothing of its chunk published.
+
+Signals: none per message. ``before_task_publish``/``after_task_publish`` are not sent (their
+receivers would cost more than the publish itself); the send time header the capture reads
+(``taskyard_sent_at``) is written directly, so wait times, timelines from "received" on and
+``taskyard cancel --older-than`` work. Celery's ``task_sent`` is never sent either. A task the
+fast path does not serve (options of its own, another broker) falls back to one
+``apply_async`` per call, which sends every signal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from time import time
+from typing import Any
+
+from celery._state import get_current_worker_task
+from celery.utils.saferepr import saferepr
+from kombu.exceptions import EncodeError
+from kombu.serialization import registry
+from kombu.utils.uuid import uuid
+
+from taskyard.broker.control.jobs import HEADER_SENT_AT, publish_bulk
+from taskyard.errors import BrokerUnavailable, BulkPublishError
+
+# kombu's virtual channel methods are unannotated.
+# mypy: disable-error-code="no-untyped-call"
+
+LockFor = Callable[[Any, Any], "list[Any] | None"]
+
+
+def send_many(
+    publisher: Any,
+    task: Any,
+    calls: Iterable[tuple[Any, Any]],
+    queue: str | None,
+    lock_for: LockFor,
+    chunk_size: int,
+) -> list[str] | None:
+    """Publish every (args, kwargs) of ``calls``; the ids in order, or None when the fast path
+    does not serve ``task`` (the caller then sends one by one).
+
+    Raises:
+        BulkPublishError: a chunk was refused by the serializer (nothing of it was sent).
+        BrokerUnavailable: the broker refused a chunk (earlier chunks were sent).
+    """
+    app = publisher.app
+    template = publisher.template(task) if publisher.enabled else None
+    if template is None or app.conf.task_always_eager:
+        return None
+    link = publisher._connected()
+    if link is None:
+        return None
+    channel = link.channel
+    parent = get_current_worker_task()
+    if parent is not None and app.conf.task_inherit_parent_priority and template.priority is None:
+        return None
+    if queue is None:
+        route = publisher.router(task.name, (), {}, {}, task=task)
+        queue = route["queue"]
+    destination = publisher._destination(link, queue)
+    if destination is None:
+        return None
+    if queue not in link.declared:
+        from kombu.common import maybe_declare
+
+        maybe_declare(destination.queue, channel)
+        link.declared.add(queue)
+
+    name = task.name
+    origin = publisher._origin_name()
+    parent_id = parent.request.id if parent is not None else None
+    parent_root = (parent.request.root_id or parent.request.id) if parent is not None else None
+    reply_to = app.thread_oid
+    priority = template.priority or channel.default_priority
+    timelimit = list(template.timelimit)
+    maxlevels = template.repr_maxlevels
+    serializer = template.serializer
+    body_encoding = channel.body_encoding
+    encode = channel.encode_message
+    delivery_mode = destination.delivery_mode_value
+    check = template.check
+    ignore_result = task.ignore_result
+    base_message = {"properties": {"priority": priority}}
+    list_key, wake_key = channel.publish_keys(queue, base_message)
+
+    ids: list[str] = []
+    published = 0
+    chunk: list[tuple[str, str, str, int, str]] = []
+    start = 0
+    for index, call in enumerate(calls):
+        args, kwargs = call
+        args = tuple(args or ())
+        kwargs = dict(kwargs or {})
+        if check is not None:
+            check(*args, **kwargs)
+        task_id = uuid()
+        headers = {
+            "lang": "py",
+            "task": name,
+            "id": task_id,
+            "shadow": None,
+            "eta": None,
+            "expires": None,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": timelimit,
+            "root_id": parent_root or task_id,
+            "parent_id": parent_id,
+            "argsrepr": saferepr(args, 1024, maxlevels=maxlevels) if args else "()",
+            "kwargsrepr": saferepr(kwargs, 1024, maxlevels=maxlevels) if kwargs else "{}",
+            "origin": origin,
+            "ignore_result": ignore_result,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+            HEADER_SENT_AT: time(),
+        }
+        lock = lock_for(args, kwargs)
+        if lock is not None:
+            if lock[0] == "debounce":
+                raise BulkPublishError(
+                    name,
+                    "a debounced task cannot be sent in bulk",
+                    published=published,
+                    index=index,
+                )
+            headers["taskyard_unique"] = lock
+        body = (args, kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
+        try:
+            content_type, content_encoding, payload = registry.dumps(body, serializer=serializer)
+        except EncodeError as exc:
+            raise BulkPublishError(name, str(exc), published=published, index=index) from exc
+        encoded, used_encoding = channel.encode_body(payload, body_encoding)
+        message = {
+            "body": encoded,
+            "content-encoding": content_encoding,
+            "content-type": content_type,
+            "headers": headers,
+            "properties": {
+                "correlation_id": task_id,
+                "reply_to": reply_to,
+                "delivery_mode": delivery_mode,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": priority,
+                "body_encoding": used_encoding,
+                "delivery_tag": channel._next_delivery_tag(),
+            },
+        }
+        mode, lock_key, ttl = lock if lock is not None else ("", "", 0)
+        chunk.append((lock_key, mode, task_id, ttl, encode(message)))
+        ids.append(task_id)
+        if len(chunk) >= chunk_size:
+            published += _flush(link, name, list_key, wake_key, chunk, ids, start)
+            start = len(ids)
+            chunk = []
+    if chunk:
+        _flush(link, name, list_key, wake_key, chunk, ids, start)
+    return ids
+
+
+def _flush(
+    link: Any,
+    name: str,
+    list_key: str,
+    wake_key: str,
+    chunk: list[tuple[str, str, str, int, str]],
+    ids: list[str],
+    start: int,
+) -> int:
+    try:
+        owners = publish_bulk(link.channel, name, [(list_key, wake_key, chunk)])
+    except link.connection_errors as exc:
+        raise BrokerUnavailable(name, "the broker", f"{exc}; {start} call(s) published") from exc
+    for offset, owner in enumerate(owners):
+        if owner:
+            # Deduplicated: the caller gets the owner's id, as .delay() returns it.
+            ids[start + offset] = owner
+    return len(chunk)
