@@ -10,6 +10,7 @@ import click
 from taskyard.cli.api import api_command
 from taskyard.cli.batches import batches
 from taskyard.cli.cache import cache
+from taskyard.cli.cancel import cancel
 from taskyard.cli.dead import dead
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
@@ -83,6 +84,7 @@ for command in (
     batches,
     dead,
     task_command,
+    cancel,
     cache,
     maintenance,
     stats,

@@ -139,7 +139,8 @@ class TaskyardTask(Task):  # type: ignore[misc]
             result = self.AsyncResult(exc.owner_id)
             result.deduplicated = True
             return result
-        result.deduplicated = False
+        if result is not None:  # Celery's apply_async returns None where a test replaced it
+            result.deduplicated = False
         return result
 
     def _send(

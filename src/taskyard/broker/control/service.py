@@ -22,7 +22,7 @@ from celery.exceptions import Ignore
 
 from taskyard.broker.control.bulk import send_many
 from taskyard.broker.control.jobs import CancelStore, Found
-from taskyard.runtime import Runtime, redis_client
+from taskyard.runtime import Runtime, find_runtime, redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -231,8 +231,6 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stopped = threading.Event()
 
     def start(self, c: Any) -> None:
-        from taskyard.runtime import find_runtime
-
         runtime = find_runtime(c.app)
         if runtime is None or not str(c.app.conf.broker_url or "").startswith(
             ("redis", "rediss", "sentinel")
@@ -338,7 +336,15 @@ def install(app: Any, runtime: Runtime) -> None:
         app.steps["consumer"].add(CancelWatcher)
 
     def flush(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
-        if task_id and sender is not None:
-            control.flush_progress(sender, task_id)
+        if not task_id or sender is None or find_runtime(sender.app) is not runtime:
+            return
+        control.flush_progress(sender, task_id)
+        seen = control._checked.pop(task_id, None)
+        if seen is not None and seen[1]:
+            # The task saw its cancel and returned: it stopped by itself.
+            try:
+                control.store.set_outcome(task_id, "stopped")
+            except redis.RedisError:
+                logger.warning("could not record that %s stopped", task_id, exc_info=True)
 
     signals.task_postrun.connect(flush, weak=False, dispatch_uid=f"taskyard.jobs.{id(app)}")

@@ -180,6 +180,7 @@ def dead_router(state: ApiState) -> APIRouter:
         """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
         engine = history.engine_for(state.runtime.settings.effective_history_url)
         found = timeline.lookup(state.runtime, engine, task_id)
+        found = timeline.with_job_state(state.runtime, task_id, found)
         dead = dead_store(state).get(task_id)
         if found is None and dead is None:
             raise HTTPException(404, f"no task {task_id!r} in the timelines or dead letters")
