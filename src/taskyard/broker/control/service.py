@@ -347,4 +347,20 @@ def install(app: Any, runtime: Runtime) -> None:
             except redis.RedisError:
                 logger.warning("could not record that %s stopped", task_id, exc_info=True)
 
-    signals.task_postrun.connect(flush, weak=False, dispatch_uid=f"taskyard.jobs.{id(app)}")
+    def revoked(
+        sender: Any = None, request: Any = None, terminated: bool = False, **_: Any
+    ) -> None:
+        # Celery skipped (or terminated) a message it held when the cancel arrived.
+        task_id = getattr(request, "id", None)
+        if not task_id or sender is None or find_runtime(sender.app) is not runtime:
+            return
+        try:
+            record = control.store.record(task_id)
+            if record is not None and not record.get("outcome"):
+                control.store.set_outcome(task_id, "terminated" if terminated else "skipped")
+        except redis.RedisError:
+            logger.warning("could not record the outcome of %s", task_id, exc_info=True)
+
+    uid = f"taskyard.jobs.{id(app)}"
+    signals.task_postrun.connect(flush, weak=False, dispatch_uid=uid + ".postrun")
+    signals.task_revoked.connect(revoked, weak=False, dispatch_uid=uid + ".revoked")
