@@ -239,6 +239,12 @@ class Keys:
         entries (XADD MAXLEN ~); no entry is ever read as data."""
         return f"{self.namespace}:wake:{queue}"
 
+    def script_prefix(self) -> str:
+        """Prefix (ARGV[1]) from which the fetch and ack scripts' fragments name their keys
+        (``broker/fetch.lua``): flow and job control state, each suffix listed here when a
+        fragment adds one: ``jobs:`` (job control, below)."""
+        return f"{self.namespace}:"
+
     def broker_quarantine(self) -> str:
         """LIST of raw queue items the fetch script could not read as kombu messages (not
         JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""
@@ -246,10 +252,16 @@ class Keys:
 
     # --- job control (broker/control/jobs.py; in the broker's Redis, under kombu's
     # global_keyprefix: the fetch script reads them) -----------------------------------------
+    # broker/control/jobs.lua names every key as script_prefix() .. 'jobs:' .. suffix, so the
+    # names below and that fragment (and publish_unique.lua, publish_bulk.lua) must agree.
     def jobs_prefix(self) -> str:
-        """Prefix of every job-control key; the fetch and publish scripts append the suffixes
-        below themselves (they receive only this prefix)."""
-        return f"{self.namespace}:jobs:"
+        """Prefix of every job-control key (``script_prefix() + "jobs:"``)."""
+        return f"{self.script_prefix()}jobs:"
+
+    def jobs_lease(self) -> str:
+        """STRING: the reservation lease (ms) under which a reserved "active" message holds its
+        unique lock; written by each consuming channel at start. Kept."""
+        return f"{self.jobs_prefix()}lease"
 
     def cancel_index(self) -> str:
         """ZSET task id -> time cancelled (s since epoch): the durable cancel records every

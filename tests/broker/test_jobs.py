@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from taskyard import priority_task
+from taskyard.broker.control.jobs import announce_lease
 from taskyard.broker.transport import Channel
 from taskyard.errors import BulkPublishError, ConfigurationError
 from taskyard.keys import Keys
@@ -226,6 +227,8 @@ def test_active_lock_is_leased_at_reservation_and_released_at_ack(
     assert redis_client.pttl(lock) > 60_000  # unique_ttl_s while it waits
     with app.connection_for_read() as conn:
         channel = conn.default_channel
+        # A consuming channel announces its lease when it starts (basic_get does not consume).
+        announce_lease(channel)
         message = channel.basic_get("normal")
         assert message is not None and message.headers["id"] == sent.id
         assert 0 < redis_client.pttl(lock) <= 5000  # the reservation's lease now

@@ -6,7 +6,7 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 * One Redis client per channel, reused by every command (kombu builds a new ``redis.Redis``
   per call in ``conn_or_acquire``), producers included.
-* A fetch is one Lua call (:data:`taskyard.broker.lua.FETCH`): it applies the acks gathered
+* A fetch is one Lua call (``broker/fetch.lua``): it applies the acks gathered
   since the last fetch, pops from the first non-empty list in ``-Q`` order (each queue's
   priority sub-lists, then the next queue's) and records the message in kombu's own
   ``unacked`` HASH and ``unacked_index`` ZSET in the same step, so no message is lost between
@@ -27,8 +27,8 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 Everything else is kombu's: the message format, rejects and requeues, fanout over pub/sub,
 ``global_keyprefix``, queue expiry, the restore sweep. The kombu internals this relies on are
-named where they are used and tested in ``tests/broker/test_transport.py``; the tested range is
-pinned in ``pyproject.toml`` (kombu 5.7).
+named where they are used and declared in :data:`SEAMS` (checked by ``tests/test_seams.py``);
+the tested range is pinned in ``pyproject.toml`` (kombu 5.7).
 
 Extra transport options: ``taskyard_namespace`` (key namespace of the wake streams and the
 quarantine list), ``reservation_lease``, ``ack_flush_delay``, ``wake_maxlen`` (approximate
@@ -64,8 +64,82 @@ from kombu.utils.json import loads
 from taskyard.broker import delays as _delays
 from taskyard.broker.control import jobs as _jobs
 from taskyard.broker.lease import Maintenance
-from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT, RELEASE_SCRIPT
+from taskyard.broker.lua import (
+    ACK_SCRIPT,
+    FETCH_SCRIPT,
+    PUBLISH_SCRIPT,
+    RELEASE_SCRIPT,
+    RENEW_SCRIPT,
+)
 from taskyard.keys import Keys
+from taskyard.seams import Seam
+
+# What this module relies on in kombu (checked by tests/test_seams.py): the poller hooks it
+# overrides, the channel's fetch entry points and helpers, the restore path, QoS bookkeeping.
+SEAMS = (
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register_BRPOP", params=("channel",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_pause_brpop", params=("channel", "fileno")),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_readable", params=("fileno",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_poll_start"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_client_registered"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_unregister_from_poll"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_update_brpop_polling"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_paused_brpop", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_fd_to_chan", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_chan_to_sock", "instance"),
+    Seam("kombu.transport.redis.Channel", "_brpop_start", params=("timeout",)),
+    Seam("kombu.transport.redis.Channel", "_brpop_read"),
+    Seam("kombu.transport.redis.Channel", "_poll_error", params=("type",)),
+    Seam("kombu.transport.redis.Channel", "_in_poll", "attribute"),
+    Seam(
+        "kombu.transport.redis.Channel",
+        "_do_restore_message",
+        params=("payload", "exchange", "routing_key", "pipe", "leftmost"),
+    ),
+    Seam("kombu.transport.redis.Channel", "_q_for_pri", params=("queue", "pri")),
+    Seam("kombu.transport.redis.Channel", "_queue_cycle", "instance"),
+    Seam("kombu.transport.redis.Channel", "_get_message_priority"),
+    Seam("kombu.transport.redis.Channel", "_create_client", params=("asynchronous",)),
+    Seam("kombu.transport.redis.Channel", "_flush_brpop_reauth"),
+    Seam("kombu.transport.redis.Channel", "_pending_reauth_token"),
+    Seam("kombu.transport.redis.Channel", "_close_clients"),
+    Seam("kombu.transport.redis.Channel", "_on_connection_disconnect", params=("connection",)),
+    Seam("kombu.transport.redis.Channel", "_closing", "attribute"),
+    Seam("kombu.transport.redis.Channel", "conn_or_acquire", params=("client",)),
+    Seam("kombu.transport.redis.Channel", "get_table", params=("exchange",)),
+    Seam("kombu.transport.redis.Channel", "_lookup", params=("exchange", "routing_key")),
+    Seam("kombu.transport.redis.Channel", "_queue_bind"),
+    Seam("kombu.transport.redis.Channel", "_delete", params=("queue",)),
+    Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
+    Seam("kombu.transport.redis.Channel", "_expires", "instance"),
+    Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
+    Seam("kombu.transport.redis.Channel", "unacked_index_key", "attribute", value="unacked_index"),
+    Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
+    Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
+    Seam("kombu.transport.redis.SentinelChannel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag",)),
+    Seam("kombu.transport.redis.QoS", "restore_visible"),
+    Seam("kombu.transport.redis.QoS", "restore_unacked"),
+    Seam("kombu.transport.redis.QoS", "_remove_from_indices"),
+    Seam("kombu.transport.virtual.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.virtual.QoS", "ack", params=("delivery_tag",)),
+    Seam("kombu.transport.virtual.QoS", "can_consume_max_estimate"),
+    Seam("kombu.transport.virtual.QoS", "_delivered", "instance"),
+    Seam("kombu.transport.virtual.QoS", "_dirty", "instance"),
+    Seam("kombu.transport.virtual.Transport", "_deliver", params=("message", "queue")),
+    Seam(
+        "kombu.transport.redis.Transport", "register_with_event_loop", params=("connection", "loop")
+    ),
+    Seam("kombu.asynchronous.hub.Hub", "readers", "instance"),
+    # redis-py: the fetch connection's socket, its re-auth, and reading a reply sent earlier.
+    Seam("redis.connection.AbstractConnection", "_sock", "instance"),
+    Seam("redis.connection.AbstractConnection", "re_auth"),
+    Seam("redis.connection.AbstractConnection", "set_re_auth_token", params=("token",)),
+    Seam("redis.client.Redis", "parse_response", params=("connection", "command_name")),
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +189,8 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:
             # kombu's semantics: LPUSHed back (the far end from consumers), in one transaction.
-            super().reject(delivery_tag, requeue=True)  # restore_by_tag releases its locks
+            super().reject(delivery_tag, requeue=True)
+            self.channel.release_tags([delivery_tag])
         else:
             self.ack(delivery_tag)
 
@@ -246,6 +321,8 @@ class Channel(kombu_redis.Channel):
             # with leases the score is the last renewal, so the lease is the timeout.
             self.visibility_timeout = float(self.reservation_lease)
         self._keys = Keys(self.taskyard_namespace)
+        #: ARGV[1] of the fetch and ack scripts: where their fragments name their keys.
+        self._script_prefix = self.full_key(self._keys.script_prefix())
 
     # --- clients ----------------------------------------------------------------------------
     @cached_property
@@ -285,6 +362,7 @@ class Channel(kombu_redis.Channel):
             self._no_ack_queues.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         if self.active_queues and self._maintenance is None:
+            _jobs.announce_lease(self)
             self._maintenance = Maintenance(self, float(self.reservation_lease))
             self._maintenance.start()
         return result
@@ -310,26 +388,26 @@ class Channel(kombu_redis.Channel):
         return plan
 
     @cached_property
-    def hook_prefixes(self) -> tuple[str, str]:
-        """The kombu key prefix and the namespace prefix the scripts' hooks derive keys from."""
-        return self.keyprefix, self.full_key(f"{self.taskyard_namespace}:")
-
-    @cached_property
     def lease_ms(self) -> int:
         """How long a reservation (and a unique lock held with it) lasts unrenewed (ms)."""
         return max(1000, int(float(self.reservation_lease or self.visibility_timeout) * 1000))
 
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
         return [
+            self._script_prefix,
             repr(time()),
             len(plan.list_queues),
             want,
             "1" if record else "0",
-            *self.hook_prefixes,
-            self.lease_ms,
             len(acks),
             *acks,
         ]
+
+    def release_tags(self, tags: list[str]) -> None:
+        """Run the fetch's release hooks for tags going back to their queue (a requeue or a
+        restored reservation): what admission took for them (a concurrency slot) is free now."""
+        if tags:
+            RELEASE_SCRIPT(self.client, (), (self._script_prefix, *tags))
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -384,7 +462,7 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         kind = reply[0]
         if kind == 0:
-            self._wait_for_wake(connection, reply[1:])
+            self._wait_for_wake(connection, reply[2:], int(reply[1]))
             raise Empty()
         plan = self._fetch_plan
         self._end_read()
@@ -414,15 +492,17 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 # The rest are recorded but not delivered: back to the consuming end of their lists.
                 prerecorded.discard(tag)
-                for _, later in tags[index + 1 :]:
-                    self.qos.restore_by_tag(later)
+                later = [held for _, held in tags[index + 1 :]]
+                for held in later:
+                    self.qos.restore_by_tag(held)
+                self.release_tags(later)
                 raise
             if tag in prerecorded:
                 # Delivered to a no-ack consumer (no QoS.append): drop the record.
                 prerecorded.discard(tag)
                 self.queue_ack(tag)
 
-    def _wait_for_wake(self, connection: Any, ids: list[Any]) -> None:
+    def _wait_for_wake(self, connection: Any, ids: list[Any], retry_ms: int = 0) -> None:
         # Every list was empty: block on the wake streams from the ids read in that same
         # atomic call. The read is sent on the fetch connection, still registered with the
         # poller, so the event loop is woken by a publish or by the timeout.
@@ -438,6 +518,9 @@ class Channel(kombu_redis.Channel):
                     "could not apply acknowledgements; the next fetch carries them", exc_info=True
                 )
         timeout_ms = max(1, int((self.brpop_timeout or 1) * 1000))
+        if retry_ms:
+            # A message held by a rate limit may run then: fetch again no later.
+            timeout_ms = min(timeout_ms, retry_ms)
         self._fetch_state = _WAKE
         self._brpop_sent_at = monotonic()
         try:
@@ -560,7 +643,7 @@ class Channel(kombu_redis.Channel):
                 ACK_SCRIPT(
                     self.client,
                     [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                    [*self.hook_prefixes, *tags],
+                    [self._script_prefix, *tags],
                 )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))
@@ -574,21 +657,11 @@ class Channel(kombu_redis.Channel):
         now = repr(time())
         key = self.full_key(self.unacked_index_key)
         for start in range(0, len(tags), 1000):
-            chunk = tags[start : start + 1000]
-            words: list[Any] = []
-            for tag in chunk:
-                words += (now, tag)
-            # XX: never re-adds a message that was acknowledged or restored meanwhile.
-            redis.Redis.execute_command(self.client, "ZADD", key, "XX", *words)
-            # The unique locks these messages hold share their lease (one call, a no-op when
-            # no reserved message holds a lock).
-            _jobs.renew_locks(self, chunk)
+            # The reservations' scores and the concurrency slots they hold (flow control).
+            RENEW_SCRIPT(
+                self.client, (key,), (self._script_prefix, now, *tags[start : start + 1000])
+            )
         return len(tags)
-
-    def release_tags(self, tags: list[str]) -> None:
-        """Run the scripts' release hooks for tags whose message went back to its queue."""
-        if tags:
-            RELEASE_SCRIPT(self.client, [], [*self.hook_prefixes, *tags])
 
     # --- publishing -------------------------------------------------------------------------
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
@@ -727,9 +800,11 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         self._end_read()
         if reply and reply[0] == 1:
-            for raw in reply[2::2]:
-                tag = loads(bytes_to_str(raw))["properties"]["delivery_tag"]
+            tags = [loads(bytes_to_str(raw))["properties"]["delivery_tag"] for raw in reply[2::2]]
+            for tag in tags:
                 self.qos.restore_by_tag(tag)
+            with suppress(*self.connection_errors):
+                self.release_tags(tags)
 
     def _close_clients(self) -> None:
         super()._close_clients()

@@ -124,7 +124,11 @@ def _material(task: Any, args: Any, kwargs: Any) -> Any:
 def unique_header(
     task: Any, args: Any, kwargs: Any, keys: Keys, unique_ttl_s: float
 ) -> list[Any] | None:
-    """[mode, lock key, lock TTL (ms)] of one call, or None for a task without job options."""
+    """[mode, lock key, lock TTL (ms)] of one call, or None for a task without job options.
+
+    The lock key is given after ``keys.script_prefix()``: the scripts prepend the prefix they
+    get (kombu's global key prefix included).
+    """
     if task.taskyard_unique:
         mode, ttl_s = task.taskyard_unique, unique_ttl_s
     elif task.taskyard_throttle:
@@ -136,4 +140,5 @@ def unique_header(
     material = _material(task, args or (), kwargs or {})
     text = json.dumps(material, sort_keys=True, separators=(",", ":"), default=repr)
     digest = hashlib.sha1(text.encode()).hexdigest()[:32]
-    return [mode, keys.unique_lock(task.name, digest), int(ttl_s * 1000)]
+    lock = keys.unique_lock(task.name, digest)[len(keys.script_prefix()) :]
+    return [mode, lock, int(ttl_s * 1000)]

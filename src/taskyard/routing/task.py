@@ -44,27 +44,23 @@ class TaskyardTask(Task):  # type: ignore[misc]
     taskyard_debounce: float | None = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        control = self._jobs()
+        control = _job_control(self)
         if control is not None:
             # A message reserved before its cancel reached this worker: never started.
             control.check_before_run(self)
         return super().__call__(*args, **kwargs)
 
-    def _jobs(self) -> Any:
-        runtime = find_runtime(self._get_app())
-        return runtime.state.get(_JOBS) if runtime is not None else None
-
     def cancel_requested(self) -> bool:
         """Whether this running task was cancelled (``taskyard cancel``, the API, revoke): a
         long task checks it and returns early. Read from Redis at most every 0.1 s."""
-        control = self._jobs()
+        control = _job_control(self)
         return bool(control is not None and control.cancel_requested(self.request.id))
 
     def progress(self, done: float, total: float | None = None, detail: str | None = None) -> None:
         """Report progress (shown by ``taskyard task ID`` and ``/api/v1/tasks/{id}``, sent as a
         ``task-progress`` event); written at most every jobs.progress_interval_s, the last
         report always lands."""
-        control = self._jobs()
+        control = _job_control(self)
         if control is not None:
             control.progress(self, done, total, detail)
 
@@ -132,8 +128,8 @@ class TaskyardTask(Task):  # type: ignore[misc]
                 if self.taskyard_debounce and "countdown" not in options and "eta" not in options:
                     options["countdown"] = self.taskyard_debounce
         try:
-            result = self._send(
-                args, kwargs, task_id, producer, link, link_error, shadow, extra, options
+            result = _send(
+                self, args, kwargs, task_id, producer, link, link_error, shadow, extra, options
             )
         except TaskDeduplicated as exc:
             result = self.AsyncResult(exc.owner_id)
@@ -143,43 +139,50 @@ class TaskyardTask(Task):  # type: ignore[misc]
             result.deduplicated = False
         return result
 
-    def _send(
-        self,
-        args: Any,
-        kwargs: Any,
-        task_id: str | None,
-        producer: Any,
-        link: Any,
-        link_error: Any,
-        shadow: Any,
-        extra: dict[str, Any] | None,
-        options: dict[str, Any],
-    ) -> Any:
-        if extra:
-            options["headers"] = {**(options.get("headers") or {}), **extra}
-        try:
-            if producer is None and link is None and link_error is None and shadow is None:
-                destination = _named_queue(options, extra)
-                runtime = find_runtime(self._get_app()) if destination is not False else None
-                publisher = runtime.publisher if runtime is not None else None
-                if publisher is not None:
-                    # The app's fast publisher, when it applies (None: it does not).
-                    result = publisher.send(self, args, kwargs, task_id, destination, extra)
-                    if result is not None:
-                        return result
-            return super().apply_async(
-                args, kwargs, task_id, producer, link, link_error, shadow, **options
-            )
-        except EncodeError as exc:
-            raise TaskArgumentError(self.name, str(exc)) from exc
-        except OperationalError as exc:
-            broker = self.app.connection_for_write().as_uri()
-            raise BrokerUnavailable(self.name, broker, str(exc)) from exc
-
     def at(self, level: str | Priority) -> Signature:
         """A signature that sends to ``level``: ``task.at("critical").delay(...)``."""
         queue = parse_level(level).value
         return self.signature(queue=queue, routing_key=queue)
+
+
+def _job_control(task: TaskyardTask) -> Any:
+    runtime = find_runtime(task._get_app())
+    return runtime.state.get(_JOBS) if runtime is not None else None
+
+
+def _send(
+    task: TaskyardTask,
+    args: Any,
+    kwargs: Any,
+    task_id: str | None,
+    producer: Any,
+    link: Any,
+    link_error: Any,
+    shadow: Any,
+    extra: dict[str, Any] | None,
+    options: dict[str, Any],
+) -> Any:
+    """The fast publisher when it applies, else Celery's own ``apply_async``."""
+    if extra:
+        options["headers"] = {**(options.get("headers") or {}), **extra}
+    try:
+        if producer is None and link is None and link_error is None and shadow is None:
+            destination = _named_queue(options, extra)
+            runtime = find_runtime(task._get_app()) if destination is not False else None
+            publisher = runtime.publisher if runtime is not None else None
+            if publisher is not None:
+                # The app's fast publisher, when it applies (None: it does not).
+                result = publisher.send(task, args, kwargs, task_id, destination, extra)
+                if result is not None:
+                    return result
+        return Task.apply_async(
+            task, args, kwargs, task_id, producer, link, link_error, shadow, **options
+        )
+    except EncodeError as exc:
+        raise TaskArgumentError(task.name, str(exc)) from exc
+    except OperationalError as exc:
+        broker = task.app.connection_for_write().as_uri()
+        raise BrokerUnavailable(task.name, broker, str(exc)) from exc
 
 
 def _named_queue(options: dict[str, Any], extra: dict[str, Any] | None = None) -> str | bool | None:

@@ -29,6 +29,15 @@ from kombu.utils.uuid import uuid
 
 from taskyard.broker.control.jobs import HEADER_SENT_AT, publish_bulk
 from taskyard.errors import BrokerUnavailable, BulkPublishError
+from taskyard.seams import Seam
+
+# What this module relies on beyond the fast publisher's own (its SEAMS): the worker's current
+# task (parent and root ids), the message layout kombu's virtual channel builds.
+SEAMS = (
+    Seam("celery._state", "get_current_worker_task"),
+    Seam("kombu.transport.virtual.Channel", "encode_body", params=("body", "encoding")),
+    Seam("kombu.transport.virtual.Channel", "_next_delivery_tag"),
+)
 
 # kombu's virtual channel methods are unannotated.
 # mypy: disable-error-code="no-untyped-call"

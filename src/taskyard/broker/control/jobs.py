@@ -1,19 +1,21 @@
 """Job control in the broker: unique locks at publish, durable cancel records, bulk publish.
 
 Everything here lives in the broker's Redis (under kombu's ``global_keyprefix``) because the
-fetch script reads it when a worker reserves (``jobs.lua``, run by every FETCH, ACK and RELEASE
-call through the hook lists of :mod:`taskyard.broker.lua`):
+fetch script reads it when a worker reserves (``control/jobs.lua``, a fragment of the fetch, ack,
+release and renew scripts on the hook lists of ``broker/hooks.lua``):
 
 * **Unique locks.** A unique, throttled or debounced task's message carries a header
-  ``taskyard_unique = [mode, lock key, ttl ms]``. The transport's ``_put`` (both the fast
-  ``.delay()`` path and Celery's own) hands such a message to :func:`publish_unique`: one script
-  checks the lock, takes it with the message's id and pushes the message, so of many producers
-  exactly one publishes; the others get :class:`~taskyard.errors.TaskDeduplicated` with the
-  owner's id. At reservation the fetch deletes a "queued" lock, or re-leases an "active" one
-  under the reservation lease and notes which delivery tag holds it; the release hook deletes it
-  at ack (success, failure, dead letter, revoke), reject and restore. A SIGKILLed worker's lock
-  is no longer renewed and expires within the lease. Throttle locks just expire; a debounce lock
-  names the pending member of the delayed set, which the next call replaces.
+  ``taskyard_unique = [mode, lock key after the script prefix, ttl ms]``. The transport's
+  ``_put`` (both the fast ``.delay()`` path and Celery's own) hands such a message to
+  :func:`publish_unique`: one script checks the lock, takes it with the message's id and
+  pushes the message, so of many producers exactly one publishes; the others get
+  :class:`~taskyard.errors.TaskDeduplicated` with the owner's id. At reservation the fetch
+  deletes a "queued" lock, or re-leases an "active" one under the reservation lease and notes
+  which delivery tag holds it; the release hook deletes it at ack (success, failure, dead
+  letter, revoke), reject and restore, and the renew hook extends it with the reservation. A
+  SIGKILLed worker's lock is no longer renewed and expires within the lease. Throttle locks
+  just expire; a debounce lock names the pending member of the delayed set, which the next
+  call replaces.
 * **Cancel records.** A ZSET of task ids (plus a HASH of who and what became of them). Every
   fetch reads its size once (ZCARD) and checks each popped message only when it is non-empty;
   a cancelled message is consumed and never delivered. Workers also poll new records
@@ -27,15 +29,14 @@ import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any
 
 import redis
 
 from taskyard.broker import delays as _delays
-from taskyard.broker.lua import Script
 from taskyard.errors import TaskDeduplicated
 from taskyard.keys import Keys
+from taskyard.lua import Script
 
 # redis-py's execute_command is unannotated.
 # mypy: disable-error-code="no-untyped-call"
@@ -46,29 +47,8 @@ HEADER_UNIQUE = "taskyard_unique"
 HEADER_SENT_AT = "taskyard_sent_at"
 MODES = ("queued", "active", "throttle", "debounce")
 
-UNIQUE_SCRIPT = Script(files("taskyard.broker.control").joinpath("unique.lua").read_text())
-BULK_SCRIPT = Script(files("taskyard.broker.control").joinpath("bulk.lua").read_text())
-
-#: Extend the locks held by reserved messages to a new lease (the channel's renewal).
-#: Atomic per call; a lock whose owner changed meanwhile is left alone.
-#: KEYS: the tag -> lock HASH. ARGV: lease (ms), tags. Returns how many were extended.
-RENEW_LUA = """
-if redis.call('HLEN', KEYS[1]) == 0 then return 0 end
-local n = 0
-for i = 2, #ARGV do
-  local held = redis.call('HGET', KEYS[1], ARGV[i])
-  if held then
-    local cut = string.find(held, ' ', 1, true)
-    local lock = string.sub(held, cut + 1)
-    if redis.call('GET', lock) == string.sub(held, 1, cut - 1) then
-      redis.call('PEXPIRE', lock, ARGV[1])
-      n = n + 1
-    end
-  end
-end
-return n
-"""
-RENEW_SCRIPT = Script(RENEW_LUA)
+UNIQUE_SCRIPT = Script.from_file("taskyard.broker", "publish_unique.lua")
+BULK_SCRIPT = Script.from_file("taskyard.broker", "publish_bulk.lua")
 
 
 # --- publishing ---------------------------------------------------------------------------------
@@ -79,20 +59,20 @@ def publish_unique(channel: Any, queue: str, message: dict[str, Any]) -> None:
         TaskDeduplicated: another message holds the key; nothing was published.
     """
     headers = message["headers"]
-    mode, lock, ttl_ms = headers[HEADER_UNIQUE]
+    mode, lock, ttl_ms = headers[HEADER_UNIQUE]  # lock: its name after the script prefix
     task_id = str(headers["id"])
     name = str(headers.get("task"))
-    ns = channel.hook_prefixes[1]
+    ns = channel._script_prefix
     entry = _delays.delayed_entry(channel, queue, message)
     if entry is not None:
         registry, zset, member, score = entry
-        keys = [channel.full_key(lock), channel.full_key(zset), channel.full_key(registry)]
+        keys = [ns + lock, channel.full_key(zset), channel.full_key(registry)]
         kind, payload, due = "delayed", member, score
     else:
         if mode == "debounce":
             raise ValueError("a debounced message needs a countdown (broker-side delays on)")
         list_key, wake_key = channel.publish_keys(queue, message)
-        keys = [channel.full_key(lock), list_key, wake_key]
+        keys = [ns + lock, list_key, wake_key]
         kind, payload, due = "list", channel.encode_message(message), int(time.time() * 1000)
     reply = UNIQUE_SCRIPT(
         channel.client,
@@ -115,10 +95,14 @@ def publish_unique(channel: Any, queue: str, message: dict[str, Any]) -> None:
         raise TaskDeduplicated(name, owner, mode)
 
 
-def renew_locks(channel: Any, tags: list[str]) -> None:
-    """Extend the unique locks of ``tags`` to a new lease (no-op when none is held)."""
-    ns = channel.hook_prefixes[1]
-    RENEW_SCRIPT(channel.client, [ns + "jobs:tags"], [channel.lease_ms, *tags])
+def announce_lease(channel: Any) -> None:
+    """Tell the fetch script the reservation lease (ms) an "active" lock is held under.
+
+    Written by each consuming channel when it starts; workers of one app share the setting.
+    """
+    redis.Redis.execute_command(
+        channel.client, "SET", channel._script_prefix + "jobs:lease", channel.lease_ms
+    )
 
 
 def publish_bulk(
@@ -129,12 +113,12 @@ def publish_bulk(
     """Push a chunk in one script call: per (list key, wake key) group, records of (lock key or
     "", mode, task id, lock TTL ms, message JSON). Returns, per message, "" when published or
     the owner's id when its key was held."""
-    ns = channel.hook_prefixes[1]
+    ns = channel._script_prefix
     args: list[Any] = [channel.wake_maxlen, ns + "jobs:counts", task_name]
     for list_key, wake_key, records in groups:
         args += (list_key, wake_key, len(records))
         for lock, mode, task_id, ttl_ms, payload in records:
-            args += (channel.full_key(lock) if lock else "", mode, task_id, ttl_ms, payload)
+            args += (ns + lock if lock else "", mode, task_id, ttl_ms, payload)
     reply = BULK_SCRIPT(channel.client, [], args)
     return [item.decode() if isinstance(item, bytes) else str(item) for item in reply]
 

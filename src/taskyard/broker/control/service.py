@@ -23,8 +23,18 @@ from celery.exceptions import Ignore
 from taskyard.broker.control.bulk import send_many
 from taskyard.broker.control.jobs import CancelStore, Found
 from taskyard.runtime import Runtime, find_runtime, redis_client
+from taskyard.seams import Seam
 
 logger = logging.getLogger(__name__)
+
+# What the cancel watcher relies on in Celery's worker: its revoked set (checked when a message
+# arrives and again before the pool runs it), the requests running now, and terminating one.
+SEAMS = (
+    Seam("celery.worker.state", "revoked", "attribute"),
+    Seam("celery.worker.state", "active_requests", "attribute"),
+    Seam("celery.worker.request.Request", "terminate", params=("pool", "signal")),
+    Seam("celery.app.control.Control", "revoke", params=("task_id", "destination", "terminate")),
+)
 
 #: A task's cancel_requested() reads Redis at most this often (s); between reads the last
 #: answer stands.
@@ -239,7 +249,7 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
         control = control_of(c.app, runtime)
         self._stopped.clear()
         self._thread = threading.Thread(
-            target=self._run, args=(c, control), name="taskyard-cancel-watcher", daemon=True
+            target=self.watch, args=(c, control), name="taskyard-cancel-watcher", daemon=True
         )
         self._thread.start()
 
@@ -251,7 +261,7 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
 
     shutdown = stop
 
-    def _run(self, c: Any, control: JobControl) -> None:
+    def watch(self, c: Any, control: JobControl) -> None:
         from celery.worker import state
 
         after = time.time() - control.settings.cancel_retention_s
@@ -268,9 +278,9 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
                 logger.warning("could not read new cancel records", exc_info=True)
                 continue
             if pending:
-                self._terminate_due(c, control, pending)
+                self.terminate_due(c, control, pending)
 
-    def _terminate_due(self, c: Any, control: JobControl, pending: dict[str, float]) -> None:
+    def terminate_due(self, c: Any, control: JobControl, pending: dict[str, float]) -> None:
         from celery.worker import state
 
         now = time.monotonic()
