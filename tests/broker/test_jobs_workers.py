@@ -318,3 +318,29 @@ def test_bulk_cancel_by_name(
         )
     assert not _runs(redis_client, "record")
     assert redis_client.llen("normal") == 0
+
+
+def test_terminate_on_the_solo_pool_kills_nothing(
+    redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The solo pool (and `fast` solo processes) run the task in the worker itself: --terminate
+    cannot end one task there, so the task runs on, the worker survives and says why."""
+    env = _env(redis_env)
+    with celery_worker(APP, "normal", env, tmp_path, concurrency=1, pool="solo") as worker:
+        task_id, queued = _send(env, "[jobs.stubborn.delay(15).id, jobs.record.delay(1).id]")
+        wait_until(lambda: _runs(redis_client, "started"), 60, 0.1, "the task to start")
+        _cancel(env, task_id, queued, "--terminate", "--grace", "0.5")
+        wait_until(lambda: _runs(redis_client, "finished"), 60, 0.1, "the task to finish")
+        wait_until(
+            lambda: "cannot kill one task" in worker.output(), 30, 0.1, "the worker's warning"
+        )
+        assert worker.process.poll() is None
+        marker = _send(env, "jobs.record.delay(2).id")
+        wait_until(
+            lambda: any(r["id"] == marker for r in _runs(redis_client, "record")),
+            60,
+            0.1,
+            "the worker to go on",
+        )
+    # The message queued behind it was cancelled too and never started.
+    assert [r["i"] for r in _runs(redis_client, "record")] == [2]
