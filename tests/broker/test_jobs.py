@@ -161,6 +161,19 @@ def test_delay_many_keeps_order_and_dedups(make_app: Any, redis_client: redis.Re
         1,
         0,
     ]
+    # The same message as .delay() builds, but for the ids, the delivery tag and the send time.
+    redis_client.delete("normal")
+    jobs.queued_only.delay("it's", n=7)
+    redis_client.delete(*redis_client.scan_iter(f"{KEYS.jobs_prefix()}lock:*"))
+    jobs.queued_only.apply_many([(("it's",), {"n": 7})])
+    one, many = (json.loads(raw) for raw in redis_client.lrange("normal", 0, -1)[::-1])
+    for message in (one, many):
+        message["headers"].pop("taskyard_sent_at", None)
+        for field in ("id", "root_id"):
+            message["headers"].pop(field)
+        for field in ("correlation_id", "delivery_tag"):
+            message["properties"].pop(field)
+    assert many == one
     unique = jobs.once.delay_many([("a",), ("b",), ("a",)])
     assert unique[0] == unique[2] != unique[1]
     high = jobs.noop.apply_many([((1,), {}), ((2,), {})], level="high")

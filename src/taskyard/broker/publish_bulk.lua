@@ -2,18 +2,26 @@
 -- Atomic per chunk: every message of the chunk is pushed (or deduplicated) in one step.
 -- Key names travel in ARGV (a chunk may span several priority lists); like the fetch, this
 -- transport does not run on Redis Cluster.
--- ARGV: wake cap, counts HASH, task name, then groups: list key, wake key, n, and n records of
--- (lock key or '', mode, task id, lock TTL ms, message JSON).
--- Reply: one entry per message in order: '' published, else the owner id (deduplicated).
+-- ARGV: wake cap, counts HASH, task name, then groups: list key, wake key, n, locked (0|1), and
+-- n records: (lock key or '', mode, task id, lock TTL ms, message JSON) when locked, else the
+-- n messages alone.
+-- Reply: one entry per message of the locked groups, in order: '' published, else the owner id
+-- (deduplicated); the messages of unlocked groups are all published and have no entry.
 local cap, counts, name = ARGV[1], ARGV[2], ARGV[3]
 local out = {}
 local i = 4
 while i <= #ARGV do
-  local list, wake, n = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  i = i + 3
+  local list, wake, n, locked = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3] == '1'
+  i = i + 4
   local batch = {}
   local was = redis.call('LLEN', list)
-  for _ = 1, n do
+  if not locked then
+    for j = i, i + n - 1, 1000 do
+      redis.call('LPUSH', list, unpack(ARGV, j, math.min(j + 999, i + n - 1)))
+    end
+    i = i + n
+  end
+  for _ = 1, (locked and n or 0) do
     local lock = ARGV[i]
     local owner = false
     if lock ~= '' then
