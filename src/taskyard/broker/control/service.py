@@ -43,6 +43,9 @@ CANCEL_CHECK_INTERVAL_S = 0.1
 #: looks a task up only when the set is non-empty.
 PRERUN_COUNT_INTERVAL_S = 0.5
 STATE_KEY = "jobs.control"
+#: How far (s) the cancel watcher reads back before the newest record it saw (clock skew
+#: between the hosts that cancel).
+CLOCK_SLACK_S = 30.0
 
 
 class JobControl:
@@ -266,10 +269,17 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
 
         after = time.time() - control.settings.cancel_retention_s
         pending: dict[str, float] = {}  # task id -> when to terminate it
+        #: Records already handled in the overlap window: a record's score is the canceller's
+        #: clock, so each poll reads back CLOCK_SLACK_S before the newest score seen and a
+        #: canceller whose clock lags by less than that is not missed.
+        seen: dict[str, float] = {}
         while not self._stopped.wait(control.settings.cancel_poll_s):
             try:
-                for task_id, _at in control.store.since(after):
-                    after = max(after, _at)
+                for task_id, at in control.store.since(after - CLOCK_SLACK_S):
+                    if task_id in seen and seen[task_id] >= at:
+                        continue
+                    seen[task_id] = at
+                    after = max(after, at)
                     state.revoked.add(task_id)
                     record = control.store.record(task_id) or {}
                     if record.get("terminate"):
@@ -277,6 +287,8 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
             except redis.RedisError:
                 logger.warning("could not read new cancel records", exc_info=True)
                 continue
+            if len(seen) > 10_000:
+                seen = {k: v for k, v in seen.items() if v >= after - CLOCK_SLACK_S}
             if pending:
                 self.terminate_due(c, control, pending)
 
