@@ -108,6 +108,10 @@ class TaskyardTask(Task):  # type: ignore[misc]
     ) -> Any:
         """Send the task; ``level=`` sends this one call to another level's queue.
 
+        The result's ``deduplicated`` attribute is True when a unique or throttled task's key
+        was held by another message: nothing was published and the result is that message's
+        (docs/jobs.md); False otherwise.
+
         Raises:
             RoutingError: ``level`` is not one of the five levels.
             TaskArgumentError: an argument cannot be encoded as JSON (nothing was sent).
