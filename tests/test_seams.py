@@ -24,6 +24,8 @@ LIBRARIES = ("celery", "kombu", "billiard", "redis", "flower")
 
 #: The modules known to reach into the libraries; a module may join, none may silently leave.
 DECLARING = {
+    "taskyard.broker.control.bulk",
+    "taskyard.broker.control.service",
     "taskyard.broker.delays",
     "taskyard.broker.publish",
     "taskyard.broker.transport",

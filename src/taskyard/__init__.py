@@ -15,6 +15,7 @@ from taskyard.errors import (
     TaskyardError,
 )
 from taskyard.routing import Priority, priority_task
+from taskyard.routing.task import cancel_requested, progress
 
 __all__ = [
     "BatchBufferFull",
@@ -30,6 +31,8 @@ __all__ = [
     "TaskArgumentError",
     "TaskyardError",
     "batch_task",
+    "cancel_requested",
     "create_app",
     "priority_task",
+    "progress",
 ]

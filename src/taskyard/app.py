@@ -170,9 +170,11 @@ def _parts() -> tuple[Part, ...]:
         redaction,
         tracing,
     )
+    from taskyard.broker.control import service as jobs
     from taskyard.workers import guards
 
     return (
+        Part(jobs.install),  # job control: durable cancel (revoke too), the watcher, progress
         Part(batching.install, batching.periodic_jobs),  # flush and reaper tasks, flusher
         Part(database.install),  # engines disposed in every prefork child
         Part(cache.install, cache.periodic_jobs),  # cache warming

@@ -474,6 +474,31 @@ class DeadLetterSettings(Section):
     timeline_max_pending: int = Field(200_000, ge=100)
 
 
+class JobSettings(Section):
+    """Job control: unique locks, durable cancellation, progress, bulk enqueue
+    (taskyard.broker.control.jobs)."""
+
+    # Longest a unique lock ("queued"/"active") lasts while its message waits (s): the TTL a
+    # lock needs so that a message lost outside taskyard's paths (a queue purged by hand) cannot
+    # block its key for ever. A day: longer than any backlog should wait.
+    unique_ttl_s: float = Field(86_400.0, gt=0)
+    # Cancel records are kept this long (s): a week, longer than any message should wait, so a
+    # cancel sent while every worker is down still holds when they come back.
+    cancel_retention_s: float = Field(7 * 86_400.0, gt=0)
+    # `taskyard cancel --terminate`: seconds a running task gets to stop by itself (it sees
+    # cancel_requested()) before its prefork child is killed.
+    terminate_grace_s: float = Field(10.0, ge=0)
+    # How often a worker reads new cancel records (s): a running task sees a cancel, and a
+    # message reserved before the cancel is skipped, within about this.
+    cancel_poll_s: float = Field(0.25, gt=0, le=10)
+    # Progress is written at most this often per task (s); the last report always lands.
+    progress_interval_s: float = Field(0.5, gt=0)
+    # A progress report expires this long after its last write (s).
+    progress_ttl_s: float = Field(86_400.0, gt=0)
+    # delay_many/apply_many: messages per script call (one round trip each).
+    bulk_chunk: int = Field(1000, ge=1, le=100_000)
+
+
 class Settings(BaseSettings):
     """All taskyard settings, read from ``TASKYARD_*`` environment variables."""
 
@@ -590,6 +615,7 @@ class Settings(BaseSettings):
     monitoring: MonitoringSettings = MonitoringSettings()
     schedule: ScheduleSettings = ScheduleSettings()
     dead_letters: DeadLetterSettings = DeadLetterSettings()
+    jobs: JobSettings = JobSettings()
 
     @field_validator("redis_url")
     @classmethod

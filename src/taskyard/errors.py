@@ -64,6 +64,32 @@ class BrokerUnavailable(EnqueueError):
         self.reason = reason
 
 
+class TaskDeduplicated(EnqueueError):
+    """A unique or throttled task's key is held by another message: nothing was published.
+
+    Raised inside the publish path only; ``apply_async`` turns it into the owner's result.
+    """
+
+    def __init__(self, task_name: str, owner_id: str, mode: str) -> None:
+        super().__init__(f"{task_name}: key held by task {owner_id} ({mode}); nothing published")
+        self.task_name = task_name
+        self.owner_id = owner_id
+        self.mode = mode
+
+
+class BulkPublishError(TaskArgumentError):
+    """A chunk of ``delay_many``/``apply_many`` was refused before any of it was published."""
+
+    def __init__(self, task_name: str, reason: str, *, published: int, index: int) -> None:
+        super().__init__(
+            task_name,
+            f"call #{index} refused ({reason}); {published} call(s) before its chunk were "
+            "published, none of its chunk or after it",
+        )
+        self.published = published
+        self.index = index
+
+
 class BatchError(TaskyardError):
     """A batch buffer operation failed."""
 

@@ -242,7 +242,7 @@ class Keys:
     def script_prefix(self) -> str:
         """Prefix (ARGV[1]) from which the fetch and ack scripts' fragments name their keys
         (``broker/fetch.lua``): flow and job control state, each suffix listed here when a
-        fragment adds one: ``flow:`` (flow control, below)."""
+        fragment adds one: ``flow:`` (flow control, below), ``jobs:`` (job control, below)."""
         return f"{self.namespace}:"
 
     def broker_quarantine(self) -> str:
@@ -336,3 +336,51 @@ class Keys:
         """STREAM (capped near 100) a worker waiting for held work also reads: an entry on a slot
         release and on every rules change."""
         return f"{self.flow_prefix()}wake"
+
+    # --- job control (broker/control/jobs.py; in the broker's Redis, under kombu's
+    # global_keyprefix: the fetch script reads them) -----------------------------------------
+    # broker/control/jobs.lua names every key as script_prefix() .. 'jobs:' .. suffix, so the
+    # names below and that fragment (and publish_unique.lua, publish_bulk.lua) must agree.
+    def jobs_prefix(self) -> str:
+        """Prefix of every job-control key (``script_prefix() + "jobs:"``)."""
+        return f"{self.script_prefix()}jobs:"
+
+    def jobs_lease(self) -> str:
+        """STRING: the reservation lease (ms) under which a reserved "active" message holds its
+        unique lock; written by each consuming channel at start. Kept."""
+        return f"{self.jobs_prefix()}lease"
+
+    def cancel_index(self) -> str:
+        """ZSET task id -> time cancelled (s since epoch): the durable cancel records every
+        fetch checks (one ZCARD per fetch call, a ZSCORE per message only when non-empty).
+        Members older than jobs.cancel_retention_s are pruned by the next cancel."""
+        return f"{self.jobs_prefix()}cancel"
+
+    def cancel_info(self) -> str:
+        """HASH task id -> JSON {at, by, terminate, grace_s, outcome, outcome_at}: who cancelled
+        and what became of the task ("dropped" at reservation, "skipped" before running,
+        "stopped" by the task, "terminated"). Pruned with cancel_index."""
+        return f"{self.jobs_prefix()}cancel:info"
+
+    def unique_lock(self, task_name: str, digest: str) -> str:
+        """STRING holding the id of the task message that owns one unique/throttle key
+        (HASH {id, member} for debounce). Unique: set at publish with jobs.unique_ttl_s, then
+        leased at reservation ("active") or deleted ("queued"), deleted at ack, dead letter or
+        cancel; throttle: expires after the window; debounce: expires after the delay."""
+        return f"{self.jobs_prefix()}lock:{task_name}:{digest}"
+
+    def unique_tags(self) -> str:
+        """HASH delivery tag -> "<task id> <lock key>" of reserved messages holding a unique
+        lock ("active"), written by the fetch, removed by the release hook at ack, reject or
+        restore; the lock's own lease expiry bounds a lost entry's effect."""
+        return f"{self.jobs_prefix()}tags"
+
+    def jobs_counts(self) -> str:
+        """HASH "<task>\x1f<event>" -> count of job-control outcomes (deduplicated, throttled,
+        debounced, cancelled) for /metrics. Kept."""
+        return f"{self.jobs_prefix()}counts"
+
+    def progress(self, task_id: str) -> str:
+        """STRING (JSON {done, total, detail, at}) of a running task's last progress report, in
+        the app's Redis. Expires jobs.progress_ttl_s after the last write."""
+        return f"{self.namespace}:progress:{task_id}"

@@ -109,10 +109,17 @@ class FastPublisher(Protocol):
     """Fast ``.delay()`` of an app's tasks: ``taskyard.broker.publish.Publisher``."""
 
     def send(
-        self, task: Any, args: Any, kwargs: Any, task_id: str | None, queue: str | None
+        self,
+        task: Any,
+        args: Any,
+        kwargs: Any,
+        task_id: str | None,
+        queue: str | None,
+        extra_headers: dict[str, Any] | None = None,
     ) -> Any:
         """Publish like ``task.apply_async(args, kwargs, task_id=...)`` and return its
-        ``AsyncResult``; None when the call does not fit the fast path (nothing was done)."""
+        ``AsyncResult``; None when the call does not fit the fast path (nothing was done).
+        ``extra_headers``: taskyard's own message headers (job control's lock)."""
         ...
 
     def close(self) -> None:
@@ -181,6 +188,10 @@ class Runtime:
     #: The flow-control store on the broker's Redis (a taskyard.flow.FlowStore, made on first
     #: use): typed loosely because the runtime sits below the flow part and does not import it.
     flow_store: Any = field(default=None, repr=False)
+    #: Job control of this app (a taskyard.broker.control.service.JobControl: cancel records,
+    #: unique locks, progress), set by its installer on taskyard's Redis transport; None
+    #: elsewhere. Typed loosely for the same reason.
+    jobs: Any = field(default=None, repr=False)
     #: SQLAlchemy engines of this app per database URL (taskyard.database), per process.
     engines: dict[str, Engine] = field(default_factory=dict, repr=False)
     #: The batch reaper's cache of registered batch definitions (taskyard.batching.reaper):

@@ -24,7 +24,7 @@ ROOT = Path.cwd()
 
 
 def wait_until(
-    predicate: Callable[[], bool],
+    predicate: Callable[[], object],
     timeout_s: float,
     interval_s: float = 0.05,
     message: str = "condition",

@@ -92,21 +92,22 @@ def _options(channel: Any) -> dict[str, Any]:
         return {}
 
 
-def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) -> bool:
-    """Put ``message`` into ``queue``'s delayed set when its ETA is in the future.
+def delayed_entry(
+    channel: Any, queue: str, message: dict[str, Any]
+) -> tuple[str, str, str, int] | None:
+    """Where ``message`` waits when its ETA is in the future, else None.
 
-    ``pipe`` is the channel's Redis client or a pipeline on it (executed by the caller).
-    Returns True when the message went into the delayed set: the caller must not also push it
-    onto the queue. A message without a future ``eta`` header is left alone (False).
+    Returns the registry SET, the queue's delayed ZSET (names without kombu's prefix), the
+    member and its score (due, ms since epoch).
     """
     headers = message.get("headers") or {}
     due = eta_timestamp(headers.get("eta"))
     if due is None or due <= time.time():
-        return False
+        return None
     options = _options(channel)
     if not options.get(OPTION_ENABLED):
         # Only an app that runs the movers (create_app sets the option) may park messages.
-        return False
+        return None
     keys = Keys(options.get(OPTION_NAMESPACE) or DEFAULT_NAMESPACE)
     # kombu internals: _get_message_priority + priority() give the step _q_for_pri names.
     step = channel.priority(channel._get_message_priority(message, reverse=False))
@@ -114,10 +115,25 @@ def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) ->
         **message,
         "headers": {**headers, "eta": None, HEADER_ORIGINAL_ETA: headers.get("eta")},
     }
+    member = f"{int(step)}:{dumps(stored)}"
+    return keys.delayed_queues(), keys.delayed(queue), member, int(due * 1000)
+
+
+def maybe_delay(pipe: Any, channel: Any, queue: str, message: dict[str, Any]) -> bool:
+    """Put ``message`` into ``queue``'s delayed set when its ETA is in the future.
+
+    ``pipe`` is the channel's Redis client or a pipeline on it (executed by the caller).
+    Returns True when the message went into the delayed set: the caller must not also push it
+    onto the queue. A message without a future ``eta`` header is left alone (False).
+    """
+    entry = delayed_entry(channel, queue, message)
+    if entry is None:
+        return False
+    registry, zset, member, score = entry
     # Registry first: a set whose registration was lost would never be moved; an extra
     # registration is harmless.
-    pipe.sadd(keys.delayed_queues(), queue)
-    pipe.zadd(keys.delayed(queue), {f"{int(step)}:{dumps(stored)}": int(due * 1000)})
+    pipe.sadd(registry, queue)
+    pipe.zadd(zset, {member: score})
     return True
 
 

@@ -174,11 +174,18 @@ class Publisher:
 
     # --- the fast path ------------------------------------------------------------------------
     def send(
-        self, task: Any, args: Any, kwargs: Any, task_id: str | None, queue: str | None
+        self,
+        task: Any,
+        args: Any,
+        kwargs: Any,
+        task_id: str | None,
+        queue: str | None,
+        extra_headers: dict[str, Any] | None = None,
     ) -> Any:
         """Send ``task`` like ``task.apply_async(args, kwargs, task_id=...)``; None: not here.
 
-        ``queue`` is the per-call level's queue. None is returned before anything is done, so
+        ``queue`` is the per-call level's queue; ``extra_headers`` are taskyard's own message
+        headers (job control's ``taskyard_unique``). None is returned before anything is done, so
         the caller takes Celery's path for the same call.
 
         Raises:
@@ -198,16 +205,7 @@ class Publisher:
             or celery_amqp._callback_publish_retry.get()
         ):
             return None
-        verdict = self._verdicts.get(task.name)
-        if (
-            verdict is None
-            or verdict.task is not task
-            or verdict.exec_options is not task._get_exec_options()
-            or verdict.router is not app.amqp.router
-        ):
-            verdict = self._verdict(task)
-            self._verdicts[task.name] = verdict
-        template = verdict.template
+        template = self.template(task)
         if template is None:
             return None
         args = args or ()
@@ -276,6 +274,8 @@ class Publisher:
             "stamped_headers": None,
             "stamps": {},
         }
+        if extra_headers:
+            headers.update(extra_headers)
         properties: dict[str, Any] = {"correlation_id": task_id, "reply_to": app.thread_oid}
         if template.priority is not None:
             properties["priority"] = template.priority
@@ -409,6 +409,19 @@ class Publisher:
                 )
 
     # --- what is checked once -----------------------------------------------------------------
+    def template(self, task: Any) -> _Template | None:
+        """What every fast publish of ``task`` shares; None: it takes Celery's path."""
+        verdict = self._verdicts.get(task.name)
+        if (
+            verdict is None
+            or verdict.task is not task
+            or verdict.exec_options is not task._get_exec_options()
+            or verdict.router is not self.app.amqp.router
+        ):
+            verdict = self._verdict(task)
+            self._verdicts[task.name] = verdict
+        return verdict.template
+
     def _verdict(self, task: Any) -> _Verdict:
         """Whether ``task`` can be sent here: not when an option of its needs Celery's path."""
         app = self.app

@@ -62,6 +62,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 from taskyard.broker import delays as _delays
+from taskyard.broker.control import jobs as _jobs
 from taskyard.broker.lease import Maintenance
 from taskyard.broker.lua import (
     ACK_SCRIPT,
@@ -197,6 +198,16 @@ class QoS(kombu_redis.QoS):
             self.channel.release_tags([delivery_tag])
         else:
             self.ack(delivery_tag)
+
+    def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
+        # kombu's restore path (its restore_visible sweep, a closing channel's unacked
+        # messages): the message is back in its queue, so what its reservation held goes.
+        super().restore_by_tag(tag, client, leftmost)
+        try:
+            self.channel.release_tags([tag])
+        except self.channel.connection_errors:
+            # The lock's own lease expiry frees it instead.
+            logger.warning("could not release the locks of restored message %s", tag)
 
     def fetch_due(self) -> bool:
         """Whether a fetch should be sent now: nothing held, or at least half the reservations
@@ -356,6 +367,7 @@ class Channel(kombu_redis.Channel):
             self._no_ack_queues.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         if self.active_queues and self._maintenance is None:
+            _jobs.announce_lease(self)
             self._maintenance = Maintenance(self, float(self.reservation_lease))
             self._maintenance.start()
         return result
@@ -382,6 +394,11 @@ class Channel(kombu_redis.Channel):
             plan = FetchPlan(keys, tuple(queue for queue, _ in lists), wake)
             self._plans[queues] = plan
         return plan
+
+    @cached_property
+    def lease_ms(self) -> int:
+        """How long a reservation (and a unique lock held with it) lasts unrenewed (ms)."""
+        return max(1000, int(float(self.reservation_lease or self.visibility_timeout) * 1000))
 
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
         return [
@@ -668,6 +685,11 @@ class Channel(kombu_redis.Channel):
                 self._wake(queue)
             return
         headers = message.get("headers") or {}
+        if headers.get(_jobs.HEADER_UNIQUE):
+            # Unique, throttled or debounced: lock and push in one script (raises
+            # TaskDeduplicated when another message holds the key).
+            _jobs.publish_unique(self, queue, message)
+            return
         if headers.get("eta"):
             # Broker-side delays: a message due later waits in Redis, not in a worker.
             # kombu's prefixing pipeline (when global_keyprefix is set): delays.py names keys
@@ -676,6 +698,11 @@ class Channel(kombu_redis.Channel):
             if _delays.maybe_delay(pipe, self, queue, message):
                 pipe.execute()
                 return
+        keys = self.publish_keys(queue, message)
+        PUBLISH_SCRIPT(self.client, keys, (_MESSAGE_ENCODER.encode(message), self.wake_maxlen))
+
+    def publish_keys(self, queue: str, message: dict[str, Any]) -> tuple[str, str]:
+        """Full names of the list ``message`` goes onto and of its queue's wake stream."""
         priority = self._get_message_priority(message, reverse=False)
         keys = self._publish_keys.get((queue, priority))
         if keys is None:
@@ -683,7 +710,12 @@ class Channel(kombu_redis.Channel):
             if len(self._publish_keys) > 1024:
                 self._publish_keys.clear()
             self._publish_keys[(queue, priority)] = keys
-        PUBLISH_SCRIPT(self.client, keys, (_MESSAGE_ENCODER.encode(message), self.wake_maxlen))
+        return keys
+
+    @staticmethod
+    def encode_message(message: dict[str, Any]) -> str:
+        """A message's text as this transport stores it."""
+        return _MESSAGE_ENCODER.encode(message)
 
     def _wake(self, queue: str, pipe: Any = None) -> None:
         target = pipe if pipe is not None else self.client

@@ -10,6 +10,7 @@ import click
 from taskyard.cli.api import api_command
 from taskyard.cli.batches import batches
 from taskyard.cli.cache import cache
+from taskyard.cli.cancel import cancel
 from taskyard.cli.dead import dead
 from taskyard.cli.flow import limits, pause, paused, resume
 from taskyard.cli.flower import flower
@@ -86,6 +87,7 @@ for command in (
     batches,
     dead,
     task_command,
+    cancel,
     cache,
     maintenance,
     stats,

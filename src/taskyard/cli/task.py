@@ -7,7 +7,9 @@ import time
 
 import click
 
+from taskyard.cli.cancel import _clean
 from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.output import when
 
 
 @click.command("task")
@@ -22,6 +24,7 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
     runtime = load_runtime(app_path)
     engine = history.engine_for(runtime.settings.effective_history_url)
     found = timeline.lookup(runtime, engine, task_id)
+    found = timeline.with_job_state(runtime, task_id, found)
     dead = RedisDeadLetterStore.for_runtime(runtime).get(task_id)
     if found is None and dead is None:
         raise click.ClickException(
@@ -34,7 +37,7 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
             json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2)
         )
         return
-    if found is not None:
+    if found is not None and found.get("events"):
         counts = ", ".join(f"{k} {v}" for k, v in found["counts"].items() if v)
         click.echo(
             f"{task_id}  {found['name']}  queue={found['queue'] or '-'}  "
@@ -47,6 +50,21 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
                 f"  {stamp}{millis}  {event['event']:<9}  {event['worker'] or '-'}  "
                 f"{event['detail']}".rstrip()
             )
+    cancel = (found or {}).get("cancel")
+    if cancel:
+        outcome = cancel.get("outcome") or "requested (not yet seen by a worker)"
+        click.echo(
+            f"cancelled: {when(cancel.get('at'))} by {_clean(str(cancel.get('by')))}"
+            f"{' with --terminate' if cancel.get('terminate') else ''}: {outcome}"
+        )
+    progress = (found or {}).get("progress")
+    if progress:
+        total = progress.get("total")
+        detail = _clean(str(progress.get("detail") or ""))
+        click.echo(
+            f"progress: {progress.get('done')}{f'/{total}' if total is not None else ''}"
+            f"{f'  {detail}' if detail else ''}  ({when(progress.get('at'))})"
+        )
     if dead is not None:
         click.echo(
             f"dead letter: {dead.reason}, {dead.exception_type or dead.detail}: "

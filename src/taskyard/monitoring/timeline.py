@@ -34,8 +34,17 @@ EVENTS: tuple[str, ...] = (
     "succeeded",
     "failed",
     "dead",
+    "cancelled",
 )
-_TERMINAL = ("succeeded", "failed", "dead")
+_TERMINAL = ("succeeded", "failed", "dead", "cancelled")
+#: What became of a cancelled task, as the cancel record says (taskyard.broker.control).
+_CANCEL_OUTCOMES = {
+    "dropped": "never started: dropped at reservation",
+    "skipped": "never started: skipped before running",
+    "stopped": "stopped by the task (cancel_requested)",
+    "terminated": "terminated after the grace period",
+    "superseded": "never started: replaced by a later debounced call",
+}
 #: Events not yet moved that a lookup reads at most (the newest).
 _LOOKUP_PENDING = 50_000
 #: Events moved per database transaction.
@@ -159,6 +168,45 @@ def lookup(
     return summarize(task_id, events)
 
 
+def with_job_state(
+    runtime: Runtime, task_id: str, found: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """``found`` (a :func:`lookup` result or None) with the task's cancel record and progress.
+
+    A task whose cancel took effect gets a "cancelled" event (when, by what, what became of it)
+    and the state ``cancelled``; ``cancel`` and ``progress`` are added (None when absent).
+    """
+    control = runtime.jobs
+    if control is None:
+        return found
+    try:
+        record = control.store.record(task_id)
+        progress = control.read_progress(task_id)
+    except Exception:
+        logger.warning("timeline: job state of %s unreadable", task_id, exc_info=True)
+        return found
+    if record is None and progress is None:
+        return found
+    events = list(found["events"]) if found else []
+    outcome = (record or {}).get("outcome")
+    if record is not None and outcome in _CANCEL_OUTCOMES:
+        events.append(
+            {
+                "at": float(record.get("outcome_at") or record.get("at") or 0.0),
+                "event": "cancelled",
+                "name": str(record.get("name") or (found or {}).get("name") or ""),
+                "queue": "",
+                "worker": "",
+                "detail": f"by {record.get('by')}: {_CANCEL_OUTCOMES[outcome]}",
+            }
+        )
+        events.sort(key=lambda e: e["at"])
+    result = summarize(task_id, events) if events else {"task_id": task_id, "events": []}
+    result["cancel"] = record
+    result["progress"] = progress
+    return result
+
+
 def summarize(task_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     """Timeline plus its summary: name, queue, state (the latest step), counts per event."""
     counts = {name: 0 for name in EVENTS}
@@ -169,6 +217,8 @@ def summarize(task_id: str, events: list[dict[str, Any]]) -> dict[str, Any]:
     # A task fails, then is recorded dead in the same instant (the failure hook runs before
     # the postrun that reports "failed"): dead is where it ended.
     state = "dead" if counts["dead"] else latest["event"]
+    if counts.get("cancelled"):
+        state = "cancelled"
     name = next((e["name"] for e in reversed(events) if e["name"]), "")
     queue = next((e["queue"] for e in reversed(events) if e["queue"]), "")
     started = next((e["at"] for e in events if e["event"] == "started"), None)

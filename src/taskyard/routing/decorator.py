@@ -12,6 +12,7 @@ from taskyard.errors import ConfigurationError
 from taskyard.flow.options import take_flow_options
 from taskyard.redaction import check_redact
 from taskyard.routing.binding import bind_task
+from taskyard.routing.jobs import JOB_OPTIONS, check_job_options
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.routing.options import check_options
 from taskyard.runtime import TaskyardApp
@@ -20,7 +21,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _RESOURCE_OPTIONS = ("requires_memory_mb", "memory_limit_mb", "cpu_time_limit_s")
 #: taskyard's own options of @priority_task (beside Celery's task options).
-OWN_OPTIONS = ("priority", "app", "redact", "concurrency", "partition_by", *_RESOURCE_OPTIONS)
+OWN_OPTIONS = (
+    "priority",
+    "app",
+    "redact",
+    "concurrency",
+    "partition_by",
+    *_RESOURCE_OPTIONS,
+    *JOB_OPTIONS,
+)
 _REFUSED = {"base": "taskyard tasks use their app's task class (TaskyardTask)"}
 
 
@@ -62,6 +71,10 @@ def priority_task(
     rate_limit: str | int | None = ...,
     concurrency: int | None = ...,
     partition_by: str | Callable[..., Any] | None = ...,
+    unique: str | None = ...,
+    unique_key: Any = ...,
+    throttle: float | None = ...,
+    debounce: float | None = ...,
     **options: Any,
 ) -> Callable[[Any], Any]: ...
 
@@ -90,11 +103,14 @@ def priority_task(
     Raises:
         RoutingError: ``priority`` is not one of the five levels.
         ConfigurationError: an option is unknown (the message names the closest valid one), a
-            resource option is not a positive number, or ``app`` is not a taskyard app.
+            resource option is not a positive number, a job option (``unique="queued"|"active"``,
+            ``unique_key=`` argument names or a callable, ``throttle=`` s, ``debounce=`` s;
+            see docs/jobs.md) is invalid, or ``app`` is not a taskyard app.
     """
     level = parse_level(priority)
     check_options("@priority_task", options, OWN_OPTIONS, _REFUSED)
-    resources: dict[str, Any] = dict(_check_resources(options))
+    job_attributes = check_job_options(options)
+    resources: dict[str, Any] = {**_check_resources(options), **job_attributes}
     if "redact" in options:
         resources["taskyard_redact"] = check_redact(options.pop("redact"))
     # rate_limit= is taskyard's cluster-wide limit here: taken out of Celery's options, so
@@ -116,6 +132,12 @@ def priority_task(
         )
 
     def decorate(target: Any) -> Any:
+        if job_attributes and not isinstance(target, PromiseProxy):
+            # Argument names of unique_key= are checked against the function's own.
+            check_job_options(
+                {"unique": "active", "unique_key": job_attributes["taskyard_unique_key"]},
+                target,
+            )
         # A PromiseProxy is not evaluated here (isinstance on it would create the task).
         fn = None if isinstance(target, PromiseProxy) else getattr(target, "run", target)
         flow = take_flow_options("@priority_task", dict(flow_options), fn)

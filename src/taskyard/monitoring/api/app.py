@@ -26,6 +26,7 @@ from taskyard.monitoring.api.dead import install_dead
 from taskyard.monitoring.api.errors import install_error_handlers
 from taskyard.monitoring.api.flow import install_flow
 from taskyard.monitoring.api.headers import SecurityHeaders
+from taskyard.monitoring.api.jobs import install_jobs
 from taskyard.monitoring.api.query import (
     ResponseCache,
     check_range,
@@ -116,6 +117,7 @@ def create_api(
     _add_history(api, state)
     install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
     install_flow(api, state)  # before /metrics too: the flow collector
+    install_jobs(api, state)  # cancel routes; the job counters' collector
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(audit_router(state), prefix=API_PREFIX)

@@ -19,6 +19,7 @@ from taskyard.deadletters import Query as DeadQuery
 from taskyard.deadletters.batches import batch_dead_letters, purge_batches, replay_batches
 from taskyard.deadletters.replay import replay, replay_one
 from taskyard.errors import TaskyardError
+from taskyard.monitoring import timeline
 from taskyard.monitoring.api import models as m
 from taskyard.monitoring.api.access import principal_of
 from taskyard.monitoring.api.query import TIME_FORMS, check_range, epoch_seconds, parse_time
@@ -162,6 +163,7 @@ def dead_router(state: ApiState) -> APIRouter:
     ) -> dict[str, Any]:
         """The timeline of one task (sent, received, started, ... succeeded, failed or dead)."""
         found = state.store.timeline(task_id)
+        found = timeline.with_job_state(state.runtime, task_id, found)
         dead = state.dead_letters().get(task_id)
         if found is None and dead is None:
             raise HTTPException(404, f"no task {task_id!r} in the timelines or dead letters")

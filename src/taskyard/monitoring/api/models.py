@@ -305,6 +305,28 @@ class TaskTimeline(_Row):
     counts: dict[str, int] = Field(default_factory=dict)
     events: list[TimelineEvent] = Field(default_factory=list)
     dead: DeadLetterEntry | None = None
+    cancel: dict[str, Any] | None = Field(
+        None,
+        description="The cancel record: at, by, terminate, grace_s and, once it took effect, "
+        "outcome (dropped, skipped, stopped, terminated, superseded) and outcome_at.",
+    )
+    progress: dict[str, Any] | None = Field(
+        None, description="The last progress report: done, total, detail, at (s since epoch)."
+    )
+
+
+class CancelRequest(BaseModel):
+    """Which tasks to cancel: ids, or a filter (name glob, queue, older than s)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[str] = Field(default_factory=list, max_length=100_000)
+    name: str | None = Field(None, max_length=300)
+    queue: str | None = Field(None, max_length=300)
+    older_than_s: float | None = Field(None, ge=0)
+    terminate: bool = False
+    grace_s: float | None = Field(None, ge=0)
+    dry_run: bool = False
 
 
 #: Field names each list endpoint's ``?fields=`` accepts.
