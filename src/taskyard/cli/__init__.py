@@ -14,6 +14,7 @@ from taskyard.cli.dead import dead
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
+from taskyard.cli.output import echo
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
 from taskyard.cli.task import task_command
@@ -57,7 +58,7 @@ class TaskyardGroup(click.Group):
 
 def _fail(message: str) -> NoReturn:
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    click.echo(f"taskyard: error: {first}", err=True)
+    echo(f"taskyard: error: {first}", err=True, lines=False)
     sys.exit(USER_ERROR)
 
 

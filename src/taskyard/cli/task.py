@@ -8,6 +8,7 @@ import time
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.output import echo
 
 
 @click.command("task")
@@ -30,26 +31,27 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
             "RETENTION_S)"
         )
     if as_json:
-        click.echo(
-            json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2)
-        )
+        echo(json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2))
         return
     if found is not None:
         counts = ", ".join(f"{k} {v}" for k, v in found["counts"].items() if v)
-        click.echo(
+        echo(
             f"{task_id}  {found['name']}  queue={found['queue'] or '-'}  "
-            f"state={found['state']}  ({counts})"
+            f"state={found['state']}  ({counts})",
+            lines=False,
         )
         for event in found["events"]:
             stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
             millis = f"{event['at'] % 1:.3f}"[1:]
-            click.echo(
+            echo(
                 f"  {stamp}{millis}  {event['event']:<9}  {event['worker'] or '-'}  "
-                f"{event['detail']}".rstrip()
+                f"{event['detail']}".rstrip(),
+                lines=False,
             )
     if dead is not None:
-        click.echo(
+        echo(
             f"dead letter: {dead.reason}, {dead.exception_type or dead.detail}: "
             f"{(dead.exception or dead.detail)[:200]}"
-            + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else "")
+            + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else ""),
+            lines=False,
         )
