@@ -101,6 +101,10 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             "taskyard_namespace": settings.namespace,
             "taskyard_delays": settings.broker_delays,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
+            # kombu's channel passes socket_timeout=None to redis-py unless told: a frozen
+            # broker would then hang every .delay(). Above brpop_timeout (1 s), the longest
+            # read a consumer blocks in, so an idle worker never times out its own wait.
+            "socket_timeout": settings.broker_read_timeout_s,
         }
         # taskyard's own Redis transport (atomic fetch, batched acks, leases); Celery hands
         # broker_transport to kombu.Connection, where it wins over the URL scheme.

@@ -520,6 +520,12 @@ class Settings(BaseSettings):
     fast_publish: bool = True
     # Connecting to the broker gives up after this (s).
     broker_connect_timeout_s: float = Field(4.0, gt=0)
+    # A read from the broker gives up after this (s): a frozen Redis (SIGSTOP, a paused VM, a
+    # partition without resets) keeps connections open and answers nothing, so without it a
+    # .delay() waits for ever. .delay() then raises BrokerUnavailable within
+    # (publish_max_retries + 1) x (this + publish_retry_interval_s) + broker_connect_timeout_s.
+    # Workers' blocking reads wait 1 s (brpop_timeout), hence the floor of 2 s.
+    broker_read_timeout_s: float = Field(3.0, ge=2)
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
     task_events: bool = True
     # Events are published in batches at most this often (s): a few ms of Flower latency for a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 
@@ -9,6 +10,8 @@ import pytest
 import redis
 
 from taskyard import BrokerUnavailable, TaskArgumentError, priority_task
+from taskyard.runtime import runtime_of
+from tests.private_redis import private_redis
 from tests.servers import REDIS_URL
 
 
@@ -60,3 +63,36 @@ def test_good_call_lands_on_its_queue(make_app, redis_client) -> None:
     make_app("send-errors", redis_url=REDIS_URL)
     notify.delay(7, "hi")
     assert redis_client.llen("high") == 1
+
+
+@pytest.mark.parametrize("fast_publish", [True, False])
+def test_a_frozen_broker_fails_in_bounded_time(make_app, tmp_path, fast_publish) -> None:
+    """A SIGSTOPped Redis (a paused VM, a partition without resets) answers nothing and resets
+    nothing: only a read timeout on the producer's connection ends the wait."""
+    with private_redis(tmp_path) as server:
+        app = make_app("frozen", redis_url=server.url, fast_publish=fast_publish)
+        notify.delay(7, "warm")  # the connection exists before the freeze
+        settings = runtime_of(app).settings
+        bound = (settings.publish_max_retries + 1) * (
+            settings.broker_read_timeout_s + settings.publish_retry_interval_s
+        ) + settings.broker_connect_timeout_s
+        outcome: list[BaseException | None] = []
+
+        def send() -> None:
+            try:
+                notify.delay(7, "frozen")
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        server.freeze()
+        try:
+            started = time.monotonic()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            sender.join(bound + 30)  # generous: the point is an answer, not a hang
+            elapsed = time.monotonic() - started
+        finally:
+            server.thaw()
+        assert outcome, f".delay() still blocked after {elapsed:.0f} s (bound {bound:.0f} s)"
+        assert isinstance(outcome[0], BrokerUnavailable), outcome
