@@ -48,9 +48,9 @@ def private_redis(directory: Path, *options: str) -> Iterator[PrivateRedis]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(directory), *options],
+        [*argv, "no", "--dir", str(directory), *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
