@@ -6,9 +6,10 @@ from typing import Any
 
 from celery import Task
 from celery.canvas import Signature
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import ChannelError, EncodeError, OperationalError
+from redis.exceptions import OutOfMemoryError
 
-from taskyard.errors import BrokerUnavailable, TaskArgumentError
+from taskyard.errors import OUT_OF_MEMORY, BrokerUnavailable, TaskArgumentError, out_of_memory
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.runtime import find_runtime
 
@@ -50,7 +51,8 @@ class TaskyardTask(Task):  # type: ignore[misc]
         Raises:
             RoutingError: ``level`` is not one of the five levels.
             TaskArgumentError: an argument cannot be encoded as JSON (nothing was sent).
-            BrokerUnavailable: the broker stayed unreachable through the publish retries.
+            BrokerUnavailable: the broker stayed unreachable through the publish retries, or
+                is out of memory (the reason names ``maxmemory``).
         """
         if level is not None:
             queue = parse_level(level).value
@@ -74,6 +76,13 @@ class TaskyardTask(Task):  # type: ignore[misc]
         except OperationalError as exc:
             broker = self.app.connection_for_write().as_uri()
             raise BrokerUnavailable(self.name, broker, str(exc)) from exc
+        except (ChannelError, OutOfMemoryError) as exc:
+            # A full Redis under noeviction: kombu's path raises ChannelError (the reply as its
+            # cause), the fast publisher redis-py's error. Nothing was sent either way.
+            if not out_of_memory(exc):
+                raise
+            broker = self.app.connection_for_write().as_uri()
+            raise BrokerUnavailable(self.name, broker, f"{OUT_OF_MEMORY}: {exc}") from exc
 
     def at(self, level: str | Priority) -> Signature:
         """A signature that sends to ``level``: ``task.at("critical").delay(...)``."""
