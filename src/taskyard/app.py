@@ -16,6 +16,7 @@ from celery.signals import after_task_publish
 from taskyard import serialization
 from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.delays import install as install_delays
+from taskyard.broker.memory import install as install_eviction_check
 from taskyard.broker.publish import Publisher
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
@@ -244,6 +245,7 @@ def create_app(
     app.steps["worker"].add(UrgentFirstStep)
     # A warm stop lets the pool processes finish and acknowledge what they already received.
     app.steps["worker"].add(StopFlush)
+    install_eviction_check(app)  # a worker refuses a Redis that evicts
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     _install_parts(app, runtime)
     return app

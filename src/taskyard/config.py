@@ -526,6 +526,11 @@ class Settings(BaseSettings):
     # (publish_max_retries + 1) x (this + publish_retry_interval_s) + broker_connect_timeout_s.
     # Workers' blocking reads wait 1 s (brpop_timeout), hence the floor of 2 s.
     broker_read_timeout_s: float = Field(3.0, ge=2)
+    # Workers and `taskyard up` refuse to start when the broker's Redis has a maxmemory-policy
+    # that evicts (allkeys-* or volatile-*) or the buffers' Redis an allkeys-* one: such a Redis
+    # silently drops queued tasks and buffered items when memory fills. True starts anyway
+    # (the problem is logged as a warning), e.g. for a throwaway demo.
+    allow_evicting_redis: bool = False
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
     task_events: bool = True
     # Events are published in batches at most this often (s): a few ms of Flower latency for a
