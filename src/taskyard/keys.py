@@ -239,6 +239,12 @@ class Keys:
         entries (XADD MAXLEN ~); no entry is ever read as data."""
         return f"{self.namespace}:wake:{queue}"
 
+    def script_prefix(self) -> str:
+        """Prefix (ARGV[1]) from which the fetch and ack scripts' fragments name their keys
+        (``broker/fetch.lua``): flow and job control state, each suffix listed here when a
+        fragment adds one. None yet."""
+        return f"{self.namespace}:"
+
     def broker_quarantine(self) -> str:
         """LIST of raw queue items the fetch script could not read as kombu messages (not
         JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""

@@ -252,7 +252,7 @@ def test_mover_reloads_its_script_after_script_flush(private_redis: redis.Redis)
     _fill(private_redis, ["normal"], 3)
     assert delays.move_due(private_redis) == 3
     private_redis.script_flush()
-    assert private_redis.script_exists(delays.MOVE_SHA) == [False]
+    assert private_redis.script_exists(delays.MOVE.sha) == [False]
     _fill(private_redis, ["normal"], 2)
     assert delays.move_due(private_redis) == 2
     assert private_redis.llen("normal") == 5

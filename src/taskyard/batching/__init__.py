@@ -1,9 +1,9 @@
 """Batching: ``@batch_task`` buffers small items in Redis and hands them to one task as a list.
 
-Buffers, claims and leases are Lua scripts (:mod:`taskyard.batching.lua`); the flush task runs on
-the workers (:mod:`~taskyard.batching.flush`); the reaper flushes aged buffers and republishes
-batches of crashed workers (:mod:`~taskyard.batching.reaper`); :func:`inspect_batches` and
-``taskyard batches`` show it all.
+Buffers, claims and leases are Lua scripts (``*.lua`` beside :mod:`~taskyard.batching.buffer`);
+the flush task runs on the workers (:mod:`~taskyard.batching.flush`); the reaper flushes aged
+buffers and republishes batches of crashed workers (:mod:`~taskyard.batching.reaper`);
+:func:`inspect_batches` and ``taskyard batches`` show it all.
 """
 
 from taskyard.batching.decorator import BatchTask, batch_task

@@ -1,140 +1,45 @@
 """The Redis side of one batch name: append, claim, lease, finish, dead letters.
 
-:class:`BatchBuffer` runs the Lua scripts of :mod:`taskyard.batching.lua` (each atomic, see
-there) and turns their replies into small typed results. It knows nothing of Celery: publishing
-the claimed batches is the caller's job, so the buffer can be tested on its own.
+:class:`BatchBuffer` runs the Lua scripts beside this module (``append.lua``, ``reap.lua``, ...,
+each after the shared ``prelude.lua``; each file says what it makes atomic) and turns their
+replies into small typed results. It knows nothing of Celery: publishing the claimed batches is
+the caller's job, so the buffer can be tested on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from taskyard.batching import lua
+from taskyard import lua
 from taskyard.errors import OUT_OF_MEMORY, BufferUnavailable
 from taskyard.keys import Keys
+from taskyard.lua import Script
 from taskyard.serialization import text
 
 
-class _Script:
-    """A Lua script run by EVALSHA, loaded on first use and again after a Redis restart."""
-
-    def __init__(self, name: str, source: str) -> None:
-        self.name = name
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-
-    def fast(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Like calling the script, on a connection this thread keeps: the per-item path.
-
-        Borrowing a pooled connection and the client's retry and instrumentation layers cost
-        more than the script itself on a one-item append. Any error other than a Redis reply
-        drops the connection and falls back to the ordinary call (which retries).
-        """
-        held = _held_connection(client)
-        if held is not None:
-            try:
-                held.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
-                return held.read_response()
-            except redis.exceptions.NoScriptError:
-                pass
-            except redis.exceptions.ResponseError:
-                raise
-            except Exception:
-                _drop_connection(client)
-        return self(client, keys, args)
-
-    def queue(self, pipe: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
+def _script(name: str) -> Script:
+    return Script.from_files("taskyard.batching", "prelude.lua", f"{name}.lua")
 
 
-_local = threading.local()
-
-
-def _held_connection(client: redis.Redis) -> Any:
-    """This thread's own connection to ``client``'s server (per process: safe after fork)."""
-    held: tuple[int, weakref.WeakKeyDictionary[redis.Redis, Any]] | None = getattr(
-        _local, "connections", None
-    )
-    if held is None or held[0] != os.getpid():
-        held = _local.connections = (os.getpid(), weakref.WeakKeyDictionary())
-    conn = held[1].get(client)
-    if conn is None:
-        try:
-            conn = client.connection_pool.make_connection()
-        except Exception:
-            return None
-        held[1][client] = conn
-    return conn
-
-
-def _drop_connection(client: redis.Redis) -> None:
-    held = getattr(_local, "connections", None)
-    if held is not None:
-        conn = held[1].pop(client, None)
-        if conn is not None:
-            conn.disconnect()
-
-
-APPEND = _Script("append", lua.APPEND)
-REAP = _Script("reap", lua.REAP)
-ACQUIRE = _Script("acquire", lua.ACQUIRE)
-RENEW = _Script("renew", lua.RENEW)
-COMPLETE = _Script("complete", lua.COMPLETE)
-FAIL = _Script("fail", lua.FAIL)
-REQUEUE = _Script("requeue", lua.REQUEUE)
-PURGE = _Script("purge", lua.PURGE)
-INSPECT = _Script("inspect", lua.INSPECT)
+APPEND = _script("append")
+REAP = _script("reap")
+ACQUIRE = _script("acquire")
+RENEW = _script("renew")
+COMPLETE = _script("complete")
+FAIL = _script("fail")
+REQUEUE = _script("requeue")
+PURGE = _script("purge")
+INSPECT = _script("inspect")
 ALL_SCRIPTS = (APPEND, REAP, ACQUIRE, RENEW, COMPLETE, FAIL, REQUEUE, PURGE, INSPECT)
 
 
-_scripts_loaded: weakref.WeakKeyDictionary[redis.Redis, bool] = weakref.WeakKeyDictionary()
-
-
-def load_scripts(client: redis.Redis, *, force: bool = False) -> None:
-    """Load every script into ``client``'s server (once per client unless ``force``)."""
-    if force or not _scripts_loaded.get(client):
-        pipe = client.pipeline(transaction=False)
-        for script in ALL_SCRIPTS:
-            pipe.script_load(script.source)
-        pipe.execute()
-        _scripts_loaded[client] = True
-
-
 def run_pipeline(client: redis.Redis, build: Callable[[Any], None]) -> list[Any]:
-    """Execute a pipeline that ``build`` fills with script calls (and idempotent commands).
-
-    After a Redis restart the script cache is empty and every EVALSHA of the pipeline fails
-    with NOSCRIPT without running, so loading the scripts and running it again is safe.
-    """
-    load_scripts(client)
-    for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        build(pipe)
-        replies = pipe.execute(raise_on_error=False)
-        missing = any(isinstance(r, redis.exceptions.NoScriptError) for r in replies)
-        if not missing:
-            break
-        if attempt == 1:
-            load_scripts(client, force=True)
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-    return list(replies)
+    """Execute a pipeline of buffer script calls (see :func:`taskyard.lua.run_pipeline`)."""
+    return lua.run_pipeline(client, ALL_SCRIPTS, build)
 
 
 @dataclass(frozen=True, slots=True)

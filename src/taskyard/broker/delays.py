@@ -25,7 +25,6 @@ On RabbitMQ (or any other transport) nothing here runs: Celery's own behaviour i
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -37,6 +36,7 @@ from celery import bootsteps
 from kombu.utils.json import dumps
 
 from taskyard.keys import Keys
+from taskyard.lua import Script
 
 log = logging.getLogger("taskyard.broker.delays")
 
@@ -56,57 +56,9 @@ MIN_TICK_S = 0.02
 #: Default mover period (s); the app's ``delay_move_interval_s`` overrides it.
 DEFAULT_INTERVAL_S = 0.25
 
-# Moves due members of every registered delayed set onto their queue's list, oldest due first.
-# Atomic: one script, so a member is removed and pushed together, and many movers running at
-# once (every worker, beat) move each message exactly once.
-# KEYS[1] = the registry SET of queue names (its key is the only one a prefixing client
-# rewrites: kombu's PrefixedStrictRedis prefixes only the first key of EVALSHA).
-# ARGV[1] = kombu global_keyprefix, ARGV[2] = delayed-set prefix ("<namespace>:delayed:"),
-# ARGV[3] = priority separator, ARGV[4] = most members to move, ARGV[5] = now (ms) or "" for
-# the Redis clock, ARGV[6] = wake-stream prefix ("<namespace>:wake:", "" for none), ARGV[7] =
-# wake-stream length cap. A push that makes a list non-empty adds a wake entry to its queue's
-# stream in the same step, as taskyard's transport's own publish does, so workers idle on
-# XREAD take the message at once. Returns {moved, now (ms), earliest score left or false}.
-MOVE_LUA = """
--- "now" stays a string: a Lua number of 13 digits would be passed to Redis as 1.7e+12.
-local now = ARGV[5]
-if now == '' then
-  local t = redis.call('TIME')
-  now = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
-end
-local prefix, zprefix, sep = ARGV[1], ARGV[2], ARGV[3]
-local limit = tonumber(ARGV[4])
-local moved = 0
-local earliest = false
-for _, queue in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local zkey = prefix .. zprefix .. queue
-  if moved < limit then
-    local due = redis.call('ZRANGEBYSCORE', zkey, '-inf', now, 'LIMIT', 0, limit - moved)
-    local woken = false
-    for _, member in ipairs(due) do
-      local cut = string.find(member, ':', 1, true)
-      local step = string.sub(member, 1, cut - 1)
-      local target = prefix .. queue
-      if step ~= '0' then target = target .. sep .. step end
-      if redis.call('LPUSH', target, string.sub(member, cut + 1)) == 1 and not woken
-          and ARGV[6] ~= '' then
-        redis.call('XADD', prefix .. ARGV[6] .. queue, 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
-        woken = true
-      end
-    end
-    if #due > 0 then
-      redis.call('ZREM', zkey, unpack(due))
-      moved = moved + #due
-    end
-  end
-  local first = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
-  if first[2] and (not earliest or tonumber(first[2]) < tonumber(earliest)) then
-    earliest = first[2]
-  end
-end
-return {moved, now, earliest}
-"""
-MOVE_SHA = hashlib.sha1(MOVE_LUA.encode()).hexdigest()
+#: Moves due members of every registered delayed set onto their queue's lists, atomically
+#: (``move_due.lua`` says how).
+MOVE = Script.from_file("taskyard.broker", "move_due.lua")
 
 
 def eta_timestamp(value: Any) -> float | None:
@@ -194,9 +146,8 @@ def move_due_next(
     keys = keys if isinstance(keys, Keys) else Keys(keys)
     client_prefix = getattr(client, "global_keyprefix", "") or ""
     prefix = client_prefix if global_keyprefix is None else global_keyprefix
-    registry = keys.delayed_queues()
-    # A prefixing client adds its prefix to KEYS[1] itself; a plain one needs it here.
-    key = registry if client_prefix else prefix + registry
+    # Every key in full: the script runner leaves keys alone, even on a prefixing client.
+    key = prefix + keys.delayed_queues()
     args = [
         prefix,
         keys.delayed(""),
@@ -208,11 +159,7 @@ def move_due_next(
     ]
     total = 0
     for _ in range(MOVE_ROUNDS):
-        try:
-            reply = client.evalsha(MOVE_SHA, 1, key, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(MOVE_LUA)
-            reply = client.evalsha(MOVE_SHA, 1, key, *args)
+        reply = MOVE(client, (key,), args)
         moved, at_ms = int(reply[0]), float(reply[1])
         earliest = reply[2] if len(reply) > 2 else None  # Lua false arrives as None
         total += moved

@@ -1,4 +1,5 @@
-"""The Lua scripts of taskyard's Redis transport; each states what it makes atomic.
+"""The Lua scripts of taskyard's Redis transport, read from the ``.lua`` files beside this module
+(each file states what it makes atomic).
 
 They work on kombu's own structures: the queue LISTs (one per priority step, named by
 ``Channel._q_for_pri``), the ``unacked`` HASH (delivery tag -> JSON ``[message, exchange,
@@ -12,137 +13,25 @@ call, so, like kombu's multi-key BRPOP, the transport does not run on Redis Clus
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
-from typing import Any
+from taskyard.lua import Fragment, Script, fragments
 
-import redis
-
-# redis-py's execute_command is unannotated.
-# mypy: disable-error-code="no-untyped-call"
-
-#: Apply pending acknowledgements, then pop up to ``n`` messages, each from the first non-empty
-#: list in consumption order, and record each in the unacked HASH and index.
-#: Atomic: a message leaves its list and enters the unacked records in one step, so a worker
-#: killed at any point leaves every message either queued or recorded (kombu's sweep restores
-#: recorded ones); the acks are applied in the same call. When every list is empty the reply
-#: carries the last id of each wake stream, read in the same atomic step, so an XREAD from those
-#: ids sees every wake entry a producer adds afterwards (no lost wake-up).
-#: KEYS: unacked HASH, unacked ZSET, quarantine LIST, the L lists in order, the wake streams.
-#: ARGV: now (s), L, n, record (1: record unacked, 0: no-ack consumer), A, A acked tags.
-#: Reply: {1, i1, msg1, i2, msg2, ...} (list index, 1-based, and raw message), or
-#: {0, id1, id2, ...} (wake stream ids) when nothing was popped, or {2, count} when only
-#: undecodable messages were found (moved to the quarantine list, never dropped).
-FETCH = """
-local now = ARGV[1]
-local nlists = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
-local record = ARGV[4] == '1'
-local nacks = tonumber(ARGV[5])
-local i = 6
-while nacks > 0 do
-  local j = math.min(i + 999, i + nacks - 1)
-  redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
-  redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
-  nacks = nacks - (j - i + 1)
-  i = j + 1
-end
-local out = {1}
-local quarantined = 0
--- Lists before k were found empty and nothing else runs during the script, so each further
--- pop stays at k: strict order holds across the whole reply.
-local k = 4
-local last = 3 + nlists
-while k <= last and (#out - 1) / 2 < want do
-  local item = redis.call('RPOP', KEYS[k])
-  if not item then
-    k = k + 1
-  else
-    local ok, msg = pcall(cjson.decode, item)
-    local tag, info
-    if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
-      tag = msg['properties']['delivery_tag']
-      info = msg['properties']['delivery_info']
-    end
-    if type(tag) ~= 'string' or type(info) ~= 'table' then
-      -- Not a kombu message: kept for an operator, never lost, never redelivered in a loop.
-      redis.call('LPUSH', KEYS[3], item)
-      redis.call('LTRIM', KEYS[3], 0, 9999)
-      quarantined = quarantined + 1
-    else
-      if record then
-        redis.call('ZADD', KEYS[2], now, tag)
-        redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
-                   .. ',' .. cjson.encode(info['routing_key']) .. ']')
-      end
-      out[#out + 1] = k - 3
-      out[#out + 1] = item
-    end
-  end
-end
-if #out > 1 then return out end
-if quarantined > 0 then return {2, quarantined} end
-local ids = {0}
-for s = last + 1, #KEYS do
-  local tail = redis.call('XREVRANGE', KEYS[s], '+', '-', 'COUNT', 1)
-  ids[#ids + 1] = tail[1] and tail[1][1] or '0-0'
-end
-return ids
-"""
-
-#: Push one message onto its list and, when the list was empty, add a wake entry to the
-#: queue's wake stream. Atomic: the push and its wake entry, so a worker idle on that stream
-#: is woken by every empty -> non-empty change (a non-empty list never has idle workers).
-#: KEYS: list, wake stream. ARGV: message, wake stream max length.
-PUBLISH = """
-if redis.call('LPUSH', KEYS[1], ARGV[1]) == 1 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'w', '1')
-end
-return 1
-"""
-
-#: Remove acknowledged tags from the unacked HASH and index (the timer fallback of FETCH's own
-#: ack carrying). Atomic per call, like kombu's ZREM+HDEL pipeline. KEYS: HASH, ZSET. ARGV: tags.
-ACK = """
-local i = 1
-while i <= #ARGV do
-  local j = math.min(i + 999, #ARGV)
-  redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
-  redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
-  i = j + 1
-end
-return #ARGV
-"""
+#: The fragments before the body of the fetch and ack scripts, in order: the default hooks, then
+#: the flow- and job-control fragments (``control/*.lua``, in name order). The contract a
+#: fragment follows is in ``fetch.lua``'s header.
+HOOKS = ("hooks.lua", "control/*.lua")
 
 
-class Script:
-    """A Lua script called by SHA through any client, loaded again after NOSCRIPT.
+def compose(body: str, *extra: Fragment) -> Script:
+    """The script of ``body`` (``fetch.lua`` or ``ack.lua``) after the hook fragments.
 
-    redis-py's ``register_script`` would do the same but goes through the client's key-prefixing
-    ``execute_command`` on kombu's prefixed client; these keys already carry the prefix.
+    ``extra`` fragments go after the installed ones, just before the body (tests use this to
+    load a fragment of their own into a script of their own).
     """
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def __call__(self, client: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        try:
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            self.load(client)
-            return redis.Redis.execute_command(client, "EVALSHA", self.sha, len(keys), *keys, *args)
-
-    def load(self, client: redis.Redis) -> None:
-        client.script_load(self.source)
-
-    def command(self, keys: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-        """The EVALSHA command words, for sending on a connection without waiting."""
-        return ["EVALSHA", self.sha, len(keys), *keys, *args]
+    return Script.join(
+        [*fragments("taskyard.broker", *HOOKS), *extra, *fragments("taskyard.broker", body)]
+    )
 
 
-FETCH_SCRIPT = Script(FETCH)
-PUBLISH_SCRIPT = Script(PUBLISH)
-ACK_SCRIPT = Script(ACK)
+FETCH_SCRIPT = compose("fetch.lua")
+ACK_SCRIPT = compose("ack.lua")
+PUBLISH_SCRIPT = Script.from_file("taskyard.broker", "publish.lua")

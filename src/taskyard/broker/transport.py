@@ -6,7 +6,7 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 * One Redis client per channel, reused by every command (kombu builds a new ``redis.Redis``
   per call in ``conn_or_acquire``), producers included.
-* A fetch is one Lua call (:data:`taskyard.broker.lua.FETCH`): it applies the acks gathered
+* A fetch is one Lua call (``broker/fetch.lua``): it applies the acks gathered
   since the last fetch, pops from the first non-empty list in ``-Q`` order (each queue's
   priority sub-lists, then the next queue's) and records the message in kombu's own
   ``unacked`` HASH and ``unacked_index`` ZSET in the same step, so no message is lost between
@@ -235,6 +235,8 @@ class Channel(kombu_redis.Channel):
             # with leases the score is the last renewal, so the lease is the timeout.
             self.visibility_timeout = float(self.reservation_lease)
         self._keys = Keys(self.taskyard_namespace)
+        #: ARGV[1] of the fetch and ack scripts: where their fragments name their keys.
+        self._script_prefix = self.full_key(self._keys.script_prefix())
 
     # --- clients ----------------------------------------------------------------------------
     @cached_property
@@ -299,7 +301,15 @@ class Channel(kombu_redis.Channel):
         return plan
 
     def _fetch_args(self, plan: FetchPlan, want: int, record: bool, acks: list[str]) -> list[Any]:
-        return [repr(time()), len(plan.list_queues), want, "1" if record else "0", len(acks), *acks]
+        return [
+            self._script_prefix,
+            repr(time()),
+            len(plan.list_queues),
+            want,
+            "1" if record else "0",
+            len(acks),
+            *acks,
+        ]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # Called by kombu's poller (on_poll_start -> _register_BRPOP) whenever the channel
@@ -530,7 +540,7 @@ class Channel(kombu_redis.Channel):
                 ACK_SCRIPT(
                     self.client,
                     [self.full_key(self.unacked_key), self.full_key(self.unacked_index_key)],
-                    tags,
+                    [self._script_prefix, *tags],
                 )
             except BaseException:
                 self._pending_acks.extendleft(reversed(tags))

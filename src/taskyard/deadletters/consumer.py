@@ -21,7 +21,7 @@ and by kombu's Redis transport when it restores an unacknowledged message) came 
 acknowledgement, because the process running it died, or its worker did. Only those are
 counted (one INCR in Redis; a first delivery costs nothing); once a message has been delivered
 ``max_deliveries`` times it goes to the dead letters as "crashed" instead of running again.
-Batch flush tasks are left to the batch's own count (its lease takeover, batching/lua.py).
+Batch flush tasks are left to the batch's own count (its lease takeover, batching/acquire.lua).
 """
 
 from __future__ import annotations

@@ -15,14 +15,25 @@ from typing import Any
 
 import redis
 
-from taskyard.deadletters import lua
 from taskyard.deadletters.entry import DeadLetter, Query
 from taskyard.keys import Keys
+from taskyard.lua import Script
 from taskyard.serialization import text
 
 #: Separator of the parts of a gauge field ("<queue>\x1f<name>\x1f<reason>").
 SEP = "\x1f"
 _PAGE = 500
+
+
+def _script(name: str) -> Script:
+    return Script.from_files("taskyard.deadletters", "prelude.lua", f"{name}.lua")
+
+
+# The store's writes, each one atomic script beside this module (the file says what is atomic).
+RECORD = _script("record")
+MARK_REPLAYED = _script("mark_replayed")
+DELETE = _script("delete")
+TRIM = _script("trim")
 
 
 class DeadLetterStore(ABC):
@@ -125,10 +136,6 @@ class RedisDeadLetterStore(DeadLetterStore):
         self.client = client
         self.keys = keys
         self.prefix = keys.dead_prefix()
-        self._record = client.register_script(lua.RECORD)
-        self._mark = client.register_script(lua.MARK_REPLAYED)
-        self._delete = client.register_script(lua.DELETE)
-        self._trim = client.register_script(lua.TRIM)
 
     @classmethod
     def for_runtime(cls, runtime: Any) -> RedisDeadLetterStore:
@@ -142,9 +149,10 @@ class RedisDeadLetterStore(DeadLetterStore):
         )
 
     def record(self, entry: DeadLetter) -> None:
-        self._record(
-            keys=[self.keys.dead_entries()],
-            args=[self.prefix, entry.id, entry.to_json(), self.max_entries, self.cutoff()],
+        RECORD(
+            self.client,
+            (self.keys.dead_entries(),),
+            (self.prefix, entry.id, entry.to_json(), self.max_entries, self.cutoff()),
         )
 
     def get(self, entry_id: str) -> DeadLetter | None:
@@ -186,22 +194,24 @@ class RedisDeadLetterStore(DeadLetterStore):
 
     def mark_replayed(self, entry_id: str, new_id: str, at: float | None = None) -> bool:
         return bool(
-            self._mark(
-                keys=[self.keys.dead_entries()],
-                args=[self.prefix, entry_id, new_id, time.time() if at is None else at],
+            MARK_REPLAYED(
+                self.client,
+                (self.keys.dead_entries(),),
+                (self.prefix, entry_id, new_id, time.time() if at is None else at),
             )
         )
 
     def delete(self, ids: list[str]) -> int:
         if not ids:
             return 0
-        return int(self._delete(keys=[self.keys.dead_entries()], args=[self.prefix, *ids]))
+        return int(DELETE(self.client, (self.keys.dead_entries(),), (self.prefix, *ids)))
 
     def trim(self, now: float | None = None) -> int:
         return int(
-            self._trim(
-                keys=[self.keys.dead_entries()],
-                args=[self.prefix, self.max_entries, self.cutoff(now)],
+            TRIM(
+                self.client,
+                (self.keys.dead_entries(),),
+                (self.prefix, self.max_entries, self.cutoff(now)),
             )
         )
 

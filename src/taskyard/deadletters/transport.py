@@ -1,6 +1,6 @@
 """Queue items taskyard's Redis transport set aside, moved into the one dead-letter store.
 
-The transport's fetch script (``broker/lua.py``) moves a queue item that is not a kombu message
+The transport's fetch script (``broker/fetch.lua``) moves a queue item that is not a kombu message
 at all (not JSON, no delivery tag) to ``Keys.broker_quarantine`` in the broker's Redis before any
 consumer sees it. The stats collection calls :func:`ingest` to turn those items into poison
 entries, so every message that could not run is found in one place.

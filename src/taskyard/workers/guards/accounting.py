@@ -29,6 +29,7 @@ from typing import Any
 import redis
 
 from taskyard.errors import ResourceGuardError, TaskCpuLimitExceeded, TaskMemoryLimitExceeded
+from taskyard.lua import Script
 
 log = logging.getLogger("taskyard.guards")
 
@@ -37,27 +38,8 @@ MB = 1024 * 1024
 #: billiard's soft time limit; SIGUSR2 is free in pool children.
 LIMIT_SIGNAL = signal.SIGUSR2
 
-# Merges per-task deltas into the JSON values of one hash. Atomic: the whole merge is one script,
-# so concurrent flushes from many processes never lose an update.
-# KEYS[1] = task_resources hash; ARGV[1] = now; then pairs (task name, JSON {"sum":{},"max":{}}).
-MERGE_LUA = """
-local now = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  local name = ARGV[i]
-  local delta = cjson.decode(ARGV[i + 1])
-  local raw = redis.call('HGET', KEYS[1], name)
-  local cur = {}
-  if raw then cur = cjson.decode(raw) end
-  for k, v in pairs(delta['sum']) do cur[k] = (tonumber(cur[k]) or 0) + v end
-  for k, v in pairs(delta['max']) do
-    local old = tonumber(cur[k])
-    if old == nil or v > old then cur[k] = v end
-  end
-  cur['updated_at'] = now
-  redis.call('HSET', KEYS[1], name, cjson.encode(cur))
-end
-return #ARGV
-"""
+#: Merges per-task deltas into the JSON values of one hash, atomically (``merge_resources.lua``).
+MERGE = Script.from_file("taskyard.workers.guards", "merge_resources.lua")
 
 SUM_FIELDS = ("runs", "cpu_s", "rss_growth_mb", "memory_limit_exceeded", "cpu_limit_exceeded")
 MAX_FIELDS = ("cpu_max_s", "rss_growth_max_mb")
@@ -145,7 +127,6 @@ class TaskMeter:
         self.idle_since = time.monotonic()
         self._main_ident: int | None = None
         self._counters_add = counters_add
-        self._script: Any = None
 
     # --- run boundaries (task thread) ------------------------------------------------------
     def start(self, task: Any, task_id: str) -> None:
@@ -205,9 +186,7 @@ class TaskMeter:
             argv.append(json.dumps({"sum": agg.sums, "max": agg.maxes}))
         try:
             client = self._redis_of()
-            if self._script is None:
-                self._script = client.register_script(MERGE_LUA)
-            self._script(keys=[self.key], args=argv, client=client)
+            MERGE(client, (self.key,), argv)
         except redis.RedisError as exc:
             log.warning("task accounting: flush to Redis failed (%s); kept for the next flush", exc)
             for name, agg in pending.items():

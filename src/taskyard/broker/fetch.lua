@@ -1,0 +1,118 @@
+-- Apply pending acknowledgements, then pop up to n messages, each from the first non-empty list
+-- in consumption order, pass each through admit(), and record each admitted one in the unacked
+-- HASH and index.
+-- Atomic: a message leaves its list and enters the unacked records in one step, so a worker
+-- killed at any point leaves every message either queued or recorded (kombu's sweep restores
+-- recorded ones); the acks (each through release()) and every admission decision are applied in
+-- the same call, so a limit or a pause never sees a half-made reservation. When no message is
+-- delivered the reply carries the last id of each wake stream, read in the same atomic step, so
+-- an XREAD from those ids sees every wake entry a producer adds afterwards (no lost wake-up).
+-- KEYS: unacked HASH, unacked ZSET, quarantine LIST, the L lists in order, the wake streams.
+-- ARGV: key prefix, now (s), L, n, record (1: record unacked, 0: no-ack consumer), A, A acked
+-- tags.
+-- Reply: {1, i1, msg1, i2, msg2, ...} (list index, 1-based, and raw message), or
+-- {0, id1, id2, ...} (wake stream ids) when nothing was delivered, or {2, count} when only
+-- undecodable messages were found (moved to the quarantine list, never dropped).
+--
+-- Composition (broker/lua.py compose()): this body runs after hooks.lua (the defaults), then
+-- every control/*.lua in name order, concatenated into one chunk; ack.lua is built the same way,
+-- so both scripts see the same hooks. A fragment may:
+--   * define locals (helpers, constants) for the fragments after it;
+--   * wrap admit and release, keeping the one before: `local base = admit` then
+--     `admit = function(msg, item, qindex, now) ... return base(msg, item, qindex, now) end`;
+--   * name keys only as prefix .. '<suffix>' (prefix = ARGV[1], the namespace under kombu's
+--     global_keyprefix; each suffix documented in keys.py). Keys are derived in the script rather
+--     than passed in KEYS: the transport already touches several queues in one call (like
+--     kombu's BRPOP) and does not run on Redis Cluster.
+-- It must not return, raise, or read ARGV beyond ARGV[1] and KEYS beyond KEYS[1], KEYS[2]: a
+-- script is not rolled back on error, so a failing fragment could lose popped messages.
+--
+-- admit(msg, item, qindex, now): msg is the decoded kombu message (msg.headers.task is the task
+-- name under Celery's protocol 2), item its raw text, qindex the position of its list in
+-- consumption order (the list is KEYS[3 + qindex]), now the worker's clock (s, a number).
+-- Verdicts:
+--   'run'  record it (unless a no-ack consumer) and deliver it;
+--   'hold' not now: it goes back to the consuming end of its list after this call, in its
+--          place, and later messages of the same list may still be taken (a limit, a pause).
+--          Past MAX_HELD holds in one call, each further hold moves the scan on to the next
+--          list, so a long paused backlog costs a bounded amount of work per fetch.
+--   'drop' the fragment has disposed of it (e.g. a cancelled task recorded elsewhere): neither
+--          delivered nor put back.
+-- Any other value is treated as 'hold', so no message is ever lost to a mistaken verdict.
+-- release(tag) is called for every acknowledged tag (here and in ack.lua) before its unacked
+-- records are removed, so it may read them (HGET KEYS[1] tag); it frees what admit took for
+-- that delivery (a concurrency slot, a unique lock). kombu's own requeue and restore paths do
+-- not pass through these scripts.
+
+local MAX_HELD = 100
+local now = ARGV[2]
+local now_s = tonumber(now)
+local nlists = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
+local record = ARGV[5] == '1'
+local nacks = tonumber(ARGV[6])
+local i = 7
+while nacks > 0 do
+  local j = math.min(i + 999, i + nacks - 1)
+  for t = i, j do release(ARGV[t]) end
+  redis.call('HDEL', KEYS[1], unpack(ARGV, i, j))
+  redis.call('ZREM', KEYS[2], unpack(ARGV, i, j))
+  nacks = nacks - (j - i + 1)
+  i = j + 1
+end
+local out = {1}
+local quarantined = 0
+local held = {}
+-- Lists before k were found empty (or held to the bound) and nothing else runs during the
+-- script, so each further pop stays at k: strict order holds across the whole reply.
+local k = 4
+local last = 3 + nlists
+while k <= last and (#out - 1) / 2 < want do
+  local item = redis.call('RPOP', KEYS[k])
+  if not item then
+    k = k + 1
+  else
+    local ok, msg = pcall(cjson.decode, item)
+    local tag, info
+    if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
+      tag = msg['properties']['delivery_tag']
+      info = msg['properties']['delivery_info']
+    end
+    if type(tag) ~= 'string' or type(info) ~= 'table' then
+      -- Not a kombu message: kept for an operator, never lost, never redelivered in a loop.
+      redis.call('LPUSH', KEYS[3], item)
+      redis.call('LTRIM', KEYS[3], 0, 9999)
+      quarantined = quarantined + 1
+    else
+      local verdict = admit(msg, item, k - 3, now_s)
+      if verdict == 'run' then
+        if record then
+          redis.call('ZADD', KEYS[2], now, tag)
+          redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'])
+                     .. ',' .. cjson.encode(info['routing_key']) .. ']')
+        end
+        out[#out + 1] = k - 3
+        out[#out + 1] = item
+      elseif verdict ~= 'drop' then
+        held[#held + 1] = k
+        held[#held + 1] = item
+        if #held >= 2 * MAX_HELD then
+          k = k + 1
+        end
+      end
+    end
+  end
+end
+-- Held messages back where they were: the last popped is pushed first, so the first popped is
+-- again the next to pop.
+for h = #held - 1, 1, -2 do
+  redis.call('RPUSH', KEYS[held[h]], held[h + 1])
+end
+if #out > 1 then return out end
+if quarantined > 0 then return {2, quarantined} end
+local ids = {0}
+for s = last + 1, #KEYS do
+  local tail = redis.call('XREVRANGE', KEYS[s], '+', '-', 'COUNT', 1)
+  ids[#ids + 1] = tail[1] and tail[1][1] or '0-0'
+end
+return ids
