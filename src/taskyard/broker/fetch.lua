@@ -45,6 +45,23 @@
 -- not pass through these scripts.
 
 local MAX_HELD = 100
+-- The deepest nesting of a message envelope delivered to Python: Redis' cjson decodes 1,000
+-- levels, Python's decoder (kombu's loads in the worker's event loop) fails short of its
+-- recursion limit, so a deeper envelope would raise out of the loop. A taskyard or Celery
+-- envelope nests a few levels (the body is base64 text); this leaves room for any header.
+local MAX_DEPTH = 256
+-- Redis' own default, which the decoder is put back to after each message: the limit is
+-- server-wide state, so it must not outlive this call (pcall never raises, so it never does).
+local REDIS_MAX_DEPTH = 1000
+local function decode(item)
+  if not cjson.decode_max_depth then
+    return pcall(cjson.decode, item)
+  end
+  cjson.decode_max_depth(MAX_DEPTH)
+  local ok, msg = pcall(cjson.decode, item)
+  cjson.decode_max_depth(REDIS_MAX_DEPTH)
+  return ok, msg
+end
 local now = ARGV[2]
 local now_s = tonumber(now)
 local nlists = tonumber(ARGV[3])
@@ -72,14 +89,15 @@ while k <= last and (#out - 1) / 2 < want do
   if not item then
     k = k + 1
   else
-    local ok, msg = pcall(cjson.decode, item)
+    local ok, msg = decode(item)
     local tag, info
     if ok and type(msg) == 'table' and type(msg['properties']) == 'table' then
       tag = msg['properties']['delivery_tag']
       info = msg['properties']['delivery_info']
     end
     if type(tag) ~= 'string' or type(info) ~= 'table' then
-      -- Not a kombu message: kept for an operator, never lost, never redelivered in a loop.
+      -- Not a kombu message (or nested too deep for the worker to decode): kept for an
+      -- operator, never lost, never redelivered in a loop.
       redis.call('LPUSH', KEYS[3], item)
       redis.call('LTRIM', KEYS[3], 0, 9999)
       quarantined = quarantined + 1
