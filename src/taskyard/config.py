@@ -457,6 +457,10 @@ class DeadLetterSettings(Section):
     # Timeline events waiting in Redis for the stats collection to move them to the database;
     # beyond this the oldest are dropped (events are best-effort, like Celery's).
     timeline_max_pending: int = Field(200_000, ge=100)
+    # Every worker ingests the messages the transport set aside (they become poison entries) and
+    # applies the bounds above this often (s); one worker per interval does it (a Redis lock).
+    # No beat or stats job needed.
+    upkeep_interval_s: float = Field(30.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -25,8 +25,6 @@ from typing import Any
 from celery import Celery
 
 from taskyard.beat import job_interval_s, single_flight
-from taskyard.deadletters.store import RedisDeadLetterStore
-from taskyard.deadletters.transport import ingest as ingest_transport_quarantine
 from taskyard.monitoring import history, timeline
 from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
@@ -286,10 +284,8 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "maintenance": maintenance_raw,
         "rolled_up_at": previous.get("rolled_up_at", 0.0),
     }
-    # The dead letters' age bound also applies when nothing new dies.
-    _guarded("dead letters", lambda: RedisDeadLetterStore.for_runtime(runtime).trim(now), 0)
-    # Queue items the Redis transport set aside join them, as poison.
-    _guarded("transport quarantine", lambda: ingest_transport_quarantine(runtime), 0)
+    # Dead-letter retention and the transport's quarantine: the workers' dead-letter upkeep
+    # (taskyard.deadletters.upkeep), which needs neither beat nor this job.
     history_error = _write_history(runtime, entries, changed, now, state)
     with client.pipeline(transaction=False) as pipe:
         for name, entry in entries.items():
