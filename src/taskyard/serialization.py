@@ -65,13 +65,12 @@ def dumps(value: Any) -> str:
         text: str = _ENCODER.encode(value)
     except RecursionError:
         raise ValueError(f"nested too deeply to encode (the limit is {MAX_DEPTH})") from None
-    # Both checks cost one C-speed scan of the text on the usual path: every opening bracket
-    # counted (those inside strings too, so the count bounds the depth from above), and ASCII
-    # escapes of surrogates, which only text outside the Basic Multilingual Plane also makes.
-    if text.count("[") + text.count("{") > MAX_DEPTH:
-        depth = _depth(text)
-        if depth > MAX_DEPTH:
-            raise ValueError(f"nested {depth} levels deep (the limit is {MAX_DEPTH})")
+    # Both checks cost C-speed scans of the text on the usual path: the brackets counted
+    # (too_deep), and ASCII escapes of surrogates, which only text outside the Basic
+    # Multilingual Plane also makes.
+    depth = too_deep(text)
+    if depth is not None:
+        raise ValueError(f"nested {depth} levels deep (the limit is {MAX_DEPTH})")
     if "\\ud" in text:
         try:
             _TEXT_ENCODER.encode(value).encode("utf-8")
@@ -81,6 +80,23 @@ def dumps(value: Any) -> str:
                 f"a lone surrogate {bad!r} is not Unicode text (encode the bytes, e.g. base64)"
             ) from None
     return text
+
+
+def too_deep(text: str | bytes) -> int | None:
+    """The nesting of JSON ``text`` when deeper than :data:`MAX_DEPTH`, else None.
+
+    Cheap on the usual path: the opening brackets are counted at C speed (those inside strings
+    too, so the count bounds the depth from above) and only a text with more than the limit is
+    walked.
+    """
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+            return None
+        text = text.decode("utf-8", "replace")
+    elif text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    depth = _depth(text)
+    return depth if depth > MAX_DEPTH else None
 
 
 def _depth(text: str) -> int:
