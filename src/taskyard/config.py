@@ -399,6 +399,9 @@ class MonitoringSettings(Section):
     alert_cache_hit_rate_pct: float = 50.0
     alert_slow_task_rate_pct: float = 10.0
     alert_queue_depth: int = 1000
+    # The broker's or buffers' Redis above this share of its maxmemory (%): under noeviction it
+    # refuses every write at 100 %, and an evicting policy starts dropping keys.
+    alert_redis_memory_pct: float = Field(90.0, gt=0, le=100)
     # Prometheus semantics: a condition must hold for_s before its alert fires (pending until
     # then) and be gone resolve_s before it resolves (s), so one noisy reading neither fires nor
     # resolves an alert. Per rule in alert_timing, over alert_for_s/alert_resolve_s. The rules on

@@ -28,6 +28,7 @@ from taskyard.beat import job_interval_s, single_flight
 from taskyard.monitoring import history, timeline
 from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
+from taskyard.monitoring.redis_memory import RedisReader
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import Runtime
@@ -191,6 +192,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         [],
     )
     window = _window(tasks, hists, previous, now, m.slow_task_s)
+    redis_rows = _guarded("redis memory", lambda: _redis_memory(runtime, previous), [])
     maintenance_bytes = client.get(keys.maintenance_last())
     maintenance_raw = text(maintenance_bytes) if maintenance_bytes else None
 
@@ -201,6 +203,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "cache": cache,
         "slow_statements": slow,
         "window": window,
+        "redis": redis_rows,
     }
     book = AlertBook(client, keys)
     alerts, changed = transition(book.load(), evaluate(snapshot, settings), now, timing_of(m))
@@ -283,6 +286,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "slow_statements": {s["task"]: s["count"] for s in slow},
         "maintenance": maintenance_raw,
         "rolled_up_at": previous.get("rolled_up_at", 0.0),
+        "redis_evicted": {r["redis"]: r["evicted_keys"] for r in redis_rows},
     }
     # Dead-letter retention and the transport's quarantine: the workers' dead-letter upkeep
     # (taskyard.deadletters.upkeep), which needs neither beat nor this job.
@@ -302,6 +306,21 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "alerts_changed": [f"{a['id']}:{a['state']}" for a in changed],
         "history_error": history_error,
     }
+
+
+def _redis_memory(runtime: Runtime, previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """Memory readings of the broker's and buffers' Redis, with the keys each evicted since the
+    previous collection (a restarted Redis counts from zero again)."""
+    reader = runtime.state.get("monitoring.redis_reader")
+    if reader is None:
+        reader = runtime.state["monitoring.redis_reader"] = RedisReader(runtime.settings)
+    before = previous.get("redis_evicted", {})
+    rows = reader.readings()
+    for row in rows:
+        count = row["evicted_keys"]
+        last = int(before.get(row["redis"], count))
+        row["evicted_recently"] = count if count < last else count - last
+    return rows
 
 
 def _guarded(what: str, read: Any, default: Any) -> Any:

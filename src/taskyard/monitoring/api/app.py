@@ -43,6 +43,7 @@ from taskyard.monitoring.api.state import (
 )
 from taskyard.monitoring.dashboard import overview as dashboard
 from taskyard.monitoring.metrics import add_metrics_route
+from taskyard.monitoring.redis_memory import RedisMemoryCollector, RedisReader
 from taskyard.monitoring.store import SERIES, StatsStore
 from taskyard.runtime import Runtime, runtime_of
 
@@ -105,6 +106,9 @@ def create_api(
     _add_views(api, state)
     _add_history(api, state)
     install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
+    state.extras.setdefault("collectors", []).append(
+        RedisMemoryCollector(RedisReader(state.runtime.settings))
+    )
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(dashboard.router)
