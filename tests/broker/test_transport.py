@@ -559,6 +559,8 @@ def test_a_message_nested_past_the_decoder_is_kept_aside(
         _deep_envelope(depth, "deep-tag")
     ]
     assert redis_client.hlen("unacked") == 0
+    # The decoder's limit is server-wide: the script puts Redis' own back.
+    assert redis_client.eval("return cjson.decode_max_depth()", 0) == 1000
 
 
 def test_the_sweep_sets_aside_a_record_it_cannot_read_and_restores_the_rest(
