@@ -30,6 +30,14 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from taskyard.errors import ConfigurationError, did_you_mean
+from taskyard.seams import Seam
+
+# Celery internals read by result_backend_schemes (checked by tests/test_seams.py).
+SEAMS = (
+    Seam("celery.app.backends", "BACKEND_ALIASES", "attribute"),
+    Seam("celery.app.backends", "by_url", params=("backend", "loader")),
+    Seam("celery.utils.imports", "load_extension_class_names", params=("namespace",)),
+)
 
 ENV_PREFIX = "TASKYARD_"
 NESTED_DELIMITER = "__"

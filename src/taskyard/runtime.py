@@ -26,6 +26,18 @@ if TYPE_CHECKING:
 
     from taskyard.routing.rules import Router
 
+from taskyard.seams import Seam
+
+# Library internals this module relies on (checked by tests/test_seams.py): redis-py's pool
+# locks (renewed after fork) and Celery's thread-local current app.
+SEAMS = (
+    Seam("redis.connection.ConnectionPool", "_fork_lock", "instance"),
+    Seam("redis.connection.ConnectionPool", "_lock", "instance"),
+    Seam("redis.connection.ConnectionPool", "_checkpid"),
+    Seam("celery._state", "_tls", "attribute"),
+    Seam("celery._state", "default_app", "attribute"),
+)
+
 _ATTRIBUTE = "_taskyard_runtime"
 #: The taskyard app created last in this process (a weak reference: apps of finished tests go).
 _latest: weakref.ref[Any] | None = None
@@ -64,7 +76,8 @@ def _renew_pool_locks() -> None:
     # does not exist there: the child's first command on the pool blocks for good (a prefork
     # pool process replacing a crashed one hung so, and with it its worker's only process).
     # Here, right after the fork, only the forking thread runs: fresh locks are safe, and
-    # redis-py's own rebuild then runs on them. tests/test_runtime_fork.py holds the seam.
+    # redis-py's own rebuild then runs on them. SEAMS declares the locks (tests/test_seams.py);
+    # tests/test_runtime_fork.py forks with one held.
     for pool in list(_pools):
         for name in _POOL_LOCKS:
             if hasattr(pool, name):

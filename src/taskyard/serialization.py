@@ -25,6 +25,20 @@ from typing import Any
 from kombu.serialization import registry
 from kombu.utils import json as kombu_json
 
+from taskyard.seams import Seam
+
+# kombu internals (checked by tests/test_seams.py): its JSON markers' decoder and the registry's
+# content-type map.
+SEAMS = (
+    Seam("kombu.utils.json", "object_hook", params=("o",)),
+    Seam("kombu.serialization.SerializerRegistry", "type_to_name", "instance"),
+    Seam(
+        "kombu.serialization.SerializerRegistry",
+        "register",
+        params=("name", "encoder", "decoder", "content_type", "content_encoding"),
+    ),
+)
+
 #: Name of the task serializer of taskyard apps (``task_serializer``); its content type is
 #: plain ``application/json``, so any Celery worker that accepts "json" reads its messages.
 SERIALIZER = "taskyard-json"

@@ -6,15 +6,22 @@ extra fragment (``fragments/verdicts.lua``) that logs every call and returns eac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from taskyard.broker import lua as broker_lua
+from taskyard.broker import transport
 from taskyard.lua import Fragment
+from taskyard.serialization import text
+from taskyard.testing import wait_until
+from tests import servers
 
 FRAGMENT = Fragment(
     "verdicts.lua", (Path(__file__).parent / "fragments" / "verdicts.lua").read_text()
@@ -66,7 +73,7 @@ def names_in(client: redis.Redis, queue: str) -> list[str]:
 
 
 def log(client: redis.Redis, what: str) -> list[str]:
-    return [entry.decode() for entry in client.lrange(f"{PREFIX}test:{what}", 0, -1)]
+    return log_at(client, PREFIX, what)
 
 
 def test_every_popped_message_passes_admit_and_each_verdict_is_obeyed(
@@ -125,3 +132,46 @@ def test_the_installed_scripts_admit_everything_and_release_nothing(
     assert redis_client.hlen(UNACKED) == 0
     assert redis_client.keys(f"{PREFIX}*") == []
     assert "verdicts.lua" not in broker_lua.FETCH_SCRIPT.source
+
+
+def test_the_transport_runs_the_hooks_under_its_key_prefix(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through kombu: the channel passes its prefix, and an ack reaches release()."""
+    monkeypatch.setattr(transport, "FETCH_SCRIPT", FETCH)
+    monkeypatch.setattr(transport, "ACK_SCRIPT", ACK)
+    options = {"global_keyprefix": "pfx:", "taskyard_namespace": "ns"}
+    conn = Connection(servers.REDIS_URL, transport=transport.Transport, transport_options=options)
+    exchange = Exchange("hooked", "direct")
+    queue = Queue("hooked", exchange, routing_key="hooked")
+    got: list[Any] = []
+    try:
+        channel = conn.channel()
+        queue(channel).declare()
+        producer = Producer(channel, exchange)
+        for name in ("hold.b", "run.a"):
+            producer.publish({"n": name}, routing_key="hooked", headers={"task": name})
+        consumer = Consumer(conn.channel(), [queue], callbacks=[lambda _, m: got.append(m)])
+        consumer.qos(prefetch_count=4)
+        with consumer:
+            wait_until(lambda: _drained(conn) and bool(got), 10, message="run.a delivered")
+            got[0].ack()
+    finally:
+        conn.release()
+    assert [message.headers["task"] for message in got] == ["run.a"]
+    admitted = log_at(redis_client, "pfx:ns:", "admitted")
+    assert "hold.b|1|number" in admitted and "run.a|1|number" in admitted
+    assert log_at(redis_client, "pfx:ns:", "released") == [f"{got[0].delivery_tag}|1"]
+    assert [
+        json.loads(raw)["headers"]["task"] for raw in redis_client.lrange("pfx:hooked", 0, -1)
+    ] == ["hold.b"]
+
+
+def _drained(conn: Connection) -> bool:
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=0.2)
+    return True
+
+
+def log_at(client: redis.Redis, prefix: str, what: str) -> list[str]:
+    return [text(entry) for entry in client.lrange(f"{prefix}test:{what}", 0, -1)]

@@ -1,4 +1,7 @@
-"""taskyard's Redis transport on a real Redis, through kombu: the fetch, acks, leases, seams."""
+"""taskyard's Redis transport on a real Redis, through kombu: the fetch, acks, leases.
+
+The kombu names the transport relies on are declared in its ``SEAMS`` (tests/test_seams.py).
+"""
 
 from __future__ import annotations
 
@@ -17,10 +20,9 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
-from kombu.transport import redis as kombu_redis
 
 from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
-from taskyard.broker.transport import Channel, QoS, SentinelTransport, Transport
+from taskyard.broker.transport import Channel, SentinelTransport, Transport
 from taskyard.keys import Keys
 from taskyard.testing import terminate, wait_until
 from tests import servers
@@ -102,48 +104,6 @@ def test_leases_off_keeps_the_visibility_timeout(make_app: Any) -> None:
     app = make_app("nolease", reservation_lease_s=0, visibility_timeout_s=5000)
     with app.connection_for_write() as conn:
         assert conn.default_channel.visibility_timeout == 5000
-
-
-# --- the seams of kombu this relies on ----------------------------------------------------
-def test_kombu_seams_are_where_the_transport_expects_them() -> None:
-    # Poller hooks, fetch entry points, restore path and QoS bookkeeping named in transport.py.
-    for name in (
-        "_register_BRPOP",
-        "_pause_brpop",
-        "on_readable",
-        "_client_registered",
-        "_register",
-        "_paused_brpop",
-        "_update_brpop_polling",
-    ):
-        assert hasattr(kombu_redis.MultiChannelPoller, name) or name == "_paused_brpop"
-    for name in (
-        "_brpop_start",
-        "_brpop_read",
-        "_do_restore_message",
-        "_q_for_pri",
-        "_queue_cycle",
-        "_get_message_priority",
-        "_create_client",
-        "_flush_brpop_reauth",
-        "_pending_reauth_token",
-        "_close_clients",
-        "_on_connection_disconnect",
-        "get_table",
-        "_lookup",
-        "_queue_bind",
-        "_delete",
-        "_put",
-    ):
-        assert hasattr(kombu_redis.Channel, name) or name == "_queue_cycle", name
-    for name in ("restore_by_tag", "restore_visible", "restore_unacked", "_remove_from_indices"):
-        assert hasattr(kombu_redis.QoS, name)
-    assert kombu_redis.Channel.unacked_key == "unacked"
-    assert kombu_redis.Channel.unacked_index_key == "unacked_index"
-    assert kombu_redis.PRIORITY_STEPS == [0, 3, 6, 9]
-    assert kombu_redis.Channel.sep == "\x06\x16"
-    assert issubclass(QoS, kombu_redis.QoS)
-    assert issubclass(SentinelTransport.Channel, kombu_redis.SentinelChannel)
 
 
 def test_one_client_per_channel_for_every_command(connect: Any, redis_client: redis.Redis) -> None:

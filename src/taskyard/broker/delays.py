@@ -37,6 +37,15 @@ from kombu.utils.json import dumps
 
 from taskyard.keys import Keys
 from taskyard.lua import Script
+from taskyard.seams import Seam
+
+# kombu internals this module relies on (checked by tests/test_seams.py).
+SEAMS = (
+    Seam("kombu.transport.redis.Channel", "_get_message_priority", params=("message", "reverse")),
+    Seam("kombu.transport.redis.Channel", "priority", params=("n",)),
+    Seam("kombu.transport.redis.Channel", "conn_or_acquire", params=("client",)),
+    Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
+)
 
 log = logging.getLogger("taskyard.broker.delays")
 

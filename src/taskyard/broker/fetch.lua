@@ -24,8 +24,10 @@
 --     global_keyprefix; each suffix documented in keys.py). Keys are derived in the script rather
 --     than passed in KEYS: the transport already touches several queues in one call (like
 --     kombu's BRPOP) and does not run on Redis Cluster.
--- It must not return, raise, or read ARGV beyond ARGV[1] and KEYS beyond KEYS[1], KEYS[2]: a
--- script is not rolled back on error, so a failing fragment could lose popped messages.
+-- It must not return at its top level (that would end the script) nor raise: a script is not
+-- rolled back on error, so a failing fragment could lose popped messages. Of the script's own
+-- arguments it reads only ARGV[1], KEYS[1] and KEYS[2], which both scripts share (and, inside
+-- admit, the message's list KEYS[3 + qindex]).
 --
 -- admit(msg, item, qindex, now): msg is the decoded kombu message (msg.headers.task is the task
 -- name under Celery's protocol 2), item its raw text, qindex the position of its list in

@@ -20,7 +20,8 @@ a broker other than taskyard's Redis transport. A publish refused on a connectio
 ``before_task_publish`` receivers added properties or declarations, goes through kombu's
 ``Producer.publish`` with the app's retry policy, as ``send_task_message`` would publish it.
 
-Celery and kombu internals relied on (tested in ``tests/broker/test_publish.py``): the protocol-2
+Celery and kombu internals relied on (declared in ``SEAMS``, checked by ``tests/test_seams.py``;
+the message layout by ``tests/broker/test_publish.py``): the protocol-2
 layout of ``AMQP.as_task_v2`` and the arguments ``send_task_message`` gives the two signals;
 ``Task._get_exec_options`` (cached per task; its identity tells that the task changed);
 ``app.amqp.router`` (replaced when ``task_routes`` is updated); ``celery.app.amqp.
@@ -55,6 +56,27 @@ from kombu.utils.uuid import uuid
 
 from taskyard.broker.transport import Channel
 from taskyard.runtime import sending_app
+from taskyard.seams import Seam
+
+# Celery and kombu internals this module relies on (checked by tests/test_seams.py; the message
+# layout itself by tests/broker/test_publish.py).
+SEAMS = (
+    Seam("celery._state", "get_current_worker_task"),
+    Seam("celery.app.amqp", "_callback_publish_retry", "attribute"),
+    Seam("celery.app.amqp.AMQP", "as_task_v2"),
+    Seam("celery.app.amqp.AMQP", "router", "attribute"),
+    Seam("celery.app.task.Task", "_get_exec_options"),
+    Seam("kombu.transport.virtual.Channel", "encode_body", params=("body", "encoding")),
+    Seam("kombu.transport.virtual.Channel", "body_encoding", "attribute"),
+    Seam("kombu.transport.virtual.Channel", "_next_delivery_tag"),
+    Seam("kombu.transport.virtual.Channel", "prepare_message"),
+    Seam(
+        "kombu.transport.virtual.Channel",
+        "_inplace_augment_message",
+        params=("message", "exchange", "routing_key"),
+    ),
+    Seam("kombu.connection.Connection", "_reraise_as_library_errors"),
+)
 
 # kombu's virtual channel methods are unannotated.
 # mypy: disable-error-code="no-untyped-call"

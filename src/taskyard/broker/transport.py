@@ -27,8 +27,8 @@ setting (which Celery passes to ``kombu.Connection`` ahead of the URL scheme), s
 
 Everything else is kombu's: the message format, rejects and requeues, fanout over pub/sub,
 ``global_keyprefix``, queue expiry, the restore sweep. The kombu internals this relies on are
-named where they are used and tested in ``tests/broker/test_transport.py``; the tested range is
-pinned in ``pyproject.toml`` (kombu 5.7).
+named where they are used and declared in :data:`SEAMS` (checked by ``tests/test_seams.py``);
+the tested range is pinned in ``pyproject.toml`` (kombu 5.7).
 
 Extra transport options: ``taskyard_namespace`` (key namespace of the wake streams and the
 quarantine list), ``reservation_lease``, ``ack_flush_delay``, ``wake_maxlen`` (approximate
@@ -65,6 +65,79 @@ from taskyard.broker import delays as _delays
 from taskyard.broker.lease import Maintenance
 from taskyard.broker.lua import ACK_SCRIPT, FETCH_SCRIPT, PUBLISH_SCRIPT
 from taskyard.keys import Keys
+from taskyard.seams import Seam
+
+# What this module relies on in kombu and redis-py (checked by tests/test_seams.py): the poller
+# hooks it overrides, the channel's fetch entry points and helpers, the restore path, QoS
+# bookkeeping, the fetch connection.
+SEAMS = (
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register_BRPOP", params=("channel",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_pause_brpop", params=("channel", "fileno")),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_readable", params=("fileno",)),
+    Seam("kombu.transport.redis.MultiChannelPoller", "on_poll_start"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_client_registered"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_register"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_unregister_from_poll"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_update_brpop_polling"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_paused_brpop", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_fd_to_chan", "instance"),
+    Seam("kombu.transport.redis.MultiChannelPoller", "_chan_to_sock", "instance"),
+    Seam("kombu.transport.redis.Channel", "_brpop_start", params=("timeout",)),
+    Seam("kombu.transport.redis.Channel", "_brpop_read"),
+    Seam("kombu.transport.redis.Channel", "_poll_error", params=("type",)),
+    Seam("kombu.transport.redis.Channel", "_in_poll", "attribute"),
+    Seam(
+        "kombu.transport.redis.Channel",
+        "_do_restore_message",
+        params=("payload", "exchange", "routing_key", "pipe", "leftmost"),
+    ),
+    Seam("kombu.transport.redis.Channel", "_q_for_pri", params=("queue", "pri")),
+    Seam("kombu.transport.redis.Channel", "_queue_cycle", "instance"),
+    Seam("kombu.transport.redis.Channel", "_get_message_priority"),
+    Seam("kombu.transport.redis.Channel", "_create_client", params=("asynchronous",)),
+    Seam("kombu.transport.redis.Channel", "_flush_brpop_reauth"),
+    Seam("kombu.transport.redis.Channel", "_pending_reauth_token"),
+    Seam("kombu.transport.redis.Channel", "_close_clients"),
+    Seam("kombu.transport.redis.Channel", "_on_connection_disconnect", params=("connection",)),
+    Seam("kombu.transport.redis.Channel", "_closing", "attribute"),
+    Seam("kombu.transport.redis.Channel", "conn_or_acquire", params=("client",)),
+    Seam("kombu.transport.redis.Channel", "get_table", params=("exchange",)),
+    Seam("kombu.transport.redis.Channel", "_lookup", params=("exchange", "routing_key")),
+    Seam("kombu.transport.redis.Channel", "_queue_bind"),
+    Seam("kombu.transport.redis.Channel", "_delete", params=("queue",)),
+    Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
+    Seam("kombu.transport.redis.Channel", "_expires", "instance"),
+    Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
+    Seam("kombu.transport.redis.Channel", "unacked_index_key", "attribute", value="unacked_index"),
+    Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
+    Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
+    Seam("kombu.transport.redis.SentinelChannel", "from_transport_options", "attribute"),
+    Seam("kombu.transport.redis.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag",)),
+    Seam("kombu.transport.redis.QoS", "restore_visible"),
+    Seam("kombu.transport.redis.QoS", "restore_unacked"),
+    Seam("kombu.transport.redis.QoS", "_remove_from_indices"),
+    Seam("kombu.transport.virtual.QoS", "append", params=("message", "delivery_tag")),
+    Seam("kombu.transport.virtual.QoS", "ack", params=("delivery_tag",)),
+    Seam("kombu.transport.virtual.QoS", "can_consume_max_estimate"),
+    Seam("kombu.transport.virtual.QoS", "_delivered", "instance"),
+    Seam("kombu.transport.virtual.QoS", "_dirty", "instance"),
+    Seam("kombu.transport.virtual.Transport", "_deliver", params=("message", "queue")),
+    Seam(
+        "kombu.transport.redis.Transport", "register_with_event_loop", params=("connection", "loop")
+    ),
+    Seam("kombu.asynchronous.hub.Hub", "readers", "instance"),
+    # kombu prefixes keys in execute_command only: the scripts and raw commands of this module
+    # call redis.Redis's own (taskyard.lua) with full keys (tests/test_lua.py on a real client).
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "execute_command"),
+    Seam("kombu.transport.redis.GlobalKeyPrefixMixin", "_prefix_args", params=("args",)),
+    # redis-py: the fetch connection's socket, its re-auth, and reading a reply sent earlier.
+    Seam("redis.connection.AbstractConnection", "_sock", "instance"),
+    Seam("redis.connection.AbstractConnection", "re_auth"),
+    Seam("redis.connection.AbstractConnection", "set_re_auth_token", params=("token",)),
+    Seam("redis.client.Redis", "parse_response", params=("connection", "command_name")),
+)
 
 logger = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ message callback with ``Consumer.create_task_handler()`` when it starts, and tha
 captures ``on_unknown_message``, ``on_unknown_task`` and ``on_invalid_task`` from the consumer
 at that moment, and calls ``self.on_decode_error``. This bootstep replaces those four handlers
 and wraps ``create_task_handler`` on the consumer instance before the loop starts, so every
-task message passes :meth:`Gate.check` first. ``tests/deadletters/test_consumer.py`` tests the
-seam directly.
+task message passes :meth:`Gate.check` first. The names are declared in ``SEAMS``
+(``tests/test_seams.py``); ``tests/deadletters/test_consumer.py`` tests how Celery uses them.
 
 Today one malformed message stops every worker of its queue: a body of content type
 ``application/data`` (which kombu passes through undecoded) makes Celery's strategy raise a
@@ -38,6 +38,29 @@ from kombu.serialization import prepare_accept_content
 from taskyard import serialization
 from taskyard.deadletters.recorder import Recorder
 from taskyard.runtime import runtime_of
+from taskyard.seams import Seam
+
+# Celery internals the gate relies on (their existence checked by tests/test_seams.py; how the
+# loop and the callback use them by tests/deadletters/test_consumer.py).
+SEAMS = (
+    Seam("celery.worker.consumer.consumer.Consumer", "create_task_handler"),
+    Seam("celery.worker.consumer.consumer.Consumer", "on_decode_error", params=("message", "exc")),
+    Seam(
+        "celery.worker.consumer.consumer.Consumer", "on_unknown_message", params=("body", "message")
+    ),
+    Seam(
+        "celery.worker.consumer.consumer.Consumer",
+        "on_unknown_task",
+        params=("body", "message", "exc"),
+    ),
+    Seam(
+        "celery.worker.consumer.consumer.Consumer",
+        "on_invalid_task",
+        params=("body", "message", "exc"),
+    ),
+    Seam("celery.worker.loops", "asynloop"),
+    Seam("celery.worker.loops", "synloop"),
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,13 @@ from celery._state import get_current_app, get_current_worker_task
 from taskyard import signals as taskyard_signals
 from taskyard.monitoring import timeline
 from taskyard.runtime import Runtime, find_runtime, sending_app
+from taskyard.seams import Seam
+
+# Celery internals (a private module) this module reads (checked by tests/test_seams.py).
+SEAMS = (
+    Seam("celery._state", "get_current_app"),
+    Seam("celery._state", "get_current_worker_task"),
+)
 
 logger = logging.getLogger(__name__)
 

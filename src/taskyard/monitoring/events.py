@@ -28,6 +28,16 @@ from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
 from taskyard.runtime import find_runtime, sending_app
+from taskyard.seams import Seam
+
+# Celery internals the event batching relies on (checked by tests/test_seams.py): the
+# consumer's flush of buffered events and the dispatcher's buffering hooks.
+SEAMS = (
+    Seam("celery.worker.consumer.consumer.Consumer", "_flush_events"),
+    Seam("celery.events.dispatcher.EventDispatcher", "on_send_buffered", "instance"),
+    Seam("celery.events.dispatcher.EventDispatcher", "buffer_limit", "instance"),
+    Seam("celery.events.event", "get_exchange", params=("conn",)),
+)
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,17 @@ from typing import Any
 import click
 
 from taskyard.config import Settings
+from taskyard.seams import Seam
+
+# Flower internals the patches rely on (checked by tests/test_seams.py; the patched behaviour
+# against a real Flower by tests/monitoring/test_flower.py).
+SEAMS = (
+    Seam("flower.views.BaseHandler", "get_active_queue_names"),
+    Seam("flower.views.BaseHandler", "get_current_user"),
+    Seam("flower.views.BaseHandler", "prepare"),
+    Seam("flower.views", "BaseHandler", "class"),
+    Seam("flower.urls", "handlers", "attribute"),
+)
 
 #: Flower reads its basic-auth credentials from this variable ("user:password[,user:password]").
 FLOWER_AUTH_ENV = "FLOWER_BASIC_AUTH"

@@ -29,6 +29,15 @@ from taskyard.config import REDIS_SCHEMES, redis_client_url, url_scheme
 from taskyard.keys import Keys
 from taskyard.routing.levels import LEVEL_NAMES
 from taskyard.runtime import redis_client
+from taskyard.seams import Seam
+
+# kombu's naming of a queue's priority sub-lists and reserved-message hash, read here to count
+# queue depths (checked by tests/test_seams.py).
+SEAMS = (
+    Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
+    Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
+    Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
+)
 
 #: Separator kombu puts between a queue name and its priority step.
 PRIORITY_SEP: str = Channel.sep

@@ -16,6 +16,15 @@ from celery.local import Proxy
 
 from taskyard.errors import ConfigurationError
 from taskyard.runtime import current_taskyard_app, is_taskyard_app
+from taskyard.seams import Seam
+
+# Celery internals used to make a task in every taskyard app (checked by tests/test_seams.py).
+SEAMS = (
+    Seam("celery.app.base.Celery", "_task_from_fun", params=("fun",)),
+    Seam("celery.app.base.Celery", "_finalize_mutex", "instance"),
+    Seam("celery._state", "connect_on_app_finalize", params=("callback",)),
+    Seam("celery._state", "_get_active_apps"),
+)
 
 
 def _require_taskyard(app: Any, decorator: str) -> None:

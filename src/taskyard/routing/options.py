@@ -12,6 +12,11 @@ from celery.app import task as celery_task
 
 from taskyard.errors import ConfigurationError, did_you_mean
 from taskyard.routing.task import TaskyardTask
+from taskyard.seams import Seam
+
+# Celery internals read for the names of a task's sending options (checked by
+# tests/test_seams.py; the value read by tests/test_strict.py).
+SEAMS = (Seam("celery.app.task", "extract_exec_options"),)
 
 #: Options of Celery's ``app.task`` decorator itself, taken before ``_task_from_fun`` sees the
 #: rest (``inner_create_task_cls`` in celery/app/base.py: a nested function, not inspectable).

@@ -18,7 +18,7 @@ payload whose write had begun is written to the end, so the process runs the job
 reads its result, and the message is acknowledged before the channel closes. While the pool
 runs (a consumer restarting after a lost connection) Celery's own ``flush`` applies.
 
-Celery/billiard internals relied on (``tests/workers/test_shutdown.py`` checks they are there):
+Celery/billiard internals relied on (declared in ``SEAMS``, checked by ``tests/test_seams.py``):
 ``TaskPool.flush`` (the attribute ``Consumer.on_close`` calls), ``AsynPool._state``,
 ``_cache``, ``outbound_buffer``, ``_active_writers`` and ``_flush_writer``, and on each job
 ``_accepted``, ``_write_to`` (the process a write began to; set by ``_write_job`` before its
@@ -33,6 +33,30 @@ from typing import Any
 
 from billiard.pool import RUN, TERMINATE
 from celery import bootsteps
+
+from taskyard.seams import Seam
+
+# Celery/billiard internals the flush relies on (their existence checked by tests/test_seams.py;
+# how Celery calls them by tests/workers/test_shutdown.py).
+SEAMS = (
+    Seam("celery.worker.consumer.consumer.Consumer", "on_close"),
+    Seam("celery.concurrency.prefork.TaskPool", "on_start"),
+    Seam("celery.concurrency.prefork.TaskPool", "Pool", "attribute"),
+    Seam("celery.concurrency.prefork.TaskPool", "_pool", "instance"),
+    Seam("celery.concurrency.asynpool.AsynPool", "_flush_writer", params=("proc", "writer")),
+    Seam("celery.concurrency.asynpool.AsynPool", "_active_writers", "instance"),
+    Seam("celery.concurrency.asynpool.AsynPool", "outbound_buffer", "instance"),
+    Seam("celery.concurrency.asynpool.AsynPool", "_cache", "instance"),
+    Seam("celery.concurrency.asynpool.AsynPool", "_state", "instance"),
+    Seam("celery.concurrency.asynpool", "_writer", "instance"),
+    Seam("celery.concurrency.asynpool", "_write_to", "instance"),
+    Seam("billiard.pool.ApplyResult", "_accepted", "instance"),
+    Seam("billiard.pool.ApplyResult", "_write_to", "attribute"),
+    Seam("billiard.pool.ApplyResult", "discard"),
+    Seam("billiard.pool", "RUN", "attribute"),
+    Seam("billiard.pool", "TERMINATE", "attribute"),
+    Seam("billiard.process.BaseProcess", "_is_alive"),
+)
 
 log = logging.getLogger("taskyard.workers")
 

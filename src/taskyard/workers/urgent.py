@@ -11,12 +11,13 @@ served within a level), which lets a worker reserve two messages per process
 message, fetched as soon as a reservation frees, starts on the next free process ahead of
 every reserved lower task.
 
-Celery and kombu internals relied on (celery 5.7, kombu 5.7; tested in
-``tests/workers/test_urgent.py``): the worker's ``Pool`` step creates ``worker.semaphore`` when
-it runs an event loop, and prefork workers (``pool_cls.uses_semaphore``) pass each request
-through ``semaphore.acquire(process_task, request)``; the semaphore keeps waiting calls in
-``_waiting``, added by ``_add_waiter`` and taken by ``_pop_waiter`` (bound to that deque when the
-semaphore is made); a request's ``delivery_info["routing_key"]`` names its level's queue.
+Celery and kombu internals relied on (celery 5.7, kombu 5.7; declared in ``SEAMS``, checked by
+``tests/test_seams.py``; the order tested in ``tests/workers/test_urgent.py``): the worker's
+``Pool`` step creates ``worker.semaphore`` when it runs an event loop, and prefork workers
+(``pool_cls.uses_semaphore``) pass each request through ``semaphore.acquire(process_task,
+request)``; the semaphore keeps waiting calls in ``_waiting``, added by ``_add_waiter`` and taken
+by ``_pop_waiter`` (bound to that deque when the semaphore is made); a request's
+``delivery_info["routing_key"]`` names its level's queue.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ from typing import Any
 from celery import bootsteps
 
 from taskyard.routing.levels import LEVEL_NAMES
+from taskyard.seams import Seam
+
+# Celery and kombu internals the ordering relies on (checked by tests/test_seams.py; the order
+# itself by tests/workers/test_urgent.py).
+SEAMS = (
+    Seam("kombu.asynchronous.semaphore.LaxBoundedSemaphore", "acquire", params=("callback",)),
+    Seam("kombu.asynchronous.semaphore.LaxBoundedSemaphore", "_waiting", "instance"),
+    Seam("kombu.asynchronous.semaphore.LaxBoundedSemaphore", "_add_waiter", "instance"),
+    Seam("kombu.asynchronous.semaphore.LaxBoundedSemaphore", "_pop_waiter", "instance"),
+    Seam("celery.worker.worker.WorkController", "_process_task_sem"),
+    Seam("celery.worker.components.Pool", "create"),
+)
 
 #: Rank of each level's queue (its routing key); other queues rank after every level.
 RANKS = {name: index for index, name in enumerate(LEVEL_NAMES)}

@@ -19,8 +19,21 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from taskyard.runtime import Runtime, is_taskyard_app, runtime_of
+from taskyard.seams import Seam
 from taskyard.workers.guards.backpressure import GuardStep
 from taskyard.workers.guards.guard import Guard
+
+# Celery internals (checked by tests/test_seams.py): the tracer calls these hooks only when a
+# class below celery.Task defines them.
+SEAMS = (
+    Seam("celery.app.trace", "task_has_custom", params=("task", "attr")),
+    Seam("celery.app.task.Task", "before_start", params=("task_id", "args", "kwargs")),
+    Seam(
+        "celery.app.task.Task",
+        "after_return",
+        params=("status", "retval", "task_id", "args", "kwargs", "einfo"),
+    ),
+)
 
 
 def guard_of(app: Any) -> Guard | None:
