@@ -108,16 +108,21 @@ SEAMS = (
     Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
     Seam("kombu.transport.redis.Channel", "_expires", "instance"),
     Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
+    # The read timeout taskyard sets through broker_transport_options (app.py): kombu's
+    # channel takes it as an option and hands it to redis-py's connections.
+    Seam("kombu.transport.redis.Channel", "socket_timeout", "attribute"),
     Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
     Seam("kombu.transport.redis.Channel", "unacked_index_key", "attribute", value="unacked_index"),
     Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
     Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
     Seam("kombu.transport.redis.SentinelChannel", "from_transport_options", "attribute"),
     Seam("kombu.transport.redis.QoS", "append", params=("message", "delivery_tag")),
-    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag",)),
+    # Re-implemented (QoS.restore_by_tag) with kombu's signature, on its helpers below.
+    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag", "client", "leftmost")),
+    Seam("kombu.transport.redis.QoS", "unacked_key", "attribute"),
     Seam("kombu.transport.redis.QoS", "restore_visible"),
     Seam("kombu.transport.redis.QoS", "restore_unacked"),
-    Seam("kombu.transport.redis.QoS", "_remove_from_indices"),
+    Seam("kombu.transport.redis.QoS", "_remove_from_indices", params=("delivery_tag", "pipe")),
     Seam("kombu.transport.virtual.QoS", "append", params=("message", "delivery_tag")),
     Seam("kombu.transport.virtual.QoS", "ack", params=("delivery_tag",)),
     Seam("kombu.transport.virtual.QoS", "can_consume_max_estimate"),
