@@ -17,6 +17,7 @@ from celery.signals import after_task_publish
 from taskyard import results, serialization
 from taskyard.broker import REDIS_TRANSPORT, SENTINEL_TRANSPORT, broker_transport_config
 from taskyard.broker.delays import install as install_delays
+from taskyard.broker.memory import install as install_eviction_check
 from taskyard.broker.publish import Publisher
 from taskyard.config import Settings, is_redis_url, load_settings
 from taskyard.errors import ConfigurationError, did_you_mean
@@ -106,6 +107,10 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             "taskyard_namespace": settings.namespace,
             "taskyard_delays": settings.broker_delays,
             "socket_connect_timeout": settings.broker_connect_timeout_s,
+            # kombu's channel passes socket_timeout=None to redis-py unless told: a frozen
+            # broker would then hang every .delay(). Above brpop_timeout (1 s), the longest
+            # read a consumer blocks in, so an idle worker never times out its own wait.
+            "socket_timeout": settings.broker_read_timeout_s,
         }
         # taskyard's own Redis transport (atomic fetch, batched acks, leases); Celery hands
         # broker_transport to kombu.Connection, where it wins over the URL scheme.
@@ -280,6 +285,7 @@ def create_app(
     app.steps["worker"].add(UrgentFirstStep)
     # A warm stop lets the pool processes finish and acknowledge what they already received.
     app.steps["worker"].add(StopFlush)
+    install_eviction_check(app)  # a worker refuses a Redis that evicts
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     for part in parts:
         part.install(app, runtime)

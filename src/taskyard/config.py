@@ -414,6 +414,9 @@ class MonitoringSettings(Section):
     alert_cache_hit_rate_pct: float = 50.0
     alert_slow_task_rate_pct: float = 10.0
     alert_queue_depth: int = 1000
+    # The broker's or buffers' Redis above this share of its maxmemory (%): under noeviction it
+    # refuses every write at 100 %, and an evicting policy starts dropping keys.
+    alert_redis_memory_pct: float = Field(90.0, gt=0, le=100)
     # Prometheus semantics: a condition must hold for_s before its alert fires (pending until
     # then) and be gone resolve_s before it resolves (s), so one noisy reading neither fires nor
     # resolves an alert. Per rule in alert_timing, over alert_for_s/alert_resolve_s. The rules on
@@ -472,6 +475,10 @@ class DeadLetterSettings(Section):
     # Timeline events waiting in Redis for the stats collection to move them to the database;
     # beyond this the oldest are dropped (events are best-effort, like Celery's).
     timeline_max_pending: int = Field(200_000, ge=100)
+    # Every worker ingests the messages the transport set aside (they become poison entries) and
+    # applies the bounds above this often (s); one worker per interval does it (a Redis lock).
+    # No beat or stats job needed.
+    upkeep_interval_s: float = Field(30.0, gt=0)
 
 
 class JobSettings(Section):
@@ -572,6 +579,17 @@ class Settings(BaseSettings):
     # joined through the message's W3C traceparent header (taskyard.tracing). Needs the `otel`
     # extra; the exporter reads the standard OTEL_EXPORTER_OTLP_* and OTEL_SERVICE_NAME.
     tracing: bool = False
+    # A read from the broker gives up after this (s): a frozen Redis (SIGSTOP, a paused VM, a
+    # partition without resets) keeps connections open and answers nothing, so without it a
+    # .delay() waits for ever. .delay() then raises BrokerUnavailable within
+    # (publish_max_retries + 1) x (this + publish_retry_interval_s) + broker_connect_timeout_s.
+    # Workers' blocking reads wait 1 s (brpop_timeout), hence the floor of 2 s.
+    broker_read_timeout_s: float = Field(3.0, ge=2)
+    # Workers and `taskyard up` refuse to start when the broker's Redis has a maxmemory-policy
+    # that evicts (allkeys-* or volatile-*) or the buffers' Redis an allkeys-* one: such a Redis
+    # silently drops queued tasks and buffered items when memory fills. True starts anyway
+    # (the problem is logged as a warning), e.g. for a throwaway demo.
+    allow_evicting_redis: bool = False
     # Celery task events (worker) and task-sent events (producers), so Flower sees every task.
     task_events: bool = True
     # Events are published in batches at most this often (s): a few ms of Flower latency for a

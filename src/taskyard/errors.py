@@ -90,6 +90,29 @@ class BulkPublishError(TaskArgumentError):
         self.index = index
 
 
+#: The reason a refused write gives when Redis is full: the setting and the fixes.
+OUT_OF_MEMORY = (
+    "out of memory: Redis is above its maxmemory and refuses writes (maxmemory-policy "
+    "noeviction); raise maxmemory, free memory or move the cache to another Redis"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True when ``exc``, or an error it was raised from, is Redis refusing a write at maxmemory.
+
+    kombu turns the reply into its ``ChannelError``, keeping redis-py's ``OutOfMemoryError`` as
+    the cause; the reply text is Redis' own ("... used memory > 'maxmemory'").
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain, not a cycle
+        if seen is None:
+            return False
+        if type(seen).__name__ == "OutOfMemoryError" or "> 'maxmemory'" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class BatchError(TaskyardError):
     """A batch buffer operation failed."""
 

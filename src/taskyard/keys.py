@@ -245,6 +245,11 @@ class Keys:
         fragment adds one: ``flow:`` (flow control, below), ``jobs:`` (job control, below)."""
         return f"{self.namespace}:"
 
+    def dead_upkeep_lock(self) -> str:
+        """STRING held (SET NX PX of the upkeep interval) by the worker doing this interval's
+        dead-letter upkeep (quarantine ingest, retention); expires by itself."""
+        return f"{self.dead_prefix()}upkeep"
+
     def broker_quarantine(self) -> str:
         """LIST of raw queue items the fetch script could not read as kombu messages (not
         JSON, no delivery tag), newest first, capped at 10,000. Kept for an operator."""

@@ -3,14 +3,23 @@
 Task messages and batch items are encoded alike: kombu's JSON encoder (which carries ``datetime``,
 ``date``, ``time``, ``UUID`` and ``Decimal`` values and decodes them back to their types), compact,
 with NaN and infinity refused (they are not JSON: Flower, other consumers and non-Python workers
-cannot read them). A value nested deeper than Python's recursion limit is refused too. A refused
-task argument raises ``TaskArgumentError``, a refused batch item ``BatchItemError``; nothing is
-sent or buffered.
+cannot read them). Two more refusals keep every path able to carry what was accepted:
+
+- Nesting deeper than :data:`MAX_DEPTH` containers. Past it some path fails where the producer
+  cannot see it: a prefork pool pickles arguments to its child and fails from about 480 lists
+  deep (pickle spends two stack levels per list), Python's decoder at about 990, Redis' at 1,000.
+- A lone surrogate (``"\\udcff"``): it is not Unicode text, so it is not JSON text either; a
+  surrogate pair spelled as two code points would come back as one different character.
+
+A refused task argument raises ``TaskArgumentError``, a refused batch item ``BatchItemError``;
+nothing is sent or buffered.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from itertools import accumulate
 from typing import Any
 
 from kombu.serialization import registry
@@ -42,8 +51,21 @@ _ENCODER = kombu_json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 # into datetime, UUID, Decimal... values, as kombu's own loads does.
 _DECODER = json.JSONDecoder(object_hook=kombu_json.object_hook)
 
+# The same encoder without ASCII escapes: its text encodes to UTF-8 only when every code point
+# is Unicode text, which is how a lone surrogate is told apart from an escaped pair.
+_TEXT_ENCODER = kombu_json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+#: Deepest nesting of lists and mappings a task's arguments (the whole message body) or a batch
+#: item may have. Far under what pickle (about 480), Python's decoder (about 990) and Redis'
+#: cjson (1,000) take, so the envelope and a flush's list around the items fit too.
+MAX_DEPTH = 200
+
 #: Errors of :func:`dumps` for a value outside the policy.
 ENCODE_ERRORS = (TypeError, ValueError, RecursionError)
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def dumps(value: Any) -> str:
@@ -51,10 +73,50 @@ def dumps(value: Any) -> str:
 
     Raises:
         TypeError: a value of a type JSON cannot carry.
-        ValueError: NaN or infinity.
-        RecursionError: nested too deeply.
+        ValueError: NaN or infinity, nesting deeper than :data:`MAX_DEPTH`, a lone surrogate.
     """
-    return _ENCODER.encode(value)
+    try:
+        text: str = _ENCODER.encode(value)
+    except RecursionError:
+        raise ValueError(f"nested too deeply to encode (the limit is {MAX_DEPTH})") from None
+    # Both checks cost C-speed scans of the text on the usual path: the brackets counted
+    # (too_deep), and ASCII escapes of surrogates, which only text outside the Basic
+    # Multilingual Plane also makes.
+    depth = too_deep(text)
+    if depth is not None:
+        raise ValueError(f"nested {depth} levels deep (the limit is {MAX_DEPTH})")
+    if "\\ud" in text:
+        try:
+            _TEXT_ENCODER.encode(value).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end]
+            raise ValueError(
+                f"a lone surrogate {bad!r} is not Unicode text (encode the bytes, e.g. base64)"
+            ) from None
+    return text
+
+
+def too_deep(text: str | bytes) -> int | None:
+    """The nesting of JSON ``text`` when deeper than :data:`MAX_DEPTH`, else None.
+
+    Cheap on the usual path: the opening brackets are counted at C speed (those inside strings
+    too, so the count bounds the depth from above) and only a text with more than the limit is
+    walked.
+    """
+    if isinstance(text, bytes):
+        if text.count(b"[") + text.count(b"{") <= MAX_DEPTH:
+            return None
+        text = text.decode("utf-8", "replace")
+    elif text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    depth = _depth(text)
+    return depth if depth > MAX_DEPTH else None
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of JSON ``text`` (brackets inside strings not counted)."""
+    brackets = _BRACKET.findall(_STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def loads(text: str | bytes) -> Any:

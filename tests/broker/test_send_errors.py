@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime
 
@@ -9,6 +10,8 @@ import pytest
 import redis
 
 from taskyard import BrokerUnavailable, TaskArgumentError, priority_task
+from taskyard.runtime import runtime_of
+from tests.private_redis import private_redis
 from tests.servers import REDIS_URL
 
 
@@ -60,3 +63,76 @@ def test_good_call_lands_on_its_queue(make_app, redis_client) -> None:
     make_app("send-errors", redis_url=REDIS_URL)
     notify.delay(7, "hi")
     assert redis_client.llen("high") == 1
+
+
+@pytest.mark.parametrize("fast_publish", [True, False])
+def test_a_frozen_broker_fails_in_bounded_time(make_app, tmp_path, fast_publish) -> None:
+    """A SIGSTOPped Redis (a paused VM, a partition without resets) answers nothing and resets
+    nothing: only a read timeout on the producer's connection ends the wait."""
+    with private_redis(tmp_path) as server:
+        app = make_app("frozen", redis_url=server.url, fast_publish=fast_publish)
+        notify.delay(7, "warm")  # the connection exists before the freeze
+        settings = runtime_of(app).settings
+        bound = (settings.publish_max_retries + 1) * (
+            settings.broker_read_timeout_s + settings.publish_retry_interval_s
+        ) + settings.broker_connect_timeout_s
+        outcome: list[BaseException | None] = []
+
+        def send() -> None:
+            try:
+                notify.delay(7, "frozen")
+                outcome.append(None)
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        server.freeze()
+        try:
+            started = time.monotonic()
+            sender = threading.Thread(target=send, daemon=True)
+            sender.start()
+            sender.join(bound + 30)  # generous: the point is an answer, not a hang
+            elapsed = time.monotonic() - started
+        finally:
+            server.thaw()
+        assert outcome, f".delay() still blocked after {elapsed:.0f} s (bound {bound:.0f} s)"
+        assert isinstance(outcome[0], BrokerUnavailable), outcome
+
+
+def fill_to_maxmemory(client: redis.Redis) -> None:
+    """Put Redis over its ``maxmemory`` under ``noeviction``: every write is refused."""
+    for i in range(30):
+        client.set(f"filler:{i}", b"x" * 100_000)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", str(int(client.info("memory")["used_memory"]) // 2))
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        client.set("one-more", b"x")
+
+
+@pytest.mark.parametrize("fast_publish", [True, False])
+def test_out_of_memory_is_one_error_naming_maxmemory(make_app, tmp_path, fast_publish) -> None:
+    with private_redis(tmp_path) as server:
+        make_app("oom", redis_url=server.url, fast_publish=fast_publish)
+        notify.delay(7, "fits")
+        fill_to_maxmemory(server.client)
+        with pytest.raises(BrokerUnavailable, match="maxmemory") as sent:
+            notify.delay(7, "x" * 10_000)
+        assert sent.value.task_name == "t.notify"
+
+
+def test_out_of_memory_under_a_batch_is_buffer_unavailable(make_app, tmp_path) -> None:
+    from taskyard import batch_task
+    from taskyard.errors import BufferUnavailable
+
+    with private_redis(tmp_path) as server:
+        app = make_app("oom", redis_url=server.url)
+
+        @batch_task(batch_name="oom", batch_size=10, max_wait=60)
+        def oom_items(items: list[object]) -> None: ...
+
+        oom_items.delay({"n": 1})
+        fill_to_maxmemory(server.client)
+        with pytest.raises(BufferUnavailable, match="maxmemory"):
+            oom_items.delay({"n": "x" * 10_000})
+        with pytest.raises(BufferUnavailable, match="maxmemory"):
+            oom_items.add_many([{"n": i} for i in range(50)])
+        assert server.client.llen(runtime_of(app).keys.batch_buffer("oom", "")) == 1

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from queue import Empty
 from typing import Any
 
 import pytest
@@ -456,3 +457,64 @@ def test_queue_depth_counts_fetch_recorded_reservations(
     assert (depths["normal"].ready, depths["normal"].reserved) == (1, 0)
     held.ack()
     assert {d.queue: d.reserved for d in redis_depths(redis_client, LEVELS)}["high"] == 0
+
+
+def _deep_envelope(depth: int, tag: str) -> bytes:
+    """A kombu message whose headers nest ``depth`` lists deep: Redis' cjson decodes up to 1,000
+    levels, Python's decoder fails short of its recursion limit."""
+    headers = '{"deep":' + "[" * depth + "1" + "]" * depth + "}"
+    return (
+        '{"body":"e30=","content-encoding":"utf-8","content-type":"application/json",'
+        f'"headers":{headers},"properties":{{"delivery_tag":"{tag}","body_encoding":"base64",'
+        '"delivery_info":{"exchange":"taskyard","routing_key":"normal"},"priority":0}}'
+    ).encode()
+
+
+@pytest.mark.parametrize("depth", [300, 970, 998])
+def test_a_message_nested_past_the_decoder_is_kept_aside(
+    connect: Any, redis_client: redis.Redis, depth: int
+) -> None:
+    conn = connect()
+    producer = _declare(conn)
+    producer.publish({"before": 1}, routing_key="normal")
+    redis_client.lpush("normal", _deep_envelope(depth, "deep-tag"))
+    producer.publish({"after": 1}, routing_key="normal")
+    got = _drain(conn, _queues(), 2)
+    assert [body for body, _ in got] == [{"before": 1}, {"after": 1}]
+    assert redis_client.lrange(Keys().broker_quarantine(), 0, -1) == [
+        _deep_envelope(depth, "deep-tag")
+    ]
+    assert redis_client.hlen("unacked") == 0
+    # The decoder's limit is server-wide: the script puts Redis' own back.
+    assert redis_client.eval("return cjson.decode_max_depth()", 0) == 1000
+
+
+def test_the_sweep_sets_aside_a_record_it_cannot_read_and_restores_the_rest(
+    connect: Any, redis_client: redis.Redis
+) -> None:
+    # What a worker SIGKILLed while holding them leaves: records past their lease, the oldest
+    # a good message, a newer one that no decoder takes (written before any depth check).
+    conn = connect(reservation_lease=1)
+    producer = _declare(conn)
+    producer.publish({"i": 1}, routing_key="normal")
+    dead = conn.channel()
+    held = dead.basic_get("normal")
+    assert held is not None
+    raw = _deep_envelope(995, "bad-tag").decode()
+    redis_client.hset("unacked", "bad-tag", f'[{raw},"taskyard","normal"]')
+    redis_client.zadd("unacked_index", {"bad-tag": time.time() - 5})
+    redis_client.zadd("unacked_index", {held.delivery_tag: time.time() - 10})
+    survivor = connect(reservation_lease=1).channel()
+    survivor.qos.restore_visible(num=None, interval=1)
+    assert redis_client.llen("normal") == 1  # the older good message is back
+    assert redis_client.hlen("unacked") == 0 and redis_client.zcard("unacked_index") == 0
+    kept = redis_client.lrange(Keys().broker_quarantine(), 0, -1)
+    assert len(kept) == 1 and b"bad-tag" in kept[0]
+
+
+def test_an_unreadable_fetched_message_never_raises_out_of_the_loop(connect: Any) -> None:
+    # The script already keeps such messages aside; this is the loop's own last line.
+    channel = connect().channel()
+    plan = channel._plan(("normal",))
+    with pytest.raises(Empty):
+        channel._deliver_fetched(plan, [b"1", _deep_envelope(5000, "t")])

@@ -72,6 +72,38 @@ def test_written_owner_only_read_back_and_exported(tmp_path: Path) -> None:
     assert stackfile.read(path) is None
 
 
+def test_a_planted_temporary_file_neither_widens_nor_receives_the_secrets(tmp_path: Path) -> None:
+    path = stackfile.stack_path(tmp_path)
+    planted = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    planted.write_text("planted\n")
+    planted.chmod(0o644)
+    stackfile.write(stackfile.new(path, {"TASKYARD_API_TOKEN": "s3cret"}, {}))
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert planted.read_text() == "planted\n"  # never opened, never truncated
+
+
+def test_a_planted_symlink_never_receives_the_secrets(tmp_path: Path) -> None:
+    path = stackfile.stack_path(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    planted = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    planted.symlink_to(target)
+    stackfile.write(stackfile.new(path, {"TASKYARD_API_TOKEN": "s3cret"}, {}))
+    assert target.read_text() == ""
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    assert "s3cret" in path.read_text()
+
+
+def test_a_symlink_planted_at_the_stack_file_is_replaced_not_followed(tmp_path: Path) -> None:
+    path = stackfile.stack_path(tmp_path)
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    path.symlink_to(target)
+    stackfile.write(stackfile.new(path, {"TASKYARD_API_TOKEN": "s3cret"}, {}))
+    assert target.read_text() == ""
+    assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_broken_file_is_named_not_misread(tmp_path: Path) -> None:
     path = stackfile.stack_path(tmp_path)
     for text in ("{not json", json.dumps({"version": 99, "pid": 1}), json.dumps([1])):

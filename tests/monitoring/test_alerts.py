@@ -446,3 +446,20 @@ def test_host_readings_deferrals_and_alert_history_in_the_api_metrics_and_dashbo
         } == {(n, "low", "cpu") for n in ("a@web1", "b@web1", "c@web1")}
         page = client.get("/dashboard").text
         assert 'id="alert-history"' in page and "HostCpuHigh" in page
+
+
+def test_redis_evicting_and_memory_high() -> None:
+    from taskyard.monitoring.alerts import evaluate
+
+    settings = load_settings()
+    row = {"redis": "broker", "policy": "allkeys-lru", "used_memory": 95, "maxmemory": 100}
+    found = {
+        b.alertname: b for b in evaluate({"redis": [{**row, "evicted_recently": 12}]}, settings)
+    }
+    assert found["RedisEvicting"].severity == "critical" and found["RedisEvicting"].value == 12
+    assert "maxmemory-policy allkeys-lru" in found["RedisEvicting"].summary
+    assert found["RedisMemoryHigh"].labels == {"redis": "broker"}
+    calm = {**row, "evicted_recently": 0, "used_memory": 50}
+    assert (
+        evaluate({"redis": [calm, {**calm, "maxmemory": 0, "used_memory": 10**9}]}, settings) == []
+    )

@@ -52,7 +52,7 @@ def test_promtool_checks_the_rules() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_of_the_rules_pass() -> None:
@@ -80,6 +80,8 @@ def test_rules_file_matches_the_built_in_rules() -> None:
         ("SlowTaskRate", "warning"): m.alert_slow_task_rate_pct / 100.0,
         ("CacheHitRateLow", "warning"): m.alert_cache_hit_rate_pct,
         ("WorkerHeartbeatMissing", "critical"): None,
+        ("RedisEvicting", "critical"): 0.0,
+        ("RedisMemoryHigh", "warning"): m.alert_redis_memory_pct,
     }
     seen = set()
     for rule in _rules():

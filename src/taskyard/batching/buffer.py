@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from taskyard import lua
+from taskyard.errors import OUT_OF_MEMORY, BufferUnavailable
 from taskyard.keys import Keys
 from taskyard.lua import Script
 from taskyard.serialization import text
@@ -109,14 +110,17 @@ class BatchBuffer:
         """
         args = (self.prefix, group, batch_size, max_buffered, lease_ms, *entries)
         key = self.keys.batch_buffer(self.batch_name, group)
-        if register is None:
-            return self._append_result(APPEND.fast(self.client, (key,), args))
+        try:
+            if register is None:
+                return self._append_result(APPEND.fast(self.client, (key,), args))
 
-        def build(pipe: Any) -> None:
-            self._queue_register(pipe, register)
-            APPEND.queue(pipe, (key,), args)
+            def build(pipe: Any) -> None:
+                self._queue_register(pipe, register)
+                APPEND.queue(pipe, (key,), args)
 
-        return self._append_result(run_pipeline(self.client, build)[-1])
+            return self._append_result(run_pipeline(self.client, build)[-1])
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise self._full(exc) from exc
 
     def append_many(
         self,
@@ -142,8 +146,18 @@ class BatchBuffer:
                     pipe, (key,), (self.prefix, group, batch_size, max_buffered, lease_ms, *entries)
                 )
 
-        replies = run_pipeline(self.client, build)
+        try:
+            replies = run_pipeline(self.client, build)
+        except redis.exceptions.OutOfMemoryError as exc:
+            raise self._full(exc) from exc
         return [self._append_result(r) for r in replies[len(replies) - len(chunk_list) :]]
+
+    def _full(self, exc: Exception) -> BufferUnavailable:
+        # Redis refuses a script's write under maxmemory only while the script has written
+        # nothing (it keeps a script atomic), so the refused append left no item behind.
+        where = self.client.connection_pool.connection_kwargs
+        url = f"redis://{where.get('host', '?')}:{where.get('port', '?')}/{where.get('db', 0)}"
+        return BufferUnavailable(self.batch_name, url, f"{OUT_OF_MEMORY}: {exc}")
 
     def _queue_register(self, pipe: Any, register: Mapping[str, Any]) -> None:
         pipe.hset(self.keys.batch_conf(self.batch_name), mapping=dict(register))

@@ -53,6 +53,23 @@
 -- not pass through these scripts.
 
 local MAX_HELD = 100
+-- The deepest nesting of a message envelope delivered to Python: Redis' cjson decodes 1,000
+-- levels, Python's decoder (kombu's loads in the worker's event loop) fails short of its
+-- recursion limit, so a deeper envelope would raise out of the loop. A taskyard or Celery
+-- envelope nests a few levels (the body is base64 text); this leaves room for any header.
+local MAX_DEPTH = 256
+-- Redis' own default, which the decoder is put back to after each message: the limit is
+-- server-wide state, so it must not outlive this call (pcall never raises, so it never does).
+local REDIS_MAX_DEPTH = 1000
+local function decode(item)
+  if not cjson.decode_max_depth then
+    return pcall(cjson.decode, item)
+  end
+  cjson.decode_max_depth(MAX_DEPTH)
+  local ok, msg = pcall(cjson.decode, item)
+  cjson.decode_max_depth(REDIS_MAX_DEPTH)
+  return ok, msg
+end
 local now = ARGV[2]
 local now_s = tonumber(now)
 local nlists = tonumber(ARGV[3])
@@ -124,9 +141,9 @@ while k <= last and (#out - 1) / 2 < want do
     if not skip then serve(k - 3, true) end
     k = k + 1
   else
-    local ok, msg = pcall(cjson.decode, item)
+    local ok, msg = decode(item)
     if not ok or type(msg) ~= 'table' or type(msg['properties']) ~= 'table' then
-      deliver(k - 3, item, nil)  -- quarantined
+      deliver(k - 3, item, nil)  -- quarantined (not kombu's, or nested too deep to decode)
     else
       local verdict = admit(msg, item, k - 3, now_s)
       if verdict == 'run' then

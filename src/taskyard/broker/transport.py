@@ -115,16 +115,21 @@ SEAMS = (
     Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
     Seam("kombu.transport.redis.Channel", "_expires", "instance"),
     Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
+    # The read timeout taskyard sets through broker_transport_options (app.py): kombu's
+    # channel takes it as an option and hands it to redis-py's connections.
+    Seam("kombu.transport.redis.Channel", "socket_timeout", "attribute"),
     Seam("kombu.transport.redis.Channel", "unacked_key", "attribute", value="unacked"),
     Seam("kombu.transport.redis.Channel", "unacked_index_key", "attribute", value="unacked_index"),
     Seam("kombu.transport.redis.Channel", "sep", "attribute", value="\x06\x16"),
     Seam("kombu.transport.redis", "PRIORITY_STEPS", "attribute", value=[0, 3, 6, 9]),
     Seam("kombu.transport.redis.SentinelChannel", "from_transport_options", "attribute"),
     Seam("kombu.transport.redis.QoS", "append", params=("message", "delivery_tag")),
-    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag",)),
+    # Re-implemented (QoS.restore_by_tag) with kombu's signature, on its helpers below.
+    Seam("kombu.transport.redis.QoS", "restore_by_tag", params=("tag", "client", "leftmost")),
+    Seam("kombu.transport.redis.QoS", "unacked_key", "attribute"),
     Seam("kombu.transport.redis.QoS", "restore_visible"),
     Seam("kombu.transport.redis.QoS", "restore_unacked"),
-    Seam("kombu.transport.redis.QoS", "_remove_from_indices"),
+    Seam("kombu.transport.redis.QoS", "_remove_from_indices", params=("delivery_tag", "pipe")),
     Seam("kombu.transport.virtual.QoS", "append", params=("message", "delivery_tag")),
     Seam("kombu.transport.virtual.QoS", "ack", params=("delivery_tag",)),
     Seam("kombu.transport.virtual.QoS", "can_consume_max_estimate"),
@@ -200,9 +205,46 @@ class QoS(kombu_redis.QoS):
             self.ack(delivery_tag)
 
     def restore_by_tag(self, tag: str, client: Any = None, leftmost: bool = False) -> None:
-        # kombu's restore path (its restore_visible sweep, a closing channel's unacked
-        # messages): the message is back in its queue, so what its reservation held goes.
-        super().restore_by_tag(tag, client, leftmost)
+        """kombu's restore of one unacked record, which sets aside a record it cannot read.
+
+        kombu's version decodes the record inside its transaction and lets a decode error
+        (a message nested deeper than Python's decoder takes: ``RecursionError``) escape, which
+        ends the whole restore sweep at that record, for every worker, for good: every older
+        abandoned message would never come back. Here such a record goes to the quarantine
+        list, as the fetch script does with an undecodable message, and the sweep goes on.
+        """
+        channel = self.channel
+        undecodable: list[bytes] = []
+
+        def restore_transaction(pipe: Any) -> None:
+            raw = pipe.hget(self.unacked_key, tag)
+            record = None
+            if raw:
+                try:
+                    record = loads(bytes_to_str(raw))
+                    message, exchange, routing_key = record
+                except Exception:  # RecursionError, ValueError, a record of another shape
+                    record = None
+                    undecodable.append(raw)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if record is not None:
+                channel._do_restore_message(message, exchange, routing_key, pipe, leftmost)
+            elif raw:
+                # LPUSH gets kombu's global_keyprefix from a prefixing client, LTRIM does not.
+                name = channel._keys.broker_quarantine()
+                pipe.lpush(name, raw)
+                pipe.execute_command("LTRIM", channel.full_key(name), 0, 9999)
+
+        with channel.conn_or_acquire(client) as conn:
+            conn.transaction(restore_transaction, self.unacked_key)
+        if undecodable:
+            logger.warning(
+                "restore sweep: moved unreadable unacked record %s to %s",
+                tag,
+                channel.full_key(channel._keys.broker_quarantine()),
+            )
+        # The message is back in its queue (or quarantined): what its reservation held goes.
         try:
             self.channel.release_tags([tag])
         except self.channel.connection_errors:
@@ -486,11 +528,24 @@ class Channel(kombu_redis.Channel):
         return True
 
     def _deliver_fetched(self, plan: FetchPlan, flat: list[Any]) -> None:
-        pairs = [(plan.list_queues[int(flat[i]) - 1], flat[i + 1]) for i in range(0, len(flat), 2)]
+        pairs = []
         tags = []
-        for _, raw in pairs:
-            payload = loads(bytes_to_str(raw))
-            tags.append((payload, payload["properties"]["delivery_tag"]))
+        for i in range(0, len(flat), 2):
+            raw = flat[i + 1]
+            try:
+                payload = loads(bytes_to_str(raw))
+                tag = payload["properties"]["delivery_tag"]
+            except Exception:
+                # The fetch script keeps aside what it cannot decode or nests too deep, so this
+                # is a decoder of another mind than Redis' (never seen). It must not raise out
+                # of the event loop (that stops the worker): skip it. Its record, never renewed,
+                # reaches the restore sweep, which sets it aside (QoS.restore_by_tag).
+                logger.exception("fetched message unreadable, left to the restore sweep")
+                continue
+            pairs.append((plan.list_queues[int(flat[i]) - 1], raw))
+            tags.append((payload, tag))
+        if not pairs:
+            raise Empty()
         prerecorded = self.qos._prerecorded
         for index, ((queue, _), (payload, tag)) in enumerate(zip(pairs, tags, strict=True)):
             prerecorded.add(tag)

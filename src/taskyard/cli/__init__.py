@@ -16,6 +16,7 @@ from taskyard.cli.flow import limits, pause, paused, resume
 from taskyard.cli.flower import flower
 from taskyard.cli.loader import use_stack_file
 from taskyard.cli.maintenance import maintenance
+from taskyard.cli.output import echo
 from taskyard.cli.shell import env_command, shell_command
 from taskyard.cli.stack import up, worker
 from taskyard.cli.stats import stats
@@ -61,7 +62,7 @@ class TaskyardGroup(click.Group):
 
 def _fail(message: str) -> NoReturn:
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    click.echo(f"taskyard: error: {first}", err=True)
+    echo(f"taskyard: error: {first}", err=True, lines=False)
     sys.exit(USER_ERROR)
 
 

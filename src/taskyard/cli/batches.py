@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_app
+from taskyard.cli.output import echo, safe
 from taskyard.errors import TaskyardError
 
 
@@ -55,8 +56,8 @@ def render(states: list[dict[str, Any]]) -> str:
             reasons = entry["flush_reasons"]
             rows.append(
                 (
-                    name,
-                    key or "-",
+                    safe(name, lines=False),
+                    safe(key or "-", lines=False),
                     str(entry["buffered"]),
                     _age(entry["oldest_age_s"]),
                     f"{entry['in_flight']} ({entry['in_flight_items']} items)",
@@ -85,7 +86,7 @@ def batches(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
         states = inspect_batches(load_app(app_path))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(json.dumps(states, indent=2) if as_json else render(states))
+    echo(json.dumps(states, indent=2) if as_json else render(states))
 
 
 @batches.command("dead")
@@ -98,18 +99,19 @@ def dead(ctx: click.Context, batch_name: str | None, items: int) -> None:
 
     found = list_dead(load_app(ctx.obj["app_path"]), batch_name, items=items)
     if ctx.obj["json"]:
-        click.echo(json.dumps(found, indent=2))
+        echo(json.dumps(found, indent=2))
         return
     if not found:
-        click.echo("no dead batches")
+        echo("no dead batches")
         return
     for entry in found:
-        click.echo(
+        echo(
             f"{entry['batch_name']}/{entry['batch_id']} key={entry['group'] or '-'} "
-            f"items={entry['size']} attempts={entry['attempts']}: {entry['error']}"
+            f"items={entry['size']} attempts={entry['attempts']}: {entry['error']}",
+            lines=False,
         )
         for item in entry["items"]:
-            click.echo(f"    {item}")
+            echo(f"    {item}", lines=False)
 
 
 def _ids(batch_ids: tuple[str, ...], every: bool) -> list[str] | None:
@@ -131,7 +133,7 @@ def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], eve
         done = requeue_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"requeued {len(done)} batches of {batch_name}: {' '.join(done) or '-'}")
+    echo(f"requeued {len(done)} batches of {batch_name}: {' '.join(done) or '-'}")
 
 
 @batches.command("purge")
@@ -144,4 +146,4 @@ def purge(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], every
     from taskyard.batching.inspect import purge_dead
 
     deleted = purge_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
-    click.echo(f"purged {deleted} items of dead batches of {batch_name}")
+    echo(f"purged {deleted} items of dead batches of {batch_name}")

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.output import echo
 from taskyard.errors import TaskyardError
 
 
@@ -47,7 +48,7 @@ def cache_warm(names: tuple[str, ...], app_path: str | None) -> None:
     )
     for entry in rows:
         status = f"error: {entry['error']}" if entry["error"] else "ok"
-        click.echo(
+        echo(
             f"  {entry['name']:28} {entry['keys']:6d} keys  {entry['duration_s']:7.3f} s  {status}"
         )
     click.echo(
@@ -78,7 +79,7 @@ def cache_clear(tag: str, app_path: str | None) -> None:
     deleted = cache_for(runtime).clear_tag(tag, progress=progress)
     if interactive:
         click.echo("", err=True)
-    click.echo(
+    echo(
         f"tag {tag!r} invalidated; {deleted} entries deleted in {time.monotonic() - started:.2f} s"
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_app
+from taskyard.cli.output import echo
 from taskyard.errors import TaskyardError
 
 _REASONS = click.Choice(["failed", "crashed", "poison", "expired"])
@@ -155,7 +156,7 @@ def list_command(
         else []
     )
     if ctx.obj["json"]:
-        click.echo(
+        echo(
             json.dumps(
                 {
                     "total": total,
@@ -167,25 +168,25 @@ def list_command(
         )
         return
     if not entries:
-        click.echo("no dead tasks")
+        echo("no dead tasks")
     else:
-        click.echo(
-            f"{total} dead tasks" + (f" (newest {len(entries)})" if total > len(entries) else "")
-        )
+        echo(f"{total} dead tasks" + (f" (newest {len(entries)})" if total > len(entries) else ""))
     for e in entries:
         what = e.exception_type or e.detail
-        click.echo(
+        echo(
             f"{e.id}  {_when(e.last_at)}  {e.reason:<7}  {e.name or '-'}  "
             f"queue={e.queue or '-'}  deliveries={e.deliveries}  attempts={e.attempts}  "
             f"{what}: {(e.exception or e.detail)[:80]}"
-            + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else "")
+            + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else ""),
+            lines=False,
         )
     if dead_batches:
-        click.echo(f"{len(dead_batches)} dead batches")
+        echo(f"{len(dead_batches)} dead batches")
         for b in dead_batches:
-            click.echo(
+            echo(
                 f"{b['id']}  {_when(b['last_at'])}  {b['reason']:<7}  items={b['size']}  "
-                f"attempts={b['attempts']}  {b['error'][:80]}"
+                f"attempts={b['attempts']}  {b['error'][:80]}",
+                lines=False,
             )
 
 
@@ -202,20 +203,20 @@ def show(ctx: click.Context, entry_id: str) -> None:
         found = [b for b in batch_dead_letters(app, name, items=1000) if b["id"] == entry_id]
         if not found:
             raise click.ClickException(f"no dead batch {entry_id!r}")
-        click.echo(json.dumps(found[0], indent=2))
+        echo(json.dumps(found[0], indent=2))
         return
     entry = _store(app).get(entry_id)
     if entry is None:
         raise click.ClickException(f"no dead letter {entry_id!r}")
     if ctx.obj["json"]:
-        click.echo(json.dumps(entry.to_dict(), indent=2))
+        echo(json.dumps(entry.to_dict(), indent=2))
         return
     for key, value in entry.to_dict().items():
         if key == "traceback" and value:
-            click.echo("traceback:\n" + str(value).rstrip())
+            echo("traceback:\n" + str(value).rstrip())
         elif value not in ("", {}, 0.0) or key in ("deliveries", "attempts"):
             shown = _when(value) if key.endswith("_at") else value
-            click.echo(f"{key}: {shown}")
+            echo(f"{key}: {shown}", lines=False)
 
 
 def _selection(
@@ -268,23 +269,23 @@ def replay(
 
         with _reported():
             refs = replay_batches(app, batch_ref)
-        click.echo(f"requeued {len(refs)} dead batches: {' '.join(refs) or '-'}")
+        echo(f"requeued {len(refs)} dead batches: {' '.join(refs) or '-'}")
         return
     with _reported():
         query = _selection(entry_ids, every, filters)
         store = _store(app)
         if query is None:
             for entry_id in entry_ids:
-                click.echo(f"{entry_id} -> {replay_one(app, store, entry_id)}")
+                echo(f"{entry_id} -> {replay_one(app, store, entry_id)}")
             return
         total = store.count(query)
         with click.progressbar(length=total, label="replaying", file=sys.stderr) as bar:
             report = replay_many(
                 app, store, query, progress=lambda done, _total, _id: bar.update(1)
             )
-    click.echo(f"replayed {len(report.replayed)} of {total} dead tasks")
+    echo(f"replayed {len(report.replayed)} of {total} dead tasks")
     for entry_id, why in report.skipped.items():
-        click.echo(f"skipped {entry_id}: {why}")
+        echo(f"skipped {entry_id}: {why}")
 
 
 @dead.command("purge")
@@ -308,10 +309,10 @@ def purge(
 
         with _reported():
             items = purge_batches(app, batch_ref)
-        click.echo(f"purged {items} items of dead batches")
+        echo(f"purged {items} items of dead batches")
         return
     with _reported():
         query = _selection(entry_ids, every, filters, None if every else "dead")
         store = _store(app)
         deleted = store.delete(list(entry_ids)) if query is None else store.purge(query)
-    click.echo(f"purged {deleted} dead letters")
+    echo(f"purged {deleted} dead letters")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -25,19 +28,47 @@ from taskyard.monitoring.flower import (
 AUTH_VARIABLE = f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}FLOWER_BASIC_AUTH"
 
 
-def record_generated(auth: str, url: str) -> stackfile.StackFile:
-    """Put generated credentials in the stack file here: the running stack's, or a new one."""
+def record_generated(auth: str, url: str) -> tuple[stackfile.StackFile, Callable[[], None]]:
+    """Put generated credentials in the stack file here: the running stack's, or a new one.
+
+    Returns the stack and a callable that takes back what was written: the file removed if
+    this process made it, else the running stack's entries put back as they were.
+    """
     path = stackfile.stack_path()
     try:
         stack = stackfile.read(path)
     except stackfile.StackFileError:
         stack = None
+    made = stack is None or not stack.alive
     if stack is None or not stack.alive:
         stack = stackfile.new(path, {}, {})
+    before_auth = stack.env.get(AUTH_VARIABLE)
+    before_url = stack.urls.get("flower")
     stack.env[AUTH_VARIABLE] = auth
     stack.urls["flower"] = url
     stackfile.write(stack)
-    return stack
+
+    def take_back() -> None:
+        if made:
+            stackfile.remove_if_owned(path, os.getpid())
+            return
+        with contextlib.suppress(stackfile.StackFileError, OSError):
+            current = stackfile.read(path)
+            # Only the entries still as this process wrote them: the stack may have moved on.
+            if current is None or current.env.get(AUTH_VARIABLE) != auth:
+                return
+            _put_back(current.env, AUTH_VARIABLE, before_auth)
+            _put_back(current.urls, "flower", before_url)
+            stackfile.write(current)
+
+    return stack, take_back
+
+
+def _put_back(entries: dict[str, str], key: str, value: str | None) -> None:
+    if value is None:
+        entries.pop(key, None)
+    else:
+        entries[key] = value
 
 
 @click.command(context_settings={"ignore_unknown_options": True})
@@ -74,7 +105,10 @@ def flower(
     if configured is None:
         auth = generate_basic_auth()
         url = flower_url(settings) if port is None else f"http://127.0.0.1:{port}/"
-        stack = record_generated(auth, url)
+        stack, take_back = record_generated(auth, url)
+        # Flower turns SIGTERM into SystemExit and SIGINT is KeyboardInterrupt, so the finally
+        # below runs on either; atexit covers an exit from inside Flower's own code.
+        atexit.register(take_back)
         user, _, password = auth.partition(":")
         click.echo(
             f"taskyard flower: no credentials configured; generated user {user} password "
@@ -92,4 +126,8 @@ def flower(
     args = flower_args(app_path, settings, port, address, broker_api, flower_extra)
     # Flower parses its own options from sys.argv[0] plus the arguments after "flower".
     sys.argv = ["celery", *args]
-    celery_main.main(args=args, prog_name="celery", auto_envvar_prefix="CELERY")
+    try:
+        celery_main.main(args=args, prog_name="celery", auto_envvar_prefix="CELERY")
+    finally:
+        if configured is None:
+            take_back()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_runtime
-from taskyard.cli.output import cell, records, table
+from taskyard.cli.output import cell, echo, records, table
 from taskyard.errors import TaskyardError
 
 
@@ -36,23 +36,23 @@ def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
     from taskyard.maintenance import run_maintenance
 
     runtime = load_runtime(app_path, import_tasks=True)
-    echo = (lambda line: click.echo(line)) if dry_run and not as_json else None
+    show = (lambda line: echo(line)) if dry_run and not as_json else None
     try:
-        report = run_maintenance(runtime, dry_run=dry_run, echo=echo)
+        report = run_maintenance(runtime, dry_run=dry_run, echo=show)
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
-        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+        echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
-        click.echo(
+        echo(
             f"\nmaintenance {report.run_id} on {report.database} ({report.dialect})"
             f"{' DRY RUN' if dry_run else ''}: {report.status} in "
             f"{report.duration_s:.2f} s"
         )
         for action in report.actions:
             note = f"  ({action.error})" if action.error else ""
-            click.echo(f"  {action.status:8} {action.kind:8} {action.target}{note}")
-        click.echo("")
+            echo(f"  {action.status:8} {action.kind:8} {action.target}{note}")
+        echo("")
         for name in ("unused", "duplicates", "redundant", "invalid", "missing_tables"):
             found = report.findings.get(name)
             if found:
@@ -61,6 +61,6 @@ def maintenance_run(dry_run: bool, as_json: bool, app_path: str | None) -> None:
         if bloated:
             _findings("bloat >= 20 %", bloated)
         for error in report.errors:
-            click.echo(f"  error: {error}", err=True)
+            echo(f"  error: {error}", err=True)
     if report.status == "failed":
         sys.exit(1)

@@ -1,4 +1,12 @@
-"""Terminal output of the ``taskyard`` commands: tables and human times (``--json`` for scripts)."""
+"""Terminal output of the ``taskyard`` commands: tables and human times (``--json`` for scripts).
+
+Everything these commands print that a task, a worker or a producer wrote (exception text, task
+names, headers, arguments, batch items) is hostile: an escape sequence in it could retitle,
+clear or repaint the operator's terminal, fake a line with a bare CR, or write the clipboard
+(OSC 52). So every line goes out through :func:`echo`, which passes it through :func:`safe`, and
+:func:`table` cleans every cell. ``--json`` output needs nothing more: ``json.dumps`` escapes
+every control character as ``\\uXXXX``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,24 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
+
+# C0 controls, DEL and C1 controls (U+0080-U+009F: 8-bit CSI and OSC are as live as ESC [ on
+# many terminals) are shown as a visible \xNN, never sent.
+_ESCAPED = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+# Newline and tab keep their meaning where the text is several lines (a traceback).
+_ESCAPED_KEEP_LINES = {
+    code: shown for code, shown in _ESCAPED.items() if code not in (ord("\n"), ord("\t"))
+}
+
+
+def safe(text: object, *, lines: bool = True) -> str:
+    """``text`` fit for a terminal: controls escaped (newline and tab kept if ``lines``)."""
+    return str(text).translate(_ESCAPED_KEEP_LINES if lines else _ESCAPED)
+
+
+def echo(message: object = "", *, err: bool = False, nl: bool = True, lines: bool = True) -> None:
+    """Print ``message`` through :func:`safe`: the one way a command prints stored data."""
+    click.echo(safe(message, lines=lines), err=err, nl=nl)
 
 
 def when(at: Any, now: float | None = None) -> str:
@@ -59,10 +85,12 @@ def cell(value: Any) -> str:
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     """Print a titled table with aligned columns ("(none)" when empty)."""
-    click.echo(click.style(title, bold=True))
+    click.echo(click.style(safe(title, lines=False), bold=True))
     if not rows:
         click.echo("  (none)\n")
         return
+    header = [safe(h, lines=False) for h in header]
+    rows = [[safe(c, lines=False) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     for row in [list(header), *rows]:
         click.echo(

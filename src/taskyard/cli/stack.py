@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from taskyard.broker.memory import check_eviction
 from taskyard.cli.flower import AUTH_VARIABLE
 from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as cli_settings
@@ -154,6 +155,14 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
     recorded[AUTH_VARIABLE] = str(settings.monitoring.flower_basic_auth)
     recorded[TOKEN_VARIABLE] = str(settings.monitoring.api_token)
     env.update(recorded)
+    try:
+        # Workers would refuse an evicting Redis one by one; the stack says it once, first.
+        check_eviction(settings)
+    except TaskyardError:
+        if embedded is not None:
+            embedded.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     supervisor = Supervisor(env)
     rows = [("service", "pid", "where")]
     if embedded is not None:

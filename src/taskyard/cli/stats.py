@@ -19,19 +19,6 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
-def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    click.echo(click.style(title, bold=True))
-    if not rows:
-        click.echo("  (none)\n")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    for row in [header, *rows]:
-        click.echo(
-            ("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip()
-        )
-    click.echo("")
-
-
 @click.group("stats")
 def stats() -> None:
     """Queue depths, workers, task counters and alerts from taskyard's stats."""
@@ -59,7 +46,7 @@ def show(app_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
-    _table(
+    table(
         "queues",
         ["queue", "depth", "ready", "reserved", "scheduled"],
         [
@@ -73,7 +60,7 @@ def show(app_path: str | None, as_json: bool) -> None:
             for q in data["queues"]
         ],
     )
-    _table(
+    table(
         "workers",
         ["worker", "alive", "age", "memory", "cpu", "paused"],
         [
@@ -88,7 +75,7 @@ def show(app_path: str | None, as_json: bool) -> None:
             for w in data["workers"]
         ],
     )
-    _table(
+    table(
         "tasks",
         ["task", "queue", "ok", "failed", "retried", "deferred", "run p95", "wait p95"],
         [
@@ -105,7 +92,7 @@ def show(app_path: str | None, as_json: bool) -> None:
             for t in data["tasks"]
         ],
     )
-    _table(
+    table(
         "firing alerts",
         ["severity", "alert", "since", "summary"],
         [[a["severity"], a["alertname"], when(a["since"]), a["summary"]] for a in data["alerts"]],

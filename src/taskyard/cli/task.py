@@ -9,7 +9,7 @@ import click
 
 from taskyard.cli.cancel import _clean
 from taskyard.cli.loader import APP_OPTION, load_runtime
-from taskyard.cli.output import when
+from taskyard.cli.output import echo, when
 
 
 @click.command("task")
@@ -26,6 +26,9 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
     found = timeline.lookup(runtime, engine, task_id)
     found = timeline.with_job_state(runtime, task_id, found)
     dead = RedisDeadLetterStore.for_runtime(runtime).get(task_id)
+    if dead is not None:
+        # Shown redacted (redact= names, TASKYARD_REDACT_PATTERN); the store keeps the values.
+        dead = dead.redacted(runtime.settings.redact_pattern)
     if found is None and dead is None:
         raise click.ClickException(
             f"no task {task_id!r} in the timelines or the dead letters "
@@ -33,27 +36,27 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
             "RETENTION_S)"
         )
     if as_json:
-        click.echo(
-            json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2)
-        )
+        echo(json.dumps({"timeline": found, "dead": dead.to_dict() if dead else None}, indent=2))
         return
     if found is not None and found.get("events"):
         counts = ", ".join(f"{k} {v}" for k, v in found["counts"].items() if v)
-        click.echo(
+        echo(
             f"{task_id}  {found['name']}  queue={found['queue'] or '-'}  "
-            f"state={found['state']}  ({counts})"
+            f"state={found['state']}  ({counts})",
+            lines=False,
         )
         for event in found["events"]:
-            stamp = time.strftime("%H:%M:%S", time.localtime(event["at"]))
-            millis = f"{event['at'] % 1:.3f}"[1:]
-            click.echo(
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event["at"]))
+            millis = f"{event['at'] % 1:.3f}"[1:] + " UTC"
+            echo(
                 f"  {stamp}{millis}  {event['event']:<9}  {event['worker'] or '-'}  "
-                f"{event['detail']}".rstrip()
+                f"{_detail(event['event'], event['detail'])}".rstrip(),
+                lines=False,
             )
     cancel = (found or {}).get("cancel")
     if cancel:
         outcome = cancel.get("outcome") or "requested (not yet seen by a worker)"
-        click.echo(
+        echo(
             f"cancelled: {when(cancel.get('at'))} by {_clean(str(cancel.get('by')))}"
             f"{' with --terminate' if cancel.get('terminate') else ''}: {outcome}"
         )
@@ -61,13 +64,25 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
     if progress:
         total = progress.get("total")
         detail = _clean(str(progress.get("detail") or ""))
-        click.echo(
+        echo(
             f"progress: {progress.get('done')}{f'/{total}' if total is not None else ''}"
             f"{f'  {detail}' if detail else ''}  ({when(progress.get('at'))})"
         )
     if dead is not None:
-        click.echo(
+        echo(
             f"dead letter: {dead.reason}, {dead.exception_type or dead.detail}: "
             f"{(dead.exception or dead.detail)[:200]}"
-            + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else "")
+            + (f" (replayed as {dead.replayed_as})" if dead.replayed_as else ""),
+            lines=False,
         )
+
+
+def _detail(event: str, detail: str) -> str:
+    """An event's detail; a finished run's bare run time (seconds) with its unit."""
+    if event in ("succeeded", "failed", "retried"):
+        try:
+            seconds = float(detail)
+        except ValueError:
+            return detail
+        return f"ran {seconds * 1000:.1f} ms" if seconds < 1 else f"ran {seconds:.3f} s"
+    return detail

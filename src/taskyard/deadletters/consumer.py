@@ -35,6 +35,7 @@ from celery.worker import state as worker_state
 from kombu.exceptions import DecodeError
 from kombu.serialization import prepare_accept_content
 
+from taskyard import serialization
 from taskyard.deadletters.recorder import Recorder
 from taskyard.runtime import runtime_of
 from taskyard.seams import Seam
@@ -123,6 +124,21 @@ class Gate:
         headers = message.headers
         if not isinstance(headers, dict):
             return self.quarantine(message, "headers are not a mapping")
+        body = message.body
+        depth = (
+            serialization.too_deep(body)
+            if message.content_type == serialization.CONTENT_TYPE and isinstance(body, bytes | str)
+            else None
+        )
+        if depth is not None:
+            # Sent around .delay(), which refuses it; checked before decoding (which fails near
+            # 990 levels). A prefork pool fails to pickle it to its process from about 480
+            # levels and would hold the message, and a pool slot, for ever.
+            return self.quarantine(
+                message,
+                f"arguments nested {depth} levels deep (the limit is "
+                f"{serialization.MAX_DEPTH}: a prefork pool cannot pass them to its process)",
+            )
         name = headers.get("task")
         try:
             # Cached by kombu: Celery's strategy reads the same decoded payload.

@@ -9,6 +9,7 @@ from celery import Celery, signals
 
 from taskyard.deadletters.consumer import DeadLetterGate
 from taskyard.deadletters.recorder import Recorder
+from taskyard.deadletters.upkeep import install_upkeep
 from taskyard.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class _Receivers:
 
 
 def install(app: Celery, runtime: Runtime) -> None:
-    """Connect the receivers and add the consumer gate for ``app`` (no I/O)."""
+    """Connect the receivers, add the consumer gate and the workers' upkeep for ``app`` (no
+    I/O)."""
     recorder = Recorder(runtime)
     receivers = _Receivers(app, recorder)
     settings = runtime.settings.dead_letters
@@ -112,4 +114,5 @@ def install(app: Celery, runtime: Runtime) -> None:
     if settings.record_expired:
         signals.task_revoked.connect(receivers.revoked, weak=False, dispatch_uid=uid + ".revoked")
     app.steps["consumer"].add(DeadLetterGate)
+    install_upkeep(app, runtime)
     app._taskyard_dead_letters = recorder

@@ -2,7 +2,8 @@
 
 The transport's fetch script (``broker/fetch.lua``) moves a queue item that is not a kombu message
 at all (not JSON, no delivery tag) to ``Keys.broker_quarantine`` in the broker's Redis before any
-consumer sees it. The stats collection calls :func:`ingest` to turn those items into poison
+consumer sees it (and the restore sweep a record it cannot read). The workers' dead-letter
+upkeep (:mod:`taskyard.deadletters.upkeep`) calls :func:`ingest` to turn those items into poison
 entries, so every message that could not run is found in one place.
 """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shlex
 import time
 from collections.abc import Callable, Container, Mapping, MutableMapping
@@ -131,12 +132,27 @@ def read(path: Path) -> StackFile | None:
 
 def write(stack: StackFile) -> None:
     """Write ``stack`` atomically, readable by its owner only (it holds credentials)."""
-    tmp = stack.path.with_name(f"{stack.path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as sink:
-        json.dump(stack.as_json(), sink, indent=2)
-        sink.write("\n")
-    os.replace(tmp, stack.path)
+    # The temporary name is unpredictable and opened with O_EXCL | O_NOFOLLOW: a file or symlink
+    # someone planted in a shared directory is never reused, truncated or followed, so the
+    # secrets land only in a file this process created 0600. os.replace swaps the directory
+    # entry, so a symlink planted at the stack file's own name is replaced, not written through.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = stack.path.with_name(f"{stack.path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "w") as sink:
+            json.dump(stack.as_json(), sink, indent=2)
+            sink.write("\n")
+        os.replace(tmp, stack.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def remove_if_owned(path: Path, pid: int) -> None:

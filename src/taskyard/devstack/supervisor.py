@@ -1,8 +1,9 @@
 """The development stack behind ``taskyard up``: an embedded Redis and supervised children.
 
 Every child runs in its own session (so a prefork worker and its pool children form one process
-group that can be signalled together) and is asked by the kernel to stop if ``taskyard up``
-itself dies, so no process outlives the stack.
+group, killed together once the worker's main process has stopped) and is asked by the kernel
+to stop if ``taskyard up`` itself dies, so no process outlives the stack. A stop asks each main
+process alone first (SIGTERM: a worker's warm shutdown), so running tasks finish.
 """
 
 from __future__ import annotations
@@ -71,10 +72,17 @@ class Supervisor:
         """Services whose process has ended."""
         return [s for s in self.services if s.process is not None and s.process.poll() is not None]
 
-    def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM every process group, wait up to ``timeout_s``, then SIGKILL what is left."""
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Ask each main process to stop, wait up to ``timeout_s``, then kill what is left.
+
+        SIGTERM goes to each service's main process only: a Celery worker answers with its warm
+        shutdown (stop consuming, let the pool finish the running tasks and acknowledge them,
+        then stop its pool). Signalling the whole group instead would hit the pool children
+        too, killing a running task mid-way (WorkerLostError). Once a main process has ended,
+        or the wait ran out, its group is SIGKILLed, so no pool child or helper outlives it.
+        """
         for service in reversed(self.services):
-            self._signal_group(service, signal.SIGTERM)
+            self._signal_main(service, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         for service in self.services:
             assert service.process is not None
@@ -86,6 +94,13 @@ class Supervisor:
                 service.process.wait()
             # Pool children of a worker share its group; make sure none survived it.
             self._signal_group(service, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_main(service: Service, sig: signal.Signals) -> None:
+        if service.process is None or service.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service.process.pid, sig)
 
     @staticmethod
     def _signal_group(service: Service, sig: signal.Signals) -> None:

@@ -171,6 +171,36 @@ def evaluate(snapshot: dict[str, Any], settings: Settings) -> list[Breach]:
                     {"queue": q["queue"]},
                 )
             )
+    for r in snapshot.get("redis", []):
+        if r.get("evicted_recently"):
+            breaches.append(
+                Breach(
+                    "RedisEvicting",
+                    "critical",
+                    float(r["evicted_recently"]),
+                    0.0,
+                    f"the {r['redis']} Redis evicted {r['evicted_recently']} keys since the last "
+                    f"collection (maxmemory-policy {r['policy']}): queued work may be lost; set "
+                    "noeviction",
+                    {"redis": str(r["redis"])},
+                )
+            )
+        limit = float(r.get("maxmemory") or 0)
+        if limit > 0:
+            used_pct = 100.0 * float(r["used_memory"]) / limit
+            if used_pct > m.alert_redis_memory_pct:
+                breaches.append(
+                    Breach(
+                        "RedisMemoryHigh",
+                        "warning",
+                        round(used_pct, 1),
+                        m.alert_redis_memory_pct,
+                        f"the {r['redis']} Redis uses {used_pct:.0f} % of its maxmemory "
+                        f"(> {m.alert_redis_memory_pct:g} %): at 100 % it refuses writes or "
+                        "evicts",
+                        {"redis": str(r["redis"])},
+                    )
+                )
     for s in snapshot.get("slow_statements", []):
         count = float(s.get("window_count", s.get("count", 0)))
         if count > m.alert_slow_queries:

@@ -423,6 +423,39 @@ class _Receivers:
         except Exception:
             logger.warning("taskyard capture: task_dead hook failed", exc_info=True)
 
+    def revoked(
+        self,
+        sender: Any = None,
+        request: Any = None,
+        terminated: bool = False,
+        signum: Any = None,
+        expired: bool = False,
+        **_: Any,
+    ) -> None:
+        # Celery's task_revoked: a revoked task discarded on arrival, or terminated while it ran
+        # (request: the task's context, sender: the task). Without this step the timeline of a
+        # cancelled task ends at "sent" or "received", as if it were stuck.
+        try:
+            if request is None or getattr(sender, "app", self.app) is not self.app:
+                return
+            name = str(getattr(sender, "name", "") or getattr(request, "task", "") or "")
+            if expired:
+                detail = "expired"
+            elif terminated:
+                detail = f"terminated (signal {signum})" if signum else "terminated"
+            else:
+                detail = "discarded"
+            self.capture.event(
+                str(request.id),
+                "revoked",
+                name,
+                _queue_of(request, "unknown"),
+                str(getattr(request, "hostname", "") or ""),
+                detail,
+            )
+        except Exception:
+            logger.warning("taskyard capture: task_revoked hook failed", exc_info=True)
+
     def deferred(
         self,
         sender: Any = None,
@@ -471,6 +504,7 @@ def install_capture(app: TaskyardApp, runtime: Runtime) -> Capture | None:
     )
     signals.after_task_publish.connect(receivers.sent, weak=False, dispatch_uid=uid + ".sent")
     taskyard_signals.task_dead.connect(receivers.dead, weak=False, dispatch_uid=uid + ".dead")
+    signals.task_revoked.connect(receivers.revoked, weak=False, dispatch_uid=uid + ".revoked")
     signals.worker_process_shutdown.connect(
         receivers.shutdown, weak=False, dispatch_uid=uid + ".process_shutdown"
     )

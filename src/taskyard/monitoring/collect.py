@@ -20,16 +20,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from typing import Any
 
 from taskyard.beat import job_interval_s, single_flight
 from taskyard.config import Settings
-from taskyard.deadletters.store import RedisDeadLetterStore
-from taskyard.deadletters.transport import ingest as ingest_transport_quarantine
 from taskyard.monitoring import history, timeline
 from taskyard.monitoring.alerts import AlertBook, evaluate, timing_of, transition
 from taskyard.monitoring.capture import BUCKET_LABELS, BUCKETS, KINDS
 from taskyard.monitoring.queues import STATS_TASK
+from taskyard.monitoring.redis_memory import RedisReader
 from taskyard.monitoring.store import SERIES, StatsStore, quantile
 from taskyard.routing.levels import Priority
 from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
@@ -198,6 +198,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         [],
     )
     window = _window(tasks, hists, previous, now, m.slow_task_s)
+    redis_rows = _guarded("redis memory", lambda: _redis_memory(runtime, previous), [])
     maintenance_bytes = client.get(keys.maintenance_last())
     maintenance_raw = text(maintenance_bytes) if maintenance_bytes else None
 
@@ -208,6 +209,7 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "cache": cache,
         "slow_statements": slow,
         "window": window,
+        "redis": redis_rows,
     }
     book = AlertBook(client, keys)
     alerts, changed = transition(book.load(), evaluate(snapshot, settings), now, timing_of(m))
@@ -290,11 +292,10 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "slow_statements": {s["task"]: s["count"] for s in slow},
         "maintenance": maintenance_raw,
         "rolled_up_at": previous.get("rolled_up_at", 0.0),
+        "redis_evicted": {r["redis"]: r["evicted_keys"] for r in redis_rows},
     }
-    # The dead letters' age bound also applies when nothing new dies.
-    _guarded("dead letters", lambda: RedisDeadLetterStore.for_runtime(runtime).trim(now), 0)
-    # Queue items the Redis transport set aside join them, as poison.
-    _guarded("transport quarantine", lambda: ingest_transport_quarantine(runtime), 0)
+    # Dead-letter retention and the transport's quarantine: the workers' dead-letter upkeep
+    # (taskyard.deadletters.upkeep), which needs neither beat nor this job.
     history_error = _write_history(runtime, entries, changed, now, state)
     with client.pipeline(transaction=False) as pipe:
         for name, entry in entries.items():
@@ -311,6 +312,28 @@ def collect(runtime: Runtime, now: float | None = None) -> dict[str, Any]:
         "alerts_changed": [f"{a['id']}:{a['state']}" for a in changed],
         "history_error": history_error,
     }
+
+
+#: Each runtime's reader of Redis memory (its clients kept between collections), by id: the
+#: weak reference tells a new runtime at a reused id from the one the reader was made for.
+_readers: dict[int, tuple[weakref.ref[Runtime], RedisReader]] = {}
+
+
+def _redis_memory(runtime: Runtime, previous: dict[str, Any]) -> list[dict[str, Any]]:
+    """Memory readings of the broker's and buffers' Redis, with the keys each evicted since the
+    previous collection (a restarted Redis counts from zero again)."""
+    cached = _readers.get(id(runtime))
+    if cached is None or cached[0]() is not runtime:
+        cached = (weakref.ref(runtime), RedisReader(runtime.settings))
+        _readers[id(runtime)] = cached
+    reader = cached[1]
+    before = previous.get("redis_evicted", {})
+    rows = reader.readings()
+    for row in rows:
+        count = row["evicted_keys"]
+        last = int(before.get(row["redis"], count))
+        row["evicted_recently"] = count if count < last else count - last
+    return rows
 
 
 def _guarded(what: str, read: Any, default: Any) -> Any:

@@ -1,10 +1,10 @@
 """Task timelines: what happened to one task id, persisted in the history database.
 
 The capture buffers one packed event per step of a task (sent, received, started, deferred,
-retried, succeeded, failed, dead) in process and its background flush appends them to a capped
-Redis list (``Keys.timeline_pending``) in the same round trip as the counters; the stats
-collection moves them into the history database (``taskyard_task_events``) and prunes rows
-older than ``TASKYARD_DEAD_LETTERS__TIMELINE_RETENTION_S``. A lookup reads both, so a task is
+retried, succeeded, failed, revoked, dead) in process and its background flush appends them to
+a capped Redis list (``Keys.timeline_pending``) in the same round trip as the counters; the
+stats collection moves them into the history database (``taskyard_task_events``) and prunes
+rows older than ``TASKYARD_DEAD_LETTERS__TIMELINE_RETENTION_S``. A lookup reads both, so a task is
 found the moment its events are flushed, and still after Redis or Flower restarted.
 """
 
@@ -33,10 +33,11 @@ EVENTS: tuple[str, ...] = (
     "retried",
     "succeeded",
     "failed",
+    "revoked",
     "dead",
     "cancelled",
 )
-_TERMINAL = ("succeeded", "failed", "dead", "cancelled")
+_TERMINAL = ("succeeded", "failed", "revoked", "dead", "cancelled")
 #: What became of a cancelled task, as the cancel record says (taskyard.broker.control).
 _CANCEL_OUTCOMES = {
     "dropped": "never started: dropped at reservation",

@@ -7,9 +7,16 @@ from typing import Any, Literal
 
 from celery import Task
 from celery.canvas import Signature
-from kombu.exceptions import EncodeError, OperationalError
+from kombu.exceptions import ChannelError, EncodeError, OperationalError
+from redis.exceptions import OutOfMemoryError
 
-from taskyard.errors import BrokerUnavailable, TaskArgumentError, TaskDeduplicated
+from taskyard.errors import (
+    OUT_OF_MEMORY,
+    BrokerUnavailable,
+    TaskArgumentError,
+    TaskDeduplicated,
+    out_of_memory,
+)
 from taskyard.routing.jobs import unique_header
 from taskyard.routing.levels import Priority, parse_level
 from taskyard.runtime import find_runtime
@@ -119,7 +126,8 @@ class TaskyardTask(Task):  # type: ignore[misc]
         Raises:
             RoutingError: ``level`` is not one of the five levels.
             TaskArgumentError: an argument cannot be encoded as JSON (nothing was sent).
-            BrokerUnavailable: the broker stayed unreachable through the publish retries.
+            BrokerUnavailable: the broker stayed unreachable through the publish retries, or
+                is out of memory (the reason names ``maxmemory``).
         """
         if level is not None:
             queue = parse_level(level).value
@@ -191,6 +199,13 @@ def _send(
     except OperationalError as exc:
         broker = task.app.connection_for_write().as_uri()
         raise BrokerUnavailable(task.name, broker, str(exc)) from exc
+    except (ChannelError, OutOfMemoryError) as exc:
+        # A full Redis under noeviction: kombu's path raises ChannelError (the reply as its
+        # cause), the fast publisher redis-py's error. Nothing was sent either way.
+        if not out_of_memory(exc):
+            raise
+        broker = task.app.connection_for_write().as_uri()
+        raise BrokerUnavailable(task.name, broker, f"{OUT_OF_MEMORY}: {exc}") from exc
 
 
 def _named_queue(

@@ -47,6 +47,7 @@ from taskyard.monitoring.api.state import (
 )
 from taskyard.monitoring.api.users import UserStore
 from taskyard.monitoring.metrics import add_metrics_route
+from taskyard.monitoring.redis_memory import RedisMemoryCollector, RedisReader
 from taskyard.monitoring.store import SERIES, StatsStore
 from taskyard.runtime import Runtime, runtime_of
 
@@ -118,6 +119,9 @@ def create_api(
     install_dead(api, state)  # before /metrics: it adds the dead-letter gauge's collector
     install_flow(api, state)  # before /metrics too: the flow collector
     install_jobs(api, state)  # cancel routes; the job counters' collector
+    state.extras.setdefault("collectors", []).append(
+        RedisMemoryCollector(RedisReader(state.runtime.settings))
+    )
     add_metrics_route(api, state)
     api.include_router(admin_router(state), prefix=API_PREFIX)
     api.include_router(audit_router(state), prefix=API_PREFIX)

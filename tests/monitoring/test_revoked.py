@@ -1,0 +1,66 @@
+"""A revoked task shows as such in its timeline and in `taskyard task ID` (issue 18 item 12)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from taskyard.monitoring import timeline
+from taskyard.runtime import runtime_of
+from taskyard.testing import celery_worker, child_env, wait_until
+from tests import servers
+from tests.apps import dead as dead_app
+
+
+def test_a_revoked_task_is_revoked_in_its_timeline_and_the_cli(
+    make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    app = make_app("deadtest", include=["tests.apps.dead"], **dead_app.SETTINGS)
+    runtime = runtime_of(app)
+    task_id = str(uuid.uuid4())
+    with celery_worker("tests.apps.dead", "normal", redis_env, tmp_path, concurrency=1):
+        # The worker keeps the revoked id; the task arriving afterwards is discarded.
+        replies = app.control.revoke(task_id, reply=True, timeout=10)
+        assert replies, "the worker did not answer the revoke"
+        dead_app.ok.apply_async(("revoked",), task_id=task_id)
+        dead_app.ok.delay("after")
+        wait_until(
+            lambda: b"ok-after" in redis_client.lrange(dead_app.RAN, 0, -1), 60, 0.2, "a later task"
+        )
+        wait_until(
+            lambda: (timeline.lookup(runtime, None, task_id) or {}).get("state") == "revoked",
+            30,
+            0.2,
+            "the revoked step in the timeline",
+        )
+    assert b"ok-revoked" not in redis_client.lrange(dead_app.RAN, 0, -1)
+    shown = subprocess.run(
+        [sys.executable, "-m", "taskyard.cli", "task", task_id],
+        env=child_env(
+            {
+                "TASKYARD_REDIS_URL": servers.REDIS_URL,
+                "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'h.db'}",
+            }
+        ),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "state=revoked" in shown.stdout, shown.stdout + shown.stderr
+    assert "revoked" in shown.stdout.splitlines()[-1]
+
+
+def test_summarize_ends_a_revoked_timeline_at_revoked() -> None:
+    events = [
+        {"at": 1.0, "event": "sent", "name": "t", "queue": "normal", "worker": "", "detail": ""},
+        {"at": 2.0, "event": "received", "name": "t", "queue": "normal", "worker": "w"},
+        {"at": 3.0, "event": "revoked", "name": "t", "queue": "normal", "worker": "w"},
+    ]
+    summary = timeline.summarize("id", events)
+    assert summary["state"] == "revoked" and summary["counts"]["revoked"] == 1
