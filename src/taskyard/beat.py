@@ -41,9 +41,6 @@ from taskyard.runtime import Runtime, TaskyardApp
 
 log = logging.getLogger(__name__)
 
-#: The maintenance task's name, for monitoring/api/admin.py until it imports
-#: ``taskyard.maintenance.MAINTENANCE_TASK`` (that file is being reworked on another branch).
-MAINTENANCE_TASK = "taskyard.maintenance.run"
 
 #: Shortest interval beat is asked to keep (s): beat's loop cannot usefully tick faster.
 MIN_BEAT_INTERVAL_S = 1.0

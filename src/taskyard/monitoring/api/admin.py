@@ -13,9 +13,9 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request
 from pydantic import BaseModel, Field
 
 from taskyard.batching import requeue_dead
-from taskyard.beat import MAINTENANCE_TASK
 from taskyard.cache.core import cache_for
 from taskyard.errors import BatchError
+from taskyard.maintenance import MAINTENANCE_TASK
 from taskyard.monitoring.api import models as m
 from taskyard.monitoring.api.access import principal_of
 from taskyard.monitoring.api.state import ApiState
