@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -184,10 +185,13 @@ def test_low_and_batch_pools_run_niced_so_the_other_program_keeps_the_cpu(
     redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path, make_app: Any
 ) -> None:
     send = Sender(make_app("niceproducer"))
+    # Relative to the niceness the suite runs at (`nice -n 10 pytest` on a shared machine):
+    # the worker inherits it and the pool adds pool_nice, up to the ceiling of 19.
+    base = os.nice(0)
     share_niced, nices = _burn_share(redis_client, redis_env, tmp_path, send, 10)
-    assert nices == [10, 10]
+    assert nices == [min(19, base + 10)] * 2
     share_plain, nices = _burn_share(redis_client, redis_env, tmp_path, send, 0)
-    assert nices == [0, 0]
+    assert nices == [base] * 2
     print(
         f"other program's CPU share: {share_niced:.1%} with pool_nice=10, {share_plain:.1%} without"
     )
