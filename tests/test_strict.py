@@ -83,7 +83,10 @@ def test_celery_task_options_stay_allowed(make_app: Any) -> None:
     def options(self: Any) -> None: ...
 
     task = app.tasks["strict.celery_options"]
-    assert (task.max_retries, task.rate_limit, task.time_limit) == (2, "10/s", 30)
+    # rate_limit= is taskyard's cluster-wide limit (docs/flow.md): Celery's per-worker bucket
+    # stays off, the limit is the task's flow spec.
+    assert (task.max_retries, task.rate_limit, task.time_limit) == (2, None, 30)
+    assert task.taskyard_flow is not None and task.taskyard_flow.rate is not None
     assert task.autoretry_for == (ValueError,) and task.taskyard_level.value == "high"
 
     @batch_task(

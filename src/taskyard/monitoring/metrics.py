@@ -391,6 +391,9 @@ def add_metrics_route(api: FastAPI, state: ApiState) -> None:
     """Serve ``/metrics`` from ``state.store`` through the API's response cache."""
     registry = metrics_registry(state.store)
     registry.register(DeadLetterCollector(lambda: state.dead_letters().counts()))
+    # Collectors other parts added before this route (flow control, job control, Redis memory).
+    for collector in state.extras.get("collectors", ()):
+        registry.register(collector)
 
     @api.get(
         "/metrics",

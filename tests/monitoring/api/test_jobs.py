@@ -58,7 +58,7 @@ def test_cancel_by_filter_and_lookup(
     one = client.post(f"/api/v1/tasks/{noop.id}/cancel?terminate=true", headers=AUTH)
     assert one.json()["detail"] == {"task_id": noop.id, "new": 1}
     body = client.get(f"/api/v1/tasks/{noop.id}").json()
-    assert body["cancel"]["by"] == "api" and body["cancel"]["terminate"] is True
+    assert body["cancel"]["by"] == "api:admin-token" and body["cancel"]["terminate"] is True
     assert body["progress"] is None
     assert client.post("/api/v1/tasks/cancel", json={}, headers=AUTH).status_code == 400
 

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Request
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from taskyard.errors import ConfigurationError
 from taskyard.flow import FlowStore, store_for
 from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.access import principal_of
 from taskyard.monitoring.api.state import API_PREFIX, ApiState
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,14 @@ class PauseChange(BaseModel):
     all_keys: bool = Field(False, description="resume only: withdraw every key's pause.")
 
 
+class FlowOverview(BaseModel):
+    """Limits with their state, pauses with their keys, held messages with their reasons."""
+
+    limits: Any = Field(description="Per task: configured limits, running, started, waiting.")
+    paused: Any = Field(description="Paused queues and task globs, by which keys, since when.")
+    held: Any = Field(description="Messages held back, per queue, task and reason.")
+
+
 def flow_overview(store: FlowStore) -> dict[str, Any]:
     """Limits with their state, pauses and held messages (the GET route's body)."""
     return {"limits": store.status(), "paused": store.pauses(), "held": store.held()}
@@ -55,23 +64,29 @@ def flow_router(state: ApiState, store: Callable[[], FlowStore]) -> APIRouter:
         prefix="/admin/flow", tags=["admin", "flow"], dependencies=[Depends(state.auth)]
     )
 
-    def act(action: str, detail: dict[str, Any], call: Callable[[], Any]) -> m.AdminResult:
+    def act(
+        http: Request, action: str, detail: dict[str, Any], call: Callable[[], Any]
+    ) -> m.AdminResult:
         try:
             call()
         except ConfigurationError as exc:
             raise HTTPException(422, str(exc)) from None
         state.cache.clear()
+        target = str(detail.get("task") or detail.get("queue") or detail.get("task_name") or "")
+        state.auth.record(principal_of(http), action, target=target, detail=detail)
         log.info("stats API: %s %s", action, detail)
         return m.AdminResult(action=action, detail={**detail, **flow_overview(store())})
 
-    @router.get("")
+    @router.get("", response_model=FlowOverview)
     def show_flow() -> dict[str, Any]:
         """Each limit (configured, running, started in the last minute, waiting), what is
         paused by which keys, and the held messages with the reason they wait."""
         return flow_overview(store())
 
     @router.post("/limits/{task_name}", response_model=m.AdminResult)
-    def set_limits(task_name: _NAME, change: Annotated[LimitChange, Body()]) -> m.AdminResult:
+    def set_limits(
+        http: Request, task_name: _NAME, change: Annotated[LimitChange, Body()]
+    ) -> m.AdminResult:
         """Change a task's limits at run time (workers apply it within about a second)."""
 
         def call() -> None:
@@ -80,35 +95,37 @@ def flow_router(state: ApiState, store: Callable[[], FlowStore]) -> APIRouter:
             for value, weight in (change.weights or {}).items():
                 store().set_weight(task_name, value, weight)
 
-        return act("flow.limits.set", {"task": task_name}, call)
+        return act(http, "flow.limits.set", {"task": task_name}, call)
 
     @router.post("/limits/{task_name}/clear", response_model=m.AdminResult)
-    def clear_limits(task_name: _NAME) -> m.AdminResult:
+    def clear_limits(http: Request, task_name: _NAME) -> m.AdminResult:
         """Run the task without rate or concurrency limit until set or reset."""
         return act(
-            "flow.limits.clear", {"task": task_name}, lambda: store().clear_limits(task_name)
+            http, "flow.limits.clear", {"task": task_name}, lambda: store().clear_limits(task_name)
         )
 
     @router.post("/limits/{task_name}/reset", response_model=m.AdminResult)
-    def reset_limits(task_name: _NAME) -> m.AdminResult:
+    def reset_limits(http: Request, task_name: _NAME) -> m.AdminResult:
         """Drop the run-time changes: back to the decorator's limits."""
         return act(
-            "flow.limits.reset", {"task": task_name}, lambda: store().reset_limits(task_name)
+            http, "flow.limits.reset", {"task": task_name}, lambda: store().reset_limits(task_name)
         )
 
     @router.post("/pause", response_model=m.AdminResult)
-    def pause(change: Annotated[PauseChange, Body()]) -> m.AdminResult:
+    def pause(http: Request, change: Annotated[PauseChange, Body()]) -> m.AdminResult:
         """Pause a queue or the tasks matching a glob, durably, on behalf of ``key``."""
         return act(
+            http,
             "flow.pause",
             {"queue": change.queue, "task": change.task, "key": change.key},
             lambda: store().pause(queue=change.queue, task=change.task, key=change.key),
         )
 
     @router.post("/resume", response_model=m.AdminResult)
-    def resume(change: Annotated[PauseChange, Body()]) -> m.AdminResult:
+    def resume(http: Request, change: Annotated[PauseChange, Body()]) -> m.AdminResult:
         """Withdraw ``key``'s pause (or every key's); it runs again once no key is left."""
         return act(
+            http,
             "flow.resume",
             {"queue": change.queue, "task": change.task, "key": change.key},
             lambda: store().resume(

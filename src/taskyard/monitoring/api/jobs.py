@@ -12,14 +12,16 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query
+from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from taskyard.broker.control import jobs
 from taskyard.broker.control.service import JobControl, control_of
 from taskyard.monitoring.api import models as m
+from taskyard.monitoring.api.access import principal_of
 from taskyard.monitoring.api.state import API_PREFIX, ApiState
+from taskyard.monitoring.api.users import Action
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +53,43 @@ def cancel_selection(control: JobControl, request: m.CancelRequest, by: str) -> 
     }
 
 
+def _target(request: m.CancelRequest) -> str:
+    if request.ids:
+        return " ".join(request.ids[:20]) + (" ..." if len(request.ids) > 20 else "")
+    return f"name={request.name} queue={request.queue} older_than_s={request.older_than_s}"
+
+
 def jobs_router(state: ApiState) -> APIRouter:
     router = APIRouter(tags=["jobs"])
-    admin = [Depends(state.auth)]
+    admin = [Depends(state.auth.require(Action.CANCEL))]
 
     @router.post("/tasks/cancel", dependencies=admin, response_model=m.AdminResult)
-    def cancel_many(request: Annotated[m.CancelRequest, Body()]) -> m.AdminResult:
+    def cancel_many(http: Request, request: Annotated[m.CancelRequest, Body()]) -> m.AdminResult:
         """Cancel tasks by id or by filter (queued, delayed, reserved or running)."""
-        detail = cancel_selection(_control(state), request, by="api")
+        who = principal_of(http)
+        detail = cancel_selection(_control(state), request, by=f"api:{who.name}")
+        if not request.dry_run:
+            state.auth.record(
+                who, "tasks.cancel", target=_target(request), count=detail["cancelled"]
+            )
         log.info("stats API: %d task(s) cancelled", detail["cancelled"])
         return m.AdminResult(action="tasks.cancel", detail=detail)
 
     @router.post("/tasks/{task_id}/cancel", dependencies=admin, response_model=m.AdminResult)
     def cancel_one(
+        http: Request,
         task_id: Annotated[str, Path(min_length=1, max_length=300)],
         terminate: Annotated[bool, Query()] = False,
         grace_s: Annotated[float | None, Query(ge=0)] = None,
     ) -> m.AdminResult:
         """Cancel one task wherever it is; ``terminate`` ends it if it runs on (prefork)."""
-        added = _control(state).cancel([task_id], by="api", terminate=terminate, grace_s=grace_s)
+        who = principal_of(http)
+        added = _control(state).cancel(
+            [task_id], by=f"api:{who.name}", terminate=terminate, grace_s=grace_s
+        )
+        state.auth.record(
+            who, "tasks.cancel", target=task_id, count=1, detail={"terminate": terminate}
+        )
         return m.AdminResult(action="tasks.cancel", detail={"task_id": task_id, "new": added})
 
     return router
