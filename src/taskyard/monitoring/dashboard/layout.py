@@ -40,6 +40,7 @@ PAGES: tuple[tuple[str, str], ...] = (
     ("/dashboard/workers", "Workers"),
     ("/dashboard/tasks", "Tasks"),
     ("/dashboard/dead", "Dead letters"),
+    ("/dashboard/flow", "Flow"),
     ("/dashboard/audit", "Audit"),
 )
 

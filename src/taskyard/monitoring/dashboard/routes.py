@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from taskyard.monitoring.dashboard import (
     audit,
     dead,
+    flow,
     login,
     overview,
     task,
@@ -16,5 +17,5 @@ from taskyard.monitoring.dashboard import (
 )
 
 router = APIRouter()
-for page in (overview, workers, tasks, task_name, task, dead, audit, login):
+for page in (overview, workers, tasks, task_name, task, dead, flow, audit, login):
     router.include_router(page.router)
