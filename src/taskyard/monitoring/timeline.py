@@ -177,7 +177,7 @@ def with_job_state(
     A task whose cancel took effect gets a "cancelled" event (when, by what, what became of it)
     and the state ``cancelled``; ``cancel`` and ``progress`` are added (None when absent).
     """
-    control = runtime.jobs
+    control = getattr(runtime, "jobs", None)
     if control is None:
         return found
     try:

@@ -77,3 +77,18 @@ def test_progress_in_the_lookup_and_counters_in_metrics(
     assert jobs.once.delay("k").id == first.id
     text = client.get("/metrics").text
     assert f'taskyard_job_events_total{{event="deduplicated",name="{jobs.once.name}"}} 1.0' in text
+
+
+def test_the_dashboards_task_page_shows_progress_and_the_cancel(
+    client: TestClient, redis_client: redis.Redis
+) -> None:
+    redis_client.set(
+        KEYS.progress("t2"),
+        json.dumps({"done": 7, "total": 9, "detail": "<b>rows</b>", "at": 1.0}),
+    )
+    cancelled = client.post("/api/v1/tasks/t2/cancel", headers=AUTH)
+    assert cancelled.status_code == 200, cancelled.text
+    page = client.get("/dashboard/task/t2")
+    assert page.status_code == 200
+    assert 'id="task-progress">7 / 9 (&lt;b&gt;rows&lt;/b&gt;)' in page.text
+    assert 'id="task-cancel"' in page.text and "by api:admin-token" in page.text

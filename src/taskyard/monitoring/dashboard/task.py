@@ -29,6 +29,7 @@ from taskyard.monitoring.dashboard.layout import (
     shell,
 )
 from taskyard.monitoring.dashboard.templating import render
+from taskyard.monitoring.timeline import with_job_state as job_state
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ def gather_task(state: ApiState, task_id: str, show_arguments: bool = True) -> T
     problem = ""
     try:
         found = state.store.timeline(task_id)
+        # Its cancel record and last progress report (job control), when it has them.
+        found = job_state(state.runtime, task_id, found)
         timeline = m.TaskTimeline.model_validate(found) if found is not None else None
     except Exception as exc:
         logger.warning("dashboard: task lookup of %s failed", task_id, exc_info=True)
