@@ -50,6 +50,11 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert not url.group(1).startswith("redis://127.0.0.1:6379/")
         for name in ("worker critical", "worker default", "worker batch", "beat"):
             assert name in text
+        # Each service logs to its own file; the terminal says when each serves, then where.
+        logs = tmp_path / ".taskyard-logs"
+        assert " ready." in (logs / "worker-critical.log").read_text(errors="replace")
+        assert "[config]" not in text, "a worker's banner reached the terminal"
+        assert text.index("ready  worker critical") < text.index("redis (embedded)")
         pids = _pids_in_table(text)
         assert len(pids) >= 5
 

@@ -14,7 +14,7 @@ from taskyard.cli.cancel import cancel
 from taskyard.cli.dead import dead
 from taskyard.cli.flow import limits, pause, paused, resume
 from taskyard.cli.flower import flower
-from taskyard.cli.loader import use_stack_file
+from taskyard.cli.loader import APP_FLAG, use_stack_file
 from taskyard.cli.maintenance import maintenance
 from taskyard.cli.output import echo
 from taskyard.cli.shell import env_command, shell_command
@@ -68,6 +68,7 @@ def _fail(message: str) -> NoReturn:
 
 @click.group(cls=TaskyardGroup)
 @click.version_option(package_name="taskyard")
+@APP_FLAG
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """taskyard: Celery task orchestration with five priority levels.

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_app
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, app_path_of, load_app
 from taskyard.cli.output import echo, safe
 from taskyard.errors import TaskyardError
 
@@ -90,6 +90,7 @@ def batches(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
 
 
 @batches.command("dead")
+@APP_FLAG
 @click.argument("batch_name", required=False)
 @click.option("--items", default=3, show_default=True, help="Items shown per dead batch.")
 @click.pass_context
@@ -97,7 +98,7 @@ def dead(ctx: click.Context, batch_name: str | None, items: int) -> None:
     """List dead batches (of BATCH_NAME, or all) with their last error."""
     from taskyard.batching.inspect import list_dead
 
-    found = list_dead(load_app(ctx.obj["app_path"]), batch_name, items=items)
+    found = list_dead(load_app(app_path_of(ctx)), batch_name, items=items)
     if ctx.obj["json"]:
         echo(json.dumps(found, indent=2))
         return
@@ -121,6 +122,7 @@ def _ids(batch_ids: tuple[str, ...], every: bool) -> list[str] | None:
 
 
 @batches.command("requeue")
+@APP_FLAG
 @click.argument("batch_name")
 @click.argument("batch_ids", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every dead batch of BATCH_NAME.")
@@ -130,13 +132,14 @@ def requeue(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], eve
     from taskyard.batching.inspect import requeue_dead
 
     try:
-        done = requeue_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+        done = requeue_dead(load_app(app_path_of(ctx)), batch_name, _ids(batch_ids, every))
     except TaskyardError as exc:
         raise click.ClickException(str(exc)) from None
     echo(f"requeued {len(done)} batches of {batch_name}: {' '.join(done) or '-'}")
 
 
 @batches.command("purge")
+@APP_FLAG
 @click.argument("batch_name")
 @click.argument("batch_ids", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every dead batch of BATCH_NAME.")
@@ -145,5 +148,5 @@ def purge(ctx: click.Context, batch_name: str, batch_ids: tuple[str, ...], every
     """Delete dead batches for good."""
     from taskyard.batching.inspect import purge_dead
 
-    deleted = purge_dead(load_app(ctx.obj["app_path"]), batch_name, _ids(batch_ids, every))
+    deleted = purge_dead(load_app(app_path_of(ctx)), batch_name, _ids(batch_ids, every))
     echo(f"purged {deleted} items of dead batches of {batch_name}")

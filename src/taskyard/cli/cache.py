@@ -9,12 +9,13 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, load_runtime
 from taskyard.cli.output import echo
 from taskyard.errors import TaskyardError
 
 
 @click.group()
+@APP_FLAG
 def cache() -> None:
     """The Redis cache: warm it, clear a tag, show statistics."""
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_app
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, app_path_of, load_app
 from taskyard.cli.output import echo
 from taskyard.errors import TaskyardError
+from taskyard.runtime import runtime_of
 
 _REASONS = click.Choice(["failed", "crashed", "poison", "expired"])
 
@@ -116,6 +117,7 @@ def dead(ctx: click.Context, app_path: str | None, as_json: bool) -> None:
 
 
 @dead.command("list")
+@APP_FLAG
 @_filters
 @click.option(
     "--state", type=click.Choice(["dead", "replayed", "all"]), default="dead", show_default=True
@@ -142,13 +144,15 @@ def list_command(
     """List dead letters, newest first."""
     from taskyard.deadletters.batches import batch_dead_letters
 
-    app = load_app(ctx.obj["app_path"])
+    app = load_app(app_path_of(ctx))
     with _reported():
         query = _query(
             name, queue, reason, exception_type, since, None if state == "all" else state
         )
         store = _store(app)
-        entries = store.search(query, limit=limit)
+        pattern = runtime_of(app).settings.redact_pattern
+        # Shown redacted (redact= names, TASKYARD_REDACT_PATTERN); replays send the values.
+        entries = [e.redacted(pattern) for e in store.search(query, limit=limit)]
         total = store.count(query)
     dead_batches = (
         batch_dead_letters(app)
@@ -172,12 +176,12 @@ def list_command(
     else:
         echo(f"{total} dead tasks" + (f" (newest {len(entries)})" if total > len(entries) else ""))
     for e in entries:
-        what = e.exception_type or e.detail
+        # "ValueError: declined", or a poison message's detail alone ("unknown task 'x'").
+        what = f"{e.exception_type}: {e.exception[:80]}" if e.exception_type else e.detail[:80]
         echo(
             f"{e.id}  {_when(e.last_at)}  {e.reason:<7}  {e.name or '-'}  "
             f"queue={e.queue or '-'}  deliveries={e.deliveries}  attempts={e.attempts}  "
-            f"{what}: {(e.exception or e.detail)[:80]}"
-            + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else ""),
+            f"{what}" + (f"  (replayed as {e.replayed_as})" if e.state == "replayed" else ""),
             lines=False,
         )
     if dead_batches:
@@ -191,11 +195,12 @@ def list_command(
 
 
 @dead.command("show")
+@APP_FLAG
 @click.argument("entry_id")
 @click.pass_context
 def show(ctx: click.Context, entry_id: str) -> None:
     """Show one dead letter in full (a task id, or NAME/ID of a dead batch)."""
-    app = load_app(ctx.obj["app_path"])
+    app = load_app(app_path_of(ctx))
     if "/" in entry_id:
         from taskyard.deadletters.batches import batch_dead_letters
 
@@ -208,6 +213,7 @@ def show(ctx: click.Context, entry_id: str) -> None:
     entry = _store(app).get(entry_id)
     if entry is None:
         raise click.ClickException(f"no dead letter {entry_id!r}")
+    entry = entry.redacted(runtime_of(app).settings.redact_pattern)
     if ctx.obj["json"]:
         echo(json.dumps(entry.to_dict(), indent=2))
         return
@@ -247,6 +253,7 @@ def _selection_options(every_help: str, batch_help: str) -> Callable[[Any], Any]
 
 
 @dead.command("replay")
+@APP_FLAG
 @_selection_options(
     "Every dead task.", "Requeue dead batches of NAME (or one, NAME/ID) instead of tasks."
 )
@@ -263,7 +270,7 @@ def replay(
     from taskyard.deadletters.replay import replay as replay_many
     from taskyard.deadletters.replay import replay_one
 
-    app = load_app(ctx.obj["app_path"])
+    app = load_app(app_path_of(ctx))
     if batch_ref is not None:
         from taskyard.deadletters.batches import replay_batches
 
@@ -289,6 +296,7 @@ def replay(
 
 
 @dead.command("purge")
+@APP_FLAG
 @_selection_options(
     "Every dead letter, replayed ones too.",
     "Delete dead batches of NAME (or one, NAME/ID) instead of tasks.",
@@ -303,7 +311,7 @@ def purge(
     **filters: Any,
 ) -> None:
     """Delete dead letters for good."""
-    app = load_app(ctx.obj["app_path"])
+    app = load_app(app_path_of(ctx))
     if batch_ref is not None:
         from taskyard.deadletters.batches import purge_batches
 

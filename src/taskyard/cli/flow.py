@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_app
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, load_app
 from taskyard.cli.output import records
 
 
@@ -27,6 +27,7 @@ def _since(at: float) -> str:
 
 
 @click.group("limits")
+@APP_FLAG
 def limits() -> None:
     """Cluster-wide rate and concurrency limits of tasks (show, set, clear, reset)."""
 

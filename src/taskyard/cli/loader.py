@@ -101,6 +101,32 @@ def announce_redis(settings: Settings, *, check_data: bool) -> None:
         click.echo(stackfile.no_data_line(url, settings.namespace, REDIS_VARIABLE), err=True)
 
 
+#: Where the ``-A`` given anywhere on the command line is kept (click's meta is shared by every
+#: context of one invocation).
+_APP_META = "taskyard.app"
+
+
+def _remember_app(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``-A`` may come before the group, after it, or after the subcommand: the last one given
+    wins, and a command that got none takes the one given before it."""
+    if value is not None:
+        ctx.meta[_APP_META] = value
+        return value
+    found = ctx.meta.get(_APP_META)
+    return found if isinstance(found, str) else None
+
+
+def app_path_of(ctx: click.Context) -> str | None:
+    """The ``-A`` given anywhere on this command line (None: none)."""
+    found = ctx.meta.get(_APP_META)
+    return found if isinstance(found, str) else None
+
+
+_APP_HELP = (
+    "taskyard Celery app, as for `celery -A` (default: an app built from the TASKYARD_* "
+    "settings). Accepted before or after the command's name."
+)
+
 #: The ``-A`` option of commands for which an app is optional (settings alone are enough).
 APP_OPTION = click.option(
     "-A",
@@ -108,8 +134,20 @@ APP_OPTION = click.option(
     "app_path",
     default=None,
     metavar="APP",
-    help="taskyard Celery app, as for `celery -A` (default: an app built from the "
-    "TASKYARD_* settings).",
+    callback=_remember_app,
+    help=_APP_HELP,
+)
+#: The same option on a group or a command that reads it with :func:`app_path_of`.
+APP_FLAG = click.option(
+    "-A",
+    "--app",
+    "app_path",
+    default=None,
+    metavar="APP",
+    callback=_remember_app,
+    expose_value=False,
+    is_eager=True,
+    help=_APP_HELP,
 )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, load_runtime
 from taskyard.cli.output import cell, echo, records, table
 from taskyard.errors import TaskyardError
 
@@ -23,6 +23,7 @@ def _findings(title: str, found: Any) -> None:
 
 
 @click.group()
+@APP_FLAG
 def maintenance() -> None:
     """Index maintenance of the application database."""
 

@@ -7,6 +7,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -15,6 +16,7 @@ from taskyard.broker.memory import check_eviction
 from taskyard.cli.flower import AUTH_VARIABLE
 from taskyard.cli.loader import announce_redis
 from taskyard.cli.loader import settings as cli_settings
+from taskyard.cli.output import echo
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings, load_settings
 from taskyard.devstack import stackfile
 from taskyard.devstack.services import api_base_url, dashboard_url, monitoring_services
@@ -71,6 +73,38 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
+#: Where `taskyard up` writes its services' logs (in the directory it runs in).
+LOG_DIR = Path(".taskyard-logs")
+#: How long `taskyard up` waits for its services to serve before it prints the addresses (s).
+READY_WAIT_S = 45.0
+
+
+def _followed(supervisor: Supervisor, name: str | None) -> Callable[[], None] | None:
+    """A tick that prints what the followed service's log gained since the last tick."""
+    if name is None:
+        return None
+    chosen = [s for s in supervisor.services if s.name == name]
+    if not chosen or chosen[0].log is None:
+        known = ", ".join(repr(s.name) for s in supervisor.services)
+        raise click.BadParameter(f"no service {name!r}; services: {known}", param_hint="--follow")
+    log = chosen[0].log
+    position = 0
+
+    def tick() -> None:
+        nonlocal position
+        try:
+            with log.open("rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+                position = handle.tell()
+        except OSError:
+            return
+        for line in chunk.decode(errors="replace").splitlines():
+            echo(f"[{name}] {line}", lines=False)
+
+    return tick
+
+
 def _up_services(
     app_path: str, settings: Settings, workdir: Path, producer: str | None, beat: bool
 ) -> list[Service]:
@@ -78,12 +112,16 @@ def _up_services(
     for name in UP_PROFILES:
         profile = get_profile(settings, name)
         argv = celery_argv(*celery_worker_argv(app_path, profile, ("--loglevel", "INFO")))
-        services.append(Service(f"worker {name}", argv, f"queues {profile.queue_arg}"))
+        services.append(
+            Service(f"worker {name}", argv, f"queues {profile.queue_arg}", ready_text=" ready.")
+        )
     if beat:
         schedule = str(workdir / "celerybeat-schedule")
         services.append(
             Service(
-                "beat", celery_argv("-A", app_path, "beat", "-s", schedule, "--loglevel", "INFO")
+                "beat",
+                celery_argv("-A", app_path, "beat", "-s", schedule, "--loglevel", "INFO"),
+                ready_text="beat: Starting...",
             )
         )
     if producer:
@@ -101,10 +139,27 @@ def _up_services(
     help="Also run `python -m MODULE` (a demo workload) as part of the stack.",
 )
 @click.option("--beat/--no-beat", default=True, show_default=True, help="Run Celery beat.")
-def up(app_path: str, producer: str | None, beat: bool) -> None:
+@click.option(
+    "--logs",
+    "log_dir",
+    default=LOG_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of the services' logs, one file each.",
+)
+@click.option(
+    "--follow",
+    "follow",
+    default=None,
+    metavar="NAME",
+    help="Also print one service's log here as it grows (e.g. 'worker critical', 'beat').",
+)
+def up(app_path: str, producer: str | None, beat: bool, log_dir: Path, follow: str | None) -> None:
     """Run a dev stack: Redis (embedded if none), workers, beat, Flower, stats API, dashboard.
 
-    Writes .taskyard-stack.json here, so `taskyard` commands in this directory find the stack.
+    Each service writes its log to its own file (--logs); this terminal shows one line per
+    service once it serves, then the addresses and credentials. Writes .taskyard-stack.json
+    here, so `taskyard` commands in this directory find the stack.
     """
     settings = cli_settings()
     path = stackfile.stack_path()
@@ -163,7 +218,7 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
             embedded.stop()
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    supervisor = Supervisor(env)
+    supervisor = Supervisor(env, log_dir=log_dir.resolve())
     rows = [("service", "pid", "where")]
     if embedded is not None:
         assert embedded.process is not None
@@ -188,9 +243,23 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
                     dashboard=dashboard_url(service),
                 )
                 rows.append(("dashboard", str(service.process.pid), dashboard_url(service)))
+        followed = _followed(supervisor, follow)
+        click.echo(f"taskyard up: logs in {supervisor.log_dir}/ (one file per service)")
+
+        def announce(service: Service, seconds: float) -> None:
+            click.echo(f"  ready  {service.name:<16} after {seconds:4.1f} s")
+
+        late = supervisor.wait_ready(READY_WAIT_S, announce)
+        for service in late:
+            state = (
+                "exited"
+                if service.process and service.process.poll() is not None
+                else "still starting"
+            )
+            click.echo(f"  {state}  {service.name:<16} see {service.log}", err=True)
         stack = stackfile.new(path, recorded, urls, app=app_path)
         stackfile.write(stack)
-        click.echo(f"taskyard up: broker {settings.effective_broker_url}\n")
+        click.echo(f"\ntaskyard up: broker {settings.effective_broker_url}\n")
         click.echo(format_table(rows))
         click.echo(f"\nStack file: {path} (taskyard commands run in this directory use it).")
         if generated:
@@ -202,7 +271,7 @@ def up(app_path: str, producer: str | None, beat: bool) -> None:
             click.echo("For a shell elsewhere:")
         click.echo("\n".join("  " + line for line in stack.export_lines(configured_secrets)))
         click.echo("\nPress Ctrl-C to stop everything.", err=True)
-        code = run_until_signalled(supervisor)
+        code = run_until_signalled(supervisor, on_tick=followed)
     finally:
         click.echo("taskyard up: stopping...", err=True)
         supervisor.stop()

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from taskyard.cli.loader import APP_OPTION, load_runtime
+from taskyard.cli.loader import APP_FLAG, APP_OPTION, load_runtime
 from taskyard.cli.output import cell, records, table, when
 
 
@@ -20,6 +20,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 
 @click.group("stats")
+@APP_FLAG
 def stats() -> None:
     """Queue depths, workers, task counters and alerts from taskyard's stats."""
 

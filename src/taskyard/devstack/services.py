@@ -42,6 +42,7 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
         "flower",
         [*command, "flower", "-A", app_path, "--port", str(flower_port), "--address", flower_host],
         flower_address,
+        ready_url=f"http://{_shown(flower_host)}:{flower_port}/healthcheck",
     )
     api_port = port_or_free(m.api_host, m.api_port)
     base = f"http://{_shown(m.api_host)}:{api_port}"
@@ -51,6 +52,7 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
         f"{base}/api/v1/overview  (docs {base}/docs, metrics {base}/metrics)",
         # The dashboard links to Flower's task and worker pages at the port it really got.
         env={f"{ENV_PREFIX}MONITORING{NESTED_DELIMITER}FLOWER_URL": flower_address},
+        ready_url=f"{base}/health/live",
     )
     return [flower, api]
 

@@ -51,22 +51,96 @@ class Service:
     address: str = ""
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    #: Text its log shows once it serves (a Celery worker's " ready.", beat's "Starting...").
+    ready_text: str | None = None
+    #: A URL that answers (any HTTP status) once it serves (Flower, the stats API).
+    ready_url: str | None = None
+    #: Where its output goes (the supervisor's log folder), None: this terminal.
+    log: Path | None = None
+
+    def ready(self) -> bool:
+        """Whether it serves now (a service with no readiness sign: once it runs)."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        if self.ready_text is not None and self.log is not None:
+            try:
+                return self.ready_text in self.log.read_text(errors="replace")
+            except OSError:
+                return False
+        if self.ready_url is not None:
+            return _answers(self.ready_url)
+        return True
+
+
+def _answers(url: str) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1.0):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered (e.g. 401 from Flower's basic auth)
+    except OSError:
+        return False
+
+
+def log_name(name: str) -> str:
+    """A service's log file name: ``worker critical`` -> ``worker-critical.log``."""
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-") + ".log"
 
 
 class Supervisor:
-    """Starts children in their own process groups and stops them all, leaving no orphans."""
+    """Starts children in their own process groups and stops them all, leaving no orphans.
 
-    def __init__(self, base_env: Mapping[str, str] | None = None) -> None:
+    With ``log_dir``, each child's output goes to ``log_dir/<name>.log`` (appended), so the
+    terminal shows the stack's own lines only; ``taskyard up --follow NAME`` tails one.
+    """
+
+    def __init__(
+        self, base_env: Mapping[str, str] | None = None, log_dir: Path | None = None
+    ) -> None:
         self.base_env = dict(base_env if base_env is not None else os.environ)
         self.services: list[Service] = []
+        self.log_dir = log_dir
 
     def start(self, service: Service) -> Service:
         env = {**self.base_env, **service.env}
-        service.process = subprocess.Popen(
-            service.argv, env=env, start_new_session=True, preexec_fn=die_with_parent
-        )
+        if self.log_dir is None:
+            service.process = subprocess.Popen(
+                service.argv, env=env, start_new_session=True, preexec_fn=die_with_parent
+            )
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            service.log = self.log_dir / log_name(service.name)
+            with service.log.open("ab") as sink:
+                service.process = subprocess.Popen(
+                    service.argv,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                )
         self.services.append(service)
         return service
+
+    def wait_ready(
+        self, timeout_s: float, on_ready: Callable[[Service, float], None]
+    ) -> list[Service]:
+        """Call ``on_ready`` for each service as it comes to serve (with the seconds it took),
+        for at most ``timeout_s``; returns those still starting then (or ended)."""
+        started = time.monotonic()
+        waiting = list(self.services)
+        while waiting and time.monotonic() - started < timeout_s:
+            for service in list(waiting):
+                if service.ready():
+                    waiting.remove(service)
+                    on_ready(service, time.monotonic() - started)
+                elif service.process is not None and service.process.poll() is not None:
+                    return waiting
+            time.sleep(0.2)
+        return waiting
 
     def exited(self) -> list[Service]:
         """Services whose process has ended."""
