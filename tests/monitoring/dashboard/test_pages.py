@@ -605,3 +605,12 @@ def test_snapshots_are_validated_once_and_old_shapes_still_draw() -> None:
     # The oldest queue snapshots held the depth alone; a missing level is no point.
     old = snapshots(QueuesSnapshot, [{"at": NOW, "queues": {"high": 7, "low": {"depth": 3}}}])
     assert [old[0].depth(level) for level in ("high", "low", "batch")] == [7.0, 3.0, None]
+
+
+def test_the_pages_own_window_is_always_offered_and_marked() -> None:
+    """With 5 minutes of history and a 1 h page, the header offered only "15 min" while the
+    page said "window 1 h"; the page's own window is offered too, marked as chosen."""
+    from taskyard.monitoring.dashboard.layout import ranges
+
+    links = ranges({}, 3600, NOW - 300, NOW)
+    assert [(link.label, link.on) for link in links] == [("15 min", False), ("1 h", True)]

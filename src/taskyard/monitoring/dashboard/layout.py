@@ -22,6 +22,7 @@ from fastapi.responses import Response
 from taskyard.config import Settings
 from taskyard.monitoring.api.query import Body, ResponseCache
 from taskyard.monitoring.api.state import GZIP_LEVEL, GZIP_MIN_BYTES, ApiState, StatsSource
+from taskyard.monitoring.dashboard.charts import duration
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,14 @@ def route_paths(routes: Sequence[Any]) -> set[str]:
 def ranges(params: dict[str, str], chosen: float, covered: float | None, now: float) -> list[Link]:
     """The time-range links of a page, keeping its other query parameters."""
     kept = {k: v for k, v in params.items() if k not in ("window", "fragment")}
+    offered = windows(covered, now)
+    if int(chosen) not in {seconds for seconds, _ in offered}:
+        # The page's own window is always offered (and marked), even past the history's reach.
+        label = dict(WINDOWS).get(int(chosen)) or duration(chosen)
+        offered = sorted([*offered, (int(chosen), label)])
     return [
         Link("?" + urlencode({**kept, "window": seconds}), label, int(chosen) == seconds)
-        for seconds, label in windows(covered, now)
+        for seconds, label in offered
     ]
 
 
