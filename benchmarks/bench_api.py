@@ -23,6 +23,7 @@ generator's own entry point (it prints one JSON line).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -75,10 +76,19 @@ async def _response(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _connection(
-    host: str, port: int, path: str, deadline: float, latencies: list[float], errors: list[str]
+    host: str,
+    port: int,
+    path: str,
+    deadline: float,
+    latencies: list[float],
+    errors: list[str],
+    auth: str = "",
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: gzip\r\n\r\n".encode()
+    credentials = f"Authorization: {auth}\r\n" if auth else ""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept-Encoding: gzip\r\n{credentials}\r\n"
+    ).encode()
     try:
         while time.perf_counter() < deadline:
             started = time.perf_counter()
@@ -96,14 +106,17 @@ async def _connection(
 
 
 async def _load(
-    host: str, port: int, path: str, seconds: float, connections: int
+    host: str, port: int, path: str, seconds: float, connections: int, auth: str = ""
 ) -> dict[str, Any]:
     latencies: list[float] = []
     errors: list[str] = []
     started = time.perf_counter()
     deadline = started + seconds
     await asyncio.gather(
-        *(_connection(host, port, path, deadline, latencies, errors) for _ in range(connections))
+        *(
+            _connection(host, port, path, deadline, latencies, errors, auth)
+            for _ in range(connections)
+        )
     )
     elapsed = time.perf_counter() - started
     return {
@@ -117,18 +130,22 @@ async def _load(
 
 
 def _load_main(argv: list[str]) -> None:
-    host, port, path, seconds, connections = argv
+    host, port, path, seconds, connections = argv[:5]
+    # The Authorization header comes through the environment, never the process list.
+    auth = os.environ.get("BENCH_API_AUTH", "")
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         pass
-    print(json.dumps(asyncio.run(_load(host, int(port), path, float(seconds), int(connections)))))
+    figures = asyncio.run(_load(host, int(port), path, float(seconds), int(connections), auth))
+    print(json.dumps(figures))
 
 
-def load(port: int, path: str, seconds: float) -> dict[str, Any]:
-    """Run the load generator in a separate process against 127.0.0.1:port."""
+def load(port: int, path: str, seconds: float, auth: str = "") -> dict[str, Any]:
+    """Run the load generator in a separate process against 127.0.0.1:port, sending ``auth``
+    as the Authorization header of every request (none when empty)."""
     done = subprocess.run(
         [
             sys.executable,
@@ -142,6 +159,7 @@ def load(port: int, path: str, seconds: float) -> dict[str, Any]:
             str(CONNECTIONS),
         ],
         cwd=ROOT,
+        env={**os.environ, "BENCH_API_AUTH": auth},
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -240,10 +258,26 @@ def _flower(port: int) -> subprocess.Popen[bytes]:
         f"--port={port}",
         "--address=127.0.0.1",
         "--logging=warning",
+        f"--basic_auth={FLOWER_USER}",
     ]
     return subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+
+
+#: Flower runs with basic auth, as taskyard runs it (and as the stats API runs with a user).
+FLOWER_USER = "bench:bench-password"
+FLOWER_AUTH = "Basic " + base64.b64encode(FLOWER_USER.encode()).decode()
+
+
+def _api_user(redis_url: str) -> str:
+    """Turns the API's logins on (one viewer) and returns its bearer Authorization value."""
+    from taskyard.keys import Keys
+    from taskyard.monitoring.api.users import Role, UserStore
+
+    users = UserStore(redis.Redis.from_url(redis_url), Keys())
+    users.add("bench", Role.VIEWER, "bench-password-long")
+    return f"Bearer {users.issue_token('bench')}"
 
 
 #: Snapshots per series the dashboard finds: one hour at the default 10 s interval.
@@ -340,21 +374,23 @@ def _pages(
     flower: subprocess.Popen[bytes],
     rounds: int,
     seconds: float,
+    api_auth: str,
 ) -> dict[str, Any]:
-    """Alternating rounds: our dashboard and /metrics beside Flower's page and /metrics."""
+    """Alternating rounds: our dashboard and /metrics beside Flower's page and /metrics, each
+    request carrying its server's credentials (a user's token; Flower's basic auth)."""
     targets = {
-        "dashboard": (api_port, api, "/dashboard?refresh=0"),
-        "flower_page": (flower_port, flower, "/"),
-        "metrics": (api_port, api, "/metrics"),
-        "flower_metrics": (flower_port, flower, "/metrics"),
+        "dashboard": (api_port, api, "/dashboard?refresh=0", api_auth),
+        "flower_page": (flower_port, flower, "/", FLOWER_AUTH),
+        "metrics": (api_port, api, "/metrics", api_auth),
+        "flower_metrics": (flower_port, flower, "/metrics", FLOWER_AUTH),
     }
-    for port, _process, path in targets.values():
-        load(port, path, 1.0)  # warm up
+    for port, _process, path, auth in targets.values():
+        load(port, path, 1.0, auth)  # warm up
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for _ in range(rounds):
-        for name, (port, process, path) in targets.items():
+        for name, (port, process, path, auth) in targets.items():
             before = tree_cpu_s(process.pid)
-            figures = load(port, path, seconds)
+            figures = load(port, path, seconds, auth)
             figures["cpu_ms_per_request"] = (
                 (tree_cpu_s(process.pid) - before) * 1000 / max(1, figures["requests"])
             )
@@ -431,6 +467,8 @@ def run(quick: bool) -> list[Result]:
     database_url = f"sqlite:///{workdir / 'history.db'}"
     _seed(BENCH_REDIS_URL, database_url)
     _seed_series(BENCH_REDIS_URL, database_url)
+    # Authentication on: every request proves who it is (a viewer's bearer token).
+    api_auth = _api_user(BENCH_REDIS_URL)
 
     port = free_port()
     env = {
@@ -451,8 +489,8 @@ def run(quick: bool) -> list[Result]:
     try:
         _wait_http(f"http://127.0.0.1:{port}/health/live", api)
         for path in ("/api/v1/overview", "/metrics"):
-            load(port, path, 1.0)  # warm up: imports, connections, first store reads
-            figures[path] = load(port, path, seconds)
+            load(port, path, 1.0, api_auth)  # warm up: imports, connections, first store reads
+            figures[path] = load(port, path, seconds, api_auth)
     finally:
         _stop(api)
 
@@ -462,8 +500,8 @@ def run(quick: bool) -> list[Result]:
     flower_note = ""
     try:
         _wait_http(f"http://127.0.0.1:{flower_port}/metrics", flower)
-        load(flower_port, "/metrics", 1.0)
-        flower_figures = load(flower_port, "/metrics", seconds)
+        load(flower_port, "/metrics", 1.0, FLOWER_AUTH)
+        flower_figures = load(flower_port, "/metrics", seconds, FLOWER_AUTH)
     except (RuntimeError, subprocess.SubprocessError, ValueError) as exc:
         flower_note = f"Flower not measured: {exc}"
     finally:
@@ -486,7 +524,7 @@ def run(quick: bool) -> list[Result]:
     try:
         _wait_http(f"http://127.0.0.1:{port}/health/live", api)
         _wait_http(f"http://127.0.0.1:{flower_port}/metrics", flower)
-        pages = _pages(port, api, flower_port, flower, rounds, page_s)
+        pages = _pages(port, api, flower_port, flower, rounds, page_s, api_auth)
         page_rows = _page_rows(pages, rounds, page_s, workload.done())
     finally:
         _stop(api)
@@ -498,7 +536,8 @@ def run(quick: bool) -> list[Result]:
     rows = []
     setup = (
         f"{CONNECTIONS} keep-alive connections, {seconds:.0f} s, one uvicorn worker, "
-        f"api_cache_s=1.0, 2 shared cores"
+        f"api_cache_s=1.0, 2 shared cores, authentication on (a viewer's bearer token; "
+        "Flower with basic auth)"
     )
     for path, label in (("/api/v1/overview", "overview"), ("/metrics", "metrics")):
         mine = figures[path]
