@@ -263,7 +263,7 @@ def test_cancel_running_cooperative_with_progress_through_the_api(
         )
         body = api.get(f"/api/v1/tasks/{task_id}").json()
         assert body["state"] == "cancelled"
-        assert body["cancel"]["by"] == "api"
+        assert body["cancel"]["by"] == "api:admin-token"
         assert any(e["event"] == "cancelled" for e in body["events"])
     assert not _runs(redis_client, "finished")
 

@@ -63,7 +63,9 @@ def _store(env: dict[str, str]):  # type: ignore[no-untyped-def]
 def test_concurrency_holds_across_three_workers(
     redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = _env(redis_env)
+    # A lease of the default order: a 3 s lease renewed every second can run out on a loaded
+    # machine, and a message redelivered to a second worker would start twice (at least once).
+    env = _env(redis_env, lease_s=30.0)
     total = 24
     _send(env, f"for i in range({total}):\n    flow.capped.delay(f'c{{i}}', 0.25)")
     _send(env, "for i in range(20):\n    flow.plain.delay(f'p{i}')")

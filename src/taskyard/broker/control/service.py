@@ -351,10 +351,13 @@ def _durable_revoke(app: Any, control: JobControl) -> None:
 
 def install(app: Any, runtime: Runtime) -> None:
     """Job control of ``app``: the control object, durable revoke, the watcher, progress flush."""
+    if not str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
+        # Cancel records, unique locks and progress live in the broker's Redis: on RabbitMQ the
+        # app keeps Celery's own behaviour (docs/jobs.md), and runtime.jobs stays None.
+        return
     control = control_of(app, runtime)
-    if str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel")):
-        _durable_revoke(app, control)
-        app.steps["consumer"].add(CancelWatcher)
+    _durable_revoke(app, control)
+    app.steps["consumer"].add(CancelWatcher)
 
     def flush(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
         if not task_id or sender is None or find_runtime(sender.app) is not runtime:
