@@ -20,6 +20,10 @@ def port_or_free(host: str, port: int) -> int:
     so stop the whole stack.
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind (uvicorn, Flower's tornado): connections the last server on the
+        # port closed (TIME_WAIT, e.g. after `taskyard up` checked it was ready) do not make it
+        # busy; only a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
