@@ -13,12 +13,6 @@ from typing import Any
 import pytest
 import redis
 import schemathesis
-
-# Imported here, not lazily inside a test: schemathesis is a pytest plugin, so pytest rewrites
-# its modules as they are imported, and a rewrite started deep in a running test's stack hit
-# CPython 3.11's "AST constructor recursion depth mismatch" SystemError in one CI run.
-import schemathesis.generation.jsonschema.strategy
-import schemathesis.specs.openapi.adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
