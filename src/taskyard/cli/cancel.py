@@ -7,11 +7,7 @@ import json
 import click
 
 from taskyard.cli.loader import APP_OPTION, load_app
-
-
-def _clean(text: str) -> str:
-    # Task names and ids come from producers: no control characters on the operator's terminal.
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
+from taskyard.cli.output import echo
 
 
 @click.command("cancel")
@@ -67,7 +63,7 @@ def cancel(
             for f in found:
                 where[f.where] = where.get(f.where, 0) + 1
             parts = ", ".join(f"{n} {w}" for w, n in sorted(where.items())) or "none"
-            click.echo(f"{len(found)} task(s) match {_clean(name)!r} ({parts})")
+            echo(f"{len(found)} task(s) match {name!r} ({parts})", lines=False)
         if found and not yes and not as_json:
             click.confirm(f"cancel {len(found)} task(s)?", abort=True)
         ids += [f.task_id for f in found]

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from taskyard.cli.loader import APP_FLAG, APP_OPTION, load_app
-from taskyard.cli.output import records
+from taskyard.cli.output import echo, records
 
 
 def _store(app_path: str | None, import_tasks: bool = False) -> Any:
@@ -40,7 +40,7 @@ def limits_show(app_path: str | None, as_json: bool) -> None:
     store = _store(app_path)
     status = store.status()
     if as_json:
-        click.echo(json.dumps({"limits": status, "held": store.held()}, indent=2))
+        echo(json.dumps({"limits": status, "held": store.held()}, indent=2))
         return
     records("limits", status)
     records("held messages", store.held())
@@ -77,13 +77,13 @@ def limits_set(
         parsed.append((value, int(number)))
     if rate is not None or concurrency is not None:
         result = store.set_limits(task_name, rate=rate, concurrency=concurrency)
-        click.echo(
+        echo(
             f"{task_name}: rate {result.rate or 'none'}, concurrency "
             f"{result.concurrency or 'none'} ({result.source})"
         )
     for value, weight in parsed:
         store.set_weight(task_name, value, weight)
-        click.echo(f"{task_name}: partition {value!r} weight {weight}")
+        echo(f"{task_name}: partition {value!r} weight {weight}")
 
 
 @limits.command("clear")
@@ -92,7 +92,7 @@ def limits_set(
 def limits_clear(task_name: str, app_path: str | None) -> None:
     """Run TASK_NAME without rate or concurrency limit (until `limits set` or `reset`)."""
     _store(app_path).clear_limits(task_name)
-    click.echo(f"{task_name}: no limits")
+    echo(f"{task_name}: no limits")
 
 
 @limits.command("reset")
@@ -101,7 +101,7 @@ def limits_clear(task_name: str, app_path: str | None) -> None:
 def limits_reset(task_name: str, app_path: str | None) -> None:
     """Drop TASK_NAME's run-time changes: back to what its decorator declares."""
     result = _store(app_path).reset_limits(task_name)
-    click.echo(
+    echo(
         f"{task_name}: rate {result.rate or 'none'}, concurrency "
         f"{result.concurrency or 'none'} ({result.source})"
     )
@@ -122,7 +122,7 @@ def pause(queue: str | None, task: str | None, key: str, app_path: str | None) -
     """Stop starting QUEUE's (or matching tasks') work, durably, until every key resumes."""
     target = _target(queue, task)
     _store(app_path).pause(**target, key=key)
-    click.echo(f"paused {queue or task} (key {key})")
+    echo(f"paused {queue or task} (key {key})")
 
 
 @click.command("resume")
@@ -139,9 +139,9 @@ def resume(
     left = _store(app_path).resume(**target, key=key, all_keys=all_keys)
     name = queue or task
     if left:
-        click.echo(f"{name}: still paused by {', '.join(left)}")
+        echo(f"{name}: still paused by {', '.join(left)}")
     else:
-        click.echo(f"resumed {name}")
+        echo(f"resumed {name}")
 
 
 @click.command("paused")
@@ -153,7 +153,7 @@ def paused(app_path: str | None, as_json: bool) -> None:
     pauses = store.pauses()
     held = store.held()
     if as_json:
-        click.echo(json.dumps({"paused": pauses, "held": held}, indent=2))
+        echo(json.dumps({"paused": pauses, "held": held}, indent=2))
         return
     records(
         "paused",

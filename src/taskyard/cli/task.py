@@ -7,7 +7,6 @@ import time
 
 import click
 
-from taskyard.cli.cancel import _clean
 from taskyard.cli.loader import APP_OPTION, load_runtime
 from taskyard.cli.output import echo, when
 
@@ -57,13 +56,13 @@ def task_command(task_id: str, app_path: str | None, as_json: bool) -> None:
     if cancel:
         outcome = cancel.get("outcome") or "requested (not yet seen by a worker)"
         echo(
-            f"cancelled: {when(cancel.get('at'))} by {_clean(str(cancel.get('by')))}"
+            f"cancelled: {when(cancel.get('at'))} by {cancel.get('by')}"
             f"{' with --terminate' if cancel.get('terminate') else ''}: {outcome}"
         )
     progress = (found or {}).get("progress")
     if progress:
         total = progress.get("total")
-        detail = _clean(str(progress.get("detail") or ""))
+        detail = str(progress.get("detail") or "")
         echo(
             f"progress: {progress.get('done')}{f'/{total}' if total is not None else ''}"
             f"{f'  {detail}' if detail else ''}  ({when(progress.get('at'))})"
