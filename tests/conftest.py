@@ -7,6 +7,7 @@ import fcntl
 import subprocess
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ from taskyard.devstack.supervisor import free_port
 from taskyard.testing import ROOT, child_env, terminate, wait_until
 from tests import servers
 from tests.servers import RedisServer
+
+if sys.version_info < (3, 12) and hasattr(traceback, "_extract_caret_anchors_from_line_segment"):
+    # CPython 3.11 keeps the AST converter's recursion depth in interpreter-wide state, and
+    # its traceback formatting parses source lines to place the ``^~~`` markers. A background
+    # thread logging a traceback while the test thread parses (pytest's assertion rewriting,
+    # tests/test_seams.py) can trip the converter's consistency check: "SystemError: AST
+    # constructor recursion depth mismatch". Tracebacks here go without those markers.
+    traceback._extract_caret_anchors_from_line_segment = lambda segment: None  # type: ignore[attr-defined]
 
 #: Test ids naming a server whose state every database shares, and the group whose tests run
 #: one at a time: RabbitMQ's queues (the five levels, ``celery``) live in one vhost,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
@@ -109,6 +110,7 @@ class RedisServer:
     argv: list[str]
     port: int
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _client: redis.Redis | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -132,7 +134,33 @@ class RedisServer:
 
         wait_until(up, 10, 0.05, f"redis-server on port {self.port}")
 
+    @property
+    def client(self) -> redis.Redis:
+        """A client of this server (closed when the server stops)."""
+        if self._client is None:
+            self._client = redis.Redis(port=self.port)
+        return self._client
+
+    def freeze(self) -> None:
+        """Stop the server (SIGSTOP): connections stay open, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
             terminate(self.process)
             self.process = None
+
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

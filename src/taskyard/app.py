@@ -142,9 +142,13 @@ class TaskyardCelery(Celery):  # type: ignore[misc]
             sending_app.reset(token)
 
     def close(self) -> None:
+        """Stop this app's background threads (metric capture, task-sent events) after a
+        last flush, then close its connections."""
         runtime = find_runtime(self)
-        if runtime is not None and runtime.publisher is not None:
-            runtime.publisher.close()
+        if runtime is not None:
+            for service in (runtime.capture, runtime.sent_events, runtime.publisher):
+                if service is not None:
+                    service.close()
         super().close()
 
 

@@ -134,6 +134,10 @@ class SentEventBuffer(Protocol):
         """Buffer the task-sent event of one published message."""
         ...
 
+    def close(self) -> None:
+        """Publish what is buffered and stop the publishing thread."""
+        ...
+
 
 class MetricCapture(Protocol):
     """Per-process metric capture: ``taskyard.monitoring.capture.Capture``."""

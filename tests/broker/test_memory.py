@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from taskyard.errors import ConfigurationError
 from taskyard.runtime import runtime_of
 from taskyard.testing import child_env, spawn, wait_until, worker_argv
 from tests import servers
-from tests.private_redis import private_redis
+from tests.servers import RedisServer
 
 
 def start_worker(url: str, tmp_path: Path, **extra: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -24,8 +25,10 @@ def start_worker(url: str, tmp_path: Path, **extra: str) -> tuple[subprocess.Pop
 
 
 @pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru"])
-def test_a_worker_refuses_to_start_on_a_broker_redis_that_evicts(tmp_path: Path, policy) -> None:
-    with private_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", policy) as server:
+def test_a_worker_refuses_to_start_on_a_broker_redis_that_evicts(
+    tmp_path: Path, policy, redis_server: Callable[..., RedisServer]
+) -> None:
+    with redis_server("--maxmemory", "64mb", "--maxmemory-policy", policy) as server:
         process, log = start_worker(server.url, tmp_path)
         try:
             process.wait(60)
@@ -39,8 +42,10 @@ def test_a_worker_refuses_to_start_on_a_broker_redis_that_evicts(tmp_path: Path,
         assert "TASKYARD_ALLOW_EVICTING_REDIS" in output
 
 
-def test_the_override_starts_it_anyway(tmp_path: Path) -> None:
-    with private_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as s:
+def test_the_override_starts_it_anyway(
+    tmp_path: Path, redis_server: Callable[..., RedisServer]
+) -> None:
+    with redis_server("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as s:
         process, log = start_worker(s.url, tmp_path, TASKYARD_ALLOW_EVICTING_REDIS="true")
         try:
             wait_until(lambda: " ready." in log.read_text(), 60, 0.2, "the worker to start")
@@ -50,8 +55,8 @@ def test_the_override_starts_it_anyway(tmp_path: Path) -> None:
             process.wait(30)
 
 
-def test_taskyard_up_refuses_too(tmp_path: Path) -> None:
-    with private_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as s:
+def test_taskyard_up_refuses_too(tmp_path: Path, redis_server: Callable[..., RedisServer]) -> None:
+    with redis_server("--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru") as s:
         done = subprocess.run(
             [sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.fivelevels"],
             env=child_env(
@@ -70,10 +75,12 @@ def test_taskyard_up_refuses_too(tmp_path: Path) -> None:
         assert not (tmp_path / ".taskyard-stack.json").exists()
 
 
-def test_volatile_eviction_is_only_refused_where_ttls_matter(make_app, tmp_path: Path) -> None:
+def test_volatile_eviction_is_only_refused_where_ttls_matter(
+    make_app, redis_server: Callable[..., RedisServer]
+) -> None:
     # The buffers' Redis of its own (broker elsewhere): its keys with a TTL are cache entries,
     # heartbeats and locks that are fine to lose early, so volatile-* is accepted there.
-    with private_redis(tmp_path, "--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru") as s:
+    with redis_server("--maxmemory", "64mb", "--maxmemory-policy", "volatile-lru") as s:
         app = make_app("policy", redis_url=s.url, broker_url=servers.REDIS_URL)
         memory.check_eviction(runtime_of(app).settings)  # no error
         s.client.config_set("maxmemory-policy", "allkeys-lru")

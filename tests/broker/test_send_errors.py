@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 
 import pytest
@@ -11,8 +12,7 @@ import redis
 
 from taskyard import BrokerUnavailable, TaskArgumentError, priority_task
 from taskyard.runtime import runtime_of
-from tests.private_redis import private_redis
-from tests.servers import REDIS_URL
+from tests.servers import REDIS_URL, RedisServer
 
 
 @priority_task(priority="high", name="t.notify")
@@ -66,10 +66,12 @@ def test_good_call_lands_on_its_queue(make_app, redis_client) -> None:
 
 
 @pytest.mark.parametrize("fast_publish", [True, False])
-def test_a_frozen_broker_fails_in_bounded_time(make_app, tmp_path, fast_publish) -> None:
+def test_a_frozen_broker_fails_in_bounded_time(
+    make_app, fast_publish, redis_server: Callable[..., RedisServer]
+) -> None:
     """A SIGSTOPped Redis (a paused VM, a partition without resets) answers nothing and resets
     nothing: only a read timeout on the producer's connection ends the wait."""
-    with private_redis(tmp_path) as server:
+    with redis_server() as server:
         app = make_app("frozen", redis_url=server.url, fast_publish=fast_publish)
         notify.delay(7, "warm")  # the connection exists before the freeze
         settings = runtime_of(app).settings
@@ -109,8 +111,10 @@ def fill_to_maxmemory(client: redis.Redis) -> None:
 
 
 @pytest.mark.parametrize("fast_publish", [True, False])
-def test_out_of_memory_is_one_error_naming_maxmemory(make_app, tmp_path, fast_publish) -> None:
-    with private_redis(tmp_path) as server:
+def test_out_of_memory_is_one_error_naming_maxmemory(
+    make_app, fast_publish, redis_server: Callable[..., RedisServer]
+) -> None:
+    with redis_server() as server:
         make_app("oom", redis_url=server.url, fast_publish=fast_publish)
         notify.delay(7, "fits")
         fill_to_maxmemory(server.client)
@@ -119,11 +123,13 @@ def test_out_of_memory_is_one_error_naming_maxmemory(make_app, tmp_path, fast_pu
         assert sent.value.task_name == "t.notify"
 
 
-def test_out_of_memory_under_a_batch_is_buffer_unavailable(make_app, tmp_path) -> None:
+def test_out_of_memory_under_a_batch_is_buffer_unavailable(
+    make_app, redis_server: Callable[..., RedisServer]
+) -> None:
     from taskyard import batch_task
     from taskyard.errors import BufferUnavailable
 
-    with private_redis(tmp_path) as server:
+    with redis_server() as server:
         app = make_app("oom", redis_url=server.url)
 
         @batch_task(batch_name="oom", batch_size=10, max_wait=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -74,6 +75,62 @@ def test_failed_flush_keeps_counts(make_app: Any, redis_client: redis.Redis) -> 
     capture.flush()
     field = f"t.b{SEP}low{SEP}started"
     assert int(redis_client.hget(runtime.keys.task_counts(), field) or 0) == 5
+
+
+def test_an_outage_is_logged_once_with_its_traceback_then_briefly(
+    make_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flusher failing every tick logs the first failure with its traceback, not every one."""
+    caplog.set_level(logging.INFO, logger="taskyard.monitoring.capture")
+    app = make_app("cap-outage")
+    runtime = runtime_of(app)
+    capture = Capture(runtime)
+    good = runtime.redis
+    runtime._redis = redis.Redis(
+        host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        for _ in range(5):
+            capture.count("t.c", "low", "started")
+            assert capture.flush() == 0
+    finally:
+        runtime._redis = good
+    failures = [r for r in caplog.records if "metrics failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert failures[0].exc_info is not None
+    assert capture.flush() > 0
+    assert "works again after 5 failures" in caplog.text
+    capture.close()
+
+
+def test_closing_the_app_stops_its_background_threads(make_app: Any) -> None:
+    """app.close() flushes and stops the capture and task-sent threads, so an app whose Redis
+    is gone leaves no thread retrying behind it."""
+    import threading
+
+    names = ("taskyard-capture-flush", "taskyard-sent-events")
+
+    def ours() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name in names and t.is_alive()}
+
+    before = ours()
+    app = make_app("cap-close")
+
+    @app.task(name="t.close")
+    def noop() -> None:
+        return None
+
+    noop.delay()
+    runtime = runtime_of(app)
+    assert isinstance(runtime.capture, Capture)
+    runtime.capture.count("t.close", "normal", "started")
+
+    started = ours() - before
+    assert {t.name for t in started} == {"taskyard-capture-flush", "taskyard-sent-events"}
+    app.close()
+    for thread in started:
+        thread.join(10)
+    assert not [t.name for t in started if t.is_alive()]
 
 
 N = 8

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -12,12 +12,14 @@ from taskyard.monitoring.collect import _redis_memory
 from taskyard.monitoring.redis_memory import RedisMemoryCollector, RedisReader
 from taskyard.runtime import runtime_of
 from tests import servers
-from tests.private_redis import private_redis
+from tests.servers import RedisServer
 
 
-def test_evictions_reach_metrics_and_the_built_in_alert(make_app: Any, tmp_path: Path) -> None:
+def test_evictions_reach_metrics_and_the_built_in_alert(
+    make_app: Any, redis_server: Callable[..., RedisServer]
+) -> None:
     options = ("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru")
-    with private_redis(tmp_path, *options) as server:
+    with redis_server(*options) as server:
         # Broker on the private (evicting) Redis, buffers on the suite's: two rows.
         app = make_app("mem", broker_url=server.url, redis_url=servers.REDIS_URL)
         runtime = runtime_of(app)

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from taskyard import lua
-from taskyard.errors import OUT_OF_MEMORY, BufferUnavailable
+from taskyard.errors import OUT_OF_MEMORY, BufferUnavailable, out_of_memory
 from taskyard.keys import Keys
 from taskyard.lua import Script
 from taskyard.serialization import text
@@ -119,7 +119,9 @@ class BatchBuffer:
                 APPEND.queue(pipe, (key,), args)
 
             return self._append_result(run_pipeline(self.client, build)[-1])
-        except redis.exceptions.OutOfMemoryError as exc:
+        except redis.exceptions.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
             raise self._full(exc) from exc
 
     def append_many(
@@ -148,13 +150,17 @@ class BatchBuffer:
 
         try:
             replies = run_pipeline(self.client, build)
-        except redis.exceptions.OutOfMemoryError as exc:
+        except redis.exceptions.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
             raise self._full(exc) from exc
         return [self._append_result(r) for r in replies[len(replies) - len(chunk_list) :]]
 
     def _full(self, exc: Exception) -> BufferUnavailable:
         # Redis refuses a script's write under maxmemory only while the script has written
-        # nothing (it keeps a script atomic), so the refused append left no item behind.
+        # nothing (it keeps a script atomic), so the refused append left no item behind. The
+        # refusal comes as redis-py's OutOfMemoryError when Redis checks before the script
+        # runs, and as a script error quoting the OOM reply when its first write is refused.
         where = self.client.connection_pool.connection_kwargs
         url = f"redis://{where.get('host', '?')}:{where.get('port', '?')}/{where.get('db', 0)}"
         return BufferUnavailable(self.batch_name, url, f"{OUT_OF_MEMORY}: {exc}")

@@ -30,6 +30,7 @@ from celery._state import get_current_app, get_current_worker_task
 
 from taskyard import signals as taskyard_signals
 from taskyard.monitoring import timeline
+from taskyard.outage import Outage
 from taskyard.runtime import Runtime, TaskyardApp, find_runtime, sending_app
 from taskyard.seams import Seam
 
@@ -101,6 +102,7 @@ class Capture:
         self._running = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._outage = Outage(logger, "taskyard capture: writing task metrics")
         os.register_at_fork(after_in_child=self._after_fork)
 
     # --- recording (hot path: dict updates under a lock, no I/O) -------------------------------
@@ -248,15 +250,12 @@ class Capture:
                     for prefix, total in sums[kind].items():
                         pipe.hincrbyfloat(key, prefix + "sum", total)
                 pipe.execute()
-        except Exception:
-            logger.warning(
-                "taskyard capture: flush of %d fields failed; kept for the next one",
-                fields,
-                exc_info=True,
-            )
+        except Exception as exc:
+            self._outage.failed(exc, f"{fields} fields and {len(events)} events kept")
             self._give_back(counts, hist, sums)
             self._events.extendleft(reversed(events))
             return 0
+        self._outage.ok()
         return fields + len(events)
 
     def _take_events(self) -> list[str]:
@@ -274,9 +273,11 @@ class Capture:
             self.flush()
 
     def close(self) -> None:
-        """Flush what is buffered (at process exit)."""
+        """Flush what is buffered and stop the flusher (at process exit, or when the app
+        closes); recording again starts a new one."""
         if self._pid == os.getpid():
             self._stop.set()
+            self._running = False
             self.flush()
 
 

@@ -27,6 +27,7 @@ from typing import Any
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
 
+from taskyard.outage import Outage
 from taskyard.runtime import TaskyardApp, find_runtime, runtime_of, sending_app
 from taskyard.seams import Seam
 
@@ -59,9 +60,10 @@ class SentEvents:
         self.interval_s = interval_s
         self.hostname = f"gen{os.getpid()}@{_node()}"
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_BUFFERED_EVENTS)
-        self._wake = threading.Event()
         self._pid = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._outage = Outage(log, "publishing task-sent events")
 
     def add(self, headers: dict[str, Any], exchange: str, routing_key: str) -> None:
         """Record one sent task; cheap (no I/O)."""
@@ -88,14 +90,23 @@ class SentEvents:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
+            self._stopped = threading.Event()
             thread = threading.Thread(target=self._run, name="taskyard-sent-events", daemon=True)
             thread.start()
             atexit.register(self.flush)
 
     def _run(self) -> None:
-        while True:
-            self._wake.wait(self.interval_s)
+        stopped = self._stopped
+        while not stopped.wait(self.interval_s):
             self.flush()
+
+    def close(self) -> None:
+        """Publish what is buffered and stop the publishing thread (the app closes);
+        adding again starts a new one."""
+        with self._lock:
+            self._stopped.set()
+            self._pid = 0
+        self.flush()
 
     def flush(self) -> None:
         """Publish everything buffered as one ``task.multi`` message."""
@@ -119,10 +130,10 @@ class SentEvents:
                     retry=False,
                     headers={"hostname": self.hostname},
                 )
-        except Exception:  # events are best-effort and must not kill the thread
-            log.warning(
-                "dropped %d task-sent events: the broker refused them", len(batch), exc_info=True
-            )
+        except Exception as exc:  # events are best-effort and must not kill the thread
+            self._outage.failed(exc, f"{len(batch)} events dropped")
+            return
+        self._outage.ok()
 
 
 def on_after_task_publish(

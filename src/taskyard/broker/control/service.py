@@ -22,6 +22,7 @@ from celery.exceptions import Ignore
 
 from taskyard.broker.control.bulk import send_many
 from taskyard.broker.control.jobs import CancelStore, Found
+from taskyard.outage import Outage
 from taskyard.runtime import Runtime, find_runtime, redis_client
 from taskyard.seams import Seam
 
@@ -272,6 +273,7 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
         #: clock, so each poll reads back CLOCK_SLACK_S before the newest score seen and a
         #: canceller whose clock lags by less than that is not missed.
         seen: dict[str, float] = {}
+        outage = Outage(logger, "reading new cancel records")
         while not self._stopped.wait(control.settings.cancel_poll_s):
             try:
                 for task_id, at in control.store.since(after - CLOCK_SLACK_S):
@@ -283,9 +285,10 @@ class CancelWatcher(bootsteps.StartStopStep):  # type: ignore[misc]
                     record = control.store.record(task_id) or {}
                     if record.get("terminate"):
                         pending[task_id] = time.monotonic() + float(record.get("grace_s") or 0)
-            except redis.RedisError:
-                logger.warning("could not read new cancel records", exc_info=True)
+            except redis.RedisError as exc:
+                outage.failed(exc)
                 continue
+            outage.ok()
             if len(seen) > 10_000:
                 seen = {k: v for k, v in seen.items() if v >= after - CLOCK_SLACK_S}
             if pending:
