@@ -82,7 +82,10 @@ def test_concurrency_holds_across_three_workers(
             # Sampled continuously: the running counter the tasks keep.
             peak_seen = max(peak_seen, int(redis_client.get("test:running:capped") or 0))
             starts = _starts(redis_client)
-            if sum(1 for s in starts if s[0] == "capped") == total:
+            # Every one started and none still running: the workers stop only then, as a
+            # worker stopped mid-task (SIGTERM to its pool) has that task run again elsewhere.
+            done = sum(1 for s in starts if s[0] == "capped") == total
+            if done and int(redis_client.get("test:running:capped") or 0) == 0:
                 break
             time.sleep(0.01)
     starts = _starts(redis_client)
