@@ -1,6 +1,6 @@
 """The console in headless Chromium against a real `taskyard api`: log in, filter the dead
 letters, replay every match (count, confirm), see the audit entry; a viewer gets no forms and a
-page elsewhere cannot act for the user."""
+page elsewhere cannot act for the user; search a waiting task, open its page and cancel it."""
 
 from __future__ import annotations
 
@@ -118,3 +118,45 @@ def test_login_filter_replay_and_audit_in_chromium(
     entries = redis_client.xrevrange(Keys().audit(), count=10)
     actions = [fields[b"action"].decode() for _, fields in entries]
     assert "dead.replay" in actions and actions.count("session.login") == 2
+
+
+def test_search_open_and_cancel_a_waiting_task_in_chromium(
+    redis_client: redis.Redis,
+    make_app: Any,
+    redis_env: dict[str, str],
+    taskyard_api: Callable[[dict[str, str]], str],
+) -> None:
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from tests.apps import jobs
+
+    make_app("jobs")
+    waiting = jobs.record.delay(1).id  # no worker runs: it waits in its queue
+    UserStore(redis_client, Keys()).add("ops", Role.OPERATOR, PASSWORD)
+    url = taskyard_api(redis_env)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/dashboard/tasks")
+            page.fill("input[name=username]", "ops")
+            page.fill("input[name=password]", PASSWORD)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{url}/dashboard/tasks")
+            page.fill("#search input[name=task]", waiting)
+            page.click("#search button[type=submit]")
+            page.wait_for_url(f"{url}/dashboard/task/{waiting}")
+            page.check("#cancel-task input[name=terminate]")
+            page.click("#cancel-task button[type=submit]")
+            page.wait_for_selector("#task-cancel")
+            assert "by dashboard:ops" in page.inner_text("#task-cancel")
+            page.screenshot(path=str(ARTIFACTS / "console-cancel.png"), full_page=True)
+        finally:
+            browser.close()
+    assert redis_client.zscore(Keys().cancel_index(), waiting) is not None
+    entries = redis_client.xrevrange(Keys().audit(), count=10)
+    assert [
+        fields[b"target"].decode() for _, fields in entries if fields[b"action"] == b"tasks.cancel"
+    ] == [waiting]

@@ -24,6 +24,7 @@ from taskyard.monitoring.dashboard.rows import (
     typed,
 )
 from taskyard.monitoring.dashboard.series_charts import task_rate_chart, worker_chart
+from taskyard.monitoring.dashboard.templating import render
 from tests.monitoring.dashboard.test_pages import NOW
 
 #: What a task, a worker or a producer may write: markup, attribute breakouts, template syntax,
@@ -259,6 +260,80 @@ def test_task_page_escapes_timeline_arguments_and_traceback() -> None:
     # Known, not dead: the result note.
     alive = task.TaskView(name("id"), FLOWER, timeline, None, result_note=name("note"))
     assert_escaped(task.render_task(alive, page_shell("t")), ["note", "event"])
+
+
+def test_task_page_offers_cancel_to_operators_while_the_task_is_not_done() -> None:
+    operator = task.CancelControls(csrf=name("csrf"), can_cancel=True)
+
+    def view(state: str, controls: task.CancelControls, dead: bool = False) -> task.TaskView:
+        timeline = m.TaskTimeline(
+            task_id=name("id"), name=name("task"), state=state, events=[], first_at=NOW
+        )
+        return task.TaskView(
+            name("id"), FLOWER, timeline, dead_letter() if dead else None, controls=controls
+        )
+
+    html = task.render_task(view("started", operator), page_shell("t"))
+    assert 'id="cancel-task"' in html and 'name="terminate" value="yes"' in html
+    assert 'action="/dashboard/task/id%3Cscript%3Ealert%281%29' in html
+    assert_escaped(html, ["id", "task", "csrf"])
+    for state in ("sent", "received", "retried", "deferred"):
+        assert 'id="cancel-task"' in task.render_task(view(state, operator), page_shell("t"))
+    for state in task.FINISHED:
+        assert 'id="cancel-task"' not in task.render_task(view(state, operator), page_shell("t"))
+    assert 'id="cancel-task"' not in task.render_task(view("sent", operator, True), page_shell("t"))
+    viewer = task.CancelControls(csrf="token", can_cancel=False)
+    assert 'id="cancel-task"' not in task.render_task(view("sent", viewer), page_shell("t"))
+    assert "csrf_token" not in task.render_task(
+        view("sent", task.CancelControls()), page_shell("t")
+    )
+    # Unknown: it may wait in a queue, so it may be cancelled.
+    unknown = task.TaskView(name("id"), FLOWER, None, None, controls=operator)
+    assert 'id="cancel-task"' in task.render_task(unknown, page_shell("t"))
+
+
+def test_tasks_page_forms_and_hostile_filter_values() -> None:
+    snaps = typed(TasksSnapshot, snapshots()["tasks"])
+    chart = task_rate_chart("rate", snaps, "succeeded", start=NOW - 60, end=NOW)
+    names = tasks.per_name([m.TaskStats.model_validate(task_row(name("task")))])
+    operator = task.CancelControls(csrf="token", can_cancel=True)
+    where = tasks.TasksFilter(name("name"), name("queue"))
+    view = tasks.TasksView(names, chart, chart, where, operator, name("done"), name("problem"))
+    html = tasks.render_tasks(view, page_shell("tasks"))
+    assert_escaped(html, ["task", "name", "queue", "done", "problem"])
+    assert 'id="search"' in html and 'id="filter"' in html and 'id="cancel-waiting"' in html
+    viewer = tasks.TasksView(names, chart, chart, controls=task.CancelControls("t", False))
+    html = tasks.render_tasks(viewer, page_shell("tasks"))
+    assert 'id="search"' in html and 'id="cancel-waiting"' not in html
+    assert "csrf_token" not in html
+
+
+def test_the_cancel_confirm_page_escapes_the_filter_and_the_matches() -> None:
+    where = tasks.CancelFilter(name("glob"), name("queue"), "60")
+    found = [{"task_id": name("id"), "name": name("task"), "queue": name("q"), "where": "queued"}]
+    html = render(
+        "tasks_confirm.html",
+        shell=page_shell("cancel"),
+        where=where,
+        csrf="token",
+        count=30,
+        found=found,
+        problem="",
+    )
+    assert_escaped(html, ["glob", "queue", "id", "task", "q"])
+    assert "Cancel 30 waiting task(s)?" in html and "and 29 more" in html
+    assert 'id="confirm"' in html and 'name="older_than_s" value="60"' in html
+    refused = render(
+        "tasks_confirm.html",
+        shell=page_shell("cancel"),
+        where=where,
+        csrf="token",
+        count=0,
+        found=[],
+        problem=name("problem"),
+    )
+    assert_escaped(refused, ["problem"])
+    assert 'id="confirm"' not in refused
 
 
 def test_dead_page_escapes_entries_counts_and_batches() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
+import anyio
 from fastapi import Query, Request
 from fastapi.responses import Response
 
@@ -129,7 +130,8 @@ def route_paths(routes: Sequence[Any]) -> set[str]:
 
 def ranges(params: dict[str, str], chosen: float, covered: float | None, now: float) -> list[Link]:
     """The time-range links of a page, keeping its other query parameters."""
-    kept = {k: v for k, v in params.items() if k not in ("window", "fragment")}
+    # A search or an action's message is not carried to another range.
+    kept = {k: v for k, v in params.items() if k not in ("window", "fragment", "task", "done")}
     offered = windows(covered, now)
     if int(chosen) not in {seconds for seconds, _ in offered}:
         # The page's own window is always offered (and marked), even past the history's reach.
@@ -213,6 +215,14 @@ async def respond_page(request: Request, key: Hashable, compute: Callable[[], st
     return page_response(request, body)
 
 
+def forget_pages(state: ApiState) -> None:
+    """Drop every cached page and API answer (an action changed what they show)."""
+    cache = state.extras.get(_PAGE_CACHE)
+    if cache is not None:
+        cache.clear()
+    state.cache.clear()
+
+
 def page_response(request: Request, body: Body, status_code: int = 200) -> Response:
     media = "text/html; charset=utf-8"
     headers = {"Cache-Control": "no-store"}
@@ -238,9 +248,11 @@ async def windowed(
     window: int,
     refresh: int,
     fragment: bool,
+    status_code: int = 200,
 ) -> Response:
     """A page over a window of history, cached under ``key`` with the window, refresh and
-    fragment: ``render_board(state, window, shell)`` reads the store and renders the page."""
+    fragment: ``render_board(state, window, shell)`` reads the store and renders the page.
+    A page of another status than 200 (a refused input on it) is built anew, never cached."""
     state = api_state(request)
 
     def compute() -> str:
@@ -262,6 +274,9 @@ async def windowed(
         )
         return render_board(state, span, page)
 
+    if status_code != 200:
+        html = await anyio.to_thread.run_sync(compute)
+        return page_response(request, Body(html.encode()), status_code)
     return await respond_page(request, (*key, window, refresh, fragment), compute)
 
 
