@@ -21,6 +21,7 @@ from redis.client import Pipeline
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.producer import publish
+from taskyard.outage import Outage
 from taskyard.runtime import TaskyardApp, runtime_of
 from taskyard.serialization import text
 
@@ -98,24 +99,16 @@ class Flusher(threading.Thread):
         self.app = app
         self.interval_s = interval_s
         self._stop_event = threading.Event()
-        self._failing = False
+        self._outage = Outage(log, "batch flusher: reaping due batches")
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
             try:
                 reap(self.app)
-                if self._failing:
-                    log.info("batch flusher: Redis reachable again")
-                self._failing = False
-            except Exception as exc:
-                # Logged once per outage, not every half second.
-                if not self._failing:
-                    log.warning(
-                        "batch flusher: reap failed (%s); retrying every %.1f s",
-                        exc,
-                        self.interval_s,
-                    )
-                self._failing = True
+            except Exception as exc:  # retried every interval_s
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop_event.set()

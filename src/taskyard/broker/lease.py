@@ -11,6 +11,8 @@ import threading
 from time import monotonic
 from typing import TYPE_CHECKING
 
+from taskyard.outage import Outage
+
 if TYPE_CHECKING:
     from taskyard.broker.transport import Channel
 
@@ -28,6 +30,7 @@ class Maintenance(threading.Thread):
         self.channel = channel
         self.lease_s = lease_s
         self._stopped = threading.Event()
+        self._renewals = Outage(logger, "renewing reservation leases")
 
     @property
     def renew_interval_s(self) -> float:
@@ -50,8 +53,10 @@ class Maintenance(threading.Thread):
                 next_renewal = monotonic() + self.renew_interval_s
                 try:
                     self.channel.renew_leases()
-                except Exception:
+                except Exception as exc:
                     # Retried at the next tick: a lease outlives several missed renewals only
                     # when Redis stays unreachable, and then the sweep cannot run either.
                     next_renewal = monotonic() + 1.0
-                    logger.warning("could not renew reservation leases", exc_info=True)
+                    self._renewals.failed(exc)
+                else:
+                    self._renewals.ok()

@@ -22,6 +22,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.deadletters.transport import ingest
+from taskyard.outage import Outage
 from taskyard.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class Upkeep(threading.Thread):
         self.runtime = runtime
         self.interval_s = interval_s
         self._stop_event = threading.Event()
-        self._failing = False
+        self._outage = Outage(log, "dead-letter upkeep")
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
@@ -58,12 +59,10 @@ class Upkeep(threading.Thread):
                         "dead letters: %d queue item(s) the transport set aside recorded as poison",
                         done["quarantined"],
                     )
-                self._failing = False
-            except Exception as exc:
-                # Logged once per outage; the next pass retries.
-                if not self._failing:
-                    log.warning("dead-letter upkeep failed (%s); retrying", exc)
-                self._failing = True
+            except Exception as exc:  # the next pass retries
+                self._outage.failed(exc)
+            else:
+                self._outage.ok()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self._stop_event.set()
