@@ -204,6 +204,27 @@ def log_in(client: TestClient, name: str) -> str:
     return found.group(1) if found else ""
 
 
+def test_a_removed_token_is_refused_within_the_credential_cache(
+    client: TestClient, users: dict[str, str], redis_client: redis.Redis
+) -> None:
+    """Answers about a token are reused for CREDENTIALS_CHECK_S (no Redis call per request);
+    a user removed elsewhere (the CLI, another API process) is refused once that lapses."""
+    from taskyard.monitoring.api.access import CREDENTIALS_CHECK_S
+
+    token = users["operator"]
+    assert client.get("/api/v1/dead", headers=bearer(token)).status_code == 200
+    UserStore(redis_client, Keys()).remove("operator")
+    deadline = time.monotonic() + CREDENTIALS_CHECK_S + 10
+    status = 200
+    while status == 200 and time.monotonic() < deadline:
+        status = client.get("/api/v1/dead", headers=bearer(token)).status_code
+        time.sleep(0.05)
+    assert status == 403
+    # Made-up tokens are refused alike and cannot grow the cache without bound.
+    for i in range(50):
+        assert client.get("/api/v1/dead", headers=bearer(f"tyu_{i}")).status_code == 403
+
+
 def test_login_refuses_wrong_credentials_alike(client: TestClient, users: dict[str, str]) -> None:
     for name, password in (("admin", "wrong password!"), ("nobody", PASSWORD)):
         answer = client.post("/login", data={"username": name, "password": password})

@@ -22,7 +22,7 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
-from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from taskyard.monitoring.api.audit import AuditLog
 from taskyard.monitoring.api.auth import bearer_scheme
@@ -43,6 +43,11 @@ SESSION_COOKIE = "taskyard_session"
 PUBLIC_PREFIXES = ("/health/", "/login", "/static/", "/docs", "/redoc", "/openapi.json")
 #: How long the "do any users exist" answer is reused (s): one Redis call per second at most.
 USERS_CHECK_S = 1.0
+#: How long a bearer token's or session's answer is reused (s): a removed token, a closed
+#: session or a changed role takes effect within this, and a request costs no Redis call.
+CREDENTIALS_CHECK_S = 1.0
+#: Cached answers kept at most (a flood of made-up tokens empties the cache, never grows it).
+MAX_CACHED_CREDENTIALS = 10_000
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="taskyard"'}
 #: Who a request is when no user exists and it brings no token: the loopback default.
@@ -65,6 +70,9 @@ class Access:
         self.admin_token = admin_token or None
         self.metrics_public = metrics_public
         self._users_exist = (0.0, False)
+        #: Token or session id -> (when the answer lapses, its principal or None): each
+        #: credential is looked up in Redis at most once per CREDENTIALS_CHECK_S.
+        self._credentials: dict[str, tuple[float, Principal | None]] = {}
 
     # --- who --------------------------------------------------------------------------------
     def users_exist(self) -> bool:
@@ -76,7 +84,23 @@ class Access:
         return answer
 
     def forget_users_check(self) -> None:
+        """Forget every cached answer (the users changed in this process)."""
         self._users_exist = (0.0, False)
+        self._credentials.clear()
+
+    def _cached(
+        self, kind: str, credential: str, look_up: Callable[[str], Principal | None]
+    ) -> Principal | None:
+        key = kind + credential
+        now = time.monotonic()
+        hit = self._credentials.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        principal = look_up(credential)
+        if len(self._credentials) >= MAX_CACHED_CREDENTIALS:
+            self._credentials.clear()
+        self._credentials[key] = (now + CREDENTIALS_CHECK_S, principal)
+        return principal
 
     def identify(self, request: Request) -> Principal | None:
         """Who ``request`` is: a bearer token, a session cookie, or (no users) anonymous.
@@ -90,7 +114,7 @@ class Access:
             token = credential.strip()
             if self.admin_token is not None and same_secret(token, self.admin_token):
                 return Principal(ADMIN_TOKEN_NAME, Role.ADMIN, "admin-token")
-            principal = self.users.verify_token(token)
+            principal = self._cached("t:", token, self.users.verify_token)
             if principal is None:
                 hint = (
                     ""
@@ -102,7 +126,7 @@ class Access:
             return principal
         sid = request.cookies.get(SESSION_COOKIE)
         if sid:
-            principal = self.users.session(sid)
+            principal = self._cached("s:", sid, self.users.session)
             if principal is not None:
                 return principal
         return None if self.users_exist() else ANONYMOUS
@@ -203,24 +227,40 @@ def principal_of(request: Request) -> Principal:
     return principal
 
 
-class LoginRequired(BaseHTTPMiddleware):
+class LoginRequired:
     """Once users exist, every request but the public ones proves who it is; the principal is
-    left in ``request.state.principal`` for the routes."""
+    left in ``request.state.principal`` for the routes.
 
-    def __init__(self, app: Any, access: Access) -> None:
-        super().__init__(app)
+    A pure ASGI middleware: Starlette's ``BaseHTTPMiddleware`` runs each request's downstream
+    app in a task of its own behind memory streams, which measured as most of an authenticated
+    request's cost.
+    """
+
+    def __init__(self, app: ASGIApp, access: Access) -> None:
+        self.app = app
         self.access = access
 
-    async def dispatch(
-        self, request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        path = request.url.path
+        refusal = self._refusal(request, path)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request, path: str) -> Response | None:
+        """The answer to ``request`` when it may not go on (None: it may); sets the principal."""
         try:
             principal = self.access.identify(request)
         except (redis.RedisError, OSError) as exc:
             # Credentials cannot be checked: health answers on its own, the rest is a 503.
-            if self.access.public(request.url.path):
-                return await call_next(request)
-            if request.url.path.startswith("/dashboard"):
+            if self.access.public(path):
+                return None
+            if path.startswith("/dashboard"):
                 from taskyard.monitoring.dashboard.templating import render
 
                 page = render(
@@ -231,25 +271,25 @@ class LoginRequired(BaseHTTPMiddleware):
                 return HTMLResponse(page, 503, headers={"Retry-After": "5"})
             return unavailable("redis", exc)
         except HTTPException as exc:
-            if self.access.public(request.url.path):
-                principal = None
-            else:
+            if not self.access.public(path):
                 return JSONResponse(
                     {"error": "forbidden", "detail": exc.detail},
                     exc.status_code,
                     headers=exc.headers,
                 )
+            principal = None
         request.state.principal = principal
-        if principal is None and not self.access.public(request.url.path):
-            if request.url.path.startswith("/dashboard"):
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if principal is None and not self.access.public(path):
+            if path.startswith("/dashboard"):
+                query = request.url.query
+                target = path + (f"?{query}" if query else "")
                 return RedirectResponse(f"/login?next={_quote(target)}", 303)
             return JSONResponse(
                 {"error": "unauthorized", "detail": "log in or send a bearer token"},
                 401,
                 headers=_CHALLENGE,
             )
-        return await call_next(request)
+        return None
 
 
 def _quote(path: str) -> str:

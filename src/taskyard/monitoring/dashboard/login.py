@@ -84,6 +84,7 @@ async def log_out(request: Request) -> Response:
         ):
             return HTMLResponse("missing or wrong CSRF token", 403)
         access.users.close_session(request.cookies.get(SESSION_COOKIE, ""))
+        access.forget_users_check()  # the closed session is refused at once, not within 1 s
         access.record(principal_of(request), "session.logout", via="dashboard")
     response = RedirectResponse("/login", 303)
     response.delete_cookie(SESSION_COOKIE, path="/")
