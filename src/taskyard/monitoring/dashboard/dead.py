@@ -28,7 +28,13 @@ from taskyard.errors import TaskyardError
 from taskyard.monitoring.api.query import Body
 from taskyard.monitoring.api.state import ApiState
 from taskyard.monitoring.api.users import Action
-from taskyard.monitoring.dashboard.layout import Shell, api_state, page_response, shell
+from taskyard.monitoring.dashboard.layout import (
+    Shell,
+    api_state,
+    page_response,
+    session_principal,
+    shell,
+)
 from taskyard.monitoring.dashboard.templating import render
 from taskyard.redaction import REDACTED, redact_call
 
@@ -135,8 +141,8 @@ class Controls:
 
     @classmethod
     def of(cls, request: Request | None) -> Controls:
-        principal = getattr(request.state, "principal", None) if request is not None else None
-        if principal is None or principal.via != "session" or principal.csrf is None:
+        principal = session_principal(request)
+        if principal is None or principal.csrf is None:
             return cls(
                 why_not="To replay or purge from this page, log in as an operator or admin "
                 "(taskyard users add NAME --role operator); or use taskyard dead replay|purge."

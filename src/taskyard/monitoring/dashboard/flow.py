@@ -22,7 +22,13 @@ from taskyard.flow import FlowStore, store_for
 from taskyard.monitoring.api.query import Body
 from taskyard.monitoring.api.state import ApiState
 from taskyard.monitoring.api.users import Action
-from taskyard.monitoring.dashboard.layout import Shell, api_state, page_response, shell
+from taskyard.monitoring.dashboard.layout import (
+    Shell,
+    api_state,
+    page_response,
+    session_principal,
+    shell,
+)
 from taskyard.monitoring.dashboard.templating import render
 
 logger = logging.getLogger(__name__)
@@ -45,8 +51,8 @@ class FlowControls:
 
     @classmethod
     def of(cls, request: Request | None) -> FlowControls:
-        principal = getattr(request.state, "principal", None) if request is not None else None
-        if principal is None or principal.via != "session" or principal.csrf is None:
+        principal = session_principal(request)
+        if principal is None or principal.csrf is None:
             return cls()
         return cls(principal.csrf if principal.may(Action.PAUSE) else "")
 

@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from taskyard.config import Settings
 from taskyard.monitoring.api.query import Body, ResponseCache
 from taskyard.monitoring.api.state import GZIP_LEVEL, GZIP_MIN_BYTES, ApiState, StatsSource
+from taskyard.monitoring.api.users import Principal
 from taskyard.monitoring.dashboard.charts import duration
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,15 @@ def shell(
         now=window.now if window is not None else None,
         note=note,
     )
+
+
+def session_principal(request: Request | None) -> Principal | None:
+    """The user behind ``request`` when a logged-in browser session (with its CSRF token) made
+    it: the only requests a page's forms may act for. None for tokens and anonymous reads."""
+    principal = getattr(request.state, "principal", None) if request is not None else None
+    if principal is None or principal.via != "session" or principal.csrf is None:
+        return None
+    return principal  # type: ignore[no-any-return]
 
 
 def api_state(request: Request) -> ApiState:

@@ -34,6 +34,7 @@ from taskyard.monitoring.dashboard.layout import (
     flower_base,
     forget_pages,
     respond_page,
+    session_principal,
     shell,
 )
 from taskyard.monitoring.dashboard.templating import render
@@ -62,8 +63,8 @@ class CancelControls:
 
     @classmethod
     def of(cls, request: Request | None) -> CancelControls:
-        principal = getattr(request.state, "principal", None) if request is not None else None
-        if principal is None or principal.via != "session" or principal.csrf is None:
+        principal = session_principal(request)
+        if principal is None or principal.csrf is None:
             return cls(
                 why_not="To cancel from this page, log in as an operator or admin "
                 "(taskyard users add NAME --role operator); or use taskyard cancel."
