@@ -22,7 +22,7 @@ run: $(STAMP)
 ## TEST_WORKERS parallel pytest-xdist workers (each on its own Redis database: tests/servers.py;
 ## tests on RabbitMQ or PostgreSQL take turns: tests/conftest.py), with a coverage summary and
 ## the 25 slowest tests printed. Three workers on this 2-core machine: most tests wait on worker
-## processes, and the suite took 10 min 4 s on three against 11 min 19 s on two.
+## processes (the last CI run on two took 11 min 19 s, the first on three 10 min 4 s).
 TEST_WORKERS ?= 3
 test: $(STAMP) services browser
 	./scripts/ensure-prometheus.sh
