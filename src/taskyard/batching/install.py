@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
-
-from taskyard.batching.reaper import REAP_TASK, Flusher, reap
+from taskyard.batching.reaper import REAP_TASK, flusher, reap
 from taskyard.config import Settings
+from taskyard.outage import Periodic, in_workers
 from taskyard.routing.levels import Priority
 from taskyard.runtime import PeriodicJob, Runtime, TaskyardApp
 
@@ -54,21 +53,10 @@ def install(app: TaskyardApp, runtime: Runtime) -> None:
 
     if not settings.worker_flusher:
         return
-    flushers: list[Flusher] = []
+    interval_s = settings.reaper_interval_s
 
-    def start(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app or flushers:
-            return
-        flusher = Flusher(app, settings.reaper_interval_s)
-        flusher.start()
-        flushers.append(flusher)
-        log.info("batch flusher started (every %.2f s)", settings.reaper_interval_s)
+    def make() -> Periodic:
+        log.info("batch flusher started (every %.2f s)", interval_s)
+        return flusher(app, interval_s)
 
-    def stop(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app:
-            return
-        while flushers:
-            flushers.pop().stop()
-
-    worker_ready.connect(start, weak=False)
-    worker_shutdown.connect(stop, weak=False)
+    in_workers(app, make)

@@ -6,7 +6,7 @@ definition from Redis (``Keys.batch_conf``), so it needs none of the application
 it is safe to run from many processes at once: each claim and each re-armed lease is one atomic
 script, so concurrent reapers never claim an item twice or republish a batch twice per lease.
 
-It runs in two places: a :class:`Flusher` thread in each worker's main process (started on
+It runs in two places: a :func:`flusher` thread in each worker's main process (started on
 ``worker_ready``, every ``reaper_interval_s``), and the ``taskyard.batching.reap`` task that beat
 sends (the periodic-jobs schedule) as a safety net.
 """
@@ -14,14 +14,13 @@ sends (the periodic-jobs schedule) as a safety net.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from redis.client import Pipeline
 
 from taskyard.batching.buffer import BatchBuffer, run_pipeline
 from taskyard.batching.producer import publish
-from taskyard.outage import Outage
+from taskyard.outage import Periodic
 from taskyard.runtime import TaskyardApp, runtime_of
 from taskyard.serialization import text
 
@@ -91,26 +90,8 @@ def reap(app: TaskyardApp) -> dict[str, int]:
     return {"claimed": claimed, "republished": republished}
 
 
-class Flusher(threading.Thread):
-    """Runs :func:`reap` every ``interval_s`` until stopped (a daemon thread)."""
-
-    def __init__(self, app: TaskyardApp, interval_s: float) -> None:
-        super().__init__(daemon=True, name="taskyard-batch-flusher")
-        self.app = app
-        self.interval_s = interval_s
-        self._stop_event = threading.Event()
-        self._outage = Outage(log, "batch flusher: reaping due batches")
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                reap(self.app)
-            except Exception as exc:  # retried every interval_s
-                self._outage.failed(exc)
-            else:
-                self._outage.ok()
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop_event.set()
-        if self.is_alive() and self is not threading.current_thread():
-            self.join(timeout_s)
+def flusher(app: TaskyardApp, interval_s: float) -> Periodic:
+    """A thread running :func:`reap` every ``interval_s`` (start it; a daemon thread)."""
+    return Periodic(
+        "taskyard-batch-flusher", interval_s, lambda: reap(app), log, "batch flusher: reaping"
+    )

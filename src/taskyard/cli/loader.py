@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -127,28 +128,24 @@ _APP_HELP = (
     "settings). Accepted before or after the command's name."
 )
 
+
+def _app_option(**extra: Any) -> Callable[[Any], Any]:
+    return click.option(
+        "-A",
+        "--app",
+        "app_path",
+        default=None,
+        metavar="APP",
+        callback=_remember_app,
+        help=_APP_HELP,
+        **extra,
+    )
+
+
 #: The ``-A`` option of commands for which an app is optional (settings alone are enough).
-APP_OPTION = click.option(
-    "-A",
-    "--app",
-    "app_path",
-    default=None,
-    metavar="APP",
-    callback=_remember_app,
-    help=_APP_HELP,
-)
+APP_OPTION = _app_option()
 #: The same option on a group or a command that reads it with :func:`app_path_of`.
-APP_FLAG = click.option(
-    "-A",
-    "--app",
-    "app_path",
-    default=None,
-    metavar="APP",
-    callback=_remember_app,
-    expose_value=False,
-    is_eager=True,
-    help=_APP_HELP,
-)
+APP_FLAG = _app_option(expose_value=False, is_eager=True)
 
 
 def settings() -> Settings:

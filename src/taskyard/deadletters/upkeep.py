@@ -15,14 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
 
 from taskyard.deadletters.store import RedisDeadLetterStore
 from taskyard.deadletters.transport import ingest
-from taskyard.outage import Outage
+from taskyard.outage import Periodic, in_workers
 from taskyard.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -40,52 +38,26 @@ def upkeep(runtime: Runtime, *, interval_s: float) -> dict[str, int] | None:
     return {"quarantined": quarantined, "dropped": dropped}
 
 
-class Upkeep(threading.Thread):
-    """Runs :func:`upkeep` every ``interval_s`` until stopped (a daemon thread)."""
-
-    def __init__(self, runtime: Runtime, interval_s: float) -> None:
-        super().__init__(daemon=True, name="taskyard-dead-letter-upkeep")
-        self.runtime = runtime
-        self.interval_s = interval_s
-        self._stop_event = threading.Event()
-        self._outage = Outage(log, "dead-letter upkeep")
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self.interval_s):
-            try:
-                done = upkeep(self.runtime, interval_s=self.interval_s)
-                if done and done["quarantined"]:
-                    log.warning(
-                        "dead letters: %d queue item(s) the transport set aside recorded as poison",
-                        done["quarantined"],
-                    )
-            except Exception as exc:  # the next pass retries
-                self._outage.failed(exc)
-            else:
-                self._outage.ok()
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self._stop_event.set()
-        if self.is_alive() and self is not threading.current_thread():
-            self.join(timeout_s)
+def _upkeep_pass(runtime: Runtime, interval_s: float) -> None:
+    done = upkeep(runtime, interval_s=interval_s)
+    if done and done["quarantined"]:
+        log.warning(
+            "dead letters: %d queue item(s) the transport set aside recorded as poison",
+            done["quarantined"],
+        )
 
 
 def install_upkeep(app: Celery, runtime: Runtime) -> None:
-    """Start :class:`Upkeep` in ``app``'s workers (connects signals only; no I/O here)."""
-    threads: list[Upkeep] = []
-
-    def start(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app or threads:
-            return
-        thread = Upkeep(runtime, runtime.settings.dead_letters.upkeep_interval_s)
-        thread.start()
-        threads.append(thread)
-
-    def stop(sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "app", None) is not app:
-            return
-        while threads:
-            threads.pop().stop()
-
-    worker_ready.connect(start, weak=False)
-    worker_shutdown.connect(stop, weak=False)
+    """Run :func:`upkeep` every ``upkeep_interval_s`` in ``app``'s workers (connects signals
+    only; no I/O here)."""
+    interval_s = runtime.settings.dead_letters.upkeep_interval_s
+    in_workers(
+        app,
+        lambda: Periodic(
+            "taskyard-dead-letter-upkeep",
+            interval_s,
+            lambda: _upkeep_pass(runtime, interval_s),
+            log,
+            "dead-letter upkeep",
+        ),
+    )
