@@ -42,6 +42,7 @@ DECLARING = {
     "taskyard.serialization",
     "taskyard.workers.guards.install",
     "taskyard.workers.shutdown",
+    "taskyard.workers.speedups",
     "taskyard.workers.urgent",
 }
 
