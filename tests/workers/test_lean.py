@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 from celery.concurrency.solo import TaskPool as SoloPool
+from celery.events.dispatcher import EventDispatcher
 from celery.worker import state as worker_state
 from celery.worker.consumer.consumer import Consumer
 from celery.worker.request import Request
@@ -90,6 +91,8 @@ def test_celery_seams_the_lean_path_relies_on() -> None:
     acknowledge = inspect.getsource(Request.acknowledge)
     assert "if not self.acknowledged" in acknowledge
     assert "decoded" in inspect.signature(Request.__init__).parameters
+    # Events carry the offset from a cached reading (taskyard.monitoring.events.utcoffset).
+    assert "utcoffset" in inspect.signature(EventDispatcher.send).parameters
 
 
 def _fake_strategy_args() -> tuple[Any, Any, Any]:

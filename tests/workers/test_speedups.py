@@ -199,3 +199,12 @@ def test_worker_init_installs_unless_the_lean_path_is_off(
     finally:
         if not was_installed:
             speedups.uninstall()
+
+
+def test_cached_utcoffset_is_celerys() -> None:
+    from celery.utils.time import utcoffset as celery_utcoffset
+
+    from taskyard.monitoring.events import utcoffset
+
+    assert utcoffset() == celery_utcoffset()
+    assert utcoffset() == utcoffset()

@@ -26,6 +26,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
+from celery.utils.time import utcoffset as celery_utcoffset
 
 from taskyard.outage import Outage
 from taskyard.runtime import TaskyardApp, find_runtime, runtime_of, sending_app
@@ -78,7 +79,7 @@ class SentEvents:
             routing_key=routing_key,
             hostname=self.hostname,
             pid=os.getpid(),
-            utcoffset=_utcoffset(),
+            utcoffset=utcoffset(),
         )
         self._events.append(Event("task-sent", **fields))
         if self._pid != os.getpid():
@@ -184,5 +185,14 @@ def _node() -> str:
     return socket.gethostname()
 
 
-def _utcoffset() -> int:
-    return (time.timezone if time.localtime().tm_isdst == 0 else time.altzone) // -3600
+_offset: list[float] = [0.0, -1e9]  # the offset (h) and when it was read (monotonic s)
+
+
+def utcoffset() -> float:
+    """Celery's ``utcoffset()`` (hours east of UTC, as every event carries it), read at most
+    once a minute: it changes only at a daylight-saving switch, and reading it costs a
+    ``localtime()`` call per event."""
+    now = time.monotonic()
+    if now - _offset[1] >= 60.0:
+        _offset[0], _offset[1] = celery_utcoffset(), now
+    return _offset[0]

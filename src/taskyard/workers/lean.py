@@ -51,6 +51,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.request import logger as request_logger
 from celery.worker.strategy import default as default_strategy
 
+from taskyard.monitoring.events import utcoffset
 from taskyard.runtime import find_runtime
 
 log = logging.getLogger("taskyard.workers.lean")
@@ -183,7 +184,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
     requests = worker_state.requests
     active = worker_state.active_requests
     successful = worker_state.successful_requests
-    count_task = worker_state.total_count.update
+    total_count = worker_state.total_count
     all_total = worker_state.all_total_count
     request_cls = create_request_cls(
         symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
@@ -270,6 +271,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
         if send_event is not None:
             send_event(
                 "task-received",
+                utcoffset=utcoffset,
                 uuid=task_id,
                 name=name,
                 args=lean.argsrepr,
@@ -285,7 +287,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
         lean.worker_pid = pid
         requests[task_id] = lean
         active.add(lean)
-        count_task({name: 1})
+        total_count[name] += 1
         all_total[0] += 1
         # A check that must stop a task before it starts (a durable cancel) belongs here, before
         # the early ack and the tracer; a refused message still leaves through ack() or
@@ -293,7 +295,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
         if not acks_late:
             ack(request_logger, connection_errors)
         if send_event is not None:
-            send_event("task-started", uuid=task_id)
+            send_event("task-started", utcoffset=utcoffset, uuid=task_id)
         try:
             retval, failed, runtime, retval_repr = tracer()(task_id, args, kwargs, request)
         finally:
@@ -304,7 +306,13 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
             if acks_late:
                 ack(request_logger, connection_errors)
             if send_event is not None:
-                send_event("task-succeeded", uuid=task_id, result=retval_repr, runtime=runtime)
+                send_event(
+                    "task-succeeded",
+                    utcoffset=utcoffset,
+                    uuid=task_id,
+                    result=retval_repr,
+                    runtime=runtime,
+                )
             return None
         # Failure, retry, Ignore, Reject: Celery's own Request decides (acks, requeue, events).
         lean.full.on_success((1, retval, runtime))
