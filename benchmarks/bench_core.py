@@ -53,8 +53,10 @@ GUARDS_OFF = os.environ.get("BENCH_CORE_GUARDS", "on") == "off"
 if GUARDS_OFF:
     ENV["TASKYARD_GUARD__ENABLED"] = "false"
 PEERS_PYTHON = ROOT / ".bench-peers" / "bin" / "python"
-#: Messages each fast-profile process reserves (taskyard's default).
+#: Most messages each fast-profile process reserves (taskyard's default).
 FAST_PREFETCH = int(Settings.model_fields["fast_prefetch_multiplier"].default)
+#: Run time (ms) one fetch of a fast-profile process brings at most (taskyard's default).
+FETCH_BUDGET_MS = float(Settings.model_fields["fetch_budget_ms"].default)
 APPS = {"celery": "benchmarks.apps.core_plain", "taskyard": "benchmarks.apps.core_taskyard"}
 ALL = "critical,high,normal,low,batch"
 #: Environment of a side beyond ENV: ``fast-celery`` is the fast profile on Celery's own
@@ -498,9 +500,9 @@ def run(quick: bool = False) -> list[Result]:
             percentile(waits["celery"], 99) * 1000,
             "p99 <= 25 ms",
             higher_is_better=False,
-            notes=f"as above, on the fast profile (2 solo processes, each reserving "
-            f"{FAST_PREFETCH} messages: a critical task can wait behind up to "
-            f"{FAST_PREFETCH - 1} low ones of its process); one round",
+            notes=f"as above, on the fast profile (2 solo processes, each fetching up to "
+            f"{FAST_PREFETCH} messages, as many as fit in {FETCH_BUDGET_MS:g} ms of observed "
+            "run time: a critical task waits behind about that much low work); one round",
             load_start=round(loads["fast"][0], 2),
             load_end=round(loads["fast"][1], 2),
         )

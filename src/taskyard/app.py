@@ -104,6 +104,8 @@ def celery_config(settings: Settings, router: Router) -> dict[str, Any]:
             # Leased reservations (taskyard.broker.transport): a live worker renews what it
             # holds and the lease replaces visibility_timeout in the restore sweep. 0: off.
             "reservation_lease": settings.reservation_lease_s,
+            # Most run time one fetch brings where tasks run as delivered (the fast profile).
+            "fetch_budget": settings.fetch_budget_ms / 1000,
             # Broker-side delays (taskyard.broker.delays): countdown/ETA messages wait in Redis.
             "taskyard_namespace": settings.namespace,
             "taskyard_delays": settings.broker_delays,

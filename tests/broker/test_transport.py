@@ -171,6 +171,46 @@ def test_fetch_pops_several_when_prefetch_allows(connect: Any, redis_client: red
     assert redis_client.hlen("unacked") == 0
 
 
+def test_fetch_budget_sizes_batches_by_observed_delivery_time(connect: Any) -> None:
+    channel = connect(fetch_budget=0.01, fetch_batch=16).channel()
+    channel.qos.prefetch_count = 16
+    assert channel.fetch_want() == 4  # nothing timed yet: a quarter of the batch
+    for _ in range(20):
+        channel._observe_delivery(0.008, 16)  # 0.5 ms a message: 20 fit in 10 ms
+    assert channel.fetch_want() == 16  # grown to the batch (and prefetch) limit
+    channel._observe_delivery(0.010, 2)  # 5 ms a message: shrinks at once
+    assert channel.fetch_want() == 2
+    channel._observe_delivery(0.001, 2)  # faster again: grows back a quarter at a time
+    assert channel.fetch_want() == 2
+    for _ in range(30):
+        channel._observe_delivery(0.001, 2)
+    assert channel.fetch_want() == 16
+    channel._observe_delivery(1.0, 1)  # one long task: one message per fetch
+    assert channel.fetch_want() == 1
+    channel.qos.prefetch_count = 3
+    channel._per_message_s = 1e-5
+    assert channel.fetch_want() == 3  # the prefetch still bounds it
+
+
+def test_fetch_without_budget_takes_what_prefetch_allows(connect: Any) -> None:
+    channel = connect(fetch_budget=0, fetch_batch=16).channel()
+    channel.qos.prefetch_count = 10
+    channel._observe_delivery(1.0, 1)
+    assert channel.fetch_want() == 10
+
+
+def test_drain_with_a_fetch_budget_delivers_every_message_in_order(
+    connect: Any, redis_client: redis.Redis
+) -> None:
+    conn = connect(fetch_budget=0.01)
+    producer = _declare(conn)
+    for i in range(50):
+        producer.publish({"i": i}, routing_key="normal")
+    got = _drain(conn, _queues(), 50)
+    assert [body["i"] for body, _ in got] == list(range(50))
+    assert redis_client.hlen("unacked") == 0
+
+
 def test_idle_consumer_is_woken_by_a_publish(connect: Any) -> None:
     # The idle read's timeout fallback far away (30 s, not 1 s): the message arriving well
     # before it shows the publish woke the reader, however slow a loaded machine is.

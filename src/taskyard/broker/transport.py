@@ -34,7 +34,8 @@ Extra transport options: ``taskyard_namespace`` (key namespace of the wake strea
 quarantine list), ``reservation_lease``, ``ack_flush_delay``, ``wake_maxlen`` (approximate
 length cap of a wake stream), ``binding_cache_ttl`` (s a channel reuses an exchange's binding
 table instead of reading it on every publish), ``fetch_batch`` (most messages one fetch pops
-when prefetch allows several).
+when prefetch allows several), ``fetch_budget`` (s of observed delivery time one fetch may
+bring: see :meth:`Channel.fetch_want`).
 """
 
 # kombu's transport classes are unannotated; untyped_calls_exclude does not reach calls made
@@ -330,6 +331,7 @@ class Channel(kombu_redis.Channel):
         "wake_maxlen",
         "binding_cache_ttl",
         "fetch_batch",
+        "fetch_budget",
     )
     # kombu's attribute is typed as a tuple of its own length, hence the ignore.
     from_transport_options = kombu_redis.Channel.from_transport_options + _own_options  # type: ignore[assignment]
@@ -344,6 +346,7 @@ class Channel(kombu_redis.Channel):
     wake_maxlen = 100
     binding_cache_ttl = 5.0
     fetch_batch = 16
+    fetch_budget = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._pending_acks: deque[str] = deque()
@@ -358,6 +361,8 @@ class Channel(kombu_redis.Channel):
         self._publish_keys: dict[tuple[str, int], tuple[str, str]] = {}
         self._empty_refresh: dict[str, float] = {}
         self._no_ack_queues: set[str] = set()
+        #: Observed delivery time per message (s), for fetch_budget; None until measured.
+        self._per_message_s: float | None = None
         self._maintenance: Maintenance | None = None
         #: Callables the channel's maintenance thread runs about every 0.25 s while the
         #: channel consumes (broker-side delay movers register here).
@@ -466,8 +471,7 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         plan = self._plan(tuple(queues))
-        estimate = self.qos.can_consume_max_estimate()
-        want = self.fetch_batch if estimate is None else max(1, min(estimate, self.fetch_batch))
+        want = self.fetch_want()
         record = any(queue not in self._no_ack_queues for queue in queues)
         acks = self._take_acks()
         if acks:
@@ -524,8 +528,42 @@ class Channel(kombu_redis.Channel):
             )
             raise Empty()
         assert plan is not None
+        started = monotonic()
         self._deliver_fetched(plan, reply[1:])
+        self._observe_delivery(monotonic() - started, len(reply) // 2)
         return True
+
+    def fetch_want(self) -> int:
+        """How many messages the next fetch asks for.
+
+        At most ``fetch_batch`` and what the prefetch leaves free; and, with a ``fetch_budget``,
+        no more than fit in that budget at the delivery time per message observed so far. Where
+        a consumer runs each task as it is delivered (a solo pool: the fast profile), delivery
+        time is run time: short tasks then come a full batch per round trip, while an urgent
+        message waits behind no more than about the budget of reserved work. Where delivering
+        only hands the task on (a prefork pool), it is short and the prefetch decides.
+        """
+        estimate = self.qos.can_consume_max_estimate()
+        want = self.fetch_batch if estimate is None else max(1, min(estimate, self.fetch_batch))
+        budget = self.fetch_budget
+        if budget > 0:
+            # Until a delivery was timed: a quarter of the batch.
+            per_message = self._per_message_s or budget * 4 / max(1, self.fetch_batch)
+            want = max(1, min(want, int(budget / per_message)))
+        return want
+
+    def _observe_delivery(self, elapsed_s: float, count: int) -> None:
+        """Fold one fetch's delivery time into the per-message estimate: slower at once (an
+        urgent message must not wait behind a batch sized for shorter tasks), faster by a
+        quarter of the difference per fetch."""
+        if count <= 0:
+            return
+        per_message = max(elapsed_s / count, 1e-6)
+        known = self._per_message_s
+        if known is None or per_message >= known:
+            self._per_message_s = per_message
+        else:
+            self._per_message_s = known + (per_message - known) * 0.25
 
     def _deliver_fetched(self, plan: FetchPlan, flat: list[Any]) -> None:
         pairs = []
