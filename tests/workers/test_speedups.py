@@ -80,6 +80,15 @@ def test_custom_headers_as_celery(extra: dict[str, Any]) -> None:
 )
 def test_custom_headers_as_celery_for_any_keys(request: dict[str, Any]) -> None:
     assert speedups.custom_headers(Context(), request) == CELERY_HEADERS(Context(), request)
+    # The tracer's form: the request and Celery's own keywords.
+    tracer_form = {"args": [1], "called_directly": False, "kwargs": {}}
+    assert speedups.custom_headers(Context(), request, **tracer_form) == CELERY_HEADERS(
+        Context(), request, **tracer_form
+    )
+    # Keywords that are not Celery's take the general path.
+    assert speedups.custom_headers(Context(), request, extra=1) == CELERY_HEADERS(
+        Context(), request, extra=1
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,6 +61,11 @@ _original: dict[str, Any] = {}
 
 def custom_headers(self: Context, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
     """``Context._get_custom_headers``: the request's keys that are not Celery's, or None."""
+    if len(args) == 1 and type(args[0]) is dict and not kwargs.keys() - CELERY_KEYS:
+        # The tracer's call: Context(request, args=..., called_directly=..., kwargs=...).
+        request = args[0]
+        own = request.keys() - CELERY_KEYS
+        return {key: request[key] for key in own} if own else None
     merged: dict[str, Any] = {}
     merged.update(*args, **kwargs)
     own = merged.keys() - CELERY_KEYS
