@@ -199,10 +199,10 @@ def test_worker_init_installs_unless_the_lean_path_is_off(
     was_installed = bool(speedups._original)
     speedups.uninstall()
     try:
-        monkeypatch.setattr("taskyard.workers.lean.lean_enabled", lambda app: False)
+        monkeypatch.setattr("taskyard.workers.speedups.lean_enabled", lambda app: False)
         speedups.on_worker_init(sender=SimpleNamespace(app=object()))
         assert not speedups._original
-        monkeypatch.setattr("taskyard.workers.lean.lean_enabled", lambda app: True)
+        monkeypatch.setattr("taskyard.workers.speedups.lean_enabled", lambda app: True)
         speedups.on_worker_init(sender=SimpleNamespace(app=object()))
         assert speedups._original
     finally:
@@ -213,7 +213,7 @@ def test_worker_init_installs_unless_the_lean_path_is_off(
 def test_cached_utcoffset_is_celerys() -> None:
     from celery.utils.time import utcoffset as celery_utcoffset
 
-    from taskyard.monitoring.events import utcoffset
+    from taskyard.workers.speedups import utcoffset
 
     assert utcoffset() == celery_utcoffset()
     assert utcoffset() == utcoffset()

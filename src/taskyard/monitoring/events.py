@@ -20,17 +20,16 @@ import atexit
 import logging
 import os
 import threading
-import time
 from collections import deque
 from typing import Any
 
 from celery import bootsteps
 from celery.events.event import Event, get_exchange
-from celery.utils.time import utcoffset as celery_utcoffset
 
 from taskyard.outage import Outage
 from taskyard.runtime import TaskyardApp, find_runtime, runtime_of, sending_app
 from taskyard.seams import Seam
+from taskyard.workers.speedups import utcoffset
 
 # Celery internals the event batching relies on (checked by tests/test_seams.py): the
 # consumer's flush of buffered events and the dispatcher's buffering hooks.
@@ -183,16 +182,3 @@ def _node() -> str:
     import socket
 
     return socket.gethostname()
-
-
-_offset: list[float] = [0.0, -1e9]  # the offset (h) and when it was read (monotonic s)
-
-
-def utcoffset() -> float:
-    """Celery's ``utcoffset()`` (hours east of UTC, as every event carries it), read at most
-    once a minute: it changes only at a daylight-saving switch, and reading it costs a
-    ``localtime()`` call per event."""
-    now = time.monotonic()
-    if now - _offset[1] >= 60.0:
-        _offset[0], _offset[1] = celery_utcoffset(), now
-    return _offset[0]

@@ -51,8 +51,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.request import logger as request_logger
 from celery.worker.strategy import default as default_strategy
 
-from taskyard.monitoring.events import utcoffset
-from taskyard.runtime import find_runtime
+from taskyard.workers.speedups import lean_enabled, utcoffset
 
 log = logging.getLogger("taskyard.workers.lean")
 #: Celery's own logger for the "Task ... received" line, so log filters see the same name.
@@ -142,12 +141,6 @@ class LeanRequest:
 
     def __repr__(self) -> str:
         return f"<LeanRequest {self.name}[{self.id}]>"
-
-
-def lean_enabled(app: Any) -> bool:
-    """Whether ``app``'s settings let workers take the lean path (``TASKYARD_LEAN_PATH``)."""
-    runtime = find_runtime(app)
-    return runtime is None or bool(getattr(runtime.settings, "lean_path", True))
 
 
 def applies(task: Any, app: Any, consumer: Any) -> bool:

@@ -23,13 +23,16 @@ nothing, these three steps were about a quarter of the tracer's cost per task:
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import signals
 from celery.app import trace as celery_trace
 from celery.app.task import Context
 from celery.utils.saferepr import saferepr as celery_saferepr
+from celery.utils.time import utcoffset as celery_utcoffset
 
+from taskyard.runtime import find_runtime
 from taskyard.seams import Seam
 
 # Celery internals these rely on (checked by tests/test_seams.py; the behaviour by
@@ -57,6 +60,7 @@ TASK_SIGNALS = (
 )
 _INT_BOUND = 2**53
 _original: dict[str, Any] = {}
+_offset: list[float] = [0.0, -1e9]  # the offset (h) and when it was read (monotonic s)
 
 
 def custom_headers(self: Context, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
@@ -80,6 +84,16 @@ def result_repr(
     if obj is None or kind is bool or (kind is int and -_INT_BOUND < obj < _INT_BOUND):
         return repr(obj)
     return str(celery_saferepr(obj, maxlen, maxlevels, seen))
+
+
+def utcoffset() -> float:
+    """Celery's ``utcoffset()`` (hours east of UTC, as every event carries it), read at most
+    once a minute: it changes only at a daylight-saving switch, and reading it costs a
+    ``localtime()`` call per event (the lean path passes this to the event dispatcher)."""
+    now = time.monotonic()
+    if now - _offset[1] >= 60.0:
+        _offset[0], _offset[1] = celery_utcoffset(), now
+    return _offset[0]
 
 
 def install() -> None:
@@ -109,10 +123,14 @@ def uninstall() -> None:
             signal.sender_receivers_cache.clear()
 
 
+def lean_enabled(app: Any) -> bool:
+    """Whether ``app``'s settings let workers take the lean path (``TASKYARD_LEAN_PATH``)."""
+    runtime = find_runtime(app)
+    return runtime is None or bool(getattr(runtime.settings, "lean_path", True))
+
+
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """``worker_init`` receiver: install in a taskyard worker unless the lean path is off."""
-    from taskyard.workers.lean import lean_enabled
-
     app = getattr(sender, "app", None)
     if app is not None and lean_enabled(app):
         install()
