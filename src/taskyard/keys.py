@@ -271,6 +271,11 @@ class Keys:
         Expires monitoring.session_ttl_s after login; deleted at logout."""
         return f"{self.namespace}:session:{digest}"
 
+    def notice(self, token: str) -> str:
+        """STRING (JSON {user, message}) of what a dashboard form just did, for the page its
+        redirect names by ``token``. Expires after monitoring.dashboard.layout.NOTICE_TTL_S."""
+        return f"{self.namespace}:notice:{token}"
+
     def audit(self) -> str:
         """STREAM of operator actions (who, role, action, target, count, detail), oldest
         first, capped at about monitoring.audit_max_entries (XADD MAXLEN ~)."""

@@ -261,6 +261,19 @@ def test_dashboard_replay_by_filter_counts_confirms_and_audits(
     assert done.status_code == 303, done.text
     assert store.count() == 2  # the four charges replayed, the refunds still dead
     assert audit(redis_client)[0] == ("operator", "dead.replay", 4, "dashboard")
+    # The redirect carries a token; the page shows what was done to the user who did it.
+    location = done.headers["location"]
+    assert "replayed" not in location
+    assert "replayed 4 of 4 dead letter(s)" in client.get(location).text
+    # A link made elsewhere cannot put its own words on the page.
+    crafted = client.get("/dashboard/dead?done=Session+expired:+log+in+at+evil.example")
+    assert crafted.status_code == 200 and "evil.example" not in crafted.text
+    assert 'class="done"' not in crafted.text
+    # Nor is one user's notice shown to another.
+    client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
+    log_in(client, "viewer")
+    assert "replayed 4 of 4" not in client.get(location).text
+    form["csrf_token"] = log_in(client, "operator")
     # An operator may not purge, whatever the form says.
     purge = client.post("/dashboard/dead/action", data={**form, "op": "purge", "confirm": "yes"})
     assert purge.status_code == 403

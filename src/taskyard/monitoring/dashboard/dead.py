@@ -14,10 +14,9 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from taskyard.deadletters import DeadLetter
 from taskyard.deadletters import Query as DeadQuery
@@ -31,6 +30,8 @@ from taskyard.monitoring.api.users import Action
 from taskyard.monitoring.dashboard.layout import (
     Shell,
     api_state,
+    done_redirect,
+    notice,
     page_response,
     session_principal,
     shell,
@@ -204,7 +205,7 @@ def dead_page(request: Request, done: str = "") -> Response:
         logger.warning("dead-letters page: store unreadable", exc_info=True)
         body = render("unavailable.html", shell=page, what="dead letters", error=str(exc))
         return page_response(request, Body(body.encode()), 503)
-    html = render_dead(view, page, Controls.of(request), done[:200])
+    html = render_dead(view, page, Controls.of(request), notice(request, done))
     return page_response(request, Body(html.encode()))
 
 
@@ -250,7 +251,7 @@ async def dead_action(request: Request) -> Response:
     state.auth.record(principal, f"dead.{op}", target=target, count=done, via="dashboard")
     verb = {"replay": "replayed", "purge": "purged"}[str(op)]
     message = f"{verb} {done} of {count} dead letter(s) ({scope}: {target})"
-    return RedirectResponse(f"/dashboard/dead?{urlencode({'done': message})}", 303)
+    return done_redirect(request, principal, "/dashboard/dead", message)
 
 
 def _replayed(app: Any, store: Any, entry_id: str) -> bool:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from taskyard.errors import TaskyardError
 from taskyard.flow import FlowStore, store_for
@@ -25,6 +24,8 @@ from taskyard.monitoring.api.users import Action
 from taskyard.monitoring.dashboard.layout import (
     Shell,
     api_state,
+    done_redirect,
+    notice,
     page_response,
     session_principal,
     shell,
@@ -80,7 +81,7 @@ def flow_page(request: Request, done: str = "") -> Response:
         logger.warning("flow page: flow state unreadable", exc_info=True)
         body = render("unavailable.html", shell=page, what="flow control", error=str(exc))
         return page_response(request, Body(body.encode()), 503)
-    html = render_flow(view, page, FlowControls.of(request), done[:200])
+    html = render_flow(view, page, FlowControls.of(request), notice(request, done))
     return page_response(request, Body(html.encode()))
 
 
@@ -132,4 +133,4 @@ async def flow_action(request: Request) -> Response:
         via="dashboard",
         detail={"key": key, "rate": form.get("rate"), "concurrency": form.get("concurrency")},
     )
-    return RedirectResponse(f"/dashboard/flow?{urlencode({'done': message})}", 303)
+    return done_redirect(request, principal, "/dashboard/flow", message)

@@ -9,7 +9,9 @@ refreshable board only), chosen by :attr:`Shell.layout`.
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from urllib.parse import urlencode
 
 import anyio
 from fastapi import Query, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
+from redis.exceptions import RedisError
 
 from taskyard.config import Settings
 from taskyard.monitoring.api.query import Body, ResponseCache
@@ -189,6 +192,51 @@ def session_principal(request: Request | None) -> Principal | None:
     if principal is None or principal.via != "session" or principal.csrf is None:
         return None
     return principal  # type: ignore[no-any-return]
+
+
+#: How long what a form did waits for the page its redirect goes to (s).
+NOTICE_TTL_S = 300
+#: Longest notice kept and shown (characters).
+NOTICE_MAX = 300
+
+
+def done_redirect(request: Request, principal: Principal, path: str, message: str) -> Response:
+    """Back to ``path`` (303) with what a form did, for ``principal`` only.
+
+    The message stays in Redis under a random token and the redirect carries the token, so a
+    link made elsewhere (``?done=...``) cannot put its own words on an operator's page: a page
+    shows a notice only when it was left for the user viewing it. When Redis refuses, the page
+    comes back without one (the action itself is done and audited).
+    """
+    state = api_state(request)
+    token = secrets.token_urlsafe(16)
+    record = json.dumps({"user": principal.name, "message": message[:NOTICE_MAX]})
+    try:
+        state.runtime.redis.set(state.runtime.keys.notice(token), record, ex=NOTICE_TTL_S)
+    except RedisError:
+        logger.warning("dashboard: notice not kept (%s)", message[:NOTICE_MAX], exc_info=True)
+        return RedirectResponse(path, 303)
+    return RedirectResponse(f"{path}?{urlencode({'done': token})}", 303)
+
+
+def notice(request: Request, token: str) -> str:
+    """What a form left under ``token`` for the user viewing ``request``; "" for an unknown,
+    expired or malformed token, another user's notice, or when Redis cannot say."""
+    principal = getattr(request.state, "principal", None)
+    if not token or len(token) > 64 or principal is None:
+        return ""
+    state = api_state(request)
+    try:
+        raw = state.runtime.redis.get(state.runtime.keys.notice(token))
+    except RedisError:
+        return ""
+    try:
+        record = json.loads(raw) if raw else None
+    except ValueError:
+        return ""
+    if not isinstance(record, dict) or record.get("user") != principal.name:
+        return ""
+    return str(record.get("message") or "")[:NOTICE_MAX]
 
 
 def api_state(request: Request) -> ApiState:

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -33,7 +33,9 @@ from taskyard.monitoring.dashboard.layout import (
     Window,
     WindowQuery,
     api_state,
+    done_redirect,
     forget_pages,
+    notice,
     page_response,
     shell,
     windowed,
@@ -233,7 +235,7 @@ async def tasks_page(
     )
     where = TasksFilter.of(request.query_params)
     controls = CancelControls.of(request)
-    done = done[:200]
+    done = notice(request, done)
     return await windowed(
         request,
         # The forms' token is the session's: two sessions of one user share no page.
@@ -291,7 +293,7 @@ async def tasks_cancel(request: Request) -> Response:
         f"cancelled {cancelled} of {selected} waiting task(s) matching {where.describe()}"
         f" ({selected - cancelled} already cancelled)"
     )
-    return RedirectResponse(f"/dashboard/tasks?{urlencode({'done': message[:200]})}", 303)
+    return done_redirect(request, principal, "/dashboard/tasks", message)
 
 
 def _select(control: JobControl, where: CancelFilter, by: str, dry_run: bool) -> dict[str, Any]:
