@@ -181,8 +181,11 @@ def test_rate_limit_holds_across_three_workers(
         time.sleep(max(0.0, first + 31 - time.time()))
     times = sorted(t for task, _, t in _starts(redis_client) if task == "rated")
     in_30 = [t for t in times if t < first + 30]
-    # 20/s, burst 2: no one-second window above 22; the total within 5 % of 600.
-    assert max(_windows(in_30)) <= 22, Counter(int(t - first) for t in in_30)
+    # 20/s, burst 2: at most 22 admissions in any second; the total within 5 % of 600. The
+    # tasks record when they start, not when the fetch admitted them: a task admitted late in
+    # one second can start early in the next, so a window of starts may hold the admissions of
+    # a slightly longer one (2 more is 0.1 s at 20/s; an unlimited drain starts hundreds a second).
+    assert max(_windows(in_30)) <= 22 + 2, Counter(int(t - first) for t in in_30)
     assert abs(len(in_30) - 600) <= 30, len(in_30)
 
 
