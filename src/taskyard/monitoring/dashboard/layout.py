@@ -214,7 +214,8 @@ def done_redirect(request: Request, principal: Principal, path: str, message: st
     try:
         state.runtime.redis.set(state.runtime.keys.notice(token), record, ex=NOTICE_TTL_S)
     except RedisError:
-        logger.warning("dashboard: notice not kept (%s)", message[:NOTICE_MAX], exc_info=True)
+        # The message names what an operator typed (filters, task names): not for the log.
+        logger.warning("dashboard: notice of a %s action not kept", path, exc_info=True)
         return RedirectResponse(path, 303)
     return RedirectResponse(f"{path}?{urlencode({'done': token})}", 303)
 

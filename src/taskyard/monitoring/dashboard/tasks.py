@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+import anyio
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
@@ -235,7 +236,8 @@ async def tasks_page(
     )
     where = TasksFilter.of(request.query_params)
     controls = CancelControls.of(request)
-    done = notice(request, done)
+    # A Redis read: off the event loop, as the page build is.
+    done = await anyio.to_thread.run_sync(notice, request, done) if done else ""
     return await windowed(
         request,
         # The forms' token is the session's: two sessions of one user share no page.
