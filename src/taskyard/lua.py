@@ -12,7 +12,8 @@ from one file or from several fragments concatenated in a fixed order
 * ``script.command(keys, args)``: the bare command words, for a caller that sends on a
   connection without waiting for the reply (the transport's fetch);
 * ``script.fast(client, keys, args)``: on a connection the calling thread keeps (the per-item
-  append path, where borrowing a pooled connection costs more than the script).
+  paths, a batch append and a publish, where borrowing a pooled connection costs more than
+  the script).
 
 Keys are passed as they are, never rewritten: the calls go through ``redis.Redis``'s own
 ``execute_command`` (and the pipeline's), so kombu's key-prefixing client, whose
