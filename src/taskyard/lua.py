@@ -213,6 +213,10 @@ def _held_connection(client: redis.Redis) -> Any:
     if conn is None:
         try:
             conn = client.connection_pool.make_connection()
+            # Connected here, as the pool's get_connection does: a Sentinel-managed connection
+            # finds its master in connect(), which redis-py 8's send path no longer calls (it
+            # would reach the default localhost:6379 instead).
+            conn.connect()
         except Exception:
             return None
         held[1][client] = conn

@@ -7,6 +7,7 @@ import contextlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from taskyard.batching.buffer import BatchBuffer
 from taskyard.runtime import runtime_of
 from taskyard.signals import batch_flushed
 from taskyard.testing import wait_until
+from tests.servers import RedisServer
 
 
 def messages(client: redis.Redis, queue: str = "batch") -> list[tuple[str, list[Any]]]:
@@ -355,9 +357,13 @@ def test_concurrent_producers_lose_nothing(make_app: Any, redis_client: redis.Re
 
 
 def test_scripts_are_reloaded_after_a_redis_restart(
-    make_app: Any, redis_client: redis.Redis
+    make_app: Any, redis_server: Callable[..., RedisServer]
 ) -> None:
-    app = make_app("b14")
+    # A server of this test's own: SCRIPT FLUSH empties a whole server's script cache, and
+    # the suite's other workers share the suite's server.
+    server = redis_server()
+    redis_client = redis.Redis(port=server.port)
+    app = make_app("b14", redis_url=server.url)
 
     @batch_task(batch_name="restart", batch_size=2, max_wait=0.1)
     def restart(items: list[Any]) -> None: ...
