@@ -150,6 +150,10 @@ SEAMS = (
     Seam("redis.connection.AbstractConnection", "re_auth"),
     Seam("redis.connection.AbstractConnection", "set_re_auth_token", params=("token",)),
     Seam("redis.client.Redis", "parse_response", params=("connection", "command_name")),
+    # The publish path's own connection per thread (taskyard.lua: Script.fast): made by the
+    # client's pool and connected there (a Sentinel connection finds its master in connect()).
+    Seam("redis.connection.ConnectionPool", "make_connection"),
+    Seam("redis.sentinel.SentinelManagedConnection", "connect"),
 )
 
 logger = logging.getLogger(__name__)
