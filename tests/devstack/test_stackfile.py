@@ -263,7 +263,12 @@ def test_a_second_shell_finds_the_stack_of_taskyard_up(tmp_path: Path) -> None:
             assert done.returncode == 0, done.stderr
             return len(json.loads(done.stdout)["workers"]) >= 3
 
-        wait_until(sees_workers, 60, 0.5, "the second shell to see the stack's workers")
+        try:
+            wait_until(sees_workers, 60, 0.5, "the second shell to see the stack's workers")
+        except AssertionError as exc:
+            seen = taskyard("stats", "show", "--json", env=shell, cwd=tmp_path).stdout
+            tail = log.read_text(errors="replace")[-4000:]
+            raise AssertionError(f"{exc}\nlast stats: {seen[:2000]}\nstack log:\n{tail}") from exc
         done = taskyard("stats", "show", env=shell, cwd=tmp_path)
         assert done.stderr.splitlines()[0].startswith(
             f"taskyard: reading Redis {redis_url} from .taskyard-stack.json (written by pid "
