@@ -298,7 +298,7 @@ def test_broken_connection_goes_through_kombu(
     publisher = runtime_of(app).publisher
     notify.delay(1)  # the publisher's connection exists
     assert redis_client.rpop("high")
-    link = publisher._link
+    link = publisher._local.link
     # The link's client now talks to a port nothing listens on: its publish is refused.
     link.channel.__dict__["client"] = redis.Redis(
         port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
@@ -310,9 +310,9 @@ def test_broken_connection_goes_through_kombu(
     (message,) = _pop_messages(redis_client)
     assert message["headers"]["id"] == TID
     assert [name for name, _ in calls] == ["before", "after"]  # once each
-    assert publisher._link is not link  # dropped; the next send makes another
+    assert publisher._local.link is not link  # dropped; the next send makes another
     notify.delay(3)
-    assert publisher._link is not None and publisher._link is not link
+    assert publisher._local.link is not None and publisher._local.link is not link
     assert redis_client.llen("high") == 1
 
 
@@ -363,22 +363,73 @@ def test_fast_messages_run_on_taskyard_and_plain_celery_workers(
     assert child["parent_id"] == child["root_id"] == spawn_run["id"] == spawned.id
 
 
-def test_threads_share_the_connection(
+def test_many_threads_send_at_once_each_on_its_own_connection(
     make_app: Any, redis_client: redis.Redis, fast_puts: list[str]
 ) -> None:
-    make_app("fastsend-threads")
+    """More threads than the channel's pool holds connections (kombu's max_connections, 10)
+    send at once: every call is sent by the fast path and none fails. Before each thread had a
+    connection of its own, the pool ran out; the thread that saw it dropped the shared one,
+    and the others' calls failed on the closed channel."""
+    app = make_app("fastsend-threads")
+    publisher = runtime_of(app).publisher
+    threads_n, each = 40, 25
     ids: list[str] = []
+    errors: list[BaseException] = []
+    links: list[Any] = []
+    start = threading.Barrier(threads_n)
 
     def send() -> None:
-        for i in range(50):
-            ids.append(notify.delay(i).id)
+        try:
+            start.wait(30)
+            for i in range(each):
+                ids.append(notify.delay(i).id)
+            links.append(publisher._local.link)
+        except BaseException as exc:
+            errors.append(exc)
 
-    threads = [threading.Thread(target=send) for _ in range(8)]
+    threads = [threading.Thread(target=send) for _ in range(threads_n)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    assert len(fast_puts) == 400
+    assert errors == []
+    assert len(fast_puts) == threads_n * each
+    assert len({id(link) for link in links}) == threads_n
     queued = [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange("high", 0, -1)]
     assert sorted(queued) == sorted(ids)
-    assert len(set(queued)) == 400
+    assert len(set(queued)) == threads_n * each
+
+
+def test_a_thread_dropping_its_connection_leaves_the_others_alone(
+    make_app: Any, redis_client: redis.Redis, fast_puts: list[str]
+) -> None:
+    app = make_app("fastsend-drop")
+    publisher = runtime_of(app).publisher
+    notify.delay(0)
+    mine = publisher._local.link
+    other: list[Any] = []
+    dropped = threading.Event()
+    sent_after = threading.Event()
+
+    def elsewhere() -> None:
+        notify.delay(1)
+        other.append(publisher._local.link)
+        dropped.wait(30)
+        notify.delay(2)  # on its own link, still open
+        other.append(publisher._local.link)
+        sent_after.set()
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    wait_until(lambda: bool(other), 30, 0.01, "the other thread's first send")
+    publisher._drop(mine)
+    dropped.set()
+    assert sent_after.wait(30)
+    thread.join(30)
+    assert other[0] is other[1] and other[0] is not mine
+    assert len(fast_puts) == 3
+    assert redis_client.llen("high") == 3
+    publisher.close()  # every thread's link is closed; the next send opens another
+    notify.delay(3)
+    assert publisher._local.link is not None and publisher._local.link is not mine
+    assert redis_client.llen("high") == 4

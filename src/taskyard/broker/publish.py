@@ -6,7 +6,9 @@ acquires a producer from the pool, binds a copy of the queue to check its declar
 options at four levels, on every call: measured, most of a publish's CPU. For the common call
 (a task of a taskyard app with no per-call options but ``task_id`` and ``level``, on taskyard's
 Redis transport) :class:`Publisher` builds the same protocol-2 message itself and hands it to the
-channel's ``_put`` (one ``EVALSHA``) on a connection it keeps per process.
+channel's ``_put`` (one ``EVALSHA``) on a connection each thread keeps: threads never share
+one, so a thread whose connection breaks drops only its own, and many threads sending at once
+never run out of the channel's pooled connections.
 
 What is sent does not change: the same headers, properties and body; ``before_task_publish``
 (whose receivers may still edit the headers) and ``after_task_publish`` with the same arguments;
@@ -35,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import monotonic
@@ -125,25 +128,28 @@ class _Destination:
 
 
 class _Link:
-    """The publisher's connection of one process, and its queues as resolved and declared."""
+    """The publisher's connection of one thread, and its queues as resolved and declared."""
 
     __slots__ = (
+        "__weakref__",
         "channel",
         "channel_errors",
         "connection",
         "connection_errors",
         "declared",
         "destinations",
+        "generation",
         "pid",
     )
 
-    def __init__(self, connection: Any, channel: Channel) -> None:
+    def __init__(self, connection: Any, channel: Channel, generation: int) -> None:
         self.connection = connection
         self.channel = channel
         self.connection_errors: tuple[type[BaseException], ...] = connection.connection_errors
         self.channel_errors: tuple[type[BaseException], ...] = connection.channel_errors
         self.declared: set[str] = set()
         self.destinations: dict[str, _Destination | None] = {}
+        self.generation = generation
         self.pid = os.getpid()
 
 
@@ -165,7 +171,11 @@ class Publisher:
         #: The taskyard router (``task_routes``); the fast path runs only while it is the one.
         self.router = router
         self._verdicts: dict[str, _Verdict] = {}
-        self._link: _Link | None = None
+        #: Each thread's link (``.link``); every open one, so that close() reaches them all.
+        self._local = threading.local()
+        self._links: weakref.WeakSet[_Link] = weakref.WeakSet()
+        #: Raised by close(): a thread's link of an earlier generation is closed, not used.
+        self._generation = 0
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._origin = (0, "")
@@ -482,46 +492,50 @@ class Publisher:
 
     # --- the connection -------------------------------------------------------------------------
     def _connected(self) -> _Link | None:
-        """This process's link, connected now if needed; None: take Celery's path."""
-        link = self._link
-        if link is not None and link.pid == os.getpid():
+        """This thread's link, connected now if needed; None: take Celery's path."""
+        link: _Link | None = getattr(self._local, "link", None)
+        if link is not None and link.pid == os.getpid() and link.generation == self._generation:
             return link
         if monotonic() < self._retry_at:
             return None
+        # A link made before a fork belongs to the parent: left alone, never closed here.
+        self._local.link = None
+        generation = self._generation
+        connection = self.app.connection_for_write()
+        try:
+            # One attempt: while the broker is away, Celery's path retries and reports.
+            connection.ensure_connection(max_retries=0)
+            channel = connection.default_channel
+        except Exception:
+            logger.debug("fast publish connection failed", exc_info=True)
+            self._retry_at = monotonic() + RECONNECT_PAUSE_S
+            _release(connection)
+            return None
+        if not isinstance(channel, Channel):
+            self.enabled = False
+            _release(connection)
+            return None
+        link = _Link(connection, channel, generation)
         with self._lock:
-            link = self._link
-            if link is not None and link.pid == os.getpid():
-                return link
-            # A link made before a fork belongs to the parent: left alone, never closed here.
-            self._link = None
-            connection = self.app.connection_for_write()
-            try:
-                # One attempt: while the broker is away, Celery's path retries and reports.
-                connection.ensure_connection(max_retries=0)
-                channel = connection.default_channel
-            except Exception:
-                logger.debug("fast publish connection failed", exc_info=True)
-                self._retry_at = monotonic() + RECONNECT_PAUSE_S
-                _release(connection)
-                return None
-            if not isinstance(channel, Channel):
-                self.enabled = False
-                _release(connection)
-                return None
-            self._link = link = _Link(connection, channel)
-            return link
+            self._links.add(link)
+        self._local.link = link
+        return link
 
     def _drop(self, link: _Link) -> None:
+        if getattr(self._local, "link", None) is link:
+            self._local.link = None
         with self._lock:
-            if self._link is link:
-                self._link = None
+            self._links.discard(link)
         _release(link.connection)
 
     def close(self) -> None:
-        """Close this process's connection (the next fast publish opens another)."""
-        link = self._link
-        if link is not None and link.pid == os.getpid():
-            self._drop(link)
+        """Close this process's connections (the next fast publish of a thread opens another)."""
+        with self._lock:
+            self._generation += 1
+            links = [link for link in self._links if link.pid == os.getpid()]
+            self._links.clear()
+        for link in links:
+            _release(link.connection)
 
 
 def _release(connection: Any) -> None:
