@@ -44,6 +44,7 @@ from benchmarks.common import (
 )
 from taskyard.config import Settings
 from taskyard.testing import ROOT, child_env, spawn, tree_cpu_s, wait_until
+from taskyard.workers.profiles import default_fast_processes
 
 REDIS_URL = os.environ.get("BENCH_CORE_REDIS_URL", BENCH_REDIS_URL)
 ENV = {"TASKYARD_REDIS_URL": REDIS_URL, "BENCH_CORE_REDIS_URL": REDIS_URL}
@@ -55,6 +56,8 @@ if GUARDS_OFF:
 PEERS_PYTHON = ROOT / ".bench-peers" / "bin" / "python"
 #: Most messages each fast-profile process reserves (taskyard's default).
 FAST_PREFETCH = int(Settings.model_fields["fast_prefetch_multiplier"].default)
+#: Processes the fast profile starts on 2 cores when -c is not given (taskyard's default).
+FAST_AUTO = default_fast_processes(Settings(), cores=2)
 #: Run time (ms) one fetch of a fast-profile process brings at most (taskyard's default).
 FETCH_BUDGET_MS = float(Settings.model_fields["fetch_budget_ms"].default)
 APPS = {"celery": "benchmarks.apps.core_plain", "taskyard": "benchmarks.apps.core_taskyard"}
@@ -85,6 +88,10 @@ def _argv(side: str, queues: str | None = None) -> list[str]:
         return [*taskyard_cli, "--profile", "all", "-c", "2", "-n", "bench-ty@%h"]
     if side in ("fast", "fast-celery"):
         return [*taskyard_cli, "--profile", "fast", "-c", "2"]
+    if side == "fast-auto":
+        # The process count the profile takes by itself on 2 cores, as Dramatiq's 2 x 8 below
+        # is its own default there (a process per core, 8 threads each).
+        return [*taskyard_cli, "--profile", "fast", "-c", str(FAST_AUTO)]
     if side == "dramatiq":
         return [
             str(PEERS_PYTHON),
@@ -361,7 +368,7 @@ def run(quick: bool = False) -> list[Result]:
             file=sys.stderr,
         )
     drain_sides = ["celery", "taskyard", "fast", "fast-celery"] + (
-        ["dramatiq"] if have_dramatiq else []
+        ["dramatiq", "fast-auto"] if have_dramatiq else []
     )
     guards = "; taskyard guards off" if GUARDS_OFF else ""
     rows: list[Result] = []
@@ -467,6 +474,31 @@ def run(quick: bool = False) -> list[Result]:
                 "worker CPU per task, drain, fast vs Dramatiq",
                 drains,
                 "fast",
+                "dramatiq",
+                cpu=True,
+                goal="<= 0.67x Dramatiq (ratio >= 1.5)",
+                notes="'celery' column is Dramatiq",
+            )
+        )
+        rows.append(
+            compare(
+                "core.fast",
+                f"drain rate, fast at its 2-core default ({FAST_AUTO} processes) vs Dramatiq 2 x 8",
+                drains,
+                "fast-auto",
+                "dramatiq",
+                goal=">= 1.5x Dramatiq",
+                notes="each side as it starts by itself on 2 cores: fast "
+                "TASKYARD_FAST_PROCESSES_PER_CORE per core, Dramatiq a process per core with 8 "
+                f"threads; 'celery' column is Dramatiq{guards}",
+            )
+        )
+        rows.append(
+            compare(
+                "core.cpu",
+                "worker CPU per task, drain, fast at its 2-core default vs Dramatiq 2 x 8",
+                drains,
+                "fast-auto",
                 "dramatiq",
                 cpu=True,
                 goal="<= 0.67x Dramatiq (ratio >= 1.5)",

@@ -447,6 +447,7 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
     from taskyard.errors import ConfigurationError
     from taskyard.workers.profiles import (
         FAST_QUEUES_FROM,
+        default_fast_processes,
         fast_worker_argvs,
         get_profile,
         hard_time_limited_tasks,
@@ -468,6 +469,16 @@ def test_fast_profile_arguments_and_limits(make_app: Any) -> None:
         split_processes(("-c", "many"), 2)
     with pytest.raises(ConfigurationError, match="at least 1"):
         fast_worker_argvs("bdc", profile, 0)
+    # Without -c: 1.5 processes per core, rounded up; the setting changes it.
+    assert [default_fast_processes(load_settings(), cores) for cores in (1, 2, 4, 5)] == [
+        2,
+        3,
+        6,
+        8,
+    ]
+    one_each = load_settings(fast_processes_per_core=1)
+    assert [default_fast_processes(one_each, cores) for cores in (1, 2, 16)] == [1, 2, 16]
+    assert default_fast_processes(load_settings()) >= 1  # this machine's cores
     app = make_app("limits")
 
     @app.task(name="limits.bounded", time_limit=5, shared=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import subprocess
 import threading
@@ -182,21 +184,30 @@ def run_processes(argvs: list[list[str]], *, restart_delay_s: float = RESTART_DE
     return 0
 
 
+def default_fast_processes(settings: Settings, cores: int | None = None) -> int:
+    """Processes of the fast profile without ``-c``: ``fast_processes_per_core`` per core this
+    process may run on, rounded up."""
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, math.ceil(settings.fast_processes_per_core * cores))
+
+
 def launch_fast(
     app_path: str, settings: Settings, extra: tuple[str, ...] = (), processes: int | None = None
 ) -> int:
-    """``taskyard worker --profile fast``: solo-pool processes, one per core by default.
+    """``taskyard worker --profile fast``: solo-pool processes, ``fast_processes_per_core`` per
+    core by default (:func:`default_fast_processes`).
 
     Raises:
         ConfigurationError: a task of the app has a hard time limit (a solo pool cannot kill
             a task that overruns it), or the process count is not a positive number.
     """
-    import os
     import sys
 
     from celery.app.utils import find_app
 
-    count, rest = split_processes(extra, processes or os.cpu_count() or 1)
+    count, rest = split_processes(extra, processes or default_fast_processes(settings))
     limited = hard_time_limited_tasks(find_app(app_path))
     if limited:
         raise ConfigurationError(
