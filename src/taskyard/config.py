@@ -607,8 +607,8 @@ class Settings(BaseSettings):
     # Processes of the fast profile per core when -c is not given (rounded up). A solo process
     # runs one task at a time and waits on Redis between and inside its tasks: draining no-op
     # tasks, a process held the interpreter 60 % of the time. More processes than cores fill
-    # those waits: on 2 cores, 3 processes drained 4-36 % faster than 2 (4 no faster than 3),
-    # at up to a fifth more CPU per task (the cores are shared). 1: one process per core.
+    # those waits: on 2 cores, 3 processes drained 2-42 % faster than 2 (4 no faster than 3),
+    # at -6 to +24 % CPU per task (the cores are shared). 1: one process per core.
     fast_processes_per_core: float = Field(1.5, ge=0.25, le=8)
     # Messages each process of the fast profile may reserve. One fetch round trip then serves
     # several tasks; fetch_budget_ms decides how many of these a fetch takes.
