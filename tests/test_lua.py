@@ -121,6 +121,27 @@ def test_command_words_sent_on_a_connection_without_waiting(redis_client: redis.
     assert redis_client.get("k") == b"sent"
 
 
+def test_a_dropped_held_connection_goes_back_to_its_pool(redis_client: redis.Redis) -> None:
+    """The held connection counts against the pool's max_connections while held; dropped (as
+    after a broken connection), it is given back, so the pool does not run dry."""
+    kwargs = redis_client.connection_pool.connection_kwargs
+    client = redis.Redis(
+        host=kwargs["host"], port=kwargs["port"], db=kwargs["db"], max_connections=1
+    )
+    try:
+        script = fresh()
+        script.load(redis_client)  # no NOSCRIPT: its fallback would need a second connection
+        assert script.fast(client, ("k",), ("1",)) == [b"k"]
+        with pytest.raises(redis.exceptions.ConnectionError, match="Too many connections"):
+            client.get("k")  # the only connection is held
+        lua._drop_connection(client)
+        assert client.get("k") == b"1"
+        assert script.fast(client, ("k",), ("2",)) == [b"k"]  # held again, once free
+    finally:
+        lua._drop_connection(client)
+        client.close()
+
+
 def test_the_held_connection_path_matches_the_ordinary_call(redis_client: redis.Redis) -> None:
     script = fresh()
     assert script.fast(redis_client, ("k",), ("1",)) == [b"k"]  # NOSCRIPT, then reloaded

@@ -23,6 +23,7 @@ the prefix alone.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import os
@@ -212,11 +213,10 @@ def _held_connection(client: redis.Redis) -> Any:
     conn = held[1].get(client)
     if conn is None:
         try:
-            conn = client.connection_pool.make_connection()
-            # Connected here, as the pool's get_connection does: a Sentinel-managed connection
-            # finds its master in connect(), which redis-py 8's send path no longer calls (it
-            # would reach the default localhost:6379 instead).
-            conn.connect()
+            # Checked out of the client's pool and kept: the pool connects it (a Sentinel-managed
+            # connection finds its master there) and counts it against max_connections until
+            # _drop_connection gives it back.
+            conn = client.connection_pool.get_connection()
         except Exception:
             return None
         held[1][client] = conn
@@ -229,3 +229,5 @@ def _drop_connection(client: redis.Redis) -> None:
         conn = held[1].pop(client, None)
         if conn is not None:
             conn.disconnect()
+            with contextlib.suppress(Exception):  # the pool may be closed or reset by now
+                client.connection_pool.release(conn)

@@ -150,10 +150,11 @@ SEAMS = (
     Seam("redis.connection.AbstractConnection", "re_auth"),
     Seam("redis.connection.AbstractConnection", "set_re_auth_token", params=("token",)),
     Seam("redis.client.Redis", "parse_response", params=("connection", "command_name")),
-    # The publish path's own connection per thread (taskyard.lua: Script.fast): made by the
-    # client's pool and connected there (a Sentinel connection finds its master in connect()).
-    Seam("redis.connection.ConnectionPool", "make_connection"),
-    Seam("redis.sentinel.SentinelManagedConnection", "connect"),
+    # The publish path's own connection per thread (taskyard.lua: Script.fast): checked out of
+    # the client's pool, which connects it (a Sentinel connection finds its master there), and
+    # given back when dropped.
+    Seam("redis.connection.ConnectionPool", "get_connection"),
+    Seam("redis.connection.ConnectionPool", "release", params=("connection",)),
 )
 
 logger = logging.getLogger(__name__)
