@@ -283,7 +283,9 @@ def create_app(
     ):
         runtime.publisher = Publisher(app, router)
     if settings.task_events:
-        runtime.sent_events = SentEvents(app, settings.event_flush_interval_s)
+        runtime.sent_events = SentEvents(
+            app, settings.event_flush_interval_s, settings.event_probe_interval_s
+        )
         after_task_publish.connect(
             on_after_task_publish, dispatch_uid="taskyard.sent_events", weak=False
         )

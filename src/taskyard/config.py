@@ -595,6 +595,10 @@ class Settings(BaseSettings):
     # Events are published in batches at most this often (s): a few ms of Flower latency for a
     # broker round trip saved per event.
     event_flush_interval_s: float = Field(0.1, gt=0, le=5)
+    # Task events are published only while something subscribes to them (Flower, `celery
+    # events`): a batch that reached nobody pauses them, and an empty batch published this
+    # often (s) finds a new listener. 0 publishes them always.
+    event_probe_interval_s: float = Field(1.0, ge=0, le=60)
     # Messages each pool process of a worker reserves when that worker consumes neither the
     # critical nor the high queue (workers that do reserve one). Celery's default, 4: such a
     # worker has no urgent work to protect and would otherwise idle while fetching. 1 disables.

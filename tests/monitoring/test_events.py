@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections import Counter
@@ -11,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from kombu import Exchange
 
 from taskyard.runtime import runtime_of
 from taskyard.testing import celery_worker, wait_until
@@ -95,3 +98,115 @@ def test_sent_events_are_batched(make_app: Any, redis_client: redis.Redis) -> No
     pubsub.close()
     assert len(published) == 1  # 25 events, one publish
     assert b"task.multi" in published[0]["channel"] or b"task-sent" in published[0]["data"]
+
+
+def _task_sent(pubsub: Any, ids: set[str], timeout_s: float) -> set[str]:
+    """Ids of ``ids`` whose task-sent events arrive on ``pubsub`` within ``timeout_s``."""
+    got: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and got != ids:
+        message = pubsub.get_message(timeout=0.2)
+        if message and message["type"] == "pmessage":
+            envelope = json.loads(message["data"])
+            body = envelope["body"]
+            if envelope["properties"].get("body_encoding") == "base64":
+                body = base64.b64decode(body)
+            got |= {event.get("uuid") for event in json.loads(body)} & ids
+    return got
+
+
+def test_a_producer_records_task_sent_events_only_while_someone_listens(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    app = make_app(
+        "events-audience",
+        redis_url=servers.REDIS_URL,
+        event_flush_interval_s=0.05,
+        event_probe_interval_s=0.2,
+    )
+    buffer = runtime_of(app).sent_events
+
+    @app.task(name="t.heard", shared=False)
+    def heard() -> None: ...
+
+    heard.delay()  # published to nobody: the producer stops recording
+    wait_until(lambda: not buffer.audience.listening, 10, 0.05, "events paused")
+    for _ in range(5):
+        heard.delay()
+    assert not buffer._events  # nothing recorded, nothing to publish
+    pubsub = redis_client.pubsub()
+    pubsub.psubscribe(f"/{servers.REDIS_DB}.celeryev*")
+    wait_until(lambda: buffer.audience.listening, 10, 0.05, "a probe to find the listener")
+    ids = {heard.delay().id for _ in range(3)}
+    assert _task_sent(pubsub, ids, 10) == ids
+    pubsub.close()
+
+
+def test_events_are_published_always_with_probing_off(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    app = make_app(
+        "events-always",
+        redis_url=servers.REDIS_URL,
+        event_flush_interval_s=0.05,
+        event_probe_interval_s=0,
+    )
+    buffer = runtime_of(app).sent_events
+
+    @app.task(name="t.always", shared=False)
+    def always() -> None: ...
+
+    always.delay()
+    time.sleep(0.3)  # several flushes to nobody
+    assert buffer.audience.listening
+    always.delay()
+    assert len(buffer._events) == 1
+
+
+def test_the_transport_keeps_how_many_subscribers_a_fanout_publish_reached(
+    make_app: Any, redis_client: redis.Redis
+) -> None:
+    app = make_app("events-reach", redis_url=servers.REDIS_URL)
+    exchange = f"reach-{time.monotonic_ns()}"
+    with app.producer_or_acquire() as producer:
+        channel = producer.channel
+        ex = Exchange(exchange, type="fanout", durable=False)
+        producer.publish({"n": 1}, exchange=ex, routing_key="a.b", declare=[ex])
+        assert channel.fanout_reach[(exchange, "a.b")] == 0
+        pubsub = redis_client.pubsub()
+        pubsub.psubscribe(f"/{servers.REDIS_DB}.{exchange}/*")
+        wait_until(lambda: pubsub.get_message(timeout=0.1) is not None, 5)
+        producer.publish({"n": 2}, exchange=ex, routing_key="a.b", declare=[ex])
+        assert channel.fanout_reach[(exchange, "a.b")] == 1
+        pubsub.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["solo", "prefork"])  # the lean path, and Celery's request
+def test_a_worker_pauses_task_events_without_a_listener_and_resumes_for_one(
+    pool: str, make_app: Any, redis_env: dict[str, str], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    app = make_app("events-resume", redis_url=servers.REDIS_URL)
+    env = {**redis_env, "TASKYARD_EVENT_PROBE_INTERVAL_S": "0.3"}
+    with celery_worker(
+        "tests.apps.prio", "critical", env, tmp_path, name="quiet", pool=pool, concurrency=1
+    ) as worker:
+        prio.critical_work.delay(0)
+        wait_until(
+            lambda: "task events paused" in worker.output(), 30, 0.1, "the worker to pause events"
+        )
+        seen: list[dict[str, Any]] = []
+        ready, stop = threading.Event(), threading.Event()
+        threading.Thread(target=_listen, args=(app, seen, ready, stop), daemon=True).start()
+        ready.wait(10)
+        wait_until(lambda: "task events resumed" in worker.output(), 30, 0.1, "a probe to find it")
+        n = 10
+        ids = {prio.critical_work.delay(i).id for i in range(1, n + 1)}
+
+        def counted() -> Counter[str]:
+            return Counter(e["type"] for e in list(seen) if e.get("uuid") in ids)
+
+        wait_until(lambda: counted()["task-succeeded"] == n, 30, 0.1, "events of every task")
+        stop.set()
+    counts = counted()
+    assert counts["task-received"] == n and counts["task-started"] == n, counts

@@ -114,6 +114,14 @@ SEAMS = (
     Seam("kombu.transport.redis.Channel", "_queue_bind"),
     Seam("kombu.transport.redis.Channel", "_delete", params=("queue",)),
     Seam("kombu.transport.redis.Channel", "_put", params=("queue", "message")),
+    Seam(
+        "kombu.transport.redis.Channel",
+        "_put_fanout",
+        params=("exchange", "message", "routing_key"),
+    ),
+    Seam(
+        "kombu.transport.redis.Channel", "_get_publish_topics", params=("exchange", "routing_key")
+    ),
     Seam("kombu.transport.redis.Channel", "_expires", "instance"),
     Seam("kombu.transport.redis.Channel", "from_transport_options", "attribute"),
     # The read timeout taskyard sets through broker_transport_options (app.py): kombu's
@@ -372,6 +380,9 @@ class Channel(kombu_redis.Channel):
         #: Callables the channel's maintenance thread runs about every 0.25 s while the
         #: channel consumes (broker-side delay movers register here).
         self.on_tick: list[Callable[[], None]] = []
+        #: (exchange, routing key) -> clients the last fanout publish to it reached (PUBLISH's
+        #: reply): how task events learn whether anyone listens (monitoring/events.py).
+        self.fanout_reach: dict[tuple[str, str], int] = {}
         super().__init__(*args, **kwargs)
         if self.reservation_lease:
             # kombu's restore_visible sweep compares delivery times with visibility_timeout;
@@ -803,6 +814,21 @@ class Channel(kombu_redis.Channel):
         # (publish.py).
         args = (_MESSAGE_ENCODER.encode(message), self.wake_maxlen)
         PUBLISH_SCRIPT.fast(self.client, keys, args)
+
+    def _put_fanout(
+        self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any
+    ) -> None:
+        # kombu's, keeping PUBLISH's reply: the number of subscribers the message reached.
+        if kwargs.get("_publish_batch") is not None:
+            super()._put_fanout(exchange, message, routing_key, **kwargs)
+            return
+        payload = kombu_json.dumps(message)
+        reached = 0
+        for topic in self._get_publish_topics(exchange, routing_key):
+            reached += int(self.client.publish(topic, payload))
+        if len(self.fanout_reach) > 256:
+            self.fanout_reach.clear()
+        self.fanout_reach[(exchange, routing_key)] = reached
 
     def publish_keys(self, queue: str, message: dict[str, Any]) -> tuple[str, str]:
         """Full names of the list ``message`` goes onto and of its queue's wake stream."""

@@ -167,7 +167,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
     connection_errors = consumer.connection_errors
     eventer = consumer.event_dispatcher
     task_sends_events = bool(eventer and eventer.enabled and task.send_events)
-    send_event = eventer.send if task_sends_events else None
+    events_on = eventer.send if task_sends_events else None
     revoked = consumer.controller.state.revoked
     task_callbacks = consumer.on_task_message
     acks_late = bool(task.acks_late)
@@ -193,6 +193,10 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
 
     def handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any) -> Any:
         headers = message.headers
+        # Task events only while the dispatcher's groups take them (monitoring/events.py
+        # drops "task" while nothing listens).
+        groups = eventer.groups if events_on is not None else None
+        send_event = events_on if not groups or "task" in groups else None
         payload = message.payload  # decoded once: the dead-letter gate read it already
         if (
             body is not None
