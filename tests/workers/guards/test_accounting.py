@@ -191,3 +191,29 @@ def test_cpu_pressure_leaves_out_the_workers_own_processes() -> None:
     busy_whole = after_whole.cpu_busy_s - before_whole.cpu_busy_s
     # The whole-machine figure includes the loop; the worker's view leaves it out.
     assert busy_whole - busy_own >= 0.3
+
+
+def test_rss_readings_are_shared_within_their_max_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskyard.workers.guards import accounting
+
+    reads: list[int] = []
+    real_pread = accounting.os.pread
+
+    def counting_pread(fd: int, n: int, offset: int) -> bytes:
+        reads.append(fd)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(accounting.os, "pread", counting_pread)
+    clock = [100.0]
+    monkeypatch.setattr(accounting.time, "monotonic", lambda: clock[0])
+    rss = accounting._Rss()
+    first = rss.recent()
+    assert first > 0 and len(reads) == 1
+    clock[0] += accounting.RSS_READING_MAX_AGE_S / 2
+    assert rss.recent() == first and len(reads) == 1  # within the max age: the same reading
+    clock[0] += accounting.RSS_READING_MAX_AGE_S
+    rss.recent()
+    assert len(reads) == 2  # older: read again
+    rss._after_fork()
+    rss.recent()
+    assert len(reads) == 3  # a forked child never reuses its parent's reading
