@@ -151,3 +151,23 @@ def test_the_held_connection_path_matches_the_ordinary_call(redis_client: redis.
         failing = fresh("return redis.error_reply('boom')")
         failing.load(redis_client)
         failing.fast(redis_client, (), ())
+
+
+def test_the_held_connection_packs_commands_as_redis_py_does(redis_client: redis.Redis) -> None:
+    conn = redis_client.connection_pool.get_connection()
+    try:
+        words = ("EVALSHA", "a" * 40, 2, "k:é", b"\x00\xff", "caf\u00e9 \u2603 message", 100, 0, -7)
+        packed = lua._packed(conn, words)
+        assert packed is not None
+        assert b"".join(packed) == b"".join(conn._command_packer.pack(*words))
+        # Anything redis-py's encoder treats otherwise goes through redis-py's own packer.
+        for odd in (True, 1.5, None, bytearray(b"x"), memoryview(b"x")):
+            assert lua._packed(conn, ("EVALSHA", "a" * 40, 0, odd)) is None
+    finally:
+        redis_client.connection_pool.release(conn)
+    latin = redis.Redis(connection_pool=redis.ConnectionPool(encoding="latin-1"))
+    try:
+        other = latin.connection_pool.make_connection()
+        assert lua._packed(other, ("GET", "k")) is None
+    finally:
+        latin.close()

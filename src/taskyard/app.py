@@ -296,6 +296,8 @@ def create_app(
     app.steps["worker"].add(StopFlush)
     # Faster equivalents of three steps of Celery's tracer, in the worker and its pool children.
     worker_init.connect(speedups.on_worker_init, weak=False, dispatch_uid="taskyard.speedups")
+    if settings.lean_path:
+        speedups.cache_publish_receivers()
     install_eviction_check(app)  # a worker refuses a Redis that evicts
     install_delays(app)  # the delayed-message movers: a consumer bootstep and beat's thread
     for part in parts:

@@ -36,6 +36,13 @@ from typing import Any, NamedTuple
 
 import redis
 from redis.client import Pipeline
+from redis.connection import HiredisRespSerializer
+
+_hiredis_pack: Callable[..., Any] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # redis-py packs in Python then
+    _hiredis_pack = None
 
 # redis-py's execute_command and its pipeline's are unannotated.
 # mypy: disable-error-code="no-untyped-call"
@@ -147,7 +154,7 @@ class Script:
         held = _held_connection(client)
         if held is not None:
             try:
-                held.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
+                send(held, ("EVALSHA", self.sha, len(keys), *keys, *args))
                 return held.read_response()
             except redis.exceptions.NoScriptError:
                 pass
@@ -201,6 +208,40 @@ def run_pipeline(client: Any, scripts: Sequence[Script], build: Callable[[Any], 
 
 
 _local = threading.local()
+
+
+def _packed(conn: Any, words: tuple[Any, ...]) -> list[bytes] | None:
+    """``words`` packed as ``conn.send_command`` would pack them, in one C call; None when
+    that is not sure to be the same (another packer or encoding, or a word other than text,
+    bytes or an int).
+
+    redis-py's packer encodes each word in Python before handing them to hiredis, about 5 µs of
+    a publish's ~95 µs of CPU; hiredis encodes text as UTF-8 and ints as their digits itself,
+    which is what redis-py's default encoder gives for those.
+    """
+    if _hiredis_pack is None or type(conn._command_packer) is not HiredisRespSerializer:
+        return None
+    encoder = conn.encoder
+    if encoder.encoding not in _UTF8 or encoder.encoding_errors != "strict":
+        return None
+    for word in words:
+        kind = type(word)
+        if kind is not str and kind is not bytes and kind is not int:
+            return None
+    return [_hiredis_pack(words)]
+
+
+_UTF8 = frozenset({"utf-8", "utf8", "UTF-8", "UTF8"})
+
+
+def send(conn: Any, words: Sequence[Any]) -> None:
+    """``conn.send_command(*words)``, packed in one C call where that gives the same bytes."""
+    words = tuple(words)
+    packed = _packed(conn, words)
+    if packed is None:
+        conn.send_command(*words)
+    else:
+        conn.send_packed_command(packed)
 
 
 def _held_connection(client: redis.Redis) -> Any:

@@ -433,3 +433,24 @@ def test_a_thread_dropping_its_connection_leaves_the_others_alone(
     notify.delay(3)
     assert publisher._local.link is not None and publisher._local.link is not mine
     assert redis_client.llen("high") == 4
+
+
+def test_delivery_tags_are_unique_uuid_text_and_a_forked_child_draws_its_own() -> None:
+    import os
+    import uuid
+
+    from taskyard.broker.publish import next_delivery_tag
+
+    tags = [next_delivery_tag() for _ in range(1000)]
+    assert len(set(tags)) == 1000
+    assert all(uuid.UUID(tag).version == 4 for tag in tags)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.write(write, next_delivery_tag().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:24] != tags[0][:24]  # another process: another random prefix

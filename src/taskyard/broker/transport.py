@@ -74,6 +74,7 @@ from taskyard.broker.lua import (
     RENEW_SCRIPT,
 )
 from taskyard.keys import Keys
+from taskyard.lua import send as send_words
 from taskyard.seams import Seam
 
 # What this module relies on in kombu and redis-py (checked by tests/test_seams.py): the poller
@@ -164,6 +165,12 @@ SEAMS = (
     # given back when dropped.
     Seam("redis.connection.ConnectionPool", "get_connection"),
     Seam("redis.connection.ConnectionPool", "release", params=("connection",)),
+    # Script.fast packs its command in one hiredis call when the connection's packer and
+    # encoder are redis-py's defaults (tests/test_lua.py compares the bytes with redis-py's).
+    Seam("redis.connection.AbstractConnection", "_command_packer", "instance"),
+    Seam("redis.connection.AbstractConnection", "encoder", "instance"),
+    Seam("redis.connection.AbstractConnection", "send_packed_command", params=("command",)),
+    Seam("redis.connection.HiredisRespSerializer", "pack"),
 )
 
 logger = logging.getLogger(__name__)
@@ -513,8 +520,9 @@ class Channel(kombu_redis.Channel):
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
         try:
-            connection.send_command(
-                *FETCH_SCRIPT.command(plan.keys, self._fetch_args(plan, want, record, acks))
+            send_words(
+                connection,
+                FETCH_SCRIPT.command(plan.keys, self._fetch_args(plan, want, record, acks)),
             )
         except BaseException:
             self._end_read(failed=True)

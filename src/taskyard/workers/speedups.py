@@ -18,7 +18,9 @@ nothing, these three steps were about a quarter of the tracer's cost per task:
   cleared on every connect and disconnect) is on.
 
 :func:`install` runs at ``worker_init`` (so prefork children inherit it) and is idempotent;
-``TASKYARD_LEAN_PATH=false`` leaves Celery as it is.
+``TASKYARD_LEAN_PATH=false`` leaves Celery as it is. :func:`cache_publish_receivers` turns the
+same cache on for ``before_task_publish``/``after_task_publish`` in every process with a
+taskyard app (producers too): each ``.delay()`` sends both.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ TASK_SIGNALS = (
     signals.task_failure,
     signals.task_retry,
 )
+#: Signals sent for every task published.
+PUBLISH_SIGNALS = (signals.before_task_publish, signals.after_task_publish)
 _INT_BOUND = 2**53
 _original: dict[str, Any] = {}
 _offset: list[float] = [0.0, -1e9]  # the offset (h) and when it was read (monotonic s)
@@ -109,6 +113,15 @@ def install() -> None:
         with signal.lock:
             signal.sender_receivers_cache.clear()
             signal.use_caching = True
+
+
+def cache_publish_receivers() -> None:
+    """Turn Celery's per-sender receiver cache on for the publish signals (idempotent)."""
+    for signal in PUBLISH_SIGNALS:
+        if not signal.use_caching:
+            with signal.lock:
+                signal.sender_receivers_cache.clear()
+                signal.use_caching = True
 
 
 def uninstall() -> None:
