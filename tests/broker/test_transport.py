@@ -590,3 +590,26 @@ def test_stored_messages_decode_as_kombu_decodes_them() -> None:
             _decode_stored(bad)
         with pytest.raises(ValueError):
             loads(bad)
+
+
+def test_active_queues_follow_consume_and_cancel(make_app: Any) -> None:
+    app = make_app("active-queues")
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        for name in ("aq-one", "aq-two"):
+            Queue(name, channel=channel).declare()
+        fanout = Queue("aq-fan", Exchange("aq-fanout", type="fanout"), channel=channel)
+        fanout.declare()
+        assert channel.active_queues == []
+        channel.basic_consume("aq-one", False, lambda m: None, "t1")
+        channel.basic_consume("aq-fan", False, lambda m: None, "t2")
+        assert channel.active_queues == ["aq-one"]  # fanout queues are listened to, not fetched
+        first = channel.active_queues
+        assert channel.active_queues is first  # not rebuilt while nothing changed
+        channel.basic_consume("aq-two", False, lambda m: None, "t3")
+        assert channel.active_queues == ["aq-one", "aq-two"]
+        channel.basic_cancel("t1")
+        assert channel.active_queues == ["aq-two"]
+        channel.basic_cancel("t2")
+        channel.basic_cancel("t3")
+        assert channel.active_queues == []
