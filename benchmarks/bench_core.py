@@ -7,11 +7,14 @@ Sides, all on the same Redis and the same two cores, each with its defaults and 
 * ``fast``: ``taskyard worker --profile fast -c 2`` (two solo-pool processes, all five queues,
   the lean execution path);
 * ``fast-celery``: the same with ``TASKYARD_LEAN_PATH=false`` (Celery's strategy and request);
-* ``dramatiq``: Dramatiq 2 processes x 8 threads (its own venv, ``scripts/ensure-bench-peers.sh``).
+* ``dramatiq``: Dramatiq 2 processes x 8 threads (its own venv, ``scripts/ensure-bench-peers.sh``);
+* ``fast-auto``: the fast profile at its own process count on 2 cores;
+* ``fast-watched``: ``fast`` with a subscriber to every event attached (as with Flower open):
+  task events are published only while something listens, so this is their cost.
 
-The drain times a backlog queued before the worker starts, from the first task's start to the
-last one's; end to end sends while the worker runs. CPU per task is user+sys of the worker's
-whole process tree over the timed window, divided by the tasks run in it: on a shared machine
+The drain times a backlog queued before the worker starts, once its first fifth ran; end to
+end sends while the worker runs. CPU per task is user+sys of the worker's whole process tree
+over the timed window, divided by the tasks run in it: on a shared machine
 it drifts far less than the rate. Sides alternate within each round; each figure is the round
 with the median ratio, stored with every round and the load average at its start and end; the
 run warns when it starts above a load average of ``BENCH_MAX_LOAD`` (1.0).
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -86,7 +90,7 @@ def _argv(side: str, queues: str | None = None) -> list[str]:
         ]
     if side == "taskyard":
         return [*taskyard_cli, "--profile", "all", "-c", "2", "-n", "bench-ty@%h"]
-    if side in ("fast", "fast-celery"):
+    if side in ("fast", "fast-celery", "fast-watched"):
         return [*taskyard_cli, "--profile", "fast", "-c", "2"]
     if side == "fast-auto":
         # The process count the profile takes by itself on 2 cores, as Dramatiq's 2 x 8 below
@@ -187,6 +191,30 @@ def enqueue_rate(side: str, n: int, client: redis.Redis) -> float:
 WARM_UP = 0.2
 
 
+class EventListener:
+    """What Flower does to a worker's event traffic: a subscriber to every event, reading them
+    all (a thread of this process), so the worker publishes its task events."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.psubscribe(f"/{db}.celeryev/*")
+        self.messages = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            if self.pubsub.get_message(timeout=0.1) is not None:
+                self.messages += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pubsub.close()
+
+
 def drain(
     side: str,
     n: int,
@@ -196,9 +224,11 @@ def drain(
     warm_up: float = WARM_UP,
 ) -> tuple[float, float]:
     """(tasks/s, CPU µs per task) draining ``n`` no-op tasks queued before the worker starts,
-    timed once ``warm_up`` of them ran (0: from the first task)."""
+    timed once ``warm_up`` of them ran (0: from the first task). ``fast-watched`` drains with
+    an :class:`EventListener` attached."""
     client.flushdb()
     _enqueue(side, n)
+    listener = EventListener(client) if side == "fast-watched" else None
     worker = Worker(side, log_dir, env)
     try:
 
@@ -215,6 +245,10 @@ def drain(
         end, cpu1 = time.time(), worker.cpu_s()
     finally:
         worker.stop()
+        if listener is not None:
+            listener.close()
+            if not listener.messages:
+                raise AssertionError("fast-watched: the listener saw no task events")
     client.flushdb()
     return timed / (end - start), (cpu1 - cpu0) / max(1, n - done0) * 1e6
 
@@ -384,7 +418,7 @@ def run(quick: bool = False) -> list[Result]:
             file=sys.stderr,
         )
     drain_sides = ["celery", "taskyard", "fast", "fast-celery"] + (
-        ["dramatiq", "fast-auto"] if have_dramatiq else []
+        ["dramatiq", "fast-auto", "fast-watched"] if have_dramatiq else []
     )
     guards = "; taskyard guards off" if GUARDS_OFF else ""
     rows: list[Result] = []
@@ -495,6 +529,18 @@ def run(quick: bool = False) -> list[Result]:
                 cpu=True,
                 goal="<= 0.67x Dramatiq (ratio >= 1.5)",
                 notes="'celery' column is Dramatiq",
+            )
+        )
+        rows.append(
+            compare(
+                "core.cpu",
+                "worker CPU per task, drain, fast with task events watched vs Dramatiq",
+                drains,
+                "fast-watched",
+                "dramatiq",
+                cpu=True,
+                notes="fast -c 2 with a subscriber to every event (as with Flower open), so its "
+                "task events are published; without one they pause; 'celery' column is Dramatiq",
             )
         )
         rows.append(
