@@ -454,3 +454,27 @@ def test_delivery_tags_are_unique_uuid_text_and_a_forked_child_draws_its_own() -
     os.close(read)
     os.close(write)
     assert child[:24] != tags[0][:24]  # another process: another random prefix
+
+
+def test_settings_are_read_as_celery_reads_them(make_app: Any) -> None:
+    from celery import Celery
+
+    from taskyard.broker.publish import setting
+
+    app = make_app("settings-read")
+    conf = app.conf
+    for key in ("task_always_eager", "task_send_sent_event", "task_serializer", "broker_url"):
+        assert setting(conf, key) == conf[key]
+    conf.task_always_eager = True  # a change at run time, as a test suite makes
+    assert setting(conf, "task_always_eager") is True
+    conf.task_always_eager = False
+    assert setting(conf, "task_always_eager") is False
+    with pytest.raises(KeyError):
+        setting(conf, "no_such_setting")
+
+    class Prefixed:
+        CELERY_TASK_ALWAYS_EAGER = True
+
+    other = Celery("prefixed", set_as_current=False)
+    other.config_from_object(Prefixed, namespace="CELERY")
+    assert setting(other.conf, "task_always_eager") is True  # Celery's own lookup
