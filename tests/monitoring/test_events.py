@@ -115,20 +115,25 @@ def _task_sent(pubsub: Any, ids: set[str], timeout_s: float) -> set[str]:
     return got
 
 
+def _producer(make_app: Any, name: str, probe_s: float) -> tuple[Any, Any]:
+    """An app flushing its task-sent events every 50 ms, its event buffer and a task of it."""
+    app = make_app(
+        name,
+        redis_url=servers.REDIS_URL,
+        event_flush_interval_s=0.05,
+        event_probe_interval_s=probe_s,
+    )
+
+    @app.task(name=f"t.{name}", shared=False)
+    def task() -> None: ...
+
+    return runtime_of(app).sent_events, task
+
+
 def test_a_producer_records_task_sent_events_only_while_someone_listens(
     make_app: Any, redis_client: redis.Redis
 ) -> None:
-    app = make_app(
-        "events-audience",
-        redis_url=servers.REDIS_URL,
-        event_flush_interval_s=0.05,
-        event_probe_interval_s=0.2,
-    )
-    buffer = runtime_of(app).sent_events
-
-    @app.task(name="t.heard", shared=False)
-    def heard() -> None: ...
-
+    buffer, heard = _producer(make_app, "events-audience", 0.2)
     heard.delay()  # published to nobody: the producer stops recording
     wait_until(lambda: not buffer.audience.listening, 10, 0.05, "events paused")
     for _ in range(5):
@@ -145,17 +150,7 @@ def test_a_producer_records_task_sent_events_only_while_someone_listens(
 def test_events_are_published_always_with_probing_off(
     make_app: Any, redis_client: redis.Redis
 ) -> None:
-    app = make_app(
-        "events-always",
-        redis_url=servers.REDIS_URL,
-        event_flush_interval_s=0.05,
-        event_probe_interval_s=0,
-    )
-    buffer = runtime_of(app).sent_events
-
-    @app.task(name="t.always", shared=False)
-    def always() -> None: ...
-
+    buffer, always = _producer(make_app, "events-always", 0)
     always.delay()
     time.sleep(0.3)  # several flushes to nobody
     assert buffer.audience.listening
