@@ -137,7 +137,7 @@ N = 8
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("pool", ["prefork", "threads", "solo"])  # solo: the lean path
 def test_known_workload_counts_match_exactly(
     make_app: Any, redis_env: dict[str, str], tmp_path: Path, pool: str
 ) -> None:

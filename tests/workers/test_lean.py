@@ -300,3 +300,33 @@ def test_lean_path_off_takes_celerys_request(
     with _solo(env, tmp_path, "plain"):
         _send(env, "assert lean.add.delay(1, 1).get(timeout=60) == 2")
     assert {r["cls"] for r in _of(redis_client, "received")} == {"Request"}
+
+
+def test_the_lean_path_records_each_step_of_a_timeline_once(
+    make_app: Any, redis_client: redis.Redis, redis_env: dict[str, str], tmp_path: Path
+) -> None:
+    from taskyard.monitoring import timeline
+
+    app = make_app("lean-timeline", redis_url=servers.REDIS_URL)
+    runtime = runtime_of(app)
+    env = _env(redis_env, TASKYARD_MONITORING__FLUSH_INTERVAL_S="0.2")
+    with _solo(env, tmp_path):
+        _send(
+            env,
+            "import redis\n"
+            "c = redis.Redis.from_url(lean.runtime_of(lean.app).settings.redis_url)\n"
+            "c.set('test:lean:tl', ' '.join([lean.add.delay(1, 2).id, lean.boom.delay('t').id]))\n",
+        )
+        ok, failed = (redis_client.get("test:lean:tl") or b"").decode().split()
+
+        def steps(task_id: str) -> list[str]:
+            found = timeline.lookup(runtime, None, task_id)
+            return [e["event"] for e in (found or {}).get("events", [])]
+
+        wait_until(lambda: "succeeded" in steps(ok), 30, 0.2, "the succeeded step")
+        wait_until(lambda: "failed" in steps(failed), 30, 0.2, "the failed step")
+        time.sleep(0.6)  # more flushes: nothing recorded twice
+        assert steps(ok) == ["sent", "received", "started", "succeeded"]
+        # A failure is dead-lettered too (its "dead" step comes from the dead-letter hook).
+        assert steps(failed)[:3] == ["sent", "received", "started"]
+        assert sorted(steps(failed)[3:]) == ["dead", "failed"]

@@ -70,10 +70,14 @@ SEP = "\x1f"
 #: Message header carrying the time (s since epoch) the task was sent.
 SENT_HEADER = "taskyard_sent_at"
 
-_STATE_EVENT = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
+#: The timeline step and counter of a run's final state (none for ignored or rejected runs).
+STATE_EVENT = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
 #: Timeline events one process holds at most between flushes; beyond this the oldest are dropped
 #: (timelines are best-effort, like Celery's events).
 MAX_TIMELINE_EVENTS = 100_000
+#: A received request with this attribute true is recorded by its handler (the lean path),
+#: not by the task_received receiver.
+CAPTURED_ATTR = "taskyard_captured"
 # Attributes the capture keeps on the task's request between prerun and postrun.
 _KEY_ATTR = "_taskyard_capture_key"
 _START_ATTR = "_taskyard_capture_start"
@@ -103,6 +107,8 @@ class Capture:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._outage = Outage(logger, "taskyard capture: writing task metrics")
+        #: The task id a lean handler records itself (run_started .. run_finished).
+        self.direct: str | None = None
         os.register_at_fork(after_in_child=self._after_fork)
 
     # --- recording (hot path: dict updates under a lock, no I/O) -------------------------------
@@ -191,6 +197,58 @@ class Capture:
                 counts[field] = counts.get(field, 0) + 1
             if runtime_s is not None:
                 self._observe("runtime", prefix, runtime_s)
+
+    # --- the lean path's direct calls (taskyard.workers.lean) ----------------------------------
+    def run_started(
+        self,
+        task_id: str,
+        name: str,
+        queue: str,
+        worker: str,
+        at: float,
+        sent_at: float | None,
+        retries: str,
+    ) -> None:
+        """A task received and started at once (``at``), as a lean handler runs it: the
+        ``received`` and ``started`` counters, its wait, and both timeline steps, in one call.
+        Until :meth:`run_finished`, the signal receivers leave this task id alone."""
+        self.direct = task_id
+        try:
+            self._ensure_flusher()
+            prefix = f"{name}{SEP}{queue}{SEP}"
+            with self._lock:
+                counts = self._counts
+                for step in ("received", "started"):
+                    field = prefix + step
+                    counts[field] = counts.get(field, 0) + 1
+                if sent_at is not None:
+                    self._observe("wait", prefix, max(0.0, at - sent_at))
+            append = self._events.append
+            append(timeline.pack(task_id, at, "received", name, queue, worker))
+            append(timeline.pack(task_id, at, "started", name, queue, worker, retries))
+        except Exception:
+            logger.warning("taskyard capture: recording a started task failed", exc_info=True)
+
+    def run_finished(
+        self,
+        task_id: str,
+        name: str,
+        queue: str,
+        worker: str,
+        event: str | None,
+        runtime_s: float | None,
+    ) -> None:
+        """The end of a run :meth:`run_started` recorded: what ``task_postrun`` records."""
+        self.direct = None
+        try:
+            self.finished(name, queue, event, runtime_s)
+            if event is not None:
+                detail = "" if runtime_s is None else f"{runtime_s:.6f}"
+                self._events.append(
+                    timeline.pack(task_id, time.time(), event, name, queue, worker, detail)
+                )
+        except Exception:
+            logger.warning("taskyard capture: recording a finished task failed", exc_info=True)
 
     def _observe(self, kind: str, prefix: str, value_s: float) -> None:
         """Count ``value_s`` in its bucket of the ``kind`` histogram; the caller holds the lock."""
@@ -319,9 +377,18 @@ class _Receivers:
         self.app = app
         self.capture = capture
 
+    def _direct(self, task_id: str | None) -> bool:
+        """Whether a lean handler records ``task_id`` itself (Capture.run_started)."""
+        direct = self.capture.direct
+        return direct is not None and task_id == direct
+
     def received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         try:
-            if request is None or getattr(sender, "app", self.app) is not self.app:
+            if (
+                request is None
+                or getattr(sender, "app", self.app) is not self.app
+                or getattr(request, CAPTURED_ATTR, False)
+            ):
                 return
             name = request.name
             queue = _queue_of(request, "unknown")
@@ -332,9 +399,11 @@ class _Receivers:
         except Exception:
             logger.warning("taskyard capture: task_received hook failed", exc_info=True)
 
-    def prerun(self, sender: Any = None, task: Any = None, **_: Any) -> None:
+    def prerun(
+        self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any
+    ) -> None:
         try:
-            if task is None or task.app is not self.app:
+            if task is None or task.app is not self.app or self._direct(task_id):
                 return
             now = time.time()
             request = task.request
@@ -355,16 +424,21 @@ class _Receivers:
             logger.warning("taskyard capture: task_prerun hook failed", exc_info=True)
 
     def postrun(
-        self, sender: Any = None, task: Any = None, state: str | None = None, **_: Any
+        self,
+        sender: Any = None,
+        task_id: str | None = None,
+        task: Any = None,
+        state: str | None = None,
+        **_: Any,
     ) -> None:
         try:
-            if task is None or task.app is not self.app:
+            if task is None or task.app is not self.app or self._direct(task_id):
                 return
             request = task.request
             key = getattr(request, _KEY_ATTR, None)
             if key is None:
                 return
-            event = _STATE_EVENT.get(state or "")
+            event = STATE_EVENT.get(state or "")
             start = getattr(request, _START_ATTR, None)
             # An ignored or rejected run (a guard's deferral raises Ignore) did no work: its
             # runtime would drag the percentiles towards zero.

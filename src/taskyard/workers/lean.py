@@ -51,6 +51,7 @@ from celery.worker.request import create_request_cls
 from celery.worker.request import logger as request_logger
 from celery.worker.strategy import default as default_strategy
 
+from taskyard.monitoring.capture import SENT_HEADER, STATE_EVENT, capture_of
 from taskyard.workers.speedups import lean_enabled, utcoffset
 
 log = logging.getLogger("taskyard.workers.lean")
@@ -86,6 +87,8 @@ class LeanRequest:
     eta = None
     expires = None
     acknowledged = False
+    #: The lean handler records the task's metrics itself (capture's ``run_started``).
+    taskyard_captured = True
 
     def __init__(
         self,
@@ -143,6 +146,14 @@ class LeanRequest:
         return f"<LeanRequest {self.name}[{self.id}]>"
 
 
+def _sent_at(value: Any) -> float | None:
+    """The sent time a message header carries (s since epoch), or None if it is not a number."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def applies(task: Any, app: Any, consumer: Any) -> bool:
     """Whether ``task`` runs on the lean path in ``consumer``'s worker.
 
@@ -182,6 +193,10 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
     request_cls = create_request_cls(
         symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
     )
+    # Metric capture, called directly (what its task_received, task_prerun and task_postrun
+    # receivers would record, which leave this task alone meanwhile).
+    capture = capture_of(app)
+    default_queue = getattr(task, "queue", None) or "unknown"
 
     def tracer() -> Any:
         # Consumer.update_strategies builds it after the strategies; a task registered later
@@ -293,11 +308,29 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
             ack(request_logger, connection_errors)
         if send_event is not None:
             send_event("task-started", utcoffset=utcoffset, uuid=task_id)
+        queue = str(info.get("routing_key") or default_queue)
+        if capture is not None:
+            capture.run_started(
+                task_id,
+                name,
+                queue,
+                hostname,
+                lean.time_start,
+                _sent_at(headers.get(SENT_HEADER)),
+                str(request.get("retries") or ""),
+            )
+        started = time.perf_counter()
         try:
             retval, failed, runtime, retval_repr = tracer()(task_id, args, kwargs, request)
         finally:
             requests.pop(task_id, None)
             active.discard(lean)
+            if capture is not None:
+                capture.direct = None
+        if capture is not None:
+            outcome = "succeeded" if failed is None else STATE_EVENT.get(failed.state)
+            ran = time.perf_counter() - started if outcome is not None else None
+            capture.run_finished(task_id, name, queue, hostname, outcome, ran)
         if failed is None:
             successful.add(task_id)
             if acks_late:
