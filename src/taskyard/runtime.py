@@ -142,6 +142,35 @@ class SentEventBuffer(Protocol):
 class MetricCapture(Protocol):
     """Per-process metric capture: ``taskyard.monitoring.capture.Capture``."""
 
+    #: The task id a lean handler records itself, between run_started and run_finished.
+    direct: str | None
+
+    def run_started(
+        self,
+        task_id: str,
+        name: str,
+        queue: str,
+        worker: str,
+        at: float,
+        headers: dict[str, Any],
+        retries: str,
+    ) -> None:
+        """A task received and started at ``at`` (the lean path): its counters, its wait
+        (from ``headers``) and its timeline steps."""
+        ...
+
+    def run_finished(
+        self,
+        task_id: str,
+        name: str,
+        queue: str,
+        worker: str,
+        state: str | None,
+        runtime_s: float,
+    ) -> None:
+        """The end of that run in Celery's ``state``."""
+        ...
+
     def flush(self) -> int:
         """Write what was counted to Redis in one round trip; returns the fields written."""
         ...

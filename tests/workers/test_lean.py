@@ -330,3 +330,11 @@ def test_the_lean_path_records_each_step_of_a_timeline_once(
         # A failure is dead-lettered too (its "dead" step comes from the dead-letter hook).
         assert steps(failed)[:3] == ["sent", "received", "started"]
         assert sorted(steps(failed)[3:]) == ["dead", "failed"]
+
+
+def test_a_lean_request_tells_the_capture_it_records_itself() -> None:
+    from taskyard.monitoring.capture import CAPTURED_ATTR
+
+    # The capture's task_received receiver skips requests with this attribute true; the lean
+    # path (which may not import monitoring) names it on LeanRequest.
+    assert getattr(lean.LeanRequest, CAPTURED_ATTR) is True

@@ -75,8 +75,8 @@ STATE_EVENT = {"SUCCESS": "succeeded", "FAILURE": "failed", "RETRY": "retried"}
 #: Timeline events one process holds at most between flushes; beyond this the oldest are dropped
 #: (timelines are best-effort, like Celery's events).
 MAX_TIMELINE_EVENTS = 100_000
-#: A received request with this attribute true is recorded by its handler (the lean path),
-#: not by the task_received receiver.
+#: A received request with this attribute true is recorded by its handler (the lean path's
+#: LeanRequest, which cannot import this module), not by the task_received receiver.
 CAPTURED_ATTR = "taskyard_captured"
 # Attributes the capture keeps on the task's request between prerun and postrun.
 _KEY_ATTR = "_taskyard_capture_key"
@@ -206,15 +206,18 @@ class Capture:
         queue: str,
         worker: str,
         at: float,
-        sent_at: float | None,
+        headers: dict[str, Any],
         retries: str,
     ) -> None:
         """A task received and started at once (``at``), as a lean handler runs it: the
-        ``received`` and ``started`` counters, its wait, and both timeline steps, in one call.
-        Until :meth:`run_finished`, the signal receivers leave this task id alone."""
+        ``received`` and ``started`` counters, its wait (from the message's sent-time header),
+        and both timeline steps, in one call. Until :meth:`run_finished`, the signal receivers
+        leave this task id alone."""
         self.direct = task_id
         try:
             self._ensure_flusher()
+            sent = headers.get(SENT_HEADER)
+            sent_at = None if sent is None else float(sent)
             prefix = f"{name}{SEP}{queue}{SEP}"
             with self._lock:
                 counts = self._counts
@@ -235,18 +238,21 @@ class Capture:
         name: str,
         queue: str,
         worker: str,
-        event: str | None,
-        runtime_s: float | None,
+        state: str | None,
+        runtime_s: float,
     ) -> None:
-        """The end of a run :meth:`run_started` recorded: what ``task_postrun`` records."""
+        """The end of a run :meth:`run_started` recorded, in Celery's ``state``
+        (``SUCCESS``, ``FAILURE``, ``RETRY``, ...): what ``task_postrun`` records. An ignored or
+        rejected run (a guard's deferral) counts no outcome and no runtime."""
         self.direct = None
         try:
+            event = STATE_EVENT.get(state or "")
+            if event is None:
+                return
             self.finished(name, queue, event, runtime_s)
-            if event is not None:
-                detail = "" if runtime_s is None else f"{runtime_s:.6f}"
-                self._events.append(
-                    timeline.pack(task_id, time.time(), event, name, queue, worker, detail)
-                )
+            self._events.append(
+                timeline.pack(task_id, time.time(), event, name, queue, worker, f"{runtime_s:.6f}")
+            )
         except Exception:
             logger.warning("taskyard capture: recording a finished task failed", exc_info=True)
 

@@ -45,13 +45,14 @@ from celery import signals
 from celery.app import trace as celery_trace
 from celery.app.trace import build_tracer
 from celery.concurrency.solo import TaskPool as SoloPool
+from celery.states import SUCCESS
 from celery.utils.imports import symbol_by_name
 from celery.worker import state as worker_state
 from celery.worker.request import create_request_cls
 from celery.worker.request import logger as request_logger
 from celery.worker.strategy import default as default_strategy
 
-from taskyard.monitoring.capture import SENT_HEADER, STATE_EVENT, capture_of
+from taskyard.runtime import find_runtime
 from taskyard.workers.speedups import lean_enabled, utcoffset
 
 log = logging.getLogger("taskyard.workers.lean")
@@ -87,7 +88,8 @@ class LeanRequest:
     eta = None
     expires = None
     acknowledged = False
-    #: The lean handler records the task's metrics itself (capture's ``run_started``).
+    #: The lean handler records the task's metrics itself (``Capture.run_started``): the
+    #: capture's task_received receiver reads this (monitoring.capture.CAPTURED_ATTR).
     taskyard_captured = True
 
     def __init__(
@@ -146,14 +148,6 @@ class LeanRequest:
         return f"<LeanRequest {self.name}[{self.id}]>"
 
 
-def _sent_at(value: Any) -> float | None:
-    """The sent time a message header carries (s since epoch), or None if it is not a number."""
-    try:
-        return None if value is None else float(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def applies(task: Any, app: Any, consumer: Any) -> bool:
     """Whether ``task`` runs on the lean path in ``consumer``'s worker.
 
@@ -195,7 +189,8 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
     )
     # Metric capture, called directly (what its task_received, task_prerun and task_postrun
     # receivers would record, which leave this task alone meanwhile).
-    capture = capture_of(app)
+    runtime = find_runtime(app)
+    capture = runtime.capture if runtime is not None else None
     default_queue = getattr(task, "queue", None) or "unknown"
 
     def tracer() -> Any:
@@ -316,7 +311,7 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
                 queue,
                 hostname,
                 lean.time_start,
-                _sent_at(headers.get(SENT_HEADER)),
+                headers,
                 str(request.get("retries") or ""),
             )
         started = time.perf_counter()
@@ -328,9 +323,10 @@ def _lean_handler(task: Any, app: Any, consumer: Any, fallback: Handler) -> Hand
             if capture is not None:
                 capture.direct = None
         if capture is not None:
-            outcome = "succeeded" if failed is None else STATE_EVENT.get(failed.state)
-            ran = time.perf_counter() - started if outcome is not None else None
-            capture.run_finished(task_id, name, queue, hostname, outcome, ran)
+            state = SUCCESS if failed is None else failed.state
+            capture.run_finished(
+                task_id, name, queue, hostname, state, time.perf_counter() - started
+            )
         if failed is None:
             successful.add(task_id)
             if acks_late:
