@@ -194,18 +194,21 @@ def test_cpu_pressure_leaves_out_the_workers_own_processes() -> None:
 
 
 def test_rss_readings_are_shared_within_their_max_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
     from taskyard.workers.guards import accounting
 
     reads: list[int] = []
-    real_pread = accounting.os.pread
+    real_pread = os.pread
 
     def counting_pread(fd: int, n: int, offset: int) -> bytes:
         reads.append(fd)
         return real_pread(fd, n, offset)
 
-    monkeypatch.setattr(accounting.os, "pread", counting_pread)
+    monkeypatch.setattr(os, "pread", counting_pread)
     clock = [100.0]
-    monkeypatch.setattr(accounting.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     rss = accounting._Rss()
     first = rss.recent()
     assert first > 0 and len(reads) == 1
