@@ -82,10 +82,15 @@ def test_concurrency_holds_across_three_workers(
             # Sampled continuously: the running counter the tasks keep.
             peak_seen = max(peak_seen, int(redis_client.get("test:running:capped") or 0))
             starts = _starts(redis_client)
-            # Every one started and none still running: the workers stop only then, as a
-            # worker stopped mid-task (SIGTERM to its pool) has that task run again elsewhere.
+            # Every one started, none still running and every one acknowledged: the workers stop
+            # only then, as the stop's SIGTERM reaches the pool processes too, and a task whose
+            # process ended before its worker acknowledged it runs again elsewhere.
             done = sum(1 for s in starts if s[0] == "capped") == total
-            if done and int(redis_client.get("test:running:capped") or 0) == 0:
+            if (
+                done
+                and int(redis_client.get("test:running:capped") or 0) == 0
+                and redis_client.hlen("unacked") == 0
+            ):
                 break
             time.sleep(0.01)
     starts = _starts(redis_client)
