@@ -1,6 +1,6 @@
-"""A Redis client of taskyard's stays usable in a child forked while another thread holds its
-pool's lock, as a prefork pool forks a replacement process beside the worker's reaper and metric
-threads (taskyard/runtime.py, ``_renew_pool_locks``)."""
+"""A Redis client of taskyard's stays usable in a child forked while another thread holds any
+lock its pool's commands take, as a prefork pool forks a replacement process beside the worker's
+reaper and metric threads (taskyard/runtime.py, ``_renew_pool_locks``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from taskyard.runtime import _POOL_LOCKS
+from taskyard.runtime import POOL_LOCKS
 from taskyard.runtime import redis_client as make_client
 from tests import servers
 
@@ -61,11 +61,12 @@ def fork_while_held(lock: threading.RLock, client: redis.Redis) -> int:
     return status
 
 
-@pytest.mark.parametrize("name", _POOL_LOCKS)
+@pytest.mark.parametrize("name", POOL_LOCKS)
 def test_a_child_forked_while_a_thread_holds_a_pool_lock_can_use_the_client(
     client: redis.Redis, name: str
 ) -> None:
-    status = fork_while_held(getattr(client.connection_pool, name), client)
+    holder, attribute = POOL_LOCKS[name](client.connection_pool)
+    status = fork_while_held(getattr(holder, attribute), client)
     assert os.WIFEXITED(status), status
     code = os.WEXITSTATUS(status)
     assert code != BLOCKED, f"the child was still blocked on the inherited {name}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias
@@ -29,11 +30,14 @@ if TYPE_CHECKING:
 from taskyard.seams import Seam
 
 # Library internals this module relies on (checked by tests/test_seams.py): redis-py's pool
-# locks (renewed after fork) and Celery's thread-local current app.
+# locks and the pool's event dispatcher (renewed after fork) and Celery's thread-local current
+# app.
 SEAMS = (
     Seam("redis.connection.ConnectionPool", "_fork_lock", "instance"),
     Seam("redis.connection.ConnectionPool", "_lock", "instance"),
+    Seam("redis.connection.ConnectionPool", "_event_dispatcher", "instance"),
     Seam("redis.connection.ConnectionPool", "_checkpid"),
+    Seam("redis.event.EventDispatcher", "_lock", "instance"),
     Seam("celery._state", "_tls", "attribute"),
     Seam("celery._state", "default_app", "attribute"),
 )
@@ -48,8 +52,16 @@ _latest: weakref.ref[TaskyardApp] | None = None
 #: Connection pools of the clients made by :func:`redis_client`: a forked child renews their
 #: locks (:func:`_renew_pool_locks`).
 _pools: weakref.WeakSet[redis.ConnectionPool] = weakref.WeakSet()
-#: The pool's locks that redis-py takes when a forked child first uses the pool.
-_POOL_LOCKS = ("_lock", "_fork_lock")
+#: The locks a pooled command takes (redis-py 8), by the name a test forks with each held: the
+#: pool's own two (``_checkpid``, every checkout and release) and its event dispatcher's (every
+#: release dispatches an event). redis-py renews the maintenance handler's lock after a fork
+#: itself; the HIMPORT registry's is taken only by HIMPORT commands, which taskyard does not send.
+POOL_LOCKS: dict[str, Callable[[redis.ConnectionPool], tuple[Any, str]]] = {
+    "_lock": lambda pool: (pool, "_lock"),
+    "_fork_lock": lambda pool: (pool, "_fork_lock"),
+    "event dispatcher": lambda pool: (getattr(pool, "_event_dispatcher", None), "_lock"),
+}
+_RLOCK = type(threading.RLock())
 
 
 #: The app whose task is being sent right now (set by the app's send_task and by fast
@@ -73,19 +85,23 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
 def _renew_pool_locks() -> None:
     # Relies on redis-py's ConnectionPool (redis/connection.py, 5.x-8.x): a pool used in a
     # forked child is rebuilt there by _checkpid(), which takes _fork_lock and calls reset(); in
-    # redis-py 8 reset() and get_connection() take _lock, which is created once in __init__.
-    # Those are the parent's lock objects. get_connection() holds _lock while it builds a
-    # connection (redis-py 8 reads its own package metadata from disk then, ms of I/O), so a
-    # fork from another thread at that moment leaves _lock held in the child by a thread that
-    # does not exist there: the child's first command on the pool blocks for good (a prefork
-    # pool process replacing a crashed one hung so, and with it its worker's only process).
-    # Here, right after the fork, only the forking thread runs: fresh locks are safe, and
-    # redis-py's own rebuild then runs on them. SEAMS declares the locks (tests/test_seams.py);
-    # tests/test_runtime_fork.py forks with one held.
+    # redis-py 8 reset() and get_connection() take _lock, which is created once in __init__,
+    # and release() dispatches an event under the pool's EventDispatcher lock. Those are the
+    # parent's lock objects. get_connection() holds _lock while it builds a connection (redis-py
+    # 8 reads its own package metadata from disk then, ms of I/O), and every command's release
+    # holds both, so a fork from another thread at such a moment leaves a lock held in the child
+    # by a thread that does not exist there: the child's first command on the pool blocks for
+    # good (a prefork pool process replacing a crashed one hung so, and with it its worker's
+    # only process). Here, right after the fork, only the forking thread runs: fresh locks are
+    # safe, and redis-py's own rebuild then runs on them. SEAMS declares the locks
+    # (tests/test_seams.py); tests/test_runtime_fork.py forks with each one held.
     for pool in list(_pools):
-        for name in _POOL_LOCKS:
-            if hasattr(pool, name):
-                setattr(pool, name, threading.RLock())
+        for where in POOL_LOCKS.values():
+            holder, name = where(pool)
+            lock = getattr(holder, name, None)
+            if lock is not None:
+                fresh = threading.RLock() if type(lock) is _RLOCK else threading.Lock()
+                setattr(holder, name, fresh)
 
 
 os.register_at_fork(after_in_child=_renew_pool_locks)

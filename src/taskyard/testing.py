@@ -222,11 +222,20 @@ class Worker:
             os.killpg(self.pid, signal.SIGKILL)
             self.process.wait(5)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop the worker as an operator does: SIGTERM to its main process only (Celery's warm
+        shutdown finishes and acknowledges what its pool processes run), then, after
+        ``timeout_s``, SIGKILL to the whole group. A SIGTERM to the group would end the pool
+        processes before their worker acknowledged what they had finished, and those tasks run
+        again on the next worker."""
         if self.process.poll() is None:
-            self.kill(signal.SIGTERM)
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
         with suppress(ProcessLookupError):
             os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait(5)
 
 
 @contextmanager
