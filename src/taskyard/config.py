@@ -604,10 +604,14 @@ class Settings(BaseSettings):
     # worker has no urgent work to protect and would otherwise idle while fetching. 1 disables.
     bulk_prefetch_multiplier: int = Field(4, ge=1, le=64)
     # Messages each prefork process reserves in a worker that does consume critical or high.
-    # Such a worker starts reserved tasks most urgent first (taskyard.workers.urgent), so a
-    # second reservation keeps each process busy through the next fetch, and an urgent message
-    # starts on the next free process, ahead of every reserved lower task. 1: one per process.
-    urgent_prefetch_multiplier: int = Field(2, ge=1, le=16)
+    # Such a worker starts reserved tasks most urgent first (taskyard.workers.urgent), so the
+    # reserved line keeps each process busy through the next fetch, and an urgent message starts
+    # on the next free process, ahead of every reserved lower task; a freed reservation is
+    # fetched for within an ack delay (Channel QoS.fetch_due), so a longer line does not delay
+    # it. Celery's default, 4: draining no-op tasks on -c 2, 4 fetches four messages per round
+    # trip where 2 fetched two (10 % more tasks/s, 7 % less CPU per task), with the same
+    # critical p99 behind 5 ms tasks (10.0 against 9.4 ms). 1: one per process.
+    urgent_prefetch_multiplier: int = Field(4, ge=1, le=16)
     # Processes of the fast profile per core when -c is not given (rounded up). A solo process
     # runs one task at a time and waits on Redis between and inside its tasks: draining no-op
     # tasks, a process held the interpreter 60 % of the time. More processes than cores fill

@@ -192,6 +192,27 @@ def test_fetch_budget_sizes_batches_by_observed_delivery_time(connect: Any) -> N
     assert channel.fetch_want() == 3  # the prefetch still bounds it
 
 
+def test_a_fetch_is_due_at_half_free_or_one_free_after_an_ack_delay(connect: Any) -> None:
+    channel = connect(ack_flush_delay=0.005).channel()
+    qos = channel.qos
+    qos.prefetch_count = 8
+    assert qos.fetch_due()  # nothing held
+    for i in range(8):
+        qos._delivered[f"t{i}"] = None
+    channel._brpop_sent_at = time.monotonic()
+    assert not qos.fetch_due()  # all eight held
+    qos._dirty.add("t0")
+    assert not qos.fetch_due()  # one free, the last fetch just sent: wait for more
+    channel._brpop_sent_at = time.monotonic() - 0.006
+    assert qos.fetch_due()  # one free for longer than the ack delay: fetch it
+    channel._brpop_sent_at = time.monotonic()
+    qos._dirty.update({"t1", "t2", "t3"})
+    assert qos.fetch_due()  # half free: fetch at once
+    qos._dirty.clear()
+    channel._brpop_sent_at = time.monotonic() - 60
+    assert not qos.fetch_due()  # nothing free however long ago the last fetch was
+
+
 def test_fetch_without_budget_takes_what_prefetch_allows(connect: Any) -> None:
     channel = connect(fetch_budget=0, fetch_batch=16).channel()
     channel.qos.prefetch_count = 10

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -295,16 +296,28 @@ class QoS(kombu_redis.QoS):
             logger.warning("could not release the locks of restored message %s", tag)
 
     def fetch_due(self) -> bool:
-        """Whether a fetch should be sent now: nothing held, or at least half the reservations
-        free. Refilling one reservation at a time would cost a fetch round trip per task; this
-        brings several messages per fetch while a worker's processes still have work at hand.
+        """Whether a fetch should be sent now: nothing held, half the reservations free, or
+        one free for an ack delay since the last fetch was sent.
+
+        Refilling one reservation at a time would cost a fetch round trip per task; waiting for
+        half of them brings several messages per fetch while the worker's processes still have
+        work at hand. The time bound keeps an urgent message from waiting for a large
+        prefetch to half empty behind slow tasks: a freed reservation is fetched for within
+        about ``ack_flush_delay``, when the ack timer wakes the loop (and that fetch carries the
+        acks), so the prefetch can grow without delaying urgent work.
         """
         pcount = self.prefetch_count
         if not pcount:
             return True
         # _delivered/_dirty: kombu's virtual.QoS bookkeeping, as in its can_consume().
         held = len(self._delivered) - len(self._dirty)
-        return held <= 0 or pcount - held >= max(1, pcount // 2)
+        free = pcount - held
+        if held <= 0 or free >= max(1, pcount // 2):
+            return True
+        if free < 1:
+            return False
+        channel = self.channel
+        return bool(monotonic() - (channel._brpop_sent_at or 0.0) >= channel.ack_flush_delay)
 
     def held_tags(self) -> list[str]:
         """Tags delivered and not yet acknowledged (safe to call from another thread)."""
