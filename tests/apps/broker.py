@@ -9,6 +9,9 @@ from taskyard import create_app, priority_task
 from taskyard.routing import LEVEL_NAMES
 from taskyard.runtime import runtime_of
 
+#: What the stacks task recorded.
+STACKS_KEY = "test:stacks"
+
 app = create_app("brokertest")
 
 RUNS_KEY = "test:runs"  # HASH task key -> number of runs
@@ -48,3 +51,14 @@ def hold(self: object, key: str) -> None:
 @priority_task(priority="normal", name="brokertest.pid")
 def pid() -> int:
     return os.getpid()
+
+
+@priority_task(priority="normal", name="brokertest.stacks", bind=True)
+def stacks(self: object) -> str:
+    """Records and returns the kinds of stack Celery keeps this task's request and the current
+    task in: ``_FastLocalStack`` where the worker runs with Celery's USE_FAST_LOCALS."""
+    from celery import _state
+
+    kinds = f"{type(self.request_stack).__name__},{type(_state._task_stack).__name__}"  # type: ignore[attr-defined]
+    runtime_of(app).redis.set(STACKS_KEY, kinds)
+    return kinds

@@ -7,6 +7,9 @@ import time
 from taskyard import create_app, priority_task
 from taskyard.runtime import runtime_of
 
+#: What the stacks task recorded.
+STACKS_KEY = "test:stacks"
+
 app = create_app("prio")
 
 ORDER_KEY = "test:order"
@@ -33,3 +36,14 @@ def slow_work(i: int, sleep_s: float = 3.0) -> None:
     _record(f"start-{i}")
     time.sleep(sleep_s)
     _record(f"done-{i}")
+
+
+@priority_task(priority="critical", name="prio.stacks", bind=True)
+def stacks(self: object) -> str:
+    """Records and returns the kinds of stack Celery keeps this task's request and the current
+    task in: ``_FastLocalStack`` where the worker runs with Celery's USE_FAST_LOCALS."""
+    from celery import _state
+
+    kinds = f"{type(self.request_stack).__name__},{type(_state._task_stack).__name__}"  # type: ignore[attr-defined]
+    runtime_of(app).redis.set(STACKS_KEY, kinds)
+    return kinds

@@ -22,7 +22,7 @@ from tests.servers import RedisServer
 pytestmark = pytest.mark.slow
 
 ALL_QUEUES = ",".join(LEVEL_NAMES)
-RUNS, STARTED, GATE = "test:runs", "test:started", "test:gate"
+RUNS, STARTED, GATE, STACKS = "test:runs", "test:started", "test:gate", "test:stacks"
 #: Short leases and sweeps so recovery is quick; guards out of the way on a busy machine.
 LEASE_S, SWEEP_S = 2.0, 1
 
@@ -267,6 +267,10 @@ def test_fast_profile_runs_solo_processes(
             "broker.WORK['critical'].delay('urgent')",
         )
         wait_until(lambda: len(_runs(redis_client)) == 101, 60, 0.1, "the fast workers")
+        # The processes run with Celery's thread-local stacks (taskyard.workers.profiles).
+        _send(env, "broker.stacks.delay()")
+        wait_until(lambda: redis_client.exists(STACKS), 30, 0.1, "the stacks task")
+        assert redis_client.get(STACKS) == b"_FastLocalStack,_FastLocalStack"
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(30) == 0
     assert redis_client.hlen("unacked") == 0

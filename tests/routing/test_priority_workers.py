@@ -21,6 +21,8 @@ ALL_QUEUES = ",".join(LEVEL_NAMES)
 #: These tests are about routing and redelivery: resource guards (tested on their own) stay out
 #: of the way when the machine running the suite is busy.
 NO_GUARDS = {"TASKYARD_GUARD__ENABLED": "false"}
+#: Where tests.apps.prio's stacks task records the kinds of stack Celery gave its process.
+STACKS = "test:stacks"
 
 
 def _order(client: redis.Redis) -> list[str]:
@@ -152,6 +154,10 @@ def test_taskyard_worker_profile_runs_its_queues(
         assert "key=high" in text and "key=low" not in text
         _send(redis_env, "prio.critical_work.delay(42)")
         wait_until(lambda: "critical-42" in _order(redis_client), 20, message="critical task")
+        # Started by taskyard's CLI: Celery's thread-local stacks (taskyard.workers.profiles).
+        _send(redis_env, "prio.stacks.delay()")
+        wait_until(lambda: redis_client.exists(STACKS), 20, message="the stacks task")
+        assert redis_client.get(STACKS) == b"_FastLocalStack,_FastLocalStack"
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(20)

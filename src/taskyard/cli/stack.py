@@ -30,7 +30,14 @@ from taskyard.devstack.supervisor import (
 )
 from taskyard.errors import TaskyardError
 from taskyard.monitoring.flower import generate_basic_auth
-from taskyard.workers.profiles import FAST, celery_worker_argv, get_profile, launch_fast
+from taskyard.workers.profiles import (
+    FAST,
+    FAST_LOCALS,
+    celery_worker_argv,
+    get_profile,
+    launch_fast,
+    worker_environ,
+)
 
 #: Profiles `taskyard up` starts, one worker each: together they consume all five queues.
 UP_PROFILES = ("critical", "default", "batch")
@@ -62,7 +69,7 @@ def worker(profile: str, app_path: str, celery_args: tuple[str, ...]) -> None:
     except TaskyardError as exc:
         raise click.BadParameter(str(exc), param_hint="--profile") from None
     argv = celery_argv(*celery_worker_argv(app_path, chosen, celery_args))
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, worker_environ(argv))
 
 
 def _absolute_sqlite(url: str) -> str:
@@ -113,7 +120,13 @@ def _up_services(
         profile = get_profile(settings, name)
         argv = celery_argv(*celery_worker_argv(app_path, profile, ("--loglevel", "INFO")))
         services.append(
-            Service(f"worker {name}", argv, f"queues {profile.queue_arg}", ready_text=" ready.")
+            Service(
+                f"worker {name}",
+                argv,
+                f"queues {profile.queue_arg}",
+                env={FAST_LOCALS: worker_environ(argv).get(FAST_LOCALS, "")},
+                ready_text=" ready.",
+            )
         )
     if beat:
         schedule = str(workdir / "celerybeat-schedule")
