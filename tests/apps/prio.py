@@ -6,6 +6,7 @@ import time
 
 from taskyard import create_app, priority_task
 from taskyard.runtime import runtime_of
+from tests.apps import record_stack_kinds
 
 #: What the stacks task recorded.
 STACKS_KEY = "test:stacks"
@@ -40,10 +41,4 @@ def slow_work(i: int, sleep_s: float = 3.0) -> None:
 
 @priority_task(priority="critical", name="prio.stacks", bind=True)
 def stacks(self: object) -> str:
-    """Records and returns the kinds of stack Celery keeps this task's request and the current
-    task in: ``_FastLocalStack`` where the worker runs with Celery's USE_FAST_LOCALS."""
-    from celery import _state
-
-    kinds = f"{type(self.request_stack).__name__},{type(_state._task_stack).__name__}"  # type: ignore[attr-defined]
-    runtime_of(app).redis.set(STACKS_KEY, kinds)
-    return kinds
+    return record_stack_kinds(self, runtime_of(app).redis, STACKS_KEY)
