@@ -343,9 +343,9 @@ def test_fast_messages_run_on_taskyard_and_plain_celery_workers(
         spawned = fastsend.spawn.delay()
         child_id = spawned.get(timeout=60)
         wait_until(lambda: len(runs()) == 3, 60, message="the spawned task ran")
-        # Stopped only once all is acknowledged: the stop's SIGTERM reaches the pool processes
-        # too, and a task whose process ended before its worker acknowledged it would run again
-        # on the next worker (seen once in a fresh-clone run: five runs of four tasks).
+        # Left only once all is acknowledged, so the run count below cannot depend on how the
+        # worker stops (a stop that ended a pool process before its worker acknowledged the
+        # task once gave five runs of four tasks).
         wait_until(lambda: redis_client.hlen("unacked") == 0, 30, message="every ack")
     with celery_worker("tests.apps.fastsend_plain", "normal", env, tmp_path, name="fast-plain"):
         plain = fastsend.echo.delay(1, "two", k={"x": [3]})

@@ -193,7 +193,8 @@ def test_fetch_budget_sizes_batches_by_observed_delivery_time(connect: Any) -> N
 
 
 def test_a_fetch_is_due_at_half_free_or_one_free_after_an_ack_delay(connect: Any) -> None:
-    channel = connect(ack_flush_delay=0.005).channel()
+    # An ack delay of a minute: "just sent" stays true however slowly this test runs.
+    channel = connect(ack_flush_delay=60.0).channel()
     qos = channel.qos
     qos.prefetch_count = 8
     assert qos.fetch_due()  # nothing held
@@ -203,13 +204,13 @@ def test_a_fetch_is_due_at_half_free_or_one_free_after_an_ack_delay(connect: Any
     assert not qos.fetch_due()  # all eight held
     qos._dirty.add("t0")
     assert not qos.fetch_due()  # one free, the last fetch just sent: wait for more
-    channel._brpop_sent_at = time.monotonic() - 0.006
+    channel._brpop_sent_at = time.monotonic() - 61
     assert qos.fetch_due()  # one free for longer than the ack delay: fetch it
     channel._brpop_sent_at = time.monotonic()
     qos._dirty.update({"t1", "t2", "t3"})
     assert qos.fetch_due()  # half free: fetch at once
     qos._dirty.clear()
-    channel._brpop_sent_at = time.monotonic() - 60
+    channel._brpop_sent_at = time.monotonic() - 3600
     assert not qos.fetch_due()  # nothing free however long ago the last fetch was
 
 

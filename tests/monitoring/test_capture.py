@@ -285,3 +285,19 @@ def test_wait_is_measured_from_the_eta() -> None:
     assert _sent_at(Context({SENT_HEADER: sent})) == sent
     assert _sent_at(Context({SENT_HEADER: sent, "eta": eta})) == 1_030.0
     assert _sent_at(Context({})) is None
+
+
+@pytest.mark.parametrize("sent", ["not a number", "nan", [1], "1e999"])
+def test_a_sent_time_that_is_not_a_number_costs_the_wait_only(make_app: Any, sent: Any) -> None:
+    from celery.app.task import Context
+
+    from taskyard.monitoring.capture import SENT_HEADER, _sent_at
+
+    assert _sent_at(Context({SENT_HEADER: sent})) is None
+    capture = Capture(runtime_of(make_app("cap-sent")))
+    capture.run_started("id-1", "t.x", "normal", "w", time.time(), {SENT_HEADER: sent}, "")
+    prefix = f"t.x{SEP}normal{SEP}"
+    # Both steps counted and recorded on the timeline; no wait observed from the bad header.
+    assert capture._counts == {prefix + "received": 1, prefix + "started": 1}
+    assert capture._hist["wait"] == {}
+    assert len(capture._events) == 2

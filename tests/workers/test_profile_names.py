@@ -7,7 +7,13 @@ import pytest
 
 from taskyard import ConfigurationError
 from taskyard.config import load_settings
-from taskyard.workers.profiles import FAST_LOCALS, chosen_pool, get_profile, worker_environ
+from taskyard.workers.profiles import (
+    FAST_LOCALS,
+    chosen_pool,
+    get_profile,
+    worker_env_additions,
+    worker_environ,
+)
 
 
 def test_an_unknown_profile_lists_every_profile() -> None:
@@ -42,3 +48,6 @@ def test_workers_get_celerys_fast_locals_except_on_green_pools() -> None:
     # Set already (an empty value turns it off): kept as it is.
     assert worker_environ((), {FAST_LOCALS: ""})[FAST_LOCALS] == ""
     assert base == {"PATH": "/bin"}  # the base is not changed
+    # What `taskyard up` adds to each worker's service environment.
+    assert worker_env_additions(("-P", "solo"), base) == {FAST_LOCALS: "1"}
+    assert worker_env_additions((), {FAST_LOCALS: ""}) == {}

@@ -32,10 +32,10 @@ from taskyard.errors import TaskyardError
 from taskyard.monitoring.flower import generate_basic_auth
 from taskyard.workers.profiles import (
     FAST,
-    FAST_LOCALS,
     celery_worker_argv,
     get_profile,
     launch_fast,
+    worker_env_additions,
     worker_environ,
 )
 
@@ -124,7 +124,7 @@ def _up_services(
                 f"worker {name}",
                 argv,
                 f"queues {profile.queue_arg}",
-                env={FAST_LOCALS: worker_environ(argv).get(FAST_LOCALS, "")},
+                env=worker_env_additions(argv, os.environ),
                 ready_text=" ready.",
             )
         )

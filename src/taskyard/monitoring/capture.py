@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import bisect
 import logging
+import math
 import os
 import threading
 import time
@@ -216,8 +217,7 @@ class Capture:
         self.direct = task_id
         try:
             self._ensure_flusher()
-            sent = headers.get(SENT_HEADER)
-            sent_at = None if sent is None else float(sent)
+            sent_at = _seconds(headers.get(SENT_HEADER))
             prefix = f"{name}{SEP}{queue}{SEP}"
             with self._lock:
                 counts = self._counts
@@ -355,20 +355,33 @@ def _queue_of(request: Any, default: str) -> str:
     return default
 
 
+def _seconds(value: Any) -> float | None:
+    """A sent-time header as seconds since the epoch; None when it is absent or not a finite
+    number (a message from another producer may carry anything there)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
 def _sent_at(request: Any) -> float | None:
-    sent = getattr(request, SENT_HEADER, None)
-    if sent is None:
+    raw = getattr(request, SENT_HEADER, None)
+    if raw is None:
         headers = getattr(request, "headers", None) or {}
-        sent = headers.get(SENT_HEADER)
+        raw = headers.get(SENT_HEADER)
+    sent = _seconds(raw)
     eta = getattr(request, "eta", None)
     if eta:
         try:
             eta_s = (eta if isinstance(eta, datetime) else datetime.fromisoformat(eta)).timestamp()
         except (TypeError, ValueError):
             eta_s = None
-        if eta_s is not None and (sent is None or eta_s > float(sent)):
+        if eta_s is not None and (sent is None or eta_s > sent):
             return eta_s
-    return float(sent) if sent is not None else None
+    return sent
 
 
 def _set_sent_header(headers: dict[str, Any] | None = None, **_: Any) -> None:

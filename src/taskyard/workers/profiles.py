@@ -81,13 +81,20 @@ def chosen_pool(args: Sequence[str]) -> str | None:
     return pool
 
 
+def worker_env_additions(args: Sequence[str], base: Mapping[str, str]) -> dict[str, str]:
+    """What a worker started with ``args`` adds to the environment ``base``: Celery's
+    :data:`FAST_LOCALS` on, unless a green pool is chosen or ``base`` sets it already (an empty
+    value turns it off)."""
+    if FAST_LOCALS in base or chosen_pool(args) in GREEN_POOLS:
+        return {}
+    return {FAST_LOCALS: "1"}
+
+
 def worker_environ(args: Sequence[str], base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a worker started with ``args``: ``base`` (this process's), with
-    Celery's :data:`FAST_LOCALS` on unless a green pool is chosen or it is set already (an
-    empty value turns it off)."""
+    """The environment of a worker started with ``args``: ``base`` (this process's) with
+    :func:`worker_env_additions`."""
     env = dict(os.environ if base is None else base)
-    if chosen_pool(args) not in GREEN_POOLS:
-        env.setdefault(FAST_LOCALS, "1")
+    env.update(worker_env_additions(args, env))
     return env
 
 
