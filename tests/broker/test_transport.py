@@ -593,27 +593,6 @@ def test_an_unreadable_fetched_message_never_raises_out_of_the_loop(connect: Any
         channel._deliver_fetched(plan, [b"1", _deep_envelope(5000, "t")])
 
 
-def test_stored_messages_decode_as_kombu_decodes_them() -> None:
-    from datetime import UTC, datetime
-
-    from kombu.utils.json import dumps, loads
-
-    from taskyard.broker.transport import _decode_stored
-
-    plain = {"body": "W10=", "headers": {"id": "x", "retries": 0}, "properties": {"a": [1, None]}}
-    typed = {"headers": {"when": datetime(2026, 12, 7, tzinfo=UTC)}}
-    escaped = {"headers": {"\u005f_type__": "not kombu's", "text": "caf\u00e9 \u2603"}}
-    for value in (plain, typed, escaped):
-        raw = dumps(value).encode()
-        assert _decode_stored(raw) == loads(raw)
-    assert _decode_stored(dumps(typed).encode())["headers"]["when"] == typed["headers"]["when"]
-    for bad in (b'{"a": "\xff"}', b"{not json"):
-        with pytest.raises(ValueError):  # UnicodeDecodeError and JSONDecodeError, as kombu's
-            _decode_stored(bad)
-        with pytest.raises(ValueError):
-            loads(bad)
-
-
 def test_active_queues_follow_consume_and_cancel(make_app: Any) -> None:
     app = make_app("active-queues")
     with app.connection_for_read() as conn:
