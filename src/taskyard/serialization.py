@@ -13,6 +13,10 @@ cannot read them). Two more refusals keep every path able to carry what was acce
 
 A refused task argument raises ``TaskArgumentError``, a refused batch item ``BatchItemError``;
 nothing is sent or buffered.
+
+Decoding: :func:`loads` reads what kombu's JSON decoder reads, with the same values, and is
+kombu's decoder of ``application/json`` in every process with a taskyard app (:func:`register`),
+so task bodies, stored messages and batch items all decode through it.
 """
 
 from __future__ import annotations
