@@ -160,17 +160,32 @@ def spawn(
         )
 
 
+def monitoring_ports_env() -> dict[str, str]:
+    """Two distinct free ports for a test stack's Flower and stats API, as its environment."""
+    from taskyard.devstack.supervisor import free_ports
+
+    flower, api = free_ports(2)
+    return {
+        "TASKYARD_MONITORING__FLOWER_PORT": str(flower),
+        "TASKYARD_MONITORING__API_PORT": str(api),
+    }
+
+
 def start_up(
     app: str, directory: Path, env: Mapping[str, str], *options: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
     """``taskyard up -A app *options`` run in ``directory`` (where it writes its stack file) with
     :func:`child_env` of ``env``; output to ``directory/up.log``, which is returned with the
-    process. Not in a session of its own: it is stopped by signalling it, as Ctrl-C would."""
+    process. Not in a session of its own: it is stopped by signalling it, as Ctrl-C would.
+
+    Flower and the stats API get ports of their own (unless ``env`` names them): two stacks
+    started at once on the default ports would both find them free, and one would lose."""
     log = directory / "up.log"
+    own = {**monitoring_ports_env(), **env}
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "taskyard.cli", "up", "-A", app, *options],
-            env=child_env(env),
+            env=child_env(own),
             cwd=directory,
             stdout=sink,
             stderr=subprocess.STDOUT,

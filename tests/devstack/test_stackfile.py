@@ -18,7 +18,7 @@ from taskyard.cli.loader import configured
 from taskyard.config import load_settings
 from taskyard.devstack import stackfile
 from taskyard.devstack.supervisor import free_port
-from taskyard.testing import child_env, start_up, wait_started, wait_until
+from taskyard.testing import child_env, monitoring_ports_env, start_up, wait_started, wait_until
 from tests import servers
 
 
@@ -238,8 +238,7 @@ def test_a_second_shell_finds_the_stack_of_taskyard_up(tmp_path: Path) -> None:
     generated Flower password works, and the file goes when the stack stops."""
     env = {
         "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
-        "TASKYARD_MONITORING__FLOWER_PORT": str(free_port()),
-        "TASKYARD_MONITORING__API_PORT": str(free_port()),
+        **monitoring_ports_env(),
     }
     up, log = start_up("tests.apps.fivelevels", tmp_path, env, "--no-beat")
     path = tmp_path / ".taskyard-stack.json"

@@ -15,7 +15,7 @@ import psutil
 import pytest
 import redis
 
-from taskyard.testing import ROOT, child_env, wait_until
+from taskyard.testing import ROOT, child_env, monitoring_ports_env, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +28,7 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     env = child_env({})  # no TASKYARD_REDIS_URL: an embedded Redis must be started
     env["TASKYARD_DATABASE_URL"] = f"sqlite:///{tmp_path / 'up.db'}"
+    env.update(monitoring_ports_env())
     with log.open("wb") as sink:
         up = subprocess.Popen(
             [sys.executable, "-m", "taskyard.cli", "up", "-A", "tests.apps.prio"],

@@ -14,7 +14,7 @@ import pytest
 
 from taskyard.config import load_settings
 from taskyard.devstack.services import dashboard_url, monitoring_services, port_or_free
-from taskyard.devstack.supervisor import free_port
+from taskyard.devstack.supervisor import free_port, free_ports
 from taskyard.testing import start_up, wait_started, wait_until
 
 LEVELS = ["critical", "high", "normal", "low", "batch"]
@@ -29,10 +29,29 @@ def test_busy_configured_port_falls_back_to_a_free_one() -> None:
         assert other != taken
     free = free_port()
     assert port_or_free("127.0.0.1", free) == free
+    # A port another service of the stack was given is not handed out again, configured or not.
+    assert port_or_free("127.0.0.1", free, taken=(free,)) != free
+
+
+def test_free_ports_are_distinct_and_avoid_the_taken() -> None:
+    for _ in range(50):
+        first, second, third = free_ports(3)
+        assert len({first, second, third}) == 3
+        assert free_port(taken=(first, second, third)) not in (first, second, third)
+
+
+def test_flower_and_the_api_never_share_a_port() -> None:
+    # The same port configured for both: the API gets another.
+    port = free_port()
+    settings = load_settings(monitoring={"flower_port": port, "api_port": port})
+    flower, api = monitoring_services("examples.bdc", settings)
+    assert flower.address == f"http://127.0.0.1:{port}/"
+    assert f":{port}/" not in api.address
 
 
 def test_services_run_the_taskyard_commands_and_name_their_addresses() -> None:
-    settings = load_settings(monitoring={"flower_port": free_port(), "api_port": free_port()})
+    flower_port, api_port = free_ports(2)
+    settings = load_settings(monitoring={"flower_port": flower_port, "api_port": api_port})
     flower, api = monitoring_services("examples.bdc", settings)
     assert flower.argv[1:6] == ["-m", "taskyard.cli", "flower", "-A", "examples.bdc"]
     assert api.argv[1:6] == ["-m", "taskyard.cli", "api", "-A", "examples.bdc"]
@@ -47,7 +66,7 @@ def test_services_run_the_taskyard_commands_and_name_their_addresses() -> None:
 def test_up_starts_flower_api_and_dashboard_and_leaves_no_orphans(
     tmp_path: Path, stop_with: signal.Signals
 ) -> None:
-    flower_port, api_port = free_port(), free_port()
+    flower_port, api_port = free_ports(2)
     env = {  # no TASKYARD_REDIS_URL: the stack runs on its embedded Redis
         "TASKYARD_DATABASE_URL": f"sqlite:///{tmp_path / 'up.db'}",
         "TASKYARD_MONITORING__FLOWER_PORT": str(flower_port),

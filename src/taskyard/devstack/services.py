@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Iterable
 
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings
 from taskyard.devstack.supervisor import Service, free_port
 
 
-def port_or_free(host: str, port: int) -> int:
-    """``port`` when nothing listens on it at ``host``, else some free port.
+def port_or_free(host: str, port: int, taken: Iterable[int] = ()) -> int:
+    """``port`` when nothing listens on it at ``host`` and it is not one of ``taken`` (the ports
+    the stack's other services were given), else some free port that is not one of them.
 
     A busy configured port (a second stack, another program) must not make the child exit and
     so stop the whole stack.
     """
+    if port in taken:
+        return free_port(host, taken)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the servers bind (uvicorn, Flower's tornado): connections the last server on the
         # port closed (TIME_WAIT, e.g. after `taskyard up` checked it was ready) do not make it
@@ -27,7 +31,7 @@ def port_or_free(host: str, port: int) -> int:
         try:
             sock.bind((host, port))
         except OSError:
-            return free_port(host)
+            return free_port(host, taken)
     return port
 
 
@@ -48,7 +52,7 @@ def monitoring_services(app_path: str, settings: Settings) -> list[Service]:
         flower_address,
         ready_url=f"http://{_shown(flower_host)}:{flower_port}/healthcheck",
     )
-    api_port = port_or_free(m.api_host, m.api_port)
+    api_port = port_or_free(m.api_host, m.api_port, taken=(flower_port,))
     base = f"http://{_shown(m.api_host)}:{api_port}"
     api = Service(
         "stats api",

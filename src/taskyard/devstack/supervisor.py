@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +35,29 @@ def die_with_parent() -> None:
         pass
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int, host: str = "127.0.0.1", taken: Iterable[int] = ()) -> list[int]:
+    """``count`` distinct TCP ports on ``host`` that nothing listens on right now, none of them
+    in ``taken``.
+
+    Each is held while the next is chosen: one released at once could be handed out again, and
+    two services given the same port would have one fail to bind.
+    """
+    avoid = set(taken)
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:
+        while len(ports) < count:
+            sock = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+            if port not in avoid:
+                ports.append(port)
+                avoid.add(port)
+    return ports
+
+
+def free_port(host: str = "127.0.0.1", taken: Iterable[int] = ()) -> int:
+    """A TCP port on ``host`` that nothing listens on right now, not one of ``taken``."""
+    return free_ports(1, host, taken)[0]
 
 
 @dataclass
