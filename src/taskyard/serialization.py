@@ -134,14 +134,10 @@ def loads(text: str | bytes | bytearray | memoryview) -> Any:
     no-op task's body: 2.2 against 4.5 µs). The same errors as kombu's: ``ValueError``
     (``UnicodeDecodeError``, ``JSONDecodeError``) for text that is not UTF-8 JSON.
     """
-    if isinstance(text, bytes | bytearray | memoryview):
-        raw = bytes(text)
-        if b"__type__" in raw or b"\\u" in raw:
-            return _DECODER.decode(raw.decode("utf-8"))
-        return _PLAIN.decode(raw.decode("utf-8"))
-    if "__type__" in text or "\\u" in text:
-        return _DECODER.decode(text)
-    return _PLAIN.decode(text)
+    if not isinstance(text, str):
+        text = bytes(text).decode("utf-8")
+    decoder = _DECODER if "__type__" in text or "\\u" in text else _PLAIN
+    return decoder.decode(text)
 
 
 def register() -> None:

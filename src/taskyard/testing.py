@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from taskyard.devstack.supervisor import die_with_parent
+from taskyard.devstack.supervisor import die_with_parent, free_ports
 
 #: Project checkout the worker runs in (so test and example apps import).
 ROOT = Path.cwd()
@@ -162,8 +162,6 @@ def spawn(
 
 def monitoring_ports_env() -> dict[str, str]:
     """Two distinct free ports for a test stack's Flower and stats API, as its environment."""
-    from taskyard.devstack.supervisor import free_ports
-
     flower, api = free_ports(2)
     return {
         "TASKYARD_MONITORING__FLOWER_PORT": str(flower),

@@ -59,8 +59,6 @@ import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils import json as kombu_json
-from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
 from taskyard import serialization
 from taskyard.broker import delays as _delays
@@ -251,7 +249,7 @@ class QoS(kombu_redis.QoS):
             record = None
             if raw:
                 try:
-                    record = loads(bytes_to_str(raw))
+                    record = serialization.loads(raw)
                     message, exchange, routing_key = record
                 except Exception:  # RecursionError, ValueError, a record of another shape
                     record = None
@@ -717,7 +715,7 @@ class Channel(kombu_redis.Channel):
             raise
         if reply[0] != 1:
             return None
-        message = self.Message(loads(bytes_to_str(reply[2])), channel=self)
+        message = self.Message(serialization.loads(reply[2]), channel=self)
         if not no_ack:
             self.qos._prerecorded.add(message.delivery_tag)
             self.qos.append(message, message.delivery_tag)
@@ -987,7 +985,7 @@ class Channel(kombu_redis.Channel):
         self._inflight_acks = []
         self._end_read()
         if reply and reply[0] == 1:
-            tags = [loads(bytes_to_str(raw))["properties"]["delivery_tag"] for raw in reply[2::2]]
+            tags = [serialization.loads(raw)["properties"]["delivery_tag"] for raw in reply[2::2]]
             for tag in tags:
                 self.qos.restore_by_tag(tag)
             with suppress(*self.connection_errors):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection
 
 from taskyard.config import ENV_PREFIX, NESTED_DELIMITER, Settings
 from taskyard.devstack.supervisor import Service, free_port
 
 
-def port_or_free(host: str, port: int, taken: Iterable[int] = ()) -> int:
+def port_or_free(host: str, port: int, taken: Collection[int] = ()) -> int:
     """``port`` when nothing listens on it at ``host`` and it is not one of ``taken`` (the ports
     the stack's other services were given), else some free port that is not one of them.
 
